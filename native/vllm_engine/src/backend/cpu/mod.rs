@@ -1,0 +1,3 @@
+//! CPU implementations of the hot ops.
+
+pub mod attention;

@@ -1,0 +1,3 @@
+//! Compute backends: hot ops with a CPU path (and a CUDA path later).
+
+pub mod cpu;

@@ -1,0 +1,2 @@
+//! Block ids: a free list with reference counts (prefix-cache hashes come later).
+pub struct BlockPool;

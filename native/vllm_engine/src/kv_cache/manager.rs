@@ -1,0 +1,2 @@
+//! Per-request block tables over the BlockPool.
+pub struct KvCacheManager;

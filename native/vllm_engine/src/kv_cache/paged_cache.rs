@@ -1,0 +1,28 @@
+//! Key and value memory of every layer, in fixed-size blocks.
+
+/// Per layer, keys and values laid out [num_blocks, block_size, num_kv_heads, head_dim].
+pub struct PagedKvCache {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub layers: Vec<LayerKv>,
+}
+
+pub struct LayerKv {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl PagedKvCache {
+    pub fn new(num_layers: usize, num_blocks: usize, block_size: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+        let n = num_blocks * block_size * num_kv_heads * head_dim;
+        let layers = (0..num_layers).map(|_| LayerKv { k: vec![0.0; n], v: vec![0.0; n] }).collect();
+        PagedKvCache { num_blocks, block_size, num_kv_heads, head_dim, layers }
+    }
+
+    /// Bytes one block takes over all layers (keys and values).
+    pub fn bytes_per_block(num_layers: usize, block_size: usize, num_kv_heads: usize, head_dim: usize) -> usize {
+        2 * num_layers * block_size * num_kv_heads * head_dim * std::mem::size_of::<f32>()
+    }
+}

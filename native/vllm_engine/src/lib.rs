@@ -1,0 +1,24 @@
+//! vllm_engine: an LLM serving engine (continuous batching over a paged KV cache).
+//! Plain Rust; knows nothing of the BEAM. See ../../../README.md and shared/DESIGN.md.
+
+pub mod backend;
+pub mod config;
+pub mod engine;
+pub mod engine_core;
+pub mod error;
+pub mod kv_cache;
+pub mod loader;
+pub mod models;
+pub mod request;
+pub mod runner;
+pub mod sampler;
+pub mod scheduler;
+pub mod tokenizer;
+
+pub use config::{EngineArgs, ModelConfig};
+pub use engine::{Engine, EngineStats, OutputSink};
+pub use error::{EngineError, ErrorCategory, Result};
+pub use request::{
+    CompletionOutput, EngineRequest, FinishReason, OutputKind, RequestMetrics, RequestOutput,
+    SamplingParams, StopReason, TokenLogprob,
+};

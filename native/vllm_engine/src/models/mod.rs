@@ -1,0 +1,40 @@
+//! Model families over shared layers. Every model runs a flattened batch of
+//! sequences (prefill chunks and decodes alike) against the paged KV cache.
+
+use candle_core::Tensor;
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kv_cache::PagedKvCache;
+
+/// One sequence's slice of a forward batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqSlice {
+    /// Offset of this sequence's first new token in `ForwardBatch::token_ids`.
+    pub query_start: usize,
+    /// Number of new tokens (a prefill chunk, or 1 for a decode).
+    pub query_len: usize,
+    /// Tokens in the KV cache once this step's tokens are written (positions 0..context_len).
+    pub context_len: usize,
+    /// Physical KV blocks holding positions 0..context_len, in order.
+    pub block_table: Vec<u32>,
+    /// Return logits for this sequence's last new token.
+    pub want_logits: bool,
+}
+
+/// The model input of one engine step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ForwardBatch {
+    /// New tokens of all sequences, concatenated in `seqs` order.
+    pub token_ids: Vec<u32>,
+    /// Absolute position of each token in `token_ids`.
+    pub positions: Vec<usize>,
+    pub seqs: Vec<SeqSlice>,
+}
+
+pub trait CausalLM: Send {
+    /// Runs the batch, writing its keys and values into `kv`. Returns float32 logits of
+    /// shape [number of seqs with want_logits, vocab], in `seqs` order.
+    fn forward(&self, batch: &ForwardBatch, kv: &mut PagedKvCache) -> Result<Tensor>;
+    fn config(&self) -> &ModelConfig;
+}

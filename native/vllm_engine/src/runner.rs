@@ -1,0 +1,1 @@
+//! Turns a scheduled step into a ForwardBatch and runs the model on it.

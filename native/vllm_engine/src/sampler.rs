@@ -1,0 +1,1 @@
+//! Picks the next token of every sequence in the batch from its logits.

@@ -1,0 +1,1 @@
+//! Decides each step which requests run and how many tokens each (one token budget).
