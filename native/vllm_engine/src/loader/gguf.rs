@@ -2,7 +2,7 @@
 //! re-laid-out to Hugging Face conventions.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
@@ -30,6 +30,11 @@ impl GgufWeights {
         })?;
         let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let mut reader = BufReader::new(file);
+        super::gguf_header::check(&mut reader, file_len)
+            .map_err(|e| EngineError::validation(format!("{} is not a valid GGUF file: {e}", path.display())))?;
+        reader
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| EngineError::validation(format!("cannot read {}: {e}", path.display())))?;
         // candle's parser trusts the lengths it reads; a corrupt file must not take us down.
         let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(&mut reader)));
         let content = match parsed {

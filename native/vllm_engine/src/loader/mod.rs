@@ -2,6 +2,7 @@
 //! Face directories (config.json + safetensors + tokenizer.json).
 
 mod gguf;
+mod gguf_header;
 mod hf_dir;
 
 use candle_core::Tensor;
