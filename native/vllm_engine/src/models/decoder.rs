@@ -122,6 +122,9 @@ impl DecoderLM {
         let mut tokens: Vec<Option<QueryToken>> = vec![None; n];
         for (s, seq) in batch.seqs.iter().enumerate() {
             let end = seq.query_start + seq.query_len;
+            if seq.want_logits && seq.query_len == 0 {
+                return Err(EngineError::internal(format!("forward batch: seq {s} wants logits but has no new tokens")));
+            }
             if end > n {
                 return Err(EngineError::internal(format!("forward batch: seq {s} reaches past the tokens")));
             }
