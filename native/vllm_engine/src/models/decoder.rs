@@ -28,8 +28,8 @@ struct DecoderLayer {
 
 pub struct DecoderLM {
     config: ModelConfig,
-    /// [vocab, hidden], row-major; also the LM head when embeddings are tied.
-    embed: Vec<f32>,
+    /// [vocab, hidden]; shares its storage with the LM head when embeddings are tied.
+    embed: Tensor,
     layers: Vec<DecoderLayer>,
     final_norm: Vec<f32>,
     lm_head: Linear,
@@ -86,7 +86,7 @@ impl DecoderLM {
         } else {
             Linear::new(weights.tensor("lm_head.weight", &[c.vocab_size, c.hidden_size])?)?
         };
-        let embed = layers::to_f32_vec(&embed_t)?;
+        let embed = embed_t.contiguous()?;
         let rotary = Rotary::new(c.head_dim, c.rope_theta);
         Ok(DecoderLM { config, embed, layers: layers_out, final_norm, lm_head, rotary })
     }
@@ -207,6 +207,9 @@ impl CausalLM for DecoderLM {
     fn forward(&self, batch: &ForwardBatch, kv: &mut PagedKvCache) -> Result<Tensor> {
         let tokens = self.check_batch(batch, kv)?;
         let c = &self.config;
+        if tokens.is_empty() {
+            return Ok(Tensor::zeros((0, c.vocab_size), candle_core::DType::F32, &Device::Cpu)?);
+        }
         let hidden = c.hidden_size;
         let n = tokens.len();
         let eps = c.rms_norm_eps as f32;
@@ -214,10 +217,12 @@ impl CausalLM for DecoderLM {
         let (cos, sin) = self.rotary.tables(&batch.positions);
 
         let mut h = Vec::with_capacity(n * hidden);
-        for &id in &batch.token_ids {
-            let at = id as usize * hidden;
-            h.extend_from_slice(&self.embed[at..at + hidden]);
-        }
+        layers::with_f32_slice(&self.embed, |embed| {
+            for &id in &batch.token_ids {
+                let at = id as usize * hidden;
+                h.extend_from_slice(&embed[at..at + hidden]);
+            }
+        })?;
 
         for (layer, cache) in self.layers.iter().zip(kv.layers.iter_mut()) {
             let x = layers::rms_norm(&h, &layer.input_norm, eps);
