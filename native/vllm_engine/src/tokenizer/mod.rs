@@ -26,6 +26,18 @@ pub struct Tokenizer {
     special_ids: HashSet<u32>,
 }
 
+/// Short: the vocabulary itself is too large to print.
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("bos_token_id", &self.bos_token_id)
+            .field("eos_token_id", &self.eos_token_id)
+            .field("has_chat_template", &self.chat_template.is_some())
+            .finish()
+    }
+}
+
 impl Tokenizer {
     /// Loads a tokenizer.json (a directory holding one is accepted), plus
     /// tokenizer_config.json beside it when present (special tokens, chat template).
