@@ -92,6 +92,20 @@ defmodule Vllm.StreamingTest do
     refute completion.text =~ "<|im_end|>"
   end
 
+  test "a chat conversation is rendered with the model's chat template", %{engine: engine} do
+    messages = [%{"role" => "user", "content" => "Say hello."}]
+    {:ok, prompt} = AsyncLLMEngine.apply_chat_template(engine, messages)
+    assert prompt =~ "<|im_start|>user\nSay hello.<|im_end|>\n"
+    assert String.ends_with?(prompt, "<|im_start|>assistant\n")
+    {:ok, no_gen} = AsyncLLMEngine.apply_chat_template(engine, [%{role: "user", content: "Say hello."}], false)
+    refute String.ends_with?(no_gen, "<|im_start|>assistant\n")
+    assert {:error, %Vllm.Error{category: :validation}} = AsyncLLMEngine.apply_chat_template(engine, [%{"role" => "user"}])
+
+    final = run(engine, messages, greedy(max_tokens: 128)) |> List.last()
+    assert final.prompt == prompt
+    assert hd(final.outputs).finish_reason == :stop
+  end
+
   test "stop strings end the request and are never emitted", %{engine: engine} do
     params = greedy(max_tokens: 32, stop: ["Haven"], output_kind: :delta)
     deltas = run(engine, "Once upon a time", params)

@@ -138,7 +138,8 @@ defmodule Vllm.AsyncLLMEngine do
   request. The request starts at once and its outputs come to the calling process, which
   must be the one that runs the stream.
 
-  `prompt`: a string, `%{prompt: s}` or `%{prompt_token_ids: ids}`. `sampling_params`: a
+  `prompt`: a string, `%{prompt: s}`, `%{prompt_token_ids: ids}` or a chat conversation
+  (a list of `%{"role" => _, "content" => _}` maps, rendered with the chat template). `sampling_params`: a
   `%Vllm.SamplingParams{}`, a keyword list of its fields, or nil (defaults). Opts:
   `priority`, `__runtime__: [timeout: ms]` (longest wait for the next output; the request
   is aborted and the stream raises `:timeout`), and vLLM's `arrival_time`,
@@ -168,11 +169,12 @@ defmodule Vllm.AsyncLLMEngine do
   """
   @spec add_request(t(), request_id(), Prompt.t(), SamplingParams.t() | keyword() | nil, keyword()) ::
           :ok | {:error, Error.t()}
-  def add_request(%__MODULE__{pid: pid}, request_id, prompt, sampling_params, opts \\ []) do
+  def add_request(%__MODULE__{pid: pid} = engine, request_id, prompt, sampling_params, opts \\ []) do
     owner = Keyword.get(opts, :to, self())
 
     with :ok <- check_opts(opts, @request_opts),
          :ok <- check_request_id(request_id),
+         {:ok, prompt} <- render_conversation(engine, prompt),
          {:ok, prompt} <- Prompt.normalize(prompt),
          {:ok, params} <- sampling_params(sampling_params),
          :ok <- SamplingParams.check_supported(params),
@@ -230,6 +232,37 @@ defmodule Vllm.AsyncLLMEngine do
   def decode_tokens(%__MODULE__{resource: resource}, ids, skip_special_tokens \\ true) when is_list(ids),
     do: native_result(Native.decode(resource, ids, skip_special_tokens))
 
+  @doc """
+  Renders a conversation (a list of `%{"role" => _, "content" => _}` maps, atom keys too)
+  into a prompt with the model's chat template (`chat_template:` overrides it).
+  `add_generation_prompt` appends the opening of the assistant's turn.
+  """
+  @spec apply_chat_template(t(), [map()], boolean(), keyword()) :: {:ok, String.t()} | {:error, Error.t()}
+  def apply_chat_template(%__MODULE__{resource: resource}, messages, add_generation_prompt \\ true, opts \\ []) do
+    template = Keyword.get(opts, :chat_template)
+
+    cond do
+      not (is_list(messages) and Enum.all?(messages, &is_map/1)) ->
+        {:error, Error.validation("messages must be a list of %{\"role\" => _, \"content\" => _} maps")}
+
+      not is_boolean(add_generation_prompt) ->
+        {:error, Error.validation("add_generation_prompt must be a boolean")}
+
+      not (is_nil(template) or is_binary(template)) ->
+        {:error, Error.validation("option :chat_template must be a string")}
+
+      true ->
+        with :ok <- check_opts(opts, [:chat_template]) do
+          native_result(Native.apply_chat_template(resource, messages, add_generation_prompt, template))
+        end
+    end
+  end
+
+  @doc "Like `apply_chat_template/4` but raises `Vllm.Error`."
+  @spec apply_chat_template!(t(), [map()], boolean(), keyword()) :: String.t()
+  def apply_chat_template!(engine, messages, add_generation_prompt \\ true, opts \\ []),
+    do: engine |> apply_chat_template(messages, add_generation_prompt, opts) |> Error.unwrap!()
+
   @doc "True while the engine process is alive."
   @spec is_running(t()) :: boolean()
   def is_running(%__MODULE__{pid: pid}), do: Process.alive?(pid)
@@ -239,6 +272,10 @@ defmodule Vllm.AsyncLLMEngine do
   @doc false
   def sampling_params(nil), do: {:ok, %SamplingParams{}}
   def sampling_params(params), do: SamplingParams.new(params)
+
+  # A chat conversation (a non-empty list of maps) becomes text through the chat template.
+  defp render_conversation(engine, [%{} | _] = messages), do: apply_chat_template(engine, messages, true)
+  defp render_conversation(_engine, prompt), do: {:ok, prompt}
 
   defp check_request_id(id) when is_binary(id) and id != "", do: :ok
   defp check_request_id(id), do: {:error, Error.validation("request_id must be a non-empty string, got #{inspect(id)}")}

@@ -18,4 +18,5 @@ defmodule Vllm.Native do
   def shutdown(_engine), do: :erlang.nif_error(:nif_not_loaded)
   def encode(_engine, _text, _add_special_tokens), do: :erlang.nif_error(:nif_not_loaded)
   def decode(_engine, _ids, _skip_special_tokens), do: :erlang.nif_error(:nif_not_loaded)
+  def apply_chat_template(_engine, _messages, _add_generation_prompt, _template), do: :erlang.nif_error(:nif_not_loaded)
 end

@@ -3,6 +3,7 @@
 //! to a pid. Nothing here knows about scheduling.
 
 mod atoms;
+mod chat;
 mod decode;
 mod encode;
 mod engine_ref;
