@@ -43,6 +43,17 @@ defmodule Vllm.ConcurrencyTest do
     assert_all_blocks_free(engine)
   end
 
+  test "the engine process forgets finished requests and their owners' monitors", %{engine: engine} do
+    tasks = for _ <- 1..4, do: Task.async(fn -> greedy_text(engine, "Hello", 4) end)
+    Task.await_many(tasks, 60_000)
+    assert_all_blocks_free(engine)
+    # The done notices may trail the final outputs by a moment.
+    Process.sleep(100)
+    state = :sys.get_state(engine.pid)
+    assert state.requests == %{}
+    assert state.owners == %{}
+  end
+
   test "a duplicate live request id is refused", %{engine: engine} do
     id = request_id("dup")
     :ok = AsyncLLMEngine.add_request(engine, id, "Once upon a time", temperature: 0.0, max_tokens: 200, ignore_eos: true)

