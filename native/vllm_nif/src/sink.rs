@@ -75,8 +75,12 @@ impl OutputSink for PidSink {
 }
 
 impl Drop for PidSink {
-    /// The engine drops a sink when its request is gone for good; make sure the watcher hears.
+    /// The engine drops a sink when its request is gone for good; make sure the watcher
+    /// hears. A sink dropped on a scheduler thread never left the `add_request` call (the
+    /// request was refused, and the caller got the error): there is nothing to forget.
     fn drop(&mut self) {
-        self.notify_done();
+        if !rustler::thread::is_scheduler_thread() {
+            self.notify_done();
+        }
     }
 }
