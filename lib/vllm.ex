@@ -29,7 +29,8 @@ defmodule VLLM do
   Opts: `sampling_params:` (one or a list, one per prompt), `priority:`, `use_tqdm:`
   (ignored), `lora_request:` (not supported yet), `__runtime__: [timeout: ms]`.
   """
-  @spec generate(LLM.t(), LLM.prompts(), keyword()) :: {:ok, [Vllm.RequestOutput.t()]} | {:error, Error.t()}
+  @spec generate(LLM.t(), LLM.prompts(), keyword()) ::
+          {:ok, [Vllm.RequestOutput.t()]} | {:error, Error.t()}
   def generate(llm, prompts, opts \\ [])
 
   def generate(llm, prompts, opts) when is_list(opts) do
@@ -37,7 +38,8 @@ defmodule VLLM do
     LLM.generate(llm, List.wrap(prompts), params, opts)
   end
 
-  def generate(_llm, _prompts, opts), do: {:error, Error.validation("options must be a keyword list, got #{inspect(opts)}")}
+  def generate(_llm, _prompts, opts),
+    do: {:error, Error.validation("options must be a keyword list, got #{inspect(opts)}")}
 
   @doc "Like `generate/3` but raises `Vllm.Error`."
   @spec generate!(LLM.t(), LLM.prompts(), keyword()) :: [Vllm.RequestOutput.t()]
@@ -52,7 +54,8 @@ defmodule VLLM do
   def sampling_params!(opts \\ []), do: SamplingParams.new!(opts)
 
   @doc "Starts a streaming engine (`Vllm.AsyncLLMEngine.new/2`)."
-  @spec async_engine(String.t() | keyword(), keyword()) :: {:ok, Vllm.AsyncLLMEngine.t()} | {:error, Error.t()}
+  @spec async_engine(String.t() | keyword(), keyword()) ::
+          {:ok, Vllm.AsyncLLMEngine.t()} | {:error, Error.t()}
   def async_engine(model_or_opts, opts \\ []), do: Vllm.AsyncLLMEngine.new(model_or_opts, opts)
 
   @doc "Like `async_engine/2` but raises `Vllm.Error`."
@@ -87,12 +90,18 @@ defmodule VLLM do
       atom -> attr(object, atom)
     end
     |> case do
-      {:error, _} -> {:error, Error.validation("#{describe(object)} has no attribute #{inspect(key)}")}
-      ok -> ok
+      {:error, _} ->
+        {:error, Error.validation("#{describe(object)} has no attribute #{inspect(key)}")}
+
+      ok ->
+        ok
     end
   end
 
-  def attr(object, key), do: {:error, Error.validation("cannot read attribute #{inspect(key)} of #{inspect(object, limit: 5)}")}
+  def attr(object, key),
+    do:
+      {:error,
+       Error.validation("cannot read attribute #{inspect(key)} of #{inspect(object, limit: 5)}")}
 
   @doc "Like `attr/2` but raises `Vllm.Error`."
   @spec attr!(map(), atom() | String.t()) :: term()

@@ -49,13 +49,25 @@ defmodule Vllm.AbortTest do
 
     owner =
       spawn(fn ->
-        for i <- 1..3, do: :ok = AsyncLLMEngine.add_request(engine, "owned-#{i}-#{inspect(self())}", "Once upon a time", @long)
+        for i <- 1..3,
+            do:
+              :ok =
+                AsyncLLMEngine.add_request(
+                  engine,
+                  "owned-#{i}-#{inspect(self())}",
+                  "Once upon a time",
+                  @long
+                )
+
         receive do: ({:vllm, _, _} -> send(parent, :started))
         Process.sleep(:infinity)
       end)
 
     assert_receive :started, 30_000
-    assert AsyncLLMEngine.stats!(engine).num_running + AsyncLLMEngine.stats!(engine).num_waiting > 0
+
+    assert AsyncLLMEngine.stats!(engine).num_running + AsyncLLMEngine.stats!(engine).num_waiting >
+             0
+
     Process.exit(owner, :kill)
     assert_all_blocks_free(engine)
   end

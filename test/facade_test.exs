@@ -13,7 +13,11 @@ defmodule VLLMFacadeTest do
   end
 
   test "attr reads struct fields by atom or string key" do
-    out = %Vllm.RequestOutput{request_id: "r", outputs: [%Vllm.CompletionOutput{text: "hi", finish_reason: :stop}]}
+    out = %Vllm.RequestOutput{
+      request_id: "r",
+      outputs: [%Vllm.CompletionOutput{text: "hi", finish_reason: :stop}]
+    }
+
     assert VLLM.attr!(out, :request_id) == "r"
     assert VLLM.attr!(hd(out.outputs), "finish_reason") == :stop
     assert {:error, %Error{category: :validation}} = VLLM.attr(out, "no_such_field")
@@ -22,11 +26,29 @@ defmodule VLLMFacadeTest do
   end
 
   test "output structs have exactly the fields of API.md, with the old module names" do
-    assert Map.keys(%Vllm.RequestOutput{}) -- [:__struct__] |> Enum.sort() ==
-             Enum.sort([:request_id, :prompt, :prompt_token_ids, :prompt_logprobs, :outputs, :finished, :metrics, :lora_request, :num_cached_tokens])
+    assert (Map.keys(%Vllm.RequestOutput{}) -- [:__struct__]) |> Enum.sort() ==
+             Enum.sort([
+               :request_id,
+               :prompt,
+               :prompt_token_ids,
+               :prompt_logprobs,
+               :outputs,
+               :finished,
+               :metrics,
+               :lora_request,
+               :num_cached_tokens
+             ])
 
-    assert Map.keys(%Vllm.CompletionOutput{}) -- [:__struct__] |> Enum.sort() ==
-             Enum.sort([:index, :text, :token_ids, :cumulative_logprob, :logprobs, :finish_reason, :stop_reason])
+    assert (Map.keys(%Vllm.CompletionOutput{}) -- [:__struct__]) |> Enum.sort() ==
+             Enum.sort([
+               :index,
+               :text,
+               :token_ids,
+               :cumulative_logprob,
+               :logprobs,
+               :finish_reason,
+               :stop_reason
+             ])
 
     assert %Vllm.RequestOutput{request_id: "x"} = Vllm.Outputs.RequestOutput.new(request_id: "x")
     assert %Vllm.CompletionOutput{text: "y"} = Vllm.Outputs.CompletionOutput.new(text: "y")

@@ -18,7 +18,9 @@ defmodule Vllm.SamplingParamsTest do
   end
 
   test "accepts keyword lists, maps with atom or string keys, and a single stop string" do
-    assert {:ok, %{temperature: 0.5, stop: ["\n"]}} = SamplingParams.new(temperature: 0.5, stop: "\n")
+    assert {:ok, %{temperature: 0.5, stop: ["\n"]}} =
+             SamplingParams.new(temperature: 0.5, stop: "\n")
+
     assert {:ok, %{max_tokens: 3}} = SamplingParams.new(%{"max_tokens" => 3})
     assert {:ok, %{top_k: 5}} = SamplingParams.new(%{top_k: 5})
   end
@@ -43,7 +45,9 @@ defmodule Vllm.SamplingParamsTest do
         {%{"nope" => 1}, "\"nope\""}
       ] do
     test "rejects #{inspect(opts)} naming #{key}" do
-      assert {:error, %Error{category: :validation, message: message}} = SamplingParams.new(unquote(Macro.escape(opts)))
+      assert {:error, %Error{category: :validation, message: message}} =
+               SamplingParams.new(unquote(Macro.escape(opts)))
+
       assert message =~ unquote(key)
     end
   end

@@ -22,7 +22,13 @@ defmodule Vllm.StreamingTest do
   test "greedy 'Once upon a time' gives the reference text, cumulatively", %{engine: engine} do
     outputs = run(engine, "Once upon a time", greedy(max_tokens: 32))
     final = List.last(outputs)
-    assert %RequestOutput{finished: true, prompt: "Once upon a time", outputs: [%CompletionOutput{} = c]} = final
+
+    assert %RequestOutput{
+             finished: true,
+             prompt: "Once upon a time",
+             outputs: [%CompletionOutput{} = c]
+           } = final
+
     assert c.text == @once_upon_a_time
     assert length(c.token_ids) == 32
     assert c.finish_reason == :length
@@ -41,7 +47,9 @@ defmodule Vllm.StreamingTest do
   end
 
   test "final_only sends one output", %{engine: engine} do
-    assert [%RequestOutput{finished: true} = out] = run(engine, "Once upon a time", greedy(max_tokens: 32, output_kind: :final_only))
+    assert [%RequestOutput{finished: true} = out] =
+             run(engine, "Once upon a time", greedy(max_tokens: 32, output_kind: :final_only))
+
     assert text(out) == @once_upon_a_time
   end
 
@@ -76,7 +84,11 @@ defmodule Vllm.StreamingTest do
   test "finish_reason :stop on a stop token id, with the id as stop_reason", %{engine: engine} do
     reference = run(engine, "Once upon a time", greedy(max_tokens: 8)) |> List.last()
     stop_id = Enum.at(hd(reference.outputs).token_ids, 3)
-    final = run(engine, "Once upon a time", greedy(max_tokens: 32, stop_token_ids: [stop_id])) |> List.last()
+
+    final =
+      run(engine, "Once upon a time", greedy(max_tokens: 32, stop_token_ids: [stop_id]))
+      |> List.last()
+
     completion = hd(final.outputs)
     assert completion.finish_reason == :stop
     assert completion.stop_reason == stop_id
@@ -84,7 +96,9 @@ defmodule Vllm.StreamingTest do
   end
 
   test "finish_reason :stop at EOS on a chat-formatted prompt", %{engine: engine} do
-    prompt = "<|im_start|>user\nWhat is 2+2? Answer with one number.<|im_end|>\n<|im_start|>assistant\n"
+    prompt =
+      "<|im_start|>user\nWhat is 2+2? Answer with one number.<|im_end|>\n<|im_start|>assistant\n"
+
     final = run(engine, prompt, greedy(max_tokens: 128)) |> List.last()
     completion = hd(final.outputs)
     assert completion.finish_reason == :stop
@@ -97,9 +111,14 @@ defmodule Vllm.StreamingTest do
     {:ok, prompt} = AsyncLLMEngine.apply_chat_template(engine, messages)
     assert prompt =~ "<|im_start|>user\nSay hello.<|im_end|>\n"
     assert String.ends_with?(prompt, "<|im_start|>assistant\n")
-    {:ok, no_gen} = AsyncLLMEngine.apply_chat_template(engine, [%{role: "user", content: "Say hello."}], false)
+
+    {:ok, no_gen} =
+      AsyncLLMEngine.apply_chat_template(engine, [%{role: "user", content: "Say hello."}], false)
+
     refute String.ends_with?(no_gen, "<|im_start|>assistant\n")
-    assert {:error, %Vllm.Error{category: :validation}} = AsyncLLMEngine.apply_chat_template(engine, [%{"role" => "user"}])
+
+    assert {:error, %Vllm.Error{category: :validation}} =
+             AsyncLLMEngine.apply_chat_template(engine, [%{"role" => "user"}])
 
     final = run(engine, messages, greedy(max_tokens: 128)) |> List.last()
     assert final.prompt == prompt
@@ -114,19 +133,43 @@ defmodule Vllm.StreamingTest do
     refute Enum.any?(deltas, &(text(&1) =~ "Hav"))
     assert %{finish_reason: :stop, stop_reason: "Haven"} = hd(List.last(deltas).outputs)
 
-    included = run(engine, "Once upon a time", greedy(max_tokens: 32, stop: "Haven", include_stop_str_in_output: true)) |> List.last()
+    included =
+      run(
+        engine,
+        "Once upon a time",
+        greedy(max_tokens: 32, stop: "Haven", include_stop_str_in_output: true)
+      )
+      |> List.last()
+
     assert text(included) == ", the city of Nova Haven"
   end
 
   test "add_request delivers messages to the caller or to `to:`", %{engine: engine} do
     id = request_id()
-    assert :ok = AsyncLLMEngine.add_request(engine, id, "Once upon a time", greedy(max_tokens: 4, output_kind: :final_only))
+
+    assert :ok =
+             AsyncLLMEngine.add_request(
+               engine,
+               id,
+               "Once upon a time",
+               greedy(max_tokens: 4, output_kind: :final_only)
+             )
+
     assert_receive {:vllm, ^id, %RequestOutput{finished: true, request_id: ^id}}, 30_000
 
     parent = self()
     receiver = spawn(fn -> receive do: (msg -> send(parent, {:forwarded, msg})) end)
     id2 = request_id()
-    assert :ok = AsyncLLMEngine.add_request(engine, id2, "Hello", greedy(max_tokens: 2, output_kind: :final_only), to: receiver)
+
+    assert :ok =
+             AsyncLLMEngine.add_request(
+               engine,
+               id2,
+               "Hello",
+               greedy(max_tokens: 2, output_kind: :final_only),
+               to: receiver
+             )
+
     assert_receive {:forwarded, {:vllm, ^id2, %RequestOutput{finished: true}}}, 30_000
     refute_received {:vllm, ^id2, _}
   end
@@ -134,7 +177,12 @@ defmodule Vllm.StreamingTest do
   test "Vllm.LLM and VLLM.generate return outputs in prompt order", %{engine: _} do
     {:ok, llm} = VLLM.llm(path!(), dtype: "float32")
     prompts = ["Once upon a time", %{prompt: "The capital of France is"}, "Once upon a time"]
-    {:ok, outputs} = VLLM.generate(llm, prompts, sampling_params: VLLM.sampling_params!(temperature: 0.0, max_tokens: 32))
+
+    {:ok, outputs} =
+      VLLM.generate(llm, prompts,
+        sampling_params: VLLM.sampling_params!(temperature: 0.0, max_tokens: 32)
+      )
+
     assert [a, b, c] = outputs
     assert text(a) == @once_upon_a_time
     assert text(c) == @once_upon_a_time
@@ -142,7 +190,12 @@ defmodule Vllm.StreamingTest do
     assert Enum.all?(outputs, & &1.finished)
 
     # Per-prompt sampling params.
-    {:ok, [x, y]} = Vllm.LLM.generate(llm, ["Once upon a time", "Once upon a time"], [[temperature: 0.0, max_tokens: 2], [temperature: 0.0, max_tokens: 5]])
+    {:ok, [x, y]} =
+      Vllm.LLM.generate(llm, ["Once upon a time", "Once upon a time"], [
+        [temperature: 0.0, max_tokens: 2],
+        [temperature: 0.0, max_tokens: 5]
+      ])
+
     assert length(hd(x.outputs).token_ids) == 2
     assert length(hd(y.outputs).token_ids) == 5
     Vllm.LLM.shutdown(llm)

@@ -23,7 +23,16 @@ defmodule Vllm.AsyncLLMEngine do
   @opaque t :: %__MODULE__{pid: pid(), resource: reference()}
   @type request_id :: String.t()
 
-  @request_opts [:lora_request, :priority, :arrival_time, :trace_headers, :tokenization_kwargs, :data_parallel_rank, :to, :__runtime__]
+  @request_opts [
+    :lora_request,
+    :priority,
+    :arrival_time,
+    :trace_headers,
+    :tokenization_kwargs,
+    :data_parallel_rank,
+    :to,
+    :__runtime__
+  ]
   @default_load_timeout :timer.minutes(10)
 
   ## Starting and stopping
@@ -43,10 +52,15 @@ defmodule Vllm.AsyncLLMEngine do
   """
   @spec new(String.t() | keyword(), keyword()) :: {:ok, t()} | {:error, Error.t()}
   def new(model_or_opts, opts \\ [])
-  def new(model, opts) when is_binary(model) and is_list(opts), do: new(Keyword.put(opts, :model, model), [])
+
+  def new(model, opts) when is_binary(model) and is_list(opts),
+    do: new(Keyword.put(opts, :model, model), [])
+
   def new(opts, []) when is_list(opts) or is_map(opts), do: start(opts, :link)
   def new(opts, extra) when is_list(opts) and is_list(extra), do: start(opts ++ extra, :link)
-  def new(other, _), do: {:error, Error.validation("engine options must be a keyword list, got #{inspect(other)}")}
+
+  def new(other, _),
+    do: {:error, Error.validation("engine options must be a keyword list, got #{inspect(other)}")}
 
   @doc "Like `new/2` but raises `Vllm.Error`."
   @spec new!(String.t() | keyword(), keyword()) :: t()
@@ -63,7 +77,11 @@ defmodule Vllm.AsyncLLMEngine do
   @doc "For supervision trees: `{Vllm.AsyncLLMEngine, model: path, name: MyEngine}`."
   @spec child_spec(keyword()) :: Supervisor.child_spec()
   def child_spec(opts) do
-    %{id: Keyword.get(opts, :name, __MODULE__), start: {__MODULE__, :start_link, [opts]}, type: :worker}
+    %{
+      id: Keyword.get(opts, :name, __MODULE__),
+      start: {__MODULE__, :start_link, [opts]},
+      type: :worker
+    }
   end
 
   @doc "Starts a linked engine and returns its pid (the `child_spec/1` entry point)."
@@ -105,8 +123,11 @@ defmodule Vllm.AsyncLLMEngine do
       starter = if link == :link, do: &GenServer.start_link/3, else: &GenServer.start/3
 
       case starter.(__MODULE__, resource, gen_opts) do
-        {:ok, pid} -> {:ok, %__MODULE__{pid: pid, resource: resource}}
-        {:error, reason} -> {:error, Error.new(:internal, "cannot start the engine process: #{inspect(reason)}")}
+        {:ok, pid} ->
+          {:ok, %__MODULE__{pid: pid, resource: resource}}
+
+        {:error, reason} ->
+          {:error, Error.new(:internal, "cannot start the engine process: #{inspect(reason)}")}
       end
     end
   end
@@ -156,7 +177,8 @@ defmodule Vllm.AsyncLLMEngine do
   end
 
   @doc "Like `generate/5` but raises `Vllm.Error`."
-  @spec generate!(t(), Prompt.t(), SamplingParams.t() | keyword() | nil, request_id(), keyword()) :: Enumerable.t()
+  @spec generate!(t(), Prompt.t(), SamplingParams.t() | keyword() | nil, request_id(), keyword()) ::
+          Enumerable.t()
   def generate!(engine, prompt, sampling_params, request_id, opts \\ []),
     do: engine |> generate(prompt, sampling_params, request_id, opts) |> Error.unwrap!()
 
@@ -167,7 +189,13 @@ defmodule Vllm.AsyncLLMEngine do
   process then owns the request: when it dies, the request is aborted). A duplicate live
   `request_id` is a `:validation` error. Other opts as `generate/5`.
   """
-  @spec add_request(t(), request_id(), Prompt.t(), SamplingParams.t() | keyword() | nil, keyword()) ::
+  @spec add_request(
+          t(),
+          request_id(),
+          Prompt.t(),
+          SamplingParams.t() | keyword() | nil,
+          keyword()
+        ) ::
           :ok | {:error, Error.t()}
   def add_request(%__MODULE__{pid: pid} = engine, request_id, prompt, sampling_params, opts \\ []) do
     owner = Keyword.get(opts, :to, self())
@@ -185,7 +213,13 @@ defmodule Vllm.AsyncLLMEngine do
   end
 
   @doc "Like `add_request/5` but raises `Vllm.Error`."
-  @spec add_request!(t(), request_id(), Prompt.t(), SamplingParams.t() | keyword() | nil, keyword()) :: :ok
+  @spec add_request!(
+          t(),
+          request_id(),
+          Prompt.t(),
+          SamplingParams.t() | keyword() | nil,
+          keyword()
+        ) :: :ok
   def add_request!(engine, request_id, prompt, sampling_params, opts \\ []),
     do: engine |> add_request(request_id, prompt, sampling_params, opts) |> Error.unwrap!()
 
@@ -223,27 +257,38 @@ defmodule Vllm.AsyncLLMEngine do
   def stats!(engine), do: engine |> stats() |> Error.unwrap!()
 
   @doc "Tokenizes `text` with the model's tokenizer."
-  @spec encode_text(t(), String.t(), boolean()) :: {:ok, [non_neg_integer()]} | {:error, Error.t()}
-  def encode_text(%__MODULE__{resource: resource}, text, add_special_tokens \\ true) when is_binary(text),
-    do: native_result(Native.encode(resource, text, add_special_tokens))
+  @spec encode_text(t(), String.t(), boolean()) ::
+          {:ok, [non_neg_integer()]} | {:error, Error.t()}
+  def encode_text(%__MODULE__{resource: resource}, text, add_special_tokens \\ true)
+      when is_binary(text),
+      do: native_result(Native.encode(resource, text, add_special_tokens))
 
   @doc "Detokenizes token ids with the model's tokenizer."
-  @spec decode_tokens(t(), [non_neg_integer()], boolean()) :: {:ok, String.t()} | {:error, Error.t()}
-  def decode_tokens(%__MODULE__{resource: resource}, ids, skip_special_tokens \\ true) when is_list(ids),
-    do: native_result(Native.decode(resource, ids, skip_special_tokens))
+  @spec decode_tokens(t(), [non_neg_integer()], boolean()) ::
+          {:ok, String.t()} | {:error, Error.t()}
+  def decode_tokens(%__MODULE__{resource: resource}, ids, skip_special_tokens \\ true)
+      when is_list(ids),
+      do: native_result(Native.decode(resource, ids, skip_special_tokens))
 
   @doc """
   Renders a conversation (a list of `%{"role" => _, "content" => _}` maps, atom keys too)
   into a prompt with the model's chat template (`chat_template:` overrides it).
   `add_generation_prompt` appends the opening of the assistant's turn.
   """
-  @spec apply_chat_template(t(), [map()], boolean(), keyword()) :: {:ok, String.t()} | {:error, Error.t()}
-  def apply_chat_template(%__MODULE__{resource: resource}, messages, add_generation_prompt \\ true, opts \\ []) do
+  @spec apply_chat_template(t(), [map()], boolean(), keyword()) ::
+          {:ok, String.t()} | {:error, Error.t()}
+  def apply_chat_template(
+        %__MODULE__{resource: resource},
+        messages,
+        add_generation_prompt \\ true,
+        opts \\ []
+      ) do
     template = Keyword.get(opts, :chat_template)
 
     cond do
       not (is_list(messages) and Enum.all?(messages, &is_map/1)) ->
-        {:error, Error.validation("messages must be a list of %{\"role\" => _, \"content\" => _} maps")}
+        {:error,
+         Error.validation("messages must be a list of %{\"role\" => _, \"content\" => _} maps")}
 
       not is_boolean(add_generation_prompt) ->
         {:error, Error.validation("add_generation_prompt must be a boolean")}
@@ -253,7 +298,9 @@ defmodule Vllm.AsyncLLMEngine do
 
       true ->
         with :ok <- check_opts(opts, [:chat_template]) do
-          native_result(Native.apply_chat_template(resource, messages, add_generation_prompt, template))
+          native_result(
+            Native.apply_chat_template(resource, messages, add_generation_prompt, template)
+          )
         end
     end
   end
@@ -274,11 +321,15 @@ defmodule Vllm.AsyncLLMEngine do
   def sampling_params(params), do: SamplingParams.new(params)
 
   # A chat conversation (a non-empty list of maps) becomes text through the chat template.
-  defp render_conversation(engine, [%{} | _] = messages), do: apply_chat_template(engine, messages, true)
+  defp render_conversation(engine, [%{} | _] = messages),
+    do: apply_chat_template(engine, messages, true)
+
   defp render_conversation(_engine, prompt), do: {:ok, prompt}
 
   defp check_request_id(id) when is_binary(id) and id != "", do: :ok
-  defp check_request_id(id), do: {:error, Error.validation("request_id must be a non-empty string, got #{inspect(id)}")}
+
+  defp check_request_id(id),
+    do: {:error, Error.validation("request_id must be a non-empty string, got #{inspect(id)}")}
 
   defp check_request_opts(opts, owner) do
     cond do
@@ -286,7 +337,8 @@ defmodule Vllm.AsyncLLMEngine do
         {:error, Error.validation("option :to must be a local pid, got #{inspect(owner)}")}
 
       not is_integer(Keyword.get(opts, :priority, 0)) ->
-        {:error, Error.validation("option :priority must be an integer, got #{inspect(opts[:priority])}")}
+        {:error,
+         Error.validation("option :priority must be an integer, got #{inspect(opts[:priority])}")}
 
       Keyword.get(opts, :lora_request) != nil ->
         {:error, Error.new(:unsupported, "LoRA requests are not supported yet")}
@@ -303,7 +355,10 @@ defmodule Vllm.AsyncLLMEngine do
         {:error, Error.validation("options must be a keyword list, got #{inspect(opts)}")}
 
       key = Enum.find(Keyword.keys(opts), &(&1 not in allowed)) ->
-        {:error, Error.validation("unknown option #{inspect(key)}; allowed: #{Enum.map_join(allowed, ", ", &inspect/1)}")}
+        {:error,
+         Error.validation(
+           "unknown option #{inspect(key)}; allowed: #{Enum.map_join(allowed, ", ", &inspect/1)}"
+         )}
 
       true ->
         :ok
@@ -333,10 +388,19 @@ defmodule Vllm.AsyncLLMEngine do
 
   def handle_call({:add_request, id, prompt, params, owner, request_opts}, _from, state) do
     if Map.has_key?(state.requests, id) do
-      {:reply, {:error, Error.validation("request_id #{inspect(id)} is already in use by a live request")}, state}
+      {:reply,
+       {:error,
+        Error.validation("request_id #{inspect(id)} is already in use by a live request")}, state}
     else
       # The engine tells this process when the request ends, so the registry stays small.
-      case Native.add_request(state.resource, id, prompt, params, owner, Map.put(request_opts, :watcher, self())) do
+      case Native.add_request(
+             state.resource,
+             id,
+             prompt,
+             params,
+             owner,
+             Map.put(request_opts, :watcher, self())
+           ) do
         :ok -> {:reply, :ok, register(state, id, owner)}
         {:error, reason} -> {:reply, {:error, Error.from_native(reason)}, state}
       end
@@ -353,7 +417,9 @@ defmodule Vllm.AsyncLLMEngine do
 
       {{_ref, ids}, owners} ->
         Enum.each(ids, &Native.abort(state.resource, &1))
-        {:noreply, %{state | owners: owners, requests: Map.drop(state.requests, MapSet.to_list(ids))}}
+
+        {:noreply,
+         %{state | owners: owners, requests: Map.drop(state.requests, MapSet.to_list(ids))}}
     end
   end
 

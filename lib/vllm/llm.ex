@@ -26,7 +26,8 @@ defmodule Vllm.LLM do
   def new(model, opts \\ [])
 
   def new(model, opts) when is_binary(model) do
-    with {:ok, engine} <- AsyncLLMEngine.new(model, opts), do: {:ok, %__MODULE__{engine: engine, model: model}}
+    with {:ok, engine} <- AsyncLLMEngine.new(model, opts),
+         do: {:ok, %__MODULE__{engine: engine, model: model}}
   end
 
   def new(opts, []) when is_list(opts) do
@@ -36,7 +37,8 @@ defmodule Vllm.LLM do
     end
   end
 
-  def new(other, _), do: {:error, Error.validation("model must be a path string, got #{inspect(other)}")}
+  def new(other, _),
+    do: {:error, Error.validation("model must be a path string, got #{inspect(other)}")}
 
   @doc "Like `new/2` but raises `Vllm.Error`."
   @spec new!(String.t() | keyword(), keyword()) :: t()
@@ -50,7 +52,12 @@ defmodule Vllm.LLM do
   list of options in the `sampling_params` position is taken as `opts`.
   Opts: `priority`, `__runtime__: [timeout: ms]` (whole call), `use_tqdm` (ignored).
   """
-  @spec generate(t(), prompts(), SamplingParams.t() | keyword() | [SamplingParams.t()] | nil, keyword()) ::
+  @spec generate(
+          t(),
+          prompts(),
+          SamplingParams.t() | keyword() | [SamplingParams.t()] | nil,
+          keyword()
+        ) ::
           {:ok, [RequestOutput.t()]} | {:error, Error.t()}
   def generate(llm, prompts, sampling_params \\ nil, opts \\ [])
 
@@ -64,7 +71,8 @@ defmodule Vllm.LLM do
     end
   end
 
-  def generate(other, _, _, _), do: {:error, Error.validation("expected a %Vllm.LLM{}, got #{inspect(other)}")}
+  def generate(other, _, _, _),
+    do: {:error, Error.validation("expected a %Vllm.LLM{}, got #{inspect(other)}")}
 
   @doc "Like `generate/4` but raises `Vllm.Error`."
   @spec generate!(t(), prompts(), term(), keyword()) :: [RequestOutput.t()]
@@ -81,7 +89,8 @@ defmodule Vllm.LLM do
 
   # Old-package habit: `generate(llm, prompts, sampling_params: ..., priority: ...)`.
   defp split_opts(params, []) when is_list(params) and params != [] do
-    if Keyword.keyword?(params) and Enum.any?(Keyword.keys(params), &(&1 in [:sampling_params | @generate_opts])) do
+    if Keyword.keyword?(params) and
+         Enum.any?(Keyword.keys(params), &(&1 in [:sampling_params | @generate_opts])) do
       Keyword.pop(params, :sampling_params)
     else
       {params, []}
@@ -96,7 +105,8 @@ defmodule Vllm.LLM do
     else
       if length(params) == count,
         do: collect(Enum.map(params, &AsyncLLMEngine.sampling_params/1)),
-        else: {:error, Error.validation("got #{length(params)} sampling params for #{count} prompts")}
+        else:
+          {:error, Error.validation("got #{length(params)} sampling params for #{count} prompts")}
     end
   end
 
@@ -128,7 +138,13 @@ defmodule Vllm.LLM do
       |> Enum.reduce_while({:ok, []}, fn {{prompt, p}, i}, {:ok, ids} ->
         id = "#{batch}-#{i}"
         # Only the final output matters here: skip the per-step messages.
-        case AsyncLLMEngine.add_request(engine, id, prompt, %{p | output_kind: :final_only}, request_opts) do
+        case AsyncLLMEngine.add_request(
+               engine,
+               id,
+               prompt,
+               %{p | output_kind: :final_only},
+               request_opts
+             ) do
           :ok -> {:cont, {:ok, [id | ids]}}
           {:error, error} -> {:halt, {:error, error, ids}}
         end
@@ -172,7 +188,8 @@ defmodule Vllm.LLM do
           {:error, Error.from_native(reason)}
       after
         remaining(deadline) ->
-          {:error, Error.new(:timeout, "generation did not finish within the :timeout of __runtime__")}
+          {:error,
+           Error.new(:timeout, "generation did not finish within the :timeout of __runtime__")}
       end
     end
   end

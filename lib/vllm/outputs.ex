@@ -7,7 +7,15 @@ defmodule Vllm.CompletionOutput do
   the stop token id, or `nil` (EOS). `logprobs`, when requested, is one map per generated
   token: `%{token_id => %{logprob: float, rank: integer, decoded_token: String.t() | nil}}`.
   """
-  defstruct [:index, :text, :token_ids, :cumulative_logprob, :logprobs, :finish_reason, :stop_reason]
+  defstruct [
+    :index,
+    :text,
+    :token_ids,
+    :cumulative_logprob,
+    :logprobs,
+    :finish_reason,
+    :stop_reason
+  ]
 
   @type t :: %__MODULE__{
           index: non_neg_integer(),

@@ -24,7 +24,11 @@ defmodule Vllm.Prompt do
   def normalize(%{"prompt" => text}) when is_binary(text), do: normalize(text)
 
   def normalize(other),
-    do: {:error, Error.validation("prompt must be a string, %{prompt: string} or %{prompt_token_ids: [integer]}, got #{inspect(other, limit: 10)}")}
+    do:
+      {:error,
+       Error.validation(
+         "prompt must be a string, %{prompt: string} or %{prompt_token_ids: [integer]}, got #{inspect(other, limit: 10)}"
+       )}
 
   defp token_ids([]), do: {:error, Error.validation("prompt_token_ids must not be empty")}
 
@@ -34,5 +38,10 @@ defmodule Vllm.Prompt do
       else: {:error, Error.validation("prompt_token_ids must be a list of non-negative integers")}
   end
 
-  defp token_ids(other), do: {:error, Error.validation("prompt_token_ids must be a list of integers, got #{inspect(other, limit: 10)}")}
+  defp token_ids(other),
+    do:
+      {:error,
+       Error.validation(
+         "prompt_token_ids must be a list of integers, got #{inspect(other, limit: 10)}"
+       )}
 end

@@ -18,10 +18,19 @@ defmodule Vllm.RequestStream do
   defp start(engine, request_id, owner, timeout) do
     if self() != owner do
       AsyncLLMEngine.abort(engine, request_id)
-      raise Error.validation("the stream of request #{inspect(request_id)} must be run by the process that called generate")
+
+      raise Error.validation(
+              "the stream of request #{inspect(request_id)} must be run by the process that called generate"
+            )
     end
 
-    %{engine: engine, id: request_id, timeout: timeout, monitor: Process.monitor(engine.pid), done: false}
+    %{
+      engine: engine,
+      id: request_id,
+      timeout: timeout,
+      monitor: Process.monitor(engine.pid),
+      done: false
+    }
   end
 
   defp next(%{done: true} = state), do: {:halt, state}
@@ -40,10 +49,17 @@ defmodule Vllm.RequestStream do
 
       {:DOWN, ^monitor, :process, _, reason} ->
         ended(id)
-        raise Error.new(:engine_dead, "the engine stopped while request #{inspect(id)} was running: #{inspect(reason)}")
+
+        raise Error.new(
+                :engine_dead,
+                "the engine stopped while request #{inspect(id)} was running: #{inspect(reason)}"
+              )
     after
       state.timeout ->
-        raise Error.new(:timeout, "request #{inspect(id)} produced no output within #{state.timeout} ms")
+        raise Error.new(
+                :timeout,
+                "request #{inspect(id)} produced no output within #{state.timeout} ms"
+              )
     end
   end
 

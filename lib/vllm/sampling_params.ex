@@ -101,7 +101,11 @@ defmodule Vllm.SamplingParams do
   end
 
   def new(other),
-    do: {:error, Vllm.Error.validation("sampling params must be a keyword list, a map or a %Vllm.SamplingParams{}, got #{inspect(other)}")}
+    do:
+      {:error,
+       Vllm.Error.validation(
+         "sampling params must be a keyword list, a map or a %Vllm.SamplingParams{}, got #{inspect(other)}"
+       )}
 
   @doc "Like `new/1` but raises `Vllm.Error`."
   @spec new!(keyword() | map() | t()) :: t()
@@ -128,14 +132,26 @@ defmodule Vllm.SamplingParams do
   @spec check_supported(t()) :: :ok | {:error, Vllm.Error.t()}
   def check_supported(%__MODULE__{} = p) do
     unsupported =
-      Enum.find([:logit_bias, :allowed_token_ids, :bad_words, :structured_outputs, :prompt_logprobs], fn key ->
-        Map.fetch!(p, key) != nil
-      end)
+      Enum.find(
+        [:logit_bias, :allowed_token_ids, :bad_words, :structured_outputs, :prompt_logprobs],
+        fn key ->
+          Map.fetch!(p, key) != nil
+        end
+      )
 
     cond do
-      unsupported -> {:error, Vllm.Error.new(:unsupported, "sampling param #{inspect(unsupported)} is not supported yet")}
-      p.n != 1 -> {:error, Vllm.Error.new(:unsupported, "sampling param :n must be 1 for now, got #{p.n}")}
-      true -> :ok
+      unsupported ->
+        {:error,
+         Vllm.Error.new(
+           :unsupported,
+           "sampling param #{inspect(unsupported)} is not supported yet"
+         )}
+
+      p.n != 1 ->
+        {:error, Vllm.Error.new(:unsupported, "sampling param :n must be 1 for now, got #{p.n}")}
+
+      true ->
+        :ok
     end
   end
 
@@ -143,12 +159,17 @@ defmodule Vllm.SamplingParams do
     Enum.reduce_while(opts, {:ok, []}, fn
       {key, value}, {:ok, acc} ->
         case field_name(key) do
-          {:ok, name} -> {:cont, {:ok, [{name, value} | acc]}}
-          :error -> {:halt, {:error, Vllm.Error.validation("unknown sampling param #{inspect(key)}")}}
+          {:ok, name} ->
+            {:cont, {:ok, [{name, value} | acc]}}
+
+          :error ->
+            {:halt, {:error, Vllm.Error.validation("unknown sampling param #{inspect(key)}")}}
         end
 
       other, _ ->
-        {:halt, {:error, Vllm.Error.validation("sampling params must be key-value pairs, got #{inspect(other)}")}}
+        {:halt,
+         {:error,
+          Vllm.Error.validation("sampling params must be key-value pairs, got #{inspect(other)}")}}
     end)
   end
 
@@ -169,7 +190,9 @@ defmodule Vllm.SamplingParams do
       top_k: {&(is_integer(&1) and &1 >= -1), "an integer: -1 or 0 (off) or positive"},
       min_p: {&in_range?(&1, 0, 1), "a number in [0, 1]"},
       seed: {&(is_nil(&1) or non_neg_int?(&1)), "nil or a non-negative integer"},
-      stop: {&(is_list(&1) and Enum.all?(&1, fn s -> is_binary(s) and s != "" end)), "a non-empty string or a list of them"},
+      stop:
+        {&(is_list(&1) and Enum.all?(&1, fn s -> is_binary(s) and s != "" end)),
+         "a non-empty string or a list of them"},
       stop_token_ids: {&token_ids?/1, "a list of token ids"},
       ignore_eos: {&is_boolean/1, "a boolean"},
       max_tokens: {&(is_nil(&1) or pos_int?(&1)), "nil or a positive integer"},
@@ -182,16 +205,23 @@ defmodule Vllm.SamplingParams do
       include_stop_str_in_output: {&is_boolean/1, "a boolean"},
       logit_bias: {&(is_nil(&1) or is_map(&1)), "nil or a map of token id => bias"},
       allowed_token_ids: {&(is_nil(&1) or token_ids?(&1)), "nil or a list of token ids"},
-      bad_words: {&(is_nil(&1) or (is_list(&1) and Enum.all?(&1, fn w -> is_binary(w) end))), "nil or a list of strings"},
+      bad_words:
+        {&(is_nil(&1) or (is_list(&1) and Enum.all?(&1, fn w -> is_binary(w) end))),
+         "nil or a list of strings"},
       truncate_prompt_tokens: {&(is_nil(&1) or pos_int?(&1)), "nil or a positive integer"},
-      output_kind: {&(&1 in [:cumulative, :delta, :final_only]), ":cumulative, :delta or :final_only"},
-      structured_outputs: {&(is_nil(&1) or is_map(&1)), "nil or a map (%{json: _} | %{regex: _} | %{choice: _} | %{grammar: _})"}
+      output_kind:
+        {&(&1 in [:cumulative, :delta, :final_only]), ":cumulative, :delta or :final_only"},
+      structured_outputs:
+        {&(is_nil(&1) or is_map(&1)),
+         "nil or a map (%{json: _} | %{regex: _} | %{choice: _} | %{grammar: _})"}
     ]
 
     result =
       Enum.find_value(checks, fn {key, {ok?, expected}} ->
         value = Map.fetch!(p, key)
-        unless ok?.(value), do: "sampling param #{inspect(key)} must be #{expected}, got #{inspect(value)}"
+
+        unless ok?.(value),
+          do: "sampling param #{inspect(key)} must be #{expected}, got #{inspect(value)}"
       end)
 
     cond do
@@ -199,7 +229,10 @@ defmodule Vllm.SamplingParams do
         {:error, Vllm.Error.validation(result)}
 
       is_integer(p.max_tokens) and p.min_tokens > p.max_tokens ->
-        {:error, Vllm.Error.validation("sampling param :min_tokens (#{p.min_tokens}) must be <= :max_tokens (#{p.max_tokens})")}
+        {:error,
+         Vllm.Error.validation(
+           "sampling param :min_tokens (#{p.min_tokens}) must be <= :max_tokens (#{p.max_tokens})"
+         )}
 
       true ->
         {:ok, p}

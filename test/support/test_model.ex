@@ -41,7 +41,8 @@ defmodule Vllm.TestModel do
     stats = Vllm.AsyncLLMEngine.stats!(engine)
 
     cond do
-      stats.free_blocks == stats.total_blocks and stats.num_running == 0 and stats.num_waiting == 0 ->
+      stats.free_blocks == stats.total_blocks and stats.num_running == 0 and
+          stats.num_waiting == 0 ->
         stats
 
       System.monotonic_time(:millisecond) > deadline ->
