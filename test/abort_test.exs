@@ -44,6 +44,18 @@ defmodule Vllm.AbortTest do
     assert_all_blocks_free(engine)
   end
 
+  test "a stream that waits past its __runtime__ timeout raises :timeout and aborts", %{
+    engine: engine
+  } do
+    {:ok, stream} =
+      AsyncLLMEngine.generate(engine, "Once upon a time", @long, request_id(),
+        __runtime__: [timeout: 0]
+      )
+
+    assert_raise Vllm.Error, ~r/timeout/, fn -> Enum.to_list(stream) end
+    assert_all_blocks_free(engine)
+  end
+
   test "killing the owner process aborts its requests", %{engine: engine} do
     parent = self()
 
