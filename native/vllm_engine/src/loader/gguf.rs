@@ -135,7 +135,7 @@ fn gguf_name(hf: &str) -> Option<String> {
 fn unpermute(w: Tensor, heads: usize) -> Result<Tensor> {
     let dims = w.dims().to_vec();
     let out = dims[0];
-    if heads == 0 || out % (2 * heads) != 0 {
+    if heads == 0 || !out.is_multiple_of(2 * heads) {
         return Err(EngineError::validation(format!("cannot split {out} rows into {heads} rotary heads")));
     }
     let rest: usize = dims[1..].iter().product();

@@ -89,7 +89,7 @@ impl<R: Read + Seek> Walker<'_, R> {
         match value_type {
             0 | 1 | 7 => self.skip(1),
             2 | 3 => self.skip(2),
-            4 | 5 | 6 => self.skip(4),
+            4..=6 => self.skip(4),
             10..=12 => self.skip(8),
             8 => self.string(wide),
             9 => {
@@ -98,7 +98,7 @@ impl<R: Read + Seek> Walker<'_, R> {
                 let min_item = match item_type {
                     0 | 1 | 7 => 1,
                     2 | 3 => 2,
-                    4 | 5 | 6 => 4,
+                    4..=6 => 4,
                     10..=12 => 8,
                     8 => if wide { 8 } else { 4 },
                     9 => 12,

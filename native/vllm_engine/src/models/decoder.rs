@@ -137,14 +137,17 @@ impl DecoderLM {
             if let Some(&b) = seq.block_table[..blocks_needed].iter().find(|&&b| b as usize >= kv.num_blocks) {
                 return Err(EngineError::internal(format!("forward batch: block {b} is outside the cache")));
             }
-            for t in seq.query_start..end {
-                if batch.positions[t] >= seq.context_len || tokens[t].is_some() {
+            for (t, (slot, &position)) in
+                tokens[seq.query_start..end].iter_mut().zip(&batch.positions[seq.query_start..end]).enumerate()
+            {
+                if position >= seq.context_len || slot.is_some() {
                     return Err(EngineError::internal(format!(
-                        "forward batch: token {t} of seq {s} is at position {} of context {} or in two seqs",
-                        batch.positions[t], seq.context_len
+                        "forward batch: token {} of seq {s} is at position {position} of context {} or in two seqs",
+                        seq.query_start + t,
+                        seq.context_len
                     )));
                 }
-                tokens[t] = Some(QueryToken { position: batch.positions[t], block_table: &seq.block_table });
+                *slot = Some(QueryToken { position, block_table: &seq.block_table });
             }
         }
         tokens

@@ -40,7 +40,7 @@ impl Linear {
 
     /// x: [rows, in] row-major. Returns [rows, out].
     pub fn forward(&self, x: Vec<f32>, rows: usize) -> Result<Tensor> {
-        let inner = if rows == 0 { 0 } else { x.len() / rows };
+        let inner = x.len().checked_div(rows).unwrap_or(0);
         let x = Tensor::from_vec(x, (rows, inner), self.weight.device())?;
         // The transposed view goes to gemm as strides: no copy of the weight.
         Ok(x.matmul(&self.weight.t()?)?)
