@@ -35,7 +35,10 @@ pub struct Linear {
 impl Linear {
     pub fn new(weight: Tensor) -> Result<Self> {
         let (out_features, _) = weight.dims2()?;
-        Ok(Linear { weight: weight.contiguous()?, out_features })
+        Ok(Linear {
+            weight: weight.contiguous()?,
+            out_features,
+        })
     }
 
     /// x: [rows, in] row-major. Returns [rows, out].
@@ -133,7 +136,10 @@ pub fn silu_mul(gate_up: &[f32], inter: usize) -> Vec<f32> {
         }
     };
     if rows >= PARALLEL_ROWS {
-        gate_up.par_chunks(2 * inter).zip(out.par_chunks_mut(inter)).for_each(act);
+        gate_up
+            .par_chunks(2 * inter)
+            .zip(out.par_chunks_mut(inter))
+            .for_each(act);
     } else {
         gate_up.chunks(2 * inter).zip(out.chunks_mut(inter)).for_each(act);
     }
