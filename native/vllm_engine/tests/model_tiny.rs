@@ -52,6 +52,7 @@ fn check_model(name: &str) {
             "{name} chunks {chunks:?}: last logits differ by {max_diff}"
         );
         assert_eq!(run.ids, expected_ids, "{name} chunks {chunks:?}: greedy ids");
+        eprintln!("{name} chunks {chunks:?}: last logits within {max_diff:.1e}");
     }
 }
 

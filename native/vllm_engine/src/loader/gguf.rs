@@ -71,7 +71,8 @@ impl GgufWeights {
             path: path.to_path_buf(),
             reader,
             file_len,
-            unpermute_qk: arch == "llama",
+            // llama.cpp permutes for its NORM rotary (Llama, Mistral), not for NEOX (Qwen).
+            unpermute_qk: matches!(arch.as_str(), "llama" | "mistral"),
             num_heads,
             num_kv_heads,
             content,
