@@ -127,6 +127,10 @@ impl DecoderLM {
                 c.head_dim
             )));
         }
+        let layer_len = kv.num_blocks * kv.block_size * kv.num_kv_heads * kv.head_dim;
+        if kv.block_size == 0 || kv.layers.iter().any(|l| l.k.len() != layer_len || l.v.len() != layer_len) {
+            return Err(EngineError::internal("KV cache buffers do not match its declared geometry"));
+        }
         let n = batch.token_ids.len();
         if batch.positions.len() != n {
             return Err(EngineError::internal(
