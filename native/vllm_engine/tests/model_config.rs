@@ -75,6 +75,13 @@ fn bad_configs_are_errors() {
         ModelConfig::from_hf_json(no_hidden).unwrap_err().category,
         ErrorCategory::Validation
     );
+    let llama3_rope = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
+        "num_hidden_layers":2,"num_attention_heads":4,"vocab_size":10,
+        "rope_scaling":{"rope_type":"llama3","factor":32.0}}"#;
+    assert_eq!(
+        ModelConfig::from_hf_json(llama3_rope).unwrap_err().category,
+        ErrorCategory::Unsupported
+    );
     let bert = r#"{"architectures":["BertModel"],"hidden_size":64}"#;
     assert_eq!(
         ModelConfig::from_hf_json(bert).unwrap_err().category,
