@@ -167,6 +167,16 @@ impl ModelConfig {
             .or_else(|| obj.get("rope_theta"))
             .and_then(|x| x.as_f64())
             .unwrap_or(10_000.0);
+        // Scaled rotary variants (llama3, yarn, linear...) would silently give wrong logits.
+        let rope_type = ["rope_parameters", "rope_scaling"]
+            .iter()
+            .filter_map(|k| obj.get(*k))
+            .filter_map(|p| p.get("rope_type").or_else(|| p.get("type")))
+            .filter_map(|t| t.as_str())
+            .find(|t| *t != "default");
+        if let Some(t) = rope_type {
+            return Err(EngineError::unsupported(format!("rope type {t:?} is not supported yet (only default rotary)")));
+        }
         let sliding_window = match architecture {
             Architecture::Mistral => opt_usize("sliding_window"),
             Architecture::Qwen2 | Architecture::Qwen3 => {
@@ -233,6 +243,13 @@ impl ModelConfig {
             },
         };
         let sliding_window = gguf_usize(md, &key("attention.sliding_window"))?.filter(|&w| w > 0);
+        let scaling = match md.get(&key("rope.scaling.type")) {
+            Some(gguf_file::Value::String(s)) if s != "none" => Some(s.clone()),
+            _ => None,
+        };
+        if let Some(s) = scaling.or_else(|| content.tensor_infos.contains_key("rope_freqs.weight").then(|| "rope_freqs".into())) {
+            return Err(EngineError::unsupported(format!("GGUF rope scaling {s:?} is not supported yet (only default rotary)")));
+        }
         let config = ModelConfig {
             architecture,
             vocab_size,
@@ -270,13 +287,13 @@ impl ModelConfig {
                 return Err(EngineError::validation(format!("model config: {name} must be positive")));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(EngineError::validation(format!(
                 "model config: num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(EngineError::validation(format!("model config: head_dim {} must be even for rotary", self.head_dim)));
         }
         Ok(())

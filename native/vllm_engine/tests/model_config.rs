@@ -14,7 +14,15 @@ fn tiny(name: &str) -> ModelConfig {
 fn transformers5_configs_parse() {
     let llama = tiny("tiny_llama");
     assert_eq!(llama.architecture, Architecture::Llama);
-    assert_eq!((llama.hidden_size, llama.num_attention_heads, llama.num_key_value_heads, llama.head_dim), (64, 4, 2, 16));
+    assert_eq!(
+        (
+            llama.hidden_size,
+            llama.num_attention_heads,
+            llama.num_key_value_heads,
+            llama.head_dim
+        ),
+        (64, 4, 2, 16)
+    );
     assert_eq!(llama.rope_theta, 10000.0);
     assert_eq!(llama.eos_token_ids, vec![2]);
     assert!(!llama.tie_word_embeddings);
@@ -38,7 +46,10 @@ fn transformers4_config_with_top_level_rope_theta_parses() {
     let text = std::fs::read_to_string(common::fixtures_dir().join("smollm2_config.json")).unwrap();
     let c = ModelConfig::from_hf_json(&text).unwrap();
     assert_eq!(c.rope_theta, 100000.0);
-    assert_eq!((c.num_hidden_layers, c.vocab_size, c.intermediate_size), (30, 49152, 1536));
+    assert_eq!(
+        (c.num_hidden_layers, c.vocab_size, c.intermediate_size),
+        (30, 49152, 1536)
+    );
     assert!(c.tie_word_embeddings);
 }
 
@@ -55,11 +66,27 @@ fn eos_list_and_qwen2_sliding_window_switch() {
 
 #[test]
 fn bad_configs_are_errors() {
-    assert_eq!(ModelConfig::from_hf_json("{").unwrap_err().category, ErrorCategory::Validation);
+    assert_eq!(
+        ModelConfig::from_hf_json("{").unwrap_err().category,
+        ErrorCategory::Validation
+    );
     let no_hidden = r#"{"architectures":["LlamaForCausalLM"],"num_attention_heads":4}"#;
-    assert_eq!(ModelConfig::from_hf_json(no_hidden).unwrap_err().category, ErrorCategory::Validation);
+    assert_eq!(
+        ModelConfig::from_hf_json(no_hidden).unwrap_err().category,
+        ErrorCategory::Validation
+    );
+    let llama3_rope = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
+        "num_hidden_layers":2,"num_attention_heads":4,"vocab_size":10,
+        "rope_scaling":{"rope_type":"llama3","factor":32.0}}"#;
+    assert_eq!(
+        ModelConfig::from_hf_json(llama3_rope).unwrap_err().category,
+        ErrorCategory::Unsupported
+    );
     let bert = r#"{"architectures":["BertModel"],"hidden_size":64}"#;
-    assert_eq!(ModelConfig::from_hf_json(bert).unwrap_err().category, ErrorCategory::Unsupported);
+    assert_eq!(
+        ModelConfig::from_hf_json(bert).unwrap_err().category,
+        ErrorCategory::Unsupported
+    );
 }
 
 #[test]
@@ -68,7 +95,15 @@ fn smollm2_gguf_metadata_gives_the_documented_shape() {
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
     let c = ModelConfig::from_gguf(&content).unwrap();
     assert_eq!(c.architecture, Architecture::Llama);
-    assert_eq!((c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads), (576, 30, 9, 3));
+    assert_eq!(
+        (
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_key_value_heads
+        ),
+        (576, 30, 9, 3)
+    );
     assert_eq!((c.head_dim, c.intermediate_size, c.vocab_size), (64, 1536, 49152));
     assert_eq!((c.rope_theta, c.rms_norm_eps), (100000.0, 1e-5f32 as f64));
     assert!(c.tie_word_embeddings);

@@ -58,7 +58,9 @@ fn gguf_with_intact_header_but_missing_tensor_data_is_a_validation_error() {
 #[test]
 fn garbage_file_is_a_validation_error() {
     let path = scratch("garbage.gguf");
-    let garbage: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let garbage: Vec<u8> = (0..100_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     std::fs::write(&path, garbage).unwrap();
     let e = load_error(path);
     assert_eq!(e.category, ErrorCategory::Validation, "{e}");
@@ -111,12 +113,39 @@ fn truncated_safetensors_is_a_validation_error_naming_the_file() {
 #[test]
 fn out_of_vocabulary_token_and_short_block_table_are_errors() {
     let (model, config) = load_causal_lm(&EngineArgs::new(common::fixtures_dir().join("tiny/tiny_llama"))).unwrap();
-    let mut kv = PagedKvCache::new(config.num_hidden_layers, 4, 4, config.num_key_value_heads, config.head_dim);
-    let seq = SeqSlice { query_start: 0, query_len: 1, context_len: 1, block_table: vec![0], want_logits: true };
-    let batch = ForwardBatch { token_ids: vec![config.vocab_size as u32], positions: vec![0], seqs: vec![seq.clone()] };
-    assert_eq!(model.forward(&batch, &mut kv).unwrap_err().category, ErrorCategory::Validation);
+    let mut kv = PagedKvCache::new(
+        config.num_hidden_layers,
+        4,
+        4,
+        config.num_key_value_heads,
+        config.head_dim,
+    );
+    let seq = SeqSlice {
+        query_start: 0,
+        query_len: 1,
+        context_len: 1,
+        block_table: vec![0],
+        want_logits: true,
+    };
+    let batch = ForwardBatch {
+        token_ids: vec![config.vocab_size as u32],
+        positions: vec![0],
+        seqs: vec![seq.clone()],
+    };
+    assert_eq!(
+        model.forward(&batch, &mut kv).unwrap_err().category,
+        ErrorCategory::Validation
+    );
 
-    let short = SeqSlice { query_len: 6, context_len: 6, ..seq };
-    let batch = ForwardBatch { token_ids: vec![1; 6], positions: (0..6).collect(), seqs: vec![short] };
+    let short = SeqSlice {
+        query_len: 6,
+        context_len: 6,
+        ..seq
+    };
+    let batch = ForwardBatch {
+        token_ids: vec![1; 6],
+        positions: (0..6).collect(),
+        seqs: vec![short],
+    };
     assert!(model.forward(&batch, &mut kv).is_err());
 }

@@ -31,7 +31,10 @@ fn rewrite_tiny_llama(dir: &Path, shards: usize, dtype: Dtype) {
     for name in &names {
         let view = st.tensor(name).unwrap();
         assert_eq!(view.dtype(), Dtype::F32);
-        let floats = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let floats = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
         let data: Vec<u8> = match dtype {
             Dtype::F32 => view.data().to_vec(),
             Dtype::BF16 => floats.flat_map(|x| half::bf16::from_f32(x).to_le_bytes()).collect(),
@@ -64,11 +67,27 @@ fn run(dir: &Path) -> (f32, Vec<u32>, Vec<u32>) {
     let reference = read_json(common::fixtures_dir().join("tiny/tiny_llama/reference.json"));
     let prompt = u32s(&reference["prompt_token_ids"]);
     let expected_ids = u32s(&reference["greedy_token_ids"]);
-    let expected: Vec<f32> = reference["last_logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    let expected: Vec<f32> = reference["last_logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
     let (model, c) = load_causal_lm(&EngineArgs::new(dir)).unwrap_or_else(|e| panic!("{e}"));
     let mut kv = PagedKvCache::new(c.num_hidden_layers, 16, 4, c.num_key_value_heads, c.head_dim);
-    let out = greedy(model.as_ref(), &mut kv, &mut BlockAllocator::new(16), &prompt, &[], expected_ids.len());
-    let diff = out.logits[0].iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let out = greedy(
+        model.as_ref(),
+        &mut kv,
+        &mut BlockAllocator::new(16),
+        &prompt,
+        &[],
+        expected_ids.len(),
+    );
+    let diff = out.logits[0]
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     (diff, out.ids, expected_ids)
 }
 
@@ -98,5 +117,15 @@ fn load_with_an_explicit_tokenizer_builds_model_and_tokenizer() {
     let loaded = load(&args).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(loaded.config.vocab_size, 49152);
     assert_eq!(loaded.model.config().num_hidden_layers, 30);
+    assert_eq!(
+        loaded.tokenizer.encode("Once upon a time", false).unwrap(),
+        vec![6403, 1980, 253, 655]
+    );
+}
+
+#[test]
+fn load_gguf_builds_its_tokenizer_from_the_metadata() {
+    let loaded = load(&EngineArgs::new(common::smollm2_gguf())).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(loaded.config.eos_token_ids, vec![2]);
     assert_eq!(loaded.tokenizer.encode("Once upon a time", false).unwrap(), vec![6403, 1980, 253, 655]);
 }

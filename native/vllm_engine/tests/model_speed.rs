@@ -15,7 +15,15 @@ fn smollm2_timings() {
     let start = Instant::now();
     let (model, config) = load_causal_lm(&EngineArgs::new(common::smollm2_gguf())).unwrap();
     println!("load: {:.0} ms", start.elapsed().as_secs_f64() * 1e3);
-    let new_cache = || PagedKvCache::new(config.num_hidden_layers, 512, 16, config.num_key_value_heads, config.head_dim);
+    let new_cache = || {
+        PagedKvCache::new(
+            config.num_hidden_layers,
+            512,
+            16,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+    };
     let prompt: Vec<u32> = (0..128u32).map(|i| 100 + i * 37 % 5000).collect();
 
     let mut kv = new_cache();
@@ -30,7 +38,10 @@ fn smollm2_timings() {
         seqs[0].tokens.push(42);
         step(model.as_ref(), &mut kv, &mut alloc, &mut seqs, &[1]);
     }
-    println!("decode batch 1 (context ~140): {:.1} ms/step", t.elapsed().as_secs_f64() * 1e3 / steps as f64);
+    println!(
+        "decode batch 1 (context ~140): {:.1} ms/step",
+        t.elapsed().as_secs_f64() * 1e3 / steps as f64
+    );
 
     let mut kv = new_cache();
     let mut alloc = BlockAllocator::new(512);
@@ -41,5 +52,8 @@ fn smollm2_timings() {
         seqs.iter_mut().for_each(|s| s.tokens.push(42));
         step(model.as_ref(), &mut kv, &mut alloc, &mut seqs, &[1; 32]);
     }
-    println!("decode batch 32 (context ~70): {:.1} ms/step", t.elapsed().as_secs_f64() * 1e3 / steps as f64);
+    println!(
+        "decode batch 32 (context ~70): {:.1} ms/step",
+        t.elapsed().as_secs_f64() * 1e3 / steps as f64
+    );
 }

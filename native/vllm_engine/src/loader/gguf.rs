@@ -25,7 +25,9 @@ pub struct GgufWeights {
 impl GgufWeights {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => EngineError::not_found(format!("model file {} does not exist", path.display())),
+            std::io::ErrorKind::NotFound => {
+                EngineError::not_found(format!("model file {} does not exist", path.display()))
+            }
             _ => EngineError::validation(format!("cannot open model file {}: {e}", path.display())),
         })?;
         let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -45,7 +47,12 @@ impl GgufWeights {
                     path.display()
                 )))
             }
-            Err(_) => return Err(EngineError::validation(format!("{} is not a readable GGUF file", path.display()))),
+            Err(_) => {
+                return Err(EngineError::validation(format!(
+                    "{} is not a readable GGUF file",
+                    path.display()
+                )))
+            }
         };
         let arch = match content.metadata.get("general.architecture") {
             Some(gguf_file::Value::String(s)) => s.clone(),
@@ -64,7 +71,8 @@ impl GgufWeights {
             path: path.to_path_buf(),
             reader,
             file_len,
-            unpermute_qk: arch == "llama",
+            // llama.cpp permutes for its NORM rotary (Llama, Mistral), not for NEOX (Qwen).
+            unpermute_qk: matches!(arch.as_str(), "llama" | "mistral"),
             num_heads,
             num_kv_heads,
             content,
@@ -81,7 +89,11 @@ impl GgufWeights {
         })?;
         let elems = info.shape.elem_count() as u64;
         let bytes = elems / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64;
-        let end = self.content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
+        let end = self
+            .content
+            .tensor_data_offset
+            .saturating_add(info.offset)
+            .saturating_add(bytes);
         if end > self.file_len {
             return Err(EngineError::validation(format!(
                 "{}: tensor {gguf_name} ends at byte {end} but the file has {} (truncated?)",
@@ -91,7 +103,9 @@ impl GgufWeights {
         }
         let qtensor = info
             .read(&mut self.reader, self.content.tensor_data_offset, &Device::Cpu)
-            .map_err(|e| EngineError::validation(format!("{}: cannot read tensor {gguf_name}: {e}", self.path.display())))?;
+            .map_err(|e| {
+                EngineError::validation(format!("{}: cannot read tensor {gguf_name}: {e}", self.path.display()))
+            })?;
         qtensor.dequantize(&Device::Cpu).map_err(|e| {
             EngineError::unsupported(format!(
                 "{}: cannot dequantize tensor {gguf_name} ({:?}): {e}",
@@ -135,8 +149,10 @@ fn gguf_name(hf: &str) -> Option<String> {
 fn unpermute(w: Tensor, heads: usize) -> Result<Tensor> {
     let dims = w.dims().to_vec();
     let out = dims[0];
-    if heads == 0 || out % (2 * heads) != 0 {
-        return Err(EngineError::validation(format!("cannot split {out} rows into {heads} rotary heads")));
+    if heads == 0 || !out.is_multiple_of(2 * heads) {
+        return Err(EngineError::validation(format!(
+            "cannot split {out} rows into {heads} rotary heads"
+        )));
     }
     let rest: usize = dims[1..].iter().product();
     let t = w
@@ -149,8 +165,7 @@ fn unpermute(w: Tensor, heads: usize) -> Result<Tensor> {
 
 impl WeightSource for GgufWeights {
     fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let gguf = gguf_name(name)
-            .ok_or_else(|| EngineError::internal(format!("no GGUF name for tensor {name}")))?;
+        let gguf = gguf_name(name).ok_or_else(|| EngineError::internal(format!("no GGUF name for tensor {name}")))?;
         let mut t = self.read_f32(&gguf)?;
         if self.unpermute_qk {
             if gguf.contains(".attn_q.") {

@@ -6,7 +6,11 @@ use std::io::{BufReader, Read, Seek};
 
 /// Walks the header of a GGUF file of `file_len` bytes; Err names the first impossible field.
 pub fn check<R: Read + Seek>(reader: &mut BufReader<R>, file_len: u64) -> Result<(), String> {
-    let mut walker = Walker { reader, file_len, pos: 0 };
+    let mut walker = Walker {
+        reader,
+        file_len,
+        pos: 0,
+    };
     let magic = walker.u32()?;
     if magic != u32::from_le_bytes(*b"GGUF") {
         return Err("the file does not start with the GGUF magic".into());
@@ -35,7 +39,10 @@ pub fn check<R: Read + Seek>(reader: &mut BufReader<R>, file_len: u64) -> Result
         let mut elems: u64 = 1;
         for _ in 0..dims {
             let d = walker.count(wide)?;
-            elems = elems.checked_mul(d).filter(|&e| e <= 1 << 40).ok_or("a tensor's shape is absurdly large")?;
+            elems = elems
+                .checked_mul(d)
+                .filter(|&e| e <= 1 << 40)
+                .ok_or("a tensor's shape is absurdly large")?;
         }
         walker.skip(4 + 8)?; // ggml type, data offset
     }
@@ -51,7 +58,10 @@ struct Walker<'a, R> {
 impl<R: Read + Seek> Walker<'_, R> {
     fn need(&self, bytes: u64, what: &str) -> Result<(), String> {
         if bytes > self.file_len.saturating_sub(self.pos) {
-            return Err(format!("{what} need {bytes} bytes at offset {} but the file has {} (truncated?)", self.pos, self.file_len));
+            return Err(format!(
+                "{what} need {bytes} bytes at offset {} but the file has {} (truncated?)",
+                self.pos, self.file_len
+            ));
         }
         Ok(())
     }
@@ -59,7 +69,9 @@ impl<R: Read + Seek> Walker<'_, R> {
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N], String> {
         self.need(N as u64, "the header")?;
         let mut buf = [0u8; N];
-        self.reader.read_exact(&mut buf).map_err(|e| format!("cannot read the header: {e}"))?;
+        self.reader
+            .read_exact(&mut buf)
+            .map_err(|e| format!("cannot read the header: {e}"))?;
         self.pos += N as u64;
         Ok(buf)
     }
@@ -69,13 +81,19 @@ impl<R: Read + Seek> Walker<'_, R> {
     }
 
     fn count(&mut self, wide: bool) -> Result<u64, String> {
-        if wide { Ok(u64::from_le_bytes(self.bytes::<8>()?)) } else { Ok(self.u32()? as u64) }
+        if wide {
+            Ok(u64::from_le_bytes(self.bytes::<8>()?))
+        } else {
+            Ok(self.u32()? as u64)
+        }
     }
 
     fn skip(&mut self, n: u64) -> Result<(), String> {
         self.need(n, "the header")?;
         // seek_relative keeps BufReader's buffer, unlike seek.
-        self.reader.seek_relative(n as i64).map_err(|e| format!("cannot seek in the header: {e}"))?;
+        self.reader
+            .seek_relative(n as i64)
+            .map_err(|e| format!("cannot seek in the header: {e}"))?;
         self.pos += n;
         Ok(())
     }
@@ -89,7 +107,7 @@ impl<R: Read + Seek> Walker<'_, R> {
         match value_type {
             0 | 1 | 7 => self.skip(1),
             2 | 3 => self.skip(2),
-            4 | 5 | 6 => self.skip(4),
+            4..=6 => self.skip(4),
             10..=12 => self.skip(8),
             8 => self.string(wide),
             9 => {
@@ -98,9 +116,15 @@ impl<R: Read + Seek> Walker<'_, R> {
                 let min_item = match item_type {
                     0 | 1 | 7 => 1,
                     2 | 3 => 2,
-                    4 | 5 | 6 => 4,
+                    4..=6 => 4,
                     10..=12 => 8,
-                    8 => if wide { 8 } else { 4 },
+                    8 => {
+                        if wide {
+                            8
+                        } else {
+                            4
+                        }
+                    }
                     9 => 12,
                     t => return Err(format!("unknown GGUF array item type {t}")),
                 };

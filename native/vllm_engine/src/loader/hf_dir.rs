@@ -71,7 +71,9 @@ fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn open_shard(path: PathBuf) -> Result<Shard> {
     let file = File::open(&path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => EngineError::not_found(format!("weights file {} does not exist", path.display())),
+        std::io::ErrorKind::NotFound => {
+            EngineError::not_found(format!("weights file {} does not exist", path.display()))
+        }
         _ => EngineError::validation(format!("cannot open {}: {e}", path.display())),
     })?;
     // SAFETY: the map is read-only and lives as long as the shard; model files are not
@@ -79,15 +81,26 @@ fn open_shard(path: PathBuf) -> Result<Shard> {
     let mmap = unsafe { Mmap::map(&file) }
         .map_err(|e| EngineError::validation(format!("cannot map {}: {e}", path.display())))?;
     let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-        EngineError::validation(format!("{} is not a valid safetensors file (corrupt or truncated?): {e}", path.display()))
+        EngineError::validation(format!(
+            "{} is not a valid safetensors file (corrupt or truncated?): {e}",
+            path.display()
+        ))
     })?;
-    Ok(Shard { path, mmap, data_start: 8 + header_len, metadata })
+    Ok(Shard {
+        path,
+        mmap,
+        data_start: 8 + header_len,
+        metadata,
+    })
 }
 
 /// Little-endian bytes of `dtype` to f32 values.
 fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     let out = match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
         Dtype::BF16 => bytes
             .chunks_exact(2)
             .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())

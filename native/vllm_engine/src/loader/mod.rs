@@ -50,7 +50,10 @@ enum ModelFormat {
 fn model_format(args: &EngineArgs) -> Result<ModelFormat> {
     let path = &args.model;
     if !path.exists() {
-        return Err(EngineError::not_found(format!("model path {} does not exist", path.display())));
+        return Err(EngineError::not_found(format!(
+            "model path {} does not exist",
+            path.display()
+        )));
     }
     if path.is_dir() {
         return Ok(ModelFormat::HfDir);
@@ -63,7 +66,11 @@ fn model_format(args: &EngineArgs) -> Result<ModelFormat> {
 pub fn load(args: &EngineArgs) -> Result<LoadedModel> {
     let (model, config, tokenizer) = load_parts(args, true)?;
     let tokenizer = tokenizer.ok_or_else(|| EngineError::internal("tokenizer was not built"))?;
-    Ok(LoadedModel { model, tokenizer, config })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        config,
+    })
 }
 
 /// Loads only the model (no tokenizer), e.g. for tests over token ids.
@@ -97,7 +104,9 @@ fn load_parts(args: &EngineArgs, with_tokenizer: bool) -> Result<Parts> {
             };
             let config_path = args.model.join("config.json");
             let json = std::fs::read_to_string(&config_path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => EngineError::not_found(format!("{} does not exist", config_path.display())),
+                std::io::ErrorKind::NotFound => {
+                    EngineError::not_found(format!("{} does not exist", config_path.display()))
+                }
                 _ => EngineError::validation(format!("cannot read {}: {e}", config_path.display())),
             })?;
             let config = ModelConfig::from_hf_json(&json).map_err(|e| in_file(e, &config_path))?;

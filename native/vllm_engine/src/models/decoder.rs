@@ -88,7 +88,14 @@ impl DecoderLM {
         };
         let embed = embed_t.contiguous()?;
         let rotary = Rotary::new(c.head_dim, c.rope_theta);
-        Ok(DecoderLM { config, embed, layers: layers_out, final_norm, lm_head, rotary })
+        Ok(DecoderLM {
+            config,
+            embed,
+            layers: layers_out,
+            final_norm,
+            lm_head,
+            rotary,
+        })
     }
 
     fn attention_shape(&self, block_size: usize) -> AttentionShape {
@@ -106,45 +113,81 @@ impl DecoderLM {
     /// Rejects a batch that would index outside the cache or the vocabulary.
     fn check_batch<'a>(&self, batch: &'a ForwardBatch, kv: &PagedKvCache) -> Result<Vec<QueryToken<'a>>> {
         let c = &self.config;
-        if kv.layers.len() != c.num_hidden_layers || kv.num_kv_heads != c.num_key_value_heads || kv.head_dim != c.head_dim {
+        if kv.layers.len() != c.num_hidden_layers
+            || kv.num_kv_heads != c.num_key_value_heads
+            || kv.head_dim != c.head_dim
+        {
             return Err(EngineError::internal(format!(
                 "KV cache shape (layers {}, kv heads {}, head_dim {}) does not fit the model ({}, {}, {})",
-                kv.layers.len(), kv.num_kv_heads, kv.head_dim, c.num_hidden_layers, c.num_key_value_heads, c.head_dim
+                kv.layers.len(),
+                kv.num_kv_heads,
+                kv.head_dim,
+                c.num_hidden_layers,
+                c.num_key_value_heads,
+                c.head_dim
             )));
+        }
+        let layer_len = kv.num_blocks * kv.block_size * kv.num_kv_heads * kv.head_dim;
+        if kv.block_size == 0 || kv.layers.iter().any(|l| l.k.len() != layer_len || l.v.len() != layer_len) {
+            return Err(EngineError::internal("KV cache buffers do not match its declared geometry"));
         }
         let n = batch.token_ids.len();
         if batch.positions.len() != n {
-            return Err(EngineError::internal("forward batch: positions and token_ids differ in length"));
+            return Err(EngineError::internal(
+                "forward batch: positions and token_ids differ in length",
+            ));
         }
         if let Some(&bad) = batch.token_ids.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(EngineError::validation(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
+            return Err(EngineError::validation(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
         }
         let mut tokens: Vec<Option<QueryToken>> = vec![None; n];
         for (s, seq) in batch.seqs.iter().enumerate() {
             let end = seq.query_start + seq.query_len;
             if seq.want_logits && seq.query_len == 0 {
-                return Err(EngineError::internal(format!("forward batch: seq {s} wants logits but has no new tokens")));
+                return Err(EngineError::internal(format!(
+                    "forward batch: seq {s} wants logits but has no new tokens"
+                )));
             }
             if end > n {
-                return Err(EngineError::internal(format!("forward batch: seq {s} reaches past the tokens")));
+                return Err(EngineError::internal(format!(
+                    "forward batch: seq {s} reaches past the tokens"
+                )));
             }
             let blocks_needed = seq.context_len.div_ceil(kv.block_size);
             if seq.block_table.len() < blocks_needed {
                 return Err(EngineError::internal(format!(
-                    "forward batch: seq {s} has {} blocks for {} tokens", seq.block_table.len(), seq.context_len
+                    "forward batch: seq {s} has {} blocks for {} tokens",
+                    seq.block_table.len(),
+                    seq.context_len
                 )));
             }
-            if let Some(&b) = seq.block_table[..blocks_needed].iter().find(|&&b| b as usize >= kv.num_blocks) {
-                return Err(EngineError::internal(format!("forward batch: block {b} is outside the cache")));
+            if let Some(&b) = seq.block_table[..blocks_needed]
+                .iter()
+                .find(|&&b| b as usize >= kv.num_blocks)
+            {
+                return Err(EngineError::internal(format!(
+                    "forward batch: block {b} is outside the cache"
+                )));
             }
-            for t in seq.query_start..end {
-                if batch.positions[t] >= seq.context_len || tokens[t].is_some() {
+            for (t, (slot, &position)) in tokens[seq.query_start..end]
+                .iter_mut()
+                .zip(&batch.positions[seq.query_start..end])
+                .enumerate()
+            {
+                if position >= seq.context_len || slot.is_some() {
                     return Err(EngineError::internal(format!(
-                        "forward batch: token {t} of seq {s} is at position {} of context {} or in two seqs",
-                        batch.positions[t], seq.context_len
+                        "forward batch: token {} of seq {s} is at position {position} of context {} or in two seqs",
+                        seq.query_start + t,
+                        seq.context_len
                     )));
                 }
-                tokens[t] = Some(QueryToken { position: batch.positions[t], block_table: &seq.block_table });
+                *slot = Some(QueryToken {
+                    position,
+                    block_table: &seq.block_table,
+                });
             }
         }
         tokens
@@ -227,7 +270,9 @@ impl CausalLM for DecoderLM {
         for (layer, cache) in self.layers.iter().zip(kv.layers.iter_mut()) {
             let x = layers::rms_norm(&h, &layer.input_norm, eps);
             let qkv = layer.qkv.forward(x, n)?;
-            let q = layers::with_f32_slice(&qkv, |qkv| self.prepare_qkv(layer, qkv, &tokens, &cos, &sin, &shape, cache))?;
+            let q = layers::with_f32_slice(&qkv, |qkv| {
+                self.prepare_qkv(layer, qkv, &tokens, &cos, &sin, &shape, cache)
+            })?;
             let mut attn = vec![0.0f32; q.len()];
             shape.paged_attention(&q, &tokens, cache, &mut attn);
             let o = layer.o_proj.forward(attn, n)?;

@@ -35,12 +35,15 @@ pub struct Linear {
 impl Linear {
     pub fn new(weight: Tensor) -> Result<Self> {
         let (out_features, _) = weight.dims2()?;
-        Ok(Linear { weight: weight.contiguous()?, out_features })
+        Ok(Linear {
+            weight: weight.contiguous()?,
+            out_features,
+        })
     }
 
     /// x: [rows, in] row-major. Returns [rows, out].
     pub fn forward(&self, x: Vec<f32>, rows: usize) -> Result<Tensor> {
-        let inner = if rows == 0 { 0 } else { x.len() / rows };
+        let inner = x.len().checked_div(rows).unwrap_or(0);
         let x = Tensor::from_vec(x, (rows, inner), self.weight.device())?;
         // The transposed view goes to gemm as strides: no copy of the weight.
         Ok(x.matmul(&self.weight.t()?)?)
@@ -133,7 +136,10 @@ pub fn silu_mul(gate_up: &[f32], inter: usize) -> Vec<f32> {
         }
     };
     if rows >= PARALLEL_ROWS {
-        gate_up.par_chunks(2 * inter).zip(out.par_chunks_mut(inter)).for_each(act);
+        gate_up
+            .par_chunks(2 * inter)
+            .zip(out.par_chunks_mut(inter))
+            .for_each(act);
     } else {
         gate_up.chunks(2 * inter).zip(out.chunks_mut(inter)).for_each(act);
     }

