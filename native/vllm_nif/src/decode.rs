@@ -26,23 +26,47 @@ fn lookup<'a>(map: Term<'a>, key: &str) -> Option<Term<'a>> {
     }
 }
 
+/// A term for an error message, cut short: a bad prompt may be a huge list.
+pub fn show(term: Term) -> String {
+    const LIMIT: usize = 120;
+    let text = format!("{term:?}");
+    match text.char_indices().nth(LIMIT) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text,
+    }
+}
+
 fn require_map(term: Term, what: &str) -> Result<()> {
     if term.get_type() == TermType::Map {
         Ok(())
     } else {
-        Err(EngineError::validation(format!("{what} must be a map, got {term:?}")))
+        Err(EngineError::validation(format!(
+            "{what} must be a map, got {}",
+            show(term)
+        )))
     }
 }
 
 fn bad_type(what: &str, key: &str, expected: &str, term: Term) -> EngineError {
-    EngineError::validation(format!("{what} `{key}` must be {expected}, got {term:?}"))
+    EngineError::validation(format!(
+        "{what} `{key}` must be {expected}, got {}",
+        show(term)
+    ))
 }
 
 /// Decodes `map[key]` as `T` when present; `expected` describes `T` in the error message.
-fn field<'a, T: Decoder<'a>>(map: Term<'a>, what: &str, key: &str, expected: &str) -> Result<Option<T>> {
+fn field<'a, T: Decoder<'a>>(
+    map: Term<'a>,
+    what: &str,
+    key: &str,
+    expected: &str,
+) -> Result<Option<T>> {
     match lookup(map, key) {
         None => Ok(None),
-        Some(term) => term.decode::<T>().map(Some).map_err(|_| bad_type(what, key, expected, term)),
+        Some(term) => term
+            .decode::<T>()
+            .map(Some)
+            .map_err(|_| bad_type(what, key, expected, term)),
     }
 }
 
@@ -64,7 +88,9 @@ fn count_field(map: Term, what: &str, key: &str) -> Result<Option<usize>> {
         None => Ok(None),
         Some(term) => match term.decode::<i64>() {
             Ok(v) if v >= 0 => Ok(Some(v as usize)),
-            Ok(v) => Err(EngineError::validation(format!("{what} `{key}` must be >= 0, got {v}"))),
+            Ok(v) => Err(EngineError::validation(format!(
+                "{what} `{key}` must be >= 0, got {v}"
+            ))),
             Err(_) => Err(bad_type(what, key, "a non-negative integer", term)),
         },
     }
@@ -78,8 +104,11 @@ fn string_field(map: Term, what: &str, key: &str) -> Result<Option<String>> {
 pub fn engine_args(opts: Term) -> Result<EngineArgs> {
     const WHAT: &str = "engine option";
     require_map(opts, "engine options")?;
-    let model = string_field(opts, WHAT, "model")?
-        .ok_or_else(|| EngineError::validation("engine option `model` is required (a .gguf file or a model directory)"))?;
+    let model = string_field(opts, WHAT, "model")?.ok_or_else(|| {
+        EngineError::validation(
+            "engine option `model` is required (a .gguf file or a model directory)",
+        )
+    })?;
     let mut args = EngineArgs::new(PathBuf::from(model));
     args.tokenizer = string_field(opts, WHAT, "tokenizer")?.map(PathBuf::from);
     if let Some(dtype) = string_field(opts, WHAT, "dtype")? {
@@ -121,7 +150,8 @@ fn output_kind(term: Term) -> Result<OutputKind> {
         Ok(a) if a == atoms::delta() => Ok(OutputKind::Delta),
         Ok(a) if a == atoms::final_only() => Ok(OutputKind::FinalOnly),
         _ => Err(EngineError::validation(format!(
-            "sampling param `output_kind` must be :cumulative, :delta or :final_only, got {term:?}"
+            "sampling param `output_kind` must be :cumulative, :delta or :final_only, got {}",
+            show(term)
         ))),
     }
 }
@@ -134,7 +164,14 @@ fn stop_strings(map: Term) -> Result<Vec<String>> {
             .decode::<String>()
             .map(|s| vec![s])
             .or_else(|_| term.decode::<Vec<String>>())
-            .map_err(|_| bad_type("sampling param", "stop", "a string or a list of strings", term)),
+            .map_err(|_| {
+                bad_type(
+                    "sampling param",
+                    "stop",
+                    "a string or a list of strings",
+                    term,
+                )
+            }),
     }
 }
 
@@ -207,21 +244,31 @@ pub fn truncate_prompt_tokens(map: Term) -> Result<Option<usize>> {
 /// A prompt: a UTF-8 binary, or a list of non-negative token ids.
 pub fn prompt(term: Term) -> Result<Prompt> {
     if term.get_type() == TermType::Binary {
-        let bin: Binary = term.decode().map_err(|_| EngineError::validation("prompt must be a string"))?;
+        let bin: Binary = term
+            .decode()
+            .map_err(|_| EngineError::validation("prompt must be a string"))?;
         let text = std::str::from_utf8(bin.as_slice())
             .map_err(|_| EngineError::validation("prompt must be valid UTF-8"))?;
         return Ok(Prompt::Text(text.to_string()));
     }
-    term.decode::<Vec<u32>>().map(Prompt::TokenIds).map_err(|_| {
-        EngineError::validation(format!("prompt must be a string or a list of token ids (non-negative integers), got {term:?}"))
-    })
+    term.decode::<Vec<u32>>()
+        .map(Prompt::TokenIds)
+        .map_err(|_| {
+            EngineError::validation(format!(
+                "prompt must be a string or a list of token ids (non-negative integers), got {}",
+                show(term)
+            ))
+        })
 }
 
 /// The request id: a non-empty string.
 pub fn request_id(term: Term) -> Result<String> {
     match term.decode::<String>() {
         Ok(id) if !id.is_empty() => Ok(id),
-        _ => Err(EngineError::validation(format!("request_id must be a non-empty string, got {term:?}"))),
+        _ => Err(EngineError::validation(format!(
+            "request_id must be a non-empty string, got {}",
+            show(term)
+        ))),
     }
 }
 

@@ -2,7 +2,9 @@
 //! built as maps with `__struct__` so Elixir receives them ready to use.
 
 use rustler::{Atom, Encoder, Env, Term};
-use vllm_engine::{CompletionOutput, FinishReason, RequestMetrics, RequestOutput, StopReason, TokenLogprob};
+use vllm_engine::{
+    CompletionOutput, FinishReason, RequestMetrics, RequestOutput, StopReason, TokenLogprob,
+};
 
 use crate::atoms;
 
@@ -59,7 +61,11 @@ fn position_logprobs<'a>(env: Env<'a>, position: &[TokenLogprob]) -> Term<'a> {
 fn logprobs<'a>(env: Env<'a>, logprobs: &Option<Vec<Vec<TokenLogprob>>>) -> Term<'a> {
     match logprobs {
         None => atoms::nil().encode(env),
-        Some(positions) => positions.iter().map(|p| position_logprobs(env, p)).collect::<Vec<_>>().encode(env),
+        Some(positions) => positions
+            .iter()
+            .map(|p| position_logprobs(env, p))
+            .collect::<Vec<_>>()
+            .encode(env),
     }
 }
 
@@ -105,7 +111,14 @@ pub fn request_output<'a>(env: Env<'a>, out: &RequestOutput) -> Term<'a> {
             ("prompt", out.prompt.as_deref().encode(env)),
             ("prompt_token_ids", out.prompt_token_ids.encode(env)),
             ("prompt_logprobs", nil),
-            ("outputs", out.outputs.iter().map(|o| completion_output(env, o)).collect::<Vec<_>>().encode(env)),
+            (
+                "outputs",
+                out.outputs
+                    .iter()
+                    .map(|o| completion_output(env, o))
+                    .collect::<Vec<_>>()
+                    .encode(env),
+            ),
             ("finished", out.finished.encode(env)),
             ("metrics", metrics(env, &out.metrics)),
             ("lora_request", nil),

@@ -23,7 +23,9 @@ impl Resource for EngineRef {}
 
 impl EngineRef {
     pub fn engine(&self) -> Result<&Engine, EngineError> {
-        self.engine.as_ref().ok_or_else(|| EngineError::engine_dead("the engine has been dropped"))
+        self.engine
+            .as_ref()
+            .ok_or_else(|| EngineError::engine_dead("the engine has been dropped"))
     }
 }
 
@@ -40,24 +42,45 @@ impl Drop for EngineRef {
 /// `{:vllm_engine_started, ref, {:ok, resource} | {:error, {category, message}}}` to
 /// `reply_to`. Returns `:ok`, or `{:error, reason}` at once for bad options.
 #[rustler::nif]
-fn engine_start<'a>(env: Env<'a>, opts: Term<'a>, reply_to: LocalPid, reference: Term<'a>) -> Term<'a> {
+fn engine_start<'a>(
+    env: Env<'a>,
+    opts: Term<'a>,
+    reply_to: LocalPid,
+    reference: Term<'a>,
+) -> Term<'a> {
     let args = match decode::engine_args(opts) {
         Ok(args) => args,
         Err(err) => return error::reply::<()>(env, Err(err)),
     };
     let mut owned = OwnedEnv::new();
     let saved_ref = owned.save(reference);
-    let spawned = std::thread::Builder::new().name("vllm-engine-start".into()).spawn(move || {
-        let started = panic::catch_unwind(AssertUnwindSafe(|| Engine::new(args)))
-            .unwrap_or_else(|payload| Err(error::panic_error("Engine::new", payload)))
-            .map(|engine| ResourceArc::new(EngineRef { engine: Some(engine) }));
-        let _ = owned.send_and_clear(&reply_to, |env| {
-            (atoms::vllm_engine_started(), saved_ref.load(env), error::reply(env, started)).encode(env)
+    let spawned = std::thread::Builder::new()
+        .name("vllm-engine-start".into())
+        .spawn(move || {
+            let started = panic::catch_unwind(AssertUnwindSafe(|| Engine::new(args)))
+                .unwrap_or_else(|payload| Err(error::panic_error("Engine::new", payload)))
+                .map(|engine| {
+                    ResourceArc::new(EngineRef {
+                        engine: Some(engine),
+                    })
+                });
+            let _ = owned.send_and_clear(&reply_to, |env| {
+                (
+                    atoms::vllm_engine_started(),
+                    saved_ref.load(env),
+                    error::reply(env, started),
+                )
+                    .encode(env)
+            });
         });
-    });
     match spawned {
         Ok(_) => atoms::ok().encode(env),
-        Err(e) => error::reply::<()>(env, Err(EngineError::internal(format!("cannot spawn the start thread: {e}")))),
+        Err(e) => error::reply::<()>(
+            env,
+            Err(EngineError::internal(format!(
+                "cannot spawn the start thread: {e}"
+            ))),
+        ),
     }
 }
 

@@ -9,7 +9,9 @@ use crate::atoms;
 /// `{category_atom, message}`, the reason part of an error tuple (also used in
 /// `{:vllm_error, request_id, reason}` messages).
 pub fn reason_term<'a>(env: Env<'a>, err: &EngineError) -> Term<'a> {
-    let category = Atom::from_str(env, err.category.as_str()).map(|a| a.encode(env)).unwrap_or_else(|_| atoms::error().encode(env));
+    let category = Atom::from_str(env, err.category.as_str())
+        .map(|a| a.encode(env))
+        .unwrap_or_else(|_| atoms::error().encode(env));
     (category, err.message.as_str()).encode(env)
 }
 

@@ -29,7 +29,12 @@ fn add_request<'a>(
 }
 
 fn pid_arg(term: Term, what: &str) -> Result<LocalPid> {
-    term.decode::<LocalPid>().map_err(|_| EngineError::validation(format!("{what} must be a local pid, got {term:?}")))
+    term.decode::<LocalPid>().map_err(|_| {
+        EngineError::validation(format!(
+            "{what} must be a local pid, got {}",
+            decode::show(term)
+        ))
+    })
 }
 
 fn submit(
@@ -46,8 +51,13 @@ fn submit(
     let truncate = decode::truncate_prompt_tokens(params)?;
     let owner = pid_arg(to, "`to`")?;
     let priority = decode::priority(request_opts)?;
-    let watcher = match Atom::from_str(request_opts.get_env(), "watcher").ok().and_then(|k| request_opts.map_get(k).ok()) {
-        Some(term) if term.decode::<Atom>().ok() != Some(atoms::nil()) => Some(pid_arg(term, "`watcher`")?),
+    let watcher = match Atom::from_str(request_opts.get_env(), "watcher")
+        .ok()
+        .and_then(|k| request_opts.map_get(k).ok())
+    {
+        Some(term) if term.decode::<Atom>().ok() != Some(atoms::nil()) => {
+            Some(pid_arg(term, "`watcher`")?)
+        }
         _ => None,
     };
     let engine = resource.engine()?;

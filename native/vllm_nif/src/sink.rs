@@ -24,7 +24,12 @@ pub struct PidSink {
 
 impl PidSink {
     pub fn new(request_id: String, owner: LocalPid, watcher: Option<LocalPid>) -> Self {
-        PidSink { request_id, owner, watcher, env: OwnedEnv::new() }
+        PidSink {
+            request_id,
+            owner,
+            watcher,
+            env: OwnedEnv::new(),
+        }
     }
 
     fn notify_done(&mut self) {
@@ -49,10 +54,18 @@ fn deliver(env: &mut OwnedEnv, to: &LocalPid, request_id: &str, message: Message
         return true;
     }
     env.send_and_clear(to, |env| match &message {
-        Message::Output(output) => {
-            (atoms::vllm(), request_id, encode::request_output(env, output)).encode(env)
-        }
-        Message::Failure(err) => (atoms::vllm_error(), request_id, error::reason_term(env, err)).encode(env),
+        Message::Output(output) => (
+            atoms::vllm(),
+            request_id,
+            encode::request_output(env, output),
+        )
+            .encode(env),
+        Message::Failure(err) => (
+            atoms::vllm_error(),
+            request_id,
+            error::reason_term(env, err),
+        )
+            .encode(env),
         Message::Done => (atoms::vllm_request_done(), request_id).encode(env),
     })
     .is_ok()
@@ -61,7 +74,12 @@ fn deliver(env: &mut OwnedEnv, to: &LocalPid, request_id: &str, message: Message
 impl OutputSink for PidSink {
     fn send(&mut self, output: RequestOutput) -> bool {
         let finished = output.finished;
-        let alive = deliver(&mut self.env, &self.owner, &self.request_id, Message::Output(output));
+        let alive = deliver(
+            &mut self.env,
+            &self.owner,
+            &self.request_id,
+            Message::Output(output),
+        );
         if finished || !alive {
             self.notify_done();
         }
@@ -69,7 +87,12 @@ impl OutputSink for PidSink {
     }
 
     fn fail(&mut self, err: EngineError) {
-        deliver(&mut self.env, &self.owner, &self.request_id, Message::Failure(err));
+        deliver(
+            &mut self.env,
+            &self.owner,
+            &self.request_id,
+            Message::Failure(err),
+        );
         self.notify_done();
     }
 }
