@@ -5,6 +5,23 @@ defmodule Vllm.SupervisionTest do
   import Vllm.TestModel
   alias Vllm.AsyncLLMEngine
 
+  test "loading a model does not block the BEAM schedulers" do
+    ticker = Task.async(fn -> tick(System.monotonic_time(:millisecond), 0, 150) end)
+    engine = start_engine!()
+    longest_gap = Task.await(ticker, 60_000)
+    AsyncLLMEngine.shutdown(engine)
+    # A 5 ms timer; a scheduler blocked by the load would show gaps of seconds.
+    assert longest_gap < 500
+  end
+
+  defp tick(last, longest, 0), do: max(longest, System.monotonic_time(:millisecond) - last)
+
+  defp tick(last, longest, n) do
+    Process.sleep(5)
+    now = System.monotonic_time(:millisecond)
+    tick(now, max(longest, now - last), n - 1)
+  end
+
   test "child_spec starts a named engine that serves requests" do
     pid =
       start_supervised!(
