@@ -4,6 +4,7 @@
 mod chat_template;
 mod detokenizer;
 mod gguf;
+mod gguf_spm;
 mod hf_config;
 mod py_json;
 
