@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use candle_core::quantized::gguf_file;
-use vllm_engine::tokenizer::Tokenizer;
+use vllm_engine::tokenizer::{IncrementalDetokenizer, Tokenizer};
 
 const SEPARATOR: &str = "\n__ggml_vocab_test__\n";
 
@@ -48,6 +48,38 @@ fn check_vocab(dir: &PathBuf, name: &str) -> Vec<String> {
         }
     }
     assert!(non_empty > 30, "{name}: only {non_empty} cases with ids");
+    failures.extend(check_detokenizer(&tokenizer, name));
+    failures
+}
+
+/// Streams pseudo-random id sequences (a fixed LCG, biased to low ids where byte tokens
+/// live) and compares with decoding them at once.
+fn check_detokenizer(tokenizer: &Tokenizer, name: &str) -> Vec<String> {
+    let vocab = tokenizer.vocab_size() as u64;
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move |bound: u64| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) % bound
+    };
+    let mut failures = Vec::new();
+    for _ in 0..200 {
+        let len = next(40);
+        let ids: Vec<u32> = (0..len)
+            .map(|_| {
+                let bound = if next(2) == 0 { 300.min(vocab) } else { vocab };
+                next(bound) as u32
+            })
+            .collect();
+        for skip in [true, false] {
+            let mut detokenizer = IncrementalDetokenizer::new(skip);
+            let mut streamed: String = ids.iter().map(|&id| detokenizer.push(tokenizer, id).unwrap()).collect();
+            streamed.push_str(&detokenizer.flush(tokenizer).unwrap());
+            let whole = tokenizer.decode(&ids, skip).unwrap();
+            if streamed != whole {
+                failures.push(format!("{name}: streaming {ids:?} gave {streamed:?}, decode gives {whole:?}"));
+            }
+        }
+    }
     failures
 }
 

@@ -25,6 +25,8 @@ pub struct Tokenizer {
     chat_template: Option<String>,
     /// Ids of special added tokens (dropped by `skip_special_tokens`), cached for `is_special`.
     special_ids: HashSet<u32>,
+    /// Ids of SentencePiece byte tokens (`<0x0A>`...), whose text depends on their neighbours.
+    byte_fallback_ids: HashSet<u32>,
 }
 
 /// Short: the vocabulary itself is too large to print.
@@ -76,7 +78,8 @@ impl Tokenizer {
             .filter(|(_, token)| token.special)
             .map(|(id, _)| id)
             .collect();
-        Tokenizer { inner, bos_token_id, eos_token_id, chat_template, special_ids }
+        let byte_fallback_ids = (0..=255u8).filter_map(|b| inner.token_to_id(&format!("<0x{b:02X}>"))).collect();
+        Tokenizer { inner, bos_token_id, eos_token_id, chat_template, special_ids, byte_fallback_ids }
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
@@ -119,6 +122,11 @@ impl Tokenizer {
     /// Whether `id` is a special token (dropped when decoding with `skip_special_tokens`).
     pub fn is_special(&self, id: u32) -> bool {
         self.special_ids.contains(&id)
+    }
+    /// Whether `id` is a byte token (`<0xXX>`) of a byte-fallback vocabulary: a run of
+    /// them decodes as one UTF-8 sequence, so its text is only known when the run ends.
+    pub fn is_byte_fallback_token(&self, id: u32) -> bool {
+        self.byte_fallback_ids.contains(&id)
     }
     /// The underlying Hugging Face tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
