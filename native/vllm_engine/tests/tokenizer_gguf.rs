@@ -188,7 +188,7 @@ fn gguf_unsupported_or_broken_tokenizers_are_clear_errors() {
     let with = |key: &str, value: Value| {
         let mut metadata = gguf_metadata().clone();
         metadata.insert(key.into(), value);
-        Tokenizer::from_gguf_metadata(&metadata).err().expect("should fail")
+        Tokenizer::from_gguf_metadata(&metadata).expect_err("should fail")
     };
     let bert = with("tokenizer.ggml.model", Value::String("bert".into()));
     assert_eq!(bert.category, ErrorCategory::Unsupported);
@@ -209,7 +209,7 @@ fn gguf_unsupported_or_broken_tokenizers_are_clear_errors() {
     let bad_merge = with("tokenizer.ggml.merges", Value::Array(vec![Value::String("nospace".into())]));
     assert_eq!(bad_merge.category, ErrorCategory::Validation);
 
-    let no_tokenizer = Tokenizer::from_gguf_metadata(&HashMap::new()).err().expect("should fail");
+    let no_tokenizer = Tokenizer::from_gguf_metadata(&HashMap::new()).expect_err("should fail");
     assert_eq!(no_tokenizer.category, ErrorCategory::Validation);
 }
 

@@ -3,7 +3,7 @@
 //! repository, so the test is ignored unless asked for: point LLAMA_CPP_VOCABS at
 //! llama.cpp's models/ directory and run with `--ignored`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
 use vllm_engine::tokenizer::{IncrementalDetokenizer, Tokenizer};
@@ -23,7 +23,7 @@ const VOCABS: &[(&str, &str)] = &[
     ("command-r", "digits split one by one"),
 ];
 
-fn check_vocab(dir: &PathBuf, name: &str) -> Vec<String> {
+fn check_vocab(dir: &Path, name: &str) -> Vec<String> {
     let gguf = dir.join(format!("ggml-vocab-{name}.gguf"));
     let mut file = std::fs::File::open(&gguf).unwrap_or_else(|e| panic!("{}: {e}", gguf.display()));
     let metadata = gguf_file::Content::read(&mut file).expect("GGUF").metadata;

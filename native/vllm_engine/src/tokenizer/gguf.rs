@@ -25,7 +25,8 @@ pub(super) const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 /// The splitting regex of Llama 3 (GPT-4's cl100k): numbers in groups of up to three digits.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's: the same, but every digit on its own.
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// What `from_gguf_metadata` gives back besides the tokenizer itself.
 pub(super) struct GgufTokenizer {
@@ -94,7 +95,12 @@ fn build_byte_level_bpe(meta: &Metadata) -> Result<GgufTokenizer> {
     let eos_token_id = meta.token_id("tokenizer.ggml.eos_token_id", tokens.len())?;
     let add_bos = meta.boolean("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
     let add_eos = meta.boolean("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-    add_special_token_processor(&mut inner, &tokens, add_bos.then_some(bos_token_id).flatten(), add_eos.then_some(eos_token_id).flatten())?;
+    add_special_token_processor(
+        &mut inner,
+        &tokens,
+        add_bos.then_some(bos_token_id).flatten(),
+        add_eos.then_some(eos_token_id).flatten(),
+    )?;
 
     Ok(GgufTokenizer {
         inner,
@@ -108,8 +114,8 @@ fn build_byte_level_bpe(meta: &Metadata) -> Result<GgufTokenizer> {
 pub(super) fn vocab_from_tokens(tokens: &[String]) -> Result<Vocab> {
     let mut vocab = Vocab::default();
     for (id, token) in tokens.iter().enumerate() {
-        let id = u32::try_from(id)
-            .map_err(|_| EngineError::validation("the GGUF tokenizer has more than 2^32 tokens"))?;
+        let id =
+            u32::try_from(id).map_err(|_| EngineError::validation("the GGUF tokenizer has more than 2^32 tokens"))?;
         vocab.entry(token.clone()).or_insert(id);
     }
     Ok(vocab)

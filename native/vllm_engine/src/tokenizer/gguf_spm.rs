@@ -17,8 +17,8 @@ use tokenizers::normalizers::Sequence as NormalizerSequence;
 use tokenizers::{DecoderWrapper, NormalizerWrapper};
 
 use super::gguf::{
-    add_special_token_processor, register_added_tokens, vocab_from_tokens, GgufTokenizer, Metadata,
-    TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_USER_DEFINED,
+    add_special_token_processor, register_added_tokens, vocab_from_tokens, GgufTokenizer, Metadata, TOKEN_TYPE_NORMAL,
+    TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_USER_DEFINED,
 };
 use crate::error::{EngineError, Result};
 
@@ -31,9 +31,8 @@ pub(super) fn build(meta: &Metadata) -> Result<GgufTokenizer> {
     let scores = meta
         .floats("tokenizer.ggml.scores")?
         .ok_or_else(|| EngineError::validation("the GGUF llama tokenizer has no tokenizer.ggml.scores"))?;
-    let token_types = meta
-        .integers("tokenizer.ggml.token_type")?
-        .unwrap_or_else(|| vec![TOKEN_TYPE_NORMAL; tokens.len()]);
+    let token_types =
+        meta.integers("tokenizer.ggml.token_type")?.unwrap_or_else(|| vec![TOKEN_TYPE_NORMAL; tokens.len()]);
     if scores.len() != tokens.len() || token_types.len() != tokens.len() {
         return Err(EngineError::validation(format!(
             "the GGUF tokenizer has {} tokens, {} scores and {} token types",

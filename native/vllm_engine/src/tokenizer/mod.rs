@@ -72,12 +72,8 @@ impl Tokenizer {
         eos_token_id: Option<u32>,
         chat_template: Option<String>,
     ) -> Self {
-        let special_ids = inner
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, token)| token.special)
-            .map(|(id, _)| id)
-            .collect();
+        let special_ids =
+            inner.get_added_tokens_decoder().into_iter().filter(|(_, token)| token.special).map(|(id, _)| id).collect();
         let byte_fallback_ids = (0..=255u8).filter_map(|b| inner.token_to_id(&format!("<0x{b:02X}>"))).collect();
         Tokenizer { inner, bos_token_id, eos_token_id, chat_template, special_ids, byte_fallback_ids }
     }
