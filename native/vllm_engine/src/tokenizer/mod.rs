@@ -59,8 +59,9 @@ impl Tokenizer {
         Ok(Self::from_inner(inner, bos_token_id, eos_token_id, config.chat_template))
     }
 
-    /// Rebuilds the tokenizer described by a GGUF file's `tokenizer.*` metadata
-    /// (`tokenizer.ggml.model` "gpt2": byte-level BPE; "llama" is not supported yet).
+    /// Rebuilds the tokenizer described by a GGUF file's `tokenizer.*` metadata:
+    /// `tokenizer.ggml.model` "gpt2" (byte-level BPE, pre-tokenizer from `tokenizer.ggml.pre`)
+    /// or "llama" (SentencePiece with byte fallback). Control tokens become special tokens.
     pub fn from_gguf_metadata(metadata: &HashMap<String, gguf_file::Value>) -> Result<Self> {
         let built = gguf::build(metadata)?;
         Ok(Self::from_inner(built.inner, built.bos_token_id, built.eos_token_id, built.chat_template))
