@@ -21,6 +21,7 @@ const VOCABS: &[(&str, &str)] = &[
     ("qwen2", "Qwen2 regex"),
     ("mpt", "GPT-2 regex"),
     ("command-r", "digits split one by one"),
+    ("falcon", "punctuation, GPT-2 regex, numbers in threes"),
 ];
 
 fn check_vocab(dir: &Path, name: &str) -> Vec<String> {

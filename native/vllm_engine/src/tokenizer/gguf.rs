@@ -9,6 +9,7 @@ use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::punctuation::Punctuation;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
@@ -139,9 +140,19 @@ fn pre_tokenizer_for(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
         }
         "llama3" | "llama-v3" | "llama-bpe" => (sequence(vec![split(LLAMA3_PATTERN)?, byte_level(false)]), true),
         "qwen2" => (sequence(vec![split(QWEN2_PATTERN)?, byte_level(false)]), false),
+        // Falcon: punctuation runs apart, GPT-2's rules, then numbers in groups of three.
+        "falcon" => (
+            sequence(vec![
+                PreTokenizerWrapper::Punctuation(Punctuation::new(SplitDelimiterBehavior::Contiguous)),
+                byte_level(true),
+                PreTokenizerWrapper::Digits(Digits::new(false)),
+                split("[0-9][0-9][0-9]")?,
+            ]),
+            false,
+        ),
         other => {
             return Err(EngineError::unsupported(format!(
-                "GGUF pre-tokenizer {other:?} is not supported (supported: default, gpt2, mpt, smollm, command-r, \
+                "GGUF pre-tokenizer {other:?} is not supported (supported: default, gpt2, mpt, falcon, smollm, command-r, \
                  starcoder, refact, llama3, llama-bpe, qwen2); pass a tokenizer.json with the `tokenizer` option"
             )))
         }
