@@ -22,6 +22,7 @@ const VOCABS: &[(&str, &str)] = &[
     ("mpt", "GPT-2 regex"),
     ("command-r", "digits split one by one"),
     ("falcon", "punctuation, GPT-2 regex, numbers in threes"),
+    ("deepseek-coder", "letters, punctuation, CJK runs, single digits"),
 ];
 
 fn check_vocab(dir: &Path, name: &str) -> Vec<String> {

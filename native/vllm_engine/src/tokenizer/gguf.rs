@@ -140,6 +140,18 @@ fn pre_tokenizer_for(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
         }
         "llama3" | "llama-v3" | "llama-bpe" => (sequence(vec![split(LLAMA3_PATTERN)?, byte_level(false)]), true),
         "qwen2" => (sequence(vec![split(QWEN2_PATTERN)?, byte_level(false)]), false),
+        // DeepSeek Coder: lines, letter runs, punctuation runs, CJK runs, single digits.
+        "deepseek-coder" => (
+            sequence(vec![
+                split(r"[\r\n]")?,
+                split(r"\s?\p{L}+")?,
+                split(r"\s?\p{P}+")?,
+                split("[\u{4E00}-\u{9FA5}\u{0800}-\u{4E00}\u{AC00}-\u{D7FF}]+")?,
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                byte_level(false),
+            ]),
+            false,
+        ),
         // Falcon: punctuation runs apart, GPT-2's rules, then numbers in groups of three.
         "falcon" => (
             sequence(vec![
@@ -152,7 +164,7 @@ fn pre_tokenizer_for(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
         ),
         other => {
             return Err(EngineError::unsupported(format!(
-                "GGUF pre-tokenizer {other:?} is not supported (supported: default, gpt2, mpt, falcon, smollm, command-r, \
+                "GGUF pre-tokenizer {other:?} is not supported (supported: default, gpt2, mpt, falcon, deepseek-coder, smollm, command-r, \
                  starcoder, refact, llama3, llama-bpe, qwen2); pass a tokenizer.json with the `tokenizer` option"
             )))
         }
