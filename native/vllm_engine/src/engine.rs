@@ -2,7 +2,7 @@
 //! engine-core thread, and routes each request's outputs to its sink.
 
 use crate::config::EngineArgs;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::request::{EngineRequest, RequestOutput};
 use crate::tokenizer::Tokenizer;
 
@@ -11,6 +11,9 @@ pub trait OutputSink: Send {
     /// Delivers one output. Returns false when the receiver is gone: the engine then
     /// aborts the request and frees its blocks.
     fn send(&mut self, output: RequestOutput) -> bool;
+    /// The request cannot finish because the engine died (category EngineDead) or failed
+    /// on it; no other output follows.
+    fn fail(&mut self, error: EngineError);
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
