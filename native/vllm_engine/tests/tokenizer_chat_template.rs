@@ -74,6 +74,14 @@ fn missing_template_is_a_validation_error() {
 }
 
 #[test]
+fn missing_special_tokens_render_as_nothing() {
+    // The bare fixture tokenizer has no tokenizer_config.json, so no BOS/EOS names.
+    let template = "{{ bos_token }}{% if eos_token is defined %}EOS{% endif %}{{ messages[0]['content'] }}";
+    let prompt = bare_tokenizer().apply_chat_template(&[ChatMessage::new("user", "Hi")], false, Some(template)).unwrap();
+    assert_eq!(prompt, "Hi");
+}
+
+#[test]
 fn template_errors_are_validation_errors_with_the_message() {
     let raising =
         "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}";

@@ -170,6 +170,14 @@ fn gguf_metadata_gives_special_ids_and_chat_template() {
     assert_eq!(tokenizer.eos_token().as_deref(), Some("<|im_end|>"));
     let fixture = std::fs::read_to_string(format!("{}/smollm2_chat_template.jinja", fixtures())).unwrap();
     assert_eq!(tokenizer.chat_template().map(str::trim_end), Some(fixture.trim_end()));
+    let prompt = tokenizer
+        .apply_chat_template(&[vllm_engine::tokenizer::ChatMessage::new("user", "Hi")], true, None)
+        .unwrap();
+    assert_eq!(
+        prompt,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
     // add_bos_token is false for SmolLM2: nothing is prepended.
     assert_eq!(tokenizer.encode("Hello", true).unwrap(), vec![19556]);
 }
