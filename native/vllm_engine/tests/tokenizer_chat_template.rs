@@ -77,7 +77,8 @@ fn missing_template_is_a_validation_error() {
 fn missing_special_tokens_render_as_nothing() {
     // The bare fixture tokenizer has no tokenizer_config.json, so no BOS/EOS names.
     let template = "{{ bos_token }}{% if eos_token is defined %}EOS{% endif %}{{ messages[0]['content'] }}";
-    let prompt = bare_tokenizer().apply_chat_template(&[ChatMessage::new("user", "Hi")], false, Some(template)).unwrap();
+    let prompt =
+        bare_tokenizer().apply_chat_template(&[ChatMessage::new("user", "Hi")], false, Some(template)).unwrap();
     assert_eq!(prompt, "Hi");
 }
 

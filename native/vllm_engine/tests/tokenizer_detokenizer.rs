@@ -190,3 +190,34 @@ fn detokenizer_waits_for_the_end_of_a_byte_run() {
     let deltas = detokenize_with(tokenizer, &euro, true);
     assert_eq!(deltas, vec!["hi", "", "", "", "\u{20AC} hi", ""]);
 }
+
+#[test]
+fn detokenizer_with_prompt_context_keeps_the_first_leading_space() {
+    let tokenizer = sentencepiece_tokenizer();
+    let hi = tokenizer.token_to_id("\u{2581}hi").unwrap();
+    let prompt = tokenizer.encode("hi hi", true).unwrap();
+    // Alone, the first output token loses its dummy-prefix space; after the prompt it keeps it.
+    assert_eq!(detokenize_with(tokenizer, &[hi, hi], true).concat(), "hi hi");
+    let mut detokenizer = IncrementalDetokenizer::with_prompt(tokenizer, &prompt, true).unwrap();
+    let mut streamed: String = [hi, hi].iter().map(|&id| detokenizer.push(tokenizer, id).unwrap()).collect();
+    streamed.push_str(&detokenizer.flush(tokenizer).unwrap());
+    assert_eq!(streamed, " hi hi");
+    assert_eq!(detokenizer.text(), " hi hi");
+}
+
+#[test]
+fn detokenizer_with_prompt_context_streams_the_fixture_generations_exactly() {
+    let text = std::fs::read_to_string(format!("{}/smollm2_reference.json", fixtures())).unwrap();
+    let reference: Json = serde_json::from_str(&text).unwrap();
+    let ids = |v: &Json| -> Vec<u32> { v.as_array().unwrap().iter().map(|id| id.as_u64().unwrap() as u32).collect() };
+    for case in reference["cases"].as_array().unwrap() {
+        let mut detokenizer =
+            IncrementalDetokenizer::with_prompt(tokenizer(), &ids(&case["prompt_token_ids"]), false).unwrap();
+        let mut streamed = String::new();
+        for id in ids(&case["greedy_token_ids"]) {
+            streamed.push_str(&detokenizer.push(tokenizer(), id).unwrap());
+        }
+        streamed.push_str(&detokenizer.flush(tokenizer()).unwrap());
+        assert_eq!(streamed, case["greedy_text"].as_str().unwrap());
+    }
+}

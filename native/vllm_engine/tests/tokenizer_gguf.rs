@@ -170,9 +170,8 @@ fn gguf_metadata_gives_special_ids_and_chat_template() {
     assert_eq!(tokenizer.eos_token().as_deref(), Some("<|im_end|>"));
     let fixture = std::fs::read_to_string(format!("{}/smollm2_chat_template.jinja", fixtures())).unwrap();
     assert_eq!(tokenizer.chat_template().map(str::trim_end), Some(fixture.trim_end()));
-    let prompt = tokenizer
-        .apply_chat_template(&[vllm_engine::tokenizer::ChatMessage::new("user", "Hi")], true, None)
-        .unwrap();
+    let prompt =
+        tokenizer.apply_chat_template(&[vllm_engine::tokenizer::ChatMessage::new("user", "Hi")], true, None).unwrap();
     assert_eq!(
         prompt,
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\

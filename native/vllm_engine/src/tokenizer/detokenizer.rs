@@ -12,6 +12,9 @@
 use super::Tokenizer;
 use crate::error::Result;
 
+/// How many prompt tokens `with_prompt` keeps as decoding context (vLLM keeps 5).
+const PROMPT_CONTEXT_TOKENS: usize = 5;
+
 /// What the decoder yields for bytes that are not (yet) a whole UTF-8 character.
 const REPLACEMENT: char = '\u{FFFD}';
 
@@ -34,6 +37,21 @@ impl IncrementalDetokenizer {
             text: String::new(),
             skip_special_tokens,
         }
+    }
+
+    /// Like `new`, but decodes the output in the context of the prompt's last tokens, as
+    /// vLLM does: a SentencePiece model's first output token then keeps its leading space
+    /// (decoding the output ids alone drops it). The deltas concatenate to
+    /// `decode(context + output)` minus `decode(context)`.
+    pub fn with_prompt(tokenizer: &Tokenizer, prompt_ids: &[u32], skip_special_tokens: bool) -> Result<Self> {
+        let context = &prompt_ids[prompt_ids.len().saturating_sub(PROMPT_CONTEXT_TOKENS)..];
+        Ok(IncrementalDetokenizer {
+            window: context.to_vec(),
+            prefix_len: context.len(),
+            prefix_text: tokenizer.decode(context, skip_special_tokens)?,
+            text: String::new(),
+            skip_special_tokens,
+        })
     }
 
     /// Adds one token; returns the text it completes (possibly empty while a multi-byte
