@@ -393,14 +393,7 @@ defmodule Vllm.AsyncLLMEngine do
         Error.validation("request_id #{inspect(id)} is already in use by a live request")}, state}
     else
       # The engine tells this process when the request ends, so the registry stays small.
-      case Native.add_request(
-             state.resource,
-             id,
-             prompt,
-             params,
-             owner,
-             Map.put(request_opts, :watcher, self())
-           ) do
+      case native_add_request(state.resource, id, prompt, params, owner, request_opts) do
         :ok -> {:reply, :ok, register(state, id, owner)}
         {:error, reason} -> {:reply, {:error, Error.from_native(reason)}, state}
       end
@@ -433,6 +426,20 @@ defmodule Vllm.AsyncLLMEngine do
   def terminate(_reason, state) do
     Native.shutdown(state.resource)
     :ok
+  end
+
+  # A NIF exception must not take the engine process (and every request) down with it.
+  defp native_add_request(resource, id, prompt, params, owner, request_opts) do
+    Native.add_request(
+      resource,
+      id,
+      prompt,
+      params,
+      owner,
+      Map.put(request_opts, :watcher, self())
+    )
+  rescue
+    exception -> {:error, {:internal, "add_request failed: " <> Exception.message(exception)}}
   end
 
   defp register(state, id, owner) do
