@@ -196,6 +196,11 @@ impl Engine {
         self.shared.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Requests preempted by recompute since start-up (the KV cache ran out).
+    pub fn num_preemptions(&self) -> u64 {
+        self.shared.preemptions.load(Ordering::Relaxed)
+    }
+
     /// Whether the engine can still serve (false after a fatal error or shutdown).
     pub fn is_alive(&self) -> bool {
         self.check_alive().is_ok()

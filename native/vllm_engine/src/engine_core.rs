@@ -5,7 +5,7 @@
 //! then fails with EngineDead.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -53,6 +53,8 @@ pub struct TokenEvent {
 pub struct CoreShared {
     pub stats: Mutex<EngineStats>,
     pub dead: AtomicBool,
+    /// Requests preempted by recompute since start-up.
+    pub preemptions: AtomicU64,
 }
 
 pub struct EngineCore {
@@ -169,6 +171,7 @@ impl EngineCore {
         if plan.is_empty() {
             return Ok(false);
         }
+        self.shared.preemptions.fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
         let logits = self.runner.execute(&plan, &self.scheduler)?;
         for s in &plan.scheduled {
             if let Some(seq) = self.scheduler.seq_mut(s.seq_id) {
