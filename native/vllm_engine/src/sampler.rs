@@ -39,7 +39,8 @@ impl Sampler {
         suppressed: &[u32],
         seq_rng: Option<&mut ChaCha8Rng>,
     ) -> Sample {
-        let raw_logprobs = log_softmax(logits);
+        // logprob(t) = logit(t) - logsumexp(logits): no need to materialise the vector.
+        let log_sum = log_sum_exp(logits);
         let mut work = logits.to_vec();
         apply_penalties(&mut work, params, context, num_prompt_tokens);
         for &t in suppressed {
@@ -53,13 +54,14 @@ impl Sampler {
             let rng = seq_rng.unwrap_or(&mut self.rng);
             sample_random(&mut work, params, rng)
         };
-        let logprob = raw_logprobs[token_id as usize];
+        let raw = logits[token_id as usize];
+        let logprob = raw - log_sum;
         let logprobs = params.logprobs.map(|k| {
-            let rank = 1 + raw_logprobs.iter().filter(|&&l| l > logprob).count();
+            let rank = 1 + logits.iter().filter(|&&l| l > raw).count();
             let mut entries = vec![TokenLogprob { token_id, logprob, rank, decoded_token: None }];
-            for (i, id) in top_k_indices(&raw_logprobs, k).into_iter().enumerate() {
+            for (i, id) in top_k_indices(logits, k).into_iter().enumerate() {
                 if id != token_id {
-                    let logprob = raw_logprobs[id as usize];
+                    let logprob = logits[id as usize] - log_sum;
                     entries.push(TokenLogprob { token_id: id, logprob, rank: i + 1, decoded_token: None });
                 }
             }
@@ -69,10 +71,14 @@ impl Sampler {
     }
 }
 
-pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+pub fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let log_sum = max + sum.ln() as f32;
+    max + sum.ln() as f32
+}
+
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let log_sum = log_sum_exp(logits);
     logits.iter().map(|&l| l - log_sum).collect()
 }
 
@@ -146,7 +152,7 @@ fn sample_random(logits: &mut [f32], params: &SamplingParams, rng: &mut ChaCha8R
 }
 
 /// The candidates that survive min-p, top-k and top-p, with their unnormalised
-/// probabilities, most likely first.
+/// probabilities (most likely first when top-k or top-p is on).
 fn filtered_probs(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f64)> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut probs: Vec<(u32, f64)> =
@@ -156,9 +162,15 @@ fn filtered_probs(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f64)> {
         let threshold = params.min_p as f64;
         probs.retain(|&(_, p)| p >= threshold);
     }
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if params.top_k > 0 {
-        probs.truncate(params.top_k as usize);
+    let by_prob = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let k = params.top_k.max(0) as usize;
+    if k > 0 && k < probs.len() {
+        probs.select_nth_unstable_by(k - 1, by_prob);
+        probs.truncate(k);
+    }
+    // Sorting the whole vocabulary costs more than the sampling itself: only top-p needs it.
+    if params.top_p < 1.0 || k > 0 {
+        probs.sort_by(by_prob);
     }
     if params.top_p < 1.0 {
         let total: f64 = probs.iter().map(|&(_, p)| p).sum();
