@@ -159,13 +159,13 @@ impl Engine {
         // The output thread learns of the request before the core can produce tokens for it.
         // If either thread is gone, the output thread (or its shutdown) fails the sink.
         let _ = self.out_tx.send(OutputMessage::Register(Box::new(stream)));
-        let _ = self.core_tx.send(CoreCommand::Add(NewRequest {
+        let _ = self.core_tx.send(CoreCommand::Add(Box::new(NewRequest {
             seq_id,
             request_id: request.request_id,
             prompt_token_ids: request.prompt_token_ids,
             params: request.params,
             priority: request.priority,
-        }));
+        })));
         Ok(())
     }
 

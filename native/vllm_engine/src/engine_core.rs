@@ -21,7 +21,7 @@ use crate::scheduler::Scheduler;
 use crate::sequence::Sequence;
 
 pub enum CoreCommand {
-    Add(NewRequest),
+    Add(Box<NewRequest>),
     /// Forget a request and free its blocks (abort, a stop string, or a gone receiver).
     /// Always answered with `OutputMessage::Released`, even for unknown requests.
     Release(SeqId),
@@ -89,8 +89,17 @@ impl EngineCore {
         EngineCore { scheduler, runner, sampler, eos_token_ids, max_model_len, commands, outputs, shared, next_arrival: 0 }
     }
 
-    /// The thread body. Blocks on the channel when idle; otherwise drains it, then steps.
+    /// The thread body. Any panic in it (a step, a command) kills the engine cleanly.
     pub fn run(mut self) {
+        match catch_unwind(AssertUnwindSafe(|| self.serve())) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.die(format!("engine step failed: {e}")),
+            Err(panic) => self.die(format!("engine step panicked: {}", panic_message(&panic))),
+        }
+    }
+
+    /// Blocks on the channel when idle; otherwise drains it, then steps.
+    fn serve(&mut self) -> Result<()> {
         self.publish_stats();
         let mut idle = true;
         loop {
@@ -98,34 +107,30 @@ impl EngineCore {
                 match self.commands.recv() {
                     Ok(cmd) => {
                         if let Flow::Exit = self.handle(cmd) {
-                            return;
+                            return Ok(());
                         }
                     }
-                    Err(_) => return self.release_all(),
+                    Err(_) => {
+                        self.release_all();
+                        return Ok(());
+                    }
                 }
             }
             while let Ok(cmd) = self.commands.try_recv() {
                 if let Flow::Exit = self.handle(cmd) {
-                    return;
+                    return Ok(());
                 }
             }
             self.publish_stats();
-            if !self.scheduler.has_work() {
-                idle = true;
-                continue;
-            }
-            match catch_unwind(AssertUnwindSafe(|| self.step())) {
-                // Nothing could be scheduled: wait for a command rather than spin.
-                Ok(Ok(ran)) => idle = !ran,
-                Ok(Err(e)) => return self.die(format!("engine step failed: {e}")),
-                Err(panic) => return self.die(format!("engine step panicked: {}", panic_message(&panic))),
-            }
+            // Nothing could be scheduled: wait for a command rather than spin.
+            idle = !self.scheduler.has_work() || !self.step()?;
         }
     }
 
     fn handle(&mut self, cmd: CoreCommand) -> Flow {
         match cmd {
             CoreCommand::Add(req) => {
+                let req = *req;
                 let arrival = self.next_arrival;
                 self.next_arrival += 1;
                 let seq = Sequence::new(

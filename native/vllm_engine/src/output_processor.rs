@@ -173,7 +173,7 @@ impl OutputProcessor {
 
         // As vLLM: the text of an EOS or stop token is not part of the output.
         let stopped_by_token = matches!(ev.finish, Some((FinishReason::Stop, _)));
-        let detokenize = params.detokenize && !(stopped_by_token && !params.include_stop_str_in_output);
+        let detokenize = params.detokenize && (!stopped_by_token || params.include_stop_str_in_output);
         if detokenize {
             let delta = t.detok.push(&self.tokenizer, ev.token_id).unwrap_or_default();
             t.text.push_str(&delta);

@@ -51,7 +51,7 @@ fn abort_mid_decode_frees_every_block() {
     outs.extend(collect(&rx));
     assert_aborted(&outs);
     let n: usize = outs.iter().map(|o| o.outputs[0].token_ids.len()).sum();
-    assert!(n >= 1 && n < 400, "aborted after {n} tokens");
+    assert!((1..400).contains(&n), "aborted after {n} tokens");
     assert_all_blocks_free(&h.engine);
 }
 
