@@ -82,6 +82,10 @@ impl Engine {
         let (core_tx, core_rx) = unbounded();
         let (out_tx, out_rx) = unbounded();
         let shared = Arc::new(CoreShared::default());
+        // Exact from the first call, before the core thread publishes anything.
+        if let Ok(mut stats) = shared.stats.lock() {
+            *stats = EngineStats { total_blocks: limits.num_blocks, free_blocks: limits.num_blocks, ..Default::default() };
+        }
         let live: LiveRequests = Arc::new(Mutex::new(HashMap::new()));
         let tokenizer = Arc::new(tokenizer);
 

@@ -56,12 +56,13 @@ fn chunked_prefill_gives_the_same_tokens_as_one_prefill() {
 #[test]
 fn preemption_under_a_tiny_cache_completes_every_request_unchanged() {
     let mut tiny = args();
-    // 24 blocks of 4 tokens = 96 tokens for 8 requests that need up to 70 each.
+    // 20 blocks of 4 tokens = 80 tokens for 8 requests that need 40 to 75 each.
     let per_block = vllm_engine::kv_cache::PagedKvCache::bytes_per_block(1, 4, 1, 1);
-    tiny.kv_cache_memory_bytes = Some(24 * per_block);
+    tiny.kv_cache_memory_bytes = Some(20 * per_block);
     tiny.max_num_batched_tokens = Some(32);
-    let h = engine_with(tiny, FakeBehaviour::default());
-    assert_eq!(h.engine.stats().total_blocks, 24);
+    // Slow steps, so that all requests are in before the first ones finish.
+    let h = engine_with(tiny, FakeBehaviour { step_delay: Some(Duration::from_millis(2)), ..Default::default() });
+    assert_eq!(h.engine.stats().total_blocks, 20);
     let cases: Vec<(Vec<u32>, usize)> = (0..8).map(|i| (prompt(20 + i, 10 + 5 * i as usize), 30)).collect();
     let receivers: Vec<_> = cases
         .iter()
