@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use candle_core::quantized::gguf_file;
+
 use crate::error::{EngineError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -118,4 +120,231 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+}
+
+impl Architecture {
+    /// Maps an HF `architectures` entry or `model_type` (or a GGUF `general.architecture`).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "LlamaForCausalLM" | "llama" => Some(Architecture::Llama),
+            "MistralForCausalLM" | "mistral" => Some(Architecture::Mistral),
+            "Qwen2ForCausalLM" | "qwen2" => Some(Architecture::Qwen2),
+            "Qwen3ForCausalLM" | "qwen3" => Some(Architecture::Qwen3),
+            _ => None,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Parses a Hugging Face config.json (transformers 4 and 5 spellings).
+    pub fn from_hf_json(json: &str) -> Result<ModelConfig> {
+        let v: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| EngineError::validation(format!("config.json is not valid JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| EngineError::validation("config.json must hold a JSON object"))?;
+        let architecture = hf_architecture(obj)?;
+
+        let usize_key = |key: &str| -> Result<usize> {
+            obj.get(key)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .ok_or_else(|| EngineError::validation(format!("config.json: {key} is missing or not a non-negative integer")))
+        };
+        let opt_usize = |key: &str| obj.get(key).and_then(|x| x.as_u64()).map(|x| x as usize);
+
+        let hidden_size = usize_key("hidden_size")?;
+        let num_attention_heads = usize_key("num_attention_heads")?;
+        if num_attention_heads == 0 || hidden_size == 0 {
+            return Err(EngineError::validation("config.json: hidden_size and num_attention_heads must be positive"));
+        }
+        let num_key_value_heads = opt_usize("num_key_value_heads").unwrap_or(num_attention_heads);
+        let head_dim = opt_usize("head_dim").unwrap_or(hidden_size / num_attention_heads);
+        // transformers 5 moved rope_theta under rope_parameters.
+        let rope_theta = obj
+            .get("rope_parameters")
+            .and_then(|p| p.get("rope_theta"))
+            .or_else(|| obj.get("rope_theta"))
+            .and_then(|x| x.as_f64())
+            .unwrap_or(10_000.0);
+        // Scaled rotary variants (llama3, yarn, linear...) would silently give wrong logits.
+        let rope_type = ["rope_parameters", "rope_scaling"]
+            .iter()
+            .filter_map(|k| obj.get(*k))
+            .filter_map(|p| p.get("rope_type").or_else(|| p.get("type")))
+            .filter_map(|t| t.as_str())
+            .find(|t| *t != "default");
+        if let Some(t) = rope_type {
+            return Err(EngineError::unsupported(format!("rope type {t:?} is not supported yet (only default rotary)")));
+        }
+        let sliding_window = match architecture {
+            Architecture::Mistral => opt_usize("sliding_window"),
+            Architecture::Qwen2 | Architecture::Qwen3 => {
+                let enabled = obj.get("use_sliding_window").and_then(|x| x.as_bool()).unwrap_or(false);
+                if enabled { opt_usize("sliding_window") } else { None }
+            }
+            Architecture::Llama => None,
+        };
+        let eos_token_ids = match obj.get("eos_token_id") {
+            Some(serde_json::Value::Array(ids)) => ids.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+            Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let config = ModelConfig {
+            architecture,
+            vocab_size: usize_key("vocab_size")?,
+            hidden_size,
+            intermediate_size: usize_key("intermediate_size")?,
+            num_hidden_layers: usize_key("num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: obj.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
+            rope_theta,
+            max_position_embeddings: opt_usize("max_position_embeddings").unwrap_or(4096),
+            sliding_window,
+            tie_word_embeddings: obj.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
+            attention_bias: match architecture {
+                Architecture::Qwen2 => true,
+                _ => obj.get("attention_bias").and_then(|x| x.as_bool()).unwrap_or(false),
+            },
+            bos_token_id: obj.get("bos_token_id").and_then(|x| x.as_u64()).map(|x| x as u32),
+            eos_token_ids,
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Reads the model shape from GGUF metadata (`{arch}.*` keys, `tokenizer.ggml.*`).
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<ModelConfig> {
+        let md = &content.metadata;
+        let arch_name = match md.get("general.architecture") {
+            Some(gguf_file::Value::String(s)) => s.clone(),
+            _ => return Err(EngineError::validation("GGUF metadata lacks general.architecture")),
+        };
+        let architecture = Architecture::parse(&arch_name)
+            .ok_or_else(|| EngineError::unsupported(format!("GGUF architecture {arch_name:?} is not supported")))?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let req = |k: &str| -> Result<usize> {
+            gguf_usize(md, &key(k))?.ok_or_else(|| EngineError::validation(format!("GGUF metadata lacks {}", key(k))))
+        };
+        let hidden_size = req("embedding_length")?;
+        let num_attention_heads = req("attention.head_count")?;
+        if num_attention_heads == 0 {
+            return Err(EngineError::validation("GGUF metadata: attention.head_count is 0"));
+        }
+        let num_key_value_heads = gguf_usize(md, &key("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
+        let head_dim = gguf_usize(md, &key("attention.key_length"))?.unwrap_or(hidden_size / num_attention_heads);
+        let vocab_size = match md.get("tokenizer.ggml.tokens") {
+            Some(gguf_file::Value::Array(tokens)) => tokens.len(),
+            _ => match content.tensor_infos.get("token_embd.weight") {
+                Some(info) => info.shape.dims()[0],
+                None => return Err(EngineError::validation("GGUF file has neither tokenizer.ggml.tokens nor token_embd.weight")),
+            },
+        };
+        let sliding_window = gguf_usize(md, &key("attention.sliding_window"))?.filter(|&w| w > 0);
+        let scaling = match md.get(&key("rope.scaling.type")) {
+            Some(gguf_file::Value::String(s)) if s != "none" => Some(s.clone()),
+            _ => None,
+        };
+        if let Some(s) = scaling.or_else(|| content.tensor_infos.contains_key("rope_freqs.weight").then(|| "rope_freqs".into())) {
+            return Err(EngineError::unsupported(format!("GGUF rope scaling {s:?} is not supported yet (only default rotary)")));
+        }
+        let config = ModelConfig {
+            architecture,
+            vocab_size,
+            hidden_size,
+            intermediate_size: req("feed_forward_length")?,
+            num_hidden_layers: req("block_count")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: gguf_f64(md, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            rope_theta: gguf_f64(md, &key("rope.freq_base")).unwrap_or(10_000.0),
+            max_position_embeddings: gguf_usize(md, &key("context_length"))?.unwrap_or(4096),
+            sliding_window,
+            tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+            attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            bos_token_id: gguf_usize(md, "tokenizer.ggml.bos_token_id")?.map(|x| x as u32),
+            eos_token_ids: gguf_usize(md, "tokenizer.ggml.eos_token_id")?.map(|x| vec![x as u32]).unwrap_or_default(),
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Shape checks that would otherwise surface as panics or nonsense deep in the forward.
+    fn check(&self) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(EngineError::validation(format!("model config: {name} must be positive")));
+            }
+        }
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+            return Err(EngineError::validation(format!(
+                "model config: num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads, self.num_key_value_heads
+            )));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(EngineError::validation(format!("model config: head_dim {} must be even for rotary", self.head_dim)));
+        }
+        Ok(())
+    }
+}
+
+fn hf_architecture(obj: &serde_json::Map<String, serde_json::Value>) -> Result<Architecture> {
+    let from_list = obj
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .and_then(|a| a.first())
+        .and_then(|a| a.as_str());
+    let model_type = obj.get("model_type").and_then(|m| m.as_str());
+    from_list
+        .and_then(Architecture::parse)
+        .or_else(|| model_type.and_then(Architecture::parse))
+        .ok_or_else(|| {
+            EngineError::unsupported(format!(
+                "model architecture {} is not supported (supported: Llama, Mistral, Qwen2, Qwen3)",
+                from_list.or(model_type).unwrap_or("<none given>")
+            ))
+        })
+}
+
+/// An integer metadata value of any width; Ok(None) when absent.
+fn gguf_usize(md: &std::collections::HashMap<String, gguf_file::Value>, key: &str) -> Result<Option<usize>> {
+    use gguf_file::Value as V;
+    let v = match md.get(key) {
+        None => return Ok(None),
+        Some(v) => v,
+    };
+    let n: i128 = match v {
+        V::U8(x) => *x as i128,
+        V::I8(x) => *x as i128,
+        V::U16(x) => *x as i128,
+        V::I16(x) => *x as i128,
+        V::U32(x) => *x as i128,
+        V::I32(x) => *x as i128,
+        V::U64(x) => *x as i128,
+        V::I64(x) => *x as i128,
+        _ => return Err(EngineError::validation(format!("GGUF metadata {key} is not an integer"))),
+    };
+    usize::try_from(n)
+        .map(Some)
+        .map_err(|_| EngineError::validation(format!("GGUF metadata {key} = {n} is out of range")))
+}
+
+fn gguf_f64(md: &std::collections::HashMap<String, gguf_file::Value>, key: &str) -> Option<f64> {
+    match md.get(key)? {
+        gguf_file::Value::F32(x) => Some(*x as f64),
+        gguf_file::Value::F64(x) => Some(*x),
+        _ => None,
+    }
 }

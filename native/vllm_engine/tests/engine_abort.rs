@@ -1,11 +1,11 @@
 //! Aborts (explicit, mid-prefill, mid-decode, queued) and gone receivers free every block,
 //! end with exactly one final output, and leave the engine serving.
 
-mod common;
+mod engine_common;
 
 use std::time::Duration;
 
-use common::*;
+use engine_common::*;
 use vllm_engine::{EngineRequest, FinishReason, OutputKind, SamplingParams};
 
 fn slow() -> Harness {

@@ -1,11 +1,11 @@
 //! Continuous batching, chunked prefill and preemption: outputs must not depend on what
 //! else runs, how prompts are chunked, or whether a request was preempted.
 
-mod common;
+mod engine_common;
 
 use std::time::Duration;
 
-use common::*;
+use engine_common::*;
 use vllm_engine::{FinishReason, SamplingParams};
 
 #[test]

