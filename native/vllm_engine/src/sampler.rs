@@ -11,7 +11,8 @@ use crate::request::{SamplingParams, TokenLogprob};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
     pub token_id: u32,
-    /// Log-probability of the sampled token under the raw logits.
+    /// Log-probability of the sampled token under the raw logits (the raw logit itself
+    /// when `params.logprobs` is None: outputs then carry no logprobs).
     pub logprob: f32,
     /// When requested: the sampled token first, then the top-k tokens other than it.
     pub logprobs: Option<Vec<TokenLogprob>>,
@@ -39,8 +40,9 @@ impl Sampler {
         suppressed: &[u32],
         seq_rng: Option<&mut ChaCha8Rng>,
     ) -> Sample {
-        // logprob(t) = logit(t) - logsumexp(logits): no need to materialise the vector.
-        let log_sum = log_sum_exp(logits);
+        // logprob(t) = logit(t) - logsumexp(logits): no need to materialise the vector, and
+        // no need for the sum at all when nobody asked for logprobs.
+        let log_sum = if params.logprobs.is_some() { log_sum_exp(logits) } else { 0.0 };
         let mut work = logits.to_vec();
         apply_penalties(&mut work, params, context, num_prompt_tokens);
         for &t in suppressed {
