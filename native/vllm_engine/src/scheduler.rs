@@ -238,4 +238,41 @@ mod tests {
         assert_eq!(s.schedule().scheduled.len(), 2);
         assert_eq!(s.num_waiting(), 1);
     }
+
+    proptest::proptest! {
+        /// Any mix of prompt lengths, output lengths and aborts under a tight cache: every
+        /// step respects the budget and max_num_seqs, every request finishes, and no
+        /// block is lost.
+        #[test]
+        fn every_request_finishes_under_pressure(
+            reqs in proptest::collection::vec((1usize..30, 1usize..20, proptest::bool::weighted(0.1)), 1..24),
+            budget in 1usize..40,
+        ) {
+            let config = SchedulerConfig { max_num_seqs: 4, max_num_batched_tokens: budget, enable_chunked_prefill: true };
+            // 12 blocks of 4 tokens hold any single request (at most 49 tokens).
+            let mut s = Scheduler::new(config, KvCacheManager::new(13, 4));
+            for (i, &(prompt, max_tokens, _)) in reqs.iter().enumerate() {
+                s.add(seq(i as SeqId, prompt, max_tokens));
+            }
+            let mut steps = 0;
+            while s.has_work() {
+                steps += 1;
+                proptest::prop_assert!(steps < 10_000, "no progress");
+                let out = s.schedule();
+                proptest::prop_assert!(!out.is_empty(), "work left but nothing scheduled");
+                let total: usize = out.scheduled.iter().map(|x| x.num_new_tokens).sum();
+                proptest::prop_assert!(total <= budget);
+                proptest::prop_assert!(out.scheduled.len() <= 4);
+                complete(&mut s, &out);
+                for x in &out.scheduled {
+                    let (_, max_tokens, abort) = reqs[x.seq_id as usize];
+                    let seq = s.seq(x.seq_id).unwrap();
+                    if seq.num_output_tokens() >= max_tokens || (abort && seq.num_output_tokens() > 0) {
+                        s.remove(x.seq_id);
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(s.kv().num_free_blocks(), s.kv().num_blocks());
+        }
+    }
 }
