@@ -84,7 +84,11 @@ impl Engine {
         let shared = Arc::new(CoreShared::default());
         // Exact from the first call, before the core thread publishes anything.
         if let Ok(mut stats) = shared.stats.lock() {
-            *stats = EngineStats { total_blocks: limits.num_blocks, free_blocks: limits.num_blocks, ..Default::default() };
+            *stats = EngineStats {
+                total_blocks: limits.num_blocks,
+                free_blocks: limits.num_blocks,
+                ..Default::default()
+            };
         }
         let live: LiveRequests = Arc::new(Mutex::new(HashMap::new()));
         let tokenizer = Arc::new(tokenizer);
@@ -111,9 +115,13 @@ impl Engine {
         let output = OutputProcessor::new(tokenizer.clone(), out_rx, core_tx.clone(), live.clone(), shared.clone());
 
         let spawn_err = |e: std::io::Error| EngineError::internal(format!("cannot start engine thread: {e}"));
-        let core_thread = std::thread::Builder::new().name("vllm-engine-core".into()).spawn(move || core.run());
+        let core_thread = std::thread::Builder::new()
+            .name("vllm-engine-core".into())
+            .spawn(move || core.run());
         let core_thread = core_thread.map_err(spawn_err)?;
-        let output_thread = std::thread::Builder::new().name("vllm-output".into()).spawn(move || output.run());
+        let output_thread = std::thread::Builder::new()
+            .name("vllm-output".into())
+            .spawn(move || output.run());
         let output_thread = match output_thread {
             Ok(t) => t,
             Err(e) => {
@@ -141,7 +149,10 @@ impl Engine {
     /// request that could never fit in the KV cache is `:resource_exhausted`.
     pub fn add_request(&self, request: EngineRequest, sink: Box<dyn OutputSink>) -> Result<()> {
         self.validate(&request)?;
-        let mut live = self.live.lock().map_err(|_| EngineError::internal("engine registry poisoned"))?;
+        let mut live = self
+            .live
+            .lock()
+            .map_err(|_| EngineError::internal("engine registry poisoned"))?;
         self.check_alive()?;
         if live.contains_key(&request.request_id) {
             return Err(EngineError::validation(format!(

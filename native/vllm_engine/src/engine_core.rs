@@ -86,7 +86,17 @@ impl EngineCore {
         outputs: Sender<OutputMessage>,
         shared: std::sync::Arc<CoreShared>,
     ) -> Self {
-        EngineCore { scheduler, runner, sampler, eos_token_ids, max_model_len, commands, outputs, shared, next_arrival: 0 }
+        EngineCore {
+            scheduler,
+            runner,
+            sampler,
+            eos_token_ids,
+            max_model_len,
+            commands,
+            outputs,
+            shared,
+            next_arrival: 0,
+        }
     }
 
     /// The thread body. Any panic in it (a step, a command) kills the engine cleanly.
@@ -176,7 +186,9 @@ impl EngineCore {
         if plan.is_empty() {
             return Ok(false);
         }
-        self.shared.preemptions.fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+        self.shared
+            .preemptions
+            .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
         let logits = self.runner.execute(&plan, &self.scheduler)?;
         for s in &plan.scheduled {
             if let Some(seq) = self.scheduler.seq_mut(s.seq_id) {
@@ -185,9 +197,15 @@ impl EngineCore {
         }
         let mut events = Vec::with_capacity(logits.seq_ids.len());
         for (&id, row) in logits.seq_ids.iter().zip(&logits.rows) {
-            let Some(seq) = self.scheduler.seq_mut(id) else { continue };
+            let Some(seq) = self.scheduler.seq_mut(id) else {
+                continue;
+            };
             let suppressed = if seq.num_output_tokens() < seq.params.min_tokens {
-                let eos: &[u32] = if seq.params.ignore_eos { &[] } else { &self.eos_token_ids };
+                let eos: &[u32] = if seq.params.ignore_eos {
+                    &[]
+                } else {
+                    &self.eos_token_ids
+                };
                 [eos, &seq.params.stop_token_ids].concat()
             } else {
                 Vec::new()
@@ -243,7 +261,11 @@ impl EngineCore {
 }
 
 /// vLLM's order: length first, then (past min_tokens) EOS, then stop token ids.
-fn check_stop(seq: &Sequence, eos_token_ids: &[u32], max_model_len: usize) -> Option<(FinishReason, Option<StopReason>)> {
+fn check_stop(
+    seq: &Sequence,
+    eos_token_ids: &[u32],
+    max_model_len: usize,
+) -> Option<(FinishReason, Option<StopReason>)> {
     if seq.num_tokens() >= max_model_len || seq.num_output_tokens() >= seq.max_output_tokens {
         return Some((FinishReason::Length, None));
     }

@@ -87,7 +87,15 @@ impl OutputProcessor {
         live: LiveRequests,
         shared: Arc<CoreShared>,
     ) -> Self {
-        OutputProcessor { tokenizer, messages, core, live, shared, requests: HashMap::new(), dead: None }
+        OutputProcessor {
+            tokenizer,
+            messages,
+            core,
+            live,
+            shared,
+            requests: HashMap::new(),
+            dead: None,
+        }
     }
 
     pub fn run(mut self) {
@@ -126,7 +134,10 @@ impl OutputProcessor {
             self.forget(stream.seq_id, &stream.request_id);
             return;
         }
-        let metrics = RequestMetrics { arrival_time: unix_seconds(stream.arrival_time), ..Default::default() };
+        let metrics = RequestMetrics {
+            arrival_time: unix_seconds(stream.arrival_time),
+            ..Default::default()
+        };
         let detok = IncrementalDetokenizer::new(stream.params.skip_special_tokens);
         let t = Tracked {
             stream,
@@ -181,7 +192,11 @@ impl OutputProcessor {
 
         if params.detokenize && !params.stop.is_empty() && t.token_ids.len() > params.min_tokens {
             if let Some((at, stop)) = find_stop(&t.text, t.released, &params.stop) {
-                let end = if params.include_stop_str_in_output { at + stop.len() } else { at };
+                let end = if params.include_stop_str_in_output {
+                    at + stop.len()
+                } else {
+                    at
+                };
                 let finish = (FinishReason::Stop, Some(StopReason::Text(stop.to_string())));
                 t.text.truncate(end);
                 t.released = end;
@@ -253,7 +268,9 @@ impl OutputProcessor {
             } else if let Some(mut t) = self.requests.remove(&id) {
                 if !t.gone {
                     let sink = &mut t.stream.sink;
-                    let _ = catch_unwind(AssertUnwindSafe(|| sink.fail(EngineError::engine_dead(why.to_string()))));
+                    let _ = catch_unwind(AssertUnwindSafe(|| {
+                        sink.fail(EngineError::engine_dead(why.to_string()))
+                    }));
                 }
                 self.forget(id, &t.stream.request_id);
             }
@@ -281,9 +298,11 @@ fn build_output(t: &mut Tracked, finish: Option<Finish>) -> RequestOutput {
             t.sent_tokens = t.token_ids.len();
             (text, tokens, logprobs)
         }
-        OutputKind::Cumulative | OutputKind::FinalOnly => {
-            (t.text[..t.released].to_string(), t.token_ids.clone(), t.logprobs.clone())
-        }
+        OutputKind::Cumulative | OutputKind::FinalOnly => (
+            t.text[..t.released].to_string(),
+            t.token_ids.clone(),
+            t.logprobs.clone(),
+        ),
     };
     let (finish_reason, stop_reason) = match finish.clone() {
         Some((r, s)) => (Some(r), s),

@@ -28,7 +28,13 @@ pub struct StepLogits {
 impl ModelRunner {
     pub fn new(model: Box<dyn CausalLM>, num_blocks: usize, block_size: usize) -> Self {
         let c = model.config();
-        let kv = PagedKvCache::new(c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim);
+        let kv = PagedKvCache::new(
+            c.num_hidden_layers,
+            num_blocks,
+            block_size,
+            c.num_key_value_heads,
+            c.head_dim,
+        );
         ModelRunner { model, kv }
     }
 
@@ -48,7 +54,10 @@ impl ModelRunner {
     pub fn execute(&mut self, step: &SchedulerOutput, scheduler: &Scheduler) -> Result<StepLogits> {
         let (batch, seq_ids) = build_batch(step, scheduler)?;
         if seq_ids.is_empty() && batch.token_ids.is_empty() {
-            return Ok(StepLogits { seq_ids, rows: Vec::new() });
+            return Ok(StepLogits {
+                seq_ids,
+                rows: Vec::new(),
+            });
         }
         let logits = self.model.forward(&batch, &mut self.kv)?;
         let rows: Vec<Vec<f32>> = logits.to_vec2::<f32>()?;

@@ -25,7 +25,9 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(seed: u64) -> Self {
-        Sampler { rng: ChaCha8Rng::seed_from_u64(seed) }
+        Sampler {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
 
     /// `context` is the prompt then the output so far; `num_prompt_tokens` splits them
@@ -42,7 +44,11 @@ impl Sampler {
     ) -> Sample {
         // logprob(t) = logit(t) - logsumexp(logits): no need to materialise the vector, and
         // no need for the sum at all when nobody asked for logprobs.
-        let log_sum = if params.logprobs.is_some() { log_sum_exp(logits) } else { 0.0 };
+        let log_sum = if params.logprobs.is_some() {
+            log_sum_exp(logits)
+        } else {
+            0.0
+        };
         let mut work = logits.to_vec();
         apply_penalties(&mut work, params, context, num_prompt_tokens);
         for &t in suppressed {
@@ -60,16 +66,30 @@ impl Sampler {
         let logprob = raw - log_sum;
         let logprobs = params.logprobs.map(|k| {
             let rank = 1 + logits.iter().filter(|&&l| l > raw).count();
-            let mut entries = vec![TokenLogprob { token_id, logprob, rank, decoded_token: None }];
+            let mut entries = vec![TokenLogprob {
+                token_id,
+                logprob,
+                rank,
+                decoded_token: None,
+            }];
             for (i, id) in top_k_indices(logits, k).into_iter().enumerate() {
                 if id != token_id {
                     let logprob = logits[id as usize] - log_sum;
-                    entries.push(TokenLogprob { token_id: id, logprob, rank: i + 1, decoded_token: None });
+                    entries.push(TokenLogprob {
+                        token_id: id,
+                        logprob,
+                        rank: i + 1,
+                        decoded_token: None,
+                    });
                 }
             }
             entries
         });
-        Sample { token_id, logprob, logprobs }
+        Sample {
+            token_id,
+            logprob,
+            logprobs,
+        }
     }
 }
 
@@ -125,7 +145,11 @@ fn apply_penalties(logits: &mut [f32], params: &SamplingParams, context: &[u32],
         let seen: std::collections::HashSet<u32> = context.iter().copied().collect();
         for t in seen {
             if let Some(l) = logits.get_mut(t as usize) {
-                *l = if *l > 0.0 { *l / params.repetition_penalty } else { *l * params.repetition_penalty };
+                *l = if *l > 0.0 {
+                    *l / params.repetition_penalty
+                } else {
+                    *l * params.repetition_penalty
+                };
             }
         }
     }
@@ -157,8 +181,11 @@ fn sample_random(logits: &mut [f32], params: &SamplingParams, rng: &mut ChaCha8R
 /// probabilities (most likely first when top-k or top-p is on).
 fn filtered_probs(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f64)> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(u32, f64)> =
-        logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) as f64).exp())).collect();
+    let mut probs: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, ((l - max) as f64).exp()))
+        .collect();
     if params.min_p > 0.0 {
         // The largest probability relative to itself is 1, so the threshold is min_p.
         let threshold = params.min_p as f64;
@@ -214,7 +241,10 @@ mod tests {
         // probs 0.5, 0.3, 0.2 (as logits ln p)
         let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
         let ids = |p: f32| {
-            filtered_probs(&logits, &params(|s| s.top_p = p)).iter().map(|&(id, _)| id).collect::<Vec<_>>()
+            filtered_probs(&logits, &params(|s| s.top_p = p))
+                .iter()
+                .map(|&(id, _)| id)
+                .collect::<Vec<_>>()
         };
         assert_eq!(ids(0.5), vec![0]);
         assert_eq!(ids(0.51), vec![0, 1]);
@@ -225,7 +255,12 @@ mod tests {
     #[test]
     fn top_k_and_min_p_drop_unlikely_tokens() {
         let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
-        let ids = |p: SamplingParams| filtered_probs(&logits, &p).iter().map(|&(id, _)| id).collect::<Vec<_>>();
+        let ids = |p: SamplingParams| {
+            filtered_probs(&logits, &p)
+                .iter()
+                .map(|&(id, _)| id)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(ids(params(|s| s.top_k = 2)), vec![0, 1]);
         // min_p 0.5: keep tokens with p >= 0.25.
         assert_eq!(ids(params(|s| s.min_p = 0.5)), vec![0, 1]);

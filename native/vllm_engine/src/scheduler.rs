@@ -47,7 +47,13 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig, kv: KvCacheManager) -> Self {
-        Scheduler { config, kv, seqs: HashMap::new(), running: Vec::new(), waiting: BTreeMap::new() }
+        Scheduler {
+            config,
+            kv,
+            seqs: HashMap::new(),
+            running: Vec::new(),
+            waiting: BTreeMap::new(),
+        }
     }
 
     pub fn add(&mut self, seq: Sequence) {
@@ -84,7 +90,10 @@ impl Scheduler {
             if !fits {
                 break;
             }
-            out.scheduled.push(ScheduledSeq { seq_id: id, num_new_tokens: num_new });
+            out.scheduled.push(ScheduledSeq {
+                seq_id: id,
+                num_new_tokens: num_new,
+            });
             budget -= num_new;
             i += 1;
         }
@@ -92,7 +101,9 @@ impl Scheduler {
         // Like vLLM, admit nobody in a step that had to preempt: the cache is full.
         if out.preempted.is_empty() {
             while budget > 0 && self.running.len() < self.config.max_num_seqs {
-                let Some((&key, &id)) = self.waiting.iter().next() else { break };
+                let Some((&key, &id)) = self.waiting.iter().next() else {
+                    break;
+                };
                 let seq = &self.seqs[&id];
                 let wanted = seq.num_uncomputed_tokens();
                 if !self.config.enable_chunked_prefill && wanted > budget {
@@ -104,7 +115,10 @@ impl Scheduler {
                 }
                 self.waiting.remove(&key);
                 self.running.push(id);
-                out.scheduled.push(ScheduledSeq { seq_id: id, num_new_tokens: num_new });
+                out.scheduled.push(ScheduledSeq {
+                    seq_id: id,
+                    num_new_tokens: num_new,
+                });
                 budget -= num_new;
             }
         }
@@ -156,11 +170,23 @@ mod tests {
     use crate::request::SamplingParams;
 
     fn seq(id: SeqId, prompt_len: usize, max_tokens: usize) -> Sequence {
-        Sequence::new(id, id.to_string(), vec![7; prompt_len], SamplingParams::greedy(max_tokens), 1024, 0, id)
+        Sequence::new(
+            id,
+            id.to_string(),
+            vec![7; prompt_len],
+            SamplingParams::greedy(max_tokens),
+            1024,
+            0,
+            id,
+        )
     }
 
     fn scheduler(num_blocks: usize, budget: usize) -> Scheduler {
-        let config = SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: budget, enable_chunked_prefill: true };
+        let config = SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: budget,
+            enable_chunked_prefill: true,
+        };
         Scheduler::new(config, KvCacheManager::new(num_blocks, 4))
     }
 
@@ -180,20 +206,47 @@ mod tests {
         let mut s = scheduler(64, 8);
         s.add(seq(1, 3, 10));
         let out = s.schedule();
-        assert_eq!(out.scheduled, vec![ScheduledSeq { seq_id: 1, num_new_tokens: 3 }]);
+        assert_eq!(
+            out.scheduled,
+            vec![ScheduledSeq {
+                seq_id: 1,
+                num_new_tokens: 3
+            }]
+        );
         complete(&mut s, &out);
         s.add(seq(2, 20, 10));
         let out = s.schedule();
         assert_eq!(
             out.scheduled,
-            vec![ScheduledSeq { seq_id: 1, num_new_tokens: 1 }, ScheduledSeq { seq_id: 2, num_new_tokens: 7 }]
+            vec![
+                ScheduledSeq {
+                    seq_id: 1,
+                    num_new_tokens: 1
+                },
+                ScheduledSeq {
+                    seq_id: 2,
+                    num_new_tokens: 7
+                }
+            ]
         );
         complete(&mut s, &out);
         let out = s.schedule();
-        assert_eq!(out.scheduled[1], ScheduledSeq { seq_id: 2, num_new_tokens: 7 });
+        assert_eq!(
+            out.scheduled[1],
+            ScheduledSeq {
+                seq_id: 2,
+                num_new_tokens: 7
+            }
+        );
         complete(&mut s, &out);
         let out = s.schedule();
-        assert_eq!(out.scheduled[1], ScheduledSeq { seq_id: 2, num_new_tokens: 6 });
+        assert_eq!(
+            out.scheduled[1],
+            ScheduledSeq {
+                seq_id: 2,
+                num_new_tokens: 6
+            }
+        );
     }
 
     #[test]
@@ -208,13 +261,25 @@ mod tests {
         complete(&mut s, &out);
         let out = s.schedule();
         assert_eq!(out.preempted, vec![2]);
-        assert_eq!(out.scheduled, vec![ScheduledSeq { seq_id: 1, num_new_tokens: 1 }]);
+        assert_eq!(
+            out.scheduled,
+            vec![ScheduledSeq {
+                seq_id: 1,
+                num_new_tokens: 1
+            }]
+        );
         assert_eq!(s.num_waiting(), 1);
         let seq2 = s.seq(2).unwrap();
         assert_eq!((seq2.num_computed_tokens, seq2.num_tokens()), (0, 5));
         s.remove(1);
         let out = s.schedule();
-        assert_eq!(out.scheduled, vec![ScheduledSeq { seq_id: 2, num_new_tokens: 5 }]);
+        assert_eq!(
+            out.scheduled,
+            vec![ScheduledSeq {
+                seq_id: 2,
+                num_new_tokens: 5
+            }]
+        );
     }
 
     #[test]
@@ -225,12 +290,22 @@ mod tests {
         s.add(low);
         s.add(seq(2, 4, 1));
         let out = s.schedule();
-        assert_eq!(out.scheduled, vec![ScheduledSeq { seq_id: 2, num_new_tokens: 4 }]);
+        assert_eq!(
+            out.scheduled,
+            vec![ScheduledSeq {
+                seq_id: 2,
+                num_new_tokens: 4
+            }]
+        );
     }
 
     #[test]
     fn max_num_seqs_caps_the_running_set() {
-        let config = SchedulerConfig { max_num_seqs: 2, max_num_batched_tokens: 100, enable_chunked_prefill: true };
+        let config = SchedulerConfig {
+            max_num_seqs: 2,
+            max_num_batched_tokens: 100,
+            enable_chunked_prefill: true,
+        };
         let mut s = Scheduler::new(config, KvCacheManager::new(64, 4));
         for id in 1..=3 {
             s.add(seq(id, 2, 4));

@@ -11,7 +11,13 @@ use vllm_engine::{EngineRequest, FinishReason, OutputKind, SamplingParams};
 fn slow() -> Harness {
     let mut a = args();
     a.max_num_batched_tokens = Some(8);
-    engine_with(a, FakeBehaviour { step_delay: Some(Duration::from_millis(5)), ..Default::default() })
+    engine_with(
+        a,
+        FakeBehaviour {
+            step_delay: Some(Duration::from_millis(5)),
+            ..Default::default()
+        },
+    )
 }
 
 fn assert_aborted(outs: &[vllm_engine::RequestOutput]) {
@@ -26,7 +32,9 @@ fn abort_mid_prefill_frees_every_block() {
     let h = slow();
     // 400 prompt tokens at 8 per step: ~50 steps of prefill.
     let rx = submit(&h.engine, "long", prompt(1, 400), SamplingParams::greedy(10));
-    wait_until("the prefill has started", || h.engine.stats().free_blocks < h.engine.stats().total_blocks);
+    wait_until("the prefill has started", || {
+        h.engine.stats().free_blocks < h.engine.stats().total_blocks
+    });
     h.engine.abort("long");
     let outs = collect(&rx);
     assert_aborted(&outs);
@@ -59,7 +67,13 @@ fn abort_mid_decode_frees_every_block() {
 fn aborting_a_queued_request_and_an_unknown_id_is_fine() {
     let mut a = args();
     a.max_num_seqs = 1;
-    let h = engine_with(a, FakeBehaviour { step_delay: Some(Duration::from_millis(5)), ..Default::default() });
+    let h = engine_with(
+        a,
+        FakeBehaviour {
+            step_delay: Some(Duration::from_millis(5)),
+            ..Default::default()
+        },
+    );
     let running = submit(&h.engine, "running", prompt(3, 5), SamplingParams::greedy(30));
     let queued = submit(&h.engine, "queued", prompt(4, 5), SamplingParams::greedy(30));
     h.engine.abort("queued");
@@ -86,15 +100,18 @@ fn a_gone_receiver_aborts_its_request_and_frees_blocks() {
     // Its id is free again once the engine has forgotten it.
     wait_until("the id can be reused", || {
         let (s, _rx) = sink();
-        h.engine.add_request(EngineRequest::new("orphan", prompt(6, 3), SamplingParams::greedy(1)), s).is_ok()
+        h.engine
+            .add_request(EngineRequest::new("orphan", prompt(6, 3), SamplingParams::greedy(1)), s)
+            .is_ok()
     });
 }
 
 #[test]
 fn shutdown_aborts_everything_in_flight_and_refuses_new_work() {
     let h = slow();
-    let receivers: Vec<_> =
-        (0..3).map(|i| submit(&h.engine, &format!("s{i}"), prompt(i, 20), SamplingParams::greedy(300))).collect();
+    let receivers: Vec<_> = (0..3)
+        .map(|i| submit(&h.engine, &format!("s{i}"), prompt(i, 20), SamplingParams::greedy(300)))
+        .collect();
     std::thread::sleep(Duration::from_millis(30));
     h.engine.shutdown();
     h.engine.shutdown();
@@ -102,6 +119,9 @@ fn shutdown_aborts_everything_in_flight_and_refuses_new_work() {
         assert_aborted(&collect(rx));
     }
     let (s, _rx) = sink();
-    let err = h.engine.add_request(EngineRequest::new("late", prompt(9, 3), SamplingParams::greedy(1)), s).unwrap_err();
+    let err = h
+        .engine
+        .add_request(EngineRequest::new("late", prompt(9, 3), SamplingParams::greedy(1)), s)
+        .unwrap_err();
     assert_eq!(err.category, vllm_engine::ErrorCategory::EngineDead);
 }

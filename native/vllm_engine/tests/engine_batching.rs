@@ -14,17 +14,33 @@ fn a_solo_request_follows_the_model_through_the_paged_cache() {
     let p = prompt(1, 37);
     let outs = collect(&submit(&h.engine, "solo", p.clone(), SamplingParams::greedy(20)));
     assert_eq!(final_tokens(&outs), reference_greedy(&h.palette, &p, 20));
-    assert_eq!(outs.last().unwrap().outputs[0].finish_reason, Some(FinishReason::Length));
+    assert_eq!(
+        outs.last().unwrap().outputs[0].finish_reason,
+        Some(FinishReason::Length)
+    );
     assert_all_blocks_free(&h.engine);
 }
 
 #[test]
 fn requests_joining_while_others_run_get_their_solo_outputs() {
-    let h = engine_with(args(), FakeBehaviour { step_delay: Some(Duration::from_millis(2)), ..Default::default() });
-    let cases: Vec<(Vec<u32>, usize)> = (0..12).map(|i| (prompt(i, 5 + 13 * i as usize), 10 + 3 * i as usize)).collect();
+    let h = engine_with(
+        args(),
+        FakeBehaviour {
+            step_delay: Some(Duration::from_millis(2)),
+            ..Default::default()
+        },
+    );
+    let cases: Vec<(Vec<u32>, usize)> = (0..12)
+        .map(|i| (prompt(i, 5 + 13 * i as usize), 10 + 3 * i as usize))
+        .collect();
     let mut receivers = Vec::new();
     for (i, (p, n)) in cases.iter().enumerate() {
-        receivers.push(submit(&h.engine, &format!("r{i}"), p.clone(), SamplingParams::greedy(*n)));
+        receivers.push(submit(
+            &h.engine,
+            &format!("r{i}"),
+            p.clone(),
+            SamplingParams::greedy(*n),
+        ));
         // Stagger arrivals so requests join a batch that is already decoding.
         if i % 3 == 2 {
             std::thread::sleep(Duration::from_millis(15));
@@ -61,7 +77,13 @@ fn preemption_under_a_tiny_cache_completes_every_request_unchanged() {
     tiny.kv_cache_memory_bytes = Some(20 * per_block);
     tiny.max_num_batched_tokens = Some(32);
     // Slow steps, so that all requests are in before the first ones finish.
-    let h = engine_with(tiny, FakeBehaviour { step_delay: Some(Duration::from_millis(2)), ..Default::default() });
+    let h = engine_with(
+        tiny,
+        FakeBehaviour {
+            step_delay: Some(Duration::from_millis(2)),
+            ..Default::default()
+        },
+    );
     assert_eq!(h.engine.stats().total_blocks, 20);
     let cases: Vec<(Vec<u32>, usize)> = (0..8).map(|i| (prompt(20 + i, 10 + 5 * i as usize), 30)).collect();
     let receivers: Vec<_> = cases
@@ -72,7 +94,10 @@ fn preemption_under_a_tiny_cache_completes_every_request_unchanged() {
     for (rx, (p, n)) in receivers.iter().zip(&cases) {
         let outs = collect(rx);
         assert_eq!(final_tokens(&outs), reference_greedy(&h.palette, p, *n));
-        assert_eq!(outs.last().unwrap().outputs[0].finish_reason, Some(FinishReason::Length));
+        assert_eq!(
+            outs.last().unwrap().outputs[0].finish_reason,
+            Some(FinishReason::Length)
+        );
     }
     assert!(h.engine.num_preemptions() > 0, "the cache was meant to run out");
     assert_all_blocks_free(&h.engine);
@@ -83,11 +108,22 @@ fn max_num_seqs_limits_the_batch_but_everyone_finishes() {
     let mut few = args();
     few.max_num_seqs = 2;
     let h = engine_with(few, FakeBehaviour::default());
-    let receivers: Vec<_> =
-        (0..6).map(|i| submit(&h.engine, &format!("s{i}"), prompt(40 + i, 9), SamplingParams::greedy(8))).collect();
+    let receivers: Vec<_> = (0..6)
+        .map(|i| {
+            submit(
+                &h.engine,
+                &format!("s{i}"),
+                prompt(40 + i, 9),
+                SamplingParams::greedy(8),
+            )
+        })
+        .collect();
     for (i, rx) in receivers.iter().enumerate() {
         let outs = collect(rx);
-        assert_eq!(final_tokens(&outs), reference_greedy(&h.palette, &prompt(40 + i as u32, 9), 8));
+        assert_eq!(
+            final_tokens(&outs),
+            reference_greedy(&h.palette, &prompt(40 + i as u32, 9), 8)
+        );
     }
     assert_all_blocks_free(&h.engine);
 }

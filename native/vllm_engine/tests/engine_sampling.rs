@@ -7,7 +7,12 @@ use engine_common::*;
 use vllm_engine::SamplingParams;
 
 fn seeded(seed: Option<u64>) -> SamplingParams {
-    SamplingParams { seed, max_tokens: Some(30), temperature: 1.0, ..Default::default() }
+    SamplingParams {
+        seed,
+        max_tokens: Some(30),
+        temperature: 1.0,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -15,12 +20,21 @@ fn a_seeded_request_samples_the_same_alone_and_in_a_crowd() {
     let h = engine();
     let p = prompt(30, 12);
     let alone = final_tokens(&collect(&submit(&h.engine, "alone", p.clone(), seeded(Some(1234)))));
-    assert_ne!(alone, reference_greedy(&h.palette, &p, 30), "temperature 1 should leave the argmax sometimes");
+    assert_ne!(
+        alone,
+        reference_greedy(&h.palette, &p, 30),
+        "temperature 1 should leave the argmax sometimes"
+    );
 
     let crowd: Vec<_> = (0..6)
         .map(|i| {
             let params = if i % 2 == 0 { seeded(None) } else { seeded(Some(i)) };
-            submit(&h.engine, &format!("crowd{i}"), prompt(31 + i as u32, 5 + i as usize), params)
+            submit(
+                &h.engine,
+                &format!("crowd{i}"),
+                prompt(31 + i as u32, 5 + i as usize),
+                params,
+            )
         })
         .collect();
     let again = final_tokens(&collect(&submit(&h.engine, "again", p.clone(), seeded(Some(1234)))));

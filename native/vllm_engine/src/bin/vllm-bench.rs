@@ -9,7 +9,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
-use vllm_engine::{Engine, EngineArgs, EngineError, EngineRequest, OutputKind, OutputSink, RequestOutput, SamplingParams};
+use vllm_engine::{
+    Engine, EngineArgs, EngineError, EngineRequest, OutputKind, OutputSink, RequestOutput, SamplingParams,
+};
 
 struct Options {
     model: String,
@@ -22,11 +24,19 @@ struct Options {
 
 fn parse() -> Result<Options, String> {
     let mut args = std::env::args().skip(1);
-    let mut o = Options { model: String::new(), batch: 32, input_len: 128, output_len: 128, max_model_len: None, threads: None };
+    let mut o = Options {
+        model: String::new(),
+        batch: 32,
+        input_len: 128,
+        output_len: 128,
+        max_model_len: None,
+        threads: None,
+    };
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> Result<usize, String> {
             let v = args.next().ok_or(format!("{name} needs a value"))?;
-            v.parse().map_err(|_| format!("{name} must be a positive integer, got {v:?}"))
+            v.parse()
+                .map_err(|_| format!("{name} must be a positive integer, got {v:?}"))
         };
         match a.as_str() {
             "--batch" => o.batch = num("--batch")?,
@@ -63,10 +73,21 @@ impl OutputSink for TimingSink {
 fn prompt(engine: &Engine, len: usize, variant: usize) -> Result<Vec<u32>, EngineError> {
     let text = "The quick brown fox jumps over the lazy dog while the engine streams tokens. ";
     let base = engine.tokenizer().encode(&text.repeat(len / 8 + 4), false)?;
-    Ok(base.iter().cycle().skip(variant % base.len().max(1)).take(len).copied().collect())
+    Ok(base
+        .iter()
+        .cycle()
+        .skip(variant % base.len().max(1))
+        .take(len)
+        .copied()
+        .collect())
 }
 
-fn submit(engine: &Engine, id: String, prompt: Vec<u32>, output_len: usize) -> Result<Receiver<(Instant, RequestOutput)>, EngineError> {
+fn submit(
+    engine: &Engine,
+    id: String,
+    prompt: Vec<u32>,
+    output_len: usize,
+) -> Result<Receiver<(Instant, RequestOutput)>, EngineError> {
     let params = SamplingParams {
         temperature: 0.0,
         max_tokens: Some(output_len),
@@ -83,7 +104,9 @@ fn submit(engine: &Engine, id: String, prompt: Vec<u32>, output_len: usize) -> R
 fn drain(rx: &Receiver<(Instant, RequestOutput)>) -> Result<Vec<(Instant, usize)>, String> {
     let mut times = Vec::new();
     loop {
-        let (t, out) = rx.recv_timeout(Duration::from_secs(600)).map_err(|_| "a request never finished".to_string())?;
+        let (t, out) = rx
+            .recv_timeout(Duration::from_secs(600))
+            .map_err(|_| "a request never finished".to_string())?;
         times.push((t, out.outputs.first().map_or(0, |c| c.token_ids.len())));
         if out.finished {
             return Ok(times);
@@ -101,15 +124,27 @@ fn run(o: Options) -> Result<(), String> {
     println!("load: {:.2} s", t0.elapsed().as_secs_f64());
 
     let start = Instant::now();
-    let rx = submit(&engine, "solo".into(), prompt(&engine, o.input_len, 0).map_err(|e| e.to_string())?, o.output_len)
-        .map_err(|e| e.to_string())?;
+    let rx = submit(
+        &engine,
+        "solo".into(),
+        prompt(&engine, o.input_len, 0).map_err(|e| e.to_string())?,
+        o.output_len,
+    )
+    .map_err(|e| e.to_string())?;
     let times = drain(&rx)?;
     let first = times.first().map(|t| t.0).unwrap_or(start);
     let last = times.last().map(|t| t.0).unwrap_or(start);
     let decoded: usize = times.iter().skip(1).map(|t| t.1).sum();
-    println!("batch 1, {} in: TTFT {:.1} ms", o.input_len, (first - start).as_secs_f64() * 1e3);
+    println!(
+        "batch 1, {} in: TTFT {:.1} ms",
+        o.input_len,
+        (first - start).as_secs_f64() * 1e3
+    );
     if decoded > 0 {
-        println!("batch 1 decode: {:.1} tok/s", decoded as f64 / (last - first).as_secs_f64());
+        println!(
+            "batch 1 decode: {:.1} tok/s",
+            decoded as f64 / (last - first).as_secs_f64()
+        );
     }
 
     let start = Instant::now();

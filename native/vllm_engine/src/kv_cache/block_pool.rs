@@ -17,7 +17,10 @@ pub struct BlockPool {
 
 impl BlockPool {
     pub fn new(num_blocks: usize) -> Self {
-        BlockPool { ref_counts: vec![0; num_blocks], free: (0..num_blocks as BlockId).collect() }
+        BlockPool {
+            ref_counts: vec![0; num_blocks],
+            free: (0..num_blocks as BlockId).collect(),
+        }
     }
 
     pub fn num_blocks(&self) -> usize {

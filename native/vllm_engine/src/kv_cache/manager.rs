@@ -16,7 +16,11 @@ pub struct KvCacheManager {
 
 impl KvCacheManager {
     pub fn new(num_blocks: usize, block_size: usize) -> Self {
-        KvCacheManager { pool: BlockPool::new(num_blocks), block_size, tables: HashMap::new() }
+        KvCacheManager {
+            pool: BlockPool::new(num_blocks),
+            block_size,
+            tables: HashMap::new(),
+        }
     }
 
     pub fn block_size(&self) -> usize {

@@ -16,7 +16,9 @@ use vllm_engine::config::Architecture;
 use vllm_engine::kv_cache::PagedKvCache;
 use vllm_engine::models::{CausalLM, ForwardBatch};
 use vllm_engine::tokenizer::Tokenizer;
-use vllm_engine::{Engine, EngineArgs, EngineError, EngineRequest, ModelConfig, OutputSink, RequestOutput, SamplingParams};
+use vllm_engine::{
+    Engine, EngineArgs, EngineError, EngineRequest, ModelConfig, OutputSink, RequestOutput, SamplingParams,
+};
 
 pub const VOCAB: usize = 49152;
 pub const EOS: u32 = 2;
@@ -47,8 +49,8 @@ pub fn tokenizer() -> Tokenizer {
 /// Single-token words the fake model speaks, so outputs are readable text.
 pub fn palette(tok: &Tokenizer) -> Vec<u32> {
     let words = [
-        " the", " cat", " sat", " on", " mat", " dog", " ran", " far", " away", ",", ".", " and", " blue",
-        " red", " sky", " sun", " big", " small", " house", " tree", " day", " night", " a", " is",
+        " the", " cat", " sat", " on", " mat", " dog", " ran", " far", " away", ",", ".", " and", " blue", " red",
+        " sky", " sun", " big", " small", " house", " tree", " day", " night", " a", " is",
     ];
     let ids: Vec<u32> = words
         .iter()
@@ -117,7 +119,12 @@ pub fn fake_config(max_position_embeddings: usize) -> ModelConfig {
 
 impl FakeModel {
     pub fn new(palette: Vec<u32>, behaviour: FakeBehaviour) -> Self {
-        FakeModel { config: fake_config(512), palette, behaviour, forward_calls: Arc::new(AtomicBool::new(false)) }
+        FakeModel {
+            config: fake_config(512),
+            palette,
+            behaviour,
+            forward_calls: Arc::new(AtomicBool::new(false)),
+        }
     }
 }
 
@@ -147,8 +154,9 @@ impl CausalLM for FakeModel {
         }
         let mut rows = Vec::new();
         for seq in batch.seqs.iter().filter(|s| s.want_logits) {
-            let context: Vec<u32> =
-                (0..seq.context_len).map(|pos| kv.layers[0].k[slot(&seq.block_table, pos)] as u32).collect();
+            let context: Vec<u32> = (0..seq.context_len)
+                .map(|pos| kv.layers[0].k[slot(&seq.block_table, pos)] as u32)
+                .collect();
             if self.behaviour.panic_at_context_len == Some(seq.context_len) {
                 panic!("fake model asked to panic");
             }
@@ -227,7 +235,9 @@ pub fn sink() -> (Box<dyn OutputSink>, Receiver<Event>) {
 /// Adds a request and returns the receiver of its outputs.
 pub fn submit(engine: &Engine, id: &str, prompt: Vec<u32>, params: SamplingParams) -> Receiver<Event> {
     let (s, rx) = sink();
-    engine.add_request(EngineRequest::new(id, prompt, params), s).expect("request accepted");
+    engine
+        .add_request(EngineRequest::new(id, prompt, params), s)
+        .expect("request accepted");
     rx
 }
 
@@ -261,7 +271,9 @@ pub fn final_tokens(outs: &[RequestOutput]) -> Vec<u32> {
 
 /// A prompt of `n` palette-free ids derived from `seed`.
 pub fn prompt(seed: u32, n: usize) -> Vec<u32> {
-    (0..n as u32).map(|i| 100 + (seed * 7919 + i * 104729) % 40000).collect()
+    (0..n as u32)
+        .map(|i| 100 + (seed * 7919 + i * 104729) % 40000)
+        .collect()
 }
 
 pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
