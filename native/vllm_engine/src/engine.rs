@@ -115,9 +115,23 @@ impl Engine {
         let output = OutputProcessor::new(tokenizer.clone(), out_rx, core_tx.clone(), live.clone(), shared.clone());
 
         let spawn_err = |e: std::io::Error| EngineError::internal(format!("cannot start engine thread: {e}"));
+        // num_threads: the model's parallel loops (rayon, gemm) run in a pool of that size.
+        let pool = match args.num_threads {
+            Some(n) => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("vllm-cpu-{i}"))
+                    .build()
+                    .map_err(|e| EngineError::internal(format!("cannot start {n} compute threads: {e}")))?,
+            ),
+            None => None,
+        };
         let core_thread = std::thread::Builder::new()
             .name("vllm-engine-core".into())
-            .spawn(move || core.run());
+            .spawn(move || match pool {
+                Some(pool) => pool.install(|| core.run()),
+                None => core.run(),
+            });
         let core_thread = core_thread.map_err(spawn_err)?;
         let output_thread = std::thread::Builder::new()
             .name("vllm-output".into())

@@ -46,6 +46,8 @@ pub struct TokenEvent {
     pub logprobs: Option<Vec<TokenLogprob>>,
     /// Set when the core finished the request with this token (its blocks are already free).
     pub finish: Option<(FinishReason, Option<StopReason>)>,
+    /// When the request was first scheduled (seconds since the Unix epoch).
+    pub first_scheduled_time: Option<f64>,
 }
 
 /// State the client side reads without talking to the core thread.
@@ -189,6 +191,12 @@ impl EngineCore {
         self.shared
             .preemptions
             .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+        let now = crate::request::unix_seconds(std::time::SystemTime::now());
+        for s in &plan.scheduled {
+            if let Some(seq) = self.scheduler.seq_mut(s.seq_id) {
+                seq.first_scheduled_time.get_or_insert(now);
+            }
+        }
         let logits = self.runner.execute(&plan, &self.scheduler)?;
         for s in &plan.scheduled {
             if let Some(seq) = self.scheduler.seq_mut(s.seq_id) {
@@ -226,6 +234,7 @@ impl EngineCore {
                 logprob: sample.logprob,
                 logprobs: sample.logprobs,
                 finish,
+                first_scheduled_time: seq.first_scheduled_time,
             });
         }
         for e in &events {

@@ -169,6 +169,10 @@ impl OutputProcessor {
         }
         let now = unix_seconds(SystemTime::now());
         t.metrics.first_token_time.get_or_insert(now);
+        if t.metrics.first_scheduled_time.is_none() {
+            t.metrics.first_scheduled_time = ev.first_scheduled_time;
+            t.metrics.time_in_queue = ev.first_scheduled_time.map(|s| (s - t.metrics.arrival_time).max(0.0));
+        }
         t.metrics.last_token_time = Some(now);
         t.token_ids.push(ev.token_id);
         t.cumulative_logprob += ev.logprob as f64;

@@ -24,6 +24,8 @@ pub struct Sequence {
     /// Its own generator when the request has a seed, so its samples do not depend on
     /// what else is in the batch.
     pub rng: Option<ChaCha8Rng>,
+    /// When the scheduler first gave it a step (seconds since the Unix epoch).
+    pub first_scheduled_time: Option<f64>,
 }
 
 impl Sequence {
@@ -51,6 +53,7 @@ impl Sequence {
             priority,
             arrival_order,
             rng,
+            first_scheduled_time: None,
         }
     }
 

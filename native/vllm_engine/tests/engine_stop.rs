@@ -173,4 +173,8 @@ fn cumulative_delta_and_final_only_carry_the_same_result() {
     let m = &final_only[0].metrics;
     assert!(m.first_token_time.is_some() && m.last_token_time >= m.first_token_time);
     assert!(m.arrival_time > 0.0 && m.first_token_time.unwrap() >= m.arrival_time);
+    let scheduled = m.first_scheduled_time.expect("first_scheduled_time");
+    assert!(scheduled >= m.arrival_time && scheduled <= m.first_token_time.unwrap());
+    assert!(m.time_in_queue.unwrap() >= 0.0);
+    assert!(m.finished_time.unwrap() >= m.last_token_time.unwrap());
 }
