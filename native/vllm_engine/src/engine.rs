@@ -283,16 +283,22 @@ impl Engine {
         }
         let max_len = self.limits.max_model_len;
         let total = match request.params.max_tokens {
+            Some(max_tokens) if prompt.len() + max_tokens > max_len => {
+                return Err(EngineError::validation(format!(
+                    "prompt ({} tokens) plus max_tokens ({max_tokens}) exceeds the model's context length {max_len}",
+                    prompt.len()
+                )));
+            }
             Some(max_tokens) => prompt.len() + max_tokens,
-            None => max_len.max(prompt.len() + 1),
+            None if prompt.len() >= max_len => {
+                return Err(EngineError::validation(format!(
+                    "prompt ({} tokens) leaves no room to generate within the model's context length {max_len}",
+                    prompt.len()
+                )));
+            }
+            // Without max_tokens a request may grow to the context length.
+            None => max_len,
         };
-        if total > max_len {
-            return Err(EngineError::validation(format!(
-                "prompt ({} tokens) plus max_tokens ({}) exceeds the model's context length {max_len}",
-                prompt.len(),
-                total - prompt.len()
-            )));
-        }
         let blocks = total.div_ceil(self.limits.block_size);
         if blocks > self.limits.num_blocks {
             return Err(EngineError::resource_exhausted(format!(
