@@ -271,6 +271,9 @@ impl Engine {
 
     fn validate(&self, request: &EngineRequest) -> Result<()> {
         request.params.validate()?;
+        if request.params.prompt_logprobs.is_some() {
+            return Err(EngineError::unsupported("prompt_logprobs are not supported yet"));
+        }
         let prompt = &request.prompt_token_ids;
         if prompt.is_empty() {
             return Err(EngineError::validation("the prompt must not be empty"));
