@@ -138,7 +138,10 @@ impl OutputProcessor {
             arrival_time: unix_seconds(stream.arrival_time),
             ..Default::default()
         };
-        let detok = IncrementalDetokenizer::new(stream.params.skip_special_tokens);
+        // In the prompt's context, as vLLM: SentencePiece keeps the first token's leading space.
+        let skip = stream.params.skip_special_tokens;
+        let detok = IncrementalDetokenizer::with_prompt(&self.tokenizer, &stream.prompt_token_ids, skip)
+            .unwrap_or_else(|_| IncrementalDetokenizer::new(skip));
         let t = Tracked {
             stream,
             detok,
