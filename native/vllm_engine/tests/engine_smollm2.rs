@@ -88,7 +88,7 @@ fn all_reference_prompts_at_once_match_the_reference_and_stream_cleanly() {
             // The reference runs past EOS and decodes special tokens.
             params.ignore_eos = true;
             params.skip_special_tokens = false;
-            params.output_kind = if i % 2 == 0 {
+            params.output_kind = if i % 2 == 1 {
                 OutputKind::Delta
             } else {
                 OutputKind::Cumulative
@@ -98,7 +98,7 @@ fn all_reference_prompts_at_once_match_the_reference_and_stream_cleanly() {
         .collect();
     for (i, (rx, case)) in receivers.iter().zip(&cases).enumerate() {
         let outs = collect(rx);
-        let (tokens, text, logprobs) = if i % 2 == 0 {
+        let (tokens, text, logprobs) = if i % 2 == 1 {
             let tokens: Vec<u32> = outs.iter().flat_map(|o| o.outputs[0].token_ids.clone()).collect();
             let text: String = outs.iter().map(|o| o.outputs[0].text.as_str()).collect();
             let lps: Vec<_> = outs
