@@ -9,6 +9,7 @@ pub mod error;
 pub mod kv_cache;
 pub mod loader;
 pub mod models;
+pub mod pooling;
 pub mod request;
 pub mod runner;
 pub mod sampler;

@@ -92,9 +92,16 @@ fn directory_without_config_is_not_found() {
 
 #[test]
 fn unknown_architecture_is_unsupported() {
-    let e = load_error(common::fixtures_dir().join("tiny/tiny_opt"));
+    let src = common::fixtures_dir().join("tiny/tiny_llama");
+    let dir = scratch("unknown_architecture");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let config = config.replace("LlamaForCausalLM", "GPTNeoXForCausalLM").replace("\"llama\"", "\"gpt_neox\"");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let e = load_error(dir);
     assert_eq!(e.category, ErrorCategory::Unsupported, "{e}");
-    assert!(e.message.contains("OPTForCausalLM"), "{e}");
+    assert!(e.message.contains("GPTNeoXForCausalLM"), "{e}");
 }
 
 #[test]

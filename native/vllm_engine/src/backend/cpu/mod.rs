@@ -1,3 +1,4 @@
 //! CPU implementations of the hot ops.
 
 pub mod attention;
+pub mod encoder_attention;
