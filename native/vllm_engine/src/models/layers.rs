@@ -1,11 +1,13 @@
 //! Shared building blocks of decoder models: linear projections over candle tensors and the
 //! small elementwise ops (RMSNorm, rotary, SiLU-and-mul) done in place on f32 rows.
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::QTensor;
 use std::sync::Arc;
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
-use candle_core::{CpuStorage, Device, Module, Storage, Tensor};
+use candle_core::{CpuStorage, Device, Storage, Tensor};
+
+use crate::backend::cpu::qmatmul::QuantMatrix;
 use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
@@ -33,7 +35,7 @@ pub fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
 /// The matrix of a projection: float32, or GGML blocks multiplied without dequantizing.
 enum Weight {
     F32(Tensor),
-    Quantized { matmul: QMatMul, bytes: usize },
+    Quantized(QuantMatrix),
 }
 
 impl Weight {
@@ -41,14 +43,18 @@ impl Weight {
         Ok(match self {
             // The transposed view goes to gemm as strides: no copy of the weight.
             Weight::F32(w) => x.matmul(&w.t()?)?,
-            Weight::Quantized { matmul, .. } => matmul.forward(x)?,
+            Weight::Quantized(q) => {
+                let rows = x.dims2()?.0;
+                let y = with_f32_slice(x, |x| q.forward(x, rows))??;
+                Tensor::from_vec(y, (rows, q.rows()), x.device())?
+            }
         })
     }
 
     fn bytes(&self) -> usize {
         match self {
             Weight::F32(w) => w.elem_count() * w.dtype().size_in_bytes(),
-            Weight::Quantized { bytes, .. } => *bytes,
+            Weight::Quantized(q) => q.bytes(),
         }
     }
 }
@@ -77,13 +83,9 @@ impl Linear {
         let mut out_features = 0;
         let mut weights = Vec::with_capacity(parts.len());
         for q in parts {
-            let (out, _) = q.shape().dims2()?;
-            out_features += out;
-            let bytes = q.storage_size_in_bytes();
-            weights.push(Weight::Quantized {
-                matmul: QMatMul::from_arc(q)?,
-                bytes,
-            });
+            let matrix = QuantMatrix::new(q)?;
+            out_features += matrix.rows();
+            weights.push(Weight::Quantized(matrix));
         }
         Ok(Linear {
             parts: weights,

@@ -2,3 +2,4 @@
 
 pub mod attention;
 pub mod encoder_attention;
+pub mod qmatmul;
