@@ -3,3 +3,4 @@
 pub mod attention;
 pub mod encoder_attention;
 pub mod qmatmul;
+pub mod qmatmul_avx2;

@@ -16,11 +16,13 @@ use rayon::prelude::*;
 use crate::error::{EngineError, Result};
 
 /// Up to this many input rows use the fused decode-and-dot path.
-const DOT_PATH_MAX_ROWS: usize = 8;
+pub(crate) const DOT_PATH_MAX_ROWS: usize = 8;
 /// Weight rows decoded at once on the gemm path.
 const TILE_ROWS: usize = 512;
 /// Weight rows per rayon task on the dot path.
-const DOT_CHUNK_ROWS: usize = 32;
+const DOT_CHUNK_ROWS: usize = 64;
+/// Smaller matrices run on the calling thread (a rayon fork costs more than the work).
+const SERIAL_MAX_ELEMS: usize = 1 << 16;
 
 /// A [rows, cols] matrix of GGML blocks.
 pub struct QuantMatrix {
@@ -70,27 +72,33 @@ impl QuantMatrix {
     }
 
     fn forward_dot(&self, data: &[u8], x: &[f32], m: usize) -> Vec<f32> {
-        let rows = self.rows;
+        let (rows, cols, row_bytes) = (self.rows, self.cols, self.row_bytes);
         let dtype = self.q.dtype();
-        let avx2 = has_avx2();
+        let simd = has_avx2_fma_f16c();
+        let x_sums: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
+        let run = |first: usize, out: &mut [f32]| {
+            let bytes = &data[first * row_bytes..(first + out.len() / m) * row_bytes];
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: AVX2, FMA and F16C were detected at run time.
+                unsafe { super::qmatmul_avx2::dot_rows(dtype, bytes, row_bytes, x, cols, &x_sums, out) };
+                return;
+            }
+            dot_rows(dtype, bytes, row_bytes, x, cols, &x_sums, out);
+        };
         // Transposed result [rows, m] so each task writes one contiguous run.
         let mut out_t = vec![0.0f32; rows * m];
-        out_t
-            .par_chunks_mut(DOT_CHUNK_ROWS * m)
-            .enumerate()
-            .for_each(|(chunk, out)| {
-                let first = chunk * DOT_CHUNK_ROWS;
-                let bytes = &data[first * self.row_bytes..(first + out.len() / m) * self.row_bytes];
-                if avx2 {
-                    // SAFETY: the CPU was checked for AVX2 at run time.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        dot_rows_avx2(dtype, bytes, self.row_bytes, x, self.cols, out)
-                    };
-                } else {
-                    dot_rows(dtype, bytes, self.row_bytes, x, self.cols, out);
-                }
-            });
+        if rows * cols < SERIAL_MAX_ELEMS {
+            run(0, &mut out_t);
+        } else {
+            out_t
+                .par_chunks_mut(DOT_CHUNK_ROWS * m)
+                .enumerate()
+                .for_each(|(chunk, out)| run(chunk * DOT_CHUNK_ROWS, out));
+        }
+        if m == 1 {
+            return out_t;
+        }
         let mut out = vec![0.0f32; m * rows];
         for (r, row) in out_t.chunks(m).enumerate() {
             for (i, &v) in row.iter().enumerate() {
@@ -135,10 +143,12 @@ impl QuantMatrix {
     }
 }
 
-fn has_avx2() -> bool {
+fn has_avx2_fma_f16c() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -147,21 +157,13 @@ fn has_avx2() -> bool {
 }
 
 /// For each weight row in `bytes`, its dot with every input row: out is [rows, m].
-#[inline(always)]
-fn dot_rows(dtype: GgmlDType, bytes: &[u8], row_bytes: usize, x: &[f32], cols: usize, out: &mut [f32]) {
+fn dot_rows(dtype: GgmlDType, bytes: &[u8], row_bytes: usize, x: &[f32], cols: usize, x_sums: &[f32], out: &mut [f32]) {
     match dtype {
-        GgmlDType::Q4_0 => dot_rows_with::<18>(unpack_q4_0, bytes, row_bytes, x, cols, out),
-        GgmlDType::Q4_1 => dot_rows_with::<20>(unpack_q4_1, bytes, row_bytes, x, cols, out),
-        GgmlDType::Q8_0 => dot_rows_with::<34>(unpack_q8_0, bytes, row_bytes, x, cols, out),
+        GgmlDType::Q4_0 => dot_rows_with::<18>(unpack_q4_0, bytes, row_bytes, x, cols, x_sums, out),
+        GgmlDType::Q4_1 => dot_rows_with::<20>(unpack_q4_1, bytes, row_bytes, x, cols, x_sums, out),
+        GgmlDType::Q8_0 => dot_rows_with::<34>(unpack_q8_0, bytes, row_bytes, x, cols, x_sums, out),
         _ => unreachable!("has_row_decoder guards the types"),
     }
-}
-
-/// `dot_rows` compiled for AVX2 (the build targets baseline x86-64).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_rows_avx2(dtype: GgmlDType, bytes: &[u8], row_bytes: usize, x: &[f32], cols: usize, out: &mut [f32]) {
-    dot_rows(dtype, bytes, row_bytes, x, cols, out)
 }
 
 /// Each 32-value block (of B bytes) is unpacked on the stack to its integer levels q (as
@@ -174,11 +176,11 @@ fn dot_rows_with<const B: usize>(
     row_bytes: usize,
     x: &[f32],
     cols: usize,
+    x_sums: &[f32],
     out: &mut [f32],
 ) {
     let m = x.len() / cols;
     let blocks = cols / 32;
-    let x_sums: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
     let mut acc = [[0.0f32; 8]; DOT_PATH_MAX_ROWS];
     let mut min_acc = [0.0f32; DOT_PATH_MAX_ROWS];
     let mut levels = [0.0f32; 32];
@@ -301,24 +303,25 @@ mod bench {
     #[test]
     #[ignore = "timing report"]
     fn q4_1_decode_matmul_speed() {
-        let (rows, cols) = (1536 * 30, 576);
-        let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
-        let q = QuantMatrix::new(Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap())).unwrap();
-        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.1).sin()).collect();
-        q.forward(&x, 1).unwrap();
-        let t = std::time::Instant::now();
-        for _ in 0..10 {
+        for (dtype, rows) in [(GgmlDType::Q4_1, 1536 * 30), (GgmlDType::Q8_0, 49152), (GgmlDType::Q4_1, 192)] {
+            let cols = 576;
+            let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+            let q = QuantMatrix::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap();
+            let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.1).sin()).collect();
             q.forward(&x, 1).unwrap();
+            let t = std::time::Instant::now();
+            for _ in 0..10 {
+                q.forward(&x, 1).unwrap();
+            }
+            let s = t.elapsed().as_secs_f64() / 10.0;
+            let wt = w.t().unwrap();
+            let xt = Tensor::from_slice(&x, (1, cols), &Device::Cpu).unwrap();
+            let t = std::time::Instant::now();
+            for _ in 0..10 {
+                xt.matmul(&wt).unwrap();
+            }
+            let f = t.elapsed().as_secs_f64() / 10.0;
+            println!("{dtype:?} [{rows}, {cols}] x 1: {:.3} ms ({:.2} Gelem/s), f32 {:.3} ms", s * 1e3, (rows * cols) as f64 / s / 1e9, f * 1e3);
         }
-        let s = t.elapsed().as_secs_f64() / 10.0;
-        println!("q4_1 [{rows}, {cols}] x 1: {:.2} ms, {:.2} Gelem/s", s * 1e3, (rows * cols) as f64 / s / 1e9);
-        let t = std::time::Instant::now();
-        let wt = w.t().unwrap();
-        let xt = Tensor::from_slice(&x, (1, cols), &Device::Cpu).unwrap();
-        for _ in 0..10 {
-            xt.matmul(&wt).unwrap();
-        }
-        let s = t.elapsed().as_secs_f64() / 10.0;
-        println!("f32 same shape: {:.2} ms", s * 1e3);
     }
 }
