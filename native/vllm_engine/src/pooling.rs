@@ -134,10 +134,24 @@ mod tests {
         let mut batch = EncoderBatch::default();
         batch.push(&[1, 2]);
         batch.push(&[3, 4, 5]);
-        let hidden = Tensor::from_vec((0..10).map(|x| x as f32).collect::<Vec<_>>(), (5, 2), &candle_core::Device::Cpu).unwrap();
-        assert_eq!(pool(&hidden, &batch, PoolingType::Cls).unwrap(), vec![vec![0.0, 1.0], vec![4.0, 5.0]]);
-        assert_eq!(pool(&hidden, &batch, PoolingType::Last).unwrap(), vec![vec![2.0, 3.0], vec![8.0, 9.0]]);
-        assert_eq!(pool(&hidden, &batch, PoolingType::Mean).unwrap(), vec![vec![1.0, 2.0], vec![6.0, 7.0]]);
+        let hidden = Tensor::from_vec(
+            (0..10).map(|x| x as f32).collect::<Vec<_>>(),
+            (5, 2),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(
+            pool(&hidden, &batch, PoolingType::Cls).unwrap(),
+            vec![vec![0.0, 1.0], vec![4.0, 5.0]]
+        );
+        assert_eq!(
+            pool(&hidden, &batch, PoolingType::Last).unwrap(),
+            vec![vec![2.0, 3.0], vec![8.0, 9.0]]
+        );
+        assert_eq!(
+            pool(&hidden, &batch, PoolingType::Mean).unwrap(),
+            vec![vec![1.0, 2.0], vec![6.0, 7.0]]
+        );
     }
 
     #[test]

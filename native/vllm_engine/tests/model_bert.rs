@@ -27,7 +27,12 @@ fn cases() -> Vec<Case> {
         .map(|c| Case {
             text: c["text"].as_str().unwrap().to_string(),
             token_ids: common::u32s(&c["token_ids"]),
-            embedding: c["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect(),
+            embedding: c["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect(),
         })
         .collect()
 }
@@ -73,7 +78,9 @@ fn minilm_embeddings_match_sentence_transformers() {
         assert_eq!(ids, case.token_ids, "{:?}: token ids", case.text);
         let mut batch = EncoderBatch::default();
         batch.push(&ids);
-        let e = pooling::embed(model.as_ref(), &batch, &PoolingParams::default()).unwrap().remove(0);
+        let e = pooling::embed(model.as_ref(), &batch, &PoolingParams::default())
+            .unwrap()
+            .remove(0);
         let cos = cosine(&e, &case.embedding);
         eprintln!("{:?}: cosine to reference {cos:.7}", case.text);
         assert!(cos >= 0.9999, "{:?}: cosine {cos}", case.text);
@@ -90,7 +97,10 @@ fn minilm_embeddings_match_sentence_transformers() {
     }
     let ab = cosine(&embeddings[0], &embeddings[1]);
     let ac = cosine(&embeddings[0], &embeddings[2]);
-    assert!((ab - 0.755).abs() < 0.005 && ac.abs() < 0.02, "cos(a,b) {ab}, cos(a,c) {ac}");
+    assert!(
+        (ab - 0.755).abs() < 0.005 && ac.abs() < 0.02,
+        "cos(a,b) {ab}, cos(a,c) {ac}"
+    );
 
     // All sentences in one batch give what each gives alone.
     let mut batch = EncoderBatch::default();
@@ -99,7 +109,11 @@ fn minilm_embeddings_match_sentence_transformers() {
     }
     let batched = pooling::embed(model.as_ref(), &batch, &PoolingParams::default()).unwrap();
     for (alone, together) in embeddings.iter().zip(&batched) {
-        let diff = alone.iter().zip(together).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let diff = alone
+            .iter()
+            .zip(together)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(diff < 1e-5, "batched embedding differs by {diff}");
     }
 }
@@ -110,16 +124,29 @@ fn minilm_matryoshka_dimensions_and_cls_pooling() {
     let case = &cases()[0];
     let mut batch = EncoderBatch::default();
     batch.push(&case.token_ids);
-    let full = pooling::embed(model.as_ref(), &batch, &PoolingParams { normalize: Some(false), ..Default::default() })
-        .unwrap()
-        .remove(0);
-    let params = PoolingParams { dimensions: Some(64), ..Default::default() };
+    let full = pooling::embed(
+        model.as_ref(),
+        &batch,
+        &PoolingParams {
+            normalize: Some(false),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .remove(0);
+    let params = PoolingParams {
+        dimensions: Some(64),
+        ..Default::default()
+    };
     let short = pooling::embed(model.as_ref(), &batch, &params).unwrap().remove(0);
     assert_eq!(short.len(), 64);
     let mut expected = full[..64].to_vec();
     pooling::normalize(&mut expected);
     assert!(short.iter().zip(&expected).all(|(a, b)| (a - b).abs() < 1e-6));
-    let too_many = PoolingParams { dimensions: Some(385), ..Default::default() };
+    let too_many = PoolingParams {
+        dimensions: Some(385),
+        ..Default::default()
+    };
     assert!(pooling::embed(model.as_ref(), &batch, &too_many).is_err());
 
     let hidden = model.hidden_states(&batch).unwrap();

@@ -21,7 +21,13 @@ fn load(quantized: bool) -> Model {
 }
 
 fn new_cache(config: &ModelConfig, num_blocks: usize) -> PagedKvCache {
-    PagedKvCache::new(config.num_hidden_layers, num_blocks, 16, config.num_key_value_heads, config.head_dim)
+    PagedKvCache::new(
+        config.num_hidden_layers,
+        num_blocks,
+        16,
+        config.num_key_value_heads,
+        config.head_dim,
+    )
 }
 
 fn prompts() -> Vec<(String, Vec<u32>)> {
@@ -51,7 +57,10 @@ fn smollm2_quantized_greedy_matches_dequantized_and_uses_less_memory() {
         q_bytes as f64 / 1048576.0,
         100.0 * q_bytes as f64 / f32_bytes as f64
     );
-    assert!(f32_bytes > 0 && q_bytes * 10 <= f32_bytes * 4, "quantized weights must be <= 40% of f32");
+    assert!(
+        f32_bytes > 0 && q_bytes * 10 <= f32_bytes * 4,
+        "quantized weights must be <= 40% of f32"
+    );
 
     for (name, prompt) in prompts() {
         let reference = run(&f32_model, &prompt, &[]);

@@ -8,10 +8,7 @@ use crate::models::ForwardBatch;
 
 /// Rejects a batch that would index outside the cache or the vocabulary.
 pub fn check_batch<'a>(batch: &'a ForwardBatch, kv: &PagedKvCache, c: &ModelConfig) -> Result<Vec<QueryToken<'a>>> {
-    if kv.layers.len() != c.num_hidden_layers
-        || kv.num_kv_heads != c.num_key_value_heads
-        || kv.head_dim != c.head_dim
-    {
+    if kv.layers.len() != c.num_hidden_layers || kv.num_kv_heads != c.num_key_value_heads || kv.head_dim != c.head_dim {
         return Err(EngineError::internal(format!(
             "KV cache shape (layers {}, kv heads {}, head_dim {}) does not fit the model ({}, {}, {})",
             kv.layers.len(),
@@ -23,8 +20,15 @@ pub fn check_batch<'a>(batch: &'a ForwardBatch, kv: &PagedKvCache, c: &ModelConf
         )));
     }
     let layer_len = kv.num_blocks * kv.block_size * kv.num_kv_heads * kv.head_dim;
-    if kv.block_size == 0 || kv.layers.iter().any(|l| l.k.len() != layer_len || l.v.len() != layer_len) {
-        return Err(EngineError::internal("KV cache buffers do not match its declared geometry"));
+    if kv.block_size == 0
+        || kv
+            .layers
+            .iter()
+            .any(|l| l.k.len() != layer_len || l.v.len() != layer_len)
+    {
+        return Err(EngineError::internal(
+            "KV cache buffers do not match its declared geometry",
+        ));
     }
     let n = batch.token_ids.len();
     if batch.positions.len() != n {

@@ -40,7 +40,11 @@ impl BertModel {
     /// Builds the model; tensor names may carry the `bert.` prefix (HF BertFor*) or not
     /// (sentence-transformers' BertModel exports).
     pub fn load(config: EncoderConfig, weights: &mut dyn WeightSource) -> Result<Self> {
-        let prefix = if weights.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
+        let prefix = if weights.contains("bert.embeddings.word_embeddings.weight") {
+            "bert."
+        } else {
+            ""
+        };
         let c = &config;
         let h = c.hidden_size;
         let eps = c.layer_norm_eps as f32;
@@ -121,7 +125,10 @@ impl BertModel {
         let c = &self.config;
         let h = c.hidden_size;
         if let Some(&bad) = batch.token_ids.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(EngineError::validation(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
+            return Err(EngineError::validation(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
         }
         if let Some(&bad) = batch.token_type_ids.iter().find(|&&t| t as usize >= c.type_vocab_size) {
             return Err(EngineError::validation(format!(
@@ -194,7 +201,11 @@ impl EncoderModel for BertModel {
         let hidden = self.hidden_states(batch)?;
         let h = self.config.hidden_size;
         let cls = layers::with_f32_slice(&hidden, |x| {
-            batch.seq_ranges().iter().flat_map(|r| x[r.start * h..(r.start + 1) * h].to_vec()).collect::<Vec<f32>>()
+            batch
+                .seq_ranges()
+                .iter()
+                .flat_map(|r| x[r.start * h..(r.start + 1) * h].to_vec())
+                .collect::<Vec<f32>>()
         })?;
         let rows = batch.seq_lens.len();
         let pooled = head.pooler.forward(cls, rows)?.tanh()?;
@@ -209,7 +220,10 @@ impl EncoderModel for BertModel {
         let t = |t: &Tensor| t.elem_count() * 4;
         let mut total = t(&self.word) + t(&self.position) + t(&self.token_type) + self.embed_norm.bytes();
         for l in &self.layers {
-            total += [&l.qkv, &l.attn_out, &l.intermediate, &l.output].iter().map(|x| x.weight_bytes()).sum::<usize>();
+            total += [&l.qkv, &l.attn_out, &l.intermediate, &l.output]
+                .iter()
+                .map(|x| x.weight_bytes())
+                .sum::<usize>();
             total += l.attn_norm.bytes() + l.output_norm.bytes();
         }
         if let Some(head) = &self.head {

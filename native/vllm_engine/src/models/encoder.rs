@@ -84,7 +84,9 @@ impl EncoderBatch {
             )));
         }
         if !self.token_type_ids.is_empty() && self.token_type_ids.len() != self.token_ids.len() {
-            return Err(EngineError::internal("encoder batch: token_type_ids and token_ids differ in length"));
+            return Err(EngineError::internal(
+                "encoder batch: token_type_ids and token_ids differ in length",
+            ));
         }
         if self.seq_lens.contains(&0) {
             return Err(EngineError::validation("cannot encode an empty sequence"));
@@ -136,8 +138,8 @@ impl EncoderConfig {
         let mut config = Self::from_hf_json(&v).map_err(|e| in_file(e, &config_path))?;
         let pooling_path = dir.join("1_Pooling/config.json");
         if pooling_path.exists() {
-            config.pooling = sentence_transformers_pooling(&read_json(&pooling_path)?)
-                .map_err(|e| in_file(e, &pooling_path))?;
+            config.pooling =
+                sentence_transformers_pooling(&read_json(&pooling_path)?).map_err(|e| in_file(e, &pooling_path))?;
         }
         let modules_path = dir.join("modules.json");
         if modules_path.exists() {
@@ -181,12 +183,16 @@ impl EncoderConfig {
         }
         if let Some(act) = v.get("hidden_act").and_then(|x| x.as_str()) {
             if act != "gelu" {
-                return Err(EngineError::unsupported(format!("BERT hidden_act {act:?} is not supported (gelu)")));
+                return Err(EngineError::unsupported(format!(
+                    "BERT hidden_act {act:?} is not supported (gelu)"
+                )));
             }
         }
         if let Some(p) = v.get("position_embedding_type").and_then(|x| x.as_str()) {
             if p != "absolute" {
-                return Err(EngineError::unsupported(format!("BERT position_embedding_type {p:?} is not supported")));
+                return Err(EngineError::unsupported(format!(
+                    "BERT position_embedding_type {p:?} is not supported"
+                )));
             }
         }
         let is_classifier = architecture.ends_with("ForSequenceClassification");
@@ -198,7 +204,10 @@ impl EncoderConfig {
             num_hidden_layers: usize_key("num_hidden_layers")?,
             num_attention_heads,
             max_position_embeddings: usize_key("max_position_embeddings")?,
-            type_vocab_size: v.get("type_vocab_size").and_then(|x| x.as_u64()).map_or(2, |x| x as usize),
+            type_vocab_size: v
+                .get("type_vocab_size")
+                .and_then(|x| x.as_u64())
+                .map_or(2, |x| x as usize),
             layer_norm_eps: v.get("layer_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-12),
             pooling: PoolingType::Cls,
             normalize: false,
@@ -213,11 +222,9 @@ fn id2label(v: &serde_json::Value) -> Result<Vec<String>> {
     if let Some(map) = v.get("id2label").and_then(|m| m.as_object()) {
         let mut labels = vec![None; map.len()];
         for (k, name) in map {
-            let i: usize = k
-                .parse()
-                .ok()
-                .filter(|&i| i < map.len())
-                .ok_or_else(|| EngineError::validation(format!("id2label key {k:?} is not an index below {}", map.len())))?;
+            let i: usize = k.parse().ok().filter(|&i| i < map.len()).ok_or_else(|| {
+                EngineError::validation(format!("id2label key {k:?} is not an index below {}", map.len()))
+            })?;
             labels[i] = Some(name.as_str().unwrap_or_default().to_string());
         }
         return labels
@@ -249,7 +256,8 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
         std::io::ErrorKind::NotFound => EngineError::not_found(format!("{} does not exist", path.display())),
         _ => EngineError::validation(format!("cannot read {}: {e}", path.display())),
     })?;
-    serde_json::from_str(&text).map_err(|e| EngineError::validation(format!("{} is not valid JSON: {e}", path.display())))
+    serde_json::from_str(&text)
+        .map_err(|e| EngineError::validation(format!("{} is not valid JSON: {e}", path.display())))
 }
 
 fn in_file(e: EngineError, file: &Path) -> EngineError {

@@ -38,7 +38,10 @@ impl OptOptions {
         let v: serde_json::Value = serde_json::from_str(json)
             .map_err(|e| EngineError::validation(format!("config.json is not valid JSON: {e}")))?;
         let do_layer_norm_before = v.get("do_layer_norm_before").and_then(|x| x.as_bool()).unwrap_or(true);
-        let remove_final = v.get("_remove_final_layer_norm").and_then(|x| x.as_bool()).unwrap_or(false);
+        let remove_final = v
+            .get("_remove_final_layer_norm")
+            .and_then(|x| x.as_bool())
+            .unwrap_or(false);
         let activation = match v.get("activation_function").and_then(|x| x.as_str()).unwrap_or("relu") {
             "relu" => Activation::Relu,
             "gelu" => Activation::Gelu,
@@ -49,10 +52,14 @@ impl OptOptions {
             }
         };
         if v.get("enable_bias").and_then(|x| x.as_bool()) == Some(false) {
-            return Err(EngineError::unsupported("OPT without biases (enable_bias false) is not supported"));
+            return Err(EngineError::unsupported(
+                "OPT without biases (enable_bias false) is not supported",
+            ));
         }
         if v.get("layer_norm_elementwise_affine").and_then(|x| x.as_bool()) == Some(false) {
-            return Err(EngineError::unsupported("OPT without LayerNorm weights is not supported"));
+            return Err(EngineError::unsupported(
+                "OPT without LayerNorm weights is not supported",
+            ));
         }
         Ok(OptOptions {
             do_layer_norm_before,
@@ -227,7 +234,11 @@ impl CausalLM for OptLM {
         })?;
 
         for (layer, cache) in self.layers.iter().zip(kv.layers.iter_mut()) {
-            let x = if pre_norm { layer.attn_norm.forward(&h) } else { h.clone() };
+            let x = if pre_norm {
+                layer.attn_norm.forward(&h)
+            } else {
+                h.clone()
+            };
             let qkv = layer.qkv.forward(x, n)?;
             let q = layers::with_f32_slice(&qkv, |qkv| {
                 let mut q = Vec::with_capacity(n * hidden);
@@ -245,7 +256,11 @@ impl CausalLM for OptLM {
                 h = layer.attn_norm.forward(&h);
             }
 
-            let x = if pre_norm { layer.mlp_norm.forward(&h) } else { h.clone() };
+            let x = if pre_norm {
+                layer.mlp_norm.forward(&h)
+            } else {
+                h.clone()
+            };
             let mut up = layers::to_f32_vec(&layer.fc1.forward(x, n)?)?;
             self.activate(&mut up);
             let down = layer.fc2.forward(up, n)?;
@@ -291,7 +306,10 @@ impl CausalLM for OptLM {
         }
         for l in &self.layers {
             total += l.attn_norm.bytes() + l.mlp_norm.bytes();
-            total += [&l.qkv, &l.out_proj, &l.fc1, &l.fc2].iter().map(|x| x.weight_bytes()).sum::<usize>();
+            total += [&l.qkv, &l.out_proj, &l.fc1, &l.fc2]
+                .iter()
+                .map(|x| x.weight_bytes())
+                .sum::<usize>();
         }
         total
     }

@@ -7,7 +7,13 @@ use rayon::prelude::*;
 
 /// `qkv` is [tokens, 3 * num_heads * head_dim] (q | k | v per row); `seqs` are the token
 /// ranges of the sequences. Returns [tokens, num_heads * head_dim].
-pub fn bidirectional_attention(qkv: &[f32], seqs: &[Range<usize>], num_heads: usize, head_dim: usize, scale: f32) -> Vec<f32> {
+pub fn bidirectional_attention(
+    qkv: &[f32],
+    seqs: &[Range<usize>],
+    num_heads: usize,
+    head_dim: usize,
+    scale: f32,
+) -> Vec<f32> {
     let width = num_heads * head_dim;
     let tokens = qkv.len() / (3 * width);
     let mut seq_of = vec![0..0; tokens];
@@ -53,8 +59,8 @@ mod tests {
         let width = heads * hd;
         let qkv: Vec<f32> = (0..5 * 3 * width).map(|i| ((i * 37 % 11) as f32 * 0.3).sin()).collect();
         let together = bidirectional_attention(&qkv, &[0..2, 2..5], heads, hd, 0.5);
-        let first = bidirectional_attention(&qkv[..2 * 3 * width], &[0..2], heads, hd, 0.5);
-        let second = bidirectional_attention(&qkv[2 * 3 * width..], &[0..3], heads, hd, 0.5);
+        let first = bidirectional_attention(&qkv[..2 * 3 * width], &[(0..2)], heads, hd, 0.5);
+        let second = bidirectional_attention(&qkv[2 * 3 * width..], &[(0..3)], heads, hd, 0.5);
         let alone: Vec<f32> = first.into_iter().chain(second).collect();
         for (a, b) in together.iter().zip(&alone) {
             assert!((a - b).abs() < 1e-6);

@@ -43,7 +43,12 @@ impl QuantMatrix {
             )));
         }
         let row_bytes = cols / block * q.dtype().type_size();
-        Ok(QuantMatrix { q, rows, cols, row_bytes })
+        Ok(QuantMatrix {
+            q,
+            rows,
+            cols,
+            row_bytes,
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -275,18 +280,40 @@ mod tests {
     #[test]
     fn both_paths_match_dequantized_matmul_for_each_type() {
         let (rows, cols) = (40, 64);
-        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
+            .collect();
         let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
-            let cols = if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) { 256 } else { cols };
-            let wt = if cols == 64 { wt.clone() } else { Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap() };
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
+            let cols = if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) {
+                256
+            } else {
+                cols
+            };
+            let wt = if cols == 64 {
+                wt.clone()
+            } else {
+                Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap()
+            };
             let q = QTensor::quantize(&wt, dtype).unwrap();
             let reference_w = q.dequantize(&Device::Cpu).unwrap();
             let matrix = QuantMatrix::new(Arc::new(q)).unwrap();
             for m in [1, 3, 20] {
                 let x: Vec<f32> = (0..m * cols).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0).collect();
                 let xt = Tensor::from_slice(&x, (m, cols), &Device::Cpu).unwrap();
-                let expected = xt.matmul(&reference_w.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let expected = xt
+                    .matmul(&reference_w.t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
                 let got = matrix.forward(&x, m).unwrap();
                 for (a, b) in got.iter().zip(&expected) {
                     assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{dtype:?} m {m}: {a} vs {b}");
@@ -303,7 +330,11 @@ mod bench {
     #[test]
     #[ignore = "timing report"]
     fn q4_1_decode_matmul_speed() {
-        for (dtype, rows) in [(GgmlDType::Q4_1, 1536 * 30), (GgmlDType::Q8_0, 49152), (GgmlDType::Q4_1, 192)] {
+        for (dtype, rows) in [
+            (GgmlDType::Q4_1, 1536 * 30),
+            (GgmlDType::Q8_0, 49152),
+            (GgmlDType::Q4_1, 192),
+        ] {
             let cols = 576;
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
             let q = QuantMatrix::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap();
@@ -321,7 +352,12 @@ mod bench {
                 xt.matmul(&wt).unwrap();
             }
             let f = t.elapsed().as_secs_f64() / 10.0;
-            println!("{dtype:?} [{rows}, {cols}] x 1: {:.3} ms ({:.2} Gelem/s), f32 {:.3} ms", s * 1e3, (rows * cols) as f64 / s / 1e9, f * 1e3);
+            println!(
+                "{dtype:?} [{rows}, {cols}] x 1: {:.3} ms ({:.2} Gelem/s), f32 {:.3} ms",
+                s * 1e3,
+                (rows * cols) as f64 / s / 1e9,
+                f * 1e3
+            );
         }
     }
 }

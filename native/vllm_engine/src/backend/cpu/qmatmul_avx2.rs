@@ -83,7 +83,12 @@ unsafe fn unpack(dtype: GgmlDType, block: &[u8]) -> ([__m256; 4], f32, f32) {
             let mask = _mm_set1_epi8(0x0F);
             let lo = _mm_and_si128(qs, mask);
             let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-            let mut levels = [to_f32(lo), to_f32(_mm_srli_si128(lo, 8)), to_f32(hi), to_f32(_mm_srli_si128(hi, 8))];
+            let mut levels = [
+                to_f32(lo),
+                to_f32(_mm_srli_si128(lo, 8)),
+                to_f32(hi),
+                to_f32(_mm_srli_si128(hi, 8)),
+            ];
             if q4_1 {
                 (levels, half(0), half(2))
             } else {
