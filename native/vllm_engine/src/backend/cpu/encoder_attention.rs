@@ -59,8 +59,8 @@ mod tests {
         let width = heads * hd;
         let qkv: Vec<f32> = (0..5 * 3 * width).map(|i| ((i * 37 % 11) as f32 * 0.3).sin()).collect();
         let together = bidirectional_attention(&qkv, &[0..2, 2..5], heads, hd, 0.5);
-        let first = bidirectional_attention(&qkv[..2 * 3 * width], &[(0..2)], heads, hd, 0.5);
-        let second = bidirectional_attention(&qkv[2 * 3 * width..], &[(0..3)], heads, hd, 0.5);
+        let first = bidirectional_attention(&qkv[..2 * 3 * width], std::slice::from_ref(&(0..2)), heads, hd, 0.5);
+        let second = bidirectional_attention(&qkv[2 * 3 * width..], std::slice::from_ref(&(0..3)), heads, hd, 0.5);
         let alone: Vec<f32> = first.into_iter().chain(second).collect();
         for (a, b) in together.iter().zip(&alone) {
             assert!((a - b).abs() < 1e-6);
