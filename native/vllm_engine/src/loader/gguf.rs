@@ -207,7 +207,13 @@ impl WeightSource for GgufWeights {
         }
         let Some(gguf) = gguf_name(name) else { return Ok(None) };
         let Some(info) = self.content.tensor_infos.get(&gguf) else { return Ok(None) };
-        if matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) || info.shape.dims().len() != 2 {
+        // Rows must be whole blocks to be gathered and multiplied row by row (a 256-wide
+        // K-quant over 576 columns is not): such tensors are dequantized instead.
+        let dims = info.shape.dims();
+        if matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+            || dims.len() != 2
+            || !dims[1].is_multiple_of(info.ggml_dtype.block_size())
+        {
             return Ok(None);
         }
         let mut q = self.read_qtensor(&gguf)?;
