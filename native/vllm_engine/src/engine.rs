@@ -1,9 +1,24 @@
 //! The client side of the engine: validates and registers requests, sends commands to the
-//! engine-core thread, and routes each request's outputs to its sink.
+//! engine-core thread, and routes each request's outputs to its sink (through the output
+//! thread). Engine is Send + Sync: the NIF shares one between BEAM processes.
 
-use crate::config::EngineArgs;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{unbounded, Sender};
+
+use crate::config::{EngineArgs, ModelConfig};
+use crate::engine_core::{CoreCommand, CoreShared, EngineCore, NewRequest};
 use crate::error::{EngineError, Result};
+use crate::kv_cache::KvCacheManager;
+use crate::models::CausalLM;
+use crate::output_processor::{LiveRequests, OutputMessage, OutputProcessor, RequestStream};
 use crate::request::{EngineRequest, RequestOutput};
+use crate::runner::{ModelRunner, DEFAULT_KV_CACHE_BYTES};
+use crate::sampler::Sampler;
+use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::tokenizer::Tokenizer;
 
 /// Where a request's outputs go (the NIF implements it with a message to a pid).
@@ -24,30 +39,338 @@ pub struct EngineStats {
     pub num_waiting: usize,
 }
 
-pub struct Engine {}
+/// Limits the engine settled on at start-up (from EngineArgs and the model).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineLimits {
+    pub max_model_len: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub vocab_size: usize,
+    pub eos_token_ids: Vec<u32>,
+}
+
+pub struct Engine {
+    core_tx: Sender<CoreCommand>,
+    out_tx: Sender<OutputMessage>,
+    shared: Arc<CoreShared>,
+    /// Also the lock that orders add/abort/shutdown commands on the channels.
+    live: LiveRequests,
+    closed: AtomicBool,
+    next_seq_id: AtomicU64,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    tokenizer: Arc<Tokenizer>,
+    config: ModelConfig,
+    limits: EngineLimits,
+}
 
 impl Engine {
     /// Loads the model and starts the engine threads. Slow: call it off the BEAM schedulers.
-    pub fn new(_args: EngineArgs) -> Result<Engine> {
-        todo!()
+    pub fn new(args: EngineArgs) -> Result<Engine> {
+        args.validate()?;
+        let loaded = crate::loader::load(&args)?;
+        Engine::with_model(args, loaded.model, loaded.tokenizer)
     }
+
+    /// Starts the engine threads over an already loaded model.
+    pub fn with_model(args: EngineArgs, model: Box<dyn CausalLM>, tokenizer: Tokenizer) -> Result<Engine> {
+        args.validate()?;
+        let config = model.config().clone();
+        let limits = resolve_limits(&args, &config, &tokenizer)?;
+
+        let (core_tx, core_rx) = unbounded();
+        let (out_tx, out_rx) = unbounded();
+        let shared = Arc::new(CoreShared::default());
+        // Exact from the first call, before the core thread publishes anything.
+        if let Ok(mut stats) = shared.stats.lock() {
+            *stats = EngineStats {
+                total_blocks: limits.num_blocks,
+                free_blocks: limits.num_blocks,
+                ..Default::default()
+            };
+        }
+        let live: LiveRequests = Arc::new(Mutex::new(HashMap::new()));
+        let tokenizer = Arc::new(tokenizer);
+
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: limits.max_num_seqs,
+                max_num_batched_tokens: limits.max_num_batched_tokens,
+                enable_chunked_prefill: args.enable_chunked_prefill,
+            },
+            KvCacheManager::new(limits.num_blocks, limits.block_size),
+        );
+        let runner = ModelRunner::new(model, limits.num_blocks, limits.block_size);
+        let core = EngineCore::new(
+            scheduler,
+            runner,
+            Sampler::new(args.seed),
+            limits.eos_token_ids.clone(),
+            limits.max_model_len,
+            core_rx,
+            out_tx.clone(),
+            shared.clone(),
+        );
+        let output = OutputProcessor::new(tokenizer.clone(), out_rx, core_tx.clone(), live.clone(), shared.clone());
+
+        let spawn_err = |e: std::io::Error| EngineError::internal(format!("cannot start engine thread: {e}"));
+        // num_threads: the model's parallel loops (rayon, gemm) run in a pool of that size.
+        let pool = match args.num_threads {
+            Some(n) => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("vllm-cpu-{i}"))
+                    .build()
+                    .map_err(|e| EngineError::internal(format!("cannot start {n} compute threads: {e}")))?,
+            ),
+            None => None,
+        };
+        let core_thread = std::thread::Builder::new()
+            .name("vllm-engine-core".into())
+            .spawn(move || match pool {
+                Some(pool) => pool.install(|| core.run()),
+                None => core.run(),
+            });
+        let core_thread = core_thread.map_err(spawn_err)?;
+        let output_thread = std::thread::Builder::new()
+            .name("vllm-output".into())
+            .spawn(move || output.run());
+        let output_thread = match output_thread {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = core_tx.send(CoreCommand::Shutdown);
+                let _ = core_thread.join();
+                return Err(spawn_err(e));
+            }
+        };
+        Ok(Engine {
+            core_tx,
+            out_tx,
+            shared,
+            live,
+            closed: AtomicBool::new(false),
+            next_seq_id: AtomicU64::new(0),
+            threads: Mutex::new(vec![core_thread, output_thread]),
+            tokenizer,
+            config,
+            limits,
+        })
+    }
+
     /// Queues a request; its outputs go to `sink`. Duplicate live request ids, empty
-    /// prompts, out-of-vocabulary ids and too-long prompts are `:validation` errors.
-    pub fn add_request(&self, _request: EngineRequest, _sink: Box<dyn OutputSink>) -> Result<()> {
-        todo!()
+    /// prompts, out-of-vocabulary ids and too-long prompts are `:validation` errors; a
+    /// request that could never fit in the KV cache is `:resource_exhausted`.
+    pub fn add_request(&self, request: EngineRequest, sink: Box<dyn OutputSink>) -> Result<()> {
+        self.validate(&request)?;
+        let mut live = self
+            .live
+            .lock()
+            .map_err(|_| EngineError::internal("engine registry poisoned"))?;
+        self.check_alive()?;
+        if live.contains_key(&request.request_id) {
+            return Err(EngineError::validation(format!(
+                "request id {:?} is already in use by a running request",
+                request.request_id
+            )));
+        }
+        let seq_id = self.next_seq_id.fetch_add(1, Ordering::Relaxed);
+        live.insert(request.request_id.clone(), seq_id);
+        let stream = RequestStream {
+            seq_id,
+            request_id: request.request_id.clone(),
+            prompt: request.prompt,
+            prompt_token_ids: request.prompt_token_ids.clone(),
+            params: request.params.clone(),
+            arrival_time: request.arrival_time,
+            sink,
+        };
+        // The output thread learns of the request before the core can produce tokens for it.
+        // If either thread is gone, the output thread (or its shutdown) fails the sink.
+        let _ = self.out_tx.send(OutputMessage::Register(Box::new(stream)));
+        let _ = self.core_tx.send(CoreCommand::Add(Box::new(NewRequest {
+            seq_id,
+            request_id: request.request_id,
+            prompt_token_ids: request.prompt_token_ids,
+            params: request.params,
+            priority: request.priority,
+        })));
+        Ok(())
     }
+
     /// Aborts a request if it is live: its sink gets a final output with finish_reason abort.
-    pub fn abort(&self, _request_id: &str) {
-        todo!()
+    pub fn abort(&self, request_id: &str) {
+        if let Ok(live) = self.live.lock() {
+            if let Some(&seq_id) = live.get(request_id) {
+                let _ = self.core_tx.send(CoreCommand::Release(seq_id));
+            }
+        }
     }
+
     pub fn tokenizer(&self) -> &Tokenizer {
-        todo!()
+        &self.tokenizer
     }
+
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn limits(&self) -> &EngineLimits {
+        &self.limits
+    }
+
+    /// Blocks and requests as of the last command or step the core handled. When a
+    /// request's final output has been delivered, its blocks already show as free.
     pub fn stats(&self) -> EngineStats {
-        todo!()
+        self.shared.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
+
+    /// Requests preempted by recompute since start-up (the KV cache ran out).
+    pub fn num_preemptions(&self) -> u64 {
+        self.shared.preemptions.load(Ordering::Relaxed)
+    }
+
+    /// Whether the engine can still serve (false after a fatal error or shutdown).
+    pub fn is_alive(&self) -> bool {
+        self.check_alive().is_ok()
+    }
+
     /// Aborts everything in flight and stops the threads. Idempotent.
     pub fn shutdown(&self) {
-        todo!()
+        {
+            let Ok(_live) = self.live.lock() else { return };
+            if self.closed.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            let _ = self.core_tx.send(CoreCommand::Shutdown);
+        }
+        let threads: Vec<JoinHandle<()>> = match self.threads.lock() {
+            Ok(mut t) => t.drain(..).collect(),
+            Err(_) => return,
+        };
+        let mut threads = threads.into_iter();
+        // The core first: its last Released messages reach the output thread before Shutdown.
+        if let Some(core) = threads.next() {
+            let _ = core.join();
+        }
+        let _ = self.out_tx.send(OutputMessage::Shutdown);
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(EngineError::engine_dead("the engine has been shut down"));
+        }
+        if self.shared.dead.load(Ordering::SeqCst) {
+            return Err(EngineError::engine_dead("the engine stopped after an internal error"));
+        }
+        Ok(())
+    }
+
+    fn validate(&self, request: &EngineRequest) -> Result<()> {
+        request.params.validate()?;
+        let prompt = &request.prompt_token_ids;
+        if prompt.is_empty() {
+            return Err(EngineError::validation("the prompt must not be empty"));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= self.limits.vocab_size) {
+            return Err(EngineError::validation(format!(
+                "prompt token id {bad} is out of vocabulary (size {})",
+                self.limits.vocab_size
+            )));
+        }
+        let max_len = self.limits.max_model_len;
+        let total = match request.params.max_tokens {
+            Some(max_tokens) => prompt.len() + max_tokens,
+            None => max_len.max(prompt.len() + 1),
+        };
+        if total > max_len {
+            return Err(EngineError::validation(format!(
+                "prompt ({} tokens) plus max_tokens ({}) exceeds the model's context length {max_len}",
+                prompt.len(),
+                total - prompt.len()
+            )));
+        }
+        let blocks = total.div_ceil(self.limits.block_size);
+        if blocks > self.limits.num_blocks {
+            return Err(EngineError::resource_exhausted(format!(
+                "the request needs {blocks} KV cache blocks ({total} tokens) but the cache has only {}",
+                self.limits.num_blocks
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Turns EngineArgs into concrete limits, with vLLM's defaults.
+fn resolve_limits(args: &EngineArgs, config: &ModelConfig, tokenizer: &Tokenizer) -> Result<EngineLimits> {
+    let max_model_len = args.max_model_len.unwrap_or(config.max_position_embeddings);
+    if max_model_len == 0 {
+        return Err(EngineError::validation("the model's max_position_embeddings is 0"));
+    }
+    if max_model_len > config.max_position_embeddings {
+        return Err(EngineError::validation(format!(
+            "max_model_len {max_model_len} exceeds the model's max_position_embeddings {}",
+            config.max_position_embeddings
+        )));
+    }
+    let max_num_batched_tokens = match args.max_num_batched_tokens {
+        Some(n) => n,
+        None if args.enable_chunked_prefill => 2048,
+        None => max_model_len.max(2048),
+    };
+    if !args.enable_chunked_prefill && max_num_batched_tokens < max_model_len {
+        return Err(EngineError::validation(format!(
+            "max_num_batched_tokens ({max_num_batched_tokens}) must be at least max_model_len \
+             ({max_model_len}) when chunked prefill is off"
+        )));
+    }
+    let block_size = args.block_size;
+    let kv_bytes = args.kv_cache_memory_bytes.unwrap_or_else(|| {
+        let blocks = (args.max_num_seqs * max_model_len).div_ceil(block_size);
+        let per_block = crate::kv_cache::PagedKvCache::bytes_per_block(
+            config.num_hidden_layers,
+            block_size,
+            config.num_key_value_heads,
+            config.head_dim,
+        );
+        blocks.saturating_mul(per_block).min(DEFAULT_KV_CACHE_BYTES)
+    });
+    let num_blocks = ModelRunner::num_blocks_for_bytes(config, block_size, kv_bytes);
+    let mut eos_token_ids: Vec<u32> = tokenizer.eos_token_id().into_iter().collect();
+    for &e in &config.eos_token_ids {
+        if !eos_token_ids.contains(&e) {
+            eos_token_ids.push(e);
+        }
+    }
+    Ok(EngineLimits {
+        max_model_len,
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens,
+        block_size,
+        num_blocks,
+        vocab_size: config.vocab_size,
+        eos_token_ids,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_can_be_shared_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        fn assert_unwind_safe<T: std::panic::RefUnwindSafe>() {}
+        assert_send_sync::<Engine>();
+        assert_unwind_safe::<Engine>();
     }
 }

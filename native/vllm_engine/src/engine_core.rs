@@ -1,1 +1,302 @@
-//! The engine-core thread: drains commands, schedules a step, runs it, emits outputs.
+//! The engine-core thread: drains commands, schedules a step, runs it, samples, applies
+//! the stop conditions it owns (max_tokens, EOS, stop token ids, context length), frees
+//! finished requests' blocks at once, and sends the step's tokens to the output thread.
+//! A panic or model error in a step kills the engine, not the process: every request
+//! then fails with EngineDead.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::engine::EngineStats;
+use crate::error::Result;
+use crate::kv_cache::manager::SeqId;
+use crate::output_processor::OutputMessage;
+use crate::request::{FinishReason, SamplingParams, StopReason, TokenLogprob};
+use crate::runner::ModelRunner;
+use crate::sampler::Sampler;
+use crate::scheduler::Scheduler;
+use crate::sequence::Sequence;
+
+pub enum CoreCommand {
+    Add(Box<NewRequest>),
+    /// Forget a request and free its blocks (abort, a stop string, or a gone receiver).
+    /// Always answered with `OutputMessage::Released`, even for unknown requests.
+    Release(SeqId),
+    /// Release everything and stop the thread.
+    Shutdown,
+}
+
+pub struct NewRequest {
+    pub seq_id: SeqId,
+    pub request_id: String,
+    pub prompt_token_ids: Vec<u32>,
+    pub params: SamplingParams,
+    pub priority: i32,
+}
+
+/// One token sampled for one request in one step.
+#[derive(Debug, Clone)]
+pub struct TokenEvent {
+    pub seq_id: SeqId,
+    pub token_id: u32,
+    pub logprob: f32,
+    pub logprobs: Option<Vec<TokenLogprob>>,
+    /// Set when the core finished the request with this token (its blocks are already free).
+    pub finish: Option<(FinishReason, Option<StopReason>)>,
+    /// When the request was first scheduled (seconds since the Unix epoch).
+    pub first_scheduled_time: Option<f64>,
+}
+
+/// State the client side reads without talking to the core thread.
+#[derive(Default)]
+pub struct CoreShared {
+    pub stats: Mutex<EngineStats>,
+    pub dead: AtomicBool,
+    /// Requests preempted by recompute since start-up.
+    pub preemptions: AtomicU64,
+}
+
+pub struct EngineCore {
+    pub scheduler: Scheduler,
+    pub runner: ModelRunner,
+    pub sampler: Sampler,
+    pub eos_token_ids: Vec<u32>,
+    pub max_model_len: usize,
+    pub commands: Receiver<CoreCommand>,
+    pub outputs: Sender<OutputMessage>,
+    pub shared: std::sync::Arc<CoreShared>,
+    next_arrival: u64,
+}
+
+enum Flow {
+    Continue,
+    Exit,
+}
+
+impl EngineCore {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        sampler: Sampler,
+        eos_token_ids: Vec<u32>,
+        max_model_len: usize,
+        commands: Receiver<CoreCommand>,
+        outputs: Sender<OutputMessage>,
+        shared: std::sync::Arc<CoreShared>,
+    ) -> Self {
+        EngineCore {
+            scheduler,
+            runner,
+            sampler,
+            eos_token_ids,
+            max_model_len,
+            commands,
+            outputs,
+            shared,
+            next_arrival: 0,
+        }
+    }
+
+    /// The thread body. Any panic in it (a step, a command) kills the engine cleanly.
+    pub fn run(mut self) {
+        match catch_unwind(AssertUnwindSafe(|| self.serve())) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.die(format!("engine step failed: {e}")),
+            Err(panic) => self.die(format!("engine step panicked: {}", panic_message(&panic))),
+        }
+    }
+
+    /// Blocks on the channel when idle; otherwise drains it, then steps.
+    fn serve(&mut self) -> Result<()> {
+        self.publish_stats();
+        let mut idle = true;
+        loop {
+            if idle || !self.scheduler.has_work() {
+                match self.commands.recv() {
+                    Ok(cmd) => {
+                        if let Flow::Exit = self.handle(cmd) {
+                            return Ok(());
+                        }
+                    }
+                    Err(_) => {
+                        self.release_all();
+                        return Ok(());
+                    }
+                }
+            }
+            while let Ok(cmd) = self.commands.try_recv() {
+                if let Flow::Exit = self.handle(cmd) {
+                    return Ok(());
+                }
+            }
+            self.publish_stats();
+            // Nothing could be scheduled: wait for a command rather than spin.
+            idle = !self.scheduler.has_work() || !self.step()?;
+        }
+    }
+
+    fn handle(&mut self, cmd: CoreCommand) -> Flow {
+        match cmd {
+            CoreCommand::Add(req) => {
+                let req = *req;
+                let arrival = self.next_arrival;
+                self.next_arrival += 1;
+                let seq = Sequence::new(
+                    req.seq_id,
+                    req.request_id,
+                    req.prompt_token_ids,
+                    req.params,
+                    self.max_model_len,
+                    req.priority,
+                    arrival,
+                );
+                self.scheduler.add(seq);
+                Flow::Continue
+            }
+            CoreCommand::Release(id) => {
+                self.scheduler.remove(id);
+                // Stats first, so a caller that sees the final output sees the blocks free.
+                self.publish_stats();
+                let _ = self.outputs.send(OutputMessage::Released(id));
+                Flow::Continue
+            }
+            CoreCommand::Shutdown => {
+                self.release_all();
+                Flow::Exit
+            }
+        }
+    }
+
+    fn release_all(&mut self) {
+        let ids = self.scheduler.seq_ids();
+        for id in &ids {
+            self.scheduler.remove(*id);
+        }
+        self.publish_stats();
+        for id in ids {
+            let _ = self.outputs.send(OutputMessage::Released(id));
+        }
+    }
+
+    /// One forward pass over what the scheduler picked. Returns false when nothing ran.
+    fn step(&mut self) -> Result<bool> {
+        let plan = self.scheduler.schedule();
+        if plan.is_empty() {
+            return Ok(false);
+        }
+        self.shared
+            .preemptions
+            .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+        let now = crate::request::unix_seconds(std::time::SystemTime::now());
+        for s in &plan.scheduled {
+            if let Some(seq) = self.scheduler.seq_mut(s.seq_id) {
+                seq.first_scheduled_time.get_or_insert(now);
+            }
+        }
+        let logits = self.runner.execute(&plan, &self.scheduler)?;
+        for s in &plan.scheduled {
+            if let Some(seq) = self.scheduler.seq_mut(s.seq_id) {
+                seq.num_computed_tokens += s.num_new_tokens;
+            }
+        }
+        let mut events = Vec::with_capacity(logits.seq_ids.len());
+        for (&id, row) in logits.seq_ids.iter().zip(&logits.rows) {
+            let Some(seq) = self.scheduler.seq_mut(id) else {
+                continue;
+            };
+            let suppressed = if seq.num_output_tokens() < seq.params.min_tokens {
+                let eos: &[u32] = if seq.params.ignore_eos {
+                    &[]
+                } else {
+                    &self.eos_token_ids
+                };
+                [eos, &seq.params.stop_token_ids].concat()
+            } else {
+                Vec::new()
+            };
+            let sample = self.sampler.sample(
+                row,
+                &seq.params,
+                &seq.token_ids,
+                seq.num_prompt_tokens,
+                &suppressed,
+                seq.rng.as_mut(),
+            );
+            seq.token_ids.push(sample.token_id);
+            let finish = check_stop(seq, &self.eos_token_ids, self.max_model_len);
+            events.push(TokenEvent {
+                seq_id: id,
+                token_id: sample.token_id,
+                logprob: sample.logprob,
+                logprobs: sample.logprobs,
+                finish,
+                first_scheduled_time: seq.first_scheduled_time,
+            });
+        }
+        for e in &events {
+            if e.finish.is_some() {
+                self.scheduler.remove(e.seq_id);
+            }
+        }
+        self.publish_stats();
+        if !events.is_empty() {
+            let _ = self.outputs.send(OutputMessage::Step(events));
+        }
+        Ok(true)
+    }
+
+    fn publish_stats(&self) {
+        let kv = self.scheduler.kv();
+        let stats = EngineStats {
+            total_blocks: kv.num_blocks(),
+            free_blocks: kv.num_free_blocks(),
+            num_running: self.scheduler.num_running(),
+            num_waiting: self.scheduler.num_waiting(),
+        };
+        if let Ok(mut s) = self.shared.stats.lock() {
+            *s = stats;
+        }
+    }
+
+    fn die(&mut self, message: String) {
+        tracing::error!("{message}");
+        self.shared.dead.store(true, Ordering::SeqCst);
+        let _ = self.outputs.send(OutputMessage::Dead(message));
+    }
+}
+
+/// vLLM's order: length first, then (past min_tokens) EOS, then stop token ids.
+fn check_stop(
+    seq: &Sequence,
+    eos_token_ids: &[u32],
+    max_model_len: usize,
+) -> Option<(FinishReason, Option<StopReason>)> {
+    if seq.num_tokens() >= max_model_len || seq.num_output_tokens() >= seq.max_output_tokens {
+        return Some((FinishReason::Length, None));
+    }
+    if seq.num_output_tokens() < seq.params.min_tokens {
+        return None;
+    }
+    let last = *seq.token_ids.last()?;
+    if !seq.params.ignore_eos && eos_token_ids.contains(&last) {
+        return Some((FinishReason::Stop, None));
+    }
+    if seq.params.stop_token_ids.contains(&last) {
+        return Some((FinishReason::Stop, Some(StopReason::Token(last))));
+    }
+    None
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}

@@ -9,11 +9,14 @@ pub mod error;
 pub mod kv_cache;
 pub mod loader;
 pub mod models;
+pub mod output_processor;
 pub mod pooling;
 pub mod request;
 pub mod runner;
 pub mod sampler;
 pub mod scheduler;
+pub mod sequence;
+pub mod stop;
 pub mod tokenizer;
 
 pub use config::{EngineArgs, ModelConfig};

@@ -1,1 +1,99 @@
-//! Turns a scheduled step into a ForwardBatch and runs the model on it.
+//! Turns a scheduled step into a ForwardBatch, runs the model on it against the paged KV
+//! cache, and hands back one row of logits per sequence that reached the end of its
+//! known tokens.
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::manager::SeqId;
+use crate::kv_cache::PagedKvCache;
+use crate::models::{CausalLM, ForwardBatch, SeqSlice};
+use crate::scheduler::{Scheduler, SchedulerOutput};
+
+/// The KV budget when the caller gives none: room for every sequence at full length,
+/// but at most this much.
+pub const DEFAULT_KV_CACHE_BYTES: usize = 1 << 30;
+
+pub struct ModelRunner {
+    model: Box<dyn CausalLM>,
+    kv: PagedKvCache,
+}
+
+/// Logits of the sequences that sample this step.
+pub struct StepLogits {
+    pub seq_ids: Vec<SeqId>,
+    /// Row i belongs to seq_ids[i].
+    pub rows: Vec<Vec<f32>>,
+}
+
+impl ModelRunner {
+    pub fn new(model: Box<dyn CausalLM>, num_blocks: usize, block_size: usize) -> Self {
+        let c = model.config();
+        let kv = PagedKvCache::new(
+            c.num_hidden_layers,
+            num_blocks,
+            block_size,
+            c.num_key_value_heads,
+            c.head_dim,
+        );
+        ModelRunner { model, kv }
+    }
+
+    /// How many blocks `bytes` of KV memory hold for this model (at least one).
+    pub fn num_blocks_for_bytes(config: &ModelConfig, block_size: usize, bytes: usize) -> usize {
+        let per_block = PagedKvCache::bytes_per_block(
+            config.num_hidden_layers,
+            block_size,
+            config.num_key_value_heads,
+            config.head_dim,
+        );
+        (bytes / per_block.max(1)).max(1)
+    }
+
+    /// Runs one scheduled step. Sequences whose step ends before their last known token
+    /// (a prefill chunk) only fill the cache.
+    pub fn execute(&mut self, step: &SchedulerOutput, scheduler: &Scheduler) -> Result<StepLogits> {
+        let (batch, seq_ids) = build_batch(step, scheduler)?;
+        if seq_ids.is_empty() && batch.token_ids.is_empty() {
+            return Ok(StepLogits {
+                seq_ids,
+                rows: Vec::new(),
+            });
+        }
+        let logits = self.model.forward(&batch, &mut self.kv)?;
+        let rows: Vec<Vec<f32>> = logits.to_vec2::<f32>()?;
+        if rows.len() != seq_ids.len() {
+            return Err(EngineError::internal(format!(
+                "model returned {} rows of logits for {} sequences",
+                rows.len(),
+                seq_ids.len()
+            )));
+        }
+        Ok(StepLogits { seq_ids, rows })
+    }
+}
+
+fn build_batch(step: &SchedulerOutput, scheduler: &Scheduler) -> Result<(ForwardBatch, Vec<SeqId>)> {
+    let mut batch = ForwardBatch::default();
+    let mut sampling = Vec::new();
+    for s in &step.scheduled {
+        let seq = scheduler
+            .seq(s.seq_id)
+            .ok_or_else(|| EngineError::internal(format!("scheduled request {} is unknown", s.seq_id)))?;
+        let start = seq.num_computed_tokens;
+        let end = start + s.num_new_tokens;
+        let want_logits = end == seq.num_tokens();
+        batch.seqs.push(SeqSlice {
+            query_start: batch.token_ids.len(),
+            query_len: s.num_new_tokens,
+            context_len: end,
+            block_table: scheduler.kv().block_table(s.seq_id).to_vec(),
+            want_logits,
+        });
+        batch.token_ids.extend_from_slice(&seq.token_ids[start..end]);
+        batch.positions.extend(start..end);
+        if want_logits {
+            sampling.push(s.seq_id);
+        }
+    }
+    Ok((batch, sampling))
+}

@@ -74,8 +74,18 @@ fn missing_template_is_a_validation_error() {
 }
 
 #[test]
+fn missing_special_tokens_render_as_nothing() {
+    // The bare fixture tokenizer has no tokenizer_config.json, so no BOS/EOS names.
+    let template = "{{ bos_token }}{% if eos_token is defined %}EOS{% endif %}{{ messages[0]['content'] }}";
+    let prompt =
+        bare_tokenizer().apply_chat_template(&[ChatMessage::new("user", "Hi")], false, Some(template)).unwrap();
+    assert_eq!(prompt, "Hi");
+}
+
+#[test]
 fn template_errors_are_validation_errors_with_the_message() {
-    let raising = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}";
+    let raising =
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}";
     let error =
         bare_tokenizer().apply_chat_template(&[ChatMessage::new("assistant", "x")], false, Some(raising)).unwrap_err();
     assert_eq!(error.category, ErrorCategory::Validation);
@@ -97,7 +107,11 @@ fn templates_get_python_string_methods_and_hf_features() {
     let dir = std::env::temp_dir().join(format!("vllm_tokenizer_chat_{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(format!("{}/smollm2_tokenizer.json", fixtures()), dir.join("tokenizer.json")).unwrap();
-    std::fs::write(dir.join("tokenizer_config.json"), r#"{"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}}"#).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}}"#,
+    )
+    .unwrap();
     let tokenizer = Tokenizer::from_file(&dir).unwrap();
     let prompt = tokenizer.apply_chat_template(&messages, false, Some(template)).unwrap();
     assert_eq!(prompt, "<|im_start|>[1:padded](ASSISTANT)2<|im_end|>");

@@ -1,7 +1,10 @@
 //! Incremental detokenization: deltas never end inside a UTF-8 character, and deltas plus
 //! flush() always concatenate to decoding all ids at once.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
+
+use candle_core::quantized::gguf_file::Value;
 
 use proptest::prelude::*;
 use serde_json::Value as Json;
@@ -40,11 +43,39 @@ fn multibyte_ids() -> &'static Vec<u32> {
     })
 }
 
+/// A small SentencePiece vocabulary (as in a "llama" GGUF) with all 256 byte tokens:
+/// byte runs decode as one UTF-8 sequence, all U+FFFD when any byte is bad.
+fn sentencepiece_tokenizer() -> &'static Tokenizer {
+    static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
+    TOKENIZER.get_or_init(|| {
+        let mut tokens: Vec<(String, f32, i32)> =
+            vec![("<unk>".into(), 0.0, 2), ("<s>".into(), 0.0, 3), ("</s>".into(), 0.0, 3)];
+        tokens.extend((0..=255u32).map(|b| (format!("<0x{b:02X}>"), 0.0, 6)));
+        for (i, piece) in ["\u{2581}", "h", "i", "\u{2581}h", "\u{2581}hi", "é", "\u{2581}é"].iter().enumerate() {
+            tokens.push((piece.to_string(), -(i as f32), 1));
+        }
+        let array = |f: &dyn Fn(&(String, f32, i32)) -> Value| Value::Array(tokens.iter().map(f).collect());
+        let metadata = HashMap::from([
+            ("tokenizer.ggml.model".to_string(), Value::String("llama".into())),
+            ("tokenizer.ggml.tokens".to_string(), array(&|t| Value::String(t.0.clone()))),
+            ("tokenizer.ggml.scores".to_string(), array(&|t| Value::F32(t.1))),
+            ("tokenizer.ggml.token_type".to_string(), array(&|t| Value::I32(t.2))),
+            ("tokenizer.ggml.bos_token_id".to_string(), Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id".to_string(), Value::U32(2)),
+        ]);
+        Tokenizer::from_gguf_metadata(&metadata).expect("tiny SentencePiece tokenizer")
+    })
+}
+
 /// Pushes every id; returns the deltas (flush last).
 fn detokenize(ids: &[u32], skip_special_tokens: bool) -> Vec<String> {
+    detokenize_with(tokenizer(), ids, skip_special_tokens)
+}
+
+fn detokenize_with(tokenizer: &Tokenizer, ids: &[u32], skip_special_tokens: bool) -> Vec<String> {
     let mut detokenizer = IncrementalDetokenizer::new(skip_special_tokens);
-    let mut deltas: Vec<String> = ids.iter().map(|&id| detokenizer.push(tokenizer(), id).unwrap()).collect();
-    deltas.push(detokenizer.flush(tokenizer()).unwrap());
+    let mut deltas: Vec<String> = ids.iter().map(|&id| detokenizer.push(tokenizer, id).unwrap()).collect();
+    deltas.push(detokenizer.flush(tokenizer).unwrap());
     assert_eq!(detokenizer.text(), deltas.concat());
     deltas
 }
@@ -127,5 +158,66 @@ proptest! {
                 prop_assert!(!delta.contains(REPLACEMENT), "delta {:?}", delta);
             }
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn detokenizer_deltas_concatenate_to_decode_with_byte_fallback(
+        ids in proptest::collection::vec(0u32..(3 + 256 + 7), 0..32),
+        skip in any::<bool>(),
+    ) {
+        let tokenizer = sentencepiece_tokenizer();
+        let deltas = detokenize_with(tokenizer, &ids, skip);
+        prop_assert_eq!(deltas.concat(), tokenizer.decode(&ids, skip).unwrap());
+    }
+}
+
+#[test]
+fn detokenizer_waits_for_the_end_of_a_byte_run() {
+    let tokenizer = sentencepiece_tokenizer();
+    let byte = |b: u8| tokenizer.token_to_id(&format!("<0x{b:02X}>")).unwrap();
+    let hi = tokenizer.token_to_id("\u{2581}hi").unwrap();
+    // ";" then a lone continuation byte: the run is bad, so it all decodes as U+FFFD.
+    let ids = [hi, byte(b';'), byte(0x82), hi];
+    let deltas = detokenize_with(tokenizer, &ids, true);
+    assert_eq!(deltas.concat(), tokenizer.decode(&ids, true).unwrap());
+    assert_eq!(deltas.concat(), "hi\u{FFFD}\u{FFFD} hi");
+    // "€" spelled as three byte tokens streams whole.
+    let euro = [hi, byte(0xE2), byte(0x82), byte(0xAC), hi];
+    let deltas = detokenize_with(tokenizer, &euro, true);
+    assert_eq!(deltas, vec!["hi", "", "", "", "\u{20AC} hi", ""]);
+}
+
+#[test]
+fn detokenizer_with_prompt_context_keeps_the_first_leading_space() {
+    let tokenizer = sentencepiece_tokenizer();
+    let hi = tokenizer.token_to_id("\u{2581}hi").unwrap();
+    let prompt = tokenizer.encode("hi hi", true).unwrap();
+    // Alone, the first output token loses its dummy-prefix space; after the prompt it keeps it.
+    assert_eq!(detokenize_with(tokenizer, &[hi, hi], true).concat(), "hi hi");
+    let mut detokenizer = IncrementalDetokenizer::with_prompt(tokenizer, &prompt, true).unwrap();
+    let mut streamed: String = [hi, hi].iter().map(|&id| detokenizer.push(tokenizer, id).unwrap()).collect();
+    streamed.push_str(&detokenizer.flush(tokenizer).unwrap());
+    assert_eq!(streamed, " hi hi");
+    assert_eq!(detokenizer.text(), " hi hi");
+}
+
+#[test]
+fn detokenizer_with_prompt_context_streams_the_fixture_generations_exactly() {
+    let text = std::fs::read_to_string(format!("{}/smollm2_reference.json", fixtures())).unwrap();
+    let reference: Json = serde_json::from_str(&text).unwrap();
+    let ids = |v: &Json| -> Vec<u32> { v.as_array().unwrap().iter().map(|id| id.as_u64().unwrap() as u32).collect() };
+    for case in reference["cases"].as_array().unwrap() {
+        let mut detokenizer =
+            IncrementalDetokenizer::with_prompt(tokenizer(), &ids(&case["prompt_token_ids"]), false).unwrap();
+        let mut streamed = String::new();
+        for id in ids(&case["greedy_token_ids"]) {
+            streamed.push_str(&detokenizer.push(tokenizer(), id).unwrap());
+        }
+        streamed.push_str(&detokenizer.flush(tokenizer()).unwrap());
+        assert_eq!(streamed, case["greedy_text"].as_str().unwrap());
     }
 }

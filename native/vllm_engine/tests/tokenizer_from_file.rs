@@ -51,7 +51,8 @@ fn from_file_reads_special_tokens_and_template_from_tokenizer_config() {
 
 #[test]
 fn from_file_takes_the_default_of_named_templates() {
-    let config = r#"{"chat_template": [{"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": "DEFAULT"}]}"#;
+    let config =
+        r#"{"chat_template": [{"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": "DEFAULT"}]}"#;
     let dir = model_dir("named", Some(config));
     let tokenizer = Tokenizer::from_file(&dir).unwrap();
     assert_eq!(tokenizer.chat_template(), Some("DEFAULT"));

@@ -170,6 +170,13 @@ fn gguf_metadata_gives_special_ids_and_chat_template() {
     assert_eq!(tokenizer.eos_token().as_deref(), Some("<|im_end|>"));
     let fixture = std::fs::read_to_string(format!("{}/smollm2_chat_template.jinja", fixtures())).unwrap();
     assert_eq!(tokenizer.chat_template().map(str::trim_end), Some(fixture.trim_end()));
+    let prompt =
+        tokenizer.apply_chat_template(&[vllm_engine::tokenizer::ChatMessage::new("user", "Hi")], true, None).unwrap();
+    assert_eq!(
+        prompt,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
     // add_bos_token is false for SmolLM2: nothing is prepended.
     assert_eq!(tokenizer.encode("Hello", true).unwrap(), vec![19556]);
 }
@@ -188,11 +195,16 @@ fn gguf_unsupported_or_broken_tokenizers_are_clear_errors() {
     let with = |key: &str, value: Value| {
         let mut metadata = gguf_metadata().clone();
         metadata.insert(key.into(), value);
-        Tokenizer::from_gguf_metadata(&metadata).err().expect("should fail")
+        Tokenizer::from_gguf_metadata(&metadata).expect_err("should fail")
     };
+    let bert = with("tokenizer.ggml.model", Value::String("bert".into()));
+    assert_eq!(bert.category, ErrorCategory::Unsupported);
+    assert!(bert.message.contains("bert"), "{}", bert.message);
+
+    // A SentencePiece tokenizer needs scores.
     let llama = with("tokenizer.ggml.model", Value::String("llama".into()));
-    assert_eq!(llama.category, ErrorCategory::Unsupported);
-    assert!(llama.message.contains("llama"), "{}", llama.message);
+    assert_eq!(llama.category, ErrorCategory::Validation);
+    assert!(llama.message.contains("scores"), "{}", llama.message);
 
     let pre = with("tokenizer.ggml.pre", Value::String("mystery".into()));
     assert_eq!(pre.category, ErrorCategory::Unsupported);
@@ -204,6 +216,53 @@ fn gguf_unsupported_or_broken_tokenizers_are_clear_errors() {
     let bad_merge = with("tokenizer.ggml.merges", Value::Array(vec![Value::String("nospace".into())]));
     assert_eq!(bad_merge.category, ErrorCategory::Validation);
 
-    let no_tokenizer = Tokenizer::from_gguf_metadata(&HashMap::new()).err().expect("should fail");
+    let no_tokenizer = Tokenizer::from_gguf_metadata(&HashMap::new()).expect_err("should fail");
     assert_eq!(no_tokenizer.category, ErrorCategory::Validation);
+}
+
+/// A tiny SentencePiece vocabulary: merges follow the scores (highest first), characters
+/// outside the vocabulary fall back to `<0xXX>` byte tokens, and BOS is added by default.
+fn tiny_sentencepiece_metadata() -> HashMap<String, Value> {
+    // (token, score, type): 1 normal, 2 unknown, 3 control, 6 byte.
+    let vocab: &[(&str, f32, i32)] = &[
+        ("<unk>", 0.0, 2),
+        ("<s>", 0.0, 3),
+        ("</s>", 0.0, 3),
+        ("<0x0A>", 0.0, 6),
+        ("<0x21>", 0.0, 6),
+        ("\u{2581}", -1.0, 1),
+        ("h", -2.0, 1),
+        ("e", -3.0, 1),
+        ("l", -4.0, 1),
+        ("o", -5.0, 1),
+        ("ll", -6.0, 1),
+        ("he", -7.0, 1),
+        ("\u{2581}he", -8.0, 1),
+        ("llo", -9.0, 1),
+        ("\u{2581}hello", -10.0, 1),
+    ];
+    let array = |f: &dyn Fn(&(&str, f32, i32)) -> Value| Value::Array(vocab.iter().map(f).collect());
+    HashMap::from([
+        ("tokenizer.ggml.model".to_string(), Value::String("llama".into())),
+        ("tokenizer.ggml.tokens".to_string(), array(&|t| Value::String(t.0.into()))),
+        ("tokenizer.ggml.scores".to_string(), array(&|t| Value::F32(t.1))),
+        ("tokenizer.ggml.token_type".to_string(), array(&|t| Value::I32(t.2))),
+        ("tokenizer.ggml.bos_token_id".to_string(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".to_string(), Value::U32(2)),
+        ("tokenizer.ggml.unknown_token_id".to_string(), Value::U32(0)),
+    ])
+}
+
+#[test]
+fn gguf_sentencepiece_tokenizer_merges_by_score_with_byte_fallback() {
+    let tokenizer = Tokenizer::from_gguf_metadata(&tiny_sentencepiece_metadata()).unwrap();
+    // "▁hello": ll, he, ▁he, llo, ▁hello in score order.
+    assert_eq!(tokenizer.encode("hello", true).unwrap(), vec![1, 14]);
+    assert_eq!(tokenizer.encode("hel", false).unwrap(), vec![12, 8]);
+    assert_eq!(tokenizer.encode("hello!\n", true).unwrap(), vec![1, 14, 4, 3]);
+    assert_eq!(tokenizer.decode(&[1, 14, 4, 3], true).unwrap(), "hello!\n");
+    // As transformers decodes Llama: only the first token loses its dummy-prefix space.
+    assert_eq!(tokenizer.decode(&[1, 14, 4, 3], false).unwrap(), "<s> hello!\n");
+    assert!(tokenizer.is_special(1) && tokenizer.is_special(2) && !tokenizer.is_special(14));
+    assert_eq!(tokenizer.eos_token_id(), Some(2));
 }

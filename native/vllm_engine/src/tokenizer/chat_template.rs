@@ -2,7 +2,7 @@
 //! `tokenizer.chat_template`) rendered the way transformers renders it: trim_blocks and
 //! lstrip_blocks on, Python string methods, `raise_exception`, and Python-style `tojson`.
 
-use minijinja::{context, Environment, Error, ErrorKind};
+use minijinja::{context, Environment, Error, ErrorKind, Value};
 use serde::Serialize;
 
 use super::{py_json, Tokenizer};
@@ -44,8 +44,8 @@ impl Tokenizer {
             .render(context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token(),
-                eos_token => self.eos_token(),
+                bos_token => undefined_if_none(self.bos_token()),
+                eos_token => undefined_if_none(self.eos_token()),
             })
             .map_err(|e| EngineError::validation(format!("cannot apply the chat template: {}", describe(&e))))
     }
@@ -59,6 +59,12 @@ fn template_environment() -> Environment<'static> {
     env.add_function("raise_exception", raise_exception);
     env.add_filter("tojson", py_json::tojson);
     env
+}
+
+/// transformers leaves out the special tokens a model lacks: undefined renders as "",
+/// where `none` would render as "none".
+fn undefined_if_none(token: Option<String>) -> Value {
+    token.map_or(Value::UNDEFINED, Value::from)
 }
 
 /// Templates call `raise_exception("...")` to reject conversations they cannot format.

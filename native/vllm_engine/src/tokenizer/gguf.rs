@@ -9,6 +9,7 @@ use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::punctuation::Punctuation;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
@@ -17,13 +18,16 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 use crate::error::{EngineError, Result};
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
-const TOKEN_TYPE_CONTROL: i64 = 3;
-const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+pub(super) const TOKEN_TYPE_NORMAL: i64 = 1;
+pub(super) const TOKEN_TYPE_UNKNOWN: i64 = 2;
+pub(super) const TOKEN_TYPE_CONTROL: i64 = 3;
+pub(super) const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// The splitting regex of Llama 3 (GPT-4's cl100k): numbers in groups of up to three digits.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's: the same, but every digit on its own.
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// What `from_gguf_metadata` gives back besides the tokenizer itself.
 pub(super) struct GgufTokenizer {
@@ -40,12 +44,10 @@ pub(super) fn build(metadata: &HashMap<String, Value>) -> Result<GgufTokenizer> 
     })?;
     match model {
         "gpt2" => build_byte_level_bpe(&meta),
-        "llama" => Err(EngineError::unsupported(
-            "GGUF tokenizers of type \"llama\" (SentencePiece) are not supported yet; \
-             pass a tokenizer.json with the `tokenizer` option",
-        )),
+        "llama" => super::gguf_spm::build(&meta),
         other => Err(EngineError::unsupported(format!(
-            "GGUF tokenizer type {other:?} is not supported (supported: \"gpt2\")"
+            "GGUF tokenizer type {other:?} is not supported (supported: \"gpt2\", \"llama\"); \
+             pass a tokenizer.json with the `tokenizer` option"
         ))),
     }
 }
@@ -94,11 +96,12 @@ fn build_byte_level_bpe(meta: &Metadata) -> Result<GgufTokenizer> {
     let eos_token_id = meta.token_id("tokenizer.ggml.eos_token_id", tokens.len())?;
     let add_bos = meta.boolean("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
     let add_eos = meta.boolean("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-    let bos = if add_bos { bos_token_id.map(|id| (tokens[id as usize].clone(), id)) } else { None };
-    let eos = if add_eos { eos_token_id.map(|id| (tokens[id as usize].clone(), id)) } else { None };
-    if bos.is_some() || eos.is_some() {
-        inner.with_post_processor(Some(special_token_processor(bos, eos)?));
-    }
+    add_special_token_processor(
+        &mut inner,
+        &tokens,
+        add_bos.then_some(bos_token_id).flatten(),
+        add_eos.then_some(eos_token_id).flatten(),
+    )?;
 
     Ok(GgufTokenizer {
         inner,
@@ -109,11 +112,11 @@ fn build_byte_level_bpe(meta: &Metadata) -> Result<GgufTokenizer> {
 }
 
 /// Token strings to ids. A string listed twice keeps its first id, as llama.cpp does.
-fn vocab_from_tokens(tokens: &[String]) -> Result<Vocab> {
+pub(super) fn vocab_from_tokens(tokens: &[String]) -> Result<Vocab> {
     let mut vocab = Vocab::default();
     for (id, token) in tokens.iter().enumerate() {
-        let id = u32::try_from(id)
-            .map_err(|_| EngineError::validation("the GGUF tokenizer has more than 2^32 tokens"))?;
+        let id =
+            u32::try_from(id).map_err(|_| EngineError::validation("the GGUF tokenizer has more than 2^32 tokens"))?;
         vocab.entry(token.clone()).or_insert(id);
     }
     Ok(vocab)
@@ -130,16 +133,38 @@ fn pre_tokenizer_for(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
     };
     let sequence = |parts| PreTokenizerWrapper::Sequence(Sequence::new(parts));
     Ok(match pre {
-        "default" | "gpt2" | "gpt-2" => (byte_level(true), false),
+        "default" | "gpt2" | "gpt-2" | "mpt" => (byte_level(true), false),
         // SmolLM and StarCoder split every digit on its own before GPT-2's byte-level rules.
-        "smollm" | "starcoder" | "refact" => {
+        "smollm" | "starcoder" | "refact" | "command-r" => {
             (sequence(vec![PreTokenizerWrapper::Digits(Digits::new(true)), byte_level(true)]), false)
         }
         "llama3" | "llama-v3" | "llama-bpe" => (sequence(vec![split(LLAMA3_PATTERN)?, byte_level(false)]), true),
         "qwen2" => (sequence(vec![split(QWEN2_PATTERN)?, byte_level(false)]), false),
+        // DeepSeek Coder: lines, letter runs, punctuation runs, CJK runs, single digits.
+        "deepseek-coder" => (
+            sequence(vec![
+                split(r"[\r\n]")?,
+                split(r"\s?\p{L}+")?,
+                split(r"\s?\p{P}+")?,
+                split("[\u{4E00}-\u{9FA5}\u{0800}-\u{4E00}\u{AC00}-\u{D7FF}]+")?,
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                byte_level(false),
+            ]),
+            false,
+        ),
+        // Falcon: punctuation runs apart, GPT-2's rules, then numbers in groups of three.
+        "falcon" => (
+            sequence(vec![
+                PreTokenizerWrapper::Punctuation(Punctuation::new(SplitDelimiterBehavior::Contiguous)),
+                byte_level(true),
+                PreTokenizerWrapper::Digits(Digits::new(false)),
+                split("[0-9][0-9][0-9]")?,
+            ]),
+            false,
+        ),
         other => {
             return Err(EngineError::unsupported(format!(
-                "GGUF pre-tokenizer {other:?} is not supported (supported: default, gpt2, smollm, \
+                "GGUF pre-tokenizer {other:?} is not supported (supported: default, gpt2, mpt, falcon, deepseek-coder, smollm, command-r, \
                  starcoder, refact, llama3, llama-bpe, qwen2); pass a tokenizer.json with the `tokenizer` option"
             )))
         }
@@ -148,7 +173,7 @@ fn pre_tokenizer_for(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
 
 /// Control tokens become special added tokens (matched whole in text, dropped by
 /// `skip_special_tokens`); user-defined tokens are matched whole but kept when decoding.
-fn register_added_tokens(inner: &mut tokenizers::Tokenizer, tokens: &[String], token_types: &[i64]) {
+pub(super) fn register_added_tokens(inner: &mut tokenizers::Tokenizer, tokens: &[String], token_types: &[i64]) {
     let added = |wanted: i64, special: bool| -> Vec<AddedToken> {
         tokens
             .iter()
@@ -159,6 +184,20 @@ fn register_added_tokens(inner: &mut tokenizers::Tokenizer, tokens: &[String], t
     };
     inner.add_special_tokens(&added(TOKEN_TYPE_CONTROL, true));
     inner.add_tokens(&added(TOKEN_TYPE_USER_DEFINED, false));
+}
+
+/// Wraps every encoding in BOS/EOS when the model asks for them.
+pub(super) fn add_special_token_processor(
+    inner: &mut tokenizers::Tokenizer,
+    tokens: &[String],
+    bos: Option<u32>,
+    eos: Option<u32>,
+) -> Result<()> {
+    let named = |id: Option<u32>| id.map(|id| (tokens[id as usize].clone(), id));
+    if bos.is_some() || eos.is_some() {
+        inner.with_post_processor(Some(special_token_processor(named(bos), named(eos))?));
+    }
+    Ok(())
 }
 
 fn special_token_processor(bos: Option<(String, u32)>, eos: Option<(String, u32)>) -> Result<TemplateProcessing> {
@@ -185,10 +224,10 @@ fn special_token_processor(bos: Option<(String, u32)>, eos: Option<(String, u32)
 }
 
 /// Typed, lenient reads of GGUF metadata (integers may be stored in any width).
-struct Metadata<'a>(&'a HashMap<String, Value>);
+pub(super) struct Metadata<'a>(&'a HashMap<String, Value>);
 
 impl Metadata<'_> {
-    fn string(&self, key: &str) -> Result<Option<&str>> {
+    pub(super) fn string(&self, key: &str) -> Result<Option<&str>> {
         match self.0.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
@@ -196,7 +235,7 @@ impl Metadata<'_> {
         }
     }
 
-    fn boolean(&self, key: &str) -> Result<Option<bool>> {
+    pub(super) fn boolean(&self, key: &str) -> Result<Option<bool>> {
         match self.0.get(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -204,7 +243,7 @@ impl Metadata<'_> {
         }
     }
 
-    fn strings(&self, key: &str) -> Result<Option<Vec<String>>> {
+    pub(super) fn strings(&self, key: &str) -> Result<Option<Vec<String>>> {
         let Some(value) = self.0.get(key) else { return Ok(None) };
         let Value::Array(items) = value else { return Err(wrong_type(key, "an array of strings", value)) };
         items
@@ -217,7 +256,7 @@ impl Metadata<'_> {
             .map(Some)
     }
 
-    fn integers(&self, key: &str) -> Result<Option<Vec<i64>>> {
+    pub(super) fn integers(&self, key: &str) -> Result<Option<Vec<i64>>> {
         let Some(value) = self.0.get(key) else { return Ok(None) };
         let Value::Array(items) = value else { return Err(wrong_type(key, "an array of integers", value)) };
         items
@@ -227,8 +266,22 @@ impl Metadata<'_> {
             .map(Some)
     }
 
+    pub(super) fn floats(&self, key: &str) -> Result<Option<Vec<f32>>> {
+        let Some(value) = self.0.get(key) else { return Ok(None) };
+        let Value::Array(items) = value else { return Err(wrong_type(key, "an array of floats", value)) };
+        items
+            .iter()
+            .map(|item| match item {
+                Value::F32(v) => Ok(*v),
+                Value::F64(v) => Ok(*v as f32),
+                other => Err(wrong_type(key, "an array of floats", other)),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     /// A token id that must index the vocabulary.
-    fn token_id(&self, key: &str, vocab_size: usize) -> Result<Option<u32>> {
+    pub(super) fn token_id(&self, key: &str, vocab_size: usize) -> Result<Option<u32>> {
         let Some(value) = self.0.get(key) else { return Ok(None) };
         let id = integer(value).ok_or_else(|| wrong_type(key, "an integer", value))?;
         match u32::try_from(id) {

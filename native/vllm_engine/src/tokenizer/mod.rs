@@ -4,6 +4,7 @@
 mod chat_template;
 mod detokenizer;
 mod gguf;
+mod gguf_spm;
 mod hf_config;
 mod py_json;
 
@@ -24,6 +25,8 @@ pub struct Tokenizer {
     chat_template: Option<String>,
     /// Ids of special added tokens (dropped by `skip_special_tokens`), cached for `is_special`.
     special_ids: HashSet<u32>,
+    /// Ids of SentencePiece byte tokens (`<0x0A>`...), whose text depends on their neighbours.
+    byte_fallback_ids: HashSet<u32>,
 }
 
 /// Short: the vocabulary itself is too large to print.
@@ -56,8 +59,9 @@ impl Tokenizer {
         Ok(Self::from_inner(inner, bos_token_id, eos_token_id, config.chat_template))
     }
 
-    /// Rebuilds the tokenizer described by a GGUF file's `tokenizer.*` metadata
-    /// (`tokenizer.ggml.model` "gpt2": byte-level BPE; "llama" is not supported yet).
+    /// Rebuilds the tokenizer described by a GGUF file's `tokenizer.*` metadata:
+    /// `tokenizer.ggml.model` "gpt2" (byte-level BPE, pre-tokenizer from `tokenizer.ggml.pre`)
+    /// or "llama" (SentencePiece with byte fallback). Control tokens become special tokens.
     pub fn from_gguf_metadata(metadata: &HashMap<String, gguf_file::Value>) -> Result<Self> {
         let built = gguf::build(metadata)?;
         Ok(Self::from_inner(built.inner, built.bos_token_id, built.eos_token_id, built.chat_template))
@@ -69,13 +73,10 @@ impl Tokenizer {
         eos_token_id: Option<u32>,
         chat_template: Option<String>,
     ) -> Self {
-        let special_ids = inner
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, token)| token.special)
-            .map(|(id, _)| id)
-            .collect();
-        Tokenizer { inner, bos_token_id, eos_token_id, chat_template, special_ids }
+        let special_ids =
+            inner.get_added_tokens_decoder().into_iter().filter(|(_, token)| token.special).map(|(id, _)| id).collect();
+        let byte_fallback_ids = (0..=255u8).filter_map(|b| inner.token_to_id(&format!("<0x{b:02X}>"))).collect();
+        Tokenizer { inner, bos_token_id, eos_token_id, chat_template, special_ids, byte_fallback_ids }
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
@@ -118,6 +119,11 @@ impl Tokenizer {
     /// Whether `id` is a special token (dropped when decoding with `skip_special_tokens`).
     pub fn is_special(&self, id: u32) -> bool {
         self.special_ids.contains(&id)
+    }
+    /// Whether `id` is a byte token (`<0xXX>`) of a byte-fallback vocabulary: a run of
+    /// them decodes as one UTF-8 sequence, so its text is only known when the run ends.
+    pub fn is_byte_fallback_token(&self, id: u32) -> bool {
+        self.byte_fallback_ids.contains(&id)
     }
     /// The underlying Hugging Face tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {

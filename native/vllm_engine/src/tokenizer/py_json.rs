@@ -47,7 +47,9 @@ fn write_value(out: &mut String, value: &Value, style: &Style, depth: usize) -> 
         }
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
-            write_container(out, ('[', ']'), &items, style, depth, |out, item| write_value(out, item, style, depth + 1))?;
+            write_container(out, ('[', ']'), &items, style, depth, |out, item| {
+                write_value(out, item, style, depth + 1)
+            })?;
         }
         other => {
             return Err(Error::new(ErrorKind::InvalidOperation, format!("tojson cannot serialize a {other} value")))

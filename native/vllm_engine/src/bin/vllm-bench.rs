@@ -1,0 +1,183 @@
+//! vllm-bench: time a model through the bare Rust engine.
+//!
+//!   vllm-bench MODEL [--batch N] [--input-len N] [--output-len N] [--max-model-len N] [--threads N]
+//!
+//! Prints the load time, the time to first token and decode speed of one request, and the
+//! aggregate output speed of `--batch` concurrent requests (greedy, ignore_eos).
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use vllm_engine::{
+    Engine, EngineArgs, EngineError, EngineRequest, OutputKind, OutputSink, RequestOutput, SamplingParams,
+};
+
+struct Options {
+    model: String,
+    batch: usize,
+    input_len: usize,
+    output_len: usize,
+    max_model_len: Option<usize>,
+    threads: Option<usize>,
+}
+
+fn parse() -> Result<Options, String> {
+    let mut args = std::env::args().skip(1);
+    let mut o = Options {
+        model: String::new(),
+        batch: 32,
+        input_len: 128,
+        output_len: 128,
+        max_model_len: None,
+        threads: None,
+    };
+    while let Some(a) = args.next() {
+        let mut num = |name: &str| -> Result<usize, String> {
+            let v = args.next().ok_or(format!("{name} needs a value"))?;
+            v.parse()
+                .map_err(|_| format!("{name} must be a positive integer, got {v:?}"))
+        };
+        match a.as_str() {
+            "--batch" => o.batch = num("--batch")?,
+            "--input-len" => o.input_len = num("--input-len")?,
+            "--output-len" => o.output_len = num("--output-len")?,
+            "--max-model-len" => o.max_model_len = Some(num("--max-model-len")?),
+            "--threads" => o.threads = Some(num("--threads")?),
+            "-h" | "--help" => return Err(String::new()),
+            s if s.starts_with("--") => return Err(format!("unknown option {s}")),
+            s => o.model = s.to_string(),
+        }
+    }
+    if o.model.is_empty() {
+        return Err("missing MODEL (a .gguf file or a model directory)".into());
+    }
+    if o.batch == 0 || o.input_len == 0 || o.output_len == 0 {
+        return Err("--batch, --input-len and --output-len must be at least 1".into());
+    }
+    Ok(o)
+}
+
+/// Records when each output arrives.
+struct TimingSink(Sender<(Instant, RequestOutput)>);
+
+impl OutputSink for TimingSink {
+    fn send(&mut self, output: RequestOutput) -> bool {
+        self.0.send((Instant::now(), output)).is_ok()
+    }
+    fn fail(&mut self, error: EngineError) {
+        eprintln!("request failed: {error}");
+    }
+}
+
+fn prompt(engine: &Engine, len: usize, variant: usize) -> Result<Vec<u32>, EngineError> {
+    let text = "The quick brown fox jumps over the lazy dog while the engine streams tokens. ";
+    let base = engine.tokenizer().encode(&text.repeat(len / 8 + 4), false)?;
+    Ok(base
+        .iter()
+        .cycle()
+        .skip(variant % base.len().max(1))
+        .take(len)
+        .copied()
+        .collect())
+}
+
+fn submit(
+    engine: &Engine,
+    id: String,
+    prompt: Vec<u32>,
+    output_len: usize,
+) -> Result<Receiver<(Instant, RequestOutput)>, EngineError> {
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(output_len),
+        ignore_eos: true,
+        output_kind: OutputKind::Delta,
+        ..Default::default()
+    };
+    let (tx, rx) = unbounded();
+    engine.add_request(EngineRequest::new(id, prompt, params), Box::new(TimingSink(tx)))?;
+    Ok(rx)
+}
+
+/// Arrival times of every output of one request, through its final one.
+fn drain(rx: &Receiver<(Instant, RequestOutput)>) -> Result<Vec<(Instant, usize)>, String> {
+    let mut times = Vec::new();
+    loop {
+        let (t, out) = rx
+            .recv_timeout(Duration::from_secs(600))
+            .map_err(|_| "a request never finished".to_string())?;
+        times.push((t, out.outputs.first().map_or(0, |c| c.token_ids.len())));
+        if out.finished {
+            return Ok(times);
+        }
+    }
+}
+
+fn run(o: Options) -> Result<(), String> {
+    let mut args = EngineArgs::new(&o.model);
+    args.max_model_len = o.max_model_len;
+    args.num_threads = o.threads;
+    args.max_num_seqs = o.batch.max(1);
+    let t0 = Instant::now();
+    let engine = Engine::new(args).map_err(|e| format!("cannot start the engine: {e}"))?;
+    println!("load: {:.2} s", t0.elapsed().as_secs_f64());
+
+    let start = Instant::now();
+    let rx = submit(
+        &engine,
+        "solo".into(),
+        prompt(&engine, o.input_len, 0).map_err(|e| e.to_string())?,
+        o.output_len,
+    )
+    .map_err(|e| e.to_string())?;
+    let times = drain(&rx)?;
+    let first = times.first().map(|t| t.0).unwrap_or(start);
+    let last = times.last().map(|t| t.0).unwrap_or(start);
+    let decoded: usize = times.iter().skip(1).map(|t| t.1).sum();
+    println!(
+        "batch 1, {} in: TTFT {:.1} ms",
+        o.input_len,
+        (first - start).as_secs_f64() * 1e3
+    );
+    if decoded > 0 {
+        println!(
+            "batch 1 decode: {:.1} tok/s",
+            decoded as f64 / (last - first).as_secs_f64()
+        );
+    }
+
+    let start = Instant::now();
+    let mut receivers = Vec::new();
+    for i in 0..o.batch {
+        let p = prompt(&engine, o.input_len, 7 * i + 1).map_err(|e| e.to_string())?;
+        receivers.push(submit(&engine, format!("b{i}"), p, o.output_len).map_err(|e| e.to_string())?);
+    }
+    let mut total = 0;
+    for rx in &receivers {
+        total += drain(rx)?.iter().map(|t| t.1).sum::<usize>();
+    }
+    let wall = start.elapsed().as_secs_f64();
+    println!(
+        "batch {}, {} in / {} out: {total} tokens in {wall:.2} s = {:.1} output tok/s",
+        o.batch,
+        o.input_len,
+        o.output_len,
+        total as f64 / wall
+    );
+    engine.shutdown();
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match parse().and_then(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("vllm-bench: {e}");
+            }
+            eprintln!("usage: vllm-bench MODEL [--batch N] [--input-len N] [--output-len N] [--max-model-len N] [--threads N]");
+            ExitCode::FAILURE
+        }
+    }
+}

