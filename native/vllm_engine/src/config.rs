@@ -30,6 +30,52 @@ impl DType {
     }
 }
 
+/// Where the model runs: `"cpu"`, `"cuda"` (device 0) or `"cuda:N"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl Device {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| EngineError::validation(format!("device must be cpu, cuda or cuda:N; got {other:?}"))),
+        }
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+}
+
+/// How weights are obtained (vLLM's `load_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadFormat {
+    /// From the model files (GGUF or safetensors).
+    #[default]
+    Auto,
+    /// Random weights of the shapes a config.json implies: for performance work.
+    Dummy,
+}
+
+impl LoadFormat {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" | "safetensors" | "gguf" => Ok(LoadFormat::Auto),
+            "dummy" => Ok(LoadFormat::Dummy),
+            other => Err(EngineError::validation(format!("load_format must be auto or dummy; got {other:?}"))),
+        }
+    }
+}
+
 /// Options for starting an engine. Field names follow vLLM's EngineArgs.
 #[derive(Debug, Clone)]
 pub struct EngineArgs {
@@ -54,6 +100,12 @@ pub struct EngineArgs {
     /// "gguf": keep a GGUF file's quantized matrices quantized (quantized matmuls);
     /// None: dequantize everything to float32.
     pub quantization: Option<String>,
+    pub device: Device,
+    /// Fraction of the GPU's memory the engine may take (weights, activations, KV cache).
+    pub gpu_memory_utilization: f64,
+    /// true: no CUDA graphs, every decode step launched op by op.
+    pub enforce_eager: bool,
+    pub load_format: LoadFormat,
 }
 
 impl EngineArgs {
@@ -72,6 +124,10 @@ impl EngineArgs {
             enable_chunked_prefill: true,
             num_threads: None,
             quantization: None,
+            device: Device::Cpu,
+            gpu_memory_utilization: 0.9,
+            enforce_eager: false,
+            load_format: LoadFormat::Auto,
         }
     }
 
@@ -94,6 +150,20 @@ impl EngineArgs {
                     "quantization {q:?} is not supported (supported: \"gguf\")"
                 )));
             }
+        }
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            return Err(EngineError::validation(format!(
+                "gpu_memory_utilization must be in (0, 1], got {}",
+                self.gpu_memory_utilization
+            )));
+        }
+        if self.device.is_cuda() && !cfg!(feature = "cuda") {
+            return Err(EngineError::unsupported(
+                "device cuda: this build has no CUDA support (build with the cargo feature `cuda`)",
+            ));
+        }
+        if self.device.is_cuda() && self.quantization.is_some() {
+            return Err(EngineError::unsupported("quantization on cuda is not supported yet"));
         }
         if self.max_num_batched_tokens == Some(0) {
             return Err(EngineError::validation("max_num_batched_tokens must be at least 1"));

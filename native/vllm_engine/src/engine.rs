@@ -77,7 +77,7 @@ impl Engine {
     pub fn with_model(args: EngineArgs, model: Box<dyn CausalLM>, tokenizer: Tokenizer) -> Result<Engine> {
         args.validate()?;
         let config = model.config().clone();
-        let limits = resolve_limits(&args, &config, &tokenizer)?;
+        let limits = resolve_limits(&args, &config, &tokenizer, model.as_ref())?;
 
         let (core_tx, core_rx) = unbounded();
         let (out_tx, out_rx) = unbounded();
@@ -101,7 +101,7 @@ impl Engine {
             },
             KvCacheManager::new(limits.num_blocks, limits.block_size),
         );
-        let runner = ModelRunner::new(model, limits.num_blocks, limits.block_size);
+        let runner = ModelRunner::new(model, limits.num_blocks, limits.block_size)?;
         let core = EngineCore::new(
             scheduler,
             runner,
@@ -320,7 +320,12 @@ impl Drop for Engine {
 }
 
 /// Turns EngineArgs into concrete limits, with vLLM's defaults.
-fn resolve_limits(args: &EngineArgs, config: &ModelConfig, tokenizer: &Tokenizer) -> Result<EngineLimits> {
+fn resolve_limits(
+    args: &EngineArgs,
+    config: &ModelConfig,
+    tokenizer: &Tokenizer,
+    model: &dyn CausalLM,
+) -> Result<EngineLimits> {
     let max_model_len = args.max_model_len.unwrap_or(config.max_position_embeddings);
     if max_model_len == 0 {
         return Err(EngineError::validation("the model's max_position_embeddings is 0"));
@@ -343,17 +348,18 @@ fn resolve_limits(args: &EngineArgs, config: &ModelConfig, tokenizer: &Tokenizer
         )));
     }
     let block_size = args.block_size;
-    let kv_bytes = args.kv_cache_memory_bytes.unwrap_or_else(|| {
-        let blocks = (args.max_num_seqs * max_model_len).div_ceil(block_size);
-        let per_block = crate::kv_cache::PagedKvCache::bytes_per_block(
-            config.num_hidden_layers,
-            block_size,
-            config.num_key_value_heads,
-            config.head_dim,
-        );
-        blocks.saturating_mul(per_block).min(DEFAULT_KV_CACHE_BYTES)
-    });
-    let num_blocks = ModelRunner::num_blocks_for_bytes(config, block_size, kv_bytes);
+    let per_block = model.kv_bytes_per_block(block_size).max(1);
+    let kv_bytes = match args.kv_cache_memory_bytes {
+        Some(bytes) => bytes,
+        None => match model.kv_cache_budget(args, max_num_batched_tokens)? {
+            Some(bytes) => bytes,
+            None => {
+                let blocks = (args.max_num_seqs * max_model_len).div_ceil(block_size);
+                blocks.saturating_mul(per_block).min(DEFAULT_KV_CACHE_BYTES)
+            }
+        },
+    };
+    let num_blocks = (kv_bytes / per_block).max(1);
     let mut eos_token_ids: Vec<u32> = tokenizer.eos_token_id().into_iter().collect();
     for &e in &config.eos_token_ids {
         if !eos_token_ids.contains(&e) {

@@ -26,16 +26,10 @@ pub struct StepLogits {
 }
 
 impl ModelRunner {
-    pub fn new(model: Box<dyn CausalLM>, num_blocks: usize, block_size: usize) -> Self {
-        let c = model.config();
-        let kv = PagedKvCache::new(
-            c.num_hidden_layers,
-            num_blocks,
-            block_size,
-            c.num_key_value_heads,
-            c.head_dim,
-        );
-        ModelRunner { model, kv }
+    /// Allocates the model's KV cache (on its device) of `num_blocks` blocks.
+    pub fn new(model: Box<dyn CausalLM>, num_blocks: usize, block_size: usize) -> Result<Self> {
+        let kv = model.new_kv_cache(num_blocks, block_size)?;
+        Ok(ModelRunner { model, kv })
     }
 
     /// How many blocks `bytes` of KV memory hold for this model (at least one).

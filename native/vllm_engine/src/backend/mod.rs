@@ -1,3 +1,5 @@
-//! Compute backends: hot ops with a CPU path (and a CUDA path later).
+//! Compute backends: hot ops with a CPU path and, with feature `cuda`, a CUDA path.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;

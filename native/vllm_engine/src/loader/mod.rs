@@ -1,6 +1,7 @@
 //! Turns a model path into a runnable model and its tokenizer: GGUF files and Hugging
 //! Face directories (config.json + safetensors + tokenizer.json).
 
+mod dummy;
 mod gguf;
 mod gguf_header;
 mod hf_dir;
@@ -10,12 +11,13 @@ use std::path::Path;
 use candle_core::quantized::QTensor;
 use candle_core::Tensor;
 
-use crate::config::{Architecture, EngineArgs, ModelConfig};
+use crate::config::{Architecture, Device as EngineDevice, EngineArgs, LoadFormat, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::models::opt::OptOptions;
 use crate::models::{BertModel, CausalLM, DecoderLM, EncoderConfig, EncoderModel, OptLM, Runner};
 use crate::tokenizer::Tokenizer;
 
+pub use dummy::DummyWeights;
 pub use gguf::GgufWeights;
 pub use hf_dir::SafetensorsWeights;
 
@@ -92,6 +94,9 @@ type Parts = (Box<dyn CausalLM>, ModelConfig, Option<Tokenizer>);
 
 fn load_parts(args: &EngineArgs, with_tokenizer: bool) -> Result<Parts> {
     let explicit_tokenizer = || args.tokenizer.as_deref().map(Tokenizer::from_file).transpose();
+    if args.load_format == LoadFormat::Dummy {
+        return load_dummy(args, with_tokenizer);
+    }
     match model_format(args)? {
         ModelFormat::Gguf => {
             // One read of the header serves the config, the tokenizer and the tensors.
@@ -106,8 +111,8 @@ fn load_parts(args: &EngineArgs, with_tokenizer: bool) -> Result<Parts> {
             if config.architecture == Architecture::Opt {
                 return Err(EngineError::unsupported("OPT from GGUF is not supported (use the HF directory)"));
             }
-            let model = DecoderLM::load(config.clone(), &mut weights)?;
-            Ok((Box::new(model), config, tokenizer))
+            let model = load_decoder(config.clone(), &mut weights, args, &open_device(args)?)?;
+            Ok((model, config, tokenizer))
         }
         ModelFormat::HfDir => {
             if keep_gguf_quantized(args)? {
@@ -131,15 +136,93 @@ fn load_parts(args: &EngineArgs, with_tokenizer: bool) -> Result<Parts> {
             let config = ModelConfig::from_hf_json(&json).map_err(|e| in_file(e, &config_path))?;
             let mut weights = SafetensorsWeights::open(&args.model)?;
             let model: Box<dyn CausalLM> = match config.architecture {
+                Architecture::Opt if args.device.is_cuda() => {
+                    return Err(EngineError::unsupported("OPT on cuda is not supported yet"));
+                }
                 Architecture::Opt => {
                     let options = OptOptions::from_hf_json(&json, config.hidden_size).map_err(|e| in_file(e, &config_path))?;
                     Box::new(OptLM::load(config.clone(), options, &mut weights)?)
                 }
-                _ => Box::new(DecoderLM::load(config.clone(), &mut weights)?),
+                _ => load_decoder(config.clone(), &mut weights, args, &open_device(args)?)?,
             };
             Ok((model, config, tokenizer))
         }
     }
+}
+
+/// A Llama-family decoder on `device` (opened by `open_device`), from any weight source.
+fn load_decoder(
+    config: ModelConfig,
+    weights: &mut dyn WeightSource,
+    args: &EngineArgs,
+    device: &candle_core::Device,
+) -> Result<Box<dyn CausalLM>> {
+    match device {
+        candle_core::Device::Cpu => Ok(Box::new(DecoderLM::load(config, weights)?)),
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => Ok(Box::new(crate::models::decoder_cuda::CudaDecoderLM::load(
+            config,
+            weights,
+            device,
+            cuda_dtype(args.dtype),
+        )?)),
+        _ => Err(EngineError::unsupported(format!(
+            "no model implementation for device {:?} (requested {:?})",
+            device.location(),
+            args.device
+        ))),
+    }
+}
+
+/// The candle device `args.device` names (CUDA devices are opened here, once per model).
+fn open_device(args: &EngineArgs) -> Result<candle_core::Device> {
+    match args.device {
+        EngineDevice::Cpu => Ok(candle_core::Device::Cpu),
+        #[cfg(feature = "cuda")]
+        EngineDevice::Cuda(ordinal) => crate::backend::cuda::open_device(ordinal),
+        #[cfg(not(feature = "cuda"))]
+        EngineDevice::Cuda(_) => Err(EngineError::unsupported(
+            "device cuda: this build has no CUDA support (build with the cargo feature `cuda`)",
+        )),
+    }
+}
+
+/// The compute dtype on a GPU: bfloat16 unless asked otherwise.
+#[cfg(feature = "cuda")]
+fn cuda_dtype(dtype: crate::config::DType) -> candle_core::DType {
+    match dtype {
+        crate::config::DType::Auto | crate::config::DType::BF16 => candle_core::DType::BF16,
+        crate::config::DType::F16 => candle_core::DType::F16,
+        crate::config::DType::F32 => candle_core::DType::F32,
+    }
+}
+
+/// `load_format: "dummy"`: `args.model` is a config.json (or a directory holding one);
+/// weights are random, made on the target device.
+fn load_dummy(args: &EngineArgs, with_tokenizer: bool) -> Result<Parts> {
+    let config_path = if args.model.is_dir() { args.model.join("config.json") } else { args.model.clone() };
+    let json = std::fs::read_to_string(&config_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => EngineError::not_found(format!("{} does not exist", config_path.display())),
+        _ => EngineError::validation(format!("cannot read {}: {e}", config_path.display())),
+    })?;
+    let config = ModelConfig::from_hf_json(&json).map_err(|e| in_file(e, &config_path))?;
+    if config.architecture == Architecture::Opt {
+        return Err(EngineError::unsupported("load_format dummy is not supported for OPT yet"));
+    }
+    let tokenizer = match (with_tokenizer, args.tokenizer.as_deref()) {
+        (false, _) => None,
+        (true, Some(path)) => Some(Tokenizer::from_file(path)?),
+        (true, None) if args.model.is_dir() => Some(Tokenizer::from_file(&args.model)?),
+        (true, None) => {
+            return Err(EngineError::validation(
+                "load_format dummy from a config.json file needs an explicit tokenizer",
+            ))
+        }
+    };
+    let device = open_device(args)?;
+    let mut weights = DummyWeights::new(device.clone(), args.seed)?;
+    let model = load_decoder(config.clone(), &mut weights, args, &device)?;
+    Ok((model, config, tokenizer))
 }
 
 /// Prefixes an error's message with the file it is about.

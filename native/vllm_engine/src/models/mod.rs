@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use crate::config::ModelConfig;
+use crate::config::{EngineArgs, ModelConfig};
 use crate::error::Result;
 use crate::kv_cache::PagedKvCache;
 
@@ -41,11 +41,35 @@ pub trait CausalLM: Send {
     fn weight_bytes(&self) -> usize {
         0
     }
+    /// Bytes one KV block of `block_size` tokens takes for this model.
+    fn kv_bytes_per_block(&self, block_size: usize) -> usize {
+        let c = self.config();
+        PagedKvCache::bytes_per_block(c.num_hidden_layers, block_size, c.num_key_value_heads, c.head_dim)
+    }
+    /// The KV cache this model runs against: host memory by default; a GPU model
+    /// allocates it on its device.
+    fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<PagedKvCache> {
+        let c = self.config();
+        Ok(PagedKvCache::new(
+            c.num_hidden_layers,
+            num_blocks,
+            block_size,
+            c.num_key_value_heads,
+            c.head_dim,
+        ))
+    }
+    /// KV cache bytes when `kv_cache_memory_bytes` is not given: a GPU model answers from
+    /// gpu_memory_utilization and what its device has left; None: the engine's CPU default.
+    fn kv_cache_budget(&self, _args: &EngineArgs, _max_num_batched_tokens: usize) -> Result<Option<usize>> {
+        Ok(None)
+    }
 }
 
 pub mod batch;
 pub mod bert;
 pub mod decoder;
+#[cfg(feature = "cuda")]
+pub mod decoder_cuda;
 pub mod encoder;
 pub mod layers;
 pub mod opt;

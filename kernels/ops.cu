@@ -1,0 +1,355 @@
+// The engine's hot ops on the GPU: embedding gather, fused residual-add + RMSNorm,
+// q/k/v preparation (bias, Qwen3 q/k norm, rotary, KV-cache write), paged attention over
+// block tables (prefill and decode alike, split along the sequence for long contexts), and
+// SiLU*mul. Storage in float32, bfloat16 or float16; arithmetic and accumulation in float32.
+//
+// Rounding follows HF transformers in low precision (each op's result rounded to the
+// storage type where torch rounds it), so bf16 runs track the reference closely.
+//
+// Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]; position p of a
+// sequence lives in slot block_tables[seq * max_blocks + p / block_size] * block_size + p % block_size.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// Rounds through the storage type (a no-op for float32).
+template <typename T> __device__ __forceinline__ float round_t(float x) { return to_f<T>(from_f<T>(x)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the whole block; every thread gets the result. `red` holds 33 floats.
+__device__ float block_sum(float v, float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int num_warps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float w = lane < num_warps ? red[lane] : 0.f;
+        w = warp_sum(w);
+        if (lane == 0) red[32] = w;
+    }
+    __syncthreads();
+    return red[32];
+}
+
+__device__ __forceinline__ long long cache_slot(const uint32_t* block_tables, int seq, int max_blocks, int block_size, int pos) {
+    return (long long)block_tables[(long long)seq * max_blocks + pos / block_size] * block_size + pos % block_size;
+}
+
+// out[t] = table[ids[t]]; one block per token.
+template <typename T>
+__device__ void embedding(T* out, const T* table, const uint32_t* ids, int hidden) {
+    const long long t = blockIdx.x;
+    const T* row = table + (long long)ids[t] * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[t * hidden + i] = row[i];
+}
+
+// out[r] = src[rows[r]]; one block per output row.
+template <typename T>
+__device__ void gather_rows(T* out, const T* src, const uint32_t* rows, int width) {
+    const long long r = blockIdx.x;
+    const T* row = src + (long long)rows[r] * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) out[r * width + i] = row[i];
+}
+
+// residual += delta (when delta is given, rounded to T as torch adds), then
+// out = weight * round(residual * rsqrt(mean(residual^2) + eps)). One block per row.
+template <typename T>
+__device__ void add_rms_norm(T* residual, const T* delta, const T* weight, T* out, int hidden, float eps) {
+    __shared__ float red[33];
+    const long long base = (long long)blockIdx.x * hidden;
+    float sum_sq = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = to_f(residual[base + i]);
+        if (delta) {
+            T s = from_f<T>(v + to_f(delta[base + i]));
+            residual[base + i] = s;
+            v = to_f(s);
+        }
+        sum_sq += v * v;
+    }
+    const float inv = rsqrtf(block_sum(sum_sq, red) / hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float v = to_f(residual[base + i]);
+        out[base + i] = from_f<T>(to_f(weight[i]) * round_t<T>(v * inv));
+    }
+}
+
+// out[r, c] = silu(gate_up[r, c]) * gate_up[r, inter + c].
+template <typename T>
+__device__ void silu_mul(T* out, const T* gate_up, int inter, long long total) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / inter, c = i % inter;
+        const float g = to_f(gate_up[r * 2 * inter + c]);
+        const float u = to_f(gate_up[r * 2 * inter + inter + c]);
+        out[i] = from_f<T>(round_t<T>(g / (1.f + expf(-g))) * u);
+    }
+}
+
+// One block per token: fused qkv row -> (+bias) -> (Qwen3: per-head RMSNorm of q and k) ->
+// rotary on q and k -> q to q_out, k and v into the cache at the token's slot.
+// cos/sin tables: [max_position, head_dim / 2] float32.
+template <typename T>
+__device__ void qkv_prepare(const T* qkv, const T* bias, const T* q_norm, const T* k_norm,
+                            const float* cos_table, const float* sin_table,
+                            const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables,
+                            int max_blocks, int block_size, T* q_out, T* k_cache, T* v_cache,
+                            int num_heads, int num_kv_heads, int head_dim, float eps) {
+    extern __shared__ float row[];
+    const long long t = blockIdx.x;
+    const int width = (num_heads + 2 * num_kv_heads) * head_dim;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = to_f(qkv[t * width + i]);
+        if (bias) v = round_t<T>(v + to_f(bias[i]));
+        row[i] = v;
+    }
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+    if (q_norm) {
+        for (int h = warp; h < num_heads + num_kv_heads; h += num_warps) {
+            float* x = row + h * head_dim;
+            float ss = 0.f;
+            for (int j = lane; j < head_dim; j += 32) ss += x[j] * x[j];
+            const float inv = rsqrtf(warp_sum(ss) / head_dim + eps);
+            const T* w = h < num_heads ? q_norm : k_norm;
+            for (int j = lane; j < head_dim; j += 32) x[j] = round_t<T>(to_f(w[j]) * round_t<T>(x[j] * inv));
+        }
+        __syncthreads();
+    }
+    const int pos = positions[t];
+    const long long slot = cache_slot(block_tables, token_seq[t], max_blocks, block_size, pos);
+    const int half = head_dim / 2;
+    const long long kv_base = slot * num_kv_heads * head_dim;
+    for (int i = threadIdx.x; i < (num_heads + num_kv_heads) * half; i += blockDim.x) {
+        const int h = i / half, j = i % half;
+        const float c = round_t<T>(cos_table[(long long)pos * half + j]);
+        const float s = round_t<T>(sin_table[(long long)pos * half + j]);
+        const float a = row[h * head_dim + j], b = row[h * head_dim + j + half];
+        const T ra = from_f<T>(round_t<T>(a * c) - round_t<T>(b * s));
+        const T rb = from_f<T>(round_t<T>(b * c) + round_t<T>(a * s));
+        if (h < num_heads) {
+            T* q = q_out + (t * num_heads + h) * head_dim;
+            q[j] = ra;
+            q[j + half] = rb;
+        } else {
+            T* k = k_cache + kv_base + (long long)(h - num_heads) * head_dim;
+            k[j] = ra;
+            k[j + half] = rb;
+        }
+    }
+    const float* v = row + (num_heads + num_kv_heads) * head_dim;
+    for (int i = threadIdx.x; i < num_kv_heads * head_dim; i += blockDim.x) v_cache[kv_base + i] = from_f<T>(v[i]);
+}
+
+#define ATT_THREADS 128
+#define ATT_TILE 64
+// Query heads per KV head times head_dim, over ATT_THREADS threads.
+#define ATT_MAX_OUT 16
+#define ATT_MAX_HEAD_DIM 256
+
+// One block per (query token, KV head, split): the G = num_heads / num_kv_heads query heads
+// that share the KV head attend over positions [start, end) of the token's causal context
+// (sliding window included), with an online softmax over tiles of ATT_TILE positions.
+// num_splits == 1: writes the normalised output. Else writes the unnormalised partial sums
+// and (max, denominator) per split to part_acc / part_ml for attention_reduce.
+template <typename T>
+__device__ void paged_attention(T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache, const T* v_cache,
+                                const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables,
+                                int max_blocks, int block_size, int num_heads, int num_kv_heads, int head_dim,
+                                float scale, int window, int partition, int num_splits) {
+    extern __shared__ float smem[];
+    const int t = blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z;
+    const int group = num_heads / num_kv_heads;
+    const int group_width = group * head_dim;
+    float* qs = smem;                              // [group, head_dim], pre-scaled
+    float* scores = qs + group_width;              // [group, ATT_TILE]
+    float* run_max = scores + group * ATT_TILE;    // [group]
+    float* run_sum = run_max + group;              // [group]
+    float* rescale = run_sum + group;              // [group]
+    long long* slots = (long long*)(rescale + group + (group & 1) + 2);  // [ATT_TILE], 8-byte aligned
+
+    const int pos = positions[t];
+    const int seq = token_seq[t];
+    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    const int start = first + split * partition;
+    const int end = min(pos + 1, start + partition);
+    const long long q_base = ((long long)t * num_heads + (long long)kv_head * group) * head_dim;
+    for (int i = threadIdx.x; i < group_width; i += blockDim.x) qs[i] = to_f(q[q_base + i]) * scale;
+    if (threadIdx.x < group) {
+        run_max[threadIdx.x] = -INFINITY;
+        run_sum[threadIdx.x] = 0.f;
+    }
+    float acc[ATT_MAX_OUT];
+#pragma unroll
+    for (int c = 0; c < ATT_MAX_OUT; c++) acc[c] = 0.f;
+    __syncthreads();
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+    const long long kv_stride = (long long)num_kv_heads * head_dim;
+    for (int tile = start; tile < end; tile += ATT_TILE) {
+        const int n = min(ATT_TILE, end - tile);
+        // Scores: one warp per position, lanes across head_dim.
+        for (int p = warp; p < n; p += num_warps) {
+            const long long slot = cache_slot(block_tables, seq, max_blocks, block_size, tile + p);
+            if (lane == 0) slots[p] = slot;
+            const T* k = k_cache + slot * kv_stride + (long long)kv_head * head_dim;
+            float kr[ATT_MAX_HEAD_DIM / 32];
+#pragma unroll
+            for (int c = 0; c < ATT_MAX_HEAD_DIM / 32; c++) {
+                const int j = lane + 32 * c;
+                kr[c] = j < head_dim ? to_f(k[j]) : 0.f;
+            }
+            for (int g = 0; g < group; g++) {
+                float d = 0.f;
+#pragma unroll
+                for (int c = 0; c < ATT_MAX_HEAD_DIM / 32; c++) {
+                    const int j = lane + 32 * c;
+                    if (j < head_dim) d += qs[g * head_dim + j] * kr[c];
+                }
+                d = warp_sum(d);
+                if (lane == 0) scores[g * ATT_TILE + p] = d;
+            }
+        }
+        __syncthreads();
+        // Online softmax per query head: new max, weights, rescale of what was summed.
+        for (int g = warp; g < group; g += num_warps) {
+            float m = -INFINITY;
+            for (int p = lane; p < n; p += 32) m = fmaxf(m, scores[g * ATT_TILE + p]);
+            m = warp_max(m);
+            const float m_old = run_max[g];
+            const float m_new = fmaxf(m_old, m);
+            float s = 0.f;
+            for (int p = lane; p < n; p += 32) {
+                const float e = expf(scores[g * ATT_TILE + p] - m_new);
+                scores[g * ATT_TILE + p] = e;
+                s += e;
+            }
+            s = warp_sum(s);
+            if (lane == 0) {
+                const float alpha = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
+                run_sum[g] = run_sum[g] * alpha + s;
+                run_max[g] = m_new;
+                rescale[g] = alpha;
+            }
+        }
+        __syncthreads();
+        // Weighted values: thread owns outputs o = threadIdx.x + c * ATT_THREADS of [group, head_dim].
+#pragma unroll
+        for (int c = 0; c < ATT_MAX_OUT; c++) {
+            const int o = threadIdx.x + c * ATT_THREADS;
+            if (o < group_width) {
+                const int g = o / head_dim, d = o % head_dim;
+                float a = acc[c] * rescale[g];
+                const float* w = scores + g * ATT_TILE;
+                const T* v = v_cache + (long long)kv_head * head_dim + d;
+                for (int p = 0; p < n; p++) a += w[p] * to_f(v[slots[p] * kv_stride]);
+                acc[c] = a;
+            }
+        }
+        __syncthreads();
+    }
+
+    if (num_splits == 1) {
+#pragma unroll
+        for (int c = 0; c < ATT_MAX_OUT; c++) {
+            const int o = threadIdx.x + c * ATT_THREADS;
+            if (o < group_width) {
+                const float l = run_sum[o / head_dim];
+                out[q_base + o] = from_f<T>(l > 0.f ? acc[c] / l : 0.f);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int c = 0; c < ATT_MAX_OUT; c++) {
+            const int o = threadIdx.x + c * ATT_THREADS;
+            if (o < group_width) {
+                const int g = o / head_dim, d = o % head_dim;
+                const long long head = (long long)t * num_heads + (long long)kv_head * group + g;
+                part_acc[(head * num_splits + split) * head_dim + d] = acc[c];
+            }
+        }
+        if (threadIdx.x < group) {
+            const long long head = (long long)t * num_heads + (long long)kv_head * group + threadIdx.x;
+            part_ml[(head * num_splits + split) * 2] = run_max[threadIdx.x];
+            part_ml[(head * num_splits + split) * 2 + 1] = run_sum[threadIdx.x];
+        }
+    }
+}
+
+// Combines the splits of paged_attention: one block per (token, head).
+template <typename T>
+__device__ void attention_reduce(T* out, const float* part_acc, const float* part_ml, int num_heads, int head_dim, int num_splits) {
+    const long long head = (long long)blockIdx.x * num_heads + blockIdx.y;
+    const float* ml = part_ml + head * num_splits * 2;
+    float m = -INFINITY;
+    for (int s = 0; s < num_splits; s++)
+        if (ml[2 * s + 1] > 0.f) m = fmaxf(m, ml[2 * s]);
+    float l = 0.f;
+    for (int s = 0; s < num_splits; s++)
+        if (ml[2 * s + 1] > 0.f) l += ml[2 * s + 1] * expf(ml[2 * s] - m);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < num_splits; s++)
+            if (ml[2 * s + 1] > 0.f) a += part_acc[(head * num_splits + s) * head_dim + d] * expf(ml[2 * s] - m);
+        out[head * head_dim + d] = from_f<T>(l > 0.f ? a / l : 0.f);
+    }
+}
+
+#define INSTANTIATE(SUFFIX, T)                                                                                          \
+    extern "C" __global__ void embedding_##SUFFIX(T* out, const T* table, const uint32_t* ids, int hidden) {           \
+        embedding<T>(out, table, ids, hidden);                                                                          \
+    }                                                                                                                   \
+    extern "C" __global__ void gather_rows_##SUFFIX(T* out, const T* src, const uint32_t* rows, int width) {           \
+        gather_rows<T>(out, src, rows, width);                                                                          \
+    }                                                                                                                   \
+    extern "C" __global__ void add_rms_norm_##SUFFIX(T* residual, const T* delta, const T* weight, T* out, int hidden, \
+                                                     float eps) {                                                       \
+        add_rms_norm<T>(residual, delta, weight, out, hidden, eps);                                                     \
+    }                                                                                                                   \
+    extern "C" __global__ void silu_mul_##SUFFIX(T* out, const T* gate_up, int inter, long long total) {               \
+        silu_mul<T>(out, gate_up, inter, total);                                                                        \
+    }                                                                                                                   \
+    extern "C" __global__ void qkv_prepare_##SUFFIX(                                                                    \
+        const T* qkv, const T* bias, const T* q_norm, const T* k_norm, const float* cos_table, const float* sin_table, \
+        const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,            \
+        int block_size, T* q_out, T* k_cache, T* v_cache, int num_heads, int num_kv_heads, int head_dim, float eps) {  \
+        qkv_prepare<T>(qkv, bias, q_norm, k_norm, cos_table, sin_table, positions, token_seq, block_tables, max_blocks, \
+                       block_size, q_out, k_cache, v_cache, num_heads, num_kv_heads, head_dim, eps);                    \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_attention_##SUFFIX(                                 \
+        T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache, const T* v_cache,                       \
+        const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,            \
+        int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,         \
+        int num_splits) {                                                                                               \
+        paged_attention<T>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq, block_tables, max_blocks, \
+                           block_size, num_heads, num_kv_heads, head_dim, scale, window, partition, num_splits);        \
+    }                                                                                                                   \
+    extern "C" __global__ void attention_reduce_##SUFFIX(T* out, const float* part_acc, const float* part_ml,          \
+                                                         int num_heads, int head_dim, int num_splits) {                 \
+        attention_reduce<T>(out, part_acc, part_ml, num_heads, head_dim, num_splits);                                   \
+    }
+
+INSTANTIATE(f32, float)
+INSTANTIATE(bf16, __nv_bfloat16)
+INSTANTIATE(f16, __half)

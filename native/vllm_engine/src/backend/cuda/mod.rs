@@ -1,0 +1,129 @@
+//! The CUDA path of the hot ops: our kernels (kernels/ops.cu, embedded by build.rs as a
+//! sm_90 cubin plus PTX) launched through cudarc on candle's stream, over candle tensors.
+//! Matrix products stay candle's (cuBLAS).
+
+pub mod kv_cache;
+pub mod ops;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtr};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::{DType, Device, Storage, Tensor};
+
+use crate::error::{EngineError, Result};
+
+pub use kv_cache::DeviceKvCache;
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Opens CUDA device `ordinal` for candle. Every tensor of the engine lives on its one
+/// stream, so cudarc's per-use event tracking is only overhead: it is turned off before
+/// any tensor exists.
+pub fn open_device(ordinal: usize) -> Result<Device> {
+    let device = Device::new_cuda(ordinal)
+        .map_err(|e| EngineError::unsupported(format!("cannot open CUDA device {ordinal}: {e}")))?;
+    let cuda = device.as_cuda_device()?;
+    // SAFETY: the engine issues all its work on this device's single stream.
+    unsafe { cuda.disable_event_tracking() };
+    Ok(device)
+}
+
+/// (free, total) bytes of device memory.
+pub fn memory_info(device: &Device) -> Result<(usize, usize)> {
+    let stream = device.as_cuda_device()?.cuda_stream();
+    stream
+        .context()
+        .mem_get_info()
+        .map_err(|e| EngineError::internal(format!("cuMemGetInfo: {e}")))
+}
+
+/// Our kernels loaded on one device, functions looked up once by name.
+pub struct Kernels {
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    functions: HashMap<String, CudaFunction>,
+}
+
+const KERNEL_NAMES: [&str; 7] = [
+    "embedding",
+    "gather_rows",
+    "add_rms_norm",
+    "silu_mul",
+    "qkv_prepare",
+    "paged_attention",
+    "attention_reduce",
+];
+
+impl Kernels {
+    pub fn load(device: &Device) -> Result<Self> {
+        let stream = device.as_cuda_device()?.cuda_stream();
+        let context = stream.context().clone();
+        // The cubin is for sm_90; any other GPU JIT-compiles the PTX.
+        let module = match context.load_module(Ptx::from_binary(embedded::OPS_CUBIN.to_vec())) {
+            Ok(m) => m,
+            Err(_) => context
+                .load_module(Ptx::from_src(embedded::OPS_PTX))
+                .map_err(|e| EngineError::internal(format!("cannot load the CUDA kernels: {e}")))?,
+        };
+        let mut functions = HashMap::new();
+        for name in KERNEL_NAMES {
+            for suffix in ["f32", "bf16", "f16"] {
+                let full = format!("{name}_{suffix}");
+                let f = module
+                    .load_function(&full)
+                    .map_err(|e| EngineError::internal(format!("kernel {full} is missing: {e}")))?;
+                functions.insert(full, f);
+            }
+        }
+        Ok(Kernels {
+            stream,
+            _module: module,
+            functions,
+        })
+    }
+
+    fn function(&self, name: &str, dtype: DType) -> Result<&CudaFunction> {
+        let suffix = match dtype {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            other => return Err(EngineError::internal(format!("no {name} kernel for {other:?}"))),
+        };
+        self.functions
+            .get(&format!("{name}_{suffix}"))
+            .ok_or_else(|| EngineError::internal(format!("kernel {name}_{suffix} is not loaded")))
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+/// The device address of a contiguous CUDA tensor's first element.
+pub fn device_ptr(t: &Tensor) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    if !layout.is_contiguous() {
+        return Err(EngineError::internal("a CUDA kernel operand is not contiguous"));
+    }
+    let Storage::Cuda(cuda) = &*storage else {
+        return Err(EngineError::internal("a CUDA kernel operand is not on the GPU"));
+    };
+    let stream = cuda.device.cuda_stream();
+    let base = match t.dtype() {
+        DType::F32 => cuda.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        DType::BF16 => cuda.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+        DType::F16 => cuda.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+        DType::U32 => cuda.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
+        other => return Err(EngineError::internal(format!("unexpected {other:?} kernel operand"))),
+    };
+    Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
+}
+
+/// `device_ptr` of an optional operand; 0 (a null pointer) when absent.
+pub fn optional_ptr(t: Option<&Tensor>) -> Result<u64> {
+    t.map_or(Ok(0), device_ptr)
+}

@@ -1,0 +1,381 @@
+//! The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) on a CUDA GPU: the same model as
+//! decoder.rs, with weights resident on the device in bf16/f16/f32, matrix products through
+//! cuBLAS (candle) and every other op one of our kernels (backend/cuda). The KV cache is a
+//! DeviceKvCache; one upload of step metadata per forward, logits copied back as float32.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::backend::cuda::ops::{self, AttentionDims, QkvExtras, StepMeta, ATT_MAX_GROUP_WIDTH, ATT_MAX_HEAD_DIM};
+use crate::backend::cuda::{memory_info, DeviceKvCache, Kernels};
+use crate::config::{Architecture, EngineArgs, ModelConfig};
+use crate::error::{EngineError, ErrorCategory, Result};
+use crate::kv_cache::PagedKvCache;
+use crate::loader::WeightSource;
+use crate::models::layers::Rotary;
+use crate::models::{CausalLM, ForwardBatch};
+
+/// Rotary tables cover at most this many positions (max_position_embeddings beyond it is
+/// unusual for the models served here and would only cost memory).
+const MAX_ROTARY_POSITIONS: usize = 1 << 17;
+/// Shared memory of qkv_prepare holds one fused row in f32: 48 KiB without opting in.
+const MAX_QKV_WIDTH: usize = 12 * 1024;
+/// Room kept free for cuBLAS workspaces and allocator slack when sizing the KV cache.
+const DEVICE_SLACK_BYTES: usize = 512 << 20;
+
+struct CudaLayer {
+    input_norm: Tensor,
+    /// [q + 2 kv, hidden]
+    qkv: Tensor,
+    qkv_bias: Option<Tensor>,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    /// [hidden, q]
+    o_proj: Tensor,
+    post_attention_norm: Tensor,
+    /// [2 * intermediate, hidden]
+    gate_up: Tensor,
+    /// [hidden, intermediate]
+    down: Tensor,
+}
+
+pub struct CudaDecoderLM {
+    config: ModelConfig,
+    device: Device,
+    dtype: DType,
+    kernels: Kernels,
+    embed: Tensor,
+    layers: Vec<CudaLayer>,
+    final_norm: Tensor,
+    /// The embedding table itself when tied.
+    lm_head: Tensor,
+    /// float32 [positions, head_dim / 2].
+    cos: Tensor,
+    sin: Tensor,
+    rotary_positions: usize,
+    dims: AttentionDims,
+    weight_bytes: usize,
+}
+
+/// Checks that our kernels cover the model's attention geometry.
+fn check_geometry(c: &ModelConfig) -> Result<()> {
+    let unsupported = |what: String| Err(EngineError::unsupported(format!("CUDA backend: {what}")));
+    if c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
+        return unsupported(format!(
+            "{} attention heads are not a multiple of {} KV heads",
+            c.num_attention_heads, c.num_key_value_heads
+        ));
+    }
+    if c.head_dim % 2 != 0 || c.head_dim > ATT_MAX_HEAD_DIM {
+        return unsupported(format!("head_dim {} (even, at most {ATT_MAX_HEAD_DIM})", c.head_dim));
+    }
+    let group = c.num_attention_heads / c.num_key_value_heads;
+    if group * c.head_dim > ATT_MAX_GROUP_WIDTH {
+        return unsupported(format!(
+            "{group} query heads per KV head of dim {} exceed {ATT_MAX_GROUP_WIDTH} values",
+            c.head_dim
+        ));
+    }
+    if (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim > MAX_QKV_WIDTH {
+        return unsupported("a fused q/k/v row wider than 12288 values".into());
+    }
+    Ok(())
+}
+
+impl CudaDecoderLM {
+    /// Builds the model from HF-named weights, uploading each in `dtype` as it is read.
+    pub fn load(config: ModelConfig, weights: &mut dyn WeightSource, device: &Device, dtype: DType) -> Result<Self> {
+        check_geometry(&config)?;
+        let c = &config;
+        let h = c.hidden_size;
+        let q_width = c.num_attention_heads * c.head_dim;
+        let kv_width = c.num_key_value_heads * c.head_dim;
+        let mut weight_bytes = 0usize;
+        let mut upload = |t: Tensor| -> Result<Tensor> {
+            let t = t.to_device(device)?.to_dtype(dtype)?.contiguous()?;
+            weight_bytes += t.elem_count() * dtype.size_in_bytes();
+            Ok(t)
+        };
+        let embed = upload(weights.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?)?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut get = |name: &str, shape: &[usize]| weights.tensor(&format!("{p}.{name}"), shape);
+            let qkv = Tensor::cat(
+                &[
+                    get("self_attn.q_proj.weight", &[q_width, h])?,
+                    get("self_attn.k_proj.weight", &[kv_width, h])?,
+                    get("self_attn.v_proj.weight", &[kv_width, h])?,
+                ],
+                0,
+            )?;
+            let qkv_bias = if c.attention_bias {
+                Some(Tensor::cat(
+                    &[
+                        get("self_attn.q_proj.bias", &[q_width])?,
+                        get("self_attn.k_proj.bias", &[kv_width])?,
+                        get("self_attn.v_proj.bias", &[kv_width])?,
+                    ],
+                    0,
+                )?)
+            } else {
+                None
+            };
+            let (q_norm, k_norm) = if c.architecture == Architecture::Qwen3 {
+                (
+                    Some(get("self_attn.q_norm.weight", &[c.head_dim])?),
+                    Some(get("self_attn.k_norm.weight", &[c.head_dim])?),
+                )
+            } else {
+                (None, None)
+            };
+            let o_proj = get("self_attn.o_proj.weight", &[h, q_width])?;
+            let gate_up = Tensor::cat(
+                &[
+                    get("mlp.gate_proj.weight", &[c.intermediate_size, h])?,
+                    get("mlp.up_proj.weight", &[c.intermediate_size, h])?,
+                ],
+                0,
+            )?;
+            let down = get("mlp.down_proj.weight", &[h, c.intermediate_size])?;
+            let input_norm = get("input_layernorm.weight", &[h])?;
+            let post_attention_norm = get("post_attention_layernorm.weight", &[h])?;
+            layers.push(CudaLayer {
+                input_norm: upload(input_norm)?,
+                qkv: upload(qkv)?,
+                qkv_bias: qkv_bias.map(&mut upload).transpose()?,
+                q_norm: q_norm.map(&mut upload).transpose()?,
+                k_norm: k_norm.map(&mut upload).transpose()?,
+                o_proj: upload(o_proj)?,
+                post_attention_norm: upload(post_attention_norm)?,
+                gate_up: upload(gate_up)?,
+                down: upload(down)?,
+            });
+        }
+        let final_norm = upload(weights.tensor("model.norm.weight", &[h])?)?;
+        let lm_head = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            upload(weights.tensor("lm_head.weight", &[c.vocab_size, h])?)?
+        };
+
+        let rotary_positions = c.max_position_embeddings.clamp(1, MAX_ROTARY_POSITIONS);
+        let positions: Vec<usize> = (0..rotary_positions).collect();
+        let (cos, sin) = Rotary::new(c.head_dim, c.rope_theta).tables(&positions);
+        let half = c.head_dim / 2;
+        let cos = Tensor::from_vec(cos, (rotary_positions, half), device)?;
+        let sin = Tensor::from_vec(sin, (rotary_positions, half), device)?;
+
+        let dims = AttentionDims {
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            window: c.sliding_window.unwrap_or(0),
+        };
+        let kernels = Kernels::load(device)?;
+        Ok(CudaDecoderLM {
+            config,
+            device: device.clone(),
+            dtype,
+            kernels,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            cos,
+            sin,
+            rotary_positions,
+            dims,
+            weight_bytes,
+        })
+    }
+
+    fn kv_width(&self) -> usize {
+        self.config.num_key_value_heads * self.config.head_dim
+    }
+
+    /// Device memory one step's activations may take at most (a generous estimate).
+    fn activation_bytes(&self, max_num_batched_tokens: usize, max_num_seqs: usize) -> usize {
+        let c = &self.config;
+        let q_width = c.num_attention_heads * c.head_dim;
+        let per_token = 4 * c.hidden_size + 2 * (q_width + 2 * self.kv_width()) + 2 * q_width + 3 * c.intermediate_size;
+        let tokens = max_num_batched_tokens * per_token * self.dtype.size_in_bytes();
+        // Logits in the model dtype and in float32.
+        let logits = max_num_seqs.min(max_num_batched_tokens) * c.vocab_size * (self.dtype.size_in_bytes() + 4);
+        2 * tokens + logits
+    }
+
+    /// Uploads the step's token ids, positions, token -> sequence map, logit rows and block
+    /// tables in one copy.
+    fn step_meta(&self, batch: &ForwardBatch, kv: &PagedKvCache) -> Result<(Tensor, Tensor, StepMeta, usize)> {
+        let c = &self.config;
+        let n = batch.token_ids.len();
+        if batch.positions.len() != n {
+            return Err(EngineError::internal("forward batch: positions and token_ids differ in length"));
+        }
+        if let Some(&bad) = batch.token_ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::validation(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        let max_blocks = batch
+            .seqs
+            .iter()
+            .map(|s| s.context_len.div_ceil(kv.block_size))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut token_seq = vec![u32::MAX; n];
+        let mut rows = Vec::new();
+        let mut tables = vec![0u32; batch.seqs.len() * max_blocks];
+        let mut max_context = 1;
+        for (s, seq) in batch.seqs.iter().enumerate() {
+            let end = seq.query_start + seq.query_len;
+            let blocks = seq.context_len.div_ceil(kv.block_size);
+            if end > n || seq.block_table.len() < blocks || seq.context_len > self.rotary_positions {
+                return Err(EngineError::internal(format!(
+                    "forward batch: seq {s} is inconsistent (tokens {}..{end} of {n}, {} blocks for context {})",
+                    seq.query_start,
+                    seq.block_table.len(),
+                    seq.context_len
+                )));
+            }
+            if let Some(&b) = seq.block_table[..blocks].iter().find(|&&b| b as usize >= kv.num_blocks) {
+                return Err(EngineError::internal(format!("forward batch: block {b} is outside the cache")));
+            }
+            tables[s * max_blocks..s * max_blocks + blocks].copy_from_slice(&seq.block_table[..blocks]);
+            for t in seq.query_start..end {
+                if batch.positions[t] >= seq.context_len || token_seq[t] != u32::MAX {
+                    return Err(EngineError::internal(format!(
+                        "forward batch: token {t} of seq {s} is past its context or in two seqs"
+                    )));
+                }
+                token_seq[t] = s as u32;
+            }
+            max_context = max_context.max(seq.context_len);
+            if seq.want_logits && seq.query_len > 0 {
+                rows.push((end - 1) as u32);
+            }
+        }
+        if token_seq.contains(&u32::MAX) {
+            return Err(EngineError::internal("forward batch: a token belongs to no seq"));
+        }
+        let num_rows = rows.len();
+        let mut host = Vec::with_capacity(3 * n + num_rows + tables.len());
+        host.extend_from_slice(&batch.token_ids);
+        host.extend(batch.positions.iter().map(|&p| p as u32));
+        host.extend_from_slice(&token_seq);
+        host.extend_from_slice(&rows);
+        host.extend_from_slice(&tables);
+        let len = host.len();
+        let all = Tensor::from_vec(host, len, &self.device)?;
+        let ids = all.narrow(0, 0, n)?;
+        let rows = all.narrow(0, 3 * n, num_rows)?;
+        let meta = StepMeta {
+            num_tokens: n,
+            positions: all.narrow(0, n, n)?,
+            token_seq: all.narrow(0, 2 * n, n)?,
+            block_tables: all.narrow(0, 3 * n + num_rows, tables.len())?,
+            max_blocks,
+            block_size: kv.block_size,
+            max_context,
+        };
+        Ok((ids, rows, meta, num_rows))
+    }
+}
+
+impl CausalLM for CudaDecoderLM {
+    fn forward(&self, batch: &ForwardBatch, kv: &mut PagedKvCache) -> Result<Tensor> {
+        let c = &self.config;
+        let cache = kv
+            .device
+            .as_ref()
+            .ok_or_else(|| EngineError::internal("the model is on a GPU but its KV cache is not"))?;
+        if cache.layers.len() != self.layers.len() || cache.dtype != self.dtype {
+            return Err(EngineError::internal("the KV cache does not match the model"));
+        }
+        if batch.token_ids.is_empty() {
+            return Ok(Tensor::zeros((0, c.vocab_size), DType::F32, &Device::Cpu)?);
+        }
+        let (ids, rows, meta, num_rows) = self.step_meta(batch, kv)?;
+        let k = &self.kernels;
+        let eps = c.rms_norm_eps as f32;
+
+        let h = ops::embedding(k, &self.embed, &ids)?;
+        let mut delta: Option<Tensor> = None;
+        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(&cache.layers) {
+            // h += previous MLP output (fused into the norm), x = norm(h).
+            let x = ops::add_rms_norm(k, &h, delta.as_ref(), &layer.input_norm, eps)?;
+            let qkv = x.matmul(&layer.qkv.t()?)?;
+            let extras = QkvExtras {
+                bias: layer.qkv_bias.as_ref(),
+                q_norm: layer.q_norm.as_ref(),
+                k_norm: layer.k_norm.as_ref(),
+                eps,
+            };
+            let q = ops::qkv_prepare(k, &qkv, &extras, &self.cos, &self.sin, &meta, k_cache, v_cache, &self.dims)?;
+            let attn = ops::paged_attention(k, &q, k_cache, v_cache, &meta, &self.dims)?;
+            let o = attn.matmul(&layer.o_proj.t()?)?;
+            let x = ops::add_rms_norm(k, &h, Some(&o), &layer.post_attention_norm, eps)?;
+            let gate_up = x.matmul(&layer.gate_up.t()?)?;
+            let act = ops::silu_mul(k, &gate_up)?;
+            delta = Some(act.matmul(&layer.down.t()?)?);
+        }
+        if num_rows == 0 {
+            return Ok(Tensor::zeros((0, c.vocab_size), DType::F32, &Device::Cpu)?);
+        }
+        let x = ops::add_rms_norm(k, &h, delta.as_ref(), &self.final_norm, eps)?;
+        let last = ops::gather_rows(k, &x, &rows)?;
+        Ok(last.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    fn kv_bytes_per_block(&self, block_size: usize) -> usize {
+        DeviceKvCache::bytes_per_block(self.dtype, self.config.num_hidden_layers, block_size, self.kv_width())
+    }
+
+    fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<PagedKvCache> {
+        let c = &self.config;
+        let cache = DeviceKvCache::new(
+            &self.device,
+            self.dtype,
+            c.num_hidden_layers,
+            num_blocks,
+            block_size,
+            self.kv_width(),
+        )?;
+        Ok(PagedKvCache::on_device(cache, num_blocks, block_size, c.num_key_value_heads, c.head_dim))
+    }
+
+    /// vLLM's rule: the engine may take `gpu_memory_utilization` of the card; the KV cache
+    /// gets what the weights (already resident) and the activations leave of it.
+    fn kv_cache_budget(&self, args: &EngineArgs, max_num_batched_tokens: usize) -> Result<Option<usize>> {
+        let (free, total) = memory_info(&self.device)?;
+        let allowed = (total as f64 * args.gpu_memory_utilization) as usize;
+        let used = total.saturating_sub(free);
+        let reserve = self.activation_bytes(max_num_batched_tokens, args.max_num_seqs) + DEVICE_SLACK_BYTES;
+        let budget = allowed.saturating_sub(used).saturating_sub(reserve);
+        if budget < self.kv_bytes_per_block(args.block_size) {
+            return Err(EngineError::new(
+                ErrorCategory::ResourceExhausted,
+                format!(
+                "no GPU memory left for the KV cache: {:.2} GiB allowed (gpu_memory_utilization {}), \
+                 {:.2} GiB in use after loading the weights, {:.2} GiB kept for activations",
+                allowed as f64 / (1u64 << 30) as f64,
+                args.gpu_memory_utilization,
+                used as f64 / (1u64 << 30) as f64,
+                    reserve as f64 / (1u64 << 30) as f64
+                ),
+            ));
+        }
+        Ok(Some(budget))
+    }
+}
