@@ -58,16 +58,22 @@ fn main() {
     std::fs::write(out.join("kernels.rs"), module).expect("write kernels.rs");
 
     // cudarc links the CUDA libraries dynamically. At build time they may be symbol-less
-    // stubs (no GPU here), which `--as-needed` would drop from NEEDED: keep them.
-    for lib in ["cuda", "cublas", "cublasLt", "curand", "nvrtc"] {
-        println!("cargo:rustc-link-lib=dylib:-as-needed={lib}");
+    // stubs (no GPU here), which `--as-needed` (rustc's default) would drop from NEEDED:
+    // name them again after everything else with `--no-as-needed`. Executables must also
+    // link although the stubs define no symbols; the real libraries resolve them at load
+    // time on the GPU machine. (Applies to this crate's binaries and tests; the NIF's
+    // build.rs does the same for its cdylib.)
+    for target in ["bins", "tests"] {
+        println!("cargo:rustc-link-arg-{target}=-Wl,--no-as-needed");
+        for lib in CUDA_LIBS {
+            println!("cargo:rustc-link-arg-{target}=-l{lib}");
+        }
+        println!("cargo:rustc-link-arg-{target}=-Wl,--unresolved-symbols=ignore-in-object-files");
     }
-    // Executables must link although the stubs define no symbols; the real libraries
-    // resolve them at load time on the GPU machine.
-    println!("cargo:rustc-link-arg-bins=-Wl,--unresolved-symbols=ignore-in-object-files");
-    println!("cargo:rustc-link-arg-tests=-Wl,--unresolved-symbols=ignore-in-object-files");
-    println!("cargo:rustc-link-arg-examples=-Wl,--unresolved-symbols=ignore-in-object-files");
 }
+
+/// The libraries cudarc (through candle) calls into.
+const CUDA_LIBS: [&str; 5] = ["cuda", "cublas", "cublasLt", "curand", "nvrtc"];
 
 fn run(cmd: &mut Command) {
     let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is nvcc on PATH or CUDA_HOME set?)"));

@@ -1,9 +1,15 @@
 //! vllm-bench: time a model through the bare Rust engine.
 //!
 //!   vllm-bench MODEL [--batch N] [--input-len N] [--output-len N] [--max-model-len N] [--threads N]
+//!   vllm-bench --workload w1|w2|w3 MODEL|CONFIG.json [--load-format dummy] [--device cuda] ...
 //!
-//! Prints the load time, the time to first token and decode speed of one request, and the
-//! aggregate output speed of `--batch` concurrent requests (greedy, ignore_eos).
+//! Without --workload: the load time, the time to first token and decode speed of one
+//! request, and the aggregate output speed of `--batch` concurrent requests (greedy,
+//! ignore_eos). With it: a standard workload of bench/../shared/BENCHMARKS.md (random token
+//! ids, seeded), see workload.rs.
+
+#[path = "vllm-bench/workload.rs"]
+mod workload;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -20,6 +26,8 @@ struct Options {
     output_len: usize,
     max_model_len: Option<usize>,
     threads: Option<usize>,
+    workload: Option<String>,
+    engine: workload::EngineOptions,
 }
 
 fn parse() -> Result<Options, String> {
@@ -31,6 +39,8 @@ fn parse() -> Result<Options, String> {
         output_len: 128,
         max_model_len: None,
         threads: None,
+        workload: None,
+        engine: workload::EngineOptions::default(),
     };
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> Result<usize, String> {
@@ -44,6 +54,11 @@ fn parse() -> Result<Options, String> {
             "--output-len" => o.output_len = num("--output-len")?,
             "--max-model-len" => o.max_model_len = Some(num("--max-model-len")?),
             "--threads" => o.threads = Some(num("--threads")?),
+            "--workload" => o.workload = Some(args.next().ok_or("--workload needs a value")?),
+            s if s.starts_with("--") && o.engine.accepts(s) => {
+                let v = args.next().ok_or(format!("{s} needs a value"))?;
+                o.engine.set(s, &v)?;
+            }
             "-h" | "--help" => return Err(String::new()),
             s if s.starts_with("--") => return Err(format!("unknown option {s}")),
             s => o.model = s.to_string(),
@@ -119,6 +134,7 @@ fn run(o: Options) -> Result<(), String> {
     args.max_model_len = o.max_model_len;
     args.num_threads = o.threads;
     args.max_num_seqs = o.batch.max(1);
+    o.engine.apply(&mut args)?;
     let t0 = Instant::now();
     let engine = Engine::new(args).map_err(|e| format!("cannot start the engine: {e}"))?;
     println!("load: {:.2} s", t0.elapsed().as_secs_f64());
@@ -170,13 +186,18 @@ fn run(o: Options) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    match parse().and_then(run) {
+    let result = parse().and_then(|o| match o.workload.clone() {
+        Some(w) => workload::run(&w, &o.model, o.max_model_len, &o.engine),
+        None => run(o),
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if !e.is_empty() {
                 eprintln!("vllm-bench: {e}");
             }
             eprintln!("usage: vllm-bench MODEL [--batch N] [--input-len N] [--output-len N] [--max-model-len N] [--threads N]");
+            eprintln!("       vllm-bench --workload w1|w2|w3 MODEL|CONFIG.json {}", workload::EngineOptions::USAGE);
             ExitCode::FAILURE
         }
     }

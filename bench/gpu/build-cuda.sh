@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Builds the CUDA variant of the engine's binaries on the development machine (no GPU) and
+# packs them for the GPU machine: .gpu/bin/{vllm-bench,vllm-logits} (stripped), which
+# bench/gpu/check_and_bench.sh runs there. Run from the repository root.
+#   bench/gpu/build-cuda.sh            # CARGO_TARGET_DIR defaults to target-cuda
+set -euo pipefail
+root=$(pwd)
+shared=${SHARED_DIR:-../shared}
+eval "$("$shared/tools/cuda-toolkit.sh")"
+export CUDA_ROOT=$CUDA_HOME CUDA_PATH=$CUDA_HOME
+# -lnvrtc, -lcurand, -lcudart need unversioned names; the wheels ship only versioned ones.
+ln -sf ../libnvrtc.so.13 "$CUDA_HOME/lib/stubs/libnvrtc.so"
+ln -sf ../libcurand.so.10 "$CUDA_HOME/lib/stubs/libcurand.so"
+ln -sf ../libcudart.so.13 "$CUDA_HOME/lib/stubs/libcudart.so"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target-cuda}
+cargo build --release --features cuda -p vllm_engine --bin vllm-bench --bin vllm-logits
+mkdir -p .gpu/bin
+for b in vllm-bench vllm-logits; do
+  strip -o ".gpu/bin/$b" "$CARGO_TARGET_DIR/release/$b"
+done
+ex="$(git rev-parse --git-common-dir)/info/exclude"; grep -qx '/.gpu/' "$ex" 2>/dev/null || echo '/.gpu/' >> "$ex"
+ls -la .gpu/bin

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root; builds nothing. Needs $GPU_DIR (default
+# .gpu/) made on the development machine by bench/gpu/pack.sh: bin/ (vllm-bench and
+# vllm-logits, CUDA build, maybe gzipped), tiny/ (the tiny fixtures), tokenizer.json (any
+# tokenizer; the benchmarks use random ids and no detokenizing) and COMMIT.
+# 1. correctness: tiny fixtures in float32 (logits within 1e-3 of HF), random-weight
+#    Qwen2.5-0.5B / Qwen3-0.6B shapes in bf16 against HF transformers on this GPU;
+# 2. timing with dummy weights: W3 (Qwen2.5-0.5B, batch 1, 128 in / 512 out) and W1
+#    (Qwen3-0.6B, 256 requests, lengths uniform in 100..1024), optionally W2;
+# 3. a short table last. Full logs and JSON under $OUT (or ./gpu-results).
+#   WORKLOADS="w3 w1" RUNS=3 HF_W3=1 bench/gpu/check_and_bench.sh
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+gpu=${GPU_DIR:-$PWD/.gpu}
+out=${OUT:-$PWD/gpu-results}
+mkdir -p "$out"
+work=$(mktemp -d)
+bin=$gpu/bin
+for f in "$bin"/*.gz; do [ -e "$f" ] && gunzip -f "$f"; done
+chmod +x "$bin"/* 2>/dev/null
+workloads=${WORKLOADS:-w3 w1}
+runs=${RUNS:-3}
+
+# The CUDA 13 libraries cudarc links against: wherever this machine keeps them.
+libdirs=$(python3 - <<'PY'
+import glob, os, site
+want = ["libcublas.so.13", "libcublasLt.so.13", "libnvrtc.so.13", "libcurand.so.10", "libcudart.so.13"]
+roots = site.getsitepackages() + ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/lib/x86_64-linux-gnu"]
+dirs = []
+for w in want:
+    for r in roots:
+        hits = glob.glob(os.path.join(r, "**", w), recursive=True)
+        if hits:
+            d = os.path.dirname(hits[0])
+            if d not in dirs:
+                dirs.append(d)
+            break
+print(":".join(dirs))
+PY
+)
+export LD_LIBRARY_PATH=$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+if ldd "$bin/vllm-bench" | grep -q "not found"; then
+  echo "missing libraries:"; ldd "$bin/vllm-bench" | grep "not found"; exit 1
+fi
+
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+commit=$(cat "$gpu/COMMIT" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)
+case "$card" in
+  *H200*) w3_ceiling=4800; w1_ceiling=42000 ;;
+  *H100*) w3_ceiling=3400; w1_ceiling=33000 ;;
+  *) w3_ceiling=; w1_ceiling= ;;
+esac
+echo "card: $card; commit $commit"
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/nvidia-smi.txt"
+
+summary=()
+echo "== correctness: tiny fixtures, float32"
+if python3 "$here/check_tiny.py" "$bin" "$gpu/tiny" "$work" 2>&1 | tee "$out/check_tiny.txt"; then
+  summary+=("tiny fixtures f32 (logits 1e-3, greedy ids): PASS")
+else
+  summary+=("tiny fixtures f32: FAIL (see check_tiny.txt)")
+fi
+echo "== correctness: random-weight models vs HF transformers, bf16"
+if python3 "$here/check_hf.py" "$bin" "$work" 2>&1 | tee "$out/check_hf.txt"; then
+  summary+=("HF comparison bf16: PASS")
+else
+  summary+=("HF comparison bf16: FAIL")
+fi
+grep -E "^(ok|FAIL)" "$out/check_hf.txt" | while read -r l; do echo "  $l"; done > "$work/hf_lines"
+while read -r l; do summary+=("$l"); done < "$work/hf_lines"
+
+config_of() { case $1 in w1) echo "$here/configs/qwen3-0.6b.json" ;; w2) echo "$here/configs/llama-3.1-8b.json" ;; w3) echo "$here/configs/qwen2.5-0.5b.json" ;; esac; }
+ceiling_of() { case $1 in w1) echo "$w1_ceiling" ;; w3) echo "$w3_ceiling" ;; *) echo "" ;; esac; }
+for w in $workloads; do
+  echo "== $w"
+  c=$(ceiling_of "$w")
+  extra=()
+  [ -n "$c" ] && extra+=(--ceiling "$c")
+  [ "$w" = w3 ] && extra+=(--max-model-len 1024)
+  [ "$w" != w3 ] && extra+=(--max-model-len 2048 --max-num-batched-tokens 8192)
+  timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
+    --dtype bfloat16 --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$w.json" "${extra[@]}" \
+    2>&1 | tee "$out/$w.txt"
+  summary+=("$(grep -E "^$w median" "$out/$w.txt" || echo "$w: FAILED (see $w.txt)")")
+done
+
+if [ "${HF_W3:-0}" = 1 ]; then
+  echo "== HF transformers W3 (128 in, 128 out, bf16, same card)"
+  W3_CONFIG=$here/configs/qwen2.5-0.5b.json python3 - <<'PY' 2>&1 | tee "$out/hf_w3.txt"
+import json, os, time, torch, transformers
+cfg = transformers.Qwen2Config(**{k: v for k, v in json.load(open(os.environ["W3_CONFIG"])).items() if k not in ("architectures", "model_type", "torch_dtype")})
+m = transformers.Qwen2ForCausalLM(cfg).to(torch.bfloat16).cuda().eval()
+ids = torch.randint(1, 10000, (1, 128), device="cuda")
+m.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+torch.cuda.synchronize(); t = time.time()
+m.generate(ids, max_new_tokens=128, min_new_tokens=128, do_sample=False)
+torch.cuda.synchronize(); dt = time.time() - t
+print(f"hf_w3 TPOT {dt / 128 * 1e3:.2f} ms ({128 / dt:.1f} tok/s, TTFT included)")
+PY
+  summary+=("$(grep hf_w3 "$out/hf_w3.txt" || echo 'hf_w3: failed')")
+fi
+
+echo
+echo "== summary ($card, commit $commit)"
+printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds the CUDA binaries (bench/gpu/build-cuda.sh) and packs everything the GPU machine
+# needs into DEST (default .gpu/ of this checkout; git-ignored through info/exclude):
+# gzipped binaries, the tiny fixtures, a tokenizer, these scripts and the commit.
+#   bench/gpu/pack.sh [DEST]
+set -euo pipefail
+dest=${1:-.gpu}
+shared=${SHARED_DIR:-../shared}
+bench/gpu/build-cuda.sh >&2
+mkdir -p "$dest/bin" "$dest/bench"
+gzip -c .gpu/bin/vllm-bench > "$dest/bin/vllm-bench.gz"
+gzip -c .gpu/bin/vllm-logits > "$dest/bin/vllm-logits.gz"
+rm -rf "$dest/tiny" && cp -r "$shared/fixtures/tiny" "$dest/tiny" && chmod -R u+w "$dest/tiny"
+cp "$shared/fixtures/smollm2_tokenizer.json" "$dest/tokenizer.json"
+rm -rf "$dest/bench/gpu" && cp -r bench/gpu "$dest/bench/gpu"
+git rev-parse --short HEAD > "$dest/COMMIT"
+git diff --quiet HEAD || echo "+dirty" >> "$dest/COMMIT"
+du -sh "$dest"

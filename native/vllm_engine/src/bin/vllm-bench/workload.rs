@@ -1,0 +1,327 @@
+//! The standard workloads of BENCHMARKS.md through the engine, with random token ids
+//! (seeded) and ignore_eos:
+//! - w1: 256 requests, prompt and output lengths uniform in 100..=1024 (nano-vllm's benchmark);
+//! - w2: 1000 requests, 128 in / 128 out (vLLM's benchmark_throughput);
+//! - w3: batch 1, 128 in / 512 out: TTFT and time per output token (TPOT).
+//!
+//! Prints one result line per workload and, with --json FILE, writes the numbers there.
+
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use vllm_engine::config::{DType, Device, LoadFormat};
+use vllm_engine::{Engine, EngineArgs, EngineError, EngineRequest, OutputKind, OutputSink, RequestOutput, SamplingParams};
+
+/// Engine options shared by every workload.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub device: Option<String>,
+    pub dtype: Option<String>,
+    pub load_format: Option<String>,
+    pub tokenizer: Option<String>,
+    pub max_num_seqs: Option<usize>,
+    pub max_num_batched_tokens: Option<usize>,
+    pub gpu_memory_utilization: Option<f64>,
+    pub num_requests: Option<usize>,
+    pub seed: u64,
+    /// The workload's physical ceiling in output tok/s on this card (BENCHMARKS.md).
+    pub ceiling: Option<f64>,
+    pub json: Option<String>,
+    pub runs: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            device: None,
+            dtype: None,
+            load_format: None,
+            tokenizer: None,
+            max_num_seqs: None,
+            max_num_batched_tokens: None,
+            gpu_memory_utilization: None,
+            num_requests: None,
+            seed: 0,
+            ceiling: None,
+            json: None,
+            runs: 1,
+        }
+    }
+}
+
+impl EngineOptions {
+    pub const USAGE: &'static str = "[--device cpu|cuda|cuda:N] [--dtype auto|bfloat16|float16|float32] \
+[--load-format auto|dummy] [--tokenizer FILE] [--max-num-seqs N] [--max-num-batched-tokens N] \
+[--gpu-memory-utilization F] [--num-requests N] [--seed N] [--ceiling TOK_PER_S] [--runs N] [--json FILE]";
+
+    pub fn accepts(&self, flag: &str) -> bool {
+        matches!(
+            flag,
+            "--device"
+                | "--dtype"
+                | "--load-format"
+                | "--tokenizer"
+                | "--max-num-seqs"
+                | "--max-num-batched-tokens"
+                | "--gpu-memory-utilization"
+                | "--num-requests"
+                | "--seed"
+                | "--ceiling"
+                | "--json"
+                | "--runs"
+        )
+    }
+
+    pub fn set(&mut self, flag: &str, value: &str) -> Result<(), String> {
+        let int = || value.parse::<usize>().map_err(|_| format!("{flag} must be a non-negative integer, got {value:?}"));
+        let float = || value.parse::<f64>().map_err(|_| format!("{flag} must be a number, got {value:?}"));
+        match flag {
+            "--device" => self.device = Some(value.into()),
+            "--dtype" => self.dtype = Some(value.into()),
+            "--load-format" => self.load_format = Some(value.into()),
+            "--tokenizer" => self.tokenizer = Some(value.into()),
+            "--max-num-seqs" => self.max_num_seqs = Some(int()?),
+            "--max-num-batched-tokens" => self.max_num_batched_tokens = Some(int()?),
+            "--gpu-memory-utilization" => self.gpu_memory_utilization = Some(float()?),
+            "--num-requests" => self.num_requests = Some(int()?),
+            "--seed" => self.seed = int()? as u64,
+            "--ceiling" => self.ceiling = Some(float()?),
+            "--json" => self.json = Some(value.into()),
+            "--runs" => self.runs = int()?.max(1),
+            _ => return Err(format!("unknown option {flag}")),
+        }
+        Ok(())
+    }
+
+    pub fn apply(&self, args: &mut EngineArgs) -> Result<(), String> {
+        let e = |e: EngineError| e.to_string();
+        if let Some(d) = &self.device {
+            args.device = Device::parse(d).map_err(e)?;
+        }
+        if let Some(d) = &self.dtype {
+            args.dtype = DType::parse(d).map_err(e)?;
+        }
+        if let Some(f) = &self.load_format {
+            args.load_format = LoadFormat::parse(f).map_err(e)?;
+        }
+        if let Some(t) = &self.tokenizer {
+            args.tokenizer = Some(t.into());
+        }
+        if let Some(n) = self.max_num_seqs {
+            args.max_num_seqs = n;
+        }
+        if self.max_num_batched_tokens.is_some() {
+            args.max_num_batched_tokens = self.max_num_batched_tokens;
+        }
+        if let Some(u) = self.gpu_memory_utilization {
+            args.gpu_memory_utilization = u;
+        }
+        args.seed = self.seed;
+        Ok(())
+    }
+}
+
+struct TimingSink(Sender<(Instant, RequestOutput)>);
+
+impl OutputSink for TimingSink {
+    fn send(&mut self, output: RequestOutput) -> bool {
+        self.0.send((Instant::now(), output)).is_ok()
+    }
+    fn fail(&mut self, error: EngineError) {
+        eprintln!("request failed: {error}");
+    }
+}
+
+/// One request of a workload.
+struct Spec {
+    prompt: Vec<u32>,
+    output_len: usize,
+}
+
+fn random_prompt(rng: &mut ChaCha8Rng, len: usize, vocab: usize) -> Vec<u32> {
+    // Ids below 10_000 stay clear of special tokens at the top of real vocabularies.
+    let top = vocab.clamp(2, 10_000) as u32;
+    (0..len).map(|_| rng.random_range(1..top)).collect()
+}
+
+fn specs(workload: &str, vocab: usize, o: &EngineOptions) -> Result<Vec<Spec>, String> {
+    let mut rng = ChaCha8Rng::seed_from_u64(o.seed);
+    let (n, lens): (usize, Box<dyn Fn(&mut ChaCha8Rng) -> (usize, usize)>) = match workload {
+        "w1" => (256, Box::new(|r| (r.random_range(100..=1024), r.random_range(100..=1024)))),
+        "w2" => (1000, Box::new(|_| (128, 128))),
+        "w3" => (1, Box::new(|_| (128, 512))),
+        other => return Err(format!("unknown workload {other:?} (w1, w2, w3)")),
+    };
+    let n = o.num_requests.unwrap_or(n);
+    Ok((0..n)
+        .map(|_| {
+            let (input, output) = lens(&mut rng);
+            Spec {
+                prompt: random_prompt(&mut rng, input, vocab),
+                output_len: output,
+            }
+        })
+        .collect())
+}
+
+/// Arrival time of the first and last output and the number of output tokens.
+struct Finished {
+    first: Instant,
+    last: Instant,
+    tokens: usize,
+}
+
+fn submit(engine: &Engine, id: String, spec: &Spec) -> Result<Receiver<(Instant, RequestOutput)>, String> {
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(spec.output_len),
+        min_tokens: spec.output_len,
+        ignore_eos: true,
+        detokenize: false,
+        output_kind: OutputKind::Delta,
+        ..Default::default()
+    };
+    let (tx, rx) = unbounded();
+    engine
+        .add_request(EngineRequest::new(id, spec.prompt.clone(), params), Box::new(TimingSink(tx)))
+        .map_err(|e| e.to_string())?;
+    Ok(rx)
+}
+
+fn drain(rx: &Receiver<(Instant, RequestOutput)>) -> Result<Finished, String> {
+    let mut first = None;
+    let mut tokens = 0;
+    loop {
+        let (t, out) = rx
+            .recv_timeout(Duration::from_secs(900))
+            .map_err(|_| "a request never finished".to_string())?;
+        first.get_or_insert(t);
+        tokens += out.outputs.first().map_or(0, |c| c.token_ids.len());
+        if out.finished {
+            return Ok(Finished {
+                first: first.unwrap_or(t),
+                last: t,
+                tokens,
+            });
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &EngineOptions) -> Result<(), String> {
+    let mut args = EngineArgs::new(model);
+    args.max_model_len = max_model_len;
+    if workload != "w3" {
+        args.max_num_seqs = 256;
+    }
+    o.apply(&mut args)?;
+    let t0 = Instant::now();
+    let engine = Engine::new(args).map_err(|e| format!("cannot start the engine: {e}"))?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let limits = engine.limits();
+    println!(
+        "load {load_s:.2} s; KV cache {} blocks of {} tokens; max_num_seqs {}, max_num_batched_tokens {}",
+        limits.num_blocks, limits.block_size, limits.max_num_seqs, limits.max_num_batched_tokens
+    );
+    let specs = specs(workload, engine.model_config().vocab_size, o)?;
+    // Warm-up: one short request, so lazy initialisation stays out of the numbers.
+    let warm = Spec {
+        prompt: specs[0].prompt.iter().copied().take(16).collect(),
+        output_len: 4,
+    };
+    drain(&submit(&engine, "warmup".into(), &warm)?)?;
+
+    let mut lines = Vec::new();
+    let mut tputs = Vec::new();
+    let mut tpots = Vec::new();
+    let mut ttfts = Vec::new();
+    let mut walls = Vec::new();
+    for run in 0..o.runs {
+        let start = Instant::now();
+        let receivers = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| submit(&engine, format!("{workload}-{run}-{i}"), s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let done = receivers.iter().map(drain).collect::<Result<Vec<_>, _>>()?;
+        let wall = start.elapsed().as_secs_f64();
+        let out_tokens: usize = done.iter().map(|d| d.tokens).sum();
+        let in_tokens: usize = specs.iter().map(|s| s.prompt.len()).sum();
+        let expected: usize = specs.iter().map(|s| s.output_len).sum();
+        if out_tokens != expected {
+            return Err(format!("{out_tokens} output tokens, expected {expected}"));
+        }
+        walls.push(wall);
+        tputs.push(out_tokens as f64 / wall);
+        if workload == "w3" {
+            let d = &done[0];
+            let ttft = (d.first - start).as_secs_f64();
+            let tpot = (d.last - d.first).as_secs_f64() / (d.tokens.max(2) - 1) as f64;
+            ttfts.push(ttft);
+            tpots.push(tpot);
+            lines.push(format!(
+                "run {run}: TTFT {:.2} ms, TPOT {:.3} ms ({:.0} tok/s)",
+                ttft * 1e3,
+                tpot * 1e3,
+                1.0 / tpot
+            ));
+        } else {
+            lines.push(format!(
+                "run {run}: {} requests, {in_tokens} in / {out_tokens} out tokens in {wall:.2} s: {:.0} output tok/s, {:.0} total tok/s",
+                specs.len(),
+                out_tokens as f64 / wall,
+                (in_tokens + out_tokens) as f64 / wall
+            ));
+        }
+    }
+    for l in &lines {
+        println!("{workload} {l}");
+    }
+    let (value, unit) = if workload == "w3" {
+        (1.0 / median(tpots.clone()), "tok/s (1/TPOT)")
+    } else {
+        (median(tputs.clone()), "output tok/s")
+    };
+    let fraction = o.ceiling.map(|c| value / c);
+    let mut summary = format!("{workload} median: {value:.0} {unit}");
+    if workload == "w3" {
+        summary += &format!(
+            ", TPOT {:.3} ms, TTFT {:.2} ms",
+            median(tpots.clone()) * 1e3,
+            median(ttfts.clone()) * 1e3
+        );
+    } else {
+        summary += &format!(", {:.2} s", median(walls.clone()));
+    }
+    if let (Some(f), Some(c)) = (fraction, o.ceiling) {
+        summary += &format!(" = {:.1}% of the {c:.0} tok/s ceiling", f * 100.0);
+    }
+    println!("{summary}");
+    if let Some(path) = &o.json {
+        let json = serde_json::json!({
+            "workload": workload,
+            "load_s": load_s,
+            "num_blocks": limits.num_blocks,
+            "value": value,
+            "unit": unit,
+            "ceiling": o.ceiling,
+            "fraction_of_ceiling": fraction,
+            "throughputs": tputs,
+            "walls_s": walls,
+            "tpot_s": tpots,
+            "ttft_s": ttfts,
+        });
+        std::fs::write(path, json.to_string()).map_err(|e| format!("cannot write {path}: {e}"))?;
+    }
+    engine.shutdown();
+    Ok(())
+}
