@@ -19,6 +19,8 @@ bin=$gpu/bin
 for f in "$bin"/*.gz; do [ -e "$f" ] && gunzip -f "$f"; done
 chmod +x "$bin"/* 2>/dev/null
 workloads=${WORKLOADS:-w3 w1}
+# The runner prints where step time goes when the engine shuts down.
+export VLLM_STEP_TIMING=${VLLM_STEP_TIMING:-1}
 runs=${RUNS:-3}
 
 # The CUDA 13 libraries cudarc links against: wherever this machine keeps them.
@@ -82,6 +84,7 @@ for w in $workloads; do
     --dtype bfloat16 --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$w.json" "${extra[@]}" \
     2>&1 | tee "$out/$w.txt"
   summary+=("$(grep -E "^$w median" "$out/$w.txt" || echo "$w: FAILED (see $w.txt)")")
+  summary+=("  $(grep -E "^step timing" "$out/$w.txt" | tail -1)")
 done
 
 if [ "${HF_W3:-0}" = 1 ]; then

@@ -4,7 +4,7 @@ GPU with the same weights (saved as safetensors here).
 For each architecture: HF greedy-generates a continuation of a random prompt; both sides are
 then teacher-forced over prompt + continuation, and we compare the rows that predict each
 continuation token: argmax agreement (asked: >= 90%) and relative L2 error of the logits
-(asked for Qwen3: < 2e-2).
+(asked for Qwen3: < 2e-2; reported for Qwen2.5).
 
 usage: check_hf.py BIN_DIR WORK_DIR  -> a line per model; exits 1 on failure
 """
@@ -65,7 +65,9 @@ for name, (cfg_cls, kw) in SHAPES.items():
     agree = float((ours.argmax(1) == ref.argmax(1)).mean())
     agree_cont = float((ours.argmax(1) == np.array(cont)).mean())
     rel = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-    good = agree >= 0.9 and rel < 2e-2
+    # The issue asks the L2 bound of the Qwen3 shape; Qwen2's QKV bias adds a rounding step
+    # that HF fuses into its matmul (we add it in fp32 then round), so it is reported only.
+    good = agree >= 0.9 and (rel < 2e-2 or not name.startswith("qwen3"))
     ok &= good
     print(f"{'ok  ' if good else 'FAIL'} {name} bf16: argmax agreement with HF {agree:.1%} "
           f"(with HF's greedy ids {agree_cont:.1%}), relative L2 {rel:.2e}")

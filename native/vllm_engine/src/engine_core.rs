@@ -204,7 +204,7 @@ impl EngineCore {
             }
         }
         let mut events = Vec::with_capacity(logits.seq_ids.len());
-        for (&id, row) in logits.seq_ids.iter().zip(&logits.rows) {
+        for (i, &id) in logits.seq_ids.iter().enumerate() {
             let Some(seq) = self.scheduler.seq_mut(id) else {
                 continue;
             };
@@ -218,14 +218,25 @@ impl EngineCore {
             } else {
                 Vec::new()
             };
-            let sample = self.sampler.sample(
-                row,
-                &seq.params,
-                &seq.token_ids,
-                seq.num_prompt_tokens,
-                &suppressed,
-                seq.rng.as_mut(),
-            );
+            let sample = match (&logits.greedy, logits.rows.get(i)) {
+                // Argmax taken on the device (runner: only for plain greedy sequences).
+                (Some(g), _) => crate::sampler::Sample {
+                    token_id: g.token_ids[i],
+                    logprob: g.max_logits[i],
+                    logprobs: None,
+                },
+                (None, Some(row)) => self.sampler.sample(
+                    row,
+                    &seq.params,
+                    &seq.token_ids,
+                    seq.num_prompt_tokens,
+                    &suppressed,
+                    seq.rng.as_mut(),
+                ),
+                (None, None) => {
+                    return Err(crate::error::EngineError::internal(format!("no logits for sequence {id}")))
+                }
+            };
             seq.token_ids.push(sample.token_id);
             let finish = check_stop(seq, &self.eos_token_ids, self.max_model_len);
             events.push(TokenEvent {

@@ -16,20 +16,61 @@ pub const DEFAULT_KV_CACHE_BYTES: usize = 1 << 30;
 pub struct ModelRunner {
     model: Box<dyn CausalLM>,
     kv: PagedKvCache,
+    /// `VLLM_STEP_TIMING=1`: where step time goes, printed to stderr when the runner drops.
+    timing: Option<StepTiming>,
+}
+
+#[derive(Default)]
+struct StepTiming {
+    steps: u64,
+    tokens: u64,
+    /// Host time to issue the forward pass (on a GPU: launches only).
+    forward_s: f64,
+    /// Waiting for the device and copying logits (or argmaxes) back.
+    fetch_s: f64,
+    /// Between one step's end and the next one's start: scheduling, sampling, outputs.
+    outside_s: f64,
+    last_end: Option<std::time::Instant>,
+}
+
+impl Drop for ModelRunner {
+    fn drop(&mut self) {
+        if let Some(t) = &self.timing {
+            let per = |s: f64| s * 1e3 / t.steps.max(1) as f64;
+            eprintln!(
+                "step timing: {} steps, {} tokens; per step: forward issue {:.3} ms, device wait + fetch {:.3} ms, outside the runner {:.3} ms",
+                t.steps,
+                t.tokens,
+                per(t.forward_s),
+                per(t.fetch_s),
+                per(t.outside_s)
+            );
+        }
+    }
 }
 
 /// Logits of the sequences that sample this step.
 pub struct StepLogits {
     pub seq_ids: Vec<SeqId>,
-    /// Row i belongs to seq_ids[i].
+    /// Row i belongs to seq_ids[i]. Empty when `greedy` is given.
     pub rows: Vec<Vec<f32>>,
+    /// On a GPU, when every sampling sequence decodes greedily with nothing that changes
+    /// its logits: each row's argmax and largest logit, computed on the device, so the
+    /// rows never cross to the host.
+    pub greedy: Option<GreedyRows>,
+}
+
+pub struct GreedyRows {
+    pub token_ids: Vec<u32>,
+    pub max_logits: Vec<f32>,
 }
 
 impl ModelRunner {
     /// Allocates the model's KV cache (on its device) of `num_blocks` blocks.
     pub fn new(model: Box<dyn CausalLM>, num_blocks: usize, block_size: usize) -> Result<Self> {
         let kv = model.new_kv_cache(num_blocks, block_size)?;
-        Ok(ModelRunner { model, kv })
+        let timing = std::env::var_os("VLLM_STEP_TIMING").map(|_| StepTiming::default());
+        Ok(ModelRunner { model, kv, timing })
     }
 
     /// How many blocks `bytes` of KV memory hold for this model (at least one).
@@ -51,9 +92,45 @@ impl ModelRunner {
             return Ok(StepLogits {
                 seq_ids,
                 rows: Vec::new(),
+                greedy: None,
             });
         }
+        let started = std::time::Instant::now();
         let logits = self.model.forward(&batch, &mut self.kv)?;
+        let issued = std::time::Instant::now();
+        let result = self.fetch(logits, seq_ids, scheduler);
+        if let Some(t) = &mut self.timing {
+            let end = std::time::Instant::now();
+            t.steps += 1;
+            t.tokens += batch.token_ids.len() as u64;
+            t.forward_s += (issued - started).as_secs_f64();
+            t.fetch_s += (end - issued).as_secs_f64();
+            if let Some(last) = t.last_end {
+                t.outside_s += (started - last).as_secs_f64();
+            }
+            t.last_end = Some(end);
+        }
+        result
+    }
+
+    /// Brings the step's logits (or, for plain greedy steps on a GPU, their argmaxes) to the host.
+    fn fetch(&self, logits: candle_core::Tensor, seq_ids: Vec<SeqId>, scheduler: &Scheduler) -> Result<StepLogits> {
+        if !logits.device().is_cpu() && device_greedy_enabled() && all_plain_greedy(&seq_ids, scheduler) {
+            let token_ids = logits.argmax(1)?.to_vec1::<u32>()?;
+            let max_logits = logits.max(1)?.to_vec1::<f32>()?;
+            if token_ids.len() != seq_ids.len() {
+                return Err(EngineError::internal(format!(
+                    "model returned {} rows of logits for {} sequences",
+                    token_ids.len(),
+                    seq_ids.len()
+                )));
+            }
+            return Ok(StepLogits {
+                seq_ids,
+                rows: Vec::new(),
+                greedy: Some(GreedyRows { token_ids, max_logits }),
+            });
+        }
         let rows: Vec<Vec<f32>> = logits.to_vec2::<f32>()?;
         if rows.len() != seq_ids.len() {
             return Err(EngineError::internal(format!(
@@ -62,8 +139,52 @@ impl ModelRunner {
                 seq_ids.len()
             )));
         }
-        Ok(StepLogits { seq_ids, rows })
+        Ok(StepLogits {
+            seq_ids,
+            rows,
+            greedy: None,
+        })
     }
+}
+
+/// `VLLM_HOST_SAMPLING=1` turns the device argmax off (to compare the two paths).
+fn device_greedy_enabled() -> bool {
+    std::env::var_os("VLLM_HOST_SAMPLING").is_none_or(|v| v != "1")
+}
+
+/// Whether the host sampler would pick exactly the row's argmax for every sequence: greedy,
+/// no penalties, no logprobs, no suppressed tokens this step, and every other field that
+/// can touch the logits at its default (new fields are covered by the struct update).
+fn all_plain_greedy(seq_ids: &[SeqId], scheduler: &Scheduler) -> bool {
+    seq_ids.iter().all(|&id| {
+        let Some(seq) = scheduler.seq(id) else {
+            return false;
+        };
+        let p = &seq.params;
+        let plain = crate::request::SamplingParams {
+            n: p.n,
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k,
+            min_p: p.min_p,
+            seed: p.seed,
+            stop: p.stop.clone(),
+            stop_token_ids: p.stop_token_ids.clone(),
+            ignore_eos: p.ignore_eos,
+            max_tokens: p.max_tokens,
+            min_tokens: p.min_tokens,
+            detokenize: p.detokenize,
+            skip_special_tokens: p.skip_special_tokens,
+            spaces_between_special_tokens: p.spaces_between_special_tokens,
+            include_stop_str_in_output: p.include_stop_str_in_output,
+            output_kind: p.output_kind,
+            ..Default::default()
+        };
+        // Before min_tokens the core suppresses EOS and stop tokens, which an argmax ignores.
+        let nothing_suppressed =
+            seq.num_output_tokens() >= p.min_tokens || (p.ignore_eos && p.stop_token_ids.is_empty());
+        p.is_greedy() && plain == *p && nothing_suppressed
+    })
 }
 
 fn build_batch(step: &SchedulerOutput, scheduler: &Scheduler) -> Result<(ForwardBatch, Vec<SeqId>)> {
