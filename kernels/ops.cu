@@ -163,10 +163,12 @@ __device__ void qkv_prepare(const T* qkv, const T* bias, const T* q_norm, const 
 }
 
 #define ATT_THREADS 128
-#define ATT_TILE 64
+#define ATT_TILE 128
 // Query heads per KV head times head_dim, over ATT_THREADS threads.
 #define ATT_MAX_OUT 16
 #define ATT_MAX_HEAD_DIM 256
+// Query heads per KV head.
+#define ATT_MAX_GROUP 8
 
 // One block per (query token, KV head, split): the G = num_heads / num_kv_heads query heads
 // that share the KV head attend over positions [start, end) of the token's causal context
@@ -209,27 +211,39 @@ __device__ void paged_attention(T* out, float* part_acc, float* part_ml, const T
     const long long kv_stride = (long long)num_kv_heads * head_dim;
     for (int tile = start; tile < end; tile += ATT_TILE) {
         const int n = min(ATT_TILE, end - tile);
-        // Scores: one warp per position, lanes across head_dim.
-        for (int p = warp; p < n; p += num_warps) {
+        // Scores: one thread per position (the tile is one position per thread), each
+        // reading its key row with 16-byte loads where the row allows it.
+        for (int p = threadIdx.x; p < n; p += blockDim.x) {
             const long long slot = cache_slot(block_tables, seq, max_blocks, block_size, tile + p);
-            if (lane == 0) slots[p] = slot;
+            slots[p] = slot;
             const T* k = k_cache + slot * kv_stride + (long long)kv_head * head_dim;
-            float kr[ATT_MAX_HEAD_DIM / 32];
+            float d[ATT_MAX_GROUP];
 #pragma unroll
-            for (int c = 0; c < ATT_MAX_HEAD_DIM / 32; c++) {
-                const int j = lane + 32 * c;
-                kr[c] = j < head_dim ? to_f(k[j]) : 0.f;
-            }
-            for (int g = 0; g < group; g++) {
-                float d = 0.f;
+            for (int g = 0; g < ATT_MAX_GROUP; g++) d[g] = 0.f;
+            constexpr int VEC = 16 / sizeof(T);
+            if (head_dim % VEC == 0) {
+                for (int j = 0; j < head_dim; j += VEC) {
+                    const uint4 raw = *reinterpret_cast<const uint4*>(k + j);
+                    const T* kv = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-                for (int c = 0; c < ATT_MAX_HEAD_DIM / 32; c++) {
-                    const int j = lane + 32 * c;
-                    if (j < head_dim) d += qs[g * head_dim + j] * kr[c];
+                    for (int e = 0; e < VEC; e++) {
+                        const float kf = to_f(kv[e]);
+#pragma unroll
+                        for (int g = 0; g < ATT_MAX_GROUP; g++)
+                            if (g < group) d[g] += qs[g * head_dim + j + e] * kf;
+                    }
                 }
-                d = warp_sum(d);
-                if (lane == 0) scores[g * ATT_TILE + p] = d;
+            } else {
+                for (int j = 0; j < head_dim; j++) {
+                    const float kf = to_f(k[j]);
+#pragma unroll
+                    for (int g = 0; g < ATT_MAX_GROUP; g++)
+                        if (g < group) d[g] += qs[g * head_dim + j] * kf;
+                }
             }
+#pragma unroll
+            for (int g = 0; g < ATT_MAX_GROUP; g++)
+                if (g < group) scores[g * ATT_TILE + p] = d[g];
         }
         __syncthreads();
         // Online softmax per query head: new max, weights, rescale of what was summed.
@@ -263,6 +277,7 @@ __device__ void paged_attention(T* out, float* part_acc, float* part_ml, const T
                 float a = acc[c] * rescale[g];
                 const float* w = scores + g * ATT_TILE;
                 const T* v = v_cache + (long long)kv_head * head_dim + d;
+#pragma unroll 8
                 for (int p = 0; p < n; p++) a += w[p] * to_f(v[slots[p] * kv_stride]);
                 acc[c] = a;
             }

@@ -5,7 +5,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::backend::cuda::ops::{self, AttentionDims, QkvExtras, StepMeta, ATT_MAX_GROUP_WIDTH, ATT_MAX_HEAD_DIM};
+use crate::backend::cuda::ops::{
+    self, AttentionDims, QkvExtras, StepMeta, ATT_MAX_GROUP, ATT_MAX_GROUP_WIDTH, ATT_MAX_HEAD_DIM,
+};
 use crate::backend::cuda::{memory_info, DeviceKvCache, Kernels};
 use crate::config::{Architecture, EngineArgs, ModelConfig};
 use crate::error::{EngineError, ErrorCategory, Result};
@@ -69,9 +71,9 @@ fn check_geometry(c: &ModelConfig) -> Result<()> {
         return unsupported(format!("head_dim {} (even, at most {ATT_MAX_HEAD_DIM})", c.head_dim));
     }
     let group = c.num_attention_heads / c.num_key_value_heads;
-    if group * c.head_dim > ATT_MAX_GROUP_WIDTH {
+    if group > ATT_MAX_GROUP || group * c.head_dim > ATT_MAX_GROUP_WIDTH {
         return unsupported(format!(
-            "{group} query heads per KV head of dim {} exceed {ATT_MAX_GROUP_WIDTH} values",
+            "{group} query heads per KV head of dim {} (at most {ATT_MAX_GROUP} heads, {ATT_MAX_GROUP_WIDTH} values)",
             c.head_dim
         ));
     }

@@ -9,11 +9,12 @@ use crate::error::{EngineError, Result};
 
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
-/// Must match ATT_THREADS, ATT_TILE, ATT_MAX_OUT and ATT_MAX_HEAD_DIM in ops.cu.
+/// Must match ATT_THREADS, ATT_TILE, ATT_MAX_OUT, ATT_MAX_HEAD_DIM and ATT_MAX_GROUP in ops.cu.
 const ATT_THREADS: u32 = 128;
-const ATT_TILE: usize = 64;
+const ATT_TILE: usize = 128;
 const ATT_MAX_OUT: usize = 16;
 pub const ATT_MAX_HEAD_DIM: usize = 256;
+pub const ATT_MAX_GROUP: usize = 8;
 /// Queries per KV head the attention kernel holds (ATT_MAX_OUT * ATT_THREADS / head_dim).
 pub const ATT_MAX_GROUP_WIDTH: usize = ATT_MAX_OUT * ATT_THREADS as usize;
 /// Aim for at least this many attention blocks (two waves on a 132-SM H100/H200) before
@@ -225,23 +226,27 @@ pub fn paged_attention(
     }
     let (splits, partition) = choose_splits(n, dims, meta.max_context);
     let device = q.device();
-    let (part_acc, part_ml) = if splits > 1 {
+    // Partial sums only when contexts are split; otherwise the kernel writes `out` directly.
+    let partials = if splits > 1 {
         // SAFETY: paged_attention writes every split's partials before the reduce reads them.
         unsafe {
-            (
+            Some((
                 Tensor::empty(n * dims.num_heads * splits * dims.head_dim, DType::F32, device)?,
                 Tensor::empty(n * dims.num_heads * splits * 2, DType::F32, device)?,
-            )
+            ))
         }
     } else {
-        let none = Tensor::zeros(1, DType::F32, device)?;
-        (none.clone(), none)
+        None
+    };
+    let (acc_ptr, ml_ptr) = match &partials {
+        Some((acc, ml)) => (device_ptr(acc)?, device_ptr(ml)?),
+        None => (0, 0),
     };
     let f = k.function("paged_attention", q.dtype())?;
     let ptrs = [
         device_ptr(&out)?,
-        device_ptr(&part_acc)?,
-        device_ptr(&part_ml)?,
+        acc_ptr,
+        ml_ptr,
         device_ptr(q)?,
         device_ptr(k_cache)?,
         device_ptr(v_cache)?,
@@ -279,7 +284,7 @@ pub fn paged_attention(
     unsafe { b.launch(cfg) }.map_err(|e| launch_err("paged_attention", e))?;
     if splits > 1 {
         let f = k.function("attention_reduce", q.dtype())?;
-        let ptrs = [device_ptr(&out)?, device_ptr(&part_acc)?, device_ptr(&part_ml)?];
+        let ptrs = [device_ptr(&out)?, acc_ptr, ml_ptr];
         let ints = [dims.num_heads as i32, dims.head_dim as i32, splits as i32];
         let mut b = k.stream().launch_builder(f);
         for p in &ptrs {
