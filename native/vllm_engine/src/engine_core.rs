@@ -25,6 +25,12 @@ pub enum CoreCommand {
     /// Forget a request and free its blocks (abort, a stop string, or a gone receiver).
     /// Always answered with `OutputMessage::Released`, even for unknown requests.
     Release(SeqId),
+    /// Forget every cached prefix (see Scheduler::reset_prefix_cache); answers whether
+    /// it was done.
+    ResetPrefixCache {
+        reset_running_requests: bool,
+        reply: Sender<bool>,
+    },
     /// Release everything and stop the thread.
     Shutdown,
 }
@@ -35,6 +41,10 @@ pub struct NewRequest {
     pub prompt_token_ids: Vec<u32>,
     pub params: SamplingParams,
     pub priority: i32,
+    /// Prefix-cache keys besides the tokens: blocks computed with another LoRA adapter
+    /// or under another salt are never shared.
+    pub lora_int_id: Option<u32>,
+    pub cache_salt: Option<String>,
 }
 
 /// One token sampled for one request in one step.
@@ -48,6 +58,8 @@ pub struct TokenEvent {
     pub finish: Option<(FinishReason, Option<StopReason>)>,
     /// When the request was first scheduled (seconds since the Unix epoch).
     pub first_scheduled_time: Option<f64>,
+    /// Prompt tokens found in the prefix cache when the request was first admitted.
+    pub num_cached_tokens: usize,
 }
 
 /// State the client side reads without talking to the core thread.
@@ -69,6 +81,10 @@ pub struct EngineCore {
     pub outputs: Sender<OutputMessage>,
     pub shared: std::sync::Arc<CoreShared>,
     next_arrival: u64,
+    /// Prompt tokens of requests that produced their first token, since start-up.
+    prompt_tokens_total: u64,
+    /// Tokens sampled since start-up.
+    generation_tokens_total: u64,
 }
 
 enum Flow {
@@ -98,6 +114,8 @@ impl EngineCore {
             outputs,
             shared,
             next_arrival: 0,
+            prompt_tokens_total: 0,
+            generation_tokens_total: 0,
         }
     }
 
@@ -153,7 +171,8 @@ impl EngineCore {
                     self.max_model_len,
                     req.priority,
                     arrival,
-                );
+                )
+                .with_extra_keys(req.lora_int_id, req.cache_salt);
                 self.scheduler.add(seq);
                 Flow::Continue
             }
@@ -162,6 +181,18 @@ impl EngineCore {
                 // Stats first, so a caller that sees the final output sees the blocks free.
                 self.publish_stats();
                 let _ = self.outputs.send(OutputMessage::Released(id));
+                Flow::Continue
+            }
+            CoreCommand::ResetPrefixCache {
+                reset_running_requests,
+                reply,
+            } => {
+                let done = self.scheduler.reset_prefix_cache(reset_running_requests);
+                if !done {
+                    tracing::warn!("prefix cache not reset: requests still hold KV blocks");
+                }
+                self.publish_stats();
+                let _ = reply.send(done);
                 Flow::Continue
             }
             CoreCommand::Shutdown => {
@@ -188,9 +219,6 @@ impl EngineCore {
         if plan.is_empty() {
             return Ok(false);
         }
-        self.shared
-            .preemptions
-            .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
         let now = crate::request::unix_seconds(std::time::SystemTime::now());
         for s in &plan.scheduled {
             if let Some(seq) = self.scheduler.seq_mut(s.seq_id) {
@@ -227,6 +255,10 @@ impl EngineCore {
                 seq.rng.as_mut(),
             );
             seq.token_ids.push(sample.token_id);
+            self.generation_tokens_total += 1;
+            if seq.num_output_tokens() == 1 {
+                self.prompt_tokens_total += seq.num_prompt_tokens as u64;
+            }
             let finish = check_stop(seq, &self.eos_token_ids, self.max_model_len);
             events.push(TokenEvent {
                 seq_id: id,
@@ -235,6 +267,7 @@ impl EngineCore {
                 logprobs: sample.logprobs,
                 finish,
                 first_scheduled_time: seq.first_scheduled_time,
+                num_cached_tokens: seq.num_cached_tokens.unwrap_or(0),
             });
         }
         for e in &events {
@@ -251,11 +284,21 @@ impl EngineCore {
 
     fn publish_stats(&self) {
         let kv = self.scheduler.kv();
+        let prefix = kv.prefix_cache_stats();
+        let num_preemptions = self.scheduler.num_preemptions();
+        self.shared.preemptions.store(num_preemptions, Ordering::Relaxed);
         let stats = EngineStats {
             total_blocks: kv.num_blocks(),
             free_blocks: kv.num_free_blocks(),
             num_running: self.scheduler.num_running(),
             num_waiting: self.scheduler.num_waiting(),
+            kv_cache_usage: kv.usage(),
+            prefix_cache_requests: prefix.requests,
+            prefix_cache_queries: prefix.queries,
+            prefix_cache_hits: prefix.hits,
+            prompt_tokens_total: self.prompt_tokens_total,
+            generation_tokens_total: self.generation_tokens_total,
+            num_preemptions,
         };
         if let Ok(mut s) = self.shared.stats.lock() {
             *s = stats;
