@@ -449,20 +449,123 @@ mod tests {
         assert_eq!(s.num_waiting(), 1);
     }
 
+    fn with_policy(num_blocks: usize, budget: usize, max_num_seqs: usize, policy: SchedulingPolicy) -> Scheduler {
+        let config = SchedulerConfig {
+            max_num_seqs,
+            max_num_batched_tokens: budget,
+            enable_chunked_prefill: true,
+            policy,
+        };
+        Scheduler::new(config, KvCacheManager::new(num_blocks, 4))
+    }
+
+    fn prio(id: SeqId, prompt_len: usize, priority: i32) -> Sequence {
+        let mut s = seq(id, prompt_len, 50);
+        s.token_ids = (0..prompt_len as u32).map(|t| t + 1000 * id as u32).collect();
+        s.priority = priority;
+        s
+    }
+
+    #[test]
+    fn the_victim_is_the_lowest_priority_then_latest_running_request() {
+        // 3 blocks: three 4-token prompts fill them; their decodes need three more.
+        let mut s = with_policy(3, 64, 8, SchedulingPolicy::Priority);
+        s.add(prio(1, 4, 5));
+        s.add(prio(2, 4, 0));
+        s.add(prio(3, 4, 5));
+        let out = s.schedule();
+        assert_eq!(out.scheduled.len(), 3);
+        complete(&mut s, &out);
+        let out = s.schedule();
+        // 3 (priority 5, latest) goes first, then 1 (priority 5).
+        assert_eq!(out.preempted, vec![3, 1]);
+        assert_eq!(out.scheduled, vec![ScheduledSeq { seq_id: 2, num_new_tokens: 1 }]);
+        assert_eq!(s.num_preemptions(), 2);
+        assert_eq!(s.seq(1).unwrap().num_preemptions, 1);
+    }
+
+    #[test]
+    fn a_waiting_request_of_higher_priority_takes_a_seat_from_a_lower_one() {
+        let mut s = with_policy(64, 64, 2, SchedulingPolicy::Priority);
+        s.add(prio(1, 4, 3));
+        s.add(prio(2, 4, 3));
+        let out = s.schedule();
+        complete(&mut s, &out);
+        s.add(prio(3, 4, 3));
+        // Equal priority: no preemption, 3 waits.
+        let out = s.schedule();
+        assert!(out.preempted.is_empty());
+        complete(&mut s, &out);
+        s.add(prio(4, 4, 0));
+        let out = s.schedule();
+        assert_eq!(out.preempted, vec![2]);
+        assert!(out.scheduled.contains(&ScheduledSeq { seq_id: 4, num_new_tokens: 4 }));
+        assert_eq!(s.num_waiting(), 2);
+    }
+
+    #[test]
+    fn fcfs_never_preempts_for_a_waiting_request() {
+        let mut s = with_policy(64, 64, 1, SchedulingPolicy::Fcfs);
+        s.add(prio(1, 4, 5));
+        let out = s.schedule();
+        complete(&mut s, &out);
+        s.add(prio(2, 4, -10));
+        let out = s.schedule();
+        assert!(out.preempted.is_empty());
+        assert_eq!(out.scheduled, vec![ScheduledSeq { seq_id: 1, num_new_tokens: 1 }]);
+    }
+
+    #[test]
+    fn admission_starts_after_the_cached_prefix_unless_salt_or_lora_differ() {
+        let mut s = with_policy(64, 64, 8, SchedulingPolicy::Fcfs);
+        let prompt: Vec<u32> = (0..10).collect();
+        let mk = |id: SeqId, lora: Option<u32>, salt: Option<&str>| {
+            let mut q = seq(id, 0, 4).with_extra_keys(lora, salt.map(String::from));
+            q.token_ids = prompt.clone();
+            q.num_prompt_tokens = prompt.len();
+            q
+        };
+        s.add(mk(1, None, None));
+        let out = s.schedule();
+        complete(&mut s, &out);
+        s.add(mk(2, None, None));
+        s.add(mk(3, Some(1), None));
+        s.add(mk(4, None, Some("tenant")));
+        let out = s.schedule();
+        // 2 blocks of 4 are cached; 3 and 4 share nothing with 1 (or each other).
+        let new_tokens: Vec<(SeqId, usize)> = out.scheduled.iter().map(|x| (x.seq_id, x.num_new_tokens)).collect();
+        assert_eq!(new_tokens, vec![(1, 1), (2, 2), (3, 10), (4, 10)]);
+        assert_eq!(s.seq(2).unwrap().num_cached_tokens, Some(8));
+        assert_eq!(s.seq(3).unwrap().num_cached_tokens, Some(0));
+        assert_eq!(s.kv().block_table(2)[..2], s.kv().block_table(1)[..2]);
+        let stats = s.kv().prefix_cache_stats();
+        assert_eq!((stats.requests, stats.queries, stats.hits), (4, 40, 8));
+        for id in 1..=4 {
+            s.remove(id);
+        }
+        s.kv().check_invariants();
+        assert_eq!(s.kv().num_free_blocks(), 64);
+    }
+
     proptest::proptest! {
         /// Any mix of prompt lengths, output lengths and aborts under a tight cache: every
         /// step respects the budget and max_num_seqs, every request finishes, and no
         /// block is lost.
         #[test]
         fn every_request_finishes_under_pressure(
-            reqs in proptest::collection::vec((1usize..30, 1usize..20, proptest::bool::weighted(0.1)), 1..24),
+            reqs in proptest::collection::vec((1usize..30, 1usize..20, proptest::bool::weighted(0.1), -2i32..3), 1..24),
             budget in 1usize..40,
+            by_priority in proptest::bool::ANY,
+            caching in proptest::bool::ANY,
         ) {
-            let config = SchedulerConfig { max_num_seqs: 4, max_num_batched_tokens: budget, enable_chunked_prefill: true, policy: SchedulingPolicy::Fcfs };
+            let policy = if by_priority { SchedulingPolicy::Priority } else { SchedulingPolicy::Fcfs };
+            let config = SchedulerConfig { max_num_seqs: 4, max_num_batched_tokens: budget, enable_chunked_prefill: true, policy };
             // 12 blocks of 4 tokens hold any single request (at most 49 tokens).
-            let mut s = Scheduler::new(config, KvCacheManager::new(13, 4));
-            for (i, &(prompt, max_tokens, _)) in reqs.iter().enumerate() {
-                s.add(seq(i as SeqId, prompt, max_tokens));
+            let mut s = Scheduler::new(config, KvCacheManager::new(13, 4).with_prefix_caching(caching));
+            for (i, &(prompt, max_tokens, _, priority)) in reqs.iter().enumerate() {
+                let mut q = seq(i as SeqId, prompt, max_tokens);
+                q.priority = priority;
+                s.add(q);
             }
             let mut steps = 0;
             while s.has_work() {
@@ -473,15 +576,25 @@ mod tests {
                 let total: usize = out.scheduled.iter().map(|x| x.num_new_tokens).sum();
                 proptest::prop_assert!(total <= budget);
                 proptest::prop_assert!(out.scheduled.len() <= 4);
+                let mut ids: Vec<SeqId> = out.scheduled.iter().map(|x| x.seq_id).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                proptest::prop_assert_eq!(ids.len(), out.scheduled.len(), "a request scheduled twice");
+                for x in &out.scheduled {
+                    let q = s.seq(x.seq_id).unwrap();
+                    let held = s.kv().block_table(x.seq_id).len() * 4;
+                    proptest::prop_assert!(held >= q.num_computed_tokens + x.num_new_tokens, "too few blocks");
+                }
                 complete(&mut s, &out);
                 for x in &out.scheduled {
-                    let (_, max_tokens, abort) = reqs[x.seq_id as usize];
+                    let (_, max_tokens, abort, _) = reqs[x.seq_id as usize];
                     let seq = s.seq(x.seq_id).unwrap();
                     if seq.num_output_tokens() >= max_tokens || (abort && seq.num_output_tokens() > 0) {
                         s.remove(x.seq_id);
                     }
                 }
             }
+            s.kv().check_invariants();
             proptest::prop_assert_eq!(s.kv().num_free_blocks(), s.kv().num_blocks());
         }
     }
