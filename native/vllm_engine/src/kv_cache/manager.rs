@@ -159,8 +159,8 @@ impl KvCacheManager {
         }
         let Some(table) = self.tables.get_mut(&seq) else { return };
         let full = (num_tokens / self.block_size).min(hashes.len()).min(table.blocks.len());
-        for i in table.num_cached..full {
-            self.pool.cache(table.blocks[i], hashes[i]);
+        for (&block, &hash) in table.blocks[..full].iter().zip(hashes).skip(table.num_cached) {
+            self.pool.cache(block, hash);
         }
         table.num_cached = table.num_cached.max(full);
     }
