@@ -1,6 +1,8 @@
-//! Picks the next token of one sequence from its logits: penalties, then greedy argmax or
-//! temperature, min-p, top-k and top-p (vLLM V1's order), and logprobs taken from the raw
-//! logits (before penalties and temperature, as vLLM's default `raw_logprobs`).
+//! Picks the next token of one sequence from its logits, in vLLM V1's order: the logits
+//! processors that can change the argmax (allowed_token_ids, bad_words, min_tokens,
+//! logit_bias), then penalties, then greedy argmax or temperature, min-p, top-k and top-p.
+//! Logprobs are taken from the raw logits (before all of that, as vLLM's default
+//! `raw_logprobs`).
 
 use rand::Rng;
 use rand_chacha::rand_core::SeedableRng;
@@ -49,16 +51,14 @@ impl Sampler {
         } else {
             0.0
         };
-        let mut work = logits.to_vec();
-        apply_penalties(&mut work, params, context, num_prompt_tokens);
-        for &t in suppressed {
-            if let Some(l) = work.get_mut(t as usize) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
+        let work = processed_logits(logits, params, context, num_prompt_tokens, suppressed);
         let token_id = if params.is_greedy() {
             argmax(&work)
+        } else if work.iter().all(|&l| l == f32::NEG_INFINITY) {
+            // Everything is banned: no distribution to sample from; keep the raw argmax.
+            argmax(logits)
         } else {
+            let mut work = work;
             let rng = seq_rng.unwrap_or(&mut self.rng);
             sample_random(&mut work, params, rng)
         };
@@ -91,6 +91,68 @@ impl Sampler {
             logprobs,
         }
     }
+}
+
+/// The logits the sampler picks from, before temperature: `logits` with everything that
+/// can change the argmax applied, in vLLM V1's order. `context` is the prompt then the
+/// output so far; `suppressed` tokens (EOS and stop tokens before min_tokens) are banned.
+pub fn processed_logits(
+    logits: &[f32],
+    params: &SamplingParams,
+    context: &[u32],
+    num_prompt_tokens: usize,
+    suppressed: &[u32],
+) -> Vec<f32> {
+    let mut work = logits.to_vec();
+    let output = &context[num_prompt_tokens.min(context.len())..];
+    if let Some(allowed) = &params.allowed_token_ids {
+        let mut keep = vec![false; work.len()];
+        for &t in allowed {
+            if let Some(k) = keep.get_mut(t as usize) {
+                *k = true;
+            }
+        }
+        for (l, keep) in work.iter_mut().zip(keep) {
+            if !keep {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    for word in &params.bad_words_token_ids {
+        if let Some((&last, prefix)) = word.split_last() {
+            if output.ends_with(prefix) {
+                ban(&mut work, last);
+            }
+        }
+    }
+    for &t in suppressed {
+        ban(&mut work, t);
+    }
+    for (&t, &bias) in &params.logit_bias {
+        if let Some(l) = work.get_mut(t as usize) {
+            *l += bias.clamp(-100.0, 100.0);
+        }
+    }
+    apply_penalties(&mut work, params, context, num_prompt_tokens);
+    work
+}
+
+fn ban(logits: &mut [f32], token: u32) {
+    if let Some(l) = logits.get_mut(token as usize) {
+        *l = f32::NEG_INFINITY;
+    }
+}
+
+/// The tokens sampling at temperature > 0 may pick from `processed` logits, with their
+/// probabilities (summing to 1): temperature, then min-p, top-k and top-p.
+pub fn candidate_probs(processed: &[f32], params: &SamplingParams) -> Vec<(u32, f64)> {
+    let scaled: Vec<f32> = processed.iter().map(|&l| l / params.temperature).collect();
+    let mut probs = filtered_probs(&scaled, params);
+    let total: f64 = probs.iter().map(|&(_, p)| p).sum();
+    for (_, p) in &mut probs {
+        *p /= total;
+    }
+    probs
 }
 
 pub fn log_sum_exp(logits: &[f32]) -> f32 {
@@ -164,7 +226,9 @@ fn sample_random(logits: &mut [f32], params: &SamplingParams, rng: &mut ChaCha8R
     for l in logits.iter_mut() {
         *l /= params.temperature;
     }
-    let probs = filtered_probs(logits, params);
+    let mut probs = filtered_probs(logits, params);
+    // Banned tokens have probability 0; dropping them keeps the walk below short.
+    probs.retain(|&(_, p)| p > 0.0);
     let total: f64 = probs.iter().map(|&(_, p)| p).sum();
     let mut u = rng.random::<f64>() * total;
     for &(id, p) in &probs {
