@@ -203,6 +203,7 @@ impl EngineCore {
                 seq.num_computed_tokens += s.num_new_tokens;
             }
         }
+        self.send_prompt_logprobs(&logits.prompt_rows);
         let mut events = Vec::with_capacity(logits.seq_ids.len());
         for (&id, row) in logits.seq_ids.iter().zip(&logits.rows) {
             let Some(seq) = self.scheduler.seq_mut(id) else {
@@ -247,6 +248,29 @@ impl EngineCore {
             let _ = self.outputs.send(OutputMessage::Step(events));
         }
         Ok(true)
+    }
+
+    /// Logprobs of the prompt tokens this step computed, to the output thread (before the
+    /// step's tokens, so a request's final output always has them).
+    fn send_prompt_logprobs(&self, prompt_rows: &[crate::runner::PromptRows]) {
+        for p in prompt_rows {
+            let Some(seq) = self.scheduler.seq(p.seq_id) else { continue };
+            let Some(k) = seq.params.prompt_logprobs else { continue };
+            let entries = p
+                .rows
+                .iter()
+                .enumerate()
+                .filter_map(|(j, row)| {
+                    let token = *seq.token_ids.get(p.first + j + 1)?;
+                    Some(crate::sampler::token_logprobs(row, token, k))
+                })
+                .collect();
+            let _ = self.outputs.send(OutputMessage::PromptLogprobs {
+                seq_id: p.seq_id,
+                first: p.first + 1,
+                entries,
+            });
+        }
     }
 
     fn publish_stats(&self) {

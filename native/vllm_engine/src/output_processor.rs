@@ -213,13 +213,9 @@ impl OutputProcessor {
                 }
             })
             .collect();
-        let prompt_logprobs = stream.params.prompt_logprobs.map(|_| {
-            let mut v: PromptLogprobs = vec![None; stream.prompt_token_ids.len()];
-            if let Some(first) = v.first_mut() {
-                *first = None;
-            }
-            v
-        });
+        // The first prompt token has no logprob (nothing predicts it), as vLLM.
+        let num_prompt = stream.prompt_token_ids.len();
+        let prompt_logprobs = stream.params.prompt_logprobs.map(|_| vec![None; num_prompt]);
         let t = Tracked {
             stream,
             children,

@@ -62,29 +62,8 @@ impl Sampler {
             let rng = seq_rng.unwrap_or(&mut self.rng);
             sample_random(&mut work, params, rng)
         };
-        let raw = logits[token_id as usize];
-        let logprob = raw - log_sum;
-        let logprobs = params.logprobs.map(|k| {
-            let rank = 1 + logits.iter().filter(|&&l| l > raw).count();
-            let mut entries = vec![TokenLogprob {
-                token_id,
-                logprob,
-                rank,
-                decoded_token: None,
-            }];
-            for (i, id) in top_k_indices(logits, k).into_iter().enumerate() {
-                if id != token_id {
-                    let logprob = logits[id as usize] - log_sum;
-                    entries.push(TokenLogprob {
-                        token_id: id,
-                        logprob,
-                        rank: i + 1,
-                        decoded_token: None,
-                    });
-                }
-            }
-            entries
-        });
+        let logprob = logits[token_id as usize] - log_sum;
+        let logprobs = params.logprobs.map(|k| token_logprobs_with(logits, token_id, k, log_sum));
         Sample {
             token_id,
             logprob,
@@ -153,6 +132,34 @@ pub fn candidate_probs(processed: &[f32], params: &SamplingParams) -> Vec<(u32, 
         *p /= total;
     }
     probs
+}
+
+/// `token`'s logprob and rank under `logits`, then the top `k` tokens other than it
+/// (vLLM's shape of a logprobs entry).
+pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> Vec<TokenLogprob> {
+    token_logprobs_with(logits, token, k, log_sum_exp(logits))
+}
+
+fn token_logprobs_with(logits: &[f32], token: u32, k: usize, log_sum: f32) -> Vec<TokenLogprob> {
+    let raw = logits.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    let rank = 1 + logits.iter().filter(|&&l| l > raw).count();
+    let mut entries = vec![TokenLogprob {
+        token_id: token,
+        logprob: raw - log_sum,
+        rank,
+        decoded_token: None,
+    }];
+    for (i, id) in top_k_indices(logits, k).into_iter().enumerate() {
+        if id != token {
+            entries.push(TokenLogprob {
+                token_id: id,
+                logprob: logits[id as usize] - log_sum,
+                rank: i + 1,
+                decoded_token: None,
+            });
+        }
+    }
+    entries
 }
 
 pub fn log_sum_exp(logits: &[f32]) -> f32 {
