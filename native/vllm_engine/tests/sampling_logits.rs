@@ -1,0 +1,151 @@
+//! The logits processors at the sampler level: penalties, logit_bias, allowed_token_ids,
+//! bad words and suppressed tokens change the logits exactly as their definitions say,
+//! and the chosen token follows.
+
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use vllm_engine::sampler::{candidate_probs, processed_logits, Sampler};
+use vllm_engine::SamplingParams;
+
+fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+    let mut p = SamplingParams::greedy(1);
+    f(&mut p);
+    p
+}
+
+const LOGITS: [f32; 8] = [1.0, 2.0, -1.0, 3.0, 0.5, -2.0, 2.5, 0.0];
+
+fn greedy_pick(p: &SamplingParams, context: &[u32], num_prompt: usize) -> u32 {
+    Sampler::new(0).sample(&LOGITS, p, context, num_prompt, &[], None).token_id
+}
+
+#[test]
+fn repetition_penalty_covers_prompt_and_output_and_divides_or_multiplies_by_sign() {
+    // Prompt [1, 2], output [3]: all three are penalised, positive logits divided,
+    // negative ones multiplied.
+    let p = params(|p| p.repetition_penalty = 2.0);
+    let got = processed_logits(&LOGITS, &p, &[1, 2, 3], 2, &[]);
+    let mut want = LOGITS;
+    want[1] = 2.0 / 2.0;
+    want[2] = -1.0 * 2.0;
+    want[3] = 3.0 / 2.0;
+    assert_eq!(got, want);
+    // Token 3 was the argmax; penalised, token 6 wins.
+    assert_eq!(greedy_pick(&p, &[1, 2, 3], 2), 6);
+}
+
+#[test]
+fn presence_and_frequency_penalties_count_output_tokens_only() {
+    // Prompt [3, 6, 6], output [6, 1, 6]: counts over the output only (6 twice, 1 once).
+    let p = params(|p| {
+        p.presence_penalty = 0.5;
+        p.frequency_penalty = 0.25;
+    });
+    let got = processed_logits(&LOGITS, &p, &[3, 6, 6, 6, 1, 6], 3, &[]);
+    let mut want = LOGITS;
+    want[6] = 2.5 - 0.5 - 2.0 * 0.25;
+    want[1] = 2.0 - 0.5 - 0.25;
+    assert_eq!(got, want);
+    assert_eq!(greedy_pick(&p, &[3, 6, 6, 6, 1, 6], 3), 3, "token 3 only appears in the prompt");
+
+    // Negative penalties reward repetition: token 6 (2.5 + 1.0) now beats token 3.
+    let p = params(|p| p.presence_penalty = -1.0);
+    assert_eq!(greedy_pick(&p, &[0, 6], 1), 6);
+}
+
+#[test]
+fn logit_bias_is_added_and_clamped_to_100() {
+    let p = params(|p| {
+        p.logit_bias.insert(5, 6.0);
+        p.logit_bias.insert(0, -1000.0);
+    });
+    let got = processed_logits(&LOGITS, &p, &[], 0, &[]);
+    let mut want = LOGITS;
+    want[5] = -2.0 + 6.0;
+    want[0] = 1.0 - 100.0;
+    assert_eq!(got, want);
+    assert_eq!(greedy_pick(&p, &[], 0), 5);
+}
+
+#[test]
+fn allowed_token_ids_ban_every_other_token_even_when_sampling() {
+    let p = params(|p| p.allowed_token_ids = Some(vec![0, 2, 7]));
+    let got = processed_logits(&LOGITS, &p, &[], 0, &[]);
+    for (i, (&g, &l)) in got.iter().zip(&LOGITS).enumerate() {
+        if [0, 2, 7].contains(&i) {
+            assert_eq!(g, l);
+        } else {
+            assert_eq!(g, f32::NEG_INFINITY, "token {i}");
+        }
+    }
+    assert_eq!(greedy_pick(&p, &[], 0), 0);
+    let mut sampling = p.clone();
+    sampling.temperature = 1.0;
+    let mut s = Sampler::new(3);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for _ in 0..500 {
+        let t = s.sample(&LOGITS, &sampling, &[], 0, &[], Some(&mut rng)).token_id;
+        assert!([0, 2, 7].contains(&t), "sampled {t}");
+    }
+}
+
+#[test]
+fn bad_words_ban_their_last_token_only_after_their_prefix_in_the_output() {
+    let p = params(|p| p.bad_words_token_ids = vec![vec![3], vec![4, 6]]);
+    // Single-token word: always banned.
+    let got = processed_logits(&LOGITS, &p, &[9, 9], 2, &[]);
+    assert_eq!(got[3], f32::NEG_INFINITY);
+    assert_eq!(got[6], LOGITS[6], "prefix 4 not generated yet");
+    // Output ends with 4: 6 is banned too.
+    let got = processed_logits(&LOGITS, &p, &[9, 4], 1, &[]);
+    assert_eq!(got[6], f32::NEG_INFINITY);
+    assert_eq!(greedy_pick(&p, &[9, 4], 1), 1);
+    // The prefix in the prompt does not count (vLLM looks at output tokens).
+    let got = processed_logits(&LOGITS, &p, &[9, 4], 2, &[]);
+    assert_eq!(got[6], LOGITS[6]);
+}
+
+#[test]
+fn suppressed_tokens_are_banned_and_processors_apply_in_vllms_order() {
+    // logit_bias before the repetition penalty: (3 + 2) / 2.
+    let p = params(|p| {
+        p.logit_bias.insert(3, 2.0);
+        p.repetition_penalty = 2.0;
+    });
+    let got = processed_logits(&LOGITS, &p, &[3], 1, &[6]);
+    assert_eq!(got[3], 2.5);
+    assert_eq!(got[6], f32::NEG_INFINITY);
+    assert_eq!(Sampler::new(0).sample(&LOGITS, &p, &[3], 1, &[6], None).token_id, 3);
+}
+
+#[test]
+fn candidate_sets_of_top_k_top_p_and_min_p() {
+    let ids = |p: SamplingParams| {
+        let mut v: Vec<u32> = candidate_probs(&LOGITS, &p).iter().map(|&(t, _)| t).collect();
+        v.sort();
+        v
+    };
+    let sampling = |f: fn(&mut SamplingParams)| {
+        let mut p = SamplingParams::default();
+        f(&mut p);
+        p
+    };
+    assert_eq!(ids(sampling(|p| p.top_k = 2)), vec![3, 6]);
+    // Probabilities (softmax of LOGITS): 3 ≈ 0.44, 6 ≈ 0.27, 1 ≈ 0.16.
+    assert_eq!(ids(sampling(|p| p.top_p = 0.7)), vec![3, 6]);
+    assert_eq!(ids(sampling(|p| p.top_p = 0.75)), vec![1, 3, 6]);
+    // min_p 0.5: at least half the top probability (e^-0.5 ≈ 0.61 for token 6, e^-1 for token 1).
+    assert_eq!(ids(sampling(|p| p.min_p = 0.5)), vec![3, 6]);
+    let probs = candidate_probs(&LOGITS, &sampling(|p| p.top_k = 2));
+    let total: f64 = probs.iter().map(|&(_, p)| p).sum();
+    assert!((total - 1.0).abs() < 1e-9);
+    let (p3, p6) = (probs[0].1, probs[1].1);
+    assert!((p3 / p6 - 0.5f64.exp()).abs() < 1e-6, "renormalised softmax over the kept tokens");
+}
+
+#[test]
+fn a_tiny_temperature_is_greedy() {
+    let p = params(|p| p.temperature = 1e-6);
+    assert!(p.is_greedy());
+    assert_eq!(greedy_pick(&p, &[], 0), 3);
+}
