@@ -27,7 +27,7 @@ fn repetition_penalty_covers_prompt_and_output_and_divides_or_multiplies_by_sign
     let got = processed_logits(&LOGITS, &p, &[1, 2, 3], 2, &[]);
     let mut want = LOGITS;
     want[1] = 2.0 / 2.0;
-    want[2] = -1.0 * 2.0;
+    want[2] = -2.0; // -1 * 2
     want[3] = 3.0 / 2.0;
     assert_eq!(got, want);
     // Token 3 was the argmax; penalised, token 6 wins.

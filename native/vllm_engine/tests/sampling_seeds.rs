@@ -115,10 +115,10 @@ fn n_2_deltas_add_up_to_the_cumulative_outputs() {
     params.output_kind = OutputKind::Delta;
     let deltas = collect(&submit(&h.engine, "delta", p, params));
     let fin = &cumulative.last().unwrap().outputs;
-    for i in 0..2 {
+    for (i, want) in fin.iter().enumerate() {
         let text: String = deltas.iter().map(|o| o.outputs[i].text.as_str()).collect();
         let tokens: Vec<u32> = deltas.iter().flat_map(|o| o.outputs[i].token_ids.clone()).collect();
-        assert_eq!((text, tokens), (fin[i].text.clone(), fin[i].token_ids.clone()));
+        assert_eq!((text, tokens), (want.text.clone(), want.token_ids.clone()));
     }
 }
 

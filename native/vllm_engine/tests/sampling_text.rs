@@ -121,7 +121,6 @@ fn special_tokens_are_skipped_or_kept_without_spaces_between_them() {
 
 #[test]
 fn stop_token_ids_eos_ignore_eos_and_min_tokens() {
-    let tok = tokenizer();
     let mut script = encode(" one two three");
     let three = *script.last().unwrap();
     script.push(EOS);
@@ -144,7 +143,7 @@ fn stop_token_ids_eos_ignore_eos_and_min_tokens() {
     // EOS: stop with no stop_reason.
     let outs = run(&engine, params(20, |_| {}));
     let fin = &outs.last().unwrap().outputs[0];
-    assert_eq!((fin.finish_reason.clone(), fin.stop_reason.clone()), (Some(FinishReason::Stop), None));
+    assert_eq!((fin.finish_reason, fin.stop_reason.clone()), (Some(FinishReason::Stop), None));
     assert_eq!(fin.token_ids.last(), Some(&EOS));
     assert_eq!(fin.text, " one two three");
     // ignore_eos: runs to max_tokens (the script repeats EOS).
@@ -212,7 +211,6 @@ fn truncate_prompt_tokens_keeps_the_last_tokens() {
 
 #[test]
 fn bad_words_through_the_engine_are_never_generated() {
-    let tok = tokenizer();
     let cat = encode(" cat")[0];
     let dog = encode(" dog")[0];
     let engine = fixed_engine(vec![cat, dog], vec![5.0, 0.0]);
