@@ -10,6 +10,7 @@ pub mod kv_cache;
 pub mod loader;
 pub mod models;
 pub mod output_processor;
+pub mod pooling;
 pub mod request;
 pub mod runner;
 pub mod sampler;

@@ -1,1 +1,15 @@
+//! vllm_nif: the thin NIF between `Vllm.Native` and the engine crate. It converts terms to
+//! engine structs and back, holds the engine in a resource and sends each request's outputs
+//! to a pid. Nothing here knows about scheduling.
 
+mod atoms;
+mod chat;
+mod decode;
+mod encode;
+mod engine_ref;
+mod error;
+mod requests;
+mod sink;
+mod tokenize;
+
+rustler::init!("Elixir.Vllm.Native");

@@ -62,9 +62,20 @@ pub trait CausalLM: Send {
     /// want_logits, every new token of one with logits_for_all_tokens), shape [rows, vocab].
     fn forward(&self, batch: &ForwardBatch, kv: &mut PagedKvCache) -> Result<Tensor>;
     fn config(&self) -> &ModelConfig;
+    /// Resident bytes of the weights (float32 or quantized blocks); 0 when unknown.
+    fn weight_bytes(&self) -> usize {
+        0
+    }
 }
 
+pub mod batch;
+pub mod bert;
 pub mod decoder;
+pub mod encoder;
 pub mod layers;
+pub mod opt;
 
+pub use bert::BertModel;
 pub use decoder::DecoderLM;
+pub use encoder::{EncoderBatch, EncoderConfig, EncoderModel, PoolingType, Runner};
+pub use opt::OptLM;

@@ -1,0 +1,145 @@
+defmodule Vllm.EngineOptions do
+  @moduledoc false
+  # Validates engine options (vLLM's EngineArgs names) before they reach the NIF: unknown
+  # keys and wrong types are :validation errors naming the key.
+
+  alias Vllm.Error
+
+  # key => {check, what it must be}; nil is accepted for every key (= the default).
+  defp checks,
+    do: %{
+      model: {&is_binary/1, "a path to a .gguf file or a model directory"},
+      tokenizer: {&is_binary/1, "a path to a tokenizer.json or its directory"},
+      dtype:
+        {&(&1 in ["auto", "float32", "float", "bfloat16", "float16", "half"]),
+         ~s("auto", "float32", "bfloat16" or "float16")},
+      device: {&is_binary/1, ~s("auto" or "cpu")},
+      seed: {&(is_integer(&1) and &1 >= 0), "a non-negative integer"},
+      max_model_len: {&(is_integer(&1) and &1 > 0), "a positive integer"},
+      max_num_seqs: {&(is_integer(&1) and &1 > 0), "a positive integer"},
+      max_num_batched_tokens: {&(is_integer(&1) and &1 > 0), "a positive integer"},
+      block_size: {&(is_integer(&1) and &1 > 0 and &1 <= 256), "an integer in 1..256"},
+      kv_cache_memory_bytes: {&(is_integer(&1) and &1 > 0), "a positive integer"},
+      gpu_memory_utilization: {&(is_number(&1) and &1 > 0 and &1 <= 1), "a number in (0, 1]"},
+      enable_prefix_caching: {&is_boolean/1, "a boolean"},
+      enable_chunked_prefill: {&is_boolean/1, "a boolean"},
+      enforce_eager: {&is_boolean/1, "a boolean"},
+      num_threads: {&(is_integer(&1) and &1 > 0), "a positive integer"},
+      trust_remote_code: {&is_boolean/1, "a boolean"},
+      __runtime__: {&Keyword.keyword?/1, "a keyword list"},
+      name: {&(is_atom(&1) or is_tuple(&1)), "a process name"}
+    }
+
+  # Passed to the NIF; the rest are Elixir-side only (or accepted and ignored).
+  @native_keys [
+    :model,
+    :tokenizer,
+    :dtype,
+    :device,
+    :seed,
+    :max_model_len,
+    :max_num_seqs,
+    :max_num_batched_tokens,
+    :block_size,
+    :kv_cache_memory_bytes,
+    :enable_prefix_caching,
+    :enable_chunked_prefill,
+    :num_threads
+  ]
+
+  @doc "The accepted option keys."
+  def keys, do: Map.keys(checks())
+
+  @doc "Validates `opts` (keyword or map); returns `{:ok, native_map, opts}`."
+  @spec validate(keyword() | map()) :: {:ok, map(), keyword()} | {:error, Error.t()}
+  def validate(opts) when is_list(opts) or is_map(opts) do
+    with {:ok, opts} <- to_keyword(opts),
+         :ok <- check_each(opts),
+         :ok <- check_model(opts[:model]),
+         :ok <- check_device(opts[:device]) do
+      native =
+        opts |> Keyword.take(@native_keys) |> Enum.reject(fn {_, v} -> is_nil(v) end) |> Map.new()
+
+      {:ok, native, opts}
+    end
+  end
+
+  def validate(other),
+    do: {:error, Error.validation("engine options must be a keyword list, got #{inspect(other)}")}
+
+  @doc "The `__runtime__: [timeout: ms]` option, or `default`."
+  def timeout(opts, default) do
+    case Keyword.get(opts, :__runtime__) do
+      runtime when is_list(runtime) -> Keyword.get(runtime, :timeout, default)
+      _ -> default
+    end
+  end
+
+  defp to_keyword(opts) do
+    Enum.reduce_while(opts, {:ok, []}, fn
+      {key, value}, {:ok, acc} when is_atom(key) ->
+        {:cont, {:ok, [{key, value} | acc]}}
+
+      {key, value}, {:ok, acc} when is_binary(key) ->
+        case Enum.find(keys(), &(Atom.to_string(&1) == key)) do
+          nil -> {:halt, {:error, Error.validation("unknown engine option #{inspect(key)}")}}
+          atom -> {:cont, {:ok, [{atom, value} | acc]}}
+        end
+
+      other, _ ->
+        {:halt,
+         {:error,
+          Error.validation("engine options must be key-value pairs, got #{inspect(other)}")}}
+    end)
+    |> case do
+      {:ok, acc} -> {:ok, Enum.reverse(acc)}
+      error -> error
+    end
+  end
+
+  defp check_each(opts) do
+    Enum.find_value(opts, :ok, fn {key, value} ->
+      case Map.fetch(checks(), key) do
+        :error ->
+          {:error,
+           Error.validation(
+             "unknown engine option #{inspect(key)}; known options: #{Enum.join(Enum.sort(keys()), ", ")}"
+           )}
+
+        {:ok, {ok?, expected}} ->
+          unless is_nil(value) or ok?.(value) do
+            {:error,
+             Error.validation(
+               "engine option #{inspect(key)} must be #{expected}, got #{inspect(value)}"
+             )}
+          end
+      end
+    end)
+  end
+
+  defp check_model(nil),
+    do:
+      {:error,
+       Error.validation("engine option :model is required (a .gguf file or a model directory)")}
+
+  defp check_model(model) do
+    if File.exists?(model),
+      do: :ok,
+      else:
+        {:error,
+         Error.new(
+           :not_found,
+           "model #{inspect(model)} not found: give the path of a .gguf file or a model directory"
+         )}
+  end
+
+  defp check_device(device) when device in [nil, "auto", "cpu"], do: :ok
+
+  defp check_device(device),
+    do:
+      {:error,
+       Error.new(
+         :unsupported,
+         ~s(device #{inspect(device)} is not supported yet: use "auto" or "cpu")
+       )}
+end

@@ -1,0 +1,196 @@
+defmodule Vllm.LLM do
+  @moduledoc """
+  Offline batch inference (vLLM's `LLM` class): submit many prompts, get their final
+  outputs back in prompt order. The engine batches them together.
+
+      {:ok, llm} = Vllm.LLM.new("SmolLM2-135M-Instruct.Q4_1.gguf")
+      {:ok, [out]} = Vllm.LLM.generate(llm, "Once upon a time", max_tokens: 32, temperature: 0.0)
+      hd(out.outputs).text
+  """
+
+  alias Vllm.{AsyncLLMEngine, Error, RequestOutput, SamplingParams}
+
+  @enforce_keys [:engine, :model]
+  defstruct [:engine, :model]
+
+  @type t :: %__MODULE__{engine: AsyncLLMEngine.t(), model: String.t()}
+  @type prompts :: Vllm.Prompt.t() | [Vllm.Prompt.t()]
+
+  @generate_opts [:lora_request, :priority, :use_tqdm, :__runtime__]
+
+  @doc """
+  Loads `model` (a `.gguf` file or a model directory) with engine options `opts` (see
+  `Vllm.AsyncLLMEngine.new/2`). The engine process is linked to the caller.
+  """
+  @spec new(String.t() | keyword(), keyword()) :: {:ok, t()} | {:error, Error.t()}
+  def new(model, opts \\ [])
+
+  def new(model, opts) when is_binary(model) do
+    with {:ok, engine} <- AsyncLLMEngine.new(model, opts),
+         do: {:ok, %__MODULE__{engine: engine, model: model}}
+  end
+
+  def new(opts, []) when is_list(opts) do
+    case Keyword.fetch(opts, :model) do
+      {:ok, model} when is_binary(model) -> new(model, Keyword.delete(opts, :model))
+      _ -> {:error, Error.validation("Vllm.LLM.new/1 needs a :model option (a path)")}
+    end
+  end
+
+  def new(other, _),
+    do: {:error, Error.validation("model must be a path string, got #{inspect(other)}")}
+
+  @doc "Like `new/2` but raises `Vllm.Error`."
+  @spec new!(String.t() | keyword(), keyword()) :: t()
+  def new!(model, opts \\ []), do: model |> new(opts) |> Error.unwrap!()
+
+  @doc """
+  Generates a completion for each prompt and returns the finished `%Vllm.RequestOutput{}`s
+  in prompt order. `prompts` is one prompt or a list (a string, `%{prompt: s}` or
+  `%{prompt_token_ids: ids}`); `sampling_params` is nil (defaults), one
+  `%Vllm.SamplingParams{}`/keyword list for all, or a list with one per prompt. A keyword
+  list of options in the `sampling_params` position is taken as `opts`.
+  Opts: `priority`, `__runtime__: [timeout: ms]` (whole call), `use_tqdm` (ignored).
+  """
+  @spec generate(
+          t(),
+          prompts(),
+          SamplingParams.t() | keyword() | [SamplingParams.t()] | nil,
+          keyword()
+        ) ::
+          {:ok, [RequestOutput.t()]} | {:error, Error.t()}
+  def generate(llm, prompts, sampling_params \\ nil, opts \\ [])
+
+  def generate(%__MODULE__{} = llm, prompts, sampling_params, opts) do
+    {sampling_params, opts} = split_opts(sampling_params, opts)
+    prompts = List.wrap(prompts)
+
+    with :ok <- AsyncLLMEngine.check_opts(opts, @generate_opts),
+         {:ok, params} <- per_prompt_params(sampling_params, length(prompts)) do
+      run_batch(llm.engine, prompts, params, opts)
+    end
+  end
+
+  def generate(other, _, _, _),
+    do: {:error, Error.validation("expected a %Vllm.LLM{}, got #{inspect(other)}")}
+
+  @doc "Like `generate/4` but raises `Vllm.Error`."
+  @spec generate!(t(), prompts(), term(), keyword()) :: [RequestOutput.t()]
+  def generate!(llm, prompts, sampling_params \\ nil, opts \\ []),
+    do: llm |> generate(prompts, sampling_params, opts) |> Error.unwrap!()
+
+  @doc "The default sampling parameters (vLLM's defaults)."
+  @spec get_default_sampling_params(t()) :: {:ok, SamplingParams.t()}
+  def get_default_sampling_params(%__MODULE__{}), do: {:ok, %SamplingParams{}}
+
+  @doc "Stops the engine."
+  @spec shutdown(t()) :: :ok
+  def shutdown(%__MODULE__{engine: engine}), do: AsyncLLMEngine.shutdown(engine)
+
+  # Old-package habit: `generate(llm, prompts, sampling_params: ..., priority: ...)`.
+  defp split_opts(params, []) when is_list(params) and params != [] do
+    if Keyword.keyword?(params) and
+         Enum.any?(Keyword.keys(params), &(&1 in [:sampling_params | @generate_opts])) do
+      Keyword.pop(params, :sampling_params)
+    else
+      {params, []}
+    end
+  end
+
+  defp split_opts(params, opts), do: {params, opts}
+
+  defp per_prompt_params(params, count) when is_list(params) and params != [] do
+    if Keyword.keyword?(params) do
+      one_for_all(params, count)
+    else
+      if length(params) == count,
+        do: collect(Enum.map(params, &AsyncLLMEngine.sampling_params/1)),
+        else:
+          {:error, Error.validation("got #{length(params)} sampling params for #{count} prompts")}
+    end
+  end
+
+  defp per_prompt_params(params, count), do: one_for_all(params, count)
+
+  defp one_for_all(params, count) do
+    with {:ok, p} <- AsyncLLMEngine.sampling_params(params), do: {:ok, List.duplicate(p, count)}
+  end
+
+  defp collect(results) do
+    Enum.reduce_while(results, {:ok, []}, fn
+      {:ok, v}, {:ok, acc} -> {:cont, {:ok, [v | acc]}}
+      {:error, _} = e, _ -> {:halt, e}
+    end)
+    |> case do
+      {:ok, acc} -> {:ok, Enum.reverse(acc)}
+      e -> e
+    end
+  end
+
+  defp run_batch(engine, prompts, params, opts) do
+    batch = "llm-#{System.unique_integer([:positive])}"
+    request_opts = Keyword.take(opts, [:priority])
+
+    submitted =
+      prompts
+      |> Enum.zip(params)
+      |> Enum.with_index()
+      |> Enum.reduce_while({:ok, []}, fn {{prompt, p}, i}, {:ok, ids} ->
+        id = "#{batch}-#{i}"
+        # Only the final output matters here: skip the per-step messages.
+        case AsyncLLMEngine.add_request(
+               engine,
+               id,
+               prompt,
+               %{p | output_kind: :final_only},
+               request_opts
+             ) do
+          :ok -> {:cont, {:ok, [id | ids]}}
+          {:error, error} -> {:halt, {:error, error, ids}}
+        end
+      end)
+
+    case submitted do
+      {:ok, ids} ->
+        ids = Enum.reverse(ids)
+        deadline = deadline(Vllm.EngineOptions.timeout(opts, :infinity))
+
+        case collect_outputs(engine, Map.new(ids, &{&1, true}), %{}, deadline) do
+          {:ok, outputs} -> {:ok, Enum.map(ids, &Map.fetch!(outputs, &1))}
+          {:error, error} -> abort_and_fail(engine, ids, error)
+        end
+
+      {:error, error, ids} ->
+        abort_and_fail(engine, ids, error)
+    end
+  end
+
+  defp abort_and_fail(engine, ids, error) do
+    AsyncLLMEngine.abort(engine, ids)
+    {:error, error}
+  end
+
+  defp deadline(:infinity), do: :infinity
+  defp deadline(ms), do: System.monotonic_time(:millisecond) + ms
+
+  defp remaining(:infinity), do: :infinity
+  defp remaining(deadline), do: max(deadline - System.monotonic_time(:millisecond), 0)
+
+  defp collect_outputs(engine, pending, done, deadline) do
+    if map_size(pending) == 0 do
+      {:ok, done}
+    else
+      receive do
+        {:vllm, id, %RequestOutput{finished: true} = out} when is_map_key(pending, id) ->
+          collect_outputs(engine, Map.delete(pending, id), Map.put(done, id, out), deadline)
+
+        {:vllm_error, id, reason} when is_map_key(pending, id) ->
+          {:error, Error.from_native(reason)}
+      after
+        remaining(deadline) ->
+          {:error,
+           Error.new(:timeout, "generation did not finish within the :timeout of __runtime__")}
+      end
+    end
+  end
+end

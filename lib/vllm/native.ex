@@ -1,0 +1,27 @@
+defmodule Vllm.Native do
+  @moduledoc false
+  # The NIF (native/vllm_nif). Every function returns a plain term: `:ok`, `{:ok, value}`
+  # or `{:error, {category, message}}`; callers wrap errors with `Vllm.Error.from_native/1`.
+
+  @on_load :load_nif
+
+  def load_nif do
+    path = :filename.join(:code.priv_dir(:vllm), ~c"native/libvllm_nif")
+    :erlang.load_nif(path, 0)
+  end
+
+  @doc "Starts an engine off the schedulers; answers `{:vllm_engine_started, ref, result}`."
+  def engine_start(_opts, _reply_to, _ref), do: :erlang.nif_error(:nif_not_loaded)
+
+  def add_request(_engine, _request_id, _prompt, _params, _to, _request_opts),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def abort(_engine, _request_id), do: :erlang.nif_error(:nif_not_loaded)
+  def stats(_engine), do: :erlang.nif_error(:nif_not_loaded)
+  def shutdown(_engine), do: :erlang.nif_error(:nif_not_loaded)
+  def encode(_engine, _text, _add_special_tokens), do: :erlang.nif_error(:nif_not_loaded)
+  def decode(_engine, _ids, _skip_special_tokens), do: :erlang.nif_error(:nif_not_loaded)
+
+  def apply_chat_template(_engine, _messages, _add_generation_prompt, _template),
+    do: :erlang.nif_error(:nif_not_loaded)
+end

@@ -1,0 +1,19 @@
+//! Atoms shared by the NIF modules.
+
+rustler::atoms! {
+    ok,
+    error,
+    nil,
+    vllm,
+    vllm_error,
+    vllm_request_done,
+    vllm_engine_started,
+    stop,
+    length,
+    abort,
+    cumulative,
+    delta,
+    final_only,
+    request_output_struct = "Elixir.Vllm.RequestOutput",
+    completion_output_struct = "Elixir.Vllm.CompletionOutput",
+}

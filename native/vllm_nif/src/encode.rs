@@ -1,0 +1,128 @@
+//! Engine outputs -> Elixir structs (`%Vllm.RequestOutput{}`, `%Vllm.CompletionOutput{}`),
+//! built as maps with `__struct__` so Elixir receives them ready to use.
+
+use rustler::{Atom, Encoder, Env, Term};
+use vllm_engine::{
+    CompletionOutput, FinishReason, RequestMetrics, RequestOutput, StopReason, TokenLogprob,
+};
+
+use crate::atoms;
+
+/// A map with atom keys; keys come from this file only, so they are always valid atoms.
+fn atom_map<'a>(env: Env<'a>, pairs: &[(&str, Term<'a>)]) -> Term<'a> {
+    let mut map = rustler::types::map::map_new(env);
+    for (key, value) in pairs {
+        if let Ok(atom) = Atom::from_str(env, key) {
+            if let Ok(next) = map.map_put(atom, *value) {
+                map = next;
+            }
+        }
+    }
+    map
+}
+
+fn finish_reason<'a>(env: Env<'a>, reason: Option<FinishReason>) -> Term<'a> {
+    match reason {
+        None => atoms::nil().encode(env),
+        Some(FinishReason::Stop) => atoms::stop().encode(env),
+        Some(FinishReason::Length) => atoms::length().encode(env),
+        Some(FinishReason::Abort) => atoms::abort().encode(env),
+    }
+}
+
+/// vLLM's stop_reason: the stop string, the stop token id, or nil (EOS).
+fn stop_reason<'a>(env: Env<'a>, reason: &Option<StopReason>) -> Term<'a> {
+    match reason {
+        None => atoms::nil().encode(env),
+        Some(StopReason::Token(id)) => id.encode(env),
+        Some(StopReason::Text(s)) => s.as_str().encode(env),
+    }
+}
+
+/// One position's logprobs as `%{token_id => %{logprob: f, rank: r, decoded_token: s | nil}}`.
+fn position_logprobs<'a>(env: Env<'a>, position: &[TokenLogprob]) -> Term<'a> {
+    let mut map = rustler::types::map::map_new(env);
+    for lp in position {
+        let entry = atom_map(
+            env,
+            &[
+                ("logprob", (lp.logprob as f64).encode(env)),
+                ("rank", lp.rank.encode(env)),
+                ("decoded_token", lp.decoded_token.as_deref().encode(env)),
+            ],
+        );
+        if let Ok(next) = map.map_put(lp.token_id, entry) {
+            map = next;
+        }
+    }
+    map
+}
+
+fn logprobs<'a>(env: Env<'a>, logprobs: &Option<Vec<Vec<TokenLogprob>>>) -> Term<'a> {
+    match logprobs {
+        None => atoms::nil().encode(env),
+        Some(positions) => positions
+            .iter()
+            .map(|p| position_logprobs(env, p))
+            .collect::<Vec<_>>()
+            .encode(env),
+    }
+}
+
+fn completion_output<'a>(env: Env<'a>, out: &CompletionOutput) -> Term<'a> {
+    atom_map(
+        env,
+        &[
+            ("__struct__", atoms::completion_output_struct().encode(env)),
+            ("index", out.index.encode(env)),
+            ("text", out.text.as_str().encode(env)),
+            ("token_ids", out.token_ids.encode(env)),
+            ("cumulative_logprob", out.cumulative_logprob.encode(env)),
+            ("logprobs", logprobs(env, &out.logprobs)),
+            ("finish_reason", finish_reason(env, out.finish_reason)),
+            ("stop_reason", stop_reason(env, &out.stop_reason)),
+        ],
+    )
+}
+
+fn metrics<'a>(env: Env<'a>, m: &RequestMetrics) -> Term<'a> {
+    atom_map(
+        env,
+        &[
+            ("arrival_time", m.arrival_time.encode(env)),
+            ("first_scheduled_time", m.first_scheduled_time.encode(env)),
+            ("first_token_time", m.first_token_time.encode(env)),
+            ("last_token_time", m.last_token_time.encode(env)),
+            ("finished_time", m.finished_time.encode(env)),
+            ("time_in_queue", m.time_in_queue.encode(env)),
+        ],
+    )
+}
+
+/// `%Vllm.RequestOutput{}` with every field of API.md (prompt_logprobs and lora_request are
+/// not produced by the engine yet: nil).
+pub fn request_output<'a>(env: Env<'a>, out: &RequestOutput) -> Term<'a> {
+    let nil = atoms::nil().encode(env);
+    atom_map(
+        env,
+        &[
+            ("__struct__", atoms::request_output_struct().encode(env)),
+            ("request_id", out.request_id.as_str().encode(env)),
+            ("prompt", out.prompt.as_deref().encode(env)),
+            ("prompt_token_ids", out.prompt_token_ids.encode(env)),
+            ("prompt_logprobs", nil),
+            (
+                "outputs",
+                out.outputs
+                    .iter()
+                    .map(|o| completion_output(env, o))
+                    .collect::<Vec<_>>()
+                    .encode(env),
+            ),
+            ("finished", out.finished.encode(env)),
+            ("metrics", metrics(env, &out.metrics)),
+            ("lora_request", nil),
+            ("num_cached_tokens", out.num_cached_tokens.encode(env)),
+        ],
+    )
+}
