@@ -233,9 +233,7 @@ fn sample_random(logits: &mut [f32], params: &SamplingParams, rng: &mut ChaCha8R
     for l in logits.iter_mut() {
         *l /= params.temperature;
     }
-    let mut probs = filtered_probs(logits, params);
-    // Banned tokens have probability 0; dropping them keeps the walk below short.
-    probs.retain(|&(_, p)| p > 0.0);
+    let probs = filtered_probs(logits, params);
     let total: f64 = probs.iter().map(|&(_, p)| p).sum();
     let mut u = rng.random::<f64>() * total;
     for &(id, p) in &probs {
@@ -262,30 +260,46 @@ fn filtered_probs(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f64)> {
         let threshold = params.min_p as f64;
         probs.retain(|&(_, p)| p >= threshold);
     }
+    // Banned tokens (-inf logits) have probability 0: never candidates.
+    probs.retain(|&(_, p)| p > 0.0);
+    if probs.is_empty() {
+        return probs;
+    }
     let by_prob = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     let k = params.top_k.max(0) as usize;
     if k > 0 && k < probs.len() {
         probs.select_nth_unstable_by(k - 1, by_prob);
         probs.truncate(k);
     }
-    // Sorting the whole vocabulary costs more than the sampling itself: only top-p needs it.
-    if params.top_p < 1.0 || k > 0 {
-        probs.sort_by(by_prob);
-    }
     if params.top_p < 1.0 {
         let total: f64 = probs.iter().map(|&(_, p)| p).sum();
         // A little slack so that float rounding cannot add a token to a set that is exactly p.
         let target = params.top_p as f64 * total * (1.0 - 1e-6);
-        let mut mass = 0.0;
-        let mut keep = probs.len();
-        for (i, &(_, p)) in probs.iter().enumerate() {
-            mass += p;
-            if mass >= target {
-                keep = i + 1;
-                break;
+        // Sorting the whole vocabulary costs more than the sampling itself: sort only the
+        // head that reaches the target (usually a few dozen tokens), growing it as needed.
+        let mut head = 64.min(probs.len());
+        loop {
+            if head < probs.len() {
+                probs.select_nth_unstable_by(head - 1, by_prob);
+            }
+            probs[..head].sort_by(by_prob);
+            let mut mass = 0.0;
+            let keep = probs[..head].iter().position(|&(_, p)| {
+                mass += p;
+                mass >= target
+            });
+            match keep {
+                Some(i) => {
+                    probs.truncate(i + 1);
+                    break;
+                }
+                // Rounding kept the mass just under the target: keep everything.
+                None if head == probs.len() => break,
+                None => head = (head * 4).min(probs.len()),
             }
         }
-        probs.truncate(keep);
+    } else if k > 0 {
+        probs.sort_by(by_prob);
     }
     probs
 }

@@ -149,3 +149,31 @@ fn a_tiny_temperature_is_greedy() {
     assert!(p.is_greedy());
     assert_eq!(greedy_pick(&p, &[], 0), 3);
 }
+
+#[test]
+fn top_p_over_a_large_flat_vocabulary_keeps_the_exact_smallest_set() {
+    // 5,000 tokens: a few likely ones and a long flat tail, so the kept set must grow past
+    // the first sorted head.
+    let logits: Vec<f32> = (0..5000).map(|i| if i % 1000 == 7 { 5.0 } else { (i % 13) as f32 * 0.01 }).collect();
+    for top_p in [0.05, 0.5, 0.9, 0.999] {
+        let mut p = SamplingParams::default();
+        p.top_p = top_p;
+        let got = candidate_probs(&logits, &p);
+        // Reference: sort everything.
+        let mut all: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &l)| (i, (l as f64).exp())).collect();
+        let total: f64 = all.iter().map(|x| x.1).sum();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut mass = 0.0;
+        let n = all
+            .iter()
+            .position(|x| {
+                mass += x.1 / total;
+                mass >= top_p as f64 * (1.0 - 1e-6)
+            })
+            .unwrap()
+            + 1;
+        assert_eq!(got.len(), n, "top_p {top_p}");
+        let want: Vec<u32> = all[..n].iter().map(|x| x.0 as u32).collect();
+        assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), want, "top_p {top_p}");
+    }
+}
