@@ -20,6 +20,69 @@ pub struct Sample {
     pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
+/// One row of a batch to sample: its logits and what the processors need. `context` is
+/// the prompt then the output so far; `num_prompt_tokens` splits them (repetition penalty
+/// looks at both, presence and frequency at the output only). `suppressed` tokens cannot
+/// be picked (EOS and stop tokens before min_tokens).
+#[derive(Clone, Copy)]
+pub struct SampleRow<'a> {
+    pub logits: &'a [f32],
+    pub params: &'a SamplingParams,
+    pub context: &'a [u32],
+    pub num_prompt_tokens: usize,
+    pub suppressed: &'a [u32],
+}
+
+/// A row's sampling work that needs no random draw (so rows can run in parallel).
+pub struct Prepared {
+    choice: Choice,
+    /// logsumexp of the raw logits (0 when no logprobs were asked for).
+    log_sum: f32,
+    /// The top `logprobs` raw token ids, most likely first.
+    top: Vec<u32>,
+}
+
+enum Choice {
+    Fixed(u32),
+    /// Candidates and their unnormalised probabilities.
+    Draw(Vec<(u32, f64)>),
+}
+
+/// Everything about a row but the draw: processors, penalties, temperature, the
+/// candidate set, and the raw top-k for logprobs.
+pub fn prepare(row: &SampleRow) -> Prepared {
+    let params = row.params;
+    // logprob(t) = logit(t) - logsumexp(logits): no need to materialise the vector, and
+    // no need for the sum at all when nobody asked for logprobs.
+    let (log_sum, top) = match params.logprobs {
+        Some(k) => (log_sum_exp(row.logits), top_k_indices(row.logits, k)),
+        None => (0.0, Vec::new()),
+    };
+    let mut work = processed_logits(row.logits, params, row.context, row.num_prompt_tokens, row.suppressed);
+    let choice = if params.is_greedy() {
+        Choice::Fixed(argmax(&work))
+    } else if work.iter().all(|&l| l == f32::NEG_INFINITY) {
+        // Everything is banned: no distribution to sample from; keep the raw argmax.
+        Choice::Fixed(argmax(row.logits))
+    } else {
+        for l in work.iter_mut() {
+            *l /= params.temperature;
+        }
+        Choice::Draw(filtered_probs(&work, params))
+    };
+    Prepared { choice, log_sum, top }
+}
+
+/// `prepare` over a whole batch, rows in parallel.
+pub fn prepare_batch(rows: &[SampleRow]) -> Vec<Prepared> {
+    use rayon::prelude::*;
+    if rows.len() > 1 {
+        rows.par_iter().map(prepare).collect()
+    } else {
+        rows.iter().map(prepare).collect()
+    }
+}
+
 /// The engine-wide generator for requests without a seed.
 pub struct Sampler {
     rng: ChaCha8Rng,
@@ -32,9 +95,7 @@ impl Sampler {
         }
     }
 
-    /// `context` is the prompt then the output so far; `num_prompt_tokens` splits them
-    /// (repetition penalty looks at both, presence and frequency at the output only).
-    /// `suppressed` tokens cannot be picked (EOS and stop tokens before min_tokens).
+    /// Samples one row (see `SampleRow` for the arguments).
     pub fn sample(
         &mut self,
         logits: &[f32],
@@ -44,26 +105,35 @@ impl Sampler {
         suppressed: &[u32],
         seq_rng: Option<&mut ChaCha8Rng>,
     ) -> Sample {
-        // logprob(t) = logit(t) - logsumexp(logits): no need to materialise the vector, and
-        // no need for the sum at all when nobody asked for logprobs.
-        let log_sum = if params.logprobs.is_some() {
-            log_sum_exp(logits)
-        } else {
-            0.0
+        let row = SampleRow {
+            logits,
+            params,
+            context,
+            num_prompt_tokens,
+            suppressed,
         };
-        let work = processed_logits(logits, params, context, num_prompt_tokens, suppressed);
-        let token_id = if params.is_greedy() {
-            argmax(&work)
-        } else if work.iter().all(|&l| l == f32::NEG_INFINITY) {
-            // Everything is banned: no distribution to sample from; keep the raw argmax.
-            argmax(logits)
-        } else {
-            let mut work = work;
-            let rng = seq_rng.unwrap_or(&mut self.rng);
-            sample_random(&mut work, params, rng)
+        let prepared = prepare(&row);
+        self.draw(logits, params, prepared, seq_rng)
+    }
+
+    /// Finishes a prepared row: the random draw (from the request's own generator when
+    /// seeded, else the engine's: call rows in a fixed order) and its logprobs.
+    pub fn draw(
+        &mut self,
+        logits: &[f32],
+        params: &SamplingParams,
+        prepared: Prepared,
+        seq_rng: Option<&mut ChaCha8Rng>,
+    ) -> Sample {
+        let token_id = match prepared.choice {
+            Choice::Fixed(t) => t,
+            Choice::Draw(probs) => pick(&probs, seq_rng.unwrap_or(&mut self.rng)),
         };
+        let log_sum = prepared.log_sum;
         let logprob = logits[token_id as usize] - log_sum;
-        let logprobs = params.logprobs.map(|k| token_logprobs_with(logits, token_id, k, log_sum));
+        let logprobs = params
+            .logprobs
+            .map(|_| logprob_entries(logits, token_id, &prepared.top, log_sum));
         Sample {
             token_id,
             logprob,
@@ -141,6 +211,11 @@ pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> Vec<TokenLogprob>
 }
 
 fn token_logprobs_with(logits: &[f32], token: u32, k: usize, log_sum: f32) -> Vec<TokenLogprob> {
+    logprob_entries(logits, token, &top_k_indices(logits, k), log_sum)
+}
+
+/// `token` with its logprob and rank, then the `top` tokens other than it.
+fn logprob_entries(logits: &[f32], token: u32, top: &[u32], log_sum: f32) -> Vec<TokenLogprob> {
     let raw = logits.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
     let rank = 1 + logits.iter().filter(|&&l| l > raw).count();
     let mut entries = vec![TokenLogprob {
@@ -149,7 +224,7 @@ fn token_logprobs_with(logits: &[f32], token: u32, k: usize, log_sum: f32) -> Ve
         rank,
         decoded_token: None,
     }];
-    for (i, id) in top_k_indices(logits, k).into_iter().enumerate() {
+    for (i, &id) in top.iter().enumerate() {
         if id != token {
             entries.push(TokenLogprob {
                 token_id: id,
@@ -229,14 +304,11 @@ fn apply_penalties(logits: &mut [f32], params: &SamplingParams, context: &[u32],
     }
 }
 
-fn sample_random(logits: &mut [f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
-    for l in logits.iter_mut() {
-        *l /= params.temperature;
-    }
-    let probs = filtered_probs(logits, params);
+/// Draws from candidates with unnormalised probabilities.
+fn pick(probs: &[(u32, f64)], rng: &mut ChaCha8Rng) -> u32 {
     let total: f64 = probs.iter().map(|&(_, p)| p).sum();
     let mut u = rng.random::<f64>() * total;
-    for &(id, p) in &probs {
+    for &(id, p) in probs {
         if u < p {
             return id;
         }

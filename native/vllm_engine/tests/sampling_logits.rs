@@ -177,3 +177,61 @@ fn top_p_over_a_large_flat_vocabulary_keeps_the_exact_smallest_set() {
         assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), want, "top_p {top_p}");
     }
 }
+
+#[test]
+fn a_prepared_batch_samples_exactly_as_row_by_row() {
+    use vllm_engine::sampler::{prepare_batch, SampleRow};
+    let vocab = 49152;
+    let rows: Vec<Vec<f32>> = (0..32)
+        .map(|r| (0..vocab).map(|i| (((i * 7919 + r * 104729) % 1000) as f32) / 150.0).collect())
+        .collect();
+    let params: Vec<SamplingParams> = (0..32)
+        .map(|r| {
+            let mut p = SamplingParams::default();
+            p.top_p = [1.0, 0.9, 0.5][r % 3];
+            p.top_k = [0, 50][r % 2];
+            p.temperature = [0.0, 0.8, 1.2][r % 3];
+            p.repetition_penalty = 1.1;
+            p.logprobs = (r % 4 == 0).then_some(3);
+            p
+        })
+        .collect();
+    let context: Vec<u32> = (0..200).map(|i| i * 31 % vocab as u32).collect();
+    let start = std::time::Instant::now();
+    let mut one = Sampler::new(9);
+    let mut rngs: Vec<ChaCha8Rng> = (0..32).map(ChaCha8Rng::seed_from_u64).collect();
+    let expected: Vec<_> = (0..32)
+        .map(|r| {
+            let rng = (r % 2 == 0).then(|| &mut rngs[r]);
+            one.sample(&rows[r], &params[r], &context, 100, &[], rng)
+        })
+        .collect();
+    let row_by_row = start.elapsed();
+
+    let mut batch = Sampler::new(9);
+    let mut rngs: Vec<ChaCha8Rng> = (0..32).map(ChaCha8Rng::seed_from_u64).collect();
+    let inputs: Vec<SampleRow> = (0..32)
+        .map(|r| SampleRow {
+            logits: &rows[r],
+            params: &params[r],
+            context: &context,
+            num_prompt_tokens: 100,
+            suppressed: &[],
+        })
+        .collect();
+    // Warm the thread pool first: its start-up is not the sampler's cost.
+    let _ = prepare_batch(&inputs[..2]);
+    let start = std::time::Instant::now();
+    let prepared = prepare_batch(&inputs);
+    let got: Vec<_> = prepared
+        .into_iter()
+        .enumerate()
+        .map(|(r, p)| {
+            let rng = (r % 2 == 0).then(|| &mut rngs[r]);
+            batch.draw(&rows[r], &params[r], p, rng)
+        })
+        .collect();
+    let batched = start.elapsed();
+    assert_eq!(got, expected);
+    eprintln!("32 rows of {vocab}: row by row {row_by_row:?}, batched {batched:?}");
+}
