@@ -156,8 +156,10 @@ fn top_p_over_a_large_flat_vocabulary_keeps_the_exact_smallest_set() {
     // the first sorted head.
     let logits: Vec<f32> = (0..5000).map(|i| if i % 1000 == 7 { 5.0 } else { (i % 13) as f32 * 0.01 }).collect();
     for top_p in [0.05, 0.5, 0.9, 0.999] {
-        let mut p = SamplingParams::default();
-        p.top_p = top_p;
+        let p = SamplingParams {
+            top_p,
+            ..Default::default()
+        };
         let got = candidate_probs(&logits, &p);
         // Reference: sort everything.
         let mut all: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &l)| (i, (l as f64).exp())).collect();
@@ -186,14 +188,13 @@ fn a_prepared_batch_samples_exactly_as_row_by_row() {
         .map(|r| (0..vocab).map(|i| (((i * 7919 + r * 104729) % 1000) as f32) / 150.0).collect())
         .collect();
     let params: Vec<SamplingParams> = (0..32)
-        .map(|r| {
-            let mut p = SamplingParams::default();
-            p.top_p = [1.0, 0.9, 0.5][r % 3];
-            p.top_k = [0, 50][r % 2];
-            p.temperature = [0.0, 0.8, 1.2][r % 3];
-            p.repetition_penalty = 1.1;
-            p.logprobs = (r % 4 == 0).then_some(3);
-            p
+        .map(|r| SamplingParams {
+            top_p: [1.0, 0.9, 0.5][r % 3],
+            top_k: [0, 50][r % 2],
+            temperature: [0.0, 0.8, 1.2][r % 3],
+            repetition_penalty: 1.1,
+            logprobs: (r % 4 == 0).then_some(3),
+            ..Default::default()
         })
         .collect();
     let context: Vec<u32> = (0..200).map(|i| i * 31 % vocab as u32).collect();

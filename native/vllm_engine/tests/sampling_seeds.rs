@@ -211,3 +211,17 @@ fn n_is_validated() {
         assert!(err.to_string().contains("n must be"), "{err}");
     }
 }
+
+#[test]
+fn n_4_final_only_is_one_output_with_every_child() {
+    let h = engine32();
+    let mut params = seeded(21);
+    params.n = 4;
+    params.output_kind = OutputKind::FinalOnly;
+    let outs = collect(&submit(&h.engine, "final", prompt(81, 7), params));
+    assert_eq!(outs.len(), 1);
+    let fin = &outs[0];
+    assert!(fin.finished);
+    assert_eq!(fin.outputs.iter().map(|o| o.index).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    assert!(fin.outputs.iter().all(|o| o.token_ids.len() == 24 && !o.text.is_empty()));
+}
