@@ -45,6 +45,29 @@ defmodule VLLM do
   @spec generate!(LLM.t(), LLM.prompts(), keyword()) :: [Vllm.RequestOutput.t()]
   def generate!(llm, prompts, opts \\ []), do: llm |> generate(prompts, opts) |> Error.unwrap!()
 
+  @doc """
+  Replies to one conversation or a list of them (`Vllm.LLM.chat/4`): each is a list of
+  `%{"role" => _, "content" => _}` maps (atom keys too), rendered with the model's chat
+  template. Opts: `sampling_params:`, `chat_template:`, `add_generation_prompt:` (default
+  true), and those of `generate/3`.
+  """
+  @spec chat(LLM.t(), [map()] | [[map()]], keyword()) ::
+          {:ok, [Vllm.RequestOutput.t()]} | {:error, Error.t()}
+  def chat(llm, conversations, opts \\ [])
+
+  def chat(llm, conversations, opts) when is_list(opts) do
+    {params, opts} = Keyword.pop(opts, :sampling_params)
+    LLM.chat(llm, conversations, params, opts)
+  end
+
+  def chat(_llm, _conversations, opts),
+    do: {:error, Error.validation("options must be a keyword list, got #{inspect(opts)}")}
+
+  @doc "Like `chat/3` but raises `Vllm.Error`."
+  @spec chat!(LLM.t(), [map()] | [[map()]], keyword()) :: [Vllm.RequestOutput.t()]
+  def chat!(llm, conversations, opts \\ []),
+    do: llm |> chat(conversations, opts) |> Error.unwrap!()
+
   @doc "Builds validated sampling parameters (`Vllm.SamplingParams.new/1`)."
   @spec sampling_params(keyword() | map()) :: {:ok, SamplingParams.t()} | {:error, Error.t()}
   def sampling_params(opts \\ []), do: SamplingParams.new(opts)

@@ -12,10 +12,11 @@ use crossbeam_channel::{unbounded, Sender};
 use crate::config::{EngineArgs, ModelConfig};
 use crate::engine_core::{CoreCommand, CoreShared, EngineCore, NewRequest};
 use crate::error::{EngineError, Result};
+use crate::kv_cache::manager::SeqId;
 use crate::kv_cache::KvCacheManager;
 use crate::models::CausalLM;
 use crate::output_processor::{LiveRequests, OutputMessage, OutputProcessor, RequestStream};
-use crate::request::{EngineRequest, RequestOutput};
+use crate::request::{EngineRequest, RequestOutput, SamplingParams};
 use crate::runner::{ModelRunner, DEFAULT_KV_CACHE_BYTES};
 use crate::sampler::Sampler;
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -31,12 +32,39 @@ pub trait OutputSink: Send {
     fn fail(&mut self, error: EngineError);
 }
 
+/// A snapshot of the engine core (vLLM's scheduler stats). Counters run since start-up:
+/// a caller computes throughput from two snapshots.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EngineStats {
     pub total_blocks: usize,
+    /// Blocks no request holds (cached blocks waiting for reuse included).
     pub free_blocks: usize,
     pub num_running: usize,
     pub num_waiting: usize,
+    /// Fraction of KV blocks held by requests, 0..=1.
+    pub kv_cache_usage: f64,
+    /// Requests looked up in the prefix cache on their first admission.
+    pub prefix_cache_requests: u64,
+    /// Prompt tokens looked up, and of those found cached.
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+    /// Prompt tokens of requests that produced their first token.
+    pub prompt_tokens_total: u64,
+    /// Output tokens sampled.
+    pub generation_tokens_total: u64,
+    /// Requests preempted by recompute (the KV cache ran out, or priority).
+    pub num_preemptions: u64,
+}
+
+impl EngineStats {
+    /// Fraction of looked-up prompt tokens found in the prefix cache (0 before any lookup).
+    pub fn prefix_cache_hit_rate(&self) -> f64 {
+        if self.prefix_cache_queries == 0 {
+            0.0
+        } else {
+            self.prefix_cache_hits as f64 / self.prefix_cache_queries as f64
+        }
+    }
 }
 
 /// Limits the engine settled on at start-up (from EngineArgs and the model).
@@ -63,6 +91,8 @@ pub struct Engine {
     tokenizer: Arc<Tokenizer>,
     config: ModelConfig,
     limits: EngineLimits,
+    /// The previous do_log_stats snapshot (for throughput over the interval).
+    last_logged: Mutex<Option<(std::time::Instant, EngineStats)>>,
 }
 
 impl Engine {
@@ -98,8 +128,9 @@ impl Engine {
                 max_num_seqs: limits.max_num_seqs,
                 max_num_batched_tokens: limits.max_num_batched_tokens,
                 enable_chunked_prefill: args.enable_chunked_prefill,
+                policy: args.scheduling_policy,
             },
-            KvCacheManager::new(limits.num_blocks, limits.block_size),
+            KvCacheManager::new(limits.num_blocks, limits.block_size).with_prefix_caching(args.enable_prefix_caching),
         );
         let runner = ModelRunner::new(model, limits.num_blocks, limits.block_size)?;
         let core = EngineCore::new(
@@ -155,6 +186,7 @@ impl Engine {
             tokenizer,
             config,
             limits,
+            last_logged: Mutex::new(None),
         })
     }
 
@@ -162,6 +194,7 @@ impl Engine {
     /// prompts, out-of-vocabulary ids and too-long prompts are `:validation` errors; a
     /// request that could never fit in the KV cache is `:resource_exhausted`.
     pub fn add_request(&self, request: EngineRequest, sink: Box<dyn OutputSink>) -> Result<()> {
+        let request = self.prepare(request)?;
         self.validate(&request)?;
         let mut live = self
             .live
@@ -174,10 +207,14 @@ impl Engine {
                 request.request_id
             )));
         }
-        let seq_id = self.next_seq_id.fetch_add(1, Ordering::Relaxed);
-        live.insert(request.request_id.clone(), seq_id);
+        // n > 1 fans out into n child sequences (as vLLM V1's ParentRequest); the output
+        // thread gathers them back into one RequestOutput whose outputs carry `index`.
+        let n = request.params.n;
+        let first = self.next_seq_id.fetch_add(n as u64, Ordering::Relaxed);
+        let seq_ids: Vec<SeqId> = (first..first + n as u64).collect();
+        live.insert(request.request_id.clone(), seq_ids.clone());
         let stream = RequestStream {
-            seq_id,
+            seq_ids: seq_ids.clone(),
             request_id: request.request_id.clone(),
             prompt: request.prompt,
             prompt_token_ids: request.prompt_token_ids.clone(),
@@ -188,20 +225,24 @@ impl Engine {
         // The output thread learns of the request before the core can produce tokens for it.
         // If either thread is gone, the output thread (or its shutdown) fails the sink.
         let _ = self.out_tx.send(OutputMessage::Register(Box::new(stream)));
-        let _ = self.core_tx.send(CoreCommand::Add(Box::new(NewRequest {
-            seq_id,
-            request_id: request.request_id,
-            prompt_token_ids: request.prompt_token_ids,
-            params: request.params,
-            priority: request.priority,
-        })));
+        for (index, &seq_id) in seq_ids.iter().enumerate() {
+            let _ = self.core_tx.send(CoreCommand::Add(Box::new(NewRequest {
+                seq_id,
+                request_id: request.request_id.clone(),
+                prompt_token_ids: request.prompt_token_ids.clone(),
+                params: child_params(&request.params, index),
+                priority: request.priority,
+                lora_int_id: None,
+                cache_salt: None,
+            })));
+        }
         Ok(())
     }
 
     /// Aborts a request if it is live: its sink gets a final output with finish_reason abort.
     pub fn abort(&self, request_id: &str) {
         if let Ok(live) = self.live.lock() {
-            if let Some(&seq_id) = live.get(request_id) {
+            for &seq_id in live.get(request_id).into_iter().flatten() {
                 let _ = self.core_tx.send(CoreCommand::Release(seq_id));
             }
         }
@@ -228,6 +269,60 @@ impl Engine {
     /// Requests preempted by recompute since start-up (the KV cache ran out).
     pub fn num_preemptions(&self) -> u64 {
         self.shared.preemptions.load(Ordering::Relaxed)
+    }
+
+    /// Forgets every cached prefix (vLLM's reset_prefix_cache). Ok(false) when requests
+    /// hold blocks and `reset_running_requests` is false; with it, running requests are
+    /// preempted first (they recompute and continue). Waits for the step in progress.
+    pub fn reset_prefix_cache(&self, reset_running_requests: bool) -> Result<bool> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        {
+            let _live = self
+                .live
+                .lock()
+                .map_err(|_| EngineError::internal("engine registry poisoned"))?;
+            self.check_alive()?;
+            self.core_tx
+                .send(CoreCommand::ResetPrefixCache {
+                    reset_running_requests,
+                    reply,
+                })
+                .map_err(|_| EngineError::engine_dead("the engine core has stopped"))?;
+        }
+        answer
+            .recv()
+            .map_err(|_| EngineError::engine_dead("the engine core stopped before resetting the prefix cache"))
+    }
+
+    /// Logs one line of stats as vLLM's do_log_stats (throughput since the previous call)
+    /// and returns it.
+    pub fn do_log_stats(&self) -> String {
+        let now = std::time::Instant::now();
+        let stats = self.stats();
+        let mut last = self.last_logged.lock().unwrap_or_else(|e| e.into_inner());
+        let (prompt_tps, gen_tps) = match last.as_ref() {
+            Some((at, prev)) => {
+                let dt = now.duration_since(*at).as_secs_f64().max(1e-9);
+                (
+                    stats.prompt_tokens_total.saturating_sub(prev.prompt_tokens_total) as f64 / dt,
+                    stats.generation_tokens_total.saturating_sub(prev.generation_tokens_total) as f64 / dt,
+                )
+            }
+            None => (0.0, 0.0),
+        };
+        let line = format!(
+            "Avg prompt throughput: {prompt_tps:.1} tokens/s, Avg generation throughput: {gen_tps:.1} tokens/s, \
+             Running: {} reqs, Waiting: {} reqs, KV cache usage: {:.1}%, Prefix cache hit rate: {:.1}%, \
+             Preemptions: {}",
+            stats.num_running,
+            stats.num_waiting,
+            stats.kv_cache_usage * 100.0,
+            stats.prefix_cache_hit_rate() * 100.0,
+            stats.num_preemptions
+        );
+        tracing::info!("{line}");
+        *last = Some((now, stats));
+        line
     }
 
     /// Whether the engine can still serve (false after a fatal error or shutdown).
@@ -269,10 +364,40 @@ impl Engine {
         Ok(())
     }
 
+    /// What the tokenizer and the limits decide before validation: the prompt truncated
+    /// to `truncate_prompt_tokens`, and `bad_words` turned into token ids.
+    fn prepare(&self, mut request: EngineRequest) -> Result<EngineRequest> {
+        request.params.validate()?;
+        if let Some(k) = request.params.truncate_prompt_tokens {
+            let keep = if k < 0 {
+                self.limits.max_model_len
+            } else {
+                usize::try_from(k).unwrap_or(usize::MAX)
+            };
+            let prompt = &mut request.prompt_token_ids;
+            if prompt.len() > keep {
+                prompt.drain(..prompt.len() - keep);
+            }
+        }
+        let words = std::mem::take(&mut request.params.bad_words);
+        for word in &words {
+            for ids in bad_word_token_ids(&self.tokenizer, word)? {
+                if !request.params.bad_words_token_ids.contains(&ids) {
+                    request.params.bad_words_token_ids.push(ids);
+                }
+            }
+        }
+        request.params.bad_words = words;
+        Ok(request)
+    }
+
     fn validate(&self, request: &EngineRequest) -> Result<()> {
         request.params.validate()?;
-        if request.params.prompt_logprobs.is_some() {
-            return Err(EngineError::unsupported("prompt_logprobs are not supported yet"));
+        let vocab = self.limits.vocab_size;
+        if let Some((field, id)) = request.params.mentioned_token_ids().find(|&(_, id)| id as usize >= vocab) {
+            return Err(EngineError::validation(format!(
+                "{field} token id {id} is out of vocabulary (size {vocab})"
+            )));
         }
         let prompt = &request.prompt_token_ids;
         if prompt.is_empty() {
@@ -319,6 +444,36 @@ impl Drop for Engine {
     }
 }
 
+/// Child `index` of a request with n > 1: one sequence, seed + index when seeded, and
+/// only the first child computes the prompt logprobs (they are the same for all).
+fn child_params(params: &SamplingParams, index: usize) -> SamplingParams {
+    let mut child = params.clone();
+    if params.n > 1 {
+        child.n = 1;
+        child.seed = params.seed.map(|s| s.wrapping_add(index as u64));
+        if index > 0 {
+            child.prompt_logprobs = None;
+        }
+    }
+    child
+}
+
+/// vLLM's tokenization of a bad word: the word (leading spaces stripped) alone, and after
+/// a space when that gives a different first token but as many tokens.
+fn bad_word_token_ids(tokenizer: &Tokenizer, word: &str) -> Result<Vec<Vec<u32>>> {
+    let word = word.trim_start();
+    let plain = tokenizer.encode(word, false)?;
+    let spaced = tokenizer.encode(&format!(" {word}"), false)?;
+    if plain.is_empty() {
+        return Err(EngineError::validation(format!("bad word {word:?} has no tokens")));
+    }
+    let mut out = vec![plain.clone()];
+    if spaced.len() == plain.len() && spaced.first() != plain.first() {
+        out.push(spaced);
+    }
+    Ok(out)
+}
+
 /// Turns EngineArgs into concrete limits, with vLLM's defaults.
 fn resolve_limits(
     args: &EngineArgs,
@@ -351,15 +506,32 @@ fn resolve_limits(
     let per_block = model.kv_bytes_per_block(block_size).max(1);
     let kv_bytes = match args.kv_cache_memory_bytes {
         Some(bytes) => bytes,
+        // A GPU model sizes its cache from gpu_memory_utilization and the card's memory.
         None => match model.kv_cache_budget(args, max_num_batched_tokens)? {
             Some(bytes) => bytes,
             None => {
-                let blocks = (args.max_num_seqs * max_model_len).div_ceil(block_size);
-                blocks.saturating_mul(per_block).min(DEFAULT_KV_CACHE_BYTES)
+                // The CPU's gpu_memory_utilization: a share of the memory left after the
+                // weights, no more than max_num_seqs full-length requests need, and at most 1 GiB.
+                let wanted = (args.max_num_seqs * max_model_len)
+                    .div_ceil(block_size)
+                    .saturating_mul(per_block);
+                let available = available_memory_bytes()
+                    .map(|m| (m as f64 * args.gpu_memory_utilization) as usize)
+                    .unwrap_or(usize::MAX);
+                wanted.min(available).min(DEFAULT_KV_CACHE_BYTES)
             }
         },
     };
     let num_blocks = (kv_bytes / per_block).max(1);
+    let num_tokens = num_blocks * block_size;
+    tracing::info!(
+        "KV cache: {num_blocks} blocks of {block_size} tokens, {num_tokens} tokens, {:.1} MiB",
+        (num_blocks * per_block) as f64 / (1 << 20) as f64
+    );
+    tracing::info!(
+        "Maximum concurrency for {max_model_len} tokens per request: {:.2}x",
+        num_tokens as f64 / max_model_len as f64
+    );
     let mut eos_token_ids: Vec<u32> = tokenizer.eos_token_id().into_iter().collect();
     for &e in &config.eos_token_ids {
         if !eos_token_ids.contains(&e) {
@@ -375,6 +547,14 @@ fn resolve_limits(
         vocab_size: config.vocab_size,
         eos_token_ids,
     })
+}
+
+/// MemAvailable from /proc/meminfo (Linux); None elsewhere.
+fn available_memory_bytes() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use crate::kv_cache::manager::SeqId;
 use crate::output_processor::OutputMessage;
 use crate::request::{FinishReason, SamplingParams, StopReason, TokenLogprob};
 use crate::runner::ModelRunner;
-use crate::sampler::Sampler;
+use crate::sampler::{prepare_batch, Sample, SampleRow, Sampler};
 use crate::scheduler::Scheduler;
 use crate::sequence::Sequence;
 
@@ -25,6 +25,12 @@ pub enum CoreCommand {
     /// Forget a request and free its blocks (abort, a stop string, or a gone receiver).
     /// Always answered with `OutputMessage::Released`, even for unknown requests.
     Release(SeqId),
+    /// Forget every cached prefix (see Scheduler::reset_prefix_cache); answers whether
+    /// it was done.
+    ResetPrefixCache {
+        reset_running_requests: bool,
+        reply: Sender<bool>,
+    },
     /// Release everything and stop the thread.
     Shutdown,
 }
@@ -35,6 +41,10 @@ pub struct NewRequest {
     pub prompt_token_ids: Vec<u32>,
     pub params: SamplingParams,
     pub priority: i32,
+    /// Prefix-cache keys besides the tokens: blocks computed with another LoRA adapter
+    /// or under another salt are never shared.
+    pub lora_int_id: Option<u32>,
+    pub cache_salt: Option<String>,
 }
 
 /// One token sampled for one request in one step.
@@ -48,6 +58,8 @@ pub struct TokenEvent {
     pub finish: Option<(FinishReason, Option<StopReason>)>,
     /// When the request was first scheduled (seconds since the Unix epoch).
     pub first_scheduled_time: Option<f64>,
+    /// Prompt tokens found in the prefix cache when the request was first admitted.
+    pub num_cached_tokens: usize,
 }
 
 /// State the client side reads without talking to the core thread.
@@ -69,6 +81,10 @@ pub struct EngineCore {
     pub outputs: Sender<OutputMessage>,
     pub shared: std::sync::Arc<CoreShared>,
     next_arrival: u64,
+    /// Prompt tokens of requests that produced their first token, since start-up.
+    prompt_tokens_total: u64,
+    /// Tokens sampled since start-up.
+    generation_tokens_total: u64,
 }
 
 enum Flow {
@@ -98,6 +114,8 @@ impl EngineCore {
             outputs,
             shared,
             next_arrival: 0,
+            prompt_tokens_total: 0,
+            generation_tokens_total: 0,
         }
     }
 
@@ -153,7 +171,8 @@ impl EngineCore {
                     self.max_model_len,
                     req.priority,
                     arrival,
-                );
+                )
+                .with_extra_keys(req.lora_int_id, req.cache_salt);
                 self.scheduler.add(seq);
                 Flow::Continue
             }
@@ -162,6 +181,18 @@ impl EngineCore {
                 // Stats first, so a caller that sees the final output sees the blocks free.
                 self.publish_stats();
                 let _ = self.outputs.send(OutputMessage::Released(id));
+                Flow::Continue
+            }
+            CoreCommand::ResetPrefixCache {
+                reset_running_requests,
+                reply,
+            } => {
+                let done = self.scheduler.reset_prefix_cache(reset_running_requests);
+                if !done {
+                    tracing::warn!("prefix cache not reset: requests still hold KV blocks");
+                }
+                self.publish_stats();
+                let _ = reply.send(done);
                 Flow::Continue
             }
             CoreCommand::Shutdown => {
@@ -188,9 +219,6 @@ impl EngineCore {
         if plan.is_empty() {
             return Ok(false);
         }
-        self.shared
-            .preemptions
-            .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
         let now = crate::request::unix_seconds(std::time::SystemTime::now());
         for s in &plan.scheduled {
             if let Some(seq) = self.scheduler.seq_mut(s.seq_id) {
@@ -203,41 +231,35 @@ impl EngineCore {
                 seq.num_computed_tokens += s.num_new_tokens;
             }
         }
-        let mut events = Vec::with_capacity(logits.seq_ids.len());
-        for (i, &id) in logits.seq_ids.iter().enumerate() {
+        self.send_prompt_logprobs(&logits.prompt_rows);
+        let samples: Vec<(SeqId, Sample)> = match &logits.greedy {
+            // The argmax was taken on the device: the runner does so only when every row
+            // is plain greedy, where the sampler would pick exactly the argmax.
+            Some(g) => logits
+                .seq_ids
+                .iter()
+                .zip(g.token_ids.iter().zip(&g.max_logits))
+                .map(|(&id, (&token_id, &logprob))| {
+                    let sample = Sample {
+                        token_id,
+                        logprob,
+                        logprobs: None,
+                    };
+                    (id, sample)
+                })
+                .collect(),
+            None => self.sample_rows(&logits),
+        };
+        let mut events = Vec::with_capacity(samples.len());
+        for (id, sample) in samples {
             let Some(seq) = self.scheduler.seq_mut(id) else {
                 continue;
             };
-            let suppressed = if seq.num_output_tokens() < seq.params.min_tokens {
-                let eos: &[u32] = if seq.params.ignore_eos {
-                    &[]
-                } else {
-                    &self.eos_token_ids
-                };
-                [eos, &seq.params.stop_token_ids].concat()
-            } else {
-                Vec::new()
-            };
-            let sample = match (&logits.greedy, logits.rows.get(i)) {
-                // Argmax taken on the device (runner: only for plain greedy sequences).
-                (Some(g), _) => crate::sampler::Sample {
-                    token_id: g.token_ids[i],
-                    logprob: g.max_logits[i],
-                    logprobs: None,
-                },
-                (None, Some(row)) => self.sampler.sample(
-                    row,
-                    &seq.params,
-                    &seq.token_ids,
-                    seq.num_prompt_tokens,
-                    &suppressed,
-                    seq.rng.as_mut(),
-                ),
-                (None, None) => {
-                    return Err(crate::error::EngineError::internal(format!("no logits for sequence {id}")))
-                }
-            };
             seq.token_ids.push(sample.token_id);
+            self.generation_tokens_total += 1;
+            if seq.num_output_tokens() == 1 {
+                self.prompt_tokens_total += seq.num_prompt_tokens as u64;
+            }
             let finish = check_stop(seq, &self.eos_token_ids, self.max_model_len);
             events.push(TokenEvent {
                 seq_id: id,
@@ -246,6 +268,7 @@ impl EngineCore {
                 logprobs: sample.logprobs,
                 finish,
                 first_scheduled_time: seq.first_scheduled_time,
+                num_cached_tokens: seq.num_cached_tokens.unwrap_or(0),
             });
         }
         for e in &events {
@@ -260,13 +283,85 @@ impl EngineCore {
         Ok(true)
     }
 
+    /// Logprobs of the prompt tokens this step computed, to the output thread (before the
+    /// step's tokens, so a request's final output always has them).
+    fn send_prompt_logprobs(&self, prompt_rows: &[crate::runner::PromptRows]) {
+        for p in prompt_rows {
+            let Some(seq) = self.scheduler.seq(p.seq_id) else { continue };
+            let Some(k) = seq.params.prompt_logprobs else { continue };
+            let entries = p
+                .rows
+                .iter()
+                .enumerate()
+                .filter_map(|(j, row)| {
+                    let token = *seq.token_ids.get(p.first + j + 1)?;
+                    Some(crate::sampler::token_logprobs(row, token, k))
+                })
+                .collect();
+            let _ = self.outputs.send(OutputMessage::PromptLogprobs {
+                seq_id: p.seq_id,
+                first: p.first + 1,
+                entries,
+            });
+        }
+    }
+
+    /// Samples every row on the host: all but the random draws over the whole batch at
+    /// once (rows in parallel); the draws then go row by row, so unseeded requests share
+    /// the engine's generator in a fixed order.
+    fn sample_rows(&mut self, logits: &crate::runner::StepLogits) -> Vec<(SeqId, Sample)> {
+        let rows: Vec<(SeqId, &Vec<f32>, Vec<u32>)> = logits
+            .seq_ids
+            .iter()
+            .zip(&logits.rows)
+            .filter_map(|(&id, row)| {
+                let seq = self.scheduler.seq(id)?;
+                Some((id, row, suppressed_tokens(seq, &self.eos_token_ids)))
+            })
+            .collect();
+        let prepared = {
+            let inputs: Vec<SampleRow> = rows
+                .iter()
+                .filter_map(|(id, row, suppressed)| {
+                    let seq = self.scheduler.seq(*id)?;
+                    Some(SampleRow {
+                        logits: row,
+                        params: &seq.params,
+                        context: &seq.token_ids,
+                        num_prompt_tokens: seq.num_prompt_tokens,
+                        suppressed,
+                    })
+                })
+                .collect();
+            prepare_batch(&inputs)
+        };
+        let mut samples = Vec::with_capacity(rows.len());
+        for ((id, row, _), prepared) in rows.iter().zip(prepared) {
+            let Some(seq) = self.scheduler.seq_mut(*id) else {
+                continue;
+            };
+            samples.push((*id, self.sampler.draw(row, &seq.params, prepared, seq.rng.as_mut())));
+        }
+        samples
+    }
+
     fn publish_stats(&self) {
         let kv = self.scheduler.kv();
+        let prefix = kv.prefix_cache_stats();
+        let num_preemptions = self.scheduler.num_preemptions();
+        self.shared.preemptions.store(num_preemptions, Ordering::Relaxed);
         let stats = EngineStats {
             total_blocks: kv.num_blocks(),
             free_blocks: kv.num_free_blocks(),
             num_running: self.scheduler.num_running(),
             num_waiting: self.scheduler.num_waiting(),
+            kv_cache_usage: kv.usage(),
+            prefix_cache_requests: prefix.requests,
+            prefix_cache_queries: prefix.queries,
+            prefix_cache_hits: prefix.hits,
+            prompt_tokens_total: self.prompt_tokens_total,
+            generation_tokens_total: self.generation_tokens_total,
+            num_preemptions,
         };
         if let Ok(mut s) = self.shared.stats.lock() {
             *s = stats;
@@ -278,6 +373,16 @@ impl EngineCore {
         self.shared.dead.store(true, Ordering::SeqCst);
         let _ = self.outputs.send(OutputMessage::Dead(message));
     }
+}
+
+/// Tokens a sequence may not sample yet: EOS (unless ignored) and its stop tokens, until
+/// it has min_tokens outputs.
+fn suppressed_tokens(seq: &Sequence, eos_token_ids: &[u32]) -> Vec<u32> {
+    if seq.num_output_tokens() >= seq.params.min_tokens {
+        return Vec::new();
+    }
+    let eos: &[u32] = if seq.params.ignore_eos { &[] } else { eos_token_ids };
+    [eos, &seq.params.stop_token_ids].concat()
 }
 
 /// vLLM's order: length first, then (past min_tokens) EOS, then stop token ids.

@@ -54,10 +54,19 @@ pub struct StepLogits {
     pub seq_ids: Vec<SeqId>,
     /// Row i belongs to seq_ids[i]. Empty when `greedy` is given.
     pub rows: Vec<Vec<f32>>,
+    /// For sequences that asked for prompt logprobs: the logits at prompt positions
+    /// `first..first + rows.len()` (each predicts the prompt token after it).
+    pub prompt_rows: Vec<PromptRows>,
     /// On a GPU, when every sampling sequence decodes greedily with nothing that changes
     /// its logits: each row's argmax and largest logit, computed on the device, so the
     /// rows never cross to the host.
     pub greedy: Option<GreedyRows>,
+}
+
+pub struct PromptRows {
+    pub seq_id: SeqId,
+    pub first: usize,
+    pub rows: Vec<Vec<f32>>,
 }
 
 pub struct GreedyRows {
@@ -92,13 +101,14 @@ impl ModelRunner {
             return Ok(StepLogits {
                 seq_ids,
                 rows: Vec::new(),
+                prompt_rows: Vec::new(),
                 greedy: None,
             });
         }
         let started = std::time::Instant::now();
         let logits = self.model.forward(&batch, &mut self.kv)?;
         let issued = std::time::Instant::now();
-        let result = self.fetch(logits, seq_ids, scheduler);
+        let result = fetch(logits, &batch, step, seq_ids, scheduler);
         if let Some(t) = &mut self.timing {
             let end = std::time::Instant::now();
             t.steps += 1;
@@ -112,39 +122,74 @@ impl ModelRunner {
         }
         result
     }
+}
 
-    /// Brings the step's logits (or, for plain greedy steps on a GPU, their argmaxes) to the host.
-    fn fetch(&self, logits: candle_core::Tensor, seq_ids: Vec<SeqId>, scheduler: &Scheduler) -> Result<StepLogits> {
-        if !logits.device().is_cpu() && device_greedy_enabled() && all_plain_greedy(&seq_ids, scheduler) {
-            let token_ids = logits.argmax(1)?.to_vec1::<u32>()?;
-            let max_logits = logits.max(1)?.to_vec1::<f32>()?;
-            if token_ids.len() != seq_ids.len() {
-                return Err(EngineError::internal(format!(
-                    "model returned {} rows of logits for {} sequences",
-                    token_ids.len(),
-                    seq_ids.len()
-                )));
-            }
-            return Ok(StepLogits {
-                seq_ids,
-                rows: Vec::new(),
-                greedy: Some(GreedyRows { token_ids, max_logits }),
-            });
-        }
-        let rows: Vec<Vec<f32>> = logits.to_vec2::<f32>()?;
-        if rows.len() != seq_ids.len() {
+/// Brings the step's logits to the host (for plain greedy steps on a GPU: only their
+/// argmaxes) and splits each seq's rows into prompt positions and the sampling row.
+fn fetch(
+    logits: candle_core::Tensor,
+    batch: &ForwardBatch,
+    step: &SchedulerOutput,
+    seq_ids: Vec<SeqId>,
+    scheduler: &Scheduler,
+) -> Result<StepLogits> {
+    let expected: usize = batch.seqs.iter().map(|s| s.num_logit_rows()).sum();
+    if !logits.device().is_cpu()
+        && device_greedy_enabled()
+        && expected == seq_ids.len()
+        && all_plain_greedy(&seq_ids, scheduler)
+    {
+        let token_ids = logits.argmax(1)?.to_vec1::<u32>()?;
+        let max_logits = logits.max(1)?.to_vec1::<f32>()?;
+        if token_ids.len() != expected {
             return Err(EngineError::internal(format!(
-                "model returned {} rows of logits for {} sequences",
-                rows.len(),
-                seq_ids.len()
+                "model returned {} rows of logits, expected {expected}",
+                token_ids.len()
             )));
         }
-        Ok(StepLogits {
+        return Ok(StepLogits {
             seq_ids,
-            rows,
-            greedy: None,
-        })
+            rows: Vec::new(),
+            prompt_rows: Vec::new(),
+            greedy: Some(GreedyRows { token_ids, max_logits }),
+        });
     }
+    let all: Vec<Vec<f32>> = logits.to_vec2::<f32>()?;
+    if all.len() != expected {
+        return Err(EngineError::internal(format!(
+            "model returned {} rows of logits, expected {expected}",
+            all.len()
+        )));
+    }
+    // Split each seq's rows: prompt positions (when asked for) and the sampling row.
+    let mut all = all.into_iter();
+    let mut rows = Vec::with_capacity(seq_ids.len());
+    let mut prompt_rows = Vec::new();
+    for (slice, s) in batch.seqs.iter().zip(&step.scheduled) {
+        let mut mine: Vec<Vec<f32>> = all.by_ref().take(slice.num_logit_rows()).collect();
+        if slice.logits_for_all_tokens {
+            let first = slice.context_len - slice.query_len;
+            let num_prompt = scheduler.seq(s.seq_id).map_or(0, |q| q.num_prompt_tokens);
+            // Position p predicts token p + 1: only those inside the prompt count.
+            let prompt_part = num_prompt.saturating_sub(1).saturating_sub(first).min(mine.len());
+            let sampling_row = if slice.want_logits { mine.pop() } else { None };
+            mine.truncate(prompt_part);
+            prompt_rows.push(PromptRows {
+                seq_id: s.seq_id,
+                first,
+                rows: mine,
+            });
+            rows.extend(sampling_row);
+        } else {
+            rows.extend(mine);
+        }
+    }
+    Ok(StepLogits {
+        seq_ids,
+        rows,
+        prompt_rows,
+        greedy: None,
+    })
 }
 
 /// `VLLM_HOST_SAMPLING=1` turns the device argmax off (to compare the two paths).
@@ -197,12 +242,14 @@ fn build_batch(step: &SchedulerOutput, scheduler: &Scheduler) -> Result<(Forward
         let start = seq.num_computed_tokens;
         let end = start + s.num_new_tokens;
         let want_logits = end == seq.num_tokens();
+        let logits_for_all_tokens = seq.params.prompt_logprobs.is_some() && start + 1 < seq.num_prompt_tokens;
         batch.seqs.push(SeqSlice {
             query_start: batch.token_ids.len(),
             query_len: s.num_new_tokens,
             context_len: end,
             block_table: scheduler.kv().block_table(s.seq_id).to_vec(),
             want_logits,
+            logits_for_all_tokens,
         });
         batch.token_ids.extend_from_slice(&seq.token_ids[start..end]);
         batch.positions.extend(start..end);

@@ -100,6 +100,7 @@ fn run(o: Options) -> Result<(), String> {
                 context_len: start + tokens.len(),
                 block_table: block_table.clone(),
                 want_logits,
+                ..Default::default()
             }],
         };
         let logits = model.forward(&batch, &mut kv).map_err(e)?;

@@ -256,9 +256,8 @@ impl CudaDecoderLM {
                 token_seq[t] = s as u32;
             }
             max_context = max_context.max(seq.context_len);
-            if seq.want_logits && seq.query_len > 0 {
-                rows.push((end - 1) as u32);
-            }
+            // The last new token (sampling) or every new token (prompt logprobs).
+            rows.extend((end - seq.num_logit_rows()..end).map(|t| t as u32));
         }
         if token_seq.contains(&u32::MAX) {
             return Err(EngineError::internal("forward batch: a token belongs to no seq"));
