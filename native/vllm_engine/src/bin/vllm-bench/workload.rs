@@ -214,7 +214,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
-    v[v.len() / 2]
+    let mid = v.len() / 2;
+    if v.len() % 2 == 0 {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
 }
 
 pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &EngineOptions) -> Result<(), String> {
@@ -246,6 +251,10 @@ pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &Engine
     let mut ttfts = Vec::new();
     let mut walls = Vec::new();
     for run in 0..o.runs {
+        // Every run starts cold: the same prompts would otherwise hit the prefix cache.
+        engine
+            .reset_prefix_cache(false)
+            .map_err(|e| format!("cannot reset the prefix cache: {e}"))?;
         let start = Instant::now();
         let receivers = specs
             .iter()
