@@ -8,7 +8,7 @@
 # 2. timing with dummy weights: W3 (Qwen2.5-0.5B, batch 1, 128 in / 512 out) and W1
 #    (Qwen3-0.6B, 256 requests, lengths uniform in 100..1024), optionally W2;
 # 3. a short table last. Full logs and JSON under $OUT (or ./gpu-results).
-#   WORKLOADS="w3 w1" RUNS=3 HF_W3=1 bench/gpu/check_and_bench.sh
+#   WORKLOADS="w3 w1" RUNS=3 HF_W3=1 CHECKS="tests tiny hf" bench/gpu/check_and_bench.sh
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 gpu=${GPU_DIR:-$PWD/.gpu}
@@ -18,7 +18,7 @@ work=$(mktemp -d)
 bin=$gpu/bin
 for f in "$bin"/*.gz; do [ -e "$f" ] && gunzip -f "$f"; done
 chmod +x "$bin"/* 2>/dev/null
-workloads=${WORKLOADS:-w3 w1}
+workloads=${WORKLOADS-w3 w1}
 # The runner prints where step time goes when the engine shuts down.
 export VLLM_STEP_TIMING=${VLLM_STEP_TIMING:-1}
 runs=${RUNS:-3}
@@ -56,12 +56,24 @@ echo "card: $card; commit $commit"
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/nvidia-smi.txt"
 
 summary=()
+checks=${CHECKS:-tests tiny hf}
+if [[ " $checks " == *" tests "* && -e "$bin/model_device" ]]; then
+  echo "== engine tests on the GPU (tests/model_device.rs, float32)"
+  if VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$gpu "$bin/model_device" --test-threads 1 2>&1 | tee "$out/tests.txt"; then
+    summary+=("$(grep -E "^test result" "$out/tests.txt" | tail -1) (model_device on cuda)")
+  else
+    summary+=("model_device on cuda: FAIL (see tests.txt)")
+  fi
+fi
+if [[ " $checks " == *" tiny "* ]]; then
 echo "== correctness: tiny fixtures, float32"
 if python3 "$here/check_tiny.py" "$bin" "$gpu/tiny" "$work" 2>&1 | tee "$out/check_tiny.txt"; then
   summary+=("tiny fixtures f32 (logits 1e-3, greedy ids): PASS")
 else
   summary+=("tiny fixtures f32: FAIL (see check_tiny.txt)")
 fi
+fi
+if [[ " $checks " == *" hf "* ]]; then
 echo "== correctness: random-weight models vs HF transformers, bf16"
 if python3 "$here/check_hf.py" "$bin" "$work" 2>&1 | tee "$out/check_hf.txt"; then
   summary+=("HF comparison bf16: PASS")
@@ -70,6 +82,7 @@ else
 fi
 grep -E "^(ok|FAIL)" "$out/check_hf.txt" | while read -r l; do echo "  $l"; done > "$work/hf_lines"
 while read -r l; do summary+=("$l"); done < "$work/hf_lines"
+fi
 
 config_of() { case $1 in w1) echo "$here/configs/qwen3-0.6b.json" ;; w2) echo "$here/configs/llama-3.1-8b.json" ;; w3) echo "$here/configs/qwen2.5-0.5b.json" ;; esac; }
 ceiling_of() { case $1 in w1) echo "$w1_ceiling" ;; w3) echo "$w3_ceiling" ;; *) echo "" ;; esac; }

@@ -10,6 +10,7 @@ bench/gpu/build-cuda.sh >&2
 mkdir -p "$dest/bin" "$dest/bench"
 gzip -c .gpu/bin/vllm-bench > "$dest/bin/vllm-bench.gz"
 gzip -c .gpu/bin/vllm-logits > "$dest/bin/vllm-logits.gz"
+gzip -c .gpu/bin/model_device > "$dest/bin/model_device.gz"
 rm -rf "$dest/tiny" && cp -r "$shared/fixtures/tiny" "$dest/tiny" && chmod -R u+w "$dest/tiny"
 cp "$shared/fixtures/smollm2_tokenizer.json" "$dest/tokenizer.json"
 rm -rf "$dest/bench/gpu" && cp -r bench/gpu "$dest/bench/gpu"
