@@ -143,7 +143,7 @@ fn dummy_load_of_a_missing_config_is_not_found() {
 fn a_cpu_build_refuses_cuda_clearly() {
     let mut a = EngineArgs::new(common::fixtures_dir().join("tiny/tiny_llama"));
     a.device = Device::Cuda(0);
-    let err = a.validate().err().expect("cuda without the feature must fail");
+    let err = a.validate().expect_err("cuda without the feature must fail");
     assert_eq!(err.category, ErrorCategory::Unsupported);
     assert!(err.message.contains("cuda"), "{}", err.message);
 }
@@ -154,7 +154,11 @@ fn device_and_load_format_parse_like_vllm() {
     assert_eq!(Device::parse("cuda").ok(), Some(Device::Cuda(0)));
     assert_eq!(Device::parse("cuda:3").ok(), Some(Device::Cuda(3)));
     for bad in ["cuda:", "cuda:x", "tpu", ""] {
-        assert_eq!(Device::parse(bad).err().map(|e| e.category), Some(ErrorCategory::Validation), "{bad:?}");
+        assert_eq!(
+            Device::parse(bad).err().map(|e| e.category),
+            Some(ErrorCategory::Validation),
+            "{bad:?}"
+        );
     }
     assert_eq!(LoadFormat::parse("dummy").ok(), Some(LoadFormat::Dummy));
     assert_eq!(LoadFormat::parse("auto").ok(), Some(LoadFormat::Auto));

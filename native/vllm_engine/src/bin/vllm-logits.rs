@@ -64,7 +64,11 @@ fn ids(v: &serde_json::Value, key: &str) -> Result<Vec<u32>, String> {
         .and_then(|a| a.as_array())
         .ok_or(format!("tokens file: {key} must be an array"))?
         .iter()
-        .map(|x| x.as_u64().map(|x| x as u32).ok_or(format!("tokens file: {key} holds a non-integer")))
+        .map(|x| {
+            x.as_u64()
+                .map(|x| x as u32)
+                .ok_or(format!("tokens file: {key} holds a non-integer"))
+        })
         .collect()
 }
 
@@ -107,7 +111,12 @@ fn run(o: Options) -> Result<(), String> {
         if !want_logits {
             return Ok(None);
         }
-        Ok(Some(logits.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?))
+        Ok(Some(
+            logits
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| e.to_string())?,
+        ))
     };
     let chunk = o.chunk.unwrap_or(prompt.len()).max(1);
     let mut done = 0;
@@ -124,12 +133,22 @@ fn run(o: Options) -> Result<(), String> {
     }
     for row in &rows {
         if row.len() != config.vocab_size {
-            return Err(format!("a logits row has {} values, vocab is {}", row.len(), config.vocab_size));
+            return Err(format!(
+                "a logits row has {} values, vocab is {}",
+                row.len(),
+                config.vocab_size
+            ));
         }
         let bytes: Vec<u8> = row.iter().flat_map(|v| v.to_le_bytes()).collect();
-        out.write_all(&bytes).map_err(|e| format!("cannot write {}: {e}", o.out))?;
+        out.write_all(&bytes)
+            .map_err(|e| format!("cannot write {}: {e}", o.out))?;
     }
-    println!("{} rows of {} logits written to {}", rows.len(), config.vocab_size, o.out);
+    println!(
+        "{} rows of {} logits written to {}",
+        rows.len(),
+        config.vocab_size,
+        o.out
+    );
     Ok(())
 }
 

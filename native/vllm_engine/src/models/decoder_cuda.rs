@@ -61,13 +61,13 @@ pub struct CudaDecoderLM {
 /// Checks that our kernels cover the model's attention geometry.
 fn check_geometry(c: &ModelConfig) -> Result<()> {
     let unsupported = |what: String| Err(EngineError::unsupported(format!("CUDA backend: {what}")));
-    if c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
+    if c.num_key_value_heads == 0 || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
         return unsupported(format!(
             "{} attention heads are not a multiple of {} KV heads",
             c.num_attention_heads, c.num_key_value_heads
         ));
     }
-    if c.head_dim % 2 != 0 || c.head_dim > ATT_MAX_HEAD_DIM {
+    if !c.head_dim.is_multiple_of(2) || c.head_dim > ATT_MAX_HEAD_DIM {
         return unsupported(format!("head_dim {} (even, at most {ATT_MAX_HEAD_DIM})", c.head_dim));
     }
     let group = c.num_attention_heads / c.num_key_value_heads;
@@ -213,7 +213,9 @@ impl CudaDecoderLM {
         let c = &self.config;
         let n = batch.token_ids.len();
         if batch.positions.len() != n {
-            return Err(EngineError::internal("forward batch: positions and token_ids differ in length"));
+            return Err(EngineError::internal(
+                "forward batch: positions and token_ids differ in length",
+            ));
         }
         if let Some(&bad) = batch.token_ids.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(EngineError::validation(format!(
@@ -244,16 +246,20 @@ impl CudaDecoderLM {
                 )));
             }
             if let Some(&b) = seq.block_table[..blocks].iter().find(|&&b| b as usize >= kv.num_blocks) {
-                return Err(EngineError::internal(format!("forward batch: block {b} is outside the cache")));
+                return Err(EngineError::internal(format!(
+                    "forward batch: block {b} is outside the cache"
+                )));
             }
             tables[s * max_blocks..s * max_blocks + blocks].copy_from_slice(&seq.block_table[..blocks]);
-            for t in seq.query_start..end {
-                if batch.positions[t] >= seq.context_len || token_seq[t] != u32::MAX {
+            let tokens = token_seq[seq.query_start..end].iter_mut();
+            for (t, (owner, &position)) in tokens.zip(&batch.positions[seq.query_start..end]).enumerate() {
+                if position >= seq.context_len || *owner != u32::MAX {
                     return Err(EngineError::internal(format!(
-                        "forward batch: token {t} of seq {s} is past its context or in two seqs"
+                        "forward batch: token {} of seq {s} is past its context or in two seqs",
+                        seq.query_start + t
                     )));
                 }
-                token_seq[t] = s as u32;
+                *owner = s as u32;
             }
             max_context = max_context.max(seq.context_len);
             // The last new token (sampling) or every new token (prompt logprobs).
@@ -315,7 +321,9 @@ impl CausalLM for CudaDecoderLM {
                 k_norm: layer.k_norm.as_ref(),
                 eps,
             };
-            let q = ops::qkv_prepare(k, &qkv, &extras, &self.cos, &self.sin, &meta, k_cache, v_cache, &self.dims)?;
+            let q = ops::qkv_prepare(
+                k, &qkv, &extras, &self.cos, &self.sin, &meta, k_cache, v_cache, &self.dims,
+            )?;
             let attn = ops::paged_attention(k, &q, k_cache, v_cache, &meta, &self.dims)?;
             let o = attn.matmul(&layer.o_proj.t()?)?;
             let x = ops::add_rms_norm(k, &h, Some(&o), &layer.post_attention_norm, eps)?;
@@ -353,7 +361,13 @@ impl CausalLM for CudaDecoderLM {
             block_size,
             self.kv_width(),
         )?;
-        Ok(PagedKvCache::on_device(cache, num_blocks, block_size, c.num_key_value_heads, c.head_dim))
+        Ok(PagedKvCache::on_device(
+            cache,
+            num_blocks,
+            block_size,
+            c.num_key_value_heads,
+            c.head_dim,
+        ))
     }
 
     /// vLLM's rule: the engine may take `gpu_memory_utilization` of the card; the KV cache
@@ -368,11 +382,11 @@ impl CausalLM for CudaDecoderLM {
             return Err(EngineError::new(
                 ErrorCategory::ResourceExhausted,
                 format!(
-                "no GPU memory left for the KV cache: {:.2} GiB allowed (gpu_memory_utilization {}), \
+                    "no GPU memory left for the KV cache: {:.2} GiB allowed (gpu_memory_utilization {}), \
                  {:.2} GiB in use after loading the weights, {:.2} GiB kept for activations",
-                allowed as f64 / (1u64 << 30) as f64,
-                args.gpu_memory_utilization,
-                used as f64 / (1u64 << 30) as f64,
+                    allowed as f64 / (1u64 << 30) as f64,
+                    args.gpu_memory_utilization,
+                    used as f64 / (1u64 << 30) as f64,
                     reserve as f64 / (1u64 << 30) as f64
                 ),
             ));

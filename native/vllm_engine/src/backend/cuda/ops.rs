@@ -98,7 +98,13 @@ pub fn gather_rows(k: &Kernels, src: &Tensor, rows: &Tensor) -> Result<Tensor> {
 }
 
 /// `residual += delta` in place (when given), then RMSNorm of `residual` with `weight`.
-pub fn add_rms_norm(k: &Kernels, residual: &Tensor, delta: Option<&Tensor>, weight: &Tensor, eps: f32) -> Result<Tensor> {
+pub fn add_rms_norm(
+    k: &Kernels,
+    residual: &Tensor,
+    delta: Option<&Tensor>,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
     let (n, hidden) = residual.dims2()?;
     if let Some(d) = delta {
         if d.dims2()? != (n, hidden) || d.dtype() != residual.dtype() {
@@ -110,7 +116,12 @@ pub fn add_rms_norm(k: &Kernels, residual: &Tensor, delta: Option<&Tensor>, weig
         return Ok(out);
     }
     let f = k.function("add_rms_norm", residual.dtype())?;
-    let (r, d, w, o) = (device_ptr(residual)?, optional_ptr(delta)?, device_ptr(weight)?, device_ptr(&out)?);
+    let (r, d, w, o) = (
+        device_ptr(residual)?,
+        optional_ptr(delta)?,
+        device_ptr(weight)?,
+        device_ptr(&out)?,
+    );
     let h = hidden as i32;
     let mut b = k.stream().launch_builder(f);
     b.arg(&r).arg(&d).arg(&w).arg(&o).arg(&h).arg(&eps);

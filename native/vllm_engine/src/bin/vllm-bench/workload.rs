@@ -12,7 +12,9 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use vllm_engine::config::{DType, Device, LoadFormat};
-use vllm_engine::{Engine, EngineArgs, EngineError, EngineRequest, OutputKind, OutputSink, RequestOutput, SamplingParams};
+use vllm_engine::{
+    Engine, EngineArgs, EngineError, EngineRequest, OutputKind, OutputSink, RequestOutput, SamplingParams,
+};
 
 /// Engine options shared by every workload.
 #[derive(Debug, Clone)]
@@ -75,8 +77,16 @@ impl EngineOptions {
     }
 
     pub fn set(&mut self, flag: &str, value: &str) -> Result<(), String> {
-        let int = || value.parse::<usize>().map_err(|_| format!("{flag} must be a non-negative integer, got {value:?}"));
-        let float = || value.parse::<f64>().map_err(|_| format!("{flag} must be a number, got {value:?}"));
+        let int = || {
+            value
+                .parse::<usize>()
+                .map_err(|_| format!("{flag} must be a non-negative integer, got {value:?}"))
+        };
+        let float = || {
+            value
+                .parse::<f64>()
+                .map_err(|_| format!("{flag} must be a number, got {value:?}"))
+        };
         match flag {
             "--device" => self.device = Some(value.into()),
             "--dtype" => self.dtype = Some(value.into()),
@@ -146,10 +156,16 @@ fn random_prompt(rng: &mut ChaCha8Rng, len: usize, vocab: usize) -> Vec<u32> {
     (0..len).map(|_| rng.random_range(1..top)).collect()
 }
 
+/// Draws one request's (prompt length, output length).
+type LengthDraw = Box<dyn Fn(&mut ChaCha8Rng) -> (usize, usize)>;
+
 fn specs(workload: &str, vocab: usize, o: &EngineOptions) -> Result<Vec<Spec>, String> {
     let mut rng = ChaCha8Rng::seed_from_u64(o.seed);
-    let (n, lens): (usize, Box<dyn Fn(&mut ChaCha8Rng) -> (usize, usize)>) = match workload {
-        "w1" => (256, Box::new(|r| (r.random_range(100..=1024), r.random_range(100..=1024)))),
+    let (n, lens): (usize, LengthDraw) = match workload {
+        "w1" => (
+            256,
+            Box::new(|r| (r.random_range(100..=1024), r.random_range(100..=1024))),
+        ),
         "w2" => (1000, Box::new(|_| (128, 128))),
         "w3" => (1, Box::new(|_| (128, 512))),
         other => return Err(format!("unknown workload {other:?} (w1, w2, w3)")),
@@ -185,7 +201,10 @@ fn submit(engine: &Engine, id: String, spec: &Spec) -> Result<Receiver<(Instant,
     };
     let (tx, rx) = unbounded();
     engine
-        .add_request(EngineRequest::new(id, spec.prompt.clone(), params), Box::new(TimingSink(tx)))
+        .add_request(
+            EngineRequest::new(id, spec.prompt.clone(), params),
+            Box::new(TimingSink(tx)),
+        )
         .map_err(|e| e.to_string())?;
     Ok(rx)
 }
@@ -215,7 +234,7 @@ fn median(mut v: Vec<f64>) -> f64 {
         return f64::NAN;
     }
     let mid = v.len() / 2;
-    if v.len() % 2 == 0 {
+    if v.len().is_multiple_of(2) {
         (v[mid - 1] + v[mid]) / 2.0
     } else {
         v[mid]
