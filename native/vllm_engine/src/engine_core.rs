@@ -27,6 +27,8 @@ pub enum CoreCommand {
     Release(SeqId),
     /// Release everything and stop the thread.
     Shutdown,
+    /// Sleep, wake up, ping: run between steps and answered on the command's channel.
+    Control(crate::control::ControlCommand),
 }
 
 pub struct NewRequest {
@@ -57,6 +59,13 @@ pub struct CoreShared {
     pub dead: AtomicBool,
     /// Requests preempted by recompute since start-up.
     pub preemptions: AtomicU64,
+    /// Prompt tokens run through the model (prefill) and tokens generated, since start-up.
+    pub prompt_tokens: AtomicU64,
+    pub generation_tokens: AtomicU64,
+    /// Step phases, recorded while a profile runs.
+    pub profiler: crate::profiler::Profiler,
+    /// Weights and KV cache bytes, published by the core after every change.
+    pub memory: Mutex<crate::control::MemoryUsage>,
 }
 
 pub struct EngineCore {
@@ -68,6 +77,8 @@ pub struct EngineCore {
     pub commands: Receiver<CoreCommand>,
     pub outputs: Sender<OutputMessage>,
     pub shared: std::sync::Arc<CoreShared>,
+    /// Sleep state and what waking up needs.
+    pub control: crate::control::SleepState,
     next_arrival: u64,
 }
 
@@ -97,6 +108,7 @@ impl EngineCore {
             commands,
             outputs,
             shared,
+            control: Default::default(),
             next_arrival: 0,
         }
     }
@@ -135,7 +147,7 @@ impl EngineCore {
             }
             self.publish_stats();
             // Nothing could be scheduled: wait for a command rather than spin.
-            idle = !self.scheduler.has_work() || !self.step()?;
+            idle = !self.scheduler.has_work() || self.control.is_asleep() || !self.step()?;
         }
     }
 
@@ -168,10 +180,14 @@ impl EngineCore {
                 self.release_all();
                 Flow::Exit
             }
+            CoreCommand::Control(cmd) => {
+                self.handle_control(cmd);
+                Flow::Continue
+            }
         }
     }
 
-    fn release_all(&mut self) {
+    pub(crate) fn release_all(&mut self) {
         let ids = self.scheduler.seq_ids();
         for id in &ids {
             self.scheduler.remove(*id);
@@ -184,10 +200,15 @@ impl EngineCore {
 
     /// One forward pass over what the scheduler picked. Returns false when nothing ran.
     fn step(&mut self) -> Result<bool> {
+        let profiler = &self.shared.profiler;
+        let started = profiler.begin();
         let plan = self.scheduler.schedule();
         if plan.is_empty() {
             return Ok(false);
         }
+        let num_tokens: usize = plan.scheduled.iter().map(|s| s.num_new_tokens).sum();
+        let batch_args = [("num_seqs", plan.scheduled.len() as u64), ("num_tokens", num_tokens as u64)];
+        profiler.record("schedule", crate::profiler::CORE_THREAD, started, &batch_args);
         self.shared
             .preemptions
             .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
@@ -197,12 +218,23 @@ impl EngineCore {
                 seq.first_scheduled_time.get_or_insert(now);
             }
         }
+        let started = self.shared.profiler.begin();
         let logits = self.runner.execute(&plan, &self.scheduler)?;
+        self.shared
+            .profiler
+            .record("forward", crate::profiler::CORE_THREAD, started, &batch_args);
+        let sampling_started = self.shared.profiler.begin();
+        let mut prompt_tokens = 0;
         for s in &plan.scheduled {
             if let Some(seq) = self.scheduler.seq_mut(s.seq_id) {
+                let prompt_left = seq.num_prompt_tokens.saturating_sub(seq.num_computed_tokens);
+                prompt_tokens += s.num_new_tokens.min(prompt_left);
                 seq.num_computed_tokens += s.num_new_tokens;
             }
         }
+        self.shared
+            .prompt_tokens
+            .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
         let mut events = Vec::with_capacity(logits.seq_ids.len());
         for (&id, row) in logits.seq_ids.iter().zip(&logits.rows) {
             let Some(seq) = self.scheduler.seq_mut(id) else {
@@ -237,11 +269,20 @@ impl EngineCore {
                 first_scheduled_time: seq.first_scheduled_time,
             });
         }
+        self.shared.profiler.record(
+            "sample",
+            crate::profiler::CORE_THREAD,
+            sampling_started,
+            &[("num_seqs", events.len() as u64)],
+        );
         for e in &events {
             if e.finish.is_some() {
                 self.scheduler.remove(e.seq_id);
             }
         }
+        self.shared
+            .generation_tokens
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
         self.publish_stats();
         if !events.is_empty() {
             let _ = self.outputs.send(OutputMessage::Step(events));

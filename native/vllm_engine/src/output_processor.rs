@@ -121,7 +121,13 @@ impl OutputProcessor {
     fn handle(&mut self, msg: OutputMessage) {
         match msg {
             OutputMessage::Register(stream) => self.register(*stream),
-            OutputMessage::Step(events) => events.into_iter().for_each(|e| self.on_token(e)),
+            OutputMessage::Step(events) => {
+                let started = self.shared.profiler.begin();
+                let n = events.len() as u64;
+                events.into_iter().for_each(|e| self.on_token(e));
+                let tid = crate::profiler::OUTPUT_THREAD;
+                self.shared.profiler.record("detokenize", tid, started, &[("num_seqs", n)]);
+            }
             OutputMessage::Released(id) => self.on_released(id),
             OutputMessage::Dead(why) => self.fail_all(&why),
             OutputMessage::Shutdown => {}
