@@ -69,7 +69,7 @@ defmodule VLLM do
   `timeout:` ms (the function runs in a task, killed past it), `halt: true` (stop the VM
   afterwards, as the old `run` allowed for scripts).
   """
-  @spec run((-> term()), keyword()) :: {:ok, term()} | {:error, Error.t()}
+  @spec run((() -> term()), keyword()) :: {:ok, term()} | {:error, Error.t()}
   def run(fun, opts \\ [])
 
   def run(fun, opts) when is_function(fun, 0) and is_list(opts) do
@@ -80,7 +80,9 @@ defmodule VLLM do
           ms -> run_with_timeout(fun, ms)
         end
 
-      if Keyword.get(opts, :halt, false), do: System.halt(if(match?({:ok, _}, result), do: 0, else: 1))
+      if Keyword.get(opts, :halt, false),
+        do: System.halt(if(match?({:ok, _}, result), do: 0, else: 1))
+
       result
     end
   end
@@ -89,7 +91,7 @@ defmodule VLLM do
     do: {:error, Error.validation("run/2 takes a function of no arguments, got #{inspect(fun)}")}
 
   @doc "Like `run/2` but returns the function's result or raises `Vllm.Error`."
-  @spec run!((-> term()), keyword()) :: term()
+  @spec run!((() -> term()), keyword()) :: term()
   def run!(fun, opts \\ []), do: fun |> run(opts) |> Error.unwrap!()
 
   defp protect(fun) do
@@ -188,12 +190,23 @@ defmodule VLLM do
 
     with :ok <- Vllm.AsyncLLMEngine.check_opts(opts, kinds) do
       case opts do
-        [{:json, schema}] when is_map(schema) or is_binary(schema) -> {:ok, %{json: schema}}
-        [{:regex, r}] when is_binary(r) -> {:ok, %{regex: r}}
-        [{:grammar, g}] when is_binary(g) -> {:ok, %{grammar: g}}
-        [{:json_object, true}] -> {:ok, %{json_object: true}}
-        [{:choice, [_ | _] = c}] -> if Enum.all?(c, &is_binary/1), do: {:ok, %{choice: c}}, else: bad_guided(opts)
-        _ -> bad_guided(opts)
+        [{:json, schema}] when is_map(schema) or is_binary(schema) ->
+          {:ok, %{json: schema}}
+
+        [{:regex, r}] when is_binary(r) ->
+          {:ok, %{regex: r}}
+
+        [{:grammar, g}] when is_binary(g) ->
+          {:ok, %{grammar: g}}
+
+        [{:json_object, true}] ->
+          {:ok, %{json_object: true}}
+
+        [{:choice, [_ | _] = c}] ->
+          if Enum.all?(c, &is_binary/1), do: {:ok, %{choice: c}}, else: bad_guided(opts)
+
+        _ ->
+          bad_guided(opts)
       end
     end
   end
@@ -211,7 +224,10 @@ defmodule VLLM do
   @doc "Whether structured outputs are enforced while decoding: not yet (issue 11)."
   @spec guided_decoding_supported?() :: boolean()
   def guided_decoding_supported? do
-    match?(:ok, Vllm.SamplingParams.check_supported(%Vllm.SamplingParams{structured_outputs: %{regex: "a"}}))
+    match?(
+      :ok,
+      Vllm.SamplingParams.check_supported(%Vllm.SamplingParams{structured_outputs: %{regex: "a"}})
+    )
   end
 
   @timeout_profiles %{
@@ -234,7 +250,9 @@ defmodule VLLM do
   def with_timeout(opts, timeout_opts),
     do:
       raise(
-        Error.validation("with_timeout/2 takes two keyword lists, got #{inspect(opts)} and #{inspect(timeout_opts)}")
+        Error.validation(
+          "with_timeout/2 takes two keyword lists, got #{inspect(opts)} and #{inspect(timeout_opts)}"
+        )
       )
 
   @doc "Same as `with_timeout/2` (it already returns the options)."
@@ -275,13 +293,17 @@ defmodule VLLM do
   @python "there is no Python here: this package runs vLLM's engine natively; use the VLLM and Vllm.* functions"
 
   @doc "Python pass-through of the old package: `:unsupported`."
-  def call(_module, _function, _args \\ [], _opts \\ []), do: {:error, Error.new(:unsupported, @python)}
+  def call(_module, _function, _args \\ [], _opts \\ []),
+    do: {:error, Error.new(:unsupported, @python)}
+
   @doc "Like `call/4` but raises `Vllm.Error`."
   def call!(module, function, args \\ [], opts \\ []),
     do: module |> call(function, args, opts) |> Error.unwrap!()
 
   @doc "Python pass-through of the old package: `:unsupported`."
-  def method(_ref, _method, _args \\ [], _opts \\ []), do: {:error, Error.new(:unsupported, @python)}
+  def method(_ref, _method, _args \\ [], _opts \\ []),
+    do: {:error, Error.new(:unsupported, @python)}
+
   @doc "Like `method/4` but raises `Vllm.Error`."
   def method!(ref, method, args \\ [], opts \\ []),
     do: ref |> method(method, args, opts) |> Error.unwrap!()

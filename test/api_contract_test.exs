@@ -132,7 +132,9 @@ defmodule Vllm.ApiContractTest do
     assert %Vllm.CompletionOutput{text: "x"} = Vllm.Outputs.CompletionOutput.new(text: "x")
 
     assert %Vllm.PoolingRequestOutput{outputs: %Vllm.EmbeddingOutput{embedding: [1.0]}} =
-             Vllm.Outputs.PoolingRequestOutput.new(outputs: %Vllm.EmbeddingOutput{embedding: [1.0]})
+             Vllm.Outputs.PoolingRequestOutput.new(
+               outputs: %Vllm.EmbeddingOutput{embedding: [1.0]}
+             )
 
     assert %Vllm.EmbeddingOutput{} = Vllm.Outputs.EmbeddingOutput.new()
   end

@@ -125,6 +125,7 @@ defmodule Vllm.ControlTest do
        %{engine: engine, reference: reference} do
     {:ok, awake} = AsyncLLMEngine.memory_usage(engine)
     assert :ok = AsyncLLMEngine.sleep(engine, level: 2)
+
     assert {:ok, %{weights_bytes: 0, kv_cache_bytes: 0, sleep_level: 2}} =
              AsyncLLMEngine.memory_usage(engine)
 
@@ -153,7 +154,10 @@ defmodule Vllm.ControlTest do
 
   test "collective_rpc runs a method on every worker", %{engine: engine} do
     assert {:ok, ["pong"]} = AsyncLLMEngine.collective_rpc(engine, "ping")
-    assert {:ok, [%{device: "cpu", rank: 0}]} = AsyncLLMEngine.collective_rpc(engine, "device_info")
+
+    assert {:ok, [%{device: "cpu", rank: 0}]} =
+             AsyncLLMEngine.collective_rpc(engine, "device_info")
+
     assert {:ok, [%{weights_bytes: w, kv_cache_bytes: kv}]} =
              AsyncLLMEngine.collective_rpc(engine, "memory_usage")
 
@@ -192,7 +196,13 @@ defmodule Vllm.ControlTest do
     capture_log(fn -> :ok = AsyncLLMEngine.do_log_stats(engine) end)
     {:ok, _} = complete(engine, "Once upon a time", @short)
     log = capture_log(fn -> assert :ok = AsyncLLMEngine.do_log_stats(engine) end)
-    assert [_, prompt, generation] = Regex.run(~r/prompt throughput: ([\d.]+) tokens\/s, Avg generation throughput: ([\d.]+)/, log)
+
+    assert [_, prompt, generation] =
+             Regex.run(
+               ~r/prompt throughput: ([\d.]+) tokens\/s, Avg generation throughput: ([\d.]+)/,
+               log
+             )
+
     assert String.to_float(prompt) > 0 and String.to_float(generation) > 0
     assert log =~ "Running: 0 reqs, Waiting: 0 reqs"
     assert log =~ "KV cache usage: 0.0%"

@@ -9,7 +9,11 @@ defmodule Vllm.DataParallelTest do
 
   setup_all do
     engine =
-      start_engine!(data_parallel_size: 2, kv_cache_memory_bytes: 32 * 1024 * 1024, max_num_seqs: 8)
+      start_engine!(
+        data_parallel_size: 2,
+        kv_cache_memory_bytes: 32 * 1024 * 1024,
+        max_num_seqs: 8
+      )
 
     {:ok, engine: engine}
   end

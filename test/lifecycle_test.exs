@@ -17,11 +17,18 @@ defmodule Vllm.LifecycleTest do
     engine = AsyncLLMEngine.from_engine_args!(Keyword.put(@small, :model, path!()))
     threads = engine_threads()
     id = request_id()
-    :ok = AsyncLLMEngine.add_request(engine, id, "Once upon a time", max_tokens: 400, ignore_eos: true)
+
+    :ok =
+      AsyncLLMEngine.add_request(engine, id, "Once upon a time", max_tokens: 400, ignore_eos: true)
+
     assert_receive {:vllm, ^id, %RequestOutput{finished: false}}, 30_000
 
     assert :ok = AsyncLLMEngine.shutdown(engine)
-    assert_receive {:vllm, ^id, %RequestOutput{finished: true, outputs: [%{finish_reason: :abort}]}}, 5_000
+
+    assert_receive {:vllm, ^id,
+                    %RequestOutput{finished: true, outputs: [%{finish_reason: :abort}]}},
+                   5_000
+
     assert engine_threads() == threads - 1
     refute Native.is_alive(engine.resource)
 
@@ -29,7 +36,9 @@ defmodule Vllm.LifecycleTest do
     assert {:ok, false} = AsyncLLMEngine.is_running(engine)
     assert {:error, %Error{category: :engine_dead}} = AsyncLLMEngine.check_health(engine)
     assert {:ok, %Error{category: :engine_dead}} = AsyncLLMEngine.dead_error(engine)
-    assert {:error, %Error{category: :engine_dead}} = AsyncLLMEngine.add_request(engine, "x", "Hi", nil)
+
+    assert {:error, %Error{category: :engine_dead}} =
+             AsyncLLMEngine.add_request(engine, "x", "Hi", nil)
   end
 
   test "from_vllm_config takes vLLM's grouped config" do
@@ -64,7 +73,8 @@ defmodule Vllm.LifecycleTest do
     ]
 
     for {opts, category, words} <- refused do
-      assert {:error, %Error{category: ^category, message: m}} = AsyncLLMEngine.new(path!(), opts),
+      assert {:error, %Error{category: ^category, message: m}} =
+               AsyncLLMEngine.new(path!(), opts),
              inspect(opts)
 
       assert m =~ words, "#{inspect(opts)}: #{m}"

@@ -82,7 +82,8 @@ defmodule Vllm.AsyncLLMEngine do
   def from_vllm_config(config, opts \\ [])
 
   def from_vllm_config(config, opts) when (is_map(config) or is_list(config)) and is_list(opts) do
-    groups = ~w(model_config cache_config scheduler_config parallel_config device_config load_config)
+    groups =
+      ~w(model_config cache_config scheduler_config parallel_config device_config load_config)
 
     flat =
       Enum.flat_map(config, fn {key, value} ->
@@ -95,11 +96,14 @@ defmodule Vllm.AsyncLLMEngine do
   end
 
   def from_vllm_config(other, _),
-    do: {:error, Error.validation("a vLLM config must be a map or keyword list, got #{inspect(other)}")}
+    do:
+      {:error,
+       Error.validation("a vLLM config must be a map or keyword list, got #{inspect(other)}")}
 
   @doc "Like `from_vllm_config/2` but raises `Vllm.Error`."
   @spec from_vllm_config!(map() | keyword(), keyword()) :: t()
-  def from_vllm_config!(config, opts \\ []), do: config |> from_vllm_config(opts) |> Error.unwrap!()
+  def from_vllm_config!(config, opts \\ []),
+    do: config |> from_vllm_config(opts) |> Error.unwrap!()
 
   @doc """
   For supervision trees: `{Vllm.AsyncLLMEngine, model: path, name: MyEngine}`. The child
@@ -234,7 +238,10 @@ defmodule Vllm.AsyncLLMEngine do
         data_parallel_rank: Keyword.get(opts, :data_parallel_rank)
       }
 
-      call(engine, {:add_request, request_id, prompt, Map.from_struct(params), owner, request_opts})
+      call(
+        engine,
+        {:add_request, request_id, prompt, Map.from_struct(params), owner, request_opts}
+      )
     end
   end
 

@@ -93,7 +93,9 @@ defmodule Vllm.EngineOptions do
       runtime when is_list(runtime) ->
         Keyword.get(runtime, :timeout) ||
           VLLM.timeout_profile_ms(Keyword.get(runtime, :timeout_profile)) || default
-      _ -> default
+
+      _ ->
+        default
     end
   end
 

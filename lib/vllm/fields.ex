@@ -23,7 +23,8 @@ defmodule Vllm.Fields do
         end
 
       other, _ ->
-        {:halt, {:error, Error.validation("#{what} must be key-value pairs, got #{inspect(other)}")}}
+        {:halt,
+         {:error, Error.validation("#{what} must be key-value pairs, got #{inspect(other)}")}}
     end)
   end
 end

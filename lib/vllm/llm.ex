@@ -99,7 +99,8 @@ defmodule Vllm.LLM do
   def chat(llm, conversations, sampling_params \\ nil, opts \\ [])
 
   def chat(%__MODULE__{engine: engine} = llm, conversations, sampling_params, opts) do
-    {sampling_params, opts} = split_opts(sampling_params, opts, [:chat_template, :add_generation_prompt])
+    {sampling_params, opts} =
+      split_opts(sampling_params, opts, [:chat_template, :add_generation_prompt])
 
     conversations =
       case conversations do
@@ -108,7 +109,10 @@ defmodule Vllm.LLM do
       end
 
     with :ok <-
-           AsyncLLMEngine.check_opts(opts, [:chat_template, :add_generation_prompt | @generate_opts]),
+           AsyncLLMEngine.check_opts(opts, [
+             :chat_template,
+             :add_generation_prompt | @generate_opts
+           ]),
          {:ok, prompts} <-
            collect(
              Enum.map(List.wrap(conversations), fn messages ->
@@ -120,7 +124,12 @@ defmodule Vllm.LLM do
                )
              end)
            ) do
-      generate(llm, prompts, sampling_params, Keyword.drop(opts, [:chat_template, :add_generation_prompt]))
+      generate(
+        llm,
+        prompts,
+        sampling_params,
+        Keyword.drop(opts, [:chat_template, :add_generation_prompt])
+      )
     end
   end
 
@@ -164,10 +173,13 @@ defmodule Vllm.LLM do
   def get_tokenizer!(llm), do: llm |> get_tokenizer() |> Error.unwrap!()
 
   @doc "Like `get_default_sampling_params/1`, unwrapped."
-  def get_default_sampling_params!(llm), do: llm |> get_default_sampling_params() |> Error.unwrap!()
+  def get_default_sampling_params!(llm),
+    do: llm |> get_default_sampling_params() |> Error.unwrap!()
 
   @doc "Resets the prefix cache (`Vllm.AsyncLLMEngine.reset_prefix_cache/2`)."
-  def reset_prefix_cache(%__MODULE__{engine: engine}), do: AsyncLLMEngine.reset_prefix_cache(engine)
+  def reset_prefix_cache(%__MODULE__{engine: engine}),
+    do: AsyncLLMEngine.reset_prefix_cache(engine)
+
   @doc "Like `reset_prefix_cache/1` but raises `Vllm.Error`."
   def reset_prefix_cache!(llm), do: llm |> reset_prefix_cache() |> Error.unwrap!()
 
@@ -210,9 +222,21 @@ defmodule Vllm.LLM do
          %{name: "vllm:num_requests_running", type: :gauge, value: stats.num_running},
          %{name: "vllm:num_requests_waiting", type: :gauge, value: stats.num_waiting},
          %{name: "vllm:kv_cache_usage_perc", type: :gauge, value: usage},
-         %{name: "vllm:prompt_tokens", type: :counter, value: Map.get(counters, :prompt_tokens, 0)},
-         %{name: "vllm:generation_tokens", type: :counter, value: Map.get(counters, :generation_tokens, 0)},
-         %{name: "vllm:num_preemptions", type: :counter, value: Map.get(counters, :num_preemptions, 0)},
+         %{
+           name: "vllm:prompt_tokens",
+           type: :counter,
+           value: Map.get(counters, :prompt_tokens, 0)
+         },
+         %{
+           name: "vllm:generation_tokens",
+           type: :counter,
+           value: Map.get(counters, :generation_tokens, 0)
+         },
+         %{
+           name: "vllm:num_preemptions",
+           type: :counter,
+           value: Map.get(counters, :num_preemptions, 0)
+         },
          %{name: "vllm:engine_memory_bytes", type: :gauge, value: memory.total_bytes}
        ]}
     end
@@ -327,7 +351,14 @@ defmodule Vllm.LLM do
       receive do
         {:vllm, id, %RequestOutput{finished: true} = out} when is_map_key(pending, id) ->
           progress = Vllm.Progress.advance(progress, out)
-          collect_outputs(engine, Map.delete(pending, id), Map.put(done, id, out), deadline, progress)
+
+          collect_outputs(
+            engine,
+            Map.delete(pending, id),
+            Map.put(done, id, out),
+            deadline,
+            progress
+          )
 
         {:vllm_error, id, reason} when is_map_key(pending, id) ->
           {:error, Error.from_native(reason)}

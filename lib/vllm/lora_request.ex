@@ -25,7 +25,9 @@ defmodule Vllm.LoRARequest do
   end
 
   def new(other),
-    do: {:error, Error.validation("a LoRA request must be a keyword list or map, got #{inspect(other)}")}
+    do:
+      {:error,
+       Error.validation("a LoRA request must be a keyword list or map, got #{inspect(other)}")}
 
   @doc "Like `new/1` but raises `Vllm.Error`."
   def new!(opts \\ []), do: opts |> new() |> Error.unwrap!()

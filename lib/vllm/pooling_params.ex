@@ -33,7 +33,9 @@ defmodule Vllm.PoolingParams do
   end
 
   def new(other),
-    do: {:error, Error.validation("pooling params must be a keyword list or map, got #{inspect(other)}")}
+    do:
+      {:error,
+       Error.validation("pooling params must be a keyword list or map, got #{inspect(other)}")}
 
   @doc "Like `new/1` but raises `Vllm.Error`."
   def new!(opts \\ []), do: opts |> new() |> Error.unwrap!()

@@ -88,7 +88,12 @@ defmodule Vllm.Tokenizer do
          {:ok, add} <- flag(opts, :add_generation_prompt, true),
          {:ok, tokenize} <- flag(opts, :tokenize, false),
          {:ok, text} <-
-           AsyncLLMEngine.apply_chat_template(engine, messages, add, Keyword.take(opts, [:chat_template])) do
+           AsyncLLMEngine.apply_chat_template(
+             engine,
+             messages,
+             add,
+             Keyword.take(opts, [:chat_template])
+           ) do
       # The template already holds the special tokens (BOS...).
       if tokenize, do: encode(tokenizer, text, add_special_tokens: false), else: {:ok, text}
     end
@@ -114,8 +119,12 @@ defmodule Vllm.Tokenizer do
 
   defp flag(opts, key, default) do
     case Keyword.get(opts, key, default) do
-      v when is_boolean(v) -> {:ok, v}
-      other -> {:error, Error.validation("option #{inspect(key)} must be a boolean, got #{inspect(other)}")}
+      v when is_boolean(v) ->
+        {:ok, v}
+
+      other ->
+        {:error,
+         Error.validation("option #{inspect(key)} must be a boolean, got #{inspect(other)}")}
     end
   end
 end

@@ -66,7 +66,11 @@ defmodule Vllm.TestJSON do
 
     value =
       if String.contains?(num, [".", "e", "E"]) do
-        {f, ""} = Float.parse(if String.contains?(num, "."), do: num, else: String.replace(num, ~r/[eE]/, ".0e"))
+        {f, ""} =
+          Float.parse(
+            if String.contains?(num, "."), do: num, else: String.replace(num, ~r/[eE]/, ".0e")
+          )
+
         f
       else
         String.to_integer(num)
