@@ -54,7 +54,8 @@ defmodule Vllm.EngineOptions do
     :kv_cache_memory_bytes,
     :enable_prefix_caching,
     :enable_chunked_prefill,
-    :num_threads
+    :num_threads,
+    :quantization
   ]
 
   @doc "The accepted option keys."
@@ -195,7 +196,7 @@ defmodule Vllm.EngineOptions do
 
       opts[:quantization] not in [nil, "gguf"] ->
         unsupported(
-          "quantization #{inspect(opts[:quantization])}: only GGUF files are read (their weights are dequantized to float32)"
+          "quantization #{inspect(opts[:quantization])}: only \"gguf\" (a GGUF file's quantized matrices kept quantized) is supported"
         )
 
       opts[:quantization] == "gguf" and not String.ends_with?(opts[:model] || "", ".gguf") ->

@@ -51,6 +51,9 @@ pub struct EngineArgs {
     pub enable_chunked_prefill: bool,
     /// Threads for CPU matmuls and attention; None: all cores.
     pub num_threads: Option<usize>,
+    /// "gguf": keep a GGUF file's quantized matrices quantized (quantized matmuls);
+    /// None: dequantize everything to float32.
+    pub quantization: Option<String>,
 }
 
 impl EngineArgs {
@@ -68,6 +71,7 @@ impl EngineArgs {
             enable_prefix_caching: true,
             enable_chunked_prefill: true,
             num_threads: None,
+            quantization: None,
         }
     }
 
@@ -84,6 +88,13 @@ impl EngineArgs {
         if self.max_model_len == Some(0) {
             return Err(EngineError::validation("max_model_len must be at least 1"));
         }
+        if let Some(q) = self.quantization.as_deref() {
+            if q != "gguf" {
+                return Err(EngineError::unsupported(format!(
+                    "quantization {q:?} is not supported (supported: \"gguf\")"
+                )));
+            }
+        }
         if self.max_num_batched_tokens == Some(0) {
             return Err(EngineError::validation("max_num_batched_tokens must be at least 1"));
         }
@@ -97,6 +108,8 @@ pub enum Architecture {
     Mistral,
     Qwen2,
     Qwen3,
+    /// OPT: learned positions, LayerNorm, ReLU, biases (models/opt.rs).
+    Opt,
 }
 
 /// The shape of a decoder-only transformer, read from config.json or GGUF metadata.
@@ -130,6 +143,7 @@ impl Architecture {
             "MistralForCausalLM" | "mistral" => Some(Architecture::Mistral),
             "Qwen2ForCausalLM" | "qwen2" => Some(Architecture::Qwen2),
             "Qwen3ForCausalLM" | "qwen3" => Some(Architecture::Qwen3),
+            "OPTForCausalLM" | "opt" => Some(Architecture::Opt),
             _ => None,
         }
     }
@@ -183,7 +197,7 @@ impl ModelConfig {
                 let enabled = obj.get("use_sliding_window").and_then(|x| x.as_bool()).unwrap_or(false);
                 if enabled { opt_usize("sliding_window") } else { None }
             }
-            Architecture::Llama => None,
+            Architecture::Llama | Architecture::Opt => None,
         };
         let eos_token_ids = match obj.get("eos_token_id") {
             Some(serde_json::Value::Array(ids)) => ids.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
@@ -194,16 +208,28 @@ impl ModelConfig {
             architecture,
             vocab_size: usize_key("vocab_size")?,
             hidden_size,
-            intermediate_size: usize_key("intermediate_size")?,
+            // OPT calls it ffn_dim.
+            intermediate_size: match architecture {
+                Architecture::Opt => usize_key("ffn_dim")?,
+                _ => usize_key("intermediate_size")?,
+            },
             num_hidden_layers: usize_key("num_hidden_layers")?,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: obj.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
+            // OPT's LayerNorm eps is fixed at 1e-5 (no config key).
+            rms_norm_eps: match architecture {
+                Architecture::Opt => 1e-5,
+                _ => obj.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
+            },
             rope_theta,
             max_position_embeddings: opt_usize("max_position_embeddings").unwrap_or(4096),
             sliding_window,
-            tie_word_embeddings: obj.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
+            // transformers' default is tied; Llama-family configs default to untied.
+            tie_word_embeddings: obj
+                .get("tie_word_embeddings")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(architecture == Architecture::Opt),
             attention_bias: match architecture {
                 Architecture::Qwen2 => true,
                 _ => obj.get("attention_bias").and_then(|x| x.as_bool()).unwrap_or(false),
@@ -293,7 +319,7 @@ impl ModelConfig {
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if !self.head_dim.is_multiple_of(2) {
+        if self.architecture != Architecture::Opt && !self.head_dim.is_multiple_of(2) {
             return Err(EngineError::validation(format!("model config: head_dim {} must be even for rotary", self.head_dim)));
         }
         Ok(())
@@ -312,7 +338,7 @@ fn hf_architecture(obj: &serde_json::Map<String, serde_json::Value>) -> Result<A
         .or_else(|| model_type.and_then(Architecture::parse))
         .ok_or_else(|| {
             EngineError::unsupported(format!(
-                "model architecture {} is not supported (supported: Llama, Mistral, Qwen2, Qwen3)",
+                "model architecture {} is not supported (supported: Llama, Mistral, Qwen2, Qwen3, OPT)",
                 from_list.or(model_type).unwrap_or("<none given>")
             ))
         })

@@ -64,7 +64,8 @@ impl SleepState {
     }
 }
 
-/// Parameter bytes of a decoder-only transformer of this shape in float32.
+/// Parameter bytes of a decoder-only transformer of this shape in float32 (for models
+/// that do not report their own `weight_bytes`).
 pub fn weight_bytes(c: &ModelConfig) -> usize {
     let q = c.num_attention_heads * c.head_dim;
     let kv = c.num_key_value_heads * c.head_dim;
@@ -152,10 +153,11 @@ impl EngineCore {
 
     pub(crate) fn publish_memory(&self) {
         let usage = MemoryUsage {
-            weights_bytes: if self.control.weights_dropped {
-                0
-            } else {
-                weight_bytes(self.runner.model_config())
+            weights_bytes: match (self.control.weights_dropped, self.runner.weight_bytes()) {
+                (true, _) => 0,
+                // A model that does not count its weights: their float32 size from the shape.
+                (false, 0) => weight_bytes(self.runner.model_config()),
+                (false, known) => known,
             },
             kv_cache_bytes: self.runner.kv_cache_bytes(),
             sleep_level: self.control.level,

@@ -11,6 +11,7 @@ pub mod kv_cache;
 pub mod loader;
 pub mod models;
 pub mod output_processor;
+pub mod pooling;
 pub mod profiler;
 pub mod request;
 pub mod runner;

@@ -64,6 +64,11 @@ impl ModelRunner {
         );
     }
 
+    /// The model's resident weight bytes (0 when the model does not know).
+    pub fn weight_bytes(&self) -> usize {
+        self.model.weight_bytes()
+    }
+
     pub fn model_config(&self) -> &ModelConfig {
         self.model.config()
     }

@@ -92,9 +92,16 @@ fn directory_without_config_is_not_found() {
 
 #[test]
 fn unknown_architecture_is_unsupported() {
-    let e = load_error(common::fixtures_dir().join("tiny/tiny_opt"));
+    let src = common::fixtures_dir().join("tiny/tiny_llama");
+    let dir = scratch("unknown_architecture");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let config = config.replace("LlamaForCausalLM", "GPTNeoXForCausalLM").replace("\"llama\"", "\"gpt_neox\"");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let e = load_error(dir);
     assert_eq!(e.category, ErrorCategory::Unsupported, "{e}");
-    assert!(e.message.contains("OPTForCausalLM"), "{e}");
+    assert!(e.message.contains("GPTNeoXForCausalLM"), "{e}");
 }
 
 #[test]
@@ -148,4 +155,25 @@ fn out_of_vocabulary_token_and_short_block_table_are_errors() {
         seqs: vec![short],
     };
     assert!(model.forward(&batch, &mut kv).is_err());
+}
+
+#[test]
+fn quantization_option_is_checked() {
+    let mut args = EngineArgs::new(common::fixtures_dir().join("tiny/tiny_llama"));
+    args.quantization = Some("gguf".into());
+    let e = load_causal_lm(&args).err().expect("gguf quantization of a directory");
+    assert_eq!(e.category, ErrorCategory::Validation, "{e}");
+    args.quantization = Some("awq".into());
+    assert_eq!(args.validate().unwrap_err().category, ErrorCategory::Unsupported);
+    let e = load_causal_lm(&args).err().expect("unknown quantization");
+    assert_eq!(e.category, ErrorCategory::Unsupported, "{e}");
+}
+
+#[test]
+fn pooling_loader_rejects_decoders_and_gguf() {
+    use vllm_engine::loader::load_encoder;
+    let e = load_encoder(&EngineArgs::new(common::smollm2_gguf())).err().expect("GGUF encoder");
+    assert_eq!(e.category, ErrorCategory::Unsupported, "{e}");
+    let e = load_encoder(&EngineArgs::new(common::fixtures_dir().join("tiny/tiny_llama"))).err().expect("decoder");
+    assert_eq!(e.category, ErrorCategory::Unsupported, "{e}");
 }

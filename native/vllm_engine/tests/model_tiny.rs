@@ -75,3 +75,8 @@ fn tiny_qwen2_bias_and_tied_embeddings_match_reference() {
 fn tiny_qwen3_qk_norm_matches_reference() {
     check_model("tiny_qwen3");
 }
+
+#[test]
+fn tiny_opt_learned_positions_layernorm_relu_match_reference() {
+    check_model("tiny_opt");
+}

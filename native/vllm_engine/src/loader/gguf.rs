@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::{check_shape, WeightSource};
@@ -20,6 +20,8 @@ pub struct GgufWeights {
     unpermute_qk: bool,
     num_heads: usize,
     num_kv_heads: usize,
+    /// Hand out quantized matrices as GGML blocks (`quantization: "gguf"`).
+    keep_quantized: bool,
 }
 
 impl GgufWeights {
@@ -76,6 +78,7 @@ impl GgufWeights {
             num_heads,
             num_kv_heads,
             content,
+            keep_quantized: false,
         })
     }
 
@@ -83,7 +86,23 @@ impl GgufWeights {
         &self.content
     }
 
+    /// true: `quantized()` returns quantized matrices as they are stored.
+    pub fn keep_quantized(&mut self, keep: bool) {
+        self.keep_quantized = keep;
+    }
+
     fn read_f32(&mut self, gguf_name: &str) -> Result<Tensor> {
+        let qtensor = self.read_qtensor(gguf_name)?;
+        qtensor.dequantize(&Device::Cpu).map_err(|e| {
+            EngineError::unsupported(format!(
+                "{}: cannot dequantize tensor {gguf_name} ({:?}): {e}",
+                self.path.display(),
+                qtensor.dtype()
+            ))
+        })
+    }
+
+    fn read_qtensor(&mut self, gguf_name: &str) -> Result<QTensor> {
         let info = self.content.tensor_infos.get(gguf_name).ok_or_else(|| {
             EngineError::validation(format!("{}: tensor {gguf_name} is missing", self.path.display()))
         })?;
@@ -101,18 +120,8 @@ impl GgufWeights {
                 self.file_len
             )));
         }
-        let qtensor = info
-            .read(&mut self.reader, self.content.tensor_data_offset, &Device::Cpu)
-            .map_err(|e| {
-                EngineError::validation(format!("{}: cannot read tensor {gguf_name}: {e}", self.path.display()))
-            })?;
-        qtensor.dequantize(&Device::Cpu).map_err(|e| {
-            EngineError::unsupported(format!(
-                "{}: cannot dequantize tensor {gguf_name} ({:?}): {e}",
-                self.path.display(),
-                qtensor.dtype()
-            ))
-        })
+        info.read(&mut self.reader, self.content.tensor_data_offset, &Device::Cpu)
+            .map_err(|e| EngineError::validation(format!("{}: cannot read tensor {gguf_name}: {e}", self.path.display())))
     }
 }
 
@@ -163,7 +172,74 @@ fn unpermute(w: Tensor, heads: usize) -> Result<Tensor> {
     Ok(t)
 }
 
+/// The source row of each HF-layout row under llama.cpp's q/k permutation (see `unpermute`).
+fn unpermuted_row_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
+        return Err(EngineError::validation(format!("cannot split {rows} rows into {heads} rotary heads")));
+    }
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    Ok((0..rows)
+        .map(|r| {
+            let (h, i) = (r / head_dim, r % head_dim);
+            // HF row (half-index `i / half`, pair `i % half`) was stored at 2 * pair + half-index.
+            h * head_dim + 2 * (i % half) + i / half
+        })
+        .collect())
+}
+
+/// Reorders whole rows of a quantized [rows, cols] matrix (each row is whole GGML blocks).
+fn gather_rows(q: &QTensor, order: &[usize]) -> Result<QTensor> {
+    let dims = q.shape().dims().to_vec();
+    let data = q.data()?;
+    let row_bytes = data.len() / dims[0];
+    let mut out = Vec::with_capacity(data.len());
+    for &r in order {
+        out.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
+    }
+    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(q.dtype(), &out, dims, &Device::Cpu)?)
+}
+
 impl WeightSource for GgufWeights {
+    fn quantized(&mut self, name: &str, shape: &[usize]) -> Result<Option<QTensor>> {
+        if !self.keep_quantized {
+            return Ok(None);
+        }
+        let Some(gguf) = gguf_name(name) else { return Ok(None) };
+        let Some(info) = self.content.tensor_infos.get(&gguf) else { return Ok(None) };
+        // Rows must be whole blocks to be gathered and multiplied row by row (a 256-wide
+        // K-quant over 576 columns is not): such tensors are dequantized instead.
+        let dims = info.shape.dims();
+        if matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+            || dims.len() != 2
+            || !dims[1].is_multiple_of(info.ggml_dtype.block_size())
+        {
+            return Ok(None);
+        }
+        let mut q = self.read_qtensor(&gguf)?;
+        if q.shape().dims() != shape {
+            return Err(EngineError::validation(format!(
+                "{}: tensor {name} has shape {:?}, the config implies {:?}",
+                self.path.display(),
+                q.shape().dims(),
+                shape
+            )));
+        }
+        if self.unpermute_qk {
+            let heads = if gguf.contains(".attn_q.") {
+                Some(self.num_heads)
+            } else if gguf.contains(".attn_k.") {
+                Some(self.num_kv_heads)
+            } else {
+                None
+            };
+            if let Some(heads) = heads {
+                q = gather_rows(&q, &unpermuted_row_order(shape[0], heads)?)?;
+            }
+        }
+        Ok(Some(q))
+    }
+
     fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let gguf = gguf_name(name).ok_or_else(|| EngineError::internal(format!("no GGUF name for tensor {name}")))?;
         let mut t = self.read_f32(&gguf)?;

@@ -5,11 +5,15 @@ mod gguf;
 mod gguf_header;
 mod hf_dir;
 
+use std::path::Path;
+
+use candle_core::quantized::QTensor;
 use candle_core::Tensor;
 
-use crate::config::{EngineArgs, ModelConfig};
+use crate::config::{Architecture, EngineArgs, ModelConfig};
 use crate::error::{EngineError, Result};
-use crate::models::{CausalLM, DecoderLM};
+use crate::models::opt::OptOptions;
+use crate::models::{BertModel, CausalLM, DecoderLM, EncoderConfig, EncoderModel, OptLM, Runner};
 use crate::tokenizer::Tokenizer;
 
 pub use gguf::GgufWeights;
@@ -27,6 +31,11 @@ pub trait WeightSource {
     /// have `shape`. Missing or mis-shaped: a `:validation` error naming the file.
     fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor>;
     fn contains(&self, name: &str) -> bool;
+    /// The tensor kept in its quantized GGML blocks, in HF layout, when the source holds it
+    /// quantized and was asked to keep it so; Ok(None): use `tensor` (float32) instead.
+    fn quantized(&mut self, _name: &str, _shape: &[usize]) -> Result<Option<QTensor>> {
+        Ok(None)
+    }
 }
 
 /// Checks a loaded tensor's shape against what the config implies.
@@ -87,16 +96,26 @@ fn load_parts(args: &EngineArgs, with_tokenizer: bool) -> Result<Parts> {
         ModelFormat::Gguf => {
             // One read of the header serves the config, the tokenizer and the tensors.
             let mut weights = GgufWeights::open(&args.model)?;
+            weights.keep_quantized(keep_gguf_quantized(args)?);
             let config = ModelConfig::from_gguf(weights.content()).map_err(|e| in_file(e, &args.model))?;
             let tokenizer = match (with_tokenizer, explicit_tokenizer()?) {
                 (false, _) => None,
                 (true, Some(t)) => Some(t),
                 (true, None) => Some(Tokenizer::from_gguf_metadata(&weights.content().metadata)?),
             };
+            if config.architecture == Architecture::Opt {
+                return Err(EngineError::unsupported("OPT from GGUF is not supported (use the HF directory)"));
+            }
             let model = DecoderLM::load(config.clone(), &mut weights)?;
             Ok((Box::new(model), config, tokenizer))
         }
         ModelFormat::HfDir => {
+            if keep_gguf_quantized(args)? {
+                return Err(EngineError::validation(format!(
+                    "quantization \"gguf\" needs a .gguf model file, {} is a directory",
+                    args.model.display()
+                )));
+            }
             let tokenizer = match (with_tokenizer, explicit_tokenizer()?) {
                 (false, _) => None,
                 (true, Some(t)) => Some(t),
@@ -111,8 +130,14 @@ fn load_parts(args: &EngineArgs, with_tokenizer: bool) -> Result<Parts> {
             })?;
             let config = ModelConfig::from_hf_json(&json).map_err(|e| in_file(e, &config_path))?;
             let mut weights = SafetensorsWeights::open(&args.model)?;
-            let model = DecoderLM::load(config.clone(), &mut weights)?;
-            Ok((Box::new(model), config, tokenizer))
+            let model: Box<dyn CausalLM> = match config.architecture {
+                Architecture::Opt => {
+                    let options = OptOptions::from_hf_json(&json, config.hidden_size).map_err(|e| in_file(e, &config_path))?;
+                    Box::new(OptLM::load(config.clone(), options, &mut weights)?)
+                }
+                _ => Box::new(DecoderLM::load(config.clone(), &mut weights)?),
+            };
+            Ok((model, config, tokenizer))
         }
     }
 }
@@ -120,4 +145,68 @@ fn load_parts(args: &EngineArgs, with_tokenizer: bool) -> Result<Parts> {
 /// Prefixes an error's message with the file it is about.
 fn in_file(e: EngineError, file: &std::path::Path) -> EngineError {
     EngineError::new(e.category, format!("{}: {}", file.display(), e.message))
+}
+
+/// Whether `args.quantization` asks to keep GGUF blocks quantized.
+fn keep_gguf_quantized(args: &EngineArgs) -> Result<bool> {
+    match args.quantization.as_deref() {
+        None => Ok(false),
+        Some("gguf") => Ok(true),
+        Some(other) => Err(EngineError::unsupported(format!(
+            "quantization {other:?} is not supported (supported: \"gguf\")"
+        ))),
+    }
+}
+
+/// Which runner serves the model at `path`: GGUF files and *ForCausalLM / *LMHeadModel
+/// configs generate; BERT encoders and *ForSequenceClassification pool.
+pub fn detect_runner(path: &Path) -> Result<Runner> {
+    if !path.exists() {
+        return Err(EngineError::not_found(format!("model path {} does not exist", path.display())));
+    }
+    if !path.is_dir() {
+        return Ok(Runner::Generate);
+    }
+    let config_path = path.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => EngineError::not_found(format!("{} does not exist", config_path.display())),
+        _ => EngineError::validation(format!("cannot read {}: {e}", config_path.display())),
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| EngineError::validation(format!("{} is not valid JSON: {e}", config_path.display())))?;
+    let architecture = v
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .and_then(|a| a.first())
+        .and_then(|a| a.as_str());
+    let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
+    match architecture {
+        Some(a) if a.ends_with("ForCausalLM") || a.ends_with("LMHeadModel") => Ok(Runner::Generate),
+        Some(a) if a.ends_with("ForSequenceClassification") || a.starts_with("Bert") => Ok(Runner::Pooling),
+        None if model_type == "bert" => Ok(Runner::Pooling),
+        None if Architecture::parse(model_type).is_some() => Ok(Runner::Generate),
+        other => Err(EngineError::unsupported(format!(
+            "{}: cannot tell how to run architecture {}",
+            config_path.display(),
+            other.unwrap_or(model_type)
+        ))),
+    }
+}
+
+/// Loads a pooling model (BERT) from an HF directory: config.json, model.safetensors and
+/// sentence-transformers' 1_Pooling/config.json and modules.json when present.
+pub fn load_encoder(args: &EngineArgs) -> Result<(Box<dyn EncoderModel>, EncoderConfig)> {
+    if let ModelFormat::Gguf = model_format(args)? {
+        return Err(EngineError::unsupported(format!(
+            "{}: pooling models load from a Hugging Face directory, not GGUF",
+            args.model.display()
+        )));
+    }
+    if keep_gguf_quantized(args)? {
+        return Err(EngineError::validation("quantization \"gguf\" needs a .gguf model file"));
+    }
+    let config = EncoderConfig::from_model_dir(&args.model)?;
+    let mut weights = SafetensorsWeights::open(&args.model)?;
+    let model = BertModel::load(config.clone(), &mut weights)?;
+    Ok((Box::new(model), config))
 }

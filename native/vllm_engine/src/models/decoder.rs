@@ -2,14 +2,19 @@
 //! attention with rotary positions and a SiLU-gated MLP. The families differ only in
 //! options: QKV bias (Qwen2), per-head q/k RMSNorm (Qwen3), a sliding window (Mistral).
 
+use std::sync::Arc;
+
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
 use crate::backend::cpu::attention::{AttentionShape, QueryToken};
 use crate::config::ModelConfig;
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::kv_cache::PagedKvCache;
 use crate::loader::WeightSource;
-use crate::models::layers::{self, Linear, Rotary};
+use crate::models::layers::{self, Embedding, Linear, Rotary};
+use crate::models::batch::check_batch;
 use crate::models::{CausalLM, ForwardBatch};
 
 struct DecoderLayer {
@@ -29,7 +34,7 @@ struct DecoderLayer {
 pub struct DecoderLM {
     config: ModelConfig,
     /// [vocab, hidden]; shares its storage with the LM head when embeddings are tied.
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<DecoderLayer>,
     final_norm: Vec<f32>,
     lm_head: Linear,
@@ -42,14 +47,21 @@ impl DecoderLM {
         let c = &config;
         let q_width = c.num_attention_heads * c.head_dim;
         let kv_width = c.num_key_value_heads * c.head_dim;
-        let embed_t = weights.tensor("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let h = c.hidden_size;
+        let (embed, tied_head) = match weights.quantized("model.embed_tokens.weight", &[c.vocab_size, h])? {
+            Some(q) => {
+                let q = Arc::new(q);
+                (Embedding::Quantized(q.clone()), Linear::quantized(vec![q])?)
+            }
+            None => {
+                let t = weights.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?.contiguous()?;
+                (Embedding::F32(t.clone()), Linear::new(t)?)
+            }
+        };
         let mut layers_out = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let mut get = |name: &str, shape: &[usize]| weights.tensor(&format!("{p}.{name}"), shape);
-            let q = get("self_attn.q_proj.weight", &[q_width, c.hidden_size])?;
-            let k = get("self_attn.k_proj.weight", &[kv_width, c.hidden_size])?;
-            let v = get("self_attn.v_proj.weight", &[kv_width, c.hidden_size])?;
             let qkv_bias = if c.attention_bias {
                 let qb = get("self_attn.q_proj.bias", &[q_width])?;
                 let kb = get("self_attn.k_proj.bias", &[kv_width])?;
@@ -66,27 +78,44 @@ impl DecoderLM {
             } else {
                 (None, None)
             };
-            let gate = get("mlp.gate_proj.weight", &[c.intermediate_size, c.hidden_size])?;
-            let up = get("mlp.up_proj.weight", &[c.intermediate_size, c.hidden_size])?;
+            let input_norm = layers::to_f32_vec(&get("input_layernorm.weight", &[h])?)?;
+            let post_attention_norm = layers::to_f32_vec(&get("post_attention_layernorm.weight", &[h])?)?;
+            let proj = |name: &str, rows: usize, cols: usize| (format!("{p}.{name}"), [rows, cols]);
+            let qkv = fused_projection(
+                weights,
+                &[
+                    proj("self_attn.q_proj.weight", q_width, h),
+                    proj("self_attn.k_proj.weight", kv_width, h),
+                    proj("self_attn.v_proj.weight", kv_width, h),
+                ],
+            )?;
+            let o_proj = fused_projection(weights, &[proj("self_attn.o_proj.weight", h, q_width)])?;
+            let gate_up = fused_projection(
+                weights,
+                &[
+                    proj("mlp.gate_proj.weight", c.intermediate_size, h),
+                    proj("mlp.up_proj.weight", c.intermediate_size, h),
+                ],
+            )?;
+            let down = fused_projection(weights, &[proj("mlp.down_proj.weight", h, c.intermediate_size)])?;
             layers_out.push(DecoderLayer {
-                input_norm: layers::to_f32_vec(&get("input_layernorm.weight", &[c.hidden_size])?)?,
-                qkv: Linear::new(Tensor::cat(&[&q, &k, &v], 0)?)?,
+                input_norm,
+                qkv,
                 qkv_bias,
                 q_norm,
                 k_norm,
-                o_proj: Linear::new(get("self_attn.o_proj.weight", &[c.hidden_size, q_width])?)?,
-                post_attention_norm: layers::to_f32_vec(&get("post_attention_layernorm.weight", &[c.hidden_size])?)?,
-                gate_up: Linear::new(Tensor::cat(&[&gate, &up], 0)?)?,
-                down: Linear::new(get("mlp.down_proj.weight", &[c.hidden_size, c.intermediate_size])?)?,
+                o_proj,
+                post_attention_norm,
+                gate_up,
+                down,
             });
         }
-        let final_norm = layers::to_f32_vec(&weights.tensor("model.norm.weight", &[c.hidden_size])?)?;
+        let final_norm = layers::to_f32_vec(&weights.tensor("model.norm.weight", &[h])?)?;
         let lm_head = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
-            Linear::new(embed_t.clone())?
+            tied_head
         } else {
-            Linear::new(weights.tensor("lm_head.weight", &[c.vocab_size, c.hidden_size])?)?
+            fused_projection(weights, &[("lm_head.weight".to_string(), [c.vocab_size, h])])?
         };
-        let embed = embed_t.contiguous()?;
         let rotary = Rotary::new(c.head_dim, c.rope_theta);
         Ok(DecoderLM {
             config,
@@ -108,93 +137,6 @@ impl DecoderLM {
             sliding_window: c.sliding_window,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
         }
-    }
-
-    /// Rejects a batch that would index outside the cache or the vocabulary.
-    fn check_batch<'a>(&self, batch: &'a ForwardBatch, kv: &PagedKvCache) -> Result<Vec<QueryToken<'a>>> {
-        let c = &self.config;
-        if kv.layers.len() != c.num_hidden_layers
-            || kv.num_kv_heads != c.num_key_value_heads
-            || kv.head_dim != c.head_dim
-        {
-            return Err(EngineError::internal(format!(
-                "KV cache shape (layers {}, kv heads {}, head_dim {}) does not fit the model ({}, {}, {})",
-                kv.layers.len(),
-                kv.num_kv_heads,
-                kv.head_dim,
-                c.num_hidden_layers,
-                c.num_key_value_heads,
-                c.head_dim
-            )));
-        }
-        let layer_len = kv.num_blocks * kv.block_size * kv.num_kv_heads * kv.head_dim;
-        if kv.block_size == 0 || kv.layers.iter().any(|l| l.k.len() != layer_len || l.v.len() != layer_len) {
-            return Err(EngineError::internal("KV cache buffers do not match its declared geometry"));
-        }
-        let n = batch.token_ids.len();
-        if batch.positions.len() != n {
-            return Err(EngineError::internal(
-                "forward batch: positions and token_ids differ in length",
-            ));
-        }
-        if let Some(&bad) = batch.token_ids.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(EngineError::validation(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                c.vocab_size
-            )));
-        }
-        let mut tokens: Vec<Option<QueryToken>> = vec![None; n];
-        for (s, seq) in batch.seqs.iter().enumerate() {
-            let end = seq.query_start + seq.query_len;
-            if seq.want_logits && seq.query_len == 0 {
-                return Err(EngineError::internal(format!(
-                    "forward batch: seq {s} wants logits but has no new tokens"
-                )));
-            }
-            if end > n {
-                return Err(EngineError::internal(format!(
-                    "forward batch: seq {s} reaches past the tokens"
-                )));
-            }
-            let blocks_needed = seq.context_len.div_ceil(kv.block_size);
-            if seq.block_table.len() < blocks_needed {
-                return Err(EngineError::internal(format!(
-                    "forward batch: seq {s} has {} blocks for {} tokens",
-                    seq.block_table.len(),
-                    seq.context_len
-                )));
-            }
-            if let Some(&b) = seq.block_table[..blocks_needed]
-                .iter()
-                .find(|&&b| b as usize >= kv.num_blocks)
-            {
-                return Err(EngineError::internal(format!(
-                    "forward batch: block {b} is outside the cache"
-                )));
-            }
-            for (t, (slot, &position)) in tokens[seq.query_start..end]
-                .iter_mut()
-                .zip(&batch.positions[seq.query_start..end])
-                .enumerate()
-            {
-                if position >= seq.context_len || slot.is_some() {
-                    return Err(EngineError::internal(format!(
-                        "forward batch: token {} of seq {s} is at position {position} of context {} or in two seqs",
-                        seq.query_start + t,
-                        seq.context_len
-                    )));
-                }
-                *slot = Some(QueryToken {
-                    position,
-                    block_table: &seq.block_table,
-                });
-            }
-        }
-        tokens
-            .into_iter()
-            .enumerate()
-            .map(|(t, q)| q.ok_or_else(|| EngineError::internal(format!("forward batch: token {t} belongs to no seq"))))
-            .collect()
     }
 
     /// Splits fused qkv rows into queries (returned) and keys/values (written to the cache),
@@ -248,7 +190,7 @@ impl DecoderLM {
 
 impl CausalLM for DecoderLM {
     fn forward(&self, batch: &ForwardBatch, kv: &mut PagedKvCache) -> Result<Tensor> {
-        let tokens = self.check_batch(batch, kv)?;
+        let tokens = check_batch(batch, kv, &self.config)?;
         let c = &self.config;
         if tokens.is_empty() {
             return Ok(Tensor::zeros((0, c.vocab_size), candle_core::DType::F32, &Device::Cpu)?);
@@ -259,13 +201,7 @@ impl CausalLM for DecoderLM {
         let shape = self.attention_shape(kv.block_size);
         let (cos, sin) = self.rotary.tables(&batch.positions);
 
-        let mut h = Vec::with_capacity(n * hidden);
-        layers::with_f32_slice(&self.embed, |embed| {
-            for &id in &batch.token_ids {
-                let at = id as usize * hidden;
-                h.extend_from_slice(&embed[at..at + hidden]);
-            }
-        })?;
+        let mut h = self.embed.gather(&batch.token_ids, hidden)?;
 
         for (layer, cache) in self.layers.iter().zip(kv.layers.iter_mut()) {
             let x = layers::rms_norm(&h, &layer.input_norm, eps);
@@ -301,5 +237,55 @@ impl CausalLM for DecoderLM {
 
     fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    fn weight_bytes(&self) -> usize {
+        let f32_bytes = |v: &[f32]| v.len() * 4;
+        let mut total = self.embed.bytes() + f32_bytes(&self.final_norm);
+        if !self.config.tie_word_embeddings {
+            total += self.lm_head.weight_bytes();
+        }
+        for l in &self.layers {
+            total += f32_bytes(&l.input_norm) + f32_bytes(&l.post_attention_norm);
+            total += [&l.qkv_bias, &l.q_norm, &l.k_norm].iter().map(|v| v.as_deref().map_or(0, f32_bytes)).sum::<usize>();
+            total += [&l.qkv, &l.o_proj, &l.gate_up, &l.down].iter().map(|x| x.weight_bytes()).sum::<usize>();
+        }
+        total
+    }
+}
+
+/// One projection over the row-wise concatenation of `parts` (name, [rows, cols]): GGML
+/// blocks when the source keeps every part quantized (parts of one GGML type share one
+/// matrix: rows are whole blocks, so concatenating rows is concatenating bytes), else f32.
+fn fused_projection(weights: &mut dyn WeightSource, parts: &[(String, [usize; 2])]) -> Result<Linear> {
+    let mut quantized = Vec::with_capacity(parts.len());
+    for (name, shape) in parts {
+        match weights.quantized(name, shape)? {
+            Some(q) => quantized.push(q),
+            None => break,
+        }
+    }
+    if quantized.len() == parts.len() {
+        let mut groups: Vec<QTensor> = Vec::new();
+        for q in quantized {
+            match groups.last_mut() {
+                Some(last) if last.dtype() == q.dtype() => {
+                    let (rows, cols) = (last.shape().dims()[0] + q.shape().dims()[0], last.shape().dims()[1]);
+                    let mut bytes = last.data()?.into_owned();
+                    bytes.extend_from_slice(&q.data()?);
+                    *last = qtensor_from_ggml(q.dtype(), &bytes, vec![rows, cols], &Device::Cpu)?;
+                }
+                _ => groups.push(q),
+            }
+        }
+        return Linear::quantized(groups.into_iter().map(Arc::new).collect());
+    }
+    let tensors = parts
+        .iter()
+        .map(|(name, shape)| weights.tensor(name, shape))
+        .collect::<Result<Vec<_>>>()?;
+    match tensors.as_slice() {
+        [one] => Linear::new(one.clone()),
+        many => Linear::new(Tensor::cat(many, 0)?),
     }
 }

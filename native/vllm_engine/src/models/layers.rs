@@ -1,7 +1,13 @@
 //! Shared building blocks of decoder models: linear projections over candle tensors and the
 //! small elementwise ops (RMSNorm, rotary, SiLU-and-mul) done in place on f32 rows.
 
-use candle_core::{CpuStorage, Storage, Tensor};
+use candle_core::quantized::QTensor;
+use std::sync::Arc;
+
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::{CpuStorage, Device, Storage, Tensor};
+
+use crate::backend::cpu::qmatmul::QuantMatrix;
 use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
@@ -26,9 +32,39 @@ pub fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// A bias-free projection, `y = x W^T`, W stored [out, in] as in HF checkpoints.
+/// The matrix of a projection: float32, or GGML blocks multiplied without dequantizing.
+enum Weight {
+    F32(Tensor),
+    Quantized(QuantMatrix),
+}
+
+impl Weight {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            // The transposed view goes to gemm as strides: no copy of the weight.
+            Weight::F32(w) => x.matmul(&w.t()?)?,
+            Weight::Quantized(q) => {
+                let rows = x.dims2()?.0;
+                let y = with_f32_slice(x, |x| q.forward(x, rows))??;
+                Tensor::from_vec(y, (rows, q.rows()), x.device())?
+            }
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Weight::F32(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Quantized(q) => q.bytes(),
+        }
+    }
+}
+
+/// A projection `y = x W^T (+ b)`, W stored [out, in] as in HF checkpoints. Fused
+/// projections whose quantized parts differ in GGML type keep the parts apart
+/// (`parts.len() > 1`) and concatenate their outputs.
 pub struct Linear {
-    weight: Tensor,
+    parts: Vec<Weight>,
+    bias: Option<Tensor>,
     out_features: usize,
 }
 
@@ -36,21 +72,140 @@ impl Linear {
     pub fn new(weight: Tensor) -> Result<Self> {
         let (out_features, _) = weight.dims2()?;
         Ok(Linear {
-            weight: weight.contiguous()?,
+            parts: vec![Weight::F32(weight.contiguous()?)],
+            bias: None,
             out_features,
         })
+    }
+
+    /// A projection over GGML-quantized [out, in] weights (one part per GGML type).
+    pub fn quantized(parts: Vec<Arc<QTensor>>) -> Result<Self> {
+        let mut out_features = 0;
+        let mut weights = Vec::with_capacity(parts.len());
+        for q in parts {
+            let matrix = QuantMatrix::new(q)?;
+            out_features += matrix.rows();
+            weights.push(Weight::Quantized(matrix));
+        }
+        Ok(Linear {
+            parts: weights,
+            bias: None,
+            out_features,
+        })
+    }
+
+    /// Adds a bias of `out_features` values to every output row.
+    pub fn with_bias(mut self, bias: Tensor) -> Result<Self> {
+        if bias.elem_count() != self.out_features {
+            return Err(EngineError::internal(format!(
+                "bias of {} values for a projection of {} outputs",
+                bias.elem_count(),
+                self.out_features
+            )));
+        }
+        self.bias = Some(bias.flatten_all()?.contiguous()?);
+        Ok(self)
     }
 
     /// x: [rows, in] row-major. Returns [rows, out].
     pub fn forward(&self, x: Vec<f32>, rows: usize) -> Result<Tensor> {
         let inner = x.len().checked_div(rows).unwrap_or(0);
-        let x = Tensor::from_vec(x, (rows, inner), self.weight.device())?;
-        // The transposed view goes to gemm as strides: no copy of the weight.
-        Ok(x.matmul(&self.weight.t()?)?)
+        let x = Tensor::from_vec(x, (rows, inner), &candle_core::Device::Cpu)?;
+        let y = match self.parts.as_slice() {
+            [one] => one.forward(&x)?,
+            parts => {
+                let outs = parts.iter().map(|p| p.forward(&x)).collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&outs, 1)?
+            }
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
     }
 
     pub fn out_features(&self) -> usize {
         self.out_features
+    }
+
+    /// Resident bytes of the weights and bias.
+    pub fn weight_bytes(&self) -> usize {
+        let bias = self.bias.as_ref().map_or(0, |b| b.elem_count() * 4);
+        self.parts.iter().map(Weight::bytes).sum::<usize>() + bias
+    }
+}
+
+/// A token embedding table [vocab, dim]: float32, or GGML blocks dequantized row by row.
+pub enum Embedding {
+    F32(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    /// The rows of `ids`, concatenated ([ids.len(), dim]); ids are checked by the caller.
+    pub fn gather(&self, ids: &[u32], dim: usize) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(ids.len() * dim);
+        match self {
+            Embedding::F32(t) => with_f32_slice(t, |table| {
+                for &id in ids {
+                    out.extend_from_slice(&table[id as usize * dim..(id as usize + 1) * dim]);
+                }
+            })?,
+            Embedding::Quantized(q) => {
+                let data = q.data()?;
+                let row_bytes = data.len() / q.shape().dims()[0];
+                for &id in ids {
+                    let row = &data[id as usize * row_bytes..(id as usize + 1) * row_bytes];
+                    let t = qtensor_from_ggml(q.dtype(), row, vec![dim], &Device::Cpu)?.dequantize(&Device::Cpu)?;
+                    out.extend(t.to_vec1::<f32>()?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            Embedding::F32(t) => t.elem_count() * 4,
+            Embedding::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+}
+
+/// LayerNorm (with bias) of each `dim`-wide row of `x` into a new buffer.
+pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> Vec<f32> {
+    let dim = weight.len();
+    let mut out = vec![0.0f32; x.len()];
+    let norm_row = |(row, out_row): (&[f32], &mut [f32])| {
+        let mean = row.iter().sum::<f32>() / dim as f32;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (((o, &v), &w), &b) in out_row.iter_mut().zip(row).zip(weight).zip(bias) {
+            *o = (v - mean) * inv * w + b;
+        }
+    };
+    if x.len() / dim >= PARALLEL_ROWS {
+        x.par_chunks(dim).zip(out.par_chunks_mut(dim)).for_each(norm_row);
+    } else {
+        x.chunks(dim).zip(out.chunks_mut(dim)).for_each(norm_row);
+    }
+    out
+}
+
+/// A LayerNorm's weight and bias, loaded as f32 rows.
+pub struct LayerNorm {
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+
+    pub fn bytes(&self) -> usize {
+        (self.weight.len() + self.bias.len()) * 4
     }
 }
 
@@ -150,5 +305,26 @@ pub fn silu_mul(gate_up: &[f32], inter: usize) -> Vec<f32> {
 pub fn add_in_place(acc: &mut [f32], x: &[f32]) {
     for (a, &b) in acc.iter_mut().zip(x) {
         *a += b;
+    }
+}
+
+/// erf to ~2e-7 absolute (Abramowitz & Stegun 7.1.26), in f32.
+fn erf(x: f32) -> f32 {
+    let sign = if x < 0.0 { -1.0 } else { 1.0 };
+    let x = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * x);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    sign * (1.0 - poly * (-x * x).exp())
+}
+
+/// Exact (erf) GELU in place, as BERT's and OPT's "gelu".
+pub fn gelu_erf_in_place(x: &mut [f32]) {
+    let gelu = |v: &mut f32| {
+        *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+    };
+    if x.len() >= PARALLEL_ROWS * 1024 {
+        x.par_iter_mut().for_each(gelu);
+    } else {
+        x.iter_mut().for_each(gelu);
     }
 }

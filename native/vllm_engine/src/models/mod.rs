@@ -37,9 +37,20 @@ pub trait CausalLM: Send {
     /// shape [number of seqs with want_logits, vocab], in `seqs` order.
     fn forward(&self, batch: &ForwardBatch, kv: &mut PagedKvCache) -> Result<Tensor>;
     fn config(&self) -> &ModelConfig;
+    /// Resident bytes of the weights (float32 or quantized blocks); 0 when unknown.
+    fn weight_bytes(&self) -> usize {
+        0
+    }
 }
 
+pub mod batch;
+pub mod bert;
 pub mod decoder;
+pub mod encoder;
 pub mod layers;
+pub mod opt;
 
+pub use bert::BertModel;
 pub use decoder::DecoderLM;
+pub use encoder::{EncoderBatch, EncoderConfig, EncoderModel, PoolingType, Runner};
+pub use opt::OptLM;

