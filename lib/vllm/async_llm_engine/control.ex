@@ -235,7 +235,8 @@ defmodule Vllm.AsyncLLMEngine.Control do
   """
   @spec start_profile(engine()) :: :ok | {:error, Error.t()}
   def start_profile(engine) do
-    with {:ok, dir} <- profiler_dir(engine), do: AsyncLLMEngine.call(engine, {:start_profile, dir})
+    with {:ok, dir} <- profiler_dir(engine),
+         do: AsyncLLMEngine.call(engine, {:start_profile, dir})
   end
 
   @doc """
@@ -333,9 +334,10 @@ defmodule Vllm.AsyncLLMEngine.Control do
   end
 
   defp no_arguments(opts) do
-    if Keyword.get(opts, :args, []) in [[], nil] and Keyword.get(opts, :kwargs, %{}) in [%{}, [], nil],
-      do: :ok,
-      else: {:error, Error.validation("collective_rpc methods take no args or kwargs")}
+    if Keyword.get(opts, :args, []) in [[], nil] and
+         Keyword.get(opts, :kwargs, %{}) in [%{}, [], nil],
+       do: :ok,
+       else: {:error, Error.validation("collective_rpc methods take no args or kwargs")}
   end
 
   ## Data-parallel scaling
@@ -413,16 +415,26 @@ defmodule Vllm.AsyncLLMEngine.Control do
 
   defp boolean(opts, key, default) do
     case Keyword.get(opts, key, default) do
-      value when is_boolean(value) -> {:ok, value}
-      other -> {:error, Error.validation("option #{inspect(key)} must be a boolean, got #{inspect(other)}")}
+      value when is_boolean(value) ->
+        {:ok, value}
+
+      other ->
+        {:error,
+         Error.validation("option #{inspect(key)} must be a boolean, got #{inspect(other)}")}
     end
   end
 
   # vLLM's timeouts are in seconds; nil means the default.
   defp seconds(opts, key, default) do
     case Keyword.get(opts, key) || default do
-      s when is_number(s) and s >= 0 -> {:ok, round(s * 1000)}
-      other -> {:error, Error.validation("option #{inspect(key)} must be seconds (a number >= 0), got #{inspect(other)}")}
+      s when is_number(s) and s >= 0 ->
+        {:ok, round(s * 1000)}
+
+      other ->
+        {:error,
+         Error.validation(
+           "option #{inspect(key)} must be seconds (a number >= 0), got #{inspect(other)}"
+         )}
     end
   end
 end

@@ -312,8 +312,11 @@ defmodule Vllm.AsyncLLMEngine.Server do
         state =
           case waiter.kind do
             # The shrink gives up: the cores keep serving, nothing was dropped.
-            {:shrink, ranks} -> %{state | draining: MapSet.difference(state.draining, MapSet.new(ranks))}
-            _ -> state
+            {:shrink, ranks} ->
+              %{state | draining: MapSet.difference(state.draining, MapSet.new(ranks))}
+
+            _ ->
+              state
           end
 
         GenServer.reply(
@@ -377,7 +380,8 @@ defmodule Vllm.AsyncLLMEngine.Server do
   defp holding?(state), do: state.paused or state.sleep_level > 0
 
   defp serving_ranks(state),
-    do: state.cores |> Map.keys() |> Enum.reject(&MapSet.member?(state.draining, &1)) |> Enum.sort()
+    do:
+      state.cores |> Map.keys() |> Enum.reject(&MapSet.member?(state.draining, &1)) |> Enum.sort()
 
   defp ordered_cores(state), do: Enum.sort_by(state.cores, fn {rank, _} -> rank end)
 
@@ -399,7 +403,14 @@ defmodule Vllm.AsyncLLMEngine.Server do
 
   # A NIF exception must not take the engine process (and every request) down with it.
   defp native_add_request(resource, id, prompt, params, owner, request_opts) do
-    Native.add_request(resource, id, prompt, params, owner, Map.put(request_opts, :watcher, self()))
+    Native.add_request(
+      resource,
+      id,
+      prompt,
+      params,
+      owner,
+      Map.put(request_opts, :watcher, self())
+    )
   rescue
     exception -> {:error, {:internal, "add_request failed: " <> Exception.message(exception)}}
   end
@@ -521,7 +532,8 @@ defmodule Vllm.AsyncLLMEngine.Server do
 
   defp satisfied?(state, _drain_or_pause), do: in_flight(state) == 0
 
-  defp in_flight(state), do: Enum.count(state.requests, fn {_, {_, where}} -> where != :queued end)
+  defp in_flight(state),
+    do: Enum.count(state.requests, fn {_, {_, where}} -> where != :queued end)
 
   defp complete_waiter(%{kind: {:pause, clear_cache?}, from: from}, state) do
     if clear_cache?, do: reset_prefix_caches(state)
@@ -612,7 +624,9 @@ defmodule Vllm.AsyncLLMEngine.Server do
   end
 
   defp stop_everything(state) do
-    for {id, {owner, :queued}} <- state.requests, do: send(owner, {:vllm, id, aborted_output(state, id)})
+    for {id, {owner, :queued}} <- state.requests,
+        do: send(owner, {:vllm, id, aborted_output(state, id)})
+
     # Each core's in-flight requests get a final output with finish_reason :abort.
     Enum.each(state.cores, fn {_, r} -> Native.shutdown(r) end)
 
@@ -627,14 +641,25 @@ defmodule Vllm.AsyncLLMEngine.Server do
 
   defp log_mark(cores) do
     totals = totals(cores)
-    %{time: System.monotonic_time(:millisecond), prompt: totals.prompt, generation: totals.generation}
+
+    %{
+      time: System.monotonic_time(:millisecond),
+      prompt: totals.prompt,
+      generation: totals.generation
+    }
   end
 
   defp totals(cores) do
     Enum.reduce(cores, %{prompt: 0, generation: 0}, fn {_, r}, acc ->
       case Native.counters(r) do
-        {:ok, c} -> %{prompt: acc.prompt + c.prompt_tokens, generation: acc.generation + c.generation_tokens}
-        _ -> acc
+        {:ok, c} ->
+          %{
+            prompt: acc.prompt + c.prompt_tokens,
+            generation: acc.generation + c.generation_tokens
+          }
+
+        _ ->
+          acc
       end
     end)
   end

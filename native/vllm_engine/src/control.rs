@@ -86,7 +86,9 @@ struct DroppedWeights {
 
 impl CausalLM for DroppedWeights {
     fn forward(&self, _batch: &ForwardBatch, _kv: &mut PagedKvCache) -> Result<Tensor> {
-        Err(EngineError::internal("the engine is asleep (weights dropped): call wake_up first"))
+        Err(EngineError::internal(
+            "the engine is asleep (weights dropped): call wake_up first",
+        ))
     }
 
     fn config(&self) -> &ModelConfig {
@@ -108,7 +110,9 @@ impl EngineCore {
 
     fn sleep(&mut self, level: u8) -> Result<()> {
         if !(1..=2).contains(&level) {
-            return Err(EngineError::validation(format!("sleep level must be 1 or 2, got {level}")));
+            return Err(EngineError::validation(format!(
+                "sleep level must be 1 or 2, got {level}"
+            )));
         }
         // The KV cache's content is about to go: nothing may still attend to it.
         self.release_all();
@@ -129,7 +133,9 @@ impl EngineCore {
     fn wake_up(&mut self, weights: bool, kv_cache: bool) -> Result<()> {
         if weights && self.control.weights_dropped {
             let args = self.control.reload_args.as_ref().ok_or_else(|| {
-                EngineError::unsupported("this engine was built from an in-memory model: its weights cannot be reloaded")
+                EngineError::unsupported(
+                    "this engine was built from an in-memory model: its weights cannot be reloaded",
+                )
             })?;
             let (model, config) = crate::loader::load_causal_lm(args)?;
             if &config != self.runner.model_config() {

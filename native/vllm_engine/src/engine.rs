@@ -11,12 +11,12 @@ use crossbeam_channel::{unbounded, Sender};
 
 use crate::config::{EngineArgs, ModelConfig};
 use crate::control::{ControlCommand, ControlOp, ControlReply, MemoryUsage};
-use crate::profiler::ProfileSummary;
 use crate::engine_core::{CoreCommand, CoreShared, EngineCore, NewRequest};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCacheManager;
 use crate::models::CausalLM;
 use crate::output_processor::{LiveRequests, OutputMessage, OutputProcessor, RequestStream};
+use crate::profiler::ProfileSummary;
 use crate::request::{EngineRequest, RequestOutput};
 use crate::runner::{ModelRunner, DEFAULT_KV_CACHE_BYTES};
 use crate::sampler::Sampler;

@@ -207,7 +207,10 @@ impl EngineCore {
             return Ok(false);
         }
         let num_tokens: usize = plan.scheduled.iter().map(|s| s.num_new_tokens).sum();
-        let batch_args = [("num_seqs", plan.scheduled.len() as u64), ("num_tokens", num_tokens as u64)];
+        let batch_args = [
+            ("num_seqs", plan.scheduled.len() as u64),
+            ("num_tokens", num_tokens as u64),
+        ];
         profiler.record("schedule", crate::profiler::CORE_THREAD, started, &batch_args);
         self.shared
             .preemptions

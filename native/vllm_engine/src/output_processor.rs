@@ -126,7 +126,9 @@ impl OutputProcessor {
                 let n = events.len() as u64;
                 events.into_iter().for_each(|e| self.on_token(e));
                 let tid = crate::profiler::OUTPUT_THREAD;
-                self.shared.profiler.record("detokenize", tid, started, &[("num_seqs", n)]);
+                self.shared
+                    .profiler
+                    .record("detokenize", tid, started, &[("num_seqs", n)]);
             }
             OutputMessage::Released(id) => self.on_released(id),
             OutputMessage::Dead(why) => self.fail_all(&why),

@@ -158,7 +158,13 @@ mod tests {
         p.record("detokenize", OUTPUT_THREAD, p.begin(), &[("num_tokens", 3)]);
         let path = std::env::temp_dir().join(format!("vllm-profiler-test-{}/trace.json", std::process::id()));
         let summary = p.stop(&path).unwrap();
-        assert_eq!(summary, ProfileSummary { num_events: 2, num_steps: 1 });
+        assert_eq!(
+            summary,
+            ProfileSummary {
+                num_events: 2,
+                num_steps: 1
+            }
+        );
         let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let events = v["traceEvents"].as_array().unwrap();
         let forward = events.iter().find(|e| e["name"] == "forward").unwrap();

@@ -36,7 +36,10 @@ fn engine_info<'a>(env: Env<'a>, resource: ResourceArc<EngineRef>) -> Term<'a> {
                     ("bos_token_id", c.bos_token_id.encode(env)),
                     ("max_model_len", l.max_model_len.encode(env)),
                     ("max_num_seqs", l.max_num_seqs.encode(env)),
-                    ("max_num_batched_tokens", l.max_num_batched_tokens.encode(env)),
+                    (
+                        "max_num_batched_tokens",
+                        l.max_num_batched_tokens.encode(env),
+                    ),
                     ("block_size", l.block_size.encode(env)),
                     ("num_blocks", l.num_blocks.encode(env)),
                     ("architecture", format!("{:?}", c.architecture).encode(env)),
