@@ -111,6 +111,15 @@ defmodule VLLMFacadeApiTest do
     assert capture_io(:stderr, fn -> VLLM.generate!(llm, "a", sampling_params: params) end) == ""
   end
 
+  test "a LoRA request is refused, not ignored", %{llm: llm} do
+    lora = VLLM.lora_request!("adapter", 1, "/tmp/adapter")
+
+    assert {:error, %Error{category: :unsupported, message: m}} =
+             VLLM.generate(llm, "Hi", lora_request: lora)
+
+    assert m =~ "issue 8"
+  end
+
   test "pooling functions say which issue brings them", %{llm: llm} do
     for result <- [
           VLLM.embed(llm, "x"),

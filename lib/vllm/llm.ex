@@ -294,7 +294,7 @@ defmodule Vllm.LLM do
 
   defp run_batch(engine, prompts, params, opts) do
     batch = "llm-#{System.unique_integer([:positive])}"
-    request_opts = Keyword.take(opts, [:priority])
+    request_opts = Keyword.take(opts, [:priority, :lora_request])
 
     submitted =
       prompts
