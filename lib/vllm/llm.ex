@@ -197,7 +197,8 @@ defmodule Vllm.LLM do
   The engine's metrics as vLLM names them, a list of `%{name, type, value}` (type
   `:counter` or `:gauge`): `vllm:num_requests_running`, `vllm:num_requests_waiting`,
   `vllm:kv_cache_usage_perc`, `vllm:prompt_tokens`, `vllm:generation_tokens`,
-  `vllm:num_preemptions`, `vllm:engine_memory_bytes`.
+  `vllm:num_preemptions`, `vllm:prefix_cache_queries`, `vllm:prefix_cache_hits` (prompt
+  tokens looked up / found in the prefix cache), `vllm:engine_memory_bytes`.
   """
   @spec get_metrics(t()) :: {:ok, [map()]} | {:error, Error.t()}
   def get_metrics(%__MODULE__{engine: engine}) do
@@ -236,6 +237,16 @@ defmodule Vllm.LLM do
            name: "vllm:num_preemptions",
            type: :counter,
            value: Map.get(counters, :num_preemptions, 0)
+         },
+         %{
+           name: "vllm:prefix_cache_queries",
+           type: :counter,
+           value: Map.get(counters, :prefix_cache_queries, 0)
+         },
+         %{
+           name: "vllm:prefix_cache_hits",
+           type: :counter,
+           value: Map.get(counters, :prefix_cache_hits, 0)
          },
          %{name: "vllm:engine_memory_bytes", type: :gauge, value: memory.total_bytes}
        ]}

@@ -29,6 +29,7 @@ defmodule Vllm.Native do
   def engine_info(_engine), do: :erlang.nif_error(:nif_not_loaded)
   def memory_usage(_engine), do: :erlang.nif_error(:nif_not_loaded)
   def counters(_engine), do: :erlang.nif_error(:nif_not_loaded)
+  def reset_prefix_cache(_engine, _reset_running), do: :erlang.nif_error(:nif_not_loaded)
   def ping(_engine, _timeout_ms), do: :erlang.nif_error(:nif_not_loaded)
   def sleep(_engine, _level), do: :erlang.nif_error(:nif_not_loaded)
   def wake_up(_engine, _weights, _kv_cache), do: :erlang.nif_error(:nif_not_loaded)

@@ -177,16 +177,21 @@ defmodule Vllm.AsyncLLMEngine.Control do
   ## Caches
 
   @doc """
-  Resets the prefix cache. `{:ok, true}` when it was reset. The engine keeps no prefix
-  cache yet (prefix caching is issue 3): the KV cache then holds only what running
-  requests use, there is nothing to reset, and the answer is `{:ok, true}`.
+  Forgets every cached prefix on every core: `{:ok, true}` when done. While requests hold
+  KV blocks the answer is `{:ok, false}` (nothing reset), unless
+  `reset_running_requests: true`, which preempts them first (they recompute and go on).
   """
   @spec reset_prefix_cache(engine(), keyword()) :: {:ok, boolean()} | {:error, Error.t()}
   def reset_prefix_cache(engine, opts \\ []) do
     with :ok <- check(opts, reset_running_requests: false),
-         {:ok, _} <- boolean(opts, :reset_running_requests, false),
-         :ok <- check_health(engine) do
-      {:ok, true}
+         {:ok, running?} <- boolean(opts, :reset_running_requests, false),
+         {:ok, cores} <- AsyncLLMEngine.cores(engine) do
+      Enum.reduce_while(cores, {:ok, true}, fn {_rank, r}, {:ok, all?} ->
+        case Native.reset_prefix_cache(r, running?) do
+          {:ok, done?} -> {:cont, {:ok, all? and done?}}
+          {:error, reason} -> {:halt, {:error, Error.from_native(reason)}}
+        end
+      end)
     end
   end
 

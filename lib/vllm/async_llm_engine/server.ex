@@ -562,9 +562,10 @@ defmodule Vllm.AsyncLLMEngine.Server do
   defp describe({:shrink, _}), do: "scale_elastic_ep"
   defp describe(_), do: "pause_generation"
 
-  # The prefix cache is reset by the engine once prefix caching lands (issue 3); until then
-  # a KV cache holds nothing beyond the running requests, so there is nothing to clear.
-  defp reset_prefix_caches(_state), do: :ok
+  # After a pause nothing runs: every core can forget its cached prefixes.
+  defp reset_prefix_caches(state) do
+    Enum.each(state.cores, fn {_, r} -> Native.reset_prefix_cache(r, false) end)
+  end
 
   ## Registry
 
@@ -650,12 +651,16 @@ defmodule Vllm.AsyncLLMEngine.Server do
   end
 
   defp totals(cores) do
-    Enum.reduce(cores, %{prompt: 0, generation: 0}, fn {_, r}, acc ->
+    zero = %{prompt: 0, generation: 0, queries: 0, hits: 0}
+
+    Enum.reduce(cores, zero, fn {_, r}, acc ->
       case Native.counters(r) do
         {:ok, c} ->
           %{
             prompt: acc.prompt + c.prompt_tokens,
-            generation: acc.generation + c.generation_tokens
+            generation: acc.generation + c.generation_tokens,
+            queries: acc.queries + c.prefix_cache_queries,
+            hits: acc.hits + c.prefix_cache_hits
           }
 
         _ ->
@@ -665,23 +670,27 @@ defmodule Vllm.AsyncLLMEngine.Server do
   end
 
   defp stats_line(state) do
-    mark = log_mark(state.cores)
+    totals = totals(state.cores)
+
+    mark = %{
+      time: System.monotonic_time(:millisecond),
+      prompt: totals.prompt,
+      generation: totals.generation
+    }
+
     seconds = max(mark.time - state.log_mark.time, 1) / 1000
     prompt_rate = (mark.prompt - state.log_mark.prompt) / seconds
     generation_rate = (mark.generation - state.log_mark.generation) / seconds
 
     stats =
-      Enum.reduce(state.cores, %{running: 0, waiting: 0, total: 0, free: 0, hits: nil}, fn {_, r},
-                                                                                           acc ->
+      Enum.reduce(state.cores, %{running: 0, waiting: 0, total: 0, free: 0}, fn {_, r}, acc ->
         case Native.stats(r) do
           {:ok, s} ->
             %{
-              acc
-              | running: acc.running + s.num_running,
-                waiting: acc.waiting + s.num_waiting,
-                total: acc.total + s.total_blocks,
-                free: acc.free + s.free_blocks,
-                hits: Map.get(s, :prefix_cache_hit_rate, acc.hits)
+              running: acc.running + s.num_running,
+              waiting: acc.waiting + s.num_waiting,
+              total: acc.total + s.total_blocks,
+              free: acc.free + s.free_blocks
             }
 
           _ ->
@@ -690,20 +699,14 @@ defmodule Vllm.AsyncLLMEngine.Server do
       end)
 
     kv_usage = if stats.total > 0, do: 100 * (stats.total - stats.free) / stats.total, else: 0.0
-    queued = length(state.queue)
-
-    hit_rate =
-      case stats.hits do
-        nil -> "n/a (no prefix cache)"
-        rate -> "#{:erlang.float_to_binary(100 * rate / 1, decimals: 1)}%"
-      end
+    hit_rate = if totals.queries > 0, do: 100 * totals.hits / totals.queries, else: 0.0
 
     line =
       "Engine #{map_size(state.cores)} core(s): " <>
         "Avg prompt throughput: #{fmt(prompt_rate)} tokens/s, " <>
         "Avg generation throughput: #{fmt(generation_rate)} tokens/s, " <>
-        "Running: #{stats.running} reqs, Waiting: #{stats.waiting + queued} reqs, " <>
-        "KV cache usage: #{fmt(kv_usage)}%, Prefix cache hit rate: #{hit_rate}"
+        "Running: #{stats.running} reqs, Waiting: #{stats.waiting + length(state.queue)} reqs, " <>
+        "KV cache usage: #{fmt(kv_usage)}%, Prefix cache hit rate: #{fmt(hit_rate)}%"
 
     {line, mark}
   end

@@ -30,6 +30,28 @@ impl DType {
     }
 }
 
+/// How waiting requests are ordered (vLLM's `scheduling_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SchedulingPolicy {
+    /// By arrival; `priority` is ignored.
+    #[default]
+    Fcfs,
+    /// By `priority` (lower first), then arrival; may preempt lower-priority requests.
+    Priority,
+}
+
+impl SchedulingPolicy {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "fcfs" => Ok(SchedulingPolicy::Fcfs),
+            "priority" => Ok(SchedulingPolicy::Priority),
+            other => Err(EngineError::validation(format!(
+                "scheduling_policy must be \"fcfs\" or \"priority\", got {other:?}"
+            ))),
+        }
+    }
+}
+
 /// Options for starting an engine. Field names follow vLLM's EngineArgs.
 #[derive(Debug, Clone)]
 pub struct EngineArgs {
@@ -45,8 +67,13 @@ pub struct EngineArgs {
     /// None: max(2048, max_model_len) as vLLM with chunked prefill.
     pub max_num_batched_tokens: Option<usize>,
     pub block_size: usize,
-    /// Bytes for the KV cache; None: a default budget on the CPU.
+    /// Bytes for the KV cache; None: sized from `gpu_memory_utilization`.
     pub kv_cache_memory_bytes: Option<usize>,
+    /// On the CPU: the fraction of the memory available after loading the weights that
+    /// the KV cache may take (capped at 1 GiB and at what max_num_seqs full-length
+    /// requests need).
+    pub gpu_memory_utilization: f64,
+    pub scheduling_policy: SchedulingPolicy,
     pub enable_prefix_caching: bool,
     pub enable_chunked_prefill: bool,
     /// Threads for CPU matmuls and attention; None: all cores.
@@ -68,6 +95,8 @@ impl EngineArgs {
             max_num_batched_tokens: None,
             block_size: 16,
             kv_cache_memory_bytes: None,
+            gpu_memory_utilization: 0.9,
+            scheduling_policy: SchedulingPolicy::Fcfs,
             enable_prefix_caching: true,
             enable_chunked_prefill: true,
             num_threads: None,
@@ -87,6 +116,15 @@ impl EngineArgs {
         }
         if self.max_model_len == Some(0) {
             return Err(EngineError::validation("max_model_len must be at least 1"));
+        }
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            return Err(EngineError::validation(format!(
+                "gpu_memory_utilization must be in (0, 1], got {}",
+                self.gpu_memory_utilization
+            )));
+        }
+        if self.kv_cache_memory_bytes == Some(0) {
+            return Err(EngineError::validation("kv_cache_memory_bytes must be positive"));
         }
         if let Some(q) = self.quantization.as_deref() {
             if q != "gguf" {

@@ -116,6 +116,8 @@ impl EngineCore {
         }
         // The KV cache's content is about to go: nothing may still attend to it.
         self.release_all();
+        // Cached prefixes point into the memory being released.
+        self.scheduler.reset_prefix_cache(true);
         if !self.control.kv_released {
             self.runner.release_kv_cache();
             self.control.kv_released = true;

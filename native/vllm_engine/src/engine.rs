@@ -33,12 +33,39 @@ pub trait OutputSink: Send {
     fn fail(&mut self, error: EngineError);
 }
 
+/// A snapshot of the engine core (vLLM's scheduler stats). Counters run since start-up:
+/// a caller computes throughput from two snapshots.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EngineStats {
     pub total_blocks: usize,
+    /// Blocks no request holds (cached blocks waiting for reuse included).
     pub free_blocks: usize,
     pub num_running: usize,
     pub num_waiting: usize,
+    /// Fraction of KV blocks held by requests, 0..=1.
+    pub kv_cache_usage: f64,
+    /// Requests looked up in the prefix cache on their first admission.
+    pub prefix_cache_requests: u64,
+    /// Prompt tokens looked up, and of those found cached.
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+    /// Prompt tokens of requests that produced their first token.
+    pub prompt_tokens_total: u64,
+    /// Output tokens sampled.
+    pub generation_tokens_total: u64,
+    /// Requests preempted by recompute (the KV cache ran out, or priority).
+    pub num_preemptions: u64,
+}
+
+impl EngineStats {
+    /// Fraction of looked-up prompt tokens found in the prefix cache (0 before any lookup).
+    pub fn prefix_cache_hit_rate(&self) -> f64 {
+        if self.prefix_cache_queries == 0 {
+            0.0
+        } else {
+            self.prefix_cache_hits as f64 / self.prefix_cache_queries as f64
+        }
+    }
 }
 
 /// Limits the engine settled on at start-up (from EngineArgs and the model).
@@ -68,6 +95,8 @@ pub struct Engine {
     tokenizer: Arc<Tokenizer>,
     config: ModelConfig,
     limits: EngineLimits,
+    /// The previous do_log_stats snapshot (for throughput over the interval).
+    last_logged: Mutex<Option<(std::time::Instant, EngineStats)>>,
 }
 
 impl Engine {
@@ -103,8 +132,9 @@ impl Engine {
                 max_num_seqs: limits.max_num_seqs,
                 max_num_batched_tokens: limits.max_num_batched_tokens,
                 enable_chunked_prefill: args.enable_chunked_prefill,
+                policy: args.scheduling_policy,
             },
-            KvCacheManager::new(limits.num_blocks, limits.block_size),
+            KvCacheManager::new(limits.num_blocks, limits.block_size).with_prefix_caching(args.enable_prefix_caching),
         );
         let runner = ModelRunner::new(model, limits.num_blocks, limits.block_size);
         let mut core = EngineCore::new(
@@ -163,6 +193,7 @@ impl Engine {
             tokenizer,
             config,
             limits,
+            last_logged: Mutex::new(None),
         })
     }
 
@@ -202,6 +233,8 @@ impl Engine {
             prompt_token_ids: request.prompt_token_ids,
             params: request.params,
             priority: request.priority,
+            lora_int_id: None,
+            cache_salt: None,
         })));
         Ok(())
     }
@@ -238,12 +271,58 @@ impl Engine {
         self.shared.preemptions.load(Ordering::Relaxed)
     }
 
-    /// (prompt tokens prefilled, tokens generated) since start-up.
-    pub fn token_totals(&self) -> (u64, u64) {
-        (
-            self.shared.prompt_tokens.load(Ordering::Relaxed),
-            self.shared.generation_tokens.load(Ordering::Relaxed),
-        )
+    /// Forgets every cached prefix (vLLM's reset_prefix_cache). Ok(false) when requests
+    /// hold blocks and `reset_running_requests` is false; with it, running requests are
+    /// preempted first (they recompute and continue). Waits for the step in progress.
+    pub fn reset_prefix_cache(&self, reset_running_requests: bool) -> Result<bool> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        {
+            let _live = self
+                .live
+                .lock()
+                .map_err(|_| EngineError::internal("engine registry poisoned"))?;
+            self.check_alive()?;
+            self.core_tx
+                .send(CoreCommand::ResetPrefixCache {
+                    reset_running_requests,
+                    reply,
+                })
+                .map_err(|_| EngineError::engine_dead("the engine core has stopped"))?;
+        }
+        answer
+            .recv()
+            .map_err(|_| EngineError::engine_dead("the engine core stopped before resetting the prefix cache"))
+    }
+
+    /// Logs one line of stats as vLLM's do_log_stats (throughput since the previous call)
+    /// and returns it.
+    pub fn do_log_stats(&self) -> String {
+        let now = std::time::Instant::now();
+        let stats = self.stats();
+        let mut last = self.last_logged.lock().unwrap_or_else(|e| e.into_inner());
+        let (prompt_tps, gen_tps) = match last.as_ref() {
+            Some((at, prev)) => {
+                let dt = now.duration_since(*at).as_secs_f64().max(1e-9);
+                (
+                    stats.prompt_tokens_total.saturating_sub(prev.prompt_tokens_total) as f64 / dt,
+                    stats.generation_tokens_total.saturating_sub(prev.generation_tokens_total) as f64 / dt,
+                )
+            }
+            None => (0.0, 0.0),
+        };
+        let line = format!(
+            "Avg prompt throughput: {prompt_tps:.1} tokens/s, Avg generation throughput: {gen_tps:.1} tokens/s, \
+             Running: {} reqs, Waiting: {} reqs, KV cache usage: {:.1}%, Prefix cache hit rate: {:.1}%, \
+             Preemptions: {}",
+            stats.num_running,
+            stats.num_waiting,
+            stats.kv_cache_usage * 100.0,
+            stats.prefix_cache_hit_rate() * 100.0,
+            stats.num_preemptions
+        );
+        tracing::info!("{line}");
+        *last = Some((now, stats));
+        line
     }
 
     /// Whether the engine can still serve (false after a fatal error or shutdown).
@@ -414,17 +493,33 @@ fn resolve_limits(args: &EngineArgs, config: &ModelConfig, tokenizer: &Tokenizer
         )));
     }
     let block_size = args.block_size;
+    let per_block = crate::kv_cache::PagedKvCache::bytes_per_block(
+        config.num_hidden_layers,
+        block_size,
+        config.num_key_value_heads,
+        config.head_dim,
+    );
     let kv_bytes = args.kv_cache_memory_bytes.unwrap_or_else(|| {
-        let blocks = (args.max_num_seqs * max_model_len).div_ceil(block_size);
-        let per_block = crate::kv_cache::PagedKvCache::bytes_per_block(
-            config.num_hidden_layers,
-            block_size,
-            config.num_key_value_heads,
-            config.head_dim,
-        );
-        blocks.saturating_mul(per_block).min(DEFAULT_KV_CACHE_BYTES)
+        // The CPU's gpu_memory_utilization: a share of the memory left after the weights,
+        // no more than max_num_seqs full-length requests need, and at most 1 GiB.
+        let wanted = (args.max_num_seqs * max_model_len)
+            .div_ceil(block_size)
+            .saturating_mul(per_block);
+        let available = available_memory_bytes()
+            .map(|m| (m as f64 * args.gpu_memory_utilization) as usize)
+            .unwrap_or(usize::MAX);
+        wanted.min(available).min(DEFAULT_KV_CACHE_BYTES)
     });
     let num_blocks = ModelRunner::num_blocks_for_bytes(config, block_size, kv_bytes);
+    let num_tokens = num_blocks * block_size;
+    tracing::info!(
+        "KV cache: {num_blocks} blocks of {block_size} tokens, {num_tokens} tokens, {:.1} MiB",
+        (num_blocks * per_block) as f64 / (1 << 20) as f64
+    );
+    tracing::info!(
+        "Maximum concurrency for {max_model_len} tokens per request: {:.2}x",
+        num_tokens as f64 / max_model_len as f64
+    );
     let mut eos_token_ids: Vec<u32> = tokenizer.eos_token_id().into_iter().collect();
     for &e in &config.eos_token_ids {
         if !eos_token_ids.contains(&e) {
@@ -440,6 +535,14 @@ fn resolve_limits(args: &EngineArgs, config: &ModelConfig, tokenizer: &Tokenizer
         vocab_size: config.vocab_size,
         eos_token_ids,
     })
+}
+
+/// MemAvailable from /proc/meminfo (Linux); None elsewhere.
+fn available_memory_bytes() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 #[cfg(test)]

@@ -25,6 +25,12 @@ pub enum CoreCommand {
     /// Forget a request and free its blocks (abort, a stop string, or a gone receiver).
     /// Always answered with `OutputMessage::Released`, even for unknown requests.
     Release(SeqId),
+    /// Forget every cached prefix (see Scheduler::reset_prefix_cache); answers whether
+    /// it was done.
+    ResetPrefixCache {
+        reset_running_requests: bool,
+        reply: Sender<bool>,
+    },
     /// Release everything and stop the thread.
     Shutdown,
     /// Sleep, wake up, ping: run between steps and answered on the command's channel.
@@ -37,6 +43,10 @@ pub struct NewRequest {
     pub prompt_token_ids: Vec<u32>,
     pub params: SamplingParams,
     pub priority: i32,
+    /// Prefix-cache keys besides the tokens: blocks computed with another LoRA adapter
+    /// or under another salt are never shared.
+    pub lora_int_id: Option<u32>,
+    pub cache_salt: Option<String>,
 }
 
 /// One token sampled for one request in one step.
@@ -50,6 +60,8 @@ pub struct TokenEvent {
     pub finish: Option<(FinishReason, Option<StopReason>)>,
     /// When the request was first scheduled (seconds since the Unix epoch).
     pub first_scheduled_time: Option<f64>,
+    /// Prompt tokens found in the prefix cache when the request was first admitted.
+    pub num_cached_tokens: usize,
 }
 
 /// State the client side reads without talking to the core thread.
@@ -59,9 +71,6 @@ pub struct CoreShared {
     pub dead: AtomicBool,
     /// Requests preempted by recompute since start-up.
     pub preemptions: AtomicU64,
-    /// Prompt tokens run through the model (prefill) and tokens generated, since start-up.
-    pub prompt_tokens: AtomicU64,
-    pub generation_tokens: AtomicU64,
     /// Step phases, recorded while a profile runs.
     pub profiler: crate::profiler::Profiler,
     /// Weights and KV cache bytes, published by the core after every change.
@@ -80,6 +89,10 @@ pub struct EngineCore {
     /// Sleep state and what waking up needs.
     pub control: crate::control::SleepState,
     next_arrival: u64,
+    /// Prompt tokens of requests that produced their first token, since start-up.
+    prompt_tokens_total: u64,
+    /// Tokens sampled since start-up.
+    generation_tokens_total: u64,
 }
 
 enum Flow {
@@ -110,6 +123,8 @@ impl EngineCore {
             shared,
             control: Default::default(),
             next_arrival: 0,
+            prompt_tokens_total: 0,
+            generation_tokens_total: 0,
         }
     }
 
@@ -165,7 +180,8 @@ impl EngineCore {
                     self.max_model_len,
                     req.priority,
                     arrival,
-                );
+                )
+                .with_extra_keys(req.lora_int_id, req.cache_salt);
                 self.scheduler.add(seq);
                 Flow::Continue
             }
@@ -174,6 +190,18 @@ impl EngineCore {
                 // Stats first, so a caller that sees the final output sees the blocks free.
                 self.publish_stats();
                 let _ = self.outputs.send(OutputMessage::Released(id));
+                Flow::Continue
+            }
+            CoreCommand::ResetPrefixCache {
+                reset_running_requests,
+                reply,
+            } => {
+                let done = self.scheduler.reset_prefix_cache(reset_running_requests);
+                if !done {
+                    tracing::warn!("prefix cache not reset: requests still hold KV blocks");
+                }
+                self.publish_stats();
+                let _ = reply.send(done);
                 Flow::Continue
             }
             CoreCommand::Shutdown => {
@@ -212,9 +240,6 @@ impl EngineCore {
             ("num_tokens", num_tokens as u64),
         ];
         profiler.record("schedule", crate::profiler::CORE_THREAD, started, &batch_args);
-        self.shared
-            .preemptions
-            .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
         let now = crate::request::unix_seconds(std::time::SystemTime::now());
         for s in &plan.scheduled {
             if let Some(seq) = self.scheduler.seq_mut(s.seq_id) {
@@ -227,17 +252,11 @@ impl EngineCore {
             .profiler
             .record("forward", crate::profiler::CORE_THREAD, started, &batch_args);
         let sampling_started = self.shared.profiler.begin();
-        let mut prompt_tokens = 0;
         for s in &plan.scheduled {
             if let Some(seq) = self.scheduler.seq_mut(s.seq_id) {
-                let prompt_left = seq.num_prompt_tokens.saturating_sub(seq.num_computed_tokens);
-                prompt_tokens += s.num_new_tokens.min(prompt_left);
                 seq.num_computed_tokens += s.num_new_tokens;
             }
         }
-        self.shared
-            .prompt_tokens
-            .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
         let mut events = Vec::with_capacity(logits.seq_ids.len());
         for (&id, row) in logits.seq_ids.iter().zip(&logits.rows) {
             let Some(seq) = self.scheduler.seq_mut(id) else {
@@ -262,6 +281,10 @@ impl EngineCore {
                 seq.rng.as_mut(),
             );
             seq.token_ids.push(sample.token_id);
+            self.generation_tokens_total += 1;
+            if seq.num_output_tokens() == 1 {
+                self.prompt_tokens_total += seq.num_prompt_tokens as u64;
+            }
             let finish = check_stop(seq, &self.eos_token_ids, self.max_model_len);
             events.push(TokenEvent {
                 seq_id: id,
@@ -270,6 +293,7 @@ impl EngineCore {
                 logprobs: sample.logprobs,
                 finish,
                 first_scheduled_time: seq.first_scheduled_time,
+                num_cached_tokens: seq.num_cached_tokens.unwrap_or(0),
             });
         }
         self.shared.profiler.record(
@@ -283,9 +307,6 @@ impl EngineCore {
                 self.scheduler.remove(e.seq_id);
             }
         }
-        self.shared
-            .generation_tokens
-            .fetch_add(events.len() as u64, Ordering::Relaxed);
         self.publish_stats();
         if !events.is_empty() {
             let _ = self.outputs.send(OutputMessage::Step(events));
@@ -295,11 +316,21 @@ impl EngineCore {
 
     fn publish_stats(&self) {
         let kv = self.scheduler.kv();
+        let prefix = kv.prefix_cache_stats();
+        let num_preemptions = self.scheduler.num_preemptions();
+        self.shared.preemptions.store(num_preemptions, Ordering::Relaxed);
         let stats = EngineStats {
             total_blocks: kv.num_blocks(),
             free_blocks: kv.num_free_blocks(),
             num_running: self.scheduler.num_running(),
             num_waiting: self.scheduler.num_waiting(),
+            kv_cache_usage: kv.usage(),
+            prefix_cache_requests: prefix.requests,
+            prefix_cache_queries: prefix.queries,
+            prefix_cache_hits: prefix.hits,
+            prompt_tokens_total: self.prompt_tokens_total,
+            generation_tokens_total: self.generation_tokens_total,
+            num_preemptions,
         };
         if let Ok(mut s) = self.shared.stats.lock() {
             *s = stats;

@@ -67,6 +67,8 @@ struct Tracked {
     pending_final: Option<Finish>,
     /// The receiver is gone: send nothing more.
     gone: bool,
+    /// Prompt tokens the prefix cache supplied (from the core's first token event).
+    num_cached_tokens: usize,
 }
 
 pub struct OutputProcessor {
@@ -163,6 +165,7 @@ impl OutputProcessor {
             metrics,
             pending_final: None,
             gone: false,
+            num_cached_tokens: 0,
         };
         self.requests.insert(t.stream.seq_id, t);
     }
@@ -185,6 +188,7 @@ impl OutputProcessor {
             t.metrics.time_in_queue = ev.first_scheduled_time.map(|s| (s - t.metrics.arrival_time).max(0.0));
         }
         t.metrics.last_token_time = Some(now);
+        t.num_cached_tokens = ev.num_cached_tokens;
         t.token_ids.push(ev.token_id);
         t.cumulative_logprob += ev.logprob as f64;
         let params = &t.stream.params;
@@ -338,6 +342,6 @@ fn build_output(t: &mut Tracked, finish: Option<Finish>) -> RequestOutput {
         }],
         finished: finish.is_some(),
         metrics: t.metrics.clone(),
-        num_cached_tokens: 0,
+        num_cached_tokens: t.num_cached_tokens,
     }
 }

@@ -4,6 +4,7 @@
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::kv_cache::block_hash::{extend_block_hashes, BlockHash, ExtraKeys};
 use crate::kv_cache::manager::SeqId;
 use crate::request::SamplingParams;
 
@@ -26,6 +27,14 @@ pub struct Sequence {
     pub rng: Option<ChaCha8Rng>,
     /// When the scheduler first gave it a step (seconds since the Unix epoch).
     pub first_scheduled_time: Option<f64>,
+    /// Prefix-cache keys besides the tokens (LoRA adapter, cache salt).
+    pub extra_keys: ExtraKeys,
+    /// Hashes of its full blocks so far (prefix caching), extended as tokens arrive.
+    pub block_hashes: Vec<BlockHash>,
+    /// Prompt tokens found in the prefix cache when first admitted (vLLM's num_cached_tokens).
+    pub num_cached_tokens: Option<usize>,
+    /// Times it was preempted by recompute.
+    pub num_preemptions: u32,
 }
 
 impl Sequence {
@@ -54,7 +63,23 @@ impl Sequence {
             arrival_order,
             rng,
             first_scheduled_time: None,
+            extra_keys: ExtraKeys::default(),
+            block_hashes: Vec::new(),
+            num_cached_tokens: None,
+            num_preemptions: 0,
         }
+    }
+
+    /// Sets the LoRA id and cache salt that key its blocks in the prefix cache.
+    pub fn with_extra_keys(mut self, lora_int_id: Option<u32>, cache_salt: Option<String>) -> Self {
+        self.extra_keys = ExtraKeys { lora_int_id, cache_salt };
+        self.block_hashes.clear();
+        self
+    }
+
+    /// Brings `block_hashes` up to date with the full blocks of `token_ids`.
+    pub fn update_block_hashes(&mut self, block_size: usize) {
+        extend_block_hashes(&mut self.block_hashes, &self.token_ids, block_size, &self.extra_keys);
     }
 
     pub fn num_tokens(&self) -> usize {

@@ -132,6 +132,7 @@ fn max_num_seqs_limits_the_batch_but_everyone_finishes() {
 fn waiting_requests_are_admitted_by_priority_then_arrival() {
     let mut one_at_a_time = args();
     one_at_a_time.max_num_seqs = 1;
+    one_at_a_time.scheduling_policy = vllm_engine::config::SchedulingPolicy::Priority;
     let h = engine_with(one_at_a_time, FakeBehaviour { step_delay: Some(Duration::from_millis(3)), ..Default::default() });
     let first = submit(&h.engine, "first", prompt(50, 4), SamplingParams::greedy(10));
     wait_until("the first request runs", || h.engine.stats().num_running == 1);

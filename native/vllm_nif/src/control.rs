@@ -72,24 +72,44 @@ fn memory_usage<'a>(env: Env<'a>, resource: ResourceArc<EngineRef>) -> Term<'a> 
     }
 }
 
-/// `{:ok, %{prompt_tokens, generation_tokens, num_preemptions}}`: totals since start-up.
+/// `{:ok, %{prompt_tokens, generation_tokens, num_preemptions, prefix_cache_queries,
+/// prefix_cache_hits, kv_cache_usage}}`: totals since start-up and the KV usage now.
 #[rustler::nif]
 fn counters<'a>(env: Env<'a>, resource: ResourceArc<EngineRef>) -> Term<'a> {
     match resource.engine() {
         Ok(engine) => {
-            let (prompt, generation) = engine.token_totals();
+            let s = engine.stats();
             let counters = map(
                 env,
                 vec![
-                    ("prompt_tokens", prompt.encode(env)),
-                    ("generation_tokens", generation.encode(env)),
-                    ("num_preemptions", engine.num_preemptions().encode(env)),
+                    ("prompt_tokens", s.prompt_tokens_total.encode(env)),
+                    ("generation_tokens", s.generation_tokens_total.encode(env)),
+                    ("num_preemptions", s.num_preemptions.encode(env)),
+                    ("prefix_cache_queries", s.prefix_cache_queries.encode(env)),
+                    ("prefix_cache_hits", s.prefix_cache_hits.encode(env)),
+                    ("kv_cache_usage", s.kv_cache_usage.encode(env)),
                 ],
             );
             (atoms::ok(), counters).encode(env)
         }
         Err(err) => error::reply::<()>(env, Err(err)),
     }
+}
+
+/// `{:ok, reset?}`: forgets the cached prefixes (see `Engine::reset_prefix_cache`).
+/// DirtyIo: waits for the step in progress.
+#[rustler::nif(schedule = "DirtyIo")]
+fn reset_prefix_cache<'a>(
+    env: Env<'a>,
+    resource: ResourceArc<EngineRef>,
+    reset_running_requests: bool,
+) -> Term<'a> {
+    error::reply(
+        env,
+        resource
+            .engine()
+            .and_then(|e| e.reset_prefix_cache(reset_running_requests)),
+    )
 }
 
 /// `:ok` once the core thread answered (within `timeout_ms`).

@@ -1,9 +1,18 @@
 //! vllm-bench: time a model through the bare Rust engine.
 //!
 //!   vllm-bench MODEL [--batch N] [--input-len N] [--output-len N] [--max-model-len N] [--threads N]
+//!   vllm-bench MODEL --prefix-cache [--batch N] [--input-len N] [--output-len N]
+//!   vllm-bench --scheduler-overhead [--batch N]
 //!
-//! Prints the load time, the time to first token and decode speed of one request, and the
-//! aggregate output speed of `--batch` concurrent requests (greedy, ignore_eos).
+//! Default: the load time, the time to first token and decode speed of one request, and
+//! the aggregate output speed of `--batch` concurrent requests (greedy, ignore_eos).
+//! --prefix-cache: `--batch` requests sharing an `--input-len` system prompt, submitted
+//! at once, TTFT with prefix caching on and then off (same run, same model file).
+//! --scheduler-overhead: microseconds per scheduler step with `--batch` running requests
+//! decoding, without a model.
+
+#[path = "vllm-bench/sched_overhead.rs"]
+mod sched_overhead;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -20,6 +29,14 @@ struct Options {
     output_len: usize,
     max_model_len: Option<usize>,
     threads: Option<usize>,
+    mode: Mode,
+}
+
+#[derive(PartialEq)]
+enum Mode {
+    Throughput,
+    PrefixCache,
+    SchedulerOverhead,
 }
 
 fn parse() -> Result<Options, String> {
@@ -31,6 +48,7 @@ fn parse() -> Result<Options, String> {
         output_len: 128,
         max_model_len: None,
         threads: None,
+        mode: Mode::Throughput,
     };
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> Result<usize, String> {
@@ -44,12 +62,14 @@ fn parse() -> Result<Options, String> {
             "--output-len" => o.output_len = num("--output-len")?,
             "--max-model-len" => o.max_model_len = Some(num("--max-model-len")?),
             "--threads" => o.threads = Some(num("--threads")?),
+            "--prefix-cache" => o.mode = Mode::PrefixCache,
+            "--scheduler-overhead" => o.mode = Mode::SchedulerOverhead,
             "-h" | "--help" => return Err(String::new()),
             s if s.starts_with("--") => return Err(format!("unknown option {s}")),
             s => o.model = s.to_string(),
         }
     }
-    if o.model.is_empty() {
+    if o.model.is_empty() && o.mode != Mode::SchedulerOverhead {
         return Err("missing MODEL (a .gguf file or a model directory)".into());
     }
     if o.batch == 0 || o.input_len == 0 || o.output_len == 0 {
@@ -114,7 +134,59 @@ fn drain(rx: &Receiver<(Instant, RequestOutput)>) -> Result<Vec<(Instant, usize)
     }
 }
 
+/// TTFT of `batch` requests sharing a system prompt, all submitted at once.
+fn prefix_cache_ttft(o: &Options, caching: bool) -> Result<(), String> {
+    let mut args = EngineArgs::new(&o.model);
+    args.max_model_len = o.max_model_len;
+    args.num_threads = o.threads;
+    args.max_num_seqs = o.batch.max(1);
+    args.enable_prefix_caching = caching;
+    let engine = Engine::new(args).map_err(|e| format!("cannot start the engine: {e}"))?;
+    let system = prompt(&engine, o.input_len, 0).map_err(|e| e.to_string())?;
+    let questions = engine
+        .tokenizer()
+        .encode(" Question number seven: what comes after the dog? Answer briefly.", false)
+        .map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let mut receivers = Vec::new();
+    for i in 0..o.batch {
+        let mut p = system.clone();
+        p.push(questions[i % questions.len()]);
+        p.extend(questions.iter().cycle().skip(i).take(15));
+        receivers.push(submit(&engine, format!("q{i}"), p, o.output_len).map_err(|e| e.to_string())?);
+    }
+    let mut ttfts = Vec::new();
+    for rx in &receivers {
+        let times = drain(rx)?;
+        ttfts.push((times[0].0 - start).as_secs_f64() * 1e3);
+    }
+    let wall = start.elapsed().as_secs_f64();
+    ttfts.sort_by(f64::total_cmp);
+    let mean = ttfts.iter().sum::<f64>() / ttfts.len() as f64;
+    let stats = engine.stats();
+    println!(
+        "prefix caching {}: {} requests x {} shared + 16 own tokens: TTFT mean {mean:.0} ms, p50 {:.0} ms, max {:.0} ms; \
+         all done in {wall:.2} s; prefix-cache hit rate {:.1}%",
+        if caching { "on " } else { "off" },
+        o.batch,
+        o.input_len,
+        ttfts[ttfts.len() / 2],
+        ttfts[ttfts.len() - 1],
+        stats.prefix_cache_hit_rate() * 100.0
+    );
+    engine.shutdown();
+    Ok(())
+}
+
 fn run(o: Options) -> Result<(), String> {
+    match o.mode {
+        Mode::SchedulerOverhead => return sched_overhead::run(o.batch),
+        Mode::PrefixCache => {
+            prefix_cache_ttft(&o, true)?;
+            return prefix_cache_ttft(&o, false);
+        }
+        Mode::Throughput => {}
+    }
     let mut args = EngineArgs::new(&o.model);
     args.max_model_len = o.max_model_len;
     args.num_threads = o.threads;
@@ -177,6 +249,8 @@ fn main() -> ExitCode {
                 eprintln!("vllm-bench: {e}");
             }
             eprintln!("usage: vllm-bench MODEL [--batch N] [--input-len N] [--output-len N] [--max-model-len N] [--threads N]");
+            eprintln!("       vllm-bench MODEL --prefix-cache [--batch N] [--input-len N] [--output-len N]");
+            eprintln!("       vllm-bench --scheduler-overhead [--batch N]");
             ExitCode::FAILURE
         }
     }
