@@ -43,9 +43,16 @@ defmodule Vllm.AsyncLLMEngine do
   `new(opts)` or `new(model, opts)`. Options (vLLM's EngineArgs names): `model`, `dtype`,
   `seed`, `max_model_len`, `max_num_seqs`, `max_num_batched_tokens`, `block_size`,
   `kv_cache_memory_bytes`, `enable_prefix_caching`, `enable_chunked_prefill`, `device`
-  (`"auto"` or `"cpu"`), `tokenizer`, `num_threads`, `trust_remote_code` (ignored),
-  `gpu_memory_utilization`/`enforce_eager` (ignored on the CPU), `name` (process name),
-  `__runtime__: [timeout: ms]` (load timeout).
+  (`"auto"` or `"cpu"`), `tokenizer`, `num_threads`, `quantization` (`"gguf"`: keep a
+  GGUF file's matrices quantized), `data_parallel_size` (engine cores, each a replica with
+  its own KV cache; see `scale_elastic_ep/3`), `profiler_dir` (where `stop_profile/1`
+  writes), `trust_remote_code` (ignored), `gpu_memory_utilization`/`enforce_eager` (no GPU
+  memory or CUDA graphs on the CPU: accepted, no effect), `max_loras`/`max_lora_rank`/
+  `max_cpu_loras` (size LoRA slots; no effect without LoRA), `name` (process name),
+  `__runtime__: [timeout: ms]` (load timeout). Refused with `:unsupported` and the reason:
+  `tensor_parallel_size` > 1, `device` other than `"auto"`/`"cpu"`, `enable_lora: true`,
+  `runner: "pooling"`, a `dtype` other than float32, a `revision`, a `quantization` other
+  than `"gguf"`.
 
   Errors: a missing model is `:not_found`, a corrupt file or a bad option `:validation`.
   """
@@ -189,9 +196,10 @@ defmodule Vllm.AsyncLLMEngine do
   (a list of `%{"role" => _, "content" => _}` maps, rendered with the chat template). `sampling_params`: a
   `%Vllm.SamplingParams{}`, a keyword list of its fields, or nil (defaults). Opts:
   `priority`, `__runtime__: [timeout: ms]` (longest wait for the next output; the request
-  is aborted and the stream raises `:timeout`), and vLLM's `arrival_time`,
-  `trace_headers`, `tokenization_kwargs`, `data_parallel_rank` (ignored) and
-  `lora_request` (not supported yet).
+  is aborted and the stream raises `:timeout`), `data_parallel_rank` (the engine core
+  that runs it; default: the least loaded), vLLM's `arrival_time`, `trace_headers`,
+  `tokenization_kwargs` (ignored) and `lora_request` (not supported yet). While the engine
+  is paused or asleep the request waits, then runs.
   """
   @spec generate(t(), Prompt.t(), SamplingParams.t() | keyword() | nil, request_id(), keyword()) ::
           {:ok, Enumerable.t()} | {:error, Error.t()}
