@@ -45,6 +45,29 @@ defmodule VLLM do
   @spec generate!(LLM.t(), LLM.prompts(), keyword()) :: [Vllm.RequestOutput.t()]
   def generate!(llm, prompts, opts \\ []), do: llm |> generate(prompts, opts) |> Error.unwrap!()
 
+  @doc """
+  Replies to one conversation or a list of them (`Vllm.LLM.chat/4`): each is a list of
+  `%{"role" => _, "content" => _}` maps (atom keys too), rendered with the model's chat
+  template. Opts: `sampling_params:`, `chat_template:`, `add_generation_prompt:` (default
+  true), and those of `generate/3`.
+  """
+  @spec chat(LLM.t(), [map()] | [[map()]], keyword()) ::
+          {:ok, [Vllm.RequestOutput.t()]} | {:error, Error.t()}
+  def chat(llm, conversations, opts \\ [])
+
+  def chat(llm, conversations, opts) when is_list(opts) do
+    {params, opts} = Keyword.pop(opts, :sampling_params)
+    LLM.chat(llm, conversations, params, opts)
+  end
+
+  def chat(_llm, _conversations, opts),
+    do: {:error, Error.validation("options must be a keyword list, got #{inspect(opts)}")}
+
+  @doc "Like `chat/3` but raises `Vllm.Error`."
+  @spec chat!(LLM.t(), [map()] | [[map()]], keyword()) :: [Vllm.RequestOutput.t()]
+  def chat!(llm, conversations, opts \\ []),
+    do: llm |> chat(conversations, opts) |> Error.unwrap!()
+
   @doc "Builds validated sampling parameters (`Vllm.SamplingParams.new/1`)."
   @spec sampling_params(keyword() | map()) :: {:ok, SamplingParams.t()} | {:error, Error.t()}
   def sampling_params(opts \\ []), do: SamplingParams.new(opts)
@@ -133,21 +156,6 @@ defmodule VLLM do
   @doc "Like `lora_request/4` but raises `Vllm.Error`."
   def lora_request!(name, lora_int_id, lora_path, opts \\ []),
     do: name |> lora_request(lora_int_id, lora_path, opts) |> Error.unwrap!()
-
-  @doc """
-  Chats (`Vllm.LLM.chat/4`): `messages` is a list of conversations (or one), each a list of
-  `%{"role" => _, "content" => _}` maps. Opts: `sampling_params:`, `chat_template:`,
-  `add_generation_prompt:`, `use_tqdm:`, `__runtime__:`.
-  """
-  @spec chat(LLM.t(), list(), keyword()) :: {:ok, [Vllm.RequestOutput.t()]} | {:error, Error.t()}
-  def chat(llm, messages, opts \\ [])
-  def chat(llm, messages, opts) when is_list(opts), do: LLM.chat(llm, messages, nil, opts)
-
-  def chat(_llm, _messages, opts),
-    do: {:error, Error.validation("options must be a keyword list, got #{inspect(opts)}")}
-
-  @doc "Like `chat/3` but raises `Vllm.Error`."
-  def chat!(llm, messages, opts \\ []), do: llm |> chat(messages, opts) |> Error.unwrap!()
 
   @doc "Embeddings (`Vllm.LLM.embed/3`): `:unsupported` until pooling models (issue 9)."
   def embed(llm, texts, opts \\ []), do: LLM.embed(llm, List.wrap(texts), opts)

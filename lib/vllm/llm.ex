@@ -17,6 +17,7 @@ defmodule Vllm.LLM do
   @type prompts :: Vllm.Prompt.t() | [Vllm.Prompt.t()]
 
   @generate_opts [:lora_request, :priority, :use_tqdm, :__runtime__]
+  @template_opts [:chat_template, :add_generation_prompt]
 
   @doc """
   Loads `model` (a `.gguf` file or a model directory) with engine options `opts` (see
@@ -63,7 +64,7 @@ defmodule Vllm.LLM do
   def generate(llm, prompts, sampling_params \\ nil, opts \\ [])
 
   def generate(%__MODULE__{} = llm, prompts, sampling_params, opts) do
-    {sampling_params, opts} = split_opts(sampling_params, opts)
+    {sampling_params, opts} = split_opts(sampling_params, opts, @generate_opts)
     prompts = List.wrap(prompts)
 
     with :ok <- AsyncLLMEngine.check_opts(opts, @generate_opts),
@@ -80,56 +81,27 @@ defmodule Vllm.LLM do
   def generate!(llm, prompts, sampling_params \\ nil, opts \\ []),
     do: llm |> generate(prompts, sampling_params, opts) |> Error.unwrap!()
 
-  @doc "The default sampling parameters (vLLM's defaults)."
-  @spec get_default_sampling_params(t()) :: {:ok, SamplingParams.t()}
-  def get_default_sampling_params(%__MODULE__{}), do: {:ok, %SamplingParams{}}
-
-  @doc "Stops the engine."
-  @spec shutdown(t()) :: :ok
-  def shutdown(%__MODULE__{engine: engine}), do: AsyncLLMEngine.shutdown(engine)
-
   @doc """
-  Chats: `conversations` is one conversation or a list of them, each a list of
-  `%{"role" => _, "content" => _}` maps, rendered with the model's chat template and
-  generated like `generate/4`. Opts: `sampling_params:`, `chat_template:`,
-  `add_generation_prompt:` (default true), `use_tqdm:`, `priority:`, `__runtime__:`.
+  Replies to each conversation (vLLM's `LLM.chat`): renders it with the model's chat
+  template and generates from it, returning finished `%Vllm.RequestOutput{}`s in order.
+  `conversations` is one conversation (a list of `%{"role" => _, "content" => _}` maps,
+  atom keys accepted) or a list of conversations. `sampling_params` as in `generate/4`.
+  Opts: `chat_template:` (a Jinja template instead of the model's),
+  `add_generation_prompt:` (default true), and those of `generate/4`.
   """
-  @spec chat(t(), [map()] | [[map()]], term(), keyword()) ::
+  @spec chat(t(), [map()] | [[map()]], SamplingParams.t() | keyword() | list() | nil, keyword()) ::
           {:ok, [RequestOutput.t()]} | {:error, Error.t()}
   def chat(llm, conversations, sampling_params \\ nil, opts \\ [])
 
-  def chat(%__MODULE__{engine: engine} = llm, conversations, sampling_params, opts) do
-    {sampling_params, opts} =
-      split_opts(sampling_params, opts, [:chat_template, :add_generation_prompt])
+  def chat(%__MODULE__{} = llm, conversations, sampling_params, opts) do
+    {sampling_params, opts} = split_opts(sampling_params, opts, @template_opts ++ @generate_opts)
+    {template_opts, opts} = Keyword.split(opts, @template_opts)
 
-    conversations =
-      case conversations do
-        [%{} | _] -> [conversations]
-        other -> other
-      end
-
-    with :ok <-
-           AsyncLLMEngine.check_opts(opts, [
-             :chat_template,
-             :add_generation_prompt | @generate_opts
-           ]),
-         {:ok, prompts} <-
-           collect(
-             Enum.map(List.wrap(conversations), fn messages ->
-               AsyncLLMEngine.apply_chat_template(
-                 engine,
-                 messages,
-                 Keyword.get(opts, :add_generation_prompt, true),
-                 Keyword.take(opts, [:chat_template])
-               )
-             end)
-           ) do
-      generate(
-        llm,
-        prompts,
-        sampling_params,
-        Keyword.drop(opts, [:chat_template, :add_generation_prompt])
-      )
+    with {:ok, conversations} <- conversations(conversations),
+         {:ok, rendered} <- render_all(llm.engine, conversations, template_opts),
+         prompts = Enum.map(rendered, fn {_text, ids} -> %{prompt_token_ids: ids} end),
+         {:ok, outputs} <- generate(llm, prompts, sampling_params, opts) do
+      {:ok, Enum.zip_with(outputs, rendered, fn out, {text, _ids} -> %{out | prompt: text} end)}
     end
   end
 
@@ -137,8 +109,51 @@ defmodule Vllm.LLM do
     do: {:error, Error.validation("expected a %Vllm.LLM{}, got #{inspect(other)}")}
 
   @doc "Like `chat/4` but raises `Vllm.Error`."
+  @spec chat!(t(), [map()] | [[map()]], term(), keyword()) :: [RequestOutput.t()]
   def chat!(llm, conversations, sampling_params \\ nil, opts \\ []),
     do: llm |> chat(conversations, sampling_params, opts) |> Error.unwrap!()
+
+  # One conversation (a list of message maps) or a list of them.
+  defp conversations([%{} | _] = conversation), do: {:ok, [conversation]}
+
+  defp conversations([_ | _] = conversations) do
+    if Enum.all?(conversations, &match?([%{} | _], &1)),
+      do: {:ok, conversations},
+      else: conversation_error(conversations)
+  end
+
+  defp conversations(other), do: conversation_error(other)
+
+  defp conversation_error(other),
+    do:
+      {:error,
+       Error.validation(
+         "a chat is a non-empty list of %{\"role\" => _, \"content\" => _} maps, or a list of them, got #{inspect(other, limit: 5)}"
+       )}
+
+  # Each conversation as {prompt text, its token ids}. As vLLM, the rendered text is
+  # tokenized without adding special tokens: the template already has them.
+  defp render_all(engine, conversations, template_opts) do
+    add_generation_prompt = Keyword.get(template_opts, :add_generation_prompt, true)
+    template = Keyword.take(template_opts, [:chat_template])
+
+    conversations
+    |> Enum.map(fn messages ->
+      with {:ok, text} <-
+             AsyncLLMEngine.apply_chat_template(engine, messages, add_generation_prompt, template),
+           {:ok, ids} <- AsyncLLMEngine.encode_text(engine, text, false),
+           do: {:ok, {text, ids}}
+    end)
+    |> collect()
+  end
+
+  @doc "The default sampling parameters (vLLM's defaults)."
+  @spec get_default_sampling_params(t()) :: {:ok, SamplingParams.t()}
+  def get_default_sampling_params(%__MODULE__{}), do: {:ok, %SamplingParams{}}
+
+  @doc "Stops the engine."
+  @spec shutdown(t()) :: :ok
+  def shutdown(%__MODULE__{engine: engine}), do: AsyncLLMEngine.shutdown(engine)
 
   @pooling "pooling (embed, encode, classify, score) needs a pooling model runner: issue 9"
 
@@ -257,23 +272,16 @@ defmodule Vllm.LLM do
   def get_metrics!(llm), do: llm |> get_metrics() |> Error.unwrap!()
 
   # Old-package habit: `generate(llm, prompts, sampling_params: ..., priority: ...)`.
-  defp split_opts(params, opts, extra \\ [])
-
-  defp split_opts(params, [], extra) when is_list(params) and params != [] do
+  defp split_opts(params, [], known) when is_list(params) and params != [] do
     if Keyword.keyword?(params) and
-         Enum.any?(Keyword.keys(params), &(&1 in [:sampling_params | extra ++ @generate_opts])) do
+         Enum.any?(Keyword.keys(params), &(&1 in [:sampling_params | known])) do
       Keyword.pop(params, :sampling_params)
     else
       {params, []}
     end
   end
 
-  defp split_opts(params, opts, _extra) do
-    case Keyword.pop(opts, :sampling_params) do
-      {nil, opts} -> {params, opts}
-      {from_opts, opts} -> {from_opts, opts}
-    end
-  end
+  defp split_opts(params, opts, _known), do: {params, opts}
 
   defp per_prompt_params(params, count) when is_list(params) and params != [] do
     if Keyword.keyword?(params) do

@@ -11,10 +11,10 @@ defmodule Vllm.SamplingParams do
       "unknown sampling param :colour"
 
   `output_kind` is `:cumulative` (each output carries everything so far), `:delta` (only
-  what is new) or `:final_only`. `stop` may be given as one string. Not yet supported by
-  the engine (accepted here, refused with `:unsupported` when a request uses them):
-  `logit_bias`, `allowed_token_ids`, `bad_words`, `structured_outputs`, `prompt_logprobs`,
-  `n` other than 1.
+  what is new) or `:final_only`. `stop` may be given as one string.
+  `logit_bias` is a map of token id to bias; `n` > 1 gives `n` outputs (`index` 0..n-1),
+  child i seeded with `seed + i` when `seed` is set. Not yet supported by the engine
+  (accepted here, refused with `:unsupported` when a request uses it): `structured_outputs`.
   """
 
   @defaults [
@@ -76,7 +76,7 @@ defmodule Vllm.SamplingParams do
           logit_bias: %{optional(integer()) => number()} | nil,
           allowed_token_ids: [non_neg_integer()] | nil,
           bad_words: [String.t()] | nil,
-          truncate_prompt_tokens: pos_integer() | nil,
+          truncate_prompt_tokens: pos_integer() | -1 | nil,
           output_kind: output_kind(),
           structured_outputs: map() | nil
         }
@@ -130,30 +130,12 @@ defmodule Vllm.SamplingParams do
   @doc false
   # Refuses fields the engine does not implement yet instead of ignoring them silently.
   @spec check_supported(t()) :: :ok | {:error, Vllm.Error.t()}
-  def check_supported(%__MODULE__{} = p) do
-    unsupported =
-      Enum.find(
-        [:logit_bias, :allowed_token_ids, :bad_words, :structured_outputs, :prompt_logprobs],
-        fn key ->
-          Map.fetch!(p, key) != nil
-        end
-      )
+  def check_supported(%__MODULE__{structured_outputs: nil}), do: :ok
 
-    cond do
-      unsupported ->
-        {:error,
-         Vllm.Error.new(
-           :unsupported,
-           "sampling param #{inspect(unsupported)} is not supported yet"
-         )}
-
-      p.n != 1 ->
-        {:error, Vllm.Error.new(:unsupported, "sampling param :n must be 1 for now, got #{p.n}")}
-
-      true ->
-        :ok
-    end
-  end
+  def check_supported(%__MODULE__{}),
+    do:
+      {:error,
+       Vllm.Error.new(:unsupported, "sampling param :structured_outputs is not supported yet")}
 
   defp to_pairs(opts) do
     Enum.reduce_while(opts, {:ok, []}, fn
@@ -208,7 +190,9 @@ defmodule Vllm.SamplingParams do
       bad_words:
         {&(is_nil(&1) or (is_list(&1) and Enum.all?(&1, fn w -> is_binary(w) end))),
          "nil or a list of strings"},
-      truncate_prompt_tokens: {&(is_nil(&1) or pos_int?(&1)), "nil or a positive integer"},
+      truncate_prompt_tokens:
+        {&(is_nil(&1) or &1 == -1 or pos_int?(&1)),
+         "nil, -1 (the context length) or a positive integer"},
       output_kind:
         {&(&1 in [:cumulative, :delta, :final_only]), ":cumulative, :delta or :final_only"},
       structured_outputs:

@@ -1,18 +1,18 @@
 defmodule Vllm.TestJSON do
   @moduledoc false
-  # A small JSON decoder for tests (no JSON library on Elixir 1.14 / OTP 24): objects become
-  # maps with string keys, numbers integers or floats. Raises on malformed input.
+  # A small JSON decoder for the test fixtures (this Elixir/OTP has no JSON module and the
+  # package has no dependencies). Objects become maps with string keys.
 
   def decode!(text) do
     {value, rest} = value(skip(text))
 
     case skip(rest) do
       "" -> value
-      other -> raise ArgumentError, "trailing JSON: #{String.slice(other, 0, 40)}"
+      other -> raise ArgumentError, "trailing JSON: #{String.slice(other, 0, 20)}"
     end
   end
 
-  defp skip(<<c, rest::binary>>) when c in ~c" \t\n\r", do: skip(rest)
+  defp skip(<<c, rest::binary>>) when c in [?\s, ?\n, ?\r, ?\t], do: skip(rest)
   defp skip(rest), do: rest
 
   defp value("{" <> rest), do: object(skip(rest), %{})
@@ -28,8 +28,8 @@ defmodule Vllm.TestJSON do
   defp object("\"" <> rest, acc) do
     {key, rest} = string(rest, [])
     ":" <> rest = skip(rest)
-    {val, rest} = value(skip(rest))
-    acc = Map.put(acc, key, val)
+    {v, rest} = value(skip(rest))
+    acc = Map.put(acc, key, v)
 
     case skip(rest) do
       "," <> rest -> object(skip(rest), acc)
@@ -39,22 +39,40 @@ defmodule Vllm.TestJSON do
 
   defp array("]" <> rest, acc), do: {Enum.reverse(acc), rest}
 
-  defp array(rest, acc) do
-    {val, rest} = value(rest)
+  defp array(text, acc) do
+    {v, rest} = value(text)
 
     case skip(rest) do
-      "," <> rest -> array(skip(rest), [val | acc])
-      "]" <> rest -> {Enum.reverse([val | acc]), rest}
+      "," <> rest -> array(skip(rest), [v | acc])
+      "]" <> rest -> {Enum.reverse([v | acc]), rest}
     end
   end
 
   defp string("\"" <> rest, acc), do: {acc |> Enum.reverse() |> IO.iodata_to_binary(), rest}
 
-  defp string("\\u" <> <<hex::binary-size(4), rest::binary>>, acc),
-    do: string(rest, [<<String.to_integer(hex, 16)::utf8>> | acc])
+  defp string("\\u" <> <<hex::binary-size(4), rest::binary>>, acc) do
+    code = String.to_integer(hex, 16)
+
+    if code in 0xD800..0xDBFF do
+      "\\u" <> <<low::binary-size(4), rest::binary>> = rest
+      low = String.to_integer(low, 16)
+      string(rest, [<<0x10000 + (code - 0xD800) * 0x400 + (low - 0xDC00)::utf8>> | acc])
+    else
+      string(rest, [<<code::utf8>> | acc])
+    end
+  end
 
   defp string("\\" <> <<c, rest::binary>>, acc) do
-    char = %{?n => "\n", ?t => "\t", ?r => "\r", ?b => "\b", ?f => "\f"}[c] || <<c>>
+    char =
+      case c do
+        ?n -> "\n"
+        ?t -> "\t"
+        ?r -> "\r"
+        ?b -> "\b"
+        ?f -> "\f"
+        other -> <<other>>
+      end
+
     string(rest, [char | acc])
   end
 
@@ -66,11 +84,7 @@ defmodule Vllm.TestJSON do
 
     value =
       if String.contains?(num, [".", "e", "E"]) do
-        {f, ""} =
-          Float.parse(
-            if String.contains?(num, "."), do: num, else: String.replace(num, ~r/[eE]/, ".0e")
-          )
-
+        {f, ""} = Float.parse(num)
         f
       else
         String.to_integer(num)

@@ -13,11 +13,12 @@ use crate::config::{EngineArgs, ModelConfig};
 use crate::control::{ControlCommand, ControlOp, ControlReply, MemoryUsage};
 use crate::engine_core::{CoreCommand, CoreShared, EngineCore, NewRequest};
 use crate::error::{EngineError, Result};
+use crate::kv_cache::manager::SeqId;
 use crate::kv_cache::KvCacheManager;
 use crate::models::CausalLM;
 use crate::output_processor::{LiveRequests, OutputMessage, OutputProcessor, RequestStream};
 use crate::profiler::ProfileSummary;
-use crate::request::{EngineRequest, RequestOutput};
+use crate::request::{EngineRequest, RequestOutput, SamplingParams};
 use crate::runner::{ModelRunner, DEFAULT_KV_CACHE_BYTES};
 use crate::sampler::Sampler;
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -201,6 +202,7 @@ impl Engine {
     /// prompts, out-of-vocabulary ids and too-long prompts are `:validation` errors; a
     /// request that could never fit in the KV cache is `:resource_exhausted`.
     pub fn add_request(&self, request: EngineRequest, sink: Box<dyn OutputSink>) -> Result<()> {
+        let request = self.prepare(request)?;
         self.validate(&request)?;
         let mut live = self
             .live
@@ -213,10 +215,14 @@ impl Engine {
                 request.request_id
             )));
         }
-        let seq_id = self.next_seq_id.fetch_add(1, Ordering::Relaxed);
-        live.insert(request.request_id.clone(), seq_id);
+        // n > 1 fans out into n child sequences (as vLLM V1's ParentRequest); the output
+        // thread gathers them back into one RequestOutput whose outputs carry `index`.
+        let n = request.params.n;
+        let first = self.next_seq_id.fetch_add(n as u64, Ordering::Relaxed);
+        let seq_ids: Vec<SeqId> = (first..first + n as u64).collect();
+        live.insert(request.request_id.clone(), seq_ids.clone());
         let stream = RequestStream {
-            seq_id,
+            seq_ids: seq_ids.clone(),
             request_id: request.request_id.clone(),
             prompt: request.prompt,
             prompt_token_ids: request.prompt_token_ids.clone(),
@@ -227,22 +233,24 @@ impl Engine {
         // The output thread learns of the request before the core can produce tokens for it.
         // If either thread is gone, the output thread (or its shutdown) fails the sink.
         let _ = self.out_tx.send(OutputMessage::Register(Box::new(stream)));
-        let _ = self.core_tx.send(CoreCommand::Add(Box::new(NewRequest {
-            seq_id,
-            request_id: request.request_id,
-            prompt_token_ids: request.prompt_token_ids,
-            params: request.params,
-            priority: request.priority,
-            lora_int_id: None,
-            cache_salt: None,
-        })));
+        for (index, &seq_id) in seq_ids.iter().enumerate() {
+            let _ = self.core_tx.send(CoreCommand::Add(Box::new(NewRequest {
+                seq_id,
+                request_id: request.request_id.clone(),
+                prompt_token_ids: request.prompt_token_ids.clone(),
+                params: child_params(&request.params, index),
+                priority: request.priority,
+                lora_int_id: None,
+                cache_salt: None,
+            })));
+        }
         Ok(())
     }
 
     /// Aborts a request if it is live: its sink gets a final output with finish_reason abort.
     pub fn abort(&self, request_id: &str) {
         if let Ok(live) = self.live.lock() {
-            if let Some(&seq_id) = live.get(request_id) {
+            for &seq_id in live.get(request_id).into_iter().flatten() {
                 let _ = self.core_tx.send(CoreCommand::Release(seq_id));
             }
         }
@@ -419,10 +427,40 @@ impl Engine {
         Ok(())
     }
 
+    /// What the tokenizer and the limits decide before validation: the prompt truncated
+    /// to `truncate_prompt_tokens`, and `bad_words` turned into token ids.
+    fn prepare(&self, mut request: EngineRequest) -> Result<EngineRequest> {
+        request.params.validate()?;
+        if let Some(k) = request.params.truncate_prompt_tokens {
+            let keep = if k < 0 {
+                self.limits.max_model_len
+            } else {
+                usize::try_from(k).unwrap_or(usize::MAX)
+            };
+            let prompt = &mut request.prompt_token_ids;
+            if prompt.len() > keep {
+                prompt.drain(..prompt.len() - keep);
+            }
+        }
+        let words = std::mem::take(&mut request.params.bad_words);
+        for word in &words {
+            for ids in bad_word_token_ids(&self.tokenizer, word)? {
+                if !request.params.bad_words_token_ids.contains(&ids) {
+                    request.params.bad_words_token_ids.push(ids);
+                }
+            }
+        }
+        request.params.bad_words = words;
+        Ok(request)
+    }
+
     fn validate(&self, request: &EngineRequest) -> Result<()> {
         request.params.validate()?;
-        if request.params.prompt_logprobs.is_some() {
-            return Err(EngineError::unsupported("prompt_logprobs are not supported yet"));
+        let vocab = self.limits.vocab_size;
+        if let Some((field, id)) = request.params.mentioned_token_ids().find(|&(_, id)| id as usize >= vocab) {
+            return Err(EngineError::validation(format!(
+                "{field} token id {id} is out of vocabulary (size {vocab})"
+            )));
         }
         let prompt = &request.prompt_token_ids;
         if prompt.is_empty() {
@@ -467,6 +505,36 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Child `index` of a request with n > 1: one sequence, seed + index when seeded, and
+/// only the first child computes the prompt logprobs (they are the same for all).
+fn child_params(params: &SamplingParams, index: usize) -> SamplingParams {
+    let mut child = params.clone();
+    if params.n > 1 {
+        child.n = 1;
+        child.seed = params.seed.map(|s| s.wrapping_add(index as u64));
+        if index > 0 {
+            child.prompt_logprobs = None;
+        }
+    }
+    child
+}
+
+/// vLLM's tokenization of a bad word: the word (leading spaces stripped) alone, and after
+/// a space when that gives a different first token but as many tokens.
+fn bad_word_token_ids(tokenizer: &Tokenizer, word: &str) -> Result<Vec<Vec<u32>>> {
+    let word = word.trim_start();
+    let plain = tokenizer.encode(word, false)?;
+    let spaced = tokenizer.encode(&format!(" {word}"), false)?;
+    if plain.is_empty() {
+        return Err(EngineError::validation(format!("bad word {word:?} has no tokens")));
+    }
+    let mut out = vec![plain.clone()];
+    if spaced.len() == plain.len() && spaced.first() != plain.first() {
+        out.push(spaced);
+    }
+    Ok(out)
 }
 
 /// Turns EngineArgs into concrete limits, with vLLM's defaults.

@@ -16,7 +16,7 @@ use crate::kv_cache::manager::SeqId;
 use crate::output_processor::OutputMessage;
 use crate::request::{FinishReason, SamplingParams, StopReason, TokenLogprob};
 use crate::runner::ModelRunner;
-use crate::sampler::Sampler;
+use crate::sampler::{prepare_batch, SampleRow, Sampler};
 use crate::scheduler::Scheduler;
 use crate::sequence::Sequence;
 
@@ -257,29 +257,41 @@ impl EngineCore {
                 seq.num_computed_tokens += s.num_new_tokens;
             }
         }
-        let mut events = Vec::with_capacity(logits.seq_ids.len());
-        for (&id, row) in logits.seq_ids.iter().zip(&logits.rows) {
-            let Some(seq) = self.scheduler.seq_mut(id) else {
+        self.send_prompt_logprobs(&logits.prompt_rows);
+        // All but the random draws runs over the whole batch at once (rows in parallel);
+        // the draws then go row by row, so unseeded requests share the engine's generator
+        // in a fixed order.
+        let rows: Vec<(SeqId, &Vec<f32>, Vec<u32>)> = logits
+            .seq_ids
+            .iter()
+            .zip(&logits.rows)
+            .filter_map(|(&id, row)| {
+                let seq = self.scheduler.seq(id)?;
+                Some((id, row, suppressed_tokens(seq, &self.eos_token_ids)))
+            })
+            .collect();
+        let prepared = {
+            let inputs: Vec<SampleRow> = rows
+                .iter()
+                .filter_map(|(id, row, suppressed)| {
+                    let seq = self.scheduler.seq(*id)?;
+                    Some(SampleRow {
+                        logits: row,
+                        params: &seq.params,
+                        context: &seq.token_ids,
+                        num_prompt_tokens: seq.num_prompt_tokens,
+                        suppressed,
+                    })
+                })
+                .collect();
+            prepare_batch(&inputs)
+        };
+        let mut events = Vec::with_capacity(rows.len());
+        for ((id, row, _), prepared) in rows.iter().zip(prepared) {
+            let Some(seq) = self.scheduler.seq_mut(*id) else {
                 continue;
             };
-            let suppressed = if seq.num_output_tokens() < seq.params.min_tokens {
-                let eos: &[u32] = if seq.params.ignore_eos {
-                    &[]
-                } else {
-                    &self.eos_token_ids
-                };
-                [eos, &seq.params.stop_token_ids].concat()
-            } else {
-                Vec::new()
-            };
-            let sample = self.sampler.sample(
-                row,
-                &seq.params,
-                &seq.token_ids,
-                seq.num_prompt_tokens,
-                &suppressed,
-                seq.rng.as_mut(),
-            );
+            let sample = self.sampler.draw(row, &seq.params, prepared, seq.rng.as_mut());
             seq.token_ids.push(sample.token_id);
             self.generation_tokens_total += 1;
             if seq.num_output_tokens() == 1 {
@@ -287,7 +299,7 @@ impl EngineCore {
             }
             let finish = check_stop(seq, &self.eos_token_ids, self.max_model_len);
             events.push(TokenEvent {
-                seq_id: id,
+                seq_id: *id,
                 token_id: sample.token_id,
                 logprob: sample.logprob,
                 logprobs: sample.logprobs,
@@ -312,6 +324,29 @@ impl EngineCore {
             let _ = self.outputs.send(OutputMessage::Step(events));
         }
         Ok(true)
+    }
+
+    /// Logprobs of the prompt tokens this step computed, to the output thread (before the
+    /// step's tokens, so a request's final output always has them).
+    fn send_prompt_logprobs(&self, prompt_rows: &[crate::runner::PromptRows]) {
+        for p in prompt_rows {
+            let Some(seq) = self.scheduler.seq(p.seq_id) else { continue };
+            let Some(k) = seq.params.prompt_logprobs else { continue };
+            let entries = p
+                .rows
+                .iter()
+                .enumerate()
+                .filter_map(|(j, row)| {
+                    let token = *seq.token_ids.get(p.first + j + 1)?;
+                    Some(crate::sampler::token_logprobs(row, token, k))
+                })
+                .collect();
+            let _ = self.outputs.send(OutputMessage::PromptLogprobs {
+                seq_id: p.seq_id,
+                first: p.first + 1,
+                entries,
+            });
+        }
     }
 
     fn publish_stats(&self) {
@@ -342,6 +377,16 @@ impl EngineCore {
         self.shared.dead.store(true, Ordering::SeqCst);
         let _ = self.outputs.send(OutputMessage::Dead(message));
     }
+}
+
+/// Tokens a sequence may not sample yet: EOS (unless ignored) and its stop tokens, until
+/// it has min_tokens outputs.
+fn suppressed_tokens(seq: &Sequence, eos_token_ids: &[u32]) -> Vec<u32> {
+    if seq.num_output_tokens() >= seq.params.min_tokens {
+        return Vec::new();
+    }
+    let eos: &[u32] = if seq.params.ignore_eos { &[] } else { eos_token_ids };
+    [eos, &seq.params.stop_token_ids].concat()
 }
 
 /// vLLM's order: length first, then (past min_tokens) EOS, then stop token ids.

@@ -1,6 +1,7 @@
 //! What a caller submits (EngineRequest, SamplingParams) and what it gets back
 //! (RequestOutput, CompletionOutput), mirroring vLLM's classes of the same names.
 
+use std::collections::HashMap;
 use std::time::SystemTime;
 
 use crate::error::{EngineError, Result};
@@ -43,7 +44,23 @@ pub struct SamplingParams {
     pub spaces_between_special_tokens: bool,
     pub include_stop_str_in_output: bool,
     pub output_kind: OutputKind,
+    /// Added to the logit of each token id (before penalties), clamped to [-100, 100].
+    pub logit_bias: HashMap<u32, f32>,
+    /// When set, only these token ids can be sampled.
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// Words never to generate: the engine tokenizes them (alone and after a space, as vLLM)
+    /// into `bad_words_token_ids`.
+    pub bad_words: Vec<String>,
+    /// Filled by the engine from `bad_words`; a caller may also give token sequences directly.
+    pub bad_words_token_ids: Vec<Vec<u32>>,
+    /// Keep only the last k prompt tokens (-1: the model's context length).
+    pub truncate_prompt_tokens: Option<i64>,
 }
+
+/// vLLM's default cap on `logprobs` and `prompt_logprobs` (its `max_logprobs`).
+pub const MAX_LOGPROBS: usize = 20;
+/// The most children one request may fan out into (`n`).
+pub const MAX_N: usize = 128;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -69,6 +86,11 @@ impl Default for SamplingParams {
             spaces_between_special_tokens: true,
             include_stop_str_in_output: false,
             output_kind: OutputKind::Cumulative,
+            logit_bias: HashMap::new(),
+            allowed_token_ids: None,
+            bad_words: Vec::new(),
+            bad_words_token_ids: Vec::new(),
+            truncate_prompt_tokens: None,
         }
     }
 }
@@ -79,15 +101,26 @@ impl SamplingParams {
         SamplingParams { temperature: 0.0, max_tokens: Some(max_tokens), ..Default::default() }
     }
 
+    /// Below vLLM's epsilon a temperature means greedy decoding.
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0 || self.top_k == 1
+        self.temperature < 1e-5 || self.top_k == 1
     }
 
     /// Checks ranges the way vLLM does; the message names the offending field.
+    /// The ids a request mentions outside its prompt (logit_bias, allowed_token_ids,
+    /// stop_token_ids, bad words), for the engine's vocabulary check.
+    pub fn mentioned_token_ids(&self) -> impl Iterator<Item = (&'static str, u32)> + '_ {
+        let bias = self.logit_bias.keys().map(|&id| ("logit_bias", id));
+        let allowed = self.allowed_token_ids.iter().flatten().map(|&id| ("allowed_token_ids", id));
+        let stop = self.stop_token_ids.iter().map(|&id| ("stop_token_ids", id));
+        let bad = self.bad_words_token_ids.iter().flatten().map(|&id| ("bad_words", id));
+        bias.chain(allowed).chain(stop).chain(bad)
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(EngineError::validation(m));
-        if self.n != 1 {
-            return bad(format!("n must be 1 for now, got {}", self.n));
+        if !(1..=MAX_N).contains(&self.n) {
+            return bad(format!("n must be in [1, {MAX_N}], got {}", self.n));
         }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return bad(format!("temperature must be >= 0, got {}", self.temperature));
@@ -120,6 +153,34 @@ impl SamplingParams {
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return bad("stop strings must not be empty".to_string());
+        }
+        if !self.detokenize && !self.stop.is_empty() {
+            return bad("stop strings are not supported when detokenize is false".to_string());
+        }
+        for (name, value) in [("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)] {
+            if let Some(k) = value {
+                if k > MAX_LOGPROBS {
+                    return bad(format!("{name} must be at most {MAX_LOGPROBS}, got {k}"));
+                }
+            }
+        }
+        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
+            return bad(format!("logit_bias for token {id} must be a finite number, got {b}"));
+        }
+        if self.allowed_token_ids.as_ref().is_some_and(|ids| ids.is_empty()) {
+            return bad("allowed_token_ids must not be empty".to_string());
+        }
+        if self.bad_words.iter().any(|w| w.trim().is_empty()) {
+            return bad("bad_words must not be empty or blank".to_string());
+        }
+        if self.bad_words_token_ids.iter().any(|w| w.is_empty()) {
+            return bad("bad_words_token_ids must not contain an empty sequence".to_string());
+        }
+        match self.truncate_prompt_tokens {
+            Some(k) if k == 0 || k < -1 => {
+                return bad(format!("truncate_prompt_tokens must be -1 or at least 1, got {k}"));
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -215,6 +276,10 @@ pub struct RequestOutput {
     pub request_id: String,
     pub prompt: Option<String>,
     pub prompt_token_ids: Vec<u32>,
+    /// When `prompt_logprobs` was asked for: per prompt token (None for the first, as
+    /// vLLM), that token's logprob first, then the top-k alternatives. Delta outputs carry
+    /// it in the first output only.
+    pub prompt_logprobs: Option<Vec<Option<Vec<TokenLogprob>>>>,
     pub outputs: Vec<CompletionOutput>,
     pub finished: bool,
     pub metrics: RequestMetrics,

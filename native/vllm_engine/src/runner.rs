@@ -23,6 +23,15 @@ pub struct StepLogits {
     pub seq_ids: Vec<SeqId>,
     /// Row i belongs to seq_ids[i].
     pub rows: Vec<Vec<f32>>,
+    /// For sequences that asked for prompt logprobs: the logits at prompt positions
+    /// `first..first + rows.len()` (each predicts the prompt token after it).
+    pub prompt_rows: Vec<PromptRows>,
+}
+
+pub struct PromptRows {
+    pub seq_id: SeqId,
+    pub first: usize,
+    pub rows: Vec<Vec<f32>>,
 }
 
 impl ModelRunner {
@@ -97,18 +106,46 @@ impl ModelRunner {
             return Ok(StepLogits {
                 seq_ids,
                 rows: Vec::new(),
+                prompt_rows: Vec::new(),
             });
         }
         let logits = self.model.forward(&batch, &mut self.kv)?;
-        let rows: Vec<Vec<f32>> = logits.to_vec2::<f32>()?;
-        if rows.len() != seq_ids.len() {
+        let all: Vec<Vec<f32>> = logits.to_vec2::<f32>()?;
+        let expected: usize = batch.seqs.iter().map(|s| s.num_logit_rows()).sum();
+        if all.len() != expected {
             return Err(EngineError::internal(format!(
-                "model returned {} rows of logits for {} sequences",
-                rows.len(),
-                seq_ids.len()
+                "model returned {} rows of logits, expected {expected}",
+                all.len()
             )));
         }
-        Ok(StepLogits { seq_ids, rows })
+        // Split each seq's rows: prompt positions (when asked for) and the sampling row.
+        let mut all = all.into_iter();
+        let mut rows = Vec::with_capacity(seq_ids.len());
+        let mut prompt_rows = Vec::new();
+        for (slice, s) in batch.seqs.iter().zip(&step.scheduled) {
+            let mut mine: Vec<Vec<f32>> = all.by_ref().take(slice.num_logit_rows()).collect();
+            if slice.logits_for_all_tokens {
+                let first = slice.context_len - slice.query_len;
+                let num_prompt = scheduler.seq(s.seq_id).map_or(0, |q| q.num_prompt_tokens);
+                // Position p predicts token p + 1: only those inside the prompt count.
+                let prompt_part = num_prompt.saturating_sub(1).saturating_sub(first).min(mine.len());
+                let sampling_row = if slice.want_logits { mine.pop() } else { None };
+                mine.truncate(prompt_part);
+                prompt_rows.push(PromptRows {
+                    seq_id: s.seq_id,
+                    first,
+                    rows: mine,
+                });
+                rows.extend(sampling_row);
+            } else {
+                rows.extend(mine);
+            }
+        }
+        Ok(StepLogits {
+            seq_ids,
+            rows,
+            prompt_rows,
+        })
     }
 }
 
@@ -122,12 +159,14 @@ fn build_batch(step: &SchedulerOutput, scheduler: &Scheduler) -> Result<(Forward
         let start = seq.num_computed_tokens;
         let end = start + s.num_new_tokens;
         let want_logits = end == seq.num_tokens();
+        let logits_for_all_tokens = seq.params.prompt_logprobs.is_some() && start + 1 < seq.num_prompt_tokens;
         batch.seqs.push(SeqSlice {
             query_start: batch.token_ids.len(),
             query_len: s.num_new_tokens,
             context_len: end,
             block_table: scheduler.kv().block_table(s.seq_id).to_vec(),
             want_logits,
+            logits_for_all_tokens,
         });
         batch.token_ids.extend_from_slice(&seq.token_ids[start..end]);
         batch.positions.extend(start..end);

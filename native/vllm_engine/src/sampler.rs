@@ -1,6 +1,8 @@
-//! Picks the next token of one sequence from its logits: penalties, then greedy argmax or
-//! temperature, min-p, top-k and top-p (vLLM V1's order), and logprobs taken from the raw
-//! logits (before penalties and temperature, as vLLM's default `raw_logprobs`).
+//! Picks the next token of one sequence from its logits, in vLLM V1's order: the logits
+//! processors that can change the argmax (allowed_token_ids, bad_words, min_tokens,
+//! logit_bias), then penalties, then greedy argmax or temperature, min-p, top-k and top-p.
+//! Logprobs are taken from the raw logits (before all of that, as vLLM's default
+//! `raw_logprobs`).
 
 use rand::Rng;
 use rand_chacha::rand_core::SeedableRng;
@@ -18,6 +20,69 @@ pub struct Sample {
     pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
+/// One row of a batch to sample: its logits and what the processors need. `context` is
+/// the prompt then the output so far; `num_prompt_tokens` splits them (repetition penalty
+/// looks at both, presence and frequency at the output only). `suppressed` tokens cannot
+/// be picked (EOS and stop tokens before min_tokens).
+#[derive(Clone, Copy)]
+pub struct SampleRow<'a> {
+    pub logits: &'a [f32],
+    pub params: &'a SamplingParams,
+    pub context: &'a [u32],
+    pub num_prompt_tokens: usize,
+    pub suppressed: &'a [u32],
+}
+
+/// A row's sampling work that needs no random draw (so rows can run in parallel).
+pub struct Prepared {
+    choice: Choice,
+    /// logsumexp of the raw logits (0 when no logprobs were asked for).
+    log_sum: f32,
+    /// The top `logprobs` raw token ids, most likely first.
+    top: Vec<u32>,
+}
+
+enum Choice {
+    Fixed(u32),
+    /// Candidates and their unnormalised probabilities.
+    Draw(Vec<(u32, f64)>),
+}
+
+/// Everything about a row but the draw: processors, penalties, temperature, the
+/// candidate set, and the raw top-k for logprobs.
+pub fn prepare(row: &SampleRow) -> Prepared {
+    let params = row.params;
+    // logprob(t) = logit(t) - logsumexp(logits): no need to materialise the vector, and
+    // no need for the sum at all when nobody asked for logprobs.
+    let (log_sum, top) = match params.logprobs {
+        Some(k) => (log_sum_exp(row.logits), top_k_indices(row.logits, k)),
+        None => (0.0, Vec::new()),
+    };
+    let mut work = processed_logits(row.logits, params, row.context, row.num_prompt_tokens, row.suppressed);
+    let choice = if params.is_greedy() {
+        Choice::Fixed(argmax(&work))
+    } else if work.iter().all(|&l| l == f32::NEG_INFINITY) {
+        // Everything is banned: no distribution to sample from; keep the raw argmax.
+        Choice::Fixed(argmax(row.logits))
+    } else {
+        for l in work.iter_mut() {
+            *l /= params.temperature;
+        }
+        Choice::Draw(filtered_probs(&work, params))
+    };
+    Prepared { choice, log_sum, top }
+}
+
+/// `prepare` over a whole batch, rows in parallel.
+pub fn prepare_batch(rows: &[SampleRow]) -> Vec<Prepared> {
+    use rayon::prelude::*;
+    if rows.len() > 1 {
+        rows.par_iter().map(prepare).collect()
+    } else {
+        rows.iter().map(prepare).collect()
+    }
+}
+
 /// The engine-wide generator for requests without a seed.
 pub struct Sampler {
     rng: ChaCha8Rng,
@@ -30,9 +95,7 @@ impl Sampler {
         }
     }
 
-    /// `context` is the prompt then the output so far; `num_prompt_tokens` splits them
-    /// (repetition penalty looks at both, presence and frequency at the output only).
-    /// `suppressed` tokens cannot be picked (EOS and stop tokens before min_tokens).
+    /// Samples one row (see `SampleRow` for the arguments).
     pub fn sample(
         &mut self,
         logits: &[f32],
@@ -42,55 +105,136 @@ impl Sampler {
         suppressed: &[u32],
         seq_rng: Option<&mut ChaCha8Rng>,
     ) -> Sample {
-        // logprob(t) = logit(t) - logsumexp(logits): no need to materialise the vector, and
-        // no need for the sum at all when nobody asked for logprobs.
-        let log_sum = if params.logprobs.is_some() {
-            log_sum_exp(logits)
-        } else {
-            0.0
+        let row = SampleRow {
+            logits,
+            params,
+            context,
+            num_prompt_tokens,
+            suppressed,
         };
-        let mut work = logits.to_vec();
-        apply_penalties(&mut work, params, context, num_prompt_tokens);
-        for &t in suppressed {
-            if let Some(l) = work.get_mut(t as usize) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        let token_id = if params.is_greedy() {
-            argmax(&work)
-        } else {
-            let rng = seq_rng.unwrap_or(&mut self.rng);
-            sample_random(&mut work, params, rng)
+        let prepared = prepare(&row);
+        self.draw(logits, params, prepared, seq_rng)
+    }
+
+    /// Finishes a prepared row: the random draw (from the request's own generator when
+    /// seeded, else the engine's: call rows in a fixed order) and its logprobs.
+    pub fn draw(
+        &mut self,
+        logits: &[f32],
+        params: &SamplingParams,
+        prepared: Prepared,
+        seq_rng: Option<&mut ChaCha8Rng>,
+    ) -> Sample {
+        let token_id = match prepared.choice {
+            Choice::Fixed(t) => t,
+            Choice::Draw(probs) => pick(&probs, seq_rng.unwrap_or(&mut self.rng)),
         };
-        let raw = logits[token_id as usize];
-        let logprob = raw - log_sum;
-        let logprobs = params.logprobs.map(|k| {
-            let rank = 1 + logits.iter().filter(|&&l| l > raw).count();
-            let mut entries = vec![TokenLogprob {
-                token_id,
-                logprob,
-                rank,
-                decoded_token: None,
-            }];
-            for (i, id) in top_k_indices(logits, k).into_iter().enumerate() {
-                if id != token_id {
-                    let logprob = logits[id as usize] - log_sum;
-                    entries.push(TokenLogprob {
-                        token_id: id,
-                        logprob,
-                        rank: i + 1,
-                        decoded_token: None,
-                    });
-                }
-            }
-            entries
-        });
+        let log_sum = prepared.log_sum;
+        let logprob = logits[token_id as usize] - log_sum;
+        let logprobs = params
+            .logprobs
+            .map(|_| logprob_entries(logits, token_id, &prepared.top, log_sum));
         Sample {
             token_id,
             logprob,
             logprobs,
         }
     }
+}
+
+/// The logits the sampler picks from, before temperature: `logits` with everything that
+/// can change the argmax applied, in vLLM V1's order. `context` is the prompt then the
+/// output so far; `suppressed` tokens (EOS and stop tokens before min_tokens) are banned.
+pub fn processed_logits(
+    logits: &[f32],
+    params: &SamplingParams,
+    context: &[u32],
+    num_prompt_tokens: usize,
+    suppressed: &[u32],
+) -> Vec<f32> {
+    let mut work = logits.to_vec();
+    let output = &context[num_prompt_tokens.min(context.len())..];
+    if let Some(allowed) = &params.allowed_token_ids {
+        let mut keep = vec![false; work.len()];
+        for &t in allowed {
+            if let Some(k) = keep.get_mut(t as usize) {
+                *k = true;
+            }
+        }
+        for (l, keep) in work.iter_mut().zip(keep) {
+            if !keep {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    for word in &params.bad_words_token_ids {
+        if let Some((&last, prefix)) = word.split_last() {
+            if output.ends_with(prefix) {
+                ban(&mut work, last);
+            }
+        }
+    }
+    for &t in suppressed {
+        ban(&mut work, t);
+    }
+    for (&t, &bias) in &params.logit_bias {
+        if let Some(l) = work.get_mut(t as usize) {
+            *l += bias.clamp(-100.0, 100.0);
+        }
+    }
+    apply_penalties(&mut work, params, context, num_prompt_tokens);
+    work
+}
+
+fn ban(logits: &mut [f32], token: u32) {
+    if let Some(l) = logits.get_mut(token as usize) {
+        *l = f32::NEG_INFINITY;
+    }
+}
+
+/// The tokens sampling at temperature > 0 may pick from `processed` logits, with their
+/// probabilities (summing to 1): temperature, then min-p, top-k and top-p.
+pub fn candidate_probs(processed: &[f32], params: &SamplingParams) -> Vec<(u32, f64)> {
+    let scaled: Vec<f32> = processed.iter().map(|&l| l / params.temperature).collect();
+    let mut probs = filtered_probs(&scaled, params);
+    let total: f64 = probs.iter().map(|&(_, p)| p).sum();
+    for (_, p) in &mut probs {
+        *p /= total;
+    }
+    probs
+}
+
+/// `token`'s logprob and rank under `logits`, then the top `k` tokens other than it
+/// (vLLM's shape of a logprobs entry).
+pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> Vec<TokenLogprob> {
+    token_logprobs_with(logits, token, k, log_sum_exp(logits))
+}
+
+fn token_logprobs_with(logits: &[f32], token: u32, k: usize, log_sum: f32) -> Vec<TokenLogprob> {
+    logprob_entries(logits, token, &top_k_indices(logits, k), log_sum)
+}
+
+/// `token` with its logprob and rank, then the `top` tokens other than it.
+fn logprob_entries(logits: &[f32], token: u32, top: &[u32], log_sum: f32) -> Vec<TokenLogprob> {
+    let raw = logits.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    let rank = 1 + logits.iter().filter(|&&l| l > raw).count();
+    let mut entries = vec![TokenLogprob {
+        token_id: token,
+        logprob: raw - log_sum,
+        rank,
+        decoded_token: None,
+    }];
+    for (i, &id) in top.iter().enumerate() {
+        if id != token {
+            entries.push(TokenLogprob {
+                token_id: id,
+                logprob: logits[id as usize] - log_sum,
+                rank: i + 1,
+                decoded_token: None,
+            });
+        }
+    }
+    entries
 }
 
 pub fn log_sum_exp(logits: &[f32]) -> f32 {
@@ -160,14 +304,11 @@ fn apply_penalties(logits: &mut [f32], params: &SamplingParams, context: &[u32],
     }
 }
 
-fn sample_random(logits: &mut [f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
-    for l in logits.iter_mut() {
-        *l /= params.temperature;
-    }
-    let probs = filtered_probs(logits, params);
+/// Draws from candidates with unnormalised probabilities.
+fn pick(probs: &[(u32, f64)], rng: &mut ChaCha8Rng) -> u32 {
     let total: f64 = probs.iter().map(|&(_, p)| p).sum();
     let mut u = rng.random::<f64>() * total;
-    for &(id, p) in &probs {
+    for &(id, p) in probs {
         if u < p {
             return id;
         }
@@ -191,30 +332,46 @@ fn filtered_probs(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f64)> {
         let threshold = params.min_p as f64;
         probs.retain(|&(_, p)| p >= threshold);
     }
+    // Banned tokens (-inf logits) have probability 0: never candidates.
+    probs.retain(|&(_, p)| p > 0.0);
+    if probs.is_empty() {
+        return probs;
+    }
     let by_prob = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     let k = params.top_k.max(0) as usize;
     if k > 0 && k < probs.len() {
         probs.select_nth_unstable_by(k - 1, by_prob);
         probs.truncate(k);
     }
-    // Sorting the whole vocabulary costs more than the sampling itself: only top-p needs it.
-    if params.top_p < 1.0 || k > 0 {
-        probs.sort_by(by_prob);
-    }
     if params.top_p < 1.0 {
         let total: f64 = probs.iter().map(|&(_, p)| p).sum();
         // A little slack so that float rounding cannot add a token to a set that is exactly p.
         let target = params.top_p as f64 * total * (1.0 - 1e-6);
-        let mut mass = 0.0;
-        let mut keep = probs.len();
-        for (i, &(_, p)) in probs.iter().enumerate() {
-            mass += p;
-            if mass >= target {
-                keep = i + 1;
-                break;
+        // Sorting the whole vocabulary costs more than the sampling itself: sort only the
+        // head that reaches the target (usually a few dozen tokens), growing it as needed.
+        let mut head = 64.min(probs.len());
+        loop {
+            if head < probs.len() {
+                probs.select_nth_unstable_by(head - 1, by_prob);
+            }
+            probs[..head].sort_by(by_prob);
+            let mut mass = 0.0;
+            let keep = probs[..head].iter().position(|&(_, p)| {
+                mass += p;
+                mass >= target
+            });
+            match keep {
+                Some(i) => {
+                    probs.truncate(i + 1);
+                    break;
+                }
+                // Rounding kept the mass just under the target: keep everything.
+                None if head == probs.len() => break,
+                None => head = (head * 4).min(probs.len()),
             }
         }
-        probs.truncate(keep);
+    } else if k > 0 {
+        probs.sort_by(by_prob);
     }
     probs
 }

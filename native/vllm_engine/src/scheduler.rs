@@ -150,8 +150,12 @@ impl Scheduler {
                 self.waiting.remove(&key);
                 continue;
             };
-            let hits = if self.kv.prefix_caching() {
+            if self.kv.prefix_caching() {
                 seq.update_block_hashes(block_size);
+            }
+            // Prompt logprobs need logits at every prompt position, so such a request
+            // computes its whole prompt (as vLLM); its blocks are still cached for others.
+            let hits = if self.kv.prefix_caching() && seq.params.prompt_logprobs.is_none() {
                 self.kv.find_cached_prefix(&seq.block_hashes, seq.num_tokens())
             } else {
                 Vec::new()

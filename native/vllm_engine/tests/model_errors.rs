@@ -133,6 +133,7 @@ fn out_of_vocabulary_token_and_short_block_table_are_errors() {
         context_len: 1,
         block_table: vec![0],
         want_logits: true,
+        logits_for_all_tokens: false,
     };
     let batch = ForwardBatch {
         token_ids: vec![config.vocab_size as u32],

@@ -233,13 +233,42 @@ pub fn sampling_params(map: Term) -> Result<SamplingParams> {
     if let Some(term) = lookup(map, "output_kind") {
         p.output_kind = output_kind(term)?;
     }
+    if let Some(term) = lookup(map, "logit_bias") {
+        p.logit_bias = logit_bias(term)?;
+    }
+    p.allowed_token_ids = field::<Vec<u32>>(map, WHAT, "allowed_token_ids", "a list of token ids")?;
+    if let Some(term) = lookup(map, "bad_words") {
+        p.bad_words = term
+            .decode::<String>()
+            .map(|s| vec![s])
+            .or_else(|_| term.decode::<Vec<String>>())
+            .map_err(|_| bad_type(WHAT, "bad_words", "a list of strings", term))?;
+    }
+    p.truncate_prompt_tokens = field::<i64>(map, WHAT, "truncate_prompt_tokens", "an integer (-1 or >= 1)")?;
+    if lookup(map, "structured_outputs").is_some() {
+        return Err(EngineError::unsupported(
+            "sampling param `structured_outputs` is not supported yet",
+        ));
+    }
     p.validate()?;
     Ok(p)
 }
 
-/// `truncate_prompt_tokens` from the params map: keep only the last k prompt tokens.
-pub fn truncate_prompt_tokens(map: Term) -> Result<Option<usize>> {
-    count_field(map, "sampling param", "truncate_prompt_tokens")
+/// `logit_bias`: a map of token id (integer) to bias (number).
+fn logit_bias(term: Term) -> Result<std::collections::HashMap<u32, f32>> {
+    let bad = || bad_type("sampling param", "logit_bias", "a map of token id to number", term);
+    let pairs: Vec<(Term, Term)> = rustler::types::map::MapIterator::new(term).ok_or_else(bad)?.collect();
+    pairs
+        .into_iter()
+        .map(|(k, v)| {
+            let id = k.decode::<u32>().map_err(|_| bad())?;
+            let bias = v
+                .decode::<f64>()
+                .or_else(|_| v.decode::<i64>().map(|i| i as f64))
+                .map_err(|_| bad())?;
+            Ok((id, bias as f32))
+        })
+        .collect()
 }
 
 /// A prompt: a UTF-8 binary, or a list of non-negative token ids.

@@ -69,6 +69,21 @@ fn logprobs<'a>(env: Env<'a>, logprobs: &Option<Vec<Vec<TokenLogprob>>>) -> Term
     }
 }
 
+/// vLLM's prompt_logprobs: nil for the first prompt token, then one map per position.
+fn prompt_logprobs<'a>(env: Env<'a>, logprobs: &Option<Vec<Option<Vec<TokenLogprob>>>>) -> Term<'a> {
+    match logprobs {
+        None => atoms::nil().encode(env),
+        Some(positions) => positions
+            .iter()
+            .map(|p| match p {
+                Some(p) => position_logprobs(env, p),
+                None => atoms::nil().encode(env),
+            })
+            .collect::<Vec<_>>()
+            .encode(env),
+    }
+}
+
 fn completion_output<'a>(env: Env<'a>, out: &CompletionOutput) -> Term<'a> {
     atom_map(
         env,
@@ -99,8 +114,8 @@ fn metrics<'a>(env: Env<'a>, m: &RequestMetrics) -> Term<'a> {
     )
 }
 
-/// `%Vllm.RequestOutput{}` with every field of API.md (prompt_logprobs and lora_request are
-/// not produced by the engine yet: nil).
+/// `%Vllm.RequestOutput{}` with every field of API.md (lora_request is not produced by the
+/// engine yet: nil).
 pub fn request_output<'a>(env: Env<'a>, out: &RequestOutput) -> Term<'a> {
     let nil = atoms::nil().encode(env);
     atom_map(
@@ -110,7 +125,7 @@ pub fn request_output<'a>(env: Env<'a>, out: &RequestOutput) -> Term<'a> {
             ("request_id", out.request_id.as_str().encode(env)),
             ("prompt", out.prompt.as_deref().encode(env)),
             ("prompt_token_ids", out.prompt_token_ids.encode(env)),
-            ("prompt_logprobs", nil),
+            ("prompt_logprobs", prompt_logprobs(env, &out.prompt_logprobs)),
             (
                 "outputs",
                 out.outputs

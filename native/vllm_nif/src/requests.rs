@@ -48,7 +48,6 @@ fn submit(
     let request_id = decode::request_id(request_id)?;
     let prompt = decode::prompt(prompt)?;
     let sampling = decode::sampling_params(params)?;
-    let truncate = decode::truncate_prompt_tokens(params)?;
     let owner = pid_arg(to, "`to`")?;
     let priority = decode::priority(request_opts)?;
     let watcher = match Atom::from_str(request_opts.get_env(), "watcher")
@@ -62,7 +61,7 @@ fn submit(
     };
     let engine = resource.engine()?;
 
-    let (text, mut ids) = match prompt {
+    let (text, ids) = match prompt {
         Prompt::Text(text) => {
             let ids = engine.tokenizer().encode(&text, true)?;
             (Some(text), ids)
@@ -72,11 +71,7 @@ fn submit(
     if ids.is_empty() {
         return Err(EngineError::validation("prompt must not be empty"));
     }
-    if let Some(keep) = truncate {
-        if keep > 0 && ids.len() > keep {
-            ids.drain(..ids.len() - keep);
-        }
-    }
+    // truncate_prompt_tokens is applied by the engine (it knows max_model_len for -1).
 
     let mut request = EngineRequest::new(request_id.clone(), ids, sampling);
     request.prompt = text;

