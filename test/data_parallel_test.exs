@@ -81,4 +81,22 @@ defmodule Vllm.DataParallelTest do
 
     assert {:error, %Error{category: :validation}} = AsyncLLMEngine.scale_elastic_ep(engine, 0)
   end
+
+  test "a core added while the engine sleeps sleeps too; wake_up wakes every core", %{
+    engine: engine
+  } do
+    :ok = AsyncLLMEngine.sleep(engine, level: 1)
+    :ok = AsyncLLMEngine.scale_elastic_ep(engine, 3)
+    usage = AsyncLLMEngine.collective_rpc!(engine, "memory_usage")
+    assert Enum.map(usage, & &1.kv_cache_bytes) == [0, 0, 0]
+    :ok = AsyncLLMEngine.wake_up(engine)
+
+    assert Enum.all?(
+             AsyncLLMEngine.collective_rpc!(engine, "memory_usage"),
+             &(&1.kv_cache_bytes > 0)
+           )
+
+    assert :ok = AsyncLLMEngine.scale_elastic_ep(engine, 2)
+    assert {:ok, ["pong", "pong"]} = AsyncLLMEngine.collective_rpc(engine, "ping")
+  end
 end

@@ -496,6 +496,10 @@ defmodule Vllm.AsyncLLMEngine.Server do
         cores = Map.new(loaded, fn {rank, {:ok, r}} -> {rank, r} end)
         Enum.each(cores, fn {_, r} -> Native.monitor_owner(r, self()) end)
         if state.profiling, do: Enum.each(cores, fn {_, r} -> Native.start_profile(r) end)
+        # New cores join in the state of the others: asleep if they sleep.
+        if state.sleep_level > 0,
+          do: Enum.each(cores, fn {_, r} -> Native.sleep(r, state.sleep_level) end)
+
         GenServer.reply(from, :ok)
 
         %{
