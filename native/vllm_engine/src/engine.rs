@@ -94,6 +94,7 @@ pub struct Engine {
     limits: EngineLimits,
     /// Added LoRA adapters (None: enable_lora off).
     loras: Option<Mutex<LoraRegistry>>,
+    max_loras: usize,
     /// The previous do_log_stats snapshot (for throughput over the interval).
     last_logged: Mutex<Option<(std::time::Instant, EngineStats)>>,
 }
@@ -201,6 +202,7 @@ impl Engine {
             config,
             limits,
             loras,
+            max_loras: args.max_loras,
             last_logged: Mutex::new(None),
         })
     }
@@ -212,7 +214,12 @@ impl Engine {
         let request = self.prepare(request)?;
         self.validate(&request)?;
         let lora = match &request.lora {
-            Some(req) => Some(self.lora_registry()?.get_or_load(req, &self.config)?.0),
+            Some(req) => {
+                let mut registry = self.lora_registry()?;
+                let adapter = registry.get_or_load(req, &self.config)?.0;
+                registry.check_runnable(req.lora_int_id, self.max_loras)?;
+                Some(adapter)
+            }
             None => None,
         };
         let mut live = self

@@ -104,6 +104,19 @@ impl LoraRegistry {
         }
     }
 
+    /// `:resource_exhausted` when every one of `max_loras` slots is pinned by other
+    /// adapters, so a request for `id` could never run.
+    pub fn check_runnable(&self, id: u32, max_loras: usize) -> Result<()> {
+        let pinned = self.entries.values().filter(|e| e.pinned).count();
+        let mine = self.entries.get(&id).is_some_and(|e| e.pinned);
+        if !mine && pinned >= max_loras {
+            return Err(EngineError::resource_exhausted(format!(
+                "LoRA {id} cannot run: all {max_loras} adapter slots (max_loras) hold pinned adapters"
+            )));
+        }
+        Ok(())
+    }
+
     /// Added adapters, by id.
     pub fn list(&self) -> Vec<LoraInfo> {
         let mut out: Vec<LoraInfo> = self
