@@ -65,7 +65,10 @@ fn demo(id: u32) -> LoRARequest {
 
 fn submit_lora(engine: &Engine, id: &str, prompt: &[u32], n: usize, lora: Option<LoRARequest>) -> crossbeam_channel::Receiver<Event> {
     let (s, rx) = sink();
-    let mut req = EngineRequest::new(id, prompt.to_vec(), SamplingParams::greedy(n));
+    let mut params = SamplingParams::greedy(n);
+    // The reference runs past EOS.
+    params.ignore_eos = true;
+    let mut req = EngineRequest::new(id, prompt.to_vec(), params);
     req.lora = lora;
     engine.add_request(req, s).unwrap_or_else(|e| panic!("request {id} refused: {e}"));
     rx
