@@ -16,6 +16,17 @@ defmodule VLLM do
 
   @version Mix.Project.config()[:version]
 
+  @doc "A LoRA adapter for requests (`Vllm.LoRARequest.new/4`)."
+  @spec lora_request(String.t(), pos_integer(), String.t(), keyword()) ::
+          {:ok, Vllm.LoRARequest.t()} | {:error, Error.t()}
+  def lora_request(lora_name, lora_int_id, lora_path, opts \\ []),
+    do: Vllm.LoRARequest.new(lora_name, lora_int_id, lora_path, opts)
+
+  @doc "Like `lora_request/4` but raises `Vllm.Error`."
+  @spec lora_request!(String.t(), pos_integer(), String.t(), keyword()) :: Vllm.LoRARequest.t()
+  def lora_request!(lora_name, lora_int_id, lora_path, opts \\ []),
+    do: Vllm.LoRARequest.new!(lora_name, lora_int_id, lora_path, opts)
+
   @doc "Loads a model for offline inference (`Vllm.LLM.new/2`)."
   @spec llm(String.t() | keyword(), keyword()) :: {:ok, LLM.t()} | {:error, Error.t()}
   def llm(model, opts \\ []), do: LLM.new(model, opts)
@@ -27,7 +38,7 @@ defmodule VLLM do
   @doc """
   Generates a completion for each prompt (`prompts` is `List.wrap`ped), in prompt order.
   Opts: `sampling_params:` (one or a list, one per prompt), `priority:`, `use_tqdm:`
-  (ignored), `lora_request:` (not supported yet), `__runtime__: [timeout: ms]`.
+  (ignored), `lora_request:` (one or a list, one per prompt), `__runtime__: [timeout: ms]`.
   """
   @spec generate(LLM.t(), LLM.prompts(), keyword()) ::
           {:ok, [Vllm.RequestOutput.t()]} | {:error, Error.t()}

@@ -165,7 +165,7 @@ defmodule Vllm.AsyncLLMEngine do
   `priority`, `__runtime__: [timeout: ms]` (longest wait for the next output; the request
   is aborted and the stream raises `:timeout`), and vLLM's `arrival_time`,
   `trace_headers`, `tokenization_kwargs`, `data_parallel_rank` (ignored) and
-  `lora_request` (not supported yet).
+  `lora_request` (a `%Vllm.LoRARequest{}`; the engine needs `enable_lora: true`).
   """
   @spec generate(t(), Prompt.t(), SamplingParams.t() | keyword() | nil, request_id(), keyword()) ::
           {:ok, Enumerable.t()} | {:error, Error.t()}
@@ -206,8 +206,9 @@ defmodule Vllm.AsyncLLMEngine do
          {:ok, prompt} <- Prompt.normalize(prompt),
          {:ok, params} <- sampling_params(sampling_params),
          :ok <- SamplingParams.check_supported(params),
-         :ok <- check_request_opts(opts, owner) do
-      request_opts = %{priority: Keyword.get(opts, :priority, 0)}
+         :ok <- check_request_opts(opts, owner),
+         {:ok, lora} <- Vllm.LoRARequest.to_native(Keyword.get(opts, :lora_request)) do
+      request_opts = %{priority: Keyword.get(opts, :priority, 0), lora_request: lora}
       call(pid, {:add_request, request_id, prompt, Map.from_struct(params), owner, request_opts})
     end
   end
@@ -316,6 +317,45 @@ defmodule Vllm.AsyncLLMEngine do
 
   ## Helpers shared with Vllm.LLM
 
+  ## LoRA adapters
+
+  @doc """
+  Loads and registers a LoRA adapter (`%Vllm.LoRARequest{}`): `{:ok, true}` when added,
+  `{:ok, false}` when that id already names that path. A missing directory is
+  `:not_found`; a rank above `max_lora_rank`, a target module the model lacks, bad shapes,
+  or an id already used for another path are `:validation`.
+  """
+  @spec add_lora(t(), Vllm.LoRARequest.t()) :: {:ok, boolean()} | {:error, Error.t()}
+  def add_lora(%__MODULE__{resource: resource}, lora_request) do
+    with {:ok, lora} <- Vllm.LoRARequest.to_native(lora_request),
+         :ok <- if(lora, do: :ok, else: {:error, Error.validation("add_lora needs a LoRA request")}) do
+      native_result(Native.add_lora(resource, lora))
+    end
+  end
+
+  @doc "Forgets an adapter (running requests keep it): `{:ok, removed?}`."
+  @spec remove_lora(t(), pos_integer()) :: {:ok, boolean()} | {:error, Error.t()}
+  def remove_lora(%__MODULE__{resource: resource}, lora_int_id),
+    do: native_result(Native.remove_lora(resource, lora_int_id))
+
+  @doc "Keeps an added adapter resident in one of the `max_loras` slots until removed."
+  @spec pin_lora(t(), pos_integer()) :: {:ok, boolean()} | {:error, Error.t()}
+  def pin_lora(%__MODULE__{resource: resource}, lora_int_id),
+    do: native_result(Native.pin_lora(resource, lora_int_id))
+
+  @doc "The added adapters: `{:ok, [%{lora_name, lora_int_id, lora_path, pinned}]}` by id."
+  @spec list_loras(t()) :: {:ok, [map()]} | {:error, Error.t()}
+  def list_loras(%__MODULE__{resource: resource}), do: native_result(Native.list_loras(resource))
+
+  @doc "Like `add_lora/2` but raises `Vllm.Error`."
+  def add_lora!(engine, lora_request), do: engine |> add_lora(lora_request) |> Error.unwrap!()
+  @doc "Like `remove_lora/2` but raises `Vllm.Error`."
+  def remove_lora!(engine, id), do: engine |> remove_lora(id) |> Error.unwrap!()
+  @doc "Like `pin_lora/2` but raises `Vllm.Error`."
+  def pin_lora!(engine, id), do: engine |> pin_lora(id) |> Error.unwrap!()
+  @doc "Like `list_loras/1` but raises `Vllm.Error`."
+  def list_loras!(engine), do: engine |> list_loras() |> Error.unwrap!()
+
   @doc false
   def sampling_params(nil), do: {:ok, %SamplingParams{}}
   def sampling_params(params), do: SamplingParams.new(params)
@@ -339,9 +379,6 @@ defmodule Vllm.AsyncLLMEngine do
       not is_integer(Keyword.get(opts, :priority, 0)) ->
         {:error,
          Error.validation("option :priority must be an integer, got #{inspect(opts[:priority])}")}
-
-      Keyword.get(opts, :lora_request) != nil ->
-        {:error, Error.new(:unsupported, "LoRA requests are not supported yet")}
 
       true ->
         :ok

@@ -26,6 +26,10 @@ defmodule Vllm.EngineOptions do
       enforce_eager: {&is_boolean/1, "a boolean"},
       num_threads: {&(is_integer(&1) and &1 > 0), "a positive integer"},
       trust_remote_code: {&is_boolean/1, "a boolean"},
+      enable_lora: {&is_boolean/1, "a boolean"},
+      max_loras: {&(is_integer(&1) and &1 > 0), "a positive integer"},
+      max_lora_rank: {&(is_integer(&1) and &1 > 0), "a positive integer"},
+      max_cpu_loras: {&(is_integer(&1) and &1 > 0), "a positive integer"},
       __runtime__: {&Keyword.keyword?/1, "a keyword list"},
       name: {&(is_atom(&1) or is_tuple(&1)), "a process name"}
     }
@@ -44,7 +48,11 @@ defmodule Vllm.EngineOptions do
     :kv_cache_memory_bytes,
     :enable_prefix_caching,
     :enable_chunked_prefill,
-    :num_threads
+    :num_threads,
+    :enable_lora,
+    :max_loras,
+    :max_lora_rank,
+    :max_cpu_loras
   ]
 
   @doc "The accepted option keys."

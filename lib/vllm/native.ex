@@ -24,4 +24,9 @@ defmodule Vllm.Native do
 
   def apply_chat_template(_engine, _messages, _add_generation_prompt, _template),
     do: :erlang.nif_error(:nif_not_loaded)
+
+  def add_lora(_engine, _lora_request), do: :erlang.nif_error(:nif_not_loaded)
+  def remove_lora(_engine, _lora_int_id), do: :erlang.nif_error(:nif_not_loaded)
+  def pin_lora(_engine, _lora_int_id), do: :erlang.nif_error(:nif_not_loaded)
+  def list_loras(_engine), do: :erlang.nif_error(:nif_not_loaded)
 end
