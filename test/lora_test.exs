@@ -34,9 +34,8 @@ defmodule Vllm.LoRATest do
 
   test "lora_request builds the struct; the BeamSearch name is an alias" do
     assert {:ok, %LoRARequest{lora_name: "a", lora_int_id: 3, lora_path: "/p"}} = VLLM.lora_request("a", 3, "/p")
-    assert {:ok, %LoRARequest{base_model_name: "b"}} = VLLM.lora_request("a", 3, "/p", base_model_name: "b")
     assert {:error, %Error{category: :validation}} = VLLM.lora_request("a", 0, "/p")
-    assert %LoRARequest{} = Vllm.BeamSearch.LoRARequest.new!("a", 1, "/p")
+    assert %LoRARequest{} = Vllm.BeamSearch.LoRARequest.new!(lora_name: "a", lora_int_id: 1, lora_path: "/p")
   end
 
   test "a batch mixing the adapter and the base model matches both references exactly", %{

@@ -150,6 +150,7 @@ pub fn engine_args(opts: Term) -> Result<EngineArgs> {
         args.max_lora_rank = n;
     }
     args.max_cpu_loras = count_field(opts, WHAT, "max_cpu_loras")?;
+    args.quantization = string_field(opts, WHAT, "quantization")?;
     args.validate()?;
     Ok(args)
 }
