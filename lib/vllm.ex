@@ -27,7 +27,7 @@ defmodule VLLM do
   @doc """
   Generates a completion for each prompt (`prompts` is `List.wrap`ped), in prompt order.
   Opts: `sampling_params:` (one or a list, one per prompt), `priority:`, `use_tqdm:`
-  (a progress bar on stderr), `lora_request:` (not supported yet), `__runtime__: [timeout: ms]`.
+  (a progress bar on stderr), `lora_request:` (one or a list, one per prompt), `__runtime__: [timeout: ms]`.
   """
   @spec generate(LLM.t(), LLM.prompts(), keyword()) ::
           {:ok, [Vllm.RequestOutput.t()]} | {:error, Error.t()}

@@ -257,10 +257,13 @@ defmodule Vllm.ControlTest do
     assert :ok = AsyncLLMEngine.reset_mm_cache(engine)
     assert {:ok, []} = AsyncLLMEngine.list_loras(engine)
 
-    assert {:error, %Error{category: :unsupported, message: m}} =
-             AsyncLLMEngine.add_lora(engine, %Vllm.LoRARequest{})
+    # Real LoRA tests: test/lora_test.exs. Without enable_lora, adapters are refused.
+    assert {:error, %Error{category: :validation}} = AsyncLLMEngine.add_lora(engine, %Vllm.LoRARequest{})
 
-    assert m =~ "issue 8"
+    assert {:error, %Error{category: :validation, message: m}} =
+             AsyncLLMEngine.add_lora(engine, VLLM.lora_request!("a", 1, "/tmp/a"))
+
+    assert m =~ "enable_lora"
 
     assert {:error, %Error{category: :unsupported, message: m}} =
              AsyncLLMEngine.encode(engine, "x", nil, request_id())

@@ -114,10 +114,11 @@ defmodule VLLMFacadeApiTest do
   test "a LoRA request is refused, not ignored", %{llm: llm} do
     lora = VLLM.lora_request!("adapter", 1, "/tmp/adapter")
 
-    assert {:error, %Error{category: :unsupported, message: m}} =
+    # This engine has no enable_lora (real LoRA tests: test/lora_test.exs).
+    assert {:error, %Error{category: :validation, message: m}} =
              VLLM.generate(llm, "Hi", lora_request: lora)
 
-    assert m =~ "issue 8"
+    assert m =~ "enable_lora"
   end
 
   test "pooling functions say which issue brings them", %{llm: llm} do

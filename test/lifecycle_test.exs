@@ -62,7 +62,6 @@ defmodule Vllm.LifecycleTest do
     refused = [
       {[tensor_parallel_size: 2], :unsupported, "tensor parallel"},
       {[device: "cuda"], :unsupported, "CPU"},
-      {[enable_lora: true], :unsupported, "issue 8"},
       {[runner: "pooling"], :unsupported, "issue 9"},
       {[dtype: "bfloat16"], :unsupported, "float32"},
       {[quantization: "awq"], :unsupported, "GGUF"},

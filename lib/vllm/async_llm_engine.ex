@@ -47,10 +47,11 @@ defmodule Vllm.AsyncLLMEngine do
   GGUF file's matrices quantized), `data_parallel_size` (engine cores, each a replica with
   its own KV cache; see `scale_elastic_ep/3`), `profiler_dir` (where `stop_profile/1`
   writes), `trust_remote_code` (ignored), `gpu_memory_utilization`/`enforce_eager` (no GPU
-  memory or CUDA graphs on the CPU: accepted, no effect), `max_loras`/`max_lora_rank`/
-  `max_cpu_loras` (size LoRA slots; no effect without LoRA), `name` (process name),
+  memory or CUDA graphs on the CPU: accepted, no effect), `enable_lora` with `max_loras`
+  (adapters resident at once), `max_lora_rank` and `max_cpu_loras` (adapters kept in host
+  memory), `name` (process name),
   `__runtime__: [timeout: ms]` (load timeout). Refused with `:unsupported` and the reason:
-  `tensor_parallel_size` > 1, `device` other than `"auto"`/`"cpu"`, `enable_lora: true`,
+  `tensor_parallel_size` > 1, `device` other than `"auto"`/`"cpu"`,
   `runner: "pooling"`, a `dtype` other than float32, a `revision`, a `quantization` other
   than `"gguf"`.
 
@@ -198,7 +199,8 @@ defmodule Vllm.AsyncLLMEngine do
   `priority`, `__runtime__: [timeout: ms]` (longest wait for the next output; the request
   is aborted and the stream raises `:timeout`), `data_parallel_rank` (the engine core
   that runs it; default: the least loaded), vLLM's `arrival_time`, `trace_headers`,
-  `tokenization_kwargs` (ignored) and `lora_request` (not supported yet). While the engine
+  `tokenization_kwargs` (ignored) and `lora_request` (a `%Vllm.LoRARequest{}`; the engine
+  needs `enable_lora: true`). While the engine
   is paused or asleep the request waits, then runs.
   """
   @spec generate(t(), Prompt.t(), SamplingParams.t() | keyword() | nil, request_id(), keyword()) ::
@@ -240,10 +242,12 @@ defmodule Vllm.AsyncLLMEngine do
          {:ok, prompt} <- Prompt.normalize(prompt),
          {:ok, params} <- sampling_params(sampling_params),
          :ok <- SamplingParams.check_supported(params),
-         :ok <- check_request_opts(opts, owner) do
+         :ok <- check_request_opts(opts, owner),
+         {:ok, lora} <- Vllm.LoRARequest.to_native(Keyword.get(opts, :lora_request)) do
       request_opts = %{
         priority: Keyword.get(opts, :priority, 0),
-        data_parallel_rank: Keyword.get(opts, :data_parallel_rank)
+        data_parallel_rank: Keyword.get(opts, :data_parallel_rank),
+        lora_request: lora
       }
 
       call(
@@ -389,10 +393,6 @@ defmodule Vllm.AsyncLLMEngine do
          Error.validation(
            "option :data_parallel_rank must be a non-negative integer, got #{inspect(opts[:data_parallel_rank])}"
          )}
-
-      Keyword.get(opts, :lora_request) != nil ->
-        {:error,
-         Error.new(:unsupported, "LoRA requests are not supported yet (multi-LoRA is issue 8)")}
 
       true ->
         :ok

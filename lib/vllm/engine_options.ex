@@ -55,7 +55,11 @@ defmodule Vllm.EngineOptions do
     :enable_prefix_caching,
     :enable_chunked_prefill,
     :num_threads,
-    :quantization
+    :quantization,
+    :enable_lora,
+    :max_loras,
+    :max_lora_rank,
+    :max_cpu_loras
   ]
 
   @doc "The accepted option keys."
@@ -170,7 +174,7 @@ defmodule Vllm.EngineOptions do
 
   # Options this build cannot honour are refused with the reason, never silently dropped.
   # gpu_memory_utilization and enforce_eager are about GPU memory and CUDA graphs: on the
-  # CPU they have nothing to act on. max_loras & co. size LoRA slots, unused without LoRA.
+  # CPU they have nothing to act on. 
   defp check_supported(opts) do
     cond do
       opts[:dtype] in ["bfloat16", "float16", "half"] ->
@@ -182,9 +186,6 @@ defmodule Vllm.EngineOptions do
         unsupported(
           "tensor_parallel_size #{opts[:tensor_parallel_size]}: tensor parallelism splits a model over several GPUs, and this build runs on the CPU (the CUDA backend is issue 6); use data_parallel_size for replicas"
         )
-
-      opts[:enable_lora] == true ->
-        unsupported("enable_lora: LoRA adapters are not supported yet (multi-LoRA is issue 8)")
 
       opts[:runner] == "pooling" ->
         unsupported("runner \"pooling\": pooling models arrive with issue 9")

@@ -68,8 +68,9 @@ defmodule Vllm.LLM do
     prompts = List.wrap(prompts)
 
     with :ok <- AsyncLLMEngine.check_opts(opts, @generate_opts),
-         {:ok, params} <- per_prompt_params(sampling_params, length(prompts)) do
-      run_batch(llm.engine, prompts, params, opts)
+         {:ok, params} <- per_prompt_params(sampling_params, length(prompts)),
+         {:ok, loras} <- per_prompt_loras(Keyword.get(opts, :lora_request), length(prompts)) do
+      run_batch(llm.engine, prompts, params, Keyword.put(opts, :lora_request, loras))
     end
   end
 
@@ -296,6 +297,21 @@ defmodule Vllm.LLM do
 
   defp per_prompt_params(params, count), do: one_for_all(params, count)
 
+  # As vLLM: one LoRA request for every prompt, or a list with one (or nil) per prompt.
+  defp per_prompt_loras(loras, count) when is_list(loras) and loras != [] do
+    if Keyword.keyword?(loras) do
+      {:ok, List.duplicate(loras, count)}
+    else
+      if length(loras) == count,
+        do: {:ok, loras},
+        else:
+          {:error,
+           Error.validation("lora_request has #{length(loras)} entries for #{count} prompts")}
+    end
+  end
+
+  defp per_prompt_loras(lora, count), do: {:ok, List.duplicate(lora, count)}
+
   defp one_for_all(params, count) do
     with {:ok, p} <- AsyncLLMEngine.sampling_params(params), do: {:ok, List.duplicate(p, count)}
   end
@@ -313,13 +329,15 @@ defmodule Vllm.LLM do
 
   defp run_batch(engine, prompts, params, opts) do
     batch = "llm-#{System.unique_integer([:positive])}"
-    request_opts = Keyword.take(opts, [:priority, :lora_request])
+    request_opts = Keyword.take(opts, [:priority])
+    loras = Keyword.get(opts, :lora_request) || List.duplicate(nil, length(prompts))
 
     submitted =
       prompts
       |> Enum.zip(params)
+      |> Enum.zip(loras)
       |> Enum.with_index()
-      |> Enum.reduce_while({:ok, []}, fn {{prompt, p}, i}, {:ok, ids} ->
+      |> Enum.reduce_while({:ok, []}, fn {{{prompt, p}, lora}, i}, {:ok, ids} ->
         id = "#{batch}-#{i}"
         # Only the final output matters here: skip the per-step messages.
         case AsyncLLMEngine.add_request(
@@ -327,7 +345,7 @@ defmodule Vllm.LLM do
                id,
                prompt,
                %{p | output_kind: :final_only},
-               request_opts
+               Keyword.put(request_opts, :lora_request, lora)
              ) do
           :ok -> {:cont, {:ok, [id | ids]}}
           {:error, error} -> {:halt, {:error, error, ids}}

@@ -2,8 +2,8 @@ defmodule Vllm.LoRARequest do
   @moduledoc """
   A LoRA adapter to apply to a request (vLLM's `LoRARequest`): `lora_name`,
   `lora_int_id` (a positive integer unique per adapter) and `lora_path` (the adapter's
-  directory). Validated here; serving adapters is multi-LoRA (issue 8), so requests that
-  carry one are `:unsupported` until then.
+  directory: `adapter_config.json` + `adapter_model.safetensors`). The engine needs
+  `enable_lora: true`; an adapter a request names is loaded on first use.
   """
 
   alias Vllm.Error
@@ -60,6 +60,14 @@ defmodule Vllm.LoRARequest do
       true ->
         {:ok, r}
     end
+  end
+
+  @doc false
+  # nil, a LoRA request (struct, keyword or map) -> the plain map the NIF reads.
+  def to_native(nil), do: {:ok, nil}
+
+  def to_native(request) do
+    with {:ok, r} <- new(request), do: {:ok, Map.take(r, @fields)}
   end
 
   defp invalid(message), do: {:error, Error.validation(message)}

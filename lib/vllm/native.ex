@@ -37,4 +37,8 @@ defmodule Vllm.Native do
   def stop_profile(_engine, _path), do: :erlang.nif_error(:nif_not_loaded)
   def is_alive(_engine), do: :erlang.nif_error(:nif_not_loaded)
   def monitor_owner(_engine, _pid), do: :erlang.nif_error(:nif_not_loaded)
+  def add_lora(_engine, _lora_request), do: :erlang.nif_error(:nif_not_loaded)
+  def remove_lora(_engine, _lora_int_id), do: :erlang.nif_error(:nif_not_loaded)
+  def pin_lora(_engine, _lora_int_id), do: :erlang.nif_error(:nif_not_loaded)
+  def list_loras(_engine), do: :erlang.nif_error(:nif_not_loaded)
 end

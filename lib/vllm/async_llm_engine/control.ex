@@ -378,26 +378,55 @@ defmodule Vllm.AsyncLLMEngine.Control do
       {:error,
        Error.new(:unsupported, "pooling (encode/embed) needs a pooling model runner: issue 9")}
 
-  @doc "`:unsupported` until multi-LoRA lands (issue 8)."
-  @spec add_lora(engine(), term()) :: {:error, Error.t()}
-  def add_lora(_engine, _lora_request), do: lora_unsupported()
-
-  @doc "`:unsupported` until multi-LoRA lands (issue 8)."
-  @spec remove_lora(engine(), term()) :: {:error, Error.t()}
-  def remove_lora(_engine, _lora_id), do: lora_unsupported()
-
-  @doc "`:unsupported` until multi-LoRA lands (issue 8)."
-  @spec pin_lora(engine(), term()) :: {:error, Error.t()}
-  def pin_lora(_engine, _lora_id), do: lora_unsupported()
-
-  @doc "The loaded LoRA adapters' ids: none until multi-LoRA lands (issue 8)."
-  @spec list_loras(engine()) :: {:ok, [integer()]} | {:error, Error.t()}
-  def list_loras(engine) do
-    with :ok <- alive(engine), do: {:ok, []}
+  @doc """
+  Loads and registers a LoRA adapter (`%Vllm.LoRARequest{}`) on every core: `{:ok, true}`
+  when added, `{:ok, false}` when that id already names that path. Needs
+  `enable_lora: true`. A missing directory is `:not_found`; a rank above `max_lora_rank`, a
+  target module the model lacks, bad shapes, or an id already used for another path are
+  `:validation`.
+  """
+  @spec add_lora(engine(), Vllm.LoRARequest.t()) :: {:ok, boolean()} | {:error, Error.t()}
+  def add_lora(engine, lora_request) do
+    with {:ok, lora} <- Vllm.LoRARequest.to_native(lora_request),
+         :ok <- if(lora, do: :ok, else: {:error, Error.validation("add_lora needs a LoRA request")}) do
+      each_core(engine, false, fn r -> Native.add_lora(r, lora) end, &or/2)
+    end
   end
 
-  defp lora_unsupported,
-    do: {:error, Error.new(:unsupported, "LoRA adapters are not supported yet: issue 8")}
+  @doc "Forgets an adapter (running requests keep it): `{:ok, removed?}`."
+  @spec remove_lora(engine(), pos_integer()) :: {:ok, boolean()} | {:error, Error.t()}
+  def remove_lora(engine, lora_int_id),
+    do: each_core(engine, false, &Native.remove_lora(&1, lora_int_id), &or/2)
+
+  @doc """
+  Keeps an added adapter resident in one of the `max_loras` slots until removed:
+  `{:ok, true}`; an unknown id is `:not_found`.
+  """
+  @spec pin_lora(engine(), pos_integer()) :: {:ok, boolean()} | {:error, Error.t()}
+  def pin_lora(engine, lora_int_id),
+    do: each_core(engine, true, &Native.pin_lora(&1, lora_int_id), &and/2)
+
+  @doc "The added adapters (of the first core): `{:ok, [%{lora_name, lora_int_id, lora_path, pinned}]}`."
+  @spec list_loras(engine()) :: {:ok, [map()]} | {:error, Error.t()}
+  def list_loras(engine) do
+    with :ok <- alive(engine), {:ok, [{_rank, r} | _]} <- AsyncLLMEngine.cores(engine) do
+      case Native.list_loras(r) do
+        {:ok, list} -> {:ok, list}
+        {:error, reason} -> {:error, Error.from_native(reason)}
+      end
+    end
+  end
+
+  defp each_core(engine, initial, fun, combine) do
+    with {:ok, cores} <- AsyncLLMEngine.cores(engine) do
+      Enum.reduce_while(cores, {:ok, initial}, fn {_rank, r}, {:ok, acc} ->
+        case fun.(r) do
+          {:ok, value} -> {:cont, {:ok, combine.(acc, value)}}
+          {:error, reason} -> {:halt, {:error, Error.from_native(reason)}}
+        end
+      end)
+    end
+  end
 
   ## Helpers
 

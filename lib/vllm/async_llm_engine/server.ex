@@ -393,7 +393,7 @@ defmodule Vllm.AsyncLLMEngine.Server do
 
   defp submit(state, id, prompt, params, owner, request_opts) do
     rank = pick_rank(state, request_opts[:data_parallel_rank])
-    native_opts = Map.take(request_opts, [:priority])
+    native_opts = Map.take(request_opts, [:priority, :lora_request])
 
     case native_add_request(state.cores[rank], id, prompt, params, owner, native_opts) do
       :ok -> {:ok, register(state, id, owner, rank)}

@@ -132,6 +132,14 @@ pub struct EngineArgs {
     /// true: no CUDA graphs, every decode step launched op by op.
     pub enforce_eager: bool,
     pub load_format: LoadFormat,
+    /// Serve LoRA adapters (vLLM's enable_lora).
+    pub enable_lora: bool,
+    /// Adapters resident at once (slots a step's requests may use together).
+    pub max_loras: usize,
+    /// Highest adapter rank accepted.
+    pub max_lora_rank: usize,
+    /// Adapters kept in host memory; None: max_loras.
+    pub max_cpu_loras: Option<usize>,
 }
 
 impl EngineArgs {
@@ -155,10 +163,30 @@ impl EngineArgs {
             device: Device::Cpu,
             enforce_eager: false,
             load_format: LoadFormat::Auto,
+            enable_lora: false,
+            max_loras: 1,
+            max_lora_rank: 16,
+            max_cpu_loras: None,
         }
     }
 
     pub fn validate(&self) -> Result<()> {
+        if self.enable_lora {
+            if self.max_loras == 0 {
+                return Err(EngineError::validation("max_loras must be at least 1"));
+            }
+            if self.max_lora_rank == 0 {
+                return Err(EngineError::validation("max_lora_rank must be at least 1"));
+            }
+            if let Some(cpu) = self.max_cpu_loras {
+                if cpu < self.max_loras {
+                    return Err(EngineError::validation(format!(
+                        "max_cpu_loras ({cpu}) must be at least max_loras ({})",
+                        self.max_loras
+                    )));
+                }
+            }
+        }
         if self.max_num_seqs == 0 {
             return Err(EngineError::validation("max_num_seqs must be at least 1"));
         }

@@ -15,6 +15,7 @@ use crate::engine_core::{CoreCommand, CoreShared, EngineCore, NewRequest};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::manager::SeqId;
 use crate::kv_cache::KvCacheManager;
+use crate::lora::{LoRARequest, LoraInfo, LoraRegistry};
 use crate::models::CausalLM;
 use crate::output_processor::{LiveRequests, OutputMessage, OutputProcessor, RequestStream};
 use crate::profiler::ProfileSummary;
@@ -96,6 +97,9 @@ pub struct Engine {
     tokenizer: Arc<Tokenizer>,
     config: ModelConfig,
     limits: EngineLimits,
+    /// Added LoRA adapters (None: enable_lora off).
+    loras: Option<Mutex<LoraRegistry>>,
+    max_loras: usize,
     /// The previous do_log_stats snapshot (for throughput over the interval).
     last_logged: Mutex<Option<(std::time::Instant, EngineStats)>>,
 }
@@ -137,7 +141,18 @@ impl Engine {
             },
             KvCacheManager::new(limits.num_blocks, limits.block_size).with_prefix_caching(args.enable_prefix_caching),
         );
-        let runner = ModelRunner::new(model, limits.num_blocks, limits.block_size)?;
+        let mut scheduler = scheduler;
+        let mut runner = ModelRunner::new(model, limits.num_blocks, limits.block_size)?;
+        let loras = if args.enable_lora {
+            runner.enable_lora(args.max_loras)?;
+            scheduler.set_lora_limit(Some(args.max_loras));
+            Some(Mutex::new(LoraRegistry::new(
+                args.max_lora_rank,
+                args.max_cpu_loras.unwrap_or(args.max_loras),
+            )))
+        } else {
+            None
+        };
         let mut core = EngineCore::new(
             scheduler,
             runner,
@@ -194,6 +209,8 @@ impl Engine {
             tokenizer,
             config,
             limits,
+            loras,
+            max_loras: args.max_loras,
             last_logged: Mutex::new(None),
         })
     }
@@ -204,6 +221,15 @@ impl Engine {
     pub fn add_request(&self, request: EngineRequest, sink: Box<dyn OutputSink>) -> Result<()> {
         let request = self.prepare(request)?;
         self.validate(&request)?;
+        let lora = match &request.lora {
+            Some(req) => {
+                let mut registry = self.lora_registry()?;
+                let adapter = registry.get_or_load(req, &self.config)?.0;
+                registry.check_runnable(req.lora_int_id, self.max_loras)?;
+                Some(adapter)
+            }
+            None => None,
+        };
         let mut live = self
             .live
             .lock()
@@ -240,11 +266,76 @@ impl Engine {
                 prompt_token_ids: request.prompt_token_ids.clone(),
                 params: child_params(&request.params, index),
                 priority: request.priority,
-                lora_int_id: None,
+                lora_int_id: request.lora.as_ref().map(|l| l.lora_int_id),
                 cache_salt: None,
+                lora: lora.clone(),
             })));
         }
         Ok(())
+    }
+
+    fn lora_registry(&self) -> Result<std::sync::MutexGuard<'_, LoraRegistry>> {
+        let registry = self
+            .loras
+            .as_ref()
+            .ok_or_else(|| EngineError::validation("LoRA adapters need an engine started with enable_lora"))?;
+        registry.lock().map_err(|_| EngineError::internal("LoRA registry poisoned"))
+    }
+
+    /// Loads and registers an adapter. Ok(false): that id is already added with that path.
+    /// Missing directory: `:not_found`; rank above max_lora_rank, a target the model
+    /// lacks, bad shapes, an id already used for another path: `:validation`.
+    pub fn add_lora(&self, request: LoRARequest) -> Result<bool> {
+        self.check_alive()?;
+        Ok(self.lora_registry()?.get_or_load(&request, &self.config)?.1)
+    }
+
+    /// Forgets an adapter (running requests keep theirs). Ok(false): it was not added.
+    pub fn remove_lora(&self, lora_int_id: u32) -> Result<bool> {
+        let removed = self.lora_registry()?.remove(lora_int_id);
+        if removed {
+            let _ = self.core_tx.send(CoreCommand::RemoveLora(lora_int_id));
+        }
+        Ok(removed)
+    }
+
+    /// Keeps an added adapter resident in a slot until removed. Unknown id: `:not_found`;
+    /// more pinned (and running) adapters than max_loras: `:validation`.
+    pub fn pin_lora(&self, lora_int_id: u32) -> Result<bool> {
+        self.check_alive()?;
+        let adapter = self
+            .lora_registry()?
+            .get(lora_int_id)
+            .ok_or_else(|| EngineError::not_found(format!("LoRA {lora_int_id} has not been added")))?;
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.core_tx
+            .send(CoreCommand::PinLora {
+                id: lora_int_id,
+                adapter,
+                reply,
+            })
+            .map_err(|_| EngineError::engine_dead("the engine core is gone"))?;
+        answer
+            .recv()
+            .map_err(|_| EngineError::engine_dead("the engine core is gone"))??;
+        self.lora_registry()?.set_pinned(lora_int_id, true);
+        Ok(true)
+    }
+
+    /// Added adapters, by id (empty when enable_lora is off).
+    pub fn list_loras(&self) -> Vec<LoraInfo> {
+        match self.lora_registry() {
+            Ok(r) => r.list(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// (adapters swapped into a slot, adapters evicted from one) since start-up.
+    pub fn lora_swaps(&self) -> (u64, u64) {
+        (
+            self.shared.lora_loads.load(Ordering::Relaxed),
+            self.shared.lora_evictions.load(Ordering::Relaxed),
+        )
     }
 
     /// Aborts a request if it is live: its sink gets a final output with finish_reason abort.

@@ -31,6 +31,14 @@ pub enum CoreCommand {
         reset_running_requests: bool,
         reply: Sender<bool>,
     },
+    /// Pin a LoRA adapter into a resident slot (never evicted until removed).
+    PinLora {
+        id: u32,
+        adapter: std::sync::Arc<crate::lora::LoraAdapter>,
+        reply: Sender<Result<()>>,
+    },
+    /// Drop a LoRA adapter from its slot (requests still using it reload it).
+    RemoveLora(u32),
     /// Release everything and stop the thread.
     Shutdown,
     /// Sleep, wake up, ping: run between steps and answered on the command's channel.
@@ -47,6 +55,8 @@ pub struct NewRequest {
     /// or under another salt are never shared.
     pub lora_int_id: Option<u32>,
     pub cache_salt: Option<String>,
+    /// The weights of adapter `lora_int_id`.
+    pub lora: Option<std::sync::Arc<crate::lora::LoraAdapter>>,
 }
 
 /// One token sampled for one request in one step.
@@ -71,6 +81,9 @@ pub struct CoreShared {
     pub dead: AtomicBool,
     /// Requests preempted by recompute since start-up.
     pub preemptions: AtomicU64,
+    /// LoRA adapters swapped into a slot, and swapped out to make room, since start-up.
+    pub lora_loads: AtomicU64,
+    pub lora_evictions: AtomicU64,
     /// Step phases, recorded while a profile runs.
     pub profiler: crate::profiler::Profiler,
     /// Weights and KV cache bytes, published by the core after every change.
@@ -181,7 +194,8 @@ impl EngineCore {
                     req.priority,
                     arrival,
                 )
-                .with_extra_keys(req.lora_int_id, req.cache_salt);
+                .with_extra_keys(req.lora_int_id, req.cache_salt)
+                .with_lora(req.lora);
                 self.scheduler.add(seq);
                 Flow::Continue
             }
@@ -202,6 +216,20 @@ impl EngineCore {
                 }
                 self.publish_stats();
                 let _ = reply.send(done);
+                Flow::Continue
+            }
+            CoreCommand::PinLora { id, adapter, reply } => {
+                let running = self.scheduler.running_loras();
+                let result = self.runner.pin_lora(id, adapter, &running);
+                self.sync_lora_state();
+                let _ = reply.send(result);
+                Flow::Continue
+            }
+            CoreCommand::RemoveLora(id) => {
+                if let Err(e) = self.runner.remove_lora(id) {
+                    tracing::warn!("removing LoRA {id}: {e}");
+                }
+                self.sync_lora_state();
                 Flow::Continue
             }
             CoreCommand::Shutdown => {
@@ -377,7 +405,18 @@ impl EngineCore {
         samples
     }
 
+    /// Tells the scheduler which adapters are pinned, and the client the slot counters.
+    fn sync_lora_state(&mut self) {
+        if let Some(slots) = self.runner.lora_slots() {
+            self.scheduler.set_pinned_loras(slots.pinned().clone());
+        }
+    }
+
     fn publish_stats(&self) {
+        if let Some(slots) = self.runner.lora_slots() {
+            self.shared.lora_loads.store(slots.loads, Ordering::Relaxed);
+            self.shared.lora_evictions.store(slots.evictions, Ordering::Relaxed);
+        }
         let kv = self.scheduler.kv();
         let prefix = kv.prefix_cache_stats();
         let num_preemptions = self.scheduler.num_preemptions();

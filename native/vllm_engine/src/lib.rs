@@ -9,6 +9,7 @@ pub mod engine_core;
 pub mod error;
 pub mod kv_cache;
 pub mod loader;
+pub mod lora;
 pub mod models;
 pub mod output_processor;
 pub mod pooling;

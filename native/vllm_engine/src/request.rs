@@ -197,6 +197,8 @@ pub struct EngineRequest {
     /// Lower runs first (vLLM's priority scheduling); 0 by default.
     pub priority: i32,
     pub arrival_time: SystemTime,
+    /// The LoRA adapter to run with (added on the fly when new); None: the base model.
+    pub lora: Option<crate::lora::LoRARequest>,
 }
 
 impl EngineRequest {
@@ -208,6 +210,7 @@ impl EngineRequest {
             params,
             priority: 0,
             arrival_time: SystemTime::now(),
+            lora: None,
         }
     }
 }

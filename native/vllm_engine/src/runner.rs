@@ -8,6 +8,9 @@ use crate::kv_cache::manager::SeqId;
 use crate::kv_cache::PagedKvCache;
 use crate::models::{CausalLM, ForwardBatch, SeqSlice};
 use crate::scheduler::{Scheduler, SchedulerOutput};
+use crate::lora::{slots::SlotLoad, LoraAdapter, LoraSlots};
+use std::collections::HashSet;
+use std::sync::Arc;
 
 /// The KV budget when the caller gives none: room for every sequence at full length,
 /// but at most this much.
@@ -18,6 +21,8 @@ pub struct ModelRunner {
     kv: PagedKvCache,
     /// `VLLM_STEP_TIMING=1`: where step time goes, printed to stderr when the runner drops.
     timing: Option<StepTiming>,
+    /// Resident LoRA slots when LoRA is enabled.
+    lora: Option<LoraSlots>,
 }
 
 #[derive(Default)]
@@ -79,7 +84,7 @@ impl ModelRunner {
     pub fn new(model: Box<dyn CausalLM>, num_blocks: usize, block_size: usize) -> Result<Self> {
         let kv = model.new_kv_cache(num_blocks, block_size)?;
         let timing = std::env::var_os("VLLM_STEP_TIMING").map(|_| StepTiming::default());
-        Ok(ModelRunner { model, kv, timing })
+        Ok(ModelRunner { model, kv, timing, lora: None })
     }
 
     /// Bytes of key and value memory the cache holds now (0 after `release_kv_cache`).
@@ -133,10 +138,61 @@ impl ModelRunner {
         (bytes / per_block.max(1)).max(1)
     }
 
+    /// Gives the model `max_loras` LoRA slots (`:unsupported` for models without LoRA).
+    pub fn enable_lora(&mut self, max_loras: usize) -> Result<()> {
+        if !self.model.supports_lora() {
+            return Err(EngineError::unsupported("this model architecture does not support LoRA adapters"));
+        }
+        self.lora = Some(LoraSlots::new(max_loras));
+        Ok(())
+    }
+
+    pub fn lora_slots(&self) -> Option<&LoraSlots> {
+        self.lora.as_ref()
+    }
+
+    /// Pins adapter `id` into a slot (see LoraSlots::pin).
+    pub fn pin_lora(&mut self, id: u32, adapter: Arc<LoraAdapter>, running: &HashSet<u32>) -> Result<()> {
+        let slots = self.lora.as_mut().ok_or_else(|| EngineError::validation("LoRA is not enabled (enable_lora)"))?;
+        let loads = slots.pin(id, adapter, running)?;
+        self.apply_lora_loads(loads)
+    }
+
+    /// Drops adapter `id` from its slot, if resident.
+    pub fn remove_lora(&mut self, id: u32) -> Result<()> {
+        let load = self.lora.as_mut().and_then(|s| s.remove(id));
+        self.apply_lora_loads(load.into_iter().collect())
+    }
+
+    fn apply_lora_loads(&mut self, loads: Vec<SlotLoad>) -> Result<()> {
+        for (slot, adapter) in loads {
+            self.model.set_lora_slot(slot, adapter)?;
+        }
+        Ok(())
+    }
+
+    /// Swaps the adapters this step's sequences use into slots (LRU).
+    fn activate_loras(&mut self, step: &SchedulerOutput, scheduler: &Scheduler) -> Result<()> {
+        let Some(slots) = self.lora.as_mut() else { return Ok(()) };
+        let mut needed: Vec<(u32, Arc<LoraAdapter>)> = Vec::new();
+        for s in &step.scheduled {
+            let Some(seq) = scheduler.seq(s.seq_id) else { continue };
+            if let (Some(id), Some(adapter)) = (seq.extra_keys.lora_int_id, seq.lora.as_ref()) {
+                if !needed.iter().any(|(n, _)| *n == id) {
+                    needed.push((id, adapter.clone()));
+                }
+            }
+        }
+        let loads = slots.activate(&needed)?;
+        self.apply_lora_loads(loads)
+    }
+
     /// Runs one scheduled step. Sequences whose step ends before their last known token
     /// (a prefill chunk) only fill the cache.
     pub fn execute(&mut self, step: &SchedulerOutput, scheduler: &Scheduler) -> Result<StepLogits> {
-        let (batch, seq_ids) = build_batch(step, scheduler)?;
+        self.activate_loras(step, scheduler)?;
+        let lora = self.lora.as_ref();
+        let (batch, seq_ids) = build_batch(step, scheduler, &|id| lora.and_then(|l| l.slot_of(id)))?;
         if seq_ids.is_empty() && batch.token_ids.is_empty() {
             return Ok(StepLogits {
                 seq_ids,
@@ -272,7 +328,11 @@ fn all_plain_greedy(seq_ids: &[SeqId], scheduler: &Scheduler) -> bool {
     })
 }
 
-fn build_batch(step: &SchedulerOutput, scheduler: &Scheduler) -> Result<(ForwardBatch, Vec<SeqId>)> {
+fn build_batch(
+    step: &SchedulerOutput,
+    scheduler: &Scheduler,
+    lora_slot_of: &dyn Fn(u32) -> Option<usize>,
+) -> Result<(ForwardBatch, Vec<SeqId>)> {
     let mut batch = ForwardBatch::default();
     let mut sampling = Vec::new();
     for s in &step.scheduled {
@@ -290,6 +350,7 @@ fn build_batch(step: &SchedulerOutput, scheduler: &Scheduler) -> Result<(Forward
             block_table: scheduler.kv().block_table(s.seq_id).to_vec(),
             want_logits,
             logits_for_all_tokens,
+            lora_slot: seq.extra_keys.lora_int_id.and_then(|id| lora_slot_of(id)),
         });
         batch.token_ids.extend_from_slice(&seq.token_ids[start..end]);
         batch.positions.extend(start..end);

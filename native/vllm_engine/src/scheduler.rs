@@ -10,7 +10,7 @@
 //! running request. Under the priority policy a waiting request may also preempt
 //! running requests of strictly lower priority when it cannot otherwise start.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::config::SchedulingPolicy;
 use crate::kv_cache::manager::{KvCacheManager, SeqId};
@@ -51,6 +51,10 @@ pub struct Scheduler {
     running: Vec<SeqId>,
     waiting: BTreeMap<(i32, u64), SeqId>,
     num_preemptions: u64,
+    /// At most this many distinct LoRA adapters among running requests and pinned ones
+    /// (the resident slots); None: LoRA off.
+    max_loras: Option<usize>,
+    pinned_loras: HashSet<u32>,
 }
 
 impl Scheduler {
@@ -62,7 +66,41 @@ impl Scheduler {
             running: Vec::new(),
             waiting: BTreeMap::new(),
             num_preemptions: 0,
+            max_loras: None,
+            pinned_loras: HashSet::new(),
         }
+    }
+
+    /// Limits running requests to `max_loras` distinct adapters, counting pinned ones.
+    pub fn set_lora_limit(&mut self, max_loras: Option<usize>) {
+        self.max_loras = max_loras;
+    }
+
+    pub fn set_pinned_loras(&mut self, pinned: HashSet<u32>) {
+        self.pinned_loras = pinned;
+    }
+
+    /// Adapters of running requests.
+    pub fn running_loras(&self) -> HashSet<u32> {
+        self.running
+            .iter()
+            .filter_map(|id| self.seqs.get(id).and_then(|s| s.extra_keys.lora_int_id))
+            .collect()
+    }
+
+    /// The first waiting request (in order) whose adapter can join `claimed` (the running
+    /// and pinned adapters) without exceeding max_loras; others wait their turn.
+    fn next_admissible(&self, claimed: &HashSet<u32>) -> Option<((i32, u64), SeqId)> {
+        self.waiting
+            .iter()
+            .find(|(_, id)| {
+                let lora = self.seqs.get(id).and_then(|s| s.extra_keys.lora_int_id);
+                match (self.max_loras, lora) {
+                    (Some(max), Some(l)) => claimed.contains(&l) || claimed.len() < max,
+                    _ => true,
+                }
+            })
+            .map(|(&k, &id)| (k, id))
     }
 
     /// Where a request sorts among waiting ones, and how it ranks as a preemption
@@ -142,8 +180,9 @@ impl Scheduler {
 
     fn admit_waiting(&mut self, out: &mut SchedulerOutput, mut budget: usize) {
         let block_size = self.kv.block_size();
+        let mut claimed_loras: HashSet<u32> = self.running_loras().union(&self.pinned_loras).copied().collect();
         while budget > 0 && self.running.len() < self.config.max_num_seqs {
-            let Some((&key, &id)) = self.waiting.iter().next() else {
+            let Some((key, id)) = self.next_admissible(&claimed_loras) else {
                 break;
             };
             let Some(seq) = self.seqs.get_mut(&id) else {
@@ -171,6 +210,7 @@ impl Scheduler {
             }
             self.waiting.remove(&key);
             self.running.push(id);
+            claimed_loras.extend(seq.extra_keys.lora_int_id);
             seq.num_computed_tokens = hit_tokens;
             if seq.num_cached_tokens.is_none() {
                 seq.num_cached_tokens = Some(hit_tokens);

@@ -35,6 +35,8 @@ pub struct Sequence {
     pub num_cached_tokens: Option<usize>,
     /// Times it was preempted by recompute.
     pub num_preemptions: u32,
+    /// Its LoRA adapter's weights (the id is `extra_keys.lora_int_id`).
+    pub lora: Option<std::sync::Arc<crate::lora::LoraAdapter>>,
 }
 
 impl Sequence {
@@ -67,6 +69,7 @@ impl Sequence {
             block_hashes: Vec::new(),
             num_cached_tokens: None,
             num_preemptions: 0,
+            lora: None,
         }
     }
 
@@ -74,6 +77,12 @@ impl Sequence {
     pub fn with_extra_keys(mut self, lora_int_id: Option<u32>, cache_salt: Option<String>) -> Self {
         self.extra_keys = ExtraKeys { lora_int_id, cache_salt };
         self.block_hashes.clear();
+        self
+    }
+
+    /// Attaches the LoRA adapter it runs with (its id must be in `extra_keys`).
+    pub fn with_lora(mut self, adapter: Option<std::sync::Arc<crate::lora::LoraAdapter>>) -> Self {
+        self.lora = adapter;
         self
     }
 

@@ -134,6 +134,7 @@ fn out_of_vocabulary_token_and_short_block_table_are_errors() {
         block_table: vec![0],
         want_logits: true,
         logits_for_all_tokens: false,
+        lora_slot: None,
     };
     let batch = ForwardBatch {
         token_ids: vec![config.vocab_size as u32],

@@ -143,6 +143,7 @@ fn prompt_logprobs_equal_log_softmax_of_a_direct_forward_run() {
             block_table: (0..num_blocks as u32).collect(),
             want_logits: true,
             logits_for_all_tokens: true,
+            lora_slot: None,
         }],
     };
     let rows: Vec<Vec<f32>> = model.forward(&batch, &mut kv).unwrap().to_vec2().unwrap();

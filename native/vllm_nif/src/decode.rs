@@ -140,6 +140,16 @@ pub fn engine_args(opts: Term) -> Result<EngineArgs> {
         args.enable_chunked_prefill = b;
     }
     args.num_threads = count_field(opts, WHAT, "num_threads")?;
+    if let Some(b) = field::<bool>(opts, WHAT, "enable_lora", "a boolean")? {
+        args.enable_lora = b;
+    }
+    if let Some(n) = count_field(opts, WHAT, "max_loras")? {
+        args.max_loras = n;
+    }
+    if let Some(n) = count_field(opts, WHAT, "max_lora_rank")? {
+        args.max_lora_rank = n;
+    }
+    args.max_cpu_loras = count_field(opts, WHAT, "max_cpu_loras")?;
     args.quantization = string_field(opts, WHAT, "quantization")?;
     args.validate()?;
     Ok(args)
@@ -306,4 +316,20 @@ pub fn request_id(term: Term) -> Result<String> {
 pub fn priority(opts: Term) -> Result<i32> {
     require_map(opts, "request options")?;
     Ok(field::<i32>(opts, "request option", "priority", "an integer")?.unwrap_or(0))
+}
+
+/// A LoRA request term: a map (or `%Vllm.LoRARequest{}`) with `lora_name`, `lora_int_id`
+/// and `lora_path`.
+pub fn lora_request_term(term: Term) -> Result<vllm_engine::lora::LoRARequest> {
+    const WHAT: &str = "LoRA request";
+    require_map(term, "a LoRA request")?;
+    let id = lookup(term, "lora_int_id")
+        .ok_or_else(|| EngineError::validation("LoRA request `lora_int_id` is required"))?;
+    crate::lora::lora_request(id, string_field(term, WHAT, "lora_name")?, string_field(term, WHAT, "lora_path")?)
+}
+
+/// The request option `lora_request` (nil or absent: the base model).
+pub fn lora_request(opts: Term) -> Result<Option<vllm_engine::lora::LoRARequest>> {
+    require_map(opts, "request options")?;
+    lookup(opts, "lora_request").map(lora_request_term).transpose()
 }

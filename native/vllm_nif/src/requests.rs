@@ -50,6 +50,7 @@ fn submit(
     let sampling = decode::sampling_params(params)?;
     let owner = pid_arg(to, "`to`")?;
     let priority = decode::priority(request_opts)?;
+    let lora = decode::lora_request(request_opts)?;
     let watcher = match Atom::from_str(request_opts.get_env(), "watcher")
         .ok()
         .and_then(|k| request_opts.map_get(k).ok())
@@ -76,6 +77,7 @@ fn submit(
     let mut request = EngineRequest::new(request_id.clone(), ids, sampling);
     request.prompt = text;
     request.priority = priority;
+    request.lora = lora;
     engine.add_request(request, Box::new(PidSink::new(request_id, owner, watcher)))
 }
 

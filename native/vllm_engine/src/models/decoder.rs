@@ -16,6 +16,7 @@ use crate::loader::WeightSource;
 use crate::models::layers::{self, Embedding, Linear, Rotary};
 use crate::models::batch::check_batch;
 use crate::models::{CausalLM, ForwardBatch};
+use crate::lora::{LoraAdapter, LoraTarget};
 
 struct DecoderLayer {
     input_norm: Vec<f32>,
@@ -39,6 +40,8 @@ pub struct DecoderLM {
     final_norm: Vec<f32>,
     lm_head: Linear,
     rotary: Rotary,
+    /// Resident LoRA adapters by slot (see `CausalLM::set_lora_slot`).
+    lora_slots: Vec<Option<Arc<LoraAdapter>>>,
 }
 
 impl DecoderLM {
@@ -124,6 +127,7 @@ impl DecoderLM {
             final_norm,
             lm_head,
             rotary,
+            lora_slots: Vec::new(),
         })
     }
 
@@ -188,6 +192,44 @@ impl DecoderLM {
     }
 }
 
+impl DecoderLM {
+    /// Adds each LoRA sequence's delta (shrink x·Aᵀ, expand ·Bᵀ·scale) onto its rows of a
+    /// projection output `y` ([tokens, width]); `parts` place each target's columns in a
+    /// fused output. `x` is the projection input (None: no sequence uses LoRA).
+    fn add_lora(
+        &self,
+        batch: &ForwardBatch,
+        layer: usize,
+        parts: &[(LoraTarget, usize)],
+        x: Option<&[f32]>,
+        y: Tensor,
+    ) -> Result<Tensor> {
+        let Some(x) = x else { return Ok(y) };
+        let (rows, width) = y.dims2()?;
+        let in_width = x.len() / rows.max(1);
+        let mut out = y.flatten_all()?.to_vec1::<f32>()?;
+        let mut touched = false;
+        for seq in &batch.seqs {
+            let Some(slot) = seq.lora_slot else { continue };
+            let adapter = self.lora_slots.get(slot).and_then(Option::as_ref).ok_or_else(|| {
+                crate::error::EngineError::internal(format!("forward batch names empty LoRA slot {slot}"))
+            })?;
+            let (start, end) = (seq.query_start, seq.query_start + seq.query_len);
+            for &(target, offset) in parts {
+                if let Some(pair) = adapter.pair(layer, target) {
+                    let xs = &x[start * in_width..end * in_width];
+                    pair.add_delta(xs, &mut out[start * width..end * width], width, offset, adapter.scale);
+                    touched = true;
+                }
+            }
+        }
+        if !touched {
+            return Ok(y);
+        }
+        Ok(Tensor::from_vec(out, (rows, width), &Device::Cpu)?)
+    }
+}
+
 impl CausalLM for DecoderLM {
     fn forward(&self, batch: &ForwardBatch, kv: &mut PagedKvCache) -> Result<Tensor> {
         let tokens = check_batch(batch, kv, &self.config)?;
@@ -203,21 +245,34 @@ impl CausalLM for DecoderLM {
 
         let mut h = self.embed.gather(&batch.token_ids, hidden)?;
 
-        for (layer, cache) in self.layers.iter().zip(kv.layers.iter_mut()) {
+        let with_lora = batch.seqs.iter().any(|s| s.lora_slot.is_some());
+        let q_width = c.num_attention_heads * c.head_dim;
+        let kv_width = c.num_key_value_heads * c.head_dim;
+        let qkv_parts = [(LoraTarget::Q, 0), (LoraTarget::K, q_width), (LoraTarget::V, q_width + kv_width)];
+        let gate_up_parts = [(LoraTarget::Gate, 0), (LoraTarget::Up, c.intermediate_size)];
+        for (li, (layer, cache)) in self.layers.iter().zip(kv.layers.iter_mut()).enumerate() {
             let x = layers::rms_norm(&h, &layer.input_norm, eps);
+            let x_in = with_lora.then(|| x.clone());
             let qkv = layer.qkv.forward(x, n)?;
+            let qkv = self.add_lora(batch, li, &qkv_parts, x_in.as_deref(), qkv)?;
             let q = layers::with_f32_slice(&qkv, |qkv| {
                 self.prepare_qkv(layer, qkv, &tokens, &cos, &sin, &shape, cache)
             })?;
             let mut attn = vec![0.0f32; q.len()];
             shape.paged_attention(&q, &tokens, cache, &mut attn);
+            let x_in = with_lora.then(|| attn.clone());
             let o = layer.o_proj.forward(attn, n)?;
+            let o = self.add_lora(batch, li, &[(LoraTarget::O, 0)], x_in.as_deref(), o)?;
             layers::with_f32_slice(&o, |o| layers::add_in_place(&mut h, o))?;
 
             let x = layers::rms_norm(&h, &layer.post_attention_norm, eps);
+            let x_in = with_lora.then(|| x.clone());
             let gate_up = layer.gate_up.forward(x, n)?;
+            let gate_up = self.add_lora(batch, li, &gate_up_parts, x_in.as_deref(), gate_up)?;
             let act = layers::with_f32_slice(&gate_up, |gu| layers::silu_mul(gu, c.intermediate_size))?;
+            let x_in = with_lora.then(|| act.clone());
             let down = layer.down.forward(act, n)?;
+            let down = self.add_lora(batch, li, &[(LoraTarget::Down, 0)], x_in.as_deref(), down)?;
             layers::with_f32_slice(&down, |d| layers::add_in_place(&mut h, d))?;
         }
 
@@ -250,6 +305,18 @@ impl CausalLM for DecoderLM {
             total += [&l.qkv, &l.o_proj, &l.gate_up, &l.down].iter().map(|x| x.weight_bytes()).sum::<usize>();
         }
         total
+    }
+
+    fn set_lora_slot(&mut self, slot: usize, adapter: Option<Arc<LoraAdapter>>) -> Result<()> {
+        if self.lora_slots.len() <= slot {
+            self.lora_slots.resize(slot + 1, None);
+        }
+        self.lora_slots[slot] = adapter;
+        Ok(())
+    }
+
+    fn supports_lora(&self) -> bool {
+        true
     }
 }
 

@@ -23,6 +23,8 @@ pub struct SeqSlice {
     /// Return logits for every new token of this sequence (prompt logprobs), not just the
     /// last: `query_len` rows instead of one.
     pub logits_for_all_tokens: bool,
+    /// The resident LoRA slot whose deltas apply to this sequence (None: the base model).
+    pub lora_slot: Option<usize>,
 }
 
 impl SeqSlice {
@@ -87,6 +89,14 @@ pub trait CausalLM: Send {
     /// gpu_memory_utilization and what its device has left; None: the engine's CPU default.
     fn kv_cache_budget(&self, _args: &EngineArgs, _max_num_batched_tokens: usize) -> Result<Option<usize>> {
         Ok(None)
+    }
+    /// Puts `adapter` into LoRA slot `slot` (None empties it); sequences name the slot in
+    /// `SeqSlice::lora_slot`. Models without LoRA support answer `:unsupported`.
+    fn set_lora_slot(&mut self, _slot: usize, _adapter: Option<std::sync::Arc<crate::lora::LoraAdapter>>) -> Result<()> {
+        Err(crate::error::EngineError::unsupported("this model does not support LoRA adapters"))
+    }
+    fn supports_lora(&self) -> bool {
+        false
     }
 }
 

@@ -131,6 +131,7 @@ pub fn step(
             block_table: seq.block_table.clone(),
             want_logits: true,
             logits_for_all_tokens: false,
+            lora_slot: None,
         });
         batch.token_ids.extend_from_slice(&seq.tokens[seq.cached..context_len]);
         batch.positions.extend(seq.cached..context_len);
