@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{unbounded, Sender};
 
 use crate::config::{EngineArgs, ModelConfig};
+use crate::structured_output::StructuredOutputCompiler;
 use crate::engine_core::{CoreCommand, CoreShared, EngineCore, NewRequest};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::manager::SeqId;
@@ -91,6 +92,8 @@ pub struct Engine {
     tokenizer: Arc<Tokenizer>,
     config: ModelConfig,
     limits: EngineLimits,
+    /// Compiles structured-output constraints (lazily builds the token trie).
+    structured: StructuredOutputCompiler,
     /// The previous do_log_stats snapshot (for throughput over the interval).
     last_logged: Mutex<Option<(std::time::Instant, EngineStats)>>,
 }
@@ -183,8 +186,13 @@ impl Engine {
             closed: AtomicBool::new(false),
             next_seq_id: AtomicU64::new(0),
             threads: Mutex::new(vec![core_thread, output_thread]),
-            tokenizer,
+            tokenizer: tokenizer.clone(),
             config,
+            structured: StructuredOutputCompiler::new(
+                tokenizer.clone(),
+                limits.vocab_size,
+                limits.eos_token_ids.first().copied(),
+            ),
             limits,
             last_logged: Mutex::new(None),
         })
@@ -196,6 +204,11 @@ impl Engine {
     pub fn add_request(&self, request: EngineRequest, sink: Box<dyn OutputSink>) -> Result<()> {
         let request = self.prepare(request)?;
         self.validate(&request)?;
+        // Compiled now, so a bad schema, regex or grammar fails the request here.
+        let grammar = match &request.params.structured_outputs {
+            Some(spec) => Some(self.structured.compile(spec)?),
+            None => None,
+        };
         let mut live = self
             .live
             .lock()
@@ -234,6 +247,7 @@ impl Engine {
                 priority: request.priority,
                 lora_int_id: None,
                 cache_salt: None,
+                grammar: grammar.as_ref().map(|g| Box::new(g.fork())),
             })));
         }
         Ok(())

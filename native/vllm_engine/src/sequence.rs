@@ -35,6 +35,9 @@ pub struct Sequence {
     pub num_cached_tokens: Option<usize>,
     /// Times it was preempted by recompute.
     pub num_preemptions: u32,
+    /// Its structured-output state, advanced by each output token (kept across
+    /// preemption, as the output tokens are).
+    pub grammar: Option<Box<crate::structured_output::GrammarMatcher>>,
 }
 
 impl Sequence {
@@ -67,6 +70,7 @@ impl Sequence {
             block_hashes: Vec::new(),
             num_cached_tokens: None,
             num_preemptions: 0,
+            grammar: None,
         }
     }
 
