@@ -395,13 +395,13 @@ impl EngineCore {
     }
 }
 
-/// Feeds a sampled token to a constrained sequence's grammar; a complete grammar ends
-/// the request (finish_reason stop, as vLLM).
+/// Feeds a sampled token to a constrained sequence's grammar. A complete grammar leaves
+/// only EOS in the next mask, so the request ends on EOS (finish_reason stop) as in vLLM;
+/// a token the grammar rejects (which the mask should have prevented) ends it at once.
 fn advance_grammar(seq: &mut Sequence, token: u32) -> Option<(FinishReason, Option<StopReason>)> {
     let grammar = seq.grammar.as_mut()?;
     match grammar.advance(token) {
-        Advance::Continue => None,
-        Advance::Finished => Some((FinishReason::Stop, None)),
+        Advance::Continue | Advance::Finished => None,
         Advance::Rejected(e) => {
             tracing::warn!("request {}: structured output ended early: {e}", seq.request_id);
             Some((FinishReason::Stop, None))

@@ -17,7 +17,7 @@ pub type TokenMask = SimpleVob;
 pub enum Advance {
     /// More tokens may follow.
     Continue,
-    /// The grammar is complete and admits nothing more: finish the request.
+    /// The grammar is complete and admits nothing more: the next mask holds only EOS.
     Finished,
     /// The token broke the grammar (it should have been masked): finish the request.
     Rejected(String),
