@@ -76,6 +76,26 @@ defmodule VLLM do
   @spec sampling_params!(keyword() | map()) :: SamplingParams.t()
   def sampling_params!(opts \\ []), do: SamplingParams.new!(opts)
 
+  @doc """
+  Structured-output parameters for the `structured_outputs` sampling param (the old
+  package's guided decoding): one of `json:` (schema map or JSON text), `json_object: true`,
+  `regex:`, `choice:` (list of strings), `grammar:` (Lark). See `Vllm.StructuredOutputs`.
+
+      {:ok, so} = VLLM.guided_decoding_params(choice: ["yes", "no"])
+      VLLM.sampling_params(structured_outputs: so)
+  """
+  @spec guided_decoding_params(keyword() | map()) ::
+          {:ok, Vllm.StructuredOutputs.t()} | {:error, Error.t()}
+  def guided_decoding_params(opts \\ []), do: Vllm.StructuredOutputs.new(opts)
+
+  @doc "Like `guided_decoding_params/1` but raises `Vllm.Error`."
+  @spec guided_decoding_params!(keyword() | map()) :: Vllm.StructuredOutputs.t()
+  def guided_decoding_params!(opts \\ []), do: opts |> guided_decoding_params() |> Error.unwrap!()
+
+  @doc "Structured outputs are enforced while decoding: always true."
+  @spec guided_decoding_supported?() :: boolean()
+  def guided_decoding_supported?, do: true
+
   @doc "Starts a streaming engine (`Vllm.AsyncLLMEngine.new/2`)."
   @spec async_engine(String.t() | keyword(), keyword()) ::
           {:ok, Vllm.AsyncLLMEngine.t()} | {:error, Error.t()}

@@ -42,9 +42,11 @@ impl StructuredOutputs {
                 if !(value.is_object() || value.is_boolean()) {
                     return Err(invalid("a JSON schema must be an object".into()));
                 }
-                TopLevelGrammar::from_json_schema(value)
+                TopLevelGrammar::from_json_schema(with_bounded_whitespace(value))
             }
-            StructuredOutputs::JsonObject => TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"})),
+            StructuredOutputs::JsonObject => {
+                TopLevelGrammar::from_json_schema(with_bounded_whitespace(serde_json::json!({"type": "object"})))
+            }
             StructuredOutputs::Regex(rx) => TopLevelGrammar::from_regex(rx),
             StructuredOutputs::Choice(choices) => {
                 if choices.is_empty() {
@@ -61,6 +63,18 @@ impl StructuredOutputs {
             }
         })
     }
+}
+
+/// JSON may be pretty-printed, but each run of whitespace between tokens is bounded:
+/// with unbounded runs a small model at temperature > 0 can fall into emitting newlines
+/// until max_tokens, leaving invalid JSON. A schema's own `x-guidance` options win.
+const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,16}";
+
+fn with_bounded_whitespace(mut schema: serde_json::Value) -> serde_json::Value {
+    if let Some(obj) = schema.as_object_mut() {
+        obj.entry("x-guidance").or_insert_with(|| serde_json::json!({"whitespace_pattern": JSON_WHITESPACE}));
+    }
+    schema
 }
 
 /// `text` as a regex matching exactly itself.
