@@ -44,6 +44,13 @@ impl GrammarMatcher {
     }
 
     pub fn advance(&mut self, token: u32) -> Advance {
+        if self.inner.is_error() {
+            return Advance::Rejected(self.inner.get_error().unwrap_or_default());
+        }
+        // Complete already: only EOS was allowed (sampled again under ignore_eos).
+        if self.inner.is_stopped() {
+            return Advance::Finished;
+        }
         if let Err(e) = self.inner.consume_token(token) {
             return Advance::Rejected(e.to_string());
         }
