@@ -34,6 +34,8 @@ pub enum CoreCommand {
     },
     /// Release everything and stop the thread.
     Shutdown,
+    /// Sleep, wake up, ping: run between steps and answered on the command's channel.
+    Control(crate::control::ControlCommand),
 }
 
 pub struct NewRequest {
@@ -72,6 +74,10 @@ pub struct CoreShared {
     pub dead: AtomicBool,
     /// Requests preempted by recompute since start-up.
     pub preemptions: AtomicU64,
+    /// Step phases, recorded while a profile runs.
+    pub profiler: crate::profiler::Profiler,
+    /// Weights and KV cache bytes, published by the core after every change.
+    pub memory: Mutex<crate::control::MemoryUsage>,
 }
 
 pub struct EngineCore {
@@ -83,6 +89,8 @@ pub struct EngineCore {
     pub commands: Receiver<CoreCommand>,
     pub outputs: Sender<OutputMessage>,
     pub shared: std::sync::Arc<CoreShared>,
+    /// Sleep state and what waking up needs.
+    pub control: crate::control::SleepState,
     next_arrival: u64,
     /// Prompt tokens of requests that produced their first token, since start-up.
     prompt_tokens_total: u64,
@@ -116,6 +124,7 @@ impl EngineCore {
             commands,
             outputs,
             shared,
+            control: Default::default(),
             next_arrival: 0,
             prompt_tokens_total: 0,
             generation_tokens_total: 0,
@@ -156,7 +165,7 @@ impl EngineCore {
             }
             self.publish_stats();
             // Nothing could be scheduled: wait for a command rather than spin.
-            idle = !self.scheduler.has_work() || !self.step()?;
+            idle = !self.scheduler.has_work() || self.control.is_asleep() || !self.step()?;
         }
     }
 
@@ -204,10 +213,14 @@ impl EngineCore {
                 self.release_all();
                 Flow::Exit
             }
+            CoreCommand::Control(cmd) => {
+                self.handle_control(cmd);
+                Flow::Continue
+            }
         }
     }
 
-    fn release_all(&mut self) {
+    pub(crate) fn release_all(&mut self) {
         let ids = self.scheduler.seq_ids();
         for id in &ids {
             self.scheduler.remove(*id);
@@ -220,10 +233,18 @@ impl EngineCore {
 
     /// One forward pass over what the scheduler picked. Returns false when nothing ran.
     fn step(&mut self) -> Result<bool> {
+        let profiler = &self.shared.profiler;
+        let started = profiler.begin();
         let plan = self.scheduler.schedule();
         if plan.is_empty() {
             return Ok(false);
         }
+        let num_tokens: usize = plan.scheduled.iter().map(|s| s.num_new_tokens).sum();
+        let batch_args = [
+            ("num_seqs", plan.scheduled.len() as u64),
+            ("num_tokens", num_tokens as u64),
+        ];
+        profiler.record("schedule", crate::profiler::CORE_THREAD, started, &batch_args);
         let now = crate::request::unix_seconds(std::time::SystemTime::now());
         for s in &plan.scheduled {
             if let Some(seq) = self.scheduler.seq_mut(s.seq_id) {
@@ -233,6 +254,7 @@ impl EngineCore {
         // Constrained sequences' masks depend only on tokens already sampled: compute
         // them (in parallel) on another thread while the forward pass runs.
         let mut grammars = self.take_sampling_grammars(&plan);
+        let started = self.shared.profiler.begin();
         let (logits, masks) = if grammars.is_empty() {
             (self.runner.execute(&plan, &self.scheduler), Vec::new())
         } else {
@@ -244,6 +266,10 @@ impl EngineCore {
                 (logits, masker.join().unwrap_or_default())
             })
         };
+        self.shared
+            .profiler
+            .record("forward", crate::profiler::CORE_THREAD, started, &batch_args);
+        let sampling_started = self.shared.profiler.begin();
         let masks: std::collections::HashMap<SeqId, _> = masks.into_iter().collect();
         for (id, grammar) in grammars {
             if let Some(seq) = self.scheduler.seq_mut(id) {
@@ -315,6 +341,12 @@ impl EngineCore {
                 num_cached_tokens: seq.num_cached_tokens.unwrap_or(0),
             });
         }
+        self.shared.profiler.record(
+            "sample",
+            crate::profiler::CORE_THREAD,
+            sampling_started,
+            &[("num_seqs", events.len() as u64)],
+        );
         for e in &events {
             if e.finish.is_some() {
                 self.scheduler.remove(e.seq_id);

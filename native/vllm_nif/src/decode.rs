@@ -140,6 +140,7 @@ pub fn engine_args(opts: Term) -> Result<EngineArgs> {
         args.enable_chunked_prefill = b;
     }
     args.num_threads = count_field(opts, WHAT, "num_threads")?;
+    args.quantization = string_field(opts, WHAT, "quantization")?;
     args.validate()?;
     Ok(args)
 }
