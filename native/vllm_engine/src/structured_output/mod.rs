@@ -24,12 +24,14 @@ pub struct StructuredOutputCompiler {
     tokenizer: Arc<Tokenizer>,
     vocab_size: usize,
     eos_token_id: Option<u32>,
-    factory: OnceLock<std::result::Result<ParserFactory, String>>,
+    /// Read-only once built (llguidance keeps its shared caches behind locks), so a panic
+    /// elsewhere cannot leave it half-updated: hence AssertUnwindSafe.
+    factory: std::panic::AssertUnwindSafe<OnceLock<std::result::Result<ParserFactory, String>>>,
 }
 
 impl StructuredOutputCompiler {
     pub fn new(tokenizer: Arc<Tokenizer>, vocab_size: usize, eos_token_id: Option<u32>) -> Self {
-        StructuredOutputCompiler { tokenizer, vocab_size, eos_token_id, factory: OnceLock::new() }
+        StructuredOutputCompiler { tokenizer, vocab_size, eos_token_id, factory: std::panic::AssertUnwindSafe(OnceLock::new()) }
     }
 
     fn factory(&self) -> Result<&ParserFactory> {
