@@ -186,57 +186,24 @@ defmodule VLLM do
   def ref?(_), do: false
 
   @doc """
-  Structured-output parameters: one of `json:` (a schema, map or JSON string), `regex:`,
-  `choice:` (list of strings), `grammar:`; `json_object: true` for any JSON object. The
-  result goes in `SamplingParams`' `structured_outputs`. Enforcing them while decoding is
-  issue 11: until then `guided_decoding_supported?/0` is false and sampling params
-  carrying them are `:unsupported`.
+  Structured-output parameters for the `structured_outputs` sampling param (the old
+  package's guided decoding): one of `json:` (schema map or JSON text), `json_object: true`,
+  `regex:`, `choice:` (list of strings), `grammar:` (Lark). See `Vllm.StructuredOutputs`.
+
+      {:ok, so} = VLLM.guided_decoding_params(choice: ["yes", "no"])
+      VLLM.sampling_params(structured_outputs: so)
   """
-  @spec guided_decoding_params(keyword()) :: {:ok, map()} | {:error, Error.t()}
-  def guided_decoding_params(opts \\ []) do
-    kinds = [:json, :regex, :choice, :grammar, :json_object]
-
-    with :ok <- Vllm.AsyncLLMEngine.check_opts(opts, kinds) do
-      case opts do
-        [{:json, schema}] when is_map(schema) or is_binary(schema) ->
-          {:ok, %{json: schema}}
-
-        [{:regex, r}] when is_binary(r) ->
-          {:ok, %{regex: r}}
-
-        [{:grammar, g}] when is_binary(g) ->
-          {:ok, %{grammar: g}}
-
-        [{:json_object, true}] ->
-          {:ok, %{json_object: true}}
-
-        [{:choice, [_ | _] = c}] ->
-          if Enum.all?(c, &is_binary/1), do: {:ok, %{choice: c}}, else: bad_guided(opts)
-
-        _ ->
-          bad_guided(opts)
-      end
-    end
-  end
-
-  defp bad_guided(opts),
-    do:
-      {:error,
-       Error.validation(
-         "guided decoding takes exactly one of json: schema, regex: string, choice: [string], grammar: string, json_object: true; got #{inspect(opts)}"
-       )}
+  @spec guided_decoding_params(keyword() | map()) ::
+          {:ok, Vllm.StructuredOutputs.t()} | {:error, Error.t()}
+  def guided_decoding_params(opts \\ []), do: Vllm.StructuredOutputs.new(opts)
 
   @doc "Like `guided_decoding_params/1` but raises `Vllm.Error`."
+  @spec guided_decoding_params!(keyword() | map()) :: Vllm.StructuredOutputs.t()
   def guided_decoding_params!(opts \\ []), do: opts |> guided_decoding_params() |> Error.unwrap!()
 
-  @doc "Whether structured outputs are enforced while decoding: not yet (issue 11)."
+  @doc "Structured outputs are enforced while decoding: always true."
   @spec guided_decoding_supported?() :: boolean()
-  def guided_decoding_supported? do
-    match?(
-      :ok,
-      Vllm.SamplingParams.check_supported(%Vllm.SamplingParams{structured_outputs: %{regex: "a"}})
-    )
-  end
+  def guided_decoding_supported?, do: true
 
   @timeout_profiles %{
     default: 120_000,

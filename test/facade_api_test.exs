@@ -48,7 +48,7 @@ defmodule VLLMFacadeApiTest do
     assert {:error, %Error{category: :validation}} =
              VLLM.guided_decoding_params(regex: "a", choice: ["b"])
 
-    refute VLLM.guided_decoding_supported?()
+    assert VLLM.guided_decoding_supported?()
   end
 
   test "timeout helpers build __runtime__ options; run runs a function" do

@@ -13,8 +13,10 @@ defmodule Vllm.SamplingParams do
   `output_kind` is `:cumulative` (each output carries everything so far), `:delta` (only
   what is new) or `:final_only`. `stop` may be given as one string.
   `logit_bias` is a map of token id to bias; `n` > 1 gives `n` outputs (`index` 0..n-1),
-  child i seeded with `seed + i` when `seed` is set. Not yet supported by the engine
-  (accepted here, refused with `:unsupported` when a request uses it): `structured_outputs`.
+  child i seeded with `seed + i` when `seed` is set. `structured_outputs` constrains the
+  output while decoding (`%{json: schema}`, `%{json_object: true}`, `%{regex: r}`,
+  `%{choice: [..]}`, `%{grammar: lark}`; see `Vllm.StructuredOutputs`); it is kept in its
+  canonical form (a schema map becomes JSON text).
   """
 
   @defaults [
@@ -128,14 +130,9 @@ defmodule Vllm.SamplingParams do
   end
 
   @doc false
-  # Refuses fields the engine does not implement yet instead of ignoring them silently.
+  # Every field is implemented by the engine now; kept for callers that check.
   @spec check_supported(t()) :: :ok | {:error, Vllm.Error.t()}
-  def check_supported(%__MODULE__{structured_outputs: nil}), do: :ok
-
-  def check_supported(%__MODULE__{}),
-    do:
-      {:error,
-       Vllm.Error.new(:unsupported, "sampling param :structured_outputs is not supported yet")}
+  def check_supported(%__MODULE__{}), do: :ok
 
   defp to_pairs(opts) do
     Enum.reduce_while(opts, {:ok, []}, fn
@@ -196,8 +193,8 @@ defmodule Vllm.SamplingParams do
       output_kind:
         {&(&1 in [:cumulative, :delta, :final_only]), ":cumulative, :delta or :final_only"},
       structured_outputs:
-        {&(is_nil(&1) or is_map(&1)),
-         "nil or a map (%{json: _} | %{regex: _} | %{choice: _} | %{grammar: _})"}
+        {&(is_nil(&1) or is_map(&1) or Keyword.keyword?(&1)),
+         "nil or a map (%{json: _} | %{json_object: true} | %{regex: _} | %{choice: _} | %{grammar: _})"}
     ]
 
     result =
@@ -217,6 +214,10 @@ defmodule Vllm.SamplingParams do
          Vllm.Error.validation(
            "sampling param :min_tokens (#{p.min_tokens}) must be <= :max_tokens (#{p.max_tokens})"
          )}
+
+      p.structured_outputs != nil ->
+        with {:ok, spec} <- Vllm.StructuredOutputs.new(p.structured_outputs),
+             do: {:ok, %{p | structured_outputs: spec}}
 
       true ->
         {:ok, p}

@@ -11,6 +11,7 @@ use crossbeam_channel::{unbounded, Sender};
 
 use crate::config::{EngineArgs, ModelConfig};
 use crate::control::{ControlCommand, ControlOp, ControlReply, MemoryUsage};
+use crate::structured_output::StructuredOutputCompiler;
 use crate::engine_core::{CoreCommand, CoreShared, EngineCore, NewRequest};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::manager::SeqId;
@@ -100,6 +101,8 @@ pub struct Engine {
     /// Added LoRA adapters (None: enable_lora off).
     loras: Option<Mutex<LoraRegistry>>,
     max_loras: usize,
+    /// Compiles structured-output constraints (lazily builds the token trie).
+    structured: StructuredOutputCompiler,
     /// The previous do_log_stats snapshot (for throughput over the interval).
     last_logged: Mutex<Option<(std::time::Instant, EngineStats)>>,
 }
@@ -206,8 +209,13 @@ impl Engine {
             closed: AtomicBool::new(false),
             next_seq_id: AtomicU64::new(0),
             threads: Mutex::new(vec![core_thread, output_thread]),
-            tokenizer,
+            tokenizer: tokenizer.clone(),
             config,
+            structured: StructuredOutputCompiler::new(
+                tokenizer.clone(),
+                limits.vocab_size,
+                limits.eos_token_ids.first().copied(),
+            ),
             limits,
             loras,
             max_loras: args.max_loras,
@@ -228,6 +236,11 @@ impl Engine {
                 registry.check_runnable(req.lora_int_id, self.max_loras)?;
                 Some(adapter)
             }
+            None => None,
+        };
+        // Compiled now, so a bad schema, regex or grammar fails the request here.
+        let grammar = match &request.params.structured_outputs {
+            Some(spec) => Some(self.structured.compile(spec)?),
             None => None,
         };
         let mut live = self
@@ -269,6 +282,7 @@ impl Engine {
                 lora_int_id: request.lora.as_ref().map(|l| l.lora_int_id),
                 cache_salt: None,
                 lora: lora.clone(),
+                grammar: grammar.as_ref().map(|g| Box::new(g.fork())),
             })));
         }
         Ok(())

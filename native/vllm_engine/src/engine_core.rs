@@ -19,6 +19,7 @@ use crate::runner::ModelRunner;
 use crate::sampler::{prepare_batch, Sample, SampleRow, Sampler};
 use crate::scheduler::Scheduler;
 use crate::sequence::Sequence;
+use crate::structured_output::{apply_mask, Advance, GrammarMatcher};
 
 pub enum CoreCommand {
     Add(Box<NewRequest>),
@@ -57,6 +58,8 @@ pub struct NewRequest {
     pub cache_salt: Option<String>,
     /// The weights of adapter `lora_int_id`.
     pub lora: Option<std::sync::Arc<crate::lora::LoraAdapter>>,
+    /// The compiled structured-output constraint, when the request has one.
+    pub grammar: Option<Box<GrammarMatcher>>,
 }
 
 /// One token sampled for one request in one step.
@@ -185,7 +188,7 @@ impl EngineCore {
                 let req = *req;
                 let arrival = self.next_arrival;
                 self.next_arrival += 1;
-                let seq = Sequence::new(
+                let mut seq = Sequence::new(
                     req.seq_id,
                     req.request_id,
                     req.prompt_token_ids,
@@ -196,6 +199,7 @@ impl EngineCore {
                 )
                 .with_extra_keys(req.lora_int_id, req.cache_salt)
                 .with_lora(req.lora);
+                seq.grammar = req.grammar;
                 self.scheduler.add(seq);
                 Flow::Continue
             }
@@ -274,12 +278,37 @@ impl EngineCore {
                 seq.first_scheduled_time.get_or_insert(now);
             }
         }
+        // Constrained sequences' masks depend only on tokens already sampled: compute
+        // them (in parallel) on another thread while the forward pass runs.
+        let mut grammars = self.take_sampling_grammars(&plan);
         let started = self.shared.profiler.begin();
-        let logits = self.runner.execute(&plan, &self.scheduler)?;
+        let (logits, masks) = if grammars.is_empty() {
+            (self.runner.execute(&plan, &self.scheduler), Vec::new())
+        } else {
+            let runner = &mut self.runner;
+            let scheduler = &self.scheduler;
+            std::thread::scope(|scope| {
+                let masker = scope.spawn(|| crate::structured_output::compute_masks(&mut grammars));
+                let logits = runner.execute(&plan, scheduler);
+                (logits, masker.join().unwrap_or_default())
+            })
+        };
         self.shared
             .profiler
             .record("forward", crate::profiler::CORE_THREAD, started, &batch_args);
         let sampling_started = self.shared.profiler.begin();
+        let masks: std::collections::HashMap<SeqId, _> = masks.into_iter().collect();
+        for (id, grammar) in grammars {
+            if let Some(seq) = self.scheduler.seq_mut(id) {
+                seq.grammar = Some(grammar);
+            }
+        }
+        let mut logits = logits?;
+        for (id, row) in logits.seq_ids.iter().zip(logits.rows.iter_mut()) {
+            if let Some(mask) = masks.get(id) {
+                apply_mask(row, mask);
+            }
+        }
         for s in &plan.scheduled {
             if let Some(seq) = self.scheduler.seq_mut(s.seq_id) {
                 seq.num_computed_tokens += s.num_new_tokens;
@@ -314,7 +343,10 @@ impl EngineCore {
             if seq.num_output_tokens() == 1 {
                 self.prompt_tokens_total += seq.num_prompt_tokens as u64;
             }
-            let finish = check_stop(seq, &self.eos_token_ids, self.max_model_len);
+            let mut finish = check_stop(seq, &self.eos_token_ids, self.max_model_len);
+            if finish.is_none() {
+                finish = advance_grammar(seq, sample.token_id);
+            }
             events.push(TokenEvent {
                 seq_id: id,
                 token_id: sample.token_id,
@@ -341,6 +373,21 @@ impl EngineCore {
             let _ = self.outputs.send(OutputMessage::Step(events));
         }
         Ok(true)
+    }
+
+    /// Takes the grammars of the constrained sequences that sample at the end of this
+    /// step (their last known token is scheduled); the caller puts them back.
+    fn take_sampling_grammars(&mut self, plan: &crate::scheduler::SchedulerOutput) -> Vec<(SeqId, Box<GrammarMatcher>)> {
+        let mut taken = Vec::new();
+        for s in &plan.scheduled {
+            let Some(seq) = self.scheduler.seq_mut(s.seq_id) else { continue };
+            if seq.grammar.is_some() && seq.num_computed_tokens + s.num_new_tokens >= seq.num_tokens() {
+                if let Some(g) = seq.grammar.take() {
+                    taken.push((s.seq_id, g));
+                }
+            }
+        }
+        taken
     }
 
     /// Logprobs of the prompt tokens this step computed, to the output thread (before the
@@ -443,6 +490,20 @@ impl EngineCore {
         tracing::error!("{message}");
         self.shared.dead.store(true, Ordering::SeqCst);
         let _ = self.outputs.send(OutputMessage::Dead(message));
+    }
+}
+
+/// Feeds a sampled token to a constrained sequence's grammar. A complete grammar leaves
+/// only EOS in the next mask, so the request ends on EOS (finish_reason stop) as in vLLM;
+/// a token the grammar rejects (which the mask should have prevented) ends it at once.
+fn advance_grammar(seq: &mut Sequence, token: u32) -> Option<(FinishReason, Option<StopReason>)> {
+    let grammar = seq.grammar.as_mut()?;
+    match grammar.advance(token) {
+        Advance::Continue | Advance::Finished => None,
+        Advance::Rejected(e) => {
+            tracing::warn!("request {}: structured output ended early: {e}", seq.request_id);
+            Some((FinishReason::Stop, None))
+        }
     }
 }
 

@@ -20,6 +20,7 @@ pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
 pub mod stop;
+pub mod structured_output;
 pub mod tokenizer;
 
 pub use config::{EngineArgs, ModelConfig};

@@ -55,6 +55,8 @@ pub struct SamplingParams {
     pub bad_words_token_ids: Vec<Vec<u32>>,
     /// Keep only the last k prompt tokens (-1: the model's context length).
     pub truncate_prompt_tokens: Option<i64>,
+    /// Constrains the output (JSON schema, regex, choice, grammar) while decoding.
+    pub structured_outputs: Option<crate::structured_output::StructuredOutputs>,
 }
 
 /// vLLM's default cap on `logprobs` and `prompt_logprobs` (its `max_logprobs`).
@@ -91,6 +93,7 @@ impl Default for SamplingParams {
             bad_words: Vec::new(),
             bad_words_token_ids: Vec::new(),
             truncate_prompt_tokens: None,
+            structured_outputs: None,
         }
     }
 }

@@ -37,6 +37,9 @@ pub struct Sequence {
     pub num_preemptions: u32,
     /// Its LoRA adapter's weights (the id is `extra_keys.lora_int_id`).
     pub lora: Option<std::sync::Arc<crate::lora::LoraAdapter>>,
+    /// Its structured-output state, advanced by each output token (kept across
+    /// preemption, as the output tokens are).
+    pub grammar: Option<Box<crate::structured_output::GrammarMatcher>>,
 }
 
 impl Sequence {
@@ -70,6 +73,7 @@ impl Sequence {
             num_cached_tokens: None,
             num_preemptions: 0,
             lora: None,
+            grammar: None,
         }
     }
 

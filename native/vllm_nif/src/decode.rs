@@ -255,13 +255,45 @@ pub fn sampling_params(map: Term) -> Result<SamplingParams> {
             .map_err(|_| bad_type(WHAT, "bad_words", "a list of strings", term))?;
     }
     p.truncate_prompt_tokens = field::<i64>(map, WHAT, "truncate_prompt_tokens", "an integer (-1 or >= 1)")?;
-    if lookup(map, "structured_outputs").is_some() {
-        return Err(EngineError::unsupported(
-            "sampling param `structured_outputs` is not supported yet",
-        ));
+    if let Some(term) = lookup(map, "structured_outputs") {
+        p.structured_outputs = Some(structured_outputs(term)?);
     }
     p.validate()?;
     Ok(p)
+}
+
+/// `structured_outputs`: a map with exactly one of `json` (JSON text), `json_object: true`,
+/// `regex`, `choice` (list of strings), `grammar` (Elixir encodes a schema map as text).
+fn structured_outputs(term: Term) -> Result<vllm_engine::structured_output::StructuredOutputs> {
+    use vllm_engine::structured_output::StructuredOutputs as S;
+    const WHAT: &str = "structured_outputs";
+    require_map(term, "sampling param `structured_outputs`")?;
+    let text = |key: &str| field::<String>(term, WHAT, key, "a string");
+    let mut found = Vec::new();
+    if let Some(schema) = text("json")? {
+        found.push(S::Json(schema));
+    }
+    if field::<bool>(term, WHAT, "json_object", "a boolean")? == Some(true) {
+        found.push(S::JsonObject);
+    }
+    if let Some(rx) = text("regex")? {
+        found.push(S::Regex(rx));
+    }
+    if let Some(choices) = field::<Vec<String>>(term, WHAT, "choice", "a list of strings")? {
+        found.push(S::Choice(choices));
+    }
+    if let Some(grammar) = text("grammar")? {
+        found.push(S::Grammar(grammar));
+    }
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(EngineError::validation(
+            "sampling param `structured_outputs` needs one of json, json_object, regex, choice, grammar",
+        )),
+        _ => Err(EngineError::validation(
+            "sampling param `structured_outputs` takes only one of json, json_object, regex, choice, grammar",
+        )),
+    }
 }
 
 /// `logit_bias`: a map of token id (integer) to bias (number).
