@@ -81,6 +81,8 @@ pub struct EngineArgs {
     /// "gguf": keep a GGUF file's quantized matrices quantized (quantized matmuls);
     /// None: dequantize everything to float32.
     pub quantization: Option<String>,
+    /// "auto" (from the model: loader::detect_runner), "generate" or "pooling".
+    pub runner: String,
 }
 
 impl EngineArgs {
@@ -101,6 +103,7 @@ impl EngineArgs {
             enable_chunked_prefill: true,
             num_threads: None,
             quantization: None,
+            runner: "auto".to_string(),
         }
     }
 

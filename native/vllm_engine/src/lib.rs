@@ -11,6 +11,7 @@ pub mod loader;
 pub mod models;
 pub mod output_processor;
 pub mod pooling;
+pub mod pooling_core;
 pub mod request;
 pub mod runner;
 pub mod sampler;
@@ -21,6 +22,8 @@ pub mod tokenizer;
 
 pub use config::{EngineArgs, ModelConfig};
 pub use engine::{Engine, EngineStats, OutputSink};
+pub use pooling::PoolingParams;
+pub use pooling_core::{PoolingOutput, PoolingRequest, PoolingSink, PoolingTask};
 pub use error::{EngineError, ErrorCategory, Result};
 pub use request::{
     CompletionOutput, EngineRequest, FinishReason, OutputKind, RequestMetrics, RequestOutput,
