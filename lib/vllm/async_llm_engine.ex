@@ -314,6 +314,64 @@ defmodule Vllm.AsyncLLMEngine do
   @spec is_running(t()) :: boolean()
   def is_running(%__MODULE__{pid: pid}), do: Process.alive?(pid)
 
+  ## Pooling models (Vllm.Pooling)
+
+  @doc """
+  Submits a pooling request (vLLM's `AsyncLLM.encode`) and returns `{:ok, stream}` yielding
+  its one `%Vllm.PoolingRequestOutput{finished: true}`. `pooling_params`: a
+  `%Vllm.PoolingParams{}`, keyword list or nil; its `task` (default "encode") picks embed,
+  encode, classify or score (then `prompt` is `{text_a, text_b}`). Opts: `task`,
+  `__runtime__: [timeout: ms]`. A generation model answers `:unsupported`.
+  """
+  def encode(engine, prompt, pooling_params, request_id, opts \\ [])
+
+  def encode(engine, prompt, pooling_params, request_id, opts) when is_list(opts),
+    do: Vllm.Pooling.stream(engine, prompt, pooling_params, request_id, with_task(pooling_params, opts))
+
+  def encode(_engine, _prompt, _pooling_params, _request_id, opts),
+    do: {:error, Error.validation("options must be a keyword list, got #{inspect(opts)}")}
+
+  @doc "vLLM's argument order with `lora_request` (must be nil: LoRA is not supported here)."
+  def encode(engine, prompt, pooling_params, request_id, nil, opts),
+    do: encode(engine, prompt, pooling_params, request_id, opts)
+
+  def encode(_engine, _prompt, _pooling_params, _request_id, lora_request, _opts),
+    do: {:error, Error.new(:unsupported, "encode with a lora_request is not supported, got #{inspect(lora_request)}")}
+
+  @doc """
+  The message form of `encode/5`: the answer comes to the caller (or `to:`) as
+  `{:vllm_pooling, request_id, %Vllm.PoolingRequestOutput{}}` or
+  `{:vllm_error, request_id, {category, message}}`. Opts: `task`, `to`.
+  """
+  def add_pooling_request(engine, request_id, prompt, pooling_params, opts \\ []) do
+    opts = with_task(pooling_params, opts)
+
+    Vllm.Pooling.submit(
+      engine,
+      request_id,
+      prompt,
+      Keyword.get(opts, :task, "encode"),
+      pooling_params,
+      Keyword.get(opts, :to, self())
+    )
+  end
+
+  @doc "The tasks the loaded model serves: `[\"generate\"]`, or e.g. `[\"encode\", \"embed\"]`."
+  def get_supported_tasks(engine), do: Vllm.Pooling.supported_tasks(engine)
+
+  # PoolingParams.task, when given, is the default task.
+  defp with_task(%Vllm.PoolingParams{task: task}, opts) when is_binary(task),
+    do: Keyword.put_new(opts, :task, task)
+
+  defp with_task(params, opts) when is_list(params) do
+    case Keyword.keyword?(params) && Keyword.get(params, :task) do
+      task when is_binary(task) -> Keyword.put_new(opts, :task, task)
+      _ -> opts
+    end
+  end
+
+  defp with_task(_params, opts), do: opts
+
   ## Helpers shared with Vllm.LLM
 
   @doc false

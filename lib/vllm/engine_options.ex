@@ -25,6 +25,7 @@ defmodule Vllm.EngineOptions do
       enable_chunked_prefill: {&is_boolean/1, "a boolean"},
       enforce_eager: {&is_boolean/1, "a boolean"},
       num_threads: {&(is_integer(&1) and &1 > 0), "a positive integer"},
+      runner: {&(&1 in ["auto", "generate", "pooling"]), ~s("auto", "generate" or "pooling")},
       trust_remote_code: {&is_boolean/1, "a boolean"},
       __runtime__: {&Keyword.keyword?/1, "a keyword list"},
       name: {&(is_atom(&1) or is_tuple(&1)), "a process name"}
@@ -44,7 +45,8 @@ defmodule Vllm.EngineOptions do
     :kv_cache_memory_bytes,
     :enable_prefix_caching,
     :enable_chunked_prefill,
-    :num_threads
+    :num_threads,
+    :runner
   ]
 
   @doc "The accepted option keys."

@@ -24,4 +24,10 @@ defmodule Vllm.Native do
 
   def apply_chat_template(_engine, _messages, _add_generation_prompt, _template),
     do: :erlang.nif_error(:nif_not_loaded)
+
+  # Pooling models (native/vllm_nif/src/pooling.rs).
+  def pooling_request(_engine, _request_id, _prompt, _task, _params, _to),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def supported_tasks(_engine), do: :erlang.nif_error(:nif_not_loaded)
 end

@@ -74,3 +74,36 @@ defmodule Vllm.Outputs.CompletionOutput do
   @spec new(Enumerable.t()) :: Vllm.CompletionOutput.t()
   def new(fields \\ []), do: struct(Vllm.CompletionOutput, fields)
 end
+
+defmodule Vllm.EmbeddingOutput do
+  @moduledoc "One pooled vector (vLLM's `EmbeddingOutput`); pooling models are issue 9."
+  defstruct embedding: []
+  @type t :: %__MODULE__{embedding: [float()]}
+end
+
+defmodule Vllm.PoolingRequestOutput do
+  @moduledoc """
+  The output of a pooling request (vLLM's `PoolingRequestOutput`): `outputs` is a
+  `%Vllm.EmbeddingOutput{}`. Pooling models are issue 9.
+  """
+  defstruct [:request_id, :prompt_token_ids, :outputs, :finished]
+
+  @type t :: %__MODULE__{
+          request_id: String.t(),
+          prompt_token_ids: [non_neg_integer()],
+          outputs: Vllm.EmbeddingOutput.t(),
+          finished: boolean()
+        }
+end
+
+defmodule Vllm.Outputs.PoolingRequestOutput do
+  @moduledoc "The old package's name for `Vllm.PoolingRequestOutput`: `new/1` builds one."
+  @doc "Builds a `%Vllm.PoolingRequestOutput{}` from a keyword list or map."
+  def new(fields \\ []), do: struct(Vllm.PoolingRequestOutput, fields)
+end
+
+defmodule Vllm.Outputs.EmbeddingOutput do
+  @moduledoc "The old package's name for `Vllm.EmbeddingOutput`: `new/1` builds one."
+  @doc "Builds a `%Vllm.EmbeddingOutput{}` from a keyword list or map."
+  def new(fields \\ []), do: struct(Vllm.EmbeddingOutput, fields)
+end

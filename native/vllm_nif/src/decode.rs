@@ -140,6 +140,9 @@ pub fn engine_args(opts: Term) -> Result<EngineArgs> {
         args.enable_chunked_prefill = b;
     }
     args.num_threads = count_field(opts, WHAT, "num_threads")?;
+    if let Some(runner) = string_field(opts, WHAT, "runner")? {
+        args.runner = runner;
+    }
     args.validate()?;
     Ok(args)
 }

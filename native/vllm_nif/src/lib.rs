@@ -8,6 +8,7 @@ mod decode;
 mod encode;
 mod engine_ref;
 mod error;
+mod pooling;
 mod requests;
 mod sink;
 mod tokenize;
