@@ -85,8 +85,13 @@ defmodule Vllm.PoolingTest do
     assert encoded.outputs.embedding == embedded.outputs.embedding
 
     engine = llm.engine
-    assert {:ok, stream} = Vllm.AsyncLLMEngine.encode(engine, ref["text"], [task: "embed"], "enc-1")
-    assert [%Vllm.PoolingRequestOutput{request_id: "enc-1", finished: true} = out] = Enum.to_list(stream)
+
+    assert {:ok, stream} =
+             Vllm.AsyncLLMEngine.encode(engine, ref["text"], [task: "embed"], "enc-1")
+
+    assert [%Vllm.PoolingRequestOutput{request_id: "enc-1", finished: true} = out] =
+             Enum.to_list(stream)
+
     assert cosine(out.outputs.embedding, ref["embedding"]) >= 0.9999
 
     assert :ok =
@@ -102,7 +107,9 @@ defmodule Vllm.PoolingTest do
     assert msg.outputs.embedding == out.outputs.embedding
   end
 
-  test "get_supported_tasks answers from the model; wrong-kind calls are :unsupported", %{llm: llm} do
+  test "get_supported_tasks answers from the model; wrong-kind calls are :unsupported", %{
+    llm: llm
+  } do
     assert {:ok, ["encode", "embed"]} = VLLM.get_supported_tasks(llm)
     assert {:ok, ["encode", "embed"]} = Vllm.AsyncLLMEngine.get_supported_tasks(llm.engine)
 
@@ -121,8 +128,7 @@ defmodule Vllm.PoolingTest do
     try do
       assert {:ok, ["generate"]} = Vllm.LLM.get_supported_tasks(smol)
 
-      assert {:error, %Error{category: :unsupported, message: msg}} =
-               VLLM.embed(smol, "hello")
+      assert {:error, %Error{category: :unsupported, message: msg}} = VLLM.embed(smol, "hello")
 
       assert msg =~ "embed"
 

@@ -326,7 +326,14 @@ defmodule Vllm.AsyncLLMEngine do
   def encode(engine, prompt, pooling_params, request_id, opts \\ [])
 
   def encode(engine, prompt, pooling_params, request_id, opts) when is_list(opts),
-    do: Vllm.Pooling.stream(engine, prompt, pooling_params, request_id, with_task(pooling_params, opts))
+    do:
+      Vllm.Pooling.stream(
+        engine,
+        prompt,
+        pooling_params,
+        request_id,
+        with_task(pooling_params, opts)
+      )
 
   def encode(_engine, _prompt, _pooling_params, _request_id, opts),
     do: {:error, Error.validation("options must be a keyword list, got #{inspect(opts)}")}
@@ -336,7 +343,12 @@ defmodule Vllm.AsyncLLMEngine do
     do: encode(engine, prompt, pooling_params, request_id, opts)
 
   def encode(_engine, _prompt, _pooling_params, _request_id, lora_request, _opts),
-    do: {:error, Error.new(:unsupported, "encode with a lora_request is not supported, got #{inspect(lora_request)}")}
+    do:
+      {:error,
+       Error.new(
+         :unsupported,
+         "encode with a lora_request is not supported, got #{inspect(lora_request)}"
+       )}
 
   @doc """
   The message form of `encode/5`: the answer comes to the caller (or `to:`) as

@@ -159,6 +159,7 @@ defmodule Vllm.LLM do
   `normalize:`, `__runtime__: [timeout: ms]`. A generation model answers `:unsupported`.
   """
   def embed(llm, prompts, opts \\ [])
+
   def embed(%__MODULE__{engine: e}, prompts, opts),
     do: Vllm.Pooling.call(e, List.wrap(prompts), "embed", nil, opts)
 
@@ -222,7 +223,8 @@ defmodule Vllm.LLM do
   @doc "The tasks the loaded model serves: `[\"generate\"]`, or e.g. `[\"encode\", \"embed\"]`."
   def get_supported_tasks(%__MODULE__{engine: e}), do: Vllm.Pooling.supported_tasks(e)
 
-  defp not_llm(other), do: {:error, Error.validation("expected a %Vllm.LLM{}, got #{inspect(other)}")}
+  defp not_llm(other),
+    do: {:error, Error.validation("expected a %Vllm.LLM{}, got #{inspect(other)}")}
 
   @doc "Stops the engine."
   @spec shutdown(t()) :: :ok

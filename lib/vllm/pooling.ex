@@ -31,7 +31,9 @@ defmodule Vllm.Pooling do
          {:ok, prompt} <- normalize_prompt(prompt, task),
          {:ok, params} <- params(params),
          {:ok, task} <- task(params, task) do
-      native_params = Map.take(Map.from_struct(params), [:dimensions, :normalize, :use_activation])
+      native_params =
+        Map.take(Map.from_struct(params), [:dimensions, :normalize, :use_activation])
+
       native(Native.pooling_request(resource, request_id, prompt, task, native_params, to))
     end
   end
@@ -204,8 +206,12 @@ defmodule Vllm.Pooling do
   """
   def score_pairs(text_1, text_2) do
     case {List.wrap(text_1), List.wrap(text_2)} do
-      {[a], bs} when bs != [] -> {:ok, Enum.map(bs, &{a, &1})}
-      {as, bs} when length(as) == length(bs) and as != [] -> {:ok, Enum.zip(as, bs)}
+      {[a], bs} when bs != [] ->
+        {:ok, Enum.map(bs, &{a, &1})}
+
+      {as, bs} when length(as) == length(bs) and as != [] ->
+        {:ok, Enum.zip(as, bs)}
+
       {as, bs} ->
         {:error,
          Error.validation(
@@ -218,7 +224,9 @@ defmodule Vllm.Pooling do
   def embeddings(outputs), do: Enum.map(outputs, & &1.outputs.embedding)
 
   defp per_prompt(params, n) when is_list(params) and params != [] do
-    if Keyword.keyword?(params), do: List.duplicate(params, n) |> ok(), else: list_params(params, n)
+    if Keyword.keyword?(params),
+      do: List.duplicate(params, n) |> ok(),
+      else: list_params(params, n)
   end
 
   defp per_prompt(params, n), do: {:ok, List.duplicate(params, n)}
@@ -228,7 +236,9 @@ defmodule Vllm.Pooling do
   defp list_params(params, n),
     do:
       {:error,
-       Error.validation("got #{length(params)} pooling params for #{n} prompts (give one or one each)")}
+       Error.validation(
+         "got #{length(params)} pooling params for #{n} prompts (give one or one each)"
+       )}
 
   defp ok(x), do: {:ok, x}
 
@@ -240,12 +250,18 @@ defmodule Vllm.Pooling do
   defp task(%PoolingParams{task: task}, task), do: {:ok, task}
 
   defp task(%PoolingParams{task: given}, task),
-    do: {:error, Error.validation("pooling params task #{inspect(given)} does not match #{inspect(task)}")}
+    do:
+      {:error,
+       Error.validation("pooling params task #{inspect(given)} does not match #{inspect(task)}")}
 
   defp normalize_prompt({a, b}, "score") when is_binary(a) and is_binary(b), do: {:ok, {a, b}}
 
   defp normalize_prompt(other, "score"),
-    do: {:error, Error.validation("score takes {text_a, text_b} pairs of strings, got #{inspect(other, limit: 5)}")}
+    do:
+      {:error,
+       Error.validation(
+         "score takes {text_a, text_b} pairs of strings, got #{inspect(other, limit: 5)}"
+       )}
 
   defp normalize_prompt(prompt, _task), do: Vllm.Prompt.normalize(prompt)
 

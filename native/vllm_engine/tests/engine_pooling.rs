@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use vllm_engine::pooling::cosine;
 use vllm_engine::{
-    Engine, EngineArgs, EngineError, ErrorCategory, PoolingOutput, PoolingParams, PoolingRequest, PoolingSink,
-    PoolingTask, SamplingParams,
+    Engine, EngineArgs, EngineError, ErrorCategory, PoolingOutput, PoolingParams, PoolingRequest,
+    PoolingSink, PoolingTask, SamplingParams,
 };
 
 struct ChannelSink(Sender<Result<PoolingOutput, EngineError>>);
@@ -39,12 +39,16 @@ fn request(id: &str, ids: Vec<u32>, task: PoolingTask, params: PoolingParams) ->
 
 fn submit(engine: &Engine, req: PoolingRequest) -> Receiver<Result<PoolingOutput, EngineError>> {
     let (tx, rx) = unbounded();
-    engine.encode(req, Box::new(ChannelSink(tx))).expect("queued");
+    engine
+        .encode(req, Box::new(ChannelSink(tx)))
+        .expect("queued");
     rx
 }
 
 fn wait(rx: &Receiver<Result<PoolingOutput, EngineError>>) -> PoolingOutput {
-    rx.recv_timeout(Duration::from_secs(120)).expect("an output").expect("no failure")
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("an output")
+        .expect("no failure")
 }
 
 fn embed_cases() -> Vec<(String, Vec<u32>, Vec<f32>)> {
@@ -57,7 +61,12 @@ fn embed_cases() -> Vec<(String, Vec<u32>, Vec<f32>)> {
             (
                 c["text"].as_str().unwrap().to_string(),
                 common::u32s(&c["token_ids"]),
-                c["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect(),
+                c["embedding"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect(),
             )
         })
         .collect()
@@ -72,7 +81,15 @@ fn engine_embeds_fixture_sentences_like_sentence_transformers() {
     for (i, (text, ref_ids, reference)) in cases.iter().enumerate() {
         let ids = engine.tokenizer().encode(text, true).unwrap();
         assert_eq!(&ids, ref_ids, "{text:?}: token ids (no padding)");
-        let out = wait(&submit(&engine, request(&format!("e{i}"), ids.clone(), PoolingTask::Embed, Default::default())));
+        let out = wait(&submit(
+            &engine,
+            request(
+                &format!("e{i}"),
+                ids.clone(),
+                PoolingTask::Embed,
+                Default::default(),
+            ),
+        ));
         assert!(out.finished);
         assert_eq!(out.prompt_token_ids, ids);
         let cos = cosine(&out.data, reference);
@@ -95,20 +112,42 @@ fn a_batch_of_64_equals_each_alone() {
     let cases = embed_cases();
     let solo: Vec<Vec<f32>> = cases
         .iter()
-        .map(|(_, ids, _)| wait(&submit(&engine, request("solo", ids.clone(), PoolingTask::Embed, Default::default()))).data)
+        .map(|(_, ids, _)| {
+            wait(&submit(
+                &engine,
+                request("solo", ids.clone(), PoolingTask::Embed, Default::default()),
+            ))
+            .data
+        })
         .collect();
     // 64 requests queued at once: the core takes them in as few batches as the limits allow.
     let receivers: Vec<_> = (0..64)
         .map(|i| {
             let ids = cases[i % cases.len()].1.clone();
-            submit(&engine, request(&format!("b{i}"), ids, PoolingTask::Embed, Default::default()))
+            submit(
+                &engine,
+                request(
+                    &format!("b{i}"),
+                    ids,
+                    PoolingTask::Embed,
+                    Default::default(),
+                ),
+            )
         })
         .collect();
     for (i, rx) in receivers.iter().enumerate() {
         let out = wait(rx);
         assert_eq!(out.request_id, format!("b{i}"));
-        let diff = out.data.iter().zip(&solo[i % cases.len()]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(diff < 1e-5, "request {i}: batched differs from solo by {diff}");
+        let diff = out
+            .data
+            .iter()
+            .zip(&solo[i % cases.len()])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            diff < 1e-5,
+            "request {i}: batched differs from solo by {diff}"
+        );
     }
 }
 
@@ -116,39 +155,85 @@ fn a_batch_of_64_equals_each_alone() {
 fn dimensions_encode_and_errors() {
     let engine = engine();
     let ids = embed_cases()[0].1.clone();
-    let params = PoolingParams { dimensions: Some(64), ..Default::default() };
-    let short = wait(&submit(&engine, request("d", ids.clone(), PoolingTask::Embed, params))).data;
+    let params = PoolingParams {
+        dimensions: Some(64),
+        ..Default::default()
+    };
+    let short = wait(&submit(
+        &engine,
+        request("d", ids.clone(), PoolingTask::Embed, params),
+    ))
+    .data;
     assert_eq!(short.len(), 64);
     let norm: f32 = short.iter().map(|x| x * x).sum::<f32>().sqrt();
     assert!((norm - 1.0).abs() < 1e-5);
     // encode: the pooler's raw output (not normalised by default).
-    let raw = wait(&submit(&engine, request("r", ids.clone(), PoolingTask::Encode, Default::default()))).data;
+    let raw = wait(&submit(
+        &engine,
+        request("r", ids.clone(), PoolingTask::Encode, Default::default()),
+    ))
+    .data;
     assert_eq!(raw.len(), 384);
     let raw_norm: f32 = raw.iter().map(|x| x * x).sum::<f32>().sqrt();
-    assert!((raw_norm - 1.0).abs() > 1e-3, "encode is unnormalised, norm {raw_norm}");
+    assert!(
+        (raw_norm - 1.0).abs() > 1e-3,
+        "encode is unnormalised, norm {raw_norm}"
+    );
 
     let (tx, _rx) = unbounded();
     let err = engine
-        .encode(request("c", ids.clone(), PoolingTask::Classify, Default::default()), Box::new(ChannelSink(tx.clone())))
+        .encode(
+            request("c", ids.clone(), PoolingTask::Classify, Default::default()),
+            Box::new(ChannelSink(tx.clone())),
+        )
         .unwrap_err();
     assert_eq!(err.category, ErrorCategory::Unsupported, "{err}");
     let err = engine
-        .encode(request("big", ids.clone(), PoolingTask::Embed, PoolingParams { dimensions: Some(385), ..Default::default() }), Box::new(ChannelSink(tx.clone())))
+        .encode(
+            request(
+                "big",
+                ids.clone(),
+                PoolingTask::Embed,
+                PoolingParams {
+                    dimensions: Some(385),
+                    ..Default::default()
+                },
+            ),
+            Box::new(ChannelSink(tx.clone())),
+        )
         .unwrap_err();
     assert_eq!(err.category, ErrorCategory::Validation, "{err}");
     let err = engine
-        .encode(request("oov", vec![101, 30522, 102], PoolingTask::Embed, Default::default()), Box::new(ChannelSink(tx.clone())))
+        .encode(
+            request(
+                "oov",
+                vec![101, 30522, 102],
+                PoolingTask::Embed,
+                Default::default(),
+            ),
+            Box::new(ChannelSink(tx.clone())),
+        )
         .unwrap_err();
     assert_eq!(err.category, ErrorCategory::Validation, "{err}");
     let err = engine
-        .encode(request("long", vec![1000; 513], PoolingTask::Embed, Default::default()), Box::new(ChannelSink(tx)))
+        .encode(
+            request(
+                "long",
+                vec![1000; 513],
+                PoolingTask::Embed,
+                Default::default(),
+            ),
+            Box::new(ChannelSink(tx)),
+        )
         .unwrap_err();
     assert_eq!(err.category, ErrorCategory::Validation, "{err}");
 
     // Generation on a pooling model is refused, naming the task.
     struct NoSink;
     impl vllm_engine::OutputSink for NoSink {
-        fn send(&mut self, _: vllm_engine::RequestOutput) -> bool { true }
+        fn send(&mut self, _: vllm_engine::RequestOutput) -> bool {
+            true
+        }
         fn fail(&mut self, _: EngineError) {}
     }
     let gen = vllm_engine::EngineRequest::new("g", ids, SamplingParams::default());
@@ -176,13 +261,27 @@ fn engine_embedding_throughput() {
         .unwrap();
     let sentence = |i: u32| -> Vec<u32> {
         let mut ids = vec![101];
-        ids.extend(words[1..31].iter().map(|&w| if w > 999 { w + (i % 7) } else { w }));
+        ids.extend(
+            words[1..31]
+                .iter()
+                .map(|&w| if w > 999 { w + (i % 7) } else { w }),
+        );
         ids.push(102);
         ids
     };
     let run = |n: u32| {
         let rxs: Vec<_> = (0..n)
-            .map(|i| submit(&engine, request(&format!("t{i}"), sentence(i), PoolingTask::Embed, Default::default())))
+            .map(|i| {
+                submit(
+                    &engine,
+                    request(
+                        &format!("t{i}"),
+                        sentence(i),
+                        PoolingTask::Embed,
+                        Default::default(),
+                    ),
+                )
+            })
             .collect();
         for rx in &rxs {
             wait(rx);
