@@ -14,5 +14,6 @@ for i in $(seq "$runs"); do
   echo "--- run $i: bare engine"
   "$target/release/vllm-bench" "$model" --batch 32 --input-len 128 --output-len 128
   echo "--- run $i: Elixir API"
-  mix run bench/elixir_bench.exs "$model" 32 128 128
+  # Busy-waiting BEAM schedulers would take cycles from the engine's threads on few cores.
+  elixir --erl "+sbwt none +sbwtdcpu none +sbwtdio none" -S mix run bench/elixir_bench.exs "$model" 32 128 128
 done
