@@ -301,3 +301,100 @@ fn engine_embedding_throughput() {
         rayon::current_num_threads()
     );
 }
+
+/// MiniLM with a 2-label classification head (weights made up, as in model_classify.rs).
+fn classifier_dir() -> std::path::PathBuf {
+    use safetensors::tensor::{Dtype, TensorView};
+    let dir = std::env::temp_dir().join(format!("vllm_engine_pooling_cls_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = common::minilm_dir();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+    config["id2label"] = serde_json::json!({"0": "negative", "1": "positive"});
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(src.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut views: std::collections::HashMap<String, TensorView> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (format!("bert.{name}"), view))
+        .collect();
+    let weight: Vec<u8> = (0..2 * 384)
+        .flat_map(|k| (((k * 17) % 23) as f32 / 23.0 - 0.5).to_le_bytes())
+        .collect();
+    let bias: Vec<u8> = [0.25f32, -0.25]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    views.insert(
+        "classifier.weight".into(),
+        TensorView::new(Dtype::F32, vec![2, 384], &weight).unwrap(),
+    );
+    views.insert(
+        "classifier.bias".into(),
+        TensorView::new(Dtype::F32, vec![2], &bias).unwrap(),
+    );
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+#[test]
+fn classify_and_score_through_the_engine_match_the_model() {
+    use vllm_engine::models::EncoderBatch;
+    let dir = classifier_dir();
+    let engine = Engine::new(EngineArgs::new(&dir)).expect("classifier engine");
+    assert_eq!(
+        engine.supported_tasks(),
+        vec!["encode", "classify", "score"]
+    );
+    let (model, _) = vllm_engine::loader::load_encoder(&EngineArgs::new(&dir)).unwrap();
+
+    let ids = engine
+        .tokenizer()
+        .encode("a man is eating food", true)
+        .unwrap();
+    let out = wait(&submit(
+        &engine,
+        request("c", ids.clone(), PoolingTask::Classify, Default::default()),
+    ));
+    let mut batch = EncoderBatch::default();
+    batch.push(&ids);
+    let expected =
+        vllm_engine::pooling::classify(model.as_ref(), &batch, &PoolingParams::default()).unwrap();
+    assert_eq!(out.data.len(), 2);
+    assert!(
+        (out.data.iter().sum::<f32>() - 1.0).abs() < 1e-5,
+        "probabilities"
+    );
+    assert!(out
+        .data
+        .iter()
+        .zip(&expected[0])
+        .all(|(a, b)| (a - b).abs() < 1e-5));
+
+    // score: the pair with segment ids 0 then 1, one forward pass like classify.
+    let (pair, types) = engine
+        .tokenize_pair("a man is eating food", "someone eats")
+        .unwrap();
+    assert_eq!(
+        pair.iter().filter(|&&t| t == 102).count(),
+        2,
+        "[CLS] a [SEP] b [SEP]"
+    );
+    assert!(types.contains(&1) && types[0] == 0);
+    let mut req = request("s", pair.clone(), PoolingTask::Score, Default::default());
+    req.token_type_ids = Some(types.clone());
+    let scored = wait(&submit(&engine, req));
+    let mut batch = EncoderBatch::default();
+    batch.push_with_types(&pair, Some(&types));
+    let expected =
+        vllm_engine::pooling::classify(model.as_ref(), &batch, &PoolingParams::default()).unwrap();
+    assert!(scored
+        .data
+        .iter()
+        .zip(&expected[0])
+        .all(|(a, b)| (a - b).abs() < 1e-5));
+    let _ = std::fs::remove_dir_all(&dir);
+}
