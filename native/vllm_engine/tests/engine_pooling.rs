@@ -254,7 +254,15 @@ fn long_text_is_truncated_to_the_context() {
 #[test]
 #[ignore = "timing report, not a check"]
 fn engine_embedding_throughput() {
-    let engine = engine();
+    // VLLM_BENCH_MAX_NUM_SEQS: the pooling core's batch cap (default 256: one batch of 64).
+    let mut args = EngineArgs::new(common::minilm_dir());
+    if let Some(n) = std::env::var("VLLM_BENCH_MAX_NUM_SEQS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        args.max_num_seqs = n;
+    }
+    let engine = Engine::new(args).expect("MiniLM pooling engine");
     let words = engine
         .tokenizer()
         .encode("the quick brown fox jumps over the lazy dog while a man is eating food and the stock market crashed today in the city of london near the river thames after rain", true)
