@@ -27,7 +27,7 @@ defmodule VLLM do
   @doc """
   Generates a completion for each prompt (`prompts` is `List.wrap`ped), in prompt order.
   Opts: `sampling_params:` (one or a list, one per prompt), `priority:`, `use_tqdm:`
-  (ignored), `lora_request:` (not supported yet), `__runtime__: [timeout: ms]`.
+  (a progress bar on stderr), `lora_request:` (not supported yet), `__runtime__: [timeout: ms]`.
   """
   @spec generate(LLM.t(), LLM.prompts(), keyword()) ::
           {:ok, [Vllm.RequestOutput.t()]} | {:error, Error.t()}
@@ -100,6 +100,237 @@ defmodule VLLM do
   @doc "Like `async_engine/2` but raises `Vllm.Error`."
   @spec async_engine!(String.t() | keyword(), keyword()) :: Vllm.AsyncLLMEngine.t()
   def async_engine!(model_or_opts, opts \\ []), do: Vllm.AsyncLLMEngine.new!(model_or_opts, opts)
+
+  @doc """
+  Runs `fun` (no arguments) and returns `{:ok, result}`; a raised `Vllm.Error` (or any
+  exception) comes back as `{:error, %Vllm.Error{}}`. Kept for old scripts, which wrapped
+  their code in `VLLM.run/2` to start Python: nothing needs starting here. Opts:
+  `timeout:` ms (the function runs in a task, killed past it), `halt: true` (stop the VM
+  afterwards, as the old `run` allowed for scripts).
+  """
+  @spec run((() -> term()), keyword()) :: {:ok, term()} | {:error, Error.t()}
+  def run(fun, opts \\ [])
+
+  def run(fun, opts) when is_function(fun, 0) and is_list(opts) do
+    with :ok <- Vllm.AsyncLLMEngine.check_opts(opts, [:timeout, :halt, :__runtime__]) do
+      result =
+        case Keyword.get(opts, :timeout) || Vllm.EngineOptions.timeout(opts, nil) do
+          nil -> protect(fun)
+          ms -> run_with_timeout(fun, ms)
+        end
+
+      if Keyword.get(opts, :halt, false),
+        do: System.halt(if(match?({:ok, _}, result), do: 0, else: 1))
+
+      result
+    end
+  end
+
+  def run(fun, _opts),
+    do: {:error, Error.validation("run/2 takes a function of no arguments, got #{inspect(fun)}")}
+
+  @doc "Like `run/2` but returns the function's result or raises `Vllm.Error`."
+  @spec run!((() -> term()), keyword()) :: term()
+  def run!(fun, opts \\ []), do: fun |> run(opts) |> Error.unwrap!()
+
+  defp protect(fun) do
+    {:ok, fun.()}
+  rescue
+    e in Error -> {:error, e}
+    e -> {:error, Error.new(:internal, Exception.message(e), e)}
+  end
+
+  defp run_with_timeout(fun, ms) do
+    task = Task.async(fn -> protect(fun) end)
+
+    case Task.yield(task, ms) || Task.shutdown(task, :brutal_kill) do
+      {:ok, result} -> result
+      _ -> {:error, Error.new(:timeout, "the function did not return within #{ms} ms")}
+    end
+  end
+
+  @doc "Builds validated pooling parameters (`Vllm.PoolingParams.new/1`)."
+  @spec pooling_params(keyword() | map()) :: {:ok, Vllm.PoolingParams.t()} | {:error, Error.t()}
+  def pooling_params(opts \\ []), do: Vllm.PoolingParams.new(opts)
+
+  @doc "Like `pooling_params/1` but raises `Vllm.Error`."
+  def pooling_params!(opts \\ []), do: Vllm.PoolingParams.new!(opts)
+
+  @doc """
+  Builds a validated `%Vllm.LoRARequest{}` (name, integer id, adapter path; `opts` may
+  hold more of its fields). Requests carrying one are `:unsupported` until multi-LoRA
+  (issue 8).
+  """
+  @spec lora_request(String.t(), pos_integer(), String.t(), keyword()) ::
+          {:ok, Vllm.LoRARequest.t()} | {:error, Error.t()}
+  def lora_request(name, lora_int_id, lora_path, opts \\ []) when is_list(opts) do
+    Vllm.LoRARequest.new(
+      Keyword.merge(opts, lora_name: name, lora_int_id: lora_int_id, lora_path: lora_path)
+    )
+  end
+
+  @doc "Like `lora_request/4` but raises `Vllm.Error`."
+  def lora_request!(name, lora_int_id, lora_path, opts \\ []),
+    do: name |> lora_request(lora_int_id, lora_path, opts) |> Error.unwrap!()
+
+  @doc "Starts an engine (`Vllm.AsyncLLMEngine.new/2`); the old package's `LLMEngine`."
+  @spec engine(String.t() | keyword(), keyword()) ::
+          {:ok, Vllm.AsyncLLMEngine.t()} | {:error, Error.t()}
+  def engine(model_or_opts, opts \\ []), do: Vllm.AsyncLLMEngine.new(model_or_opts, opts)
+
+  @doc "Like `engine/2` but raises `Vllm.Error`."
+  def engine!(model_or_opts, opts \\ []), do: Vllm.AsyncLLMEngine.new!(model_or_opts, opts)
+
+  @doc """
+  True for values that stand for a live native object (an engine, an `LLM`, a tokenizer);
+  outputs and params are plain structs (in the old package they were Python references).
+  """
+  @spec ref?(term()) :: boolean()
+  def ref?(%Vllm.AsyncLLMEngine{}), do: true
+  def ref?(%LLM{}), do: true
+  def ref?(%Vllm.Tokenizer{}), do: true
+  def ref?(_), do: false
+
+  @doc """
+  Structured-output parameters: one of `json:` (a schema, map or JSON string), `regex:`,
+  `choice:` (list of strings), `grammar:`; `json_object: true` for any JSON object. The
+  result goes in `SamplingParams`' `structured_outputs`. Enforcing them while decoding is
+  issue 11: until then `guided_decoding_supported?/0` is false and sampling params
+  carrying them are `:unsupported`.
+  """
+  @spec guided_decoding_params(keyword()) :: {:ok, map()} | {:error, Error.t()}
+  def guided_decoding_params(opts \\ []) do
+    kinds = [:json, :regex, :choice, :grammar, :json_object]
+
+    with :ok <- Vllm.AsyncLLMEngine.check_opts(opts, kinds) do
+      case opts do
+        [{:json, schema}] when is_map(schema) or is_binary(schema) ->
+          {:ok, %{json: schema}}
+
+        [{:regex, r}] when is_binary(r) ->
+          {:ok, %{regex: r}}
+
+        [{:grammar, g}] when is_binary(g) ->
+          {:ok, %{grammar: g}}
+
+        [{:json_object, true}] ->
+          {:ok, %{json_object: true}}
+
+        [{:choice, [_ | _] = c}] ->
+          if Enum.all?(c, &is_binary/1), do: {:ok, %{choice: c}}, else: bad_guided(opts)
+
+        _ ->
+          bad_guided(opts)
+      end
+    end
+  end
+
+  defp bad_guided(opts),
+    do:
+      {:error,
+       Error.validation(
+         "guided decoding takes exactly one of json: schema, regex: string, choice: [string], grammar: string, json_object: true; got #{inspect(opts)}"
+       )}
+
+  @doc "Like `guided_decoding_params/1` but raises `Vllm.Error`."
+  def guided_decoding_params!(opts \\ []), do: opts |> guided_decoding_params() |> Error.unwrap!()
+
+  @doc "Whether structured outputs are enforced while decoding: not yet (issue 11)."
+  @spec guided_decoding_supported?() :: boolean()
+  def guided_decoding_supported? do
+    match?(
+      :ok,
+      Vllm.SamplingParams.check_supported(%Vllm.SamplingParams{structured_outputs: %{regex: "a"}})
+    )
+  end
+
+  @timeout_profiles %{
+    default: 120_000,
+    streaming: 1_800_000,
+    ml_inference: 600_000,
+    batch_job: 3_600_000
+  }
+
+  @doc """
+  Adds `__runtime__` timeout options to `opts` (old package helper; returns the keyword
+  list itself so old code keeps working): `VLLM.with_timeout([], timeout: 60_000)`.
+  """
+  @spec with_timeout(keyword(), keyword()) :: keyword()
+  def with_timeout(opts, timeout_opts) when is_list(opts) and is_list(timeout_opts) do
+    runtime = Keyword.get(opts, :__runtime__, [])
+    Keyword.put(opts, :__runtime__, Keyword.merge(runtime, timeout_opts))
+  end
+
+  def with_timeout(opts, timeout_opts),
+    do:
+      raise(
+        Error.validation(
+          "with_timeout/2 takes two keyword lists, got #{inspect(opts)} and #{inspect(timeout_opts)}"
+        )
+      )
+
+  @doc "Same as `with_timeout/2` (it already returns the options)."
+  def with_timeout!(opts, timeout_opts), do: with_timeout(opts, timeout_opts)
+
+  @doc """
+  `[__runtime__: [timeout_profile: profile]]`: `:default` (2 min), `:streaming` (30 min),
+  `:ml_inference` (10 min), `:batch_job` (1 h); honoured as that timeout.
+  """
+  @spec timeout_profile(atom()) :: keyword()
+  def timeout_profile(profile) when is_map_key(@timeout_profiles, profile),
+    do: [__runtime__: [timeout_profile: profile]]
+
+  def timeout_profile(profile),
+    do:
+      raise(
+        Error.validation(
+          "unknown timeout profile #{inspect(profile)}; use one of #{inspect(Map.keys(@timeout_profiles))}"
+        )
+      )
+
+  @doc "Same as `timeout_profile/1`."
+  def timeout_profile!(profile), do: timeout_profile(profile)
+
+  @doc false
+  def timeout_profile_ms(profile), do: Map.get(@timeout_profiles, profile)
+
+  @doc "`[__runtime__: [timeout: ms]]`."
+  @spec timeout_ms(pos_integer()) :: keyword()
+  def timeout_ms(ms) when is_integer(ms) and ms > 0, do: [__runtime__: [timeout: ms]]
+
+  def timeout_ms(ms),
+    do: raise(Error.validation("timeout_ms/1 takes a positive integer, got #{inspect(ms)}"))
+
+  @doc "Same as `timeout_ms/1`."
+  def timeout_ms!(ms), do: timeout_ms(ms)
+
+  @python "there is no Python here: this package runs vLLM's engine natively; use the VLLM and Vllm.* functions"
+
+  @doc "Python pass-through of the old package: `:unsupported`."
+  def call(_module, _function, _args \\ [], _opts \\ []),
+    do: {:error, Error.new(:unsupported, @python)}
+
+  @doc "Like `call/4` but raises `Vllm.Error`."
+  def call!(module, function, args \\ [], opts \\ []),
+    do: module |> call(function, args, opts) |> Error.unwrap!()
+
+  @doc "Python pass-through of the old package: `:unsupported`."
+  def method(_ref, _method, _args \\ [], _opts \\ []),
+    do: {:error, Error.new(:unsupported, @python)}
+
+  @doc "Like `method/4` but raises `Vllm.Error`."
+  def method!(ref, method, args \\ [], opts \\ []),
+    do: ref |> method(method, args, opts) |> Error.unwrap!()
+
+  @doc "Python pass-through of the old package: `:unsupported`."
+  def get(_module, _attr), do: {:error, Error.new(:unsupported, @python)}
+  @doc "Like `get/2` but raises `Vllm.Error`."
+  def get!(module, attr), do: module |> get(attr) |> Error.unwrap!()
+
+  @doc "Python pass-through of the old package: `:unsupported` (outputs are immutable structs)."
+  def set_attr(_ref, _attr, _value), do: {:error, Error.new(:unsupported, @python)}
+  @doc "Like `set_attr/3` but raises `Vllm.Error`."
+  def set_attr!(ref, attr, value), do: ref |> set_attr(attr, value) |> Error.unwrap!()
 
   @doc "This package's version."
   @spec version() :: {:ok, String.t()}

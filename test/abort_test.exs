@@ -98,7 +98,7 @@ defmodule Vllm.AbortTest do
     [_] = Enum.take(stream, 1)
     assert :ok = AsyncLLMEngine.shutdown(other)
     assert :ok = AsyncLLMEngine.shutdown(other)
-    refute AsyncLLMEngine.is_running(other)
+    assert {:ok, false} = AsyncLLMEngine.is_running(other)
   end
 
   defp receive_final(id) do

@@ -33,7 +33,7 @@ defmodule Vllm.SupervisionTest do
 
     assert Process.whereis(:supervised_engine) == pid
     {:ok, engine} = AsyncLLMEngine.whereis(:supervised_engine)
-    assert AsyncLLMEngine.is_running(engine)
+    assert {:ok, true} = AsyncLLMEngine.is_running(engine)
 
     {:ok, stream} =
       AsyncLLMEngine.generate(engine, "Hello", [temperature: 0.0, max_tokens: 3], request_id())

@@ -13,9 +13,8 @@ defmodule Vllm.AsyncLLMEngine do
   {category, message}}` when the engine cannot finish it). The engine process monitors
   each request's owner and aborts its requests when it dies, freeing their KV blocks.
   """
-  use GenServer
-
   alias Vllm.{EngineOptions, Error, Native, Prompt, RequestStream, SamplingParams}
+  alias Vllm.AsyncLLMEngine.Server
 
   @enforce_keys [:pid, :resource]
   defstruct [:pid, :resource]
@@ -44,9 +43,16 @@ defmodule Vllm.AsyncLLMEngine do
   `new(opts)` or `new(model, opts)`. Options (vLLM's EngineArgs names): `model`, `dtype`,
   `seed`, `max_model_len`, `max_num_seqs`, `max_num_batched_tokens`, `block_size`,
   `kv_cache_memory_bytes`, `enable_prefix_caching`, `enable_chunked_prefill`, `device`
-  (`"auto"` or `"cpu"`), `tokenizer`, `num_threads`, `trust_remote_code` (ignored),
-  `gpu_memory_utilization`/`enforce_eager` (ignored on the CPU), `name` (process name),
-  `__runtime__: [timeout: ms]` (load timeout).
+  (`"auto"` or `"cpu"`), `tokenizer`, `num_threads`, `quantization` (`"gguf"`: keep a
+  GGUF file's matrices quantized), `data_parallel_size` (engine cores, each a replica with
+  its own KV cache; see `scale_elastic_ep/3`), `profiler_dir` (where `stop_profile/1`
+  writes), `trust_remote_code` (ignored), `gpu_memory_utilization`/`enforce_eager` (no GPU
+  memory or CUDA graphs on the CPU: accepted, no effect), `max_loras`/`max_lora_rank`/
+  `max_cpu_loras` (size LoRA slots; no effect without LoRA), `name` (process name),
+  `__runtime__: [timeout: ms]` (load timeout). Refused with `:unsupported` and the reason:
+  `tensor_parallel_size` > 1, `device` other than `"auto"`/`"cpu"`, `enable_lora: true`,
+  a `dtype` other than float32, a `revision`, a `quantization` other
+  than `"gguf"`.
 
   Errors: a missing model is `:not_found`, a corrupt file or a bad option `:validation`.
   """
@@ -74,7 +80,43 @@ defmodule Vllm.AsyncLLMEngine do
   @spec from_engine_args!(keyword(), keyword()) :: t()
   def from_engine_args!(args, opts \\ []), do: new!(args, opts)
 
-  @doc "For supervision trees: `{Vllm.AsyncLLMEngine, model: path, name: MyEngine}`."
+  @doc """
+  Starts an engine from a vLLM-style config: a map or keyword list of engine options,
+  flat or grouped as vLLM's `VllmConfig` groups them (`model_config`, `cache_config`,
+  `scheduler_config`, `parallel_config`, `device_config`: their keys are merged).
+  """
+  @spec from_vllm_config(map() | keyword(), keyword()) :: {:ok, t()} | {:error, Error.t()}
+  def from_vllm_config(config, opts \\ [])
+
+  def from_vllm_config(config, opts) when (is_map(config) or is_list(config)) and is_list(opts) do
+    groups =
+      ~w(model_config cache_config scheduler_config parallel_config device_config load_config)
+
+    flat =
+      Enum.flat_map(config, fn {key, value} ->
+        if to_string(key) in groups and (is_map(value) or Keyword.keyword?(value)),
+          do: Enum.to_list(value),
+          else: [{key, value}]
+      end)
+
+    new(flat, opts)
+  end
+
+  def from_vllm_config(other, _),
+    do:
+      {:error,
+       Error.validation("a vLLM config must be a map or keyword list, got #{inspect(other)}")}
+
+  @doc "Like `from_vllm_config/2` but raises `Vllm.Error`."
+  @spec from_vllm_config!(map() | keyword(), keyword()) :: t()
+  def from_vllm_config!(config, opts \\ []),
+    do: config |> from_vllm_config(opts) |> Error.unwrap!()
+
+  @doc """
+  For supervision trees: `{Vllm.AsyncLLMEngine, model: path, name: MyEngine}`. The child
+  is the engine process; a restarted engine is a new process (handles to the old one
+  answer `:engine_dead`; look the new one up with `whereis/1`).
+  """
   @spec child_spec(keyword()) :: Supervisor.child_spec()
   def child_spec(opts) do
     %{
@@ -93,23 +135,30 @@ defmodule Vllm.AsyncLLMEngine do
   @doc "The engine handle of a started engine process (by pid or registered name)."
   @spec whereis(GenServer.server()) :: {:ok, t()} | {:error, Error.t()}
   def whereis(server) do
-    {:ok, GenServer.call(server, :handle)}
-  catch
-    :exit, _ -> {:error, Error.new(:engine_dead, "no engine process #{inspect(server)}")}
+    with {:ok, [{0, resource} | _]} <- call(server, :cores) do
+      pid = if is_pid(server), do: server, else: GenServer.whereis(server)
+      {:ok, %__MODULE__{pid: pid, resource: resource}}
+    end
   end
 
-  @doc "Aborts every request and stops the engine. Idempotent."
+  @doc """
+  Stops the engine: every request in flight ends with `finish_reason: :abort` (requests
+  held by a pause end the same way), the engine cores' threads are joined and the process
+  exits. Idempotent.
+  """
   @spec shutdown(t()) :: :ok
-  def shutdown(%__MODULE__{pid: pid, resource: resource}) do
-    Native.shutdown(resource)
-
-    try do
-      GenServer.stop(pid, :normal, :infinity)
-    catch
-      :exit, _ -> :ok
+  def shutdown(%__MODULE__{pid: pid, resource: resource} = engine) do
+    case call(engine, :shutdown) do
+      :ok -> :ok
+      # Already gone: make sure the native engine is too.
+      {:error, _} -> Native.shutdown(resource)
     end
 
-    :ok
+    ref = Process.monitor(pid)
+
+    receive do
+      {:DOWN, ^ref, :process, _, _} -> :ok
+    end
   end
 
   @doc "Like `shutdown/1` (kept for symmetry with the other `!` functions)."
@@ -118,35 +167,19 @@ defmodule Vllm.AsyncLLMEngine do
 
   defp start(opts, link) do
     with {:ok, native, opts} <- EngineOptions.validate(opts),
-         {:ok, resource} <- load(native, EngineOptions.timeout(opts, @default_load_timeout)) do
-      gen_opts = if opts[:name], do: [name: opts[:name]], else: []
-      starter = if link == :link, do: &GenServer.start_link/3, else: &GenServer.start/3
+         timeout = EngineOptions.timeout(opts, @default_load_timeout),
+         {:ok, [primary | _] = cores} <-
+           Server.load_cores(native, Keyword.get(opts, :data_parallel_size) || 1, timeout) do
+      opts = Keyword.put(opts, :profiler_dir, EngineOptions.profiler_dir(opts))
 
-      case starter.(__MODULE__, resource, gen_opts) do
+      case Server.start(cores, native, opts, link == :link) do
         {:ok, pid} ->
-          {:ok, %__MODULE__{pid: pid, resource: resource}}
+          {:ok, %__MODULE__{pid: pid, resource: primary}}
 
         {:error, reason} ->
+          Enum.each(cores, &Native.shutdown/1)
           {:error, Error.new(:internal, "cannot start the engine process: #{inspect(reason)}")}
       end
-    end
-  end
-
-  # The NIF loads on its own thread and answers with a message; this process only waits.
-  defp load(native_opts, timeout) do
-    ref = make_ref()
-
-    case Native.engine_start(native_opts, self(), ref) do
-      :ok ->
-        receive do
-          {:vllm_engine_started, ^ref, {:ok, resource}} -> {:ok, resource}
-          {:vllm_engine_started, ^ref, {:error, reason}} -> {:error, Error.from_native(reason)}
-        after
-          timeout -> {:error, Error.new(:timeout, "the model did not load within #{timeout} ms")}
-        end
-
-      {:error, reason} ->
-        {:error, Error.from_native(reason)}
     end
   end
 
@@ -163,9 +196,10 @@ defmodule Vllm.AsyncLLMEngine do
   (a list of `%{"role" => _, "content" => _}` maps, rendered with the chat template). `sampling_params`: a
   `%Vllm.SamplingParams{}`, a keyword list of its fields, or nil (defaults). Opts:
   `priority`, `__runtime__: [timeout: ms]` (longest wait for the next output; the request
-  is aborted and the stream raises `:timeout`), and vLLM's `arrival_time`,
-  `trace_headers`, `tokenization_kwargs`, `data_parallel_rank` (ignored) and
-  `lora_request` (not supported yet).
+  is aborted and the stream raises `:timeout`), `data_parallel_rank` (the engine core
+  that runs it; default: the least loaded), vLLM's `arrival_time`, `trace_headers`,
+  `tokenization_kwargs` (ignored) and `lora_request` (not supported yet). While the engine
+  is paused or asleep the request waits, then runs.
   """
   @spec generate(t(), Prompt.t(), SamplingParams.t() | keyword() | nil, request_id(), keyword()) ::
           {:ok, Enumerable.t()} | {:error, Error.t()}
@@ -197,7 +231,7 @@ defmodule Vllm.AsyncLLMEngine do
           keyword()
         ) ::
           :ok | {:error, Error.t()}
-  def add_request(%__MODULE__{pid: pid} = engine, request_id, prompt, sampling_params, opts \\ []) do
+  def add_request(%__MODULE__{} = engine, request_id, prompt, sampling_params, opts \\ []) do
     owner = Keyword.get(opts, :to, self())
 
     with :ok <- check_opts(opts, @request_opts),
@@ -207,8 +241,15 @@ defmodule Vllm.AsyncLLMEngine do
          {:ok, params} <- sampling_params(sampling_params),
          :ok <- SamplingParams.check_supported(params),
          :ok <- check_request_opts(opts, owner) do
-      request_opts = %{priority: Keyword.get(opts, :priority, 0)}
-      call(pid, {:add_request, request_id, prompt, Map.from_struct(params), owner, request_opts})
+      request_opts = %{
+        priority: Keyword.get(opts, :priority, 0),
+        data_parallel_rank: Keyword.get(opts, :data_parallel_rank)
+      }
+
+      call(
+        engine,
+        {:add_request, request_id, prompt, Map.from_struct(params), owner, request_opts}
+      )
     end
   end
 
@@ -228,16 +269,13 @@ defmodule Vllm.AsyncLLMEngine do
   `finish_reason: :abort` and its KV blocks are freed; unknown or finished ids are ignored.
   """
   @spec abort(t(), request_id() | [request_id()], keyword()) :: :ok | {:error, Error.t()}
-  def abort(%__MODULE__{resource: resource}, ids, opts \\ []) do
-    with :ok <- check_opts(opts, [:__runtime__]) do
-      ids
-      |> List.wrap()
-      |> Enum.reduce_while(:ok, fn id, :ok ->
-        case Native.abort(resource, id) do
-          :ok -> {:cont, :ok}
-          {:error, reason} -> {:halt, {:error, Error.from_native(reason)}}
-        end
-      end)
+  def abort(engine, ids, opts \\ []) do
+    ids = List.wrap(ids)
+
+    if Enum.all?(ids, &is_binary/1) do
+      with :ok <- check_opts(opts, [:__runtime__]), do: call(engine, {:abort, ids})
+    else
+      {:error, Error.validation("request ids must be strings, got #{inspect(ids, limit: 5)}")}
     end
   end
 
@@ -250,7 +288,16 @@ defmodule Vllm.AsyncLLMEngine do
   blocks and request counts). When nothing is in flight, `free_blocks == total_blocks`.
   """
   @spec stats(t()) :: {:ok, map()} | {:error, Error.t()}
-  def stats(%__MODULE__{resource: resource}), do: native_result(Native.stats(resource))
+  def stats(engine) do
+    with {:ok, cores} <- cores(engine) do
+      Enum.reduce_while(cores, {:ok, %{}}, fn {_rank, r}, {:ok, acc} ->
+        case Native.stats(r) do
+          {:ok, s} -> {:cont, {:ok, Map.merge(acc, s, fn _k, a, b -> a + b end)}}
+          {:error, reason} -> {:halt, {:error, Error.from_native(reason)}}
+        end
+      end)
+    end
+  end
 
   @doc "Like `stats/1` but raises `Vllm.Error`."
   @spec stats!(t()) :: map()
@@ -310,10 +357,6 @@ defmodule Vllm.AsyncLLMEngine do
   def apply_chat_template!(engine, messages, add_generation_prompt \\ true, opts \\ []),
     do: engine |> apply_chat_template(messages, add_generation_prompt, opts) |> Error.unwrap!()
 
-  @doc "True while the engine process is alive."
-  @spec is_running(t()) :: boolean()
-  def is_running(%__MODULE__{pid: pid}), do: Process.alive?(pid)
-
   ## Pooling models (Vllm.Pooling)
 
   @doc """
@@ -368,9 +411,6 @@ defmodule Vllm.AsyncLLMEngine do
     )
   end
 
-  @doc "The tasks the loaded model serves: `[\"generate\"]`, or e.g. `[\"encode\", \"embed\"]`."
-  def get_supported_tasks(engine), do: Vllm.Pooling.supported_tasks(engine)
-
   # PoolingParams.task, when given, is the default task.
   defp with_task(%Vllm.PoolingParams{task: task}, opts) when is_binary(task),
     do: Keyword.put_new(opts, :task, task)
@@ -410,8 +450,16 @@ defmodule Vllm.AsyncLLMEngine do
         {:error,
          Error.validation("option :priority must be an integer, got #{inspect(opts[:priority])}")}
 
+      not (is_nil(opts[:data_parallel_rank]) or
+               (is_integer(opts[:data_parallel_rank]) and opts[:data_parallel_rank] >= 0)) ->
+        {:error,
+         Error.validation(
+           "option :data_parallel_rank must be a non-negative integer, got #{inspect(opts[:data_parallel_rank])}"
+         )}
+
       Keyword.get(opts, :lora_request) != nil ->
-        {:error, Error.new(:unsupported, "LoRA requests are not supported yet")}
+        {:error,
+         Error.new(:unsupported, "LoRA requests are not supported yet (multi-LoRA is issue 8)")}
 
       true ->
         :ok
@@ -438,112 +486,30 @@ defmodule Vllm.AsyncLLMEngine do
   defp native_result({:ok, value}), do: {:ok, value}
   defp native_result({:error, reason}), do: {:error, Error.from_native(reason)}
 
-  defp call(pid, message) do
-    GenServer.call(pid, message, :infinity)
+  ## Control: every function of Vllm.AsyncLLMEngine.Control, and its `!` twin
+
+  for {name, arity} <- Vllm.AsyncLLMEngine.Control.__info__(:functions) do
+    args = Macro.generate_arguments(arity, __MODULE__)
+    @doc "See `Vllm.AsyncLLMEngine.Control.#{name}/#{arity}`."
+    defdelegate unquote(name)(unquote_splicing(args)), to: Vllm.AsyncLLMEngine.Control
+
+    @doc "Like `#{name}/#{arity}` but raises `Vllm.Error`."
+    def unquote(:"#{name}!")(unquote_splicing(args)) do
+      Vllm.AsyncLLMEngine.Control.unquote(name)(unquote_splicing(args)) |> Error.unwrap!()
+    end
+  end
+
+  @doc false
+  # A call to the engine process; a dead (or restarted) engine is :engine_dead.
+  def call(%__MODULE__{pid: pid}, message), do: call(pid, message)
+
+  def call(server, message) do
+    GenServer.call(server, message, :infinity)
   catch
     :exit, _ -> {:error, Error.new(:engine_dead, "the engine process is not running")}
   end
 
-  ## GenServer: a registry of live requests and their owners' monitors
-
-  @impl true
-  def init(resource) do
-    Process.flag(:trap_exit, true)
-    {:ok, %{resource: resource, requests: %{}, owners: %{}}}
-  end
-
-  @impl true
-  def handle_call(:handle, _from, state),
-    do: {:reply, %__MODULE__{pid: self(), resource: state.resource}, state}
-
-  def handle_call({:add_request, id, prompt, params, owner, request_opts}, _from, state) do
-    if Map.has_key?(state.requests, id) do
-      {:reply,
-       {:error,
-        Error.validation("request_id #{inspect(id)} is already in use by a live request")}, state}
-    else
-      # The engine tells this process when the request ends, so the registry stays small.
-      case native_add_request(state.resource, id, prompt, params, owner, request_opts) do
-        :ok -> {:reply, :ok, register(state, id, owner)}
-        {:error, reason} -> {:reply, {:error, Error.from_native(reason)}, state}
-      end
-    end
-  end
-
-  @impl true
-  def handle_info({:vllm_request_done, id}, state), do: {:noreply, unregister(state, id)}
-
-  def handle_info({:DOWN, _ref, :process, owner, _reason}, state) do
-    case Map.pop(state.owners, owner) do
-      {nil, _} ->
-        {:noreply, state}
-
-      {{_ref, ids}, owners} ->
-        Enum.each(ids, &Native.abort(state.resource, &1))
-
-        {:noreply,
-         %{state | owners: owners, requests: Map.drop(state.requests, MapSet.to_list(ids))}}
-    end
-  end
-
-  # Exits are trapped so that terminate/2 shuts the engine down; like an untrapped link,
-  # a normal exit of a linked process does not stop the engine.
-  def handle_info({:EXIT, _pid, :normal}, state), do: {:noreply, state}
-  def handle_info({:EXIT, _pid, reason}, state), do: {:stop, reason, state}
-  def handle_info(_other, state), do: {:noreply, state}
-
-  @impl true
-  def terminate(_reason, state) do
-    Native.shutdown(state.resource)
-    :ok
-  end
-
-  # A NIF exception must not take the engine process (and every request) down with it.
-  defp native_add_request(resource, id, prompt, params, owner, request_opts) do
-    Native.add_request(
-      resource,
-      id,
-      prompt,
-      params,
-      owner,
-      Map.put(request_opts, :watcher, self())
-    )
-  rescue
-    exception -> {:error, {:internal, "add_request failed: " <> Exception.message(exception)}}
-  end
-
-  defp register(state, id, owner) do
-    owners =
-      Map.update(state.owners, owner, {Process.monitor(owner), MapSet.new([id])}, fn {ref, ids} ->
-        {ref, MapSet.put(ids, id)}
-      end)
-
-    %{state | requests: Map.put(state.requests, id, owner), owners: owners}
-  end
-
-  defp unregister(state, id) do
-    case Map.pop(state.requests, id) do
-      {nil, _} ->
-        state
-
-      {owner, requests} ->
-        owners =
-          case Map.fetch(state.owners, owner) do
-            {:ok, {ref, ids}} ->
-              ids = MapSet.delete(ids, id)
-
-              if MapSet.size(ids) == 0 do
-                Process.demonitor(ref, [:flush])
-                Map.delete(state.owners, owner)
-              else
-                Map.put(state.owners, owner, {ref, ids})
-              end
-
-            :error ->
-              state.owners
-          end
-
-        %{state | requests: requests, owners: owners}
-    end
-  end
+  @doc false
+  # `[{rank, resource}]` of the engine cores.
+  def cores(engine), do: call(engine, :cores)
 end

@@ -25,7 +25,16 @@ defmodule Vllm.EngineOptions do
       enable_chunked_prefill: {&is_boolean/1, "a boolean"},
       enforce_eager: {&is_boolean/1, "a boolean"},
       num_threads: {&(is_integer(&1) and &1 > 0), "a positive integer"},
+      enable_lora: {&is_boolean/1, "a boolean"},
+      max_loras: {&(is_integer(&1) and &1 > 0), "a positive integer"},
+      max_lora_rank: {&(is_integer(&1) and &1 > 0), "a positive integer"},
+      max_cpu_loras: {&(is_integer(&1) and &1 > 0), "a positive integer"},
+      tensor_parallel_size: {&(is_integer(&1) and &1 > 0), "a positive integer"},
+      data_parallel_size: {&(is_integer(&1) and &1 > 0), "a positive integer"},
+      revision: {&is_binary/1, "a string"},
       runner: {&(&1 in ["auto", "generate", "pooling"]), ~s("auto", "generate" or "pooling")},
+      quantization: {&is_binary/1, "a string"},
+      profiler_dir: {&is_binary/1, "a directory path"},
       trust_remote_code: {&is_boolean/1, "a boolean"},
       __runtime__: {&Keyword.keyword?/1, "a keyword list"},
       name: {&(is_atom(&1) or is_tuple(&1)), "a process name"}
@@ -46,6 +55,7 @@ defmodule Vllm.EngineOptions do
     :enable_prefix_caching,
     :enable_chunked_prefill,
     :num_threads,
+    :quantization,
     :runner
   ]
 
@@ -58,7 +68,8 @@ defmodule Vllm.EngineOptions do
     with {:ok, opts} <- to_keyword(opts),
          :ok <- check_each(opts),
          :ok <- check_model(opts[:model]),
-         :ok <- check_device(opts[:device]) do
+         :ok <- check_device(opts[:device]),
+         :ok <- check_supported(opts) do
       native =
         opts |> Keyword.take(@native_keys) |> Enum.reject(fn {_, v} -> is_nil(v) end) |> Map.new()
 
@@ -69,11 +80,24 @@ defmodule Vllm.EngineOptions do
   def validate(other),
     do: {:error, Error.validation("engine options must be a keyword list, got #{inspect(other)}")}
 
+  @doc """
+  Where `stop_profile` writes traces: the `profiler_dir` option, else
+  `$VLLM_TORCH_PROFILER_DIR` (vLLM's variable), else `<tmp>/vllm_profile`.
+  """
+  def profiler_dir(opts) do
+    opts[:profiler_dir] || System.get_env("VLLM_TORCH_PROFILER_DIR") ||
+      Path.join(System.tmp_dir!(), "vllm_profile")
+  end
+
   @doc "The `__runtime__: [timeout: ms]` option, or `default`."
   def timeout(opts, default) do
     case Keyword.get(opts, :__runtime__) do
-      runtime when is_list(runtime) -> Keyword.get(runtime, :timeout, default)
-      _ -> default
+      runtime when is_list(runtime) ->
+        Keyword.get(runtime, :timeout) ||
+          VLLM.timeout_profile_ms(Keyword.get(runtime, :timeout_profile)) || default
+
+      _ ->
+        default
     end
   end
 
@@ -142,6 +166,44 @@ defmodule Vllm.EngineOptions do
       {:error,
        Error.new(
          :unsupported,
-         ~s(device #{inspect(device)} is not supported yet: use "auto" or "cpu")
+         ~s(device #{inspect(device)}: this build has only the CPU backend \(the CUDA backend is issue 6\); use "auto" or "cpu")
        )}
+
+  # Options this build cannot honour are refused with the reason, never silently dropped.
+  # gpu_memory_utilization and enforce_eager are about GPU memory and CUDA graphs: on the
+  # CPU they have nothing to act on. max_loras & co. size LoRA slots, unused without LoRA.
+  defp check_supported(opts) do
+    cond do
+      opts[:dtype] in ["bfloat16", "float16", "half"] ->
+        unsupported(
+          "dtype #{inspect(opts[:dtype])}: the CPU backend computes in float32; use \"auto\" or \"float32\""
+        )
+
+      (opts[:tensor_parallel_size] || 1) > 1 ->
+        unsupported(
+          "tensor_parallel_size #{opts[:tensor_parallel_size]}: tensor parallelism splits a model over several GPUs, and this build runs on the CPU (the CUDA backend is issue 6); use data_parallel_size for replicas"
+        )
+
+      opts[:enable_lora] == true ->
+        unsupported("enable_lora: LoRA adapters are not supported yet (multi-LoRA is issue 8)")
+
+      opts[:revision] not in [nil, "main"] ->
+        unsupported(
+          "revision #{inspect(opts[:revision])}: models load from local paths, which have no revisions"
+        )
+
+      opts[:quantization] not in [nil, "gguf"] ->
+        unsupported(
+          "quantization #{inspect(opts[:quantization])}: only \"gguf\" (a GGUF file's quantized matrices kept quantized) is supported"
+        )
+
+      opts[:quantization] == "gguf" and not String.ends_with?(opts[:model] || "", ".gguf") ->
+        {:error, Error.validation(~s(quantization "gguf" needs a .gguf model file))}
+
+      true ->
+        :ok
+    end
+  end
+
+  defp unsupported(message), do: {:error, Error.new(:unsupported, message)}
 end

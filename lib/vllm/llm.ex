@@ -51,7 +51,8 @@ defmodule Vllm.LLM do
   `%{prompt_token_ids: ids}`); `sampling_params` is nil (defaults), one
   `%Vllm.SamplingParams{}`/keyword list for all, or a list with one per prompt. A keyword
   list of options in the `sampling_params` position is taken as `opts`.
-  Opts: `priority`, `__runtime__: [timeout: ms]` (whole call), `use_tqdm` (ignored).
+  Opts: `priority`, `__runtime__: [timeout: ms]` (whole call), `use_tqdm: true` (a
+  progress bar on stderr: prompts done, output tokens/s).
   """
   @spec generate(
           t(),
@@ -230,6 +231,96 @@ defmodule Vllm.LLM do
   @spec shutdown(t()) :: :ok
   def shutdown(%__MODULE__{engine: engine}), do: AsyncLLMEngine.shutdown(engine)
 
+  @doc "The model's tokenizer (`Vllm.Tokenizer`)."
+  @spec get_tokenizer(t()) :: {:ok, Vllm.Tokenizer.t()} | {:error, Error.t()}
+  def get_tokenizer(%__MODULE__{engine: engine}), do: AsyncLLMEngine.get_tokenizer(engine)
+  @doc "Like `get_tokenizer/1` but raises `Vllm.Error`."
+  def get_tokenizer!(llm), do: llm |> get_tokenizer() |> Error.unwrap!()
+
+  @doc "Like `get_default_sampling_params/1`, unwrapped."
+  def get_default_sampling_params!(llm),
+    do: llm |> get_default_sampling_params() |> Error.unwrap!()
+
+  @doc "Resets the prefix cache (`Vllm.AsyncLLMEngine.reset_prefix_cache/2`)."
+  def reset_prefix_cache(%__MODULE__{engine: engine}),
+    do: AsyncLLMEngine.reset_prefix_cache(engine)
+
+  @doc "Like `reset_prefix_cache/1` but raises `Vllm.Error`."
+  def reset_prefix_cache!(llm), do: llm |> reset_prefix_cache() |> Error.unwrap!()
+
+  @doc "Puts the engine to sleep (`level: 1 | 2`, see `Vllm.AsyncLLMEngine.sleep/2`)."
+  def sleep(%__MODULE__{engine: engine}, opts \\ []), do: AsyncLLMEngine.sleep(engine, opts)
+  @doc "Like `sleep/2` but raises `Vllm.Error`."
+  def sleep!(llm, opts \\ []), do: llm |> sleep(opts) |> Error.unwrap!()
+
+  @doc "Wakes the engine (`tags:`, see `Vllm.AsyncLLMEngine.wake_up/2`)."
+  def wake_up(%__MODULE__{engine: engine}, opts \\ []), do: AsyncLLMEngine.wake_up(engine, opts)
+  @doc "Like `wake_up/2` but raises `Vllm.Error`."
+  def wake_up!(llm, opts \\ []), do: llm |> wake_up(opts) |> Error.unwrap!()
+
+  @doc """
+  The engine's metrics as vLLM names them, a list of `%{name, type, value}` (type
+  `:counter` or `:gauge`): `vllm:num_requests_running`, `vllm:num_requests_waiting`,
+  `vllm:kv_cache_usage_perc`, `vllm:prompt_tokens`, `vllm:generation_tokens`,
+  `vllm:num_preemptions`, `vllm:prefix_cache_queries`, `vllm:prefix_cache_hits` (prompt
+  tokens looked up / found in the prefix cache), `vllm:engine_memory_bytes`.
+  """
+  @spec get_metrics(t()) :: {:ok, [map()]} | {:error, Error.t()}
+  def get_metrics(%__MODULE__{engine: engine}) do
+    with {:ok, stats} <- AsyncLLMEngine.stats(engine),
+         {:ok, cores} <- AsyncLLMEngine.cores(engine),
+         {:ok, memory} <- AsyncLLMEngine.memory_usage(engine) do
+      counters =
+        Enum.reduce(cores, %{}, fn {_, r}, acc ->
+          case Vllm.Native.counters(r) do
+            {:ok, c} -> Map.merge(acc, c, fn _, a, b -> a + b end)
+            _ -> acc
+          end
+        end)
+
+      usage =
+        if stats.total_blocks > 0,
+          do: (stats.total_blocks - stats.free_blocks) / stats.total_blocks,
+          else: 0.0
+
+      {:ok,
+       [
+         %{name: "vllm:num_requests_running", type: :gauge, value: stats.num_running},
+         %{name: "vllm:num_requests_waiting", type: :gauge, value: stats.num_waiting},
+         %{name: "vllm:kv_cache_usage_perc", type: :gauge, value: usage},
+         %{
+           name: "vllm:prompt_tokens",
+           type: :counter,
+           value: Map.get(counters, :prompt_tokens, 0)
+         },
+         %{
+           name: "vllm:generation_tokens",
+           type: :counter,
+           value: Map.get(counters, :generation_tokens, 0)
+         },
+         %{
+           name: "vllm:num_preemptions",
+           type: :counter,
+           value: Map.get(counters, :num_preemptions, 0)
+         },
+         %{
+           name: "vllm:prefix_cache_queries",
+           type: :counter,
+           value: Map.get(counters, :prefix_cache_queries, 0)
+         },
+         %{
+           name: "vllm:prefix_cache_hits",
+           type: :counter,
+           value: Map.get(counters, :prefix_cache_hits, 0)
+         },
+         %{name: "vllm:engine_memory_bytes", type: :gauge, value: memory.total_bytes}
+       ]}
+    end
+  end
+
+  @doc "Like `get_metrics/1` but raises `Vllm.Error`."
+  def get_metrics!(llm), do: llm |> get_metrics() |> Error.unwrap!()
+
   # Old-package habit: `generate(llm, prompts, sampling_params: ..., priority: ...)`.
   defp split_opts(params, [], known) when is_list(params) and params != [] do
     if Keyword.keyword?(params) and
@@ -272,7 +363,7 @@ defmodule Vllm.LLM do
 
   defp run_batch(engine, prompts, params, opts) do
     batch = "llm-#{System.unique_integer([:positive])}"
-    request_opts = Keyword.take(opts, [:priority])
+    request_opts = Keyword.take(opts, [:priority, :lora_request])
 
     submitted =
       prompts
@@ -298,7 +389,9 @@ defmodule Vllm.LLM do
         ids = Enum.reverse(ids)
         deadline = deadline(Vllm.EngineOptions.timeout(opts, :infinity))
 
-        case collect_outputs(engine, Map.new(ids, &{&1, true}), %{}, deadline) do
+        progress = if opts[:use_tqdm], do: Vllm.Progress.new(length(ids))
+
+        case collect_outputs(engine, Map.new(ids, &{&1, true}), %{}, deadline, progress) do
           {:ok, outputs} -> {:ok, Enum.map(ids, &Map.fetch!(outputs, &1))}
           {:error, error} -> abort_and_fail(engine, ids, error)
         end
@@ -319,13 +412,22 @@ defmodule Vllm.LLM do
   defp remaining(:infinity), do: :infinity
   defp remaining(deadline), do: max(deadline - System.monotonic_time(:millisecond), 0)
 
-  defp collect_outputs(engine, pending, done, deadline) do
+  defp collect_outputs(engine, pending, done, deadline, progress) do
     if map_size(pending) == 0 do
+      Vllm.Progress.finish(progress)
       {:ok, done}
     else
       receive do
         {:vllm, id, %RequestOutput{finished: true} = out} when is_map_key(pending, id) ->
-          collect_outputs(engine, Map.delete(pending, id), Map.put(done, id, out), deadline)
+          progress = Vllm.Progress.advance(progress, out)
+
+          collect_outputs(
+            engine,
+            Map.delete(pending, id),
+            Map.put(done, id, out),
+            deadline,
+            progress
+          )
 
         {:vllm_error, id, reason} when is_map_key(pending, id) ->
           {:error, Error.from_native(reason)}

@@ -25,6 +25,19 @@ defmodule Vllm.Native do
   def apply_chat_template(_engine, _messages, _add_generation_prompt, _template),
     do: :erlang.nif_error(:nif_not_loaded)
 
+  # Control and introspection (native/vllm_nif/src/control.rs).
+  def engine_info(_engine), do: :erlang.nif_error(:nif_not_loaded)
+  def memory_usage(_engine), do: :erlang.nif_error(:nif_not_loaded)
+  def counters(_engine), do: :erlang.nif_error(:nif_not_loaded)
+  def reset_prefix_cache(_engine, _reset_running), do: :erlang.nif_error(:nif_not_loaded)
+  def ping(_engine, _timeout_ms), do: :erlang.nif_error(:nif_not_loaded)
+  def sleep(_engine, _level), do: :erlang.nif_error(:nif_not_loaded)
+  def wake_up(_engine, _weights, _kv_cache), do: :erlang.nif_error(:nif_not_loaded)
+  def start_profile(_engine), do: :erlang.nif_error(:nif_not_loaded)
+  def stop_profile(_engine, _path), do: :erlang.nif_error(:nif_not_loaded)
+  def is_alive(_engine), do: :erlang.nif_error(:nif_not_loaded)
+  def monitor_owner(_engine, _pid), do: :erlang.nif_error(:nif_not_loaded)
+
   # Pooling models (native/vllm_nif/src/pooling.rs).
   def pooling_request(_engine, _request_id, _prompt, _task, _params, _to),
     do: :erlang.nif_error(:nif_not_loaded)

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{unbounded, Sender};
 
 use crate::config::{EngineArgs, ModelConfig};
+use crate::control::{ControlCommand, ControlOp, ControlReply, MemoryUsage};
 use crate::engine_core::{CoreCommand, CoreShared, EngineCore, NewRequest};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::manager::SeqId;
@@ -20,6 +21,7 @@ use crate::pooling_core::{
     self, PoolingCommand, PoolingCore, PoolingLimits, PoolingRequest, PoolingSender, PoolingSink,
 };
 use crate::output_processor::{LiveRequests, OutputMessage, OutputProcessor, RequestStream};
+use crate::profiler::ProfileSummary;
 use crate::request::{EngineRequest, RequestOutput, SamplingParams};
 use crate::runner::{ModelRunner, DEFAULT_KV_CACHE_BYTES};
 use crate::sampler::Sampler;
@@ -82,6 +84,9 @@ pub struct EngineLimits {
     pub vocab_size: usize,
     pub eos_token_ids: Vec<u32>,
 }
+
+/// Longest wait for sleep / wake-up (a level-2 wake-up reloads the weights from disk).
+const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 pub struct Engine {
     core_tx: Sender<CoreCommand>,
@@ -164,7 +169,7 @@ impl Engine {
             KvCacheManager::new(limits.num_blocks, limits.block_size).with_prefix_caching(args.enable_prefix_caching),
         );
         let runner = ModelRunner::new(model, limits.num_blocks, limits.block_size);
-        let core = EngineCore::new(
+        let mut core = EngineCore::new(
             scheduler,
             runner,
             Sampler::new(args.seed),
@@ -174,6 +179,9 @@ impl Engine {
             out_tx.clone(),
             shared.clone(),
         );
+        // Level-2 sleep drops the weights; waking reloads them from the same files.
+        core.control.reload_args = Some(args.clone());
+        core.publish_memory();
         let output = OutputProcessor::new(tokenizer.clone(), out_rx, core_tx.clone(), live.clone(), shared.clone());
 
         let spawn_err = |e: std::io::Error| EngineError::internal(format!("cannot start engine thread: {e}"));
@@ -516,6 +524,61 @@ impl Engine {
         let _ = self.out_tx.send(OutputMessage::Shutdown);
         for t in threads {
             let _ = t.join();
+        }
+    }
+
+    /// Proves the core thread is serving: it answers between two steps.
+    pub fn ping(&self, timeout: std::time::Duration) -> Result<()> {
+        self.control(ControlOp::Ping, timeout).map(|_| ())
+    }
+
+    /// Sleep level 1 frees the KV cache memory (on the CPU the weights stay in host
+    /// memory); level 2 also drops the weights. Requests in flight are aborted; requests
+    /// added while asleep wait for `wake_up`.
+    pub fn sleep(&self, level: u8) -> Result<()> {
+        self.control(ControlOp::Sleep { level }, CONTROL_TIMEOUT).map(|_| ())
+    }
+
+    /// Restores the weights (reloaded from disk after a level-2 sleep) and/or the KV cache.
+    pub fn wake_up(&self, weights: bool, kv_cache: bool) -> Result<()> {
+        self.control(ControlOp::WakeUp { weights, kv_cache }, CONTROL_TIMEOUT)
+            .map(|_| ())
+    }
+
+    /// Weights and KV cache bytes held now.
+    pub fn memory_usage(&self) -> MemoryUsage {
+        self.shared.memory.lock().map(|m| *m).unwrap_or_default()
+    }
+
+    pub fn is_sleeping(&self) -> bool {
+        self.memory_usage().sleep_level > 0
+    }
+
+    /// Starts recording engine steps (schedule, forward, sample, detokenize).
+    pub fn start_profile(&self) -> Result<()> {
+        self.check_alive()?;
+        self.shared.profiler.start()
+    }
+
+    /// Stops recording and writes the Chrome trace to `path`.
+    pub fn stop_profile(&self, path: &std::path::Path) -> Result<ProfileSummary> {
+        self.shared.profiler.stop(path)
+    }
+
+    fn control(&self, op: ControlOp, timeout: std::time::Duration) -> Result<ControlReply> {
+        self.check_alive()?;
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        let dead = || EngineError::engine_dead("the engine core thread is not running");
+        self.core_tx
+            .send(CoreCommand::Control(ControlCommand { op, reply }))
+            .map_err(|_| dead())?;
+        match answer.recv_timeout(timeout) {
+            Ok(result) => result,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(EngineError::new(
+                crate::error::ErrorCategory::Timeout,
+                format!("the engine core did not answer {op:?} within {timeout:?}"),
+            )),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(dead()),
         }
     }
 

@@ -33,6 +33,8 @@ pub enum CoreCommand {
     },
     /// Release everything and stop the thread.
     Shutdown,
+    /// Sleep, wake up, ping: run between steps and answered on the command's channel.
+    Control(crate::control::ControlCommand),
 }
 
 pub struct NewRequest {
@@ -69,6 +71,10 @@ pub struct CoreShared {
     pub dead: AtomicBool,
     /// Requests preempted by recompute since start-up.
     pub preemptions: AtomicU64,
+    /// Step phases, recorded while a profile runs.
+    pub profiler: crate::profiler::Profiler,
+    /// Weights and KV cache bytes, published by the core after every change.
+    pub memory: Mutex<crate::control::MemoryUsage>,
 }
 
 pub struct EngineCore {
@@ -80,6 +86,8 @@ pub struct EngineCore {
     pub commands: Receiver<CoreCommand>,
     pub outputs: Sender<OutputMessage>,
     pub shared: std::sync::Arc<CoreShared>,
+    /// Sleep state and what waking up needs.
+    pub control: crate::control::SleepState,
     next_arrival: u64,
     /// Prompt tokens of requests that produced their first token, since start-up.
     prompt_tokens_total: u64,
@@ -113,6 +121,7 @@ impl EngineCore {
             commands,
             outputs,
             shared,
+            control: Default::default(),
             next_arrival: 0,
             prompt_tokens_total: 0,
             generation_tokens_total: 0,
@@ -153,7 +162,7 @@ impl EngineCore {
             }
             self.publish_stats();
             // Nothing could be scheduled: wait for a command rather than spin.
-            idle = !self.scheduler.has_work() || !self.step()?;
+            idle = !self.scheduler.has_work() || self.control.is_asleep() || !self.step()?;
         }
     }
 
@@ -199,10 +208,14 @@ impl EngineCore {
                 self.release_all();
                 Flow::Exit
             }
+            CoreCommand::Control(cmd) => {
+                self.handle_control(cmd);
+                Flow::Continue
+            }
         }
     }
 
-    fn release_all(&mut self) {
+    pub(crate) fn release_all(&mut self) {
         let ids = self.scheduler.seq_ids();
         for id in &ids {
             self.scheduler.remove(*id);
@@ -215,17 +228,30 @@ impl EngineCore {
 
     /// One forward pass over what the scheduler picked. Returns false when nothing ran.
     fn step(&mut self) -> Result<bool> {
+        let profiler = &self.shared.profiler;
+        let started = profiler.begin();
         let plan = self.scheduler.schedule();
         if plan.is_empty() {
             return Ok(false);
         }
+        let num_tokens: usize = plan.scheduled.iter().map(|s| s.num_new_tokens).sum();
+        let batch_args = [
+            ("num_seqs", plan.scheduled.len() as u64),
+            ("num_tokens", num_tokens as u64),
+        ];
+        profiler.record("schedule", crate::profiler::CORE_THREAD, started, &batch_args);
         let now = crate::request::unix_seconds(std::time::SystemTime::now());
         for s in &plan.scheduled {
             if let Some(seq) = self.scheduler.seq_mut(s.seq_id) {
                 seq.first_scheduled_time.get_or_insert(now);
             }
         }
+        let started = self.shared.profiler.begin();
         let logits = self.runner.execute(&plan, &self.scheduler)?;
+        self.shared
+            .profiler
+            .record("forward", crate::profiler::CORE_THREAD, started, &batch_args);
+        let sampling_started = self.shared.profiler.begin();
         for s in &plan.scheduled {
             if let Some(seq) = self.scheduler.seq_mut(s.seq_id) {
                 seq.num_computed_tokens += s.num_new_tokens;
@@ -282,6 +308,12 @@ impl EngineCore {
                 num_cached_tokens: seq.num_cached_tokens.unwrap_or(0),
             });
         }
+        self.shared.profiler.record(
+            "sample",
+            crate::profiler::CORE_THREAD,
+            sampling_started,
+            &[("num_seqs", events.len() as u64)],
+        );
         for e in &events {
             if e.finish.is_some() {
                 self.scheduler.remove(e.seq_id);

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod engine_core;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod models;
 pub mod output_processor;
 pub mod pooling;
 pub mod pooling_core;
+pub mod profiler;
 pub mod request;
 pub mod runner;
 pub mod sampler;

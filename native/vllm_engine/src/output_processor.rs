@@ -159,6 +159,8 @@ impl OutputProcessor {
         match msg {
             OutputMessage::Register(stream) => self.register(*stream),
             OutputMessage::Step(events) => {
+                let started = self.shared.profiler.begin();
+                let n = events.len() as u64;
                 // One output per request per step, whatever number of its children stepped.
                 let mut touched = Vec::new();
                 for e in events {
@@ -171,6 +173,10 @@ impl OutputProcessor {
                 for key in touched {
                     self.progress(key);
                 }
+                let tid = crate::profiler::OUTPUT_THREAD;
+                self.shared
+                    .profiler
+                    .record("detokenize", tid, started, &[("num_seqs", n)]);
             }
             OutputMessage::PromptLogprobs { seq_id, first, entries } => self.on_prompt_logprobs(seq_id, first, entries),
             OutputMessage::Released(id) => self.on_released(id),

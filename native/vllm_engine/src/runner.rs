@@ -47,6 +47,46 @@ impl ModelRunner {
         ModelRunner { model, kv }
     }
 
+    /// Bytes of key and value memory the cache holds now (0 after `release_kv_cache`).
+    pub fn kv_cache_bytes(&self) -> usize {
+        let floats: usize = self.kv.layers.iter().map(|l| l.k.capacity() + l.v.capacity()).sum();
+        floats * std::mem::size_of::<f32>()
+    }
+
+    /// Frees the KV cache memory (sleep). The block geometry stays for `restore_kv_cache`.
+    pub fn release_kv_cache(&mut self) {
+        for layer in &mut self.kv.layers {
+            layer.k = Vec::new();
+            layer.v = Vec::new();
+        }
+    }
+
+    /// Reallocates a released KV cache (zeroed) with the geometry it had.
+    pub fn restore_kv_cache(&mut self) {
+        let c = self.model.config();
+        self.kv = PagedKvCache::new(
+            c.num_hidden_layers,
+            self.kv.num_blocks,
+            self.kv.block_size,
+            c.num_key_value_heads,
+            c.head_dim,
+        );
+    }
+
+    /// The model's resident weight bytes (0 when the model does not know).
+    pub fn weight_bytes(&self) -> usize {
+        self.model.weight_bytes()
+    }
+
+    pub fn model_config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    /// Swaps the model (sleep drops the weights, wake-up reloads them); returns the old one.
+    pub fn replace_model(&mut self, model: Box<dyn CausalLM>) -> Box<dyn CausalLM> {
+        std::mem::replace(&mut self.model, model)
+    }
+
     /// How many blocks `bytes` of KV memory hold for this model (at least one).
     pub fn num_blocks_for_bytes(config: &ModelConfig, block_size: usize, bytes: usize) -> usize {
         let per_block = PagedKvCache::bytes_per_block(

@@ -143,6 +143,7 @@ pub fn engine_args(opts: Term) -> Result<EngineArgs> {
     if let Some(runner) = string_field(opts, WHAT, "runner")? {
         args.runner = runner;
     }
+    args.quantization = string_field(opts, WHAT, "quantization")?;
     args.validate()?;
     Ok(args)
 }

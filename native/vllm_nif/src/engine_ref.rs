@@ -19,7 +19,14 @@ pub struct EngineRef {
 impl panic::RefUnwindSafe for EngineRef {}
 
 #[rustler::resource_impl]
-impl Resource for EngineRef {}
+impl Resource for EngineRef {
+    /// The owning process (see `monitor_owner`) exited: stop the engine with it.
+    fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, _monitor: rustler::Monitor) {
+        if let Some(engine) = self.engine.as_ref() {
+            engine.shutdown();
+        }
+    }
+}
 
 impl EngineRef {
     pub fn engine(&self) -> Result<&Engine, EngineError> {

@@ -4,6 +4,7 @@
 
 mod atoms;
 mod chat;
+mod control;
 mod decode;
 mod encode;
 mod engine_ref;
