@@ -381,6 +381,10 @@ defmodule Vllm.AsyncLLMEngine do
   def encode(_engine, _prompt, _pooling_params, _request_id, opts),
     do: {:error, Error.validation("options must be a keyword list, got #{inspect(opts)}")}
 
+  @doc "Like `encode/5` but raises `Vllm.Error`."
+  def encode!(engine, prompt, pooling_params, request_id, opts \\ []),
+    do: engine |> encode(prompt, pooling_params, request_id, opts) |> Error.unwrap!()
+
   @doc "vLLM's argument order with `lora_request` (must be nil: LoRA is not supported here)."
   def encode(engine, prompt, pooling_params, request_id, nil, opts),
     do: encode(engine, prompt, pooling_params, request_id, opts)
