@@ -68,6 +68,22 @@ defmodule VLLM do
   def chat!(llm, conversations, opts \\ []),
     do: llm |> chat(conversations, opts) |> Error.unwrap!()
 
+  @doc """
+  Embeddings from a pooling model (`Vllm.LLM.embed/3`; `texts` is `List.wrap`ped). Opts:
+  `pooling_params:`, `dimensions:`, `normalize:`, `__runtime__: [timeout: ms]`.
+  """
+  def embed(llm, texts, opts \\ []), do: LLM.embed(llm, List.wrap(texts), opts)
+  @doc "Like `embed/3` but raises `Vllm.Error`."
+  def embed!(llm, texts, opts \\ []), do: llm |> embed(texts, opts) |> Error.unwrap!()
+
+  @doc "The pooler's outputs (`Vllm.LLM.encode/4`); opts as `embed/3` plus `pooling_task:`."
+  def encode(llm, texts, opts \\ []), do: LLM.encode(llm, List.wrap(texts), nil, opts)
+  @doc "Like `encode/3` but raises `Vllm.Error`."
+  def encode!(llm, texts, opts \\ []), do: llm |> encode(texts, opts) |> Error.unwrap!()
+
+  @doc "The tasks the loaded model serves (`Vllm.LLM.get_supported_tasks/1`)."
+  def get_supported_tasks(llm), do: LLM.get_supported_tasks(llm)
+
   @doc "Builds validated sampling parameters (`Vllm.SamplingParams.new/1`)."
   @spec sampling_params(keyword() | map()) :: {:ok, SamplingParams.t()} | {:error, Error.t()}
   def sampling_params(opts \\ []), do: SamplingParams.new(opts)
@@ -156,16 +172,6 @@ defmodule VLLM do
   @doc "Like `lora_request/4` but raises `Vllm.Error`."
   def lora_request!(name, lora_int_id, lora_path, opts \\ []),
     do: name |> lora_request(lora_int_id, lora_path, opts) |> Error.unwrap!()
-
-  @doc "Embeddings (`Vllm.LLM.embed/3`): `:unsupported` until pooling models (issue 9)."
-  def embed(llm, texts, opts \\ []), do: LLM.embed(llm, List.wrap(texts), opts)
-  @doc "Like `embed/3` but raises `Vllm.Error`."
-  def embed!(llm, texts, opts \\ []), do: llm |> embed(texts, opts) |> Error.unwrap!()
-
-  @doc "Pooling (`Vllm.LLM.encode/4`): `:unsupported` until pooling models (issue 9)."
-  def encode(llm, texts, opts \\ []), do: LLM.encode(llm, List.wrap(texts), nil, opts)
-  @doc "Like `encode/3` but raises `Vllm.Error`."
-  def encode!(llm, texts, opts \\ []), do: llm |> encode(texts, opts) |> Error.unwrap!()
 
   @doc "Starts an engine (`Vllm.AsyncLLMEngine.new/2`); the old package's `LLMEngine`."
   @spec engine(String.t() | keyword(), keyword()) ::

@@ -268,6 +268,6 @@ defmodule Vllm.ControlTest do
     assert {:error, %Error{category: :unsupported, message: m}} =
              AsyncLLMEngine.encode(engine, "x", nil, request_id())
 
-    assert m =~ "issue 9"
+    assert m =~ "pooling model"
   end
 end

@@ -121,7 +121,7 @@ defmodule VLLMFacadeApiTest do
     assert m =~ "enable_lora"
   end
 
-  test "pooling functions say which issue brings them", %{llm: llm} do
+  test "pooling functions on a generation model are :unsupported, naming the task", %{llm: llm} do
     for result <- [
           VLLM.embed(llm, "x"),
           VLLM.encode(llm, "x"),
@@ -129,7 +129,7 @@ defmodule VLLMFacadeApiTest do
           Vllm.LLM.score(llm, "a", "b")
         ] do
       assert {:error, %Error{category: :unsupported, message: m}} = result
-      assert m =~ "issue 9"
+      assert m =~ "pooling model"
     end
   end
 

@@ -62,7 +62,7 @@ defmodule Vllm.LifecycleTest do
     refused = [
       {[tensor_parallel_size: 2], :unsupported, "tensor parallel"},
       {[device: "cuda"], :unsupported, "CPU"},
-      {[runner: "pooling"], :unsupported, "issue 9"},
+      {[runner: "pooling"], :unsupported, "GGUF"},
       {[dtype: "bfloat16"], :unsupported, "float32"},
       {[quantization: "awq"], :unsupported, "GGUF"},
       {[revision: "v2"], :unsupported, "local paths"},

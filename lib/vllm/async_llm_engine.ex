@@ -52,7 +52,7 @@ defmodule Vllm.AsyncLLMEngine do
   memory), `name` (process name),
   `__runtime__: [timeout: ms]` (load timeout). Refused with `:unsupported` and the reason:
   `tensor_parallel_size` > 1, `device` other than `"auto"`/`"cpu"`,
-  `runner: "pooling"`, a `dtype` other than float32, a `revision`, a `quantization` other
+  a `dtype` other than float32, a `revision`, a `quantization` other
   than `"gguf"`.
 
   Errors: a missing model is `:not_found`, a corrupt file or a bad option `:validation`.
@@ -360,6 +360,77 @@ defmodule Vllm.AsyncLLMEngine do
   @spec apply_chat_template!(t(), [map()], boolean(), keyword()) :: String.t()
   def apply_chat_template!(engine, messages, add_generation_prompt \\ true, opts \\ []),
     do: engine |> apply_chat_template(messages, add_generation_prompt, opts) |> Error.unwrap!()
+
+  ## Pooling models (Vllm.Pooling)
+
+  @doc """
+  Submits a pooling request (vLLM's `AsyncLLM.encode`) and returns `{:ok, stream}` yielding
+  its one `%Vllm.PoolingRequestOutput{finished: true}`. `pooling_params`: a
+  `%Vllm.PoolingParams{}`, keyword list or nil; its `task` (default "encode") picks embed,
+  encode, classify or score (then `prompt` is `{text_a, text_b}`). Opts: `task`,
+  `__runtime__: [timeout: ms]`. A generation model answers `:unsupported`.
+  """
+  def encode(engine, prompt, pooling_params, request_id, opts \\ [])
+
+  def encode(engine, prompt, pooling_params, request_id, opts) when is_list(opts),
+    do:
+      Vllm.Pooling.stream(
+        engine,
+        prompt,
+        pooling_params,
+        request_id,
+        with_task(pooling_params, opts)
+      )
+
+  def encode(_engine, _prompt, _pooling_params, _request_id, opts),
+    do: {:error, Error.validation("options must be a keyword list, got #{inspect(opts)}")}
+
+  @doc "Like `encode/5` but raises `Vllm.Error`."
+  def encode!(engine, prompt, pooling_params, request_id, opts \\ []),
+    do: engine |> encode(prompt, pooling_params, request_id, opts) |> Error.unwrap!()
+
+  @doc "vLLM's argument order with `lora_request` (must be nil: LoRA is not supported here)."
+  def encode(engine, prompt, pooling_params, request_id, nil, opts),
+    do: encode(engine, prompt, pooling_params, request_id, opts)
+
+  def encode(_engine, _prompt, _pooling_params, _request_id, lora_request, _opts),
+    do:
+      {:error,
+       Error.new(
+         :unsupported,
+         "encode with a lora_request is not supported, got #{inspect(lora_request)}"
+       )}
+
+  @doc """
+  The message form of `encode/5`: the answer comes to the caller (or `to:`) as
+  `{:vllm_pooling, request_id, %Vllm.PoolingRequestOutput{}}` or
+  `{:vllm_error, request_id, {category, message}}`. Opts: `task`, `to`.
+  """
+  def add_pooling_request(engine, request_id, prompt, pooling_params, opts \\ []) do
+    opts = with_task(pooling_params, opts)
+
+    Vllm.Pooling.submit(
+      engine,
+      request_id,
+      prompt,
+      Keyword.get(opts, :task, "encode"),
+      pooling_params,
+      Keyword.get(opts, :to, self())
+    )
+  end
+
+  # PoolingParams.task, when given, is the default task.
+  defp with_task(%Vllm.PoolingParams{task: task}, opts) when is_binary(task),
+    do: Keyword.put_new(opts, :task, task)
+
+  defp with_task(params, opts) when is_list(params) do
+    case Keyword.keyword?(params) && Keyword.get(params, :task) do
+      task when is_binary(task) -> Keyword.put_new(opts, :task, task)
+      _ -> opts
+    end
+  end
+
+  defp with_task(_params, opts), do: opts
 
   ## Helpers shared with Vllm.LLM
 

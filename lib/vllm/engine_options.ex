@@ -59,7 +59,8 @@ defmodule Vllm.EngineOptions do
     :enable_lora,
     :max_loras,
     :max_lora_rank,
-    :max_cpu_loras
+    :max_cpu_loras,
+    :runner
   ]
 
   @doc "The accepted option keys."
@@ -187,8 +188,6 @@ defmodule Vllm.EngineOptions do
           "tensor_parallel_size #{opts[:tensor_parallel_size]}: tensor parallelism splits a model over several GPUs, and this build runs on the CPU (the CUDA backend is issue 6); use data_parallel_size for replicas"
         )
 
-      opts[:runner] == "pooling" ->
-        unsupported("runner \"pooling\": pooling models arrive with issue 9")
 
       opts[:revision] not in [nil, "main"] ->
         unsupported(

@@ -152,35 +152,85 @@ defmodule Vllm.LLM do
   @spec get_default_sampling_params(t()) :: {:ok, SamplingParams.t()}
   def get_default_sampling_params(%__MODULE__{}), do: {:ok, %SamplingParams{}}
 
-  @doc "Stops the engine."
-  @spec shutdown(t()) :: :ok
-  def shutdown(%__MODULE__{engine: engine}), do: AsyncLLMEngine.shutdown(engine)
+  ## Pooling models (Vllm.Pooling): embed, encode, classify, score
 
-  @pooling "pooling (embed, encode, classify, score) needs a pooling model runner: issue 9"
+  @doc """
+  Sentence embeddings (vLLM's `LLM.embed`): one `%Vllm.PoolingRequestOutput{}` per prompt,
+  in order, whose `outputs` is a `%Vllm.EmbeddingOutput{embedding: [float]}`. Opts:
+  `pooling_params:` (one or one per prompt), `dimensions:` (Matryoshka truncation),
+  `normalize:`, `__runtime__: [timeout: ms]`. A generation model answers `:unsupported`.
+  """
+  def embed(llm, prompts, opts \\ [])
 
-  @doc "Embeddings: `:unsupported` until pooling models land (issue 9)."
-  def embed(_llm, _prompts, _opts \\ []), do: {:error, Error.new(:unsupported, @pooling)}
+  def embed(%__MODULE__{engine: e}, prompts, opts),
+    do: Vllm.Pooling.call(e, List.wrap(prompts), "embed", nil, opts)
+
+  def embed(other, _, _), do: not_llm(other)
+
   @doc "Like `embed/3` but raises `Vllm.Error`."
   def embed!(llm, prompts, opts \\ []), do: llm |> embed(prompts, opts) |> Error.unwrap!()
 
-  @doc "Pooling outputs: `:unsupported` until pooling models land (issue 9)."
-  def encode(_llm, _prompts, _pooling_params \\ nil, _opts \\ []),
-    do: {:error, Error.new(:unsupported, @pooling)}
+  @doc """
+  The pooler's output for each prompt (vLLM's `LLM.encode`); `pooling_task:` in opts
+  picks another task ("embed", "classify"). Options as `embed/3`.
+  """
+  def encode(llm, prompts, pooling_params \\ nil, opts \\ [])
+
+  def encode(%__MODULE__{engine: e}, prompts, pooling_params, opts) when is_list(opts) do
+    task = Keyword.get(opts, :pooling_task, "encode")
+    Vllm.Pooling.call(e, List.wrap(prompts), task, pooling_params, opts)
+  end
+
+  def encode(%__MODULE__{}, _, _, opts),
+    do: {:error, Error.validation("options must be a keyword list, got #{inspect(opts)}")}
+
+  def encode(other, _, _, _), do: not_llm(other)
 
   @doc "Like `encode/4` but raises `Vllm.Error`."
   def encode!(llm, prompts, pooling_params \\ nil, opts \\ []),
     do: llm |> encode(prompts, pooling_params, opts) |> Error.unwrap!()
 
-  @doc "Classification: `:unsupported` until pooling models land (issue 9)."
-  def classify(_llm, _prompts, _opts \\ []), do: {:error, Error.new(:unsupported, @pooling)}
+  @doc """
+  Label probabilities from a sequence-classification head (vLLM's `LLM.classify`):
+  `outputs` is a `%Vllm.ClassificationOutput{probs: [float]}`; `use_activation: false`
+  gives the raw logits.
+  """
+  def classify(llm, prompts, opts \\ [])
+
+  def classify(%__MODULE__{engine: e}, prompts, opts),
+    do: Vllm.Pooling.call(e, List.wrap(prompts), "classify", nil, opts)
+
+  def classify(other, _, _), do: not_llm(other)
+
   @doc "Like `classify/3` but raises `Vllm.Error`."
   def classify!(llm, prompts, opts \\ []), do: llm |> classify(prompts, opts) |> Error.unwrap!()
 
-  @doc "Scoring: `:unsupported` until pooling models land (issue 9)."
-  def score(_llm, _text_1, _text_2, _opts \\ []), do: {:error, Error.new(:unsupported, @pooling)}
+  @doc """
+  Cross-encoder scores (vLLM's `LLM.score`): `text_1` against each `text_2` (or pairwise
+  for two equal-length lists); `outputs` is a `%Vllm.ScoringOutput{score: float}`.
+  """
+  def score(llm, text_1, text_2, opts \\ [])
+
+  def score(%__MODULE__{engine: e}, text_1, text_2, opts) do
+    with {:ok, pairs} <- Vllm.Pooling.score_pairs(text_1, text_2),
+         do: Vllm.Pooling.call(e, pairs, "score", nil, opts)
+  end
+
+  def score(other, _, _, _), do: not_llm(other)
+
   @doc "Like `score/4` but raises `Vllm.Error`."
   def score!(llm, text_1, text_2, opts \\ []),
     do: llm |> score(text_1, text_2, opts) |> Error.unwrap!()
+
+  @doc "The tasks the loaded model serves: `[\"generate\"]`, or e.g. `[\"encode\", \"embed\"]`."
+  def get_supported_tasks(%__MODULE__{engine: e}), do: Vllm.Pooling.supported_tasks(e)
+
+  defp not_llm(other),
+    do: {:error, Error.validation("expected a %Vllm.LLM{}, got #{inspect(other)}")}
+
+  @doc "Stops the engine."
+  @spec shutdown(t()) :: :ok
+  def shutdown(%__MODULE__{engine: engine}), do: AsyncLLMEngine.shutdown(engine)
 
   @doc "The model's tokenizer (`Vllm.Tokenizer`)."
   @spec get_tokenizer(t()) :: {:ok, Vllm.Tokenizer.t()} | {:error, Error.t()}

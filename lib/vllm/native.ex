@@ -41,4 +41,10 @@ defmodule Vllm.Native do
   def remove_lora(_engine, _lora_int_id), do: :erlang.nif_error(:nif_not_loaded)
   def pin_lora(_engine, _lora_int_id), do: :erlang.nif_error(:nif_not_loaded)
   def list_loras(_engine), do: :erlang.nif_error(:nif_not_loaded)
+
+  # Pooling models (native/vllm_nif/src/pooling.rs).
+  def pooling_request(_engine, _request_id, _prompt, _task, _params, _to),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def supported_tasks(_engine), do: :erlang.nif_error(:nif_not_loaded)
 end

@@ -201,10 +201,10 @@ defmodule Vllm.AsyncLLMEngine.Control do
 
   ## Info
 
-  @doc ~s(The tasks the model serves: `{:ok, ["generate"]}` for decoder-only models.)
+  @doc ~s(The tasks the model serves: `["generate"]`, or e.g. `["encode", "embed"]`.)
   @spec get_supported_tasks(engine()) :: {:ok, [String.t()]} | {:error, Error.t()}
   def get_supported_tasks(engine) do
-    with :ok <- alive(engine), do: {:ok, ["generate"]}
+    with :ok <- alive(engine), do: Vllm.Pooling.supported_tasks(engine)
   end
 
   @doc "The model's tokenizer as a `%Vllm.Tokenizer{}`."
@@ -370,13 +370,6 @@ defmodule Vllm.AsyncLLMEngine.Control do
        Error.validation("new_data_parallel_size must be a positive integer, got #{inspect(n)}")}
 
   ## Pooling and LoRA (later issues)
-
-  @doc "Pooling requests (embeddings): `:unsupported` until pooling models land (issue 9)."
-  @spec encode(engine(), term(), term(), String.t(), keyword()) :: {:error, Error.t()}
-  def encode(_engine, _prompt, _pooling_params, _request_id, _opts \\ []),
-    do:
-      {:error,
-       Error.new(:unsupported, "pooling (encode/embed) needs a pooling model runner: issue 9")}
 
   @doc """
   Loads and registers a LoRA adapter (`%Vllm.LoRARequest{}`) on every core: `{:ok, true}`

@@ -140,6 +140,8 @@ pub struct EngineArgs {
     pub max_lora_rank: usize,
     /// Adapters kept in host memory; None: max_loras.
     pub max_cpu_loras: Option<usize>,
+    /// "auto" (from the model: loader::detect_runner), "generate" or "pooling".
+    pub runner: String,
 }
 
 impl EngineArgs {
@@ -167,6 +169,7 @@ impl EngineArgs {
             max_loras: 1,
             max_lora_rank: 16,
             max_cpu_loras: None,
+            runner: "auto".to_string(),
         }
     }
 

@@ -17,7 +17,11 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::manager::SeqId;
 use crate::kv_cache::KvCacheManager;
 use crate::lora::{LoRARequest, LoraInfo, LoraRegistry};
+use crate::models::encoder::{EncoderConfig, EncoderModel, Runner};
 use crate::models::CausalLM;
+use crate::pooling_core::{
+    self, PoolingCommand, PoolingCore, PoolingLimits, PoolingRequest, PoolingSender, PoolingSink,
+};
 use crate::output_processor::{LiveRequests, OutputMessage, OutputProcessor, RequestStream};
 use crate::profiler::ProfileSummary;
 use crate::request::{EngineRequest, RequestOutput, SamplingParams};
@@ -96,21 +100,48 @@ pub struct Engine {
     next_seq_id: AtomicU64,
     threads: Mutex<Vec<JoinHandle<()>>>,
     tokenizer: Arc<Tokenizer>,
-    config: ModelConfig,
+    /// The decoder's shape; None for a pooling model.
+    config: Option<ModelConfig>,
     limits: EngineLimits,
     /// Added LoRA adapters (None: enable_lora off).
     loras: Option<Mutex<LoraRegistry>>,
     max_loras: usize,
     /// Compiles structured-output constraints (lazily builds the token trie).
     structured: StructuredOutputCompiler,
+    /// Set for a pooling model: its core thread takes every request, and the generation
+    /// channels above lead nowhere (generation requests are refused before using them).
+    pooling: Option<PoolingSide>,
     /// The previous do_log_stats snapshot (for throughput over the interval).
     last_logged: Mutex<Option<(std::time::Instant, EngineStats)>>,
 }
 
+/// The pooling engine's handle: its command channel and the encoder's description.
+struct PoolingSide {
+    tx: PoolingSender,
+    config: EncoderConfig,
+}
+
 impl Engine {
     /// Loads the model and starts the engine threads. Slow: call it off the BEAM schedulers.
+    /// `args.runner` "auto" picks generation or pooling from the model (loader::detect_runner).
     pub fn new(args: EngineArgs) -> Result<Engine> {
         args.validate()?;
+        let runner = match args.runner.as_str() {
+            "auto" => crate::loader::detect_runner(&args.model)?,
+            "generate" => Runner::Generate,
+            "pooling" => Runner::Pooling,
+            other => {
+                return Err(EngineError::validation(format!(
+                    "runner must be \"auto\", \"generate\" or \"pooling\", got {other:?}"
+                )))
+            }
+        };
+        if runner == Runner::Pooling {
+            let (model, _config) = crate::loader::load_encoder(&args)?;
+            let source = args.tokenizer.clone().unwrap_or_else(|| args.model.clone());
+            let tokenizer = Tokenizer::from_file(&source)?;
+            return Engine::with_encoder(args, model, tokenizer);
+        }
         let loaded = crate::loader::load(&args)?;
         Engine::with_model(args, loaded.model, loaded.tokenizer)
     }
@@ -210,7 +241,7 @@ impl Engine {
             next_seq_id: AtomicU64::new(0),
             threads: Mutex::new(vec![core_thread, output_thread]),
             tokenizer: tokenizer.clone(),
-            config,
+            config: Some(config),
             structured: StructuredOutputCompiler::new(
                 tokenizer.clone(),
                 limits.vocab_size,
@@ -219,20 +250,149 @@ impl Engine {
             limits,
             loras,
             max_loras: args.max_loras,
+            pooling: None,
             last_logged: Mutex::new(None),
         })
+    }
+
+    /// Starts a pooling engine over a loaded encoder: one core thread batching whole
+    /// sequences (prefill only); no KV cache.
+    pub fn with_encoder(args: EngineArgs, model: Box<dyn EncoderModel>, mut tokenizer: Tokenizer) -> Result<Engine> {
+        args.validate()?;
+        let config = model.config().clone();
+        let max_model_len = args.max_model_len.unwrap_or(config.max_position_embeddings);
+        if max_model_len > config.max_position_embeddings {
+            return Err(EngineError::validation(format!(
+                "max_model_len {max_model_len} exceeds the model's max_position_embeddings {}",
+                config.max_position_embeddings
+            )));
+        }
+        // Text inputs are cut to what the model can see (sentence-transformers truncates too).
+        tokenizer.set_truncation(Some(max_model_len))?;
+        let limits = EngineLimits {
+            max_model_len,
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens: args.max_num_batched_tokens.unwrap_or(max_model_len.max(8192)),
+            block_size: args.block_size,
+            num_blocks: 0,
+            vocab_size: config.vocab_size,
+            eos_token_ids: Vec::new(),
+        };
+        let (tx, rx) = unbounded();
+        let shared = Arc::new(CoreShared::default());
+        let core = PoolingCore::new(
+            model,
+            PoolingLimits {
+                max_num_seqs: limits.max_num_seqs,
+                max_num_batched_tokens: limits.max_num_batched_tokens,
+            },
+            rx,
+            shared.clone(),
+        );
+        let pool = match args.num_threads {
+            Some(n) => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("vllm-cpu-{i}"))
+                    .build()
+                    .map_err(|e| EngineError::internal(format!("cannot start {n} compute threads: {e}")))?,
+            ),
+            None => None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("vllm-pooling-core".into())
+            .spawn(move || match pool {
+                Some(pool) => pool.install(|| core.run()),
+                None => core.run(),
+            })
+            .map_err(|e| EngineError::internal(format!("cannot start engine thread: {e}")))?;
+        // Generation channels with no receiver: never used, refused up front.
+        let (core_tx, _) = unbounded();
+        let (out_tx, _) = unbounded();
+        let tokenizer = Arc::new(tokenizer);
+        tracing::info!("pooling model {} ({} tasks)", config.architecture, config.supported_tasks().join(", "));
+        Ok(Engine {
+            core_tx,
+            out_tx,
+            shared,
+            live: Arc::new(Mutex::new(HashMap::new())),
+            closed: AtomicBool::new(false),
+            next_seq_id: AtomicU64::new(0),
+            threads: Mutex::new(vec![thread]),
+            structured: StructuredOutputCompiler::new(tokenizer.clone(), limits.vocab_size, None),
+            tokenizer,
+            config: None,
+            limits,
+            loras: None,
+            max_loras: 0,
+            pooling: Some(PoolingSide { tx, config }),
+            last_logged: Mutex::new(None),
+        })
+    }
+
+    /// The tasks the loaded model serves (vLLM's get_supported_tasks): ["generate"] for a
+    /// decoder; "encode", "embed" (or "classify", "score" with a head) for an encoder.
+    pub fn supported_tasks(&self) -> Vec<String> {
+        match &self.pooling {
+            Some(p) => p.config.supported_tasks().into_iter().map(String::from).collect(),
+            None => vec!["generate".to_string()],
+        }
+    }
+
+    /// The encoder's description; None for a generation model.
+    pub fn encoder_config(&self) -> Option<&EncoderConfig> {
+        self.pooling.as_ref().map(|p| &p.config)
+    }
+
+    /// Queues a pooling request; its one output (or failure) goes to `sink`. A generation
+    /// model, or a task the model lacks, is `:unsupported`; bad ids or lengths `:validation`.
+    pub fn encode(&self, request: PoolingRequest, sink: Box<dyn PoolingSink>) -> Result<()> {
+        let Some(pooling) = &self.pooling else {
+            return Err(EngineError::unsupported(format!(
+                "the {:?} task needs a pooling model; this model only supports \"generate\"",
+                request.task.as_str()
+            )));
+        };
+        request.params.validate()?;
+        pooling_core::validate(&pooling.config, self.limits.max_model_len, &request)?;
+        let _live = self
+            .live
+            .lock()
+            .map_err(|_| EngineError::internal("engine registry poisoned"))?;
+        self.check_alive()?;
+        pooling
+            .tx
+            .send(PoolingCommand::Add(Box::new((request, sink))))
+            .map_err(|_| EngineError::engine_dead("the pooling core has stopped"))
+    }
+
+    /// The token ids and segment ids of a text pair as a cross-encoder sees it
+    /// ([CLS] a [SEP] b [SEP], types 0 then 1), cut to the context length.
+    pub fn tokenize_pair(&self, text_a: &str, text_b: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+        self.tokenizer.encode_pair(text_a, text_b)
+    }
+
+    fn refuse_generation(&self) -> Result<()> {
+        match &self.pooling {
+            Some(p) => Err(EngineError::unsupported(format!(
+                "the \"generate\" task is not supported by this pooling model (supported: {})",
+                p.config.supported_tasks().join(", ")
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Queues a request; its outputs go to `sink`. Duplicate live request ids, empty
     /// prompts, out-of-vocabulary ids and too-long prompts are `:validation` errors; a
     /// request that could never fit in the KV cache is `:resource_exhausted`.
     pub fn add_request(&self, request: EngineRequest, sink: Box<dyn OutputSink>) -> Result<()> {
+        self.refuse_generation()?;
         let request = self.prepare(request)?;
         self.validate(&request)?;
         let lora = match &request.lora {
             Some(req) => {
                 let mut registry = self.lora_registry()?;
-                let adapter = registry.get_or_load(req, &self.config)?.0;
+                let adapter = registry.get_or_load(req, self.generation_config()?)?.0;
                 registry.check_runnable(req.lora_int_id, self.max_loras)?;
                 Some(adapter)
             }
@@ -301,7 +461,7 @@ impl Engine {
     /// lacks, bad shapes, an id already used for another path: `:validation`.
     pub fn add_lora(&self, request: LoRARequest) -> Result<bool> {
         self.check_alive()?;
-        Ok(self.lora_registry()?.get_or_load(&request, &self.config)?.1)
+        Ok(self.lora_registry()?.get_or_load(&request, self.generation_config()?)?.1)
     }
 
     /// Forgets an adapter (running requests keep theirs). Ok(false): it was not added.
@@ -354,6 +514,10 @@ impl Engine {
 
     /// Aborts a request if it is live: its sink gets a final output with finish_reason abort.
     pub fn abort(&self, request_id: &str) {
+        if let Some(pooling) = &self.pooling {
+            let _ = pooling.tx.send(PoolingCommand::Abort(request_id.to_string()));
+            return;
+        }
         if let Ok(live) = self.live.lock() {
             for &seq_id in live.get(request_id).into_iter().flatten() {
                 let _ = self.core_tx.send(CoreCommand::Release(seq_id));
@@ -365,8 +529,16 @@ impl Engine {
         &self.tokenizer
     }
 
-    pub fn model_config(&self) -> &ModelConfig {
-        &self.config
+    /// The decoder's shape; None for a pooling model (see `encoder_config`).
+    pub fn model_config(&self) -> Option<&ModelConfig> {
+        self.config.as_ref()
+    }
+
+    /// The decoder's config; a pooling model has none (LoRA and generation need one).
+    fn generation_config(&self) -> Result<&ModelConfig> {
+        self.config
+            .as_ref()
+            .ok_or_else(|| EngineError::unsupported("this is a pooling model; it serves no generation or LoRA"))
     }
 
     pub fn limits(&self) -> &EngineLimits {
@@ -388,6 +560,7 @@ impl Engine {
     /// hold blocks and `reset_running_requests` is false; with it, running requests are
     /// preempted first (they recompute and continue). Waits for the step in progress.
     pub fn reset_prefix_cache(&self, reset_running_requests: bool) -> Result<bool> {
+        self.refuse_generation()?;
         let (reply, answer) = crossbeam_channel::bounded(1);
         {
             let _live = self
@@ -451,6 +624,9 @@ impl Engine {
                 return;
             }
             let _ = self.core_tx.send(CoreCommand::Shutdown);
+            if let Some(pooling) = &self.pooling {
+                let _ = pooling.tx.send(PoolingCommand::Shutdown);
+            }
         }
         let threads: Vec<JoinHandle<()>> = match self.threads.lock() {
             Ok(mut t) => t.drain(..).collect(),

@@ -13,6 +13,7 @@ pub mod lora;
 pub mod models;
 pub mod output_processor;
 pub mod pooling;
+pub mod pooling_core;
 pub mod profiler;
 pub mod request;
 pub mod runner;
@@ -25,6 +26,8 @@ pub mod tokenizer;
 
 pub use config::{EngineArgs, ModelConfig};
 pub use engine::{Engine, EngineStats, OutputSink};
+pub use pooling::PoolingParams;
+pub use pooling_core::{PoolingOutput, PoolingRequest, PoolingSink, PoolingTask};
 pub use error::{EngineError, ErrorCategory, Result};
 pub use request::{
     CompletionOutput, EngineRequest, FinishReason, OutputKind, RequestMetrics, RequestOutput,

@@ -19,6 +19,16 @@ pub struct PoolingParams {
     pub use_activation: Option<bool>,
 }
 
+impl PoolingParams {
+    /// Rejects values no model accepts (model-specific bounds are checked on submission).
+    pub fn validate(&self) -> Result<()> {
+        if self.dimensions == Some(0) {
+            return Err(EngineError::validation("dimensions must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
 /// One pooled vector per sequence from hidden states [tokens, hidden].
 pub fn pool(hidden: &Tensor, batch: &EncoderBatch, pooling: PoolingType) -> Result<Vec<Vec<f32>>> {
     let (tokens, dim) = hidden.dims2()?;

@@ -6,6 +6,7 @@ rustler::atoms! {
     nil,
     vllm,
     vllm_error,
+    vllm_pooling,
     vllm_request_done,
     vllm_engine_started,
     stop,

@@ -33,7 +33,7 @@ fn engine_info<'a>(env: Env<'a>, resource: ResourceArc<EngineRef>) -> Term<'a> {
                 vec![
                     ("vocab_size", l.vocab_size.encode(env)),
                     ("eos_token_ids", l.eos_token_ids.encode(env)),
-                    ("bos_token_id", c.bos_token_id.encode(env)),
+                    ("bos_token_id", c.and_then(|c| c.bos_token_id).encode(env)),
                     ("max_model_len", l.max_model_len.encode(env)),
                     ("max_num_seqs", l.max_num_seqs.encode(env)),
                     (
@@ -42,7 +42,15 @@ fn engine_info<'a>(env: Env<'a>, resource: ResourceArc<EngineRef>) -> Term<'a> {
                     ),
                     ("block_size", l.block_size.encode(env)),
                     ("num_blocks", l.num_blocks.encode(env)),
-                    ("architecture", format!("{:?}", c.architecture).encode(env)),
+                    (
+                        "architecture",
+                        match (c, engine.encoder_config()) {
+                            (Some(c), _) => format!("{:?}", c.architecture),
+                            (None, Some(e)) => e.architecture.clone(),
+                            (None, None) => String::new(),
+                        }
+                        .encode(env),
+                    ),
                     ("alive", engine.is_alive().encode(env)),
                 ],
             );

@@ -150,6 +150,9 @@ pub fn engine_args(opts: Term) -> Result<EngineArgs> {
         args.max_lora_rank = n;
     }
     args.max_cpu_loras = count_field(opts, WHAT, "max_cpu_loras")?;
+    if let Some(runner) = string_field(opts, WHAT, "runner")? {
+        args.runner = runner;
+    }
     args.quantization = string_field(opts, WHAT, "quantization")?;
     args.validate()?;
     Ok(args)

@@ -10,6 +10,7 @@ mod encode;
 mod engine_ref;
 mod error;
 mod lora;
+mod pooling;
 mod requests;
 mod sink;
 mod tokenize;

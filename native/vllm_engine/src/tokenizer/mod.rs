@@ -49,8 +49,10 @@ impl Tokenizer {
         if !file.exists() {
             return Err(EngineError::not_found(format!("tokenizer file {} does not exist", file.display())));
         }
-        let inner = tokenizers::Tokenizer::from_file(&file)
+        let mut inner = tokenizers::Tokenizer::from_file(&file)
             .map_err(|e| EngineError::validation(format!("cannot read tokenizer {}: {e}", file.display())))?;
+        // sentence-transformers' tokenizer.json pads every input (MiniLM: to 128); we never pad.
+        inner.with_padding(None);
         let config_path = file.with_file_name("tokenizer_config.json");
         let config = hf_config::TokenizerConfig::read(&config_path)?;
         let id_of = |token: Option<&String>| token.and_then(|t| inner.token_to_id(t));
@@ -85,6 +87,27 @@ impl Tokenizer {
             .encode_fast(text, add_special_tokens)
             .map_err(|e| EngineError::validation(format!("cannot tokenize prompt: {e}")))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Cuts encodings to `max_length` tokens (special tokens included); None: never.
+    pub fn set_truncation(&mut self, max_length: Option<usize>) -> Result<()> {
+        let params = max_length.map(|max_length| tokenizers::TruncationParams {
+            max_length,
+            ..Default::default()
+        });
+        self.inner
+            .with_truncation(params)
+            .map_err(|e| EngineError::validation(format!("cannot set truncation: {e}")))?;
+        Ok(())
+    }
+
+    /// A text pair as one sequence ([CLS] a [SEP] b [SEP] for BERT) with its segment ids.
+    pub fn encode_pair(&self, text_a: &str, text_b: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+        let enc = self
+            .inner
+            .encode((text_a, text_b), true)
+            .map_err(|e| EngineError::validation(format!("cannot tokenize text pair: {e}")))?;
+        Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {

@@ -256,7 +256,7 @@ pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &Engine
         "load {load_s:.2} s; KV cache {} blocks of {} tokens; max_num_seqs {}, max_num_batched_tokens {}",
         limits.num_blocks, limits.block_size, limits.max_num_seqs, limits.max_num_batched_tokens
     );
-    let specs = specs(workload, engine.model_config().vocab_size, o)?;
+    let specs = specs(workload, engine.limits().vocab_size, o)?;
     // Warm-up: one short request, so lazy initialisation stays out of the numbers.
     let warm = Spec {
         prompt: specs[0].prompt.iter().copied().take(16).collect(),
