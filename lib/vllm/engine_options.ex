@@ -71,7 +71,7 @@ defmodule Vllm.EngineOptions do
   def validate(opts) when is_list(opts) or is_map(opts) do
     with {:ok, opts} <- to_keyword(opts),
          :ok <- check_each(opts),
-         :ok <- check_model(opts[:model]),
+         {:ok, opts} <- resolve_model(opts),
          :ok <- check_device(opts[:device]),
          :ok <- check_supported(opts) do
       native =
@@ -147,21 +147,20 @@ defmodule Vllm.EngineOptions do
     end)
   end
 
+  # A hub id becomes its snapshot directory in the local Hugging Face cache.
+  defp resolve_model(opts) do
+    with :ok <- check_model(opts[:model]),
+         {:ok, path} <- Vllm.Hub.resolve(opts[:model]) do
+      {:ok, Keyword.put(opts, :model, path)}
+    end
+  end
+
   defp check_model(nil),
     do:
       {:error,
        Error.validation("engine option :model is required (a .gguf file or a model directory)")}
 
-  defp check_model(model) do
-    if File.exists?(model),
-      do: :ok,
-      else:
-        {:error,
-         Error.new(
-           :not_found,
-           "model #{inspect(model)} not found: give the path of a .gguf file or a model directory"
-         )}
-  end
+  defp check_model(_model), do: :ok
 
   defp check_device(device) when device in [nil, "auto", "cpu"], do: :ok
 
@@ -187,7 +186,6 @@ defmodule Vllm.EngineOptions do
         unsupported(
           "tensor_parallel_size #{opts[:tensor_parallel_size]}: tensor parallelism splits a model over several GPUs, and this build runs on the CPU (the CUDA backend is issue 6); use data_parallel_size for replicas"
         )
-
 
       opts[:revision] not in [nil, "main"] ->
         unsupported(
