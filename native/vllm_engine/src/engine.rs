@@ -203,17 +203,7 @@ impl Engine {
         let output = OutputProcessor::new(tokenizer.clone(), out_rx, core_tx.clone(), live.clone(), shared.clone());
 
         let spawn_err = |e: std::io::Error| EngineError::internal(format!("cannot start engine thread: {e}"));
-        // num_threads: the model's parallel loops (rayon, gemm) run in a pool of that size.
-        let pool = match args.num_threads {
-            Some(n) => Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .thread_name(|i| format!("vllm-cpu-{i}"))
-                    .build()
-                    .map_err(|e| EngineError::internal(format!("cannot start {n} compute threads: {e}")))?,
-            ),
-            None => None,
-        };
+        let pool = compute_pool(args.num_threads)?;
         let core_thread = std::thread::Builder::new()
             .name("vllm-engine-core".into())
             .spawn(move || match pool {
@@ -289,16 +279,7 @@ impl Engine {
             rx,
             shared.clone(),
         );
-        let pool = match args.num_threads {
-            Some(n) => Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .thread_name(|i| format!("vllm-cpu-{i}"))
-                    .build()
-                    .map_err(|e| EngineError::internal(format!("cannot start {n} compute threads: {e}")))?,
-            ),
-            None => None,
-        };
+        let pool = compute_pool(args.num_threads)?;
         let thread = std::thread::Builder::new()
             .name("vllm-pooling-core".into())
             .spawn(move || match pool {
@@ -901,6 +882,20 @@ fn available_memory_bytes() -> Option<usize> {
     kib.checked_mul(1024)
 }
 
+/// With `num_threads`, the model's parallel loops (rayon, gemm) run in a pool of that size;
+/// None: the global pool (all cores).
+fn compute_pool(num_threads: Option<usize>) -> Result<Option<rayon::ThreadPool>> {
+    num_threads
+        .map(|n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .thread_name(|i| format!("vllm-cpu-{i}"))
+                .build()
+                .map_err(|e| EngineError::internal(format!("cannot start {n} compute threads: {e}")))
+        })
+        .transpose()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -913,3 +908,4 @@ mod tests {
         assert_unwind_safe::<Engine>();
     }
 }
+
