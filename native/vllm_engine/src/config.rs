@@ -71,7 +71,9 @@ impl LoadFormat {
         match s {
             "auto" | "safetensors" | "gguf" => Ok(LoadFormat::Auto),
             "dummy" => Ok(LoadFormat::Dummy),
-            other => Err(EngineError::validation(format!("load_format must be auto or dummy; got {other:?}"))),
+            other => Err(EngineError::validation(format!(
+                "load_format must be auto or dummy; got {other:?}"
+            ))),
         }
     }
 }
@@ -294,14 +296,18 @@ impl ModelConfig {
             obj.get(key)
                 .and_then(|x| x.as_u64())
                 .map(|x| x as usize)
-                .ok_or_else(|| EngineError::validation(format!("config.json: {key} is missing or not a non-negative integer")))
+                .ok_or_else(|| {
+                    EngineError::validation(format!("config.json: {key} is missing or not a non-negative integer"))
+                })
         };
         let opt_usize = |key: &str| obj.get(key).and_then(|x| x.as_u64()).map(|x| x as usize);
 
         let hidden_size = usize_key("hidden_size")?;
         let num_attention_heads = usize_key("num_attention_heads")?;
         if num_attention_heads == 0 || hidden_size == 0 {
-            return Err(EngineError::validation("config.json: hidden_size and num_attention_heads must be positive"));
+            return Err(EngineError::validation(
+                "config.json: hidden_size and num_attention_heads must be positive",
+            ));
         }
         let num_key_value_heads = opt_usize("num_key_value_heads").unwrap_or(num_attention_heads);
         let head_dim = opt_usize("head_dim").unwrap_or(hidden_size / num_attention_heads);
@@ -320,13 +326,19 @@ impl ModelConfig {
             .filter_map(|t| t.as_str())
             .find(|t| *t != "default");
         if let Some(t) = rope_type {
-            return Err(EngineError::unsupported(format!("rope type {t:?} is not supported yet (only default rotary)")));
+            return Err(EngineError::unsupported(format!(
+                "rope type {t:?} is not supported yet (only default rotary)"
+            )));
         }
         let sliding_window = match architecture {
             Architecture::Mistral => opt_usize("sliding_window"),
             Architecture::Qwen2 | Architecture::Qwen3 => {
                 let enabled = obj.get("use_sliding_window").and_then(|x| x.as_bool()).unwrap_or(false);
-                if enabled { opt_usize("sliding_window") } else { None }
+                if enabled {
+                    opt_usize("sliding_window")
+                } else {
+                    None
+                }
             }
             Architecture::Llama | Architecture::Opt => None,
         };
@@ -396,7 +408,11 @@ impl ModelConfig {
             Some(gguf_file::Value::Array(tokens)) => tokens.len(),
             _ => match content.tensor_infos.get("token_embd.weight") {
                 Some(info) => info.shape.dims()[0],
-                None => return Err(EngineError::validation("GGUF file has neither tokenizer.ggml.tokens nor token_embd.weight")),
+                None => {
+                    return Err(EngineError::validation(
+                        "GGUF file has neither tokenizer.ggml.tokens nor token_embd.weight",
+                    ))
+                }
             },
         };
         let sliding_window = gguf_usize(md, &key("attention.sliding_window"))?.filter(|&w| w > 0);
@@ -404,8 +420,15 @@ impl ModelConfig {
             Some(gguf_file::Value::String(s)) if s != "none" => Some(s.clone()),
             _ => None,
         };
-        if let Some(s) = scaling.or_else(|| content.tensor_infos.contains_key("rope_freqs.weight").then(|| "rope_freqs".into())) {
-            return Err(EngineError::unsupported(format!("GGUF rope scaling {s:?} is not supported yet (only default rotary)")));
+        if let Some(s) = scaling.or_else(|| {
+            content
+                .tensor_infos
+                .contains_key("rope_freqs.weight")
+                .then(|| "rope_freqs".into())
+        }) {
+            return Err(EngineError::unsupported(format!(
+                "GGUF rope scaling {s:?} is not supported yet (only default rotary)"
+            )));
         }
         let config = ModelConfig {
             architecture,
@@ -423,7 +446,9 @@ impl ModelConfig {
             tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
             attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
             bos_token_id: gguf_usize(md, "tokenizer.ggml.bos_token_id")?.map(|x| x as u32),
-            eos_token_ids: gguf_usize(md, "tokenizer.ggml.eos_token_id")?.map(|x| vec![x as u32]).unwrap_or_default(),
+            eos_token_ids: gguf_usize(md, "tokenizer.ggml.eos_token_id")?
+                .map(|x| vec![x as u32])
+                .unwrap_or_default(),
         };
         config.check()?;
         Ok(config)
@@ -441,7 +466,9 @@ impl ModelConfig {
         ];
         for (name, value) in positive {
             if value == 0 {
-                return Err(EngineError::validation(format!("model config: {name} must be positive")));
+                return Err(EngineError::validation(format!(
+                    "model config: {name} must be positive"
+                )));
             }
         }
         if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
@@ -451,7 +478,10 @@ impl ModelConfig {
             )));
         }
         if self.architecture != Architecture::Opt && !self.head_dim.is_multiple_of(2) {
-            return Err(EngineError::validation(format!("model config: head_dim {} must be even for rotary", self.head_dim)));
+            return Err(EngineError::validation(format!(
+                "model config: head_dim {} must be even for rotary",
+                self.head_dim
+            )));
         }
         Ok(())
     }
@@ -491,7 +521,11 @@ fn gguf_usize(md: &std::collections::HashMap<String, gguf_file::Value>, key: &st
         V::I32(x) => *x as i128,
         V::U64(x) => *x as i128,
         V::I64(x) => *x as i128,
-        _ => return Err(EngineError::validation(format!("GGUF metadata {key} is not an integer"))),
+        _ => {
+            return Err(EngineError::validation(format!(
+                "GGUF metadata {key} is not an integer"
+            )))
+        }
     };
     usize::try_from(n)
         .map(Some)

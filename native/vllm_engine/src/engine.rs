@@ -11,7 +11,6 @@ use crossbeam_channel::{unbounded, Sender};
 
 use crate::config::{EngineArgs, ModelConfig};
 use crate::control::{ControlCommand, ControlOp, ControlReply, MemoryUsage};
-use crate::structured_output::StructuredOutputCompiler;
 use crate::engine_core::{CoreCommand, CoreShared, EngineCore, NewRequest};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::manager::SeqId;
@@ -19,15 +18,16 @@ use crate::kv_cache::KvCacheManager;
 use crate::lora::{LoRARequest, LoraInfo, LoraRegistry};
 use crate::models::encoder::{EncoderConfig, EncoderModel, Runner};
 use crate::models::CausalLM;
+use crate::output_processor::{LiveRequests, OutputMessage, OutputProcessor, RequestStream};
 use crate::pooling_core::{
     self, PoolingCommand, PoolingCore, PoolingLimits, PoolingRequest, PoolingSender, PoolingSink,
 };
-use crate::output_processor::{LiveRequests, OutputMessage, OutputProcessor, RequestStream};
 use crate::profiler::ProfileSummary;
 use crate::request::{EngineRequest, RequestOutput, SamplingParams};
 use crate::runner::{ModelRunner, DEFAULT_KV_CACHE_BYTES};
 use crate::sampler::Sampler;
 use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::structured_output::StructuredOutputCompiler;
 use crate::tokenizer::Tokenizer;
 
 /// Where a request's outputs go (the NIF implements it with a message to a pid).
@@ -291,7 +291,11 @@ impl Engine {
         let (core_tx, _) = unbounded();
         let (out_tx, _) = unbounded();
         let tokenizer = Arc::new(tokenizer);
-        tracing::info!("pooling model {} ({} tasks)", config.architecture, config.supported_tasks().join(", "));
+        tracing::info!(
+            "pooling model {} ({} tasks)",
+            config.architecture,
+            config.supported_tasks().join(", ")
+        );
         Ok(Engine {
             core_tx,
             out_tx,
@@ -434,7 +438,9 @@ impl Engine {
             .loras
             .as_ref()
             .ok_or_else(|| EngineError::validation("LoRA adapters need an engine started with enable_lora"))?;
-        registry.lock().map_err(|_| EngineError::internal("LoRA registry poisoned"))
+        registry
+            .lock()
+            .map_err(|_| EngineError::internal("LoRA registry poisoned"))
     }
 
     /// Loads and registers an adapter. Ok(false): that id is already added with that path.
@@ -442,7 +448,10 @@ impl Engine {
     /// lacks, bad shapes, an id already used for another path: `:validation`.
     pub fn add_lora(&self, request: LoRARequest) -> Result<bool> {
         self.check_alive()?;
-        Ok(self.lora_registry()?.get_or_load(&request, self.generation_config()?)?.1)
+        Ok(self
+            .lora_registry()?
+            .get_or_load(&request, self.generation_config()?)?
+            .1)
     }
 
     /// Forgets an adapter (running requests keep theirs). Ok(false): it was not added.
@@ -572,7 +581,10 @@ impl Engine {
                 let dt = now.duration_since(*at).as_secs_f64().max(1e-9);
                 (
                     stats.prompt_tokens_total.saturating_sub(prev.prompt_tokens_total) as f64 / dt,
-                    stats.generation_tokens_total.saturating_sub(prev.generation_tokens_total) as f64 / dt,
+                    stats
+                        .generation_tokens_total
+                        .saturating_sub(prev.generation_tokens_total) as f64
+                        / dt,
                 )
             }
             None => (0.0, 0.0),
@@ -719,7 +731,11 @@ impl Engine {
     fn validate(&self, request: &EngineRequest) -> Result<()> {
         request.params.validate()?;
         let vocab = self.limits.vocab_size;
-        if let Some((field, id)) = request.params.mentioned_token_ids().find(|&(_, id)| id as usize >= vocab) {
+        if let Some((field, id)) = request
+            .params
+            .mentioned_token_ids()
+            .find(|&(_, id)| id as usize >= vocab)
+        {
             return Err(EngineError::validation(format!(
                 "{field} token id {id} is out of vocabulary (size {vocab})"
             )));
@@ -908,4 +924,3 @@ mod tests {
         assert_unwind_safe::<Engine>();
     }
 }
-

@@ -377,10 +377,15 @@ impl EngineCore {
 
     /// Takes the grammars of the constrained sequences that sample at the end of this
     /// step (their last known token is scheduled); the caller puts them back.
-    fn take_sampling_grammars(&mut self, plan: &crate::scheduler::SchedulerOutput) -> Vec<(SeqId, Box<GrammarMatcher>)> {
+    fn take_sampling_grammars(
+        &mut self,
+        plan: &crate::scheduler::SchedulerOutput,
+    ) -> Vec<(SeqId, Box<GrammarMatcher>)> {
         let mut taken = Vec::new();
         for s in &plan.scheduled {
-            let Some(seq) = self.scheduler.seq_mut(s.seq_id) else { continue };
+            let Some(seq) = self.scheduler.seq_mut(s.seq_id) else {
+                continue;
+            };
             if seq.grammar.is_some() && seq.num_computed_tokens + s.num_new_tokens >= seq.num_tokens() {
                 if let Some(g) = seq.grammar.take() {
                     taken.push((s.seq_id, g));
@@ -394,7 +399,9 @@ impl EngineCore {
     /// step's tokens, so a request's final output always has them).
     fn send_prompt_logprobs(&self, prompt_rows: &[crate::runner::PromptRows]) {
         for p in prompt_rows {
-            let Some(seq) = self.scheduler.seq(p.seq_id) else { continue };
+            let Some(seq) = self.scheduler.seq(p.seq_id) else {
+                continue;
+            };
             let Some(k) = seq.params.prompt_logprobs else { continue };
             let entries = p
                 .rows

@@ -39,7 +39,10 @@ pub struct EngineError {
 
 impl EngineError {
     pub fn new(category: ErrorCategory, message: impl Into<String>) -> Self {
-        EngineError { category, message: message.into() }
+        EngineError {
+            category,
+            message: message.into(),
+        }
     }
     pub fn validation(message: impl Into<String>) -> Self {
         Self::new(ErrorCategory::Validation, message)

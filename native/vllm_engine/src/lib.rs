@@ -26,10 +26,10 @@ pub mod tokenizer;
 
 pub use config::{EngineArgs, ModelConfig};
 pub use engine::{Engine, EngineStats, OutputSink};
+pub use error::{EngineError, ErrorCategory, Result};
 pub use pooling::PoolingParams;
 pub use pooling_core::{PoolingOutput, PoolingRequest, PoolingSink, PoolingTask};
-pub use error::{EngineError, ErrorCategory, Result};
 pub use request::{
-    CompletionOutput, EngineRequest, FinishReason, OutputKind, RequestMetrics, RequestOutput,
-    SamplingParams, StopReason, TokenLogprob,
+    CompletionOutput, EngineRequest, FinishReason, OutputKind, RequestMetrics, RequestOutput, SamplingParams,
+    StopReason, TokenLogprob,
 };

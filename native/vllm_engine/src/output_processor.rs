@@ -237,7 +237,9 @@ impl OutputProcessor {
     }
 
     fn on_prompt_logprobs(&mut self, seq_id: SeqId, first: usize, entries: Vec<Vec<TokenLogprob>>) {
-        let Some(&(key, _)) = self.children.get(&seq_id) else { return };
+        let Some(&(key, _)) = self.children.get(&seq_id) else {
+            return;
+        };
         let Some(t) = self.requests.get_mut(&key) else { return };
         let detokenize = t.stream.params.detokenize;
         let Some(all) = t.prompt_logprobs.as_mut() else { return };
@@ -336,7 +338,9 @@ impl OutputProcessor {
     }
 
     fn on_released(&mut self, id: SeqId) {
-        let Some(&(key, index)) = self.children.get(&id) else { return };
+        let Some(&(key, index)) = self.children.get(&id) else {
+            return;
+        };
         let Some(t) = self.requests.get_mut(&key) else { return };
         let Some(c) = t.children.get_mut(index) else { return };
         if c.freed {
@@ -392,7 +396,9 @@ impl OutputProcessor {
             }
             if !t.gone {
                 let sink = &mut t.stream.sink;
-                let _ = catch_unwind(AssertUnwindSafe(|| sink.fail(EngineError::engine_dead(why.to_string()))));
+                let _ = catch_unwind(AssertUnwindSafe(|| {
+                    sink.fail(EngineError::engine_dead(why.to_string()))
+                }));
             }
             self.remove(key);
         }
@@ -433,7 +439,11 @@ fn build_output(t: &mut Tracked, last: bool) -> RequestOutput {
                 c.sent_tokens = c.token_ids.len();
                 (text, tokens, logprobs)
             } else {
-                (c.text[..c.released].to_string(), c.token_ids.clone(), c.logprobs.clone())
+                (
+                    c.text[..c.released].to_string(),
+                    c.token_ids.clone(),
+                    c.logprobs.clone(),
+                )
             };
             // A child still running at the end was cut short by an abort.
             let finish = c.finish.clone().or(last.then_some((FinishReason::Abort, None)));

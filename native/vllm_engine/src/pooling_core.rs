@@ -178,8 +178,7 @@ impl PoolingCore {
         while let Some((req, _)) = self.waiting.front() {
             let len = req.prompt_token_ids.len();
             if !taken.is_empty()
-                && (taken.len() >= self.limits.max_num_seqs
-                    || tokens + len > self.limits.max_num_batched_tokens)
+                && (taken.len() >= self.limits.max_num_seqs || tokens + len > self.limits.max_num_batched_tokens)
             {
                 break;
             }
@@ -189,8 +188,7 @@ impl PoolingCore {
             }
         }
         // Classification heads and plain poolers are separate forward passes.
-        let (head, plain): (Vec<_>, Vec<_>) =
-            taken.into_iter().partition(|(r, _)| r.task.uses_head());
+        let (head, plain): (Vec<_>, Vec<_>) = taken.into_iter().partition(|(r, _)| r.task.uses_head());
         for group in [plain, head] {
             if !group.is_empty() {
                 self.run_batch(group);
@@ -205,9 +203,7 @@ impl PoolingCore {
         }
         let uses_head = group[0].0.task.uses_head();
         let results = if uses_head {
-            self.model
-                .classify(&batch)
-                .and_then(|t| Ok(t.to_vec2::<f32>()?))
+            self.model.classify(&batch).and_then(|t| Ok(t.to_vec2::<f32>()?))
         } else {
             self.model
                 .hidden_states(&batch)
@@ -244,13 +240,11 @@ impl PoolingCore {
 fn finish(config: &EncoderConfig, req: &PoolingRequest, row: Vec<f32>) -> Result<Vec<f32>> {
     let params = &req.params;
     match req.task {
-        PoolingTask::Classify | PoolingTask::Score => {
-            Ok(if params.use_activation.unwrap_or(true) {
-                pooling::activate(row)
-            } else {
-                row
-            })
-        }
+        PoolingTask::Classify | PoolingTask::Score => Ok(if params.use_activation.unwrap_or(true) {
+            pooling::activate(row)
+        } else {
+            row
+        }),
         PoolingTask::Encode | PoolingTask::Embed => {
             let mut v = match params.dimensions {
                 Some(d) => pooling::truncate_dimensions(row, d)?,
@@ -267,11 +261,7 @@ fn finish(config: &EncoderConfig, req: &PoolingRequest, row: Vec<f32>) -> Result
 }
 
 /// Checks a request against the loaded model before it is queued.
-pub(crate) fn validate(
-    config: &EncoderConfig,
-    max_model_len: usize,
-    req: &PoolingRequest,
-) -> Result<()> {
+pub(crate) fn validate(config: &EncoderConfig, max_model_len: usize, req: &PoolingRequest) -> Result<()> {
     let tasks = config.supported_tasks();
     if !tasks.contains(&req.task.as_str()) {
         return Err(EngineError::unsupported(format!(
@@ -304,10 +294,7 @@ pub(crate) fn validate(
                 ids.len()
             )));
         }
-        if let Some(&bad) = types
-            .iter()
-            .find(|&&t| t as usize >= config.type_vocab_size)
-        {
+        if let Some(&bad) = types.iter().find(|&&t| t as usize >= config.type_vocab_size) {
             return Err(EngineError::validation(format!(
                 "token type id {bad} is out of range (type_vocab_size {})",
                 config.type_vocab_size
@@ -316,9 +303,7 @@ pub(crate) fn validate(
     }
     if let Some(d) = req.params.dimensions {
         if req.task.uses_head() {
-            return Err(EngineError::validation(
-                "dimensions applies to embed and encode only",
-            ));
+            return Err(EngineError::validation("dimensions applies to embed and encode only"));
         }
         if d == 0 || d > config.hidden_size {
             return Err(EngineError::validation(format!(

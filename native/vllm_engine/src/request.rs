@@ -101,7 +101,11 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding of `max_tokens` tokens.
     pub fn greedy(max_tokens: usize) -> Self {
-        SamplingParams { temperature: 0.0, max_tokens: Some(max_tokens), ..Default::default() }
+        SamplingParams {
+            temperature: 0.0,
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        }
     }
 
     /// Below vLLM's epsilon a temperature means greedy decoding.
@@ -114,7 +118,11 @@ impl SamplingParams {
     /// stop_token_ids, bad words), for the engine's vocabulary check.
     pub fn mentioned_token_ids(&self) -> impl Iterator<Item = (&'static str, u32)> + '_ {
         let bias = self.logit_bias.keys().map(|&id| ("logit_bias", id));
-        let allowed = self.allowed_token_ids.iter().flatten().map(|&id| ("allowed_token_ids", id));
+        let allowed = self
+            .allowed_token_ids
+            .iter()
+            .flatten()
+            .map(|&id| ("allowed_token_ids", id));
         let stop = self.stop_token_ids.iter().map(|&id| ("stop_token_ids", id));
         let bad = self.bad_words_token_ids.iter().flatten().map(|&id| ("bad_words", id));
         bias.chain(allowed).chain(stop).chain(bad)
@@ -132,26 +140,41 @@ impl SamplingParams {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if self.top_k < -1 {
-            return bad(format!("top_k must be -1 (off), 0 (off) or positive, got {}", self.top_k));
+            return bad(format!(
+                "top_k must be -1 (off), 0 (off) or positive, got {}",
+                self.top_k
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !(-2.0..=2.0).contains(&self.presence_penalty) {
-            return bad(format!("presence_penalty must be in [-2, 2], got {}", self.presence_penalty));
+            return bad(format!(
+                "presence_penalty must be in [-2, 2], got {}",
+                self.presence_penalty
+            ));
         }
         if !(-2.0..=2.0).contains(&self.frequency_penalty) {
-            return bad(format!("frequency_penalty must be in [-2, 2], got {}", self.frequency_penalty));
+            return bad(format!(
+                "frequency_penalty must be in [-2, 2], got {}",
+                self.frequency_penalty
+            ));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
         if self.max_tokens == Some(0) {
             return bad("max_tokens must be at least 1, got 0".to_string());
         }
         if let Some(max) = self.max_tokens {
             if self.min_tokens > max {
-                return bad(format!("min_tokens ({}) must be <= max_tokens ({max})", self.min_tokens));
+                return bad(format!(
+                    "min_tokens ({}) must be <= max_tokens ({max})",
+                    self.min_tokens
+                ));
             }
         }
         if self.stop.iter().any(|s| s.is_empty()) {
@@ -293,5 +316,7 @@ pub struct RequestOutput {
 }
 
 pub fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }

@@ -6,9 +6,9 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::manager::SeqId;
 use crate::kv_cache::PagedKvCache;
+use crate::lora::{slots::SlotLoad, LoraAdapter, LoraSlots};
 use crate::models::{CausalLM, ForwardBatch, SeqSlice};
 use crate::scheduler::{Scheduler, SchedulerOutput};
-use crate::lora::{slots::SlotLoad, LoraAdapter, LoraSlots};
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -84,7 +84,12 @@ impl ModelRunner {
     pub fn new(model: Box<dyn CausalLM>, num_blocks: usize, block_size: usize) -> Result<Self> {
         let kv = model.new_kv_cache(num_blocks, block_size)?;
         let timing = std::env::var_os("VLLM_STEP_TIMING").map(|_| StepTiming::default());
-        Ok(ModelRunner { model, kv, timing, lora: None })
+        Ok(ModelRunner {
+            model,
+            kv,
+            timing,
+            lora: None,
+        })
     }
 
     /// Bytes of key and value memory the cache holds now (0 after `release_kv_cache`).
@@ -141,7 +146,9 @@ impl ModelRunner {
     /// Gives the model `max_loras` LoRA slots (`:unsupported` for models without LoRA).
     pub fn enable_lora(&mut self, max_loras: usize) -> Result<()> {
         if !self.model.supports_lora() {
-            return Err(EngineError::unsupported("this model architecture does not support LoRA adapters"));
+            return Err(EngineError::unsupported(
+                "this model architecture does not support LoRA adapters",
+            ));
         }
         self.lora = Some(LoraSlots::new(max_loras));
         Ok(())
@@ -153,7 +160,10 @@ impl ModelRunner {
 
     /// Pins adapter `id` into a slot (see LoraSlots::pin).
     pub fn pin_lora(&mut self, id: u32, adapter: Arc<LoraAdapter>, running: &HashSet<u32>) -> Result<()> {
-        let slots = self.lora.as_mut().ok_or_else(|| EngineError::validation("LoRA is not enabled (enable_lora)"))?;
+        let slots = self
+            .lora
+            .as_mut()
+            .ok_or_else(|| EngineError::validation("LoRA is not enabled (enable_lora)"))?;
         let loads = slots.pin(id, adapter, running)?;
         self.apply_lora_loads(loads)
     }

@@ -234,7 +234,9 @@ impl Scheduler {
     /// preempt the worst running request if it has strictly lower priority.
     fn preempt_for_waiting(&mut self, out: &mut SchedulerOutput, budget: usize) {
         loop {
-            let Some(&wid) = self.waiting.values().next() else { return };
+            let Some(&wid) = self.waiting.values().next() else {
+                return;
+            };
             let Some(at) = self.victim_index() else { return };
             let (Some(w), Some(v)) = (self.seqs.get(&wid), self.seqs.get(&self.running[at])) else {
                 return;
@@ -248,7 +250,11 @@ impl Scheduler {
                     .running
                     .iter()
                     .filter_map(|r| self.seqs.get(r))
-                    .map(|r| self.kv.blocks_for(r.num_tokens()).saturating_sub(self.kv.block_table(r.seq_id).len()))
+                    .map(|r| {
+                        self.kv
+                            .blocks_for(r.num_tokens())
+                            .saturating_sub(self.kv.block_table(r.seq_id).len())
+                    })
                     .sum();
                 let first_chunk = self.kv.blocks_for(w.num_uncomputed_tokens().min(budget));
                 self.kv.num_free_blocks() < pending + first_chunk

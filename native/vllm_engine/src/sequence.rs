@@ -79,7 +79,10 @@ impl Sequence {
 
     /// Sets the LoRA id and cache salt that key its blocks in the prefix cache.
     pub fn with_extra_keys(mut self, lora_int_id: Option<u32>, cache_salt: Option<String>) -> Self {
-        self.extra_keys = ExtraKeys { lora_int_id, cache_salt };
+        self.extra_keys = ExtraKeys {
+            lora_int_id,
+            cache_salt,
+        };
         self.block_hashes.clear();
         self
     }

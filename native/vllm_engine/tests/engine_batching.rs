@@ -133,7 +133,13 @@ fn waiting_requests_are_admitted_by_priority_then_arrival() {
     let mut one_at_a_time = args();
     one_at_a_time.max_num_seqs = 1;
     one_at_a_time.scheduling_policy = vllm_engine::config::SchedulingPolicy::Priority;
-    let h = engine_with(one_at_a_time, FakeBehaviour { step_delay: Some(Duration::from_millis(3)), ..Default::default() });
+    let h = engine_with(
+        one_at_a_time,
+        FakeBehaviour {
+            step_delay: Some(Duration::from_millis(3)),
+            ..Default::default()
+        },
+    );
     let first = submit(&h.engine, "first", prompt(50, 4), SamplingParams::greedy(10));
     wait_until("the first request runs", || h.engine.stats().num_running == 1);
     let add = |id: &str, priority: i32| {
@@ -149,6 +155,9 @@ fn waiting_requests_are_admitted_by_priority_then_arrival() {
     let scheduled = |rx| collect(&rx).last().unwrap().metrics.first_scheduled_time.unwrap();
     let (t_first, t_low, t_early, t_urgent) = (scheduled(first), scheduled(low), scheduled(early), scheduled(urgent));
     let order = [t_first, t_urgent, t_early, t_low];
-    assert!(order.windows(2).all(|w| w[0] < w[1]), "first, urgent, early, low scheduled at {order:?}");
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "first, urgent, early, low scheduled at {order:?}"
+    );
     assert_all_blocks_free(&h.engine);
 }

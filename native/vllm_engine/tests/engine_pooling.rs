@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use vllm_engine::pooling::cosine;
 use vllm_engine::{
-    Engine, EngineArgs, EngineError, ErrorCategory, PoolingOutput, PoolingParams, PoolingRequest,
-    PoolingSink, PoolingTask, SamplingParams,
+    Engine, EngineArgs, EngineError, ErrorCategory, PoolingOutput, PoolingParams, PoolingRequest, PoolingSink,
+    PoolingTask, SamplingParams,
 };
 
 struct ChannelSink(Sender<Result<PoolingOutput, EngineError>>);
@@ -39,9 +39,7 @@ fn request(id: &str, ids: Vec<u32>, task: PoolingTask, params: PoolingParams) ->
 
 fn submit(engine: &Engine, req: PoolingRequest) -> Receiver<Result<PoolingOutput, EngineError>> {
     let (tx, rx) = unbounded();
-    engine
-        .encode(req, Box::new(ChannelSink(tx)))
-        .expect("queued");
+    engine.encode(req, Box::new(ChannelSink(tx))).expect("queued");
     rx
 }
 
@@ -83,12 +81,7 @@ fn engine_embeds_fixture_sentences_like_sentence_transformers() {
         assert_eq!(&ids, ref_ids, "{text:?}: token ids (no padding)");
         let out = wait(&submit(
             &engine,
-            request(
-                &format!("e{i}"),
-                ids.clone(),
-                PoolingTask::Embed,
-                Default::default(),
-            ),
+            request(&format!("e{i}"), ids.clone(), PoolingTask::Embed, Default::default()),
         ));
         assert!(out.finished);
         assert_eq!(out.prompt_token_ids, ids);
@@ -126,12 +119,7 @@ fn a_batch_of_64_equals_each_alone() {
             let ids = cases[i % cases.len()].1.clone();
             submit(
                 &engine,
-                request(
-                    &format!("b{i}"),
-                    ids,
-                    PoolingTask::Embed,
-                    Default::default(),
-                ),
+                request(&format!("b{i}"), ids, PoolingTask::Embed, Default::default()),
             )
         })
         .collect();
@@ -144,10 +132,7 @@ fn a_batch_of_64_equals_each_alone() {
             .zip(&solo[i % cases.len()])
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
-        assert!(
-            diff < 1e-5,
-            "request {i}: batched differs from solo by {diff}"
-        );
+        assert!(diff < 1e-5, "request {i}: batched differs from solo by {diff}");
     }
 }
 
@@ -159,11 +144,7 @@ fn dimensions_encode_and_errors() {
         dimensions: Some(64),
         ..Default::default()
     };
-    let short = wait(&submit(
-        &engine,
-        request("d", ids.clone(), PoolingTask::Embed, params),
-    ))
-    .data;
+    let short = wait(&submit(&engine, request("d", ids.clone(), PoolingTask::Embed, params))).data;
     assert_eq!(short.len(), 64);
     let norm: f32 = short.iter().map(|x| x * x).sum::<f32>().sqrt();
     assert!((norm - 1.0).abs() < 1e-5);
@@ -175,10 +156,7 @@ fn dimensions_encode_and_errors() {
     .data;
     assert_eq!(raw.len(), 384);
     let raw_norm: f32 = raw.iter().map(|x| x * x).sum::<f32>().sqrt();
-    assert!(
-        (raw_norm - 1.0).abs() > 1e-3,
-        "encode is unnormalised, norm {raw_norm}"
-    );
+    assert!((raw_norm - 1.0).abs() > 1e-3, "encode is unnormalised, norm {raw_norm}");
 
     let (tx, _rx) = unbounded();
     let err = engine
@@ -205,24 +183,14 @@ fn dimensions_encode_and_errors() {
     assert_eq!(err.category, ErrorCategory::Validation, "{err}");
     let err = engine
         .encode(
-            request(
-                "oov",
-                vec![101, 30522, 102],
-                PoolingTask::Embed,
-                Default::default(),
-            ),
+            request("oov", vec![101, 30522, 102], PoolingTask::Embed, Default::default()),
             Box::new(ChannelSink(tx.clone())),
         )
         .unwrap_err();
     assert_eq!(err.category, ErrorCategory::Validation, "{err}");
     let err = engine
         .encode(
-            request(
-                "long",
-                vec![1000; 513],
-                PoolingTask::Embed,
-                Default::default(),
-            ),
+            request("long", vec![1000; 513], PoolingTask::Embed, Default::default()),
             Box::new(ChannelSink(tx)),
         )
         .unwrap_err();
@@ -269,11 +237,7 @@ fn engine_embedding_throughput() {
         .unwrap();
     let sentence = |i: u32| -> Vec<u32> {
         let mut ids = vec![101];
-        ids.extend(
-            words[1..31]
-                .iter()
-                .map(|&w| if w > 999 { w + (i % 7) } else { w }),
-        );
+        ids.extend(words[1..31].iter().map(|&w| if w > 999 { w + (i % 7) } else { w }));
         ids.push(102);
         ids
     };
@@ -282,12 +246,7 @@ fn engine_embedding_throughput() {
             .map(|i| {
                 submit(
                     &engine,
-                    request(
-                        &format!("t{i}"),
-                        sentence(i),
-                        PoolingTask::Embed,
-                        Default::default(),
-                    ),
+                    request(&format!("t{i}"), sentence(i), PoolingTask::Embed, Default::default()),
                 )
             })
             .collect();
@@ -332,10 +291,7 @@ fn classifier_dir() -> std::path::PathBuf {
     let weight: Vec<u8> = (0..2 * 384)
         .flat_map(|k| (((k * 17) % 23) as f32 / 23.0 - 0.5).to_le_bytes())
         .collect();
-    let bias: Vec<u8> = [0.25f32, -0.25]
-        .iter()
-        .flat_map(|x| x.to_le_bytes())
-        .collect();
+    let bias: Vec<u8> = [0.25f32, -0.25].iter().flat_map(|x| x.to_le_bytes()).collect();
     views.insert(
         "classifier.weight".into(),
         TensorView::new(Dtype::F32, vec![2, 384], &weight).unwrap(),
@@ -353,56 +309,31 @@ fn classify_and_score_through_the_engine_match_the_model() {
     use vllm_engine::models::EncoderBatch;
     let dir = classifier_dir();
     let engine = Engine::new(EngineArgs::new(&dir)).expect("classifier engine");
-    assert_eq!(
-        engine.supported_tasks(),
-        vec!["encode", "classify", "score"]
-    );
+    assert_eq!(engine.supported_tasks(), vec!["encode", "classify", "score"]);
     let (model, _) = vllm_engine::loader::load_encoder(&EngineArgs::new(&dir)).unwrap();
 
-    let ids = engine
-        .tokenizer()
-        .encode("a man is eating food", true)
-        .unwrap();
+    let ids = engine.tokenizer().encode("a man is eating food", true).unwrap();
     let out = wait(&submit(
         &engine,
         request("c", ids.clone(), PoolingTask::Classify, Default::default()),
     ));
     let mut batch = EncoderBatch::default();
     batch.push(&ids);
-    let expected =
-        vllm_engine::pooling::classify(model.as_ref(), &batch, &PoolingParams::default()).unwrap();
+    let expected = vllm_engine::pooling::classify(model.as_ref(), &batch, &PoolingParams::default()).unwrap();
     assert_eq!(out.data.len(), 2);
-    assert!(
-        (out.data.iter().sum::<f32>() - 1.0).abs() < 1e-5,
-        "probabilities"
-    );
-    assert!(out
-        .data
-        .iter()
-        .zip(&expected[0])
-        .all(|(a, b)| (a - b).abs() < 1e-5));
+    assert!((out.data.iter().sum::<f32>() - 1.0).abs() < 1e-5, "probabilities");
+    assert!(out.data.iter().zip(&expected[0]).all(|(a, b)| (a - b).abs() < 1e-5));
 
     // score: the pair with segment ids 0 then 1, one forward pass like classify.
-    let (pair, types) = engine
-        .tokenize_pair("a man is eating food", "someone eats")
-        .unwrap();
-    assert_eq!(
-        pair.iter().filter(|&&t| t == 102).count(),
-        2,
-        "[CLS] a [SEP] b [SEP]"
-    );
+    let (pair, types) = engine.tokenize_pair("a man is eating food", "someone eats").unwrap();
+    assert_eq!(pair.iter().filter(|&&t| t == 102).count(), 2, "[CLS] a [SEP] b [SEP]");
     assert!(types.contains(&1) && types[0] == 0);
     let mut req = request("s", pair.clone(), PoolingTask::Score, Default::default());
     req.token_type_ids = Some(types.clone());
     let scored = wait(&submit(&engine, req));
     let mut batch = EncoderBatch::default();
     batch.push_with_types(&pair, Some(&types));
-    let expected =
-        vllm_engine::pooling::classify(model.as_ref(), &batch, &PoolingParams::default()).unwrap();
-    assert!(scored
-        .data
-        .iter()
-        .zip(&expected[0])
-        .all(|(a, b)| (a - b).abs() < 1e-5));
+    let expected = vllm_engine::pooling::classify(model.as_ref(), &batch, &PoolingParams::default()).unwrap();
+    assert!(scored.data.iter().zip(&expected[0]).all(|(a, b)| (a - b).abs() < 1e-5));
     let _ = std::fs::remove_dir_all(&dir);
 }

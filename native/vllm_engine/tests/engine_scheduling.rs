@@ -77,9 +77,15 @@ fn a_high_priority_request_submitted_last_finishes_before_earlier_low_priority_o
         let outs = collect(rx);
         let done = outs.last().unwrap().metrics.finished_time.unwrap();
         assert!(urgent_done < done, "low{i} finished before the urgent request");
-        assert_eq!(final_tokens(&outs), reference_greedy(&h.palette, &prompt(400 + i as u32, 12), 40));
+        assert_eq!(
+            final_tokens(&outs),
+            reference_greedy(&h.palette, &prompt(400 + i as u32, 12), 40)
+        );
     }
-    assert!(h.engine.num_preemptions() > 0, "the urgent request should have taken a running one's seat");
+    assert!(
+        h.engine.num_preemptions() > 0,
+        "the urgent request should have taken a running one's seat"
+    );
     assert_all_blocks_free(&h.engine);
 }
 
@@ -104,7 +110,10 @@ fn fcfs_ignores_priority() {
     std::thread::sleep(Duration::from_millis(6));
     let s = h.engine.stats();
     assert_eq!((s.num_running, s.num_waiting, s.num_preemptions), (1, 1, 0));
-    assert_eq!(final_tokens(&collect(&first)), reference_greedy(&h.palette, &prompt(600, 4), 6));
+    assert_eq!(
+        final_tokens(&collect(&first)),
+        reference_greedy(&h.palette, &prompt(600, 4), 6)
+    );
     collect(&rx);
     assert_eq!(h.engine.num_preemptions(), 0);
 }
@@ -148,7 +157,10 @@ fn reset_prefix_cache_refuses_while_blocks_are_held_unless_told_to_preempt() {
     assert!(h.engine.reset_prefix_cache(true).unwrap());
     assert!(h.engine.num_preemptions() >= 1);
     // The preempted request recomputes and finishes unchanged.
-    assert_eq!(final_tokens(&collect(&running)), reference_greedy(&h.palette, &prompt(801, 30), 60));
+    assert_eq!(
+        final_tokens(&collect(&running)),
+        reference_greedy(&h.palette, &prompt(801, 30), 60)
+    );
     assert!(h.engine.reset_prefix_cache(false).unwrap());
     // Nothing cached any more.
     let again = collect(&submit(&h.engine, "again", p.clone(), SamplingParams::greedy(2)));

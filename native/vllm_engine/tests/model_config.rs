@@ -114,7 +114,10 @@ fn smollm2_gguf_metadata_gives_the_documented_shape() {
 fn opt_config_parses() {
     let opt = tiny("tiny_opt");
     assert_eq!(opt.architecture, Architecture::Opt);
-    assert_eq!((opt.intermediate_size, opt.head_dim, opt.num_key_value_heads), (128, 16, 4));
+    assert_eq!(
+        (opt.intermediate_size, opt.head_dim, opt.num_key_value_heads),
+        (128, 16, 4)
+    );
     assert!(opt.tie_word_embeddings);
     assert_eq!(opt.max_position_embeddings, 256);
 }

@@ -96,7 +96,9 @@ fn unknown_architecture_is_unsupported() {
     let dir = scratch("unknown_architecture");
     std::fs::create_dir_all(&dir).unwrap();
     let config = std::fs::read_to_string(src.join("config.json")).unwrap();
-    let config = config.replace("LlamaForCausalLM", "GPTNeoXForCausalLM").replace("\"llama\"", "\"gpt_neox\"");
+    let config = config
+        .replace("LlamaForCausalLM", "GPTNeoXForCausalLM")
+        .replace("\"llama\"", "\"gpt_neox\"");
     std::fs::write(dir.join("config.json"), config).unwrap();
     std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
     let e = load_error(dir);
@@ -174,8 +176,12 @@ fn quantization_option_is_checked() {
 #[test]
 fn pooling_loader_rejects_decoders_and_gguf() {
     use vllm_engine::loader::load_encoder;
-    let e = load_encoder(&EngineArgs::new(common::smollm2_gguf())).err().expect("GGUF encoder");
+    let e = load_encoder(&EngineArgs::new(common::smollm2_gguf()))
+        .err()
+        .expect("GGUF encoder");
     assert_eq!(e.category, ErrorCategory::Unsupported, "{e}");
-    let e = load_encoder(&EngineArgs::new(common::fixtures_dir().join("tiny/tiny_llama"))).err().expect("decoder");
+    let e = load_encoder(&EngineArgs::new(common::fixtures_dir().join("tiny/tiny_llama")))
+        .err()
+        .expect("decoder");
     assert_eq!(e.category, ErrorCategory::Unsupported, "{e}");
 }

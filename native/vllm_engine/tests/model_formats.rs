@@ -127,5 +127,8 @@ fn load_with_an_explicit_tokenizer_builds_model_and_tokenizer() {
 fn load_gguf_builds_its_tokenizer_from_the_metadata() {
     let loaded = load(&EngineArgs::new(common::smollm2_gguf())).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(loaded.config.eos_token_ids, vec![2]);
-    assert_eq!(loaded.tokenizer.encode("Once upon a time", false).unwrap(), vec![6403, 1980, 253, 655]);
+    assert_eq!(
+        loaded.tokenizer.encode("Once upon a time", false).unwrap(),
+        vec![6403, 1980, 253, 655]
+    );
 }

@@ -39,7 +39,10 @@ fn check(name: &str, tokens: &[u32], kept: &[usize], temperature: f32) {
     }
     let allowed: Vec<u32> = kept.iter().map(|&i| TOKENS[i]).collect();
     for t in counts.keys() {
-        assert!(allowed.contains(t), "{name}: sampled {t}, outside the allowed set {allowed:?}");
+        assert!(
+            allowed.contains(t),
+            "{name}: sampled {t}, outside the allowed set {allowed:?}"
+        );
     }
     let observed: Vec<usize> = allowed.iter().map(|t| counts.get(t).copied().unwrap_or(0)).collect();
     let probs = expected(kept, temperature);
@@ -73,7 +76,12 @@ fn seeded_samples_follow_the_softmax_and_stay_inside_top_k_top_p_min_p() {
 
     let cases: Vec<(&str, SamplingParams, Vec<usize>, f32)> = vec![
         ("temperature 1", params(|_| {}), (0..6).collect(), 1.0),
-        ("temperature 0.5", params(|p| p.temperature = 0.5), (0..6).collect(), 0.5),
+        (
+            "temperature 0.5",
+            params(|p| p.temperature = 0.5),
+            (0..6).collect(),
+            0.5,
+        ),
         ("top_k 3", params(|p| p.top_k = 3), vec![0, 1, 2], 1.0),
         ("top_p 0.7", params(|p| p.top_p = 0.7), top_p_set, 1.0),
         ("min_p 0.3", params(|p| p.min_p = 0.3), min_p_set, 1.0),
@@ -104,10 +112,13 @@ fn seeded_samples_follow_the_softmax_and_stay_inside_top_k_top_p_min_p() {
 fn temperature_zero_is_greedy_and_a_different_seed_gives_different_samples() {
     let engine = fixed_engine(TOKENS.to_vec(), LOGITS.to_vec());
     let run = |id: &str, p: SamplingParams| final_tokens(&collect(&submit(&engine, id, vec![10, 11], p)));
-    let greedy = run("greedy", params(|p| {
-        p.temperature = 0.0;
-        p.max_tokens = Some(50);
-    }));
+    let greedy = run(
+        "greedy",
+        params(|p| {
+            p.temperature = 0.0;
+            p.max_tokens = Some(50);
+        }),
+    );
     assert!(greedy.iter().all(|&t| t == TOKENS[0]));
     let short = |seed: u64| {
         params(|p| {

@@ -16,7 +16,9 @@ fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
 const LOGITS: [f32; 8] = [1.0, 2.0, -1.0, 3.0, 0.5, -2.0, 2.5, 0.0];
 
 fn greedy_pick(p: &SamplingParams, context: &[u32], num_prompt: usize) -> u32 {
-    Sampler::new(0).sample(&LOGITS, p, context, num_prompt, &[], None).token_id
+    Sampler::new(0)
+        .sample(&LOGITS, p, context, num_prompt, &[], None)
+        .token_id
 }
 
 #[test]
@@ -46,7 +48,11 @@ fn presence_and_frequency_penalties_count_output_tokens_only() {
     want[6] = 2.5 - 0.5 - 2.0 * 0.25;
     want[1] = 2.0 - 0.5 - 0.25;
     assert_eq!(got, want);
-    assert_eq!(greedy_pick(&p, &[3, 6, 6, 6, 1, 6], 3), 3, "token 3 only appears in the prompt");
+    assert_eq!(
+        greedy_pick(&p, &[3, 6, 6, 6, 1, 6], 3),
+        3,
+        "token 3 only appears in the prompt"
+    );
 
     // Negative penalties reward repetition: token 6 (2.5 + 1.0) now beats token 3.
     let p = params(|p| p.presence_penalty = -1.0);
@@ -140,7 +146,10 @@ fn candidate_sets_of_top_k_top_p_and_min_p() {
     let total: f64 = probs.iter().map(|&(_, p)| p).sum();
     assert!((total - 1.0).abs() < 1e-9);
     let (p3, p6) = (probs[0].1, probs[1].1);
-    assert!((p3 / p6 - 0.5f64.exp()).abs() < 1e-6, "renormalised softmax over the kept tokens");
+    assert!(
+        (p3 / p6 - 0.5f64.exp()).abs() < 1e-6,
+        "renormalised softmax over the kept tokens"
+    );
 }
 
 #[test]
@@ -154,7 +163,9 @@ fn a_tiny_temperature_is_greedy() {
 fn top_p_over_a_large_flat_vocabulary_keeps_the_exact_smallest_set() {
     // 5,000 tokens: a few likely ones and a long flat tail, so the kept set must grow past
     // the first sorted head.
-    let logits: Vec<f32> = (0..5000).map(|i| if i % 1000 == 7 { 5.0 } else { (i % 13) as f32 * 0.01 }).collect();
+    let logits: Vec<f32> = (0..5000)
+        .map(|i| if i % 1000 == 7 { 5.0 } else { (i % 13) as f32 * 0.01 })
+        .collect();
     for top_p in [0.05, 0.5, 0.9, 0.999] {
         let p = SamplingParams {
             top_p,
@@ -185,7 +196,11 @@ fn a_prepared_batch_samples_exactly_as_row_by_row() {
     use vllm_engine::sampler::{prepare_batch, SampleRow};
     let vocab = 49152;
     let rows: Vec<Vec<f32>> = (0..32)
-        .map(|r| (0..vocab).map(|i| (((i * 7919 + r * 104729) % 1000) as f32) / 150.0).collect())
+        .map(|r| {
+            (0..vocab)
+                .map(|i| (((i * 7919 + r * 104729) % 1000) as f32) / 150.0)
+                .collect()
+        })
         .collect();
     let params: Vec<SamplingParams> = (0..32)
         .map(|r| SamplingParams {

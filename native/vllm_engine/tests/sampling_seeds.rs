@@ -165,7 +165,11 @@ fn children_stop_at_different_times_by_stop_string_or_stop_token() {
             lengths.push(tokens.len());
         }
         lengths.sort();
-        assert_ne!(lengths.first(), lengths.last(), "children should stop at different steps");
+        assert_ne!(
+            lengths.first(),
+            lengths.last(),
+            "children should stop at different steps"
+        );
     }
     assert_all_blocks_free(&engine);
 }
@@ -194,7 +198,9 @@ fn abort_ends_every_child() {
     for o in &fin.outputs {
         assert_eq!(o.finish_reason, Some(FinishReason::Abort));
     }
-    wait_until("blocks free", || h.engine.stats().free_blocks == h.engine.stats().total_blocks);
+    wait_until("blocks free", || {
+        h.engine.stats().free_blocks == h.engine.stats().total_blocks
+    });
     assert_all_blocks_free(&h.engine);
 }
 
@@ -203,7 +209,10 @@ fn n_is_validated() {
     let h = engine();
     for n in [0, 129] {
         let (s, _rx) = sink();
-        let params = SamplingParams { n, ..Default::default() };
+        let params = SamplingParams {
+            n,
+            ..Default::default()
+        };
         let err = h
             .engine
             .add_request(vllm_engine::EngineRequest::new("bad", prompt(1, 3), params), s)
@@ -222,6 +231,12 @@ fn n_4_final_only_is_one_output_with_every_child() {
     assert_eq!(outs.len(), 1);
     let fin = &outs[0];
     assert!(fin.finished);
-    assert_eq!(fin.outputs.iter().map(|o| o.index).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
-    assert!(fin.outputs.iter().all(|o| o.token_ids.len() == 24 && !o.text.is_empty()));
+    assert_eq!(
+        fin.outputs.iter().map(|o| o.index).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    assert!(fin
+        .outputs
+        .iter()
+        .all(|o| o.token_ids.len() == 24 && !o.text.is_empty()));
 }

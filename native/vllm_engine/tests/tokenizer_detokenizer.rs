@@ -16,7 +16,10 @@ const REPLACEMENT: char = '\u{FFFD}';
 fn fixtures() -> String {
     let dir = std::env::var("VLLM_FIXTURES_DIR")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures").to_string());
-    assert!(std::path::Path::new(&dir).is_dir(), "fixtures directory {dir} missing; set VLLM_FIXTURES_DIR");
+    assert!(
+        std::path::Path::new(&dir).is_dir(),
+        "fixtures directory {dir} missing; set VLLM_FIXTURES_DIR"
+    );
     dir
 }
 
@@ -37,8 +40,15 @@ fn multibyte_ids() -> &'static Vec<u32> {
         let mut ids: Vec<u32> = (0..t.vocab_size() as u32)
             .filter(|&id| t.decode(&[id], false).map(|s| s.contains('\u{FFFD}')).unwrap_or(false))
             .collect();
-        assert!(ids.len() > 100, "expected many partial-character tokens, found {}", ids.len());
-        ids.extend(t.encode("🦀🚀 👍🏽 café naïve Ærøskøbing Ελληνικά 日本語のテキスト", false).unwrap());
+        assert!(
+            ids.len() > 100,
+            "expected many partial-character tokens, found {}",
+            ids.len()
+        );
+        ids.extend(
+            t.encode("🦀🚀 👍🏽 café naïve Ærøskøbing Ελληνικά 日本語のテキスト", false)
+                .unwrap(),
+        );
         ids
     })
 }
@@ -48,16 +58,25 @@ fn multibyte_ids() -> &'static Vec<u32> {
 fn sentencepiece_tokenizer() -> &'static Tokenizer {
     static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
     TOKENIZER.get_or_init(|| {
-        let mut tokens: Vec<(String, f32, i32)> =
-            vec![("<unk>".into(), 0.0, 2), ("<s>".into(), 0.0, 3), ("</s>".into(), 0.0, 3)];
+        let mut tokens: Vec<(String, f32, i32)> = vec![
+            ("<unk>".into(), 0.0, 2),
+            ("<s>".into(), 0.0, 3),
+            ("</s>".into(), 0.0, 3),
+        ];
         tokens.extend((0..=255u32).map(|b| (format!("<0x{b:02X}>"), 0.0, 6)));
-        for (i, piece) in ["\u{2581}", "h", "i", "\u{2581}h", "\u{2581}hi", "é", "\u{2581}é"].iter().enumerate() {
+        for (i, piece) in ["\u{2581}", "h", "i", "\u{2581}h", "\u{2581}hi", "é", "\u{2581}é"]
+            .iter()
+            .enumerate()
+        {
             tokens.push((piece.to_string(), -(i as f32), 1));
         }
         let array = |f: &dyn Fn(&(String, f32, i32)) -> Value| Value::Array(tokens.iter().map(f).collect());
         let metadata = HashMap::from([
             ("tokenizer.ggml.model".to_string(), Value::String("llama".into())),
-            ("tokenizer.ggml.tokens".to_string(), array(&|t| Value::String(t.0.clone()))),
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                array(&|t| Value::String(t.0.clone())),
+            ),
             ("tokenizer.ggml.scores".to_string(), array(&|t| Value::F32(t.1))),
             ("tokenizer.ggml.token_type".to_string(), array(&|t| Value::I32(t.2))),
             ("tokenizer.ggml.bos_token_id".to_string(), Value::U32(1)),
@@ -85,8 +104,12 @@ fn detokenizer_streams_the_fixture_generations_exactly() {
     let text = std::fs::read_to_string(format!("{}/smollm2_reference.json", fixtures())).unwrap();
     let reference: Json = serde_json::from_str(&text).unwrap();
     for case in reference["cases"].as_array().unwrap() {
-        let ids: Vec<u32> =
-            case["greedy_token_ids"].as_array().unwrap().iter().map(|id| id.as_u64().unwrap() as u32).collect();
+        let ids: Vec<u32> = case["greedy_token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|id| id.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(detokenize(&ids, false).concat(), case["greedy_text"].as_str().unwrap());
         assert_eq!(detokenize(&ids, true).concat(), tokenizer().decode(&ids, true).unwrap());
     }
@@ -96,11 +119,17 @@ fn detokenizer_streams_the_fixture_generations_exactly() {
 fn detokenizer_holds_back_split_characters() {
     let text = "🦀🚀 👍🏽 café naïve Ærøskøbing Ελληνικά 日本語のテキスト";
     let ids = tokenizer().encode(text, false).unwrap();
-    assert!(ids.len() > text.chars().count() / 2, "the text should need byte-piece tokens");
+    assert!(
+        ids.len() > text.chars().count() / 2,
+        "the text should need byte-piece tokens"
+    );
     let deltas = detokenize(&ids, true);
     assert_eq!(deltas.concat(), text);
     for delta in &deltas {
-        assert!(!delta.contains('\u{FFFD}'), "delta {delta:?} holds a replacement character");
+        assert!(
+            !delta.contains('\u{FFFD}'),
+            "delta {delta:?} holds a replacement character"
+        );
     }
     // Some token only completes part of a character, so at least one push is empty.
     assert!(deltas[..ids.len()].iter().any(String::is_empty));
@@ -108,9 +137,14 @@ fn detokenizer_holds_back_split_characters() {
 
 #[test]
 fn detokenizer_skips_special_tokens_when_asked() {
-    let ids = tokenizer().encode("<|im_start|>assistant\nHello there<|im_end|>", false).unwrap();
+    let ids = tokenizer()
+        .encode("<|im_start|>assistant\nHello there<|im_end|>", false)
+        .unwrap();
     assert_eq!(detokenize(&ids, true).concat(), "assistant\nHello there");
-    assert_eq!(detokenize(&ids, false).concat(), "<|im_start|>assistant\nHello there<|im_end|>");
+    assert_eq!(
+        detokenize(&ids, false).concat(),
+        "<|im_start|>assistant\nHello there<|im_end|>"
+    );
 }
 
 #[test]
@@ -120,14 +154,23 @@ fn detokenizer_flush_emits_an_unfinished_character_as_decode_does() {
     let first = &crab[..1];
     let mut detokenizer = IncrementalDetokenizer::new(true);
     assert_eq!(detokenizer.push(tokenizer(), first[0]).unwrap(), "");
-    assert_eq!(detokenizer.flush(tokenizer()).unwrap(), tokenizer().decode(first, true).unwrap());
-    assert_eq!(detokenizer.flush(tokenizer()).unwrap(), "", "a second flush has nothing left");
+    assert_eq!(
+        detokenizer.flush(tokenizer()).unwrap(),
+        tokenizer().decode(first, true).unwrap()
+    );
+    assert_eq!(
+        detokenizer.flush(tokenizer()).unwrap(),
+        "",
+        "a second flush has nothing left"
+    );
 }
 
 #[test]
 fn detokenizer_handles_long_sequences() {
     // 20k tokens: each push decodes a short window, so this stays fast.
-    let sentence = tokenizer().encode("The crab 🦀 wrote fast code in Rust, naïvement. ", false).unwrap();
+    let sentence = tokenizer()
+        .encode("The crab 🦀 wrote fast code in Rust, naïvement. ", false)
+        .unwrap();
     let ids: Vec<u32> = sentence.iter().cycle().take(20_000).copied().collect();
     let started = std::time::Instant::now();
     let text = detokenize(&ids, true).concat();
@@ -199,7 +242,10 @@ fn detokenizer_with_prompt_context_keeps_the_first_leading_space() {
     // Alone, the first output token loses its dummy-prefix space; after the prompt it keeps it.
     assert_eq!(detokenize_with(tokenizer, &[hi, hi], true).concat(), "hi hi");
     let mut detokenizer = IncrementalDetokenizer::with_prompt(tokenizer, &prompt, true).unwrap();
-    let mut streamed: String = [hi, hi].iter().map(|&id| detokenizer.push(tokenizer, id).unwrap()).collect();
+    let mut streamed: String = [hi, hi]
+        .iter()
+        .map(|&id| detokenizer.push(tokenizer, id).unwrap())
+        .collect();
     streamed.push_str(&detokenizer.flush(tokenizer).unwrap());
     assert_eq!(streamed, " hi hi");
     assert_eq!(detokenizer.text(), " hi hi");
@@ -209,7 +255,13 @@ fn detokenizer_with_prompt_context_keeps_the_first_leading_space() {
 fn detokenizer_with_prompt_context_streams_the_fixture_generations_exactly() {
     let text = std::fs::read_to_string(format!("{}/smollm2_reference.json", fixtures())).unwrap();
     let reference: Json = serde_json::from_str(&text).unwrap();
-    let ids = |v: &Json| -> Vec<u32> { v.as_array().unwrap().iter().map(|id| id.as_u64().unwrap() as u32).collect() };
+    let ids = |v: &Json| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|id| id.as_u64().unwrap() as u32)
+            .collect()
+    };
     for case in reference["cases"].as_array().unwrap() {
         let mut detokenizer =
             IncrementalDetokenizer::with_prompt(tokenizer(), &ids(&case["prompt_token_ids"]), false).unwrap();

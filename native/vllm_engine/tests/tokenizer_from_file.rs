@@ -9,7 +9,10 @@ use vllm_engine::ErrorCategory;
 fn fixtures() -> String {
     let dir = std::env::var("VLLM_FIXTURES_DIR")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures").to_string());
-    assert!(std::path::Path::new(&dir).is_dir(), "fixtures directory {dir} missing; set VLLM_FIXTURES_DIR");
+    assert!(
+        std::path::Path::new(&dir).is_dir(),
+        "fixtures directory {dir} missing; set VLLM_FIXTURES_DIR"
+    );
     dir
 }
 
@@ -17,7 +20,11 @@ fn fixtures() -> String {
 fn model_dir(name: &str, tokenizer_config: Option<&str>) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vllm_tokenizer_{name}_{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(format!("{}/smollm2_tokenizer.json", fixtures()), dir.join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        format!("{}/smollm2_tokenizer.json", fixtures()),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
     if let Some(config) = tokenizer_config {
         std::fs::write(dir.join("tokenizer_config.json"), config).unwrap();
     }
@@ -39,7 +46,9 @@ fn from_file_reads_special_tokens_and_template_from_tokenizer_config() {
         assert_eq!(tokenizer.bos_token_id(), Some(1));
         assert_eq!(tokenizer.eos_token_id(), Some(2));
         assert_eq!(tokenizer.chat_template(), Some(template.as_str()));
-        let prompt = tokenizer.apply_chat_template(&[ChatMessage::new("user", "Hi")], true, None).unwrap();
+        let prompt = tokenizer
+            .apply_chat_template(&[ChatMessage::new("user", "Hi")], true, None)
+            .unwrap();
         assert_eq!(
             prompt,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

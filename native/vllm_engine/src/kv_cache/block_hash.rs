@@ -61,10 +61,26 @@ mod tests {
         assert_ne!(a[0], b[0]);
         assert_ne!(a[1], b[1], "same tokens, different parent");
         let mut c = Vec::new();
-        extend_block_hashes(&mut c, &[1, 2, 3, 4], 2, &ExtraKeys { lora_int_id: Some(1), cache_salt: None });
+        extend_block_hashes(
+            &mut c,
+            &[1, 2, 3, 4],
+            2,
+            &ExtraKeys {
+                lora_int_id: Some(1),
+                cache_salt: None,
+            },
+        );
         assert_ne!(a[0], c[0]);
         let mut d = Vec::new();
-        extend_block_hashes(&mut d, &[1, 2, 3, 4], 2, &ExtraKeys { lora_int_id: None, cache_salt: Some("t".into()) });
+        extend_block_hashes(
+            &mut d,
+            &[1, 2, 3, 4],
+            2,
+            &ExtraKeys {
+                lora_int_id: None,
+                cache_salt: Some("t".into()),
+            },
+        );
         assert_ne!(a[0], d[0]);
         assert_ne!(a[1], d[1]);
         let mut e = Vec::new();

@@ -136,7 +136,11 @@ impl BlockPool {
             assert_eq!(in_queue[b], self.free.contains(b as BlockId));
         }
         for (&h, &b) in &self.cached {
-            assert_eq!(self.hashes[b as usize], Some(h), "cache entry of block {b} has a stale hash");
+            assert_eq!(
+                self.hashes[b as usize],
+                Some(h),
+                "cache entry of block {b} has a stale hash"
+            );
         }
         let hashed = self.hashes.iter().filter(|h| h.is_some()).count();
         assert_eq!(hashed, self.cached.len(), "hashed blocks and cache entries differ");

@@ -20,7 +20,12 @@ pub struct LayerKv {
 impl PagedKvCache {
     pub fn new(num_layers: usize, num_blocks: usize, block_size: usize, num_kv_heads: usize, head_dim: usize) -> Self {
         let n = num_blocks * block_size * num_kv_heads * head_dim;
-        let layers = (0..num_layers).map(|_| LayerKv { k: vec![0.0; n], v: vec![0.0; n] }).collect();
+        let layers = (0..num_layers)
+            .map(|_| LayerKv {
+                k: vec![0.0; n],
+                v: vec![0.0; n],
+            })
+            .collect();
         PagedKvCache {
             num_blocks,
             block_size,

@@ -16,11 +16,24 @@ const NUM_BLOCKS: usize = 24;
 enum Op {
     /// A new request: `len` tokens of prefix family `family` (families share tokens, so
     /// prompts hit each other's blocks), then `tail` distinct tokens; `salt` is an extra key.
-    Admit { seq: SeqId, family: u32, len: usize, tail: usize, salt: bool },
-    Append { seq: SeqId, n: usize },
-    Free { seq: SeqId },
+    Admit {
+        seq: SeqId,
+        family: u32,
+        len: usize,
+        tail: usize,
+        salt: bool,
+    },
+    Append {
+        seq: SeqId,
+        n: usize,
+    },
+    Free {
+        seq: SeqId,
+    },
     /// Some other request grabs `n` blocks and drops them, evicting cached ones.
-    Evict { n: usize },
+    Evict {
+        n: usize,
+    },
     Reset,
 }
 
@@ -56,7 +69,11 @@ impl Model {
         let table = self.m.block_table(seq).to_vec();
         for p in from..to {
             let b = table[p / BS] as usize;
-            assert_eq!(self.m.pool().ref_count(b as BlockId), 1, "writing into shared block {b}");
+            assert_eq!(
+                self.m.pool().ref_count(b as BlockId),
+                1,
+                "writing into shared block {b}"
+            );
             self.shadow[b][p % BS] = Some(live.tokens[p]);
         }
         self.m.cache_blocks(seq, &live.hashes, to);

@@ -121,7 +121,9 @@ impl GgufWeights {
             )));
         }
         info.read(&mut self.reader, self.content.tensor_data_offset, &Device::Cpu)
-            .map_err(|e| EngineError::validation(format!("{}: cannot read tensor {gguf_name}: {e}", self.path.display())))
+            .map_err(|e| {
+                EngineError::validation(format!("{}: cannot read tensor {gguf_name}: {e}", self.path.display()))
+            })
     }
 }
 
@@ -175,7 +177,9 @@ fn unpermute(w: Tensor, heads: usize) -> Result<Tensor> {
 /// The source row of each HF-layout row under llama.cpp's q/k permutation (see `unpermute`).
 fn unpermuted_row_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
     if heads == 0 || !rows.is_multiple_of(2 * heads) {
-        return Err(EngineError::validation(format!("cannot split {rows} rows into {heads} rotary heads")));
+        return Err(EngineError::validation(format!(
+            "cannot split {rows} rows into {heads} rotary heads"
+        )));
     }
     let head_dim = rows / heads;
     let half = head_dim / 2;
@@ -197,7 +201,12 @@ fn gather_rows(q: &QTensor, order: &[usize]) -> Result<QTensor> {
     for &r in order {
         out.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
     }
-    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(q.dtype(), &out, dims, &Device::Cpu)?)
+    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
+        q.dtype(),
+        &out,
+        dims,
+        &Device::Cpu,
+    )?)
 }
 
 impl WeightSource for GgufWeights {
@@ -206,7 +215,9 @@ impl WeightSource for GgufWeights {
             return Ok(None);
         }
         let Some(gguf) = gguf_name(name) else { return Ok(None) };
-        let Some(info) = self.content.tensor_infos.get(&gguf) else { return Ok(None) };
+        let Some(info) = self.content.tensor_infos.get(&gguf) else {
+            return Ok(None);
+        };
         // Rows must be whole blocks to be gathered and multiplied row by row (a 256-wide
         // K-quant over 576 columns is not): such tensors are dequantized instead.
         let dims = info.shape.dims();

@@ -109,7 +109,9 @@ fn load_parts(args: &EngineArgs, with_tokenizer: bool) -> Result<Parts> {
                 (true, None) => Some(Tokenizer::from_gguf_metadata(&weights.content().metadata)?),
             };
             if config.architecture == Architecture::Opt {
-                return Err(EngineError::unsupported("OPT from GGUF is not supported (use the HF directory)"));
+                return Err(EngineError::unsupported(
+                    "OPT from GGUF is not supported (use the HF directory)",
+                ));
             }
             let model = load_decoder(config.clone(), &mut weights, args, &open_device(args)?)?;
             Ok((model, config, tokenizer))
@@ -140,7 +142,8 @@ fn load_parts(args: &EngineArgs, with_tokenizer: bool) -> Result<Parts> {
                     return Err(EngineError::unsupported("OPT on cuda is not supported yet"));
                 }
                 Architecture::Opt => {
-                    let options = OptOptions::from_hf_json(&json, config.hidden_size).map_err(|e| in_file(e, &config_path))?;
+                    let options =
+                        OptOptions::from_hf_json(&json, config.hidden_size).map_err(|e| in_file(e, &config_path))?;
                     Box::new(OptLM::load(config.clone(), options, &mut weights)?)
                 }
                 _ => load_decoder(config.clone(), &mut weights, args, &open_device(args)?)?,
@@ -200,14 +203,20 @@ fn cuda_dtype(dtype: crate::config::DType) -> candle_core::DType {
 /// `load_format: "dummy"`: `args.model` is a config.json (or a directory holding one);
 /// weights are random, made on the target device.
 fn load_dummy(args: &EngineArgs, with_tokenizer: bool) -> Result<Parts> {
-    let config_path = if args.model.is_dir() { args.model.join("config.json") } else { args.model.clone() };
+    let config_path = if args.model.is_dir() {
+        args.model.join("config.json")
+    } else {
+        args.model.clone()
+    };
     let json = std::fs::read_to_string(&config_path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => EngineError::not_found(format!("{} does not exist", config_path.display())),
         _ => EngineError::validation(format!("cannot read {}: {e}", config_path.display())),
     })?;
     let config = ModelConfig::from_hf_json(&json).map_err(|e| in_file(e, &config_path))?;
     if config.architecture == Architecture::Opt {
-        return Err(EngineError::unsupported("load_format dummy is not supported for OPT yet"));
+        return Err(EngineError::unsupported(
+            "load_format dummy is not supported for OPT yet",
+        ));
     }
     let tokenizer = match (with_tokenizer, args.tokenizer.as_deref()) {
         (false, _) => None,
@@ -245,7 +254,10 @@ fn keep_gguf_quantized(args: &EngineArgs) -> Result<bool> {
 /// configs generate; BERT encoders and *ForSequenceClassification pool.
 pub fn detect_runner(path: &Path) -> Result<Runner> {
     if !path.exists() {
-        return Err(EngineError::not_found(format!("model path {} does not exist", path.display())));
+        return Err(EngineError::not_found(format!(
+            "model path {} does not exist",
+            path.display()
+        )));
     }
     if !path.is_dir() {
         return Ok(Runner::Generate);
@@ -286,7 +298,9 @@ pub fn load_encoder(args: &EngineArgs) -> Result<(Box<dyn EncoderModel>, Encoder
         )));
     }
     if keep_gguf_quantized(args)? {
-        return Err(EngineError::validation("quantization \"gguf\" needs a .gguf model file"));
+        return Err(EngineError::validation(
+            "quantization \"gguf\" needs a .gguf model file",
+        ));
     }
     let config = EncoderConfig::from_model_dir(&args.model)?;
     let mut weights = SafetensorsWeights::open(&args.model)?;

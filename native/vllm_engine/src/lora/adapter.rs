@@ -139,7 +139,10 @@ impl LoraAdapter {
     /// or mis-shaped tensors: `:validation`.
     pub fn load(dir: &Path, c: &ModelConfig, max_rank: usize) -> Result<LoraAdapter> {
         if !dir.is_dir() {
-            return Err(EngineError::not_found(format!("LoRA adapter directory {} does not exist", dir.display())));
+            return Err(EngineError::not_found(format!(
+                "LoRA adapter directory {} does not exist",
+                dir.display()
+            )));
         }
         let config_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| match e.kind() {
@@ -150,11 +153,17 @@ impl LoraAdapter {
             .map_err(|e| EngineError::validation(format!("{}: not a PEFT LoRA config: {e}", config_path.display())))?;
         if let Some(kind) = cfg.peft_type.as_deref() {
             if kind != "LORA" {
-                return Err(EngineError::validation(format!("{}: peft_type {kind:?} is not LORA", config_path.display())));
+                return Err(EngineError::validation(format!(
+                    "{}: peft_type {kind:?} is not LORA",
+                    config_path.display()
+                )));
             }
         }
         if cfg.use_dora {
-            return Err(EngineError::validation(format!("{}: DoRA adapters are not supported", config_path.display())));
+            return Err(EngineError::validation(format!(
+                "{}: DoRA adapters are not supported",
+                config_path.display()
+            )));
         }
         if cfg.r == 0 || cfg.r > max_rank {
             return Err(EngineError::validation(format!(
@@ -167,7 +176,10 @@ impl LoraAdapter {
             c.architecture,
             Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3
         ) {
-            return Err(EngineError::unsupported(format!("LoRA is not supported for {:?} models", c.architecture)));
+            return Err(EngineError::unsupported(format!(
+                "LoRA is not supported for {:?} models",
+                c.architecture
+            )));
         }
         let targets = cfg
             .target_modules
@@ -183,10 +195,14 @@ impl LoraAdapter {
             .collect::<Result<Vec<_>>>()?;
         let weights_path = dir.join("adapter_model.safetensors");
         if !weights_path.is_file() {
-            return Err(EngineError::not_found(format!("{} does not exist", weights_path.display())));
+            return Err(EngineError::not_found(format!(
+                "{} does not exist",
+                weights_path.display()
+            )));
         }
-        let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)
-            .map_err(|e| EngineError::validation(format!("{}: cannot read safetensors: {e}", weights_path.display())))?;
+        let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu).map_err(|e| {
+            EngineError::validation(format!("{}: cannot read safetensors: {e}", weights_path.display()))
+        })?;
         let rank = cfg.r;
         let scale = if cfg.use_rslora {
             cfg.lora_alpha / (rank as f32).sqrt()
@@ -199,7 +215,11 @@ impl LoraAdapter {
             let mut pairs: [Option<LoraPair>; 7] = Default::default();
             for &t in &targets {
                 let (inf, outf) = t.dims(c);
-                let base = format!("base_model.model.model.layers.{layer}.{}.{}", t.parent(), t.module_name());
+                let base = format!(
+                    "base_model.model.model.layers.{layer}.{}.{}",
+                    t.parent(),
+                    t.module_name()
+                );
                 let a = tensors.get(&format!("{base}.lora_A.weight"));
                 let b = tensors.get(&format!("{base}.lora_B.weight"));
                 let (a, b) = match (a, b) {
@@ -231,7 +251,10 @@ impl LoraAdapter {
                 weights_path.display()
             )));
         }
-        if let Some(name) = tensors.keys().find(|k| !k.contains(".lora_A.") && !k.contains(".lora_B.")) {
+        if let Some(name) = tensors
+            .keys()
+            .find(|k| !k.contains(".lora_A.") && !k.contains(".lora_B."))
+        {
             return Err(EngineError::validation(format!(
                 "{}: tensor {name} is not a LoRA A/B weight (modules_to_save and embeddings are not supported)",
                 weights_path.display()

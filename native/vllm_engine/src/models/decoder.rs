@@ -13,10 +13,10 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv_cache::PagedKvCache;
 use crate::loader::WeightSource;
-use crate::models::layers::{self, Embedding, Linear, Rotary};
-use crate::models::batch::check_batch;
-use crate::models::{CausalLM, ForwardBatch};
 use crate::lora::{LoraAdapter, LoraTarget};
+use crate::models::batch::check_batch;
+use crate::models::layers::{self, Embedding, Linear, Rotary};
+use crate::models::{CausalLM, ForwardBatch};
 
 struct DecoderLayer {
     input_norm: Vec<f32>,
@@ -57,7 +57,9 @@ impl DecoderLM {
                 (Embedding::Quantized(q.clone()), Linear::quantized(vec![q])?)
             }
             None => {
-                let t = weights.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?.contiguous()?;
+                let t = weights
+                    .tensor("model.embed_tokens.weight", &[c.vocab_size, h])?
+                    .contiguous()?;
                 (Embedding::F32(t.clone()), Linear::new(t)?)
             }
         };
@@ -248,7 +250,11 @@ impl CausalLM for DecoderLM {
         let with_lora = batch.seqs.iter().any(|s| s.lora_slot.is_some());
         let q_width = c.num_attention_heads * c.head_dim;
         let kv_width = c.num_key_value_heads * c.head_dim;
-        let qkv_parts = [(LoraTarget::Q, 0), (LoraTarget::K, q_width), (LoraTarget::V, q_width + kv_width)];
+        let qkv_parts = [
+            (LoraTarget::Q, 0),
+            (LoraTarget::K, q_width),
+            (LoraTarget::V, q_width + kv_width),
+        ];
         let gate_up_parts = [(LoraTarget::Gate, 0), (LoraTarget::Up, c.intermediate_size)];
         for (li, (layer, cache)) in self.layers.iter().zip(kv.layers.iter_mut()).enumerate() {
             let x = layers::rms_norm(&h, &layer.input_norm, eps);
@@ -301,8 +307,14 @@ impl CausalLM for DecoderLM {
         }
         for l in &self.layers {
             total += f32_bytes(&l.input_norm) + f32_bytes(&l.post_attention_norm);
-            total += [&l.qkv_bias, &l.q_norm, &l.k_norm].iter().map(|v| v.as_deref().map_or(0, f32_bytes)).sum::<usize>();
-            total += [&l.qkv, &l.o_proj, &l.gate_up, &l.down].iter().map(|x| x.weight_bytes()).sum::<usize>();
+            total += [&l.qkv_bias, &l.q_norm, &l.k_norm]
+                .iter()
+                .map(|v| v.as_deref().map_or(0, f32_bytes))
+                .sum::<usize>();
+            total += [&l.qkv, &l.o_proj, &l.gate_up, &l.down]
+                .iter()
+                .map(|x| x.weight_bytes())
+                .sum::<usize>();
         }
         total
     }

@@ -92,8 +92,14 @@ pub trait CausalLM: Send {
     }
     /// Puts `adapter` into LoRA slot `slot` (None empties it); sequences name the slot in
     /// `SeqSlice::lora_slot`. Models without LoRA support answer `:unsupported`.
-    fn set_lora_slot(&mut self, _slot: usize, _adapter: Option<std::sync::Arc<crate::lora::LoraAdapter>>) -> Result<()> {
-        Err(crate::error::EngineError::unsupported("this model does not support LoRA adapters"))
+    fn set_lora_slot(
+        &mut self,
+        _slot: usize,
+        _adapter: Option<std::sync::Arc<crate::lora::LoraAdapter>>,
+    ) -> Result<()> {
+        Err(crate::error::EngineError::unsupported(
+            "this model does not support LoRA adapters",
+        ))
     }
     fn supports_lora(&self) -> bool {
         false

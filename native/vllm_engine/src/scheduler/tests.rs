@@ -179,7 +179,13 @@ fn the_victim_is_the_lowest_priority_then_latest_running_request() {
     let out = s.schedule();
     // 3 (priority 5, latest) goes first, then 1 (priority 5).
     assert_eq!(out.preempted, vec![3, 1]);
-    assert_eq!(out.scheduled, vec![ScheduledSeq { seq_id: 2, num_new_tokens: 1 }]);
+    assert_eq!(
+        out.scheduled,
+        vec![ScheduledSeq {
+            seq_id: 2,
+            num_new_tokens: 1
+        }]
+    );
     assert_eq!(s.num_preemptions(), 2);
     assert_eq!(s.seq(1).unwrap().num_preemptions, 1);
 }
@@ -199,7 +205,10 @@ fn a_waiting_request_of_higher_priority_takes_a_seat_from_a_lower_one() {
     s.add(prio(4, 4, 0));
     let out = s.schedule();
     assert_eq!(out.preempted, vec![2]);
-    assert!(out.scheduled.contains(&ScheduledSeq { seq_id: 4, num_new_tokens: 4 }));
+    assert!(out.scheduled.contains(&ScheduledSeq {
+        seq_id: 4,
+        num_new_tokens: 4
+    }));
     assert_eq!(s.num_waiting(), 2);
 }
 
@@ -212,7 +221,13 @@ fn fcfs_never_preempts_for_a_waiting_request() {
     s.add(prio(2, 4, -10));
     let out = s.schedule();
     assert!(out.preempted.is_empty());
-    assert_eq!(out.scheduled, vec![ScheduledSeq { seq_id: 1, num_new_tokens: 1 }]);
+    assert_eq!(
+        out.scheduled,
+        vec![ScheduledSeq {
+            seq_id: 1,
+            num_new_tokens: 1
+        }]
+    );
 }
 
 #[test]

@@ -2,8 +2,8 @@
 //! advanced by each sampled token. State follows the output tokens, which preemption by
 //! recompute keeps, so a token is consumed exactly once.
 
-use llguidance::{Matcher, TokenParser};
 use llguidance::toktrie::SimpleVob;
+use llguidance::{Matcher, TokenParser};
 
 pub struct GrammarMatcher {
     inner: Matcher,
@@ -34,7 +34,9 @@ impl GrammarMatcher {
 
     /// An independent copy (a child of an n > 1 request).
     pub fn fork(&self) -> Self {
-        GrammarMatcher { inner: self.inner.deep_clone() }
+        GrammarMatcher {
+            inner: self.inner.deep_clone(),
+        }
     }
 
     /// The allowed tokens now (only EOS once the grammar is complete). None on an

@@ -31,18 +31,27 @@ pub struct StructuredOutputCompiler {
 
 impl StructuredOutputCompiler {
     pub fn new(tokenizer: Arc<Tokenizer>, vocab_size: usize, eos_token_id: Option<u32>) -> Self {
-        StructuredOutputCompiler { tokenizer, vocab_size, eos_token_id, factory: std::panic::AssertUnwindSafe(OnceLock::new()) }
+        StructuredOutputCompiler {
+            tokenizer,
+            vocab_size,
+            eos_token_id,
+            factory: std::panic::AssertUnwindSafe(OnceLock::new()),
+        }
     }
 
     fn factory(&self) -> Result<&ParserFactory> {
         let built = self.factory.get_or_init(|| {
-            let eos = self.eos_token_id.ok_or("the model has no EOS token to end a constrained output")?;
+            let eos = self
+                .eos_token_id
+                .ok_or("the model has no EOS token to end a constrained output")?;
             let env = tok_env::build_tok_env(self.tokenizer.clone(), self.vocab_size, eos);
             let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
             factory.quiet();
             Ok(factory)
         });
-        built.as_ref().map_err(|e| EngineError::internal(format!("structured outputs unavailable: {e}")))
+        built
+            .as_ref()
+            .map_err(|e| EngineError::internal(format!("structured outputs unavailable: {e}")))
     }
 
     /// A fresh matcher for `spec`; an invalid schema, regex or grammar is a validation error.
@@ -60,5 +69,8 @@ impl StructuredOutputCompiler {
 /// The next-token masks of several constrained sequences, in parallel.
 pub fn compute_masks<K: Copy + Send + Sync>(grammars: &mut [(K, Box<GrammarMatcher>)]) -> Vec<(K, TokenMask)> {
     use rayon::prelude::*;
-    grammars.par_iter_mut().filter_map(|(key, g)| Some((*key, g.mask()?))).collect()
+    grammars
+        .par_iter_mut()
+        .filter_map(|(key, g)| Some((*key, g.mask()?)))
+        .collect()
 }

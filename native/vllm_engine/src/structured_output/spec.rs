@@ -72,7 +72,8 @@ const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,16}";
 
 fn with_bounded_whitespace(mut schema: serde_json::Value) -> serde_json::Value {
     if let Some(obj) = schema.as_object_mut() {
-        obj.entry("x-guidance").or_insert_with(|| serde_json::json!({"whitespace_pattern": JSON_WHITESPACE}));
+        obj.entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({"whitespace_pattern": JSON_WHITESPACE}));
     }
     schema
 }

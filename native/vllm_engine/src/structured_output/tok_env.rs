@@ -22,7 +22,9 @@ impl TokenizerEnv for EngineTokEnv {
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
         let text = String::from_utf8_lossy(s);
         // A tokenizer failure leaves llguidance its greedy fallback (the trie).
-        self.tokenizer.encode(&text, false).unwrap_or_else(|_| self.trie.greedy_tokenize(s))
+        self.tokenizer
+            .encode(&text, false)
+            .unwrap_or_else(|_| self.trie.greedy_tokenize(s))
     }
 }
 
@@ -57,7 +59,9 @@ fn token_bytes(tokenizer: &Tokenizer, vocab_size: usize) -> Vec<Vec<u8>> {
                     token.content.as_bytes().to_vec()
                 };
             }
-            let Some(piece) = inner.id_to_token(id) else { return Vec::new() };
+            let Some(piece) = inner.id_to_token(id) else {
+                return Vec::new();
+            };
             if byte_level {
                 piece
                     .chars()

@@ -90,19 +90,30 @@ fn build_byte_level_bpe(meta: &Metadata) -> Result<GgufTokenizer> {
     let mut inner = tokenizers::Tokenizer::new(bpe);
     inner.with_pre_tokenizer(Some(pre_tokenizer));
     inner.with_decoder(Some(ByteLevelDecoder::default()));
-    register_added_tokens(&mut inner, &tokens, &token_types);
+    finish(inner, meta, &tokens, &token_types, false)
+}
 
+/// The steps every GGUF tokenizer shares once its model, normalizer and decoder are set:
+/// special tokens, BOS/EOS ids and their post-processor (`add_bos_default` when the
+/// metadata is silent), the chat template.
+pub(super) fn finish(
+    mut inner: tokenizers::Tokenizer,
+    meta: &Metadata,
+    tokens: &[String],
+    token_types: &[i64],
+    add_bos_default: bool,
+) -> Result<GgufTokenizer> {
+    register_added_tokens(&mut inner, tokens, token_types);
     let bos_token_id = meta.token_id("tokenizer.ggml.bos_token_id", tokens.len())?;
     let eos_token_id = meta.token_id("tokenizer.ggml.eos_token_id", tokens.len())?;
-    let add_bos = meta.boolean("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
+    let add_bos = meta.boolean("tokenizer.ggml.add_bos_token")?.unwrap_or(add_bos_default);
     let add_eos = meta.boolean("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
     add_special_token_processor(
         &mut inner,
-        &tokens,
+        tokens,
         add_bos.then_some(bos_token_id).flatten(),
         add_eos.then_some(eos_token_id).flatten(),
     )?;
-
     Ok(GgufTokenizer {
         inner,
         bos_token_id,
@@ -127,8 +138,12 @@ pub(super) fn vocab_from_tokens(tokens: &[String]) -> Result<Vocab> {
 fn pre_tokenizer_for(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
     let byte_level = |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
     let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
-        let split = Split::new(SplitPattern::Regex(pattern.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| EngineError::internal(format!("bad pre-tokenizer regex: {e}")))?;
+        let split = Split::new(
+            SplitPattern::Regex(pattern.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| EngineError::internal(format!("bad pre-tokenizer regex: {e}")))?;
         Ok(PreTokenizerWrapper::Split(split))
     };
     let sequence = |parts| PreTokenizerWrapper::Sequence(Sequence::new(parts));
@@ -239,13 +254,17 @@ impl Metadata<'_> {
         match self.0.get(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(other) => integer(other).map(|v| Some(v != 0)).ok_or_else(|| wrong_type(key, "a boolean", other)),
+            Some(other) => integer(other)
+                .map(|v| Some(v != 0))
+                .ok_or_else(|| wrong_type(key, "a boolean", other)),
         }
     }
 
     pub(super) fn strings(&self, key: &str) -> Result<Option<Vec<String>>> {
         let Some(value) = self.0.get(key) else { return Ok(None) };
-        let Value::Array(items) = value else { return Err(wrong_type(key, "an array of strings", value)) };
+        let Value::Array(items) = value else {
+            return Err(wrong_type(key, "an array of strings", value));
+        };
         items
             .iter()
             .map(|item| match item {
@@ -258,7 +277,9 @@ impl Metadata<'_> {
 
     pub(super) fn integers(&self, key: &str) -> Result<Option<Vec<i64>>> {
         let Some(value) = self.0.get(key) else { return Ok(None) };
-        let Value::Array(items) = value else { return Err(wrong_type(key, "an array of integers", value)) };
+        let Value::Array(items) = value else {
+            return Err(wrong_type(key, "an array of integers", value));
+        };
         items
             .iter()
             .map(|item| integer(item).ok_or_else(|| wrong_type(key, "an array of integers", item)))
@@ -268,7 +289,9 @@ impl Metadata<'_> {
 
     pub(super) fn floats(&self, key: &str) -> Result<Option<Vec<f32>>> {
         let Some(value) = self.0.get(key) else { return Ok(None) };
-        let Value::Array(items) = value else { return Err(wrong_type(key, "an array of floats", value)) };
+        let Value::Array(items) = value else {
+            return Err(wrong_type(key, "an array of floats", value));
+        };
         items
             .iter()
             .map(|item| match item {

@@ -17,8 +17,7 @@ use tokenizers::normalizers::Sequence as NormalizerSequence;
 use tokenizers::{DecoderWrapper, NormalizerWrapper};
 
 use super::gguf::{
-    add_special_token_processor, register_added_tokens, vocab_from_tokens, GgufTokenizer, Metadata, TOKEN_TYPE_NORMAL,
-    TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_USER_DEFINED,
+    finish, vocab_from_tokens, GgufTokenizer, Metadata, TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_USER_DEFINED,
 };
 use crate::error::{EngineError, Result};
 
@@ -31,8 +30,9 @@ pub(super) fn build(meta: &Metadata) -> Result<GgufTokenizer> {
     let scores = meta
         .floats("tokenizer.ggml.scores")?
         .ok_or_else(|| EngineError::validation("the GGUF llama tokenizer has no tokenizer.ggml.scores"))?;
-    let token_types =
-        meta.integers("tokenizer.ggml.token_type")?.unwrap_or_else(|| vec![TOKEN_TYPE_NORMAL; tokens.len()]);
+    let token_types = meta
+        .integers("tokenizer.ggml.token_type")?
+        .unwrap_or_else(|| vec![TOKEN_TYPE_NORMAL; tokens.len()]);
     if scores.len() != tokens.len() || token_types.len() != tokens.len() {
         return Err(EngineError::validation(format!(
             "the GGUF tokenizer has {} tokens, {} scores and {} token types",
@@ -46,8 +46,16 @@ pub(super) fn build(meta: &Metadata) -> Result<GgufTokenizer> {
     let merges = merges_from_scores(&tokens, &scores, &token_types, &vocab);
     let unk_id = meta
         .token_id("tokenizer.ggml.unknown_token_id", tokens.len())?
-        .or_else(|| token_types.iter().position(|&t| t == TOKEN_TYPE_UNKNOWN).map(|id| id as u32));
-    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+        .or_else(|| {
+            token_types
+                .iter()
+                .position(|&t| t == TOKEN_TYPE_UNKNOWN)
+                .map(|id| id as u32)
+        });
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
     if let Some(unk) = unk_id {
         builder = builder.unk_token(tokens[unk as usize].clone());
     }
@@ -59,26 +67,8 @@ pub(super) fn build(meta: &Metadata) -> Result<GgufTokenizer> {
     let mut inner = tokenizers::Tokenizer::new(bpe);
     inner.with_normalizer(Some(normalizer(add_space_prefix)?));
     inner.with_decoder(Some(decoder(add_space_prefix)?));
-    register_added_tokens(&mut inner, &tokens, &token_types);
-
-    let bos_token_id = meta.token_id("tokenizer.ggml.bos_token_id", tokens.len())?;
-    let eos_token_id = meta.token_id("tokenizer.ggml.eos_token_id", tokens.len())?;
     // llama.cpp adds BOS to SentencePiece prompts unless told otherwise.
-    let add_bos = meta.boolean("tokenizer.ggml.add_bos_token")?.unwrap_or(true);
-    let add_eos = meta.boolean("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-    add_special_token_processor(
-        &mut inner,
-        &tokens,
-        add_bos.then_some(bos_token_id).flatten(),
-        add_eos.then_some(eos_token_id).flatten(),
-    )?;
-
-    Ok(GgufTokenizer {
-        inner,
-        bos_token_id,
-        eos_token_id,
-        chat_template: meta.string("tokenizer.chat_template")?.map(str::to_string),
-    })
+    finish(inner, meta, &tokens, &token_types, true)
 }
 
 /// Every split of a normal token into two vocabulary tokens is a merge; merges that make

@@ -53,6 +53,8 @@ fn chat_template(value: Option<&Value>) -> Result<Option<String>> {
         Some(Value::Array(named)) => Ok(named.iter().find_map(|entry| {
             (entry.get("name")?.as_str()? == "default").then(|| entry.get("template")?.as_str().map(str::to_string))?
         })),
-        Some(_) => Err(EngineError::validation("chat_template should be a string or a list of named templates")),
+        Some(_) => Err(EngineError::validation(
+            "chat_template should be a string or a list of named templates",
+        )),
     }
 }

@@ -45,9 +45,16 @@ impl Tokenizer {
     /// Loads a tokenizer.json (a directory holding one is accepted), plus
     /// tokenizer_config.json beside it when present (special tokens, chat template).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
+        let file = if path.is_dir() {
+            path.join("tokenizer.json")
+        } else {
+            path.to_path_buf()
+        };
         if !file.exists() {
-            return Err(EngineError::not_found(format!("tokenizer file {} does not exist", file.display())));
+            return Err(EngineError::not_found(format!(
+                "tokenizer file {} does not exist",
+                file.display()
+            )));
         }
         let mut inner = tokenizers::Tokenizer::from_file(&file)
             .map_err(|e| EngineError::validation(format!("cannot read tokenizer {}: {e}", file.display())))?;
@@ -58,7 +65,12 @@ impl Tokenizer {
         let id_of = |token: Option<&String>| token.and_then(|t| inner.token_to_id(t));
         let bos_token_id = id_of(config.bos_token.as_ref());
         let eos_token_id = id_of(config.eos_token.as_ref());
-        Ok(Self::from_inner(inner, bos_token_id, eos_token_id, config.chat_template))
+        Ok(Self::from_inner(
+            inner,
+            bos_token_id,
+            eos_token_id,
+            config.chat_template,
+        ))
     }
 
     /// Rebuilds the tokenizer described by a GGUF file's `tokenizer.*` metadata:
@@ -66,7 +78,12 @@ impl Tokenizer {
     /// or "llama" (SentencePiece with byte fallback). Control tokens become special tokens.
     pub fn from_gguf_metadata(metadata: &HashMap<String, gguf_file::Value>) -> Result<Self> {
         let built = gguf::build(metadata)?;
-        Ok(Self::from_inner(built.inner, built.bos_token_id, built.eos_token_id, built.chat_template))
+        Ok(Self::from_inner(
+            built.inner,
+            built.bos_token_id,
+            built.eos_token_id,
+            built.chat_template,
+        ))
     }
 
     fn from_inner(
@@ -75,10 +92,23 @@ impl Tokenizer {
         eos_token_id: Option<u32>,
         chat_template: Option<String>,
     ) -> Self {
-        let special_ids =
-            inner.get_added_tokens_decoder().into_iter().filter(|(_, token)| token.special).map(|(id, _)| id).collect();
-        let byte_fallback_ids = (0..=255u8).filter_map(|b| inner.token_to_id(&format!("<0x{b:02X}>"))).collect();
-        Tokenizer { inner, bos_token_id, eos_token_id, chat_template, special_ids, byte_fallback_ids }
+        let special_ids = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, token)| token.special)
+            .map(|(id, _)| id)
+            .collect();
+        let byte_fallback_ids = (0..=255u8)
+            .filter_map(|b| inner.token_to_id(&format!("<0x{b:02X}>")))
+            .collect();
+        Tokenizer {
+            inner,
+            bos_token_id,
+            eos_token_id,
+            chat_template,
+            special_ids,
+            byte_fallback_ids,
+        }
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {

@@ -15,7 +15,15 @@ pub(super) fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     }
     kwargs.assert_all_used()?;
     let mut out = String::new();
-    write_value(&mut out, &value, &Style { indent, sort_keys: sort_keys.unwrap_or(false) }, 0)?;
+    write_value(
+        &mut out,
+        &value,
+        &Style {
+            indent,
+            sort_keys: sort_keys.unwrap_or(false),
+        },
+        0,
+    )?;
     Ok(Value::from_safe_string(out))
 }
 
@@ -52,7 +60,10 @@ fn write_value(out: &mut String, value: &Value, style: &Style, depth: usize) -> 
             })?;
         }
         other => {
-            return Err(Error::new(ErrorKind::InvalidOperation, format!("tojson cannot serialize a {other} value")))
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson cannot serialize a {other} value"),
+            ))
         }
     }
     Ok(())

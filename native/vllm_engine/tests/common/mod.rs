@@ -57,10 +57,12 @@ pub fn minilm_dir() -> PathBuf {
 }
 
 fn models_dir() -> PathBuf {
-    std::env::var_os("VLLM_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").expect("HOME is not set");
-        PathBuf::from(home).join(".cache/vllm/models")
-    })
+    std::env::var_os("VLLM_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is not set");
+            PathBuf::from(home).join(".cache/vllm/models")
+        })
 }
 
 /// Hands out block ids in a fixed shuffled order.

@@ -108,7 +108,9 @@ pub fn chi_square(counts: &[usize], probs: &[f64]) -> f64 {
 }
 
 /// Upper 0.001 quantiles of the chi-square distribution, by degrees of freedom (1..=10).
-pub const CHI2_CRITICAL_P001: [f64; 10] = [10.828, 13.816, 16.266, 18.467, 20.515, 22.458, 24.322, 26.124, 27.877, 29.588];
+pub const CHI2_CRITICAL_P001: [f64; 10] = [
+    10.828, 13.816, 16.266, 18.467, 20.515, 22.458, 24.322, 26.124, 27.877, 29.588,
+];
 
 pub fn softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;

@@ -38,8 +38,18 @@ fn time_steps(batch: usize, caching: bool, policy: SchedulingPolicy) -> Result<f
     let kv = KvCacheManager::new(blocks, BLOCK_SIZE).with_prefix_caching(caching);
     let mut s = Scheduler::new(config, kv);
     for i in 0..batch as u64 {
-        let prompt = (0..PROMPT_LEN as u64).map(|j| ((i * 7919 + j * 31) % 49_000) as u32).collect();
-        let seq = Sequence::new(i, format!("r{i}"), prompt, SamplingParams::greedy(STEPS + 10), 1 << 20, 0, i);
+        let prompt = (0..PROMPT_LEN as u64)
+            .map(|j| ((i * 7919 + j * 31) % 49_000) as u32)
+            .collect();
+        let seq = Sequence::new(
+            i,
+            format!("r{i}"),
+            prompt,
+            SamplingParams::greedy(STEPS + 10),
+            1 << 20,
+            0,
+            i,
+        );
         s.add(seq);
     }
     let prefill = s.schedule();
