@@ -49,8 +49,10 @@ defmodule Vllm.LoRATest do
 
     assert {:ok, outs} = VLLM.generate(llm, prompts, sampling_params: @params, lora_request: loras)
 
-    for {out, c} <- Enum.zip(outs, lora_cases ++ base_cases) do
+    for {out, c, lora} <- Enum.zip([outs, lora_cases ++ base_cases, loras]) do
       assert hd(out.outputs).token_ids == c["greedy_token_ids"], c["name"]
+      # As vLLM: each output names the adapter its request asked for (nil: the base model).
+      assert out.lora_request == lora, c["name"]
     end
 
     # One adapter for every prompt.
@@ -62,6 +64,22 @@ defmodule Vllm.LoRATest do
              )
 
     assert hd(out.outputs).token_ids == first["greedy_token_ids"]
+    assert %LoRARequest{lora_name: "demo", lora_int_id: 1} = out.lora_request
+    assert out.lora_request.lora_path == Path.join(fixtures_dir(), "smollm2-lora-demo")
+  end
+
+  test "every streamed output of a LoRA request carries its lora_request", %{llm: llm, reference: ref} do
+    [c | _] = ref["lora_cases"]
+    id = request_id()
+
+    assert {:ok, stream} =
+             AsyncLLMEngine.generate(llm.engine, %{prompt_token_ids: c["prompt_token_ids"]},
+               Keyword.put(@params, :max_tokens, 4), id, lora_request: demo(3))
+
+    outs = Enum.to_list(stream)
+    assert %{finished: true, outputs: [%{token_ids: ids}]} = List.last(outs)
+    assert ids == Enum.take(c["greedy_token_ids"], 4)
+    assert Enum.all?(outs, &(&1.lora_request == demo(3)))
   end
 
   test "add, pin, list and remove adapters; bad adapters keep the engine serving", %{llm: llm, reference: ref} do

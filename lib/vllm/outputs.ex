@@ -56,7 +56,7 @@ defmodule Vllm.RequestOutput do
           outputs: [Vllm.CompletionOutput.t()],
           finished: boolean(),
           metrics: map() | nil,
-          lora_request: term(),
+          lora_request: Vllm.LoRARequest.t() | nil,
           num_cached_tokens: non_neg_integer()
         }
 end

@@ -413,6 +413,7 @@ impl Engine {
             params: request.params.clone(),
             arrival_time: request.arrival_time,
             sink,
+            lora: request.lora.clone(),
         };
         // The output thread learns of the request before the core can produce tokens for it.
         // If either thread is gone, the output thread (or its shutdown) fails the sink.

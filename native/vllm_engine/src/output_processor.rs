@@ -62,6 +62,8 @@ pub struct RequestStream {
     pub params: SamplingParams,
     pub arrival_time: SystemTime,
     pub sink: Box<dyn OutputSink>,
+    /// Echoed in every output as `lora_request`.
+    pub lora: Option<crate::lora::LoRARequest>,
 }
 
 /// One child sequence's output so far.
@@ -478,5 +480,6 @@ fn build_output(t: &mut Tracked, last: bool) -> RequestOutput {
         finished: last,
         metrics: t.metrics.clone(),
         num_cached_tokens: t.num_cached_tokens,
+        lora_request: t.stream.lora.clone(),
     }
 }

@@ -313,6 +313,8 @@ pub struct RequestOutput {
     pub finished: bool,
     pub metrics: RequestMetrics,
     pub num_cached_tokens: usize,
+    /// The adapter the request named (vLLM's `RequestOutput.lora_request`).
+    pub lora_request: Option<crate::lora::LoRARequest>,
 }
 
 pub fn unix_seconds(t: SystemTime) -> f64 {

@@ -135,7 +135,11 @@ fn a_batch_mixing_adapter_and_base_requests_matches_each_solo_reference() {
         ));
     }
     for (name, rx, want) in pending {
-        assert_eq!(final_tokens(&collect(&rx)), want, "{name}");
+        let outs = collect(&rx);
+        assert_eq!(final_tokens(&outs), want, "{name}");
+        // As vLLM: every output names its request's adapter (None: the base model).
+        let expected = name.starts_with("lora").then(|| demo(7));
+        assert!(outs.iter().all(|o| o.lora_request == expected), "{name}: lora_request");
     }
     assert_eq!(engine.list_loras().len(), 1);
     assert_all_blocks_free(&engine);

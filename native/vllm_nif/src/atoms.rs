@@ -17,4 +17,5 @@ rustler::atoms! {
     final_only,
     request_output_struct = "Elixir.Vllm.RequestOutput",
     completion_output_struct = "Elixir.Vllm.CompletionOutput",
+    lora_request_struct = "Elixir.Vllm.LoRARequest",
 }

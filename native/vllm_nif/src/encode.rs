@@ -6,6 +6,8 @@ use vllm_engine::{
     CompletionOutput, FinishReason, RequestMetrics, RequestOutput, StopReason, TokenLogprob,
 };
 
+use vllm_engine::lora::LoRARequest;
+
 use crate::atoms;
 
 /// A map with atom keys; keys come from this file only, so they are always valid atoms.
@@ -114,10 +116,25 @@ fn metrics<'a>(env: Env<'a>, m: &RequestMetrics) -> Term<'a> {
     )
 }
 
-/// `%Vllm.RequestOutput{}` with every field of API.md (lora_request is not produced by the
-/// engine yet: nil).
+/// `%Vllm.LoRARequest{}` as the request gave it (nil: the base model).
+fn lora_request<'a>(env: Env<'a>, lora: Option<&LoRARequest>) -> Term<'a> {
+    let Some(l) = lora else {
+        return atoms::nil().encode(env);
+    };
+    let path = l.lora_path.to_string_lossy();
+    atom_map(
+        env,
+        &[
+            ("__struct__", atoms::lora_request_struct().encode(env)),
+            ("lora_name", l.lora_name.as_str().encode(env)),
+            ("lora_int_id", l.lora_int_id.encode(env)),
+            ("lora_path", path.as_ref().encode(env)),
+        ],
+    )
+}
+
+/// `%Vllm.RequestOutput{}` with every field of API.md.
 pub fn request_output<'a>(env: Env<'a>, out: &RequestOutput) -> Term<'a> {
-    let nil = atoms::nil().encode(env);
     atom_map(
         env,
         &[
@@ -136,7 +153,7 @@ pub fn request_output<'a>(env: Env<'a>, out: &RequestOutput) -> Term<'a> {
             ),
             ("finished", out.finished.encode(env)),
             ("metrics", metrics(env, &out.metrics)),
-            ("lora_request", nil),
+            ("lora_request", lora_request(env, out.lora_request.as_ref())),
             ("num_cached_tokens", out.num_cached_tokens.encode(env)),
         ],
     )
