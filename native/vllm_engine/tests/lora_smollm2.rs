@@ -368,3 +368,84 @@ fn a_pinned_adapter_survives_lru_pressure_with_one_slot() {
     assert!(!engine.remove_lora(1).unwrap());
     let _ = std::fs::remove_dir_all(doubled);
 }
+
+/// Issue 8's measurement: output tokens per second of 32 concurrent requests, each on one
+/// of 4 adapters (the demo adapter with B scaled by 1, 1.5, 2, 2.5: as many distinct
+/// weights as slots), against the same 32 requests on the base model, in one engine,
+/// alternating (base, LoRA) three times. Prints each pair's ratio and the medians.
+/// `cargo test --release -p vllm_engine --test lora_smollm2 measure -- --ignored --nocapture`
+#[test]
+#[ignore = "measurement: run by hand on a quiet machine"]
+fn measure_lora_throughput() {
+    const REQUESTS: usize = 32;
+    const INPUT: usize = 64;
+    const OUTPUT: usize = 64;
+    let adapters: Vec<LoRARequest> = (0..4u32)
+        .map(|k| {
+            let scale = 1.0 + 0.5 * k as f64;
+            let dir = variant(&format!("measure{k}"), |_| {}, Some(scale));
+            LoRARequest::new(format!("scaled-{k}"), k + 1, dir)
+        })
+        .collect();
+    let mut args = EngineArgs::new(smollm2_gguf());
+    args.max_model_len = Some(256);
+    args.max_num_seqs = REQUESTS;
+    args.max_num_batched_tokens = Some(2048);
+    // Every run recomputes its prompts: no run reuses another's blocks.
+    args.enable_prefix_caching = false;
+    args.enable_lora = true;
+    args.max_loras = adapters.len();
+    args.max_lora_rank = 16;
+    let engine = Engine::new(args).unwrap_or_else(|e| panic!("cannot start the engine on SmolLM2: {e}"));
+    for a in &adapters {
+        engine.add_lora(a.clone()).expect("adapter loads");
+    }
+    let text: Vec<u32> = cases("cases").iter().flat_map(|c| c.prompt.clone()).collect();
+    let run = |name: &str, lora: bool| {
+        let start = std::time::Instant::now();
+        let receivers: Vec<_> = (0..REQUESTS)
+            .map(|i| {
+                let prompt: Vec<u32> = text.iter().cycle().skip(i * 7).take(INPUT).copied().collect();
+                let adapter = lora.then(|| adapters[i % adapters.len()].clone());
+                submit_lora(&engine, &format!("{name}-{i}"), &prompt, OUTPUT, adapter)
+            })
+            .collect();
+        let mut tokens = 0;
+        for rx in &receivers {
+            loop {
+                match rx.recv_timeout(std::time::Duration::from_secs(600)) {
+                    Ok(Event::Output(o)) if o.finished => {
+                        tokens += o.outputs[0].token_ids.len();
+                        break;
+                    }
+                    Ok(Event::Output(_)) => {}
+                    Ok(Event::Fail(e)) => panic!("{name}: request failed: {e}"),
+                    Err(e) => panic!("{name}: no output: {e}"),
+                }
+            }
+        }
+        assert_eq!(tokens, REQUESTS * OUTPUT, "{name}: every request ran to max_tokens");
+        tokens as f64 / start.elapsed().as_secs_f64()
+    };
+    run("warm-up", true);
+    let mut base = Vec::new();
+    let mut lora = Vec::new();
+    for r in 0..3 {
+        base.push(run(&format!("base{r}"), false));
+        lora.push(run(&format!("lora{r}"), true));
+        println!(
+            "run {r}: base {:.1} tok/s, 4 adapters {:.1} tok/s, ratio {:.3}",
+            base[r],
+            lora[r],
+            lora[r] / base[r]
+        );
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (b, l) = (median(&mut base), median(&mut lora));
+    println!("multi-LoRA throughput (medians of 3): base {b:.1} tok/s, 4 adapters {l:.1} tok/s, ratio {:.3}", l / b);
+    let (loads, evictions) = engine.lora_swaps();
+    assert_eq!(evictions, 0, "4 adapters in 4 slots never swap ({loads} loads)");
+}

@@ -1,10 +1,9 @@
 //! One PEFT LoRA adapter read from `adapter_config.json` + `adapter_model.safetensors`,
-//! checked against the base model's shapes and kept as f32 A [r, in] and B [out, r].
+//! checked against the base model's shapes and kept as f32 A [r, in] and (scale·B)ᵀ [r, out].
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{EngineError, Result};
@@ -66,53 +65,37 @@ impl LoraTarget {
     }
 }
 
-/// One projection's low-rank pair: A [rank, in] and B [out, rank], row-major f32.
+/// One projection's low-rank pair: A [rank, in] as stored, and B packed for the expand as
+/// its transpose with the adapter's scale folded in, `b_t` [rank, out] = (scale · B)ᵀ.
 #[derive(Debug, Clone)]
 pub struct LoraPair {
     pub a: Vec<f32>,
-    pub b: Vec<f32>,
+    pub b_t: Vec<f32>,
     pub rank: usize,
     pub in_features: usize,
     pub out_features: usize,
 }
 
-/// Rows at or above this go through rayon.
-const PARALLEL_ROWS: usize = 16;
-
 impl LoraPair {
-    /// `out[r, off..off + out_features] += scale · (x[r] · Aᵀ) · Bᵀ` for every row of x
-    /// ([rows, in]); `out` rows are `out_width` wide (fused projections use `offset`).
-    pub fn add_delta(&self, x: &[f32], out: &mut [f32], out_width: usize, offset: usize, scale: f32) {
-        let (rank, inf, outf) = (self.rank, self.in_features, self.out_features);
-        let row = |(xr, or): (&[f32], &mut [f32])| {
-            // Shrink: the rank-sized intermediate.
-            let mut mid = [0.0f32; 64];
-            let mut big = Vec::new();
-            let mid: &mut [f32] = if rank <= 64 {
-                &mut mid[..rank]
-            } else {
-                big.resize(rank, 0.0);
-                &mut big
-            };
-            for (m, arow) in mid.iter_mut().zip(self.a.chunks_exact(inf)) {
-                *m = xr.iter().zip(arow).map(|(x, a)| x * a).sum();
+    /// From PEFT's A [rank, in] and B [out, rank], row-major, and the adapter's scale.
+    pub fn new(a: Vec<f32>, b: Vec<f32>, rank: usize, in_features: usize, out_features: usize, scale: f32) -> Self {
+        let mut b_t = vec![0.0f32; rank * out_features];
+        for (o, b_row) in b.chunks_exact(rank).enumerate() {
+            for (j, &v) in b_row.iter().enumerate() {
+                b_t[j * out_features + o] = v * scale;
             }
-            // Expand, scaled after B as PEFT does.
-            for (o, brow) in or[offset..offset + outf].iter_mut().zip(self.b.chunks_exact(rank)) {
-                let d: f32 = brow.iter().zip(mid.iter()).map(|(b, m)| b * m).sum();
-                *o += d * scale;
-            }
-        };
-        let rows = x.len() / inf.max(1);
-        if rows >= PARALLEL_ROWS {
-            x.par_chunks(inf).zip(out.par_chunks_mut(out_width)).for_each(row);
-        } else {
-            x.chunks(inf).zip(out.chunks_mut(out_width)).for_each(row);
+        }
+        LoraPair {
+            a,
+            b_t,
+            rank,
+            in_features,
+            out_features,
         }
     }
 
     fn bytes(&self) -> usize {
-        (self.a.len() + self.b.len()) * 4
+        (self.a.len() + self.b_t.len()) * 4
     }
 }
 
@@ -120,7 +103,7 @@ impl LoraPair {
 #[derive(Debug)]
 pub struct LoraAdapter {
     pub rank: usize,
-    /// alpha / r, or alpha / sqrt(r) with rsLoRA.
+    /// alpha / r, or alpha / sqrt(r) with rsLoRA (already folded into each pair's `b_t`).
     pub scale: f32,
     pub layers: Vec<[Option<LoraPair>; 7]>,
 }
@@ -234,13 +217,7 @@ impl LoraAdapter {
                 };
                 let a = checked(a, &[rank, inf], &format!("{base}.lora_A.weight"), &weights_path)?;
                 let b = checked(b, &[outf, rank], &format!("{base}.lora_B.weight"), &weights_path)?;
-                pairs[t.index()] = Some(LoraPair {
-                    a,
-                    b,
-                    rank,
-                    in_features: inf,
-                    out_features: outf,
-                });
+                pairs[t.index()] = Some(LoraPair::new(a, b, rank, inf, outf, scale));
                 found += 1;
             }
             layers.push(pairs);

@@ -5,10 +5,12 @@
 //! never merged into the weights (the Punica / S-LoRA design).
 
 pub mod adapter;
+pub mod apply;
 pub mod registry;
 pub mod slots;
 
 pub use adapter::{LoraAdapter, LoraPair, LoraTarget};
+pub use apply::add_batch_deltas;
 pub use registry::{LoraInfo, LoraRegistry};
 pub use slots::LoraSlots;
 

@@ -208,24 +208,8 @@ impl DecoderLM {
     ) -> Result<Tensor> {
         let Some(x) = x else { return Ok(y) };
         let (rows, width) = y.dims2()?;
-        let in_width = x.len() / rows.max(1);
         let mut out = y.flatten_all()?.to_vec1::<f32>()?;
-        let mut touched = false;
-        for seq in &batch.seqs {
-            let Some(slot) = seq.lora_slot else { continue };
-            let adapter = self.lora_slots.get(slot).and_then(Option::as_ref).ok_or_else(|| {
-                crate::error::EngineError::internal(format!("forward batch names empty LoRA slot {slot}"))
-            })?;
-            let (start, end) = (seq.query_start, seq.query_start + seq.query_len);
-            for &(target, offset) in parts {
-                if let Some(pair) = adapter.pair(layer, target) {
-                    let xs = &x[start * in_width..end * in_width];
-                    pair.add_delta(xs, &mut out[start * width..end * width], width, offset, adapter.scale);
-                    touched = true;
-                }
-            }
-        }
-        if !touched {
+        if !crate::lora::add_batch_deltas(&self.lora_slots, &batch.seqs, layer, parts, x, &mut out, width)? {
             return Ok(y);
         }
         Ok(Tensor::from_vec(out, (rows, width), &Device::Cpu)?)
