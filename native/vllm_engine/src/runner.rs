@@ -303,39 +303,40 @@ fn device_greedy_enabled() -> bool {
     std::env::var_os("VLLM_HOST_SAMPLING").is_none_or(|v| v != "1")
 }
 
-/// Whether the host sampler would pick exactly the row's argmax for every sequence: greedy,
-/// no penalties, no logprobs, no suppressed tokens this step, and every other field that
-/// can touch the logits at its default (new fields are covered by the struct update).
+/// Whether the host sampler would pick exactly the row's argmax for every sequence.
 fn all_plain_greedy(seq_ids: &[SeqId], scheduler: &Scheduler) -> bool {
-    seq_ids.iter().all(|&id| {
-        let Some(seq) = scheduler.seq(id) else {
-            return false;
-        };
-        let p = &seq.params;
-        let plain = crate::request::SamplingParams {
-            n: p.n,
-            temperature: p.temperature,
-            top_p: p.top_p,
-            top_k: p.top_k,
-            min_p: p.min_p,
-            seed: p.seed,
-            stop: p.stop.clone(),
-            stop_token_ids: p.stop_token_ids.clone(),
-            ignore_eos: p.ignore_eos,
-            max_tokens: p.max_tokens,
-            min_tokens: p.min_tokens,
-            detokenize: p.detokenize,
-            skip_special_tokens: p.skip_special_tokens,
-            spaces_between_special_tokens: p.spaces_between_special_tokens,
-            include_stop_str_in_output: p.include_stop_str_in_output,
-            output_kind: p.output_kind,
-            ..Default::default()
-        };
-        // Before min_tokens the core suppresses EOS and stop tokens, which an argmax ignores.
-        let nothing_suppressed =
-            seq.num_output_tokens() >= p.min_tokens || (p.ignore_eos && p.stop_token_ids.is_empty());
-        p.is_greedy() && plain == *p && nothing_suppressed
-    })
+    seq_ids.iter().all(|&id| scheduler.seq(id).is_some_and(plain_greedy))
+}
+
+/// Greedy, no penalties, no logprobs, no suppressed tokens this step, no structured-output
+/// mask (the engine core applies it to host rows only: a constrained request must never
+/// take the device argmax), and every other field that can touch the logits at its
+/// default (new fields are covered by the struct update).
+fn plain_greedy(seq: &crate::sequence::Sequence) -> bool {
+    let p = &seq.params;
+    let plain = crate::request::SamplingParams {
+        n: p.n,
+        temperature: p.temperature,
+        top_p: p.top_p,
+        top_k: p.top_k,
+        min_p: p.min_p,
+        seed: p.seed,
+        stop: p.stop.clone(),
+        stop_token_ids: p.stop_token_ids.clone(),
+        ignore_eos: p.ignore_eos,
+        max_tokens: p.max_tokens,
+        min_tokens: p.min_tokens,
+        detokenize: p.detokenize,
+        skip_special_tokens: p.skip_special_tokens,
+        spaces_between_special_tokens: p.spaces_between_special_tokens,
+        include_stop_str_in_output: p.include_stop_str_in_output,
+        output_kind: p.output_kind,
+        ..Default::default()
+    };
+    // Before min_tokens the core suppresses EOS and stop tokens, which an argmax ignores.
+    let nothing_suppressed =
+        seq.num_output_tokens() >= p.min_tokens || (p.ignore_eos && p.stop_token_ids.is_empty());
+    p.is_greedy() && p.structured_outputs.is_none() && plain == *p && nothing_suppressed
 }
 
 fn build_batch(
@@ -369,4 +370,36 @@ fn build_batch(
         }
     }
     Ok((batch, sampling))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::SamplingParams;
+    use crate::sequence::Sequence;
+    use crate::structured_output::StructuredOutputs;
+
+    fn seq(params: SamplingParams) -> Sequence {
+        Sequence::new(0, "r".into(), vec![1, 2, 3], params, 64, 0, 0)
+    }
+
+    /// The device argmax (CUDA) serves only rows the host sampler would reduce to an
+    /// argmax: a structured-output request, greedy or not, always gets its logits on the
+    /// host, where the engine core applies its mask before sampling.
+    #[test]
+    fn constrained_requests_never_take_the_device_argmax() {
+        let greedy = SamplingParams::greedy(8);
+        assert!(plain_greedy(&seq(greedy.clone())), "the control case takes the device path");
+        for spec in [
+            StructuredOutputs::Json(r#"{"type": "object"}"#.into()),
+            StructuredOutputs::Choice(vec!["yes".into(), "no".into()]),
+        ] {
+            let mut p = greedy.clone();
+            p.structured_outputs = Some(spec);
+            assert!(!plain_greedy(&seq(p)));
+        }
+        let mut logprobs = greedy;
+        logprobs.logprobs = Some(1);
+        assert!(!plain_greedy(&seq(logprobs)));
+    }
 }

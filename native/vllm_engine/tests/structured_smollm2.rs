@@ -3,10 +3,13 @@
 //! requests batched with constrained ones are unchanged; invalid constraints are
 //! validation errors at request time.
 
+mod measure;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
+use measure::{load_average, median, process_cpu_seconds};
 use serde_json::{json, Value};
 use vllm_engine::structured_output::StructuredOutputs;
 use vllm_engine::tokenizer::ChatMessage;
@@ -431,15 +434,20 @@ fn invalid_constraints_are_validation_errors_and_the_engine_keeps_serving() {
 }
 
 /// 32 JSON-schema requests against 32 unconstrained ones of the same length, in the same
-/// run: `cargo test --release -p vllm_engine --test structured_smollm2 -- --ignored --nocapture`.
+/// engine, alternating (unconstrained, constrained) three times so that a shared machine's
+/// changing load hits both sides of each pair alike; prints each pair's ratio of output
+/// tok/s (wall) and of output tokens per CPU-second of this process, and their medians.
+/// `cargo test --release -p vllm_engine --test structured_smollm2 measure -- --ignored --nocapture`
 #[test]
-#[ignore]
+#[ignore = "measurement: run by hand on a quiet machine"]
 fn measure_constrained_throughput() {
+    const PAIRS: usize = 3;
     let engine = engine();
     let prompt = chat_prompt(&engine, "Describe a person as JSON.");
     let spec = StructuredOutputs::Json(person_schema().to_string());
-    let run = |constrain: bool| {
+    let run = |name: &str, constrain: bool| {
         let start = Instant::now();
+        let cpu_start = process_cpu_seconds();
         let receivers: Vec<_> = (0..32u64)
             .map(|seed| {
                 let mut params = constrained(spec.clone(), seed, 48);
@@ -449,20 +457,38 @@ fn measure_constrained_throughput() {
                 // Every request runs all 48 steps either way (a JSON answer is mostly
                 // still open by then), so both runs have the same batch sizes.
                 params.ignore_eos = true;
-                try_submit(&engine, &format!("m{constrain}{seed}"), prompt.clone(), params).expect("accepted")
+                try_submit(&engine, &format!("{name}-{seed}"), prompt.clone(), params).expect("accepted")
             })
             .collect();
         let tokens: usize = receivers
             .iter()
             .map(|rx| final_output(rx).outputs[0].token_ids.len())
             .sum();
-        tokens as f64 / start.elapsed().as_secs_f64()
+        let cpu = process_cpu_seconds() - cpu_start;
+        (tokens, tokens as f64 / start.elapsed().as_secs_f64(), tokens as f64 / cpu)
     };
-    run(true); // warm-up: builds the token trie and llguidance's caches
-    let plain = run(false);
-    let guided = run(true);
+    run("warm-up", true); // builds the token trie and llguidance's caches
+    println!("load average before: {}", load_average());
+    let (mut ratios, mut cpu_ratios, mut plains, mut guideds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in 0..PAIRS {
+        let (_, plain, plain_cpu) = run(&format!("plain{r}"), false);
+        let (tokens, guided, guided_cpu) = run(&format!("json{r}"), true);
+        println!(
+            "pair {r}: unconstrained {plain:.1} tok/s, JSON schema {guided:.1} tok/s ({tokens} tokens), ratio {:.3}; per CPU-second {plain_cpu:.1} vs {guided_cpu:.1}, ratio {:.3}",
+            guided / plain,
+            guided_cpu / plain_cpu
+        );
+        ratios.push(guided / plain);
+        cpu_ratios.push(guided_cpu / plain_cpu);
+        plains.push(plain);
+        guideds.push(guided);
+    }
     println!(
-        "structured outputs throughput: unconstrained {plain:.1} tok/s, JSON schema {guided:.1} tok/s, ratio {:.3}",
-        guided / plain
+        "structured outputs throughput (medians of {PAIRS}): unconstrained {:.1} tok/s, JSON schema {:.1} tok/s; ratio of pairs {:.3} (wall), {:.3} (CPU time); load average after: {}",
+        median(&mut plains),
+        median(&mut guideds),
+        median(&mut ratios),
+        median(&mut cpu_ratios),
+        load_average()
     );
 }

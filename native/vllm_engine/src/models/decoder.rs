@@ -207,12 +207,8 @@ impl DecoderLM {
         y: Tensor,
     ) -> Result<Tensor> {
         let Some(x) = x else { return Ok(y) };
-        let (rows, width) = y.dims2()?;
-        let mut out = y.flatten_all()?.to_vec1::<f32>()?;
-        if !crate::lora::add_batch_deltas(&self.lora_slots, &batch.seqs, layer, parts, x, &mut out, width)? {
-            return Ok(y);
-        }
-        Ok(Tensor::from_vec(out, (rows, width), &Device::Cpu)?)
+        crate::lora::add_batch_deltas_in_place(&self.lora_slots, &batch.seqs, layer, parts, x, &y)?;
+        Ok(y)
     }
 }
 
