@@ -279,7 +279,8 @@ impl EngineCore {
             }
         }
         // Constrained sequences' masks depend only on tokens already sampled: compute
-        // them (in parallel) on another thread while the forward pass runs.
+        // them while the forward pass runs, as a task of the same rayon pool (an idle
+        // worker takes it; no extra thread competes with the matmul threads).
         let mut grammars = self.take_sampling_grammars(&plan);
         let started = self.shared.profiler.begin();
         let (logits, masks) = if grammars.is_empty() {
@@ -287,11 +288,12 @@ impl EngineCore {
         } else {
             let runner = &mut self.runner;
             let scheduler = &self.scheduler;
-            std::thread::scope(|scope| {
-                let masker = scope.spawn(|| crate::structured_output::compute_masks(&mut grammars));
-                let logits = runner.execute(&plan, scheduler);
-                (logits, masker.join().unwrap_or_default())
-            })
+            let mut masks = Vec::new();
+            let logits = rayon::in_place_scope(|scope| {
+                scope.spawn(|_| masks = crate::structured_output::compute_masks(&mut grammars));
+                runner.execute(&plan, scheduler)
+            });
+            (logits, masks)
         };
         self.shared
             .profiler

@@ -66,11 +66,16 @@ impl StructuredOutputCompiler {
     }
 }
 
-/// The next-token masks of several constrained sequences, in parallel.
+/// The next-token masks of several constrained sequences, in parallel. A sequence whose
+/// matcher fails (or panics) gets no mask: it samples unconstrained this step and its
+/// `advance` then ends it, so one broken matcher never takes the engine down.
 pub fn compute_masks<K: Copy + Send + Sync>(grammars: &mut [(K, Box<GrammarMatcher>)]) -> Vec<(K, TokenMask)> {
     use rayon::prelude::*;
     grammars
         .par_iter_mut()
-        .filter_map(|(key, g)| Some((*key, g.mask()?)))
+        .filter_map(|(key, g)| {
+            let mask = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| g.mask())).ok()??;
+            Some((*key, mask))
+        })
         .collect()
 }
