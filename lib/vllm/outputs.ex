@@ -34,7 +34,8 @@ defmodule Vllm.RequestOutput do
 
   `metrics` is a map of times in seconds since the Unix epoch (`arrival_time`,
   `first_scheduled_time`, `first_token_time`, `last_token_time`, `finished_time`) and
-  `time_in_queue` in seconds; unknown ones are `nil`.
+  `time_in_queue` in seconds; unknown ones are `nil`. `lora_request` is the
+  `%Vllm.LoRARequest{}` the request named (`nil`: the base model), in every output.
   """
   defstruct [
     :request_id,

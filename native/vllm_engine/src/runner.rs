@@ -334,8 +334,7 @@ fn plain_greedy(seq: &crate::sequence::Sequence) -> bool {
         ..Default::default()
     };
     // Before min_tokens the core suppresses EOS and stop tokens, which an argmax ignores.
-    let nothing_suppressed =
-        seq.num_output_tokens() >= p.min_tokens || (p.ignore_eos && p.stop_token_ids.is_empty());
+    let nothing_suppressed = seq.num_output_tokens() >= p.min_tokens || (p.ignore_eos && p.stop_token_ids.is_empty());
     p.is_greedy() && p.structured_outputs.is_none() && plain == *p && nothing_suppressed
 }
 
@@ -389,7 +388,10 @@ mod tests {
     #[test]
     fn constrained_requests_never_take_the_device_argmax() {
         let greedy = SamplingParams::greedy(8);
-        assert!(plain_greedy(&seq(greedy.clone())), "the control case takes the device path");
+        assert!(
+            plain_greedy(&seq(greedy.clone())),
+            "the control case takes the device path"
+        );
         for spec in [
             StructuredOutputs::Json(r#"{"type": "object"}"#.into()),
             StructuredOutputs::Choice(vec!["yes".into(), "no".into()]),

@@ -461,4 +461,3 @@ fn measure_lora_throughput() {
     let (loads, evictions) = engine.lora_swaps();
     assert_eq!(evictions, 0, "4 adapters in 4 slots never swap ({loads} loads)");
 }
-

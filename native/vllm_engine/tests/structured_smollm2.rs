@@ -465,7 +465,11 @@ fn measure_constrained_throughput() {
             .map(|rx| final_output(rx).outputs[0].token_ids.len())
             .sum();
         let cpu = process_cpu_seconds() - cpu_start;
-        (tokens, tokens as f64 / start.elapsed().as_secs_f64(), tokens as f64 / cpu)
+        (
+            tokens,
+            tokens as f64 / start.elapsed().as_secs_f64(),
+            tokens as f64 / cpu,
+        )
     };
     run("warm-up", true); // builds the token trie and llguidance's caches
     println!("load average before: {}", load_average());

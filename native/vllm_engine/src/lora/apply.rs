@@ -76,7 +76,11 @@ pub fn add_batch_deltas(
     };
     let threads = rayon::current_num_threads();
     if macs < PARALLEL_MACS || threads < 2 || rows < 2 {
-        for (row, (xr, or)) in x.chunks_exact(in_width).zip(out.chunks_exact_mut(out_width)).enumerate() {
+        for (row, (xr, or)) in x
+            .chunks_exact(in_width)
+            .zip(out.chunks_exact_mut(out_width))
+            .enumerate()
+        {
             row_delta(row, xr, or);
         }
     } else {
@@ -88,7 +92,11 @@ pub fn add_batch_deltas(
             .zip(out.par_chunks_mut(out_width * chunk))
             .enumerate()
             .for_each(|(c, (xs, os))| {
-                for (r, (xr, or)) in xs.chunks_exact(in_width).zip(os.chunks_exact_mut(out_width)).enumerate() {
+                for (r, (xr, or)) in xs
+                    .chunks_exact(in_width)
+                    .zip(os.chunks_exact_mut(out_width))
+                    .enumerate()
+                {
                     row_delta(c * chunk + r, xr, or);
                 }
             });
