@@ -91,6 +91,28 @@ pub struct CoreShared {
     pub profiler: crate::profiler::Profiler,
     /// Weights and KV cache bytes, published by the core after every change.
     pub memory: Mutex<crate::control::MemoryUsage>,
+    /// Called once, with the reason, when the engine dies of an internal error (see
+    /// `Engine::on_death`).
+    pub death_listeners: Mutex<Vec<DeathListener>>,
+}
+
+/// Hears why the engine died (the NIF sends it to the engine process).
+pub type DeathListener = Box<dyn FnOnce(&str) + Send>;
+
+impl CoreShared {
+    /// Marks the engine dead and tells every listener, once.
+    pub fn mark_dead(&self, why: &str) {
+        if self.dead.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let listeners = match self.death_listeners.lock() {
+            Ok(mut l) => std::mem::take(&mut *l),
+            Err(_) => return,
+        };
+        for listener in listeners {
+            let _ = catch_unwind(AssertUnwindSafe(|| listener(why)));
+        }
+    }
 }
 
 pub struct EngineCore {
@@ -495,8 +517,9 @@ impl EngineCore {
 
     fn die(&mut self, message: String) {
         tracing::error!("{message}");
-        self.shared.dead.store(true, Ordering::SeqCst);
-        let _ = self.outputs.send(OutputMessage::Dead(message));
+        // The callers first (their requests fail at once), then the listeners.
+        let _ = self.outputs.send(OutputMessage::Dead(message.clone()));
+        self.shared.mark_dead(&message);
     }
 }
 

@@ -154,6 +154,7 @@ pub fn engine_args(opts: Term) -> Result<EngineArgs> {
         args.runner = runner;
     }
     args.quantization = string_field(opts, WHAT, "quantization")?;
+    args.max_waiting_requests = count_field(opts, WHAT, "max_waiting_requests")?;
     args.validate()?;
     Ok(args)
 }
