@@ -40,8 +40,7 @@ fn decode<'a>(
     ids: Term<'a>,
     skip_special_tokens: bool,
 ) -> Term<'a> {
-    let result = ids
-        .decode::<Vec<u32>>()
+    let result = crate::decode::proper::<Vec<u32>>(ids)
         .map_err(|_| {
             EngineError::validation(format!(
                 "token ids must be a list of non-negative integers, got {}",
