@@ -118,7 +118,12 @@ defmodule Soak do
     do: outputs |> Enum.flat_map(& &1.outputs) |> Enum.map(&length(&1.token_ids)) |> Enum.sum()
 
   defp count_tokens(outputs, _cumulative),
-    do: outputs |> List.last() |> Map.fetch!(:outputs) |> Enum.map(&length(&1.token_ids)) |> Enum.sum()
+    do:
+      outputs
+      |> List.last()
+      |> Map.fetch!(:outputs)
+      |> Enum.map(&length(&1.token_ids))
+      |> Enum.sum()
 end
 
 model =
@@ -142,7 +147,9 @@ IO.puts(
   "# soak: #{minutes} min, #{workers} workers, commit #{String.trim(elem(System.cmd("git", ["rev-parse", "--short", "HEAD"]), 0))}, started #{DateTime.utc_now() |> DateTime.to_iso8601()}"
 )
 
-IO.puts("minute,rss_mib,beam_mib,free_blocks,total_blocks,finished,aborted,errors,tok_per_s,load1")
+IO.puts(
+  "minute,rss_mib,beam_mib,free_blocks,total_blocks,finished,aborted,errors,tok_per_s,load1"
+)
 
 rows =
   Enum.map(1..minutes, fn minute ->

@@ -16,7 +16,13 @@ defmodule Vllm.BackPressureTest do
     test "an unread #{kind} stream holds at most 33 outputs and still ends complete", %{
       engine: engine
     } do
-      params = [temperature: 0.0, max_tokens: @tokens, ignore_eos: true, output_kind: unquote(kind)]
+      params = [
+        temperature: 0.0,
+        max_tokens: @tokens,
+        ignore_eos: true,
+        output_kind: unquote(kind)
+      ]
+
       prompt = "Once upon a time"
       {ref_text, ref_ids} = reference(engine, prompt)
 
@@ -60,7 +66,9 @@ defmodule Vllm.BackPressureTest do
     engine = start_engine!(max_num_seqs: 2, max_waiting_requests: 1)
     long = [temperature: 0.0, max_tokens: 1000, ignore_eos: true]
     ids = for _ <- 1..3, do: request_id("cap")
-    for id <- ids, do: assert(:ok = AsyncLLMEngine.add_request(engine, id, "Once upon a time", long))
+
+    for id <- ids,
+        do: assert(:ok = AsyncLLMEngine.add_request(engine, id, "Once upon a time", long))
 
     assert {:error, %Error{category: :resource_exhausted, message: m}} =
              AsyncLLMEngine.add_request(engine, request_id(), "Once upon a time", long)

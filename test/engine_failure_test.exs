@@ -135,7 +135,9 @@ defmodule Vllm.EngineFailureTest do
   end
 
   defp greedy_text(engine) do
-    {:ok, stream} = AsyncLLMEngine.generate(engine, "The capital of France is", @greedy, request_id())
+    {:ok, stream} =
+      AsyncLLMEngine.generate(engine, "The capital of France is", @greedy, request_id())
+
     stream |> Enum.to_list() |> List.last() |> text()
   end
 end

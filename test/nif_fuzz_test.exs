@@ -13,7 +13,14 @@ defmodule Vllm.NifFuzzTest do
 
   # Calls that would legitimately stop, sleep or tie up the shared live engine (or write
   # files) get it only as a random term; they still get the dead engine.
-  @no_live_engine [:shutdown, :monitor_owner, :stop_profile, :sleep, :inject_fault, :start_profile]
+  @no_live_engine [
+    :shutdown,
+    :monitor_owner,
+    :stop_profile,
+    :sleep,
+    :inject_fault,
+    :start_profile
+  ]
 
   setup_all do
     engine = start_engine!()
@@ -92,7 +99,12 @@ defmodule Vllm.NifFuzzTest do
 
   defp greedy(engine) do
     {:ok, stream} =
-      AsyncLLMEngine.generate(engine, "The capital of France is", [temperature: 0.0, max_tokens: 6], request_id())
+      AsyncLLMEngine.generate(
+        engine,
+        "The capital of France is",
+        [temperature: 0.0, max_tokens: 6],
+        request_id()
+      )
 
     stream |> Enum.to_list() |> List.last() |> text()
   end

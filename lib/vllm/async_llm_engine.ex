@@ -243,8 +243,7 @@ defmodule Vllm.AsyncLLMEngine do
 
     with :ok <- check_opts(opts, Keyword.delete(@request_opts, :to)),
          :ok <- submit(engine, request_id, prompt, sampling_params, opts, flow) do
-      {:ok,
-       RequestStream.new(engine, request_id, EngineOptions.timeout(opts, :infinity), credit)}
+      {:ok, RequestStream.new(engine, request_id, EngineOptions.timeout(opts, :infinity), credit)}
     end
   end
 
@@ -351,16 +350,47 @@ defmodule Vllm.AsyncLLMEngine do
   @doc "Tokenizes `text` with the model's tokenizer."
   @spec encode_text(t(), String.t(), boolean()) ::
           {:ok, [non_neg_integer()]} | {:error, Error.t()}
-  def encode_text(%__MODULE__{resource: resource}, text, add_special_tokens \\ true)
-      when is_binary(text),
-      do: native_result(Native.encode(resource, text, add_special_tokens))
+  def encode_text(engine, text, add_special_tokens \\ true)
+
+  def encode_text(%__MODULE__{resource: resource} = engine, text, add_special_tokens)
+      when is_binary(text) and is_boolean(add_special_tokens) do
+    with :ok <- check_alive(engine),
+         do: native_result(Native.encode(resource, text, add_special_tokens))
+  end
+
+  def encode_text(_engine, text, add_special_tokens),
+    do:
+      {:error,
+       Error.validation(
+         "text must be a string and add_special_tokens a boolean, got #{inspect(text, limit: 5)}, #{inspect(add_special_tokens)}"
+       )}
 
   @doc "Detokenizes token ids with the model's tokenizer."
   @spec decode_tokens(t(), [non_neg_integer()], boolean()) ::
           {:ok, String.t()} | {:error, Error.t()}
-  def decode_tokens(%__MODULE__{resource: resource}, ids, skip_special_tokens \\ true)
-      when is_list(ids),
-      do: native_result(Native.decode(resource, ids, skip_special_tokens))
+  def decode_tokens(engine, ids, skip_special_tokens \\ true)
+
+  def decode_tokens(%__MODULE__{resource: resource} = engine, ids, skip_special_tokens)
+      when is_list(ids) and is_boolean(skip_special_tokens) do
+    with :ok <- check_alive(engine),
+         do: native_result(Native.decode(resource, ids, skip_special_tokens))
+  end
+
+  def decode_tokens(_engine, ids, skip_special_tokens),
+    do:
+      {:error,
+       Error.validation(
+         "token ids must be a list and skip_special_tokens a boolean, got #{inspect(ids, limit: 5)}, #{inspect(skip_special_tokens)}"
+       )}
+
+  @doc false
+  # The tokenizer helpers run in the NIF without the engine process: refuse them once
+  # the engine was shut down (or died), as every other call.
+  def check_alive(%__MODULE__{pid: pid, resource: resource}) do
+    if Process.alive?(pid) and Native.is_alive(resource),
+      do: :ok,
+      else: {:error, Error.new(:engine_dead, "the engine has been shut down or has died")}
+  end
 
   @doc """
   Renders a conversation (a list of `%{"role" => _, "content" => _}` maps, atom keys too)
@@ -370,15 +400,15 @@ defmodule Vllm.AsyncLLMEngine do
   @spec apply_chat_template(t(), [map()], boolean(), keyword()) ::
           {:ok, String.t()} | {:error, Error.t()}
   def apply_chat_template(
-        %__MODULE__{resource: resource},
+        %__MODULE__{resource: resource} = engine,
         messages,
         add_generation_prompt \\ true,
         opts \\ []
       ) do
-    template = Keyword.get(opts, :chat_template)
+    template = if Keyword.keyword?(opts), do: Keyword.get(opts, :chat_template)
 
     cond do
-      not (is_list(messages) and Enum.all?(messages, &is_map/1)) ->
+      not (is_list(messages) and not List.improper?(messages) and Enum.all?(messages, &is_map/1)) ->
         {:error,
          Error.validation("messages must be a list of %{\"role\" => _, \"content\" => _} maps")}
 
@@ -389,7 +419,8 @@ defmodule Vllm.AsyncLLMEngine do
         {:error, Error.validation("option :chat_template must be a string")}
 
       true ->
-        with :ok <- check_opts(opts, [:chat_template]) do
+        with :ok <- check_opts(opts, [:chat_template]),
+             :ok <- check_alive(engine) do
           native_result(
             Native.apply_chat_template(resource, messages, add_generation_prompt, template)
           )
@@ -495,6 +526,12 @@ defmodule Vllm.AsyncLLMEngine do
       not is_pid(owner) or node(owner) != node() ->
         {:error, Error.validation("option :to must be a local pid, got #{inspect(owner)}")}
 
+      not valid_runtime?(opts[:__runtime__]) ->
+        {:error,
+         Error.validation(
+           "option :__runtime__ must be a keyword list whose :timeout is a non-negative integer (ms) or :infinity, got #{inspect(opts[:__runtime__])}"
+         )}
+
       not is_integer(Keyword.get(opts, :priority, 0)) ->
         {:error,
          Error.validation("option :priority must be an integer, got #{inspect(opts[:priority])}")}
@@ -509,6 +546,17 @@ defmodule Vllm.AsyncLLMEngine do
       true ->
         :ok
     end
+  end
+
+  defp valid_runtime?(nil), do: true
+
+  defp valid_runtime?(runtime) do
+    Keyword.keyword?(runtime) and
+      case Keyword.get(runtime, :timeout) do
+        nil -> true
+        :infinity -> true
+        ms -> is_integer(ms) and ms >= 0
+      end
   end
 
   @doc false

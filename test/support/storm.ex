@@ -8,13 +8,20 @@ defmodule Vllm.Storm do
   import ExUnit.Assertions
   alias Vllm.AsyncLLMEngine
 
-  @prompts ["Once upon a time", "The capital of France is", "def fibonacci(n):", "My favourite food is"]
+  @prompts [
+    "Once upon a time",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "My favourite food is"
+  ]
   @max_tokens 12
 
   @doc "Greedy token ids (ignore_eos, #{@max_tokens} tokens) of each prompt, run alone."
   def references(engine) do
     Map.new(@prompts, fn prompt ->
-      {:ok, stream} = AsyncLLMEngine.generate(engine, prompt, greedy(@max_tokens), "ref-#{prompt}")
+      {:ok, stream} =
+        AsyncLLMEngine.generate(engine, prompt, greedy(@max_tokens), "ref-#{prompt}")
+
       {prompt, stream |> Enum.to_list() |> List.last() |> then(&hd(&1.outputs).token_ids)}
     end)
   end
@@ -29,7 +36,10 @@ defmodule Vllm.Storm do
       for p <- 1..procs do
         spawn_link(fn ->
           :rand.seed(:exsss, {seed, p, 17})
-          tally = Enum.reduce(1..per_proc, %{}, fn i, acc -> one(engine, refs, "s#{p}-#{i}", acc) end)
+
+          tally =
+            Enum.reduce(1..per_proc, %{}, fn i, acc -> one(engine, refs, "s#{p}-#{i}", acc) end)
+
           # Anything arriving now for a request that already ended is a violation.
           Process.sleep(300)
           send(parent, {:storm_done, self(), tally, drain_mailbox()})
@@ -39,7 +49,9 @@ defmodule Vllm.Storm do
     Enum.reduce(workers, %{}, fn w, acc ->
       receive do
         {:storm_done, ^w, tally, leftovers} ->
-          assert leftovers == [], "messages after a final output: #{inspect(Enum.take(leftovers, 3))}"
+          assert leftovers == [],
+                 "messages after a final output: #{inspect(Enum.take(leftovers, 3))}"
+
           Map.merge(acc, tally, fn _, a, b -> a + b end)
       after
         1_800_000 -> flunk("a storm worker did not finish")
@@ -58,7 +70,13 @@ defmodule Vllm.Storm do
     params =
       if greedy?,
         do: greedy(k) ++ [output_kind: kind],
-        else: [temperature: 0.8, seed: :rand.uniform(1000), max_tokens: k, ignore_eos: true, output_kind: kind]
+        else: [
+          temperature: 0.8,
+          seed: :rand.uniform(1000),
+          max_tokens: k,
+          ignore_eos: true,
+          output_kind: kind
+        ]
 
     outcome =
       case Enum.random([:stream, :stream, :messages, :messages, :abort, :halt, :kill]) do
@@ -92,7 +110,9 @@ defmodule Vllm.Storm do
   defp full_messages(engine, id, prompt, params) do
     :ok = AsyncLLMEngine.add_request(engine, id, prompt, params)
     outputs = collect(id, [])
-    {:full, token_ids(outputs, params[:output_kind]), hd(List.last(outputs).outputs).finish_reason}
+
+    {:full, token_ids(outputs, params[:output_kind]),
+     hd(List.last(outputs).outputs).finish_reason}
   end
 
   defp abort(engine, id, prompt, params) do

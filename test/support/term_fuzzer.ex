@@ -7,14 +7,62 @@ defmodule Vllm.TermFuzzer do
 
   # A fixed pool: random atoms must not fill the atom table.
   @atoms [
-    :ok, :error, nil, true, false, :cumulative, :delta, :final_only, :stop, :length,
-    :abort, :model, :prompt, :prompt_token_ids, :temperature, :top_p, :top_k, :max_tokens,
-    :n, :seed, :stop_token_ids, :logprobs, :output_kind, :structured_outputs, :json,
-    :regex, :choice, :grammar, :priority, :lora_request, :lora_int_id, :lora_name,
-    :lora_path, :watcher, :credit, :max_unread, :task, :dtype, :max_model_len,
-    :max_num_seqs, :block_size, :role, :content, :__struct__, :"Elixir.Vllm.SamplingParams",
-    :logit_bias, :allowed_token_ids, :bad_words, :truncate_prompt_tokens, :dimensions,
-    :normalize, :min_tokens, :ignore_eos, :foo, :"", :"with space"
+    :ok,
+    :error,
+    nil,
+    true,
+    false,
+    :cumulative,
+    :delta,
+    :final_only,
+    :stop,
+    :length,
+    :abort,
+    :model,
+    :prompt,
+    :prompt_token_ids,
+    :temperature,
+    :top_p,
+    :top_k,
+    :max_tokens,
+    :n,
+    :seed,
+    :stop_token_ids,
+    :logprobs,
+    :output_kind,
+    :structured_outputs,
+    :json,
+    :regex,
+    :choice,
+    :grammar,
+    :priority,
+    :lora_request,
+    :lora_int_id,
+    :lora_name,
+    :lora_path,
+    :watcher,
+    :credit,
+    :max_unread,
+    :task,
+    :dtype,
+    :max_model_len,
+    :max_num_seqs,
+    :block_size,
+    :role,
+    :content,
+    :__struct__,
+    :"Elixir.Vllm.SamplingParams",
+    :logit_bias,
+    :allowed_token_ids,
+    :bad_words,
+    :truncate_prompt_tokens,
+    :dimensions,
+    :normalize,
+    :min_tokens,
+    :ignore_eos,
+    :foo,
+    :"",
+    :"with space"
   ]
 
   @doc "A random term no deeper than `depth`."
@@ -45,7 +93,18 @@ defmodule Vllm.TermFuzzer do
   end
 
   defp float,
-    do: Enum.random([0.0, -0.0, 1.0e308, -1.0e308, 5.0e-324, 0.5, -2.5, 1.0e20, :rand.uniform() * 10])
+    do:
+      Enum.random([
+        0.0,
+        -0.0,
+        1.0e308,
+        -1.0e308,
+        5.0e-324,
+        0.5,
+        -2.5,
+        1.0e20,
+        :rand.uniform() * 10
+      ])
 
   defp binary do
     case :rand.uniform(5) do

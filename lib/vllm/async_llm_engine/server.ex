@@ -305,7 +305,12 @@ defmodule Vllm.AsyncLLMEngine.Server do
     for {id, {owner, :queued}} <- state.requests,
         do: send(owner, {:vllm_error, id, {:engine_dead, message}})
 
-    state = stop_everything(%{state | requests: Map.reject(state.requests, &match?({_, {_, :queued}}, &1))})
+    state =
+      stop_everything(%{
+        state
+        | requests: Map.reject(state.requests, &match?({_, {_, :queued}}, &1))
+      })
+
     {:stop, {:shutdown, {:engine_dead, message}}, state}
   end
 

@@ -48,10 +48,14 @@ fn decode<'a>(
             ))
         })
         .and_then(|ids| {
-            resource
-                .engine()?
-                .tokenizer()
-                .decode(&ids, skip_special_tokens)
+            let engine = resource.engine()?;
+            let vocab = engine.limits().vocab_size;
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(EngineError::validation(format!(
+                    "token id {bad} is out of vocabulary (size {vocab})"
+                )));
+            }
+            engine.tokenizer().decode(&ids, skip_special_tokens)
         });
     error::reply(env, result)
 }
