@@ -83,7 +83,9 @@ fn an_injected_fault_kills_the_engine_and_tells_every_caller_and_listener() {
         };
         assert_eq!(failed.category, ErrorCategory::EngineDead);
     }
-    let why = died_rx.recv_timeout(Duration::from_secs(1)).expect("the listener hears");
+    let why = died_rx
+        .recv_timeout(Duration::from_secs(1))
+        .expect("the listener hears");
     assert!(why.contains("fault injected"), "{why}");
     assert!(!h.engine.is_alive());
     let (s, _rx) = sink();
@@ -97,6 +99,8 @@ fn an_injected_fault_kills_the_engine_and_tells_every_caller_and_listener() {
     h.engine.on_death(Box::new(move |why: &str| {
         let _ = tx.send(format!("late: {why}"));
     }));
-    assert!(died_rx.recv_timeout(Duration::from_secs(1)).is_ok_and(|w| w.starts_with("late")));
+    assert!(died_rx
+        .recv_timeout(Duration::from_secs(1))
+        .is_ok_and(|w| w.starts_with("late")));
     assert!(died_rx.try_recv().is_err());
 }
