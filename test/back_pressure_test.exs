@@ -31,6 +31,7 @@ defmodule Vllm.BackPressureTest do
       # Never read while the request runs: one output per step would be ~#{@tokens} messages.
       queued = wait_final_in_mailbox(id)
       assert queued in 2..33
+      IO.puts("\nunread #{unquote(kind)} stream of #{@tokens} tokens: #{queued} messages queued")
       assert_all_blocks_free(engine)
 
       outputs = Enum.to_list(stream)

@@ -35,7 +35,13 @@ defmodule Vllm.ShutdownLoadTest do
         for c <- callers, do: receive(do: ({:submitted, ^c} -> :ok))
         wait_in_flight(engine, @callers)
         send(parent, {:in_flight, AsyncLLMEngine.stats!(engine)})
+        started = System.monotonic_time(:millisecond)
         :ok = AsyncLLMEngine.shutdown(engine)
+
+        IO.puts(
+          "\nshutdown with #{@callers} requests in flight: #{System.monotonic_time(:millisecond) - started} ms"
+        )
+
         send(parent, {:shut_down, callers})
       end)
 
