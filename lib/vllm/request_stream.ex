@@ -6,8 +6,11 @@ defmodule Vllm.RequestStream do
 
   alias Vllm.{AsyncLLMEngine, Error, Native, RequestOutput}
 
-  # How long halting waits for the aborted request's last message, so none is left behind.
-  @abort_drain_ms 5_000
+  # How long halting waits for the aborted request's final message, so none is left
+  # behind in the caller's mailbox. The engine answers an abort between two steps, and a
+  # step of a large batch on a loaded machine can take seconds (the 10,000-request abort
+  # storm saw more than 5 s): wait long, the engine guarantees the final message.
+  @abort_drain_ms 60_000
 
   @spec new(AsyncLLMEngine.t(), String.t(), timeout()) :: Enumerable.t()
   def new(engine, request_id, timeout, credit \\ nil) do
