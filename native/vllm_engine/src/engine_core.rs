@@ -100,11 +100,9 @@ pub struct CoreShared {
 pub type DeathListener = Box<dyn FnOnce(&str) + Send>;
 
 impl CoreShared {
-    /// Marks the engine dead and tells every listener, once.
-    pub fn mark_dead(&self, why: &str) {
-        if self.dead.swap(true, Ordering::SeqCst) {
-            return;
-        }
+    /// Tells every death listener why the engine died (each hears once). Call it after
+    /// setting `dead` and failing the requests.
+    pub fn notify_death(&self, why: &str) {
         let listeners = match self.death_listeners.lock() {
             Ok(mut l) => std::mem::take(&mut *l),
             Err(_) => return,
@@ -517,9 +515,9 @@ impl EngineCore {
 
     fn die(&mut self, message: String) {
         tracing::error!("{message}");
-        // The callers first (their requests fail at once), then the listeners.
+        self.shared.dead.store(true, Ordering::SeqCst);
         let _ = self.outputs.send(OutputMessage::Dead(message.clone()));
-        self.shared.mark_dead(&message);
+        self.shared.notify_death(&message);
     }
 }
 

@@ -146,10 +146,11 @@ impl OutputProcessor {
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
                 tracing::error!("output thread panicked: {why}");
+                self.shared.dead.store(true, std::sync::atomic::Ordering::SeqCst);
                 let _ = self.core.send(CoreCommand::Shutdown);
                 let why = format!("output processing panicked: {why}");
                 self.fail_all(&why);
-                self.shared.mark_dead(&why);
+                self.shared.notify_death(&why);
             }
         }
         self.fail_all("the engine was shut down");
