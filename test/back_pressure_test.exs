@@ -6,7 +6,7 @@ defmodule Vllm.BackPressureTest do
   import Vllm.TestModel
   alias Vllm.{AsyncLLMEngine, Error}
 
-  @tokens 160
+  @tokens 80
 
   setup_all do
     {:ok, engine: start_engine!()}
