@@ -12,6 +12,34 @@ defmodule Vllm.AsyncLLMEngine do
   `{:vllm, request_id, %Vllm.RequestOutput{}}` messages (or `{:vllm_error, request_id,
   {category, message}}` when the engine cannot finish it). The engine process monitors
   each request's owner and aborts its requests when it dies, freeing their KV blocks.
+
+  ## Back-pressure and limits
+
+  The engine never queues outputs for a slow reader: each engine step's output is sent
+  at once, so memory held by the engine does not grow with unread outputs. What a reader
+  does not read waits in its own mailbox, and that is bounded too:
+
+    * a `generate/5` stream acknowledges each output it takes; when 32 of a request's
+      outputs are unread, the engine merges the next ones into a single pending output
+      (`:delta` texts and token ids concatenated, a `:cumulative` output replaced by the
+      newer one) and sends it once the reader catches up or the request finishes. A
+      stream that is never read holds at most 33 outputs per request, and the last one
+      is still complete.
+    * the message form (`add_request/5`) sends one message per step that produced
+      tokens: at most `max_tokens + 1` per request.
+    * `max_num_seqs` requests run at once; with the engine option
+      `max_waiting_requests: w`, at most `w` more wait (in the engine, or here while
+      generation is paused or asleep): the next `add_request`/`generate` is
+      `{:error, %Vllm.Error{category: :resource_exhausted}}` rather than unbounded memory.
+      Without it the waiting queue is unbounded, as in vLLM.
+
+  ## When the engine dies
+
+  If an engine core dies of an internal error (a panic in a step), every request in
+  flight ends with `{:vllm_error, id, {:engine_dead, message}}` (a stream raises
+  `Vllm.Error` `:engine_dead`), and the engine process exits with
+  `{:shutdown, {:engine_dead, message}}`: a supervisor restarts it, and handles to the old
+  one answer `:engine_dead`.
   """
   alias Vllm.{EngineOptions, Error, Native, Prompt, RequestStream, SamplingParams}
   alias Vllm.AsyncLLMEngine.Server
@@ -33,6 +61,9 @@ defmodule Vllm.AsyncLLMEngine do
     :__runtime__
   ]
   @default_load_timeout :timer.minutes(10)
+  # Outputs of one generate/5 stream that may wait unread before the engine merges new
+  # ones (see "Back-pressure" in the moduledoc).
+  @max_unread_outputs 32
 
   ## Starting and stopping
 
@@ -49,7 +80,8 @@ defmodule Vllm.AsyncLLMEngine do
   writes), `trust_remote_code` (ignored), `gpu_memory_utilization`/`enforce_eager` (no GPU
   memory or CUDA graphs on the CPU: accepted, no effect), `enable_lora` with `max_loras`
   (adapters resident at once), `max_lora_rank` and `max_cpu_loras` (adapters kept in host
-  memory), `name` (process name),
+  memory), `max_waiting_requests` (requests allowed to wait beyond `max_num_seqs`;
+  more are `:resource_exhausted`; default no limit), `name` (process name),
   `__runtime__: [timeout: ms]` (load timeout). Refused with `:unsupported` and the reason:
   `tensor_parallel_size` > 1, `device` other than `"auto"`/`"cpu"`,
   a `dtype` other than float32, a `revision`, a `quantization` other
@@ -206,9 +238,12 @@ defmodule Vllm.AsyncLLMEngine do
   @spec generate(t(), Prompt.t(), SamplingParams.t() | keyword() | nil, request_id(), keyword()) ::
           {:ok, Enumerable.t()} | {:error, Error.t()}
   def generate(engine, prompt, sampling_params, request_id, opts \\ []) do
+    credit = Native.new_credit()
+    flow = %{credit: credit, max_unread: @max_unread_outputs}
+
     with :ok <- check_opts(opts, Keyword.delete(@request_opts, :to)),
-         :ok <- add_request(engine, request_id, prompt, sampling_params, opts) do
-      {:ok, RequestStream.new(engine, request_id, EngineOptions.timeout(opts, :infinity))}
+         :ok <- submit(engine, request_id, prompt, sampling_params, opts, flow) do
+      {:ok, RequestStream.new(engine, request_id, EngineOptions.timeout(opts, :infinity), credit)}
     end
   end
 
@@ -233,7 +268,10 @@ defmodule Vllm.AsyncLLMEngine do
           keyword()
         ) ::
           :ok | {:error, Error.t()}
-  def add_request(%__MODULE__{} = engine, request_id, prompt, sampling_params, opts \\ []) do
+  def add_request(engine, request_id, prompt, sampling_params, opts \\ []),
+    do: submit(engine, request_id, prompt, sampling_params, opts, %{})
+
+  defp submit(%__MODULE__{} = engine, request_id, prompt, sampling_params, opts, flow) do
     owner = Keyword.get(opts, :to, self())
 
     with :ok <- check_opts(opts, @request_opts),
@@ -249,6 +287,8 @@ defmodule Vllm.AsyncLLMEngine do
         data_parallel_rank: Keyword.get(opts, :data_parallel_rank),
         lora_request: lora
       }
+
+      request_opts = Map.merge(request_opts, flow)
 
       call(
         engine,
@@ -310,16 +350,47 @@ defmodule Vllm.AsyncLLMEngine do
   @doc "Tokenizes `text` with the model's tokenizer."
   @spec encode_text(t(), String.t(), boolean()) ::
           {:ok, [non_neg_integer()]} | {:error, Error.t()}
-  def encode_text(%__MODULE__{resource: resource}, text, add_special_tokens \\ true)
-      when is_binary(text),
-      do: native_result(Native.encode(resource, text, add_special_tokens))
+  def encode_text(engine, text, add_special_tokens \\ true)
+
+  def encode_text(%__MODULE__{resource: resource} = engine, text, add_special_tokens)
+      when is_binary(text) and is_boolean(add_special_tokens) do
+    with :ok <- check_alive(engine),
+         do: native_result(Native.encode(resource, text, add_special_tokens))
+  end
+
+  def encode_text(_engine, text, add_special_tokens),
+    do:
+      {:error,
+       Error.validation(
+         "text must be a string and add_special_tokens a boolean, got #{inspect(text, limit: 5)}, #{inspect(add_special_tokens)}"
+       )}
 
   @doc "Detokenizes token ids with the model's tokenizer."
   @spec decode_tokens(t(), [non_neg_integer()], boolean()) ::
           {:ok, String.t()} | {:error, Error.t()}
-  def decode_tokens(%__MODULE__{resource: resource}, ids, skip_special_tokens \\ true)
-      when is_list(ids),
-      do: native_result(Native.decode(resource, ids, skip_special_tokens))
+  def decode_tokens(engine, ids, skip_special_tokens \\ true)
+
+  def decode_tokens(%__MODULE__{resource: resource} = engine, ids, skip_special_tokens)
+      when is_list(ids) and is_boolean(skip_special_tokens) do
+    with :ok <- check_alive(engine),
+         do: native_result(Native.decode(resource, ids, skip_special_tokens))
+  end
+
+  def decode_tokens(_engine, ids, skip_special_tokens),
+    do:
+      {:error,
+       Error.validation(
+         "token ids must be a list and skip_special_tokens a boolean, got #{inspect(ids, limit: 5)}, #{inspect(skip_special_tokens)}"
+       )}
+
+  @doc false
+  # The tokenizer helpers run in the NIF without the engine process: refuse them once
+  # the engine was shut down (or died), as every other call.
+  def check_alive(%__MODULE__{pid: pid, resource: resource}) do
+    if Process.alive?(pid) and Native.is_alive(resource),
+      do: :ok,
+      else: {:error, Error.new(:engine_dead, "the engine has been shut down or has died")}
+  end
 
   @doc """
   Renders a conversation (a list of `%{"role" => _, "content" => _}` maps, atom keys too)
@@ -329,15 +400,15 @@ defmodule Vllm.AsyncLLMEngine do
   @spec apply_chat_template(t(), [map()], boolean(), keyword()) ::
           {:ok, String.t()} | {:error, Error.t()}
   def apply_chat_template(
-        %__MODULE__{resource: resource},
+        %__MODULE__{resource: resource} = engine,
         messages,
         add_generation_prompt \\ true,
         opts \\ []
       ) do
-    template = Keyword.get(opts, :chat_template)
+    template = if Keyword.keyword?(opts), do: Keyword.get(opts, :chat_template)
 
     cond do
-      not (is_list(messages) and Enum.all?(messages, &is_map/1)) ->
+      not (is_list(messages) and not List.improper?(messages) and Enum.all?(messages, &is_map/1)) ->
         {:error,
          Error.validation("messages must be a list of %{\"role\" => _, \"content\" => _} maps")}
 
@@ -348,7 +419,8 @@ defmodule Vllm.AsyncLLMEngine do
         {:error, Error.validation("option :chat_template must be a string")}
 
       true ->
-        with :ok <- check_opts(opts, [:chat_template]) do
+        with :ok <- check_opts(opts, [:chat_template]),
+             :ok <- check_alive(engine) do
           native_result(
             Native.apply_chat_template(resource, messages, add_generation_prompt, template)
           )
@@ -454,6 +526,12 @@ defmodule Vllm.AsyncLLMEngine do
       not is_pid(owner) or node(owner) != node() ->
         {:error, Error.validation("option :to must be a local pid, got #{inspect(owner)}")}
 
+      not valid_runtime?(opts[:__runtime__]) ->
+        {:error,
+         Error.validation(
+           "option :__runtime__ must be a keyword list whose :timeout is a non-negative integer (ms) or :infinity, got #{inspect(opts[:__runtime__])}"
+         )}
+
       not is_integer(Keyword.get(opts, :priority, 0)) ->
         {:error,
          Error.validation("option :priority must be an integer, got #{inspect(opts[:priority])}")}
@@ -468,6 +546,17 @@ defmodule Vllm.AsyncLLMEngine do
       true ->
         :ok
     end
+  end
+
+  defp valid_runtime?(nil), do: true
+
+  defp valid_runtime?(runtime) do
+    Keyword.keyword?(runtime) and
+      case Keyword.get(runtime, :timeout) do
+        nil -> true
+        :infinity -> true
+        ms -> is_integer(ms) and ms >= 0
+      end
   end
 
   @doc false

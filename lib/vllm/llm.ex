@@ -129,7 +129,7 @@ defmodule Vllm.LLM do
     do:
       {:error,
        Error.validation(
-         "a chat is a non-empty list of %{\"role\" => _, \"content\" => _} maps, or a list of them, got #{inspect(other, limit: 5)}"
+         "conversations must be a non-empty list of %{\"role\" => _, \"content\" => _} maps, or a list of them, got #{inspect(other, limit: 5)}"
        )}
 
   # Each conversation as {prompt text, its token ids}. As vLLM, the rendered text is
@@ -341,7 +341,10 @@ defmodule Vllm.LLM do
       if length(params) == count,
         do: collect(Enum.map(params, &AsyncLLMEngine.sampling_params/1)),
         else:
-          {:error, Error.validation("got #{length(params)} sampling params for #{count} prompts")}
+          {:error,
+           Error.validation(
+             "sampling_params: got #{length(params)} for #{count} prompts (give one, or one per prompt)"
+           )}
     end
   end
 

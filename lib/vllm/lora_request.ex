@@ -67,7 +67,10 @@ defmodule Vllm.LoRARequest do
   def to_native(nil), do: {:ok, nil}
 
   def to_native(request) do
-    with {:ok, r} <- new(request), do: {:ok, Map.take(r, @fields)}
+    case new(request) do
+      {:ok, r} -> {:ok, Map.take(r, @fields)}
+      {:error, e} -> {:error, %{e | message: "option :lora_request: " <> e.message}}
+    end
   end
 
   defp invalid(message), do: {:error, Error.validation(message)}

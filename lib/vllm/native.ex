@@ -42,6 +42,13 @@ defmodule Vllm.Native do
   def pin_lora(_engine, _lora_int_id), do: :erlang.nif_error(:nif_not_loaded)
   def list_loras(_engine), do: :erlang.nif_error(:nif_not_loaded)
 
+  # Reliability (native/vllm_nif/src/flow.rs, engine_ref.rs).
+  def new_credit, do: :erlang.nif_error(:nif_not_loaded)
+  def ack(_credit), do: :erlang.nif_error(:nif_not_loaded)
+  def resource_counts, do: :erlang.nif_error(:nif_not_loaded)
+  def watch_death(_engine, _pid), do: :erlang.nif_error(:nif_not_loaded)
+  def inject_fault(_engine), do: :erlang.nif_error(:nif_not_loaded)
+
   # Pooling models (native/vllm_nif/src/pooling.rs).
   def pooling_request(_engine, _request_id, _prompt, _task, _params, _to),
     do: :erlang.nif_error(:nif_not_loaded)

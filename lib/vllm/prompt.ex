@@ -33,7 +33,7 @@ defmodule Vllm.Prompt do
   defp token_ids([]), do: {:error, Error.validation("prompt_token_ids must not be empty")}
 
   defp token_ids(ids) when is_list(ids) do
-    if Enum.all?(ids, &(is_integer(&1) and &1 >= 0)),
+    if not List.improper?(ids) and Enum.all?(ids, &(is_integer(&1) and &1 >= 0)),
       do: {:ok, ids},
       else: {:error, Error.validation("prompt_token_ids must be a list of non-negative integers")}
   end

@@ -4,18 +4,26 @@ defmodule Vllm.RequestStream do
   # messages in the process that submitted the request, stops after the finished output,
   # and aborts the request when halted early.
 
-  alias Vllm.{AsyncLLMEngine, Error, RequestOutput}
+  alias Vllm.{AsyncLLMEngine, Error, Native, RequestOutput}
 
-  # How long halting waits for the aborted request's last message, so none is left behind.
-  @abort_drain_ms 5_000
+  # How long halting waits for the aborted request's final message, so none is left
+  # behind in the caller's mailbox. The engine answers an abort between two steps, and a
+  # step of a large batch on a loaded machine can take seconds (the 10,000-request abort
+  # storm saw more than 5 s): wait long, the engine guarantees the final message.
+  @abort_drain_ms 60_000
 
   @spec new(AsyncLLMEngine.t(), String.t(), timeout()) :: Enumerable.t()
-  def new(engine, request_id, timeout) do
+  def new(engine, request_id, timeout, credit \\ nil) do
     owner = self()
-    Stream.resource(fn -> start(engine, request_id, owner, timeout) end, &next/1, &stop/1)
+
+    Stream.resource(
+      fn -> start(engine, request_id, owner, timeout, credit) end,
+      &next/1,
+      &stop/1
+    )
   end
 
-  defp start(engine, request_id, owner, timeout) do
+  defp start(engine, request_id, owner, timeout, credit) do
     if self() != owner do
       AsyncLLMEngine.abort(engine, request_id)
 
@@ -29,6 +37,7 @@ defmodule Vllm.RequestStream do
       id: request_id,
       timeout: timeout,
       monitor: Process.monitor(engine.pid),
+      credit: credit,
       done: false
     }
   end
@@ -41,6 +50,8 @@ defmodule Vllm.RequestStream do
         {[output], %{state | done: true}}
 
       {:vllm, ^id, %RequestOutput{} = output} ->
+        # Tells the engine's back-pressure that one more output was read.
+        if state.credit, do: Native.ack(state.credit)
         {[output], state}
 
       {:vllm_error, ^id, reason} ->

@@ -24,6 +24,13 @@ defmodule Vllm.Tokenizer do
 
   @doc false
   def from_engine(%AsyncLLMEngine{resource: resource} = engine) do
+    with :ok <- AsyncLLMEngine.check_alive(engine), do: info(engine, resource)
+  end
+
+  def from_engine(other),
+    do: {:error, Error.validation("expected an engine, got #{inspect(other)}")}
+
+  defp info(engine, resource) do
     case Native.engine_info(resource) do
       {:ok, info} ->
         {:ok,
@@ -39,9 +46,6 @@ defmodule Vllm.Tokenizer do
         {:error, Error.from_native(reason)}
     end
   end
-
-  def from_engine(other),
-    do: {:error, Error.validation("expected an engine, got #{inspect(other)}")}
 
   @doc "Token ids of `text`. Opts: `add_special_tokens:` (default true: BOS where the model has one)."
   @spec encode(t(), String.t(), keyword()) :: {:ok, [non_neg_integer()]} | {:error, Error.t()}

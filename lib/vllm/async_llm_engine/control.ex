@@ -330,6 +330,13 @@ defmodule Vllm.AsyncLLMEngine.Control do
     {:ok, fn _rank, r -> with {:ok, s} <- Native.stats(r), do: {:ok, s.free_blocks} end}
   end
 
+  # Test-only fault injection: panics each core's thread. The NIF refuses it
+  # (:unsupported) unless the OS environment has VLLM_FAULT_INJECTION=1, so production
+  # code cannot reach it by accident; deliberately left out of the list below.
+  defp rpc("__inject_fault__", _) do
+    {:ok, fn _rank, r -> with :ok <- Native.inject_fault(r), do: {:ok, :fault_injected} end}
+  end
+
   defp rpc(other, _) do
     {:error,
      Error.new(

@@ -26,6 +26,7 @@ defmodule Vllm.AsyncLLMEngine.Server do
             profiler_dir: nil,
             profiling: false,
             log_mark: nil,
+            max_queued: nil,
             stopped: false
 
   ## Starting: the caller loads the cores, this process takes them over.
@@ -83,6 +84,9 @@ defmodule Vllm.AsyncLLMEngine.Server do
     cores = cores |> Enum.with_index() |> Map.new(fn {r, i} -> {i, r} end)
     # Whatever way this process ends (even :kill), the engines' threads end with it.
     Enum.each(cores, fn {_, r} -> Native.monitor_owner(r, self()) end)
+    # A core that dies of an internal error says so: this process then stops (and its
+    # supervisor, if any, starts a fresh engine).
+    Enum.each(cores, fn {_, r} -> Native.watch_death(r, self()) end)
 
     {:ok,
      %__MODULE__{
@@ -90,7 +94,8 @@ defmodule Vllm.AsyncLLMEngine.Server do
        load: Map.new(cores, fn {rank, _} -> {rank, 0} end),
        native: native,
        profiler_dir: opts[:profiler_dir],
-       log_mark: log_mark(cores)
+       log_mark: log_mark(cores),
+       max_queued: max_queued(opts)
      }}
   end
 
@@ -125,6 +130,14 @@ defmodule Vllm.AsyncLLMEngine.Server do
          {:error,
           Error.validation(
             "data_parallel_rank #{inspect(rank)} is not a serving engine core (ranks: #{inspect(serving_ranks(state))})"
+          )}, state}
+
+      holding?(state) and state.max_queued != nil and length(state.queue) >= state.max_queued ->
+        {:reply,
+         {:error,
+          Error.new(
+            :resource_exhausted,
+            "#{state.max_queued} requests already wait for the engine to resume (max_num_seqs + max_waiting_requests): retry later"
           )}, state}
 
       holding?(state) ->
@@ -286,6 +299,21 @@ defmodule Vllm.AsyncLLMEngine.Server do
   def handle_info({:vllm_request_done, id}, state),
     do: {:noreply, state |> unregister(id) |> check_waiters()}
 
+  def handle_info({:vllm_engine_dead, message}, state) do
+    Logger.error("engine core died: #{message}")
+
+    for {id, {owner, :queued}} <- state.requests,
+        do: send(owner, {:vllm_error, id, {:engine_dead, message}})
+
+    state =
+      stop_everything(%{
+        state
+        | requests: Map.reject(state.requests, &match?({_, {_, :queued}}, &1))
+      })
+
+    {:stop, {:shutdown, {:engine_dead, message}}, state}
+  end
+
   def handle_info({:vllm_engine_started, ref, result}, %{loading: %{refs: refs}} = state)
       when is_map_key(refs, ref) do
     loading = state.loading
@@ -377,6 +405,14 @@ defmodule Vllm.AsyncLLMEngine.Server do
 
   ## Internals
 
+  # Requests that may wait here while paused or asleep (nil: no limit).
+  defp max_queued(opts) do
+    case opts[:max_waiting_requests] do
+      nil -> nil
+      waiting -> waiting + (opts[:max_num_seqs] || 256)
+    end
+  end
+
   defp holding?(state), do: state.paused or state.sleep_level > 0
 
   defp serving_ranks(state),
@@ -393,7 +429,7 @@ defmodule Vllm.AsyncLLMEngine.Server do
 
   defp submit(state, id, prompt, params, owner, request_opts) do
     rank = pick_rank(state, request_opts[:data_parallel_rank])
-    native_opts = Map.take(request_opts, [:priority, :lora_request])
+    native_opts = Map.take(request_opts, [:priority, :lora_request, :credit, :max_unread])
 
     case native_add_request(state.cores[rank], id, prompt, params, owner, native_opts) do
       :ok -> {:ok, register(state, id, owner, rank)}
@@ -495,6 +531,7 @@ defmodule Vllm.AsyncLLMEngine.Server do
       nil ->
         cores = Map.new(loaded, fn {rank, {:ok, r}} -> {rank, r} end)
         Enum.each(cores, fn {_, r} -> Native.monitor_owner(r, self()) end)
+        Enum.each(cores, fn {_, r} -> Native.watch_death(r, self()) end)
         if state.profiling, do: Enum.each(cores, fn {_, r} -> Native.start_profile(r) end)
         # New cores join in the state of the others: asleep if they sleep.
         if state.sleep_level > 0,

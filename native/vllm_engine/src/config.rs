@@ -144,6 +144,9 @@ pub struct EngineArgs {
     pub max_cpu_loras: Option<usize>,
     /// "auto" (from the model: loader::detect_runner), "generate" or "pooling".
     pub runner: String,
+    /// Requests allowed to wait beyond the max_num_seqs that run: one more is refused
+    /// with `:resource_exhausted`. None: no limit.
+    pub max_waiting_requests: Option<usize>,
 }
 
 impl EngineArgs {
@@ -172,6 +175,7 @@ impl EngineArgs {
             max_lora_rank: 16,
             max_cpu_loras: None,
             runner: "auto".to_string(),
+            max_waiting_requests: None,
         }
     }
 

@@ -23,7 +23,14 @@ pub enum ControlOp {
     Sleep { level: u8 },
     /// Restores what the flags name (both: fully awake).
     WakeUp { weights: bool, kv_cache: bool },
+    /// Test-only fault injection: panics on the core thread. `Engine::inject_fault`
+    /// sends it only when FAULT_INJECTION_ENV is "1".
+    InjectPanic,
 }
+
+/// The environment variable that arms `Engine::inject_fault` (reliability tests set it;
+/// nothing else should).
+pub const FAULT_INJECTION_ENV: &str = "VLLM_FAULT_INJECTION";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlReply {
@@ -103,6 +110,7 @@ impl EngineCore {
             ControlOp::Ping => Ok(ControlReply::Pong),
             ControlOp::Sleep { level } => self.sleep(level).map(|()| ControlReply::Done),
             ControlOp::WakeUp { weights, kv_cache } => self.wake_up(weights, kv_cache).map(|()| ControlReply::Done),
+            ControlOp::InjectPanic => panic!("fault injected by a test ({FAULT_INJECTION_ENV}=1)"),
         };
         self.publish_memory();
         let _ = cmd.reply.send(result);

@@ -113,6 +113,8 @@ pub struct Engine {
     pooling: Option<PoolingSide>,
     /// The previous do_log_stats snapshot (for throughput over the interval).
     last_logged: Mutex<Option<(std::time::Instant, EngineStats)>>,
+    /// Live requests admitted at most: max_num_seqs + max_waiting_requests (None: no limit).
+    max_live_requests: Option<usize>,
 }
 
 /// The pooling engine's handle: its command channel and the encoder's description.
@@ -242,6 +244,7 @@ impl Engine {
             max_loras: args.max_loras,
             pooling: None,
             last_logged: Mutex::new(None),
+            max_live_requests: args.max_waiting_requests.map(|w| w.saturating_add(args.max_num_seqs)),
         })
     }
 
@@ -312,6 +315,7 @@ impl Engine {
             max_loras: 0,
             pooling: Some(PoolingSide { tx, config }),
             last_logged: Mutex::new(None),
+            max_live_requests: args.max_waiting_requests.map(|w| w.saturating_add(args.max_num_seqs)),
         })
     }
 
@@ -397,6 +401,13 @@ impl Engine {
             return Err(EngineError::validation(format!(
                 "request id {:?} is already in use by a running request",
                 request.request_id
+            )));
+        }
+        if let Some(limit) = self.max_live_requests.filter(|&limit| live.len() >= limit) {
+            return Err(EngineError::resource_exhausted(format!(
+                "{limit} requests are already in flight (max_num_seqs {} + max_waiting_requests {}): retry later",
+                self.limits.max_num_seqs,
+                limit - self.limits.max_num_seqs
             )));
         }
         // n > 1 fans out into n child sequences (as vLLM V1's ParentRequest); the output
@@ -634,6 +645,33 @@ impl Engine {
         let _ = self.out_tx.send(OutputMessage::Shutdown);
         for t in threads {
             let _ = t.join();
+        }
+    }
+
+    /// Calls `listener` with the reason when the engine dies of an internal error (a
+    /// panic or a failed step; not a shutdown). At once when it is already dead.
+    pub fn on_death(&self, listener: crate::engine_core::DeathListener) {
+        let pending = match self.shared.death_listeners.lock() {
+            Ok(mut listeners) if !self.shared.dead.load(Ordering::SeqCst) => {
+                listeners.push(listener);
+                None
+            }
+            _ => Some(listener),
+        };
+        if let Some(listener) = pending {
+            listener("the engine stopped after an internal error");
+        }
+    }
+
+    /// Test-only: panics the core thread (as a bug in a step would), killing the engine.
+    /// Not for production: the NIF honours it only when the VM's environment has
+    /// VLLM_FAULT_INJECTION=1 (control::FAULT_INJECTION_ENV).
+    #[doc(hidden)]
+    pub fn inject_fault(&self) -> Result<()> {
+        match self.control(ControlOp::InjectPanic, std::time::Duration::from_secs(5)) {
+            Err(e) if e.category == crate::error::ErrorCategory::EngineDead => Ok(()),
+            Err(e) => Err(e),
+            Ok(_) => Err(EngineError::internal("the injected fault did not fire")),
         }
     }
 

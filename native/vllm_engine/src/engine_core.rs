@@ -91,6 +91,26 @@ pub struct CoreShared {
     pub profiler: crate::profiler::Profiler,
     /// Weights and KV cache bytes, published by the core after every change.
     pub memory: Mutex<crate::control::MemoryUsage>,
+    /// Called once, with the reason, when the engine dies of an internal error (see
+    /// `Engine::on_death`).
+    pub death_listeners: Mutex<Vec<DeathListener>>,
+}
+
+/// Hears why the engine died (the NIF sends it to the engine process).
+pub type DeathListener = Box<dyn FnOnce(&str) + Send>;
+
+impl CoreShared {
+    /// Tells every death listener why the engine died (each hears once). Call it after
+    /// setting `dead` and failing the requests.
+    pub fn notify_death(&self, why: &str) {
+        let listeners = match self.death_listeners.lock() {
+            Ok(mut l) => std::mem::take(&mut *l),
+            Err(_) => return,
+        };
+        for listener in listeners {
+            let _ = catch_unwind(AssertUnwindSafe(|| listener(why)));
+        }
+    }
 }
 
 pub struct EngineCore {
@@ -498,7 +518,8 @@ impl EngineCore {
     fn die(&mut self, message: String) {
         tracing::error!("{message}");
         self.shared.dead.store(true, Ordering::SeqCst);
-        let _ = self.outputs.send(OutputMessage::Dead(message));
+        let _ = self.outputs.send(OutputMessage::Dead(message.clone()));
+        self.shared.notify_death(&message);
     }
 }
 

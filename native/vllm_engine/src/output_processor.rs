@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -149,9 +148,11 @@ impl OutputProcessor {
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
                 tracing::error!("output thread panicked: {why}");
-                self.shared.dead.store(true, Ordering::SeqCst);
+                self.shared.dead.store(true, std::sync::atomic::Ordering::SeqCst);
                 let _ = self.core.send(CoreCommand::Shutdown);
-                self.fail_all(&format!("output processing panicked: {why}"));
+                let why = format!("output processing panicked: {why}");
+                self.fail_all(&why);
+                self.shared.notify_death(&why);
             }
         }
         self.fail_all("the engine was shut down");

@@ -9,6 +9,7 @@ rustler::atoms! {
     vllm_pooling,
     vllm_request_done,
     vllm_engine_started,
+    vllm_engine_dead,
     stop,
     length,
     abort,

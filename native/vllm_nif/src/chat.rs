@@ -43,8 +43,7 @@ fn apply_chat_template<'a>(
     add_generation_prompt: bool,
     template: Option<String>,
 ) -> Term<'a> {
-    let result = messages
-        .decode::<Vec<Term>>()
+    let result = crate::decode::proper::<Vec<Term>>(messages)
         .map_err(|_| EngineError::validation("messages must be a list of maps"))
         .and_then(|terms| terms.into_iter().map(message).collect::<Result<Vec<_>>>())
         .and_then(|msgs| {

@@ -54,6 +54,15 @@ fn bad_type(what: &str, key: &str, expected: &str, term: Term) -> EngineError {
     ))
 }
 
+/// `term.decode::<T>()`, except that an improper list (`[1 | 2]`) is a decode error:
+/// rustler's list decoders panic on one.
+pub fn proper<'a, T: Decoder<'a>>(term: Term<'a>) -> rustler::NifResult<T> {
+    if term.get_type() == TermType::List && term.list_length().is_err() {
+        return Err(rustler::Error::BadArg);
+    }
+    term.decode::<T>()
+}
+
 /// Decodes `map[key]` as `T` when present; `expected` describes `T` in the error message.
 fn field<'a, T: Decoder<'a>>(
     map: Term<'a>,
@@ -63,8 +72,7 @@ fn field<'a, T: Decoder<'a>>(
 ) -> Result<Option<T>> {
     match lookup(map, key) {
         None => Ok(None),
-        Some(term) => term
-            .decode::<T>()
+        Some(term) => proper::<T>(term)
             .map(Some)
             .map_err(|_| bad_type(what, key, expected, term)),
     }
@@ -154,6 +162,7 @@ pub fn engine_args(opts: Term) -> Result<EngineArgs> {
         args.runner = runner;
     }
     args.quantization = string_field(opts, WHAT, "quantization")?;
+    args.max_waiting_requests = count_field(opts, WHAT, "max_waiting_requests")?;
     args.validate()?;
     Ok(args)
 }
@@ -177,7 +186,7 @@ fn stop_strings(map: Term) -> Result<Vec<String>> {
         Some(term) => term
             .decode::<String>()
             .map(|s| vec![s])
-            .or_else(|_| term.decode::<Vec<String>>())
+            .or_else(|_| proper::<Vec<String>>(term))
             .map_err(|_| {
                 bad_type(
                     "sampling param",
@@ -254,7 +263,7 @@ pub fn sampling_params(map: Term) -> Result<SamplingParams> {
         p.bad_words = term
             .decode::<String>()
             .map(|s| vec![s])
-            .or_else(|_| term.decode::<Vec<String>>())
+            .or_else(|_| proper::<Vec<String>>(term))
             .map_err(|_| bad_type(WHAT, "bad_words", "a list of strings", term))?;
     }
     p.truncate_prompt_tokens = field::<i64>(map, WHAT, "truncate_prompt_tokens", "an integer (-1 or >= 1)")?;
@@ -326,7 +335,7 @@ pub fn prompt(term: Term) -> Result<Prompt> {
             .map_err(|_| EngineError::validation("prompt must be valid UTF-8"))?;
         return Ok(Prompt::Text(text.to_string()));
     }
-    term.decode::<Vec<u32>>()
+    proper::<Vec<u32>>(term)
         .map(Prompt::TokenIds)
         .map_err(|_| {
             EngineError::validation(format!(

@@ -9,6 +9,7 @@ mod decode;
 mod encode;
 mod engine_ref;
 mod error;
+mod flow;
 mod lora;
 mod pooling;
 mod requests;

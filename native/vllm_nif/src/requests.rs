@@ -5,6 +5,7 @@ use vllm_engine::{EngineError, EngineRequest, Result};
 
 use crate::decode::{self, Prompt};
 use crate::engine_ref::EngineRef;
+use crate::flow::{Credit, Flow};
 use crate::sink::PidSink;
 use crate::{atoms, error};
 
@@ -60,6 +61,7 @@ fn submit(
         }
         _ => None,
     };
+    let flow = flow(request_opts, sampling.output_kind)?;
     let engine = resource.engine()?;
 
     let (text, ids) = match prompt {
@@ -78,8 +80,45 @@ fn submit(
     request.prompt = text;
     request.priority = priority;
     request.lora = lora;
-    engine.add_request(request, Box::new(PidSink::new(request_id, owner, watcher)))
+    let sink = PidSink::new(request_id, owner, watcher).with_flow(flow);
+    engine.add_request(request, Box::new(sink))
 }
+
+/// `credit:` (a `new_credit/0` resource) and `max_unread:` in the request options turn on
+/// back-pressure (flow.rs); without a credit every output is sent at once.
+fn flow(request_opts: Term, kind: vllm_engine::OutputKind) -> Result<Option<Flow>> {
+    let get = |key: &str| {
+        Atom::from_str(request_opts.get_env(), key)
+            .ok()
+            .and_then(|k| request_opts.map_get(k).ok())
+            .filter(|t| t.decode::<Atom>().ok() != Some(atoms::nil()))
+    };
+    let Some(credit) = get("credit") else {
+        return Ok(None);
+    };
+    let credit = credit.decode::<ResourceArc<Credit>>().map_err(|_| {
+        EngineError::validation(format!(
+            "request option `credit` must be a credit reference, got {}",
+            decode::show(credit)
+        ))
+    })?;
+    let max_unread = match get("max_unread") {
+        None => DEFAULT_MAX_UNREAD,
+        Some(term) => match term.decode::<u64>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                return Err(EngineError::validation(format!(
+                    "request option `max_unread` must be a positive integer, got {}",
+                    decode::show(term)
+                )))
+            }
+        },
+    };
+    Ok(Some(Flow::new(credit, max_unread, kind)))
+}
+
+/// Unread outputs a stream may hold before the sink merges new ones.
+const DEFAULT_MAX_UNREAD: u64 = 32;
 
 /// Aborts a live request (its owner gets a final output with finish_reason :abort);
 /// unknown or finished ids are ignored. Returns `:ok`.

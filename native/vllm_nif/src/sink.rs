@@ -7,6 +7,7 @@
 use rustler::{Encoder, LocalPid, OwnedEnv};
 use vllm_engine::{EngineError, OutputSink, RequestOutput};
 
+use crate::flow::Flow;
 use crate::{atoms, encode, error};
 
 enum Message {
@@ -20,6 +21,8 @@ pub struct PidSink {
     owner: LocalPid,
     watcher: Option<LocalPid>,
     env: OwnedEnv,
+    /// Back-pressure for a reader that acknowledges what it reads (see flow.rs).
+    flow: Option<Flow>,
 }
 
 impl PidSink {
@@ -29,7 +32,13 @@ impl PidSink {
             owner,
             watcher,
             env: OwnedEnv::new(),
+            flow: None,
         }
+    }
+
+    pub fn with_flow(mut self, flow: Option<Flow>) -> Self {
+        self.flow = flow;
+        self
     }
 
     fn notify_done(&mut self) {
@@ -73,6 +82,14 @@ fn deliver(env: &mut OwnedEnv, to: &LocalPid, request_id: &str, message: Message
 
 impl OutputSink for PidSink {
     fn send(&mut self, output: RequestOutput) -> bool {
+        let output = match self.flow.as_mut() {
+            Some(flow) => match flow.admit(output) {
+                Some(output) => output,
+                // Held back (merged) until the reader catches up.
+                None => return true,
+            },
+            None => output,
+        };
         let finished = output.finished;
         let alive = deliver(
             &mut self.env,

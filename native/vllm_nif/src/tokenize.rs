@@ -40,8 +40,7 @@ fn decode<'a>(
     ids: Term<'a>,
     skip_special_tokens: bool,
 ) -> Term<'a> {
-    let result = ids
-        .decode::<Vec<u32>>()
+    let result = crate::decode::proper::<Vec<u32>>(ids)
         .map_err(|_| {
             EngineError::validation(format!(
                 "token ids must be a list of non-negative integers, got {}",
@@ -49,10 +48,14 @@ fn decode<'a>(
             ))
         })
         .and_then(|ids| {
-            resource
-                .engine()?
-                .tokenizer()
-                .decode(&ids, skip_special_tokens)
+            let engine = resource.engine()?;
+            let vocab = engine.limits().vocab_size;
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(EngineError::validation(format!(
+                    "token id {bad} is out of vocabulary (size {vocab})"
+                )));
+            }
+            engine.tokenizer().decode(&ids, skip_special_tokens)
         });
     error::reply(env, result)
 }
