@@ -15,6 +15,7 @@ defmodule Vllm.AsyncLLMEngine.Server do
   defstruct cores: %{},
             draining: MapSet.new(),
             load: %{},
+            weights: %{},
             native: %{},
             requests: %{},
             owners: %{},
@@ -83,6 +84,8 @@ defmodule Vllm.AsyncLLMEngine.Server do
     cores = cores |> Enum.with_index() |> Map.new(fn {r, i} -> {i, r} end)
     # Whatever way this process ends (even :kill), the engines' threads end with it.
     Enum.each(cores, fn {_, r} -> Native.monitor_owner(r, self()) end)
+    # Visible to every connected node as a server of this model (Vllm.Cluster).
+    Vllm.Cluster.join(Vllm.Cluster.model_name(opts), self())
 
     {:ok,
      %__MODULE__{
@@ -363,6 +366,14 @@ defmodule Vllm.AsyncLLMEngine.Server do
     end
   end
 
+  # Vllm.Cluster's load query: pending tokens per serving core.
+  def handle_info({:vllm_cluster_load, ref, from}, state) do
+    serving = serving_ranks(state)
+    pending = serving |> Enum.map(&Map.get(state.load, &1, 0)) |> Enum.sum()
+    send(from, {:vllm_cluster_load, ref, self(), pending / max(length(serving), 1)})
+    {:noreply, state}
+  end
+
   # Exits are trapped so that terminate/2 shuts the engine down; like an untrapped link,
   # a normal exit of a linked process does not stop the engine.
   def handle_info({:EXIT, _pid, :normal}, state), do: {:noreply, state}
@@ -385,7 +396,8 @@ defmodule Vllm.AsyncLLMEngine.Server do
 
   defp ordered_cores(state), do: Enum.sort_by(state.cores, fn {rank, _} -> rank end)
 
-  # Least-loaded serving core (requests it runs or holds), lowest rank on ties.
+  # Least-loaded serving core (pending tokens of the requests it runs or holds: see
+  # request_weight/2), lowest rank on ties.
   defp pick_rank(state, nil),
     do: serving_ranks(state) |> Enum.min_by(&{Map.get(state.load, &1, 0), &1})
 
@@ -396,8 +408,12 @@ defmodule Vllm.AsyncLLMEngine.Server do
     native_opts = Map.take(request_opts, [:priority, :lora_request])
 
     case native_add_request(state.cores[rank], id, prompt, params, owner, native_opts) do
-      :ok -> {:ok, register(state, id, owner, rank)}
-      {:error, reason} -> {:error, Error.from_native(reason)}
+      :ok ->
+        state = %{state | weights: Map.put(state.weights, id, request_weight(prompt, params))}
+        {:ok, register(state, id, owner, rank)}
+
+      {:error, reason} ->
+        {:error, Error.from_native(reason)}
     end
   end
 
@@ -579,7 +595,13 @@ defmodule Vllm.AsyncLLMEngine.Server do
         {ref, MapSet.put(ids, id)}
       end)
 
-    load = if where == :queued, do: state.load, else: Map.update(state.load, where, 1, &(&1 + 1))
+    weight = Map.get(state.weights, id, 1)
+
+    load =
+      if where == :queued,
+        do: state.load,
+        else: Map.update(state.load, where, weight, &(&1 + weight))
+
     %{state | requests: Map.put(state.requests, id, {owner, where}), owners: owners, load: load}
   end
 
@@ -619,13 +641,24 @@ defmodule Vllm.AsyncLLMEngine.Server do
         state
 
       {{_owner, where}, requests} ->
+        {weight, weights} = Map.pop(state.weights, id, 1)
+
         load =
           if where == :queued,
             do: state.load,
-            else: Map.update(state.load, where, 0, &max(&1 - 1, 0))
+            else: Map.update(state.load, where, 0, &max(&1 - weight, 0))
 
-        %{state | requests: requests, load: load}
+        %{state | requests: requests, load: load, weights: weights}
     end
+  end
+
+  # The tokens a request will cost its core: its prompt (text: ~4 bytes a token, not
+  # tokenized twice) and the most it may generate. Never below 1, so an idle core is 0.
+  defp request_weight(prompt, params) do
+    prompt_tokens = if is_binary(prompt), do: div(byte_size(prompt), 4), else: length(prompt)
+    max_tokens = if is_integer(params[:max_tokens]), do: params[:max_tokens], else: 16
+    n = if is_integer(params[:n]), do: params[:n], else: 1
+    max(prompt_tokens + max_tokens * n, 1)
   end
 
   defp stop_everything(state) do
