@@ -12,8 +12,11 @@
 //! --scheduler-overhead: microseconds per scheduler step with `--batch` running requests
 //! decoding, without a model.
 //! --workload: a standard workload of ../shared/BENCHMARKS.md (random token ids, seeded),
-//! see vllm-bench/workload.rs.
+//! see vllm-bench/workload.rs; with --data-parallel N, over N engine replicas (one GPU
+//! each), see vllm-bench/data_parallel.rs.
 
+#[path = "vllm-bench/data_parallel.rs"]
+mod data_parallel;
 #[path = "vllm-bench/sched_overhead.rs"]
 mod sched_overhead;
 #[path = "vllm-bench/workload.rs"]
