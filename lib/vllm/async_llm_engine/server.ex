@@ -45,8 +45,10 @@ defmodule Vllm.AsyncLLMEngine.Server do
     refs = for _ <- 1..count, do: make_ref()
 
     started =
-      Enum.reduce_while(refs, :ok, fn ref, :ok ->
-        case Native.engine_start(native, self(), ref) do
+      refs
+      |> Enum.with_index()
+      |> Enum.reduce_while(:ok, fn {ref, rank}, :ok ->
+        case Native.engine_start(core_native(native, rank), self(), ref) do
           :ok -> {:cont, :ok}
           {:error, reason} -> {:halt, {:error, Error.from_native(reason)}}
         end
@@ -77,6 +79,20 @@ defmodule Vllm.AsyncLLMEngine.Server do
       end
     end
   end
+
+  @doc """
+  The native options of engine core `rank`: on GPUs one device each, counting from the
+  one named (`"cuda"` = `"cuda:0"` gives core i `"cuda:i"`); CPU cores share the CPU.
+  """
+  def core_native(%{device: device} = native, rank) when is_binary(device) do
+    case Regex.run(~r/^(?:cuda|gpu)(?::(\d+))?$/, device) do
+      [_] -> %{native | device: "cuda:#{rank}"}
+      [_, first] -> %{native | device: "cuda:#{String.to_integer(first) + rank}"}
+      nil -> native
+    end
+  end
+
+  def core_native(native, _rank), do: native
 
   @impl true
   def init({cores, native, opts}) do
@@ -218,7 +234,7 @@ defmodule Vllm.AsyncLLMEngine.Server do
         refs =
           Map.new(current..(n - 1), fn rank ->
             ref = make_ref()
-            {ref, {rank, Native.engine_start(state.native, self(), ref)}}
+            {ref, {rank, Native.engine_start(core_native(state.native, rank), self(), ref)}}
           end)
 
         case Enum.find(refs, fn {_, {_, started}} -> started != :ok end) do
