@@ -16,9 +16,9 @@ defmodule Vllm.ClusterTest do
     PeerNode.ensure_distributed!()
     local = start_engine!(kv_cache_memory_bytes: 32 * 1024 * 1024)
 
-    # Three peers serve @model; two tests halt one each.
+    # Four peers serve @model; three tests halt one each.
     peers =
-      1..3
+      1..4
       |> Task.async_stream(
         fn i ->
           {peer, node} = PeerNode.start!("vllm_peer#{i}")
@@ -160,6 +160,22 @@ defmodule Vllm.ClusterTest do
     assert error.message =~ "went down"
 
     eventually(fn -> length(Cluster.members(@model)) == length(Node.list()) end)
+  end
+
+  test "retry: true does not resume a sampled request whose tokens were already delivered" do
+    params = [temperature: 1.0, max_tokens: 300, ignore_eos: true]
+    {:ok, stream} = AsyncLLMEngine.generate(@model, @prompt, params, request_id(), retry: true)
+
+    error =
+      assert_raise Error, fn ->
+        Enum.reduce(stream, 0, fn _output, n ->
+          if n == 1, do: PeerNode.halt!(serving_node())
+          n + 1
+        end)
+      end
+
+    assert error.category == :engine_dead
+    assert error.message =~ ~r/not retried: \d+ token\(s\) were already delivered/
   end
 
   test "retry: true resumes on another node without repeating or changing delivered tokens",

@@ -208,7 +208,13 @@ defmodule Vllm.AsyncLLMEngine do
   connected node and its outputs stream back here; `retry: true` resubmits it elsewhere
   when that engine's node goes down (otherwise the stream raises `:engine_dead`).
   """
-  @spec generate(t(), Prompt.t(), SamplingParams.t() | keyword() | nil, request_id(), keyword()) ::
+  @spec generate(
+          t() | String.t(),
+          Prompt.t(),
+          SamplingParams.t() | keyword() | nil,
+          request_id(),
+          keyword()
+        ) ::
           {:ok, Enumerable.t()} | {:error, Error.t()}
   def generate(engine, prompt, sampling_params, request_id, opts \\ []) do
     if cluster?(engine, opts) do
