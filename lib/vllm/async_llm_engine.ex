@@ -47,7 +47,8 @@ defmodule Vllm.AsyncLLMEngine do
   GGUF file's matrices quantized), `data_parallel_size` (engine cores, each a replica with
   its own KV cache; see `scale_elastic_ep/3`), `profiler_dir` (where `stop_profile/1`
   writes), `trust_remote_code` (ignored), `gpu_memory_utilization`/`enforce_eager` (no GPU
-  memory or CUDA graphs on the CPU: accepted, no effect), `enable_lora` with `max_loras`
+  memory or CUDA graphs on the CPU: accepted, no effect), `served_model_name` (the name
+  other nodes reach the engine by, see `Vllm.Cluster`), `enable_lora` with `max_loras`
   (adapters resident at once), `max_lora_rank` and `max_cpu_loras` (adapters kept in host
   memory), `name` (process name),
   `__runtime__: [timeout: ms]` (load timeout). Refused with `:unsupported` and the reason:

@@ -38,6 +38,7 @@ defmodule Vllm.Cluster.Relay do
 
   defp init(server, caller, ref, request_id) do
     state = %{
+      server: server,
       caller: caller,
       caller_monitor: Process.monitor(caller),
       server_monitor: Process.monitor(server),
@@ -51,7 +52,7 @@ defmodule Vllm.Cluster.Relay do
   defp loop(%{id: id} = state) do
     receive do
       {:vllm, ^id, output} = message ->
-        forward(state, message)
+        forward(state, engine_died(state, message))
         if output.finished, do: :ok, else: loop(state)
 
       {:vllm_pooling, ^id, _} = message ->
@@ -72,6 +73,16 @@ defmodule Vllm.Cluster.Relay do
         )
     end
   end
+
+  # An engine process that dies takes its cores down, and they end its requests with
+  # :abort; for the caller that is the engine's death (retry may apply), not an abort.
+  defp engine_died(state, {:vllm, id, %{finished: true, outputs: outputs}} = message) do
+    if Enum.any?(outputs, &(&1.finish_reason == :abort)) and not Process.alive?(state.server),
+      do: {:vllm_error, id, {:engine_dead, "the engine on #{node()} stopped while running it"}},
+      else: message
+  end
+
+  defp engine_died(_state, message), do: message
 
   defp forward(state, message), do: send(state.caller, {:vllm_cluster, state.ref, message})
 end
