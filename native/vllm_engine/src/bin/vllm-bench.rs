@@ -89,6 +89,9 @@ fn parse() -> Result<Options, String> {
     if o.model.is_empty() && o.mode != Mode::SchedulerOverhead {
         return Err("missing MODEL (a .gguf file or a model directory)".into());
     }
+    if o.engine.data_parallel > 1 && o.workload.is_none() {
+        return Err("--data-parallel applies to --workload runs".into());
+    }
     if o.batch == 0 || o.input_len == 0 || o.output_len == 0 {
         return Err("--batch, --input-len and --output-len must be at least 1".into());
     }

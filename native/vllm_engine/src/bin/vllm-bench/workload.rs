@@ -8,8 +8,6 @@
 
 use std::time::{Duration, Instant};
 
-use crate::data_parallel;
-
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -17,6 +15,8 @@ use vllm_engine::config::{DType, Device, LoadFormat};
 use vllm_engine::{
     Engine, EngineArgs, EngineError, EngineRequest, OutputKind, OutputSink, RequestOutput, SamplingParams,
 };
+
+use crate::data_parallel;
 
 /// Engine options shared by every workload.
 #[derive(Debug, Clone)]
