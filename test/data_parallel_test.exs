@@ -115,6 +115,8 @@ defmodule Vllm.DataParallelTest do
     assert Server.core_native(%{device: "cuda:2"}, 0).device == "cuda:2"
     assert Server.core_native(%{device: "cuda:2"}, 1).device == "cuda:3"
     assert Server.core_native(%{device: "cpu"}, 3).device == "cpu"
+    # Not a device name the engine knows: left for it to refuse.
+    assert Server.core_native(%{device: "gpu:1"}, 1).device == "gpu:1"
     assert Server.core_native(%{model: "m.gguf"}, 3) == %{model: "m.gguf"}
   end
 

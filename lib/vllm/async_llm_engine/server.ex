@@ -85,7 +85,7 @@ defmodule Vllm.AsyncLLMEngine.Server do
   one named (`"cuda"` = `"cuda:0"` gives core i `"cuda:i"`); CPU cores share the CPU.
   """
   def core_native(%{device: device} = native, rank) when is_binary(device) do
-    case Regex.run(~r/^(?:cuda|gpu)(?::(\d+))?$/, device) do
+    case Regex.run(~r/^(?:gpu|cuda(?::(\d+))?)$/, device) do
       [_] -> %{native | device: "cuda:#{rank}"}
       [_, first] -> %{native | device: "cuda:#{String.to_integer(first) + rank}"}
       nil -> native
