@@ -80,6 +80,19 @@ defmodule Vllm.ClusterTest do
     assert ids(final(Enum.to_list(stream))) == ids(local_reference(local, chat, @greedy))
   end
 
+  test "an engine's model name: served_model_name, else the model's base name or hub id" do
+    assert Cluster.model_name(model: "/models/SmolLM2.Q4_1.gguf") == "SmolLM2.Q4_1.gguf"
+    assert Cluster.model_name(model: "/m/x.gguf", served_model_name: "mine") == "mine"
+
+    snapshot = "/root/.cache/huggingface/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/0a1b2c"
+    assert Cluster.model_name(model: snapshot) == "HuggingFaceTB/SmolLM2-135M"
+
+    assert {:error, %Error{category: :validation, message: message}} =
+             AsyncLLMEngine.new(path!(), served_model_name: 5)
+
+    assert message =~ "served_model_name"
+  end
+
   test "bad cluster requests are errors, not crashes" do
     assert {:error, %Error{category: :not_found}} =
              AsyncLLMEngine.generate("no-such-model", @prompt, @greedy, request_id())
