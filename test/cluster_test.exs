@@ -16,7 +16,8 @@ defmodule Vllm.ClusterTest do
     PeerNode.ensure_distributed!()
     local = start_engine!(kv_cache_memory_bytes: 32 * 1024 * 1024)
 
-    # Four peers serve @model; three tests halt one each.
+    # Four peers serve @model; two tests halt one each (two others kill an engine, which
+    # its node restarts).
     peers =
       1..4
       |> Task.async_stream(
@@ -45,6 +46,25 @@ defmodule Vllm.ClusterTest do
   defp serving_node do
     {pid, _load} = Enum.find(Cluster.load(@model), fn {_, load} -> load > 0 end)
     node(pid)
+  end
+
+  # Kills the engine process running the one request in flight (its node stays up; the
+  # node's supervisor restarts it) and returns its pid.
+  defp kill_serving_engine! do
+    {pid, _} = Enum.find(Cluster.load(@model), fn {_, load} -> load > 0 end)
+    Process.exit(pid, :kill)
+    pid
+  end
+
+  # Waits until the restarted engine has joined the group again, so that later tests see
+  # every node serving.
+  defp await_restart!(killed) do
+    node = node(killed)
+
+    eventually(
+      fn -> Enum.any?(Cluster.members(@model), &(node(&1) == node and &1 != killed)) end,
+      1_500
+    )
   end
 
   defp eventually(fun, tries \\ 100) do
@@ -217,26 +237,11 @@ defmodule Vllm.ClusterTest do
 
     {outputs, killed} =
       Enum.reduce(stream, {[], nil}, fn output, {acc, killed} ->
-        killed =
-          if length(acc) == 3 do
-            {pid, _} = Enum.find(Cluster.load(@model), fn {_, load} -> load > 0 end)
-            Process.exit(pid, :kill)
-            pid
-          else
-            killed
-          end
-
+        killed = if length(acc) == 3, do: kill_serving_engine!(), else: killed
         {[output | acc], killed}
       end)
 
-    # Its node's supervisor restarts the engine, which joins the group again.
-    node = node(killed)
-
-    eventually(
-      fn -> Enum.any?(Cluster.members(@model), &(node(&1) == node and &1 != killed)) end,
-      500
-    )
-
+    await_restart!(killed)
     outputs = Enum.reverse(outputs)
     assert Enum.map(outputs, &length(ids(&1))) == Enum.to_list(1..40)
     assert ids(final(outputs)) == ids(reference)
@@ -245,15 +250,18 @@ defmodule Vllm.ClusterTest do
   test "retry: true does not resume a sampled request whose tokens were already delivered" do
     params = [temperature: 1.0, max_tokens: 300, ignore_eos: true]
     {:ok, stream} = AsyncLLMEngine.generate(@model, @prompt, params, request_id(), retry: true)
+    me = self()
 
     error =
       assert_raise Error, fn ->
         Enum.reduce(stream, 0, fn _output, n ->
-          if n == 1, do: PeerNode.halt!(serving_node())
+          if n == 1, do: send(me, {:killed, kill_serving_engine!()})
           n + 1
         end)
       end
 
+    assert_received {:killed, killed}
+    await_restart!(killed)
     assert error.category == :engine_dead
     assert error.message =~ ~r/not retried: \d+ token\(s\) were already delivered/
   end

@@ -58,7 +58,22 @@ defmodule Vllm.PeerNode do
     }
 
     {:ok, pid} = :erpc.call(node, Supervisor, :start_child, [Vllm.Supervisor, spec], 120_000)
+    await_member!(pid, Vllm.Cluster.model_name(opts), 500)
     pid
+  end
+
+  # :pg tells other nodes of a join asynchronously: wait until this node sees it.
+  defp await_member!(pid, model_name, tries) do
+    cond do
+      pid in Vllm.Cluster.members(model_name) ->
+        :ok
+
+      tries == 0 ->
+        raise "engine #{inspect(pid)} never joined #{model_name} as seen from #{node()}"
+
+      true ->
+        Process.sleep(20) && await_member!(pid, model_name, tries - 1)
+    end
   end
 
   @doc "Halts `node` at once, as a crash would."
