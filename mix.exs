@@ -25,6 +25,6 @@ defmodule Vllm.MixProject do
   end
 
   def application do
-    [extra_applications: [:logger]]
+    [mod: {Vllm.Application, []}, extra_applications: [:logger]]
   end
 end

@@ -82,6 +82,44 @@ defmodule Vllm.DataParallelTest do
     assert {:error, %Error{category: :validation}} = AsyncLLMEngine.scale_elastic_ep(engine, 0)
   end
 
+  test "requests go to the core with the fewest pending tokens, not the fewest requests", %{
+    engine: engine
+  } do
+    long = request_id("long")
+    [a, b] = [request_id("a"), request_id("b")]
+
+    :ok =
+      AsyncLLMEngine.add_request(engine, long, "Once upon a time",
+        max_tokens: 300,
+        ignore_eos: true
+      )
+
+    :ok =
+      AsyncLLMEngine.add_request(engine, a, "Once upon a time", max_tokens: 40, ignore_eos: true)
+
+    :ok =
+      AsyncLLMEngine.add_request(engine, b, "Once upon a time", max_tokens: 40, ignore_eos: true)
+
+    # Counting requests would put b beside the long one (1 each, lowest rank wins).
+    ranks =
+      Map.new(:sys.get_state(engine.pid).requests, fn {id, {_owner, rank}} -> {id, rank} end)
+
+    assert %{^long => 0, ^a => 1, ^b => 1} = ranks
+    :ok = AsyncLLMEngine.abort(engine, long)
+    for id <- [long, a, b], do: receive_final(id)
+  end
+
+  test "with device cuda each core gets its own GPU, counting from the one named" do
+    alias Vllm.AsyncLLMEngine.Server
+    assert Server.core_native(%{device: "cuda"}, 1).device == "cuda:1"
+    assert Server.core_native(%{device: "cuda:2"}, 0).device == "cuda:2"
+    assert Server.core_native(%{device: "cuda:2"}, 1).device == "cuda:3"
+    assert Server.core_native(%{device: "cpu"}, 3).device == "cpu"
+    # Not a device name the engine knows: left for it to refuse.
+    assert Server.core_native(%{device: "gpu:1"}, 1).device == "gpu:1"
+    assert Server.core_native(%{model: "m.gguf"}, 3) == %{model: "m.gguf"}
+  end
+
   test "a core added while the engine sleeps sleeps too; wake_up wakes every core", %{
     engine: engine
   } do

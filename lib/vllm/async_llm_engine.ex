@@ -78,7 +78,8 @@ defmodule Vllm.AsyncLLMEngine do
   GGUF file's matrices quantized), `data_parallel_size` (engine cores, each a replica with
   its own KV cache; see `scale_elastic_ep/3`), `profiler_dir` (where `stop_profile/1`
   writes), `trust_remote_code` (ignored), `gpu_memory_utilization`/`enforce_eager` (no GPU
-  memory or CUDA graphs on the CPU: accepted, no effect), `enable_lora` with `max_loras`
+  memory or CUDA graphs on the CPU: accepted, no effect), `served_model_name` (the name
+  other nodes reach the engine by, see `Vllm.Cluster`), `enable_lora` with `max_loras`
   (adapters resident at once), `max_lora_rank` and `max_cpu_loras` (adapters kept in host
   memory), `max_waiting_requests` (requests allowed to wait beyond `max_num_seqs`;
   more are `:resource_exhausted`; default no limit), `name` (process name),
@@ -234,14 +235,34 @@ defmodule Vllm.AsyncLLMEngine do
   `tokenization_kwargs` (ignored) and `lora_request` (a `%Vllm.LoRARequest{}`; the engine
   needs `enable_lora: true`). While the engine
   is paused or asleep the request waits, then runs.
+
+  Across nodes (`Vllm.Cluster`): with a model name in place of `engine`, or with
+  `cluster: true`, the request goes to the least-loaded engine serving that model on any
+  connected node and its outputs stream back here; `retry: true` resubmits it elsewhere
+  when that engine's node goes down (otherwise the stream raises `:engine_dead`).
   """
-  @spec generate(t(), Prompt.t(), SamplingParams.t() | keyword() | nil, request_id(), keyword()) ::
+  @spec generate(
+          t() | String.t(),
+          Prompt.t(),
+          SamplingParams.t() | keyword() | nil,
+          request_id(),
+          keyword()
+        ) ::
           {:ok, Enumerable.t()} | {:error, Error.t()}
   def generate(engine, prompt, sampling_params, request_id, opts \\ []) do
+    if cluster?(engine, opts) do
+      with :ok <- check_cluster_opts(opts, List.delete(@request_opts, :to)),
+           do: Vllm.Cluster.generate(engine, prompt, sampling_params, request_id, opts)
+    else
+      generate_here(engine, prompt, sampling_params, request_id, drop_cluster_false(opts))
+    end
+  end
+
+  defp generate_here(engine, prompt, sampling_params, request_id, opts) do
     credit = Native.new_credit()
     flow = %{credit: credit, max_unread: @max_unread_outputs}
 
-    with :ok <- check_opts(opts, Keyword.delete(@request_opts, :to)),
+    with :ok <- check_opts(opts, List.delete(@request_opts, :to)),
          :ok <- submit(engine, request_id, prompt, sampling_params, opts, flow) do
       {:ok, RequestStream.new(engine, request_id, EngineOptions.timeout(opts, :infinity), credit)}
     end
@@ -444,15 +465,16 @@ defmodule Vllm.AsyncLLMEngine do
   """
   def encode(engine, prompt, pooling_params, request_id, opts \\ [])
 
-  def encode(engine, prompt, pooling_params, request_id, opts) when is_list(opts),
-    do:
-      Vllm.Pooling.stream(
-        engine,
-        prompt,
-        pooling_params,
-        request_id,
-        with_task(pooling_params, opts)
-      )
+  def encode(engine, prompt, pooling_params, request_id, opts) when is_list(opts) do
+    opts = with_task(pooling_params, opts)
+
+    if cluster?(engine, opts) do
+      with :ok <- check_cluster_opts(opts, [:task, :__runtime__]),
+           do: Vllm.Cluster.encode(engine, prompt, pooling_params, request_id, opts)
+    else
+      Vllm.Pooling.stream(engine, prompt, pooling_params, request_id, drop_cluster_false(opts))
+    end
+  end
 
   def encode(_engine, _prompt, _pooling_params, _request_id, opts),
     do: {:error, Error.validation("options must be a keyword list, got #{inspect(opts)}")}
@@ -503,6 +525,24 @@ defmodule Vllm.AsyncLLMEngine do
   end
 
   defp with_task(_params, opts), do: opts
+
+  # A model name instead of an engine, or `cluster: true`: routed by Vllm.Cluster.
+  defp cluster?(target, _opts) when is_binary(target), do: true
+  defp cluster?(_engine, opts), do: Keyword.keyword?(opts) and Keyword.get(opts, :cluster) == true
+
+  defp drop_cluster_false(opts) do
+    if Keyword.keyword?(opts) and Keyword.get(opts, :cluster) == false,
+      do: Keyword.delete(opts, :cluster),
+      else: opts
+  end
+
+  defp check_cluster_opts(opts, allowed) do
+    with :ok <- check_opts(opts, allowed ++ Vllm.Cluster.request_opts()) do
+      if is_boolean(Keyword.get(opts, :cluster, true)),
+        do: :ok,
+        else: {:error, Error.validation("option :cluster must be a boolean")}
+    end
+  end
 
   ## Helpers shared with Vllm.LLM
 

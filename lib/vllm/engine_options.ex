@@ -38,7 +38,9 @@ defmodule Vllm.EngineOptions do
       profiler_dir: {&is_binary/1, "a directory path"},
       trust_remote_code: {&is_boolean/1, "a boolean"},
       __runtime__: {&Keyword.keyword?/1, "a keyword list"},
-      name: {&(is_atom(&1) or is_tuple(&1)), "a process name"}
+      name: {&(is_atom(&1) or is_tuple(&1)), "a process name"},
+      # The model name the engine serves under in Vllm.Cluster (default: the model's base name).
+      served_model_name: {&(is_binary(&1) and &1 != ""), "a non-empty string"}
     }
 
   # Passed to the NIF; the rest are Elixir-side only (or accepted and ignored).

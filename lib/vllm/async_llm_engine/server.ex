@@ -15,6 +15,7 @@ defmodule Vllm.AsyncLLMEngine.Server do
   defstruct cores: %{},
             draining: MapSet.new(),
             load: %{},
+            weights: %{},
             native: %{},
             requests: %{},
             owners: %{},
@@ -45,8 +46,10 @@ defmodule Vllm.AsyncLLMEngine.Server do
     refs = for _ <- 1..count, do: make_ref()
 
     started =
-      Enum.reduce_while(refs, :ok, fn ref, :ok ->
-        case Native.engine_start(native, self(), ref) do
+      refs
+      |> Enum.with_index()
+      |> Enum.reduce_while(:ok, fn {ref, rank}, :ok ->
+        case Native.engine_start(core_native(native, rank), self(), ref) do
           :ok -> {:cont, :ok}
           {:error, reason} -> {:halt, {:error, Error.from_native(reason)}}
         end
@@ -78,6 +81,20 @@ defmodule Vllm.AsyncLLMEngine.Server do
     end
   end
 
+  @doc """
+  The native options of engine core `rank`: on GPUs one device each, counting from the
+  one named (`"cuda"` = `"cuda:0"` gives core i `"cuda:i"`); CPU cores share the CPU.
+  """
+  def core_native(%{device: device} = native, rank) when is_binary(device) do
+    case Regex.run(~r/^(?:gpu|cuda(?::(\d+))?)$/, device) do
+      [_] -> %{native | device: "cuda:#{rank}"}
+      [_, first] -> %{native | device: "cuda:#{String.to_integer(first) + rank}"}
+      nil -> native
+    end
+  end
+
+  def core_native(native, _rank), do: native
+
   @impl true
   def init({cores, native, opts}) do
     Process.flag(:trap_exit, true)
@@ -87,6 +104,8 @@ defmodule Vllm.AsyncLLMEngine.Server do
     # A core that dies of an internal error says so: this process then stops (and its
     # supervisor, if any, starts a fresh engine).
     Enum.each(cores, fn {_, r} -> Native.watch_death(r, self()) end)
+    # Visible to every connected node as a server of this model (Vllm.Cluster).
+    Vllm.Cluster.join(Vllm.Cluster.model_name(opts), self())
 
     {:ok,
      %__MODULE__{
@@ -228,7 +247,7 @@ defmodule Vllm.AsyncLLMEngine.Server do
         refs =
           Map.new(current..(n - 1), fn rank ->
             ref = make_ref()
-            {ref, {rank, Native.engine_start(state.native, self(), ref)}}
+            {ref, {rank, Native.engine_start(core_native(state.native, rank), self(), ref)}}
           end)
 
         case Enum.find(refs, fn {_, {_, started}} -> started != :ok end) do
@@ -391,6 +410,14 @@ defmodule Vllm.AsyncLLMEngine.Server do
     end
   end
 
+  # Vllm.Cluster's load query: pending tokens per serving core.
+  def handle_info({:vllm_cluster_load, ref, from}, state) do
+    serving = serving_ranks(state)
+    pending = serving |> Enum.map(&Map.get(state.load, &1, 0)) |> Enum.sum()
+    send(from, {:vllm_cluster_load, ref, self(), pending / max(length(serving), 1)})
+    {:noreply, state}
+  end
+
   # Exits are trapped so that terminate/2 shuts the engine down; like an untrapped link,
   # a normal exit of a linked process does not stop the engine.
   def handle_info({:EXIT, _pid, :normal}, state), do: {:noreply, state}
@@ -421,7 +448,8 @@ defmodule Vllm.AsyncLLMEngine.Server do
 
   defp ordered_cores(state), do: Enum.sort_by(state.cores, fn {rank, _} -> rank end)
 
-  # Least-loaded serving core (requests it runs or holds), lowest rank on ties.
+  # Least-loaded serving core (pending tokens of the requests it runs or holds: see
+  # request_weight/2), lowest rank on ties.
   defp pick_rank(state, nil),
     do: serving_ranks(state) |> Enum.min_by(&{Map.get(state.load, &1, 0), &1})
 
@@ -432,8 +460,12 @@ defmodule Vllm.AsyncLLMEngine.Server do
     native_opts = Map.take(request_opts, [:priority, :lora_request, :credit, :max_unread])
 
     case native_add_request(state.cores[rank], id, prompt, params, owner, native_opts) do
-      :ok -> {:ok, register(state, id, owner, rank)}
-      {:error, reason} -> {:error, Error.from_native(reason)}
+      :ok ->
+        state = %{state | weights: Map.put(state.weights, id, request_weight(prompt, params))}
+        {:ok, register(state, id, owner, rank)}
+
+      {:error, reason} ->
+        {:error, Error.from_native(reason)}
     end
   end
 
@@ -616,7 +648,13 @@ defmodule Vllm.AsyncLLMEngine.Server do
         {ref, MapSet.put(ids, id)}
       end)
 
-    load = if where == :queued, do: state.load, else: Map.update(state.load, where, 1, &(&1 + 1))
+    weight = Map.get(state.weights, id, 1)
+
+    load =
+      if where == :queued,
+        do: state.load,
+        else: Map.update(state.load, where, weight, &(&1 + weight))
+
     %{state | requests: Map.put(state.requests, id, {owner, where}), owners: owners, load: load}
   end
 
@@ -656,13 +694,24 @@ defmodule Vllm.AsyncLLMEngine.Server do
         state
 
       {{_owner, where}, requests} ->
+        {weight, weights} = Map.pop(state.weights, id, 1)
+
         load =
           if where == :queued,
             do: state.load,
-            else: Map.update(state.load, where, 0, &max(&1 - 1, 0))
+            else: Map.update(state.load, where, 0, &max(&1 - weight, 0))
 
-        %{state | requests: requests, load: load}
+        %{state | requests: requests, load: load, weights: weights}
     end
+  end
+
+  # The tokens a request will cost its core: its prompt (text: ~4 bytes a token, not
+  # tokenized twice) and the most it may generate. Never below 1, so an idle core is 0.
+  defp request_weight(prompt, params) do
+    prompt_tokens = if is_binary(prompt), do: div(byte_size(prompt), 4), else: length(prompt)
+    max_tokens = if is_integer(params[:max_tokens]), do: params[:max_tokens], else: 16
+    n = if is_integer(params[:n]), do: params[:n], else: 1
+    max(prompt_tokens + max_tokens * n, 1)
   end
 
   defp stop_everything(state) do

@@ -54,6 +54,16 @@ impl Device {
     pub fn is_cuda(&self) -> bool {
         matches!(self, Device::Cuda(_))
     }
+
+    /// The device of data-parallel replica `rank` when the engine was asked for `self`:
+    /// one GPU per replica, counting from the one named (`cuda` = `cuda:0` gives
+    /// `cuda:rank`); CPU replicas all run on the CPU.
+    pub fn for_data_parallel_rank(self, rank: usize) -> Device {
+        match self {
+            Device::Cpu => Device::Cpu,
+            Device::Cuda(first) => Device::Cuda(first + rank),
+        }
+    }
 }
 
 /// How weights are obtained (vLLM's `load_format`).
@@ -541,5 +551,19 @@ fn gguf_f64(md: &std::collections::HashMap<String, gguf_file::Value>, key: &str)
         gguf_file::Value::F32(x) => Some(*x as f64),
         gguf_file::Value::F64(x) => Some(*x),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Device;
+
+    #[test]
+    fn data_parallel_replicas_take_one_gpu_each_from_the_named_one() {
+        let cuda = Device::parse("cuda").ok();
+        assert_eq!(cuda.map(|d| d.for_data_parallel_rank(1)), Some(Device::Cuda(1)));
+        assert_eq!(Device::Cuda(2).for_data_parallel_rank(0), Device::Cuda(2));
+        assert_eq!(Device::Cuda(2).for_data_parallel_rank(3), Device::Cuda(5));
+        assert_eq!(Device::Cpu.for_data_parallel_rank(4), Device::Cpu);
     }
 }

@@ -12,8 +12,11 @@
 //! --scheduler-overhead: microseconds per scheduler step with `--batch` running requests
 //! decoding, without a model.
 //! --workload: a standard workload of ../shared/BENCHMARKS.md (random token ids, seeded),
-//! see vllm-bench/workload.rs.
+//! see vllm-bench/workload.rs; with --data-parallel N, over N engine replicas (one GPU
+//! each), see vllm-bench/data_parallel.rs.
 
+#[path = "vllm-bench/data_parallel.rs"]
+mod data_parallel;
 #[path = "vllm-bench/sched_overhead.rs"]
 mod sched_overhead;
 #[path = "vllm-bench/workload.rs"]
@@ -85,6 +88,9 @@ fn parse() -> Result<Options, String> {
     }
     if o.model.is_empty() && o.mode != Mode::SchedulerOverhead {
         return Err("missing MODEL (a .gguf file or a model directory)".into());
+    }
+    if o.engine.data_parallel > 1 && o.workload.is_none() {
+        return Err("--data-parallel applies to --workload runs".into());
     }
     if o.batch == 0 || o.input_len == 0 || o.output_len == 0 {
         return Err("--batch, --input-len and --output-len must be at least 1".into());

@@ -16,6 +16,8 @@ use vllm_engine::{
     Engine, EngineArgs, EngineError, EngineRequest, OutputKind, OutputSink, RequestOutput, SamplingParams,
 };
 
+use crate::data_parallel;
+
 /// Engine options shared by every workload.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -32,6 +34,8 @@ pub struct EngineOptions {
     pub ceiling: Option<f64>,
     pub json: Option<String>,
     pub runs: usize,
+    /// Engine replicas (see data_parallel.rs).
+    pub data_parallel: usize,
 }
 
 impl Default for EngineOptions {
@@ -49,6 +53,7 @@ impl Default for EngineOptions {
             ceiling: None,
             json: None,
             runs: 1,
+            data_parallel: 1,
         }
     }
 }
@@ -56,7 +61,8 @@ impl Default for EngineOptions {
 impl EngineOptions {
     pub const USAGE: &'static str = "[--device cpu|cuda|cuda:N] [--dtype auto|bfloat16|float16|float32] \
 [--load-format auto|dummy] [--tokenizer FILE] [--max-num-seqs N] [--max-num-batched-tokens N] \
-[--gpu-memory-utilization F] [--num-requests N] [--seed N] [--ceiling TOK_PER_S] [--runs N] [--json FILE]";
+[--gpu-memory-utilization F] [--num-requests N] [--seed N] [--ceiling TOK_PER_S] [--runs N] [--json FILE] \
+[--data-parallel N]";
 
     pub fn accepts(&self, flag: &str) -> bool {
         matches!(
@@ -73,6 +79,7 @@ impl EngineOptions {
                 | "--ceiling"
                 | "--json"
                 | "--runs"
+                | "--data-parallel"
         )
     }
 
@@ -100,6 +107,7 @@ impl EngineOptions {
             "--ceiling" => self.ceiling = Some(float()?),
             "--json" => self.json = Some(value.into()),
             "--runs" => self.runs = int()?.max(1),
+            "--data-parallel" => self.data_parallel = int()?.max(1),
             _ => return Err(format!("unknown option {flag}")),
         }
         Ok(())
@@ -249,20 +257,27 @@ pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &Engine
     }
     o.apply(&mut args)?;
     let t0 = Instant::now();
-    let engine = Engine::new(args).map_err(|e| format!("cannot start the engine: {e}"))?;
+    let engines = data_parallel::start_engines(&args, o.data_parallel)?;
     let load_s = t0.elapsed().as_secs_f64();
-    let limits = engine.limits();
+    let limits = engines[0].limits();
     println!(
-        "load {load_s:.2} s; KV cache {} blocks of {} tokens; max_num_seqs {}, max_num_batched_tokens {}",
-        limits.num_blocks, limits.block_size, limits.max_num_seqs, limits.max_num_batched_tokens
+        "load {load_s:.2} s; {} engine(s) from {:?}; KV cache {} blocks of {} tokens each; max_num_seqs {}, max_num_batched_tokens {}",
+        engines.len(),
+        args.device,
+        limits.num_blocks,
+        limits.block_size,
+        limits.max_num_seqs,
+        limits.max_num_batched_tokens
     );
-    let specs = specs(workload, engine.limits().vocab_size, o)?;
-    // Warm-up: one short request, so lazy initialisation stays out of the numbers.
+    let specs = specs(workload, limits.vocab_size, o)?;
+    // Warm-up: one short request per engine, so lazy initialisation stays out of the numbers.
     let warm = Spec {
         prompt: specs[0].prompt.iter().copied().take(16).collect(),
         output_len: 4,
     };
-    drain(&submit(&engine, "warmup".into(), &warm)?)?;
+    for (rank, engine) in engines.iter().enumerate() {
+        drain(&submit(engine, format!("warmup-{rank}"), &warm)?)?;
+    }
 
     let mut lines = Vec::new();
     let mut tputs = Vec::new();
@@ -271,14 +286,20 @@ pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &Engine
     let mut walls = Vec::new();
     for run in 0..o.runs {
         // Every run starts cold: the same prompts would otherwise hit the prefix cache.
-        engine
-            .reset_prefix_cache(false)
-            .map_err(|e| format!("cannot reset the prefix cache: {e}"))?;
+        for engine in &engines {
+            engine
+                .reset_prefix_cache(false)
+                .map_err(|e| format!("cannot reset the prefix cache: {e}"))?;
+        }
+        let mut router = data_parallel::LeastLoaded::new(engines.len());
         let start = Instant::now();
         let receivers = specs
             .iter()
             .enumerate()
-            .map(|(i, s)| submit(&engine, format!("{workload}-{run}-{i}"), s))
+            .map(|(i, s)| {
+                let rank = router.route(s.prompt.len() + s.output_len);
+                submit(&engines[rank], format!("{workload}-{run}-{i}"), s)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let done = receivers.iter().map(drain).collect::<Result<Vec<_>, _>>()?;
         let wall = start.elapsed().as_secs_f64();
@@ -304,10 +325,15 @@ pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &Engine
             ));
         } else {
             lines.push(format!(
-                "run {run}: {} requests, {in_tokens} in / {out_tokens} out tokens in {wall:.2} s: {:.0} output tok/s, {:.0} total tok/s",
+                "run {run}: {} requests, {in_tokens} in / {out_tokens} out tokens in {wall:.2} s: {:.0} output tok/s, {:.0} total tok/s{}",
                 specs.len(),
                 out_tokens as f64 / wall,
-                (in_tokens + out_tokens) as f64 / wall
+                (in_tokens + out_tokens) as f64 / wall,
+                if engines.len() > 1 {
+                    format!(" (tokens per engine {:?})", router.pending())
+                } else {
+                    String::new()
+                }
             ));
         }
     }
@@ -347,9 +373,12 @@ pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &Engine
             "walls_s": walls,
             "tpot_s": tpots,
             "ttft_s": ttfts,
+            "data_parallel": engines.len(),
         });
         std::fs::write(path, json.to_string()).map_err(|e| format!("cannot write {path}: {e}"))?;
     }
-    engine.shutdown();
+    for engine in &engines {
+        engine.shutdown();
+    }
     Ok(())
 }
