@@ -196,6 +196,9 @@ __device__ void paged_attention(T* out, float* part_acc, float* part_ml, const T
     const int first = window > 0 ? max(0, pos + 1 - window) : 0;
     const int start = first + split * partition;
     const int end = min(pos + 1, start + partition);
+    // A split past this token's context (a captured graph covers the longest context):
+    // nothing to do, and attention_reduce does not read it.
+    if (num_splits > 1 && start >= end) return;
     const long long q_base = ((long long)t * num_heads + (long long)kv_head * group) * head_dim;
     for (int i = threadIdx.x; i < group_width; i += blockDim.x) qs[i] = to_f(q[q_base + i]) * scale;
     if (threadIdx.x < group) {
@@ -312,22 +315,80 @@ __device__ void paged_attention(T* out, float* part_acc, float* part_ml, const T
     }
 }
 
-// Combines the splits of paged_attention: one block per (token, head).
+// Combines the splits of paged_attention that cover the token's context (the others were
+// never written): one block per (token, head).
 template <typename T>
-__device__ void attention_reduce(T* out, const float* part_acc, const float* part_ml, int num_heads, int head_dim, int num_splits) {
+__device__ void attention_reduce(T* out, const float* part_acc, const float* part_ml, const uint32_t* positions,
+                                 int num_heads, int head_dim, int num_splits, int window, int partition) {
     const long long head = (long long)blockIdx.x * num_heads + blockIdx.y;
+    const int pos = positions[blockIdx.x];
+    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    const int active = min(num_splits, (pos + 1 - first + partition - 1) / partition);
     const float* ml = part_ml + head * num_splits * 2;
     float m = -INFINITY;
-    for (int s = 0; s < num_splits; s++)
+    for (int s = 0; s < active; s++)
         if (ml[2 * s + 1] > 0.f) m = fmaxf(m, ml[2 * s]);
     float l = 0.f;
-    for (int s = 0; s < num_splits; s++)
+    for (int s = 0; s < active; s++)
         if (ml[2 * s + 1] > 0.f) l += ml[2 * s + 1] * expf(ml[2 * s] - m);
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float a = 0.f;
-        for (int s = 0; s < num_splits; s++)
+        for (int s = 0; s < active; s++)
             if (ml[2 * s + 1] > 0.f) a += part_acc[(head * num_splits + s) * head_dim + d] * expf(ml[2 * s] - m);
         out[head * head_dim + d] = from_f<T>(l > 0.f ? a / l : 0.f);
+    }
+}
+
+
+#define ARGMAX_THREADS 1024
+
+// Per row of logits [rows, vocab] (one block per row): the largest value and its lowest
+// index (NaN never wins). out: u32 [2 * rows], the ids then the values' float32 bits.
+template <typename T>
+__device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
+    __shared__ float best_v[ARGMAX_THREADS / 32];
+    __shared__ int best_i[ARGMAX_THREADS / 32];
+    const T* row = logits + (long long)blockIdx.x * vocab;
+    float v = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float x = to_f(row[i]);
+        if (x > v || (idx == 0x7fffffff && x == v)) {
+            v = x;
+            idx = i;
+        }
+    }
+    // Warp then block reduction: larger value wins, the lower index on equal values.
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > v || (ov == v && oi < idx)) {
+            v = ov;
+            idx = oi;
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        best_v[warp] = v;
+        best_i[warp] = idx;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const int num_warps = blockDim.x >> 5;
+        v = lane < num_warps ? best_v[lane] : -INFINITY;
+        idx = lane < num_warps ? best_i[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+            if (ov > v || (ov == v && oi < idx)) {
+                v = ov;
+                idx = oi;
+            }
+        }
+        if (lane == 0) {
+            out[blockIdx.x] = idx == 0x7fffffff ? 0u : (uint32_t)idx;
+            out[gridDim.x + blockIdx.x] = __float_as_uint(v);
+        }
     }
 }
 
@@ -361,8 +422,13 @@ __device__ void attention_reduce(T* out, const float* part_acc, const float* par
                            block_size, num_heads, num_kv_heads, head_dim, scale, window, partition, num_splits);        \
     }                                                                                                                   \
     extern "C" __global__ void attention_reduce_##SUFFIX(T* out, const float* part_acc, const float* part_ml,          \
-                                                         int num_heads, int head_dim, int num_splits) {                 \
-        attention_reduce<T>(out, part_acc, part_ml, num_heads, head_dim, num_splits);                                   \
+                                                         const uint32_t* positions, int num_heads, int head_dim,        \
+                                                         int num_splits, int window, int partition) {                   \
+        attention_reduce<T>(out, part_acc, part_ml, positions, num_heads, head_dim, num_splits, window, partition);     \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_rows_##SUFFIX(uint32_t* out, const T* logits,  \
+                                                                                     int vocab) {                       \
+        argmax_rows<T>(out, logits, vocab);                                                                             \
     }
 
 INSTANTIATE(f32, float)

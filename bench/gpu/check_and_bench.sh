@@ -86,18 +86,26 @@ fi
 
 config_of() { case $1 in w1) echo "$here/configs/qwen3-0.6b.json" ;; w2) echo "$here/configs/llama-3.1-8b.json" ;; w3) echo "$here/configs/qwen2.5-0.5b.json" ;; esac; }
 ceiling_of() { case $1 in w1) echo "$w1_ceiling" ;; w3) echo "$w3_ceiling" ;; *) echo "" ;; esac; }
+# EAGER=1: each workload also with --enforce-eager true (no CUDA graphs), same machine.
+modes=("graphs")
+[ "${EAGER:-0}" = 1 ] && modes+=("eager")
 for w in $workloads; do
-  echo "== $w"
+ for mode in "${modes[@]}"; do
+  echo "== $w ($mode)"
   c=$(ceiling_of "$w")
   extra=()
   [ -n "$c" ] && extra+=(--ceiling "$c")
   [ "$w" = w3 ] && extra+=(--max-model-len 1024)
   [ "$w" != w3 ] && extra+=(--max-model-len 2048 --max-num-batched-tokens 8192)
+  [ "$mode" = eager ] && extra+=(--enforce-eager true)
+  tag=$w; [ "$mode" = eager ] && tag=$w-eager
   timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
-    --dtype bfloat16 --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$w.json" "${extra[@]}" \
-    2>&1 | tee "$out/$w.txt"
-  summary+=("$(grep -E "^$w median" "$out/$w.txt" || echo "$w: FAILED (see $w.txt)")")
-  summary+=("  $(grep -E "^step timing" "$out/$w.txt" | tail -1)")
+    --dtype bfloat16 --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$tag.json" "${extra[@]}" \
+    2>&1 | tee "$out/$tag.txt"
+  summary+=("$(grep -E "^$w median" "$out/$tag.txt" | sed "s/^$w/$tag/" || echo "$tag: FAILED (see $tag.txt)")")
+  summary+=("  $(grep -E "^step timing" "$out/$tag.txt" | tail -1)")
+  summary+=("  $(grep -E "^decode graphs|graph capture failed" "$out/$tag.txt" | tail -1)")
+ done
 done
 
 if [ "${HF_W3:-0}" = 1 ]; then

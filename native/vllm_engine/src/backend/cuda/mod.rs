@@ -2,6 +2,8 @@
 //! sm_90 cubin plus PTX) launched through cudarc on candle's stream, over candle tensors.
 //! Matrix products stay candle's (cuBLAS).
 
+pub mod blas;
+pub mod graphs;
 pub mod kv_cache;
 pub mod ops;
 
@@ -20,12 +22,14 @@ mod embedded {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
-/// Opens CUDA device `ordinal` for candle. Every tensor of the engine lives on its one
-/// stream, so cudarc's per-use event tracking is only overhead: it is turned off before
-/// any tensor exists.
+/// Opens CUDA device `ordinal` for candle, on a stream of its own: the legacy default
+/// stream (candle's `Device::new_cuda`) cannot be captured into a CUDA graph. Every tensor
+/// of the engine lives on that one stream, so cudarc's per-use event tracking is only
+/// overhead: it is turned off before any tensor exists.
 pub fn open_device(ordinal: usize) -> Result<Device> {
-    let device = Device::new_cuda(ordinal)
+    let cuda = candle_core::CudaDevice::new_with_stream(ordinal)
         .map_err(|e| EngineError::unsupported(format!("cannot open CUDA device {ordinal}: {e}")))?;
+    let device = Device::Cuda(cuda);
     let cuda = device.as_cuda_device()?;
     // SAFETY: the engine issues all its work on this device's single stream.
     unsafe { cuda.disable_event_tracking() };
@@ -48,7 +52,7 @@ pub struct Kernels {
     functions: HashMap<String, CudaFunction>,
 }
 
-const KERNEL_NAMES: [&str; 7] = [
+const KERNEL_NAMES: [&str; 8] = [
     "embedding",
     "gather_rows",
     "add_rms_norm",
@@ -56,6 +60,7 @@ const KERNEL_NAMES: [&str; 7] = [
     "qkv_prepare",
     "paged_attention",
     "attention_reduce",
+    "argmax_rows",
 ];
 
 impl Kernels {

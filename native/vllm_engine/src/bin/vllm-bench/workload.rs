@@ -32,6 +32,8 @@ pub struct EngineOptions {
     pub ceiling: Option<f64>,
     pub json: Option<String>,
     pub runs: usize,
+    /// `--enforce-eager true`: no CUDA graphs (to compare with the captured decode).
+    pub enforce_eager: bool,
 }
 
 impl Default for EngineOptions {
@@ -49,6 +51,7 @@ impl Default for EngineOptions {
             ceiling: None,
             json: None,
             runs: 1,
+            enforce_eager: false,
         }
     }
 }
@@ -56,7 +59,8 @@ impl Default for EngineOptions {
 impl EngineOptions {
     pub const USAGE: &'static str = "[--device cpu|cuda|cuda:N] [--dtype auto|bfloat16|float16|float32] \
 [--load-format auto|dummy] [--tokenizer FILE] [--max-num-seqs N] [--max-num-batched-tokens N] \
-[--gpu-memory-utilization F] [--num-requests N] [--seed N] [--ceiling TOK_PER_S] [--runs N] [--json FILE]";
+[--gpu-memory-utilization F] [--num-requests N] [--seed N] [--ceiling TOK_PER_S] [--runs N] [--json FILE] \
+[--enforce-eager true|false]";
 
     pub fn accepts(&self, flag: &str) -> bool {
         matches!(
@@ -73,6 +77,7 @@ impl EngineOptions {
                 | "--ceiling"
                 | "--json"
                 | "--runs"
+                | "--enforce-eager"
         )
     }
 
@@ -100,6 +105,13 @@ impl EngineOptions {
             "--ceiling" => self.ceiling = Some(float()?),
             "--json" => self.json = Some(value.into()),
             "--runs" => self.runs = int()?.max(1),
+            "--enforce-eager" => {
+                self.enforce_eager = match value {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(format!("{flag} takes true or false, got {value:?}")),
+                }
+            }
             _ => return Err(format!("unknown option {flag}")),
         }
         Ok(())
@@ -129,6 +141,7 @@ impl EngineOptions {
             args.gpu_memory_utilization = u;
         }
         args.seed = self.seed;
+        args.enforce_eager = self.enforce_eager;
         Ok(())
     }
 }
