@@ -315,6 +315,165 @@ __device__ void paged_attention(T* out, float* part_acc, float* part_ml, const T
     }
 }
 
+// paged_attention with coalesced cache reads (same grid, shared-memory prefix and outputs):
+// a key or value row is read by `chunks` = head_dim / VEC neighbouring threads, 16 bytes
+// each, so a block reads ATT_THREADS / chunks rows per pass. Scores are reduced over the
+// row's threads with shuffles; each thread accumulates its VEC dims of every query head over
+// the rows of its row group, and the row groups are summed through shared memory at the end.
+// Needs head_dim % VEC == 0 and chunks a power of two <= 32 (the launcher checks).
+template <typename T>
+__device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache,
+                                   const T* v_cache, const uint32_t* positions, const uint32_t* token_seq,
+                                   const uint32_t* block_tables, int max_blocks, int block_size, int num_heads,
+                                   int num_kv_heads, int head_dim, float scale, int window, int partition,
+                                   int num_splits) {
+    constexpr int VEC = 16 / sizeof(T);
+    extern __shared__ float smem[];
+    const int t = blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z;
+    const int group = num_heads / num_kv_heads;
+    const int group_width = group * head_dim;
+    const int chunks = head_dim / VEC;
+    const int rows_per_pass = blockDim.x / chunks;
+    const int sub = threadIdx.x % chunks, row = threadIdx.x / chunks;
+    float* qs = smem;
+    float* scores = qs + group_width;
+    float* run_max = scores + group * ATT_TILE;
+    float* run_sum = run_max + group;
+    float* rescale = run_sum + group;
+    long long* slots = (long long*)(rescale + group + (group & 1) + 2);
+    float* red = (float*)(slots + ATT_TILE);  // [rows_per_pass, group, head_dim]
+
+    const int pos = positions[t];
+    const int seq = token_seq[t];
+    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    const int start = first + split * partition;
+    const int end = min(pos + 1, start + partition);
+    if (num_splits > 1 && start >= end) return;
+    const long long q_base = ((long long)t * num_heads + (long long)kv_head * group) * head_dim;
+    for (int i = threadIdx.x; i < group_width; i += blockDim.x) qs[i] = to_f(q[q_base + i]) * scale;
+    if (threadIdx.x < group) {
+        run_max[threadIdx.x] = -INFINITY;
+        run_sum[threadIdx.x] = 0.f;
+    }
+    float acc[ATT_MAX_GROUP][VEC];
+#pragma unroll
+    for (int g = 0; g < ATT_MAX_GROUP; g++)
+#pragma unroll
+        for (int e = 0; e < VEC; e++) acc[g][e] = 0.f;
+    __syncthreads();
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+    const long long kv_stride = (long long)num_kv_heads * head_dim;
+    const long long head_off = (long long)kv_head * head_dim + sub * VEC;
+    for (int tile = start; tile < end; tile += ATT_TILE) {
+        const int n = min(ATT_TILE, end - tile);
+        for (int p = threadIdx.x; p < n; p += blockDim.x)
+            slots[p] = cache_slot(block_tables, seq, max_blocks, block_size, tile + p);
+        __syncthreads();
+        // Scores: every warp runs the same number of passes (shuffles need whole warps).
+        for (int p0 = 0; p0 < n; p0 += rows_per_pass) {
+            const int p = p0 + row;
+            const bool valid = p < n;
+            uint4 raw = make_uint4(0, 0, 0, 0);
+            if (valid) raw = *reinterpret_cast<const uint4*>(k_cache + slots[p] * kv_stride + head_off);
+            const T* kv = reinterpret_cast<const T*>(&raw);
+            float d[ATT_MAX_GROUP];
+#pragma unroll
+            for (int g = 0; g < ATT_MAX_GROUP; g++) {
+                d[g] = 0.f;
+                if (g < group) {
+#pragma unroll
+                    for (int e = 0; e < VEC; e++) d[g] += qs[g * head_dim + sub * VEC + e] * to_f(kv[e]);
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < ATT_MAX_GROUP; g++) {
+                if (g < group) {
+                    for (int o = chunks >> 1; o > 0; o >>= 1) d[g] += __shfl_xor_sync(0xffffffffu, d[g], o);
+                }
+            }
+            if (valid && sub == 0) {
+#pragma unroll
+                for (int g = 0; g < ATT_MAX_GROUP; g++)
+                    if (g < group) scores[g * ATT_TILE + p] = d[g];
+            }
+        }
+        __syncthreads();
+        for (int g = warp; g < group; g += num_warps) {
+            float m = -INFINITY;
+            for (int p = lane; p < n; p += 32) m = fmaxf(m, scores[g * ATT_TILE + p]);
+            m = warp_max(m);
+            const float m_old = run_max[g];
+            const float m_new = fmaxf(m_old, m);
+            float s = 0.f;
+            for (int p = lane; p < n; p += 32) {
+                const float e = expf(scores[g * ATT_TILE + p] - m_new);
+                scores[g * ATT_TILE + p] = e;
+                s += e;
+            }
+            s = warp_sum(s);
+            if (lane == 0) {
+                const float alpha = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
+                run_sum[g] = run_sum[g] * alpha + s;
+                run_max[g] = m_new;
+                rescale[g] = alpha;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int g = 0; g < ATT_MAX_GROUP; g++) {
+            if (g < group) {
+                const float a = rescale[g];
+#pragma unroll
+                for (int e = 0; e < VEC; e++) acc[g][e] *= a;
+            }
+        }
+        for (int p = row; p < n; p += rows_per_pass) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(v_cache + slots[p] * kv_stride + head_off);
+            const T* vv = reinterpret_cast<const T*>(&raw);
+            float vf[VEC];
+#pragma unroll
+            for (int e = 0; e < VEC; e++) vf[e] = to_f(vv[e]);
+#pragma unroll
+            for (int g = 0; g < ATT_MAX_GROUP; g++) {
+                if (g < group) {
+                    const float w = scores[g * ATT_TILE + p];
+#pragma unroll
+                    for (int e = 0; e < VEC; e++) acc[g][e] += w * vf[e];
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    // Sum the row groups' partial outputs.
+#pragma unroll
+    for (int g = 0; g < ATT_MAX_GROUP; g++) {
+        if (g < group) {
+#pragma unroll
+            for (int e = 0; e < VEC; e++) red[((long long)row * group + g) * head_dim + sub * VEC + e] = acc[g][e];
+        }
+    }
+    __syncthreads();
+    for (int o = threadIdx.x; o < group_width; o += blockDim.x) {
+        float a = 0.f;
+        for (int r = 0; r < rows_per_pass; r++) a += red[(long long)r * group_width + o];
+        const int g = o / head_dim, dim = o % head_dim;
+        if (num_splits == 1) {
+            const float l = run_sum[g];
+            out[q_base + o] = from_f<T>(l > 0.f ? a / l : 0.f);
+        } else {
+            const long long head = (long long)t * num_heads + (long long)kv_head * group + g;
+            part_acc[(head * num_splits + split) * head_dim + dim] = a;
+        }
+    }
+    if (num_splits > 1 && threadIdx.x < group) {
+        const long long head = (long long)t * num_heads + (long long)kv_head * group + threadIdx.x;
+        part_ml[(head * num_splits + split) * 2] = run_max[threadIdx.x];
+        part_ml[(head * num_splits + split) * 2 + 1] = run_sum[threadIdx.x];
+    }
+}
+
 // Combines the splits of paged_attention that cover the token's context (the others were
 // never written): one block per (token, head).
 template <typename T>
@@ -420,6 +579,15 @@ __device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
         int num_splits) {                                                                                               \
         paged_attention<T>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq, block_tables, max_blocks, \
                            block_size, num_heads, num_kv_heads, head_dim, scale, window, partition, num_splits);        \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_attention_v2_##SUFFIX(                              \
+        T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache, const T* v_cache,                       \
+        const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,            \
+        int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,         \
+        int num_splits) {                                                                                               \
+        paged_attention_v2<T>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq, block_tables,         \
+                              max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale, window, partition,     \
+                              num_splits);                                                                              \
     }                                                                                                                   \
     extern "C" __global__ void attention_reduce_##SUFFIX(T* out, const float* part_acc, const float* part_ml,          \
                                                          const uint32_t* positions, int num_heads, int head_dim,        \

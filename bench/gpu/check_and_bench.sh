@@ -108,6 +108,19 @@ for w in $workloads; do
  done
 done
 
+# OP_TIMING="w1 w3": those workloads once more, eager, synchronizing after every op, to
+# say where a step's device time goes (throughput of these runs means nothing).
+for w in ${OP_TIMING:-}; do
+  echo "== $w op timing (eager, VLLM_OP_TIMING=1)"
+  extra=()
+  [ "$w" = w3 ] && extra+=(--max-model-len 1024)
+  [ "$w" != w3 ] && extra+=(--max-model-len 2048 --max-num-batched-tokens 8192)
+  VLLM_OP_TIMING=1 timeout 300 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy \
+    --device cuda --dtype bfloat16 --tokenizer "$gpu/tokenizer.json" --runs 1 --enforce-eager true "${extra[@]}" \
+    2>&1 | tee "$out/$w-op-timing.txt"
+  while read -r l; do summary+=("$w $l"); done < <(grep -E "^op timing" "$out/$w-op-timing.txt")
+done
+
 if [ "${HF_W3:-0}" = 1 ]; then
   echo "== HF transformers W3 (128 in, 128 out, bf16, same card)"
   W3_CONFIG=$here/configs/qwen2.5-0.5b.json python3 - <<'PY' 2>&1 | tee "$out/hf_w3.txt"

@@ -143,7 +143,10 @@ fn engine_greedy_matches_reference(name: &str) {
                 .collect();
             for (i, rx) in receivers.iter().enumerate() {
                 let got = engine_common::final_tokens(&engine_common::collect(rx));
-                assert_eq!(got, expected, "{name}: copy {i}, pass {pass}, enforce_eager {enforce_eager}");
+                assert_eq!(
+                    got, expected,
+                    "{name}: copy {i}, pass {pass}, enforce_eager {enforce_eager}"
+                );
             }
         }
         engine_common::assert_all_blocks_free(&engine);

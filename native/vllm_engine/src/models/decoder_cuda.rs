@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor};
 
 use crate::backend::cuda::graphs::{self, DecodeGraphs, GraphLimits, LayerPtrs, ModelPtrs, ModelShape};
+use crate::backend::cuda::op_timing::{OpClock, OpTiming};
 use crate::backend::cuda::ops::{
     self, AttentionDims, QkvExtras, StepMeta, ATT_MAX_GROUP, ATT_MAX_GROUP_WIDTH, ATT_MAX_HEAD_DIM,
 };
@@ -61,6 +62,8 @@ pub struct CudaDecoderLM {
     weight_bytes: usize,
     /// Captured decode steps (None: eager, as with enforce_eager or before capture).
     graphs: Mutex<Option<DecodeGraphs>>,
+    /// VLLM_OP_TIMING: per-op device time of eager steps.
+    op_timing: Option<OpTiming>,
 }
 
 /// Checks that our kernels cover the model's attention geometry.
@@ -195,6 +198,7 @@ impl CudaDecoderLM {
             dims,
             weight_bytes,
             graphs: Mutex::new(None),
+            op_timing: OpTiming::from_env(),
         })
     }
 
@@ -263,7 +267,11 @@ impl CudaDecoderLM {
     }
 
     /// Runs the batch through a captured graph when one covers it: Some(padded size).
-    fn try_replay(&self, batch: &ForwardBatch, kv: &PagedKvCache) -> Result<Option<(usize, std::sync::MutexGuard<'_, Option<DecodeGraphs>>)>> {
+    fn try_replay(
+        &self,
+        batch: &ForwardBatch,
+        kv: &PagedKvCache,
+    ) -> Result<Option<(usize, std::sync::MutexGuard<'_, Option<DecodeGraphs>>)>> {
         let mut guard = self
             .graphs
             .lock()
@@ -285,12 +293,17 @@ impl CudaDecoderLM {
         let k = &self.kernels;
         let eps = self.config.rms_norm_eps as f32;
 
+        let decode_only = batch.seqs.iter().all(|s| s.query_len == 1);
+        let mut clock = OpClock::start(self.op_timing.as_ref(), k.stream(), decode_only)?;
         let h = ops::embedding(k, &self.embed, &ids)?;
+        clock.lap("embed")?;
         let mut delta: Option<Tensor> = None;
         for (layer, (k_cache, v_cache)) in self.layers.iter().zip(&cache.layers) {
             // h += previous MLP output (fused into the norm), x = norm(h).
             let x = ops::add_rms_norm(k, &h, delta.as_ref(), &layer.input_norm, eps)?;
+            clock.lap("norm")?;
             let qkv = x.matmul(&layer.qkv.t()?)?;
+            clock.lap("qkv_gemm")?;
             let extras = QkvExtras {
                 bias: layer.qkv_bias.as_ref(),
                 q_norm: layer.q_norm.as_ref(),
@@ -300,19 +313,28 @@ impl CudaDecoderLM {
             let q = ops::qkv_prepare(
                 k, &qkv, &extras, &self.cos, &self.sin, &meta, k_cache, v_cache, &self.dims,
             )?;
+            clock.lap("qkv_prepare")?;
             let attn = ops::paged_attention(k, &q, k_cache, v_cache, &meta, &self.dims)?;
+            clock.lap("attention")?;
             let o = attn.matmul(&layer.o_proj.t()?)?;
+            clock.lap("o_gemm")?;
             let x = ops::add_rms_norm(k, &h, Some(&o), &layer.post_attention_norm, eps)?;
+            clock.lap("norm")?;
             let gate_up = x.matmul(&layer.gate_up.t()?)?;
+            clock.lap("gate_up_gemm")?;
             let act = ops::silu_mul(k, &gate_up)?;
+            clock.lap("silu_mul")?;
             delta = Some(act.matmul(&layer.down.t()?)?);
+            clock.lap("down_gemm")?;
         }
         if num_rows == 0 {
             return Ok(None);
         }
         let x = ops::add_rms_norm(k, &h, delta.as_ref(), &self.final_norm, eps)?;
         let last = ops::gather_rows(k, &x, &rows)?;
-        Ok(Some(last.matmul(&self.lm_head.t()?)?))
+        let logits = last.matmul(&self.lm_head.t()?)?;
+        clock.lap("lm_head")?;
+        Ok(Some(logits))
     }
 
     fn kv_width(&self) -> usize {
@@ -471,8 +493,15 @@ impl CausalLM for CudaDecoderLM {
         let started = std::time::Instant::now();
         match DecodeGraphs::capture(&self.device, &self.kernels, &ptrs, &graph_limits) {
             Ok(g) => {
-                tracing::info!("captured {} decode graphs in {:.0} ms", g.num_graphs(), started.elapsed().as_secs_f64() * 1e3);
-                *self.graphs.get_mut().map_err(|_| EngineError::internal("poisoned graph state"))? = Some(g);
+                tracing::info!(
+                    "captured {} decode graphs in {:.0} ms",
+                    g.num_graphs(),
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                *self
+                    .graphs
+                    .get_mut()
+                    .map_err(|_| EngineError::internal("poisoned graph state"))? = Some(g);
             }
             Err(e) => {
                 tracing::warn!("CUDA graph capture failed, decoding eagerly: {e}");
@@ -525,11 +554,18 @@ impl CausalLM for CudaDecoderLM {
         let used = total.saturating_sub(free);
         let graph_limits = GraphLimits {
             max_num_seqs: args.max_num_seqs,
-            max_model_len: args.max_model_len.unwrap_or(self.config.max_position_embeddings).min(self.rotary_positions),
+            max_model_len: args
+                .max_model_len
+                .unwrap_or(self.config.max_position_embeddings)
+                .min(self.rotary_positions),
             block_size: args.block_size,
             num_blocks: 0,
         };
-        let graph_bytes = if args.enforce_eager { 0 } else { graphs::buffer_bytes(&self.shape(), &graph_limits) };
+        let graph_bytes = if args.enforce_eager {
+            0
+        } else {
+            graphs::buffer_bytes(&self.shape(), &graph_limits)
+        };
         let reserve =
             self.activation_bytes(max_num_batched_tokens, args.max_num_seqs) + graph_bytes + DEVICE_SLACK_BYTES;
         let budget = allowed.saturating_sub(used).saturating_sub(reserve);

@@ -351,7 +351,10 @@ impl DecodeGraphs {
     fn upload(&self, rows: usize) -> Result<()> {
         let len = 2 * self.max_batch + rows * self.max_blocks;
         let dst = device_ptr(&self.buffers.meta)?;
-        self.stream.context().bind_to_thread().map_err(|e| cuda_err("bind", e))?;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| cuda_err("bind", e))?;
         // SAFETY: `meta` holds at least `len` u32; the host slice lives through the call
         // (pageable memory: staged before the call returns).
         unsafe { driver::memcpy_htod_async(dst, &self.meta_host[..len], self.stream.cu_stream()) }
@@ -369,7 +372,10 @@ impl DecodeGraphs {
                 .iter()
                 .enumerate()
                 .all(|(i, s)| s.query_len == 1 && s.query_start == i && s.want_logits && !s.logits_for_all_tokens);
-        let fits = batch.seqs.iter().all(|s| s.context_len <= self.max_model_len && s.lora_slot.is_none());
+        let fits = batch
+            .seqs
+            .iter()
+            .all(|s| s.context_len <= self.max_model_len && s.lora_slot.is_none());
         if n == 0 || !plain_decode || !fits || kv_key != self.kv_key {
             return None;
         }
@@ -401,8 +407,13 @@ impl DecodeGraphs {
                     seq.block_table.len()
                 )));
             }
-            if let Some(&bad) = seq.block_table[..blocks].iter().find(|&&x| x as usize >= self.num_blocks) {
-                return Err(EngineError::internal(format!("forward batch: block {bad} is outside the cache")));
+            if let Some(&bad) = seq.block_table[..blocks]
+                .iter()
+                .find(|&&x| x as usize >= self.num_blocks)
+            {
+                return Err(EngineError::internal(format!(
+                    "forward batch: block {bad} is outside the cache"
+                )));
             }
             self.meta_host[r] = token;
             self.meta_host[mb + r] = position as u32;
@@ -420,7 +431,10 @@ impl DecodeGraphs {
     /// After `replay` of `n` real rows padded to `b`: their argmax ids and largest logits.
     pub fn argmax(&mut self, n: usize, b: usize) -> Result<(Vec<u32>, Vec<f32>)> {
         let src = device_ptr(&self.buffers.argmax)?;
-        self.stream.context().bind_to_thread().map_err(|e| cuda_err("bind", e))?;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| cuda_err("bind", e))?;
         // SAFETY: `argmax` holds 2 * max_batch >= 2 * b u32; synchronized before reading.
         unsafe { driver::memcpy_dtoh_async(&mut self.argmax_host[..2 * b], src, self.stream.cu_stream()) }
             .map_err(|e| cuda_err("argmax copy", e))?;
@@ -432,7 +446,11 @@ impl DecodeGraphs {
 
     /// After `replay` of `n` real rows: their logits as float32 [n, vocab] (a new tensor).
     pub fn logits(&self, n: usize) -> Result<Tensor> {
-        let rows = self.buffers.logits.narrow(0, 0, n * self.vocab)?.reshape((n, self.vocab))?;
+        let rows = self
+            .buffers
+            .logits
+            .narrow(0, 0, n * self.vocab)?
+            .reshape((n, self.vocab))?;
         Ok(rows.to_dtype(DType::F32)?)
     }
 }

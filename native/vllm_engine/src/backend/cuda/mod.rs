@@ -5,6 +5,7 @@
 pub mod blas;
 pub mod graphs;
 pub mod kv_cache;
+pub mod op_timing;
 pub mod ops;
 
 use std::collections::HashMap;
@@ -50,18 +51,24 @@ pub struct Kernels {
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
     functions: HashMap<String, CudaFunction>,
+    /// `VLLM_ATTENTION_V1=1`: the first attention kernel (thread per key), to compare.
+    pub attention_v1: bool,
 }
 
-const KERNEL_NAMES: [&str; 8] = [
+const KERNEL_NAMES: [&str; 9] = [
     "embedding",
     "gather_rows",
     "add_rms_norm",
     "silu_mul",
     "qkv_prepare",
     "paged_attention",
+    "paged_attention_v2",
     "attention_reduce",
     "argmax_rows",
 ];
+
+/// Kernels the launchers can do without (they fall back to another).
+const OPTIONAL_KERNELS: [&str; 1] = ["paged_attention_v2"];
 
 impl Kernels {
     pub fn load(device: &Device) -> Result<Self> {
@@ -78,16 +85,24 @@ impl Kernels {
         for name in KERNEL_NAMES {
             for suffix in ["f32", "bf16", "f16"] {
                 let full = format!("{name}_{suffix}");
-                let f = module
-                    .load_function(&full)
-                    .map_err(|e| EngineError::internal(format!("kernel {full} is missing: {e}")))?;
-                functions.insert(full, f);
+                match module.load_function(&full) {
+                    Ok(f) => {
+                        functions.insert(full, f);
+                    }
+                    // An alternative kernel may be absent; the launcher falls back.
+                    Err(_) if OPTIONAL_KERNELS.contains(&name) => {}
+                    Err(e) => return Err(EngineError::internal(format!("kernel {full} is missing: {e}"))),
+                }
             }
         }
+        let v2_loaded = ["f32", "bf16", "f16"]
+            .iter()
+            .all(|s| functions.contains_key(&format!("paged_attention_v2_{s}")));
         Ok(Kernels {
             stream,
             _module: module,
             functions,
+            attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
         })
     }
 

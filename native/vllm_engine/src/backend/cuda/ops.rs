@@ -75,12 +75,28 @@ pub fn embedding(k: &Kernels, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     if n == 0 {
         return Ok(out);
     }
-    launch_embedding(k, table.dtype(), device_ptr(&out)?, device_ptr(table)?, device_ptr(ids)?, n, hidden)?;
+    launch_embedding(
+        k,
+        table.dtype(),
+        device_ptr(&out)?,
+        device_ptr(table)?,
+        device_ptr(ids)?,
+        n,
+        hidden,
+    )?;
     Ok(out)
 }
 
 /// `embedding` on raw device addresses: rows `ids[..n]` of `table` into `out`.
-pub fn launch_embedding(k: &Kernels, dtype: DType, out: u64, table: u64, ids: u64, n: usize, hidden: usize) -> Result<()> {
+pub fn launch_embedding(
+    k: &Kernels,
+    dtype: DType,
+    out: u64,
+    table: u64,
+    ids: u64,
+    n: usize,
+    hidden: usize,
+) -> Result<()> {
     let f = k.function("embedding", dtype)?;
     let h = hidden as i32;
     let mut b = k.stream().launch_builder(f);
@@ -146,7 +162,12 @@ pub fn launch_add_rms_norm(k: &Kernels, dtype: DType, p: &RowsPtrs, n: usize, hi
     let f = k.function("add_rms_norm", dtype)?;
     let h = hidden as i32;
     let mut b = k.stream().launch_builder(f);
-    b.arg(&p.residual).arg(&p.delta).arg(&p.weight).arg(&p.out).arg(&h).arg(&eps);
+    b.arg(&p.residual)
+        .arg(&p.delta)
+        .arg(&p.weight)
+        .arg(&p.out)
+        .arg(&h)
+        .arg(&eps);
     unsafe { b.launch(grid(n, ROW_THREADS, 0)) }.map_err(|e| launch_err("add_rms_norm", e))?;
     Ok(())
 }
@@ -326,7 +347,10 @@ pub fn graph_splits(batch: usize, dims: &AttentionDims, max_model_len: usize) ->
 /// Float32 elements of the two partial-sum buffers `paged_attention` needs for `n` tokens
 /// split `splits` ways: (accumulators, max and denominator pairs).
 pub fn partials_len(n: usize, dims: &AttentionDims, splits: usize) -> (usize, usize) {
-    (n * dims.num_heads * splits * dims.head_dim, n * dims.num_heads * splits * 2)
+    (
+        n * dims.num_heads * splits * dims.head_dim,
+        n * dims.num_heads * splits * 2,
+    )
 }
 
 /// Causal paged attention of every query token over its sequence's cached positions.
@@ -399,7 +423,34 @@ pub fn launch_paged_attention(
     partition: usize,
 ) -> Result<()> {
     let group = dims.num_heads / dims.num_kv_heads;
-    let f = k.function("paged_attention", dtype)?;
+    // Floats: queries, scores, three per-head statistics (+ alignment), then 8-byte slots.
+    let floats = group * dims.head_dim + group * ATT_TILE + 3 * group + (group & 1) + 2;
+    let mut shared = floats * 4 + ATT_TILE * 8;
+    // v2 (coalesced 16-byte row reads) where the row splits into a power-of-two number of
+    // 16-byte chunks of at most a warp; it adds the row groups' partial outputs.
+    let vec = 16 / dtype.size_in_bytes();
+    let chunks = dims.head_dim / vec;
+    let v2_extra = if chunks > 0 {
+        (ATT_THREADS as usize / chunks) * group * dims.head_dim * 4
+    } else {
+        0
+    };
+    let use_v2 = !k.attention_v1
+        && dims.head_dim.is_multiple_of(vec)
+        && chunks.is_power_of_two()
+        && chunks <= 32
+        && shared + v2_extra <= 48 * 1024;
+    if use_v2 {
+        shared += v2_extra;
+    }
+    let f = k.function(
+        if use_v2 {
+            "paged_attention_v2"
+        } else {
+            "paged_attention"
+        },
+        dtype,
+    )?;
     let ptrs = [
         p.out,
         p.part_acc,
@@ -430,9 +481,6 @@ pub fn launch_paged_attention(
     for i in &tail {
         b.arg(i);
     }
-    // Floats: queries, scores, three per-head statistics (+ alignment), then 8-byte slots.
-    let floats = group * dims.head_dim + group * ATT_TILE + 3 * group + (group & 1) + 2;
-    let shared = floats * 4 + ATT_TILE * 8;
     let cfg = LaunchConfig {
         grid_dim: (n as u32, dims.num_kv_heads as u32, splits as u32),
         block_dim: (ATT_THREADS, 1, 1),
