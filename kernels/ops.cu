@@ -321,7 +321,7 @@ __device__ void paged_attention(T* out, float* part_acc, float* part_ml, const T
 // row's threads with shuffles; each thread accumulates its VEC dims of every query head over
 // the rows of its row group, and the row groups are summed through shared memory at the end.
 // Needs head_dim % VEC == 0 and chunks a power of two <= 32 (the launcher checks).
-template <typename T>
+template <typename T, int MAXG>
 __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache,
                                    const T* v_cache, const uint32_t* positions, const uint32_t* token_seq,
                                    const uint32_t* block_tables, int max_blocks, int block_size, int num_heads,
@@ -355,9 +355,9 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
         run_max[threadIdx.x] = -INFINITY;
         run_sum[threadIdx.x] = 0.f;
     }
-    float acc[ATT_MAX_GROUP][VEC];
+    float acc[MAXG][VEC];
 #pragma unroll
-    for (int g = 0; g < ATT_MAX_GROUP; g++)
+    for (int g = 0; g < MAXG; g++)
 #pragma unroll
         for (int e = 0; e < VEC; e++) acc[g][e] = 0.f;
     __syncthreads();
@@ -377,9 +377,9 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
             uint4 raw = make_uint4(0, 0, 0, 0);
             if (valid) raw = *reinterpret_cast<const uint4*>(k_cache + slots[p] * kv_stride + head_off);
             const T* kv = reinterpret_cast<const T*>(&raw);
-            float d[ATT_MAX_GROUP];
+            float d[MAXG];
 #pragma unroll
-            for (int g = 0; g < ATT_MAX_GROUP; g++) {
+            for (int g = 0; g < MAXG; g++) {
                 d[g] = 0.f;
                 if (g < group) {
 #pragma unroll
@@ -387,14 +387,14 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
                 }
             }
 #pragma unroll
-            for (int g = 0; g < ATT_MAX_GROUP; g++) {
+            for (int g = 0; g < MAXG; g++) {
                 if (g < group) {
                     for (int o = chunks >> 1; o > 0; o >>= 1) d[g] += __shfl_xor_sync(0xffffffffu, d[g], o);
                 }
             }
             if (valid && sub == 0) {
 #pragma unroll
-                for (int g = 0; g < ATT_MAX_GROUP; g++)
+                for (int g = 0; g < MAXG; g++)
                     if (g < group) scores[g * ATT_TILE + p] = d[g];
             }
         }
@@ -421,7 +421,7 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
         }
         __syncthreads();
 #pragma unroll
-        for (int g = 0; g < ATT_MAX_GROUP; g++) {
+        for (int g = 0; g < MAXG; g++) {
             if (g < group) {
                 const float a = rescale[g];
 #pragma unroll
@@ -435,7 +435,7 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
 #pragma unroll
             for (int e = 0; e < VEC; e++) vf[e] = to_f(vv[e]);
 #pragma unroll
-            for (int g = 0; g < ATT_MAX_GROUP; g++) {
+            for (int g = 0; g < MAXG; g++) {
                 if (g < group) {
                     const float w = scores[g * ATT_TILE + p];
 #pragma unroll
@@ -448,7 +448,7 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
 
     // Sum the row groups' partial outputs.
 #pragma unroll
-    for (int g = 0; g < ATT_MAX_GROUP; g++) {
+    for (int g = 0; g < MAXG; g++) {
         if (g < group) {
 #pragma unroll
             for (int e = 0; e < VEC; e++) red[((long long)row * group + g) * head_dim + sub * VEC + e] = acc[g][e];
@@ -551,6 +551,50 @@ __device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
     }
 }
 
+#define GEMV_MAX_ROWS 8
+#define GEMV_THREADS 256
+
+// y[r, o] = sum_i x[r, i] * w[o, i] for the n <= GEMV_MAX_ROWS rows of a small batch (a
+// decode step), float32 accumulation: one warp per output o reads w's row with 16-byte
+// loads (coalesced over the warp); the x rows come through L1. cuBLAS runs these shapes
+// well below bandwidth. Needs inner % (16 / sizeof(T)) == 0 and 16-byte aligned rows.
+template <typename T>
+__device__ void gemv_rows(T* y, const T* x, const T* w, int n, int out, int inner) {
+    constexpr int VEC = 16 / sizeof(T);
+    const int lane = threadIdx.x & 31;
+    const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (o >= out) return;
+    const T* wr = w + (long long)o * inner;
+    float acc[GEMV_MAX_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; r++) acc[r] = 0.f;
+    const int chunks = inner / VEC;
+#pragma unroll 2
+    for (int c = lane; c < chunks; c += 32) {
+        const uint4 wraw = *reinterpret_cast<const uint4*>(wr + (long long)c * VEC);
+        const T* wv = reinterpret_cast<const T*>(&wraw);
+        float wf[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; e++) wf[e] = to_f(wv[e]);
+#pragma unroll
+        for (int r = 0; r < GEMV_MAX_ROWS; r++) {
+            if (r < n) {
+                const uint4 xraw = *reinterpret_cast<const uint4*>(x + (long long)r * inner + (long long)c * VEC);
+                const T* xv = reinterpret_cast<const T*>(&xraw);
+#pragma unroll
+                for (int e = 0; e < VEC; e++) acc[r] += wf[e] * to_f(xv[e]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; r++) {
+        if (r < n) {
+            const float v = warp_sum(acc[r]);
+            if (lane == 0) y[(long long)r * out + o] = from_f<T>(v);
+        }
+    }
+}
+
 #define INSTANTIATE(SUFFIX, T)                                                                                          \
     extern "C" __global__ void embedding_##SUFFIX(T* out, const T* table, const uint32_t* ids, int hidden) {           \
         embedding<T>(out, table, ids, hidden);                                                                          \
@@ -585,9 +629,14 @@ __device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
         const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,            \
         int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,         \
         int num_splits) {                                                                                               \
-        paged_attention_v2<T>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq, block_tables,         \
+        paged_attention_v2<T, ATT_MAX_GROUP>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq,         \
+                              block_tables,                                                                             \
                               max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale, window, partition,     \
                               num_splits);                                                                              \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rows_##SUFFIX(T* y, const T* x, const T* w, int n, \
+                                                                                 int out, int inner) {                  \
+        gemv_rows<T>(y, x, w, n, out, inner);                                                                           \
     }                                                                                                                   \
     extern "C" __global__ void attention_reduce_##SUFFIX(T* out, const float* part_acc, const float* part_ml,          \
                                                          const uint32_t* positions, int num_heads, int head_dim,        \
@@ -602,3 +651,26 @@ __device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
 INSTANTIATE(f32, float)
 INSTANTIATE(bf16, __nv_bfloat16)
 INSTANTIATE(f16, __half)
+
+// paged_attention_v2 for one exact group size: per-thread arrays sized to it, so a block
+// needs far fewer registers and more blocks share an SM.
+#define INSTANTIATE_V2_GROUP(SUFFIX, T, G)                                                                              \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_attention_v2_g##G##_##SUFFIX(                      \
+        T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache, const T* v_cache,                       \
+        const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,            \
+        int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,         \
+        int num_splits) {                                                                                               \
+        paged_attention_v2<T, G>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq, block_tables,      \
+                                 max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale, window, partition,  \
+                                 num_splits);                                                                           \
+    }
+#define INSTANTIATE_V2_GROUPS(SUFFIX, T)                                                                                \
+    INSTANTIATE_V2_GROUP(SUFFIX, T, 1)                                                                                  \
+    INSTANTIATE_V2_GROUP(SUFFIX, T, 2)                                                                                  \
+    INSTANTIATE_V2_GROUP(SUFFIX, T, 4)                                                                                  \
+    INSTANTIATE_V2_GROUP(SUFFIX, T, 7)                                                                                  \
+    INSTANTIATE_V2_GROUP(SUFFIX, T, 8)
+
+INSTANTIATE_V2_GROUPS(f32, float)
+INSTANTIATE_V2_GROUPS(bf16, __nv_bfloat16)
+INSTANTIATE_V2_GROUPS(f16, __half)

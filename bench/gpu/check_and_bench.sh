@@ -89,6 +89,8 @@ ceiling_of() { case $1 in w1) echo "$w1_ceiling" ;; w3) echo "$w3_ceiling" ;; *)
 # EAGER=1: each workload also with --enforce-eager true (no CUDA graphs), same machine.
 modes=("graphs")
 [ "${EAGER:-0}" = 1 ] && modes+=("eager")
+# V1=1: also with graphs and the first attention kernel (VLLM_ATTENTION_V1=1).
+[ "${V1:-0}" = 1 ] && modes+=("v1")
 for w in $workloads; do
  for mode in "${modes[@]}"; do
   echo "== $w ($mode)"
@@ -98,8 +100,9 @@ for w in $workloads; do
   [ "$w" = w3 ] && extra+=(--max-model-len 1024)
   [ "$w" != w3 ] && extra+=(--max-model-len 2048 --max-num-batched-tokens 8192)
   [ "$mode" = eager ] && extra+=(--enforce-eager true)
-  tag=$w; [ "$mode" = eager ] && tag=$w-eager
-  timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
+  tag=$w; [ "$mode" != graphs ] && tag=$w-$mode
+  att_v1=0; [ "$mode" = v1 ] && att_v1=1
+  VLLM_ATTENTION_V1=$att_v1 timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
     --dtype bfloat16 --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$tag.json" "${extra[@]}" \
     2>&1 | tee "$out/$tag.txt"
   summary+=("$(grep -E "^$w median" "$out/$tag.txt" | sed "s/^$w/$tag/" || echo "$tag: FAILED (see $tag.txt)")")

@@ -302,7 +302,7 @@ impl CudaDecoderLM {
             // h += previous MLP output (fused into the norm), x = norm(h).
             let x = ops::add_rms_norm(k, &h, delta.as_ref(), &layer.input_norm, eps)?;
             clock.lap("norm")?;
-            let qkv = x.matmul(&layer.qkv.t()?)?;
+            let qkv = ops::linear(k, &x, &layer.qkv)?;
             clock.lap("qkv_gemm")?;
             let extras = QkvExtras {
                 bias: layer.qkv_bias.as_ref(),
@@ -316,15 +316,15 @@ impl CudaDecoderLM {
             clock.lap("qkv_prepare")?;
             let attn = ops::paged_attention(k, &q, k_cache, v_cache, &meta, &self.dims)?;
             clock.lap("attention")?;
-            let o = attn.matmul(&layer.o_proj.t()?)?;
+            let o = ops::linear(k, &attn, &layer.o_proj)?;
             clock.lap("o_gemm")?;
             let x = ops::add_rms_norm(k, &h, Some(&o), &layer.post_attention_norm, eps)?;
             clock.lap("norm")?;
-            let gate_up = x.matmul(&layer.gate_up.t()?)?;
+            let gate_up = ops::linear(k, &x, &layer.gate_up)?;
             clock.lap("gate_up_gemm")?;
             let act = ops::silu_mul(k, &gate_up)?;
             clock.lap("silu_mul")?;
-            delta = Some(act.matmul(&layer.down.t()?)?);
+            delta = Some(ops::linear(k, &act, &layer.down)?);
             clock.lap("down_gemm")?;
         }
         if num_rows == 0 {
@@ -332,7 +332,7 @@ impl CudaDecoderLM {
         }
         let x = ops::add_rms_norm(k, &h, delta.as_ref(), &self.final_norm, eps)?;
         let last = ops::gather_rows(k, &x, &rows)?;
-        let logits = last.matmul(&self.lm_head.t()?)?;
+        let logits = ops::linear(k, &last, &self.lm_head)?;
         clock.lap("lm_head")?;
         Ok(Some(logits))
     }

@@ -287,7 +287,7 @@ impl DecodeGraphs {
                 out: x,
             };
             ops::launch_add_rms_norm(k, dt, &norm_in, b, hidden, m.eps)?;
-            self.blas.linear(dt, qkv, x, layer.qkv, b, m.qkv_width(), hidden)?;
+            self.linear(k, dt, qkv, x, layer.qkv, b, m.qkv_width(), hidden)?;
             let qkv_ptrs = QkvPtrs {
                 qkv,
                 bias: layer.qkv_bias,
@@ -309,7 +309,7 @@ impl DecodeGraphs {
                 v_cache: layer.v_cache,
             };
             ops::launch_paged_attention(k, dt, &att, &meta, b, &m.dims, splits, partition)?;
-            self.blas.linear(dt, o, attn, layer.o_proj, b, hidden, m.q_width())?;
+            self.linear(k, dt, o, attn, layer.o_proj, b, hidden, m.q_width())?;
             let norm_post = RowsPtrs {
                 residual: h,
                 delta: o,
@@ -317,9 +317,9 @@ impl DecodeGraphs {
                 out: x,
             };
             ops::launch_add_rms_norm(k, dt, &norm_post, b, hidden, m.eps)?;
-            self.blas.linear(dt, gate_up, x, layer.gate_up, b, 2 * inter, hidden)?;
+            self.linear(k, dt, gate_up, x, layer.gate_up, b, 2 * inter, hidden)?;
             ops::launch_silu_mul(k, dt, act, gate_up, b, inter)?;
-            self.blas.linear(dt, delta, act, layer.down, b, hidden, inter)?;
+            self.linear(k, dt, delta, act, layer.down, b, hidden, inter)?;
         }
         let norm_final = RowsPtrs {
             residual: h,
@@ -329,8 +329,18 @@ impl DecodeGraphs {
         };
         ops::launch_add_rms_norm(k, dt, &norm_final, b, hidden, m.eps)?;
         let logits = p(&buf.logits)?;
-        self.blas.linear(dt, logits, x, m.lm_head, b, m.vocab, hidden)?;
+        self.linear(k, dt, logits, x, m.lm_head, b, m.vocab, hidden)?;
         ops::launch_argmax_rows(k, dt, p(&buf.argmax)?, logits, b, m.vocab)
+    }
+
+    /// y[b, out] = x[b, inner] · w[out, inner]ᵀ: `ops::linear`'s choice on raw buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(&self, k: &Kernels, dt: DType, y: u64, x: u64, w: u64, b: usize, out: usize, inner: usize) -> Result<()> {
+        if ops::gemv_fits(dt, b, inner) {
+            ops::launch_gemv(k, dt, y, x, w, b, out, inner)
+        } else {
+            self.blas.linear(dt, y, x, w, b, out, inner)
+        }
     }
 
     /// Rows `from..to` of the staging buffer become padding rows.

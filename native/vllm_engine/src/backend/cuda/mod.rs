@@ -55,7 +55,7 @@ pub struct Kernels {
     pub attention_v1: bool,
 }
 
-const KERNEL_NAMES: [&str; 9] = [
+const KERNEL_NAMES: [&str; 15] = [
     "embedding",
     "gather_rows",
     "add_rms_norm",
@@ -63,12 +63,25 @@ const KERNEL_NAMES: [&str; 9] = [
     "qkv_prepare",
     "paged_attention",
     "paged_attention_v2",
+    "paged_attention_v2_g1",
+    "paged_attention_v2_g2",
+    "paged_attention_v2_g4",
+    "paged_attention_v2_g7",
+    "paged_attention_v2_g8",
     "attention_reduce",
+    "gemv_rows",
     "argmax_rows",
 ];
 
 /// Kernels the launchers can do without (they fall back to another).
-const OPTIONAL_KERNELS: [&str; 1] = ["paged_attention_v2"];
+const OPTIONAL_KERNELS: [&str; 6] = [
+    "paged_attention_v2",
+    "paged_attention_v2_g1",
+    "paged_attention_v2_g2",
+    "paged_attention_v2_g4",
+    "paged_attention_v2_g7",
+    "paged_attention_v2_g8",
+];
 
 impl Kernels {
     pub fn load(device: &Device) -> Result<Self> {
@@ -116,6 +129,11 @@ impl Kernels {
         self.functions
             .get(&format!("{name}_{suffix}"))
             .ok_or_else(|| EngineError::internal(format!("kernel {name}_{suffix} is not loaded")))
+    }
+
+    /// `function` when that kernel is loaded (optional kernels may be absent).
+    fn try_function(&self, name: &str, dtype: DType) -> Option<&CudaFunction> {
+        self.function(name, dtype).ok()
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {

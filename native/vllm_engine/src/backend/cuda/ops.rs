@@ -443,14 +443,13 @@ pub fn launch_paged_attention(
     if use_v2 {
         shared += v2_extra;
     }
-    let f = k.function(
-        if use_v2 {
-            "paged_attention_v2"
-        } else {
-            "paged_attention"
-        },
-        dtype,
-    )?;
+    // v2 sized for this exact group when instantiated (fewer registers), else for any.
+    let exact = format!("paged_attention_v2_g{group}");
+    let f = match (use_v2, k.try_function(&exact, dtype)) {
+        (true, Some(f)) => f,
+        (true, None) => k.function("paged_attention_v2", dtype)?,
+        (false, _) => k.function("paged_attention", dtype)?,
+    };
     let ptrs = [
         p.out,
         p.part_acc,
@@ -512,6 +511,62 @@ pub fn launch_paged_attention(
         unsafe { b.launch(cfg) }.map_err(|e| launch_err("attention_reduce", e))?;
     }
     Ok(())
+}
+
+/// Rows a `gemv_rows` launch takes at most (GEMV_MAX_ROWS in ops.cu).
+pub const GEMV_MAX_ROWS: usize = 8;
+/// Must match GEMV_THREADS in ops.cu (a warp per output).
+const GEMV_THREADS: u32 = 256;
+
+/// Whether `gemv_rows` serves y[n, out] = x[n, inner] · w[out, inner]ᵀ.
+pub fn gemv_fits(dtype: DType, n: usize, inner: usize) -> bool {
+    n <= GEMV_MAX_ROWS && inner.is_multiple_of(16 / dtype.size_in_bytes())
+}
+
+/// y[n, out] = x[n, inner] · w[out, inner]ᵀ for small n (`gemv_fits`), raw addresses.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_gemv(
+    k: &Kernels,
+    dtype: DType,
+    y: u64,
+    x: u64,
+    w: u64,
+    n: usize,
+    out: usize,
+    inner: usize,
+) -> Result<()> {
+    let f = k.function("gemv_rows", dtype)?;
+    let ints = [n as i32, out as i32, inner as i32];
+    let mut b = k.stream().launch_builder(f);
+    b.arg(&y).arg(&x).arg(&w);
+    for i in &ints {
+        b.arg(i);
+    }
+    let warps = (GEMV_THREADS / 32) as usize;
+    unsafe { b.launch(grid(out.div_ceil(warps), GEMV_THREADS, 0)) }.map_err(|e| launch_err("gemv_rows", e))?;
+    Ok(())
+}
+
+/// x [n, inner] · w [out, inner]ᵀ: our GEMV kernel for decode-sized batches, cuBLAS
+/// (candle) otherwise; the captured decode makes the same choice.
+pub fn linear(k: &Kernels, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, inner) = x.dims2()?;
+    let (out, w_inner) = w.dims2()?;
+    if n == 0 || !gemv_fits(x.dtype(), n, inner) || w_inner != inner || w.dtype() != x.dtype() {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    let y = empty((n, out), x.dtype(), x)?;
+    launch_gemv(
+        k,
+        x.dtype(),
+        device_ptr(&y)?,
+        device_ptr(x)?,
+        device_ptr(w)?,
+        n,
+        out,
+        inner,
+    )?;
+    Ok(y)
 }
 
 /// Per row of `logits` [n, vocab]: the argmax (lowest id on ties) and the largest value as
