@@ -555,34 +555,43 @@ __device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
 #define GEMV_THREADS 256
 
 // y[r, o] = sum_i x[r, i] * w[o, i] for the n <= GEMV_MAX_ROWS rows of a small batch (a
-// decode step), float32 accumulation: one warp per output o reads w's row with 16-byte
-// loads (coalesced over the warp); the x rows come through L1. cuBLAS runs these shapes
-// well below bandwidth. Needs inner % (16 / sizeof(T)) == 0 and 16-byte aligned rows.
+// decode step), float32 accumulation. `warps_per_row` warps share an output row, each
+// reading a slice of w's row with 16-byte loads (coalesced over the warp) and summed
+// through shared memory, so short-and-wide and tall-and-narrow matrices both keep enough
+// loads in flight; the x rows come through L1. Needs inner % (16 / sizeof(T)) == 0,
+// 16-byte aligned rows, and warps_per_row dividing the block's warps.
 template <typename T>
-__device__ void gemv_rows(T* y, const T* x, const T* w, int n, int out, int inner) {
+__device__ void gemv_rows(T* y, const T* x, const T* w, int n, int out, int inner, int warps_per_row) {
+    __shared__ float part[GEMV_THREADS / 32][GEMV_MAX_ROWS];
     constexpr int VEC = 16 / sizeof(T);
-    const int lane = threadIdx.x & 31;
-    const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (o >= out) return;
-    const T* wr = w + (long long)o * inner;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int rows_per_block = (blockDim.x >> 5) / warps_per_row;
+    const int local_row = warp / warps_per_row, slice = warp % warps_per_row;
+    const int o = blockIdx.x * rows_per_block + local_row;
+    const bool active = o < out;
+    const int chunks = inner / VEC;
+    const int per = (chunks + warps_per_row - 1) / warps_per_row;
+    const int c0 = slice * per, c1 = min(chunks, c0 + per);
     float acc[GEMV_MAX_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_MAX_ROWS; r++) acc[r] = 0.f;
-    const int chunks = inner / VEC;
-#pragma unroll 2
-    for (int c = lane; c < chunks; c += 32) {
-        const uint4 wraw = *reinterpret_cast<const uint4*>(wr + (long long)c * VEC);
-        const T* wv = reinterpret_cast<const T*>(&wraw);
-        float wf[VEC];
+    if (active) {
+        const T* wr = w + (long long)o * inner;
+#pragma unroll 4
+        for (int c = c0 + lane; c < c1; c += 32) {
+            const uint4 wraw = *reinterpret_cast<const uint4*>(wr + (long long)c * VEC);
+            const T* wv = reinterpret_cast<const T*>(&wraw);
+            float wf[VEC];
 #pragma unroll
-        for (int e = 0; e < VEC; e++) wf[e] = to_f(wv[e]);
+            for (int e = 0; e < VEC; e++) wf[e] = to_f(wv[e]);
 #pragma unroll
-        for (int r = 0; r < GEMV_MAX_ROWS; r++) {
-            if (r < n) {
-                const uint4 xraw = *reinterpret_cast<const uint4*>(x + (long long)r * inner + (long long)c * VEC);
-                const T* xv = reinterpret_cast<const T*>(&xraw);
+            for (int r = 0; r < GEMV_MAX_ROWS; r++) {
+                if (r < n) {
+                    const uint4 xraw = *reinterpret_cast<const uint4*>(x + (long long)r * inner + (long long)c * VEC);
+                    const T* xv = reinterpret_cast<const T*>(&xraw);
 #pragma unroll
-                for (int e = 0; e < VEC; e++) acc[r] += wf[e] * to_f(xv[e]);
+                    for (int e = 0; e < VEC; e++) acc[r] += wf[e] * to_f(xv[e]);
+                }
             }
         }
     }
@@ -590,8 +599,14 @@ __device__ void gemv_rows(T* y, const T* x, const T* w, int n, int out, int inne
     for (int r = 0; r < GEMV_MAX_ROWS; r++) {
         if (r < n) {
             const float v = warp_sum(acc[r]);
-            if (lane == 0) y[(long long)r * out + o] = from_f<T>(v);
+            if (lane == 0) part[warp][r] = v;
         }
+    }
+    __syncthreads();
+    if (active && slice == 0 && lane < n) {
+        float sum = 0.f;
+        for (int i = 0; i < warps_per_row; i++) sum += part[local_row * warps_per_row + i][lane];
+        y[(long long)lane * out + o] = from_f<T>(sum);
     }
 }
 
@@ -635,8 +650,8 @@ __device__ void gemv_rows(T* y, const T* x, const T* w, int n, int out, int inne
                               num_splits);                                                                              \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rows_##SUFFIX(T* y, const T* x, const T* w, int n, \
-                                                                                 int out, int inner) {                  \
-        gemv_rows<T>(y, x, w, n, out, inner);                                                                           \
+                                                                                 int out, int inner, int warps_per_row) { \
+        gemv_rows<T>(y, x, w, n, out, inner, warps_per_row);                                                            \
     }                                                                                                                   \
     extern "C" __global__ void attention_reduce_##SUFFIX(T* out, const float* part_acc, const float* part_ml,          \
                                                          const uint32_t* positions, int num_heads, int head_dim,        \

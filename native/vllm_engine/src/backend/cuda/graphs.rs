@@ -336,7 +336,7 @@ impl DecodeGraphs {
     /// y[b, out] = x[b, inner] · w[out, inner]ᵀ: `ops::linear`'s choice on raw buffers.
     #[allow(clippy::too_many_arguments)]
     fn linear(&self, k: &Kernels, dt: DType, y: u64, x: u64, w: u64, b: usize, out: usize, inner: usize) -> Result<()> {
-        if ops::gemv_fits(dt, b, inner) {
+        if ops::gemv_fits(k, dt, b, inner) {
             ops::launch_gemv(k, dt, y, x, w, b, out, inner)
         } else {
             self.blas.linear(dt, y, x, w, b, out, inner)

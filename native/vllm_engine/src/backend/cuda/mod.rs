@@ -53,6 +53,8 @@ pub struct Kernels {
     functions: HashMap<String, CudaFunction>,
     /// `VLLM_ATTENTION_V1=1`: the first attention kernel (thread per key), to compare.
     pub attention_v1: bool,
+    /// `VLLM_GEMV=1`: our GEMV kernel instead of cuBLAS for batches of up to 8 rows.
+    pub gemv: bool,
 }
 
 const KERNEL_NAMES: [&str; 15] = [
@@ -116,6 +118,7 @@ impl Kernels {
             _module: module,
             functions,
             attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
+            gemv: std::env::var_os("VLLM_GEMV").is_some_and(|v| v == "1"),
         })
     }
 

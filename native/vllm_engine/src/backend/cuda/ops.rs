@@ -518,9 +518,22 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// Must match GEMV_THREADS in ops.cu (a warp per output).
 const GEMV_THREADS: u32 = 256;
 
-/// Whether `gemv_rows` serves y[n, out] = x[n, inner] · w[out, inner]ᵀ.
-pub fn gemv_fits(dtype: DType, n: usize, inner: usize) -> bool {
-    n <= GEMV_MAX_ROWS && inner.is_multiple_of(16 / dtype.size_in_bytes())
+/// Whether `gemv_rows` serves y[n, out] = x[n, inner] · w[out, inner]ᵀ: off unless
+/// `VLLM_GEMV=1` (measured slower than cuBLAS on W3 in its first form; kept to compare).
+pub fn gemv_fits(k: &Kernels, dtype: DType, n: usize, inner: usize) -> bool {
+    k.gemv && n <= GEMV_MAX_ROWS && inner.is_multiple_of(16 / dtype.size_in_bytes())
+}
+
+/// Warps that share one output row: about 1,024 inputs each, more while the launch would
+/// have fewer than two blocks per SM of an H100/H200.
+fn gemv_warps_per_row(out: usize, inner: usize) -> usize {
+    let warps = (GEMV_THREADS / 32) as usize;
+    let mut per_row = (inner / 1024).clamp(1, warps);
+    per_row = 1 << per_row.ilog2();
+    while per_row < warps && (out * per_row).div_ceil(warps) < 264 {
+        per_row *= 2;
+    }
+    per_row
 }
 
 /// y[n, out] = x[n, inner] · w[out, inner]ᵀ for small n (`gemv_fits`), raw addresses.
@@ -536,14 +549,15 @@ pub fn launch_gemv(
     inner: usize,
 ) -> Result<()> {
     let f = k.function("gemv_rows", dtype)?;
-    let ints = [n as i32, out as i32, inner as i32];
+    let per_row = gemv_warps_per_row(out, inner);
+    let ints = [n as i32, out as i32, inner as i32, per_row as i32];
     let mut b = k.stream().launch_builder(f);
     b.arg(&y).arg(&x).arg(&w);
     for i in &ints {
         b.arg(i);
     }
-    let warps = (GEMV_THREADS / 32) as usize;
-    unsafe { b.launch(grid(out.div_ceil(warps), GEMV_THREADS, 0)) }.map_err(|e| launch_err("gemv_rows", e))?;
+    let rows_per_block = (GEMV_THREADS / 32) as usize / per_row;
+    unsafe { b.launch(grid(out.div_ceil(rows_per_block), GEMV_THREADS, 0)) }.map_err(|e| launch_err("gemv_rows", e))?;
     Ok(())
 }
 
@@ -552,7 +566,7 @@ pub fn launch_gemv(
 pub fn linear(k: &Kernels, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (n, inner) = x.dims2()?;
     let (out, w_inner) = w.dims2()?;
-    if n == 0 || !gemv_fits(x.dtype(), n, inner) || w_inner != inner || w.dtype() != x.dtype() {
+    if n == 0 || !gemv_fits(k, x.dtype(), n, inner) || w_inner != inner || w.dtype() != x.dtype() {
         return Ok(x.matmul(&w.t()?)?);
     }
     let y = empty((n, out), x.dtype(), x)?;
@@ -611,6 +625,21 @@ mod tests {
             head_dim: 64,
             scale: 1.0,
             window: 0,
+        }
+    }
+
+    #[test]
+    fn gemv_shares_rows_so_every_launch_fills_the_card() {
+        // W3's shapes: qkv, o_proj, gate_up, down, lm_head.
+        assert_eq!(gemv_warps_per_row(1152, 896), 2);
+        assert_eq!(gemv_warps_per_row(896, 896), 4);
+        assert_eq!(gemv_warps_per_row(9728, 896), 1);
+        assert_eq!(gemv_warps_per_row(896, 4864), 4);
+        assert_eq!(gemv_warps_per_row(151_936, 896), 1);
+        assert_eq!(gemv_warps_per_row(4, 64), 8);
+        for (out, inner) in [(1, 1), (7, 100_000), (100_000, 7)] {
+            let w = gemv_warps_per_row(out, inner);
+            assert!(w.is_power_of_two() && w <= 8, "{out} {inner}: {w}");
         }
     }
 
