@@ -91,6 +91,8 @@ modes=("graphs")
 [ "${EAGER:-0}" = 1 ] && modes+=("eager")
 # V1=1: also with graphs and the first attention kernel (VLLM_ATTENTION_V1=1).
 [ "${V1:-0}" = 1 ] && modes+=("v1")
+# GEMV=1: also with graphs and our GEMV kernel for batches of up to 8 rows (VLLM_GEMV=1).
+[ "${GEMV:-0}" = 1 ] && modes+=("gemv")
 for w in $workloads; do
  for mode in "${modes[@]}"; do
   echo "== $w ($mode)"
@@ -102,7 +104,8 @@ for w in $workloads; do
   [ "$mode" = eager ] && extra+=(--enforce-eager true)
   tag=$w; [ "$mode" != graphs ] && tag=$w-$mode
   att_v1=0; [ "$mode" = v1 ] && att_v1=1
-  VLLM_ATTENTION_V1=$att_v1 timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
+  gemv=0; [ "$mode" = gemv ] && gemv=1
+  VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
     --dtype bfloat16 --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$tag.json" "${extra[@]}" \
     2>&1 | tee "$out/$tag.txt"
   summary+=("$(grep -E "^$w median" "$out/$tag.txt" | sed "s/^$w/$tag/" || echo "$tag: FAILED (see $tag.txt)")")
