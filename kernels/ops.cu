@@ -196,6 +196,9 @@ __device__ void paged_attention(T* out, float* part_acc, float* part_ml, const T
     const int first = window > 0 ? max(0, pos + 1 - window) : 0;
     const int start = first + split * partition;
     const int end = min(pos + 1, start + partition);
+    // A split past this token's context (a captured graph covers the longest context):
+    // nothing to do, and attention_reduce does not read it.
+    if (num_splits > 1 && start >= end) return;
     const long long q_base = ((long long)t * num_heads + (long long)kv_head * group) * head_dim;
     for (int i = threadIdx.x; i < group_width; i += blockDim.x) qs[i] = to_f(q[q_base + i]) * scale;
     if (threadIdx.x < group) {
@@ -312,22 +315,298 @@ __device__ void paged_attention(T* out, float* part_acc, float* part_ml, const T
     }
 }
 
-// Combines the splits of paged_attention: one block per (token, head).
+// paged_attention with coalesced cache reads (same grid, shared-memory prefix and outputs):
+// a key or value row is read by `chunks` = head_dim / VEC neighbouring threads, 16 bytes
+// each, so a block reads ATT_THREADS / chunks rows per pass. Scores are reduced over the
+// row's threads with shuffles; each thread accumulates its VEC dims of every query head over
+// the rows of its row group, and the row groups are summed through shared memory at the end.
+// Needs head_dim % VEC == 0 and chunks a power of two <= 32 (the launcher checks).
+template <typename T, int MAXG>
+__device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache,
+                                   const T* v_cache, const uint32_t* positions, const uint32_t* token_seq,
+                                   const uint32_t* block_tables, int max_blocks, int block_size, int num_heads,
+                                   int num_kv_heads, int head_dim, float scale, int window, int partition,
+                                   int num_splits) {
+    constexpr int VEC = 16 / sizeof(T);
+    extern __shared__ float smem[];
+    const int t = blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z;
+    const int group = num_heads / num_kv_heads;
+    const int group_width = group * head_dim;
+    const int chunks = head_dim / VEC;
+    const int rows_per_pass = blockDim.x / chunks;
+    const int sub = threadIdx.x % chunks, row = threadIdx.x / chunks;
+    float* qs = smem;
+    float* scores = qs + group_width;
+    float* run_max = scores + group * ATT_TILE;
+    float* run_sum = run_max + group;
+    float* rescale = run_sum + group;
+    long long* slots = (long long*)(rescale + group + (group & 1) + 2);
+    float* red = (float*)(slots + ATT_TILE);  // [rows_per_pass, group, head_dim]
+
+    const int pos = positions[t];
+    const int seq = token_seq[t];
+    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    const int start = first + split * partition;
+    const int end = min(pos + 1, start + partition);
+    if (num_splits > 1 && start >= end) return;
+    const long long q_base = ((long long)t * num_heads + (long long)kv_head * group) * head_dim;
+    for (int i = threadIdx.x; i < group_width; i += blockDim.x) qs[i] = to_f(q[q_base + i]) * scale;
+    if (threadIdx.x < group) {
+        run_max[threadIdx.x] = -INFINITY;
+        run_sum[threadIdx.x] = 0.f;
+    }
+    float acc[MAXG][VEC];
+#pragma unroll
+    for (int g = 0; g < MAXG; g++)
+#pragma unroll
+        for (int e = 0; e < VEC; e++) acc[g][e] = 0.f;
+    __syncthreads();
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+    const long long kv_stride = (long long)num_kv_heads * head_dim;
+    const long long head_off = (long long)kv_head * head_dim + sub * VEC;
+    for (int tile = start; tile < end; tile += ATT_TILE) {
+        const int n = min(ATT_TILE, end - tile);
+        for (int p = threadIdx.x; p < n; p += blockDim.x)
+            slots[p] = cache_slot(block_tables, seq, max_blocks, block_size, tile + p);
+        __syncthreads();
+        // Scores: every warp runs the same number of passes (shuffles need whole warps).
+        for (int p0 = 0; p0 < n; p0 += rows_per_pass) {
+            const int p = p0 + row;
+            const bool valid = p < n;
+            uint4 raw = make_uint4(0, 0, 0, 0);
+            if (valid) raw = *reinterpret_cast<const uint4*>(k_cache + slots[p] * kv_stride + head_off);
+            const T* kv = reinterpret_cast<const T*>(&raw);
+            float d[MAXG];
+#pragma unroll
+            for (int g = 0; g < MAXG; g++) {
+                d[g] = 0.f;
+                if (g < group) {
+#pragma unroll
+                    for (int e = 0; e < VEC; e++) d[g] += qs[g * head_dim + sub * VEC + e] * to_f(kv[e]);
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < MAXG; g++) {
+                if (g < group) {
+                    for (int o = chunks >> 1; o > 0; o >>= 1) d[g] += __shfl_xor_sync(0xffffffffu, d[g], o);
+                }
+            }
+            if (valid && sub == 0) {
+#pragma unroll
+                for (int g = 0; g < MAXG; g++)
+                    if (g < group) scores[g * ATT_TILE + p] = d[g];
+            }
+        }
+        __syncthreads();
+        for (int g = warp; g < group; g += num_warps) {
+            float m = -INFINITY;
+            for (int p = lane; p < n; p += 32) m = fmaxf(m, scores[g * ATT_TILE + p]);
+            m = warp_max(m);
+            const float m_old = run_max[g];
+            const float m_new = fmaxf(m_old, m);
+            float s = 0.f;
+            for (int p = lane; p < n; p += 32) {
+                const float e = expf(scores[g * ATT_TILE + p] - m_new);
+                scores[g * ATT_TILE + p] = e;
+                s += e;
+            }
+            s = warp_sum(s);
+            if (lane == 0) {
+                const float alpha = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
+                run_sum[g] = run_sum[g] * alpha + s;
+                run_max[g] = m_new;
+                rescale[g] = alpha;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int g = 0; g < MAXG; g++) {
+            if (g < group) {
+                const float a = rescale[g];
+#pragma unroll
+                for (int e = 0; e < VEC; e++) acc[g][e] *= a;
+            }
+        }
+        for (int p = row; p < n; p += rows_per_pass) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(v_cache + slots[p] * kv_stride + head_off);
+            const T* vv = reinterpret_cast<const T*>(&raw);
+            float vf[VEC];
+#pragma unroll
+            for (int e = 0; e < VEC; e++) vf[e] = to_f(vv[e]);
+#pragma unroll
+            for (int g = 0; g < MAXG; g++) {
+                if (g < group) {
+                    const float w = scores[g * ATT_TILE + p];
+#pragma unroll
+                    for (int e = 0; e < VEC; e++) acc[g][e] += w * vf[e];
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    // Sum the row groups' partial outputs.
+#pragma unroll
+    for (int g = 0; g < MAXG; g++) {
+        if (g < group) {
+#pragma unroll
+            for (int e = 0; e < VEC; e++) red[((long long)row * group + g) * head_dim + sub * VEC + e] = acc[g][e];
+        }
+    }
+    __syncthreads();
+    for (int o = threadIdx.x; o < group_width; o += blockDim.x) {
+        float a = 0.f;
+        for (int r = 0; r < rows_per_pass; r++) a += red[(long long)r * group_width + o];
+        const int g = o / head_dim, dim = o % head_dim;
+        if (num_splits == 1) {
+            const float l = run_sum[g];
+            out[q_base + o] = from_f<T>(l > 0.f ? a / l : 0.f);
+        } else {
+            const long long head = (long long)t * num_heads + (long long)kv_head * group + g;
+            part_acc[(head * num_splits + split) * head_dim + dim] = a;
+        }
+    }
+    if (num_splits > 1 && threadIdx.x < group) {
+        const long long head = (long long)t * num_heads + (long long)kv_head * group + threadIdx.x;
+        part_ml[(head * num_splits + split) * 2] = run_max[threadIdx.x];
+        part_ml[(head * num_splits + split) * 2 + 1] = run_sum[threadIdx.x];
+    }
+}
+
+// Combines the splits of paged_attention that cover the token's context (the others were
+// never written): one block per (token, head).
 template <typename T>
-__device__ void attention_reduce(T* out, const float* part_acc, const float* part_ml, int num_heads, int head_dim, int num_splits) {
+__device__ void attention_reduce(T* out, const float* part_acc, const float* part_ml, const uint32_t* positions,
+                                 int num_heads, int head_dim, int num_splits, int window, int partition) {
     const long long head = (long long)blockIdx.x * num_heads + blockIdx.y;
+    const int pos = positions[blockIdx.x];
+    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    const int active = min(num_splits, (pos + 1 - first + partition - 1) / partition);
     const float* ml = part_ml + head * num_splits * 2;
     float m = -INFINITY;
-    for (int s = 0; s < num_splits; s++)
+    for (int s = 0; s < active; s++)
         if (ml[2 * s + 1] > 0.f) m = fmaxf(m, ml[2 * s]);
     float l = 0.f;
-    for (int s = 0; s < num_splits; s++)
+    for (int s = 0; s < active; s++)
         if (ml[2 * s + 1] > 0.f) l += ml[2 * s + 1] * expf(ml[2 * s] - m);
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float a = 0.f;
-        for (int s = 0; s < num_splits; s++)
+        for (int s = 0; s < active; s++)
             if (ml[2 * s + 1] > 0.f) a += part_acc[(head * num_splits + s) * head_dim + d] * expf(ml[2 * s] - m);
         out[head * head_dim + d] = from_f<T>(l > 0.f ? a / l : 0.f);
+    }
+}
+
+
+#define ARGMAX_THREADS 1024
+
+// Per row of logits [rows, vocab] (one block per row): the largest value and its lowest
+// index (NaN never wins). out: u32 [2 * rows], the ids then the values' float32 bits.
+template <typename T>
+__device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
+    __shared__ float best_v[ARGMAX_THREADS / 32];
+    __shared__ int best_i[ARGMAX_THREADS / 32];
+    const T* row = logits + (long long)blockIdx.x * vocab;
+    float v = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float x = to_f(row[i]);
+        if (x > v || (idx == 0x7fffffff && x == v)) {
+            v = x;
+            idx = i;
+        }
+    }
+    // Warp then block reduction: larger value wins, the lower index on equal values.
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > v || (ov == v && oi < idx)) {
+            v = ov;
+            idx = oi;
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        best_v[warp] = v;
+        best_i[warp] = idx;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const int num_warps = blockDim.x >> 5;
+        v = lane < num_warps ? best_v[lane] : -INFINITY;
+        idx = lane < num_warps ? best_i[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+            if (ov > v || (ov == v && oi < idx)) {
+                v = ov;
+                idx = oi;
+            }
+        }
+        if (lane == 0) {
+            out[blockIdx.x] = idx == 0x7fffffff ? 0u : (uint32_t)idx;
+            out[gridDim.x + blockIdx.x] = __float_as_uint(v);
+        }
+    }
+}
+
+#define GEMV_MAX_ROWS 8
+#define GEMV_THREADS 256
+
+// y[r, o] = sum_i x[r, i] * w[o, i] for the n <= GEMV_MAX_ROWS rows of a small batch (a
+// decode step), float32 accumulation. `warps_per_row` warps share an output row, each
+// reading a slice of w's row with 16-byte loads (coalesced over the warp) and summed
+// through shared memory, so short-and-wide and tall-and-narrow matrices both keep enough
+// loads in flight; the x rows come through L1. Needs inner % (16 / sizeof(T)) == 0,
+// 16-byte aligned rows, and warps_per_row dividing the block's warps.
+template <typename T>
+__device__ void gemv_rows(T* y, const T* x, const T* w, int n, int out, int inner, int warps_per_row) {
+    __shared__ float part[GEMV_THREADS / 32][GEMV_MAX_ROWS];
+    constexpr int VEC = 16 / sizeof(T);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int rows_per_block = (blockDim.x >> 5) / warps_per_row;
+    const int local_row = warp / warps_per_row, slice = warp % warps_per_row;
+    const int o = blockIdx.x * rows_per_block + local_row;
+    const bool active = o < out;
+    const int chunks = inner / VEC;
+    const int per = (chunks + warps_per_row - 1) / warps_per_row;
+    const int c0 = slice * per, c1 = min(chunks, c0 + per);
+    float acc[GEMV_MAX_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; r++) acc[r] = 0.f;
+    if (active) {
+        const T* wr = w + (long long)o * inner;
+#pragma unroll 4
+        for (int c = c0 + lane; c < c1; c += 32) {
+            const uint4 wraw = *reinterpret_cast<const uint4*>(wr + (long long)c * VEC);
+            const T* wv = reinterpret_cast<const T*>(&wraw);
+            float wf[VEC];
+#pragma unroll
+            for (int e = 0; e < VEC; e++) wf[e] = to_f(wv[e]);
+#pragma unroll
+            for (int r = 0; r < GEMV_MAX_ROWS; r++) {
+                if (r < n) {
+                    const uint4 xraw = *reinterpret_cast<const uint4*>(x + (long long)r * inner + (long long)c * VEC);
+                    const T* xv = reinterpret_cast<const T*>(&xraw);
+#pragma unroll
+                    for (int e = 0; e < VEC; e++) acc[r] += wf[e] * to_f(xv[e]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; r++) {
+        if (r < n) {
+            const float v = warp_sum(acc[r]);
+            if (lane == 0) part[warp][r] = v;
+        }
+    }
+    __syncthreads();
+    if (active && slice == 0 && lane < n) {
+        float sum = 0.f;
+        for (int i = 0; i < warps_per_row; i++) sum += part[local_row * warps_per_row + i][lane];
+        y[(long long)lane * out + o] = from_f<T>(sum);
     }
 }
 
@@ -360,11 +639,53 @@ __device__ void attention_reduce(T* out, const float* part_acc, const float* par
         paged_attention<T>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq, block_tables, max_blocks, \
                            block_size, num_heads, num_kv_heads, head_dim, scale, window, partition, num_splits);        \
     }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_attention_v2_##SUFFIX(                              \
+        T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache, const T* v_cache,                       \
+        const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,            \
+        int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,         \
+        int num_splits) {                                                                                               \
+        paged_attention_v2<T, ATT_MAX_GROUP>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq,         \
+                              block_tables,                                                                             \
+                              max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale, window, partition,     \
+                              num_splits);                                                                              \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rows_##SUFFIX(T* y, const T* x, const T* w, int n, \
+                                                                                 int out, int inner, int warps_per_row) { \
+        gemv_rows<T>(y, x, w, n, out, inner, warps_per_row);                                                            \
+    }                                                                                                                   \
     extern "C" __global__ void attention_reduce_##SUFFIX(T* out, const float* part_acc, const float* part_ml,          \
-                                                         int num_heads, int head_dim, int num_splits) {                 \
-        attention_reduce<T>(out, part_acc, part_ml, num_heads, head_dim, num_splits);                                   \
+                                                         const uint32_t* positions, int num_heads, int head_dim,        \
+                                                         int num_splits, int window, int partition) {                   \
+        attention_reduce<T>(out, part_acc, part_ml, positions, num_heads, head_dim, num_splits, window, partition);     \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_rows_##SUFFIX(uint32_t* out, const T* logits,  \
+                                                                                     int vocab) {                       \
+        argmax_rows<T>(out, logits, vocab);                                                                             \
     }
 
 INSTANTIATE(f32, float)
 INSTANTIATE(bf16, __nv_bfloat16)
 INSTANTIATE(f16, __half)
+
+// paged_attention_v2 for one exact group size: per-thread arrays sized to it, so a block
+// needs far fewer registers and more blocks share an SM.
+#define INSTANTIATE_V2_GROUP(SUFFIX, T, G)                                                                              \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_attention_v2_g##G##_##SUFFIX(                      \
+        T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache, const T* v_cache,                       \
+        const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,            \
+        int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,         \
+        int num_splits) {                                                                                               \
+        paged_attention_v2<T, G>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq, block_tables,      \
+                                 max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale, window, partition,  \
+                                 num_splits);                                                                           \
+    }
+#define INSTANTIATE_V2_GROUPS(SUFFIX, T)                                                                                \
+    INSTANTIATE_V2_GROUP(SUFFIX, T, 1)                                                                                  \
+    INSTANTIATE_V2_GROUP(SUFFIX, T, 2)                                                                                  \
+    INSTANTIATE_V2_GROUP(SUFFIX, T, 4)                                                                                  \
+    INSTANTIATE_V2_GROUP(SUFFIX, T, 7)                                                                                  \
+    INSTANTIATE_V2_GROUP(SUFFIX, T, 8)
+
+INSTANTIATE_V2_GROUPS(f32, float)
+INSTANTIATE_V2_GROUPS(bf16, __nv_bfloat16)
+INSTANTIATE_V2_GROUPS(f16, __half)

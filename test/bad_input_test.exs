@@ -484,6 +484,29 @@ defmodule Vllm.BadInputTest do
     assert {:error, %Error{category: :unsupported}} = AsyncLLMEngine.new(path!(), device: "cuda")
   end
 
+  # The ExUnit suite runs the CPU-only NIF: CUDA devices reach it and are refused there.
+  test "a CUDA device in a CPU-only build is :unsupported, naming the cargo feature" do
+    for device <- ["cuda", "cuda:1", "gpu"] do
+      assert {:error, %Error{category: :unsupported, message: m}} =
+               AsyncLLMEngine.new(path!(), device: device, enforce_eager: true)
+
+      assert m =~ "CPU-only", "#{device}: #{m}"
+      assert m =~ "feature `cuda`", "#{device}: #{m}"
+    end
+
+    for device <- ["tpu", "cuda:x", "cuda:"] do
+      assert {:error, %Error{category: :validation, message: m}} =
+               AsyncLLMEngine.new(path!(), device: device)
+
+      assert m =~ ":device", "#{device}: #{m}"
+    end
+
+    assert {:error, %Error{category: :validation, message: m}} =
+             AsyncLLMEngine.new(path!(), load_format: "pt")
+
+    assert m =~ ":load_format"
+  end
+
   test "trust_remote_code and __runtime__ are accepted" do
     engine =
       start_engine!(trust_remote_code: true, __runtime__: [timeout: 120_000, session_id: "s"])

@@ -86,18 +86,45 @@ fi
 
 config_of() { case $1 in w1) echo "$here/configs/qwen3-0.6b.json" ;; w2) echo "$here/configs/llama-3.1-8b.json" ;; w3) echo "$here/configs/qwen2.5-0.5b.json" ;; esac; }
 ceiling_of() { case $1 in w1) echo "$w1_ceiling" ;; w3) echo "$w3_ceiling" ;; *) echo "" ;; esac; }
+# EAGER=1: each workload also with --enforce-eager true (no CUDA graphs), same machine.
+modes=("graphs")
+[ "${EAGER:-0}" = 1 ] && modes+=("eager")
+# V1=1: also with graphs and the first attention kernel (VLLM_ATTENTION_V1=1).
+[ "${V1:-0}" = 1 ] && modes+=("v1")
+# GEMV=1: also with graphs and our GEMV kernel for batches of up to 8 rows (VLLM_GEMV=1).
+[ "${GEMV:-0}" = 1 ] && modes+=("gemv")
 for w in $workloads; do
-  echo "== $w"
+ for mode in "${modes[@]}"; do
+  echo "== $w ($mode)"
   c=$(ceiling_of "$w")
   extra=()
   [ -n "$c" ] && extra+=(--ceiling "$c")
   [ "$w" = w3 ] && extra+=(--max-model-len 1024)
   [ "$w" != w3 ] && extra+=(--max-model-len 2048 --max-num-batched-tokens 8192)
-  timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
-    --dtype bfloat16 --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$w.json" "${extra[@]}" \
-    2>&1 | tee "$out/$w.txt"
-  summary+=("$(grep -E "^$w median" "$out/$w.txt" || echo "$w: FAILED (see $w.txt)")")
-  summary+=("  $(grep -E "^step timing" "$out/$w.txt" | tail -1)")
+  [ "$mode" = eager ] && extra+=(--enforce-eager true)
+  tag=$w; [ "$mode" != graphs ] && tag=$w-$mode
+  att_v1=0; [ "$mode" = v1 ] && att_v1=1
+  gemv=0; [ "$mode" = gemv ] && gemv=1
+  VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
+    --dtype bfloat16 --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$tag.json" "${extra[@]}" \
+    2>&1 | tee "$out/$tag.txt"
+  summary+=("$(grep -E "^$w median" "$out/$tag.txt" | sed "s/^$w/$tag/" || echo "$tag: FAILED (see $tag.txt)")")
+  summary+=("  $(grep -E "^step timing" "$out/$tag.txt" | tail -1)")
+  summary+=("  $(grep -E "^decode graphs|graph capture failed" "$out/$tag.txt" | tail -1)")
+ done
+done
+
+# OP_TIMING="w1 w3": those workloads once more, eager, synchronizing after every op, to
+# say where a step's device time goes (throughput of these runs means nothing).
+for w in ${OP_TIMING:-}; do
+  echo "== $w op timing (eager, VLLM_OP_TIMING=1)"
+  extra=()
+  [ "$w" = w3 ] && extra+=(--max-model-len 1024)
+  [ "$w" != w3 ] && extra+=(--max-model-len 2048 --max-num-batched-tokens 8192)
+  VLLM_OP_TIMING=1 timeout 300 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy \
+    --device cuda --dtype bfloat16 --tokenizer "$gpu/tokenizer.json" --runs 1 --enforce-eager true "${extra[@]}" \
+    2>&1 | tee "$out/$w-op-timing.txt"
+  while read -r l; do summary+=("$w $l"); done < <(grep -E "^op timing" "$out/$w-op-timing.txt")
 done
 
 if [ "${HF_W3:-0}" = 1 ]; then

@@ -74,18 +74,21 @@ defmodule Vllm.AsyncLLMEngine do
   `new(opts)` or `new(model, opts)`. Options (vLLM's EngineArgs names): `model`, `dtype`,
   `seed`, `max_model_len`, `max_num_seqs`, `max_num_batched_tokens`, `block_size`,
   `kv_cache_memory_bytes`, `enable_prefix_caching`, `enable_chunked_prefill`, `device`
-  (`"auto"` or `"cpu"`), `tokenizer`, `num_threads`, `quantization` (`"gguf"`: keep a
+  (`"auto"`, `"cpu"`, `"cuda"` or `"cuda:N"`; CUDA needs a NIF built with the cargo feature
+  `cuda`, a CPU-only build answers `:unsupported`), `load_format` (`"auto"`, or `"dummy"`:
+  random weights from the model's config, for benchmarks), `tokenizer`, `num_threads`, `quantization` (`"gguf"`: keep a
   GGUF file's matrices quantized), `data_parallel_size` (engine cores, each a replica with
   its own KV cache; see `scale_elastic_ep/3`), `profiler_dir` (where `stop_profile/1`
-  writes), `trust_remote_code` (ignored), `gpu_memory_utilization`/`enforce_eager` (no GPU
-  memory or CUDA graphs on the CPU: accepted, no effect), `served_model_name` (the name
-  other nodes reach the engine by, see `Vllm.Cluster`), `enable_lora` with `max_loras`
+  writes), `trust_remote_code` (ignored), `gpu_memory_utilization` (the share of the GPU the
+  engine may take; sizes the KV cache) and `enforce_eager` (no CUDA graphs for decode
+  steps) — on the CPU accepted with no effect, `served_model_name` (the name other nodes
+  reach the engine by, see `Vllm.Cluster`), `enable_lora` with `max_loras`
   (adapters resident at once), `max_lora_rank` and `max_cpu_loras` (adapters kept in host
   memory), `max_waiting_requests` (requests allowed to wait beyond `max_num_seqs`;
   more are `:resource_exhausted`; default no limit), `name` (process name),
   `__runtime__: [timeout: ms]` (load timeout). Refused with `:unsupported` and the reason:
-  `tensor_parallel_size` > 1, `device` other than `"auto"`/`"cpu"`,
-  a `dtype` other than float32, a `revision`, a `quantization` other
+  `tensor_parallel_size` > 1, a CUDA `device` in a CPU-only build,
+  a `dtype` other than float32 on the CPU, a `revision`, a `quantization` other
   than `"gguf"`.
 
   Errors: a missing model is `:not_found`, a corrupt file or a bad option `:validation`.

@@ -13,7 +13,8 @@ defmodule Vllm.EngineOptions do
       dtype:
         {&(&1 in ["auto", "float32", "float", "bfloat16", "float16", "half"]),
          ~s("auto", "float32", "bfloat16" or "float16")},
-      device: {&is_binary/1, ~s("auto" or "cpu")},
+      device: {&is_binary/1, ~s("auto", "cpu", "cuda" or "cuda:N")},
+      load_format: {&(&1 in ["auto", "dummy"]), ~s("auto" or "dummy")},
       seed: {&(is_integer(&1) and &1 >= 0), "a non-negative integer"},
       max_model_len: {&(is_integer(&1) and &1 > 0), "a positive integer"},
       max_num_seqs: {&(is_integer(&1) and &1 > 0), "a positive integer"},
@@ -49,6 +50,9 @@ defmodule Vllm.EngineOptions do
     :tokenizer,
     :dtype,
     :device,
+    :load_format,
+    :enforce_eager,
+    :gpu_memory_utilization,
     :seed,
     :max_model_len,
     :max_num_seqs,
@@ -166,29 +170,41 @@ defmodule Vllm.EngineOptions do
 
   defp check_model(_model), do: :ok
 
-  defp check_device(device) when device in [nil, "auto", "cpu"], do: :ok
+  # CPU and CUDA devices go to the NIF, which refuses CUDA in a CPU-only build
+  # (:unsupported, naming the cargo feature); other names are not devices at all.
+  defp check_device(device) when device in [nil, "auto", "cpu", "cuda", "gpu"], do: :ok
 
-  defp check_device(device),
+  defp check_device("cuda:" <> ordinal = device) do
+    case Integer.parse(ordinal) do
+      {n, ""} when n >= 0 -> :ok
+      _ -> bad_device(device)
+    end
+  end
+
+  defp check_device(device), do: bad_device(device)
+
+  defp bad_device(device),
     do:
       {:error,
-       Error.new(
-         :unsupported,
-         ~s(device #{inspect(device)}: this build has only the CPU backend \(the CUDA backend is issue 6\); use "auto" or "cpu")
+       Error.validation(
+         ~s(engine option :device must be "auto", "cpu", "cuda" or "cuda:N", got #{inspect(device)})
        )}
 
+  defp cuda?(device), do: device in ["cuda", "gpu"] or String.starts_with?(device || "", "cuda:")
+
   # Options this build cannot honour are refused with the reason, never silently dropped.
-  # gpu_memory_utilization and enforce_eager are about GPU memory and CUDA graphs: on the
-  # CPU they have nothing to act on. 
+  # gpu_memory_utilization and enforce_eager act on the CUDA backend (KV cache sizing, CUDA
+  # graphs); on the CPU they have nothing to act on.
   defp check_supported(opts) do
     cond do
-      opts[:dtype] in ["bfloat16", "float16", "half"] ->
+      opts[:dtype] in ["bfloat16", "float16", "half"] and not cuda?(opts[:device]) ->
         unsupported(
           "dtype #{inspect(opts[:dtype])}: the CPU backend computes in float32; use \"auto\" or \"float32\""
         )
 
       (opts[:tensor_parallel_size] || 1) > 1 ->
         unsupported(
-          "tensor_parallel_size #{opts[:tensor_parallel_size]}: tensor parallelism splits a model over several GPUs, and this build runs on the CPU (the CUDA backend is issue 6); use data_parallel_size for replicas"
+          "tensor_parallel_size #{opts[:tensor_parallel_size]}: tensor parallelism (a model split over several GPUs) is not supported; use data_parallel_size for replicas"
         )
 
       opts[:revision] not in [nil, "main"] ->

@@ -43,22 +43,22 @@ defmodule Vllm.AsyncLLMEngine.Server do
 
   @doc "Loads `count` cores concurrently; `{:ok, [resource]}` or the first error."
   def load_cores(native, count, timeout) do
-    refs = for _ <- 1..count, do: make_ref()
+    # A start the NIF refuses at once (bad options, a device this build lacks) sends no
+    # message: wait only for the cores that did start, and shut those down on an error.
+    {started, refused} =
+      Enum.reduce_while(0..(count - 1), {[], nil}, fn rank, {refs, nil} ->
+        ref = make_ref()
 
-    started =
-      refs
-      |> Enum.with_index()
-      |> Enum.reduce_while(:ok, fn {ref, rank}, :ok ->
         case Native.engine_start(core_native(native, rank), self(), ref) do
-          :ok -> {:cont, :ok}
-          {:error, reason} -> {:halt, {:error, Error.from_native(reason)}}
+          :ok -> {:cont, {[ref | refs], nil}}
+          {:error, reason} -> {:halt, {refs, Error.from_native(reason)}}
         end
       end)
 
     deadline = System.monotonic_time(:millisecond) + timeout
 
     results =
-      Enum.map(refs, fn ref ->
+      Enum.map(Enum.reverse(started), fn ref ->
         wait = max(deadline - System.monotonic_time(:millisecond), 0)
 
         receive do
@@ -69,15 +69,13 @@ defmodule Vllm.AsyncLLMEngine.Server do
         end
       end)
 
-    with :ok <- started do
-      case Enum.find(results, &match?({:error, _}, &1)) do
-        nil ->
-          {:ok, Enum.map(results, fn {:ok, r} -> r end)}
+    case refused || Enum.find_value(results, fn r -> match?({:error, _}, r) && elem(r, 1) end) do
+      nil ->
+        {:ok, Enum.map(results, fn {:ok, r} -> r end)}
 
-        error ->
-          for {:ok, r} <- results, do: Native.shutdown(r)
-          error
-      end
+      error ->
+        for {:ok, r} <- results, do: Native.shutdown(r)
+        {:error, error}
     end
   end
 

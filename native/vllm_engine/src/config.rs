@@ -236,7 +236,7 @@ impl EngineArgs {
         }
         if self.device.is_cuda() && !cfg!(feature = "cuda") {
             return Err(EngineError::unsupported(
-                "device cuda: this build has no CUDA support (build with the cargo feature `cuda`)",
+                "device cuda: this build is CPU-only, without CUDA support (build with the cargo feature `cuda`)",
             ));
         }
         if self.device.is_cuda() && self.quantization.is_some() {

@@ -179,6 +179,13 @@ impl Engine {
         );
         let mut scheduler = scheduler;
         let mut runner = ModelRunner::new(model, limits.num_blocks, limits.block_size)?;
+        runner.prepare_decode_graphs(&crate::models::DecodeCaptureLimits {
+            max_num_seqs: limits.max_num_seqs,
+            max_model_len: limits.max_model_len,
+            block_size: limits.block_size,
+            num_blocks: limits.num_blocks,
+            enforce_eager: args.enforce_eager,
+        })?;
         let loras = if args.enable_lora {
             runner.enable_lora(args.max_loras)?;
             scheduler.set_lora_limit(Some(args.max_loras));

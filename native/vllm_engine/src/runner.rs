@@ -7,7 +7,7 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::manager::SeqId;
 use crate::kv_cache::PagedKvCache;
 use crate::lora::{slots::SlotLoad, LoraAdapter, LoraSlots};
-use crate::models::{CausalLM, ForwardBatch, SeqSlice};
+use crate::models::{CausalLM, DecodeCaptureLimits, ForwardBatch, SeqSlice};
 use crate::scheduler::{Scheduler, SchedulerOutput};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -96,6 +96,11 @@ impl ModelRunner {
     pub fn kv_cache_bytes(&self) -> usize {
         let floats: usize = self.kv.layers.iter().map(|l| l.k.capacity() + l.v.capacity()).sum();
         floats * std::mem::size_of::<f32>()
+    }
+
+    /// Lets the model capture its decode steps against this runner's KV cache (CUDA graphs).
+    pub fn prepare_decode_graphs(&mut self, limits: &DecodeCaptureLimits) -> Result<()> {
+        self.model.prepare_decode_graphs(limits, &self.kv)
     }
 
     /// Frees the KV cache memory (sleep). The block geometry stays for `restore_kv_cache`.
@@ -212,9 +217,36 @@ impl ModelRunner {
             });
         }
         let started = std::time::Instant::now();
-        let logits = self.model.forward(&batch, &mut self.kv)?;
-        let issued = std::time::Instant::now();
-        let result = fetch(logits, &batch, step, seq_ids, scheduler);
+        let expected: usize = batch.seqs.iter().map(|s| s.num_logit_rows()).sum();
+        let greedy = if device_greedy_enabled() && expected == seq_ids.len() && all_plain_greedy(&seq_ids, scheduler) {
+            self.model.forward_greedy(&batch, &mut self.kv)?
+        } else {
+            None
+        };
+        let (issued, result) = match greedy {
+            Some((token_ids, max_logits)) => {
+                let result = if token_ids.len() == expected {
+                    Ok(StepLogits {
+                        seq_ids,
+                        rows: Vec::new(),
+                        prompt_rows: Vec::new(),
+                        greedy: Some(GreedyRows { token_ids, max_logits }),
+                    })
+                } else {
+                    Err(EngineError::internal(format!(
+                        "model returned {} greedy rows, expected {expected}",
+                        token_ids.len()
+                    )))
+                };
+                // Issue and wait are one call here: all of it counts as forward.
+                (std::time::Instant::now(), result)
+            }
+            None => {
+                let logits = self.model.forward(&batch, &mut self.kv)?;
+                let issued = std::time::Instant::now();
+                (issued, fetch(logits, &batch, step, seq_ids, scheduler))
+            }
+        };
         if let Some(t) = &mut self.timing {
             let end = std::time::Instant::now();
             t.steps += 1;

@@ -4,6 +4,8 @@
 //! and decodes against the HF references of the tiny fixtures, and `load_format: dummy`.
 
 mod common;
+#[allow(dead_code)]
+mod engine_common;
 
 use common::{read_json, step, u32s, BlockAllocator, TestSeq};
 use vllm_engine::config::{DType, Device, LoadFormat};
@@ -113,6 +115,62 @@ fn tiny_qwen3_batch_invariance() {
 #[test]
 fn tiny_mistral_batch_invariance() {
     batch_invariance("tiny_mistral");
+}
+
+/// The whole engine on the device: five copies of the fixture prompt submitted together
+/// (a decode batch of 5, which the captured decode pads to 8 rows; copies 2-5 take the
+/// first one's prompt blocks from the prefix cache), twice, then the same with
+/// `enforce_eager`. Every copy must give HF's greedy ids both ways.
+fn engine_greedy_matches_reference(name: &str) {
+    let dir = common::fixtures_dir().join("tiny").join(name);
+    let reference = read_json(dir.join("reference.json"));
+    let prompt = u32s(&reference["prompt_token_ids"]);
+    let expected = u32s(&reference["greedy_token_ids"]);
+    for enforce_eager in [false, true] {
+        let mut a = args(dir.clone());
+        a.tokenizer = Some(engine_common::tokenizer_path());
+        a.max_num_seqs = 8;
+        a.block_size = BLOCK_SIZE;
+        a.enforce_eager = enforce_eager;
+        let engine = vllm_engine::Engine::new(a).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for pass in 0..2 {
+            let receivers: Vec<_> = (0..5)
+                .map(|i| {
+                    let mut p = vllm_engine::SamplingParams::greedy(expected.len());
+                    p.ignore_eos = true;
+                    engine_common::submit(&engine, &format!("{pass}-{i}"), prompt.clone(), p)
+                })
+                .collect();
+            for (i, rx) in receivers.iter().enumerate() {
+                let got = engine_common::final_tokens(&engine_common::collect(rx));
+                assert_eq!(
+                    got, expected,
+                    "{name}: copy {i}, pass {pass}, enforce_eager {enforce_eager}"
+                );
+            }
+        }
+        engine_common::assert_all_blocks_free(&engine);
+    }
+}
+
+#[test]
+fn tiny_llama_engine_greedy_with_and_without_graphs() {
+    engine_greedy_matches_reference("tiny_llama");
+}
+
+#[test]
+fn tiny_qwen2_engine_greedy_with_and_without_graphs() {
+    engine_greedy_matches_reference("tiny_qwen2");
+}
+
+#[test]
+fn tiny_qwen3_engine_greedy_with_and_without_graphs() {
+    engine_greedy_matches_reference("tiny_qwen3");
+}
+
+#[test]
+fn tiny_mistral_engine_greedy_with_and_without_graphs() {
+    engine_greedy_matches_reference("tiny_mistral");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use rustler::{Atom, Binary, Decoder, Term, TermType};
-use vllm_engine::config::DType;
+use vllm_engine::config::{DType, Device, LoadFormat};
 use vllm_engine::{EngineArgs, EngineError, OutputKind, Result, SamplingParams};
 
 use crate::atoms;
@@ -123,11 +123,22 @@ pub fn engine_args(opts: Term) -> Result<EngineArgs> {
         args.dtype = DType::parse(&dtype)?;
     }
     if let Some(device) = string_field(opts, WHAT, "device")? {
-        if device != "auto" && device != "cpu" {
-            return Err(EngineError::unsupported(format!(
-                "engine option `device` {device:?} is not supported yet: use \"auto\" or \"cpu\""
-            )));
-        }
+        // "auto": the GPU when this NIF was built with CUDA, else the CPU. A CUDA device
+        // asked of a CPU-only build is refused by `validate` below (:unsupported).
+        args.device = match device.as_str() {
+            "auto" if cfg!(feature = "cuda") => Device::Cuda(0),
+            "auto" => Device::Cpu,
+            other => Device::parse(other)?,
+        };
+    }
+    if let Some(format) = string_field(opts, WHAT, "load_format")? {
+        args.load_format = LoadFormat::parse(&format)?;
+    }
+    if let Some(b) = field::<bool>(opts, WHAT, "enforce_eager", "a boolean")? {
+        args.enforce_eager = b;
+    }
+    if let Some(u) = field::<f64>(opts, WHAT, "gpu_memory_utilization", "a number")? {
+        args.gpu_memory_utilization = u;
     }
     if let Some(seed) = field::<u64>(opts, WHAT, "seed", "a non-negative integer")? {
         args.seed = seed;

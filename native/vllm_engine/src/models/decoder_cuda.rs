@@ -3,18 +3,22 @@
 //! cuBLAS (candle) and every other op one of our kernels (backend/cuda). The KV cache is a
 //! DeviceKvCache; one upload of step metadata per forward, logits copied back as float32.
 
+use std::sync::Mutex;
+
 use candle_core::{DType, Device, Tensor};
 
+use crate::backend::cuda::graphs::{self, DecodeGraphs, GraphLimits, LayerPtrs, ModelPtrs, ModelShape};
+use crate::backend::cuda::op_timing::{OpClock, OpTiming};
 use crate::backend::cuda::ops::{
     self, AttentionDims, QkvExtras, StepMeta, ATT_MAX_GROUP, ATT_MAX_GROUP_WIDTH, ATT_MAX_HEAD_DIM,
 };
-use crate::backend::cuda::{memory_info, DeviceKvCache, Kernels};
+use crate::backend::cuda::{device_ptr, memory_info, optional_ptr, DeviceKvCache, Kernels};
 use crate::config::{Architecture, EngineArgs, ModelConfig};
 use crate::error::{EngineError, ErrorCategory, Result};
 use crate::kv_cache::PagedKvCache;
 use crate::loader::WeightSource;
 use crate::models::layers::Rotary;
-use crate::models::{CausalLM, ForwardBatch};
+use crate::models::{CausalLM, DecodeCaptureLimits, ForwardBatch};
 
 /// Rotary tables cover at most this many positions (max_position_embeddings beyond it is
 /// unusual for the models served here and would only cost memory).
@@ -56,6 +60,10 @@ pub struct CudaDecoderLM {
     rotary_positions: usize,
     dims: AttentionDims,
     weight_bytes: usize,
+    /// Captured decode steps (None: eager, as with enforce_eager or before capture).
+    graphs: Mutex<Option<DecodeGraphs>>,
+    /// VLLM_OP_TIMING: per-op device time of eager steps.
+    op_timing: Option<OpTiming>,
 }
 
 /// Checks that our kernels cover the model's attention geometry.
@@ -189,7 +197,144 @@ impl CudaDecoderLM {
             rotary_positions,
             dims,
             weight_bytes,
+            graphs: Mutex::new(None),
+            op_timing: OpTiming::from_env(),
         })
+    }
+
+    fn shape(&self) -> ModelShape {
+        let c = &self.config;
+        ModelShape {
+            dtype: self.dtype,
+            hidden: c.hidden_size,
+            q_width: c.num_attention_heads * c.head_dim,
+            qkv_width: (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim,
+            intermediate: c.intermediate_size,
+            vocab: c.vocab_size,
+            dims: self.dims,
+        }
+    }
+
+    /// Device addresses of the weights and of `cache`, for the captured step.
+    fn model_ptrs(&self, cache: &DeviceKvCache) -> crate::error::Result<ModelPtrs> {
+        let c = &self.config;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (l, (k_cache, v_cache)) in self.layers.iter().zip(&cache.layers) {
+            layers.push(LayerPtrs {
+                input_norm: device_ptr(&l.input_norm)?,
+                qkv: device_ptr(&l.qkv)?,
+                qkv_bias: optional_ptr(l.qkv_bias.as_ref())?,
+                q_norm: optional_ptr(l.q_norm.as_ref())?,
+                k_norm: optional_ptr(l.k_norm.as_ref())?,
+                o_proj: device_ptr(&l.o_proj)?,
+                post_norm: device_ptr(&l.post_attention_norm)?,
+                gate_up: device_ptr(&l.gate_up)?,
+                down: device_ptr(&l.down)?,
+                k_cache: device_ptr(k_cache)?,
+                v_cache: device_ptr(v_cache)?,
+            });
+        }
+        Ok(ModelPtrs {
+            dtype: self.dtype,
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            vocab: c.vocab_size,
+            eps: c.rms_norm_eps as f32,
+            dims: self.dims,
+            embed: device_ptr(&self.embed)?,
+            final_norm: device_ptr(&self.final_norm)?,
+            lm_head: device_ptr(&self.lm_head)?,
+            cos: device_ptr(&self.cos)?,
+            sin: device_ptr(&self.sin)?,
+            layers,
+        })
+    }
+
+    fn device_cache<'a>(&self, kv: &'a PagedKvCache) -> Result<&'a DeviceKvCache> {
+        let cache = kv
+            .device
+            .as_ref()
+            .ok_or_else(|| EngineError::internal("the model is on a GPU but its KV cache is not"))?;
+        if cache.layers.len() != self.layers.len() || cache.dtype != self.dtype {
+            return Err(EngineError::internal("the KV cache does not match the model"));
+        }
+        Ok(cache)
+    }
+
+    /// The key of the cache the graphs were captured against: layer 0's keys.
+    fn kv_key(cache: &DeviceKvCache) -> Result<u64> {
+        cache.layers.first().map_or(Ok(0), |(k, _)| device_ptr(k))
+    }
+
+    /// Runs the batch through a captured graph when one covers it: Some(padded size).
+    fn try_replay(
+        &self,
+        batch: &ForwardBatch,
+        kv: &PagedKvCache,
+    ) -> Result<Option<(usize, std::sync::MutexGuard<'_, Option<DecodeGraphs>>)>> {
+        let mut guard = self
+            .graphs
+            .lock()
+            .map_err(|_| EngineError::internal("the CUDA graph state was poisoned by a panic"))?;
+        let Some(graphs) = guard.as_mut() else {
+            return Ok(None);
+        };
+        let key = Self::kv_key(self.device_cache(kv)?)?;
+        match graphs.replay(batch, key, self.config.vocab_size)? {
+            Some(b) => Ok(Some((b, guard))),
+            None => Ok(None),
+        }
+    }
+
+    /// The eager forward pass up to the logits in the model dtype, [rows, vocab].
+    fn forward_eager(&self, batch: &ForwardBatch, kv: &PagedKvCache) -> Result<Option<Tensor>> {
+        let cache = self.device_cache(kv)?;
+        let (ids, rows, meta, num_rows) = self.step_meta(batch, kv)?;
+        let k = &self.kernels;
+        let eps = self.config.rms_norm_eps as f32;
+
+        let decode_only = batch.seqs.iter().all(|s| s.query_len == 1);
+        let mut clock = OpClock::start(self.op_timing.as_ref(), k.stream(), decode_only)?;
+        let h = ops::embedding(k, &self.embed, &ids)?;
+        clock.lap("embed")?;
+        let mut delta: Option<Tensor> = None;
+        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(&cache.layers) {
+            // h += previous MLP output (fused into the norm), x = norm(h).
+            let x = ops::add_rms_norm(k, &h, delta.as_ref(), &layer.input_norm, eps)?;
+            clock.lap("norm")?;
+            let qkv = ops::linear(k, &x, &layer.qkv)?;
+            clock.lap("qkv_gemm")?;
+            let extras = QkvExtras {
+                bias: layer.qkv_bias.as_ref(),
+                q_norm: layer.q_norm.as_ref(),
+                k_norm: layer.k_norm.as_ref(),
+                eps,
+            };
+            let q = ops::qkv_prepare(
+                k, &qkv, &extras, &self.cos, &self.sin, &meta, k_cache, v_cache, &self.dims,
+            )?;
+            clock.lap("qkv_prepare")?;
+            let attn = ops::paged_attention(k, &q, k_cache, v_cache, &meta, &self.dims)?;
+            clock.lap("attention")?;
+            let o = ops::linear(k, &attn, &layer.o_proj)?;
+            clock.lap("o_gemm")?;
+            let x = ops::add_rms_norm(k, &h, Some(&o), &layer.post_attention_norm, eps)?;
+            clock.lap("norm")?;
+            let gate_up = ops::linear(k, &x, &layer.gate_up)?;
+            clock.lap("gate_up_gemm")?;
+            let act = ops::silu_mul(k, &gate_up)?;
+            clock.lap("silu_mul")?;
+            delta = Some(ops::linear(k, &act, &layer.down)?);
+            clock.lap("down_gemm")?;
+        }
+        if num_rows == 0 {
+            return Ok(None);
+        }
+        let x = ops::add_rms_norm(k, &h, delta.as_ref(), &self.final_norm, eps)?;
+        let last = ops::gather_rows(k, &x, &rows)?;
+        let logits = ops::linear(k, &last, &self.lm_head)?;
+        clock.lap("lm_head")?;
+        Ok(Some(logits))
     }
 
     fn kv_width(&self) -> usize {
@@ -295,48 +440,77 @@ impl CudaDecoderLM {
 impl CausalLM for CudaDecoderLM {
     fn forward(&self, batch: &ForwardBatch, kv: &mut PagedKvCache) -> Result<Tensor> {
         let c = &self.config;
-        let cache = kv
-            .device
-            .as_ref()
-            .ok_or_else(|| EngineError::internal("the model is on a GPU but its KV cache is not"))?;
-        if cache.layers.len() != self.layers.len() || cache.dtype != self.dtype {
-            return Err(EngineError::internal("the KV cache does not match the model"));
-        }
         if batch.token_ids.is_empty() {
             return Ok(Tensor::zeros((0, c.vocab_size), DType::F32, &Device::Cpu)?);
         }
-        let (ids, rows, meta, num_rows) = self.step_meta(batch, kv)?;
-        let k = &self.kernels;
-        let eps = c.rms_norm_eps as f32;
+        if let Some((_, guard)) = self.try_replay(batch, kv)? {
+            if let Some(graphs) = guard.as_ref() {
+                return graphs.logits(batch.token_ids.len());
+            }
+        }
+        match self.forward_eager(batch, kv)? {
+            Some(logits) => Ok(logits.to_dtype(DType::F32)?),
+            None => Ok(Tensor::zeros((0, c.vocab_size), DType::F32, &Device::Cpu)?),
+        }
+    }
 
-        let h = ops::embedding(k, &self.embed, &ids)?;
-        let mut delta: Option<Tensor> = None;
-        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(&cache.layers) {
-            // h += previous MLP output (fused into the norm), x = norm(h).
-            let x = ops::add_rms_norm(k, &h, delta.as_ref(), &layer.input_norm, eps)?;
-            let qkv = x.matmul(&layer.qkv.t()?)?;
-            let extras = QkvExtras {
-                bias: layer.qkv_bias.as_ref(),
-                q_norm: layer.q_norm.as_ref(),
-                k_norm: layer.k_norm.as_ref(),
-                eps,
-            };
-            let q = ops::qkv_prepare(
-                k, &qkv, &extras, &self.cos, &self.sin, &meta, k_cache, v_cache, &self.dims,
-            )?;
-            let attn = ops::paged_attention(k, &q, k_cache, v_cache, &meta, &self.dims)?;
-            let o = attn.matmul(&layer.o_proj.t()?)?;
-            let x = ops::add_rms_norm(k, &h, Some(&o), &layer.post_attention_norm, eps)?;
-            let gate_up = x.matmul(&layer.gate_up.t()?)?;
-            let act = ops::silu_mul(k, &gate_up)?;
-            delta = Some(act.matmul(&layer.down.t()?)?);
+    /// Greedy steps: the argmax on the device (inside the captured graph when one covers
+    /// the batch), one copy of ids and largest logits back.
+    fn forward_greedy(&self, batch: &ForwardBatch, kv: &mut PagedKvCache) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
+        if batch.token_ids.is_empty() {
+            return Ok(Some((Vec::new(), Vec::new())));
         }
-        if num_rows == 0 {
-            return Ok(Tensor::zeros((0, c.vocab_size), DType::F32, &Device::Cpu)?);
+        if let Some((b, mut guard)) = self.try_replay(batch, kv)? {
+            if let Some(graphs) = guard.as_mut() {
+                return graphs.argmax(batch.token_ids.len(), b).map(Some);
+            }
         }
-        let x = ops::add_rms_norm(k, &h, delta.as_ref(), &self.final_norm, eps)?;
-        let last = ops::gather_rows(k, &x, &rows)?;
-        Ok(last.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        match self.forward_eager(batch, kv)? {
+            Some(logits) => ops::argmax_rows(&self.kernels, &logits).map(Some),
+            None => Ok(Some((Vec::new(), Vec::new()))),
+        }
+    }
+
+    /// Captures the decode graphs for these limits (nothing with enforce_eager). A failed
+    /// capture leaves the model eager and says why.
+    fn prepare_decode_graphs(&mut self, limits: &DecodeCaptureLimits, kv: &PagedKvCache) -> Result<()> {
+        let slot = self
+            .graphs
+            .get_mut()
+            .map_err(|_| EngineError::internal("the CUDA graph state was poisoned by a panic"))?;
+        *slot = None;
+        if limits.enforce_eager {
+            return Ok(());
+        }
+        let cache = self.device_cache(kv)?;
+        let ptrs = self.model_ptrs(cache)?;
+        let graph_limits = GraphLimits {
+            max_num_seqs: limits.max_num_seqs,
+            max_model_len: limits.max_model_len.min(self.rotary_positions),
+            block_size: limits.block_size,
+            num_blocks: limits.num_blocks,
+        };
+        let started = std::time::Instant::now();
+        match DecodeGraphs::capture(&self.device, &self.kernels, &ptrs, &graph_limits) {
+            Ok(g) => {
+                tracing::info!(
+                    "captured {} decode graphs in {:.0} ms",
+                    g.num_graphs(),
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                *self
+                    .graphs
+                    .get_mut()
+                    .map_err(|_| EngineError::internal("poisoned graph state"))? = Some(g);
+            }
+            Err(e) => {
+                tracing::warn!("CUDA graph capture failed, decoding eagerly: {e}");
+                if std::env::var_os("VLLM_STEP_TIMING").is_some() {
+                    eprintln!("CUDA graph capture failed, decoding eagerly: {e}");
+                }
+            }
+        }
+        Ok(())
     }
 
     fn config(&self) -> &ModelConfig {
@@ -353,11 +527,13 @@ impl CausalLM for CudaDecoderLM {
 
     fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<PagedKvCache> {
         let c = &self.config;
+        // One block more than the scheduler manages: the captured decode's padding rows
+        // write their keys and values there.
         let cache = DeviceKvCache::new(
             &self.device,
             self.dtype,
             c.num_hidden_layers,
-            num_blocks,
+            num_blocks + 1,
             block_size,
             self.kv_width(),
         )?;
@@ -376,7 +552,22 @@ impl CausalLM for CudaDecoderLM {
         let (free, total) = memory_info(&self.device)?;
         let allowed = (total as f64 * args.gpu_memory_utilization) as usize;
         let used = total.saturating_sub(free);
-        let reserve = self.activation_bytes(max_num_batched_tokens, args.max_num_seqs) + DEVICE_SLACK_BYTES;
+        let graph_limits = GraphLimits {
+            max_num_seqs: args.max_num_seqs,
+            max_model_len: args
+                .max_model_len
+                .unwrap_or(self.config.max_position_embeddings)
+                .min(self.rotary_positions),
+            block_size: args.block_size,
+            num_blocks: 0,
+        };
+        let graph_bytes = if args.enforce_eager {
+            0
+        } else {
+            graphs::buffer_bytes(&self.shape(), &graph_limits)
+        };
+        let reserve =
+            self.activation_bytes(max_num_batched_tokens, args.max_num_seqs) + graph_bytes + DEVICE_SLACK_BYTES;
         let budget = allowed.saturating_sub(used).saturating_sub(reserve);
         if budget < self.kv_bytes_per_block(args.block_size) {
             return Err(EngineError::new(

@@ -58,6 +58,18 @@ pub struct ForwardBatch {
     pub seqs: Vec<SeqSlice>,
 }
 
+/// What a model needs to capture its decode steps (CUDA graphs) at start-up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeCaptureLimits {
+    pub max_num_seqs: usize,
+    pub max_model_len: usize,
+    pub block_size: usize,
+    /// KV blocks the scheduler manages.
+    pub num_blocks: usize,
+    /// Decode eagerly: capture nothing.
+    pub enforce_eager: bool,
+}
+
 pub trait CausalLM: Send {
     /// Runs the batch, writing its keys and values into `kv`. Returns float32 logits of
     /// the tokens `logit_token_indices` lists (the last new token of each seq with
@@ -103,6 +115,16 @@ pub trait CausalLM: Send {
     }
     fn supports_lora(&self) -> bool {
         false
+    }
+    /// For steps where every logit row is sampled greedily with nothing changing the
+    /// logits: (argmax id, largest logit) per row of `forward`'s result, computed where
+    /// the logits are. None: this model has no such path; the caller runs `forward`.
+    fn forward_greedy(&self, _batch: &ForwardBatch, _kv: &mut PagedKvCache) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
+        Ok(None)
+    }
+    /// Called once the KV cache exists: a GPU model captures its decode steps here.
+    fn prepare_decode_graphs(&mut self, _limits: &DecodeCaptureLimits, _kv: &PagedKvCache) -> Result<()> {
+        Ok(())
     }
 }
 

@@ -2,7 +2,10 @@
 //! sm_90 cubin plus PTX) launched through cudarc on candle's stream, over candle tensors.
 //! Matrix products stay candle's (cuBLAS).
 
+pub mod blas;
+pub mod graphs;
 pub mod kv_cache;
+pub mod op_timing;
 pub mod ops;
 
 use std::collections::HashMap;
@@ -20,12 +23,14 @@ mod embedded {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
-/// Opens CUDA device `ordinal` for candle. Every tensor of the engine lives on its one
-/// stream, so cudarc's per-use event tracking is only overhead: it is turned off before
-/// any tensor exists.
+/// Opens CUDA device `ordinal` for candle, on a stream of its own: the legacy default
+/// stream (candle's `Device::new_cuda`) cannot be captured into a CUDA graph. Every tensor
+/// of the engine lives on that one stream, so cudarc's per-use event tracking is only
+/// overhead: it is turned off before any tensor exists.
 pub fn open_device(ordinal: usize) -> Result<Device> {
-    let device = Device::new_cuda(ordinal)
+    let cuda = candle_core::CudaDevice::new_with_stream(ordinal)
         .map_err(|e| EngineError::unsupported(format!("cannot open CUDA device {ordinal}: {e}")))?;
+    let device = Device::Cuda(cuda);
     let cuda = device.as_cuda_device()?;
     // SAFETY: the engine issues all its work on this device's single stream.
     unsafe { cuda.disable_event_tracking() };
@@ -46,16 +51,38 @@ pub struct Kernels {
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
     functions: HashMap<String, CudaFunction>,
+    /// `VLLM_ATTENTION_V1=1`: the first attention kernel (thread per key), to compare.
+    pub attention_v1: bool,
+    /// `VLLM_GEMV=1`: our GEMV kernel instead of cuBLAS for batches of up to 8 rows.
+    pub gemv: bool,
 }
 
-const KERNEL_NAMES: [&str; 7] = [
+const KERNEL_NAMES: [&str; 15] = [
     "embedding",
     "gather_rows",
     "add_rms_norm",
     "silu_mul",
     "qkv_prepare",
     "paged_attention",
+    "paged_attention_v2",
+    "paged_attention_v2_g1",
+    "paged_attention_v2_g2",
+    "paged_attention_v2_g4",
+    "paged_attention_v2_g7",
+    "paged_attention_v2_g8",
     "attention_reduce",
+    "gemv_rows",
+    "argmax_rows",
+];
+
+/// Kernels the launchers can do without (they fall back to another).
+const OPTIONAL_KERNELS: [&str; 6] = [
+    "paged_attention_v2",
+    "paged_attention_v2_g1",
+    "paged_attention_v2_g2",
+    "paged_attention_v2_g4",
+    "paged_attention_v2_g7",
+    "paged_attention_v2_g8",
 ];
 
 impl Kernels {
@@ -73,16 +100,25 @@ impl Kernels {
         for name in KERNEL_NAMES {
             for suffix in ["f32", "bf16", "f16"] {
                 let full = format!("{name}_{suffix}");
-                let f = module
-                    .load_function(&full)
-                    .map_err(|e| EngineError::internal(format!("kernel {full} is missing: {e}")))?;
-                functions.insert(full, f);
+                match module.load_function(&full) {
+                    Ok(f) => {
+                        functions.insert(full, f);
+                    }
+                    // An alternative kernel may be absent; the launcher falls back.
+                    Err(_) if OPTIONAL_KERNELS.contains(&name) => {}
+                    Err(e) => return Err(EngineError::internal(format!("kernel {full} is missing: {e}"))),
+                }
             }
         }
+        let v2_loaded = ["f32", "bf16", "f16"]
+            .iter()
+            .all(|s| functions.contains_key(&format!("paged_attention_v2_{s}")));
         Ok(Kernels {
             stream,
             _module: module,
             functions,
+            attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
+            gemv: std::env::var_os("VLLM_GEMV").is_some_and(|v| v == "1"),
         })
     }
 
@@ -96,6 +132,11 @@ impl Kernels {
         self.functions
             .get(&format!("{name}_{suffix}"))
             .ok_or_else(|| EngineError::internal(format!("kernel {name}_{suffix} is not loaded")))
+    }
+
+    /// `function` when that kernel is loaded (optional kernels may be absent).
+    fn try_function(&self, name: &str, dtype: DType) -> Option<&CudaFunction> {
+        self.function(name, dtype).ok()
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {

@@ -9,6 +9,8 @@ use crate::error::{EngineError, Result};
 
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
+/// Must match ARGMAX_THREADS in ops.cu.
+const ARGMAX_THREADS: u32 = 1024;
 /// Must match ATT_THREADS, ATT_TILE, ATT_MAX_OUT, ATT_MAX_HEAD_DIM and ATT_MAX_GROUP in ops.cu.
 const ATT_THREADS: u32 = 128;
 const ATT_TILE: usize = 128;
@@ -73,12 +75,34 @@ pub fn embedding(k: &Kernels, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     if n == 0 {
         return Ok(out);
     }
-    let f = k.function("embedding", table.dtype())?;
-    let (o, t, i, h) = (device_ptr(&out)?, device_ptr(table)?, device_ptr(ids)?, hidden as i32);
-    let mut b = k.stream().launch_builder(f);
-    b.arg(&o).arg(&t).arg(&i).arg(&h);
-    unsafe { b.launch(grid(n, ROW_THREADS, 0)) }.map_err(|e| launch_err("embedding", e))?;
+    launch_embedding(
+        k,
+        table.dtype(),
+        device_ptr(&out)?,
+        device_ptr(table)?,
+        device_ptr(ids)?,
+        n,
+        hidden,
+    )?;
     Ok(out)
+}
+
+/// `embedding` on raw device addresses: rows `ids[..n]` of `table` into `out`.
+pub fn launch_embedding(
+    k: &Kernels,
+    dtype: DType,
+    out: u64,
+    table: u64,
+    ids: u64,
+    n: usize,
+    hidden: usize,
+) -> Result<()> {
+    let f = k.function("embedding", dtype)?;
+    let h = hidden as i32;
+    let mut b = k.stream().launch_builder(f);
+    b.arg(&out).arg(&table).arg(&ids).arg(&h);
+    unsafe { b.launch(grid(n, ROW_THREADS, 0)) }.map_err(|e| launch_err("embedding", e))?;
+    Ok(())
 }
 
 /// Rows `rows` (u32) of `src` [n, width].
@@ -115,18 +139,37 @@ pub fn add_rms_norm(
     if n == 0 {
         return Ok(out);
     }
-    let f = k.function("add_rms_norm", residual.dtype())?;
-    let (r, d, w, o) = (
-        device_ptr(residual)?,
-        optional_ptr(delta)?,
-        device_ptr(weight)?,
-        device_ptr(&out)?,
-    );
+    let rows = RowsPtrs {
+        residual: device_ptr(residual)?,
+        delta: optional_ptr(delta)?,
+        weight: device_ptr(weight)?,
+        out: device_ptr(&out)?,
+    };
+    launch_add_rms_norm(k, residual.dtype(), &rows, n, hidden, eps)?;
+    Ok(out)
+}
+
+/// Operands of `add_rms_norm` as device addresses (`delta` 0: none).
+pub struct RowsPtrs {
+    pub residual: u64,
+    pub delta: u64,
+    pub weight: u64,
+    pub out: u64,
+}
+
+/// `add_rms_norm` on raw device addresses, `n` rows of `hidden`.
+pub fn launch_add_rms_norm(k: &Kernels, dtype: DType, p: &RowsPtrs, n: usize, hidden: usize, eps: f32) -> Result<()> {
+    let f = k.function("add_rms_norm", dtype)?;
     let h = hidden as i32;
     let mut b = k.stream().launch_builder(f);
-    b.arg(&r).arg(&d).arg(&w).arg(&o).arg(&h).arg(&eps);
+    b.arg(&p.residual)
+        .arg(&p.delta)
+        .arg(&p.weight)
+        .arg(&p.out)
+        .arg(&h)
+        .arg(&eps);
     unsafe { b.launch(grid(n, ROW_THREADS, 0)) }.map_err(|e| launch_err("add_rms_norm", e))?;
-    Ok(out)
+    Ok(())
 }
 
 /// silu(gate) * up from fused [n, 2 * inter] rows.
@@ -138,13 +181,20 @@ pub fn silu_mul(k: &Kernels, gate_up: &Tensor) -> Result<Tensor> {
     if total == 0 {
         return Ok(out);
     }
-    let f = k.function("silu_mul", gate_up.dtype())?;
-    let (o, g, i) = (device_ptr(&out)?, device_ptr(gate_up)?, inter as i32);
-    let blocks = (total as usize).div_ceil(ROW_THREADS as usize).min(65_535);
-    let mut b = k.stream().launch_builder(f);
-    b.arg(&o).arg(&g).arg(&i).arg(&total);
-    unsafe { b.launch(grid(blocks, ROW_THREADS, 0)) }.map_err(|e| launch_err("silu_mul", e))?;
+    launch_silu_mul(k, gate_up.dtype(), device_ptr(&out)?, device_ptr(gate_up)?, n, inter)?;
     Ok(out)
+}
+
+/// `silu_mul` on raw device addresses: `n` rows of 2 * `inter` into `n` rows of `inter`.
+pub fn launch_silu_mul(k: &Kernels, dtype: DType, out: u64, gate_up: u64, n: usize, inter: usize) -> Result<()> {
+    let total = (n * inter) as i64;
+    let f = k.function("silu_mul", dtype)?;
+    let i = inter as i32;
+    let blocks = (total as usize).div_ceil(ROW_THREADS as usize).clamp(1, 65_535);
+    let mut b = k.stream().launch_builder(f);
+    b.arg(&out).arg(&gate_up).arg(&i).arg(&total);
+    unsafe { b.launch(grid(blocks, ROW_THREADS, 0)) }.map_err(|e| launch_err("silu_mul", e))?;
+    Ok(())
 }
 
 /// Optional per-layer operands of `qkv_prepare`.
@@ -153,6 +203,42 @@ pub struct QkvExtras<'a> {
     pub q_norm: Option<&'a Tensor>,
     pub k_norm: Option<&'a Tensor>,
     pub eps: f32,
+}
+
+/// Step metadata as device addresses (what the kernels read).
+#[derive(Debug, Clone, Copy)]
+pub struct MetaPtrs {
+    pub positions: u64,
+    pub token_seq: u64,
+    pub block_tables: u64,
+    /// Row stride of block_tables.
+    pub max_blocks: usize,
+    pub block_size: usize,
+}
+
+impl StepMeta {
+    pub fn ptrs(&self) -> Result<MetaPtrs> {
+        Ok(MetaPtrs {
+            positions: device_ptr(&self.positions)?,
+            token_seq: device_ptr(&self.token_seq)?,
+            block_tables: device_ptr(&self.block_tables)?,
+            max_blocks: self.max_blocks,
+            block_size: self.block_size,
+        })
+    }
+}
+
+/// Operands of `qkv_prepare` as device addresses (bias and norms 0 when absent).
+pub struct QkvPtrs {
+    pub qkv: u64,
+    pub bias: u64,
+    pub q_norm: u64,
+    pub k_norm: u64,
+    pub cos: u64,
+    pub sin: u64,
+    pub q_out: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
 }
 
 /// From fused qkv rows: queries [n, heads * head_dim] (biased, normed, rotated); keys and
@@ -177,40 +263,67 @@ pub fn qkv_prepare(
     if n == 0 {
         return Ok(q);
     }
-    let f = k.function("qkv_prepare", qkv.dtype())?;
+    let p = QkvPtrs {
+        qkv: device_ptr(qkv)?,
+        bias: optional_ptr(extras.bias)?,
+        q_norm: optional_ptr(extras.q_norm)?,
+        k_norm: optional_ptr(extras.k_norm)?,
+        cos: device_ptr(cos)?,
+        sin: device_ptr(sin)?,
+        q_out: device_ptr(&q)?,
+        k_cache: device_ptr(k_cache)?,
+        v_cache: device_ptr(v_cache)?,
+    };
+    launch_qkv_prepare(k, qkv.dtype(), &p, &meta.ptrs()?, n, dims, extras.eps)?;
+    Ok(q)
+}
+
+/// `qkv_prepare` on raw device addresses for `n` tokens.
+pub fn launch_qkv_prepare(
+    k: &Kernels,
+    dtype: DType,
+    p: &QkvPtrs,
+    meta: &MetaPtrs,
+    n: usize,
+    dims: &AttentionDims,
+    eps: f32,
+) -> Result<()> {
+    let width = (dims.num_heads + 2 * dims.num_kv_heads) * dims.head_dim;
+    let f = k.function("qkv_prepare", dtype)?;
     let ptrs = [
-        device_ptr(qkv)?,
-        optional_ptr(extras.bias)?,
-        optional_ptr(extras.q_norm)?,
-        optional_ptr(extras.k_norm)?,
-        device_ptr(cos)?,
-        device_ptr(sin)?,
-        device_ptr(&meta.positions)?,
-        device_ptr(&meta.token_seq)?,
-        device_ptr(&meta.block_tables)?,
+        p.qkv,
+        p.bias,
+        p.q_norm,
+        p.k_norm,
+        p.cos,
+        p.sin,
+        meta.positions,
+        meta.token_seq,
+        meta.block_tables,
     ];
     let (max_blocks, block_size) = (meta.max_blocks as i32, meta.block_size as i32);
-    let outs = [device_ptr(&q)?, device_ptr(k_cache)?, device_ptr(v_cache)?];
+    let outs = [p.q_out, p.k_cache, p.v_cache];
     let ints = [dims.num_heads as i32, dims.num_kv_heads as i32, dims.head_dim as i32];
     let mut b = k.stream().launch_builder(f);
-    for p in &ptrs {
-        b.arg(p);
+    for ptr in &ptrs {
+        b.arg(ptr);
     }
     b.arg(&max_blocks).arg(&block_size);
-    for p in &outs {
-        b.arg(p);
+    for ptr in &outs {
+        b.arg(ptr);
     }
     for i in &ints {
         b.arg(i);
     }
-    b.arg(&extras.eps);
+    b.arg(&eps);
     let shared = width * 4;
     unsafe { b.launch(grid(n, ROW_THREADS, shared)) }.map_err(|e| launch_err("qkv_prepare", e))?;
-    Ok(q)
+    Ok(())
 }
 
-/// How many pieces each context is split into so that a step has enough blocks in flight.
-fn choose_splits(num_tokens: usize, dims: &AttentionDims, max_context: usize) -> (usize, usize) {
+/// How many pieces each context is split into so that a step has enough blocks in flight,
+/// and the positions each piece covers: (splits, partition).
+pub fn choose_splits(num_tokens: usize, dims: &AttentionDims, max_context: usize) -> (usize, usize) {
     let blocks = num_tokens * dims.num_kv_heads;
     let max_splits = max_context.div_ceil(ATT_TILE).max(1);
     let splits = ATT_TARGET_BLOCKS.div_ceil(blocks.max(1)).clamp(1, max_splits);
@@ -218,6 +331,26 @@ fn choose_splits(num_tokens: usize, dims: &AttentionDims, max_context: usize) ->
     let partition = max_context.div_ceil(splits).div_ceil(ATT_TILE) * ATT_TILE;
     let partition = partition.max(ATT_TILE);
     (max_context.div_ceil(partition).max(1), partition)
+}
+
+/// The split of a captured decode step of `batch` rows, which must serve every context up
+/// to `max_model_len`: small batches split into single tiles (the splits past a context
+/// return at once, so the work follows the actual context), large ones as `choose_splits`.
+pub fn graph_splits(batch: usize, dims: &AttentionDims, max_model_len: usize) -> (usize, usize) {
+    if batch * dims.num_kv_heads < ATT_TARGET_BLOCKS / 2 {
+        (max_model_len.div_ceil(ATT_TILE).max(1), ATT_TILE)
+    } else {
+        choose_splits(batch, dims, max_model_len)
+    }
+}
+
+/// Float32 elements of the two partial-sum buffers `paged_attention` needs for `n` tokens
+/// split `splits` ways: (accumulators, max and denominator pairs).
+pub fn partials_len(n: usize, dims: &AttentionDims, splits: usize) -> (usize, usize) {
+    (
+        n * dims.num_heads * splits * dims.head_dim,
+        n * dims.num_heads * splits * 2,
+    )
 }
 
 /// Causal paged attention of every query token over its sequence's cached positions.
@@ -230,7 +363,6 @@ pub fn paged_attention(
     dims: &AttentionDims,
 ) -> Result<Tensor> {
     let n = meta.num_tokens;
-    let group = dims.num_heads / dims.num_kv_heads;
     let out = empty((n, dims.num_heads * dims.head_dim), q.dtype(), q)?;
     if n == 0 {
         return Ok(out);
@@ -239,31 +371,95 @@ pub fn paged_attention(
     let device = q.device();
     // Partial sums only when contexts are split; otherwise the kernel writes `out` directly.
     let partials = if splits > 1 {
+        let (acc_len, ml_len) = partials_len(n, dims, splits);
         // SAFETY: paged_attention writes every split's partials before the reduce reads them.
         unsafe {
             Some((
-                Tensor::empty(n * dims.num_heads * splits * dims.head_dim, DType::F32, device)?,
-                Tensor::empty(n * dims.num_heads * splits * 2, DType::F32, device)?,
+                Tensor::empty(acc_len, DType::F32, device)?,
+                Tensor::empty(ml_len, DType::F32, device)?,
             ))
         }
     } else {
         None
     };
-    let (acc_ptr, ml_ptr) = match &partials {
+    let (part_acc, part_ml) = match &partials {
         Some((acc, ml)) => (device_ptr(acc)?, device_ptr(ml)?),
         None => (0, 0),
     };
-    let f = k.function("paged_attention", q.dtype())?;
+    let p = AttentionPtrs {
+        out: device_ptr(&out)?,
+        part_acc,
+        part_ml,
+        q: device_ptr(q)?,
+        k_cache: device_ptr(k_cache)?,
+        v_cache: device_ptr(v_cache)?,
+    };
+    launch_paged_attention(k, q.dtype(), &p, &meta.ptrs()?, n, dims, splits, partition)?;
+    Ok(out)
+}
+
+/// Operands of `paged_attention` as device addresses; the partials are 0 when unsplit.
+pub struct AttentionPtrs {
+    pub out: u64,
+    pub part_acc: u64,
+    pub part_ml: u64,
+    pub q: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+}
+
+/// `paged_attention` (and, when split, its reduce) on raw device addresses. Splits past
+/// a token's context are empty and the reduce skips them, so a fixed split (a captured
+/// graph's) serves every context up to splits * partition.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_paged_attention(
+    k: &Kernels,
+    dtype: DType,
+    p: &AttentionPtrs,
+    meta: &MetaPtrs,
+    n: usize,
+    dims: &AttentionDims,
+    splits: usize,
+    partition: usize,
+) -> Result<()> {
+    let group = dims.num_heads / dims.num_kv_heads;
+    // Floats: queries, scores, three per-head statistics (+ alignment), then 8-byte slots.
+    let floats = group * dims.head_dim + group * ATT_TILE + 3 * group + (group & 1) + 2;
+    let mut shared = floats * 4 + ATT_TILE * 8;
+    // v2 (coalesced 16-byte row reads) where the row splits into a power-of-two number of
+    // 16-byte chunks of at most a warp; it adds the row groups' partial outputs.
+    let vec = 16 / dtype.size_in_bytes();
+    let chunks = dims.head_dim / vec;
+    let v2_extra = if chunks > 0 {
+        (ATT_THREADS as usize / chunks) * group * dims.head_dim * 4
+    } else {
+        0
+    };
+    let use_v2 = !k.attention_v1
+        && dims.head_dim.is_multiple_of(vec)
+        && chunks.is_power_of_two()
+        && chunks <= 32
+        && shared + v2_extra <= 48 * 1024;
+    if use_v2 {
+        shared += v2_extra;
+    }
+    // v2 sized for this exact group when instantiated (fewer registers), else for any.
+    let exact = format!("paged_attention_v2_g{group}");
+    let f = match (use_v2, k.try_function(&exact, dtype)) {
+        (true, Some(f)) => f,
+        (true, None) => k.function("paged_attention_v2", dtype)?,
+        (false, _) => k.function("paged_attention", dtype)?,
+    };
     let ptrs = [
-        device_ptr(&out)?,
-        acc_ptr,
-        ml_ptr,
-        device_ptr(q)?,
-        device_ptr(k_cache)?,
-        device_ptr(v_cache)?,
-        device_ptr(&meta.positions)?,
-        device_ptr(&meta.token_seq)?,
-        device_ptr(&meta.block_tables)?,
+        p.out,
+        p.part_acc,
+        p.part_ml,
+        p.q,
+        p.k_cache,
+        p.v_cache,
+        meta.positions,
+        meta.token_seq,
+        meta.block_tables,
     ];
     let ints = [
         meta.max_blocks as i32,
@@ -274,8 +470,8 @@ pub fn paged_attention(
     ];
     let tail = [dims.window as i32, partition as i32, splits as i32];
     let mut b = k.stream().launch_builder(f);
-    for p in &ptrs {
-        b.arg(p);
+    for ptr in &ptrs {
+        b.arg(ptr);
     }
     for i in &ints {
         b.arg(i);
@@ -284,9 +480,6 @@ pub fn paged_attention(
     for i in &tail {
         b.arg(i);
     }
-    // Floats: queries, scores, three per-head statistics (+ alignment), then 8-byte slots.
-    let floats = group * dims.head_dim + group * ATT_TILE + 3 * group + (group & 1) + 2;
-    let shared = floats * 4 + ATT_TILE * 8;
     let cfg = LaunchConfig {
         grid_dim: (n as u32, dims.num_kv_heads as u32, splits as u32),
         block_dim: (ATT_THREADS, 1, 1),
@@ -294,12 +487,18 @@ pub fn paged_attention(
     };
     unsafe { b.launch(cfg) }.map_err(|e| launch_err("paged_attention", e))?;
     if splits > 1 {
-        let f = k.function("attention_reduce", q.dtype())?;
-        let ptrs = [device_ptr(&out)?, acc_ptr, ml_ptr];
-        let ints = [dims.num_heads as i32, dims.head_dim as i32, splits as i32];
+        let f = k.function("attention_reduce", dtype)?;
+        let ptrs = [p.out, p.part_acc, p.part_ml, meta.positions];
+        let ints = [
+            dims.num_heads as i32,
+            dims.head_dim as i32,
+            splits as i32,
+            dims.window as i32,
+            partition as i32,
+        ];
         let mut b = k.stream().launch_builder(f);
-        for p in &ptrs {
-            b.arg(p);
+        for ptr in &ptrs {
+            b.arg(ptr);
         }
         for i in &ints {
             b.arg(i);
@@ -311,7 +510,108 @@ pub fn paged_attention(
         };
         unsafe { b.launch(cfg) }.map_err(|e| launch_err("attention_reduce", e))?;
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Rows a `gemv_rows` launch takes at most (GEMV_MAX_ROWS in ops.cu).
+pub const GEMV_MAX_ROWS: usize = 8;
+/// Must match GEMV_THREADS in ops.cu (a warp per output).
+const GEMV_THREADS: u32 = 256;
+
+/// Whether `gemv_rows` serves y[n, out] = x[n, inner] · w[out, inner]ᵀ: off unless
+/// `VLLM_GEMV=1` (measured slower than cuBLAS on W3 in its first form; kept to compare).
+pub fn gemv_fits(k: &Kernels, dtype: DType, n: usize, inner: usize) -> bool {
+    k.gemv && n <= GEMV_MAX_ROWS && inner.is_multiple_of(16 / dtype.size_in_bytes())
+}
+
+/// Warps that share one output row: about 1,024 inputs each, more while the launch would
+/// have fewer than two blocks per SM of an H100/H200.
+fn gemv_warps_per_row(out: usize, inner: usize) -> usize {
+    let warps = (GEMV_THREADS / 32) as usize;
+    let mut per_row = (inner / 1024).clamp(1, warps);
+    per_row = 1 << per_row.ilog2();
+    while per_row < warps && (out * per_row).div_ceil(warps) < 264 {
+        per_row *= 2;
+    }
+    per_row
+}
+
+/// y[n, out] = x[n, inner] · w[out, inner]ᵀ for small n (`gemv_fits`), raw addresses.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_gemv(
+    k: &Kernels,
+    dtype: DType,
+    y: u64,
+    x: u64,
+    w: u64,
+    n: usize,
+    out: usize,
+    inner: usize,
+) -> Result<()> {
+    let f = k.function("gemv_rows", dtype)?;
+    let per_row = gemv_warps_per_row(out, inner);
+    let ints = [n as i32, out as i32, inner as i32, per_row as i32];
+    let mut b = k.stream().launch_builder(f);
+    b.arg(&y).arg(&x).arg(&w);
+    for i in &ints {
+        b.arg(i);
+    }
+    let rows_per_block = (GEMV_THREADS / 32) as usize / per_row;
+    unsafe { b.launch(grid(out.div_ceil(rows_per_block), GEMV_THREADS, 0)) }.map_err(|e| launch_err("gemv_rows", e))?;
+    Ok(())
+}
+
+/// x [n, inner] · w [out, inner]ᵀ: our GEMV kernel for decode-sized batches, cuBLAS
+/// (candle) otherwise; the captured decode makes the same choice.
+pub fn linear(k: &Kernels, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, inner) = x.dims2()?;
+    let (out, w_inner) = w.dims2()?;
+    if n == 0 || !gemv_fits(k, x.dtype(), n, inner) || w_inner != inner || w.dtype() != x.dtype() {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    let y = empty((n, out), x.dtype(), x)?;
+    launch_gemv(
+        k,
+        x.dtype(),
+        device_ptr(&y)?,
+        device_ptr(x)?,
+        device_ptr(w)?,
+        n,
+        out,
+        inner,
+    )?;
+    Ok(y)
+}
+
+/// Per row of `logits` [n, vocab]: the argmax (lowest id on ties) and the largest value as
+/// float32, written to `out` (u32 [2 * n]: the ids, then the values' bits).
+pub fn launch_argmax_rows(k: &Kernels, dtype: DType, out: u64, logits: u64, n: usize, vocab: usize) -> Result<()> {
+    let f = k.function("argmax_rows", dtype)?;
+    let v = vocab as i32;
+    let mut b = k.stream().launch_builder(f);
+    b.arg(&out).arg(&logits).arg(&v);
+    unsafe { b.launch(grid(n, ARGMAX_THREADS, 0)) }.map_err(|e| launch_err("argmax_rows", e))?;
+    Ok(())
+}
+
+/// Per row of `logits` [n, vocab] on the device: (argmax ids, largest values), one copy back.
+pub fn argmax_rows(k: &Kernels, logits: &Tensor) -> Result<(Vec<u32>, Vec<f32>)> {
+    let (n, vocab) = logits.dims2()?;
+    if n == 0 {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    // SAFETY: argmax_rows writes all 2 * n values.
+    let out = unsafe { Tensor::empty(2 * n, DType::U32, logits.device())? };
+    launch_argmax_rows(k, logits.dtype(), device_ptr(&out)?, device_ptr(logits)?, n, vocab)?;
+    let all = out.to_vec1::<u32>()?;
+    Ok(split_argmax(&all, n))
+}
+
+/// Splits argmax_rows' output (ids, then float bits) into its two halves.
+pub fn split_argmax(all: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
+    let ids = all[..n].to_vec();
+    let values = all[n..2 * n].iter().map(|&b| f32::from_bits(b)).collect();
+    (ids, values)
 }
 
 #[cfg(test)]
@@ -325,6 +625,21 @@ mod tests {
             head_dim: 64,
             scale: 1.0,
             window: 0,
+        }
+    }
+
+    #[test]
+    fn gemv_shares_rows_so_every_launch_fills_the_card() {
+        // W3's shapes: qkv, o_proj, gate_up, down, lm_head.
+        assert_eq!(gemv_warps_per_row(1152, 896), 2);
+        assert_eq!(gemv_warps_per_row(896, 896), 4);
+        assert_eq!(gemv_warps_per_row(9728, 896), 1);
+        assert_eq!(gemv_warps_per_row(896, 4864), 4);
+        assert_eq!(gemv_warps_per_row(151_936, 896), 1);
+        assert_eq!(gemv_warps_per_row(4, 64), 8);
+        for (out, inner) in [(1, 1), (7, 100_000), (100_000, 7)] {
+            let w = gemv_warps_per_row(out, inner);
+            assert!(w.is_power_of_two() && w <= 8, "{out} {inner}: {w}");
         }
     }
 

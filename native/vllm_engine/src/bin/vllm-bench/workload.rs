@@ -36,6 +36,8 @@ pub struct EngineOptions {
     pub runs: usize,
     /// Engine replicas (see data_parallel.rs).
     pub data_parallel: usize,
+    /// `--enforce-eager true`: no CUDA graphs (to compare with the captured decode).
+    pub enforce_eager: bool,
 }
 
 impl Default for EngineOptions {
@@ -54,6 +56,7 @@ impl Default for EngineOptions {
             json: None,
             runs: 1,
             data_parallel: 1,
+            enforce_eager: false,
         }
     }
 }
@@ -62,7 +65,7 @@ impl EngineOptions {
     pub const USAGE: &'static str = "[--device cpu|cuda|cuda:N] [--dtype auto|bfloat16|float16|float32] \
 [--load-format auto|dummy] [--tokenizer FILE] [--max-num-seqs N] [--max-num-batched-tokens N] \
 [--gpu-memory-utilization F] [--num-requests N] [--seed N] [--ceiling TOK_PER_S] [--runs N] [--json FILE] \
-[--data-parallel N]";
+[--data-parallel N] [--enforce-eager true|false]";
 
     pub fn accepts(&self, flag: &str) -> bool {
         matches!(
@@ -80,6 +83,7 @@ impl EngineOptions {
                 | "--json"
                 | "--runs"
                 | "--data-parallel"
+                | "--enforce-eager"
         )
     }
 
@@ -108,6 +112,13 @@ impl EngineOptions {
             "--json" => self.json = Some(value.into()),
             "--runs" => self.runs = int()?.max(1),
             "--data-parallel" => self.data_parallel = int()?.max(1),
+            "--enforce-eager" => {
+                self.enforce_eager = match value {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(format!("{flag} takes true or false, got {value:?}")),
+                }
+            }
             _ => return Err(format!("unknown option {flag}")),
         }
         Ok(())
@@ -137,6 +148,7 @@ impl EngineOptions {
             args.gpu_memory_utilization = u;
         }
         args.seed = self.seed;
+        args.enforce_eager = self.enforce_eager;
         Ok(())
     }
 }

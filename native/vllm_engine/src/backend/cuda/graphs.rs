@@ -1,0 +1,483 @@
+//! CUDA graphs for decode steps. At start-up every buffer a decode step touches is
+//! allocated once (activations, step metadata, partial sums, logits, argmax output, the
+//! cuBLAS workspace), and the whole step (embedding, every layer, final norm, lm_head and
+//! the greedy argmax) is captured once per padded batch size. A step then costs one upload
+//! of its inputs (token ids, positions, block tables) into the fixed buffers, one graph
+//! launch and, for greedy sampling, one copy back of 2 × batch u32: ~250 launches become one.
+//!
+//! Padding rows decode token 0 at position 0 into a scratch KV block (the cache holds one
+//! block more than the scheduler manages), so they never touch a real sequence's cache.
+
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{result as driver, sys, CudaGraph, CudaStream};
+use candle_core::{DType, Device, Tensor};
+
+use super::blas::Blas;
+use super::ops::{self, AttentionDims, AttentionPtrs, MetaPtrs, QkvPtrs, RowsPtrs};
+use super::{device_ptr, Kernels};
+use crate::error::{EngineError, Result};
+use crate::models::ForwardBatch;
+
+/// What the captured step must cover.
+#[derive(Debug, Clone, Copy)]
+pub struct GraphLimits {
+    pub max_num_seqs: usize,
+    pub max_model_len: usize,
+    pub block_size: usize,
+    /// Blocks the scheduler manages; block `num_blocks` is the padding rows' scratch.
+    pub num_blocks: usize,
+}
+
+/// Device addresses of one layer's weights and KV cache.
+pub struct LayerPtrs {
+    pub input_norm: u64,
+    pub qkv: u64,
+    pub qkv_bias: u64,
+    pub q_norm: u64,
+    pub k_norm: u64,
+    pub o_proj: u64,
+    pub post_norm: u64,
+    pub gate_up: u64,
+    pub down: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+}
+
+/// Device addresses and shapes of the whole model.
+pub struct ModelPtrs {
+    pub dtype: DType,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub eps: f32,
+    pub dims: AttentionDims,
+    pub embed: u64,
+    pub final_norm: u64,
+    pub lm_head: u64,
+    pub cos: u64,
+    pub sin: u64,
+    pub layers: Vec<LayerPtrs>,
+}
+
+impl ModelPtrs {
+    fn q_width(&self) -> usize {
+        self.dims.num_heads * self.dims.head_dim
+    }
+    fn qkv_width(&self) -> usize {
+        (self.dims.num_heads + 2 * self.dims.num_kv_heads) * self.dims.head_dim
+    }
+}
+
+/// The fixed buffers of the captured step, sized for `max_batch` rows.
+struct Buffers {
+    /// u32: ids [max_batch], positions [max_batch], block tables [max_batch, max_blocks].
+    meta: Tensor,
+    /// u32 [max_batch]: row i belongs to sequence i (constant).
+    token_seq: Tensor,
+    h: Tensor,
+    x: Tensor,
+    qkv: Tensor,
+    q: Tensor,
+    attn: Tensor,
+    o: Tensor,
+    gate_up: Tensor,
+    act: Tensor,
+    delta: Tensor,
+    logits: Tensor,
+    part_acc: Tensor,
+    part_ml: Tensor,
+    /// u32 [2 * max_batch]: argmax ids then max values' bits.
+    argmax: Tensor,
+}
+
+/// Captured decode graphs, one per padded batch size.
+pub struct DecodeGraphs {
+    stream: Arc<CudaStream>,
+    blas: Blas,
+    buffers: Buffers,
+    /// Ascending captured batch sizes and their graphs.
+    sizes: Vec<usize>,
+    graphs: Vec<CudaGraph>,
+    max_batch: usize,
+    /// Row stride of the block tables (blocks of max_model_len).
+    max_blocks: usize,
+    block_size: usize,
+    num_blocks: usize,
+    max_model_len: usize,
+    vocab: usize,
+    /// The KV cache the graphs were captured against (layer 0's keys).
+    kv_key: u64,
+    /// Host staging of `meta` and of the argmax output.
+    meta_host: Vec<u32>,
+    argmax_host: Vec<u32>,
+    /// Steps run through a graph (reported with VLLM_STEP_TIMING).
+    replays: u64,
+}
+
+impl Drop for DecodeGraphs {
+    fn drop(&mut self) {
+        if std::env::var_os("VLLM_STEP_TIMING").is_some() {
+            eprintln!("decode graphs: sizes {:?}, {} steps replayed", self.sizes, self.replays);
+        }
+    }
+}
+
+// SAFETY: graphs and the cuBLAS handle are only used by whoever holds the model's lock,
+// one thread at a time (CUDA requires serialized access, not a fixed thread).
+unsafe impl Send for DecodeGraphs {}
+
+/// The batch sizes to capture: 1, 2, 4, 8, then every multiple of 16, up to `max`.
+pub fn capture_sizes(max: usize) -> Vec<usize> {
+    let mut sizes: Vec<usize> = [1, 2, 4, 8].into_iter().filter(|&s| s < max).collect();
+    sizes.extend((16..max).step_by(16));
+    sizes.push(max);
+    sizes
+}
+
+/// Bytes the fixed buffers take for these limits (reserved before sizing the KV cache).
+pub fn buffer_bytes(m: &ModelShape, limits: &GraphLimits) -> usize {
+    let b = limits.max_num_seqs;
+    let elems = b * (4 * m.hidden + m.qkv_width + 2 * m.q_width + 3 * m.intermediate + m.vocab);
+    let (acc, ml) = partials_for(&capture_sizes(b.max(1)), &m.dims, limits.max_model_len);
+    let meta = b * (3 + limits.max_model_len.div_ceil(limits.block_size) + 2);
+    elems * m.dtype.size_in_bytes() + 4 * (acc + ml + meta) + (32 << 20)
+}
+
+/// The partial-sum buffer lengths the largest of the captured sizes' splits needs.
+fn partials_for(sizes: &[usize], dims: &AttentionDims, max_model_len: usize) -> (usize, usize) {
+    sizes
+        .iter()
+        .map(|&b| {
+            let (splits, _) = ops::graph_splits(b, dims, max_model_len);
+            if splits > 1 {
+                ops::partials_len(b, dims, splits)
+            } else {
+                (0, 0)
+            }
+        })
+        .fold((0, 0), |(a, m), (x, y)| (a.max(x), m.max(y)))
+}
+
+/// Shapes `buffer_bytes` needs.
+pub struct ModelShape {
+    pub dtype: DType,
+    pub hidden: usize,
+    pub q_width: usize,
+    pub qkv_width: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub dims: AttentionDims,
+}
+
+fn cuda_err(what: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::internal(format!("CUDA graph {what}: {e}"))
+}
+
+impl DecodeGraphs {
+    /// Allocates the buffers, runs every size once uncaptured (loads lazily loaded kernels
+    /// and lets cuBLAS pick its algorithms), then captures each size.
+    pub fn capture(device: &Device, kernels: &Kernels, model: &ModelPtrs, limits: &GraphLimits) -> Result<Self> {
+        let stream = kernels.stream().clone();
+        let max_batch = limits.max_num_seqs.max(1);
+        let max_blocks = limits.max_model_len.div_ceil(limits.block_size).max(1);
+        let sizes = capture_sizes(max_batch);
+        let (acc_len, ml_len) = partials_for(&sizes, &model.dims, limits.max_model_len);
+        let dt = model.dtype;
+        let zeros = |n: usize, dtype: DType| -> Result<Tensor> { Ok(Tensor::zeros(n.max(1), dtype, device)?) };
+        let token_seq: Vec<u32> = (0..max_batch as u32).collect();
+        let buffers = Buffers {
+            meta: zeros(max_batch * (2 + max_blocks), DType::U32)?,
+            token_seq: Tensor::from_vec(token_seq, max_batch, device)?,
+            h: zeros(max_batch * model.hidden, dt)?,
+            x: zeros(max_batch * model.hidden, dt)?,
+            qkv: zeros(max_batch * model.qkv_width(), dt)?,
+            q: zeros(max_batch * model.q_width(), dt)?,
+            attn: zeros(max_batch * model.q_width(), dt)?,
+            o: zeros(max_batch * model.hidden, dt)?,
+            gate_up: zeros(max_batch * 2 * model.intermediate, dt)?,
+            act: zeros(max_batch * model.intermediate, dt)?,
+            delta: zeros(max_batch * model.hidden, dt)?,
+            logits: zeros(max_batch * model.vocab, dt)?,
+            part_acc: zeros(acc_len, DType::F32)?,
+            part_ml: zeros(ml_len, DType::F32)?,
+            argmax: zeros(2 * max_batch, DType::U32)?,
+        };
+        let mut graphs = DecodeGraphs {
+            blas: Blas::new(&stream)?,
+            stream,
+            buffers,
+            sizes: Vec::new(),
+            graphs: Vec::new(),
+            max_batch,
+            max_blocks,
+            block_size: limits.block_size,
+            num_blocks: limits.num_blocks,
+            max_model_len: limits.max_model_len,
+            vocab: model.vocab,
+            kv_key: model.layers.first().map_or(0, |l| l.k_cache),
+            meta_host: vec![0; max_batch * (2 + max_blocks)],
+            argmax_host: vec![0; 2 * max_batch],
+            replays: 0,
+        };
+        // Every row a padding row (scratch block), so the warm-up writes no real cache.
+        graphs.stage_padding(0, max_batch)?;
+        graphs.upload(max_batch)?;
+        for &b in &sizes {
+            graphs.record(kernels, model, b, limits.max_model_len)?;
+        }
+        graphs.stream.synchronize().map_err(|e| cuda_err("warm-up", e))?;
+        for &b in &sizes {
+            let graph = graphs.capture_one(kernels, model, b, limits.max_model_len)?;
+            graph.upload().map_err(|e| cuda_err("upload", e))?;
+            graphs.sizes.push(b);
+            graphs.graphs.push(graph);
+        }
+        graphs.stream.synchronize().map_err(|e| cuda_err("capture", e))?;
+        Ok(graphs)
+    }
+
+    pub fn num_graphs(&self) -> usize {
+        self.graphs.len()
+    }
+
+    fn capture_one(&self, kernels: &Kernels, model: &ModelPtrs, b: usize, max_model_len: usize) -> Result<CudaGraph> {
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| cuda_err("begin capture", e))?;
+        let recorded = self.record(kernels, model, b, max_model_len);
+        // End the capture whatever happened, so the stream is usable again.
+        let ended = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        recorded?;
+        ended
+            .map_err(|e| cuda_err("end capture", e))?
+            .ok_or_else(|| cuda_err("end capture", "no graph was captured"))
+    }
+
+    /// Issues one decode step of `b` rows on the fixed buffers.
+    fn record(&self, k: &Kernels, m: &ModelPtrs, b: usize, max_model_len: usize) -> Result<()> {
+        let buf = &self.buffers;
+        let p = |t: &Tensor| device_ptr(t);
+        let dt = m.dtype;
+        let (hidden, inter) = (m.hidden, m.intermediate);
+        let meta_base = p(&buf.meta)?;
+        let meta = MetaPtrs {
+            positions: meta_base + 4 * self.max_batch as u64,
+            token_seq: p(&buf.token_seq)?,
+            block_tables: meta_base + 8 * self.max_batch as u64,
+            max_blocks: self.max_blocks,
+            block_size: self.block_size,
+        };
+        let (h, x, delta) = (p(&buf.h)?, p(&buf.x)?, p(&buf.delta)?);
+        let (qkv, q, attn, o) = (p(&buf.qkv)?, p(&buf.q)?, p(&buf.attn)?, p(&buf.o)?);
+        let (gate_up, act) = (p(&buf.gate_up)?, p(&buf.act)?);
+        let (splits, partition) = ops::graph_splits(b, &m.dims, max_model_len);
+        let (part_acc, part_ml) = if splits > 1 {
+            (p(&buf.part_acc)?, p(&buf.part_ml)?)
+        } else {
+            (0, 0)
+        };
+
+        ops::launch_embedding(k, dt, h, m.embed, meta_base, b, hidden)?;
+        for (i, layer) in m.layers.iter().enumerate() {
+            let norm_in = RowsPtrs {
+                residual: h,
+                delta: if i == 0 { 0 } else { delta },
+                weight: layer.input_norm,
+                out: x,
+            };
+            ops::launch_add_rms_norm(k, dt, &norm_in, b, hidden, m.eps)?;
+            self.linear(k, dt, qkv, x, layer.qkv, b, m.qkv_width(), hidden)?;
+            let qkv_ptrs = QkvPtrs {
+                qkv,
+                bias: layer.qkv_bias,
+                q_norm: layer.q_norm,
+                k_norm: layer.k_norm,
+                cos: m.cos,
+                sin: m.sin,
+                q_out: q,
+                k_cache: layer.k_cache,
+                v_cache: layer.v_cache,
+            };
+            ops::launch_qkv_prepare(k, dt, &qkv_ptrs, &meta, b, &m.dims, m.eps)?;
+            let att = AttentionPtrs {
+                out: attn,
+                part_acc,
+                part_ml,
+                q,
+                k_cache: layer.k_cache,
+                v_cache: layer.v_cache,
+            };
+            ops::launch_paged_attention(k, dt, &att, &meta, b, &m.dims, splits, partition)?;
+            self.linear(k, dt, o, attn, layer.o_proj, b, hidden, m.q_width())?;
+            let norm_post = RowsPtrs {
+                residual: h,
+                delta: o,
+                weight: layer.post_norm,
+                out: x,
+            };
+            ops::launch_add_rms_norm(k, dt, &norm_post, b, hidden, m.eps)?;
+            self.linear(k, dt, gate_up, x, layer.gate_up, b, 2 * inter, hidden)?;
+            ops::launch_silu_mul(k, dt, act, gate_up, b, inter)?;
+            self.linear(k, dt, delta, act, layer.down, b, hidden, inter)?;
+        }
+        let norm_final = RowsPtrs {
+            residual: h,
+            delta: if m.layers.is_empty() { 0 } else { delta },
+            weight: m.final_norm,
+            out: x,
+        };
+        ops::launch_add_rms_norm(k, dt, &norm_final, b, hidden, m.eps)?;
+        let logits = p(&buf.logits)?;
+        self.linear(k, dt, logits, x, m.lm_head, b, m.vocab, hidden)?;
+        ops::launch_argmax_rows(k, dt, p(&buf.argmax)?, logits, b, m.vocab)
+    }
+
+    /// y[b, out] = x[b, inner] · w[out, inner]ᵀ: `ops::linear`'s choice on raw buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(&self, k: &Kernels, dt: DType, y: u64, x: u64, w: u64, b: usize, out: usize, inner: usize) -> Result<()> {
+        if ops::gemv_fits(k, dt, b, inner) {
+            ops::launch_gemv(k, dt, y, x, w, b, out, inner)
+        } else {
+            self.blas.linear(dt, y, x, w, b, out, inner)
+        }
+    }
+
+    /// Rows `from..to` of the staging buffer become padding rows.
+    fn stage_padding(&mut self, from: usize, to: usize) -> Result<()> {
+        let mb = self.max_batch;
+        let scratch = u32::try_from(self.num_blocks).map_err(|_| EngineError::internal("too many KV blocks"))?;
+        for r in from..to {
+            self.meta_host[r] = 0;
+            self.meta_host[mb + r] = 0;
+            let row = &mut self.meta_host[2 * mb + r * self.max_blocks..2 * mb + (r + 1) * self.max_blocks];
+            row.fill(0);
+            row[0] = scratch;
+        }
+        Ok(())
+    }
+
+    /// Copies the staged ids, positions and the first `rows` block-table rows to the device.
+    fn upload(&self, rows: usize) -> Result<()> {
+        let len = 2 * self.max_batch + rows * self.max_blocks;
+        let dst = device_ptr(&self.buffers.meta)?;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| cuda_err("bind", e))?;
+        // SAFETY: `meta` holds at least `len` u32; the host slice lives through the call
+        // (pageable memory: staged before the call returns).
+        unsafe { driver::memcpy_htod_async(dst, &self.meta_host[..len], self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("upload of the step's inputs", e))
+    }
+
+    /// The captured size for a pure decode batch of `n` rows, or None when the batch is
+    /// not one the graphs cover (a prefill chunk, prompt logprobs, too many rows, too long,
+    /// or a KV cache other than the captured one).
+    fn size_for(&self, batch: &ForwardBatch, kv_key: u64) -> Option<usize> {
+        let n = batch.token_ids.len();
+        let plain_decode = batch.seqs.len() == n
+            && batch
+                .seqs
+                .iter()
+                .enumerate()
+                .all(|(i, s)| s.query_len == 1 && s.query_start == i && s.want_logits && !s.logits_for_all_tokens);
+        let fits = batch
+            .seqs
+            .iter()
+            .all(|s| s.context_len <= self.max_model_len && s.lora_slot.is_none());
+        if n == 0 || !plain_decode || !fits || kv_key != self.kv_key {
+            return None;
+        }
+        self.sizes.iter().copied().find(|&b| b >= n)
+    }
+
+    /// Runs `batch` through the captured graph of its padded size when it qualifies:
+    /// Some(rows) after the launch (the logits and argmax buffers then hold its results),
+    /// None when the caller must run the step eagerly.
+    pub fn replay(&mut self, batch: &ForwardBatch, kv_key: u64, vocab_size: usize) -> Result<Option<usize>> {
+        let Some(b) = self.size_for(batch, kv_key) else {
+            return Ok(None);
+        };
+        let n = batch.token_ids.len();
+        let mb = self.max_batch;
+        for (r, seq) in batch.seqs.iter().enumerate() {
+            let token = batch.token_ids[r];
+            if token as usize >= vocab_size {
+                return Err(EngineError::validation(format!(
+                    "token id {token} is outside the vocabulary of {vocab_size}"
+                )));
+            }
+            let position = batch.positions[r];
+            let blocks = seq.context_len.div_ceil(self.block_size);
+            if position + 1 != seq.context_len || seq.block_table.len() < blocks {
+                return Err(EngineError::internal(format!(
+                    "forward batch: decode row {r} is inconsistent (position {position}, context {}, {} blocks)",
+                    seq.context_len,
+                    seq.block_table.len()
+                )));
+            }
+            if let Some(&bad) = seq.block_table[..blocks]
+                .iter()
+                .find(|&&x| x as usize >= self.num_blocks)
+            {
+                return Err(EngineError::internal(format!(
+                    "forward batch: block {bad} is outside the cache"
+                )));
+            }
+            self.meta_host[r] = token;
+            self.meta_host[mb + r] = position as u32;
+            let row = 2 * mb + r * self.max_blocks;
+            self.meta_host[row..row + blocks].copy_from_slice(&seq.block_table[..blocks]);
+        }
+        self.stage_padding(n, b)?;
+        self.upload(b)?;
+        let index = self.sizes.iter().position(|&s| s == b).unwrap_or(0);
+        self.graphs[index].launch().map_err(|e| cuda_err("launch", e))?;
+        self.replays += 1;
+        Ok(Some(b))
+    }
+
+    /// After `replay` of `n` real rows padded to `b`: their argmax ids and largest logits.
+    pub fn argmax(&mut self, n: usize, b: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+        let src = device_ptr(&self.buffers.argmax)?;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| cuda_err("bind", e))?;
+        // SAFETY: `argmax` holds 2 * max_batch >= 2 * b u32; synchronized before reading.
+        unsafe { driver::memcpy_dtoh_async(&mut self.argmax_host[..2 * b], src, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("argmax copy", e))?;
+        self.stream.synchronize().map_err(|e| cuda_err("synchronize", e))?;
+        let ids = self.argmax_host[..n].to_vec();
+        let values = self.argmax_host[b..b + n].iter().map(|&v| f32::from_bits(v)).collect();
+        Ok((ids, values))
+    }
+
+    /// After `replay` of `n` real rows: their logits as float32 [n, vocab] (a new tensor).
+    pub fn logits(&self, n: usize) -> Result<Tensor> {
+        let rows = self
+            .buffers
+            .logits
+            .narrow(0, 0, n * self.vocab)?
+            .reshape((n, self.vocab))?;
+        Ok(rows.to_dtype(DType::F32)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_sizes_cover_every_batch_once() {
+        assert_eq!(capture_sizes(1), vec![1]);
+        assert_eq!(capture_sizes(3), vec![1, 2, 3]);
+        assert_eq!(capture_sizes(16), vec![1, 2, 4, 8, 16]);
+        assert_eq!(capture_sizes(40), vec![1, 2, 4, 8, 16, 32, 40]);
+        let s = capture_sizes(256);
+        assert_eq!(s.len(), 4 + 16);
+        assert!(s.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(*s.last().unwrap(), 256);
+    }
+}
