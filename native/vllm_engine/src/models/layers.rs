@@ -8,6 +8,7 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
 use crate::backend::cpu::matmul::PackedMatrix;
+use crate::backend::cpu::simd::{self, vectorized};
 use crate::backend::cpu::qmatmul::QuantMatrix;
 use rayon::prelude::*;
 
@@ -334,9 +335,11 @@ pub fn silu_mul_into(gate_up: &[f32], inter: usize, out: &mut Vec<f32>) {
     out.resize(rows * inter, 0.0);
     let act = |(gu, o): (&[f32], &mut [f32])| {
         let (g, u) = gu.split_at(inter);
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
+        vectorized(|| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + simd::exp(-g)) * u;
+            }
+        })
     };
     if rows >= PARALLEL_ROWS {
         gate_up
