@@ -7,3 +7,5 @@ pub mod qmatmul_avx2;
 pub mod phase_timer;
 pub mod matmul;
 pub mod matmul_x86;
+pub mod simd;
+pub mod qmatmul_vnni;
