@@ -24,6 +24,8 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
 
+use super::simd::vectorized;
+
 /// Input rows that share one pass over the weight row.
 const ROW_GROUP: usize = 8;
 /// Weight rows per parallel task.
@@ -59,9 +61,19 @@ pub struct VnniMatrix {
 
 /// Position p (0..64) of a pair's register holds block (p / 4) % 2, level (p / 8)·4 + p % 4.
 #[inline(always)]
-fn slot(p: usize) -> (usize, usize) {
+const fn slot(p: usize) -> (usize, usize) {
     ((p / 4) % 2, (p / 8) * 4 + p % 4)
 }
+
+const SLOTS: [(usize, usize); 64] = {
+    let mut t = [(0, 0); 64];
+    let mut p = 0;
+    while p < 64 {
+        t[p] = slot(p);
+        p += 1;
+    }
+    t
+};
 
 impl VnniMatrix {
     /// Repacks GGML blocks ([rows, cols], `data` as GGML stores them); None for other types.
@@ -174,6 +186,7 @@ impl VnniMatrix {
 
     fn quantize_row(&self, x: &[f32], xq: &mut [i8], dx: &mut [f32], y: &mut [f32]) {
         let blocks = self.cols / 32;
+        let lo_at = self.pairs * 64;
         for b in 0..self.pairs * 2 {
             let (t, which) = (b / 2, b % 2);
             if b >= blocks {
@@ -182,27 +195,35 @@ impl VnniMatrix {
                 continue;
             }
             let xb = &x[b * 32..(b + 1) * 32];
-            let amax = xb.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let lo_at = self.pairs * 64;
-            for p in 0..64 {
-                let (w, i) = slot(p);
+            let (mut hi, mut lo) = ([0i8; 32], [0i8; 32]);
+            let (d, sum) = vectorized(|| {
+                let amax = xb.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                for ((h, l), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(xb) {
+                    let scaled = v * inv;
+                    let r = scaled.round();
+                    *h = r as i8;
+                    // The residual is within ±1/2 step: 254 steps of 1/254 cover it.
+                    *l = ((scaled - r) * 254.0).round().clamp(-127.0, 127.0) as i8;
+                }
+                (d, xb.iter().sum::<f32>())
+            });
+            // Into the pair's register layout: this block's levels at its 4-byte lanes.
+            for (p, &(w, i)) in SLOTS.iter().enumerate() {
                 if w == which {
-                    let hi = (xb[i] * inv).round();
-                    // The residual is within ±d/2: 254 steps of d/254 cover it.
-                    let lo = ((xb[i] * inv - hi) * 254.0).round().clamp(-127.0, 127.0);
-                    xq[t * 64 + p] = hi as i8;
-                    xq[lo_at + t * 64 + p] = lo as i8;
+                    xq[t * 64 + p] = hi[i];
+                    xq[lo_at + t * 64 + p] = lo[i];
                 }
             }
             dx[b] = d;
-            let sum: f32 = xb.iter().sum();
-            y[b] = match self.kind {
-                Kind::Q4_1 => sum,
-                Kind::Q4_0 => -8.0 * sum,
-                Kind::Q8_0 => -128.0 * sum,
-            };
+            // Spread over the 8 lanes of the block that each add it (see rows_group).
+            y[b] = sum / 8.0
+                * match self.kind {
+                    Kind::Q4_1 => 1.0,
+                    Kind::Q4_0 => -8.0,
+                    Kind::Q8_0 => -128.0,
+                };
         }
     }
 
@@ -227,6 +248,7 @@ impl VnniMatrix {
         for r in r0..r1 {
             let lv = self.levels.as_ptr().add(r * self.pairs * pair_bytes);
             let sc = self.scale.as_ptr().add(r * nb);
+            let ax = self.aux.as_ptr().add(r * nb);
             let mut acc = [_mm512_setzero_ps(); ROW_GROUP];
             for t in 0..self.pairs {
                 let w = if pair_bytes == 64 {
@@ -236,7 +258,9 @@ impl VnniMatrix {
                     let both = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
                     _mm512_and_si512(_mm512_srlv_epi64(both, shifts), low4)
                 };
-                let sw = _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(sc.add(2 * t) as *const f64)));
+                let pair = |p: *const f32| _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(p as *const f64)));
+                let sw = pair(sc.add(2 * t));
+                let aw = pair(ax.add(2 * t));
                 for (i, a) in acc.iter_mut().enumerate().take(g) {
                     let row = g0 + i;
                     let x_hi = xq.as_ptr().add((2 * row * self.pairs + t) * 64);
@@ -244,17 +268,13 @@ impl VnniMatrix {
                     let hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x_hi as *const _));
                     let lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x_lo as *const _));
                     let dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), lo_weight, _mm512_cvtepi32_ps(hi));
-                    let sx = _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(
-                        dx.as_ptr().add(row * nb + 2 * t) as *const f64,
-                    )));
-                    *a = _mm512_fmadd_ps(dot, _mm512_mul_ps(sw, sx), *a);
+                    let sx = pair(dx.as_ptr().add(row * nb + 2 * t));
+                    let offset = _mm512_mul_ps(aw, pair(y.as_ptr().add(row * nb + 2 * t)));
+                    *a = _mm512_fmadd_ps(dot, _mm512_mul_ps(sw, sx), _mm512_add_ps(*a, offset));
                 }
             }
-            let ax = &self.aux[r * nb..(r + 1) * nb];
             for (i, a) in acc.iter().enumerate().take(g) {
-                let row = g0 + i;
-                let offset: f32 = ax.iter().zip(&y[row * nb..(row + 1) * nb]).map(|(a, y)| a * y).sum();
-                *out.0.add(row * self.rows + r) = _mm512_reduce_add_ps(*a) + offset;
+                *out.0.add((g0 + i) * self.rows + r) = _mm512_reduce_add_ps(*a);
             }
         }
     }
