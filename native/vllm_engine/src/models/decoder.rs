@@ -9,6 +9,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
 use crate::backend::cpu::attention::{AttentionShape, QueryToken};
+use crate::backend::cpu::matmul::WeightFormat;
 use crate::backend::cpu::phase_timer::{timed, Phase, PhaseTimes};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -71,6 +72,12 @@ impl Drop for DecoderLM {
 impl DecoderLM {
     /// Builds the model from HF-named weights (`model.layers.0.self_attn.q_proj.weight`...).
     pub fn load(config: ModelConfig, weights: &mut dyn WeightSource) -> Result<Self> {
+        Self::load_as(config, weights, WeightFormat::F32)
+    }
+
+    /// As `load`, with the float projection weights held as `format` (bfloat16 halves the
+    /// bytes each decode step streams; activations and sums stay float32).
+    pub fn load_as(config: ModelConfig, weights: &mut dyn WeightSource, format: WeightFormat) -> Result<Self> {
         let c = &config;
         let q_width = c.num_attention_heads * c.head_dim;
         let kv_width = c.num_key_value_heads * c.head_dim;
@@ -90,7 +97,7 @@ impl DecoderLM {
                     (Embedding::F32(t), None)
                 } else {
                     // One packed copy serves the LM head and, row by row, the lookups.
-                    let head = Linear::new(t)?;
+                    let head = Linear::packed(t, format)?;
                     let packed = head
                         .packed_f32()
                         .ok_or_else(|| crate::error::EngineError::internal("tied head is not packed float32"))?;
@@ -128,16 +135,18 @@ impl DecoderLM {
                     proj("self_attn.k_proj.weight", kv_width, h),
                     proj("self_attn.v_proj.weight", kv_width, h),
                 ],
+                format,
             )?;
-            let o_proj = fused_projection(weights, &[proj("self_attn.o_proj.weight", h, q_width)])?;
+            let o_proj = fused_projection(weights, &[proj("self_attn.o_proj.weight", h, q_width)], format)?;
             let gate_up = fused_projection(
                 weights,
                 &[
                     proj("mlp.gate_proj.weight", c.intermediate_size, h),
                     proj("mlp.up_proj.weight", c.intermediate_size, h),
                 ],
+                format,
             )?;
-            let down = fused_projection(weights, &[proj("mlp.down_proj.weight", h, c.intermediate_size)])?;
+            let down = fused_projection(weights, &[proj("mlp.down_proj.weight", h, c.intermediate_size)], format)?;
             layers_out.push(DecoderLayer {
                 input_norm,
                 qkv,
@@ -153,7 +162,7 @@ impl DecoderLM {
         let final_norm = layers::to_f32_vec(&weights.tensor("model.norm.weight", &[h])?)?;
         let lm_head = match tied_head {
             Some(head) if c.tie_word_embeddings || !weights.contains("lm_head.weight") => head,
-            _ => fused_projection(weights, &[("lm_head.weight".to_string(), [c.vocab_size, h])])?,
+            _ => fused_projection(weights, &[("lm_head.weight".to_string(), [c.vocab_size, h])], format)?,
         };
         let rotary = Rotary::new(c.head_dim, c.rope_theta);
         Ok(DecoderLM {
@@ -387,7 +396,11 @@ impl CausalLM for DecoderLM {
 /// One projection over the row-wise concatenation of `parts` (name, [rows, cols]): GGML
 /// blocks when the source keeps every part quantized (parts of one GGML type share one
 /// matrix: rows are whole blocks, so concatenating rows is concatenating bytes), else f32.
-fn fused_projection(weights: &mut dyn WeightSource, parts: &[(String, [usize; 2])]) -> Result<Linear> {
+fn fused_projection(
+    weights: &mut dyn WeightSource,
+    parts: &[(String, [usize; 2])],
+    format: WeightFormat,
+) -> Result<Linear> {
     let mut quantized = Vec::with_capacity(parts.len());
     for (name, shape) in parts {
         match weights.quantized(name, shape)? {
@@ -415,7 +428,7 @@ fn fused_projection(weights: &mut dyn WeightSource, parts: &[(String, [usize; 2]
         .map(|(name, shape)| weights.tensor(name, shape))
         .collect::<Result<Vec<_>>>()?;
     match tensors.as_slice() {
-        [one] => Linear::new(one.clone()),
-        many => Linear::new(Tensor::cat(many, 0)?),
+        [one] => Linear::packed(one.clone(), format),
+        many => Linear::packed(Tensor::cat(many, 0)?, format),
     }
 }

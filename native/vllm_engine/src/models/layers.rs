@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
-use crate::backend::cpu::matmul::PackedMatrix;
+use crate::backend::cpu::matmul::{PackedMatrix, WeightFormat};
 use crate::backend::cpu::simd::{self, vectorized};
 use crate::backend::cpu::qmatmul::QuantMatrix;
 use rayon::prelude::*;
@@ -87,9 +87,14 @@ pub struct Linear {
 impl Linear {
     /// Packs a float32 [out, in] weight for the matmul kernel (the tensor can then go).
     pub fn new(weight: Tensor) -> Result<Self> {
+        Self::packed(weight, WeightFormat::F32)
+    }
+
+    /// Packs an [out, in] weight, held as `format` (bfloat16: rounded once, here).
+    pub fn packed(weight: Tensor, format: WeightFormat) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         let data = to_f32_vec(&weight.to_dtype(candle_core::DType::F32)?)?;
-        let packed = PackedMatrix::pack(&data, out_features, in_features);
+        let packed = PackedMatrix::pack(&data, out_features, in_features, format);
         Ok(Linear {
             parts: vec![Weight::F32(Arc::new(packed))],
             bias: None,

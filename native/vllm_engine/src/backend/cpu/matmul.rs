@@ -26,6 +26,39 @@ const SERIAL_MAX_MACS: usize = 1 << 17;
 #[repr(C, align(64))]
 struct Line([f32; 16]);
 
+/// 32 bfloat16 values (one panel row) on one cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct LineBf16([u16; 32]);
+
+/// How the weights are held: float32, or rounded to bfloat16 (half the bytes to stream;
+/// the kernels widen them to float32 and compute in float32).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum WeightFormat {
+    F32,
+    Bf16,
+}
+
+enum Storage {
+    /// Panel p, index k: lines 2 (p cols + k) and +1 hold W[32p .. 32p + 32][k].
+    F32(Vec<Line>),
+    /// Panel p, index k: line p cols + k holds W[32p .. 32p + 32][k].
+    Bf16(Vec<LineBf16>),
+}
+
+/// float32 → bfloat16, rounding to nearest even (NaN stays NaN).
+fn to_bf16(v: f32) -> u16 {
+    if v.is_nan() {
+        return 0x7FC0;
+    }
+    let bits = v.to_bits();
+    ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+fn from_bf16(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
 /// The instruction set the kernels use, detected once.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Isa {
@@ -51,31 +84,52 @@ pub fn detected_isa() -> Isa {
 pub struct PackedMatrix {
     rows: usize,
     cols: usize,
-    /// Panel p, index k: lines 2 (p cols + k) and +1 hold W[32p .. 32p + 32][k]; rows past
-    /// `rows` are zero.
-    lines: Vec<Line>,
+    /// Rows past `rows` (to a whole panel) are zero.
+    storage: Storage,
     isa: Isa,
 }
 
 impl PackedMatrix {
     /// Packs a row-major [rows, cols] matrix.
-    pub fn pack(w: &[f32], rows: usize, cols: usize) -> PackedMatrix {
-        Self::pack_with(w, rows, cols, detected_isa())
+    pub fn pack(w: &[f32], rows: usize, cols: usize, format: WeightFormat) -> PackedMatrix {
+        Self::pack_with(w, rows, cols, format, detected_isa())
     }
 
-    pub fn pack_with(w: &[f32], rows: usize, cols: usize, isa: Isa) -> PackedMatrix {
+    pub fn pack_with(w: &[f32], rows: usize, cols: usize, format: WeightFormat, isa: Isa) -> PackedMatrix {
         assert_eq!(w.len(), rows * cols, "packed matrix: data does not match its shape");
         let panels = rows.div_ceil(PANEL);
-        let mut lines = vec![Line([0.0; 16]); panels * cols * 2];
-        lines.par_chunks_mut(cols * 2).enumerate().for_each(|(p, panel)| {
-            for j in 0..PANEL.min(rows - p * PANEL) {
-                let row = &w[(p * PANEL + j) * cols..(p * PANEL + j + 1) * cols];
-                for (k, &v) in row.iter().enumerate() {
-                    panel[2 * k + j / 16].0[j % 16] = v;
-                }
+        let storage = match format {
+            WeightFormat::F32 => {
+                let mut lines = vec![Line([0.0; 16]); panels * cols * 2];
+                lines.par_chunks_mut(cols * 2).enumerate().for_each(|(p, panel)| {
+                    for j in 0..PANEL.min(rows - p * PANEL) {
+                        let row = &w[(p * PANEL + j) * cols..(p * PANEL + j + 1) * cols];
+                        for (k, &v) in row.iter().enumerate() {
+                            panel[2 * k + j / 16].0[j % 16] = v;
+                        }
+                    }
+                });
+                Storage::F32(lines)
             }
-        });
-        PackedMatrix { rows, cols, lines, isa }
+            WeightFormat::Bf16 => {
+                let mut lines = vec![LineBf16([0; 32]); panels * cols];
+                lines.par_chunks_mut(cols).enumerate().for_each(|(p, panel)| {
+                    for j in 0..PANEL.min(rows - p * PANEL) {
+                        let row = &w[(p * PANEL + j) * cols..(p * PANEL + j + 1) * cols];
+                        for (k, &v) in row.iter().enumerate() {
+                            panel[k].0[j] = to_bf16(v);
+                        }
+                    }
+                });
+                Storage::Bf16(lines)
+            }
+        };
+        PackedMatrix {
+            rows,
+            cols,
+            storage,
+            isa,
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -86,16 +140,37 @@ impl PackedMatrix {
         self.cols
     }
 
-    pub fn bytes(&self) -> usize {
-        self.lines.len() * std::mem::size_of::<Line>()
+    pub fn format(&self) -> WeightFormat {
+        match self.storage {
+            Storage::F32(_) => WeightFormat::F32,
+            Storage::Bf16(_) => WeightFormat::Bf16,
+        }
     }
 
-    /// Row `r` of the original matrix (an embedding lookup of a tied table).
+    pub fn bytes(&self) -> usize {
+        match &self.storage {
+            Storage::F32(l) => l.len() * std::mem::size_of::<Line>(),
+            Storage::Bf16(l) => l.len() * std::mem::size_of::<LineBf16>(),
+        }
+    }
+
+    /// Row `r` of the matrix as stored (an embedding lookup of a tied table).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         let (p, j) = (r / PANEL, r % PANEL);
-        let panel = &self.lines[p * self.cols * 2..(p + 1) * self.cols * 2];
-        for (k, o) in out.iter_mut().enumerate().take(self.cols) {
-            *o = panel[2 * k + j / 16].0[j % 16];
+        let k = self.cols;
+        match &self.storage {
+            Storage::F32(lines) => {
+                let panel = &lines[p * k * 2..(p + 1) * k * 2];
+                for (kk, o) in out.iter_mut().enumerate().take(k) {
+                    *o = panel[2 * kk + j / 16].0[j % 16];
+                }
+            }
+            Storage::Bf16(lines) => {
+                let panel = &lines[p * k..(p + 1) * k];
+                for (kk, o) in out.iter_mut().enumerate().take(k) {
+                    *o = from_bf16(panel[kk].0[j]);
+                }
+            }
         }
     }
 
@@ -122,25 +197,51 @@ impl PackedMatrix {
     /// block passes over it.
     unsafe fn panels(&self, x: &[f32], m: usize, p0: usize, p1: usize, out: SendPtr) {
         let k = self.cols;
+        let max_rows = match self.isa {
+            Isa::Avx512 => MAX_ROWS_AVX512,
+            Isa::Avx2 => MAX_ROWS_AVX2,
+            Isa::Scalar => 1,
+        };
         for p in p0..p1 {
-            let panel = self.lines[p * k * 2..].as_ptr() as *const f32;
             let width = PANEL.min(self.rows - p * PANEL);
-            let max_rows = match self.isa {
-                Isa::Avx512 => MAX_ROWS_AVX512,
-                Isa::Avx2 => MAX_ROWS_AVX2,
-                Isa::Scalar => 1,
-            };
             let mut i = 0;
             while i < m {
                 let rows = max_rows.min(m - i);
                 let xb = x.as_ptr().add(i * k);
                 let ob = out.0.add(i * self.rows + p * PANEL);
-                match self.isa {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => super::matmul_x86::block_avx512(rows, xb, k, panel, ob, self.rows, width),
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => super::matmul_x86::block_avx2(rows, xb, k, panel, ob, self.rows, width),
-                    _ => block_scalar(rows, xb, k, panel, ob, self.rows, width),
+                match &self.storage {
+                    Storage::F32(lines) => {
+                        let panel = lines[p * k * 2..].as_ptr() as *const f32;
+                        match self.isa {
+                            #[cfg(target_arch = "x86_64")]
+                            Isa::Avx512 => super::matmul_x86::block_avx512(rows, xb, k, panel, ob, self.rows, width),
+                            #[cfg(target_arch = "x86_64")]
+                            Isa::Avx2 => super::matmul_x86::block_avx2(rows, xb, k, panel, ob, self.rows, width),
+                            _ => block_scalar(rows, xb, k, |kk, j| *panel.add(kk * PANEL + j), ob, self.rows, width),
+                        }
+                    }
+                    Storage::Bf16(lines) => {
+                        let panel = lines[p * k..].as_ptr() as *const u16;
+                        match self.isa {
+                            #[cfg(target_arch = "x86_64")]
+                            Isa::Avx512 => {
+                                super::matmul_x86::block_avx512_bf16(rows, xb, k, panel, ob, self.rows, width)
+                            }
+                            #[cfg(target_arch = "x86_64")]
+                            Isa::Avx2 => {
+                                super::matmul_x86::block_avx2_bf16(rows, xb, k, panel, ob, self.rows, width)
+                            }
+                            _ => block_scalar(
+                                rows,
+                                xb,
+                                k,
+                                |kk, j| from_bf16(*panel.add(kk * PANEL + j)),
+                                ob,
+                                self.rows,
+                                width,
+                            ),
+                        }
+                    }
                 }
                 i += rows;
             }
@@ -158,7 +259,7 @@ unsafe fn block_scalar(
     rows: usize,
     x: *const f32,
     k: usize,
-    panel: *const f32,
+    weight: impl Fn(usize, usize) -> f32,
     out: *mut f32,
     ldo: usize,
     width: usize,
@@ -167,9 +268,8 @@ unsafe fn block_scalar(
         let mut acc = [0.0f32; PANEL];
         for kk in 0..k {
             let xv = *x.add(i * k + kk);
-            let w = std::slice::from_raw_parts(panel.add(kk * PANEL), PANEL);
-            for (a, &wv) in acc.iter_mut().zip(w) {
-                *a = xv.mul_add(wv, *a);
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = xv.mul_add(weight(kk, j), *a);
             }
         }
         std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add(i * ldo), width);
@@ -208,8 +308,13 @@ mod tests {
     fn every_kernel_matches_a_naive_matmul_and_is_batch_invariant() {
         for (rows, cols) in [(5, 3), (32, 16), (77, 129), (200, 576)] {
             let w: Vec<f32> = (0..rows * cols).map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0).collect();
-            for isa in isas() {
-                let packed = PackedMatrix::pack_with(&w, rows, cols, isa);
+            for (isa, format) in isas().into_iter().flat_map(|i| [(i, WeightFormat::F32), (i, WeightFormat::Bf16)]) {
+                let packed = PackedMatrix::pack_with(&w, rows, cols, format, isa);
+                // The bf16 matrix is checked against its own rounded weights.
+                let w: Vec<f32> = match format {
+                    WeightFormat::F32 => w.clone(),
+                    WeightFormat::Bf16 => w.iter().map(|&v| from_bf16(to_bf16(v))).collect(),
+                };
                 let mut alone: Option<Vec<f32>> = None;
                 for m in [1, 2, 3, 13, 30] {
                     let x: Vec<f32> = (0..m * cols).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0).collect();
@@ -217,11 +322,11 @@ mod tests {
                     packed.matmul(&x, m, &mut out);
                     let expected = naive(&w, &x, m, rows, cols);
                     for (j, (a, b)) in out.iter().zip(&expected).enumerate() {
-                        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{isa:?} [{rows},{cols}] m {m} at {j}: {a} vs {b}");
+                        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{isa:?} {format:?} [{rows},{cols}] m {m} at {j}: {a} vs {b}");
                     }
                     // Row 0 is the same input every time: bit-identical whatever m is.
                     match &alone {
-                        Some(r) => assert_eq!(&out[..rows], &r[..], "{isa:?} m {m}: row 0 differs from m = 1"),
+                        Some(r) => assert_eq!(&out[..rows], &r[..], "{isa:?} {format:?} m {m}: row 0 differs from m = 1"),
                         None => alone = Some(out[..rows].to_vec()),
                     }
                 }
@@ -242,7 +347,8 @@ mod bench {
     fn packed_matmul_speed() {
         for (rows, cols) in [(3072, 576), (576, 1536), (49152, 576)] {
             let w: Vec<f32> = (0..rows * cols).map(|i| (i % 13) as f32 * 0.01).collect();
-            let packed = PackedMatrix::pack(&w, rows, cols);
+            for format in [WeightFormat::F32, WeightFormat::Bf16] {
+            let packed = PackedMatrix::pack(&w, rows, cols, format);
             for m in [1, 32, 128] {
                 let x: Vec<f32> = (0..m * cols).map(|i| (i % 7) as f32 * 0.1).collect();
                 let mut out = vec![0.0; m * rows];
@@ -254,11 +360,12 @@ mod bench {
                 }
                 let s = t.elapsed().as_secs_f64() / reps as f64;
                 println!(
-                    "[{rows}, {cols}] m {m}: {:.3} ms, {:.1} GFLOP/s, {:.1} GB/s of weights",
+                    "{format:?} [{rows}, {cols}] m {m}: {:.3} ms, {:.1} GFLOP/s, {:.1} GB/s of weights",
                     s * 1e3,
                     2.0 * (m * rows * cols) as f64 / s / 1e9,
-                    (rows * cols * 4) as f64 / s / 1e9
+                    packed.bytes() as f64 / s / 1e9
                 );
+            }
             }
         }
     }
