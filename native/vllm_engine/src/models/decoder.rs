@@ -285,7 +285,7 @@ impl CausalLM for DecoderLM {
 
         let tm = &self.times;
         if let Some(t) = tm {
-            t.step(n);
+            t.step(n, batch.seqs.len());
         }
         let mut guard = self.scratch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let Scratch {
@@ -298,7 +298,7 @@ impl CausalLM for DecoderLM {
             gate_up,
             act,
         } = &mut *guard;
-        *h = timed(tm, Phase::Embed, || self.embed.gather(&batch.token_ids, hidden))?;
+        timed(tm, Phase::Embed, || self.embed.gather_into(&batch.token_ids, hidden, h))?;
 
         let with_lora = batch.seqs.iter().any(|s| s.lora_slot.is_some());
         let q_width = c.num_attention_heads * c.head_dim;

@@ -190,9 +190,10 @@ pub enum Embedding {
 }
 
 impl Embedding {
-    /// The rows of `ids`, concatenated ([ids.len(), dim]); ids are checked by the caller.
-    pub fn gather(&self, ids: &[u32], dim: usize) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(ids.len() * dim);
+    /// The rows of `ids`, concatenated ([ids.len(), dim]), into `out` (its capacity is
+    /// reused); ids are checked by the caller.
+    pub fn gather_into(&self, ids: &[u32], dim: usize, out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
         match self {
             Embedding::F32(t) => with_f32_slice(t, |table| {
                 for &id in ids {
@@ -215,7 +216,7 @@ impl Embedding {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     pub fn bytes(&self) -> usize {

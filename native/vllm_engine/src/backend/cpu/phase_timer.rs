@@ -1,5 +1,6 @@
 //! `VLLM_STEP_TIMING=1`: wall time per phase of the CPU forward pass, summed over steps and
-//! printed when the model is dropped. Off, a phase costs one branch on a cached flag.
+//! printed when the model is dropped, decode-only steps (one new token per sequence) apart
+//! from steps that carry prompt tokens. Off, a phase costs one branch on a cached flag.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -26,10 +27,18 @@ const NAMES: [&str; 11] = [
     "lm_head",
 ];
 
-pub struct PhaseTimes {
+#[derive(Default)]
+struct Bucket {
     nanos: [AtomicU64; 11],
     steps: AtomicU64,
     tokens: AtomicU64,
+}
+
+pub struct PhaseTimes {
+    decode: Bucket,
+    prefill: Bucket,
+    /// Whether the step in progress is decode-only.
+    decoding: std::sync::atomic::AtomicBool,
 }
 
 fn enabled() -> bool {
@@ -40,31 +49,51 @@ fn enabled() -> bool {
 impl PhaseTimes {
     pub fn new() -> Option<PhaseTimes> {
         enabled().then(|| PhaseTimes {
-            nanos: Default::default(),
-            steps: AtomicU64::new(0),
-            tokens: AtomicU64::new(0),
+            decode: Bucket::default(),
+            prefill: Bucket::default(),
+            decoding: Default::default(),
         })
     }
 
-    pub fn step(&self, tokens: usize) {
-        self.steps.fetch_add(1, Ordering::Relaxed);
-        self.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+    /// Starts a step of `tokens` new tokens over `seqs` sequences.
+    pub fn step(&self, tokens: usize, seqs: usize) {
+        let decoding = tokens == seqs;
+        self.decoding.store(decoding, Ordering::Relaxed);
+        let b = self.bucket();
+        b.steps.fetch_add(1, Ordering::Relaxed);
+        b.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+    }
+
+    fn bucket(&self) -> &Bucket {
+        if self.decoding.load(Ordering::Relaxed) {
+            &self.decode
+        } else {
+            &self.prefill
+        }
     }
 
     pub fn add(&self, phase: Phase, since: Instant) {
-        self.nanos[phase as usize].fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.bucket().nanos[phase as usize].fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     pub fn report(&self) -> String {
-        let steps = self.steps.load(Ordering::Relaxed).max(1) as f64;
-        let total: u64 = self.nanos.iter().map(|n| n.load(Ordering::Relaxed)).sum();
+        format!(
+            "{}\n{}",
+            Self::report_bucket("decode-only steps", &self.decode),
+            Self::report_bucket("steps with prompt tokens", &self.prefill)
+        )
+    }
+
+    fn report_bucket(what: &str, b: &Bucket) -> String {
+        let steps = b.steps.load(Ordering::Relaxed).max(1) as f64;
+        let total: u64 = b.nanos.iter().map(|n| n.load(Ordering::Relaxed)).sum();
         let mut s = format!(
-            "forward phases: {} steps, {} tokens, {:.3} ms/step;",
-            steps,
-            self.tokens.load(Ordering::Relaxed),
+            "forward phases, {what}: {} steps, {} tokens, {:.3} ms/step;",
+            b.steps.load(Ordering::Relaxed),
+            b.tokens.load(Ordering::Relaxed),
             total as f64 / steps / 1e6
         );
-        for (name, n) in NAMES.iter().zip(&self.nanos) {
+        for (name, n) in NAMES.iter().zip(&b.nanos) {
             let n = n.load(Ordering::Relaxed);
             if n > 0 {
                 s += &format!(

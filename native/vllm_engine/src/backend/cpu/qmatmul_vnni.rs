@@ -153,25 +153,41 @@ impl VnniMatrix {
 
     /// out ([m, rows]) = x ([m, cols]) Wᵀ. Requires `available()`.
     pub fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        // A rayon worker waiting inside `multiply` may run another model's forward on this
+        // thread: that nested call gets buffers of its own.
+        INPUT.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut input) => self.forward_with(&mut input, x, m, out),
+            Err(_) => self.forward_with(&mut Input::default(), x, m, out),
+        });
+    }
+
+    fn forward_with(&self, input: &mut Input, x: &[f32], m: usize, out: &mut [f32]) {
         let nb = self.pairs * 2;
-        // Per input row: the int8 levels in pair layout, their block scales, and y.
-        let mut xq = vec![0i8; 2 * m * self.pairs * 64];
-        let mut dx = vec![0.0f32; m * nb];
-        let mut y = vec![0.0f32; m * nb];
-        for i in 0..m {
-            self.quantize_row(
-                &x[i * self.cols..(i + 1) * self.cols],
-                &mut xq[2 * i * self.pairs * 64..2 * (i + 1) * self.pairs * 64],
-                &mut dx[i * nb..(i + 1) * nb],
-                &mut y[i * nb..(i + 1) * nb],
-            );
+        {
+            let Input { xq, dx, y } = input;
+            // Per input row: the int8 parts in pair layout, the block scales, and y.
+            xq.resize(2 * m * self.pairs * 64, 0);
+            dx.resize(m * nb, 0.0);
+            y.resize(m * nb, 0.0);
+            for i in 0..m {
+                self.quantize_row(
+                    &x[i * self.cols..(i + 1) * self.cols],
+                    &mut xq[2 * i * self.pairs * 64..2 * (i + 1) * self.pairs * 64],
+                    &mut dx[i * nb..(i + 1) * nb],
+                    &mut y[i * nb..(i + 1) * nb],
+                );
+            }
+            self.multiply(xq, dx, y, m, out);
         }
+    }
+
+    fn multiply(&self, xq: &[i8], dx: &[f32], y: &[f32], m: usize, out: &mut [f32]) {
         let out_ptr = OutPtr(out.as_mut_ptr());
         let run = |r0: usize, r1: usize| {
             for g0 in (0..m).step_by(ROW_GROUP) {
                 let g = ROW_GROUP.min(m - g0);
                 // SAFETY: `available()` was checked by the caller; tasks own disjoint rows r.
-                unsafe { self.rows_group(r0, r1, g0, g, &xq, &dx, &y, out_ptr) };
+                unsafe { self.rows_group(r0, r1, g0, g, xq, dx, y, out_ptr) };
             }
         };
         if m * self.rows * self.cols <= SERIAL_MAX_MACS || rayon::current_num_threads() <= 1 {
@@ -278,6 +294,18 @@ impl VnniMatrix {
             }
         }
     }
+}
+
+/// The quantized input of a call, kept per thread so steps allocate nothing.
+#[derive(Default)]
+struct Input {
+    xq: Vec<i8>,
+    dx: Vec<f32>,
+    y: Vec<f32>,
+}
+
+thread_local! {
+    static INPUT: std::cell::RefCell<Input> = std::cell::RefCell::new(Input::default());
 }
 
 #[derive(Clone, Copy)]
