@@ -9,7 +9,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::simd::{axpy, dot, exp, vectorized};
+use super::matmul::Isa;
+use super::simd::{axpy, dot, exp, isa, max, sum};
 
 use crate::kv_cache::paged_cache::LayerKv;
 
@@ -57,7 +58,7 @@ impl AttentionShape {
             let kv_head = i % self.num_kv_heads;
             SCORES.with(|scores| {
                 let mut scores = scores.borrow_mut();
-                vectorized(|| self.attend_group(q_group, token, kv_head, layer, &mut scores, out_group))
+                self.attend_group_dispatch(q_group, token, kv_head, layer, &mut scores, out_group)
             });
         };
         let tasks = out.len() / group_width;
@@ -66,6 +67,55 @@ impl AttentionShape {
         } else {
             out.par_chunks_mut(group_width).zip(q.par_chunks(group_width)).enumerate().for_each(task);
         }
+    }
+
+    /// `attend_group` compiled for the widest vector unit present (a plain closure passed
+    /// to `vectorized` would not be inlined: the body is too large).
+    fn attend_group_dispatch(
+        &self,
+        q: &[f32],
+        token: QueryToken,
+        kv_head: usize,
+        layer: &LayerKv,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        match isa() {
+            // SAFETY: the features were detected at run time.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { self.attend_group_avx512(q, token, kv_head, layer, scores, out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { self.attend_group_avx2(q, token, kv_head, layer, scores, out) },
+            _ => self.attend_group(q, token, kv_head, layer, scores, out),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    unsafe fn attend_group_avx512(
+        &self,
+        q: &[f32],
+        token: QueryToken,
+        kv_head: usize,
+        layer: &LayerKv,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        self.attend_group(q, token, kv_head, layer, scores, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn attend_group_avx2(
+        &self,
+        q: &[f32],
+        token: QueryToken,
+        kv_head: usize,
+        layer: &LayerKv,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        self.attend_group(q, token, kv_head, layer, scores, out)
     }
 
     /// Softmax attention of the query heads of one kv head: scores of every visible key
@@ -106,13 +156,11 @@ impl AttentionShape {
         let mut inv_sums = [0.0f32; MAX_GROUP];
         for g in 0..group {
             let row = &mut scores[g * n..(g + 1) * n];
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let mut sum = 0.0f32;
+            let m = max(row);
             for s in row.iter_mut() {
-                *s = exp(*s - max);
-                sum += *s;
+                *s = exp(*s - m);
             }
-            inv_sums[g.min(MAX_GROUP - 1)] = 1.0 / sum;
+            inv_sums[g.min(MAX_GROUP - 1)] = 1.0 / sum(row);
         }
         out.fill(0.0);
         for j in 0..n {
@@ -123,7 +171,7 @@ impl AttentionShape {
             }
         }
         for (g, o) in out.chunks_mut(hd).enumerate() {
-            let inv = if group <= MAX_GROUP { inv_sums[g] } else { 1.0 / scores[g * n..(g + 1) * n].iter().sum::<f32>() };
+            let inv = if group <= MAX_GROUP { inv_sums[g] } else { 1.0 / sum(&scores[g * n..(g + 1) * n]) };
             o.iter_mut().for_each(|x| *x *= inv);
         }
     }

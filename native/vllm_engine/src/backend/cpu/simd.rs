@@ -6,7 +6,8 @@ use std::sync::OnceLock;
 
 use super::matmul::{detected_isa, Isa};
 
-fn isa() -> Isa {
+/// The vector unit the kernels use, detected once.
+pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(detected_isa)
 }
@@ -23,7 +24,8 @@ unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Runs `f` (inlined) compiled for the widest vector unit present.
+/// Runs `f` compiled for the widest vector unit present. Only for small closures: LLVM
+/// must inline `f` into the wrapper for the wider instructions to apply.
 #[inline(always)]
 pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     match isa() {
@@ -56,18 +58,62 @@ pub fn exp(x: f32) -> f32 {
     e * scale
 }
 
-/// Dot product over 16 lanes (one AVX-512 register, two AVX2 ones).
+/// Dot product over two 16-lane accumulators (two AVX-512 registers, so consecutive
+/// chunks do not wait on each other), summed as a tree.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
+    let (mut acc0, mut acc1) = ([0.0f32; 16], [0.0f32; 16]);
+    let n32 = a.len().min(b.len()) / 32 * 32;
+    for (x, y) in a[..n32].chunks_exact(32).zip(b[..n32].chunks_exact(32)) {
         for i in 0..16 {
-            acc[i] += x[i] * y[i];
+            acc0[i] += x[i] * y[i];
+            acc1[i] += x[16 + i] * y[16 + i];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    let tail: f32 = a[n32..].iter().zip(&b[n32..]).map(|(x, y)| x * y).sum();
+    for i in 0..16 {
+        acc0[i] += acc1[i];
+    }
+    hsum16(acc0) + tail
+}
+
+/// Sum of 16 lanes as a tree (halves added to halves).
+#[inline(always)]
+pub fn hsum16(mut v: [f32; 16]) -> f32 {
+    for half in [8, 4, 2, 1] {
+        for i in 0..half {
+            v[i] += v[i + half];
+        }
+    }
+    v[0]
+}
+
+/// Largest value (−∞ for none), over 16 lanes.
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for c in chunks {
+        for i in 0..16 {
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        }
+    }
+    m.iter().fold(tail, |a, &b| a.max(b))
+}
+
+/// Sum over 16 lanes.
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    hsum16(acc) + tail
 }
 
 /// y += a x.
