@@ -324,19 +324,27 @@ impl CausalLM for DecoderLM {
             timed(tm, Phase::Attention, || shape.paged_attention(q, &tokens, cache, attn));
             timed(tm, Phase::OProj, || layer.o_proj.forward_into(attn, n, proj))?;
             if with_lora {
-                timed(tm, Phase::Lora, || self.add_lora(batch, li, &[(LoraTarget::O, 0)], attn, proj, hidden))?;
+                timed(tm, Phase::Lora, || {
+                    self.add_lora(batch, li, &[(LoraTarget::O, 0)], attn, proj, hidden)
+                })?;
             }
             layers::add_in_place(h, proj);
 
-            timed(tm, Phase::Norm, || layers::rms_norm_into(h, &layer.post_attention_norm, eps, x));
+            timed(tm, Phase::Norm, || {
+                layers::rms_norm_into(h, &layer.post_attention_norm, eps, x)
+            });
             timed(tm, Phase::GateUp, || layer.gate_up.forward_into(x, n, gate_up))?;
             if with_lora {
-                timed(tm, Phase::Lora, || self.add_lora(batch, li, &gate_up_parts, x, gate_up, 2 * inter))?;
+                timed(tm, Phase::Lora, || {
+                    self.add_lora(batch, li, &gate_up_parts, x, gate_up, 2 * inter)
+                })?;
             }
             timed(tm, Phase::Act, || layers::silu_mul_into(gate_up, inter, act));
             timed(tm, Phase::Down, || layer.down.forward_into(act, n, proj))?;
             if with_lora {
-                timed(tm, Phase::Lora, || self.add_lora(batch, li, &[(LoraTarget::Down, 0)], act, proj, hidden))?;
+                timed(tm, Phase::Lora, || {
+                    self.add_lora(batch, li, &[(LoraTarget::Down, 0)], act, proj, hidden)
+                })?;
             }
             layers::add_in_place(h, proj);
         }

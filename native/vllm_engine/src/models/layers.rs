@@ -8,8 +8,8 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
 use crate::backend::cpu::matmul::{PackedMatrix, WeightFormat};
-use crate::backend::cpu::simd::{self, vectorized};
 use crate::backend::cpu::qmatmul::QuantMatrix;
+use crate::backend::cpu::simd::{self, vectorized};
 use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
@@ -143,7 +143,11 @@ impl Linear {
     pub fn forward(&self, x: Vec<f32>, rows: usize) -> Result<Tensor> {
         let mut out = Vec::new();
         self.forward_into(&x, rows, &mut out)?;
-        Ok(Tensor::from_vec(out, (rows, self.out_features), &candle_core::Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            out,
+            (rows, self.out_features),
+            &candle_core::Device::Cpu,
+        )?)
     }
 
     /// x: [rows, in] row-major; `out` becomes [rows, out] (its capacity is reused).

@@ -63,9 +63,15 @@ impl AttentionShape {
         };
         let tasks = out.len() / group_width;
         if tasks * (tokens.iter().map(|t| t.position).max().unwrap_or(0) + 1) < SERIAL_MAX_KEYS {
-            out.chunks_mut(group_width).zip(q.chunks(group_width)).enumerate().for_each(task);
+            out.chunks_mut(group_width)
+                .zip(q.chunks(group_width))
+                .enumerate()
+                .for_each(task);
         } else {
-            out.par_chunks_mut(group_width).zip(q.par_chunks(group_width)).enumerate().for_each(task);
+            out.par_chunks_mut(group_width)
+                .zip(q.par_chunks(group_width))
+                .enumerate()
+                .for_each(task);
         }
     }
 
@@ -171,7 +177,11 @@ impl AttentionShape {
             }
         }
         for (g, o) in out.chunks_mut(hd).enumerate() {
-            let inv = if group <= MAX_GROUP { inv_sums[g] } else { 1.0 / sum(&scores[g * n..(g + 1) * n]) };
+            let inv = if group <= MAX_GROUP {
+                inv_sums[g]
+            } else {
+                1.0 / sum(&scores[g * n..(g + 1) * n])
+            };
             o.iter_mut().for_each(|x| *x *= inv);
         }
     }

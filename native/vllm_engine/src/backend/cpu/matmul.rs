@@ -176,7 +176,10 @@ impl PackedMatrix {
 
     /// `out` ([m, rows], row-major) = x ([m, cols], row-major) Wᵀ.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        assert!(x.len() >= m * self.cols && out.len() >= m * self.rows, "packed matmul: buffers too small");
+        assert!(
+            x.len() >= m * self.cols && out.len() >= m * self.rows,
+            "packed matmul: buffers too small"
+        );
         let panels = self.rows.div_ceil(PANEL);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let run = |p0: usize, p1: usize| {
@@ -190,7 +193,9 @@ impl PackedMatrix {
         }
         // A few tasks per thread so a thread delayed by the OS does not hold up the rest.
         let tasks = (threads * 4).min(panels);
-        (0..tasks).into_par_iter().for_each(|t| run(t * panels / tasks, (t + 1) * panels / tasks));
+        (0..tasks)
+            .into_par_iter()
+            .for_each(|t| run(t * panels / tasks, (t + 1) * panels / tasks));
     }
 
     /// Computes panels p0..p1 for all m rows. Each panel stays in cache while every row
@@ -228,9 +233,7 @@ impl PackedMatrix {
                                 super::matmul_x86::block_avx512_bf16(rows, xb, k, panel, ob, self.rows, width)
                             }
                             #[cfg(target_arch = "x86_64")]
-                            Isa::Avx2 => {
-                                super::matmul_x86::block_avx2_bf16(rows, xb, k, panel, ob, self.rows, width)
-                            }
+                            Isa::Avx2 => super::matmul_x86::block_avx2_bf16(rows, xb, k, panel, ob, self.rows, width),
                             _ => block_scalar(
                                 rows,
                                 xb,
@@ -284,7 +287,9 @@ mod tests {
         let mut out = vec![0.0f32; m * rows];
         for i in 0..m {
             for r in 0..rows {
-                out[i * rows + r] = (0..cols).map(|k| x[i * cols + k] as f64 * w[r * cols + k] as f64).sum::<f64>() as f32;
+                out[i * rows + r] = (0..cols)
+                    .map(|k| x[i * cols + k] as f64 * w[r * cols + k] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         out
@@ -307,8 +312,13 @@ mod tests {
     #[test]
     fn every_kernel_matches_a_naive_matmul_and_is_batch_invariant() {
         for (rows, cols) in [(5, 3), (32, 16), (77, 129), (200, 576)] {
-            let w: Vec<f32> = (0..rows * cols).map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0).collect();
-            for (isa, format) in isas().into_iter().flat_map(|i| [(i, WeightFormat::F32), (i, WeightFormat::Bf16)]) {
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            for (isa, format) in isas()
+                .into_iter()
+                .flat_map(|i| [(i, WeightFormat::F32), (i, WeightFormat::Bf16)])
+            {
                 let packed = PackedMatrix::pack_with(&w, rows, cols, format, isa);
                 // The bf16 matrix is checked against its own rounded weights.
                 let w: Vec<f32> = match format {
@@ -322,11 +332,18 @@ mod tests {
                     packed.matmul(&x, m, &mut out);
                     let expected = naive(&w, &x, m, rows, cols);
                     for (j, (a, b)) in out.iter().zip(&expected).enumerate() {
-                        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{isa:?} {format:?} [{rows},{cols}] m {m} at {j}: {a} vs {b}");
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "{isa:?} {format:?} [{rows},{cols}] m {m} at {j}: {a} vs {b}"
+                        );
                     }
                     // Row 0 is the same input every time: bit-identical whatever m is.
                     match &alone {
-                        Some(r) => assert_eq!(&out[..rows], &r[..], "{isa:?} {format:?} m {m}: row 0 differs from m = 1"),
+                        Some(r) => assert_eq!(
+                            &out[..rows],
+                            &r[..],
+                            "{isa:?} {format:?} m {m}: row 0 differs from m = 1"
+                        ),
                         None => alone = Some(out[..rows].to_vec()),
                     }
                 }
@@ -348,24 +365,24 @@ mod bench {
         for (rows, cols) in [(3072, 576), (576, 1536), (49152, 576)] {
             let w: Vec<f32> = (0..rows * cols).map(|i| (i % 13) as f32 * 0.01).collect();
             for format in [WeightFormat::F32, WeightFormat::Bf16] {
-            let packed = PackedMatrix::pack(&w, rows, cols, format);
-            for m in [1, 32, 128] {
-                let x: Vec<f32> = (0..m * cols).map(|i| (i % 7) as f32 * 0.1).collect();
-                let mut out = vec![0.0; m * rows];
-                packed.matmul(&x, m, &mut out);
-                let reps = 20;
-                let t = std::time::Instant::now();
-                for _ in 0..reps {
+                let packed = PackedMatrix::pack(&w, rows, cols, format);
+                for m in [1, 32, 128] {
+                    let x: Vec<f32> = (0..m * cols).map(|i| (i % 7) as f32 * 0.1).collect();
+                    let mut out = vec![0.0; m * rows];
                     packed.matmul(&x, m, &mut out);
+                    let reps = 20;
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        packed.matmul(&x, m, &mut out);
+                    }
+                    let s = t.elapsed().as_secs_f64() / reps as f64;
+                    println!(
+                        "{format:?} [{rows}, {cols}] m {m}: {:.3} ms, {:.1} GFLOP/s, {:.1} GB/s of weights",
+                        s * 1e3,
+                        2.0 * (m * rows * cols) as f64 / s / 1e9,
+                        packed.bytes() as f64 / s / 1e9
+                    );
                 }
-                let s = t.elapsed().as_secs_f64() / reps as f64;
-                println!(
-                    "{format:?} [{rows}, {cols}] m {m}: {:.3} ms, {:.1} GFLOP/s, {:.1} GB/s of weights",
-                    s * 1e3,
-                    2.0 * (m * rows * cols) as f64 / s / 1e9,
-                    packed.bytes() as f64 / s / 1e9
-                );
-            }
             }
         }
     }

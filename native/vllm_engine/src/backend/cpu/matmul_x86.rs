@@ -140,7 +140,10 @@ unsafe fn avx512_bf16<const R: usize>(
     let mut hi = [_mm512_setzero_ps(); R];
     for kk in 0..k {
         let raw = _mm512_load_si512(panel.add(kk * PANEL) as *const _);
-        let w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+        let w0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)),
+            16,
+        ));
         let w1 = _mm512_castsi512_ps(_mm512_slli_epi32(
             _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)),
             16,

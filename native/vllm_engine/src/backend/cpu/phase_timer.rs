@@ -23,7 +23,16 @@ pub enum Phase {
 }
 
 const NAMES: [&str; 11] = [
-    "embed", "norms", "qkv", "rotary+kv write", "attention", "o_proj", "gate_up", "silu*up", "down", "lora",
+    "embed",
+    "norms",
+    "qkv",
+    "rotary+kv write",
+    "attention",
+    "o_proj",
+    "gate_up",
+    "silu*up",
+    "down",
+    "lora",
     "lm_head",
 ];
 

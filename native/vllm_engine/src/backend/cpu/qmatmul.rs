@@ -375,11 +375,19 @@ mod int8_tests {
                     .collect();
                 let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
                 let q = QTensor::quantize(&wt, dtype).unwrap();
-                let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let deq = q
+                    .dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
                 let matrix = QuantMatrix::with_kernel(Arc::new(q), true).unwrap();
                 assert!(matrix.vnni.is_some(), "{dtype:?} was not repacked");
                 for m in [1, 3, 9, 20] {
-                    let x: Vec<f32> = (0..m * cols).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0 + (i % 5) as f32 * 0.013).collect();
+                    let x: Vec<f32> = (0..m * cols)
+                        .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0 + (i % 5) as f32 * 0.013)
+                        .collect();
                     let got = matrix.forward(&x, m).unwrap();
                     for i in 0..m {
                         let xr = &x[i * cols..(i + 1) * cols];
