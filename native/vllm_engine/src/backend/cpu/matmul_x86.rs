@@ -1,6 +1,8 @@
 //! The x86 microkernels of `matmul`: a block of R input rows × one 32-column panel, all
 //! accumulators in registers, k walked once. R is a const so the loops unroll fully.
 #![cfg(target_arch = "x86_64")]
+// Register blocks are indexed by row and lane on purpose: the loops unroll into registers.
+#![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 

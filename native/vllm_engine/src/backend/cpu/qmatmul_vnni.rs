@@ -84,7 +84,7 @@ impl VnniMatrix {
             GgmlDType::Q8_0 => (Kind::Q8_0, 34),
             _ => return None,
         };
-        if cols % 32 != 0 || data.len() != rows * cols / 32 * block_bytes {
+        if !cols.is_multiple_of(32) || data.len() != rows * cols / 32 * block_bytes {
             return None;
         }
         let blocks = cols / 32;
