@@ -145,3 +145,30 @@ fn smollm2_batched_prompts_with_interleaved_decodes_match_each_alone() {
         assert_eq!(ids, &case.greedy, "case {}: batched greedy ids", case.name);
     }
 }
+
+/// `dtype: "bfloat16"` on the CPU rounds the weights to bf16 (compute stays float32): the
+/// first step of every case must still pick the reference token, with its top-5 logprobs
+/// within the rounding's reach.
+#[test]
+fn smollm2_bf16_weights_follow_the_reference() {
+    let mut args = EngineArgs::new(common::smollm2_gguf());
+    args.dtype = vllm_engine::config::DType::BF16;
+    let (model, config) = load_causal_lm(&args).unwrap_or_else(|e| panic!("cannot load SmolLM2: {e}"));
+    let mut worst = 0.0f64;
+    let mut agree = 0;
+    let mut total = 0;
+    for case in cases() {
+        let mut kv = new_cache(&config, 32);
+        let mut alloc = BlockAllocator::new(32);
+        let run = greedy(model.as_ref(), &mut kv, &mut alloc, &case.prompt, &[], case.greedy.len());
+        assert_eq!(run.ids[0], case.greedy[0], "case {}: first greedy id", case.name);
+        agree += run.ids.iter().zip(&case.greedy).take_while(|(a, b)| a == b).count();
+        total += case.greedy.len();
+        let logprobs = log_softmax(&run.logits[0]);
+        for &(id, expected) in &case.top[0] {
+            worst = worst.max((logprobs[id] - expected).abs());
+        }
+    }
+    eprintln!("bf16 weights: {agree}/{total} greedy ids before the first divergence; worst step-0 top-5 logprob error {worst:.3}");
+    assert!(worst < 0.15, "step-0 top-5 logprob error {worst}");
+}

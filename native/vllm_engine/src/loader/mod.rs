@@ -161,7 +161,14 @@ fn load_decoder(
     device: &candle_core::Device,
 ) -> Result<Box<dyn CausalLM>> {
     match device {
-        candle_core::Device::Cpu => Ok(Box::new(DecoderLM::load(config, weights)?)),
+        candle_core::Device::Cpu => {
+            // dtype bfloat16 on the CPU: weights rounded to bf16, compute in float32.
+            let format = match args.dtype {
+                crate::config::DType::BF16 => crate::backend::cpu::matmul::WeightFormat::Bf16,
+                _ => crate::backend::cpu::matmul::WeightFormat::F32,
+            };
+            Ok(Box::new(DecoderLM::load_as(config, weights, format)?))
+        }
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(_) => Ok(Box::new(crate::models::decoder_cuda::CudaDecoderLM::load(
             config,

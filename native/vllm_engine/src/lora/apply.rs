@@ -104,64 +104,6 @@ pub fn add_batch_deltas(
     Ok(true)
 }
 
-/// `add_batch_deltas` straight into a CPU f32 projection output tensor `y` ([rows, width]),
-/// which the caller owns alone (a fresh matmul result): no copy out and back.
-pub fn add_batch_deltas_in_place(
-    slots: &[Option<Arc<LoraAdapter>>],
-    seqs: &[SeqSlice],
-    layer: usize,
-    parts: &[(LoraTarget, usize)],
-    x: &[f32],
-    y: &candle_core::Tensor,
-) -> Result<()> {
-    let (_, width) = y.dims2()?;
-    let op = InPlace {
-        slots,
-        seqs,
-        layer,
-        parts,
-        x,
-        width,
-    };
-    y.inplace_op1(&op)?;
-    Ok(())
-}
-
-struct InPlace<'a> {
-    slots: &'a [Option<Arc<LoraAdapter>>],
-    seqs: &'a [SeqSlice],
-    layer: usize,
-    parts: &'a [(LoraTarget, usize)],
-    x: &'a [f32],
-    width: usize,
-}
-
-impl candle_core::InplaceOp1 for InPlace<'_> {
-    fn name(&self) -> &'static str {
-        "lora-deltas"
-    }
-
-    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("LoRA: projection output is not contiguous".into()))?;
-        let candle_core::CpuStorage::F32(data) = storage else {
-            return Err(candle_core::Error::Msg("LoRA: projection output is not f32".into()));
-        };
-        add_batch_deltas(
-            self.slots,
-            self.seqs,
-            self.layer,
-            self.parts,
-            self.x,
-            &mut data[start..end],
-            self.width,
-        )
-        .map(|_| ())
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))
-    }
-}
-
 impl crate::lora::LoraPair {
     /// `out += (x · Aᵀ) · B_scaledᵀ` for one row: shrink to the rank, then expand as
     /// `rank` contiguous axpys over the packed `b_t` (vectorizes; B's own rows would be
@@ -303,24 +245,6 @@ mod tests {
             }
         }
         b
-    }
-
-    /// The in-place form writes the same sums into the tensor itself.
-    #[test]
-    fn in_place_deltas_equal_the_slice_form() {
-        let (inf, qout, kout) = (24, 16, 8);
-        let width = qout + kout;
-        let slots = vec![Some(Arc::new(adapter(1, 3, 0.5, (inf, qout), (inf, kout))))];
-        let seqs = [seq(0, 2, Some(0)), seq(2, 1, None), seq(3, 1, Some(0))];
-        let x: Vec<f32> = (0..4 * inf).map(|i| ((i * 5) % 7) as f32 - 3.0).collect();
-        let base: Vec<f32> = (0..4 * width).map(|i| (i % 13) as f32).collect();
-        let parts = [(LoraTarget::Q, 0), (LoraTarget::K, qout)];
-        let mut want = base.clone();
-        add_batch_deltas(&slots, &seqs, 0, &parts, &x, &mut want, width).unwrap();
-        assert_ne!(want, base);
-        let y = candle_core::Tensor::from_vec(base, (4, width), &candle_core::Device::Cpu).unwrap();
-        add_batch_deltas_in_place(&slots, &seqs, 0, &parts, &x, &y).unwrap();
-        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub mod registry;
 pub mod slots;
 
 pub use adapter::{LoraAdapter, LoraPair, LoraTarget};
-pub use apply::{add_batch_deltas, add_batch_deltas_in_place};
+pub use apply::add_batch_deltas;
 pub use registry::{LoraInfo, LoraRegistry};
 pub use slots::LoraSlots;
 

@@ -2,13 +2,15 @@
 //! attention with rotary positions and a SiLU-gated MLP. The families differ only in
 //! options: QKV bias (Qwen2), per-head q/k RMSNorm (Qwen3), a sliding window (Mistral).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
 use crate::backend::cpu::attention::{AttentionShape, QueryToken};
+use crate::backend::cpu::matmul::WeightFormat;
+use crate::backend::cpu::phase_timer::{timed, Phase, PhaseTimes};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv_cache::PagedKvCache;
@@ -42,11 +44,40 @@ pub struct DecoderLM {
     rotary: Rotary,
     /// Resident LoRA adapters by slot (see `CausalLM::set_lora_slot`).
     lora_slots: Vec<Option<Arc<LoraAdapter>>>,
+    times: Option<PhaseTimes>,
+    /// Activation buffers reused from step to step (grown, never shrunk).
+    scratch: Mutex<Scratch>,
+}
+
+#[derive(Default)]
+struct Scratch {
+    h: Vec<f32>,
+    x: Vec<f32>,
+    qkv: Vec<f32>,
+    q: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+impl Drop for DecoderLM {
+    fn drop(&mut self) {
+        if let Some(t) = &self.times {
+            eprintln!("{}", t.report());
+        }
+    }
 }
 
 impl DecoderLM {
     /// Builds the model from HF-named weights (`model.layers.0.self_attn.q_proj.weight`...).
     pub fn load(config: ModelConfig, weights: &mut dyn WeightSource) -> Result<Self> {
+        Self::load_as(config, weights, WeightFormat::F32)
+    }
+
+    /// As `load`, with the float projection weights held as `format` (bfloat16 halves the
+    /// bytes each decode step streams; activations and sums stay float32).
+    pub fn load_as(config: ModelConfig, weights: &mut dyn WeightSource, format: WeightFormat) -> Result<Self> {
         let c = &config;
         let q_width = c.num_attention_heads * c.head_dim;
         let kv_width = c.num_key_value_heads * c.head_dim;
@@ -54,13 +85,24 @@ impl DecoderLM {
         let (embed, tied_head) = match weights.quantized("model.embed_tokens.weight", &[c.vocab_size, h])? {
             Some(q) => {
                 let q = Arc::new(q);
-                (Embedding::Quantized(q.clone()), Linear::quantized(vec![q])?)
+                (Embedding::Quantized(q.clone()), Some(Linear::quantized(vec![q])?))
             }
             None => {
                 let t = weights
                     .tensor("model.embed_tokens.weight", &[c.vocab_size, h])?
                     .contiguous()?;
-                (Embedding::F32(t.clone()), Linear::new(t)?)
+                let untied = !c.tie_word_embeddings && weights.contains("lm_head.weight");
+                if untied {
+                    // The head loads below; the table stays a plain tensor for lookups.
+                    (Embedding::F32(t), None)
+                } else {
+                    // One packed copy serves the LM head and, row by row, the lookups.
+                    let head = Linear::packed(t, format)?;
+                    let packed = head
+                        .packed_f32()
+                        .ok_or_else(|| crate::error::EngineError::internal("tied head is not packed float32"))?;
+                    (Embedding::Packed(packed), Some(head))
+                }
             }
         };
         let mut layers_out = Vec::with_capacity(c.num_hidden_layers);
@@ -93,16 +135,18 @@ impl DecoderLM {
                     proj("self_attn.k_proj.weight", kv_width, h),
                     proj("self_attn.v_proj.weight", kv_width, h),
                 ],
+                format,
             )?;
-            let o_proj = fused_projection(weights, &[proj("self_attn.o_proj.weight", h, q_width)])?;
+            let o_proj = fused_projection(weights, &[proj("self_attn.o_proj.weight", h, q_width)], format)?;
             let gate_up = fused_projection(
                 weights,
                 &[
                     proj("mlp.gate_proj.weight", c.intermediate_size, h),
                     proj("mlp.up_proj.weight", c.intermediate_size, h),
                 ],
+                format,
             )?;
-            let down = fused_projection(weights, &[proj("mlp.down_proj.weight", h, c.intermediate_size)])?;
+            let down = fused_projection(weights, &[proj("mlp.down_proj.weight", h, c.intermediate_size)], format)?;
             layers_out.push(DecoderLayer {
                 input_norm,
                 qkv,
@@ -116,10 +160,9 @@ impl DecoderLM {
             });
         }
         let final_norm = layers::to_f32_vec(&weights.tensor("model.norm.weight", &[h])?)?;
-        let lm_head = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
-            tied_head
-        } else {
-            fused_projection(weights, &[("lm_head.weight".to_string(), [c.vocab_size, h])])?
+        let lm_head = match tied_head {
+            Some(head) if c.tie_word_embeddings || !weights.contains("lm_head.weight") => head,
+            _ => fused_projection(weights, &[("lm_head.weight".to_string(), [c.vocab_size, h])], format)?,
         };
         let rotary = Rotary::new(c.head_dim, c.rope_theta);
         Ok(DecoderLM {
@@ -130,6 +173,8 @@ impl DecoderLM {
             lm_head,
             rotary,
             lora_slots: Vec::new(),
+            times: PhaseTimes::new(),
+            scratch: Mutex::new(Scratch::default()),
         })
     }
 
@@ -151,13 +196,14 @@ impl DecoderLM {
     fn prepare_qkv(
         &self,
         layer: &DecoderLayer,
-        qkv: &[f32],
+        qkv: &mut [f32],
         tokens: &[QueryToken],
         cos: &[f32],
         sin: &[f32],
         shape: &AttentionShape,
         cache: &mut crate::kv_cache::paged_cache::LayerKv,
-    ) -> Vec<f32> {
+        q_out: &mut Vec<f32>,
+    ) {
         let c = &self.config;
         let hd = c.head_dim;
         let half = hd / 2;
@@ -165,12 +211,11 @@ impl DecoderLM {
         let kv_width = c.num_key_value_heads * hd;
         let row_width = q_width + 2 * kv_width;
         let eps = c.rms_norm_eps as f32;
-        let mut q_out = vec![0.0f32; tokens.len() * q_width];
-        let mut row = vec![0.0f32; row_width];
+        q_out.resize(tokens.len() * q_width, 0.0);
         for (t, token) in tokens.iter().enumerate() {
-            row.copy_from_slice(&qkv[t * row_width..(t + 1) * row_width]);
+            let row = &mut qkv[t * row_width..(t + 1) * row_width];
             if let Some(bias) = &layer.qkv_bias {
-                layers::add_in_place(&mut row, bias);
+                layers::add_in_place(row, bias);
             }
             let (cos_t, sin_t) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
             let (q, kv) = row.split_at_mut(q_width);
@@ -190,25 +235,24 @@ impl DecoderLM {
             shape.write_kv(cache, *token, k, v);
             q_out[t * q_width..(t + 1) * q_width].copy_from_slice(q);
         }
-        q_out
     }
 }
 
 impl DecoderLM {
     /// Adds each LoRA sequence's delta (shrink x·Aᵀ, expand ·Bᵀ·scale) onto its rows of a
     /// projection output `y` ([tokens, width]); `parts` place each target's columns in a
-    /// fused output. `x` is the projection input (None: no sequence uses LoRA).
+    /// fused output. `x` is the projection input.
     fn add_lora(
         &self,
         batch: &ForwardBatch,
         layer: usize,
         parts: &[(LoraTarget, usize)],
-        x: Option<&[f32]>,
-        y: Tensor,
-    ) -> Result<Tensor> {
-        let Some(x) = x else { return Ok(y) };
-        crate::lora::add_batch_deltas_in_place(&self.lora_slots, &batch.seqs, layer, parts, x, &y)?;
-        Ok(y)
+        x: &[f32],
+        y: &mut [f32],
+        width: usize,
+    ) -> Result<()> {
+        crate::lora::add_batch_deltas(&self.lora_slots, &batch.seqs, layer, parts, x, y, width)?;
+        Ok(())
     }
 }
 
@@ -225,7 +269,22 @@ impl CausalLM for DecoderLM {
         let shape = self.attention_shape(kv.block_size);
         let (cos, sin) = self.rotary.tables(&batch.positions);
 
-        let mut h = self.embed.gather(&batch.token_ids, hidden)?;
+        let tm = &self.times;
+        if let Some(t) = tm {
+            t.step(n, batch.seqs.len());
+        }
+        let mut guard = self.scratch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Scratch {
+            h,
+            x,
+            qkv,
+            q,
+            attn,
+            proj,
+            gate_up,
+            act,
+        } = &mut *guard;
+        timed(tm, Phase::Embed, || self.embed.gather_into(&batch.token_ids, hidden, h))?;
 
         let with_lora = batch.seqs.iter().any(|s| s.lora_slot.is_some());
         let q_width = c.num_attention_heads * c.head_dim;
@@ -235,31 +294,45 @@ impl CausalLM for DecoderLM {
             (LoraTarget::K, q_width),
             (LoraTarget::V, q_width + kv_width),
         ];
-        let gate_up_parts = [(LoraTarget::Gate, 0), (LoraTarget::Up, c.intermediate_size)];
+        let inter = c.intermediate_size;
+        let gate_up_parts = [(LoraTarget::Gate, 0), (LoraTarget::Up, inter)];
         for (li, (layer, cache)) in self.layers.iter().zip(kv.layers.iter_mut()).enumerate() {
-            let x = layers::rms_norm(&h, &layer.input_norm, eps);
-            let x_in = with_lora.then(|| x.clone());
-            let qkv = layer.qkv.forward(x, n)?;
-            let qkv = self.add_lora(batch, li, &qkv_parts, x_in.as_deref(), qkv)?;
-            let q = layers::with_f32_slice(&qkv, |qkv| {
-                self.prepare_qkv(layer, qkv, &tokens, &cos, &sin, &shape, cache)
-            })?;
-            let mut attn = vec![0.0f32; q.len()];
-            shape.paged_attention(&q, &tokens, cache, &mut attn);
-            let x_in = with_lora.then(|| attn.clone());
-            let o = layer.o_proj.forward(attn, n)?;
-            let o = self.add_lora(batch, li, &[(LoraTarget::O, 0)], x_in.as_deref(), o)?;
-            layers::with_f32_slice(&o, |o| layers::add_in_place(&mut h, o))?;
+            timed(tm, Phase::Norm, || layers::rms_norm_into(h, &layer.input_norm, eps, x));
+            timed(tm, Phase::Qkv, || layer.qkv.forward_into(x, n, qkv))?;
+            if with_lora {
+                let width = layer.qkv.out_features();
+                timed(tm, Phase::Lora, || self.add_lora(batch, li, &qkv_parts, x, qkv, width))?;
+            }
+            timed(tm, Phase::Rotary, || {
+                self.prepare_qkv(layer, qkv, &tokens, &cos, &sin, &shape, cache, q)
+            });
+            attn.resize(q.len(), 0.0);
+            timed(tm, Phase::Attention, || shape.paged_attention(q, &tokens, cache, attn));
+            timed(tm, Phase::OProj, || layer.o_proj.forward_into(attn, n, proj))?;
+            if with_lora {
+                timed(tm, Phase::Lora, || {
+                    self.add_lora(batch, li, &[(LoraTarget::O, 0)], attn, proj, hidden)
+                })?;
+            }
+            layers::add_in_place(h, proj);
 
-            let x = layers::rms_norm(&h, &layer.post_attention_norm, eps);
-            let x_in = with_lora.then(|| x.clone());
-            let gate_up = layer.gate_up.forward(x, n)?;
-            let gate_up = self.add_lora(batch, li, &gate_up_parts, x_in.as_deref(), gate_up)?;
-            let act = layers::with_f32_slice(&gate_up, |gu| layers::silu_mul(gu, c.intermediate_size))?;
-            let x_in = with_lora.then(|| act.clone());
-            let down = layer.down.forward(act, n)?;
-            let down = self.add_lora(batch, li, &[(LoraTarget::Down, 0)], x_in.as_deref(), down)?;
-            layers::with_f32_slice(&down, |d| layers::add_in_place(&mut h, d))?;
+            timed(tm, Phase::Norm, || {
+                layers::rms_norm_into(h, &layer.post_attention_norm, eps, x)
+            });
+            timed(tm, Phase::GateUp, || layer.gate_up.forward_into(x, n, gate_up))?;
+            if with_lora {
+                timed(tm, Phase::Lora, || {
+                    self.add_lora(batch, li, &gate_up_parts, x, gate_up, 2 * inter)
+                })?;
+            }
+            timed(tm, Phase::Act, || layers::silu_mul_into(gate_up, inter, act));
+            timed(tm, Phase::Down, || layer.down.forward_into(act, n, proj))?;
+            if with_lora {
+                timed(tm, Phase::Lora, || {
+                    self.add_lora(batch, li, &[(LoraTarget::Down, 0)], act, proj, hidden)
+                })?;
+            }
+            layers::add_in_place(h, proj);
         }
 
         // Only the rows that need logits go through the final norm and the LM head.
@@ -271,8 +344,10 @@ impl CausalLM for DecoderLM {
         if rows == 0 {
             return Ok(Tensor::zeros((0, c.vocab_size), candle_core::DType::F32, &Device::Cpu)?);
         }
-        let x = layers::rms_norm(&last_rows, &self.final_norm, eps);
-        self.lm_head.forward(x, rows)
+        layers::rms_norm_into(&last_rows, &self.final_norm, eps, x);
+        let mut logits = Vec::new();
+        timed(tm, Phase::LmHead, || self.lm_head.forward_into(x, rows, &mut logits))?;
+        Ok(Tensor::from_vec(logits, (rows, c.vocab_size), &Device::Cpu)?)
     }
 
     fn config(&self) -> &ModelConfig {
@@ -315,7 +390,11 @@ impl CausalLM for DecoderLM {
 /// One projection over the row-wise concatenation of `parts` (name, [rows, cols]): GGML
 /// blocks when the source keeps every part quantized (parts of one GGML type share one
 /// matrix: rows are whole blocks, so concatenating rows is concatenating bytes), else f32.
-fn fused_projection(weights: &mut dyn WeightSource, parts: &[(String, [usize; 2])]) -> Result<Linear> {
+fn fused_projection(
+    weights: &mut dyn WeightSource,
+    parts: &[(String, [usize; 2])],
+    format: WeightFormat,
+) -> Result<Linear> {
     let mut quantized = Vec::with_capacity(parts.len());
     for (name, shape) in parts {
         match weights.quantized(name, shape)? {
@@ -343,7 +422,7 @@ fn fused_projection(weights: &mut dyn WeightSource, parts: &[(String, [usize; 2]
         .map(|(name, shape)| weights.tensor(name, shape))
         .collect::<Result<Vec<_>>>()?;
     match tensors.as_slice() {
-        [one] => Linear::new(one.clone()),
-        many => Linear::new(Tensor::cat(many, 0)?),
+        [one] => Linear::packed(one.clone(), format),
+        many => Linear::packed(Tensor::cat(many, 0)?, format),
     }
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
+use crate::backend::cpu::matmul::{PackedMatrix, WeightFormat};
 use crate::backend::cpu::qmatmul::QuantMatrix;
+use crate::backend::cpu::simd::{self, vectorized};
 use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
@@ -32,28 +34,42 @@ pub fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// The matrix of a projection: float32, or GGML blocks multiplied without dequantizing.
+/// The matrix of a projection: float32 packed for our kernel, or GGML blocks multiplied
+/// without dequantizing.
 enum Weight {
-    F32(Tensor),
+    F32(Arc<PackedMatrix>),
     Quantized(QuantMatrix),
 }
 
 impl Weight {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            // The transposed view goes to gemm as strides: no copy of the weight.
-            Weight::F32(w) => x.matmul(&w.t()?)?,
-            Weight::Quantized(q) => {
-                let rows = x.dims2()?.0;
-                let y = with_f32_slice(x, |x| q.forward(x, rows))??;
-                Tensor::from_vec(y, (rows, q.rows()), x.device())?
+    fn rows(&self) -> usize {
+        match self {
+            Weight::F32(w) => w.rows(),
+            Weight::Quantized(q) => q.rows(),
+        }
+    }
+
+    /// out: [m, rows] = x [m, in] Wᵀ.
+    fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            Weight::F32(w) => {
+                if x.len() != m * w.cols() {
+                    return Err(EngineError::internal(format!(
+                        "matmul: input of {} values is not [{m}, {}]",
+                        x.len(),
+                        w.cols()
+                    )));
+                }
+                w.matmul(x, m, out);
             }
-        })
+            Weight::Quantized(q) => out.copy_from_slice(&q.forward(x, m)?),
+        }
+        Ok(())
     }
 
     fn bytes(&self) -> usize {
         match self {
-            Weight::F32(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::F32(w) => w.bytes(),
             Weight::Quantized(q) => q.bytes(),
         }
     }
@@ -64,15 +80,23 @@ impl Weight {
 /// (`parts.len() > 1`) and concatenate their outputs.
 pub struct Linear {
     parts: Vec<Weight>,
-    bias: Option<Tensor>,
+    bias: Option<Vec<f32>>,
     out_features: usize,
 }
 
 impl Linear {
+    /// Packs a float32 [out, in] weight for the matmul kernel (the tensor can then go).
     pub fn new(weight: Tensor) -> Result<Self> {
-        let (out_features, _) = weight.dims2()?;
+        Self::packed(weight, WeightFormat::F32)
+    }
+
+    /// Packs an [out, in] weight, held as `format` (bfloat16: rounded once, here).
+    pub fn packed(weight: Tensor, format: WeightFormat) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        let data = to_f32_vec(&weight.to_dtype(candle_core::DType::F32)?)?;
+        let packed = PackedMatrix::pack(&data, out_features, in_features, format);
         Ok(Linear {
-            parts: vec![Weight::F32(weight.contiguous()?)],
+            parts: vec![Weight::F32(Arc::new(packed))],
             bias: None,
             out_features,
         })
@@ -94,6 +118,14 @@ impl Linear {
         })
     }
 
+    /// The packed float32 matrix, when this projection is one (a tied embedding reads it).
+    pub fn packed_f32(&self) -> Option<Arc<PackedMatrix>> {
+        match self.parts.as_slice() {
+            [Weight::F32(w)] => Some(w.clone()),
+            _ => None,
+        }
+    }
+
     /// Adds a bias of `out_features` values to every output row.
     pub fn with_bias(mut self, bias: Tensor) -> Result<Self> {
         if bias.elem_count() != self.out_features {
@@ -103,25 +135,43 @@ impl Linear {
                 self.out_features
             )));
         }
-        self.bias = Some(bias.flatten_all()?.contiguous()?);
+        self.bias = Some(to_f32_vec(&bias)?);
         Ok(self)
     }
 
     /// x: [rows, in] row-major. Returns [rows, out].
     pub fn forward(&self, x: Vec<f32>, rows: usize) -> Result<Tensor> {
-        let inner = x.len().checked_div(rows).unwrap_or(0);
-        let x = Tensor::from_vec(x, (rows, inner), &candle_core::Device::Cpu)?;
-        let y = match self.parts.as_slice() {
-            [one] => one.forward(&x)?,
+        let mut out = Vec::new();
+        self.forward_into(&x, rows, &mut out)?;
+        Ok(Tensor::from_vec(
+            out,
+            (rows, self.out_features),
+            &candle_core::Device::Cpu,
+        )?)
+    }
+
+    /// x: [rows, in] row-major; `out` becomes [rows, out] (its capacity is reused).
+    pub fn forward_into(&self, x: &[f32], rows: usize, out: &mut Vec<f32>) -> Result<()> {
+        out.resize(rows * self.out_features, 0.0);
+        match self.parts.as_slice() {
+            [one] => one.forward_into(x, rows, out)?,
             parts => {
-                let outs = parts.iter().map(|p| p.forward(&x)).collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&outs, 1)?
+                let mut col = 0;
+                for p in parts {
+                    let width = p.rows();
+                    let mut part = vec![0.0f32; rows * width];
+                    p.forward_into(x, rows, &mut part)?;
+                    for (o, y) in out.chunks_mut(self.out_features).zip(part.chunks(width)) {
+                        o[col..col + width].copy_from_slice(y);
+                    }
+                    col += width;
+                }
             }
-        };
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        }
+        if let Some(b) = &self.bias {
+            out.chunks_mut(self.out_features).for_each(|row| add_in_place(row, b));
+        }
+        Ok(())
     }
 
     pub fn out_features(&self) -> usize {
@@ -130,27 +180,36 @@ impl Linear {
 
     /// Resident bytes of the weights and bias.
     pub fn weight_bytes(&self) -> usize {
-        let bias = self.bias.as_ref().map_or(0, |b| b.elem_count() * 4);
+        let bias = self.bias.as_ref().map_or(0, |b| b.len() * 4);
         self.parts.iter().map(Weight::bytes).sum::<usize>() + bias
     }
 }
 
-/// A token embedding table [vocab, dim]: float32, or GGML blocks dequantized row by row.
+/// A token embedding table [vocab, dim]: float32 (the tied LM head's packed matrix), or
+/// GGML blocks dequantized row by row.
 pub enum Embedding {
     F32(Tensor),
+    Packed(Arc<PackedMatrix>),
     Quantized(Arc<QTensor>),
 }
 
 impl Embedding {
-    /// The rows of `ids`, concatenated ([ids.len(), dim]); ids are checked by the caller.
-    pub fn gather(&self, ids: &[u32], dim: usize) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(ids.len() * dim);
+    /// The rows of `ids`, concatenated ([ids.len(), dim]), into `out` (its capacity is
+    /// reused); ids are checked by the caller.
+    pub fn gather_into(&self, ids: &[u32], dim: usize, out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
         match self {
             Embedding::F32(t) => with_f32_slice(t, |table| {
                 for &id in ids {
                     out.extend_from_slice(&table[id as usize * dim..(id as usize + 1) * dim]);
                 }
             })?,
+            Embedding::Packed(p) => {
+                out.resize(ids.len() * dim, 0.0);
+                for (&id, row) in ids.iter().zip(out.chunks_mut(dim)) {
+                    p.row_into(id as usize, row);
+                }
+            }
             Embedding::Quantized(q) => {
                 let data = q.data()?;
                 let row_bytes = data.len() / q.shape().dims()[0];
@@ -161,12 +220,13 @@ impl Embedding {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     pub fn bytes(&self) -> usize {
         match self {
             Embedding::F32(t) => t.elem_count() * 4,
+            Embedding::Packed(p) => p.bytes(),
             Embedding::Quantized(q) => q.storage_size_in_bytes(),
         }
     }
@@ -209,17 +269,16 @@ impl LayerNorm {
     }
 }
 
-/// RMSNorm of each `dim`-wide row of `x` into a new buffer.
-pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+/// RMSNorm of each `dim`-wide row of `x` into `out` (resized, capacity reused).
+pub fn rms_norm_into(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) {
     let dim = weight.len();
-    let mut out = vec![0.0f32; x.len()];
+    out.resize(x.len(), 0.0);
     let norm_row = |(row, out_row): (&[f32], &mut [f32])| rms_norm_row(row, weight, eps, out_row);
     if x.len() / dim >= PARALLEL_ROWS {
         x.par_chunks(dim).zip(out.par_chunks_mut(dim)).for_each(norm_row);
     } else {
         x.chunks(dim).zip(out.chunks_mut(dim)).for_each(norm_row);
     }
-    out
 }
 
 pub fn rms_norm_row(row: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -280,15 +339,17 @@ pub fn apply_rotary(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// From fused [rows, 2*inter] gate|up rows, silu(gate) * up as [rows, inter].
-pub fn silu_mul(gate_up: &[f32], inter: usize) -> Vec<f32> {
+/// From fused [rows, 2*inter] gate|up rows, silu(gate) * up as [rows, inter] into `out` (resized, capacity reused).
+pub fn silu_mul_into(gate_up: &[f32], inter: usize, out: &mut Vec<f32>) {
     let rows = gate_up.len() / (2 * inter);
-    let mut out = vec![0.0f32; rows * inter];
+    out.resize(rows * inter, 0.0);
     let act = |(gu, o): (&[f32], &mut [f32])| {
         let (g, u) = gu.split_at(inter);
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
+        vectorized(|| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + simd::exp(-g)) * u;
+            }
+        })
     };
     if rows >= PARALLEL_ROWS {
         gate_up
@@ -298,7 +359,6 @@ pub fn silu_mul(gate_up: &[f32], inter: usize) -> Vec<f32> {
     } else {
         gate_up.chunks(2 * inter).zip(out.chunks_mut(inter)).for_each(act);
     }
-    out
 }
 
 /// `acc += x`, elementwise (residual connections).

@@ -5,7 +5,12 @@
 //! Attention reads keys and values straight from their blocks (no gather) with an online
 //! softmax, so a query needs no scratch memory beyond its own output row.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
+
+use super::matmul::Isa;
+use super::simd::{axpy, dot, exp, isa, max, sum};
 
 use crate::kv_cache::paged_cache::LayerKv;
 
@@ -43,77 +48,153 @@ impl AttentionShape {
     }
 
     /// Causal attention of every query token over its sequence's cached positions 0..=p.
-    /// `q` is [tokens, num_heads, head_dim]; `out` gets the same shape.
+    /// `q` is [tokens, num_heads, head_dim]; `out` gets the same shape. One task per
+    /// (token, kv head) serves the query heads that share the kv head, so each key and
+    /// value is read once for all of them.
     pub fn paged_attention(&self, q: &[f32], tokens: &[QueryToken], layer: &LayerKv, out: &mut [f32]) {
-        let hd = self.head_dim;
-        let group = self.num_heads / self.num_kv_heads;
-        out.par_chunks_mut(hd)
-            .zip(q.par_chunks(hd))
-            .enumerate()
-            .for_each(|(i, (out_row, q_row))| {
-                let token = tokens[i / self.num_heads];
-                let kv_head = (i % self.num_heads) / group;
-                self.attend_one(q_row, token, kv_head, layer, out_row);
+        let group_width = self.num_heads / self.num_kv_heads * self.head_dim;
+        let task = |(i, (out_group, q_group)): (usize, (&mut [f32], &[f32]))| {
+            let token = tokens[i / self.num_kv_heads];
+            let kv_head = i % self.num_kv_heads;
+            SCORES.with(|scores| {
+                let mut scores = scores.borrow_mut();
+                self.attend_group_dispatch(q_group, token, kv_head, layer, &mut scores, out_group)
             });
+        };
+        let tasks = out.len() / group_width;
+        if tasks * (tokens.iter().map(|t| t.position).max().unwrap_or(0) + 1) < SERIAL_MAX_KEYS {
+            out.chunks_mut(group_width)
+                .zip(q.chunks(group_width))
+                .enumerate()
+                .for_each(task);
+        } else {
+            out.par_chunks_mut(group_width)
+                .zip(q.par_chunks(group_width))
+                .enumerate()
+                .for_each(task);
+        }
     }
 
-    fn attend_one(&self, q: &[f32], token: QueryToken, kv_head: usize, layer: &LayerKv, out: &mut [f32]) {
+    /// `attend_group` compiled for the widest vector unit present (a plain closure passed
+    /// to `vectorized` would not be inlined: the body is too large).
+    fn attend_group_dispatch(
+        &self,
+        q: &[f32],
+        token: QueryToken,
+        kv_head: usize,
+        layer: &LayerKv,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        match isa() {
+            // SAFETY: the features were detected at run time.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { self.attend_group_avx512(q, token, kv_head, layer, scores, out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { self.attend_group_avx2(q, token, kv_head, layer, scores, out) },
+            _ => self.attend_group(q, token, kv_head, layer, scores, out),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    unsafe fn attend_group_avx512(
+        &self,
+        q: &[f32],
+        token: QueryToken,
+        kv_head: usize,
+        layer: &LayerKv,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        self.attend_group(q, token, kv_head, layer, scores, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn attend_group_avx2(
+        &self,
+        q: &[f32],
+        token: QueryToken,
+        kv_head: usize,
+        layer: &LayerKv,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        self.attend_group(q, token, kv_head, layer, scores, out)
+    }
+
+    /// Softmax attention of the query heads of one kv head: scores of every visible key
+    /// for each head, then the exact softmax (max, exp, sum), then the weighted values.
+    #[inline(always)]
+    fn attend_group(
+        &self,
+        q: &[f32],
+        token: QueryToken,
+        kv_head: usize,
+        layer: &LayerKv,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
         let hd = self.head_dim;
         let bs = self.block_size;
         let width = self.num_kv_heads * hd;
+        let group = q.len() / hd;
         let last = token.position;
         let first = match self.sliding_window {
             Some(w) => (last + 1).saturating_sub(w),
             None => 0,
         };
-        out.fill(0.0);
-        let mut max = f32::NEG_INFINITY;
-        let mut denom = 0.0f32;
-        for block_index in first / bs..=last / bs {
-            let block_base = token.block_table[block_index] as usize * bs;
-            let from = (block_index * bs).max(first) - block_index * bs;
-            let to = ((block_index + 1) * bs).min(last + 1) - block_index * bs;
-            for offset in from..to {
-                let at = (block_base + offset) * width + kv_head * hd;
-                let score = dot(q, &layer.k[at..at + hd]) * self.scale;
-                // Online softmax: rescale what was summed so far when the max grows.
-                if score > max {
-                    let rescale = (max - score).exp();
-                    denom *= rescale;
-                    out.iter_mut().for_each(|o| *o *= rescale);
-                    max = score;
-                }
-                let weight = (score - max).exp();
-                denom += weight;
-                for (o, &v) in out.iter_mut().zip(&layer.v[at..at + hd]) {
-                    *o += weight * v;
-                }
+        let n = last + 1 - first;
+        scores.resize(group * n, 0.0);
+        // Each visible key's cache offset, block by block.
+        let key_at = |j: usize| {
+            let p = first + j;
+            (token.block_table[p / bs] as usize * bs + p % bs) * width + kv_head * hd
+        };
+        for j in 0..n {
+            let at = key_at(j);
+            let k = &layer.k[at..at + hd];
+            for g in 0..group {
+                scores[g * n + j] = dot(&q[g * hd..(g + 1) * hd], k) * self.scale;
             }
         }
-        if denom > 0.0 {
-            let inv = 1.0 / denom;
-            out.iter_mut().for_each(|o| *o *= inv);
+        let mut inv_sums = [0.0f32; MAX_GROUP];
+        for g in 0..group {
+            let row = &mut scores[g * n..(g + 1) * n];
+            let m = max(row);
+            for s in row.iter_mut() {
+                *s = exp(*s - m);
+            }
+            inv_sums[g.min(MAX_GROUP - 1)] = 1.0 / sum(row);
+        }
+        out.fill(0.0);
+        for j in 0..n {
+            let at = key_at(j);
+            let v = &layer.v[at..at + hd];
+            for g in 0..group {
+                axpy(&mut out[g * hd..(g + 1) * hd], scores[g * n + j], v);
+            }
+        }
+        for (g, o) in out.chunks_mut(hd).enumerate() {
+            let inv = if group <= MAX_GROUP {
+                inv_sums[g]
+            } else {
+                1.0 / sum(&scores[g * n..(g + 1) * n])
+            };
+            o.iter_mut().for_each(|x| *x *= inv);
         }
     }
 }
 
-/// Dot product with eight independent accumulators so it vectorises.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks_a = a.chunks_exact(8);
-    let chunks_b = b.chunks_exact(8);
-    let tail: f32 = chunks_a
-        .remainder()
-        .iter()
-        .zip(chunks_b.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (ca, cb) in chunks_a.zip(chunks_b) {
-        for i in 0..8 {
-            acc[i] += ca[i] * cb[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+/// Query heads per kv head whose softmax sums stay on the stack.
+const MAX_GROUP: usize = 16;
+/// Below this many (task × key) pairs a layer's attention runs on the calling thread.
+const SERIAL_MAX_KEYS: usize = 2048;
+
+thread_local! {
+    /// Per-thread score rows, grown to the longest context seen and reused.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 #[cfg(test)]

@@ -4,3 +4,8 @@ pub mod attention;
 pub mod encoder_attention;
 pub mod qmatmul;
 pub mod qmatmul_avx2;
+pub mod phase_timer;
+pub mod matmul;
+pub mod matmul_x86;
+pub mod simd;
+pub mod qmatmul_vnni;

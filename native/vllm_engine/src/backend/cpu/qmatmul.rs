@@ -24,16 +24,28 @@ const DOT_CHUNK_ROWS: usize = 64;
 /// Smaller matrices run on the calling thread (a rayon fork costs more than the work).
 const SERIAL_MAX_ELEMS: usize = 1 << 16;
 
-/// A [rows, cols] matrix of GGML blocks.
+/// A [rows, cols] matrix of GGML blocks: repacked for the int8 (VNNI) kernel where the
+/// CPU has one and the type allows, else kept as GGML stores it and decoded to f32.
 pub struct QuantMatrix {
     q: Arc<QTensor>,
     rows: usize,
     cols: usize,
     row_bytes: usize,
+    #[cfg(target_arch = "x86_64")]
+    vnni: Option<super::qmatmul_vnni::VnniMatrix>,
 }
 
 impl QuantMatrix {
     pub fn new(q: Arc<QTensor>) -> Result<Self> {
+        #[cfg(target_arch = "x86_64")]
+        let allow_vnni = super::qmatmul_vnni::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let allow_vnni = false;
+        Self::with_kernel(q, allow_vnni)
+    }
+
+    /// `int8`: use the VNNI kernel when it applies (the f32-decoding kernel otherwise).
+    pub fn with_kernel(q: Arc<QTensor>, int8: bool) -> Result<Self> {
         let (rows, cols) = q.shape().dims2()?;
         let block = q.dtype().block_size();
         if rows == 0 || !cols.is_multiple_of(block) {
@@ -43,11 +55,21 @@ impl QuantMatrix {
             )));
         }
         let row_bytes = cols / block * q.dtype().type_size();
+        #[cfg(target_arch = "x86_64")]
+        let vnni = if int8 {
+            super::qmatmul_vnni::VnniMatrix::pack(q.dtype(), &q.data()?, rows, cols)
+        } else {
+            None
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = int8;
         Ok(QuantMatrix {
             q,
             rows,
             cols,
             row_bytes,
+            #[cfg(target_arch = "x86_64")]
+            vnni,
         })
     }
 
@@ -56,6 +78,10 @@ impl QuantMatrix {
     }
 
     pub fn bytes(&self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(v) = &self.vnni {
+            return v.bytes();
+        }
         self.q.storage_size_in_bytes()
     }
 
@@ -67,6 +93,12 @@ impl QuantMatrix {
                 x.len(),
                 self.cols
             )));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(v) = &self.vnni {
+            let mut out = vec![0.0f32; m * self.rows];
+            v.forward(x, m, &mut out);
+            return Ok(out);
         }
         let data = self.q.data()?;
         if m <= DOT_PATH_MAX_ROWS && has_row_decoder(self.q.dtype()) {
@@ -303,7 +335,7 @@ mod tests {
             };
             let q = QTensor::quantize(&wt, dtype).unwrap();
             let reference_w = q.dequantize(&Device::Cpu).unwrap();
-            let matrix = QuantMatrix::new(Arc::new(q)).unwrap();
+            let matrix = QuantMatrix::with_kernel(Arc::new(q), false).unwrap();
             for m in [1, 3, 20] {
                 let x: Vec<f32> = (0..m * cols).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0).collect();
                 let xt = Tensor::from_slice(&x, (m, cols), &Device::Cpu).unwrap();
@@ -317,6 +349,70 @@ mod tests {
                 let got = matrix.forward(&x, m).unwrap();
                 for (a, b) in got.iter().zip(&expected) {
                     assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{dtype:?} m {m}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod int8_tests {
+    use super::*;
+
+    /// The int8 kernel against the dequantized matmul: the only difference allowed is the
+    /// rounding of the input to hi + lo/254 steps of amax/127 per 32-block (at most
+    /// amax/127/508 per value).
+    #[test]
+    fn int8_kernel_matches_dequantized_matmul_within_input_rounding() {
+        if !crate::backend::cpu::qmatmul_vnni::available() {
+            eprintln!("no AVX-512 VNNI here: int8 kernel not exercised");
+            return;
+        }
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            for (rows, cols) in [(40, 64), (70, 96), (33, 576)] {
+                let w: Vec<f32> = (0..rows * cols)
+                    .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
+                    .collect();
+                let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+                let q = QTensor::quantize(&wt, dtype).unwrap();
+                let deq = q
+                    .dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let matrix = QuantMatrix::with_kernel(Arc::new(q), true).unwrap();
+                assert!(matrix.vnni.is_some(), "{dtype:?} was not repacked");
+                for m in [1, 3, 9, 20] {
+                    let x: Vec<f32> = (0..m * cols)
+                        .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0 + (i % 5) as f32 * 0.013)
+                        .collect();
+                    let got = matrix.forward(&x, m).unwrap();
+                    for i in 0..m {
+                        let xr = &x[i * cols..(i + 1) * cols];
+                        for r in 0..rows {
+                            let wr = &deq[r * cols..(r + 1) * cols];
+                            let exact: f64 = xr.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                            // Bound: Σ_blocks (amax_b / 254) Σ |w| in the block.
+                            let bound: f64 = xr
+                                .chunks(32)
+                                .zip(wr.chunks(32))
+                                .map(|(xb, wb)| {
+                                    let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs())) as f64;
+                                    amax / 127.0 / 508.0 * wb.iter().map(|v| v.abs() as f64).sum::<f64>()
+                                })
+                                .sum();
+                            let g = got[i * rows + r] as f64;
+                            assert!(
+                                (g - exact).abs() <= bound * 1.01 + 1e-5 * (1.0 + exact.abs()),
+                                "{dtype:?} [{rows},{cols}] m {m} ({i},{r}): {g} vs {exact} (bound {bound})"
+                            );
+                        }
+                    }
+                    // Batch invariance: row 0 alone gives the same bits.
+                    let alone = matrix.forward(&x[..cols], 1).unwrap();
+                    assert_eq!(alone[..], got[..rows], "{dtype:?} m {m}: row 0 differs alone");
                 }
             }
         }
@@ -338,6 +434,12 @@ mod bench {
             let cols = 576;
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
             let q = QuantMatrix::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap();
+            let q_f32 = QuantMatrix::with_kernel(Arc::new(QTensor::quantize(&w, dtype).unwrap()), false).unwrap();
+            let t = std::time::Instant::now();
+            for _ in 0..10 {
+                q_f32.forward(&[0.5; 576], 1).unwrap();
+            }
+            println!("f32-decoding kernel: {:.3} ms", t.elapsed().as_secs_f64() * 100.0);
             let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.1).sin()).collect();
             q.forward(&x, 1).unwrap();
             let t = std::time::Instant::now();

@@ -24,6 +24,8 @@ pub struct EngineOptions {
     pub device: Option<String>,
     pub dtype: Option<String>,
     pub load_format: Option<String>,
+    /// "gguf": keep GGUF weights quantized (CPU).
+    pub quantization: Option<String>,
     pub tokenizer: Option<String>,
     pub max_num_seqs: Option<usize>,
     pub max_num_batched_tokens: Option<usize>,
@@ -46,6 +48,7 @@ impl Default for EngineOptions {
             device: None,
             dtype: None,
             load_format: None,
+            quantization: None,
             tokenizer: None,
             max_num_seqs: None,
             max_num_batched_tokens: None,
@@ -63,7 +66,7 @@ impl Default for EngineOptions {
 
 impl EngineOptions {
     pub const USAGE: &'static str = "[--device cpu|cuda|cuda:N] [--dtype auto|bfloat16|float16|float32] \
-[--load-format auto|dummy] [--tokenizer FILE] [--max-num-seqs N] [--max-num-batched-tokens N] \
+[--load-format auto|dummy] [--quantization gguf] [--tokenizer FILE] [--max-num-seqs N] [--max-num-batched-tokens N] \
 [--gpu-memory-utilization F] [--num-requests N] [--seed N] [--ceiling TOK_PER_S] [--runs N] [--json FILE] \
 [--data-parallel N] [--enforce-eager true|false]";
 
@@ -73,6 +76,7 @@ impl EngineOptions {
             "--device"
                 | "--dtype"
                 | "--load-format"
+                | "--quantization"
                 | "--tokenizer"
                 | "--max-num-seqs"
                 | "--max-num-batched-tokens"
@@ -102,6 +106,7 @@ impl EngineOptions {
             "--device" => self.device = Some(value.into()),
             "--dtype" => self.dtype = Some(value.into()),
             "--load-format" => self.load_format = Some(value.into()),
+            "--quantization" => self.quantization = Some(value.into()),
             "--tokenizer" => self.tokenizer = Some(value.into()),
             "--max-num-seqs" => self.max_num_seqs = Some(int()?),
             "--max-num-batched-tokens" => self.max_num_batched_tokens = Some(int()?),
@@ -134,6 +139,9 @@ impl EngineOptions {
         }
         if let Some(f) = &self.load_format {
             args.load_format = LoadFormat::parse(f).map_err(e)?;
+        }
+        if let Some(q) = &self.quantization {
+            args.quantization = Some(q.clone());
         }
         if let Some(t) = &self.tokenizer {
             args.tokenizer = Some(t.into());
