@@ -11,36 +11,12 @@
 #   WORKLOADS="w3 w1" RUNS=3 HF_W3=1 CHECKS="tests tiny hf" bench/gpu/check_and_bench.sh
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-gpu=${GPU_DIR:-$PWD/.gpu}
-out=${OUT:-$PWD/gpu-results}
-mkdir -p "$out"
+. "$here/setup.sh"
 work=$(mktemp -d)
-bin=$gpu/bin
-for f in "$bin"/*.gz; do [ -e "$f" ] && gunzip -f "$f"; done
-chmod +x "$bin"/* 2>/dev/null
 workloads=${WORKLOADS-w3 w1}
 # The runner prints where step time goes when the engine shuts down.
 export VLLM_STEP_TIMING=${VLLM_STEP_TIMING:-1}
 runs=${RUNS:-3}
-
-# The CUDA 13 libraries cudarc links against: wherever this machine keeps them.
-libdirs=$(python3 - <<'PY'
-import glob, os, site
-want = ["libcublas.so.13", "libcublasLt.so.13", "libnvrtc.so.13", "libcurand.so.10", "libcudart.so.13"]
-roots = site.getsitepackages() + ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/lib/x86_64-linux-gnu"]
-dirs = []
-for w in want:
-    for r in roots:
-        hits = glob.glob(os.path.join(r, "**", w), recursive=True)
-        if hits:
-            d = os.path.dirname(hits[0])
-            if d not in dirs:
-                dirs.append(d)
-            break
-print(":".join(dirs))
-PY
-)
-export LD_LIBRARY_PATH=$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 if ldd "$bin/vllm-bench" | grep -q "not found"; then
   echo "missing libraries:"; ldd "$bin/vllm-bench" | grep "not found"; exit 1
 fi

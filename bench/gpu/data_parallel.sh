@@ -6,33 +6,9 @@
 #   DP="2" RUNS=2 bash bench/gpu/data_parallel.sh
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-gpu=${GPU_DIR:-$PWD/.gpu}
-out=${OUT:-$PWD/gpu-results}
-mkdir -p "$out"
-bin=$gpu/bin
-for f in "$bin"/*.gz; do [ -e "$f" ] && gunzip -f "$f"; done
-chmod +x "$bin"/* 2>/dev/null
+. "$here/setup.sh"
 runs=${RUNS:-2}
 dps=${DP:-2}
-
-# The CUDA 13 libraries, wherever this machine keeps them (as check_and_bench.sh).
-libdirs=$(python3 - <<'PY'
-import glob, os, site
-want = ["libcublas.so.13", "libcublasLt.so.13", "libnvrtc.so.13", "libcurand.so.10", "libcudart.so.13"]
-roots = site.getsitepackages() + ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/lib/x86_64-linux-gnu"]
-dirs = []
-for w in want:
-    for r in roots:
-        hits = glob.glob(os.path.join(r, "**", w), recursive=True)
-        if hits:
-            d = os.path.dirname(hits[0])
-            if d not in dirs:
-                dirs.append(d)
-            break
-print(":".join(dirs))
-PY
-)
-export LD_LIBRARY_PATH=$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=index,name,memory.total --format=csv | tee "$out/nvidia-smi.txt"
 commit=$(cat "$gpu/COMMIT" 2>/dev/null || echo unknown)
 
