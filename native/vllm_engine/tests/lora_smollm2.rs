@@ -45,8 +45,23 @@ fn cases(key: &str) -> Vec<Case> {
         .collect()
 }
 
+/// The device `VLLM_TEST_DEVICE` names (default cpu). The GPU machine runs this binary
+/// from a `cuda` build with `cuda`: the same tests then check the CUDA shrink/expand
+/// kernels (kernels/lora.cu) in float32, so the greedy ids must still match exactly.
+fn test_device() -> (vllm_engine::config::Device, vllm_engine::config::DType) {
+    use vllm_engine::config::{DType, Device};
+    let name = std::env::var("VLLM_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let device = Device::parse(&name).unwrap_or_else(|e| panic!("VLLM_TEST_DEVICE: {e}"));
+    (device, DType::F32)
+}
+
 fn engine_with(max_loras: usize, max_cpu_loras: Option<usize>) -> Engine {
     let mut args = EngineArgs::new(smollm2_gguf());
+    let (device, dtype) = test_device();
+    if device.is_cuda() {
+        args.device = device;
+        args.dtype = dtype;
+    }
     args.max_model_len = Some(256);
     args.max_num_seqs = 16;
     args.block_size = 4;
@@ -378,6 +393,11 @@ fn measure_lora_throughput() {
         })
         .collect();
     let mut args = EngineArgs::new(smollm2_gguf());
+    let (device, dtype) = test_device();
+    if device.is_cuda() {
+        args.device = device;
+        args.dtype = dtype;
+    }
     args.max_model_len = Some(256);
     args.max_num_seqs = REQUESTS;
     args.max_num_batched_tokens = Some(2048);
@@ -445,4 +465,159 @@ fn measure_lora_throughput() {
     );
     let (loads, evictions) = engine.lora_swaps();
     assert_eq!(evictions, 0, "4 adapters in 4 slots never swap ({loads} loads)");
+}
+
+/// The CUDA shrink/expand (kernels/lora.cu) against the CPU's `add_batch_deltas` on every
+/// target and fused layout: two adapters of different ranks in slots 0 and 2, slot 1 left
+/// empty, rows of both and of the base model interleaved (prefill chunks and decodes), in
+/// float32 (1e-4) and bfloat16 (within bf16 rounding of the outputs). Needs a GPU: runs
+/// with VLLM_TEST_DEVICE=cuda (the GPU machine), and on any other device checks nothing.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_shrink_expand_match_the_cpu_deltas_on_every_target() {
+    use std::sync::Arc;
+    use vllm_engine::backend::cuda::lora::DeviceLora;
+    use vllm_engine::lora::{add_batch_deltas, LoraAdapter, LoraPair, LoraTarget};
+    use vllm_engine::models::{ForwardBatch, SeqSlice};
+    if !test_device().0.is_cuda() {
+        eprintln!("skipped: VLLM_TEST_DEVICE is not cuda");
+        return;
+    }
+    // A small Llama-like geometry: hidden 64, q 64, kv 32, intermediate 96, 2 layers.
+    let (h, q, kv, inter, layers) = (64usize, 64usize, 32usize, 96usize, 2usize);
+    let dims = |t: LoraTarget| match t {
+        LoraTarget::Q => (h, q),
+        LoraTarget::K | LoraTarget::V => (h, kv),
+        LoraTarget::O => (q, h),
+        LoraTarget::Gate | LoraTarget::Up => (h, inter),
+        LoraTarget::Down => (inter, h),
+    };
+    // Deterministic pseudo-random values in [-0.5, 0.5).
+    let mut state = 0x2545f491u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % 1000) as f32 / 1000.0 - 0.5
+    };
+    let mut adapter = |rank: usize, scale: f32| {
+        let layers = (0..layers)
+            .map(|_| {
+                let mut pairs: [Option<LoraPair>; 7] = Default::default();
+                for t in LoraTarget::ALL {
+                    let (inf, outf) = dims(t);
+                    let a: Vec<f32> = (0..rank * inf).map(|_| next()).collect();
+                    let b: Vec<f32> = (0..outf * rank).map(|_| next()).collect();
+                    pairs[t as usize] = Some(LoraPair::new(a, b, rank, inf, outf, scale));
+                }
+                pairs
+            })
+            .collect();
+        Arc::new(LoraAdapter { rank, scale, layers })
+    };
+    let slots = vec![Some(adapter(16, 0.5)), None, Some(adapter(8, 2.0))];
+    // Rows: a 3-token chunk on slot 0, a base decode, a 2-token chunk on slot 2, slot 0, base.
+    let mut seqs = Vec::new();
+    let mut rows = 0;
+    for (len, slot) in [(3, Some(0)), (1, None), (2, Some(2)), (1, Some(0)), (2, None)] {
+        seqs.push(SeqSlice {
+            query_start: rows,
+            query_len: len,
+            lora_slot: slot,
+            ..Default::default()
+        });
+        rows += len;
+    }
+    let batch = ForwardBatch {
+        token_ids: vec![1; rows],
+        positions: (0..rows).collect(),
+        seqs: seqs.clone(),
+    };
+    let groups: [Vec<(LoraTarget, usize, usize)>; 4] = [
+        vec![
+            (LoraTarget::Q, 0, q),
+            (LoraTarget::K, q, kv),
+            (LoraTarget::V, q + kv, kv),
+        ],
+        vec![(LoraTarget::O, 0, h)],
+        vec![(LoraTarget::Gate, 0, inter), (LoraTarget::Up, inter, inter)],
+        vec![(LoraTarget::Down, 0, h)],
+    ];
+    let device = vllm_engine::backend::cuda::open_device(0).expect("CUDA device 0");
+    for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+        let mut lora = DeviceLora::new(&device, dtype, layers).expect("LoRA kernels load");
+        for (slot, a) in slots.iter().enumerate() {
+            lora.set_slot(slot, a.as_deref()).expect("slot upload");
+        }
+        let row_slots = lora.row_slots(&batch).expect("row slots").expect("LoRA rows");
+        for layer in 0..layers {
+            for group in &groups {
+                let in_f = dims(group[0].0).0;
+                let width: usize = group.iter().map(|p| p.2).sum();
+                let round = |v: Vec<f32>| -> Vec<f32> {
+                    Tensor::new(v, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                        .to_dtype(candle_core::DType::F32)
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                let x = round((0..rows * in_f).map(|_| next()).collect());
+                let y0 = round((0..rows * width).map(|_| next()).collect());
+                let mut want = y0.clone();
+                let parts: Vec<(LoraTarget, usize)> = group.iter().map(|&(t, o, _)| (t, o)).collect();
+                assert!(add_batch_deltas(&slots, &seqs, layer, &parts, &x, &mut want, width).unwrap());
+                let xd = Tensor::from_slice(&x, (rows, in_f), &device)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let yd = Tensor::from_slice(&y0, (rows, width), &device)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                lora.apply(&row_slots, layer, group, &xd, &yd).expect("LoRA apply");
+                let got: Vec<f32> = yd
+                    .to_dtype(candle_core::DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let mut changed = 0;
+                for (i, ((&g, &w), &b)) in got.iter().zip(&want).zip(&y0).enumerate() {
+                    let tol = if dtype == candle_core::DType::F32 {
+                        1e-4 * (1.0 + w.abs())
+                    } else {
+                        // bf16 keeps 8 bits: the output's rounding plus the weights' (about 1%).
+                        0.02 * (1.0 + w.abs())
+                    };
+                    assert!(
+                        (g - w).abs() <= tol,
+                        "{dtype:?} layer {layer} {:?} element {i}: got {g}, want {w}",
+                        group[0].0
+                    );
+                    changed += usize::from(w != b);
+                }
+                // Base rows stay bit-identical, adapter rows really change.
+                let base_rows: Vec<usize> = seqs
+                    .iter()
+                    .filter(|s| s.lora_slot.is_none())
+                    .flat_map(|s| s.query_start..s.query_start + s.query_len)
+                    .collect();
+                for r in base_rows {
+                    assert_eq!(
+                        &got[r * width..(r + 1) * width],
+                        &y0[r * width..(r + 1) * width],
+                        "base row {r}"
+                    );
+                }
+                assert!(
+                    changed > rows * width / 2,
+                    "{dtype:?}: the deltas changed too little ({changed})"
+                );
+            }
+        }
+    }
 }

@@ -17,6 +17,8 @@
 
 #[path = "vllm-bench/data_parallel.rs"]
 mod data_parallel;
+#[path = "vllm-bench/lora.rs"]
+mod lora;
 #[path = "vllm-bench/sched_overhead.rs"]
 mod sched_overhead;
 #[path = "vllm-bench/workload.rs"]

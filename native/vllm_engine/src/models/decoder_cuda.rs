@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor};
 
 use crate::backend::cuda::graphs::{self, DecodeGraphs, GraphLimits, LayerPtrs, ModelPtrs, ModelShape};
+use crate::backend::cuda::lora::DeviceLora;
 use crate::backend::cuda::op_timing::{OpClock, OpTiming};
 use crate::backend::cuda::ops::{
     self, AttentionDims, QkvExtras, StepMeta, ATT_MAX_GROUP, ATT_MAX_GROUP_WIDTH, ATT_MAX_HEAD_DIM,
@@ -17,6 +18,7 @@ use crate::config::{Architecture, EngineArgs, ModelConfig};
 use crate::error::{EngineError, ErrorCategory, Result};
 use crate::kv_cache::PagedKvCache;
 use crate::loader::WeightSource;
+use crate::lora::{LoraAdapter, LoraTarget};
 use crate::models::layers::Rotary;
 use crate::models::{CausalLM, DecodeCaptureLimits, ForwardBatch};
 
@@ -64,6 +66,17 @@ pub struct CudaDecoderLM {
     graphs: Mutex<Option<DecodeGraphs>>,
     /// VLLM_OP_TIMING: per-op device time of eager steps.
     op_timing: Option<OpTiming>,
+    /// Resident LoRA adapters (created by the first `set_lora_slot`). Steps with LoRA rows
+    /// run eagerly: the captured graphs never see an adapter (see backend/cuda/lora.rs).
+    lora: Option<DeviceLora>,
+}
+
+/// (target, column offset, width) of each LoRA target in the fused projections' outputs.
+struct LoraParts {
+    qkv: [(LoraTarget, usize, usize); 3],
+    o: [(LoraTarget, usize, usize); 1],
+    gate_up: [(LoraTarget, usize, usize); 2],
+    down: [(LoraTarget, usize, usize); 1],
 }
 
 /// Checks that our kernels cover the model's attention geometry.
@@ -199,6 +212,7 @@ impl CudaDecoderLM {
             weight_bytes,
             graphs: Mutex::new(None),
             op_timing: OpTiming::from_env(),
+            lora: None,
         })
     }
 
@@ -298,11 +312,19 @@ impl CudaDecoderLM {
         let h = ops::embedding(k, &self.embed, &ids)?;
         clock.lap("embed")?;
         let mut delta: Option<Tensor> = None;
-        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(&cache.layers) {
+        let lora = match &self.lora {
+            Some(l) => l.row_slots(batch)?.map(|rows| (l, rows)),
+            None => None,
+        };
+        let lora_parts = self.lora_parts();
+        for (li, (layer, (k_cache, v_cache))) in self.layers.iter().zip(&cache.layers).enumerate() {
             // h += previous MLP output (fused into the norm), x = norm(h).
             let x = ops::add_rms_norm(k, &h, delta.as_ref(), &layer.input_norm, eps)?;
             clock.lap("norm")?;
             let qkv = ops::linear(k, &x, &layer.qkv)?;
+            if let Some((l, rows)) = &lora {
+                l.apply(rows, li, &lora_parts.qkv, &x, &qkv)?;
+            }
             clock.lap("qkv_gemm")?;
             let extras = QkvExtras {
                 bias: layer.qkv_bias.as_ref(),
@@ -317,14 +339,24 @@ impl CudaDecoderLM {
             let attn = ops::paged_attention(k, &q, k_cache, v_cache, &meta, &self.dims)?;
             clock.lap("attention")?;
             let o = ops::linear(k, &attn, &layer.o_proj)?;
+            if let Some((l, rows)) = &lora {
+                l.apply(rows, li, &lora_parts.o, &attn, &o)?;
+            }
             clock.lap("o_gemm")?;
             let x = ops::add_rms_norm(k, &h, Some(&o), &layer.post_attention_norm, eps)?;
             clock.lap("norm")?;
             let gate_up = ops::linear(k, &x, &layer.gate_up)?;
+            if let Some((l, rows)) = &lora {
+                l.apply(rows, li, &lora_parts.gate_up, &x, &gate_up)?;
+            }
             clock.lap("gate_up_gemm")?;
             let act = ops::silu_mul(k, &gate_up)?;
             clock.lap("silu_mul")?;
-            delta = Some(ops::linear(k, &act, &layer.down)?);
+            let down = ops::linear(k, &act, &layer.down)?;
+            if let Some((l, rows)) = &lora {
+                l.apply(rows, li, &lora_parts.down, &act, &down)?;
+            }
+            delta = Some(down);
             clock.lap("down_gemm")?;
         }
         if num_rows == 0 {
@@ -335,6 +367,23 @@ impl CudaDecoderLM {
         let logits = ops::linear(k, &last, &self.lm_head)?;
         clock.lap("lm_head")?;
         Ok(Some(logits))
+    }
+
+    /// Where each LoRA target's columns sit in the fused projections' outputs.
+    fn lora_parts(&self) -> LoraParts {
+        let c = &self.config;
+        let (q, kv) = (c.num_attention_heads * c.head_dim, self.kv_width());
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        LoraParts {
+            qkv: [
+                (LoraTarget::Q, 0, q),
+                (LoraTarget::K, q, kv),
+                (LoraTarget::V, q + kv, kv),
+            ],
+            o: [(LoraTarget::O, 0, h)],
+            gate_up: [(LoraTarget::Gate, 0, i), (LoraTarget::Up, i, i)],
+            down: [(LoraTarget::Down, 0, h)],
+        }
     }
 
     fn kv_width(&self) -> usize {
@@ -519,6 +568,20 @@ impl CausalLM for CudaDecoderLM {
 
     fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    fn set_lora_slot(&mut self, slot: usize, adapter: Option<std::sync::Arc<LoraAdapter>>) -> Result<()> {
+        if self.lora.is_none() {
+            self.lora = Some(DeviceLora::new(&self.device, self.dtype, self.layers.len())?);
+        }
+        match self.lora.as_mut() {
+            Some(l) => l.set_slot(slot, adapter.as_deref()),
+            None => Err(EngineError::internal("LoRA state missing")),
+        }
+    }
+
+    fn supports_lora(&self) -> bool {
+        true
     }
 
     fn kv_bytes_per_block(&self, block_size: usize) -> usize {

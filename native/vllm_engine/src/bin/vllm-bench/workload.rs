@@ -12,6 +12,7 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use vllm_engine::config::{DType, Device, LoadFormat};
+use vllm_engine::lora::LoRARequest;
 use vllm_engine::{
     Engine, EngineArgs, EngineError, EngineRequest, OutputKind, OutputSink, RequestOutput, SamplingParams,
 };
@@ -40,6 +41,10 @@ pub struct EngineOptions {
     pub data_parallel: usize,
     /// `--enforce-eager true`: no CUDA graphs (to compare with the captured decode).
     pub enforce_eager: bool,
+    /// `--lora-adapters N`: also run every workload with each request on one of N random
+    /// adapters of rank `lora_rank` (see lora.rs).
+    pub lora_adapters: usize,
+    pub lora_rank: usize,
 }
 
 impl Default for EngineOptions {
@@ -60,6 +65,8 @@ impl Default for EngineOptions {
             runs: 1,
             data_parallel: 1,
             enforce_eager: false,
+            lora_adapters: 0,
+            lora_rank: 16,
         }
     }
 }
@@ -68,7 +75,7 @@ impl EngineOptions {
     pub const USAGE: &'static str = "[--device cpu|cuda|cuda:N] [--dtype auto|bfloat16|float16|float32] \
 [--load-format auto|dummy] [--quantization gguf] [--tokenizer FILE] [--max-num-seqs N] [--max-num-batched-tokens N] \
 [--gpu-memory-utilization F] [--num-requests N] [--seed N] [--ceiling TOK_PER_S] [--runs N] [--json FILE] \
-[--data-parallel N] [--enforce-eager true|false]";
+[--data-parallel N] [--enforce-eager true|false] [--lora-adapters N] [--lora-rank R]";
 
     pub fn accepts(&self, flag: &str) -> bool {
         matches!(
@@ -88,6 +95,8 @@ impl EngineOptions {
                 | "--runs"
                 | "--data-parallel"
                 | "--enforce-eager"
+                | "--lora-adapters"
+                | "--lora-rank"
         )
     }
 
@@ -117,6 +126,8 @@ impl EngineOptions {
             "--json" => self.json = Some(value.into()),
             "--runs" => self.runs = int()?.max(1),
             "--data-parallel" => self.data_parallel = int()?.max(1),
+            "--lora-adapters" => self.lora_adapters = int()?,
+            "--lora-rank" => self.lora_rank = int()?.max(1),
             "--enforce-eager" => {
                 self.enforce_eager = match value {
                     "true" | "1" => true,
@@ -157,6 +168,11 @@ impl EngineOptions {
         }
         args.seed = self.seed;
         args.enforce_eager = self.enforce_eager;
+        if self.lora_adapters > 0 {
+            args.enable_lora = true;
+            args.max_loras = self.lora_adapters;
+            args.max_lora_rank = self.lora_rank;
+        }
         Ok(())
     }
 }
@@ -217,7 +233,12 @@ struct Finished {
     tokens: usize,
 }
 
-fn submit(engine: &Engine, id: String, spec: &Spec) -> Result<Receiver<(Instant, RequestOutput)>, String> {
+fn submit(
+    engine: &Engine,
+    id: String,
+    spec: &Spec,
+    lora: Option<LoRARequest>,
+) -> Result<Receiver<(Instant, RequestOutput)>, String> {
     let params = SamplingParams {
         temperature: 0.0,
         max_tokens: Some(spec.output_len),
@@ -228,11 +249,10 @@ fn submit(engine: &Engine, id: String, spec: &Spec) -> Result<Receiver<(Instant,
         ..Default::default()
     };
     let (tx, rx) = unbounded();
+    let mut request = EngineRequest::new(id, spec.prompt.clone(), params);
+    request.lora = lora;
     engine
-        .add_request(
-            EngineRequest::new(id, spec.prompt.clone(), params),
-            Box::new(TimingSink(tx)),
-        )
+        .add_request(request, Box::new(TimingSink(tx)))
         .map_err(|e| e.to_string())?;
     Ok(rx)
 }
@@ -296,15 +316,42 @@ pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &Engine
         output_len: 4,
     };
     for (rank, engine) in engines.iter().enumerate() {
-        drain(&submit(engine, format!("warmup-{rank}"), &warm)?)?;
+        drain(&submit(engine, format!("warmup-{rank}"), &warm, None)?)?;
     }
+    // --lora-adapters: the adapters, added (and warmed) on every engine; every run then
+    // goes on the base model and again on the adapters.
+    let (lora_root, adapters) = if o.lora_adapters > 0 {
+        let config = engines[0]
+            .model_config()
+            .ok_or("--lora-adapters needs a generative model")?;
+        crate::lora::random_adapters(config, o.lora_adapters, o.lora_rank)?
+    } else {
+        (std::path::PathBuf::new(), Vec::new())
+    };
+    for (rank, engine) in engines.iter().enumerate() {
+        for a in &adapters {
+            engine
+                .add_lora(a.clone())
+                .map_err(|e| format!("adapter {}: {e}", a.lora_name))?;
+            drain(&submit(
+                engine,
+                format!("warmup-{rank}-{}", a.lora_int_id),
+                &warm,
+                Some(a.clone()),
+            )?)?;
+        }
+    }
+    let passes: &[bool] = if adapters.is_empty() { &[false] } else { &[false, true] };
+    let mut lora_tputs = Vec::new();
 
     let mut lines = Vec::new();
     let mut tputs = Vec::new();
     let mut tpots = Vec::new();
     let mut ttfts = Vec::new();
     let mut walls = Vec::new();
-    for run in 0..o.runs {
+    // Each run on the base model, then (with --lora-adapters) on the adapters.
+    let schedule = (0..o.runs).flat_map(|run| passes.iter().map(move |&with_lora| (run, with_lora)));
+    for (run, with_lora) in schedule {
         // Every run starts cold: the same prompts would otherwise hit the prefix cache.
         for engine in &engines {
             engine
@@ -318,7 +365,8 @@ pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &Engine
             .enumerate()
             .map(|(i, s)| {
                 let rank = router.route(s.prompt.len() + s.output_len);
-                submit(&engines[rank], format!("{workload}-{run}-{i}"), s)
+                let lora = with_lora.then(|| adapters[i % adapters.len()].clone());
+                submit(&engines[rank], format!("{workload}-{run}-{with_lora}-{i}"), s, lora)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let done = receivers.iter().map(drain).collect::<Result<Vec<_>, _>>()?;
@@ -328,6 +376,16 @@ pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &Engine
         let expected: usize = specs.iter().map(|s| s.output_len).sum();
         if out_tokens != expected {
             return Err(format!("{out_tokens} output tokens, expected {expected}"));
+        }
+        if with_lora {
+            lora_tputs.push(out_tokens as f64 / wall);
+            lines.push(format!(
+                "run {run} with {} adapters of rank {}: {:.0} output tok/s ({wall:.2} s)",
+                adapters.len(),
+                o.lora_rank,
+                out_tokens as f64 / wall
+            ));
+            continue;
         }
         walls.push(wall);
         tputs.push(out_tokens as f64 / wall);
@@ -380,6 +438,23 @@ pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &Engine
         summary += &format!(" = {:.1}% of the {c:.0} tok/s ceiling", f * 100.0);
     }
     println!("{summary}");
+    let lora_ratio = (!lora_tputs.is_empty()).then(|| {
+        let ratios: Vec<f64> = lora_tputs.iter().zip(&tputs).map(|(l, b)| l / b).collect();
+        let line = format!(
+            "{workload} lora: {} adapters of rank {}: median {:.0} output tok/s vs base {:.0}: ratio {:.3} (median of per-run ratios {:?})",
+            adapters.len(),
+            o.lora_rank,
+            median(lora_tputs.clone()),
+            median(tputs.clone()),
+            median(ratios.clone()),
+            ratios.iter().map(|r| (r * 1000.0).round() / 1000.0).collect::<Vec<_>>()
+        );
+        println!("{line}");
+        median(ratios)
+    });
+    if !adapters.is_empty() {
+        let _ = std::fs::remove_dir_all(&lora_root);
+    }
     if let Some(path) = &o.json {
         let json = serde_json::json!({
             "workload": workload,
@@ -394,6 +469,9 @@ pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &Engine
             "tpot_s": tpots,
             "ttft_s": ttfts,
             "data_parallel": engines.len(),
+            "lora_adapters": adapters.len(),
+            "lora_throughputs": lora_tputs,
+            "lora_ratio": lora_ratio,
         });
         std::fs::write(path, json.to_string()).map_err(|e| format!("cannot write {path}: {e}"))?;
     }

