@@ -12,7 +12,7 @@ keep=/tmp/h8
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "card: $card; commit $(cat "$gpu/COMMIT" 2>/dev/null || cat $keep/COMMIT)"
 if [ "${STAGE:-bench}" = bench ]; then
-  mkdir -p $keep && cp -r "$bin" "$gpu/fixtures" "$gpu/gguf.part1" "$gpu/gguf.sha256" "$gpu/COMMIT" $keep/
+  mkdir -p $keep && cp -r "$bin" "$gpu/bench" "$gpu/fixtures" "$gpu/gguf.part1" "$gpu/gguf.sha256" "$gpu/COMMIT" $keep/
   gunzip -c "$gpu/tokenizer.json.gz" > $keep/tokenizer.json
   echo "== kernel test (cuda vs CPU deltas, f32 and bf16)"
   VLLM_TEST_DEVICE=cuda "$bin/lora_smollm2" cuda_shrink 2>&1 | tee "$out/kernel_test.txt"
@@ -25,7 +25,6 @@ else
   mkdir -p $models
   cat $keep/gguf.part1 "$GPU_DIR2/gguf.part2" > $models/SmolLM2-135M-Instruct.Q4_1.gguf
   echo "$(cat $keep/gguf.sha256)  $models/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c || exit 1
-  cp $keep/fixtures/smollm2_reference.json $keep/tokenizer.json $keep/fixtures/ 2>/dev/null
   echo "== SmolLM2 LoRA tests on cuda (float32)"
   VLLM_TEST_DEVICE=cuda VLLM_MODELS_DIR=$keep/models VLLM_FIXTURES_DIR=$keep/fixtures \
     $keep/bin/lora_smollm2 --test-threads 1 2>&1 | tee "$out/lora_tests.txt"
