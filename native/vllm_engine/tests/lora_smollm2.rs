@@ -545,7 +545,7 @@ fn cuda_shrink_expand_match_the_cpu_deltas_on_every_target() {
     ];
     let device = vllm_engine::backend::cuda::open_device(0).expect("CUDA device 0");
     for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
-        let mut lora = DeviceLora::new(&device, dtype, layers).expect("LoRA kernels load");
+        let mut lora = DeviceLora::new(&device, dtype, layers, slots.len(), 16).expect("LoRA kernels load");
         for (slot, a) in slots.iter().enumerate() {
             lora.set_slot(slot, a.as_deref()).expect("slot upload");
         }
@@ -620,4 +620,132 @@ fn cuda_shrink_expand_match_the_cpu_deltas_on_every_target() {
             }
         }
     }
+}
+
+/// Writes a PEFT adapter of `rank` on all seven projections of a decoder with these
+/// (hidden, q width, kv width, intermediate, layers), values uniform in ±`amplitude`.
+fn random_adapter(
+    name: &str,
+    dims: (usize, usize, usize, usize, usize),
+    rank: usize,
+    seed: u64,
+    amplitude: f64,
+) -> PathBuf {
+    let (h, q, kv, inter, layers) = dims;
+    let dir = std::env::temp_dir().join(format!("vllm-lora-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut state = seed.max(1);
+    let mut tensor = |rows: usize, cols: usize| {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (((state % 2001) as f64 / 1000.0 - 1.0) * amplitude) as f32
+            })
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    };
+    let mut tensors = HashMap::new();
+    let modules = [
+        ("self_attn", "q_proj", h, q),
+        ("self_attn", "k_proj", h, kv),
+        ("self_attn", "v_proj", h, kv),
+        ("self_attn", "o_proj", q, h),
+        ("mlp", "gate_proj", h, inter),
+        ("mlp", "up_proj", h, inter),
+        ("mlp", "down_proj", inter, h),
+    ];
+    for layer in 0..layers {
+        for (parent, module, inf, outf) in modules {
+            let base = format!("base_model.model.model.layers.{layer}.{parent}.{module}");
+            tensors.insert(format!("{base}.lora_A.weight"), tensor(rank, inf));
+            tensors.insert(format!("{base}.lora_B.weight"), tensor(outf, rank));
+        }
+    }
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": modules.iter().map(|m| m.1).collect::<Vec<_>>(),
+    });
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    dir
+}
+
+/// The engine on tiny Qwen3 (f32) with two random adapters on all seven projections:
+/// 6 requests (two per adapter, two base) decoded together, on the device with the
+/// captured decode (LoRA graphs), on the device eagerly, and on the CPU: every request
+/// gets the same greedy ids all three ways, and the adapters change the output. With
+/// VLLM_TEST_DEVICE=cpu (no GPU) there is only the CPU run: nothing to compare.
+#[test]
+fn tiny_lora_engine_agrees_with_graphs_eager_and_on_the_cpu() {
+    use vllm_engine::config::{DType, Device as EngineDevice};
+    let (device, _) = test_device();
+    if !device.is_cuda() {
+        eprintln!("skipped: VLLM_TEST_DEVICE is not cuda");
+        return;
+    }
+    let dir = fixtures_dir().join("tiny").join("tiny_qwen3");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let get = |k: &str| config[k].as_u64().unwrap() as usize;
+    let hd = get("head_dim");
+    let dims = (
+        get("hidden_size"),
+        get("num_attention_heads") * hd,
+        get("num_key_value_heads") * hd,
+        get("intermediate_size"),
+        get("num_hidden_layers"),
+    );
+    let adapters = [
+        LoRARequest::new("r1", 1, random_adapter("tiny1", dims, 8, 11, 0.3)),
+        LoRARequest::new("r2", 2, random_adapter("tiny2", dims, 4, 23, 0.3)),
+    ];
+    let reference = common_json(dir.join("reference.json"));
+    let prompt: Vec<u32> = reference["prompt_token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let run = |device: EngineDevice, enforce_eager: bool| -> Vec<Vec<u32>> {
+        let mut args = EngineArgs::new(&dir);
+        args.device = device;
+        args.dtype = DType::F32;
+        args.tokenizer = Some(engine_common::tokenizer_path());
+        args.max_num_seqs = 8;
+        args.block_size = 4;
+        args.enforce_eager = enforce_eager;
+        args.enable_lora = true;
+        args.max_loras = 2;
+        args.max_lora_rank = 8;
+        let engine = Engine::new(args).unwrap_or_else(|e| panic!("tiny_qwen3: {e}"));
+        let receivers: Vec<_> = (0..6)
+            .map(|i| {
+                let lora = (i % 3 < 2).then(|| adapters[i % 3].clone());
+                // Requests 3-5 one token shorter, so the decodes do not all line up.
+                submit_lora(&engine, &format!("t{i}"), &prompt[..prompt.len() - i / 3], 12, lora)
+            })
+            .collect();
+        let out = receivers.iter().map(|rx| final_tokens(&collect(rx))).collect();
+        assert_all_blocks_free(&engine);
+        out
+    };
+    let graphs = run(device, false);
+    let eager = run(device, true);
+    let cpu = run(EngineDevice::Cpu, true);
+    assert_eq!(graphs, eager, "cuda graphs vs cuda eager");
+    assert_eq!(graphs, cpu, "cuda vs cpu");
+    // Requests 0, 1 and 2 share a prompt: on r1, on r2 and on the base model.
+    assert_ne!(graphs[0], graphs[2], "adapter r1 changes nothing");
+    assert_ne!(graphs[1], graphs[2], "adapter r2 changes nothing");
+    for d in ["tiny1", "tiny2"] {
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("vllm-lora-{}-{d}", std::process::id())));
+    }
+}
+
+fn common_json(path: PathBuf) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
 }

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor};
 
 use crate::backend::cuda::graphs::{self, DecodeGraphs, GraphLimits, LayerPtrs, ModelPtrs, ModelShape};
-use crate::backend::cuda::lora::DeviceLora;
+use crate::backend::cuda::lora::{DeviceLora, FusedParts};
 use crate::backend::cuda::op_timing::{OpClock, OpTiming};
 use crate::backend::cuda::ops::{
     self, AttentionDims, QkvExtras, StepMeta, ATT_MAX_GROUP, ATT_MAX_GROUP_WIDTH, ATT_MAX_HEAD_DIM,
@@ -18,7 +18,7 @@ use crate::config::{Architecture, EngineArgs, ModelConfig};
 use crate::error::{EngineError, ErrorCategory, Result};
 use crate::kv_cache::PagedKvCache;
 use crate::loader::WeightSource;
-use crate::lora::{LoraAdapter, LoraTarget};
+use crate::lora::LoraAdapter;
 use crate::models::layers::Rotary;
 use crate::models::{CausalLM, DecodeCaptureLimits, ForwardBatch};
 
@@ -66,17 +66,9 @@ pub struct CudaDecoderLM {
     graphs: Mutex<Option<DecodeGraphs>>,
     /// VLLM_OP_TIMING: per-op device time of eager steps.
     op_timing: Option<OpTiming>,
-    /// Resident LoRA adapters (created by the first `set_lora_slot`). Steps with LoRA rows
-    /// run eagerly: the captured graphs never see an adapter (see backend/cuda/lora.rs).
+    /// Resident LoRA adapters (created with the graphs when LoRA is enabled). Decode steps
+    /// with LoRA rows replay graphs captured with the LoRA kernels (backend/cuda/lora.rs).
     lora: Option<DeviceLora>,
-}
-
-/// (target, column offset, width) of each LoRA target in the fused projections' outputs.
-struct LoraParts {
-    qkv: [(LoraTarget, usize, usize); 3],
-    o: [(LoraTarget, usize, usize); 1],
-    gate_up: [(LoraTarget, usize, usize); 2],
-    down: [(LoraTarget, usize, usize); 1],
 }
 
 /// Checks that our kernels cover the model's attention geometry.
@@ -294,7 +286,7 @@ impl CudaDecoderLM {
             return Ok(None);
         };
         let key = Self::kv_key(self.device_cache(kv)?)?;
-        match graphs.replay(batch, key, self.config.vocab_size)? {
+        match graphs.replay(batch, key, self.config.vocab_size, self.lora.as_ref())? {
             Some(b) => Ok(Some((b, guard))),
             None => Ok(None),
         }
@@ -370,20 +362,14 @@ impl CudaDecoderLM {
     }
 
     /// Where each LoRA target's columns sit in the fused projections' outputs.
-    fn lora_parts(&self) -> LoraParts {
+    fn lora_parts(&self) -> FusedParts {
         let c = &self.config;
-        let (q, kv) = (c.num_attention_heads * c.head_dim, self.kv_width());
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        LoraParts {
-            qkv: [
-                (LoraTarget::Q, 0, q),
-                (LoraTarget::K, q, kv),
-                (LoraTarget::V, q + kv, kv),
-            ],
-            o: [(LoraTarget::O, 0, h)],
-            gate_up: [(LoraTarget::Gate, 0, i), (LoraTarget::Up, i, i)],
-            down: [(LoraTarget::Down, 0, h)],
-        }
+        FusedParts::new(
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            self.kv_width(),
+            c.intermediate_size,
+        )
     }
 
     fn kv_width(&self) -> usize {
@@ -528,6 +514,20 @@ impl CausalLM for CudaDecoderLM {
             .get_mut()
             .map_err(|_| EngineError::internal("the CUDA graph state was poisoned by a panic"))?;
         *slot = None;
+        // LoRA enabled: the slots on the device, and their graph buffers unless eager.
+        if limits.max_loras > 0 {
+            let mut lora = DeviceLora::new(
+                &self.device,
+                self.dtype,
+                self.layers.len(),
+                limits.max_loras,
+                limits.max_lora_rank,
+            )?;
+            if !limits.enforce_eager {
+                lora.reserve_graph_buffers(limits.max_num_seqs)?;
+            }
+            self.lora = Some(lora);
+        }
         if limits.enforce_eager {
             return Ok(());
         }
@@ -540,7 +540,7 @@ impl CausalLM for CudaDecoderLM {
             num_blocks: limits.num_blocks,
         };
         let started = std::time::Instant::now();
-        match DecodeGraphs::capture(&self.device, &self.kernels, &ptrs, &graph_limits) {
+        match DecodeGraphs::capture(&self.device, &self.kernels, &ptrs, &graph_limits, self.lora.as_ref()) {
             Ok(g) => {
                 tracing::info!(
                     "captured {} decode graphs in {:.0} ms",
@@ -572,7 +572,15 @@ impl CausalLM for CudaDecoderLM {
 
     fn set_lora_slot(&mut self, slot: usize, adapter: Option<std::sync::Arc<LoraAdapter>>) -> Result<()> {
         if self.lora.is_none() {
-            self.lora = Some(DeviceLora::new(&self.device, self.dtype, self.layers.len())?);
+            // Without prepare_decode_graphs (a model driven directly): eager LoRA only.
+            let rank = adapter.as_ref().map_or(1, |a| a.rank);
+            self.lora = Some(DeviceLora::new(
+                &self.device,
+                self.dtype,
+                self.layers.len(),
+                slot + 1,
+                rank,
+            )?);
         }
         match self.lora.as_mut() {
             Some(l) => l.set_slot(slot, adapter.as_deref()),

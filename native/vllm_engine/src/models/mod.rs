@@ -68,6 +68,9 @@ pub struct DecodeCaptureLimits {
     pub num_blocks: usize,
     /// Decode eagerly: capture nothing.
     pub enforce_eager: bool,
+    /// LoRA slots (`max_loras`; 0: LoRA off) and their largest rank, for the device.
+    pub max_loras: usize,
+    pub max_lora_rank: usize,
 }
 
 pub trait CausalLM: Send {

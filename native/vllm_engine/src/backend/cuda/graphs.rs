@@ -14,6 +14,7 @@ use candle_core::cuda_backend::cudarc::driver::{result as driver, sys, CudaGraph
 use candle_core::{DType, Device, Tensor};
 
 use super::blas::Blas;
+use super::lora::{DeviceLora, FusedParts};
 use super::ops::{self, AttentionDims, AttentionPtrs, MetaPtrs, QkvPtrs, RowsPtrs};
 use super::{device_ptr, Kernels};
 use crate::error::{EngineError, Result};
@@ -99,6 +100,9 @@ pub struct DecodeGraphs {
     /// Ascending captured batch sizes and their graphs.
     sizes: Vec<usize>,
     graphs: Vec<CudaGraph>,
+    /// With LoRA enabled: the same sizes captured with the LoRA kernels after every
+    /// projection (backend/cuda/lora.rs), replayed for decode steps with LoRA rows.
+    lora_graphs: Vec<CudaGraph>,
     max_batch: usize,
     /// Row stride of the block tables (blocks of max_model_len).
     max_blocks: usize,
@@ -177,7 +181,13 @@ fn cuda_err(what: &str, e: impl std::fmt::Display) -> EngineError {
 impl DecodeGraphs {
     /// Allocates the buffers, runs every size once uncaptured (loads lazily loaded kernels
     /// and lets cuBLAS pick its algorithms), then captures each size.
-    pub fn capture(device: &Device, kernels: &Kernels, model: &ModelPtrs, limits: &GraphLimits) -> Result<Self> {
+    pub fn capture(
+        device: &Device,
+        kernels: &Kernels,
+        model: &ModelPtrs,
+        limits: &GraphLimits,
+        lora: Option<&DeviceLora>,
+    ) -> Result<Self> {
         let stream = kernels.stream().clone();
         let max_batch = limits.max_num_seqs.max(1);
         let max_blocks = limits.max_model_len.div_ceil(limits.block_size).max(1);
@@ -209,6 +219,7 @@ impl DecodeGraphs {
             buffers,
             sizes: Vec::new(),
             graphs: Vec::new(),
+            lora_graphs: Vec::new(),
             max_batch,
             max_blocks,
             block_size: limits.block_size,
@@ -223,29 +234,46 @@ impl DecodeGraphs {
         // Every row a padding row (scratch block), so the warm-up writes no real cache.
         graphs.stage_padding(0, max_batch)?;
         graphs.upload(max_batch)?;
+        // LoRA graphs only when its fixed buffers exist (not with enforce_eager).
+        let lora = lora.filter(|l| l.has_graph_buffers());
         for &b in &sizes {
-            graphs.record(kernels, model, b, limits.max_model_len)?;
+            graphs.record(kernels, model, b, limits.max_model_len, None)?;
+            if lora.is_some() {
+                graphs.record(kernels, model, b, limits.max_model_len, lora)?;
+            }
         }
         graphs.stream.synchronize().map_err(|e| cuda_err("warm-up", e))?;
         for &b in &sizes {
-            let graph = graphs.capture_one(kernels, model, b, limits.max_model_len)?;
+            let graph = graphs.capture_one(kernels, model, b, limits.max_model_len, None)?;
             graph.upload().map_err(|e| cuda_err("upload", e))?;
             graphs.sizes.push(b);
             graphs.graphs.push(graph);
+            if lora.is_some() {
+                let graph = graphs.capture_one(kernels, model, b, limits.max_model_len, lora)?;
+                graph.upload().map_err(|e| cuda_err("upload", e))?;
+                graphs.lora_graphs.push(graph);
+            }
         }
         graphs.stream.synchronize().map_err(|e| cuda_err("capture", e))?;
         Ok(graphs)
     }
 
     pub fn num_graphs(&self) -> usize {
-        self.graphs.len()
+        self.graphs.len() + self.lora_graphs.len()
     }
 
-    fn capture_one(&self, kernels: &Kernels, model: &ModelPtrs, b: usize, max_model_len: usize) -> Result<CudaGraph> {
+    fn capture_one(
+        &self,
+        kernels: &Kernels,
+        model: &ModelPtrs,
+        b: usize,
+        max_model_len: usize,
+        lora: Option<&DeviceLora>,
+    ) -> Result<CudaGraph> {
         self.stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| cuda_err("begin capture", e))?;
-        let recorded = self.record(kernels, model, b, max_model_len);
+        let recorded = self.record(kernels, model, b, max_model_len, lora);
         // End the capture whatever happened, so the stream is usable again.
         let ended = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
         recorded?;
@@ -254,8 +282,16 @@ impl DecodeGraphs {
             .ok_or_else(|| cuda_err("end capture", "no graph was captured"))
     }
 
-    /// Issues one decode step of `b` rows on the fixed buffers.
-    fn record(&self, k: &Kernels, m: &ModelPtrs, b: usize, max_model_len: usize) -> Result<()> {
+    /// Issues one decode step of `b` rows on the fixed buffers (with `lora`: its deltas
+    /// after every projection).
+    fn record(
+        &self,
+        k: &Kernels,
+        m: &ModelPtrs,
+        b: usize,
+        max_model_len: usize,
+        lora: Option<&DeviceLora>,
+    ) -> Result<()> {
         let buf = &self.buffers;
         let p = |t: &Tensor| device_ptr(t);
         let dt = m.dtype;
@@ -278,6 +314,9 @@ impl DecodeGraphs {
             (0, 0)
         };
 
+        let kv_width = m.dims.num_kv_heads * m.dims.head_dim;
+        let parts = FusedParts::new(hidden, m.q_width(), kv_width, inter);
+
         ops::launch_embedding(k, dt, h, m.embed, meta_base, b, hidden)?;
         for (i, layer) in m.layers.iter().enumerate() {
             let norm_in = RowsPtrs {
@@ -288,6 +327,9 @@ impl DecodeGraphs {
             };
             ops::launch_add_rms_norm(k, dt, &norm_in, b, hidden, m.eps)?;
             self.linear(k, dt, qkv, x, layer.qkv, b, m.qkv_width(), hidden)?;
+            if let Some(l) = lora {
+                l.record(i, &parts.qkv, x, qkv, b, hidden, m.qkv_width())?;
+            }
             let qkv_ptrs = QkvPtrs {
                 qkv,
                 bias: layer.qkv_bias,
@@ -310,6 +352,9 @@ impl DecodeGraphs {
             };
             ops::launch_paged_attention(k, dt, &att, &meta, b, &m.dims, splits, partition)?;
             self.linear(k, dt, o, attn, layer.o_proj, b, hidden, m.q_width())?;
+            if let Some(l) = lora {
+                l.record(i, &parts.o, attn, o, b, m.q_width(), hidden)?;
+            }
             let norm_post = RowsPtrs {
                 residual: h,
                 delta: o,
@@ -318,8 +363,14 @@ impl DecodeGraphs {
             };
             ops::launch_add_rms_norm(k, dt, &norm_post, b, hidden, m.eps)?;
             self.linear(k, dt, gate_up, x, layer.gate_up, b, 2 * inter, hidden)?;
+            if let Some(l) = lora {
+                l.record(i, &parts.gate_up, x, gate_up, b, hidden, 2 * inter)?;
+            }
             ops::launch_silu_mul(k, dt, act, gate_up, b, inter)?;
             self.linear(k, dt, delta, act, layer.down, b, hidden, inter)?;
+            if let Some(l) = lora {
+                l.record(i, &parts.down, act, delta, b, inter, hidden)?;
+            }
         }
         let norm_final = RowsPtrs {
             residual: h,
@@ -385,7 +436,7 @@ impl DecodeGraphs {
         let fits = batch
             .seqs
             .iter()
-            .all(|s| s.context_len <= self.max_model_len && s.lora_slot.is_none());
+            .all(|s| s.context_len <= self.max_model_len && (s.lora_slot.is_none() || !self.lora_graphs.is_empty()));
         if n == 0 || !plain_decode || !fits || kv_key != self.kv_key {
             return None;
         }
@@ -395,7 +446,13 @@ impl DecodeGraphs {
     /// Runs `batch` through the captured graph of its padded size when it qualifies:
     /// Some(rows) after the launch (the logits and argmax buffers then hold its results),
     /// None when the caller must run the step eagerly.
-    pub fn replay(&mut self, batch: &ForwardBatch, kv_key: u64, vocab_size: usize) -> Result<Option<usize>> {
+    pub fn replay(
+        &mut self,
+        batch: &ForwardBatch,
+        kv_key: u64,
+        vocab_size: usize,
+        lora: Option<&DeviceLora>,
+    ) -> Result<Option<usize>> {
         let Some(b) = self.size_for(batch, kv_key) else {
             return Ok(None);
         };
@@ -433,7 +490,16 @@ impl DecodeGraphs {
         self.stage_padding(n, b)?;
         self.upload(b)?;
         let index = self.sizes.iter().position(|&s| s == b).unwrap_or(0);
-        self.graphs[index].launch().map_err(|e| cuda_err("launch", e))?;
+        let with_lora = match lora {
+            Some(l) if !self.lora_graphs.is_empty() => l.upload_graph_rows(batch, b)?,
+            _ => false,
+        };
+        let graph = if with_lora {
+            &self.lora_graphs[index]
+        } else {
+            &self.graphs[index]
+        };
+        graph.launch().map_err(|e| cuda_err("launch", e))?;
         self.replays += 1;
         Ok(Some(b))
     }

@@ -7,13 +7,17 @@
 //! that the kernels read. Host memory keeps every adapter (the registry): a slot swap is a
 //! fresh upload, an eviction frees the device copy.
 //!
-//! CUDA graphs: steps with any LoRA row run eagerly (graphs.rs's `size_for` refuses them),
-//! so the captured base decode pays nothing for LoRA being enabled.
+//! CUDA graphs: with LoRA enabled, the decode graphs are captured twice (graphs.rs): once
+//! plain, once with these kernels after every projection, reading each row's slot from a
+//! fixed buffer (`upload_graph_rows` before the launch) and each slot's weights through the
+//! fixed table, so a slot swap never invalidates a graph. A decode step with any LoRA row
+//! replays the second set, a base-only step the first (it pays nothing for LoRA); prefill
+//! and mixed steps run eagerly (`apply`), as without LoRA.
 
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+    result as driver, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::{DType, Device, Tensor};
@@ -40,6 +44,33 @@ struct LoraParts {
 // SAFETY: plain #[repr(C)] integers, laid out as lora.cu's struct.
 unsafe impl DeviceRepr for LoraParts {}
 
+/// One part of a fused projection: (target, column offset in the output, width).
+pub type Part = (LoraTarget, usize, usize);
+
+/// Where each target's columns sit in the decoder's fused projection outputs.
+pub struct FusedParts {
+    pub qkv: [Part; 3],
+    pub o: [Part; 1],
+    pub gate_up: [Part; 2],
+    pub down: [Part; 1],
+}
+
+impl FusedParts {
+    pub fn new(hidden: usize, q_width: usize, kv_width: usize, intermediate: usize) -> Self {
+        let (q, kv, i) = (q_width, kv_width, intermediate);
+        FusedParts {
+            qkv: [
+                (LoraTarget::Q, 0, q),
+                (LoraTarget::K, q, kv),
+                (LoraTarget::V, q + kv, kv),
+            ],
+            o: [(LoraTarget::O, 0, hidden)],
+            gate_up: [(LoraTarget::Gate, 0, i), (LoraTarget::Up, i, i)],
+            down: [(LoraTarget::Down, 0, hidden)],
+        }
+    }
+}
+
 /// One adapter's pairs on the device, and its table entries per (layer, target).
 struct ResidentAdapter {
     /// Keeps the device copies alive: A and Bt of every pair.
@@ -47,6 +78,15 @@ struct ResidentAdapter {
     /// (A address, Bt address, rank) per layer * 7 + target; rank 0 where absent.
     entries: Vec<[u64; 3]>,
     max_rank: usize,
+}
+
+/// The fixed buffers the captured decode graphs read.
+struct GraphBuffers {
+    /// u32 [max_rows]: each row's slot (u32::MAX: base model).
+    rows: Tensor,
+    /// f32 [3, max_rows, max_rank]: the shrunk rows.
+    mid: Tensor,
+    max_rows: usize,
 }
 
 pub struct DeviceLora {
@@ -58,9 +98,12 @@ pub struct DeviceLora {
     expand: [CudaFunction; 3],
     num_layers: usize,
     slots: Vec<Option<ResidentAdapter>>,
-    /// u64 [layers, 7, slots, 3] as u32 pairs; rebuilt on every slot change.
-    table: Option<Tensor>,
+    /// u64 [layers, 7, slots, 3] as u32 pairs, written in place on every slot change (its
+    /// address is baked into the captured graphs).
+    table: Tensor,
+    /// The mid buffer's row stride: max_lora_rank.
     max_rank: usize,
+    graph: Option<GraphBuffers>,
 }
 
 fn dtype_index(dtype: DType) -> Result<usize> {
@@ -77,7 +120,8 @@ fn launch_err(name: &str, e: impl std::fmt::Display) -> EngineError {
 }
 
 impl DeviceLora {
-    pub fn new(device: &Device, dtype: DType, num_layers: usize) -> Result<Self> {
+    /// `num_slots` adapters of rank up to `max_rank` for a model of `num_layers` layers.
+    pub fn new(device: &Device, dtype: DType, num_layers: usize, num_slots: usize, max_rank: usize) -> Result<Self> {
         dtype_index(dtype)?;
         let stream = device.as_cuda_device()?.cuda_stream();
         let context = stream.context().clone();
@@ -92,6 +136,7 @@ impl DeviceLora {
                 .load_function(name)
                 .map_err(|e| EngineError::internal(format!("kernel {name} is missing: {e}")))
         };
+        let num_slots = num_slots.max(1);
         Ok(DeviceLora {
             device: device.clone(),
             dtype,
@@ -108,23 +153,39 @@ impl DeviceLora {
             stream,
             _module: module,
             num_layers,
-            slots: Vec::new(),
-            table: None,
-            max_rank: 0,
+            slots: (0..num_slots).map(|_| None).collect(),
+            table: Tensor::zeros(num_layers * TARGETS * num_slots * 6, DType::U32, device)?,
+            max_rank: max_rank.max(1),
+            graph: None,
         })
+    }
+
+    pub fn num_slots(&self) -> usize {
+        self.slots.len()
     }
 
     /// Puts `adapter` into `slot` (None frees it) and rewrites the device table.
     pub fn set_slot(&mut self, slot: usize, adapter: Option<&LoraAdapter>) -> Result<()> {
-        if self.slots.len() <= slot {
-            self.slots.resize_with(slot + 1, || None);
+        if slot >= self.slots.len() {
+            return Err(EngineError::internal(format!(
+                "LoRA slot {slot} is beyond the {} slots on the device",
+                self.slots.len()
+            )));
+        }
+        if let Some(a) = adapter {
+            if a.rank > self.max_rank {
+                return Err(EngineError::internal(format!(
+                    "LoRA rank {} is above the device's max_lora_rank {}",
+                    a.rank, self.max_rank
+                )));
+            }
         }
         // Free first: a swap then never holds two adapters' copies in one slot.
         self.slots[slot] = None;
         if let Some(a) = adapter {
             self.slots[slot] = Some(self.upload(a)?);
         }
-        self.rebuild_table()
+        self.write_table()
     }
 
     fn upload(&self, adapter: &LoraAdapter) -> Result<ResidentAdapter> {
@@ -156,11 +217,13 @@ impl DeviceLora {
         })
     }
 
-    fn rebuild_table(&mut self) -> Result<()> {
+    /// Rewrites the whole table in place (a few KiB; only on slot changes).
+    fn write_table(&mut self) -> Result<()> {
         let num_slots = self.slots.len();
         let mut host = vec![0u32; self.num_layers * TARGETS * num_slots * 6];
         for (slot, resident) in self.slots.iter().enumerate() {
             let Some(r) = resident else { continue };
+            debug_assert!(r.max_rank <= self.max_rank);
             for (lt, entry) in r.entries.iter().enumerate() {
                 let at = (lt * num_slots + slot) * 6;
                 for (k, &v) in entry.iter().enumerate() {
@@ -169,19 +232,29 @@ impl DeviceLora {
                 }
             }
         }
-        self.max_rank = self.slots.iter().flatten().map(|r| r.max_rank).max().unwrap_or(0);
-        let len = host.len();
-        self.table = Some(Tensor::from_vec(host, len, &self.device)?);
-        Ok(())
+        self.copy_to(&self.table, &host, "LoRA table upload")
     }
 
-    /// Each token's slot (u32; u32::MAX: the base model) on the device, or None when no
-    /// sequence of the batch has an adapter.
-    pub fn row_slots(&self, batch: &ForwardBatch) -> Result<Option<Tensor>> {
+    /// Copies `host` into the start of `dst` on the stream (ordered with every launch).
+    fn copy_to(&self, dst: &Tensor, host: &[u32], what: &str) -> Result<()> {
+        if host.len() > dst.elem_count() {
+            return Err(EngineError::internal(format!("{what}: buffer too small")));
+        }
+        let dst = device_ptr(dst)?;
+        let err = |e: &dyn std::fmt::Display| EngineError::internal(format!("{what}: {e}"));
+        self.stream.context().bind_to_thread().map_err(|e| err(&e))?;
+        // SAFETY: `dst` holds at least host.len() u32; from pageable memory the call returns
+        // once the host slice is staged, so it may be dropped afterwards.
+        unsafe { driver::memcpy_htod_async(dst, host, self.stream.cu_stream()) }.map_err(|e| err(&e))
+    }
+
+    /// Each token's slot (u32; u32::MAX: the base model), or None when no sequence of the
+    /// batch has an adapter.
+    fn host_rows(&self, batch: &ForwardBatch, len: usize) -> Result<Option<Vec<u32>>> {
         if batch.seqs.iter().all(|s| s.lora_slot.is_none()) {
             return Ok(None);
         }
-        let mut rows = vec![u32::MAX; batch.token_ids.len()];
+        let mut rows = vec![u32::MAX; len.max(batch.token_ids.len())];
         for seq in &batch.seqs {
             let Some(slot) = seq.lora_slot else { continue };
             if self.slots.get(slot).is_none_or(Option::is_none) {
@@ -195,28 +268,92 @@ impl DeviceLora {
                 .ok_or_else(|| EngineError::internal("forward batch: a sequence's tokens are out of range"))?;
             span.fill(slot as u32);
         }
-        let n = rows.len();
-        Ok(Some(Tensor::from_vec(rows, n, &self.device)?))
+        Ok(Some(rows))
     }
 
-    /// Adds the deltas of `parts` (target, column offset in `y`) of layer `layer` onto the
-    /// rows of `y` [rows, width] whose slot `row_slots` names; `x` [rows, in] is the
-    /// projection input. Every part must share `x` (a fused projection).
-    pub fn apply(
+    /// The batch's per-token slots on the device for `apply`; None without LoRA rows.
+    pub fn row_slots(&self, batch: &ForwardBatch) -> Result<Option<Tensor>> {
+        match self.host_rows(batch, 0)? {
+            Some(rows) => {
+                let n = rows.len();
+                Ok(Some(Tensor::from_vec(rows, n, &self.device)?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Allocates the fixed buffers of the captured decode (`max_rows`: its largest batch).
+    pub fn reserve_graph_buffers(&mut self, max_rows: usize) -> Result<()> {
+        let max_rows = max_rows.max(1);
+        let rows = Tensor::from_vec(vec![u32::MAX; max_rows], max_rows, &self.device)?;
+        let mid = Tensor::zeros(3 * max_rows * self.max_rank, DType::F32, &self.device)?;
+        self.graph = Some(GraphBuffers { rows, mid, max_rows });
+        Ok(())
+    }
+
+    /// Before replaying a LoRA graph of `padded` rows: the batch's slots into the fixed
+    /// buffer, padding rows on the base model. False when the batch has no LoRA row.
+    pub fn upload_graph_rows(&self, batch: &ForwardBatch, padded: usize) -> Result<bool> {
+        let Some(rows) = self.host_rows(batch, padded)? else {
+            return Ok(false);
+        };
+        let g = self
+            .graph
+            .as_ref()
+            .ok_or_else(|| EngineError::internal("LoRA graph buffers were not reserved"))?;
+        if rows.len() > g.max_rows {
+            return Err(EngineError::internal("LoRA graph rows: batch larger than captured"));
+        }
+        self.copy_to(&g.rows, &rows, "LoRA graph rows upload")?;
+        Ok(true)
+    }
+
+    pub fn has_graph_buffers(&self) -> bool {
+        self.graph.is_some()
+    }
+
+    /// Records the deltas of `parts` on the fixed buffers for a captured step of `b` rows:
+    /// `x`, `y` are device addresses of [b, in] and [b, width] activations.
+    pub fn record(
         &self,
-        row_slots: &Tensor,
         layer: usize,
-        parts: &[(LoraTarget, usize, usize)],
-        x: &Tensor,
-        y: &Tensor,
+        parts: &[Part],
+        x: u64,
+        y: u64,
+        b: usize,
+        in_features: usize,
+        y_width: usize,
     ) -> Result<()> {
-        let Some(table) = &self.table else { return Ok(()) };
+        let g = self
+            .graph
+            .as_ref()
+            .ok_or_else(|| EngineError::internal("LoRA graph buffers were not reserved"))?;
+        if b > g.max_rows {
+            return Err(EngineError::internal("LoRA graph: batch larger than reserved"));
+        }
+        self.launch(
+            device_ptr(&g.rows)?,
+            device_ptr(&g.mid)?,
+            layer,
+            parts,
+            x,
+            y,
+            b,
+            in_features,
+            y_width,
+        )
+    }
+
+    /// Adds the deltas of `parts` of layer `layer` onto the rows of `y` [rows, width] whose
+    /// slot `row_slots` names; `x` [rows, in] is the projection input. Every part must
+    /// share `x` (a fused projection).
+    pub fn apply(&self, row_slots: &Tensor, layer: usize, parts: &[Part], x: &Tensor, y: &Tensor) -> Result<()> {
         let (rows, in_features) = x.dims2()?;
         let (y_rows, y_width) = y.dims2()?;
-        if rows == 0 || self.max_rank == 0 {
+        if rows == 0 {
             return Ok(());
         }
-        if y_rows != rows || row_slots.elem_count() != rows || parts.is_empty() || parts.len() > 3 {
+        if y_rows != rows || row_slots.elem_count() != rows {
             return Err(EngineError::internal("LoRA apply: operands do not match"));
         }
         if x.dtype() != self.dtype || y.dtype() != self.dtype {
@@ -224,11 +361,42 @@ impl DeviceLora {
                 "LoRA apply: activations are not in the adapters' dtype",
             ));
         }
+        // SAFETY: the shrink writes every mid entry the expand reads (j < rank of that row's pair).
+        let mid = unsafe { Tensor::empty(parts.len() * rows * self.max_rank, DType::F32, &self.device)? };
+        self.launch(
+            device_ptr(row_slots)?,
+            device_ptr(&mid)?,
+            layer,
+            parts,
+            device_ptr(x)?,
+            device_ptr(y)?,
+            rows,
+            in_features,
+            y_width,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        slots_p: u64,
+        mid_p: u64,
+        layer: usize,
+        parts: &[Part],
+        x_p: u64,
+        y_p: u64,
+        rows: usize,
+        in_features: usize,
+        y_width: usize,
+    ) -> Result<()> {
+        if parts.is_empty() || parts.len() > 3 || layer >= self.num_layers {
+            return Err(EngineError::internal("LoRA launch: bad parts or layer"));
+        }
         let mut p = LoraParts::default();
         let mut widest = 0;
         for (i, &(target, offset, out_features)) in parts.iter().enumerate() {
             if offset + out_features > y_width {
-                return Err(EngineError::internal("LoRA apply: a part lies outside the output"));
+                return Err(EngineError::internal("LoRA launch: a part lies outside the output"));
             }
             p.target[i] = target as i32;
             p.offset[i] = offset as i32;
@@ -236,10 +404,7 @@ impl DeviceLora {
             widest = widest.max(out_features);
         }
         let d = dtype_index(self.dtype)?;
-        // SAFETY: the shrink writes every mid entry the expand reads (j < rank of that row's pair).
-        let mid = unsafe { Tensor::empty(parts.len() * rows * self.max_rank, DType::F32, &self.device)? };
-        let (mid_p, x_p, y_p) = (device_ptr(&mid)?, device_ptr(x)?, device_ptr(y)?);
-        let (slots_p, table_p) = (device_ptr(row_slots)?, device_ptr(table)?);
+        let table_p = device_ptr(&self.table)?;
         let (num_slots, layer) = (self.slots.len() as i32, layer as i32);
         let (rows_i, in_i, width_i, rank_i) = (rows as i32, in_features as i32, y_width as i32, self.max_rank as i32);
         let n_parts = parts.len() as u32;
@@ -261,7 +426,7 @@ impl DeviceLora {
             shared_mem_bytes: 0,
         };
         // SAFETY: the arguments match lora_shrink's signature; every address is a live
-        // device buffer of the sizes the kernel indexes.
+        // device buffer of the sizes the kernel indexes (mid: parts × rows × max_rank).
         unsafe { b.launch(cfg) }.map_err(|e| launch_err("lora_shrink", e))?;
 
         let mut b = self.stream.launch_builder(&self.expand[d]);
