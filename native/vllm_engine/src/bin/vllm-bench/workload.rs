@@ -310,6 +310,18 @@ pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &Engine
         limits.max_num_batched_tokens
     );
     let specs = specs(workload, limits.vocab_size, o)?;
+    // VLLM_BENCH_DUMP_REQUESTS=FILE: the requests, one line each ("output_len id id ..."),
+    // so bench/elixir_w1.exs drives the very same workload through Elixir.
+    if let Some(path) = std::env::var_os("VLLM_BENCH_DUMP_REQUESTS") {
+        let text: String = specs
+            .iter()
+            .map(|s| {
+                let ids: Vec<String> = s.prompt.iter().map(u32::to_string).collect();
+                format!("{} {}\n", s.output_len, ids.join(" "))
+            })
+            .collect();
+        std::fs::write(&path, text).map_err(|e| format!("cannot write {path:?}: {e}"))?;
+    }
     // Warm-up: one short request per engine, so lazy initialisation stays out of the numbers.
     let warm = Spec {
         prompt: specs[0].prompt.iter().copied().take(16).collect(),
