@@ -2,6 +2,7 @@
 //! Face directories (config.json + safetensors + tokenizer.json).
 
 mod dummy;
+pub mod fan_out;
 mod gguf;
 mod gguf_header;
 mod hf_dir;
@@ -168,6 +169,16 @@ fn load_decoder(
                 _ => crate::backend::cpu::matmul::WeightFormat::F32,
             };
             Ok(Box::new(DecoderLM::load_as(config, weights, format)?))
+        }
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) if args.tensor_parallel_size > 1 => {
+            Ok(Box::new(crate::models::decoder_cuda_tp::TpDecoderLM::load(
+                config,
+                weights,
+                device,
+                args.tensor_parallel_size,
+                cuda_dtype(args.dtype),
+            )?))
         }
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(_) => Ok(Box::new(crate::models::decoder_cuda::CudaDecoderLM::load(

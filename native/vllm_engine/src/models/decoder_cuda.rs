@@ -64,7 +64,13 @@ pub struct CudaDecoderLM {
     graphs: Mutex<Option<DecodeGraphs>>,
     /// VLLM_OP_TIMING: per-op device time of eager steps.
     op_timing: Option<OpTiming>,
+    /// Tensor parallel (decoder_cuda_tp.rs): completes this rank's partial o_proj and
+    /// down_proj outputs in place (an NCCL all-reduce); None on one GPU.
+    all_reduce: Option<PartialSum>,
 }
+
+/// Sums a tensor over the tensor-parallel ranks, in place.
+pub type PartialSum = Box<dyn Fn(&Tensor) -> Result<()> + Send + Sync>;
 
 /// Checks that our kernels cover the model's attention geometry.
 fn check_geometry(c: &ModelConfig) -> Result<()> {
@@ -199,7 +205,19 @@ impl CudaDecoderLM {
             weight_bytes,
             graphs: Mutex::new(None),
             op_timing: OpTiming::from_env(),
+            all_reduce: None,
         })
+    }
+
+    /// Makes this model one rank of a tensor-parallel group (eager steps only: its decode
+    /// graphs hold no collectives, so the group never captures them).
+    pub fn set_all_reduce(&mut self, f: PartialSum) {
+        self.all_reduce = Some(f);
+    }
+
+    /// Completes a partial sum over the tensor-parallel ranks (nothing on one GPU).
+    fn reduce_partial(&self, t: &Tensor) -> Result<()> {
+        self.all_reduce.as_ref().map_or(Ok(()), |f| f(t))
     }
 
     fn shape(&self) -> ModelShape {
@@ -317,6 +335,7 @@ impl CudaDecoderLM {
             let attn = ops::paged_attention(k, &q, k_cache, v_cache, &meta, &self.dims)?;
             clock.lap("attention")?;
             let o = ops::linear(k, &attn, &layer.o_proj)?;
+            self.reduce_partial(&o)?;
             clock.lap("o_gemm")?;
             let x = ops::add_rms_norm(k, &h, Some(&o), &layer.post_attention_norm, eps)?;
             clock.lap("norm")?;
@@ -324,7 +343,9 @@ impl CudaDecoderLM {
             clock.lap("gate_up_gemm")?;
             let act = ops::silu_mul(k, &gate_up)?;
             clock.lap("silu_mul")?;
-            delta = Some(ops::linear(k, &act, &layer.down)?);
+            let down = ops::linear(k, &act, &layer.down)?;
+            self.reduce_partial(&down)?;
+            delta = Some(down);
             clock.lap("down_gemm")?;
         }
         if num_rows == 0 {

@@ -5,6 +5,7 @@
 pub mod blas;
 pub mod graphs;
 pub mod kv_cache;
+pub mod nccl;
 pub mod op_timing;
 pub mod ops;
 
