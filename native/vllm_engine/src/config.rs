@@ -260,7 +260,7 @@ impl EngineArgs {
 
     /// tensor_parallel_size: at least 1; above 1 only on CUDA (the heads' divisibility
     /// and the GPUs present are checked at load, against the model and the machine).
-    fn validate_tensor_parallel(&self) -> Result<()> {
+    pub fn validate_tensor_parallel(&self) -> Result<()> {
         let n = self.tensor_parallel_size;
         if n == 0 {
             return Err(EngineError::validation("tensor_parallel_size must be at least 1"));

@@ -94,6 +94,9 @@ pub fn load_causal_lm(args: &EngineArgs) -> Result<(Box<dyn CausalLM>, ModelConf
 type Parts = (Box<dyn CausalLM>, ModelConfig, Option<Tokenizer>);
 
 fn load_parts(args: &EngineArgs, with_tokenizer: bool) -> Result<Parts> {
+    // Also when called without Engine::new's full validation (a model split over GPUs
+    // must never quietly load whole on the CPU).
+    args.validate_tensor_parallel()?;
     let explicit_tokenizer = || args.tokenizer.as_deref().map(Tokenizer::from_file).transpose();
     if args.load_format == LoadFormat::Dummy {
         return load_dummy(args, with_tokenizer);
