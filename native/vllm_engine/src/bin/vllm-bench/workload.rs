@@ -38,6 +38,8 @@ pub struct EngineOptions {
     pub runs: usize,
     /// Engine replicas (see data_parallel.rs).
     pub data_parallel: usize,
+    /// GPUs each replica is split over (tensor_parallel_size).
+    pub tensor_parallel: usize,
     /// `--enforce-eager true`: no CUDA graphs (to compare with the captured decode).
     pub enforce_eager: bool,
 }
@@ -59,6 +61,7 @@ impl Default for EngineOptions {
             json: None,
             runs: 1,
             data_parallel: 1,
+            tensor_parallel: 1,
             enforce_eager: false,
         }
     }
@@ -87,6 +90,7 @@ impl EngineOptions {
                 | "--json"
                 | "--runs"
                 | "--data-parallel"
+                | "--tensor-parallel"
                 | "--enforce-eager"
         )
     }
@@ -117,6 +121,7 @@ impl EngineOptions {
             "--json" => self.json = Some(value.into()),
             "--runs" => self.runs = int()?.max(1),
             "--data-parallel" => self.data_parallel = int()?.max(1),
+            "--tensor-parallel" => self.tensor_parallel = int()?,
             "--enforce-eager" => {
                 self.enforce_eager = match value {
                     "true" | "1" => true,
@@ -157,6 +162,7 @@ impl EngineOptions {
         }
         args.seed = self.seed;
         args.enforce_eager = self.enforce_eager;
+        args.tensor_parallel_size = self.tensor_parallel;
         Ok(())
     }
 }
@@ -394,6 +400,7 @@ pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &Engine
             "tpot_s": tpots,
             "ttft_s": ttfts,
             "data_parallel": engines.len(),
+            "tensor_parallel": args.tensor_parallel_size,
         });
         std::fs::write(path, json.to_string()).map_err(|e| format!("cannot write {path}: {e}"))?;
     }
