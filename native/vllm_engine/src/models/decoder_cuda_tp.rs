@@ -43,6 +43,28 @@ fn bind(device: &Device) -> Result<()> {
         .map_err(|e| EngineError::internal(format!("cannot bind the CUDA context: {e}")))
 }
 
+/// A rank's weights: those made on another GPU (dummy weights on the first) come through
+/// host memory, which waits for them to be written there; a device-to-device copy on
+/// this rank's stream would not.
+struct ViaHost<'a> {
+    inner: &'a mut dyn WeightSource,
+    device: &'a Device,
+}
+
+impl WeightSource for ViaHost<'_> {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.inner.tensor(name, shape)?;
+        if t.device().is_cuda() && !t.device().same_device(self.device) {
+            return Ok(t.to_device(&Device::Cpu)?);
+        }
+        Ok(t)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+}
+
 impl TpDecoderLM {
     /// Splits the model over `size` GPUs from `first` (already open: the device the
     /// weights source may live on) and joins them in one NCCL group.
@@ -71,7 +93,8 @@ impl TpDecoderLM {
         let rank_config = spec.rank_config(&config);
         let mut ranks = load_sharded(weights, &spec, |rank, view| {
             bind(&devices[rank])?;
-            CudaDecoderLM::load(rank_config.clone(), view, &devices[rank], dtype)
+            let mut view = ViaHost { inner: view, device: &devices[rank] };
+            CudaDecoderLM::load(rank_config.clone(), &mut view, &devices[rank], dtype)
         })?;
         bind(first)?;
         for (comm, rank) in nccl::init_group(&devices)?.into_iter().zip(ranks.iter_mut()) {
@@ -111,7 +134,7 @@ impl TpDecoderLM {
                     })
                 })
                 .collect();
-            let first = step(&self.ranks[0], kv);
+            let first = bind(&self.devices[0]).and_then(|_| step(&self.ranks[0], kv));
             for (i, h) in handles.into_iter().enumerate() {
                 match h.join() {
                     Ok(Ok(())) => {}
