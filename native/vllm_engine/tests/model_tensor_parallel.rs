@@ -99,10 +99,10 @@ fn tiny_mistral_tp2_greedy_equals_one_gpu() {
     tiny_matches_reference("tiny_mistral");
 }
 
-/// A Qwen3-shaped config (smaller: 2 layers, vocabulary 4096) with `kv_heads` KV heads,
-/// written where the dummy loader reads it.
-fn qwen_shape(kv_heads: usize) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("vllm-tp-qwen-{}-{kv_heads}", std::process::id()));
+/// A Qwen3-shaped config (smaller: 2 layers, vocabulary 4096) with `heads` query and
+/// `kv_heads` KV heads of 128, written where the dummy loader reads it.
+fn qwen_shape(heads: usize, kv_heads: usize) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vllm-tp-qwen-{}-{heads}-{kv_heads}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let config = serde_json::json!({
         "architectures": ["Qwen3ForCausalLM"],
@@ -111,7 +111,7 @@ fn qwen_shape(kv_heads: usize) -> std::path::PathBuf {
         "hidden_size": 1024,
         "intermediate_size": 3072,
         "num_hidden_layers": 2,
-        "num_attention_heads": 16,
+        "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": 128,
         "rms_norm_eps": 1e-6,
@@ -124,8 +124,8 @@ fn qwen_shape(kv_heads: usize) -> std::path::PathBuf {
     path
 }
 
-fn dummy(kv_heads: usize, tp: usize, dtype: DType) -> EngineArgs {
-    let mut a = args(qwen_shape(kv_heads), tp, dtype);
+fn dummy(heads: usize, kv_heads: usize, tp: usize, dtype: DType) -> EngineArgs {
+    let mut a = args(qwen_shape(heads, kv_heads), tp, dtype);
     a.load_format = LoadFormat::Dummy;
     a.seed = 7;
     a
@@ -133,15 +133,16 @@ fn dummy(kv_heads: usize, tp: usize, dtype: DType) -> EngineArgs {
 
 const PROMPT: [u32; 11] = [3, 141, 59, 2653, 589, 793, 238, 462, 643, 383, 279];
 
-/// 8 KV heads split 4 + 4, and 1 KV head replicated on both GPUs.
+/// 16 heads and 8 KV heads split 8/4 + 8/4 (Qwen3-0.6B's grouping), and 8 heads over 1
+/// KV head: 4 heads on each GPU, the KV head replicated on both.
 #[test]
 fn dummy_qwen_shape_tp2_greedy_equals_one_gpu_in_f32() {
     if !two_gpus("dummy_qwen_shape_tp2_greedy_equals_one_gpu_in_f32") {
         return;
     }
-    for kv_heads in [8, 1] {
-        let one = run(&dummy(kv_heads, 1, DType::F32), &PROMPT, 12);
-        let two = run(&dummy(kv_heads, 2, DType::F32), &PROMPT, 12);
+    for (heads, kv_heads) in [(16, 8), (8, 1)] {
+        let one = run(&dummy(heads, kv_heads, 1, DType::F32), &PROMPT, 12);
+        let two = run(&dummy(heads, kv_heads, 2, DType::F32), &PROMPT, 12);
         assert_eq!(two.ids, one.ids, "{kv_heads} KV heads: greedy ids");
         let d = max_diff(&one.logits, &two.logits);
         let scale = max_abs(&one.logits);
@@ -156,8 +157,8 @@ fn dummy_qwen_shape_tp2_logits_close_in_bf16() {
     if !two_gpus("dummy_qwen_shape_tp2_logits_close_in_bf16") {
         return;
     }
-    let one = run(&dummy(8, 1, DType::BF16), &PROMPT, 1);
-    let two = run(&dummy(8, 2, DType::BF16), &PROMPT, 1);
+    let one = run(&dummy(16, 8, 1, DType::BF16), &PROMPT, 1);
+    let two = run(&dummy(16, 8, 2, DType::BF16), &PROMPT, 1);
     let d = max_diff(&one.logits, &two.logits);
     let scale = max_abs(&one.logits);
     assert!(scale > 0.0, "the logits are not all zero");
@@ -171,7 +172,7 @@ fn more_gpus_than_present_is_a_validation_error() {
         eprintln!("SKIPPED more_gpus_than_present_is_a_validation_error: needs a cuda build and a GPU");
         return;
     }
-    let a = dummy(8, 2 * n.max(1).next_power_of_two(), DType::F32);
+    let a = dummy(16, 8, 2 * n.max(1).next_power_of_two(), DType::F32);
     let err = load_causal_lm(&a).err().expect("more ranks than GPUs must fail");
     assert_eq!(err.category, ErrorCategory::Validation, "{}", err.message);
     assert!(err.message.contains("GPUs present"), "{}", err.message);
@@ -181,7 +182,7 @@ fn more_gpus_than_present_is_a_validation_error() {
 /// build) or any size above 1 on a CPU-only build or device.
 #[test]
 fn bad_tensor_parallel_sizes_are_clear_errors() {
-    let heads_3 = dummy(8, 3, DType::F32);
+    let heads_3 = dummy(16, 8, 3, DType::F32);
     let err = load_causal_lm(&heads_3).err().expect("3 does not divide 16 heads");
     if cfg!(feature = "cuda") {
         assert_eq!(err.category, ErrorCategory::Validation, "{}", err.message);
@@ -190,7 +191,7 @@ fn bad_tensor_parallel_sizes_are_clear_errors() {
         assert_eq!(err.category, ErrorCategory::Unsupported, "{}", err.message);
         assert!(err.message.contains("CPU-only"), "{}", err.message);
     }
-    let mut on_cpu = dummy(8, 2, DType::F32);
+    let mut on_cpu = dummy(16, 8, 2, DType::F32);
     on_cpu.device = Device::Cpu;
     let err = load_causal_lm(&on_cpu).err().expect("TP on the CPU");
     assert_eq!(err.category, ErrorCategory::Unsupported, "{}", err.message);
