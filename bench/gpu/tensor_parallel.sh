@@ -4,7 +4,7 @@
 #   1. where libnccl comes from; the tensor-parallel device tests (model_tensor_parallel);
 #   2. W2 (Llama-3.1-8B shape, dummy bf16): TP=1 (graphs), TP=2 (eager), TP=2 with the
 #      all-reduce skipped (VLLM_TP_SKIP_ALLREDUCE=1: its share of the step, as a bound),
-#      TP=1 eager (TP=2's fair baseline). Logs and JSON under $OUT, summary last.
+#      with EAGER=1 also TP=1 eager (TP=2's fair baseline). Logs and JSON under $OUT.
 #   GPU_DIR=$PWD/.gpu-h12 RUNS=1 bash .gpu-h12/bench/gpu/tensor_parallel.sh
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -34,5 +34,5 @@ echo "== W2"
 w2 tp1
 w2 tp2 --tensor-parallel 2
 VLLM_TP_SKIP_ALLREDUCE=1 w2 tp2-no-allreduce --tensor-parallel 2
-w2 tp1-eager --enforce-eager true
+[ "${EAGER:-0}" = 1 ] && w2 tp1-eager --enforce-eager true
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
