@@ -500,7 +500,8 @@ impl CausalLM for CudaDecoderLM {
             .get_mut()
             .map_err(|_| EngineError::internal("the CUDA graph state was poisoned by a panic"))?;
         *slot = None;
-        if limits.enforce_eager {
+        // A tensor-parallel rank's graphs would hold no all-reduce: it stays eager.
+        if limits.enforce_eager || self.all_reduce.is_some() {
             return Ok(());
         }
         let cache = self.device_cache(kv)?;
