@@ -31,7 +31,12 @@ export CUDA_ROOT=$CUDA_HOME CUDA_PATH=$CUDA_HOME
 ln -sf ../libnvrtc.so.13 "$CUDA_HOME/lib/stubs/libnvrtc.so"
 ln -sf ../libcurand.so.10 "$CUDA_HOME/lib/stubs/libcurand.so"
 ln -sf ../libcudart.so.13 "$CUDA_HOME/lib/stubs/libcudart.so"
+# NCCL (tensor parallel) is only linked against here: a symbol-less stand-in named like the
+# real one; the GPU machine's nvidia-nccl wheel resolves it at load time (setup.sh).
+[ -f "$CUDA_HOME/lib/stubs/libnccl.so" ] ||
+  echo "" | gcc -shared -x c - -o "$CUDA_HOME/lib/stubs/libnccl.so" -Wl,-soname,libnccl.so.2
 echo "==> cargo build --features cuda (engine binaries, model_device test, NIF)"
 cargo build --release --features cuda -p vllm_engine --bins
 cargo test --release --features cuda -p vllm_engine --test model_device --no-run
+cargo test --release --features cuda -p vllm_engine --test model_tensor_parallel --no-run
 cargo build --release --features cuda -p vllm_nif

@@ -120,6 +120,14 @@ defmodule Vllm.DataParallelTest do
     assert Server.core_native(%{model: "m.gguf"}, 3) == %{model: "m.gguf"}
   end
 
+  test "with tensor_parallel_size N core i gets the N GPUs from i * N" do
+    alias Vllm.AsyncLLMEngine.Server
+    assert Server.core_native(%{device: "cuda", tensor_parallel_size: 2}, 0).device == "cuda:0"
+    assert Server.core_native(%{device: "cuda", tensor_parallel_size: 2}, 1).device == "cuda:2"
+    assert Server.core_native(%{device: "cuda:1", tensor_parallel_size: 4}, 2).device == "cuda:9"
+    assert Server.core_native(%{device: "cpu", tensor_parallel_size: 2}, 1).device == "cpu"
+  end
+
   test "a core added while the engine sleeps sleeps too; wake_up wakes every core", %{
     engine: engine
   } do

@@ -60,7 +60,8 @@ defmodule Vllm.LifecycleTest do
 
   test "every engine option is accepted or refused with a reason" do
     refused = [
-      {[tensor_parallel_size: 2], :unsupported, "tensor parallel"},
+      {[tensor_parallel_size: 2], :unsupported, "needs a CUDA device"},
+      {[tensor_parallel_size: 0], :validation, "tensor_parallel_size"},
       {[device: "cuda"], :unsupported, "CPU"},
       {[runner: "pooling"], :unsupported, "GGUF"},
       {[dtype: "bfloat16"], :unsupported, "float32"},

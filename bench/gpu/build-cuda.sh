@@ -12,6 +12,10 @@ export CUDA_ROOT=$CUDA_HOME CUDA_PATH=$CUDA_HOME
 ln -sf ../libnvrtc.so.13 "$CUDA_HOME/lib/stubs/libnvrtc.so"
 ln -sf ../libcurand.so.10 "$CUDA_HOME/lib/stubs/libcurand.so"
 ln -sf ../libcudart.so.13 "$CUDA_HOME/lib/stubs/libcudart.so"
+# NCCL (tensor parallel) is only linked against here: a symbol-less stand-in named like the
+# real one; the GPU machine's nvidia-nccl wheel resolves it at load time (setup.sh).
+[ -f "$CUDA_HOME/lib/stubs/libnccl.so" ] ||
+  echo "" | gcc -shared -x c - -o "$CUDA_HOME/lib/stubs/libnccl.so" -Wl,-soname,libnccl.so.2
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target-cuda}
 cargo build --release --features cuda -p vllm_engine --bin vllm-bench --bin vllm-logits
 mkdir -p .gpu/bin
@@ -22,5 +26,8 @@ done
 test_bin=$(cargo test --release --features cuda -p vllm_engine --test model_device --no-run 2>&1 \
   | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 strip -o .gpu/bin/model_device "$test_bin"
+test_bin=$(cargo test --release --features cuda -p vllm_engine --test model_tensor_parallel --no-run 2>&1 \
+  | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
+strip -o .gpu/bin/model_tensor_parallel "$test_bin"
 ex="$(git rev-parse --git-common-dir)/info/exclude"; grep -qx '/.gpu/' "$ex" 2>/dev/null || echo '/.gpu/' >> "$ex"
 ls -la .gpu/bin

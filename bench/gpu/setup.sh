@@ -9,7 +9,8 @@ for f in "$bin"/*.gz; do [ -e "$f" ] && gunzip -f "$f"; done
 chmod +x "$bin"/* 2>/dev/null
 libdirs=$(python3 - <<'PY'
 import glob, os, site
-want = ["libcublas.so.13", "libcublasLt.so.13", "libnvrtc.so.13", "libcurand.so.10", "libcudart.so.13"]
+# libnccl.so.2: tensor parallel (the nvidia-nccl-cu13 wheel).
+want = ["libcublas.so.13", "libcublasLt.so.13", "libnvrtc.so.13", "libcurand.so.10", "libcudart.so.13", "libnccl.so.2"]
 roots = site.getsitepackages() + ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/lib/x86_64-linux-gnu"]
 dirs = []
 for w in want:
@@ -24,3 +25,5 @@ print(":".join(dirs))
 PY
 )
 export LD_LIBRARY_PATH=$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# NVLink multicast must stay off on these machines (the engine sets it too).
+export NCCL_NVLS_ENABLE=0

@@ -86,8 +86,12 @@ defmodule Vllm.AsyncLLMEngine do
   (adapters resident at once), `max_lora_rank` and `max_cpu_loras` (adapters kept in host
   memory), `max_waiting_requests` (requests allowed to wait beyond `max_num_seqs`;
   more are `:resource_exhausted`; default no limit), `name` (process name),
-  `__runtime__: [timeout: ms]` (load timeout). Refused with `:unsupported` and the reason:
-  `tensor_parallel_size` > 1, a CUDA `device` in a CPU-only build,
+  `__runtime__: [timeout: ms]` (load timeout), `tensor_parallel_size` (GPUs one model
+  is split over, from the `device` named: its heads and MLP columns, an NCCL all-reduce
+  after o_proj and down_proj; with `data_parallel_size`, core i takes the next N GPUs;
+  a size that does not divide the heads or more GPUs than present is `:validation`).
+  Refused with `:unsupported` and the reason: `tensor_parallel_size` > 1 without a CUDA
+  `device`, a CUDA `device` in a CPU-only build,
   a `dtype` other than float32 on the CPU, a `revision`, a `quantization` other
   than `"gguf"`.
 

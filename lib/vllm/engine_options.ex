@@ -52,6 +52,7 @@ defmodule Vllm.EngineOptions do
     :device,
     :load_format,
     :enforce_eager,
+    :tensor_parallel_size,
     :gpu_memory_utilization,
     :seed,
     :max_model_len,
@@ -202,9 +203,9 @@ defmodule Vllm.EngineOptions do
           "dtype #{inspect(opts[:dtype])}: the CPU backend computes in float32; use \"auto\" or \"float32\""
         )
 
-      (opts[:tensor_parallel_size] || 1) > 1 ->
+      (opts[:tensor_parallel_size] || 1) > 1 and not cuda?(opts[:device]) ->
         unsupported(
-          "tensor_parallel_size #{opts[:tensor_parallel_size]}: tensor parallelism (a model split over several GPUs) is not supported; use data_parallel_size for replicas"
+          "tensor_parallel_size #{opts[:tensor_parallel_size]}: tensor parallelism splits a model over GPUs; it needs a CUDA device (device: \"cuda\")"
         )
 
       opts[:revision] not in [nil, "main"] ->

@@ -85,8 +85,8 @@ fn main() {
     }
 }
 
-/// The libraries cudarc (through candle) calls into.
-const CUDA_LIBS: [&str; 5] = ["cuda", "cublas", "cublasLt", "curand", "nvrtc"];
+/// The libraries cudarc (through candle, and NCCL for tensor parallel) calls into.
+const CUDA_LIBS: [&str; 6] = ["cuda", "cublas", "cublasLt", "curand", "nvrtc", "nccl"];
 
 fn run(cmd: &mut Command) {
     let status = cmd

@@ -6,7 +6,8 @@ fn main() {
         return;
     }
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-    for lib in ["cuda", "cublas", "cublasLt", "curand", "nvrtc"] {
+    // nccl: tensor parallel (libnccl.so.2 from the nvidia-nccl wheels on the GPU machine).
+    for lib in ["cuda", "cublas", "cublasLt", "curand", "nvrtc", "nccl"] {
         println!("cargo:rustc-link-arg=-l{lib}");
     }
 }

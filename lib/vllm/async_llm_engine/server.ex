@@ -80,13 +80,16 @@ defmodule Vllm.AsyncLLMEngine.Server do
   end
 
   @doc """
-  The native options of engine core `rank`: on GPUs one device each, counting from the
-  one named (`"cuda"` = `"cuda:0"` gives core i `"cuda:i"`); CPU cores share the CPU.
+  The native options of engine core `rank`: on GPUs `tensor_parallel_size` devices each
+  (default 1), counting from the one named (`"cuda"` = `"cuda:0"` gives core i
+  `"cuda:i"`, or `"cuda:(i * tp)"` onwards with tensor parallel); CPU cores share the CPU.
   """
   def core_native(%{device: device} = native, rank) when is_binary(device) do
+    stride = Map.get(native, :tensor_parallel_size) || 1
+
     case Regex.run(~r/^(?:gpu|cuda(?::(\d+))?)$/, device) do
-      [_] -> %{native | device: "cuda:#{rank}"}
-      [_, first] -> %{native | device: "cuda:#{String.to_integer(first) + rank}"}
+      [_] -> %{native | device: "cuda:#{rank * stride}"}
+      [_, first] -> %{native | device: "cuda:#{String.to_integer(first) + rank * stride}"}
       nil -> native
     end
   end

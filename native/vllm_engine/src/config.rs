@@ -59,9 +59,15 @@ impl Device {
     /// one GPU per replica, counting from the one named (`cuda` = `cuda:0` gives
     /// `cuda:rank`); CPU replicas all run on the CPU.
     pub fn for_data_parallel_rank(self, rank: usize) -> Device {
+        self.for_data_parallel_rank_of(rank, 1)
+    }
+
+    /// The first device of data-parallel replica `rank` when each replica is split over
+    /// `tensor_parallel_size` GPUs: replica i takes `[i * tp, (i + 1) * tp)` from the first.
+    pub fn for_data_parallel_rank_of(self, rank: usize, tensor_parallel_size: usize) -> Device {
         match self {
             Device::Cpu => Device::Cpu,
-            Device::Cuda(first) => Device::Cuda(first + rank),
+            Device::Cuda(first) => Device::Cuda(first + rank * tensor_parallel_size.max(1)),
         }
     }
 }
@@ -143,6 +149,9 @@ pub struct EngineArgs {
     pub device: Device,
     /// true: no CUDA graphs, every decode step launched op by op.
     pub enforce_eager: bool,
+    /// GPUs one model is split over (vLLM's tensor_parallel_size): `device` and the next
+    /// ones, `cuda:first .. cuda:first + N`.
+    pub tensor_parallel_size: usize,
     pub load_format: LoadFormat,
     /// Serve LoRA adapters (vLLM's enable_lora).
     pub enable_lora: bool,
@@ -179,6 +188,7 @@ impl EngineArgs {
             quantization: None,
             device: Device::Cpu,
             enforce_eager: false,
+            tensor_parallel_size: 1,
             load_format: LoadFormat::Auto,
             enable_lora: false,
             max_loras: 1,
@@ -244,6 +254,31 @@ impl EngineArgs {
         }
         if self.max_num_batched_tokens == Some(0) {
             return Err(EngineError::validation("max_num_batched_tokens must be at least 1"));
+        }
+        self.validate_tensor_parallel()
+    }
+
+    /// tensor_parallel_size: at least 1; above 1 only on CUDA (the heads' divisibility
+    /// and the GPUs present are checked at load, against the model and the machine).
+    pub fn validate_tensor_parallel(&self) -> Result<()> {
+        let n = self.tensor_parallel_size;
+        if n == 0 {
+            return Err(EngineError::validation("tensor_parallel_size must be at least 1"));
+        }
+        if n > 1 && !cfg!(feature = "cuda") {
+            return Err(EngineError::unsupported(format!(
+                "tensor_parallel_size {n}: tensor parallelism needs a CUDA build and GPUs; this build is CPU-only"
+            )));
+        }
+        if n > 1 && !self.device.is_cuda() {
+            return Err(EngineError::unsupported(format!(
+                "tensor_parallel_size {n}: tensor parallelism splits a model over GPUs; device is cpu"
+            )));
+        }
+        if n > 1 && self.enable_lora {
+            return Err(EngineError::unsupported(format!(
+                "tensor_parallel_size {n} with LoRA adapters is not supported yet"
+            )));
         }
         Ok(())
     }
@@ -556,7 +591,8 @@ fn gguf_f64(md: &std::collections::HashMap<String, gguf_file::Value>, key: &str)
 
 #[cfg(test)]
 mod tests {
-    use super::Device;
+    use super::{Device, EngineArgs};
+    use crate::error::ErrorCategory;
 
     #[test]
     fn data_parallel_replicas_take_one_gpu_each_from_the_named_one() {
@@ -565,5 +601,34 @@ mod tests {
         assert_eq!(Device::Cuda(2).for_data_parallel_rank(0), Device::Cuda(2));
         assert_eq!(Device::Cuda(2).for_data_parallel_rank(3), Device::Cuda(5));
         assert_eq!(Device::Cpu.for_data_parallel_rank(4), Device::Cpu);
+    }
+
+    #[test]
+    fn data_parallel_replicas_of_tensor_parallel_size_take_consecutive_gpu_ranges() {
+        assert_eq!(Device::Cuda(0).for_data_parallel_rank_of(0, 2), Device::Cuda(0));
+        assert_eq!(Device::Cuda(0).for_data_parallel_rank_of(1, 2), Device::Cuda(2));
+        assert_eq!(Device::Cuda(1).for_data_parallel_rank_of(2, 4), Device::Cuda(9));
+        assert_eq!(Device::Cpu.for_data_parallel_rank_of(1, 2), Device::Cpu);
+    }
+
+    #[test]
+    fn tensor_parallel_size_is_checked_before_loading() {
+        let mut args = EngineArgs::new("model.gguf");
+        args.tensor_parallel_size = 0;
+        let err = args.validate().expect_err("0 ranks");
+        assert_eq!(err.category, ErrorCategory::Validation);
+        assert!(err.message.contains("tensor_parallel_size"), "{}", err.message);
+        // Above 1 on the CPU: refused whatever the build (no GPUs to split over).
+        args.tensor_parallel_size = 2;
+        let err = args.validate().expect_err("TP on the CPU");
+        assert_eq!(err.category, ErrorCategory::Unsupported);
+        assert!(err.message.contains("tensor_parallel_size 2"), "{}", err.message);
+        args.device = Device::Cuda(0);
+        if cfg!(feature = "cuda") {
+            assert!(args.validate().is_ok(), "TP on CUDA is accepted before loading");
+        } else {
+            let err = args.validate().expect_err("TP in a CPU-only build");
+            assert_eq!(err.category, ErrorCategory::Unsupported);
+        }
     }
 }

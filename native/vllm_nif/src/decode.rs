@@ -147,6 +147,9 @@ pub fn engine_args(opts: Term) -> Result<EngineArgs> {
     if let Some(n) = count_field(opts, WHAT, "max_num_seqs")? {
         args.max_num_seqs = n;
     }
+    if let Some(n) = count_field(opts, WHAT, "tensor_parallel_size")? {
+        args.tensor_parallel_size = n;
+    }
     args.max_num_batched_tokens = count_field(opts, WHAT, "max_num_batched_tokens")?;
     if let Some(n) = count_field(opts, WHAT, "block_size")? {
         args.block_size = n;

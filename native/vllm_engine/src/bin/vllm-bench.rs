@@ -13,7 +13,8 @@
 //! decoding, without a model.
 //! --workload: a standard workload of ../shared/BENCHMARKS.md (random token ids, seeded),
 //! see vllm-bench/workload.rs; with --data-parallel N, over N engine replicas (one GPU
-//! each), see vllm-bench/data_parallel.rs.
+//! each), see vllm-bench/data_parallel.rs; with --tensor-parallel N, each engine split over
+//! N GPUs (replica i on cuda:i*N ..).
 
 #[path = "vllm-bench/data_parallel.rs"]
 mod data_parallel;

@@ -2,6 +2,7 @@
 //! Face directories (config.json + safetensors + tokenizer.json).
 
 mod dummy;
+pub mod fan_out;
 mod gguf;
 mod gguf_header;
 mod hf_dir;
@@ -93,6 +94,9 @@ pub fn load_causal_lm(args: &EngineArgs) -> Result<(Box<dyn CausalLM>, ModelConf
 type Parts = (Box<dyn CausalLM>, ModelConfig, Option<Tokenizer>);
 
 fn load_parts(args: &EngineArgs, with_tokenizer: bool) -> Result<Parts> {
+    // Also when called without Engine::new's full validation (a model split over GPUs
+    // must never quietly load whole on the CPU).
+    args.validate_tensor_parallel()?;
     let explicit_tokenizer = || args.tokenizer.as_deref().map(Tokenizer::from_file).transpose();
     if args.load_format == LoadFormat::Dummy {
         return load_dummy(args, with_tokenizer);
@@ -168,6 +172,16 @@ fn load_decoder(
                 _ => crate::backend::cpu::matmul::WeightFormat::F32,
             };
             Ok(Box::new(DecoderLM::load_as(config, weights, format)?))
+        }
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) if args.tensor_parallel_size > 1 => {
+            Ok(Box::new(crate::models::decoder_cuda_tp::TpDecoderLM::load(
+                config,
+                weights,
+                device,
+                args.tensor_parallel_size,
+                cuda_dtype(args.dtype),
+            )?))
         }
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(_) => Ok(Box::new(crate::models::decoder_cuda::CudaDecoderLM::load(

@@ -69,7 +69,13 @@ pub struct CudaDecoderLM {
     /// Resident LoRA adapters (created with the graphs when LoRA is enabled). Decode steps
     /// with LoRA rows replay graphs captured with the LoRA kernels (backend/cuda/lora.rs).
     lora: Option<DeviceLora>,
+    /// Tensor parallel (decoder_cuda_tp.rs): completes this rank's partial o_proj and
+    /// down_proj outputs in place (an NCCL all-reduce); None on one GPU.
+    all_reduce: Option<PartialSum>,
 }
+
+/// Sums a tensor over the tensor-parallel ranks, in place.
+pub type PartialSum = Box<dyn Fn(&Tensor) -> Result<()> + Send + Sync>;
 
 /// Checks that our kernels cover the model's attention geometry.
 fn check_geometry(c: &ModelConfig) -> Result<()> {
@@ -205,7 +211,19 @@ impl CudaDecoderLM {
             graphs: Mutex::new(None),
             op_timing: OpTiming::from_env(),
             lora: None,
+            all_reduce: None,
         })
+    }
+
+    /// Makes this model one rank of a tensor-parallel group (eager steps only: its decode
+    /// graphs hold no collectives, so the group never captures them).
+    pub fn set_all_reduce(&mut self, f: PartialSum) {
+        self.all_reduce = Some(f);
+    }
+
+    /// Completes a partial sum over the tensor-parallel ranks (nothing on one GPU).
+    fn reduce_partial(&self, t: &Tensor) -> Result<()> {
+        self.all_reduce.as_ref().map_or(Ok(()), |f| f(t))
     }
 
     fn shape(&self) -> ModelShape {
@@ -334,6 +352,7 @@ impl CudaDecoderLM {
             if let Some((l, rows)) = &lora {
                 l.apply(rows, li, &lora_parts.o, &attn, &o)?;
             }
+            self.reduce_partial(&o)?;
             clock.lap("o_gemm")?;
             let x = ops::add_rms_norm(k, &h, Some(&o), &layer.post_attention_norm, eps)?;
             clock.lap("norm")?;
@@ -348,6 +367,7 @@ impl CudaDecoderLM {
             if let Some((l, rows)) = &lora {
                 l.apply(rows, li, &lora_parts.down, &act, &down)?;
             }
+            self.reduce_partial(&down)?;
             delta = Some(down);
             clock.lap("down_gemm")?;
         }
@@ -528,7 +548,8 @@ impl CausalLM for CudaDecoderLM {
             }
             self.lora = Some(lora);
         }
-        if limits.enforce_eager {
+        // A tensor-parallel rank's graphs would hold no all-reduce: it stays eager.
+        if limits.enforce_eager || self.all_reduce.is_some() {
             return Ok(());
         }
         let cache = self.device_cache(kv)?;

@@ -138,6 +138,9 @@ pub mod decoder;
 pub mod decoder_cuda;
 pub mod encoder;
 pub mod layers;
+pub mod tensor_parallel;
+#[cfg(feature = "cuda")]
+pub mod decoder_cuda_tp;
 pub mod opt;
 
 pub use bert::BertModel;

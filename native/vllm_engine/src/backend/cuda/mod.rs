@@ -6,6 +6,7 @@ pub mod blas;
 pub mod graphs;
 pub mod kv_cache;
 pub mod lora;
+pub mod nccl;
 pub mod op_timing;
 pub mod ops;
 

@@ -10,7 +10,7 @@ pub fn start_engines(args: &EngineArgs, n: usize) -> Result<Vec<Engine>, String>
         let loading: Vec<_> = (0..n.max(1))
             .map(|rank| {
                 let mut replica = args.clone();
-                replica.device = args.device.for_data_parallel_rank(rank);
+                replica.device = args.device.for_data_parallel_rank_of(rank, args.tensor_parallel_size);
                 scope.spawn(move || {
                     Engine::new(replica.clone())
                         .map_err(|e| format!("cannot start replica {rank} on {:?}: {e}", replica.device))

@@ -39,6 +39,8 @@ pub struct EngineOptions {
     pub runs: usize,
     /// Engine replicas (see data_parallel.rs).
     pub data_parallel: usize,
+    /// GPUs each replica is split over (tensor_parallel_size).
+    pub tensor_parallel: usize,
     /// `--enforce-eager true`: no CUDA graphs (to compare with the captured decode).
     pub enforce_eager: bool,
     /// `--lora-adapters N`: also run every workload with each request on one of N random
@@ -64,6 +66,7 @@ impl Default for EngineOptions {
             json: None,
             runs: 1,
             data_parallel: 1,
+            tensor_parallel: 1,
             enforce_eager: false,
             lora_adapters: 0,
             lora_rank: 16,
@@ -94,6 +97,7 @@ impl EngineOptions {
                 | "--json"
                 | "--runs"
                 | "--data-parallel"
+                | "--tensor-parallel"
                 | "--enforce-eager"
                 | "--lora-adapters"
                 | "--lora-rank"
@@ -128,6 +132,7 @@ impl EngineOptions {
             "--data-parallel" => self.data_parallel = int()?.max(1),
             "--lora-adapters" => self.lora_adapters = int()?,
             "--lora-rank" => self.lora_rank = int()?.max(1),
+            "--tensor-parallel" => self.tensor_parallel = int()?,
             "--enforce-eager" => {
                 self.enforce_eager = match value {
                     "true" | "1" => true,
@@ -173,6 +178,7 @@ impl EngineOptions {
             args.max_loras = self.lora_adapters;
             args.max_lora_rank = self.lora_rank;
         }
+        args.tensor_parallel_size = self.tensor_parallel;
         Ok(())
     }
 }
@@ -484,6 +490,7 @@ pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &Engine
             "lora_adapters": adapters.len(),
             "lora_throughputs": lora_tputs,
             "lora_ratio": lora_ratio,
+            "tensor_parallel": args.tensor_parallel_size,
         });
         std::fs::write(path, json.to_string()).map_err(|e| format!("cannot write {path}: {e}"))?;
     }
