@@ -64,6 +64,8 @@ pub struct CudaDecoderLM {
     graphs: Mutex<Option<DecodeGraphs>>,
     /// VLLM_OP_TIMING: per-op device time of eager steps.
     op_timing: Option<OpTiming>,
+    /// Penalties, top-k/top-p/min-p and draws on the device (kernels/sampling.cu).
+    sampler: crate::backend::cuda::sampling::DeviceSampler,
 }
 
 /// Checks that our kernels cover the model's attention geometry.
@@ -199,6 +201,7 @@ impl CudaDecoderLM {
             weight_bytes,
             graphs: Mutex::new(None),
             op_timing: OpTiming::from_env(),
+            sampler: crate::backend::cuda::sampling::DeviceSampler::load(device)?,
         })
     }
 
@@ -469,6 +472,29 @@ impl CausalLM for CudaDecoderLM {
             Some(logits) => ops::argmax_rows(&self.kernels, &logits).map(Some),
             None => Ok(Some((Vec::new(), Vec::new()))),
         }
+    }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    /// Non-greedy (or penalised) steps: the logits stay on the device, where the sampler
+    /// picks each row's token; only the picks come back.
+    fn forward_sample(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut PagedKvCache,
+        rows: &[crate::device_sampling::DeviceSampleRow],
+    ) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
+        if batch.token_ids.is_empty() {
+            return Ok(Some((Vec::new(), Vec::new())));
+        }
+        let logits = self.forward(batch, kv)?;
+        if logits.device().is_cpu() {
+            // forward's empty result: no row wanted logits.
+            return Ok(Some((Vec::new(), Vec::new())));
+        }
+        self.sampler.sample(&logits, rows).map(Some)
     }
 
     /// Captures the decode graphs for these limits (nothing with enforce_eager). A failed

@@ -7,6 +7,7 @@ pub mod graphs;
 pub mod kv_cache;
 pub mod op_timing;
 pub mod ops;
+pub mod sampling;
 
 use std::collections::HashMap;
 use std::sync::Arc;
