@@ -20,7 +20,7 @@ OUT = 523
 rng = random.Random(0)
 prompts = [[rng.randrange(1, 100000) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
 model = None
-for attn in ("sdpa_paged", "paged_attention", None):
+for attn in ("paged|sdpa", "paged|eager"):  # transformers 5.17 names
     try:
         kw = {"attn_implementation": attn} if attn else {}
         model = transformers.Qwen3ForCausalLM._from_config(cfg, dtype=torch.bfloat16, **kw).cuda().eval()
