@@ -19,6 +19,6 @@ gzip -c "$shared/fixtures/smollm2_tokenizer.json" > "$dest/tokenizer.json.gz"
 gzip -c "$shared/fixtures/smollm2_tokenizer.json" > "$dest/smollm2_tokenizer.json.gz"
 cp "$shared/fixtures/smollm2_reference.json" "$dest/smollm2_reference.json"
 rm -rf "$dest/bench/gpu" && cp -r bench/gpu "$dest/bench/gpu"
-git rev-parse --short HEAD > "$dest/COMMIT"
-git diff --quiet HEAD || echo "+dirty" >> "$dest/COMMIT"
+# One line: the commit, "+dirty" when the worktree differs from it.
+echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo +dirty)" > "$dest/COMMIT"
 du -sh "$dest"
