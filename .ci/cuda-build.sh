@@ -31,7 +31,7 @@ export CUDA_ROOT=$CUDA_HOME CUDA_PATH=$CUDA_HOME
 ln -sf ../libnvrtc.so.13 "$CUDA_HOME/lib/stubs/libnvrtc.so"
 ln -sf ../libcurand.so.10 "$CUDA_HOME/lib/stubs/libcurand.so"
 ln -sf ../libcudart.so.13 "$CUDA_HOME/lib/stubs/libcudart.so"
-echo "==> cargo build --features cuda (engine binaries, model_device test, NIF)"
+echo "==> cargo build --features cuda (engine binaries, device test binaries, NIF)"
 cargo build --release --features cuda -p vllm_engine --bins
-cargo test --release --features cuda -p vllm_engine --test model_device --no-run
+cargo test --release --features cuda -p vllm_engine --test model_device --test device_checks --no-run
 cargo build --release --features cuda -p vllm_nif
