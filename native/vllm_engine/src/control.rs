@@ -156,9 +156,10 @@ impl EngineCore {
             }
             drop(self.runner.replace_model(model));
             self.control.weights_dropped = false;
+            self.runner.reattach_kv_cache()?;
         }
         if kv_cache && self.control.kv_released {
-            self.runner.restore_kv_cache();
+            self.runner.restore_kv_cache()?;
             self.control.kv_released = false;
         }
         if !self.control.is_asleep() {

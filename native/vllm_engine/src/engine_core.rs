@@ -338,8 +338,8 @@ impl EngineCore {
         }
         self.send_prompt_logprobs(&logits.prompt_rows);
         let samples: Vec<(SeqId, Sample)> = match &logits.greedy {
-            // The argmax was taken on the device: the runner does so only when every row
-            // is plain greedy, where the sampler would pick exactly the argmax.
+            // Picked on the device: the argmax when every row is plain greedy, or the
+            // device sampler when every row qualifies for it (device_sampling.rs).
             Some(g) => logits
                 .seq_ids
                 .iter()

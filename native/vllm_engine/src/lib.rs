@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod config;
 pub mod control;
+pub mod device_sampling;
 pub mod engine;
 pub mod engine_core;
 pub mod error;

@@ -23,6 +23,13 @@ pub struct ModelRunner {
     timing: Option<StepTiming>,
     /// Resident LoRA slots when LoRA is enabled.
     lora: Option<LoraSlots>,
+    /// Draws of unseeded requests sampled on the device.
+    device_draws: rand_chacha::ChaCha8Rng,
+    /// What the decode graphs were captured for: they are captured again against a
+    /// reallocated KV cache or a reloaded model (wake-up).
+    capture_limits: Option<DecodeCaptureLimits>,
+    /// False between `release_kv_cache` and `restore_kv_cache`.
+    kv_live: bool,
 }
 
 #[derive(Default)]
@@ -63,8 +70,9 @@ pub struct StepLogits {
     /// `first..first + rows.len()` (each predicts the prompt token after it).
     pub prompt_rows: Vec<PromptRows>,
     /// On a GPU, when every sampling sequence decodes greedily with nothing that changes
-    /// its logits: each row's argmax and largest logit, computed on the device, so the
-    /// rows never cross to the host.
+    /// its logits (each row's argmax and largest logit), or when every row qualifies for
+    /// the device sampler (each row's pick and its raw logit): computed on the device, so
+    /// the rows never cross to the host.
     pub greedy: Option<GreedyRows>,
 }
 
@@ -89,6 +97,9 @@ impl ModelRunner {
             kv,
             timing,
             lora: None,
+            device_draws: unseeded_draws(),
+            capture_limits: None,
+            kv_live: true,
         })
     }
 
@@ -100,27 +111,59 @@ impl ModelRunner {
 
     /// Lets the model capture its decode steps against this runner's KV cache (CUDA graphs).
     pub fn prepare_decode_graphs(&mut self, limits: &DecodeCaptureLimits) -> Result<()> {
+        self.capture_limits = Some(*limits);
         self.model.prepare_decode_graphs(limits, &self.kv)
     }
 
-    /// Frees the KV cache memory (sleep). The block geometry stays for `restore_kv_cache`.
+    /// Frees the KV cache memory (sleep), host or device, after dropping the decode graphs
+    /// that point into it. The block geometry stays for `restore_kv_cache`.
     pub fn release_kv_cache(&mut self) {
-        for layer in &mut self.kv.layers {
-            layer.k = Vec::new();
-            layer.v = Vec::new();
+        if let Some(limits) = self.capture_limits {
+            // Capturing nothing (enforce_eager) drops the model's graphs; it cannot fail.
+            let eager = DecodeCaptureLimits {
+                enforce_eager: true,
+                ..limits
+            };
+            let _ = self.model.prepare_decode_graphs(&eager, &self.kv);
+        }
+        self.kv = self.empty_kv();
+        self.kv_live = false;
+    }
+
+    /// Reallocates a released KV cache (zeroed) with the geometry it had, where the model
+    /// keeps it (its device), and captures the decode graphs against it again.
+    pub fn restore_kv_cache(&mut self) -> Result<()> {
+        self.kv = self.model.new_kv_cache(self.kv.num_blocks, self.kv.block_size)?;
+        self.kv_live = true;
+        self.capture_graphs()
+    }
+
+    /// After `replace_model` put reloaded weights in (wake-up): a live KV cache made while
+    /// the weights were dropped lives on the host; a GPU model gets its own again (the
+    /// content is void: sleeping released every request). Then the graphs are captured
+    /// for the new model.
+    pub fn reattach_kv_cache(&mut self) -> Result<()> {
+        if !self.kv_live {
+            return Ok(());
+        }
+        let kv_on_host = !self.kv.layers.is_empty();
+        if self.model.samples_on_device() && kv_on_host {
+            self.kv = self.empty_kv();
+            self.kv = self.model.new_kv_cache(self.kv.num_blocks, self.kv.block_size)?;
+        }
+        self.capture_graphs()
+    }
+
+    fn capture_graphs(&mut self) -> Result<()> {
+        match self.capture_limits {
+            Some(limits) => self.model.prepare_decode_graphs(&limits, &self.kv),
+            None => Ok(()),
         }
     }
 
-    /// Reallocates a released KV cache (zeroed) with the geometry it had.
-    pub fn restore_kv_cache(&mut self) {
-        let c = self.model.config();
-        self.kv = PagedKvCache::new(
-            c.num_hidden_layers,
-            self.kv.num_blocks,
-            self.kv.block_size,
-            c.num_key_value_heads,
-            c.head_dim,
-        );
+    /// A cache of the same geometry holding no memory.
+    fn empty_kv(&self) -> PagedKvCache {
+        PagedKvCache::new(0, self.kv.num_blocks, self.kv.block_size, self.kv.num_kv_heads, self.kv.head_dim)
     }
 
     /// The model's resident weight bytes (0 when the model does not know).
@@ -218,8 +261,15 @@ impl ModelRunner {
         }
         let started = std::time::Instant::now();
         let expected: usize = batch.seqs.iter().map(|s| s.num_logit_rows()).sum();
-        let greedy = if device_greedy_enabled() && expected == seq_ids.len() && all_plain_greedy(&seq_ids, scheduler) {
+        let on_device = device_greedy_enabled() && expected == seq_ids.len();
+        let greedy = if on_device && all_plain_greedy(&seq_ids, scheduler) {
             self.model.forward_greedy(&batch, &mut self.kv)?
+        } else if on_device && self.model.samples_on_device() {
+            // Every row penalised or drawn on the device, or none (see device_sampling).
+            match device_rows(&seq_ids, scheduler, &mut self.device_draws) {
+                Some(rows) => self.model.forward_sample(&batch, &mut self.kv, &rows)?,
+                None => None,
+            }
         } else {
             None
         };
@@ -330,7 +380,31 @@ fn fetch(
     })
 }
 
-/// `VLLM_HOST_SAMPLING=1` turns the device argmax off (to compare the two paths).
+/// The device sampler's rows for this step, or None when a row needs the host sampler.
+fn device_rows(
+    seq_ids: &[SeqId],
+    scheduler: &Scheduler,
+    unseeded: &mut rand_chacha::ChaCha8Rng,
+) -> Option<Vec<crate::device_sampling::DeviceSampleRow>> {
+    let seqs: Option<Vec<_>> = seq_ids.iter().map(|&id| scheduler.seq(id)).collect();
+    let seqs = seqs?;
+    if !seqs.iter().all(|s| crate::device_sampling::qualifies(s)) {
+        return None;
+    }
+    Some(seqs.iter().map(|s| crate::device_sampling::row_for(s, unseeded)).collect())
+}
+
+/// The generator of unseeded device draws: seeded from the clock (unseeded requests are
+/// not reproducible, as on the host where they share the engine's generator).
+fn unseeded_draws() -> rand_chacha::ChaCha8Rng {
+    use rand_chacha::rand_core::SeedableRng;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    rand_chacha::ChaCha8Rng::seed_from_u64(nanos)
+}
+
+/// `VLLM_HOST_SAMPLING=1` turns the device argmax and sampler off (to compare the paths).
 fn device_greedy_enabled() -> bool {
     std::env::var_os("VLLM_HOST_SAMPLING").is_none_or(|v| v != "1")
 }

@@ -72,6 +72,8 @@ pub struct CudaDecoderLM {
     /// Tensor parallel (decoder_cuda_tp.rs): completes this rank's partial o_proj and
     /// down_proj outputs in place (an NCCL all-reduce); None on one GPU.
     all_reduce: Option<PartialSum>,
+    /// Penalties, top-k/top-p/min-p and draws on the device (kernels/sampling.cu).
+    sampler: crate::backend::cuda::sampling::DeviceSampler,
 }
 
 /// Sums a tensor over the tensor-parallel ranks, in place.
@@ -212,6 +214,7 @@ impl CudaDecoderLM {
             op_timing: OpTiming::from_env(),
             lora: None,
             all_reduce: None,
+            sampler: crate::backend::cuda::sampling::DeviceSampler::load(device)?,
         })
     }
 
@@ -524,6 +527,29 @@ impl CausalLM for CudaDecoderLM {
             Some(logits) => ops::argmax_rows(&self.kernels, &logits).map(Some),
             None => Ok(Some((Vec::new(), Vec::new()))),
         }
+    }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    /// Non-greedy (or penalised) steps: the logits stay on the device, where the sampler
+    /// picks each row's token; only the picks come back.
+    fn forward_sample(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut PagedKvCache,
+        rows: &[crate::device_sampling::DeviceSampleRow],
+    ) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
+        if batch.token_ids.is_empty() {
+            return Ok(Some((Vec::new(), Vec::new())));
+        }
+        let logits = self.forward(batch, kv)?;
+        if logits.device().is_cpu() {
+            // forward's empty result: no row wanted logits.
+            return Ok(Some((Vec::new(), Vec::new())));
+        }
+        self.sampler.sample(&logits, rows).map(Some)
     }
 
     /// Captures the decode graphs for these limits (nothing with enforce_eager). A failed

@@ -125,6 +125,21 @@ pub trait CausalLM: Send {
     fn forward_greedy(&self, _batch: &ForwardBatch, _kv: &mut PagedKvCache) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
         Ok(None)
     }
+    /// Whether `forward_sample` samples on this model's device (a GPU model).
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+    /// For steps where every logit row qualifies for device sampling (crate::device_sampling):
+    /// (picked id, its raw logit) per row of `forward`'s result, sampled where the logits
+    /// are. None: this model has no such path; the caller runs `forward`.
+    fn forward_sample(
+        &self,
+        _batch: &ForwardBatch,
+        _kv: &mut PagedKvCache,
+        _rows: &[crate::device_sampling::DeviceSampleRow],
+    ) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
+        Ok(None)
+    }
     /// Called once the KV cache exists: a GPU model captures its decode steps here.
     fn prepare_decode_graphs(&mut self, _limits: &DecodeCaptureLimits, _kv: &PagedKvCache) -> Result<()> {
         Ok(())

@@ -92,6 +92,14 @@ struct Buffers {
     argmax: Tensor,
 }
 
+/// Steps replayed through any decode graph in this process (tests check that a path
+/// really ran captured, e.g. after a wake-up re-captured the graphs).
+static REPLAYS_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn replays_total() -> u64 {
+    REPLAYS_TOTAL.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Captured decode graphs, one per padded batch size.
 pub struct DecodeGraphs {
     stream: Arc<CudaStream>,
@@ -501,6 +509,7 @@ impl DecodeGraphs {
         };
         graph.launch().map_err(|e| cuda_err("launch", e))?;
         self.replays += 1;
+        REPLAYS_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Some(b))
     }
 

@@ -9,6 +9,7 @@ pub mod lora;
 pub mod nccl;
 pub mod op_timing;
 pub mod ops;
+pub mod sampling;
 
 use std::collections::HashMap;
 use std::sync::Arc;
