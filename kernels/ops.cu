@@ -328,7 +328,7 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
                                    const T* v_cache, const uint32_t* positions, const uint32_t* token_seq,
                                    const uint32_t* block_tables, int max_blocks, int block_size, int num_heads,
                                    int num_kv_heads, int head_dim, float scale, int window, int partition,
-                                   int num_splits) {
+                                   int num_splits, unsigned int* done_counts) {
     constexpr int VEC = 16 / sizeof(T);
     extern __shared__ float smem[];
     const int t = blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z;
@@ -495,6 +495,40 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
         const long long head = (long long)t * num_heads + (long long)kv_head * group + threadIdx.x;
         part_ml[(head * num_splits + split) * 2] = run_max[threadIdx.x];
         part_ml[(head * num_splits + split) * 2 + 1] = run_sum[threadIdx.x];
+    }
+    if (num_splits > 1 && done_counts) {
+        // The last split of this (token, KV head) to finish combines all of them (no
+        // attention_reduce launch): the classic fence + counter, reset for the next use.
+        __shared__ int last;
+        __threadfence();
+        __syncthreads();
+        const int active = min(num_splits, (pos + 1 - first + partition - 1) / partition);
+        if (threadIdx.x == 0) {
+            unsigned int* count = done_counts + (long long)t * num_kv_heads + kv_head;
+            last = atomicAdd(count, 1u) == (unsigned int)(active - 1);
+            if (last) *count = 0u;
+        }
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        for (int o = threadIdx.x; o < group_width; o += blockDim.x) {
+            const int g = o / head_dim, dim = o % head_dim;
+            const long long head = (long long)t * num_heads + (long long)kv_head * group + g;
+            const float* ml = part_ml + head * num_splits * 2;
+            float m = -INFINITY;
+            for (int s = 0; s < active; s++)
+                if (__ldcg(ml + 2 * s + 1) > 0.f) m = fmaxf(m, __ldcg(ml + 2 * s));
+            float l = 0.f, a = 0.f;
+            for (int s = 0; s < active; s++) {
+                const float ls = __ldcg(ml + 2 * s + 1);
+                if (ls > 0.f) {
+                    const float f = expf(__ldcg(ml + 2 * s) - m);
+                    l += ls * f;
+                    a += __ldcg(part_acc + (head * num_splits + s) * head_dim + dim) * f;
+                }
+            }
+            out[head * head_dim + dim] = from_f<T>(l > 0.f ? a / l : 0.f);
+        }
     }
 }
 
@@ -841,11 +875,11 @@ extern "C" __global__ void argmax_split_reduce(uint32_t* out, const uint32_t* pa
         T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache, const T* v_cache,                       \
         const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,            \
         int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,         \
-        int num_splits) {                                                                                               \
+        int num_splits, unsigned int* done_counts) {                                                                    \
         paged_attention_v2<T, ATT_MAX_GROUP>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq,         \
                               block_tables,                                                                             \
                               max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale, window, partition,     \
-                              num_splits);                                                                              \
+                              num_splits, done_counts);                                                                 \
     }                                                                                                                   \
     extern "C" __global__ void attention_reduce_##SUFFIX(T* out, const float* part_acc, const float* part_ml,          \
                                                          const uint32_t* positions, int num_heads, int head_dim,        \
@@ -889,10 +923,10 @@ INSTANTIATE_GEMVS(f16, __half)
         T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache, const T* v_cache,                       \
         const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,            \
         int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,         \
-        int num_splits) {                                                                                               \
+        int num_splits, unsigned int* done_counts) {                                                                    \
         paged_attention_v2<T, G>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq, block_tables,      \
                                  max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale, window, partition,  \
-                                 num_splits);                                                                           \
+                                 num_splits, done_counts);                                                              \
     }
 #define INSTANTIATE_V2_GROUPS(SUFFIX, T)                                                                                \
     INSTANTIATE_V2_GROUP(SUFFIX, T, 1)                                                                                  \

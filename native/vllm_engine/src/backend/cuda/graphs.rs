@@ -87,6 +87,8 @@ struct Buffers {
     logits: Tensor,
     part_acc: Tensor,
     part_ml: Tensor,
+    /// u32 [max_batch * num_kv_heads]: attention's split counters (zero between steps).
+    done_counts: Tensor,
     /// u32 [2 * max_batch]: argmax ids then max values' bits.
     argmax: Tensor,
     /// u32 [max_batch, ARGMAX_SPLITS, 2]: the split argmax's partials.
@@ -142,7 +144,8 @@ pub fn buffer_bytes(m: &ModelShape, limits: &GraphLimits) -> usize {
     let b = limits.max_num_seqs;
     let elems = b * (4 * m.hidden + m.qkv_width + 2 * m.q_width + 3 * m.intermediate + m.vocab);
     let (acc, ml) = partials_for(&capture_sizes(b.max(1)), &m.dims, limits.max_model_len);
-    let meta = b * (3 + limits.max_model_len.div_ceil(limits.block_size) + 2 + 2 * ops::ARGMAX_SPLITS);
+    let meta =
+        b * (3 + limits.max_model_len.div_ceil(limits.block_size) + 2 + 2 * ops::ARGMAX_SPLITS + m.dims.num_kv_heads);
     elems * m.dtype.size_in_bytes() + 4 * (acc + ml + meta) + (32 << 20)
 }
 
@@ -203,6 +206,7 @@ impl DecodeGraphs {
             logits: zeros(max_batch * model.vocab, dt)?,
             part_acc: zeros(acc_len, DType::F32)?,
             part_ml: zeros(ml_len, DType::F32)?,
+            done_counts: zeros(max_batch * model.dims.num_kv_heads, DType::U32)?,
             argmax: zeros(2 * max_batch, DType::U32)?,
             argmax_part: zeros(2 * max_batch * ops::ARGMAX_SPLITS, DType::U32)?,
         };
@@ -275,10 +279,10 @@ impl DecodeGraphs {
         let (qkv, q, attn, o) = (p(&buf.qkv)?, p(&buf.q)?, p(&buf.attn)?, p(&buf.o)?);
         let (gate_up, act) = (p(&buf.gate_up)?, p(&buf.act)?);
         let (splits, partition) = ops::graph_splits(b, &m.dims, max_model_len);
-        let (part_acc, part_ml) = if splits > 1 {
-            (p(&buf.part_acc)?, p(&buf.part_ml)?)
+        let (part_acc, part_ml, done_counts) = if splits > 1 {
+            (p(&buf.part_acc)?, p(&buf.part_ml)?, p(&buf.done_counts)?)
         } else {
-            (0, 0)
+            (0, 0, 0)
         };
 
         ops::launch_embedding(k, dt, h, m.embed, meta_base, b, hidden)?;
@@ -328,6 +332,7 @@ impl DecodeGraphs {
                 out: attn,
                 part_acc,
                 part_ml,
+                done_counts,
                 q,
                 k_cache: layer.k_cache,
                 v_cache: layer.v_cache,

@@ -386,10 +386,17 @@ pub fn paged_attention(
         Some((acc, ml)) => (device_ptr(acc)?, device_ptr(ml)?),
         None => (0, 0),
     };
+    // The splits' counters for the in-kernel reduce, zeroed here (the kernel leaves them so).
+    let counts = if splits > 1 {
+        Some(Tensor::zeros(n * dims.num_kv_heads, DType::U32, device)?)
+    } else {
+        None
+    };
     let p = AttentionPtrs {
         out: device_ptr(&out)?,
         part_acc,
         part_ml,
+        done_counts: optional_ptr(counts.as_ref())?,
         q: device_ptr(q)?,
         k_cache: device_ptr(k_cache)?,
         v_cache: device_ptr(v_cache)?,
@@ -403,6 +410,10 @@ pub struct AttentionPtrs {
     pub out: u64,
     pub part_acc: u64,
     pub part_ml: u64,
+    /// u32 [tokens * num_kv_heads], zero between launches (the kernel resets what it
+    /// uses): with it, the last split of each head combines the splits itself (v2 only);
+    /// 0: a separate attention_reduce launch.
+    pub done_counts: u64,
     pub q: u64,
     pub k_cache: u64,
     pub v_cache: u64,
@@ -480,13 +491,18 @@ pub fn launch_paged_attention(
     for i in &tail {
         b.arg(i);
     }
+    let reduce_inside = use_v2 && p.done_counts != 0;
+    let no_counts = 0u64;
+    if use_v2 {
+        b.arg(if reduce_inside { &p.done_counts } else { &no_counts });
+    }
     let cfg = LaunchConfig {
         grid_dim: (n as u32, dims.num_kv_heads as u32, splits as u32),
         block_dim: (ATT_THREADS, 1, 1),
         shared_mem_bytes: shared as u32,
     };
     unsafe { b.launch(cfg) }.map_err(|e| launch_err("paged_attention", e))?;
-    if splits > 1 {
+    if splits > 1 && !reduce_inside {
         let f = k.function("attention_reduce", dtype)?;
         let ptrs = [p.out, p.part_acc, p.part_ml, meta.positions];
         let ints = [
