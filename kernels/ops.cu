@@ -171,6 +171,8 @@ __device__ void qkv_prepare(const T* qkv, const T* bias, const T* q_norm, const 
 #define ATT_MAX_GROUP 8
 // Key / value rows paged_attention_v2 requests per thread before using the first.
 #define ATT_PREFETCH 8
+// Splits the in-kernel reduce of paged_attention_v2 combines at most.
+#define ATT_MAX_REDUCE_SPLITS 16
 
 // One block per (query token, KV head, split): the G = num_heads / num_kv_heads query heads
 // that share the KV head attend over positions [start, end) of the token's causal context
@@ -511,20 +513,31 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
         __syncthreads();
         if (!last) return;
         __threadfence();
+        // Every split's statistics and partial sum requested at once (unrolled over at
+        // most ATT_MAX_REDUCE_SPLITS, which the launcher guarantees), not one after another.
         for (int o = threadIdx.x; o < group_width; o += blockDim.x) {
             const int g = o / head_dim, dim = o % head_dim;
             const long long head = (long long)t * num_heads + (long long)kv_head * group + g;
             const float* ml = part_ml + head * num_splits * 2;
+            float ms[ATT_MAX_REDUCE_SPLITS], ls[ATT_MAX_REDUCE_SPLITS], as[ATT_MAX_REDUCE_SPLITS];
+#pragma unroll
+            for (int s = 0; s < ATT_MAX_REDUCE_SPLITS; s++) {
+                const bool live = s < active;
+                ms[s] = live ? __ldcg(ml + 2 * s) : -INFINITY;
+                ls[s] = live ? __ldcg(ml + 2 * s + 1) : 0.f;
+                as[s] = live ? __ldcg(part_acc + (head * num_splits + s) * head_dim + dim) : 0.f;
+            }
             float m = -INFINITY;
-            for (int s = 0; s < active; s++)
-                if (__ldcg(ml + 2 * s + 1) > 0.f) m = fmaxf(m, __ldcg(ml + 2 * s));
+#pragma unroll
+            for (int s = 0; s < ATT_MAX_REDUCE_SPLITS; s++)
+                if (ls[s] > 0.f) m = fmaxf(m, ms[s]);
             float l = 0.f, a = 0.f;
-            for (int s = 0; s < active; s++) {
-                const float ls = __ldcg(ml + 2 * s + 1);
-                if (ls > 0.f) {
-                    const float f = expf(__ldcg(ml + 2 * s) - m);
-                    l += ls * f;
-                    a += __ldcg(part_acc + (head * num_splits + s) * head_dim + dim) * f;
+#pragma unroll
+            for (int s = 0; s < ATT_MAX_REDUCE_SPLITS; s++) {
+                if (ls[s] > 0.f) {
+                    const float f = expf(ms[s] - m);
+                    l += ls[s] * f;
+                    a += as[s] * f;
                 }
             }
             out[head * head_dim + dim] = from_f<T>(l > 0.f ? a / l : 0.f);

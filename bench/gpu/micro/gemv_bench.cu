@@ -60,7 +60,7 @@ static void gemv(bf* y, const bf* x, const bf* w, const bf* norm_w, int n, int o
     int passes = (chunks + GEMV_PASS_CHUNKS - 1) / GEMV_PASS_CHUNKS;
     int halves = mode == GEMV_SILU ? 2 : 1;
     int rpb = std::max(1, GEMV_WARPS / (halves * passes));
-    if ((out + rpb - 1) / rpb > 4096) rpb *= 4;
+    while ((out + rpb - 1) / rpb > 396 && 2 * rpb * halves * passes <= 64) rpb *= 2;
     int nr = pick_nr(n);
     int items = rpb * halves * passes;
     size_t smem = (size_t)n * inner * 2 + (size_t)items * nr * 4;

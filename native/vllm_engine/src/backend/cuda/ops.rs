@@ -19,6 +19,9 @@ pub const ATT_MAX_HEAD_DIM: usize = 256;
 pub const ATT_MAX_GROUP: usize = 8;
 /// Queries per KV head the attention kernel holds (ATT_MAX_OUT * ATT_THREADS / head_dim).
 pub const ATT_MAX_GROUP_WIDTH: usize = ATT_MAX_OUT * ATT_THREADS as usize;
+/// Splits the kernel combines itself at most (ATT_MAX_REDUCE_SPLITS in ops.cu); more go
+/// through attention_reduce.
+const ATT_MAX_REDUCE_SPLITS: usize = 16;
 /// Aim for at least this many attention blocks (two waves on a 132-SM H100/H200) before
 /// splitting contexts.
 const ATT_TARGET_BLOCKS: usize = 264;
@@ -491,7 +494,7 @@ pub fn launch_paged_attention(
     for i in &tail {
         b.arg(i);
     }
-    let reduce_inside = use_v2 && p.done_counts != 0;
+    let reduce_inside = use_v2 && p.done_counts != 0 && splits <= ATT_MAX_REDUCE_SPLITS;
     let no_counts = 0u64;
     if use_v2 {
         b.arg(if reduce_inside { &p.done_counts } else { &no_counts });
@@ -537,9 +540,12 @@ const GEMV_WARPS: usize = GEMV_THREADS as usize / 32;
 const GEMV_PASS_CHUNKS: usize = 128;
 /// Dynamic shared memory a GEMV launch may use without opting in.
 const GEMV_MAX_SHARED: usize = 48 * 1024;
-/// Above this many blocks, a GEMV block takes four times the rows (fewer, longer-lived
-/// blocks for the lm_head).
-const GEMV_MANY_BLOCKS: usize = 4096;
+/// A GEMV launch of more blocks than this doubles its rows per block (while a block's
+/// items stay within GEMV_MAX_ITEMS): about three blocks per SM of an H100/H200, all
+/// resident at once, so each block's prologue is paid once and its warps stream several
+/// items with the next one's loads in flight.
+const GEMV_MAX_BLOCKS: usize = 396;
+const GEMV_MAX_ITEMS: usize = 64;
 
 /// What `gemv_fused` does with a product before storing it (GEMV_* in ops.cu).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -564,8 +570,8 @@ fn gemv_geometry(
     let passes = chunks.div_ceil(GEMV_PASS_CHUNKS).max(1);
     let halves = if epilogue == GemvEpilogue::SiluMul { 2 } else { 1 };
     let mut rows_per_block = (GEMV_WARPS / (halves * passes)).max(1);
-    if out.div_ceil(rows_per_block) > GEMV_MANY_BLOCKS {
-        rows_per_block *= 4;
+    while out.div_ceil(rows_per_block) > GEMV_MAX_BLOCKS && 2 * rows_per_block * halves * passes <= GEMV_MAX_ITEMS {
+        rows_per_block *= 2;
     }
     let nr = gemv_instance(n);
     let items = rows_per_block * halves * passes;
@@ -787,10 +793,13 @@ mod tests {
                 assert!(shared >= n * inner * 2, "{out} {inner}");
             }
         }
-        // The down projection of W3 splits its rows into five passes, one row per block;
-        // the lm_head takes 32 rows per block.
-        assert_eq!(gemv_geometry(DType::BF16, 1, 896, 4864, GemvEpilogue::AddTo).0, 1);
-        assert_eq!(gemv_geometry(DType::BF16, 1, 151_936, 896, GemvEpilogue::Store).0, 32);
+        // W3: qkv keeps 8 rows per block (144 blocks); gate_up (4,864 SiLU rows) grows to
+        // 16 rows, 304 blocks; down (five passes per row) to 4 rows, 224 blocks; the
+        // lm_head stops at 64 items per block.
+        assert_eq!(gemv_geometry(DType::BF16, 1, 1152, 896, GemvEpilogue::Store).0, 8);
+        assert_eq!(gemv_geometry(DType::BF16, 1, 4864, 896, GemvEpilogue::SiluMul).0, 16);
+        assert_eq!(gemv_geometry(DType::BF16, 1, 896, 4864, GemvEpilogue::AddTo).0, 4);
+        assert_eq!(gemv_geometry(DType::BF16, 1, 151_936, 896, GemvEpilogue::Store).0, 64);
         assert_eq!(gemv_instance(3), 4);
         assert_eq!(gemv_instance(8), 8);
     }
