@@ -169,6 +169,10 @@ __device__ void qkv_prepare(const T* qkv, const T* bias, const T* q_norm, const 
 #define ATT_MAX_HEAD_DIM 256
 // Query heads per KV head.
 #define ATT_MAX_GROUP 8
+// Key / value rows paged_attention_v2 requests per thread before using the first.
+#define ATT_PREFETCH 8
+// Splits the in-kernel reduce of paged_attention_v2 combines at most.
+#define ATT_MAX_REDUCE_SPLITS 16
 
 // One block per (query token, KV head, split): the G = num_heads / num_kv_heads query heads
 // that share the KV head attend over positions [start, end) of the token's causal context
@@ -326,7 +330,7 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
                                    const T* v_cache, const uint32_t* positions, const uint32_t* token_seq,
                                    const uint32_t* block_tables, int max_blocks, int block_size, int num_heads,
                                    int num_kv_heads, int head_dim, float scale, int window, int partition,
-                                   int num_splits) {
+                                   int num_splits, unsigned int* done_counts) {
     constexpr int VEC = 16 / sizeof(T);
     extern __shared__ float smem[];
     const int t = blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z;
@@ -371,31 +375,41 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
             slots[p] = cache_slot(block_tables, seq, max_blocks, block_size, tile + p);
         __syncthreads();
         // Scores: every warp runs the same number of passes (shuffles need whole warps).
-        for (int p0 = 0; p0 < n; p0 += rows_per_pass) {
-            const int p = p0 + row;
-            const bool valid = p < n;
-            uint4 raw = make_uint4(0, 0, 0, 0);
-            if (valid) raw = *reinterpret_cast<const uint4*>(k_cache + slots[p] * kv_stride + head_off);
-            const T* kv = reinterpret_cast<const T*>(&raw);
-            float d[MAXG];
+        // ATT_PREFETCH passes' key loads are issued before the first is used, so a
+        // thread keeps that many 16-byte loads in flight instead of one.
+        for (int p0 = 0; p0 < n; p0 += ATT_PREFETCH * rows_per_pass) {
+            uint4 kraw[ATT_PREFETCH];
 #pragma unroll
-            for (int g = 0; g < MAXG; g++) {
-                d[g] = 0.f;
-                if (g < group) {
-#pragma unroll
-                    for (int e = 0; e < VEC; e++) d[g] += qs[g * head_dim + sub * VEC + e] * to_f(kv[e]);
-                }
+            for (int j = 0; j < ATT_PREFETCH; j++) {
+                const int p = p0 + j * rows_per_pass + row;
+                kraw[j] = p < n ? *reinterpret_cast<const uint4*>(k_cache + slots[p] * kv_stride + head_off)
+                                : make_uint4(0, 0, 0, 0);
             }
 #pragma unroll
-            for (int g = 0; g < MAXG; g++) {
-                if (g < group) {
-                    for (int o = chunks >> 1; o > 0; o >>= 1) d[g] += __shfl_xor_sync(0xffffffffu, d[g], o);
-                }
-            }
-            if (valid && sub == 0) {
+            for (int j = 0; j < ATT_PREFETCH; j++) {
+                if (p0 + j * rows_per_pass >= n) break;  // uniform over the block
+                const int p = p0 + j * rows_per_pass + row;
+                const T* kv = reinterpret_cast<const T*>(&kraw[j]);
+                float d[MAXG];
 #pragma unroll
-                for (int g = 0; g < MAXG; g++)
-                    if (g < group) scores[g * ATT_TILE + p] = d[g];
+                for (int g = 0; g < MAXG; g++) {
+                    d[g] = 0.f;
+                    if (g < group) {
+#pragma unroll
+                        for (int e = 0; e < VEC; e++) d[g] += qs[g * head_dim + sub * VEC + e] * to_f(kv[e]);
+                    }
+                }
+#pragma unroll
+                for (int g = 0; g < MAXG; g++) {
+                    if (g < group) {
+                        for (int o = chunks >> 1; o > 0; o >>= 1) d[g] += __shfl_xor_sync(0xffffffffu, d[g], o);
+                    }
+                }
+                if (p < n && sub == 0) {
+#pragma unroll
+                    for (int g = 0; g < MAXG; g++)
+                        if (g < group) scores[g * ATT_TILE + p] = d[g];
+                }
             }
         }
         __syncthreads();
@@ -428,18 +442,30 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
                 for (int e = 0; e < VEC; e++) acc[g][e] *= a;
             }
         }
-        for (int p = row; p < n; p += rows_per_pass) {
-            const uint4 raw = *reinterpret_cast<const uint4*>(v_cache + slots[p] * kv_stride + head_off);
-            const T* vv = reinterpret_cast<const T*>(&raw);
-            float vf[VEC];
+        for (int p0 = 0; p0 < n; p0 += ATT_PREFETCH * rows_per_pass) {
+            uint4 vraw[ATT_PREFETCH];
 #pragma unroll
-            for (int e = 0; e < VEC; e++) vf[e] = to_f(vv[e]);
+            for (int j = 0; j < ATT_PREFETCH; j++) {
+                const int p = p0 + j * rows_per_pass + row;
+                vraw[j] = p < n ? *reinterpret_cast<const uint4*>(v_cache + slots[p] * kv_stride + head_off)
+                                : make_uint4(0, 0, 0, 0);
+            }
 #pragma unroll
-            for (int g = 0; g < MAXG; g++) {
-                if (g < group) {
-                    const float w = scores[g * ATT_TILE + p];
+            for (int j = 0; j < ATT_PREFETCH; j++) {
+                const int p = p0 + j * rows_per_pass + row;
+                if (p < n) {
+                    const T* vv = reinterpret_cast<const T*>(&vraw[j]);
+                    float vf[VEC];
 #pragma unroll
-                    for (int e = 0; e < VEC; e++) acc[g][e] += w * vf[e];
+                    for (int e = 0; e < VEC; e++) vf[e] = to_f(vv[e]);
+#pragma unroll
+                    for (int g = 0; g < MAXG; g++) {
+                        if (g < group) {
+                            const float w = scores[g * ATT_TILE + p];
+#pragma unroll
+                            for (int e = 0; e < VEC; e++) acc[g][e] += w * vf[e];
+                        }
+                    }
                 }
             }
         }
@@ -471,6 +497,51 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
         const long long head = (long long)t * num_heads + (long long)kv_head * group + threadIdx.x;
         part_ml[(head * num_splits + split) * 2] = run_max[threadIdx.x];
         part_ml[(head * num_splits + split) * 2 + 1] = run_sum[threadIdx.x];
+    }
+    if (num_splits > 1 && done_counts) {
+        // The last split of this (token, KV head) to finish combines all of them (no
+        // attention_reduce launch): the classic fence + counter, reset for the next use.
+        __shared__ int last;
+        __threadfence();
+        __syncthreads();
+        const int active = min(num_splits, (pos + 1 - first + partition - 1) / partition);
+        if (threadIdx.x == 0) {
+            unsigned int* count = done_counts + (long long)t * num_kv_heads + kv_head;
+            last = atomicAdd(count, 1u) == (unsigned int)(active - 1);
+            if (last) *count = 0u;
+        }
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        // Every split's statistics and partial sum requested at once (unrolled over at
+        // most ATT_MAX_REDUCE_SPLITS, which the launcher guarantees), not one after another.
+        for (int o = threadIdx.x; o < group_width; o += blockDim.x) {
+            const int g = o / head_dim, dim = o % head_dim;
+            const long long head = (long long)t * num_heads + (long long)kv_head * group + g;
+            const float* ml = part_ml + head * num_splits * 2;
+            float ms[ATT_MAX_REDUCE_SPLITS], ls[ATT_MAX_REDUCE_SPLITS], as[ATT_MAX_REDUCE_SPLITS];
+#pragma unroll
+            for (int s = 0; s < ATT_MAX_REDUCE_SPLITS; s++) {
+                const bool live = s < active;
+                ms[s] = live ? __ldcg(ml + 2 * s) : -INFINITY;
+                ls[s] = live ? __ldcg(ml + 2 * s + 1) : 0.f;
+                as[s] = live ? __ldcg(part_acc + (head * num_splits + s) * head_dim + dim) : 0.f;
+            }
+            float m = -INFINITY;
+#pragma unroll
+            for (int s = 0; s < ATT_MAX_REDUCE_SPLITS; s++)
+                if (ls[s] > 0.f) m = fmaxf(m, ms[s]);
+            float l = 0.f, a = 0.f;
+#pragma unroll
+            for (int s = 0; s < ATT_MAX_REDUCE_SPLITS; s++) {
+                if (ls[s] > 0.f) {
+                    const float f = expf(ms[s] - m);
+                    l += ls[s] * f;
+                    a += as[s] * f;
+                }
+            }
+            out[head * head_dim + dim] = from_f<T>(l > 0.f ? a / l : 0.f);
+        }
     }
 }
 
@@ -551,62 +622,236 @@ __device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
     }
 }
 
-#define GEMV_MAX_ROWS 8
 #define GEMV_THREADS 256
+#define GEMV_WARPS (GEMV_THREADS / 32)
+// 16-byte weight loads each lane issues before its first use: one pass of a warp covers
+// 32 * GEMV_LOADS chunks of a weight row.
+#define GEMV_LOADS 4
+#define GEMV_PASS_CHUNKS (32 * GEMV_LOADS)
+// Epilogues of gemv_fused.
+#define GEMV_STORE 0
+#define GEMV_ADD 1
+#define GEMV_SILU 2
 
-// y[r, o] = sum_i x[r, i] * w[o, i] for the n <= GEMV_MAX_ROWS rows of a small batch (a
-// decode step), float32 accumulation. `warps_per_row` warps share an output row, each
-// reading a slice of w's row with 16-byte loads (coalesced over the warp) and summed
-// through shared memory, so short-and-wide and tall-and-narrow matrices both keep enough
-// loads in flight; the x rows come through L1. Needs inner % (16 / sizeof(T)) == 0,
-// 16-byte aligned rows, and warps_per_row dividing the block's warps.
+__device__ __forceinline__ uint4 load16_stream(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// A skinny product for decode steps: y = epilogue(x' · wᵀ) for n <= NR rows of x, where
+// x' = x, or RMSNorm(x) * norm_w when norm_w is given (the norm fused in: x is then the
+// residual stream, [n, inner] with inner the hidden size). Weights stream through with
+// 16-byte loads, GEMV_LOADS per lane in flight before the first use; x' sits in shared
+// memory (each block builds its own copy, the inputs are tiny). A block computes
+// `rows_per_block` outputs; a weight row is cut into `passes` of GEMV_PASS_CHUNKS chunks
+// and every (row, half, pass) item goes to one warp; the items' sums meet in shared
+// memory in a fixed order (deterministic). Epilogues (mode):
+//   GEMV_STORE: y[r, o] = sum;
+//   GEMV_ADD:   y[r, o] = round(y[r, o] + round(sum)) (the residual add, as torch rounds);
+//   GEMV_SILU:  w is the fused [2 * out, inner] gate/up matrix; y[r, o] = silu(gate) * up
+//               with HF's roundings.
+// Needs inner % (16 / sizeof(T)) == 0, 16-byte aligned w, x and norm_w, and dynamic shared
+// memory n * inner * sizeof(T) + items * NR * 4 bytes (the launcher checks).
+// Issues the GEMV_LOADS 16-byte weight loads of one (row, half, pass) item of gemv_fused.
 template <typename T>
-__device__ void gemv_rows(T* y, const T* x, const T* w, int n, int out, int inner, int warps_per_row) {
-    __shared__ float part[GEMV_THREADS / 32][GEMV_MAX_ROWS];
+__device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const T* w, int item, int passes, int halves,
+                                               int row0, int out, int inner, int lane) {
     constexpr int VEC = 16 / sizeof(T);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int rows_per_block = (blockDim.x >> 5) / warps_per_row;
-    const int local_row = warp / warps_per_row, slice = warp % warps_per_row;
-    const int o = blockIdx.x * rows_per_block + local_row;
-    const bool active = o < out;
     const int chunks = inner / VEC;
-    const int per = (chunks + warps_per_row - 1) / warps_per_row;
-    const int c0 = slice * per, c1 = min(chunks, c0 + per);
-    float acc[GEMV_MAX_ROWS];
+    const int pass = item % passes, rh = item / passes;
+    const int o = row0 + rh / halves, half = rh % halves;
+    const T* wr = w + ((long long)o + (long long)half * out) * inner;
+    const int c0 = pass * GEMV_PASS_CHUNKS + lane;
 #pragma unroll
-    for (int r = 0; r < GEMV_MAX_ROWS; r++) acc[r] = 0.f;
-    if (active) {
-        const T* wr = w + (long long)o * inner;
-#pragma unroll 4
-        for (int c = c0 + lane; c < c1; c += 32) {
-            const uint4 wraw = *reinterpret_cast<const uint4*>(wr + (long long)c * VEC);
-            const T* wv = reinterpret_cast<const T*>(&wraw);
-            float wf[VEC];
+    for (int j = 0; j < GEMV_LOADS; j++) {
+        const int c = c0 + 32 * j;
+        wraw[j] = (o < out && c < chunks) ? load16_stream(wr + (long long)c * VEC) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// A skinny product for decode steps: y = epilogue(x' · wᵀ) for n <= NR rows of x, where
+// x' = x, or RMSNorm(x) * norm_w when norm_w is given (the norm fused in: x is then the
+// residual stream, [n, inner] with inner the hidden size). Weights stream through with
+// 16-byte loads, GEMV_LOADS per lane in flight; a warp's first weights are requested before
+// the block builds x' in shared memory (so the prologue hides under their latency), and
+// each next item's while the current one is summed. A block computes `rows_per_block`
+// outputs; a weight row is cut into `passes` of GEMV_PASS_CHUNKS chunks and every
+// (row, half, pass) item goes to one warp; the items' sums meet in shared memory in a
+// fixed order (deterministic). Epilogues (mode):
+//   GEMV_STORE: y[r, o] = sum;
+//   GEMV_ADD:   y[r, o] = round(y[r, o] + round(sum)) (the residual add, as torch rounds);
+//   GEMV_SILU:  w is the fused [2 * out, inner] gate/up matrix; y[r, o] = silu(gate) * up
+//               with HF's roundings.
+// Needs inner % (16 / sizeof(T)) == 0, 16-byte aligned w, x and norm_w, and dynamic shared
+// memory n * inner * sizeof(T) + items * NR * 4 bytes (the launcher checks).
+template <typename T, int NR>
+__device__ void gemv_fused(T* y, const T* x, const T* w, const T* norm_w, int n, int out, int inner,
+                           int rows_per_block, int passes, int mode, float eps) {
+    extern __shared__ uint4 gemv_smem[];
+    constexpr int VEC = 16 / sizeof(T);
+    T* xs = reinterpret_cast<T*>(gemv_smem);
+    float* part = reinterpret_cast<float*>(xs + (long long)n * inner);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int chunks = inner / VEC;
+    const int halves = mode == GEMV_SILU ? 2 : 1;
+    const int items = rows_per_block * halves * passes;
+    const int row0 = blockIdx.x * rows_per_block;
+
+    uint4 cur[GEMV_LOADS];
+    if (warp < items) gemv_load_item<T>(cur, w, warp, passes, halves, row0, out, inner, lane);
+
+    if (norm_w) {
+        for (int r = warp; r < n; r += GEMV_WARPS) {
+            const T* hr = x + (long long)r * inner;
+            float ss = 0.f;
+            for (int c = lane; c < chunks; c += 32) {
+                const uint4 raw = *reinterpret_cast<const uint4*>(hr + c * VEC);
+                const T* hv = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-            for (int e = 0; e < VEC; e++) wf[e] = to_f(wv[e]);
+                for (int e = 0; e < VEC; e++) ss += to_f(hv[e]) * to_f(hv[e]);
+            }
+            const float inv = rsqrtf(warp_sum(ss) / inner + eps);
+            for (int c = lane; c < chunks; c += 32) {
+                const uint4 raw = *reinterpret_cast<const uint4*>(hr + c * VEC);
+                const uint4 wraw = *reinterpret_cast<const uint4*>(norm_w + c * VEC);
+                const T* hv = reinterpret_cast<const T*>(&raw);
+                const T* nw = reinterpret_cast<const T*>(&wraw);
+                uint4 o;
+                T* ov = reinterpret_cast<T*>(&o);
 #pragma unroll
-            for (int r = 0; r < GEMV_MAX_ROWS; r++) {
-                if (r < n) {
-                    const uint4 xraw = *reinterpret_cast<const uint4*>(x + (long long)r * inner + (long long)c * VEC);
-                    const T* xv = reinterpret_cast<const T*>(&xraw);
+                for (int e = 0; e < VEC; e++) ov[e] = from_f<T>(to_f(nw[e]) * round_t<T>(to_f(hv[e]) * inv));
+                *reinterpret_cast<uint4*>(xs + (long long)r * inner + c * VEC) = o;
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < n * chunks; i += blockDim.x)
+            reinterpret_cast<uint4*>(xs)[i] = reinterpret_cast<const uint4*>(x)[i];
+    }
+    __syncthreads();
+
+    for (int item = warp; item < items; item += GEMV_WARPS) {
+        uint4 next[GEMV_LOADS];
+        const bool more = item + GEMV_WARPS < items;
+        if (more) gemv_load_item<T>(next, w, item + GEMV_WARPS, passes, halves, row0, out, inner, lane);
+        const int c0 = (item % passes) * GEMV_PASS_CHUNKS + lane;
+        float acc[NR];
 #pragma unroll
-                    for (int e = 0; e < VEC; e++) acc[r] += wf[e] * to_f(xv[e]);
+        for (int r = 0; r < NR; r++) acc[r] = 0.f;
+#pragma unroll
+        for (int j = 0; j < GEMV_LOADS; j++) {
+            const int c = c0 + 32 * j;
+            if (c < chunks) {
+                const T* wv = reinterpret_cast<const T*>(&cur[j]);
+                float wf[VEC];
+#pragma unroll
+                for (int e = 0; e < VEC; e++) wf[e] = to_f(wv[e]);
+#pragma unroll
+                for (int r = 0; r < NR; r++) {
+                    if (r < n) {
+                        const uint4 xraw = *reinterpret_cast<const uint4*>(xs + (long long)r * inner + c * VEC);
+                        const T* xv = reinterpret_cast<const T*>(&xraw);
+#pragma unroll
+                        for (int e = 0; e < VEC; e++) acc[r] += wf[e] * to_f(xv[e]);
+                    }
                 }
             }
         }
-    }
 #pragma unroll
-    for (int r = 0; r < GEMV_MAX_ROWS; r++) {
-        if (r < n) {
-            const float v = warp_sum(acc[r]);
-            if (lane == 0) part[warp][r] = v;
+        for (int r = 0; r < NR; r++) {
+            if (r < n) {
+                const float v = warp_sum(acc[r]);
+                if (lane == 0) part[item * NR + r] = v;
+            }
+        }
+        if (more) {
+#pragma unroll
+            for (int j = 0; j < GEMV_LOADS; j++) cur[j] = next[j];
         }
     }
     __syncthreads();
-    if (active && slice == 0 && lane < n) {
-        float sum = 0.f;
-        for (int i = 0; i < warps_per_row; i++) sum += part[local_row * warps_per_row + i][lane];
-        y[(long long)lane * out + o] = from_f<T>(sum);
+    for (int i = threadIdx.x; i < rows_per_block * n; i += blockDim.x) {
+        const int local = i / n, r = i % n, o = row0 + local;
+        if (o >= out) continue;
+        float s[2] = {0.f, 0.f};
+        for (int half = 0; half < halves; half++)
+            for (int pass = 0; pass < passes; pass++) s[half] += part[((local * halves + half) * passes + pass) * NR + r];
+        T* dst = y + (long long)r * out + o;
+        if (mode == GEMV_STORE) {
+            *dst = from_f<T>(s[0]);
+        } else if (mode == GEMV_ADD) {
+            *dst = from_f<T>(to_f(*dst) + round_t<T>(s[0]));
+        } else {
+            const float g = round_t<T>(s[0]), u = round_t<T>(s[1]);
+            *dst = from_f<T>(round_t<T>(g / (1.f + expf(-g))) * u);
+        }
+    }
+}
+
+// Split argmax for decode (one block per row was one SM reading the whole vocabulary):
+// stage 1, grid (rows, ARGMAX_SPLITS): each block's largest value and lowest index over its
+// slice into part [rows, ARGMAX_SPLITS, 2] (u32: index, value bits); stage 2, one warp per
+// row, writes out like argmax_rows (ids, then the values' float32 bits).
+#define ARGMAX_SPLITS 64
+#define ARGMAX_SPLIT_THREADS 256
+
+__device__ __forceinline__ void argmax_merge(float& v, int& idx, float ov, int oi) {
+    if (ov > v || (ov == v && oi < idx)) {
+        v = ov;
+        idx = oi;
+    }
+}
+
+template <typename T>
+__device__ void argmax_split(uint32_t* part, const T* logits, int vocab) {
+    __shared__ float best_v[ARGMAX_SPLIT_THREADS / 32];
+    __shared__ int best_i[ARGMAX_SPLIT_THREADS / 32];
+    const T* row = logits + (long long)blockIdx.x * vocab;
+    const int per = (vocab + gridDim.y - 1) / gridDim.y;
+    const int begin = blockIdx.y * per, end = min(vocab, begin + per);
+    float v = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
+        const float x = to_f(row[i]);
+        if (x > v || (idx == 0x7fffffff && x == v)) {
+            v = x;
+            idx = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1)
+        argmax_merge(v, idx, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, idx, o));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        best_v[warp] = v;
+        best_i[warp] = idx;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? best_v[lane] : -INFINITY;
+        idx = lane < (int)(blockDim.x >> 5) ? best_i[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1)
+            argmax_merge(v, idx, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, idx, o));
+        if (lane == 0) {
+            uint32_t* p = part + ((long long)blockIdx.x * gridDim.y + blockIdx.y) * 2;
+            p[0] = (uint32_t)idx;
+            p[1] = __float_as_uint(v);
+        }
+    }
+}
+
+// Stage 2 of the split argmax: one 32-thread block per row over its `splits` partials.
+extern "C" __global__ void argmax_split_reduce(uint32_t* out, const uint32_t* part, int splits) {
+    const uint32_t* p = part + (long long)blockIdx.x * splits * 2;
+    float v = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int s = threadIdx.x; s < splits; s += 32) argmax_merge(v, idx, __uint_as_float(p[2 * s + 1]), (int)p[2 * s]);
+    for (int o = 16; o > 0; o >>= 1)
+        argmax_merge(v, idx, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, idx, o));
+    if (threadIdx.x == 0) {
+        out[blockIdx.x] = idx == 0x7fffffff ? 0u : (uint32_t)idx;
+        out[gridDim.x + blockIdx.x] = __float_as_uint(v);
     }
 }
 
@@ -643,20 +888,20 @@ __device__ void gemv_rows(T* y, const T* x, const T* w, int n, int out, int inne
         T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache, const T* v_cache,                       \
         const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,            \
         int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,         \
-        int num_splits) {                                                                                               \
+        int num_splits, unsigned int* done_counts) {                                                                    \
         paged_attention_v2<T, ATT_MAX_GROUP>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq,         \
                               block_tables,                                                                             \
                               max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale, window, partition,     \
-                              num_splits);                                                                              \
-    }                                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rows_##SUFFIX(T* y, const T* x, const T* w, int n, \
-                                                                                 int out, int inner, int warps_per_row) { \
-        gemv_rows<T>(y, x, w, n, out, inner, warps_per_row);                                                            \
+                              num_splits, done_counts);                                                                 \
     }                                                                                                                   \
     extern "C" __global__ void attention_reduce_##SUFFIX(T* out, const float* part_acc, const float* part_ml,          \
                                                          const uint32_t* positions, int num_heads, int head_dim,        \
                                                          int num_splits, int window, int partition) {                   \
         attention_reduce<T>(out, part_acc, part_ml, positions, num_heads, head_dim, num_splits, window, partition);     \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(ARGMAX_SPLIT_THREADS) argmax_split_##SUFFIX(uint32_t* part,        \
+                                                                                          const T* logits, int vocab) { \
+        argmax_split<T>(part, logits, vocab);                                                                           \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_rows_##SUFFIX(uint32_t* out, const T* logits,  \
                                                                                      int vocab) {                       \
@@ -667,6 +912,23 @@ INSTANTIATE(f32, float)
 INSTANTIATE(bf16, __nv_bfloat16)
 INSTANTIATE(f16, __half)
 
+// gemv_fused for batches of at most NR rows (1, 2, 4, 8).
+#define INSTANTIATE_GEMV(SUFFIX, T, NR)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_fused_r##NR##_##SUFFIX(                            \
+        T* y, const T* x, const T* w, const T* norm_w, int n, int out, int inner, int rows_per_block, int passes,      \
+        int mode, float eps) {                                                                                          \
+        gemv_fused<T, NR>(y, x, w, norm_w, n, out, inner, rows_per_block, passes, mode, eps);                          \
+    }
+#define INSTANTIATE_GEMVS(SUFFIX, T)                                                                                    \
+    INSTANTIATE_GEMV(SUFFIX, T, 1)                                                                                      \
+    INSTANTIATE_GEMV(SUFFIX, T, 2)                                                                                      \
+    INSTANTIATE_GEMV(SUFFIX, T, 4)                                                                                      \
+    INSTANTIATE_GEMV(SUFFIX, T, 8)
+
+INSTANTIATE_GEMVS(f32, float)
+INSTANTIATE_GEMVS(bf16, __nv_bfloat16)
+INSTANTIATE_GEMVS(f16, __half)
+
 // paged_attention_v2 for one exact group size: per-thread arrays sized to it, so a block
 // needs far fewer registers and more blocks share an SM.
 #define INSTANTIATE_V2_GROUP(SUFFIX, T, G)                                                                              \
@@ -674,10 +936,10 @@ INSTANTIATE(f16, __half)
         T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache, const T* v_cache,                       \
         const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,            \
         int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,         \
-        int num_splits) {                                                                                               \
+        int num_splits, unsigned int* done_counts) {                                                                    \
         paged_attention_v2<T, G>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq, block_tables,      \
                                  max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale, window, partition,  \
-                                 num_splits);                                                                           \
+                                 num_splits, done_counts);                                                              \
     }
 #define INSTANTIATE_V2_GROUPS(SUFFIX, T)                                                                                \
     INSTANTIATE_V2_GROUP(SUFFIX, T, 1)                                                                                  \

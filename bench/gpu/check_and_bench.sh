@@ -86,10 +86,11 @@ modes=("graphs")
 [ "${EAGER:-0}" = 1 ] && modes+=("eager")
 # V1=1: also with graphs and the first attention kernel (VLLM_ATTENTION_V1=1).
 [ "${V1:-0}" = 1 ] && modes+=("v1")
-# GEMV=1: also with graphs and our GEMV kernel for batches of up to 8 rows (VLLM_GEMV=1).
-[ "${GEMV:-0}" = 1 ] && modes+=("gemv")
 # FP16=1: also with graphs in float16 (dtype "float16").
 [ "${FP16:-0}" = 1 ] && modes+=("fp16")
+# CUBLAS=1: also with graphs and cuBLAS for every product (VLLM_GEMV=0; the default puts
+# 1-row batches through our fused GEMV).
+[ "${CUBLAS:-0}" = 1 ] && modes+=("cublas")
 for w in $workloads; do
  for mode in "${modes[@]}"; do
   echo "== $w ($mode)"
@@ -101,7 +102,7 @@ for w in $workloads; do
   [ "$mode" = eager ] && extra+=(--enforce-eager true)
   tag=$w; [ "$mode" != graphs ] && tag=$w-$mode
   att_v1=0; [ "$mode" = v1 ] && att_v1=1
-  gemv=0; [ "$mode" = gemv ] && gemv=1
+  gemv=${VLLM_GEMV:-}; [ "$mode" = cublas ] && gemv=0
   dtype=bfloat16; [ "$mode" = fp16 ] && dtype=float16
   VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
     --dtype "$dtype" --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$tag.json" "${extra[@]}" \

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::blas::Blas;
 use super::lora::{DeviceLora, FusedParts};
-use super::ops::{self, AttentionDims, AttentionPtrs, MetaPtrs, QkvPtrs, RowsPtrs};
+use super::ops::{self, AttentionDims, AttentionPtrs, GemvEpilogue, MetaPtrs, QkvPtrs, RowsPtrs};
 use super::{device_ptr, Kernels};
 use crate::error::{EngineError, Result};
 use crate::models::ForwardBatch;
@@ -88,8 +88,12 @@ struct Buffers {
     logits: Tensor,
     part_acc: Tensor,
     part_ml: Tensor,
+    /// u32 [max_batch * num_kv_heads]: attention's split counters (zero between steps).
+    done_counts: Tensor,
     /// u32 [2 * max_batch]: argmax ids then max values' bits.
     argmax: Tensor,
+    /// u32 [max_batch, ARGMAX_SPLITS, 2]: the split argmax's partials.
+    argmax_part: Tensor,
 }
 
 /// Steps replayed through any decode graph in this process (tests check that a path
@@ -152,7 +156,8 @@ pub fn buffer_bytes(m: &ModelShape, limits: &GraphLimits) -> usize {
     let b = limits.max_num_seqs;
     let elems = b * (4 * m.hidden + m.qkv_width + 2 * m.q_width + 3 * m.intermediate + m.vocab);
     let (acc, ml) = partials_for(&capture_sizes(b.max(1)), &m.dims, limits.max_model_len);
-    let meta = b * (3 + limits.max_model_len.div_ceil(limits.block_size) + 2);
+    let meta =
+        b * (3 + limits.max_model_len.div_ceil(limits.block_size) + 2 + 2 * ops::ARGMAX_SPLITS + m.dims.num_kv_heads);
     elems * m.dtype.size_in_bytes() + 4 * (acc + ml + meta) + (32 << 20)
 }
 
@@ -219,7 +224,9 @@ impl DecodeGraphs {
             logits: zeros(max_batch * model.vocab, dt)?,
             part_acc: zeros(acc_len, DType::F32)?,
             part_ml: zeros(ml_len, DType::F32)?,
+            done_counts: zeros(max_batch * model.dims.num_kv_heads, DType::U32)?,
             argmax: zeros(2 * max_batch, DType::U32)?,
+            argmax_part: zeros(2 * max_batch * ops::ARGMAX_SPLITS, DType::U32)?,
         };
         let mut graphs = DecodeGraphs {
             blas: Blas::new(&stream)?,
@@ -316,27 +323,51 @@ impl DecodeGraphs {
         let (qkv, q, attn, o) = (p(&buf.qkv)?, p(&buf.q)?, p(&buf.attn)?, p(&buf.o)?);
         let (gate_up, act) = (p(&buf.gate_up)?, p(&buf.act)?);
         let (splits, partition) = ops::graph_splits(b, &m.dims, max_model_len);
-        let (part_acc, part_ml) = if splits > 1 {
-            (p(&buf.part_acc)?, p(&buf.part_ml)?)
+        let (part_acc, part_ml, done_counts) = if splits > 1 {
+            (p(&buf.part_acc)?, p(&buf.part_ml)?, p(&buf.done_counts)?)
         } else {
-            (0, 0)
+            (0, 0, 0)
         };
 
         let kv_width = m.dims.num_kv_heads * m.dims.head_dim;
         let parts = FusedParts::new(hidden, m.q_width(), kv_width, inter);
 
         ops::launch_embedding(k, dt, h, m.embed, meta_base, b, hidden)?;
+        // Small batches: every product through our GEMV with the norms, residual adds and
+        // SiLU fused in (h is the residual stream, updated in place by o_proj and down).
+        // LoRA graphs keep the plain products: the adapters' shrink needs the normed input
+        // and their expand must add before SiLU·mul, which the fused epilogues hide.
+        let fused = lora.is_none()
+            && [hidden, inter, m.q_width()]
+            .iter()
+            .all(|&inner| ops::gemv_fits(k, dt, b, inner));
         for (i, layer) in m.layers.iter().enumerate() {
-            let norm_in = RowsPtrs {
-                residual: h,
-                delta: if i == 0 { 0 } else { delta },
-                weight: layer.input_norm,
-                out: x,
-            };
-            ops::launch_add_rms_norm(k, dt, &norm_in, b, hidden, m.eps)?;
-            self.linear(k, dt, qkv, x, layer.qkv, b, m.qkv_width(), hidden)?;
-            if let Some(l) = lora {
-                l.record(i, &parts.qkv, x, qkv, b, hidden, m.qkv_width())?;
+            if fused {
+                ops::launch_gemv_fused(
+                    k,
+                    dt,
+                    qkv,
+                    h,
+                    layer.qkv,
+                    layer.input_norm,
+                    m.eps,
+                    b,
+                    m.qkv_width(),
+                    hidden,
+                    GemvEpilogue::Store,
+                )?;
+            } else {
+                let norm_in = RowsPtrs {
+                    residual: h,
+                    delta: if i == 0 { 0 } else { delta },
+                    weight: layer.input_norm,
+                    out: x,
+                };
+                ops::launch_add_rms_norm(k, dt, &norm_in, b, hidden, m.eps)?;
+                self.linear(k, dt, qkv, x, layer.qkv, b, m.qkv_width(), hidden)?;
+                if let Some(l) = lora {
+                    l.record(i, &parts.qkv, x, qkv, b, hidden, m.qkv_width())?;
+                }
             }
             let qkv_ptrs = QkvPtrs {
                 qkv,
@@ -354,11 +385,42 @@ impl DecodeGraphs {
                 out: attn,
                 part_acc,
                 part_ml,
+                done_counts,
                 q,
                 k_cache: layer.k_cache,
                 v_cache: layer.v_cache,
             };
             ops::launch_paged_attention(k, dt, &att, &meta, b, &m.dims, splits, partition)?;
+            if fused {
+                ops::launch_gemv_fused(
+                    k,
+                    dt,
+                    h,
+                    attn,
+                    layer.o_proj,
+                    0,
+                    0.0,
+                    b,
+                    hidden,
+                    m.q_width(),
+                    GemvEpilogue::AddTo,
+                )?;
+                ops::launch_gemv_fused(
+                    k,
+                    dt,
+                    act,
+                    h,
+                    layer.gate_up,
+                    layer.post_norm,
+                    m.eps,
+                    b,
+                    inter,
+                    hidden,
+                    GemvEpilogue::SiluMul,
+                )?;
+                ops::launch_gemv_fused(k, dt, h, act, layer.down, 0, 0.0, b, hidden, inter, GemvEpilogue::AddTo)?;
+                continue;
+            }
             self.linear(k, dt, o, attn, layer.o_proj, b, hidden, m.q_width())?;
             if let Some(l) = lora {
                 l.record(i, &parts.o, attn, o, b, m.q_width(), hidden)?;
@@ -380,16 +442,32 @@ impl DecodeGraphs {
                 l.record(i, &parts.down, act, delta, b, inter, hidden)?;
             }
         }
-        let norm_final = RowsPtrs {
-            residual: h,
-            delta: if m.layers.is_empty() { 0 } else { delta },
-            weight: m.final_norm,
-            out: x,
-        };
-        ops::launch_add_rms_norm(k, dt, &norm_final, b, hidden, m.eps)?;
         let logits = p(&buf.logits)?;
-        self.linear(k, dt, logits, x, m.lm_head, b, m.vocab, hidden)?;
-        ops::launch_argmax_rows(k, dt, p(&buf.argmax)?, logits, b, m.vocab)
+        if fused {
+            ops::launch_gemv_fused(
+                k,
+                dt,
+                logits,
+                h,
+                m.lm_head,
+                m.final_norm,
+                m.eps,
+                b,
+                m.vocab,
+                hidden,
+                GemvEpilogue::Store,
+            )?;
+        } else {
+            let norm_final = RowsPtrs {
+                residual: h,
+                delta: if m.layers.is_empty() { 0 } else { delta },
+                weight: m.final_norm,
+                out: x,
+            };
+            ops::launch_add_rms_norm(k, dt, &norm_final, b, hidden, m.eps)?;
+            self.linear(k, dt, logits, x, m.lm_head, b, m.vocab, hidden)?;
+        }
+        ops::launch_argmax_split(k, dt, p(&buf.argmax)?, p(&buf.argmax_part)?, logits, b, m.vocab)
     }
 
     /// y[b, out] = x[b, inner] · w[out, inner]ᵀ: `ops::linear`'s choice on raw buffers.

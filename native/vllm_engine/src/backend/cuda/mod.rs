@@ -56,11 +56,14 @@ pub struct Kernels {
     functions: HashMap<String, CudaFunction>,
     /// `VLLM_ATTENTION_V1=1`: the first attention kernel (thread per key), to compare.
     pub attention_v1: bool,
-    /// `VLLM_GEMV=1`: our GEMV kernel instead of cuBLAS for batches of up to 8 rows.
-    pub gemv: bool,
+    /// Batches of at most this many rows multiply through our GEMV kernel instead of
+    /// cuBLAS (and the captured decode fuses norms, residual adds and SiLU into it):
+    /// 1 by default (measured faster than cuBLAS only there), `VLLM_GEMV_ROWS=n` (up to
+    /// 8) to compare, `VLLM_GEMV=0` for cuBLAS everywhere.
+    pub gemv_max_rows: usize,
 }
 
-const KERNEL_NAMES: [&str; 15] = [
+const KERNEL_NAMES: [&str; 19] = [
     "embedding",
     "gather_rows",
     "add_rms_norm",
@@ -74,9 +77,16 @@ const KERNEL_NAMES: [&str; 15] = [
     "paged_attention_v2_g7",
     "paged_attention_v2_g8",
     "attention_reduce",
-    "gemv_rows",
+    "gemv_fused_r1",
+    "gemv_fused_r2",
+    "gemv_fused_r4",
+    "gemv_fused_r8",
     "argmax_rows",
+    "argmax_split",
 ];
+
+/// Kernels with no dtype suffix.
+const PLAIN_KERNEL_NAMES: [&str; 1] = ["argmax_split_reduce"];
 
 /// Kernels the launchers can do without (they fall back to another).
 const OPTIONAL_KERNELS: [&str; 6] = [
@@ -113,6 +123,12 @@ impl Kernels {
                 }
             }
         }
+        for name in PLAIN_KERNEL_NAMES {
+            let f = module
+                .load_function(name)
+                .map_err(|e| EngineError::internal(format!("kernel {name} is missing: {e}")))?;
+            functions.insert(name.to_string(), f);
+        }
         let v2_loaded = ["f32", "bf16", "f16"]
             .iter()
             .all(|s| functions.contains_key(&format!("paged_attention_v2_{s}")));
@@ -121,7 +137,7 @@ impl Kernels {
             _module: module,
             functions,
             attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
-            gemv: std::env::var_os("VLLM_GEMV").is_some_and(|v| v == "1"),
+            gemv_max_rows: gemv_max_rows_from_env(),
         })
     }
 
@@ -137,6 +153,13 @@ impl Kernels {
             .ok_or_else(|| EngineError::internal(format!("kernel {name}_{suffix} is not loaded")))
     }
 
+    /// A kernel with no dtype suffix.
+    fn plain_function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions
+            .get(name)
+            .ok_or_else(|| EngineError::internal(format!("kernel {name} is not loaded")))
+    }
+
     /// `function` when that kernel is loaded (optional kernels may be absent).
     fn try_function(&self, name: &str, dtype: DType) -> Option<&CudaFunction> {
         self.function(name, dtype).ok()
@@ -145,6 +168,18 @@ impl Kernels {
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
+}
+
+/// `VLLM_GEMV=0`: no GEMV kernel; `VLLM_GEMV_ROWS=n`: batches of up to n rows (at most
+/// ops::GEMV_MAX_ROWS); default 1.
+fn gemv_max_rows_from_env() -> usize {
+    if std::env::var_os("VLLM_GEMV").is_some_and(|v| v == "0") {
+        return 0;
+    }
+    std::env::var("VLLM_GEMV_ROWS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(1, |n| n.min(ops::GEMV_MAX_ROWS))
 }
 
 /// The device address of a contiguous CUDA tensor's first element.

@@ -19,6 +19,9 @@ pub const ATT_MAX_HEAD_DIM: usize = 256;
 pub const ATT_MAX_GROUP: usize = 8;
 /// Queries per KV head the attention kernel holds (ATT_MAX_OUT * ATT_THREADS / head_dim).
 pub const ATT_MAX_GROUP_WIDTH: usize = ATT_MAX_OUT * ATT_THREADS as usize;
+/// Splits the kernel combines itself at most (ATT_MAX_REDUCE_SPLITS in ops.cu); more go
+/// through attention_reduce.
+const ATT_MAX_REDUCE_SPLITS: usize = 16;
 /// Aim for at least this many attention blocks (two waves on a 132-SM H100/H200) before
 /// splitting contexts.
 const ATT_TARGET_BLOCKS: usize = 264;
@@ -386,10 +389,17 @@ pub fn paged_attention(
         Some((acc, ml)) => (device_ptr(acc)?, device_ptr(ml)?),
         None => (0, 0),
     };
+    // The splits' counters for the in-kernel reduce, zeroed here (the kernel leaves them so).
+    let counts = if splits > 1 {
+        Some(Tensor::zeros(n * dims.num_kv_heads, DType::U32, device)?)
+    } else {
+        None
+    };
     let p = AttentionPtrs {
         out: device_ptr(&out)?,
         part_acc,
         part_ml,
+        done_counts: optional_ptr(counts.as_ref())?,
         q: device_ptr(q)?,
         k_cache: device_ptr(k_cache)?,
         v_cache: device_ptr(v_cache)?,
@@ -403,6 +413,10 @@ pub struct AttentionPtrs {
     pub out: u64,
     pub part_acc: u64,
     pub part_ml: u64,
+    /// u32 [tokens * num_kv_heads], zero between launches (the kernel resets what it
+    /// uses): with it, the last split of each head combines the splits itself (v2 only);
+    /// 0: a separate attention_reduce launch.
+    pub done_counts: u64,
     pub q: u64,
     pub k_cache: u64,
     pub v_cache: u64,
@@ -480,13 +494,18 @@ pub fn launch_paged_attention(
     for i in &tail {
         b.arg(i);
     }
+    let reduce_inside = use_v2 && p.done_counts != 0 && splits <= ATT_MAX_REDUCE_SPLITS;
+    let no_counts = 0u64;
+    if use_v2 {
+        b.arg(if reduce_inside { &p.done_counts } else { &no_counts });
+    }
     let cfg = LaunchConfig {
         grid_dim: (n as u32, dims.num_kv_heads as u32, splits as u32),
         block_dim: (ATT_THREADS, 1, 1),
         shared_mem_bytes: shared as u32,
     };
     unsafe { b.launch(cfg) }.map_err(|e| launch_err("paged_attention", e))?;
-    if splits > 1 {
+    if splits > 1 && !reduce_inside {
         let f = k.function("attention_reduce", dtype)?;
         let ptrs = [p.out, p.part_acc, p.part_ml, meta.positions];
         let ints = [
@@ -513,27 +532,65 @@ pub fn launch_paged_attention(
     Ok(())
 }
 
-/// Rows a `gemv_rows` launch takes at most (GEMV_MAX_ROWS in ops.cu).
+/// Rows a `gemv_fused` launch takes at most (its largest instantiation).
 pub const GEMV_MAX_ROWS: usize = 8;
-/// Must match GEMV_THREADS in ops.cu (a warp per output).
+/// Must match GEMV_THREADS and GEMV_PASS_CHUNKS in ops.cu.
 const GEMV_THREADS: u32 = 256;
+const GEMV_WARPS: usize = GEMV_THREADS as usize / 32;
+const GEMV_PASS_CHUNKS: usize = 128;
+/// Dynamic shared memory a GEMV launch may use without opting in.
+const GEMV_MAX_SHARED: usize = 48 * 1024;
+/// A GEMV launch of more blocks than this doubles its rows per block (while a block's
+/// items stay within GEMV_MAX_ITEMS): about three blocks per SM of an H100/H200, all
+/// resident at once, so each block's prologue is paid once and its warps stream several
+/// items with the next one's loads in flight.
+const GEMV_MAX_BLOCKS: usize = 396;
+const GEMV_MAX_ITEMS: usize = 64;
 
-/// Whether `gemv_rows` serves y[n, out] = x[n, inner] · w[out, inner]ᵀ: off unless
-/// `VLLM_GEMV=1` (measured slower than cuBLAS on W3 in its first form; kept to compare).
-pub fn gemv_fits(k: &Kernels, dtype: DType, n: usize, inner: usize) -> bool {
-    k.gemv && n <= GEMV_MAX_ROWS && inner.is_multiple_of(16 / dtype.size_in_bytes())
+/// What `gemv_fused` does with a product before storing it (GEMV_* in ops.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvEpilogue {
+    /// y = x · wᵀ
+    Store = 0,
+    /// y += x · wᵀ (the residual add, rounded as torch rounds)
+    AddTo = 1,
+    /// w is the fused [2 * out, inner] gate/up matrix: y = silu(gate) * up
+    SiluMul = 2,
 }
 
-/// Warps that share one output row: about 1,024 inputs each, more while the launch would
-/// have fewer than two blocks per SM of an H100/H200.
-fn gemv_warps_per_row(out: usize, inner: usize) -> usize {
-    let warps = (GEMV_THREADS / 32) as usize;
-    let mut per_row = (inner / 1024).clamp(1, warps);
-    per_row = 1 << per_row.ilog2();
-    while per_row < warps && (out * per_row).div_ceil(warps) < 264 {
-        per_row *= 2;
+/// The launch geometry of `gemv_fused`: (rows per block, passes, blocks, shared bytes).
+fn gemv_geometry(
+    dtype: DType,
+    n: usize,
+    out: usize,
+    inner: usize,
+    epilogue: GemvEpilogue,
+) -> (usize, usize, usize, usize) {
+    let chunks = inner / (16 / dtype.size_in_bytes());
+    let passes = chunks.div_ceil(GEMV_PASS_CHUNKS).max(1);
+    let halves = if epilogue == GemvEpilogue::SiluMul { 2 } else { 1 };
+    let mut rows_per_block = (GEMV_WARPS / (halves * passes)).max(1);
+    while out.div_ceil(rows_per_block) > GEMV_MAX_BLOCKS && 2 * rows_per_block * halves * passes <= GEMV_MAX_ITEMS {
+        rows_per_block *= 2;
     }
-    per_row
+    let nr = gemv_instance(n);
+    let items = rows_per_block * halves * passes;
+    let shared = n * inner * dtype.size_in_bytes() + items * nr * 4;
+    (rows_per_block, passes, out.div_ceil(rows_per_block), shared)
+}
+
+/// The `gemv_fused_rN` instantiation for n rows.
+fn gemv_instance(n: usize) -> usize {
+    n.next_power_of_two().max(1)
+}
+
+/// Whether our GEMV serves y[n, out] = x[n, inner] · w[out, inner]ᵀ: batches of at most
+/// `Kernels::gemv_max_rows` rows whose inputs fit the kernel's shared memory.
+pub fn gemv_fits(k: &Kernels, dtype: DType, n: usize, inner: usize) -> bool {
+    n >= 1
+        && n <= k.gemv_max_rows.min(GEMV_MAX_ROWS)
+        && inner.is_multiple_of(16 / dtype.size_in_bytes())
+        && gemv_geometry(dtype, n, 1, inner, GemvEpilogue::SiluMul).3 <= GEMV_MAX_SHARED
 }
 
 /// y[n, out] = x[n, inner] · w[out, inner]ᵀ for small n (`gemv_fits`), raw addresses.
@@ -548,16 +605,48 @@ pub fn launch_gemv(
     out: usize,
     inner: usize,
 ) -> Result<()> {
-    let f = k.function("gemv_rows", dtype)?;
-    let per_row = gemv_warps_per_row(out, inner);
-    let ints = [n as i32, out as i32, inner as i32, per_row as i32];
+    launch_gemv_fused(k, dtype, y, x, w, 0, 0.0, n, out, inner, GemvEpilogue::Store)
+}
+
+/// `gemv_fused` on raw addresses: y = epilogue(x' · wᵀ), x' = RMSNorm(x) * norm (eps)
+/// when `norm` is not 0, else x. For SiluMul, `out` is the width of y (half of w's rows).
+#[allow(clippy::too_many_arguments)]
+pub fn launch_gemv_fused(
+    k: &Kernels,
+    dtype: DType,
+    y: u64,
+    x: u64,
+    w: u64,
+    norm: u64,
+    eps: f32,
+    n: usize,
+    out: usize,
+    inner: usize,
+    epilogue: GemvEpilogue,
+) -> Result<()> {
+    if n == 0 || n > GEMV_MAX_ROWS {
+        return Err(EngineError::internal(format!("gemv: {n} rows (1 to {GEMV_MAX_ROWS})")));
+    }
+    let (rows_per_block, passes, blocks, shared) = gemv_geometry(dtype, n, out, inner, epilogue);
+    if shared > GEMV_MAX_SHARED {
+        return Err(EngineError::internal("gemv: the inputs do not fit shared memory"));
+    }
+    let f = k.function(&format!("gemv_fused_r{}", gemv_instance(n)), dtype)?;
+    let ints = [
+        n as i32,
+        out as i32,
+        inner as i32,
+        rows_per_block as i32,
+        passes as i32,
+        epilogue as i32,
+    ];
     let mut b = k.stream().launch_builder(f);
-    b.arg(&y).arg(&x).arg(&w);
+    b.arg(&y).arg(&x).arg(&w).arg(&norm);
     for i in &ints {
         b.arg(i);
     }
-    let rows_per_block = (GEMV_THREADS / 32) as usize / per_row;
-    unsafe { b.launch(grid(out.div_ceil(rows_per_block), GEMV_THREADS, 0)) }.map_err(|e| launch_err("gemv_rows", e))?;
+    b.arg(&eps);
+    unsafe { b.launch(grid(blocks, GEMV_THREADS, shared)) }.map_err(|e| launch_err("gemv_fused", e))?;
     Ok(())
 }
 
@@ -566,7 +655,14 @@ pub fn launch_gemv(
 pub fn linear(k: &Kernels, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (n, inner) = x.dims2()?;
     let (out, w_inner) = w.dims2()?;
-    if n == 0 || !gemv_fits(k, x.dtype(), n, inner) || w_inner != inner || w.dtype() != x.dtype() {
+    let aligned = |t: &Tensor| t.is_contiguous() && device_ptr(t).is_ok_and(|p| p % 16 == 0);
+    if n == 0
+        || !gemv_fits(k, x.dtype(), n, inner)
+        || w_inner != inner
+        || w.dtype() != x.dtype()
+        || !aligned(x)
+        || !aligned(w)
+    {
         return Ok(x.matmul(&w.t()?)?);
     }
     let y = empty((n, out), x.dtype(), x)?;
@@ -581,6 +677,41 @@ pub fn linear(k: &Kernels, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         inner,
     )?;
     Ok(y)
+}
+
+/// Blocks per row of the split argmax (ARGMAX_SPLITS in ops.cu).
+pub const ARGMAX_SPLITS: usize = 64;
+/// Must match ARGMAX_SPLIT_THREADS in ops.cu.
+const ARGMAX_SPLIT_THREADS: u32 = 256;
+
+/// `launch_argmax_rows` spread over ARGMAX_SPLITS blocks per row (one block per row
+/// leaves a decode step's argmax to one SM): `scratch` holds 2 * ARGMAX_SPLITS u32 per row.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_argmax_split(
+    k: &Kernels,
+    dtype: DType,
+    out: u64,
+    scratch: u64,
+    logits: u64,
+    n: usize,
+    vocab: usize,
+) -> Result<()> {
+    let f = k.function("argmax_split", dtype)?;
+    let v = vocab as i32;
+    let mut b = k.stream().launch_builder(f);
+    b.arg(&scratch).arg(&logits).arg(&v);
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, ARGMAX_SPLITS as u32, 1),
+        block_dim: (ARGMAX_SPLIT_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { b.launch(cfg) }.map_err(|e| launch_err("argmax_split", e))?;
+    let f = k.plain_function("argmax_split_reduce")?;
+    let splits = ARGMAX_SPLITS as i32;
+    let mut b = k.stream().launch_builder(f);
+    b.arg(&out).arg(&scratch).arg(&splits);
+    unsafe { b.launch(grid(n, 32, 0)) }.map_err(|e| launch_err("argmax_split_reduce", e))?;
+    Ok(())
 }
 
 /// Per row of `logits` [n, vocab]: the argmax (lowest id on ties) and the largest value as
@@ -600,9 +731,22 @@ pub fn argmax_rows(k: &Kernels, logits: &Tensor) -> Result<(Vec<u32>, Vec<f32>)>
     if n == 0 {
         return Ok((Vec::new(), Vec::new()));
     }
-    // SAFETY: argmax_rows writes all 2 * n values.
-    let out = unsafe { Tensor::empty(2 * n, DType::U32, logits.device())? };
-    launch_argmax_rows(k, logits.dtype(), device_ptr(&out)?, device_ptr(logits)?, n, vocab)?;
+    // SAFETY: the split argmax writes all 2 * n values and every partial it reads.
+    let (out, scratch) = unsafe {
+        (
+            Tensor::empty(2 * n, DType::U32, logits.device())?,
+            Tensor::empty(2 * n * ARGMAX_SPLITS, DType::U32, logits.device())?,
+        )
+    };
+    launch_argmax_split(
+        k,
+        logits.dtype(),
+        device_ptr(&out)?,
+        device_ptr(&scratch)?,
+        device_ptr(logits)?,
+        n,
+        vocab,
+    )?;
     let all = out.to_vec1::<u32>()?;
     Ok(split_argmax(&all, n))
 }
@@ -629,18 +773,35 @@ mod tests {
     }
 
     #[test]
-    fn gemv_shares_rows_so_every_launch_fills_the_card() {
-        // W3's shapes: qkv, o_proj, gate_up, down, lm_head.
-        assert_eq!(gemv_warps_per_row(1152, 896), 2);
-        assert_eq!(gemv_warps_per_row(896, 896), 4);
-        assert_eq!(gemv_warps_per_row(9728, 896), 1);
-        assert_eq!(gemv_warps_per_row(896, 4864), 4);
-        assert_eq!(gemv_warps_per_row(151_936, 896), 1);
-        assert_eq!(gemv_warps_per_row(4, 64), 8);
-        for (out, inner) in [(1, 1), (7, 100_000), (100_000, 7)] {
-            let w = gemv_warps_per_row(out, inner);
-            assert!(w.is_power_of_two() && w <= 8, "{out} {inner}: {w}");
+    fn gemv_geometry_covers_every_row_and_pass() {
+        // W3's and W1's decode shapes: (out, inner, epilogue).
+        let shapes = [
+            (1152, 896, GemvEpilogue::Store),
+            (896, 896, GemvEpilogue::AddTo),
+            (4864, 896, GemvEpilogue::SiluMul),
+            (896, 4864, GemvEpilogue::AddTo),
+            (151_936, 896, GemvEpilogue::Store),
+            (1024, 2048, GemvEpilogue::AddTo),
+            (3072, 1024, GemvEpilogue::SiluMul),
+            (7, 8, GemvEpilogue::Store),
+        ];
+        for (out, inner, e) in shapes {
+            for n in [1, 3, 8] {
+                let (rows, passes, blocks, shared) = gemv_geometry(DType::BF16, n, out, inner, e);
+                assert!(blocks * rows >= out && (blocks - 1) * rows < out, "{out} {inner}");
+                assert!(passes * GEMV_PASS_CHUNKS * 8 >= inner && (passes - 1) * GEMV_PASS_CHUNKS * 8 < inner);
+                assert!(shared >= n * inner * 2, "{out} {inner}");
+            }
         }
+        // W3: qkv keeps 8 rows per block (144 blocks); gate_up (4,864 SiLU rows) grows to
+        // 16 rows, 304 blocks; down (five passes per row) to 4 rows, 224 blocks; the
+        // lm_head stops at 64 items per block.
+        assert_eq!(gemv_geometry(DType::BF16, 1, 1152, 896, GemvEpilogue::Store).0, 8);
+        assert_eq!(gemv_geometry(DType::BF16, 1, 4864, 896, GemvEpilogue::SiluMul).0, 16);
+        assert_eq!(gemv_geometry(DType::BF16, 1, 896, 4864, GemvEpilogue::AddTo).0, 4);
+        assert_eq!(gemv_geometry(DType::BF16, 1, 151_936, 896, GemvEpilogue::Store).0, 64);
+        assert_eq!(gemv_instance(3), 4);
+        assert_eq!(gemv_instance(8), 8);
     }
 
     #[test]
