@@ -11,9 +11,9 @@ cargo build --release -q -p vllm_engine --bin vllm-bench
 mix compile >/dev/null
 echo "commit $(git rev-parse --short HEAD), $(nproc) cores, $(date -u +%F)"
 for i in $(seq "$runs"); do
-  echo "--- run $i: bare engine"
+  echo "--- run $i: bare engine (load $(cut -d' ' -f1-3 /proc/loadavg))"
   "$target/release/vllm-bench" "$model" --batch 32 --input-len 128 --output-len 128
-  echo "--- run $i: Elixir API"
+  echo "--- run $i: Elixir API (load $(cut -d' ' -f1-3 /proc/loadavg))"
   # Busy-waiting BEAM schedulers would take cycles from the engine's threads on few cores.
   elixir --erl "+sbwt none +sbwtdcpu none +sbwtdio none" -S mix run bench/elixir_bench.exs "$model" 32 128 128
 done

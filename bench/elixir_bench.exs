@@ -37,7 +37,8 @@ decoded = times |> tl() |> Enum.map(&elem(&1, 1)) |> Enum.sum()
 IO.puts("batch 1, #{input_len} in: TTFT #{Float.round((first - start) / 1000, 1)} ms")
 IO.puts("batch 1 decode: #{Float.round(decoded / ((last - first) / 1.0e6), 1)} tok/s")
 
-prompts = for i <- 1..batch, do: Bench.prompt(engine, input_len, i)
+# The same prompts as vllm-bench's batch (variant 7i + 1), so both see the same prefix-cache hits.
+prompts = for i <- 0..(batch - 1), do: Bench.prompt(engine, input_len, 7 * i + 1)
 start = System.monotonic_time(:microsecond)
 
 tokens =

@@ -11,9 +11,15 @@ mod engine_ref;
 mod error;
 mod flow;
 mod lora;
+mod malloc_tuning;
 mod pooling;
 mod requests;
 mod sink;
 mod tokenize;
 
-rustler::init!("Elixir.Vllm.Native");
+fn load(_env: rustler::Env, _info: rustler::Term) -> bool {
+    malloc_tuning::keep_large_buffers_on_the_heap();
+    true
+}
+
+rustler::init!("Elixir.Vllm.Native", load = load);

@@ -252,11 +252,12 @@ fn run(o: Options) -> Result<(), String> {
         let p = prompt(&engine, o.input_len, 7 * i + 1).map_err(|e| e.to_string())?;
         receivers.push(submit(&engine, format!("b{i}"), p, o.output_len).map_err(|e| e.to_string())?);
     }
-    let mut total = 0;
+    let mut all = Vec::new();
     for rx in &receivers {
-        total += drain(rx)?.iter().map(|t| t.1).sum::<usize>();
+        all.push(drain(rx)?);
     }
     let wall = start.elapsed().as_secs_f64();
+    let total: usize = all.iter().flatten().map(|t| t.1).sum();
     println!(
         "batch {}, {} in / {} out: {total} tokens in {wall:.2} s = {:.1} output tok/s",
         o.batch,
@@ -264,6 +265,22 @@ fn run(o: Options) -> Result<(), String> {
         o.output_len,
         total as f64 / wall
     );
+    // Decode alone (what llama-batched-bench calls S_TG): tokens that arrived after every
+    // request had its first one, over that stretch.
+    let all_started = all.iter().filter_map(|t| t.first().map(|f| f.0)).max();
+    let end = all.iter().filter_map(|t| t.last().map(|l| l.0)).max();
+    if let (Some(from), Some(to)) = (all_started, end) {
+        let after: usize = all.iter().flatten().filter(|t| t.0 > from).map(|t| t.1).sum();
+        if to > from {
+            println!(
+                "batch {} decode after the last first token: {:.1} tok/s ({} tokens in {:.2} s)",
+                o.batch,
+                after as f64 / (to - from).as_secs_f64(),
+                after,
+                (to - from).as_secs_f64()
+            );
+        }
+    }
     engine.shutdown();
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Key and value memory of every layer, in fixed-size blocks.
 
-/// Per layer, keys and values laid out [num_blocks, block_size, num_kv_heads, head_dim].
+/// Per layer, values laid out [num_blocks, block_size, num_kv_heads, head_dim] and keys
+/// transposed inside each block, [num_blocks, num_kv_heads, head_dim, block_size] (the CPU
+/// attention scores 16 keys per vector FMA; see backend/cpu/attention.rs).
 pub struct PagedKvCache {
     pub num_blocks: usize,
     pub block_size: usize,

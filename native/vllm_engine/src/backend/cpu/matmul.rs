@@ -217,13 +217,7 @@ impl PackedMatrix {
                 match &self.storage {
                     Storage::F32(lines) => {
                         let panel = lines[p * k * 2..].as_ptr() as *const f32;
-                        match self.isa {
-                            #[cfg(target_arch = "x86_64")]
-                            Isa::Avx512 => super::matmul_x86::block_avx512(rows, xb, k, panel, ob, self.rows, width),
-                            #[cfg(target_arch = "x86_64")]
-                            Isa::Avx2 => super::matmul_x86::block_avx2(rows, xb, k, panel, ob, self.rows, width),
-                            _ => block_scalar(rows, xb, k, |kk, j| *panel.add(kk * PANEL + j), ob, self.rows, width),
-                        }
+                        panel_block(self.isa, rows, xb, k, panel, ob, self.rows, width);
                     }
                     Storage::Bf16(lines) => {
                         let panel = lines[p * k..].as_ptr() as *const u16;
@@ -248,6 +242,65 @@ impl PackedMatrix {
                 }
                 i += rows;
             }
+        }
+    }
+}
+
+/// One row block (at most the ISA's row count) times one k × 32 float32 panel.
+///
+/// # Safety
+/// As the microkernels: `x` holds rows × k floats, `panel` k × 32 floats (64-byte
+/// aligned), `out` rows at stride `ldo` with `width` writable columns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_block(isa: Isa, rows: usize, x: *const f32, k: usize, panel: *const f32, out: *mut f32, ldo: usize, width: usize) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => super::matmul_x86::block_avx512(rows, x, k, panel, out, ldo, width),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => super::matmul_x86::block_avx2(rows, x, k, panel, out, ldo, width),
+        _ => block_scalar(rows, x, k, |kk, j| *panel.add(kk * PANEL + j), out, ldo, width),
+    }
+}
+
+/// A k × 32 float32 panel in the packed layout, filled at run time (weights decoded
+/// from another format just before use).
+pub(crate) struct PanelBuffer {
+    lines: Vec<Line>,
+    k: usize,
+}
+
+impl PanelBuffer {
+    pub(crate) fn new(k: usize) -> Self {
+        PanelBuffer {
+            lines: vec![Line([0.0; 16]); 2 * k],
+            k,
+        }
+    }
+
+    /// The panel as k × 32 floats: column j of depth kk at kk * 32 + j.
+    pub(crate) fn as_mut_f32(&mut self) -> &mut [f32] {
+        // SAFETY: `Line` is repr(C) [f32; 16]; 2k lines are 32k contiguous floats.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut f32, self.lines.len() * 16) }
+    }
+
+    /// out[i, 0..width] = x[i, :] · panel columns, for i in 0..m (`x` is [m, k], `out`
+    /// rows at stride `ldo`).
+    ///
+    /// # Safety
+    /// `x` holds m × k floats; `out` m rows at stride `ldo` with `width` writable columns.
+    pub(crate) unsafe fn product(&self, x: *const f32, m: usize, out: *mut f32, ldo: usize, width: usize) {
+        let isa = super::simd::isa();
+        let max_rows = match isa {
+            Isa::Avx512 => MAX_ROWS_AVX512,
+            Isa::Avx2 => MAX_ROWS_AVX2,
+            Isa::Scalar => 1,
+        };
+        let panel = self.lines.as_ptr() as *const f32;
+        let mut i = 0;
+        while i < m {
+            let rows = max_rows.min(m - i);
+            panel_block(isa, rows, x.add(i * self.k), self.k, panel, out.add(i * ldo), ldo, width);
+            i += rows;
         }
     }
 }

@@ -13,10 +13,27 @@ use candle_core::{Device, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
+use super::matmul::{PanelBuffer, PANEL};
 use crate::error::{EngineError, Result};
+
+/// The output of a matmul shared by tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements through it.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// A method (not a field access) so closures capture the whole Sync wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Up to this many input rows use the fused decode-and-dot path.
 pub(crate) const DOT_PATH_MAX_ROWS: usize = 8;
+/// From this many input rows on (prefill), weights are decoded into float32 panels.
+const PANEL_PATH_MIN_ROWS: usize = 64;
 /// Weight rows decoded at once on the gemm path.
 const TILE_ROWS: usize = 512;
 /// Weight rows per rayon task on the dot path.
@@ -94,6 +111,9 @@ impl QuantMatrix {
                 self.cols
             )));
         }
+        if m >= PANEL_PATH_MIN_ROWS && has_row_decoder(self.q.dtype()) {
+            return Ok(self.forward_panels(&self.q.data()?, x, m));
+        }
         #[cfg(target_arch = "x86_64")]
         if let Some(v) = &self.vnni {
             let mut out = vec![0.0f32; m * self.rows];
@@ -142,6 +162,34 @@ impl QuantMatrix {
                 out[i * rows + r] = v;
             }
         }
+        out
+    }
+
+    /// Many input rows (prefill): each 32-row panel of weights decoded to float32 in the
+    /// packed matmul's layout, then multiplied by every input row with its microkernel.
+    fn forward_panels(&self, data: &[u8], x: &[f32], m: usize) -> Vec<f32> {
+        let (rows, cols, row_bytes) = (self.rows, self.cols, self.row_bytes);
+        let dtype = self.q.dtype();
+        let mut out = vec![0.0f32; m * rows];
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        (0..rows.div_ceil(PANEL))
+            .into_par_iter()
+            .for_each_init(
+                || (PanelBuffer::new(cols), vec![0.0f32; cols]),
+                |(panel, row), p| {
+                    let width = PANEL.min(rows - p * PANEL);
+                    let f = panel.as_mut_f32();
+                    for j in 0..width {
+                        let r = p * PANEL + j;
+                        decode_row(dtype, &data[r * row_bytes..(r + 1) * row_bytes], row);
+                        for (kk, &v) in row.iter().enumerate() {
+                            f[kk * PANEL + j] = v;
+                        }
+                    }
+                    // SAFETY: x is [m, cols]; each task writes columns p*32.. of its own panel.
+                    unsafe { panel.product(x.as_ptr(), m, out_ptr.get().add(p * PANEL), rows, width) };
+                },
+            );
         out
     }
 
@@ -336,7 +384,8 @@ mod tests {
             let q = QTensor::quantize(&wt, dtype).unwrap();
             let reference_w = q.dequantize(&Device::Cpu).unwrap();
             let matrix = QuantMatrix::with_kernel(Arc::new(q), false).unwrap();
-            for m in [1, 3, 20] {
+            // 70 rows: the float32-panel path (40 weight rows: one full, one partial panel).
+            for m in [1, 3, 20, 70] {
                 let x: Vec<f32> = (0..m * cols).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0).collect();
                 let xt = Tensor::from_slice(&x, (m, cols), &Device::Cpu).unwrap();
                 let expected = xt

@@ -38,6 +38,39 @@ pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// A computation large enough that a closure holding it would not be inlined into
+/// `vectorized`'s wide copies (so it would run as baseline SSE code): implement `run` with
+/// `#[inline(always)]` and call `run_vectorized`.
+pub trait Kernel {
+    type Output;
+    fn run(self) -> Self::Output;
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+unsafe fn kernel_avx512<K: Kernel>(k: K) -> K::Output {
+    k.run()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2<K: Kernel>(k: K) -> K::Output {
+    k.run()
+}
+
+/// Runs `k` compiled for the widest vector unit present.
+#[inline(always)]
+pub fn run_vectorized<K: Kernel>(k: K) -> K::Output {
+    match isa() {
+        // SAFETY: the features were detected at run time.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { kernel_avx512(k) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { kernel_avx2(k) },
+        _ => k.run(),
+    }
+}
+
 /// e^x in float32 to about 2 ulp, branch-free so loops over it vectorise (Cephes' expf
 /// polynomial on a range reduced by ln 2). Inputs are clamped to [-87, 88].
 #[inline(always)]
