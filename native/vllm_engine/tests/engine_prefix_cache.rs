@@ -3,41 +3,11 @@
 
 mod engine_common;
 
-
 use engine_common::*;
 use vllm_engine::{Engine, EngineArgs, RequestOutput, SamplingParams};
 
-struct Case {
-    name: String,
-    prompt: Vec<u32>,
-    greedy: Vec<u32>,
-}
-
-fn cases() -> Vec<Case> {
-    let path = fixtures_dir().join("smollm2_reference.json");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("reference fixture")).expect("fixture is JSON");
-    let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    json["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| Case {
-            name: c["name"].as_str().unwrap_or("?").to_string(),
-            prompt: ids(&c["prompt_token_ids"]),
-            greedy: ids(&c["greedy_token_ids"]),
-        })
-        .collect()
-}
-
-fn case(name: &str) -> Case {
-    cases().into_iter().find(|c| c.name == name).expect("fixture case")
+fn case(name: &str) -> SmolLm2Case {
+    smollm2_cases().into_iter().find(|c| c.name == name).expect("fixture case")
 }
 
 fn engine(prefix_caching: bool, max_num_batched_tokens: Option<usize>) -> Engine {
@@ -99,7 +69,7 @@ fn a_second_request_reuses_a_shared_200_token_prefix_with_identical_ids() {
 
 #[test]
 fn the_fixtures_match_exactly_with_prefix_caching_on_and_off() {
-    let cases = cases();
+    let cases = smollm2_cases();
     let prompts: Vec<(Vec<u32>, usize)> = cases.iter().map(|c| (c.prompt.clone(), c.greedy.len())).collect();
     for caching in [true, false] {
         let engine = engine(caching, Some(64));

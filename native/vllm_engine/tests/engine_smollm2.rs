@@ -4,51 +4,8 @@
 
 mod engine_common;
 
-
 use engine_common::*;
 use vllm_engine::{Engine, EngineArgs, FinishReason, OutputKind, SamplingParams, StopReason};
-
-struct Case {
-    prompt: Vec<u32>,
-    greedy: Vec<u32>,
-    text: String,
-    top: Vec<Vec<(u32, f64)>>,
-}
-
-fn cases() -> Vec<Case> {
-    let path = fixtures_dir().join("smollm2_reference.json");
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("reference fixture"))
-        .expect("reference fixture is JSON");
-    let ids = |v: &serde_json::Value| {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    json["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| Case {
-            prompt: ids(&c["prompt_token_ids"]),
-            greedy: ids(&c["greedy_token_ids"]),
-            text: c["greedy_text"].as_str().unwrap().to_string(),
-            top: c["top_logprobs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|s| {
-                    s.as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap()))
-                        .collect()
-                })
-                .collect(),
-        })
-        .collect()
-}
 
 fn engine() -> Engine {
     let mut args = EngineArgs::new(smollm2_gguf());
@@ -62,7 +19,7 @@ fn engine() -> Engine {
 #[test]
 fn all_reference_prompts_at_once_match_the_reference_and_stream_cleanly() {
     let engine = engine();
-    let cases = cases();
+    let cases = smollm2_cases();
     let receivers: Vec<_> = cases
         .iter()
         .enumerate()
@@ -121,7 +78,7 @@ fn all_reference_prompts_at_once_match_the_reference_and_stream_cleanly() {
 #[test]
 fn a_stop_string_in_real_text_is_cut_and_never_streamed() {
     let engine = engine();
-    let case = &cases()[0];
+    let case = &smollm2_cases()[0];
     // ", the city of Nova Haven was ...": stop at "Nova".
     let mut params = SamplingParams::greedy(32);
     params.stop = vec![" Nova".to_string()];

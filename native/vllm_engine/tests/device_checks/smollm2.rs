@@ -9,43 +9,10 @@ use vllm_engine::loader::load_causal_lm;
 use vllm_engine::models::{CausalLM, ForwardBatch, SeqSlice};
 use vllm_engine::{Engine, SamplingParams};
 
-use crate::common::{log_softmax, read_json, smollm2_gguf, u32s};
+use crate::common::{log_softmax, smollm2_cases, smollm2_gguf, SmolLm2Case};
 use crate::engine_common::{assert_all_blocks_free, collect, final_tokens, submit};
 
 const BLOCK_SIZE: usize = 16;
-
-struct Case {
-    name: String,
-    prompt: Vec<u32>,
-    greedy: Vec<u32>,
-    /// Per early step, the reference top-5 (token id, logprob).
-    top: Vec<Vec<(usize, f64)>>,
-}
-
-fn cases() -> Vec<Case> {
-    let reference = read_json(crate::common::fixtures_dir().join("smollm2_reference.json"));
-    let cases = reference["cases"].as_array().expect("cases");
-    cases
-        .iter()
-        .map(|c| Case {
-            name: c["name"].as_str().expect("name").to_string(),
-            prompt: u32s(&c["prompt_token_ids"]),
-            greedy: u32s(&c["greedy_token_ids"]),
-            top: c["top_logprobs"]
-                .as_array()
-                .expect("top_logprobs")
-                .iter()
-                .map(|s| {
-                    s.as_array()
-                        .expect("a step")
-                        .iter()
-                        .map(|p| (p[0].as_u64().expect("id") as usize, p[1].as_f64().expect("logprob")))
-                        .collect()
-                })
-                .collect(),
-        })
-        .collect()
-}
 
 /// Every case at once through the engine (decode graphs on): the reference's 32 greedy ids.
 #[test]
@@ -53,7 +20,7 @@ fn smollm2_f32_greedy_ids_of_every_case_batched() {
     let mut a = crate::args(smollm2_gguf(), DType::F32);
     a.max_num_seqs = 16;
     let engine = Engine::new(a).unwrap_or_else(|e| panic!("SmolLM2: {e}"));
-    let cases = cases();
+    let cases = smollm2_cases();
     let receivers: Vec<_> = cases
         .iter()
         .map(|c| {
@@ -70,7 +37,7 @@ fn smollm2_f32_greedy_ids_of_every_case_batched() {
 
 /// Logprob of each reference token at every position after the prompt, the whole
 /// sequence fed in one step (teacher forcing), and whether it is the row's argmax.
-fn teacher_forced(model: &dyn CausalLM, case: &Case) -> (Vec<f64>, Vec<bool>, Vec<Vec<f64>>) {
+fn teacher_forced(model: &dyn CausalLM, case: &SmolLm2Case) -> (Vec<f64>, Vec<bool>, Vec<Vec<f64>>) {
     let tokens: Vec<u32> = case.prompt.iter().chain(&case.greedy).copied().collect();
     let blocks = tokens.len().div_ceil(BLOCK_SIZE);
     let mut kv: PagedKvCache = model.new_kv_cache(blocks, BLOCK_SIZE).expect("KV cache");
@@ -107,12 +74,12 @@ fn low_precision_tracks_f32(dtype: DType, label: &str) {
     let (f32_model, _) = load_causal_lm(&crate::args(smollm2_gguf(), DType::F32)).expect("SmolLM2 f32");
     let (low, _) = load_causal_lm(&crate::args(smollm2_gguf(), dtype)).expect("SmolLM2 low precision");
     let (mut worst_ref, mut worst, mut sum, mut n, mut agree) = (0.0f64, 0.0f64, 0.0f64, 0usize, 0usize);
-    for case in cases() {
+    for case in smollm2_cases() {
         let (lp32, ok32, all32) = teacher_forced(f32_model.as_ref(), &case);
         // float32 first: the reference's top-5 logprobs of the early steps, every argmax.
         for (step, top) in case.top.iter().enumerate() {
             for &(id, expected) in top {
-                worst_ref = worst_ref.max((all32[step][id] - expected).abs());
+                worst_ref = worst_ref.max((all32[step][id as usize] - expected).abs());
             }
         }
         assert!(ok32.iter().all(|&x| x), "case {}: float32 teacher-forced argmax", case.name);

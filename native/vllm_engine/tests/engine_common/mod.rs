@@ -24,7 +24,7 @@ use vllm_engine::{
 #[path = "../common/mod.rs"]
 mod model_files;
 #[allow(unused_imports)] // not every engine test loads the real model
-pub use model_files::smollm2_gguf;
+pub use model_files::{smollm2_cases, smollm2_gguf, SmolLm2Case};
 
 pub const VOCAB: usize = 49152;
 pub const EOS: u32 = 2;
