@@ -7,19 +7,7 @@
 // in a table of (A address, Bt address, rank) per (layer, target, slot), rank 0 where an
 // adapter has no pair for that target. Storage in float32/bfloat16/float16, sums in float32.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-template <typename T> __device__ __forceinline__ float lora_to_f(T x);
-template <> __device__ __forceinline__ float lora_to_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ float lora_to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <> __device__ __forceinline__ float lora_to_f<__half>(__half x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T lora_from_f(float x);
-template <> __device__ __forceinline__ float lora_from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 lora_from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half lora_from_f<__half>(float x) { return __float2half(x); }
+#include "common.cuh"
 
 #define LORA_TARGETS 7
 // Must match SHRINK_THREADS and EXPAND_THREADS in backend/cuda/lora.rs.
@@ -66,15 +54,14 @@ __device__ void lora_shrink(float* mid, const T* x, const uint32_t* row_slot, co
 #pragma unroll
         for (int jj = 0; jj < LORA_RANK_TILE; ++jj) acc[jj] = 0.f;
         for (int i = threadIdx.x; i < in_features; i += blockDim.x) {
-            const float xv = lora_to_f<T>(xr[i]);
+            const float xv = to_f<T>(xr[i]);
 #pragma unroll
             for (int jj = 0; jj < LORA_RANK_TILE; ++jj)
-                if (j0 + jj < rank) acc[jj] += xv * lora_to_f<T>(a[(long long)(j0 + jj) * in_features + i]);
+                if (j0 + jj < rank) acc[jj] += xv * to_f<T>(a[(long long)(j0 + jj) * in_features + i]);
         }
 #pragma unroll
         for (int jj = 0; jj < LORA_RANK_TILE; ++jj) {
-            float v = acc[jj];
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            const float v = warp_sum(acc[jj]);
             if (lane == 0) red[warp][jj] = v;
         }
         __syncthreads();
@@ -106,10 +93,10 @@ __device__ void lora_expand(T* y, const float* mid, const uint32_t* row_slot, co
     for (int j0 = 0; j0 < rank; j0 += LORA_RANK_TILE) {
 #pragma unroll
         for (int jj = 0; jj < LORA_RANK_TILE; ++jj)
-            if (j0 + jj < rank) acc += m[j0 + jj] * lora_to_f<T>(bt[(long long)(j0 + jj) * out_features]);
+            if (j0 + jj < rank) acc += m[j0 + jj] * to_f<T>(bt[(long long)(j0 + jj) * out_features]);
     }
     T* yr = y + (long long)r * y_width + parts.offset[p] + col;
-    *yr = lora_from_f<T>(lora_to_f<T>(*yr) + acc);
+    *yr = from_f<T>(to_f<T>(*yr) + acc);
 }
 
 #define LORA_INSTANTIATE(SUFFIX, T)                                                                                  \

@@ -9,32 +9,7 @@
 // Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]; position p of a
 // sequence lives in slot block_tables[seq * max_blocks + p / block_size] * block_size + p % block_size.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-template <typename T> __device__ __forceinline__ float to_f(T x);
-template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
-
-// Rounds through the storage type (a no-op for float32).
-template <typename T> __device__ __forceinline__ float round_t(float x) { return to_f<T>(from_f<T>(x)); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
+#include "common.cuh"
 
 // Sum over the whole block; every thread gets the result. `red` holds 33 floats.
 __device__ float block_sum(float v, float* red) {
@@ -588,15 +563,8 @@ __device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
             idx = i;
         }
     }
-    // Warp then block reduction: larger value wins, the lower index on equal values.
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (ov > v || (ov == v && oi < idx)) {
-            v = ov;
-            idx = oi;
-        }
-    }
+    // Warp then block reduction in argmax order.
+    warp_argmax(v, idx);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) {
         best_v[warp] = v;
@@ -607,14 +575,7 @@ __device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
         const int num_warps = blockDim.x >> 5;
         v = lane < num_warps ? best_v[lane] : -INFINITY;
         idx = lane < num_warps ? best_i[lane] : 0x7fffffff;
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-            if (ov > v || (ov == v && oi < idx)) {
-                v = ov;
-                idx = oi;
-            }
-        }
+        warp_argmax(v, idx);
         if (lane == 0) {
             out[blockIdx.x] = idx == 0x7fffffff ? 0u : (uint32_t)idx;
             out[gridDim.x + blockIdx.x] = __float_as_uint(v);
@@ -797,13 +758,6 @@ __device__ void gemv_fused(T* y, const T* x, const T* w, const T* norm_w, int n,
 #define ARGMAX_SPLITS 64
 #define ARGMAX_SPLIT_THREADS 256
 
-__device__ __forceinline__ void argmax_merge(float& v, int& idx, float ov, int oi) {
-    if (ov > v || (ov == v && oi < idx)) {
-        v = ov;
-        idx = oi;
-    }
-}
-
 template <typename T>
 __device__ void argmax_split(uint32_t* part, const T* logits, int vocab) {
     __shared__ float best_v[ARGMAX_SPLIT_THREADS / 32];
@@ -820,8 +774,7 @@ __device__ void argmax_split(uint32_t* part, const T* logits, int vocab) {
             idx = i;
         }
     }
-    for (int o = 16; o > 0; o >>= 1)
-        argmax_merge(v, idx, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, idx, o));
+    warp_argmax(v, idx);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) {
         best_v[warp] = v;
@@ -831,8 +784,7 @@ __device__ void argmax_split(uint32_t* part, const T* logits, int vocab) {
     if (warp == 0) {
         v = lane < (int)(blockDim.x >> 5) ? best_v[lane] : -INFINITY;
         idx = lane < (int)(blockDim.x >> 5) ? best_i[lane] : 0x7fffffff;
-        for (int o = 16; o > 0; o >>= 1)
-            argmax_merge(v, idx, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, idx, o));
+        warp_argmax(v, idx);
         if (lane == 0) {
             uint32_t* p = part + ((long long)blockIdx.x * gridDim.y + blockIdx.y) * 2;
             p[0] = (uint32_t)idx;
@@ -847,8 +799,7 @@ extern "C" __global__ void argmax_split_reduce(uint32_t* out, const uint32_t* pa
     float v = -INFINITY;
     int idx = 0x7fffffff;
     for (int s = threadIdx.x; s < splits; s += 32) argmax_merge(v, idx, __uint_as_float(p[2 * s + 1]), (int)p[2 * s]);
-    for (int o = 16; o > 0; o >>= 1)
-        argmax_merge(v, idx, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, idx, o));
+    warp_argmax(v, idx);
     if (threadIdx.x == 0) {
         out[blockIdx.x] = idx == 0x7fffffff ? 0u : (uint32_t)idx;
         out[gridDim.x + blockIdx.x] = __float_as_uint(v);

@@ -14,7 +14,7 @@
 // likely tokens whose mass reaches top_p. Thresholds are found by bisection over the
 // logits' order-preserving 32-bit keys; the draw walks the survivors in vocabulary order.
 
-#include <stdint.h>
+#include "common.cuh"
 
 #define SAMPLE_META 10
 #define SAMPLE_THREADS 1024
@@ -68,14 +68,13 @@ __device__ __forceinline__ uint32_t order_key(float x) {
 
 // Block-wide sums; every thread gets the result. `red` holds 32 values.
 __device__ float block_sum_f(float v, float* red) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    v = warp_sum(v);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     if (lane == 0) red[warp] = v;
     __syncthreads();
     v = lane < (int)(blockDim.x >> 5) ? red[lane] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
+    return warp_sum(v);
 }
 
 __device__ uint32_t block_sum_u(uint32_t v, uint32_t* red) {
@@ -99,14 +98,7 @@ __device__ void block_argmax(const float* x, int vocab, float* best_v, int* best
             idx = i;
         }
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (ov > v || (ov == v && oi < idx)) {
-            v = ov;
-            idx = oi;
-        }
-    }
+    warp_argmax(v, idx);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     if (lane == 0) {
@@ -116,14 +108,7 @@ __device__ void block_argmax(const float* x, int vocab, float* best_v, int* best
     __syncthreads();
     v = lane < (int)(blockDim.x >> 5) ? best_v[lane] : -INFINITY;
     idx = lane < (int)(blockDim.x >> 5) ? best_i[lane] : 0x7fffffff;
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (ov > v || (ov == v && oi < idx)) {
-            v = ov;
-            idx = oi;
-        }
-    }
+    warp_argmax(v, idx);
     *out_v = v;
     *out_i = idx == 0x7fffffff ? 0 : idx;
 }
