@@ -163,7 +163,13 @@ impl ModelRunner {
 
     /// A cache of the same geometry holding no memory.
     fn empty_kv(&self) -> PagedKvCache {
-        PagedKvCache::new(0, self.kv.num_blocks, self.kv.block_size, self.kv.num_kv_heads, self.kv.head_dim)
+        PagedKvCache::new(
+            0,
+            self.kv.num_blocks,
+            self.kv.block_size,
+            self.kv.num_kv_heads,
+            self.kv.head_dim,
+        )
     }
 
     /// The model's resident weight bytes (0 when the model does not know).
@@ -391,7 +397,11 @@ fn device_rows(
     if !seqs.iter().all(|s| crate::device_sampling::qualifies(s)) {
         return None;
     }
-    Some(seqs.iter().map(|s| crate::device_sampling::row_for(s, unseeded)).collect())
+    Some(
+        seqs.iter()
+            .map(|s| crate::device_sampling::row_for(s, unseeded))
+            .collect(),
+    )
 }
 
 /// The generator of unseeded device draws: seeded from the clock (unseeded requests are

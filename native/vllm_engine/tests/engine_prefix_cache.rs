@@ -7,7 +7,10 @@ use engine_common::*;
 use vllm_engine::{Engine, EngineArgs, RequestOutput, SamplingParams};
 
 fn case(name: &str) -> SmolLm2Case {
-    smollm2_cases().into_iter().find(|c| c.name == name).expect("fixture case")
+    smollm2_cases()
+        .into_iter()
+        .find(|c| c.name == name)
+        .expect("fixture case")
 }
 
 fn engine(prefix_caching: bool, max_num_batched_tokens: Option<usize>) -> Engine {

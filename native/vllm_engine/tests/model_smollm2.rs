@@ -126,7 +126,14 @@ fn smollm2_bf16_weights_follow_the_reference() {
     for case in smollm2_cases() {
         let mut kv = new_cache(&config, 32);
         let mut alloc = BlockAllocator::new(32);
-        let run = greedy(model.as_ref(), &mut kv, &mut alloc, &case.prompt, &[], case.greedy.len());
+        let run = greedy(
+            model.as_ref(),
+            &mut kv,
+            &mut alloc,
+            &case.prompt,
+            &[],
+            case.greedy.len(),
+        );
         assert_eq!(run.ids[0], case.greedy[0], "case {}: first greedy id", case.name);
         agree += run.ids.iter().zip(&case.greedy).take_while(|(a, b)| a == b).count();
         total += case.greedy.len();

@@ -146,7 +146,10 @@ fn dummy_qwen_shape_tp2_greedy_equals_one_gpu_in_f32() {
         assert_eq!(two.ids, one.ids, "{kv_heads} KV heads: greedy ids");
         let d = max_diff(&one.logits, &two.logits);
         let scale = max_abs(&one.logits);
-        assert!(d <= 1e-4 * scale.max(1.0), "{kv_heads} KV heads: logits differ by {d} (largest {scale})");
+        assert!(
+            d <= 1e-4 * scale.max(1.0),
+            "{kv_heads} KV heads: logits differ by {d} (largest {scale})"
+        );
     }
 }
 

@@ -11,18 +11,14 @@ use crate::error;
 fn message(term: Term) -> Result<ChatMessage> {
     let get = |key: &str| -> Option<String> {
         let env = term.get_env();
-        let by_atom = Atom::from_str(env, key)
-            .ok()
-            .and_then(|k| term.map_get(k).ok());
+        let by_atom = Atom::from_str(env, key).ok().and_then(|k| term.map_get(k).ok());
         let by_string = || {
             let mut owned = rustler::NewBinary::new(env, key.len());
             owned.as_mut_slice().copy_from_slice(key.as_bytes());
             let key_term: Term = rustler::Binary::from(owned).into();
             term.map_get(key_term).ok()
         };
-        by_atom
-            .or_else(by_string)
-            .and_then(|v| v.decode::<String>().ok())
+        by_atom.or_else(by_string).and_then(|v| v.decode::<String>().ok())
     };
     match (get("role"), get("content")) {
         (Some(role), Some(content)) => Ok(ChatMessage::new(role, content)),
@@ -47,11 +43,10 @@ fn apply_chat_template<'a>(
         .map_err(|_| EngineError::validation("messages must be a list of maps"))
         .and_then(|terms| terms.into_iter().map(message).collect::<Result<Vec<_>>>())
         .and_then(|msgs| {
-            resource.engine()?.tokenizer().apply_chat_template(
-                &msgs,
-                add_generation_prompt,
-                template.as_deref(),
-            )
+            resource
+                .engine()?
+                .tokenizer()
+                .apply_chat_template(&msgs, add_generation_prompt, template.as_deref())
         });
     error::reply(env, result)
 }

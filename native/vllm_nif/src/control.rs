@@ -36,10 +36,7 @@ fn engine_info<'a>(env: Env<'a>, resource: ResourceArc<EngineRef>) -> Term<'a> {
                     ("bos_token_id", c.and_then(|c| c.bos_token_id).encode(env)),
                     ("max_model_len", l.max_model_len.encode(env)),
                     ("max_num_seqs", l.max_num_seqs.encode(env)),
-                    (
-                        "max_num_batched_tokens",
-                        l.max_num_batched_tokens.encode(env),
-                    ),
+                    ("max_num_batched_tokens", l.max_num_batched_tokens.encode(env)),
                     ("block_size", l.block_size.encode(env)),
                     ("num_blocks", l.num_blocks.encode(env)),
                     (
@@ -107,11 +104,7 @@ fn counters<'a>(env: Env<'a>, resource: ResourceArc<EngineRef>) -> Term<'a> {
 /// `{:ok, reset?}`: forgets the cached prefixes (see `Engine::reset_prefix_cache`).
 /// DirtyIo: waits for the step in progress.
 #[rustler::nif(schedule = "DirtyIo")]
-fn reset_prefix_cache<'a>(
-    env: Env<'a>,
-    resource: ResourceArc<EngineRef>,
-    reset_running_requests: bool,
-) -> Term<'a> {
+fn reset_prefix_cache<'a>(env: Env<'a>, resource: ResourceArc<EngineRef>, reset_running_requests: bool) -> Term<'a> {
     error::reply(
         env,
         resource
@@ -137,16 +130,8 @@ fn sleep<'a>(env: Env<'a>, resource: ResourceArc<EngineRef>, level: u8) -> Term<
 
 /// DirtyIo: after a level-2 sleep this reloads the weights from disk.
 #[rustler::nif(schedule = "DirtyIo")]
-fn wake_up<'a>(
-    env: Env<'a>,
-    resource: ResourceArc<EngineRef>,
-    weights: bool,
-    kv_cache: bool,
-) -> Term<'a> {
-    unit_reply(
-        env,
-        resource.engine().and_then(|e| e.wake_up(weights, kv_cache)),
-    )
+fn wake_up<'a>(env: Env<'a>, resource: ResourceArc<EngineRef>, weights: bool, kv_cache: bool) -> Term<'a> {
+    unit_reply(env, resource.engine().and_then(|e| e.wake_up(weights, kv_cache)))
 }
 
 #[rustler::nif]
@@ -187,10 +172,7 @@ fn is_alive(resource: ResourceArc<EngineRef>) -> bool {
 fn monitor_owner<'a>(env: Env<'a>, resource: ResourceArc<EngineRef>, owner: LocalPid) -> Term<'a> {
     match resource.monitor(Some(env), &owner) {
         Some(_) => atoms::ok().encode(env),
-        None => error::reply::<()>(
-            env,
-            Err(EngineError::engine_dead("the owning process is not alive")),
-        ),
+        None => error::reply::<()>(env, Err(EngineError::engine_dead("the owning process is not alive"))),
     }
 }
 

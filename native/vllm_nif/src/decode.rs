@@ -48,10 +48,7 @@ fn require_map(term: Term, what: &str) -> Result<()> {
 }
 
 fn bad_type(what: &str, key: &str, expected: &str, term: Term) -> EngineError {
-    EngineError::validation(format!(
-        "{what} `{key}` must be {expected}, got {}",
-        show(term)
-    ))
+    EngineError::validation(format!("{what} `{key}` must be {expected}, got {}", show(term)))
 }
 
 /// `term.decode::<T>()`, except that an improper list (`[1 | 2]`) is a decode error:
@@ -64,12 +61,7 @@ pub fn proper<'a, T: Decoder<'a>>(term: Term<'a>) -> rustler::NifResult<T> {
 }
 
 /// Decodes `map[key]` as `T` when present; `expected` describes `T` in the error message.
-fn field<'a, T: Decoder<'a>>(
-    map: Term<'a>,
-    what: &str,
-    key: &str,
-    expected: &str,
-) -> Result<Option<T>> {
+fn field<'a, T: Decoder<'a>>(map: Term<'a>, what: &str, key: &str, expected: &str) -> Result<Option<T>> {
     match lookup(map, key) {
         None => Ok(None),
         Some(term) => proper::<T>(term)
@@ -96,9 +88,7 @@ fn count_field(map: Term, what: &str, key: &str) -> Result<Option<usize>> {
         None => Ok(None),
         Some(term) => match term.decode::<i64>() {
             Ok(v) if v >= 0 => Ok(Some(v as usize)),
-            Ok(v) => Err(EngineError::validation(format!(
-                "{what} `{key}` must be >= 0, got {v}"
-            ))),
+            Ok(v) => Err(EngineError::validation(format!("{what} `{key}` must be >= 0, got {v}"))),
             Err(_) => Err(bad_type(what, key, "a non-negative integer", term)),
         },
     }
@@ -113,9 +103,7 @@ pub fn engine_args(opts: Term) -> Result<EngineArgs> {
     const WHAT: &str = "engine option";
     require_map(opts, "engine options")?;
     let model = string_field(opts, WHAT, "model")?.ok_or_else(|| {
-        EngineError::validation(
-            "engine option `model` is required (a .gguf file or a model directory)",
-        )
+        EngineError::validation("engine option `model` is required (a .gguf file or a model directory)")
     })?;
     let mut args = EngineArgs::new(PathBuf::from(model));
     args.tokenizer = string_field(opts, WHAT, "tokenizer")?.map(PathBuf::from);
@@ -201,14 +189,7 @@ fn stop_strings(map: Term) -> Result<Vec<String>> {
             .decode::<String>()
             .map(|s| vec![s])
             .or_else(|_| proper::<Vec<String>>(term))
-            .map_err(|_| {
-                bad_type(
-                    "sampling param",
-                    "stop",
-                    "a string or a list of strings",
-                    term,
-                )
-            }),
+            .map_err(|_| bad_type("sampling param", "stop", "a string or a list of strings", term)),
     }
 }
 
@@ -345,18 +326,16 @@ pub fn prompt(term: Term) -> Result<Prompt> {
         let bin: Binary = term
             .decode()
             .map_err(|_| EngineError::validation("prompt must be a string"))?;
-        let text = std::str::from_utf8(bin.as_slice())
-            .map_err(|_| EngineError::validation("prompt must be valid UTF-8"))?;
+        let text =
+            std::str::from_utf8(bin.as_slice()).map_err(|_| EngineError::validation("prompt must be valid UTF-8"))?;
         return Ok(Prompt::Text(text.to_string()));
     }
-    proper::<Vec<u32>>(term)
-        .map(Prompt::TokenIds)
-        .map_err(|_| {
-            EngineError::validation(format!(
-                "prompt must be a string or a list of token ids (non-negative integers), got {}",
-                show(term)
-            ))
-        })
+    proper::<Vec<u32>>(term).map(Prompt::TokenIds).map_err(|_| {
+        EngineError::validation(format!(
+            "prompt must be a string or a list of token ids (non-negative integers), got {}",
+            show(term)
+        ))
+    })
 }
 
 /// The request id: a non-empty string.
@@ -381,9 +360,13 @@ pub fn priority(opts: Term) -> Result<i32> {
 pub fn lora_request_term(term: Term) -> Result<vllm_engine::lora::LoRARequest> {
     const WHAT: &str = "LoRA request";
     require_map(term, "a LoRA request")?;
-    let id = lookup(term, "lora_int_id")
-        .ok_or_else(|| EngineError::validation("LoRA request `lora_int_id` is required"))?;
-    crate::lora::lora_request(id, string_field(term, WHAT, "lora_name")?, string_field(term, WHAT, "lora_path")?)
+    let id =
+        lookup(term, "lora_int_id").ok_or_else(|| EngineError::validation("LoRA request `lora_int_id` is required"))?;
+    crate::lora::lora_request(
+        id,
+        string_field(term, WHAT, "lora_name")?,
+        string_field(term, WHAT, "lora_path")?,
+    )
 }
 
 /// The request option `lora_request` (nil or absent: the base model).

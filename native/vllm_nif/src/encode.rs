@@ -2,9 +2,7 @@
 //! built as maps with `__struct__` so Elixir receives them ready to use.
 
 use rustler::{Atom, Encoder, Env, Term};
-use vllm_engine::{
-    CompletionOutput, FinishReason, RequestMetrics, RequestOutput, StopReason, TokenLogprob,
-};
+use vllm_engine::{CompletionOutput, FinishReason, RequestMetrics, RequestOutput, StopReason, TokenLogprob};
 
 use vllm_engine::lora::LoRARequest;
 

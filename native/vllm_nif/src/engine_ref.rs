@@ -59,12 +59,7 @@ impl Drop for EngineRef {
 /// `{:vllm_engine_started, ref, {:ok, resource} | {:error, {category, message}}}` to
 /// `reply_to`. Returns `:ok`, or `{:error, reason}` at once for bad options.
 #[rustler::nif]
-fn engine_start<'a>(
-    env: Env<'a>,
-    opts: Term<'a>,
-    reply_to: LocalPid,
-    reference: Term<'a>,
-) -> Term<'a> {
+fn engine_start<'a>(env: Env<'a>, opts: Term<'a>, reply_to: LocalPid, reference: Term<'a>) -> Term<'a> {
     let args = match decode::engine_args(opts) {
         Ok(args) => args,
         Err(err) => return error::reply::<()>(env, Err(err)),
@@ -78,9 +73,7 @@ fn engine_start<'a>(
                 .unwrap_or_else(|payload| Err(error::panic_error("Engine::new", payload)))
                 .map(|engine| {
                     ENGINES_CREATED.fetch_add(1, Ordering::SeqCst);
-                    ResourceArc::new(EngineRef {
-                        engine: Some(engine),
-                    })
+                    ResourceArc::new(EngineRef { engine: Some(engine) })
                 });
             let _ = owned.send_and_clear(&reply_to, |env| {
                 (
@@ -95,9 +88,7 @@ fn engine_start<'a>(
         Ok(_) => atoms::ok().encode(env),
         Err(e) => error::reply::<()>(
             env,
-            Err(EngineError::internal(format!(
-                "cannot spawn the start thread: {e}"
-            ))),
+            Err(EngineError::internal(format!("cannot spawn the start thread: {e}"))),
         ),
     }
 }
@@ -211,9 +202,7 @@ fn vm_getenv(key: &str) -> Option<String> {
     let mut buf = vec![0u8; 64];
     let mut size: usize = buf.len();
     // SAFETY: key is NUL-terminated; buf has `size` writable bytes.
-    let rc = unsafe {
-        rustler::sys::enif_getenv(key.as_ptr(), buf.as_mut_ptr().cast(), &mut size)
-    };
+    let rc = unsafe { rustler::sys::enif_getenv(key.as_ptr(), buf.as_mut_ptr().cast(), &mut size) };
     // 0: found (size = its length); 1: longer than the buffer (not "1"); -1: unset.
     if rc != 0 || size > buf.len() {
         return None;

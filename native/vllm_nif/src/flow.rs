@@ -61,9 +61,7 @@ impl Flow {
             Some(pending) => merge(pending, output, self.kind),
             None => output,
         };
-        let unread = self
-            .sent
-            .saturating_sub(self.credit.consumed.load(Ordering::Relaxed));
+        let unread = self.sent.saturating_sub(self.credit.consumed.load(Ordering::Relaxed));
         if output.finished || unread < self.max_unread {
             self.sent += 1;
             Some(output)
@@ -81,11 +79,7 @@ fn merge(mut earlier: RequestOutput, later: RequestOutput, kind: OutputKind) -> 
         return later;
     }
     for completion in later.outputs {
-        match earlier
-            .outputs
-            .iter_mut()
-            .find(|c| c.index == completion.index)
-        {
+        match earlier.outputs.iter_mut().find(|c| c.index == completion.index) {
             Some(c) => {
                 c.text.push_str(&completion.text);
                 c.token_ids.extend_from_slice(&completion.token_ids);

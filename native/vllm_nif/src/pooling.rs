@@ -3,9 +3,7 @@
 //! `{:vllm_error, request_id, {category, message}}` to the owner pid.
 
 use rustler::{Atom, Encoder, Env, LocalPid, OwnedEnv, ResourceArc, Term, TermType};
-use vllm_engine::{
-    EngineError, PoolingOutput, PoolingParams, PoolingRequest, PoolingSink, PoolingTask, Result,
-};
+use vllm_engine::{EngineError, PoolingOutput, PoolingParams, PoolingRequest, PoolingSink, PoolingTask, Result};
 
 use crate::decode::{self, Prompt};
 use crate::engine_ref::EngineRef;
@@ -37,28 +35,16 @@ fn supported_tasks<'a>(env: Env<'a>, resource: ResourceArc<EngineRef>) -> Term<'
     error::reply(env, resource.engine().map(|e| e.supported_tasks()))
 }
 
-fn submit(
-    resource: &EngineRef,
-    request_id: Term,
-    prompt: Term,
-    task: Term,
-    params: Term,
-    to: Term,
-) -> Result<()> {
+fn submit(resource: &EngineRef, request_id: Term, prompt: Term, task: Term, params: Term, to: Term) -> Result<()> {
     let request_id = decode::request_id(request_id)?;
-    let task = PoolingTask::parse(&task.decode::<String>().map_err(|_| {
-        EngineError::validation(format!(
-            "pooling task must be a string, got {}",
-            decode::show(task)
-        ))
-    })?)?;
+    let task =
+        PoolingTask::parse(&task.decode::<String>().map_err(|_| {
+            EngineError::validation(format!("pooling task must be a string, got {}", decode::show(task)))
+        })?)?;
     let params = pooling_params(params)?;
-    let owner = to.decode::<LocalPid>().map_err(|_| {
-        EngineError::validation(format!(
-            "`to` must be a local pid, got {}",
-            decode::show(to)
-        ))
-    })?;
+    let owner = to
+        .decode::<LocalPid>()
+        .map_err(|_| EngineError::validation(format!("`to` must be a local pid, got {}", decode::show(to))))?;
     let engine = resource.engine()?;
     let (ids, types) = match text_pair(prompt)? {
         Some((a, b)) => {
@@ -159,12 +145,7 @@ impl PoolingPidSink {
 
 /// Sends from any thread: OwnedEnv cannot send from a scheduler thread, so that case goes
 /// through a short-lived thread (the engine answers from its own threads in practice).
-fn deliver(
-    env: &mut OwnedEnv,
-    to: LocalPid,
-    request_id: String,
-    message: Result<PoolingOutput>,
-) -> bool {
+fn deliver(env: &mut OwnedEnv, to: LocalPid, request_id: String, message: Result<PoolingOutput>) -> bool {
     if rustler::thread::is_scheduler_thread() {
         std::thread::spawn(move || {
             let mut env = OwnedEnv::new();
@@ -173,48 +154,25 @@ fn deliver(
         return true;
     }
     env.send_and_clear(&to, |env| match &message {
-        Ok(output) => (
-            atoms::vllm_pooling(),
-            request_id.as_str(),
-            output_term(env, output),
-        )
-            .encode(env),
-        Err(err) => (
-            atoms::vllm_error(),
-            request_id.as_str(),
-            error::reason_term(env, err),
-        )
-            .encode(env),
+        Ok(output) => (atoms::vllm_pooling(), request_id.as_str(), output_term(env, output)).encode(env),
+        Err(err) => (atoms::vllm_error(), request_id.as_str(), error::reason_term(env, err)).encode(env),
     })
     .is_ok()
 }
 
 impl PoolingSink for PoolingPidSink {
     fn send(&mut self, output: PoolingOutput) -> bool {
-        deliver(
-            &mut self.env,
-            self.owner,
-            self.request_id.clone(),
-            Ok(output),
-        )
+        deliver(&mut self.env, self.owner, self.request_id.clone(), Ok(output))
     }
     fn fail(&mut self, error: EngineError) {
-        deliver(
-            &mut self.env,
-            self.owner,
-            self.request_id.clone(),
-            Err(error),
-        );
+        deliver(&mut self.env, self.owner, self.request_id.clone(), Err(error));
     }
 }
 
 fn struct_term<'a>(env: Env<'a>, module: &str, pairs: &[(&str, Term<'a>)]) -> Term<'a> {
     let mut map = rustler::types::map::map_new(env);
-    let entries = std::iter::once((
-        "__struct__",
-        Atom::from_str(env, module).map(|a| a.encode(env)),
-    ))
-    .chain(pairs.iter().map(|(k, v)| (*k, Ok(*v))));
+    let entries = std::iter::once(("__struct__", Atom::from_str(env, module).map(|a| a.encode(env))))
+        .chain(pairs.iter().map(|(k, v)| (*k, Ok(*v))));
     for (key, value) in entries {
         if let (Ok(atom), Ok(value)) = (Atom::from_str(env, key), value) {
             if let Ok(next) = map.map_put(atom, value) {
@@ -230,23 +188,14 @@ fn struct_term<'a>(env: Env<'a>, module: &str, pairs: &[(&str, Term<'a>)]) -> Te
 fn output_term<'a>(env: Env<'a>, output: &PoolingOutput) -> Term<'a> {
     let data: Vec<f64> = output.data.iter().map(|&x| x as f64).collect();
     let inner = match output.task {
-        PoolingTask::Encode | PoolingTask::Embed => struct_term(
-            env,
-            "Elixir.Vllm.EmbeddingOutput",
-            &[("embedding", data.encode(env))],
-        ),
-        PoolingTask::Classify => struct_term(
-            env,
-            "Elixir.Vllm.ClassificationOutput",
-            &[("probs", data.encode(env))],
-        ),
+        PoolingTask::Encode | PoolingTask::Embed => {
+            struct_term(env, "Elixir.Vllm.EmbeddingOutput", &[("embedding", data.encode(env))])
+        }
+        PoolingTask::Classify => struct_term(env, "Elixir.Vllm.ClassificationOutput", &[("probs", data.encode(env))]),
         PoolingTask::Score => struct_term(
             env,
             "Elixir.Vllm.ScoringOutput",
-            &[(
-                "score",
-                data.first().copied().unwrap_or(f64::NAN).encode(env),
-            )],
+            &[("score", data.first().copied().unwrap_or(f64::NAN).encode(env))],
         ),
     };
     struct_term(

@@ -30,12 +30,8 @@ fn add_request<'a>(
 }
 
 fn pid_arg(term: Term, what: &str) -> Result<LocalPid> {
-    term.decode::<LocalPid>().map_err(|_| {
-        EngineError::validation(format!(
-            "{what} must be a local pid, got {}",
-            decode::show(term)
-        ))
-    })
+    term.decode::<LocalPid>()
+        .map_err(|_| EngineError::validation(format!("{what} must be a local pid, got {}", decode::show(term))))
 }
 
 fn submit(
@@ -56,9 +52,7 @@ fn submit(
         .ok()
         .and_then(|k| request_opts.map_get(k).ok())
     {
-        Some(term) if term.decode::<Atom>().ok() != Some(atoms::nil()) => {
-            Some(pid_arg(term, "`watcher`")?)
-        }
+        Some(term) if term.decode::<Atom>().ok() != Some(atoms::nil()) => Some(pid_arg(term, "`watcher`")?),
         _ => None,
     };
     let flow = flow(request_opts, sampling.output_kind)?;

@@ -63,18 +63,8 @@ fn deliver(env: &mut OwnedEnv, to: &LocalPid, request_id: &str, message: Message
         return true;
     }
     env.send_and_clear(to, |env| match &message {
-        Message::Output(output) => (
-            atoms::vllm(),
-            request_id,
-            encode::request_output(env, output),
-        )
-            .encode(env),
-        Message::Failure(err) => (
-            atoms::vllm_error(),
-            request_id,
-            error::reason_term(env, err),
-        )
-            .encode(env),
+        Message::Output(output) => (atoms::vllm(), request_id, encode::request_output(env, output)).encode(env),
+        Message::Failure(err) => (atoms::vllm_error(), request_id, error::reason_term(env, err)).encode(env),
         Message::Done => (atoms::vllm_request_done(), request_id).encode(env),
     })
     .is_ok()
@@ -91,12 +81,7 @@ impl OutputSink for PidSink {
             None => output,
         };
         let finished = output.finished;
-        let alive = deliver(
-            &mut self.env,
-            &self.owner,
-            &self.request_id,
-            Message::Output(output),
-        );
+        let alive = deliver(&mut self.env, &self.owner, &self.request_id, Message::Output(output));
         if finished || !alive {
             self.notify_done();
         }
@@ -104,12 +89,7 @@ impl OutputSink for PidSink {
     }
 
     fn fail(&mut self, err: EngineError) {
-        deliver(
-            &mut self.env,
-            &self.owner,
-            &self.request_id,
-            Message::Failure(err),
-        );
+        deliver(&mut self.env, &self.owner, &self.request_id, Message::Failure(err));
         self.notify_done();
     }
 }

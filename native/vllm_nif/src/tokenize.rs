@@ -9,37 +9,17 @@ use crate::error;
 
 /// `{:ok, [token_id]}` for `text`.
 #[rustler::nif(schedule = "DirtyCpu")]
-fn encode<'a>(
-    env: Env<'a>,
-    resource: ResourceArc<EngineRef>,
-    text: Term<'a>,
-    add_special_tokens: bool,
-) -> Term<'a> {
+fn encode<'a>(env: Env<'a>, resource: ResourceArc<EngineRef>, text: Term<'a>, add_special_tokens: bool) -> Term<'a> {
     let result = text
         .decode::<String>()
-        .map_err(|_| {
-            EngineError::validation(format!(
-                "text must be a string, got {}",
-                crate::decode::show(text)
-            ))
-        })
-        .and_then(|text| {
-            resource
-                .engine()?
-                .tokenizer()
-                .encode(&text, add_special_tokens)
-        });
+        .map_err(|_| EngineError::validation(format!("text must be a string, got {}", crate::decode::show(text))))
+        .and_then(|text| resource.engine()?.tokenizer().encode(&text, add_special_tokens));
     error::reply(env, result)
 }
 
 /// `{:ok, text}` for a list of token ids.
 #[rustler::nif(schedule = "DirtyCpu")]
-fn decode<'a>(
-    env: Env<'a>,
-    resource: ResourceArc<EngineRef>,
-    ids: Term<'a>,
-    skip_special_tokens: bool,
-) -> Term<'a> {
+fn decode<'a>(env: Env<'a>, resource: ResourceArc<EngineRef>, ids: Term<'a>, skip_special_tokens: bool) -> Term<'a> {
     let result = crate::decode::proper::<Vec<u32>>(ids)
         .map_err(|_| {
             EngineError::validation(format!(

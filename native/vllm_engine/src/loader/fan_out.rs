@@ -18,10 +18,20 @@ use crate::models::tensor_parallel::{Shard, ShardSpec};
 const MAX_HELD: usize = 4;
 
 enum Request {
-    Tensor { rank: usize, name: String, shape: Vec<usize>, reply: Sender<Result<Tensor>> },
-    Contains { name: String, reply: Sender<bool> },
+    Tensor {
+        rank: usize,
+        name: String,
+        shape: Vec<usize>,
+        reply: Sender<Result<Tensor>>,
+    },
+    Contains {
+        name: String,
+        reply: Sender<bool>,
+    },
     /// The rank's loader returned (done or failed): it takes nothing more.
-    Finished { rank: usize },
+    Finished {
+        rank: usize,
+    },
 }
 
 /// The source as rank `rank` sees it: shards, fetched from the loading thread.
@@ -37,14 +47,24 @@ impl WeightSource for RankView {
         let shape = self.spec.whole_shape(name, self.rank, shape);
         let name = name.to_string();
         self.requests
-            .send(Request::Tensor { rank: self.rank, name, shape, reply })
+            .send(Request::Tensor {
+                rank: self.rank,
+                name,
+                shape,
+                reply,
+            })
             .map_err(|_| EngineError::internal("the weight loader stopped"))?;
-        answer.recv().map_err(|_| EngineError::internal("the weight loader stopped"))?
+        answer
+            .recv()
+            .map_err(|_| EngineError::internal("the weight loader stopped"))?
     }
 
     fn contains(&self, name: &str) -> bool {
         let (reply, answer) = unbounded();
-        let sent = self.requests.send(Request::Contains { name: name.to_string(), reply });
+        let sent = self.requests.send(Request::Contains {
+            name: name.to_string(),
+            reply,
+        });
         sent.is_ok() && answer.recv().unwrap_or(false)
     }
 }
@@ -65,7 +85,11 @@ pub fn load_sharded<M: Send>(
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..spec.size)
             .map(|rank| {
-                let mut view = RankView { rank, spec: spec.clone(), requests: requests.clone() };
+                let mut view = RankView {
+                    rank,
+                    spec: spec.clone(),
+                    requests: requests.clone(),
+                };
                 let load_rank = &load_rank;
                 s.spawn(move || load_rank(rank, &mut view))
             })
@@ -113,11 +137,22 @@ fn serve(source: &mut dyn WeightSource, spec: &ShardSpec, incoming: Receiver<Req
         while progress {
             progress = false;
             for _ in 0..parked.len() {
-                let Some(Request::Tensor { rank, name, shape, reply }) = parked.pop_front() else {
+                let Some(Request::Tensor {
+                    rank,
+                    name,
+                    shape,
+                    reply,
+                }) = parked.pop_front()
+                else {
                     continue;
                 };
                 if !held.contains_key(&name) && held.len() >= MAX_HELD {
-                    parked.push_back(Request::Tensor { rank, name, shape, reply });
+                    parked.push_back(Request::Tensor {
+                        rank,
+                        name,
+                        shape,
+                        reply,
+                    });
                     continue;
                 }
                 progress = true;
@@ -139,7 +174,13 @@ fn take(
 ) -> Result<Tensor> {
     if !held.contains_key(name) {
         let tensor = source.tensor(name, shape)?;
-        held.insert(name.to_string(), Held { tensor, waiting: live.to_vec() });
+        held.insert(
+            name.to_string(),
+            Held {
+                tensor,
+                waiting: live.to_vec(),
+            },
+        );
     }
     let entry = held
         .get_mut(name)
@@ -221,7 +262,11 @@ mod tests {
             let models = load_sharded(&mut source, &spec, |rank, view| {
                 assert!(!view.contains("lm_head.weight"));
                 for (i, (name, whole)) in NAMES.iter().enumerate() {
-                    let name = if i >= 3 { format!("{name}.{i}") } else { name.to_string() };
+                    let name = if i >= 3 {
+                        format!("{name}.{i}")
+                    } else {
+                        name.to_string()
+                    };
                     let shape = spec.shard_shape(&name, rank, whole);
                     let t = view.tensor(&name, &shape)?;
                     assert_eq!(t.dims(), shape.as_slice(), "{name} rank {rank}");

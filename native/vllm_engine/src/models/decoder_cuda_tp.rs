@@ -93,7 +93,10 @@ impl TpDecoderLM {
         let rank_config = spec.rank_config(&config);
         let mut ranks = load_sharded(weights, &spec, |rank, view| {
             bind(&devices[rank])?;
-            let mut view = ViaHost { inner: view, device: &devices[rank] };
+            let mut view = ViaHost {
+                inner: view,
+                device: &devices[rank],
+            };
             CudaDecoderLM::load(rank_config.clone(), &mut view, &devices[rank], dtype)
         })?;
         bind(first)?;
@@ -104,7 +107,12 @@ impl TpDecoderLM {
             "tensor parallel over {size} GPUs from cuda:{ordinal} (NCCL {})",
             nccl::version().unwrap_or(0)
         );
-        Ok(TpDecoderLM { config, devices, ranks, other_caches: Mutex::new(Vec::new()) })
+        Ok(TpDecoderLM {
+            config,
+            devices,
+            ranks,
+            other_caches: Mutex::new(Vec::new()),
+        })
     }
 
     /// Runs `step` on every rank at once (rank 0 here, the others on threads of their own)
@@ -139,7 +147,12 @@ impl TpDecoderLM {
                 match h.join() {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => return Err(EngineError::new(e.category, format!("rank {}: {}", i + 1, e.message))),
-                    Err(_) => return Err(EngineError::internal(format!("tensor-parallel rank {} panicked", i + 1))),
+                    Err(_) => {
+                        return Err(EngineError::internal(format!(
+                            "tensor-parallel rank {} panicked",
+                            i + 1
+                        )))
+                    }
                 }
             }
             first

@@ -151,12 +151,12 @@ pub mod bert;
 pub mod decoder;
 #[cfg(feature = "cuda")]
 pub mod decoder_cuda;
-pub mod encoder;
-pub mod layers;
-pub mod tensor_parallel;
 #[cfg(feature = "cuda")]
 pub mod decoder_cuda_tp;
+pub mod encoder;
+pub mod layers;
 pub mod opt;
+pub mod tensor_parallel;
 
 pub use bert::BertModel;
 pub use decoder::DecoderLM;

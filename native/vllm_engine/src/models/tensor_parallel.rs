@@ -31,11 +31,7 @@ impl ShardSpec {
     /// Checks that `size` ranks divide the model evenly (`:validation` naming the
     /// dimension that does not).
     pub fn new(config: &ModelConfig, size: usize) -> Result<Self> {
-        let bad = |what: String| {
-            Err(EngineError::validation(format!(
-                "tensor_parallel_size {size}: {what}"
-            )))
-        };
+        let bad = |what: String| Err(EngineError::validation(format!("tensor_parallel_size {size}: {what}")));
         if size == 0 {
             return bad("must be at least 1".into());
         }
@@ -45,15 +41,10 @@ impl ShardSpec {
             return bad(format!("does not divide the {heads} attention heads"));
         }
         if kv == 0 || !(kv.is_multiple_of(size) || size.is_multiple_of(kv)) {
-            return bad(format!(
-                "{kv} KV heads are neither a multiple nor a divisor of it"
-            ));
+            return bad(format!("{kv} KV heads are neither a multiple nor a divisor of it"));
         }
         if !config.intermediate_size.is_multiple_of(size) {
-            return bad(format!(
-                "does not divide the MLP width {}",
-                config.intermediate_size
-            ));
+            return bad(format!("does not divide the MLP width {}", config.intermediate_size));
         }
         Ok(ShardSpec {
             size,
@@ -220,7 +211,12 @@ mod tests {
         }
         let rank = spec.rank_config(&config(4, 2, 16, 128));
         assert_eq!(
-            (rank.num_attention_heads, rank.num_key_value_heads, rank.intermediate_size, rank.hidden_size),
+            (
+                rank.num_attention_heads,
+                rank.num_key_value_heads,
+                rank.intermediate_size,
+                rank.hidden_size
+            ),
             (2, 1, 64, 64)
         );
     }
@@ -257,7 +253,10 @@ mod tests {
         assert_eq!(spec.kv_heads_per_rank(), 1);
         let k = "model.layers.3.self_attn.k_proj.weight";
         let got: Vec<Shard> = (0..4).map(|r| spec.shard(k, r)).collect();
-        assert_eq!(got, vec![slice(0, 0, 16), slice(0, 0, 16), slice(0, 16, 16), slice(0, 16, 16)]);
+        assert_eq!(
+            got,
+            vec![slice(0, 0, 16), slice(0, 0, 16), slice(0, 16, 16), slice(0, 16, 16)]
+        );
         for r in 0..4 {
             // Query head r reads KV head r / group in the whole model.
             let group = 4 / 2;

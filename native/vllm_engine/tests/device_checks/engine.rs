@@ -10,7 +10,11 @@ use crate::engine_common::{assert_all_blocks_free, collect, final_tokens, submit
 fn tiny(name: &str) -> (std::path::PathBuf, Vec<u32>, Vec<u32>) {
     let dir = crate::common::fixtures_dir().join("tiny").join(name);
     let reference = read_json(dir.join("reference.json"));
-    (dir, u32s(&reference["prompt_token_ids"]), u32s(&reference["greedy_token_ids"]))
+    (
+        dir,
+        u32s(&reference["prompt_token_ids"]),
+        u32s(&reference["greedy_token_ids"]),
+    )
 }
 
 fn engine(dir: std::path::PathBuf, f: impl FnOnce(&mut vllm_engine::EngineArgs)) -> Engine {
@@ -79,8 +83,10 @@ fn decode_graphs_are_captured_again_after_sleep_and_wake_up() {
         p.ignore_eos = true;
         p
     };
-    let requests: Vec<(&str, Vec<u32>, SamplingParams)> =
-        ["a", "b", "c"].iter().map(|id| (*id, prompt.clone(), greedy())).collect();
+    let requests: Vec<(&str, Vec<u32>, SamplingParams)> = ["a", "b", "c"]
+        .iter()
+        .map(|id| (*id, prompt.clone(), greedy()))
+        .collect();
     for phase in ["before sleeping", "after sleep(1)", "after sleep(2)"] {
         match phase {
             "after sleep(1)" => e.sleep(1).expect("sleep 1"),

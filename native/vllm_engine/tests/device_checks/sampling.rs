@@ -128,12 +128,21 @@ fn candidates(logits: &[f32], r: &DeviceSampleRow) -> Vec<(u32, f64)> {
 /// on the CPU the oracle's. Also returns the logits the picks came from.
 fn sample(s: &mut Setup, rows: &[DeviceSampleRow]) -> (Vec<u32>, Vec<Vec<f32>>) {
     let b = batch(&s.prompt, rows.len());
-    let logits = s.model.forward(&b, &mut s.kv).expect("forward").to_vec2::<f32>().expect("logits");
+    let logits = s
+        .model
+        .forward(&b, &mut s.kv)
+        .expect("forward")
+        .to_vec2::<f32>()
+        .expect("logits");
     match s.model.forward_sample(&b, &mut s.kv, rows).expect("forward_sample") {
         Some((ids, raw)) => {
             assert_eq!(ids.len(), rows.len());
             for ((&id, &v), l) in ids.iter().zip(&raw).zip(&logits) {
-                assert!((v - l[id as usize]).abs() < 1e-4, "reported logit {v} vs {}", l[id as usize]);
+                assert!(
+                    (v - l[id as usize]).abs() < 1e-4,
+                    "reported logit {v} vs {}",
+                    l[id as usize]
+                );
             }
             (ids, logits)
         }
@@ -257,7 +266,11 @@ fn draws_follow_the_filtered_distribution_and_repeat() {
     }
     let reference = row(filters);
     let cands = candidates(&logits_seen[0], &reference);
-    assert!(cands.len() > 3, "the filters left {} tokens: too few to test a draw", cands.len());
+    assert!(
+        cands.len() > 3,
+        "the filters left {} tokens: too few to test a draw",
+        cands.len()
+    );
     assert!(cands.len() <= 40, "top_k 40 kept {}", cands.len());
     let allowed: std::collections::HashMap<u32, f64> = cands.iter().copied().collect();
     let mut counts: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
@@ -267,8 +280,14 @@ fn draws_follow_the_filtered_distribution_and_repeat() {
     }
     for (&id, &p) in &allowed {
         let freq = counts.get(&id).copied().unwrap_or(0) as f64 / DRAWS as f64;
-        assert!((freq - p).abs() < 0.01, "token {id}: drawn {freq:.4}, probability {p:.4}");
+        assert!(
+            (freq - p).abs() < 0.01,
+            "token {id}: drawn {freq:.4}, probability {p:.4}"
+        );
     }
     let agree = picks.iter().filter(|(a, b)| a == b).count();
-    assert!(agree * 100 >= DRAWS * 99, "device and host picks agree on {agree}/{DRAWS} draws");
+    assert!(
+        agree * 100 >= DRAWS * 99,
+        "device and host picks agree on {agree}/{DRAWS} draws"
+    );
 }

@@ -54,7 +54,11 @@ fn teacher_forced(model: &dyn CausalLM, case: &SmolLm2Case) -> (Vec<f64>, Vec<bo
         token_ids: tokens.clone(),
         positions: (0..tokens.len()).collect(),
     };
-    let rows = model.forward(&batch, &mut kv).expect("forward").to_vec2::<f32>().expect("logits");
+    let rows = model
+        .forward(&batch, &mut kv)
+        .expect("forward")
+        .to_vec2::<f32>()
+        .expect("logits");
     assert_eq!(rows.len(), tokens.len());
     let first = case.prompt.len() - 1;
     let mut logprobs = Vec::new();
@@ -82,7 +86,11 @@ fn low_precision_tracks_f32(dtype: DType, label: &str) {
                 worst_ref = worst_ref.max((all32[step][id as usize] - expected).abs());
             }
         }
-        assert!(ok32.iter().all(|&x| x), "case {}: float32 teacher-forced argmax", case.name);
+        assert!(
+            ok32.iter().all(|&x| x),
+            "case {}: float32 teacher-forced argmax",
+            case.name
+        );
         let (lp, ok, _) = teacher_forced(low.as_ref(), &case);
         for (a, b) in lp.iter().zip(&lp32) {
             let err = (a - b).abs();
@@ -98,7 +106,10 @@ fn low_precision_tracks_f32(dtype: DType, label: &str) {
         "SmolLM2 {label}: reference-token logprob error vs float32 max {worst:.4}, mean {mean:.4}; argmax = reference at {agree}/{n} ({:.1}%); float32 vs HF top-5 max {worst_ref:.2e}",
         100.0 * rate
     );
-    assert!(worst_ref < 1e-3, "float32 top-5 logprobs off the reference by {worst_ref}");
+    assert!(
+        worst_ref < 1e-3,
+        "float32 top-5 logprobs off the reference by {worst_ref}"
+    );
     assert!(worst < 0.1, "{label}: a reference token's logprob is off by {worst}");
     assert!(mean < 0.03, "{label}: mean logprob error {mean}");
     assert!(rate >= 0.9, "{label}: argmax = reference at {:.1}%", 100.0 * rate);

@@ -187,7 +187,15 @@ impl Kernel for AttendGroup<'_> {
     type Output = ();
     #[inline(always)]
     fn run(self) {
-        let AttendGroup { shape, q, token, kv_head, layer, scores, out } = self;
+        let AttendGroup {
+            shape,
+            q,
+            token,
+            kv_head,
+            layer,
+            scores,
+            out,
+        } = self;
         shape.attend_group(q, token, kv_head, layer, scores, out)
     }
 }

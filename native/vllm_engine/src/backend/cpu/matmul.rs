@@ -252,7 +252,16 @@ impl PackedMatrix {
 /// As the microkernels: `x` holds rows × k floats, `panel` k × 32 floats (64-byte
 /// aligned), `out` rows at stride `ldo` with `width` writable columns.
 #[allow(clippy::too_many_arguments)]
-unsafe fn panel_block(isa: Isa, rows: usize, x: *const f32, k: usize, panel: *const f32, out: *mut f32, ldo: usize, width: usize) {
+unsafe fn panel_block(
+    isa: Isa,
+    rows: usize,
+    x: *const f32,
+    k: usize,
+    panel: *const f32,
+    out: *mut f32,
+    ldo: usize,
+    width: usize,
+) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => super::matmul_x86::block_avx512(rows, x, k, panel, out, ldo, width),
@@ -299,7 +308,16 @@ impl PanelBuffer {
         let mut i = 0;
         while i < m {
             let rows = max_rows.min(m - i);
-            panel_block(isa, rows, x.add(i * self.k), self.k, panel, out.add(i * ldo), ldo, width);
+            panel_block(
+                isa,
+                rows,
+                x.add(i * self.k),
+                self.k,
+                panel,
+                out.add(i * ldo),
+                ldo,
+                width,
+            );
             i += rows;
         }
     }

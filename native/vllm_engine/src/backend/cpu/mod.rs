@@ -2,10 +2,10 @@
 
 pub mod attention;
 pub mod encoder_attention;
-pub mod qmatmul;
-pub mod qmatmul_avx2;
-pub mod phase_timer;
 pub mod matmul;
 pub mod matmul_x86;
-pub mod simd;
+pub mod phase_timer;
+pub mod qmatmul;
+pub mod qmatmul_avx2;
 pub mod qmatmul_vnni;
+pub mod simd;

@@ -172,24 +172,22 @@ impl QuantMatrix {
         let dtype = self.q.dtype();
         let mut out = vec![0.0f32; m * rows];
         let out_ptr = OutPtr(out.as_mut_ptr());
-        (0..rows.div_ceil(PANEL))
-            .into_par_iter()
-            .for_each_init(
-                || (PanelBuffer::new(cols), vec![0.0f32; cols]),
-                |(panel, row), p| {
-                    let width = PANEL.min(rows - p * PANEL);
-                    let f = panel.as_mut_f32();
-                    for j in 0..width {
-                        let r = p * PANEL + j;
-                        decode_row(dtype, &data[r * row_bytes..(r + 1) * row_bytes], row);
-                        for (kk, &v) in row.iter().enumerate() {
-                            f[kk * PANEL + j] = v;
-                        }
+        (0..rows.div_ceil(PANEL)).into_par_iter().for_each_init(
+            || (PanelBuffer::new(cols), vec![0.0f32; cols]),
+            |(panel, row), p| {
+                let width = PANEL.min(rows - p * PANEL);
+                let f = panel.as_mut_f32();
+                for j in 0..width {
+                    let r = p * PANEL + j;
+                    decode_row(dtype, &data[r * row_bytes..(r + 1) * row_bytes], row);
+                    for (kk, &v) in row.iter().enumerate() {
+                        f[kk * PANEL + j] = v;
                     }
-                    // SAFETY: x is [m, cols]; each task writes columns p*32.. of its own panel.
-                    unsafe { panel.product(x.as_ptr(), m, out_ptr.get().add(p * PANEL), rows, width) };
-                },
-            );
+                }
+                // SAFETY: x is [m, cols]; each task writes columns p*32.. of its own panel.
+                unsafe { panel.product(x.as_ptr(), m, out_ptr.get().add(p * PANEL), rows, width) };
+            },
+        );
         out
     }
 

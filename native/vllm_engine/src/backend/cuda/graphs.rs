@@ -339,8 +339,8 @@ impl DecodeGraphs {
         // and their expand must add before SiLU·mul, which the fused epilogues hide.
         let fused = lora.is_none()
             && [hidden, inter, m.q_width()]
-            .iter()
-            .all(|&inner| ops::gemv_fits(k, dt, b, inner));
+                .iter()
+                .all(|&inner| ops::gemv_fits(k, dt, b, inner));
         for (i, layer) in m.layers.iter().enumerate() {
             if fused {
                 ops::launch_gemv_fused(

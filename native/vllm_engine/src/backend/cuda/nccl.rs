@@ -97,7 +97,12 @@ pub fn init_group(devices: &[Device]) -> Result<Vec<RankComm>> {
         .into_iter()
         .zip(streams)
         .enumerate()
-        .map(|(rank, (comm, stream))| RankComm { comm, stream, rank, skip })
+        .map(|(rank, (comm, stream))| RankComm {
+            comm,
+            stream,
+            rank,
+            skip,
+        })
         .collect())
 }
 

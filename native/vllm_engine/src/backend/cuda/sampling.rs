@@ -77,7 +77,12 @@ impl DeviceSampler {
         };
         // SAFETY: sample_rows writes all 2 * n values.
         let out = unsafe { Tensor::empty(2 * n, DType::U32, logits.device())? };
-        let (o, w, r, m) = (device_ptr(&out)?, device_ptr(&work)?, device_ptr(&raw)?, device_ptr(&meta)?);
+        let (o, w, r, m) = (
+            device_ptr(&out)?,
+            device_ptr(&work)?,
+            device_ptr(&raw)?,
+            device_ptr(&meta)?,
+        );
         let mut b = self.stream.launch_builder(&self.sample);
         b.arg(&o).arg(&w).arg(&r).arg(&m).arg(&vocab_i);
         unsafe { b.launch(config(n, SAMPLE_THREADS)) }.map_err(|e| launch_err("sample_rows", e))?;
