@@ -27,14 +27,7 @@ else
   export LIBRARY_PATH=$home/lib/stubs:$home/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 fi
 export CUDA_ROOT=$CUDA_HOME CUDA_PATH=$CUDA_HOME
-# -lnvrtc, -lcurand, -lcudart need unversioned names; the wheels ship only versioned ones.
-ln -sf ../libnvrtc.so.13 "$CUDA_HOME/lib/stubs/libnvrtc.so"
-ln -sf ../libcurand.so.10 "$CUDA_HOME/lib/stubs/libcurand.so"
-ln -sf ../libcudart.so.13 "$CUDA_HOME/lib/stubs/libcudart.so"
-# NCCL (tensor parallel) is only linked against here: a symbol-less stand-in named like the
-# real one; the GPU machine's nvidia-nccl wheel resolves it at load time (setup.sh).
-[ -f "$CUDA_HOME/lib/stubs/libnccl.so" ] ||
-  echo "" | gcc -shared -x c - -o "$CUDA_HOME/lib/stubs/libnccl.so" -Wl,-soname,libnccl.so.2
+. bench/gpu/link-stubs.sh
 echo "==> cargo build --features cuda (engine binaries, device test binaries, NIF)"
 cargo build --release --features cuda -p vllm_engine --bins
 cargo test --release --features cuda -p vllm_engine --test model_device --test device_checks --test model_tensor_parallel --no-run

@@ -8,14 +8,7 @@ root=$(pwd)
 shared=${SHARED_DIR:-../shared}
 eval "$("$shared/tools/cuda-toolkit.sh")"
 export CUDA_ROOT=$CUDA_HOME CUDA_PATH=$CUDA_HOME
-# -lnvrtc, -lcurand, -lcudart need unversioned names; the wheels ship only versioned ones.
-ln -sf ../libnvrtc.so.13 "$CUDA_HOME/lib/stubs/libnvrtc.so"
-ln -sf ../libcurand.so.10 "$CUDA_HOME/lib/stubs/libcurand.so"
-ln -sf ../libcudart.so.13 "$CUDA_HOME/lib/stubs/libcudart.so"
-# NCCL (tensor parallel) is only linked against here: a symbol-less stand-in named like the
-# real one; the GPU machine's nvidia-nccl wheel resolves it at load time (setup.sh).
-[ -f "$CUDA_HOME/lib/stubs/libnccl.so" ] ||
-  echo "" | gcc -shared -x c - -o "$CUDA_HOME/lib/stubs/libnccl.so" -Wl,-soname,libnccl.so.2
+. "$root/bench/gpu/link-stubs.sh"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target-cuda}
 cargo build --release --features cuda -p vllm_engine --bin vllm-bench --bin vllm-logits
 mkdir -p .gpu/bin
