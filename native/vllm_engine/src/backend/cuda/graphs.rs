@@ -155,18 +155,18 @@ pub fn capture_sizes(max: usize) -> Vec<usize> {
 pub fn buffer_bytes(m: &ModelShape, limits: &GraphLimits) -> usize {
     let b = limits.max_num_seqs;
     let elems = b * (4 * m.hidden + m.qkv_width + 2 * m.q_width + 3 * m.intermediate + m.vocab);
-    let (acc, ml) = partials_for(&capture_sizes(b.max(1)), &m.dims, limits.max_model_len);
+    let (acc, ml) = partials_for(&capture_sizes(b.max(1)), &m.dims, m.dtype, limits.max_model_len);
     let meta =
         b * (3 + limits.max_model_len.div_ceil(limits.block_size) + 2 + 2 * ops::ARGMAX_SPLITS + m.dims.num_kv_heads);
     elems * m.dtype.size_in_bytes() + 4 * (acc + ml + meta) + (32 << 20)
 }
 
 /// The partial-sum buffer lengths the largest of the captured sizes' splits needs.
-fn partials_for(sizes: &[usize], dims: &AttentionDims, max_model_len: usize) -> (usize, usize) {
+fn partials_for(sizes: &[usize], dims: &AttentionDims, dtype: DType, max_model_len: usize) -> (usize, usize) {
     sizes
         .iter()
         .map(|&b| {
-            let (splits, _) = ops::graph_splits(b, dims, max_model_len);
+            let (splits, _) = ops::graph_splits(b, dims, dtype, max_model_len);
             if splits > 1 {
                 ops::partials_len(b, dims, splits)
             } else {
@@ -205,7 +205,7 @@ impl DecodeGraphs {
         let max_batch = limits.max_num_seqs.max(1);
         let max_blocks = limits.max_model_len.div_ceil(limits.block_size).max(1);
         let sizes = capture_sizes(max_batch);
-        let (acc_len, ml_len) = partials_for(&sizes, &model.dims, limits.max_model_len);
+        let (acc_len, ml_len) = partials_for(&sizes, &model.dims, model.dtype, limits.max_model_len);
         let dt = model.dtype;
         let zeros = |n: usize, dtype: DType| -> Result<Tensor> { Ok(Tensor::zeros(n.max(1), dtype, device)?) };
         let token_seq: Vec<u32> = (0..max_batch as u32).collect();
@@ -322,7 +322,7 @@ impl DecodeGraphs {
         let (h, x, delta) = (p(&buf.h)?, p(&buf.x)?, p(&buf.delta)?);
         let (qkv, q, attn, o) = (p(&buf.qkv)?, p(&buf.q)?, p(&buf.attn)?, p(&buf.o)?);
         let (gate_up, act) = (p(&buf.gate_up)?, p(&buf.act)?);
-        let (splits, partition) = ops::graph_splits(b, &m.dims, max_model_len);
+        let (splits, partition) = ops::graph_splits(b, &m.dims, dt, max_model_len);
         let (part_acc, part_ml, done_counts) = if splits > 1 {
             (p(&buf.part_acc)?, p(&buf.part_ml)?, p(&buf.done_counts)?)
         } else {

@@ -2,6 +2,7 @@
 //! sm_90 cubin plus PTX) launched through cudarc on candle's stream, over candle tensors.
 //! Matrix products stay candle's (cuBLAS).
 
+pub mod attention_batch;
 pub mod blas;
 pub mod graphs;
 pub mod kv_cache;
@@ -53,6 +54,8 @@ pub fn memory_info(device: &Device) -> Result<(usize, usize)> {
 pub struct Kernels {
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
+    /// kernels/attention_batch.cu (its own module; functions in `functions` too).
+    _batch_module: Arc<CudaModule>,
     functions: HashMap<String, CudaFunction>,
     /// `VLLM_ATTENTION_V1=1`: the first attention kernel (thread per key), to compare.
     pub attention_v1: bool,
@@ -129,12 +132,29 @@ impl Kernels {
                 .map_err(|e| EngineError::internal(format!("kernel {name} is missing: {e}")))?;
             functions.insert(name.to_string(), f);
         }
+        // The cubin is for sm_90; any other GPU JIT-compiles the PTX.
+        let batch_module = match context.load_module(Ptx::from_binary(embedded::ATTENTION_BATCH_CUBIN.to_vec())) {
+            Ok(m) => m,
+            Err(_) => context
+                .load_module(Ptx::from_src(embedded::ATTENTION_BATCH_PTX))
+                .map_err(|e| EngineError::internal(format!("cannot load the CUDA kernels: {e}")))?,
+        };
+        for name in attention_batch::KERNEL_NAMES {
+            for suffix in ["f32", "bf16", "f16"] {
+                let full = format!("{name}_{suffix}");
+                let f = batch_module
+                    .load_function(&full)
+                    .map_err(|e| EngineError::internal(format!("kernel {full} is missing: {e}")))?;
+                functions.insert(full, f);
+            }
+        }
         let v2_loaded = ["f32", "bf16", "f16"]
             .iter()
             .all(|s| functions.contains_key(&format!("paged_attention_v2_{s}")));
         Ok(Kernels {
             stream,
             _module: module,
+            _batch_module: batch_module,
             functions,
             attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
             gemv_max_rows: gemv_max_rows_from_env(),

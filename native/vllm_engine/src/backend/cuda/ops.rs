@@ -4,7 +4,7 @@
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::{DType, Tensor};
 
-use super::{device_ptr, optional_ptr, Kernels};
+use super::{attention_batch, device_ptr, optional_ptr, Kernels};
 use crate::error::{EngineError, Result};
 
 /// Threads per block of the row-wise kernels.
@@ -339,8 +339,11 @@ pub fn choose_splits(num_tokens: usize, dims: &AttentionDims, max_context: usize
 /// The split of a captured decode step of `batch` rows, which must serve every context up
 /// to `max_model_len`: small batches split into single tiles (the splits past a context
 /// return at once, so the work follows the actual context), large ones as `choose_splits`.
-pub fn graph_splits(batch: usize, dims: &AttentionDims, max_model_len: usize) -> (usize, usize) {
-    if batch * dims.num_kv_heads < ATT_TARGET_BLOCKS / 2 {
+/// Batches attention_batch takes split into its fixed partition instead.
+pub fn graph_splits(batch: usize, dims: &AttentionDims, dtype: DType, max_model_len: usize) -> (usize, usize) {
+    if let Some(partition) = attention_batch::partition_for(batch, dims, dtype) {
+        attention_batch::splits_for(max_model_len, partition)
+    } else if batch * dims.num_kv_heads < ATT_TARGET_BLOCKS / 2 {
         (max_model_len.div_ceil(ATT_TILE).max(1), ATT_TILE)
     } else {
         choose_splits(batch, dims, max_model_len)
@@ -370,7 +373,10 @@ pub fn paged_attention(
     if n == 0 {
         return Ok(out);
     }
-    let (splits, partition) = choose_splits(n, dims, meta.max_context);
+    let (splits, partition) = match attention_batch::partition_for(n, dims, q.dtype()) {
+        Some(partition) => attention_batch::splits_for(meta.max_context, partition),
+        None => choose_splits(n, dims, meta.max_context),
+    };
     let device = q.device();
     // Partial sums only when contexts are split; otherwise the kernel writes `out` directly.
     let partials = if splits > 1 {
@@ -436,6 +442,11 @@ pub fn launch_paged_attention(
     splits: usize,
     partition: usize,
 ) -> Result<()> {
+    // Batches of more than 8 rows (by default): attention_batch.cu, which combines split
+    // contexts itself and so needs the counters whenever it splits.
+    if attention_batch::partition_for(n, dims, dtype).is_some() && (splits == 1 || p.done_counts != 0) {
+        return attention_batch::launch(k, dtype, p, meta, n, dims, splits, partition);
+    }
     let group = dims.num_heads / dims.num_kv_heads;
     // Floats: queries, scores, three per-head statistics (+ alignment), then 8-byte slots.
     let floats = group * dims.head_dim + group * ATT_TILE + 3 * group + (group & 1) + 2;

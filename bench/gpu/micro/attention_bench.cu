@@ -1,0 +1,268 @@
+// Standalone check and timing of decode attention for W1's shape (Qwen3-0.6B: 16 query
+// heads, 8 KV heads, head_dim 128, bf16, block size 16): paged_attention_v2_g2 (ops.cu,
+// what W1 ran) against attention_batch (attention_batch.cu) at several partitions and rows
+// per pass, over a paged cache of 256 sequences with shuffled block tables.
+// Build (development machine, no GPU needed):
+//   nvcc -O3 -arch=sm_90 -std=c++17 attention_bench.cu -o attention_bench
+// Prints per variant: median time of one layer's attention (launches back to back, two
+// cache copies alternating so L2 holds neither), the KV bytes read per second, and the
+// rel. L2 / max abs difference of its output to paged_attention_v2's.
+#include "../../../kernels/ops.cu"
+#include "../../../kernels/attention_batch.cu"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#define CK(x)                                                                                 \
+    do {                                                                                      \
+        cudaError_t e = (x);                                                                  \
+        if (e != cudaSuccess) {                                                               \
+            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
+            exit(1);                                                                          \
+        }                                                                                     \
+    } while (0)
+
+typedef __nv_bfloat16 bf;
+
+// Variants of attention_batch beyond the engine's instantiation (g2, U = 4).
+#define AB_VARIANT(NAME, U, MINB)                                                                                      \
+    __global__ void __launch_bounds__(AB_MAX_WARPS * 32, MINB) NAME(                                                   \
+        bf* out, float* part_acc, float* part_ml, const bf* q, const bf* k_cache, const bf* v_cache,                  \
+        const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,           \
+        int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,        \
+        int num_splits, unsigned int* done_counts) {                                                                   \
+        attention_batch<bf, 2, U>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq, block_tables,    \
+                                  max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale, window, partition, \
+                                  num_splits, done_counts);                                                            \
+    }
+AB_VARIANT(ab_u2, 2, 1)
+AB_VARIANT(ab_u8, 8, 1)
+AB_VARIANT(ab_u4_min8, 4, 8)
+
+__global__ void fill(bf* p, long long n, unsigned seed, float scale) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        unsigned h = (unsigned)i * 2654435761u ^ seed;
+        h ^= h >> 13;
+        h *= 0x5bd1e995u;
+        h ^= h >> 15;
+        p[i] = __float2bfloat16(((h & 0xffffff) / 16777216.f - 0.5f) * 2.f * scale);
+    }
+}
+
+typedef void (*AttnKernel)(bf*, float*, float*, const bf*, const bf*, const bf*, const uint32_t*, const uint32_t*,
+                           const uint32_t*, int, int, int, int, int, float, int, int, int, unsigned int*);
+
+const int NS = 256, NH = 16, KVH = 8, HD = 128, BS = 16, MAX_LEN = 2048, LAYERS = 2;
+
+struct Setup {
+    uint32_t *pos, *seq, *tables;
+    bf *q, *k[LAYERS], *v[LAYERS];
+    float *acc, *ml;
+    unsigned int* counts;
+    int max_blocks, max_ctx;
+    double kv_bytes;
+};
+
+static double rel_l2(const std::vector<bf>& a, const std::vector<bf>& b, double* max_abs) {
+    double num = 0, den = 0;
+    *max_abs = 0;
+    for (size_t i = 0; i < a.size(); i++) {
+        const double x = __bfloat162float(a[i]), y = __bfloat162float(b[i]);
+        num += (x - y) * (x - y);
+        den += y * y;
+        *max_abs = std::max(*max_abs, std::fabs(x - y));
+    }
+    return std::sqrt(num / std::max(den, 1e-30));
+}
+
+static float time_it(const char* name, const Setup& s, bf* out, const std::vector<bf>& ref, int lo, int hi,
+                     void (*launch)(const Setup&, bf*, int layer, void* arg), void* arg) {
+    launch(s, out, 0, arg);
+    CK(cudaDeviceSynchronize());
+    std::vector<bf> got((size_t)NS * NH * HD);
+    CK(cudaMemcpy(got.data(), out, got.size() * sizeof(bf), cudaMemcpyDeviceToHost));
+    double max_abs = 0;
+    const double err = ref.empty() ? 0 : rel_l2(got, ref, &max_abs);
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    std::vector<float> ts;
+    for (int it = 0; it < 30; it++) {
+        CK(cudaEventRecord(a));
+        launch(s, out, it % LAYERS, arg);
+        CK(cudaEventRecord(b));
+        CK(cudaEventSynchronize(b));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, a, b));
+        ts.push_back(ms);
+    }
+    CK(cudaGetLastError());
+    std::sort(ts.begin(), ts.end());
+    const float med = ts[ts.size() / 2];
+    printf("ctx %4d..%4d  %-28s %8.1f us  %6.2f TB/s  rel.L2 %.2e  max|d| %.2e\n", lo, hi, name, med * 1e3,
+           s.kv_bytes / (med * 1e-3) / 1e12, err, max_abs);
+    return med;
+}
+
+static void launch_v2(const Setup& s, bf* out, int layer, void*) {
+    const int G = NH / KVH;
+    const int floats = G * HD + G * 128 + 3 * G + (G & 1) + 2;
+    const int shared = floats * 4 + 128 * 8 + (128 / (HD / 8)) * G * HD * 4;
+    paged_attention_v2_g2_bf16<<<dim3(NS, KVH, 1), 128, shared>>>(out, nullptr, nullptr, s.q, s.k[layer], s.v[layer], s.pos,
+                                                                   s.seq, s.tables, s.max_blocks, BS, NH, KVH, HD,
+                                                                   1.f / sqrtf((float)HD), 0, MAX_LEN, 1, nullptr);
+}
+
+struct BatchArg {
+    AttnKernel kernel;
+    int partition;
+};
+
+static void launch_batch(const Setup& s, bf* out, int layer, void* argp) {
+    const BatchArg* a = (const BatchArg*)argp;
+    const int splits = (MAX_LEN + a->partition - 1) / a->partition;
+    const int warps = std::min(KVH, AB_MAX_WARPS);
+    const int shared = (a->partition / BS + 2) * 4;
+    a->kernel<<<dim3(NS, (KVH + warps - 1) / warps, splits), warps * 32, shared>>>(
+        out, s.acc, s.ml, s.q, s.k[layer], s.v[layer], s.pos, s.seq, s.tables, s.max_blocks, BS, NH, KVH, HD,
+        1.f / sqrtf((float)HD), 0, a->partition, splits, s.counts);
+}
+
+static void run_case(int lo, int hi, unsigned seed) {
+    std::mt19937 rng(seed);
+    std::vector<int> ctx(NS);
+    for (auto& c : ctx) c = lo + (int)(rng() % (unsigned)(hi - lo));
+    Setup s;
+    s.max_blocks = MAX_LEN / BS;
+    s.max_ctx = *std::max_element(ctx.begin(), ctx.end());
+    int total_blocks = 0;
+    for (int c : ctx) total_blocks += (c + BS - 1) / BS;
+    std::vector<uint32_t> perm(total_blocks);
+    std::iota(perm.begin(), perm.end(), 0u);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<uint32_t> tables((size_t)NS * s.max_blocks, 0), pos(NS), seq(NS);
+    int next = 0;
+    double tokens = 0;
+    for (int i = 0; i < NS; i++) {
+        for (int b = 0; b < (ctx[i] + BS - 1) / BS; b++) tables[(size_t)i * s.max_blocks + b] = perm[next++];
+        pos[i] = ctx[i] - 1;
+        seq[i] = i;
+        tokens += ctx[i];
+    }
+    s.kv_bytes = tokens * KVH * HD * 2.0 * sizeof(bf);
+    const long long cache = (long long)total_blocks * BS * KVH * HD;
+    CK(cudaMalloc(&s.pos, NS * 4));
+    CK(cudaMalloc(&s.seq, NS * 4));
+    CK(cudaMalloc(&s.tables, tables.size() * 4));
+    CK(cudaMemcpy(s.pos, pos.data(), NS * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(s.seq, seq.data(), NS * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(s.tables, tables.data(), tables.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&s.q, (size_t)NS * NH * HD * sizeof(bf)));
+    fill<<<1024, 256>>>(s.q, (long long)NS * NH * HD, seed * 7 + 1, 1.f);
+    for (int l = 0; l < LAYERS; l++) {
+        CK(cudaMalloc(&s.k[l], cache * sizeof(bf)));
+        CK(cudaMalloc(&s.v[l], cache * sizeof(bf)));
+        // Keys scaled so the softmax is neither flat nor one-hot.
+        fill<<<4096, 256>>>(s.k[l], cache, seed * 13 + l, 2.f);
+        fill<<<4096, 256>>>(s.v[l], cache, seed * 17 + l, 1.f);
+    }
+    const int max_splits = MAX_LEN / 64;
+    CK(cudaMalloc(&s.acc, (size_t)NS * NH * max_splits * HD * 4));
+    CK(cudaMalloc(&s.ml, (size_t)NS * NH * max_splits * 2 * 4));
+    CK(cudaMalloc(&s.counts, NS * KVH * 4));
+    CK(cudaMemset(s.counts, 0, NS * KVH * 4));
+    bf* out;
+    CK(cudaMalloc(&out, (size_t)NS * NH * HD * sizeof(bf)));
+    CK(cudaDeviceSynchronize());
+
+    std::vector<bf> ref((size_t)NS * NH * HD);
+    launch_v2(s, out, 0, nullptr);
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(ref.data(), out, ref.size() * sizeof(bf), cudaMemcpyDeviceToHost));
+    printf("-- %d sequences, contexts %d..%d (mean %.0f), KV read per layer %.1f MB\n", NS, lo, hi, tokens / NS,
+           s.kv_bytes / 1e6);
+    time_it("paged_attention_v2_g2", s, out, ref, lo, hi, launch_v2, nullptr);
+    const int parts[] = {128, 256, 512, 2048};
+    for (int p : parts) {
+        BatchArg a{attention_batch_g2_bf16, p};
+        char name[64];
+        snprintf(name, sizeof name, "attention_batch U4 P%d", p);
+        time_it(name, s, out, ref, lo, hi, launch_batch, &a);
+    }
+    struct {
+        const char* name;
+        AttnKernel k;
+    } variants[] = {{"U2", ab_u2}, {"U8", ab_u8}, {"U4 minblocks8", ab_u4_min8}};
+    for (auto& v : variants) {
+        for (int p : {256, 512}) {
+            BatchArg a{v.k, p};
+            char name[64];
+            snprintf(name, sizeof name, "attention_batch %s P%d", v.name, p);
+            time_it(name, s, out, ref, lo, hi, launch_batch, &a);
+        }
+    }
+    CK(cudaFree(out));
+    CK(cudaFree(s.acc));
+    CK(cudaFree(s.ml));
+    CK(cudaFree(s.counts));
+    for (int l = 0; l < LAYERS; l++) {
+        CK(cudaFree(s.k[l]));
+        CK(cudaFree(s.v[l]));
+    }
+    CK(cudaFree(s.q));
+    CK(cudaFree(s.pos));
+    CK(cudaFree(s.seq));
+    CK(cudaFree(s.tables));
+}
+
+int main() {
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    printf("%s, %d SMs\n", prop.name, prop.multiProcessorCount);
+    struct {
+        const char* name;
+        const void* f;
+    } fns[] = {{"paged_attention_v2_g2", (const void*)paged_attention_v2_g2_bf16},
+               {"attention_batch U4", (const void*)attention_batch_g2_bf16},
+               {"U2", (const void*)ab_u2},
+               {"U8", (const void*)ab_u8},
+               {"U4 minblocks8", (const void*)ab_u4_min8}};
+    for (auto& f : fns) {
+        cudaFuncAttributes at;
+        CK(cudaFuncGetAttributes(&at, f.f));
+        int blocks = 0;
+        CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, f.f, 128, 4096));
+        printf("%-24s %3d registers, %d blocks of 128 per SM\n", f.name, at.numRegs, blocks);
+    }
+    // A copy at the card's rate, for scale.
+    {
+        const size_t n = 1ull << 30;
+        char *a, *b;
+        CK(cudaMalloc(&a, n));
+        CK(cudaMalloc(&b, n));
+        cudaEvent_t e0, e1;
+        CK(cudaEventCreate(&e0));
+        CK(cudaEventCreate(&e1));
+        CK(cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice));
+        CK(cudaEventRecord(e0));
+        for (int i = 0; i < 5; i++) CK(cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice));
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        printf("device copy: %.2f TB/s (read + write)\n", 5.0 * 2 * n / (ms * 1e-3) / 1e12);
+        CK(cudaFree(a));
+        CK(cudaFree(b));
+    }
+    run_case(100, 1100, 1);  // W1's mid-run mix (mean ~600, ~590 MB per layer)
+    run_case(100, 2048, 2);  // longer contexts
+    run_case(100, 300, 3);   // short
+    return 0;
+}

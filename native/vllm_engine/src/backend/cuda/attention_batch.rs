@@ -1,0 +1,125 @@
+//! Launcher of kernels/attention_batch.cu: paged attention for batches of more than 8 query
+//! rows (W1's decode steps, prefill chunks), a warp per (token, KV head, split of
+//! `partition` positions) with its own online softmax; the last split combines the others.
+//! Batches of at most 8 rows keep ops.rs's paged_attention_v2 (the small-batch path).
+//!
+//! Knobs (read once): `VLLM_ATT_BATCH=0` turns this kernel off (every batch through
+//! paged_attention_v2, to compare); `VLLM_ATT_BATCH_ROWS=n` uses it from n rows on (default
+//! 9; tests set 1 to run the batched graph tests through it); `VLLM_ATT_PARTITION=n`
+//! positions per split (default 256).
+
+use std::sync::OnceLock;
+
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::DType;
+
+use super::ops::{AttentionDims, AttentionPtrs, MetaPtrs};
+use super::Kernels;
+use crate::error::{EngineError, Result};
+
+/// Must match AB_MAX_WARPS in attention_batch.cu.
+const MAX_WARPS: usize = 4;
+/// Group sizes (query heads per KV head) instantiated in attention_batch.cu.
+pub const GROUPS: [usize; 3] = [1, 2, 4];
+/// Kernel names to load, one per group size (each with the dtype suffixes).
+pub const KERNEL_NAMES: [&str; 3] = ["attention_batch_g1", "attention_batch_g2", "attention_batch_g4"];
+
+struct Config {
+    enabled: bool,
+    min_rows: usize,
+    partition: usize,
+}
+
+fn config() -> &'static Config {
+    static CONFIG: OnceLock<Config> = OnceLock::new();
+    CONFIG.get_or_init(|| {
+        let num = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
+        Config {
+            enabled: std::env::var_os("VLLM_ATT_BATCH").is_none_or(|v| v != "0"),
+            min_rows: num("VLLM_ATT_BATCH_ROWS").unwrap_or(9).max(1),
+            partition: num("VLLM_ATT_PARTITION").unwrap_or(256).max(16),
+        }
+    })
+}
+
+/// The positions per split when a batch of `n` query rows goes through attention_batch,
+/// None when it does not (too few rows, a group size or head size it has no form for).
+pub fn partition_for(n: usize, dims: &AttentionDims, dtype: DType) -> Option<usize> {
+    let c = config();
+    if !c.enabled || n < c.min_rows || dims.num_kv_heads == 0 {
+        return None;
+    }
+    let group = dims.num_heads / dims.num_kv_heads;
+    let vec = 16 / dtype.size_in_bytes();
+    let lanes = dims.head_dim / vec;
+    let fits = dims.num_heads.is_multiple_of(dims.num_kv_heads)
+        && GROUPS.contains(&group)
+        && dims.head_dim.is_multiple_of(vec)
+        && lanes.is_power_of_two()
+        && lanes <= 32;
+    fits.then_some(c.partition)
+}
+
+/// (splits, partition) covering contexts up to `max_context`.
+pub fn splits_for(max_context: usize, partition: usize) -> (usize, usize) {
+    (max_context.div_ceil(partition).max(1), partition)
+}
+
+/// attention_batch on raw device addresses. Needs `p.done_counts` (zeroed, the kernel
+/// leaves it so) when `splits` > 1, and splits * partition covering every context.
+#[allow(clippy::too_many_arguments)]
+pub fn launch(
+    k: &Kernels,
+    dtype: DType,
+    p: &AttentionPtrs,
+    meta: &MetaPtrs,
+    n: usize,
+    dims: &AttentionDims,
+    splits: usize,
+    partition: usize,
+) -> Result<()> {
+    let group = dims.num_heads / dims.num_kv_heads;
+    let f = k.function(&format!("attention_batch_g{group}"), dtype)?;
+    let warps = dims.num_kv_heads.min(MAX_WARPS);
+    // The split's block-table entries (an unaligned start adds one).
+    let shared = (partition.div_ceil(meta.block_size) + 2) * 4;
+    let ptrs = [
+        p.out,
+        p.part_acc,
+        p.part_ml,
+        p.q,
+        p.k_cache,
+        p.v_cache,
+        meta.positions,
+        meta.token_seq,
+        meta.block_tables,
+    ];
+    let ints = [
+        meta.max_blocks as i32,
+        meta.block_size as i32,
+        dims.num_heads as i32,
+        dims.num_kv_heads as i32,
+        dims.head_dim as i32,
+    ];
+    let tail = [dims.window as i32, partition as i32, splits as i32];
+    let mut b = k.stream().launch_builder(f);
+    for ptr in &ptrs {
+        b.arg(ptr);
+    }
+    for i in &ints {
+        b.arg(i);
+    }
+    b.arg(&dims.scale);
+    for i in &tail {
+        b.arg(i);
+    }
+    b.arg(&p.done_counts);
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, dims.num_kv_heads.div_ceil(warps) as u32, splits as u32),
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    unsafe { b.launch(cfg) }
+        .map_err(|e| EngineError::internal(format!("CUDA kernel attention_batch failed to launch: {e}")))?;
+    Ok(())
+}
