@@ -28,7 +28,24 @@ struct KvRows {
     uint4 v[U];
 };
 
-template <typename T, int G, int U>
+// Requests the key and value rows of the U passes of the chunk at c0 (positions past `end`
+// re-read the chunk's first row, which is valid, and are masked by the caller).
+template <typename T, int U>
+__device__ __forceinline__ void load_rows(KvRows<U>& r, const T* k_cache, const T* v_cache, const uint32_t* table,
+                                          int table_first, int block_size, long long kv_stride, long long head_off,
+                                          int c0, int end, int rows, int kg) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int p0 = c0 + u * rows + kg;
+        const int p = p0 < end ? p0 : c0;
+        const long long slot = (long long)table[p / block_size - table_first] * block_size + p % block_size;
+        const long long off = slot * kv_stride + head_off;
+        r.k[u] = *reinterpret_cast<const uint4*>(k_cache + off);
+        r.v[u] = *reinterpret_cast<const uint4*>(v_cache + off);
+    }
+}
+
+template <typename T, int G, int U, bool PIPE>
 __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache,
                                                 const T* v_cache, const uint32_t* positions, const uint32_t* token_seq,
                                                 const uint32_t* block_tables, int max_blocks, int block_size,
@@ -81,18 +98,20 @@ __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* 
         for (int e = 0; e < VEC; e++) acc[g][e] = 0.f;
     }
 
+    // PIPE: the next chunk's rows are requested before this chunk's are used, so a lane
+    // always has loads in flight (twice the registers for the rows).
+    KvRows<U> next;
+    if (PIPE) load_rows<T, U>(next, k_cache, v_cache, table, table_first, block_size, kv_stride, head_off, start, end, rows, kg);
     for (int c0 = start; c0 < end; c0 += chunk) {
-        // Every key and value row of the chunk requested before the first is used; rows
-        // past the end re-read the chunk's first row (valid) and are masked below.
+        // Every key and value row of the chunk requested before the first is used.
         KvRows<U> r;
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int p0 = c0 + u * rows + kg;
-            const int p = p0 < end ? p0 : c0;
-            const long long slot = (long long)table[p / block_size - table_first] * block_size + p % block_size;
-            const long long off = slot * kv_stride + head_off;
-            r.k[u] = *reinterpret_cast<const uint4*>(k_cache + off);
-            r.v[u] = *reinterpret_cast<const uint4*>(v_cache + off);
+        if (PIPE) {
+            r = next;
+            if (c0 + chunk < end)
+                load_rows<T, U>(next, k_cache, v_cache, table, table_first, block_size, kv_stride, head_off, c0 + chunk,
+                                end, rows, kg);
+        } else {
+            load_rows<T, U>(r, k_cache, v_cache, table, table_first, block_size, kv_stride, head_off, c0, end, rows, kg);
         }
         float s[U][G];
 #pragma unroll
@@ -225,21 +244,25 @@ __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* 
 }
 
 // Per storage type and group size G (query heads per KV head); U rows per pass: fewer for
-// larger groups, whose queries and sums take more registers.
-#define AB_INSTANTIATE(SUFFIX, T, G, U)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(AB_MAX_WARPS * 32) attention_batch_g##G##_##SUFFIX(                   \
+// larger groups, whose queries and sums take more registers. The `_pipe` forms (2 rows per
+// pass, the next pass's rows in flight; VLLM_ATT_PIPELINE=1) hold as many rows in registers.
+#define AB_INSTANTIATE(NAME, SUFFIX, T, G, U, PIPE)                                                                     \
+    extern "C" __global__ void __launch_bounds__(AB_MAX_WARPS * 32) NAME##_g##G##_##SUFFIX(                            \
         T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache, const T* v_cache,                       \
         const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,            \
         int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,         \
         int num_splits, unsigned int* done_counts) {                                                                    \
-        attention_batch<T, G, U>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq, block_tables,      \
-                                 max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale, window, partition,  \
-                                 num_splits, done_counts);                                                              \
+        attention_batch<T, G, U, PIPE>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq,              \
+                                       block_tables, max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale, \
+                                       window, partition, num_splits, done_counts);                                     \
     }
-#define AB_INSTANTIATE_GROUPS(SUFFIX, T) \
-    AB_INSTANTIATE(SUFFIX, T, 1, 4)      \
-    AB_INSTANTIATE(SUFFIX, T, 2, 4)      \
-    AB_INSTANTIATE(SUFFIX, T, 4, 2)
+#define AB_INSTANTIATE_GROUPS(SUFFIX, T)                                   \
+    AB_INSTANTIATE(attention_batch, SUFFIX, T, 1, 4, false)                \
+    AB_INSTANTIATE(attention_batch, SUFFIX, T, 2, 4, false)                \
+    AB_INSTANTIATE(attention_batch, SUFFIX, T, 4, 2, false)                \
+    AB_INSTANTIATE(attention_batch_pipe, SUFFIX, T, 1, 2, true)            \
+    AB_INSTANTIATE(attention_batch_pipe, SUFFIX, T, 2, 2, true)            \
+    AB_INSTANTIATE(attention_batch_pipe, SUFFIX, T, 4, 1, true)
 
 AB_INSTANTIATE_GROUPS(f32, float)
 AB_INSTANTIATE_GROUPS(bf16, __nv_bfloat16)

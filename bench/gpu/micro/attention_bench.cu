@@ -31,20 +31,21 @@
 
 typedef __nv_bfloat16 bf;
 
-// Variants of attention_batch beyond the engine's instantiation (g2, U = 4).
-#define AB_VARIANT(NAME, U, MINB)                                                                                      \
+// Variants of attention_batch beyond the engine's default (g2, U = 4, no pipelining).
+#define AB_VARIANT(NAME, U, MINB, PIPE)                                                                                \
     __global__ void __launch_bounds__(AB_MAX_WARPS * 32, MINB) NAME(                                                   \
         bf* out, float* part_acc, float* part_ml, const bf* q, const bf* k_cache, const bf* v_cache,                  \
         const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,           \
         int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,        \
         int num_splits, unsigned int* done_counts) {                                                                   \
-        attention_batch<bf, 2, U>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq, block_tables,    \
-                                  max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale, window, partition, \
-                                  num_splits, done_counts);                                                            \
+        attention_batch<bf, 2, U, PIPE>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq,           \
+                                        block_tables, max_blocks, block_size, num_heads, num_kv_heads, head_dim,      \
+                                        scale, window, partition, num_splits, done_counts);                           \
     }
-AB_VARIANT(ab_u2, 2, 1)
-AB_VARIANT(ab_u8, 8, 1)
-AB_VARIANT(ab_u4_min8, 4, 8)
+AB_VARIANT(ab_u2, 2, 1, false)
+AB_VARIANT(ab_u4_min6, 4, 6, false)
+AB_VARIANT(ab_pipe_u4, 4, 1, true)
+AB_VARIANT(ab_pipe_u2_min6, 2, 6, true)
 
 __global__ void fill(bf* p, long long n, unsigned seed, float scale) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
@@ -189,7 +190,7 @@ static void run_case(int lo, int hi, unsigned seed) {
     printf("-- %d sequences, contexts %d..%d (mean %.0f), KV read per layer %.1f MB\n", NS, lo, hi, tokens / NS,
            s.kv_bytes / 1e6);
     time_it("paged_attention_v2_g2", s, out, ref, lo, hi, launch_v2, nullptr);
-    const int parts[] = {128, 256, 512, 2048};
+    const int parts[] = {64, 128, 256, 2048};
     for (int p : parts) {
         BatchArg a{attention_batch_g2_bf16, p};
         char name[64];
@@ -199,9 +200,13 @@ static void run_case(int lo, int hi, unsigned seed) {
     struct {
         const char* name;
         AttnKernel k;
-    } variants[] = {{"U2", ab_u2}, {"U8", ab_u8}, {"U4 minblocks8", ab_u4_min8}};
+    } variants[] = {{"pipe U2", attention_batch_pipe_g2_bf16},
+                    {"U2", ab_u2},
+                    {"U4 minblocks6", ab_u4_min6},
+                    {"pipe U4", ab_pipe_u4},
+                    {"pipe U2 minblocks6", ab_pipe_u2_min6}};
     for (auto& v : variants) {
-        for (int p : {256, 512}) {
+        for (int p : {128, 256}) {
             BatchArg a{v.k, p};
             char name[64];
             snprintf(name, sizeof name, "attention_batch %s P%d", v.name, p);
@@ -231,9 +236,11 @@ int main() {
         const void* f;
     } fns[] = {{"paged_attention_v2_g2", (const void*)paged_attention_v2_g2_bf16},
                {"attention_batch U4", (const void*)attention_batch_g2_bf16},
+               {"pipe U2 (engine _pipe)", (const void*)attention_batch_pipe_g2_bf16},
                {"U2", (const void*)ab_u2},
-               {"U8", (const void*)ab_u8},
-               {"U4 minblocks8", (const void*)ab_u4_min8}};
+               {"U4 minblocks6", (const void*)ab_u4_min6},
+               {"pipe U4", (const void*)ab_pipe_u4},
+               {"pipe U2 minblocks6", (const void*)ab_pipe_u2_min6}};
     for (auto& f : fns) {
         cudaFuncAttributes at;
         CK(cudaFuncGetAttributes(&at, f.f));
