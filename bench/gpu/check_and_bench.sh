@@ -46,8 +46,8 @@ if [[ " $checks " == *" tests "* && -e "$bin/model_device" ]]; then
   # ATT_ROWS=n: model_device again with attention_batch from n rows on (the batched
   # graph tests decode 5 sequences padded to 8 rows; the default threshold is 9).
   if [ -n "${ATT_ROWS:-}" ]; then
-    if VLLM_ATT_PIPELINE=${PIPE:-} VLLM_ATT_BATCH_ROWS=$ATT_ROWS VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$gpu "$bin/model_device" --test-threads 1 2>&1 | tee "$out/tests-att-rows.txt"; then
-      summary+=("$(grep -E "^test result" "$out/tests-att-rows.txt" | tail -1) (model_device on cuda, VLLM_ATT_BATCH_ROWS=$ATT_ROWS VLLM_ATT_PIPELINE=${PIPE:-})")
+    if VLLM_ATT_BATCH_ROWS=$ATT_ROWS VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$gpu "$bin/model_device" --test-threads 1 2>&1 | tee "$out/tests-att-rows.txt"; then
+      summary+=("$(grep -E "^test result" "$out/tests-att-rows.txt" | tail -1) (model_device on cuda, VLLM_ATT_BATCH_ROWS=$ATT_ROWS)")
     else
       summary+=("model_device on cuda, VLLM_ATT_BATCH_ROWS=$ATT_ROWS: FAIL (see tests-att-rows.txt)")
     fi
@@ -105,8 +105,6 @@ modes=("graphs")
 # positions per attention_batch split (VLLM_ATT_PARTITION).
 [ "${ATT0:-0}" = 1 ] && modes+=("att0")
 for p in ${PARTS:-}; do modes+=("p$p"); done
-# PIPE=1: also with attention_batch's pipelined form (VLLM_ATT_PIPELINE=1).
-[ "${PIPE:-0}" = 1 ] && modes+=("pipe")
 # MICRO_ATT=1: bench/gpu/micro/attention_bench (built on the development machine, carried
 # in bin/): one layer of W1's decode attention, v2 against attention_batch, checked.
 if [ "${MICRO_ATT:-0}" = 1 ] && [ -e "$bin/attention_bench" ]; then
@@ -128,8 +126,7 @@ for w in $workloads; do
   dtype=bfloat16; [ "$mode" = fp16 ] && dtype=float16
   att_batch=${VLLM_ATT_BATCH:-}; [ "$mode" = att0 ] && att_batch=0
   partition=${VLLM_ATT_PARTITION:-}; [[ "$mode" == p[0-9]* ]] && partition=${mode#p}
-  pipeline=${VLLM_ATT_PIPELINE:-}; [ "$mode" = pipe ] && pipeline=1
-  VLLM_ATT_PIPELINE=$pipeline VLLM_ATT_BATCH=$att_batch VLLM_ATT_PARTITION=$partition VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
+  VLLM_ATT_BATCH=$att_batch VLLM_ATT_PARTITION=$partition VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
     --dtype "$dtype" --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$tag.json" "${extra[@]}" \
     2>&1 | tee "$out/$tag.txt"
   summary+=("$(grep -E "^$w median" "$out/$tag.txt" | sed "s/^$w/$tag/" || echo "$tag: FAILED (see $tag.txt)")")

@@ -31,7 +31,7 @@
 
 typedef __nv_bfloat16 bf;
 
-// Variants of attention_batch beyond the engine's default (g2, U = 4, no pipelining).
+// Variants of attention_batch beyond the engine's default (g2, U = 4, 6 blocks per SM).
 #define AB_VARIANT(NAME, U, MINB, PIPE)                                                                                \
     __global__ void __launch_bounds__(AB_MAX_WARPS * 32, MINB) NAME(                                                   \
         bf* out, float* part_acc, float* part_ml, const bf* q, const bf* k_cache, const bf* v_cache,                  \
@@ -43,7 +43,8 @@ typedef __nv_bfloat16 bf;
                                         scale, window, partition, num_splits, done_counts);                           \
     }
 AB_VARIANT(ab_u2, 2, 1, false)
-AB_VARIANT(ab_u4_min6, 4, 6, false)
+AB_VARIANT(ab_u4_min5, 4, 1, false)
+AB_VARIANT(ab_pipe_u2, 2, 1, true)
 AB_VARIANT(ab_pipe_u4, 4, 1, true)
 AB_VARIANT(ab_pipe_u2_min6, 2, 6, true)
 
@@ -200,9 +201,9 @@ static void run_case(int lo, int hi, unsigned seed) {
     struct {
         const char* name;
         AttnKernel k;
-    } variants[] = {{"pipe U2", attention_batch_pipe_g2_bf16},
+    } variants[] = {{"pipe U2", ab_pipe_u2},
                     {"U2", ab_u2},
-                    {"U4 minblocks6", ab_u4_min6},
+                    {"U4, 96 registers", ab_u4_min5},
                     {"pipe U4", ab_pipe_u4},
                     {"pipe U2 minblocks6", ab_pipe_u2_min6}};
     for (auto& v : variants) {
@@ -235,10 +236,10 @@ int main() {
         const char* name;
         const void* f;
     } fns[] = {{"paged_attention_v2_g2", (const void*)paged_attention_v2_g2_bf16},
-               {"attention_batch U4", (const void*)attention_batch_g2_bf16},
-               {"pipe U2 (engine _pipe)", (const void*)attention_batch_pipe_g2_bf16},
+               {"attention_batch (engine)", (const void*)attention_batch_g2_bf16},
+               {"pipe U2", (const void*)ab_pipe_u2},
                {"U2", (const void*)ab_u2},
-               {"U4 minblocks6", (const void*)ab_u4_min6},
+               {"U4, 96 registers", (const void*)ab_u4_min5},
                {"pipe U4", (const void*)ab_pipe_u4},
                {"pipe U2 minblocks6", (const void*)ab_pipe_u2_min6}};
     for (auto& f : fns) {

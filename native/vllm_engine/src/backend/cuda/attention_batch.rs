@@ -6,7 +6,7 @@
 //! Knobs (read once): `VLLM_ATT_BATCH=0` turns this kernel off (every batch through
 //! paged_attention_v2, to compare); `VLLM_ATT_BATCH_ROWS=n` uses it from n rows on (default
 //! 9; tests set 1 to run the batched graph tests through it); `VLLM_ATT_PARTITION=n`
-//! positions per split (default 256); `VLLM_ATT_PIPELINE=1` the pipelined form.
+//! positions per split (default 128).
 
 use std::sync::OnceLock;
 
@@ -21,22 +21,16 @@ use crate::error::{EngineError, Result};
 const MAX_WARPS: usize = 4;
 /// Group sizes (query heads per KV head) instantiated in attention_batch.cu.
 pub const GROUPS: [usize; 3] = [1, 2, 4];
-/// Kernel names to load, per form and group size (each with the dtype suffixes).
-pub const KERNEL_NAMES: [&str; 6] = [
-    "attention_batch_g1",
-    "attention_batch_g2",
-    "attention_batch_g4",
-    "attention_batch_pipe_g1",
-    "attention_batch_pipe_g2",
-    "attention_batch_pipe_g4",
-];
+/// Kernel names to load, one per group size (each with the dtype suffixes).
+pub const KERNEL_NAMES: [&str; 3] = ["attention_batch_g1", "attention_batch_g2", "attention_batch_g4"];
+
+/// Positions per split: measured best of 64..2048 on an H200 (bench/RESULTS.md, change 8).
+const DEFAULT_PARTITION: usize = 128;
 
 struct Config {
     enabled: bool,
     min_rows: usize,
     partition: usize,
-    /// The `_pipe` forms (the next pass's rows requested before this pass's are used).
-    pipeline: bool,
 }
 
 fn config() -> &'static Config {
@@ -46,8 +40,7 @@ fn config() -> &'static Config {
         Config {
             enabled: std::env::var_os("VLLM_ATT_BATCH").is_none_or(|v| v != "0"),
             min_rows: num("VLLM_ATT_BATCH_ROWS").unwrap_or(9).max(1),
-            partition: num("VLLM_ATT_PARTITION").unwrap_or(256).max(16),
-            pipeline: std::env::var_os("VLLM_ATT_PIPELINE").is_some_and(|v| v == "1"),
+            partition: num("VLLM_ATT_PARTITION").unwrap_or(DEFAULT_PARTITION).max(16),
         }
     })
 }
@@ -89,8 +82,7 @@ pub fn launch(
     partition: usize,
 ) -> Result<()> {
     let group = dims.num_heads / dims.num_kv_heads;
-    let form = if config().pipeline { "attention_batch_pipe" } else { "attention_batch" };
-    let f = k.function(&format!("{form}_g{group}"), dtype)?;
+    let f = k.function(&format!("attention_batch_g{group}"), dtype)?;
     let warps = dims.num_kv_heads.min(MAX_WARPS);
     // The split's block-table entries (an unaligned start adds one).
     let shared = (partition.div_ceil(meta.block_size) + 2) * 4;
