@@ -684,15 +684,23 @@ impl CausalLM for CudaDecoderLM {
         } else {
             graphs::buffer_bytes(&self.shape(), &graph_limits)
         };
-        let reserve =
-            self.activation_bytes(max_num_batched_tokens, args.max_num_seqs) + graph_bytes + DEVICE_SLACK_BYTES;
+        // The adapters' device copies (backend/cuda/lora.rs), uploaded after the cache is sized.
+        let lora_bytes = if args.enable_lora {
+            args.max_loras * LoraAdapter::slot_bytes(&self.config, args.max_lora_rank, self.dtype.size_in_bytes())
+        } else {
+            0
+        };
+        let reserve = self.activation_bytes(max_num_batched_tokens, args.max_num_seqs)
+            + graph_bytes
+            + lora_bytes
+            + DEVICE_SLACK_BYTES;
         let budget = allowed.saturating_sub(used).saturating_sub(reserve);
         if budget < self.kv_bytes_per_block(args.block_size) {
             return Err(EngineError::new(
                 ErrorCategory::ResourceExhausted,
                 format!(
                     "no GPU memory left for the KV cache: {:.2} GiB allowed (gpu_memory_utilization {}), \
-                 {:.2} GiB in use after loading the weights, {:.2} GiB kept for activations",
+                 {:.2} GiB in use after loading the weights, {:.2} GiB kept for activations and LoRA slots",
                     allowed as f64 / (1u64 << 30) as f64,
                     args.gpu_memory_utilization,
                     used as f64 / (1u64 << 30) as f64,
