@@ -336,7 +336,9 @@ impl CudaDecoderLM {
             clock.lap("norm")?;
             let qkv = ops::linear(k, &x, &layer.qkv)?;
             if let Some((l, rows)) = &lora {
+                clock.lap("qkv_gemm")?;
                 l.apply(rows, li, &lora_parts.qkv, &x, &qkv)?;
+                clock.lap("lora")?;
             }
             clock.lap("qkv_gemm")?;
             let extras = QkvExtras {
@@ -353,7 +355,9 @@ impl CudaDecoderLM {
             clock.lap("attention")?;
             let o = ops::linear(k, &attn, &layer.o_proj)?;
             if let Some((l, rows)) = &lora {
+                clock.lap("o_gemm")?;
                 l.apply(rows, li, &lora_parts.o, &attn, &o)?;
+                clock.lap("lora")?;
             }
             self.reduce_partial(&o)?;
             clock.lap("o_gemm")?;
@@ -361,14 +365,18 @@ impl CudaDecoderLM {
             clock.lap("norm")?;
             let gate_up = ops::linear(k, &x, &layer.gate_up)?;
             if let Some((l, rows)) = &lora {
+                clock.lap("gate_up_gemm")?;
                 l.apply(rows, li, &lora_parts.gate_up, &x, &gate_up)?;
+                clock.lap("lora")?;
             }
             clock.lap("gate_up_gemm")?;
             let act = ops::silu_mul(k, &gate_up)?;
             clock.lap("silu_mul")?;
             let down = ops::linear(k, &act, &layer.down)?;
             if let Some((l, rows)) = &lora {
+                clock.lap("down_gemm")?;
                 l.apply(rows, li, &lora_parts.down, &act, &down)?;
+                clock.lap("lora")?;
             }
             self.reduce_partial(&down)?;
             delta = Some(down);

@@ -103,6 +103,9 @@ pub struct DeviceLora {
     /// max_lora_rank: sizes the kernel's shared memory.
     max_rank: usize,
     graph: Option<GraphBuffers>,
+    /// `VLLM_LORA_NOOP=1` (a measurement knob): every launch sees no slots, so its blocks
+    /// return at once; what is left of the LoRA cost is the launches themselves.
+    noop: bool,
 }
 
 fn dtype_index(dtype: DType) -> Result<usize> {
@@ -151,6 +154,7 @@ impl DeviceLora {
             table: Tensor::zeros(num_layers * TARGETS * num_slots * 6, DType::U32, device)?,
             max_rank: max_rank.max(1),
             graph: None,
+            noop: std::env::var_os("VLLM_LORA_NOOP").is_some(),
         })
     }
 
@@ -392,7 +396,8 @@ impl DeviceLora {
         }
         let d = dtype_index(self.dtype)?;
         let table_p = device_ptr(&self.table)?;
-        let (num_slots, layer) = (self.slots.len() as i32, layer as i32);
+        let num_slots = if self.noop { 0 } else { self.slots.len() as i32 };
+        let layer = layer as i32;
         let (in_i, width_i) = (in_features as i32, y_width as i32);
         let mut b = self.stream.launch_builder(&self.kernels[d]);
         b.arg(&y_p)
