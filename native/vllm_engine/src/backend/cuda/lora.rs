@@ -139,12 +139,6 @@ impl DeviceLora {
                 .load_module(Ptx::from_src(super::embedded::LORA_PTX))
                 .map_err(|e| EngineError::internal(format!("cannot load the LoRA kernels: {e}")))?,
         };
-        // VLLM_LORA_GUARDED=1 (a measurement knob): the kernel variant with a branch per rank.
-        let variant = if std::env::var_os("VLLM_LORA_GUARDED").is_some() {
-            "lora_apply_guarded"
-        } else {
-            "lora_apply"
-        };
         let load = |name: &str| {
             module
                 .load_function(name)
@@ -155,9 +149,9 @@ impl DeviceLora {
             device: device.clone(),
             dtype,
             kernels: [
-                load(&format!("{variant}_f32"))?,
-                load(&format!("{variant}_bf16"))?,
-                load(&format!("{variant}_f16"))?,
+                load("lora_apply_f32")?,
+                load("lora_apply_bf16")?,
+                load("lora_apply_f16")?,
             ],
             stream,
             _module: module,
