@@ -338,16 +338,7 @@ impl DeviceLora {
         if b > g.max_rows {
             return Err(EngineError::internal("LoRA graph: batch larger than reserved"));
         }
-        self.launch(
-            device_ptr(&g.rows)?,
-            layer,
-            parts,
-            x,
-            y,
-            b,
-            in_features,
-            y_width,
-        )
+        self.launch(device_ptr(&g.rows)?, layer, parts, x, y, b, in_features, y_width)
     }
 
     /// Adds the deltas of `parts` of layer `layer` onto the rows of `y` [rows, width] whose
