@@ -468,9 +468,11 @@ fn measure_lora_throughput() {
 }
 
 /// The CUDA shrink/expand (kernels/lora.cu) against the CPU's `add_batch_deltas` on every
-/// target and fused layout: two adapters of different ranks in slots 0 and 2, slot 1 left
-/// empty, rows of both and of the base model interleaved (prefill chunks and decodes), in
-/// float32 (1e-4) and bfloat16 (within bf16 rounding of the outputs). Needs a GPU: runs
+/// target and fused layout: two adapters of different ranks (24: two rank tiles, the
+/// second partial; 8) in slots 0 and 2, slot 1 left empty, rows of both and of the base
+/// model interleaved (prefill chunks and decodes), in float32 (1e-4) and bfloat16 (within
+/// bf16 rounding of the outputs); on widths that allow the kernel's 16-byte loads and on
+/// widths that do not (its one-element path). Needs a GPU: runs
 /// with VLLM_TEST_DEVICE=cuda (the GPU machine), and on any other device checks nothing.
 #[cfg(feature = "cuda")]
 #[test]
@@ -483,15 +485,6 @@ fn cuda_shrink_expand_match_the_cpu_deltas_on_every_target() {
         eprintln!("skipped: VLLM_TEST_DEVICE is not cuda");
         return;
     }
-    // A small Llama-like geometry: hidden 64, q 64, kv 32, intermediate 96, 2 layers.
-    let (h, q, kv, inter, layers) = (64usize, 64usize, 32usize, 96usize, 2usize);
-    let dims = |t: LoraTarget| match t {
-        LoraTarget::Q => (h, q),
-        LoraTarget::K | LoraTarget::V => (h, kv),
-        LoraTarget::O => (q, h),
-        LoraTarget::Gate | LoraTarget::Up => (h, inter),
-        LoraTarget::Down => (inter, h),
-    };
     // Deterministic pseudo-random values in [-0.5, 0.5).
     let mut state = 0x2545f491u64;
     let mut next = move || {
@@ -500,123 +493,135 @@ fn cuda_shrink_expand_match_the_cpu_deltas_on_every_target() {
         state ^= state << 17;
         (state % 1000) as f32 / 1000.0 - 0.5
     };
-    let mut adapter = |rank: usize, scale: f32| {
-        let layers = (0..layers)
-            .map(|_| {
-                let mut pairs: [Option<LoraPair>; 7] = Default::default();
-                for t in LoraTarget::ALL {
-                    let (inf, outf) = dims(t);
-                    let a: Vec<f32> = (0..rank * inf).map(|_| next()).collect();
-                    let b: Vec<f32> = (0..outf * rank).map(|_| next()).collect();
-                    pairs[t as usize] = Some(LoraPair::new(a, b, rank, inf, outf, scale));
-                }
-                pairs
-            })
-            .collect();
-        Arc::new(LoraAdapter { rank, scale, layers })
-    };
-    let slots = vec![Some(adapter(16, 0.5)), None, Some(adapter(8, 2.0))];
-    // Rows: a 3-token chunk on slot 0, a base decode, a 2-token chunk on slot 2, slot 0, base.
-    let mut seqs = Vec::new();
-    let mut rows = 0;
-    for (len, slot) in [(3, Some(0)), (1, None), (2, Some(2)), (1, Some(0)), (2, None)] {
-        seqs.push(SeqSlice {
-            query_start: rows,
-            query_len: len,
-            lora_slot: slot,
-            ..Default::default()
-        });
-        rows += len;
-    }
-    let batch = ForwardBatch {
-        token_ids: vec![1; rows],
-        positions: (0..rows).collect(),
-        seqs: seqs.clone(),
-    };
-    let groups: [Vec<(LoraTarget, usize, usize)>; 4] = [
-        vec![
-            (LoraTarget::Q, 0, q),
-            (LoraTarget::K, q, kv),
-            (LoraTarget::V, q + kv, kv),
-        ],
-        vec![(LoraTarget::O, 0, h)],
-        vec![(LoraTarget::Gate, 0, inter), (LoraTarget::Up, inter, inter)],
-        vec![(LoraTarget::Down, 0, h)],
-    ];
     let device = vllm_engine::backend::cuda::open_device(0).expect("CUDA device 0");
-    for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
-        let mut lora = DeviceLora::new(&device, dtype, layers, slots.len(), 16).expect("LoRA kernels load");
-        for (slot, a) in slots.iter().enumerate() {
-            lora.set_slot(slot, a.as_deref()).expect("slot upload");
+    // Small Llama-like geometries (hidden, q, kv, intermediate), 2 layers: widths that are
+    // multiples of 8 (16-byte loads in f32 and bf16), then widths that are not.
+    for (h, q, kv, inter) in [(64usize, 64usize, 32usize, 96usize), (62, 62, 22, 94)] {
+        let layers = 2usize;
+        let dims = |t: LoraTarget| match t {
+            LoraTarget::Q => (h, q),
+            LoraTarget::K | LoraTarget::V => (h, kv),
+            LoraTarget::O => (q, h),
+            LoraTarget::Gate | LoraTarget::Up => (h, inter),
+            LoraTarget::Down => (inter, h),
+        };
+        let mut adapter = |rank: usize, scale: f32| {
+            let layers = (0..layers)
+                .map(|_| {
+                    let mut pairs: [Option<LoraPair>; 7] = Default::default();
+                    for t in LoraTarget::ALL {
+                        let (inf, outf) = dims(t);
+                        let a: Vec<f32> = (0..rank * inf).map(|_| next()).collect();
+                        let b: Vec<f32> = (0..outf * rank).map(|_| next()).collect();
+                        pairs[t as usize] = Some(LoraPair::new(a, b, rank, inf, outf, scale));
+                    }
+                    pairs
+                })
+                .collect();
+            Arc::new(LoraAdapter { rank, scale, layers })
+        };
+        let slots = vec![Some(adapter(24, 0.5)), None, Some(adapter(8, 2.0))];
+        // Rows: a 3-token chunk on slot 0, a base decode, a 2-token chunk on slot 2, slot 0, base.
+        let mut seqs = Vec::new();
+        let mut rows = 0;
+        for (len, slot) in [(3, Some(0)), (1, None), (2, Some(2)), (1, Some(0)), (2, None)] {
+            seqs.push(SeqSlice {
+                query_start: rows,
+                query_len: len,
+                lora_slot: slot,
+                ..Default::default()
+            });
+            rows += len;
         }
-        let row_slots = lora.row_slots(&batch).expect("row slots").expect("LoRA rows");
-        for layer in 0..layers {
-            for group in &groups {
-                let in_f = dims(group[0].0).0;
-                let width: usize = group.iter().map(|p| p.2).sum();
-                let round = |v: Vec<f32>| -> Vec<f32> {
-                    Tensor::new(v, &Device::Cpu)
+        let batch = ForwardBatch {
+            token_ids: vec![1; rows],
+            positions: (0..rows).collect(),
+            seqs: seqs.clone(),
+        };
+        let groups: [Vec<(LoraTarget, usize, usize)>; 4] = [
+            vec![
+                (LoraTarget::Q, 0, q),
+                (LoraTarget::K, q, kv),
+                (LoraTarget::V, q + kv, kv),
+            ],
+            vec![(LoraTarget::O, 0, h)],
+            vec![(LoraTarget::Gate, 0, inter), (LoraTarget::Up, inter, inter)],
+            vec![(LoraTarget::Down, 0, h)],
+        ];
+        for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+            let mut lora = DeviceLora::new(&device, dtype, layers, slots.len(), 32).expect("LoRA kernels load");
+            for (slot, a) in slots.iter().enumerate() {
+                lora.set_slot(slot, a.as_deref()).expect("slot upload");
+            }
+            let row_slots = lora.row_slots(&batch).expect("row slots").expect("LoRA rows");
+            for layer in 0..layers {
+                for group in &groups {
+                    let in_f = dims(group[0].0).0;
+                    let width: usize = group.iter().map(|p| p.2).sum();
+                    let round = |v: Vec<f32>| -> Vec<f32> {
+                        Tensor::new(v, &Device::Cpu)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap()
+                            .to_dtype(candle_core::DType::F32)
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap()
+                    };
+                    let x = round((0..rows * in_f).map(|_| next()).collect());
+                    let y0 = round((0..rows * width).map(|_| next()).collect());
+                    let mut want = y0.clone();
+                    let parts: Vec<(LoraTarget, usize)> = group.iter().map(|&(t, o, _)| (t, o)).collect();
+                    assert!(add_batch_deltas(&slots, &seqs, layer, &parts, &x, &mut want, width).unwrap());
+                    let xd = Tensor::from_slice(&x, (rows, in_f), &device)
                         .unwrap()
                         .to_dtype(dtype)
+                        .unwrap();
+                    let yd = Tensor::from_slice(&y0, (rows, width), &device)
                         .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    lora.apply(&row_slots, layer, group, &xd, &yd).expect("LoRA apply");
+                    let got: Vec<f32> = yd
                         .to_dtype(candle_core::DType::F32)
                         .unwrap()
-                        .to_vec1()
+                        .flatten_all()
                         .unwrap()
-                };
-                let x = round((0..rows * in_f).map(|_| next()).collect());
-                let y0 = round((0..rows * width).map(|_| next()).collect());
-                let mut want = y0.clone();
-                let parts: Vec<(LoraTarget, usize)> = group.iter().map(|&(t, o, _)| (t, o)).collect();
-                assert!(add_batch_deltas(&slots, &seqs, layer, &parts, &x, &mut want, width).unwrap());
-                let xd = Tensor::from_slice(&x, (rows, in_f), &device)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                let yd = Tensor::from_slice(&y0, (rows, width), &device)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                lora.apply(&row_slots, layer, group, &xd, &yd).expect("LoRA apply");
-                let got: Vec<f32> = yd
-                    .to_dtype(candle_core::DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let mut changed = 0;
-                for (i, ((&g, &w), &b)) in got.iter().zip(&want).zip(&y0).enumerate() {
-                    let tol = if dtype == candle_core::DType::F32 {
-                        1e-4 * (1.0 + w.abs())
-                    } else {
-                        // bf16 keeps 8 bits: the output's rounding plus the weights' (about 1%).
-                        0.02 * (1.0 + w.abs())
-                    };
+                        .to_vec1()
+                        .unwrap();
+                    let mut changed = 0;
+                    for (i, ((&g, &w), &b)) in got.iter().zip(&want).zip(&y0).enumerate() {
+                        let tol = if dtype == candle_core::DType::F32 {
+                            1e-4 * (1.0 + w.abs())
+                        } else {
+                            // bf16 keeps 8 bits: the output's rounding plus the weights' (about 1%).
+                            0.02 * (1.0 + w.abs())
+                        };
+                        assert!(
+                            (g - w).abs() <= tol,
+                            "{dtype:?} layer {layer} {:?} element {i}: got {g}, want {w}",
+                            group[0].0
+                        );
+                        changed += usize::from(w != b);
+                    }
+                    // Base rows stay bit-identical, adapter rows really change.
+                    let base_rows: Vec<usize> = seqs
+                        .iter()
+                        .filter(|s| s.lora_slot.is_none())
+                        .flat_map(|s| s.query_start..s.query_start + s.query_len)
+                        .collect();
+                    for r in base_rows {
+                        assert_eq!(
+                            &got[r * width..(r + 1) * width],
+                            &y0[r * width..(r + 1) * width],
+                            "base row {r}"
+                        );
+                    }
                     assert!(
-                        (g - w).abs() <= tol,
-                        "{dtype:?} layer {layer} {:?} element {i}: got {g}, want {w}",
-                        group[0].0
-                    );
-                    changed += usize::from(w != b);
-                }
-                // Base rows stay bit-identical, adapter rows really change.
-                let base_rows: Vec<usize> = seqs
-                    .iter()
-                    .filter(|s| s.lora_slot.is_none())
-                    .flat_map(|s| s.query_start..s.query_start + s.query_len)
-                    .collect();
-                for r in base_rows {
-                    assert_eq!(
-                        &got[r * width..(r + 1) * width],
-                        &y0[r * width..(r + 1) * width],
-                        "base row {r}"
+                        changed > rows * width / 2,
+                        "{dtype:?}: the deltas changed too little ({changed})"
                     );
                 }
-                assert!(
-                    changed > rows * width / 2,
-                    "{dtype:?}: the deltas changed too little ({changed})"
-                );
             }
         }
     }
@@ -748,4 +753,34 @@ fn tiny_lora_engine_agrees_with_graphs_eager_and_on_the_cpu() {
 
 fn common_json(path: PathBuf) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+/// What the GPU keeps out of the KV cache per LoRA slot (`LoraAdapter::slot_bytes`) is what
+/// an adapter of that rank on all seven projections of every layer really holds: the
+/// loader's own count of a random one on tiny Qwen3, in f32 (its host storage) and halved
+/// for bf16; an adapter of lower rank holds less.
+#[test]
+fn slot_bytes_count_an_adapter_on_every_target() {
+    use vllm_engine::config::ModelConfig;
+    use vllm_engine::lora::LoraAdapter;
+    let dir = fixtures_dir().join("tiny").join("tiny_qwen3");
+    let config = ModelConfig::from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let hd = config.head_dim;
+    let dims = (
+        config.hidden_size,
+        config.num_attention_heads * hd,
+        config.num_key_value_heads * hd,
+        config.intermediate_size,
+        config.num_hidden_layers,
+    );
+    let full = random_adapter("bytes8", dims, 8, 5, 0.1);
+    let adapter = LoraAdapter::load(&full, &config, 8).unwrap();
+    assert_eq!(LoraAdapter::slot_bytes(&config, 8, 4), adapter.bytes());
+    assert_eq!(LoraAdapter::slot_bytes(&config, 8, 2) * 2, adapter.bytes());
+    let smaller = random_adapter("bytes4", dims, 4, 6, 0.1);
+    let adapter4 = LoraAdapter::load(&smaller, &config, 8).unwrap();
+    assert!(adapter4.bytes() < LoraAdapter::slot_bytes(&config, 8, 4));
+    for d in [full, smaller] {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }

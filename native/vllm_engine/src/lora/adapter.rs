@@ -117,6 +117,20 @@ impl LoraAdapter {
         self.layers.iter().flatten().flatten().map(LoraPair::bytes).sum()
     }
 
+    /// Bytes of the largest adapter one device slot may have to hold: rank `rank` on all
+    /// seven targets of every layer, A and (scale·B)ᵀ in `elem_bytes` storage. The GPU
+    /// keeps `max_loras` of these out of the KV cache's share.
+    pub fn slot_bytes(c: &ModelConfig, rank: usize, elem_bytes: usize) -> usize {
+        let per_rank: usize = LoraTarget::ALL
+            .into_iter()
+            .map(|t| {
+                let (i, o) = t.dims(c);
+                i + o
+            })
+            .sum();
+        c.num_hidden_layers * per_rank * rank * elem_bytes
+    }
+
     /// Reads and checks the adapter at `dir` for a model of config `c`. Missing directory
     /// or files: `:not_found`; rank above `max_rank`, a target the model lacks, missing
     /// or mis-shaped tensors: `:validation`.

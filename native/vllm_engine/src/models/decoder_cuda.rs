@@ -336,7 +336,9 @@ impl CudaDecoderLM {
             clock.lap("norm")?;
             let qkv = ops::linear(k, &x, &layer.qkv)?;
             if let Some((l, rows)) = &lora {
+                clock.lap("qkv_gemm")?;
                 l.apply(rows, li, &lora_parts.qkv, &x, &qkv)?;
+                clock.lap("lora")?;
             }
             clock.lap("qkv_gemm")?;
             let extras = QkvExtras {
@@ -353,7 +355,9 @@ impl CudaDecoderLM {
             clock.lap("attention")?;
             let o = ops::linear(k, &attn, &layer.o_proj)?;
             if let Some((l, rows)) = &lora {
+                clock.lap("o_gemm")?;
                 l.apply(rows, li, &lora_parts.o, &attn, &o)?;
+                clock.lap("lora")?;
             }
             self.reduce_partial(&o)?;
             clock.lap("o_gemm")?;
@@ -361,14 +365,18 @@ impl CudaDecoderLM {
             clock.lap("norm")?;
             let gate_up = ops::linear(k, &x, &layer.gate_up)?;
             if let Some((l, rows)) = &lora {
+                clock.lap("gate_up_gemm")?;
                 l.apply(rows, li, &lora_parts.gate_up, &x, &gate_up)?;
+                clock.lap("lora")?;
             }
             clock.lap("gate_up_gemm")?;
             let act = ops::silu_mul(k, &gate_up)?;
             clock.lap("silu_mul")?;
             let down = ops::linear(k, &act, &layer.down)?;
             if let Some((l, rows)) = &lora {
+                clock.lap("down_gemm")?;
                 l.apply(rows, li, &lora_parts.down, &act, &down)?;
+                clock.lap("lora")?;
             }
             self.reduce_partial(&down)?;
             delta = Some(down);
@@ -684,15 +692,24 @@ impl CausalLM for CudaDecoderLM {
         } else {
             graphs::buffer_bytes(&self.shape(), &graph_limits)
         };
-        let reserve =
-            self.activation_bytes(max_num_batched_tokens, args.max_num_seqs) + graph_bytes + DEVICE_SLACK_BYTES;
+        // The adapters' device copies (backend/cuda/lora.rs), uploaded after the cache is sized.
+        let lora_bytes = if args.enable_lora {
+            let rank = crate::backend::cuda::lora::device_rank(args.max_lora_rank);
+            args.max_loras * LoraAdapter::slot_bytes(&self.config, rank, self.dtype.size_in_bytes())
+        } else {
+            0
+        };
+        let reserve = self.activation_bytes(max_num_batched_tokens, args.max_num_seqs)
+            + graph_bytes
+            + lora_bytes
+            + DEVICE_SLACK_BYTES;
         let budget = allowed.saturating_sub(used).saturating_sub(reserve);
         if budget < self.kv_bytes_per_block(args.block_size) {
             return Err(EngineError::new(
                 ErrorCategory::ResourceExhausted,
                 format!(
                     "no GPU memory left for the KV cache: {:.2} GiB allowed (gpu_memory_utilization {}), \
-                 {:.2} GiB in use after loading the weights, {:.2} GiB kept for activations",
+                 {:.2} GiB in use after loading the weights, {:.2} GiB kept for activations and LoRA slots",
                     allowed as f64 / (1u64 << 30) as f64,
                     args.gpu_memory_utilization,
                     used as f64 / (1u64 << 30) as f64,

@@ -1,5 +1,6 @@
-//! Multi-LoRA on the GPU: the resident adapter slots on the device and the launchers of
-//! kernels/lora.cu (shrink then expand over a whole batch, each row on its own slot).
+//! Multi-LoRA on the GPU: the resident adapter slots on the device and the launcher of
+//! kernels/lora.cu (one launch per fused projection over a whole batch, each row on its own
+//! slot: the shrink and the expand of a row in one block).
 //!
 //! The engine core decides which adapter sits in which slot (lora/slots.rs, LRU with pins)
 //! and hands each change to the model; here a slot change uploads the adapter's pairs in
@@ -27,10 +28,16 @@ use crate::error::{EngineError, Result};
 use crate::lora::{LoraAdapter, LoraTarget};
 use crate::models::ForwardBatch;
 
-/// Must match LORA_SHRINK_THREADS and LORA_EXPAND_THREADS in lora.cu.
-const SHRINK_THREADS: u32 = 128;
-const EXPAND_THREADS: u32 = 256;
+/// Must match LORA_THREADS and LORA_RANK_TILE in lora.cu.
+const THREADS: u32 = 256;
+const RANK_TILE: usize = 16;
 const TARGETS: usize = 7;
+
+/// An adapter's rank on the device: padded with zero rows of A and Bt to a multiple of the
+/// kernel's rank tile, so the kernel's rank loops need no per-rank guard.
+pub fn device_rank(rank: usize) -> usize {
+    rank.div_ceil(RANK_TILE) * RANK_TILE
+}
 
 /// The parts of one fused projection (lora.cu's LoraParts), passed by value.
 #[repr(C)]
@@ -84,8 +91,6 @@ struct ResidentAdapter {
 struct GraphBuffers {
     /// u32 [max_rows]: each row's slot (u32::MAX: base model).
     rows: Tensor,
-    /// f32 [3, max_rows, max_rank]: the shrunk rows.
-    mid: Tensor,
     max_rows: usize,
 }
 
@@ -94,16 +99,19 @@ pub struct DeviceLora {
     dtype: DType,
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
-    shrink: [CudaFunction; 3],
-    expand: [CudaFunction; 3],
+    /// lora_apply per dtype (f32, bf16, f16).
+    kernels: [CudaFunction; 3],
     num_layers: usize,
     slots: Vec<Option<ResidentAdapter>>,
     /// u64 [layers, 7, slots, 3] as u32 pairs, written in place on every slot change (its
     /// address is baked into the captured graphs).
     table: Tensor,
-    /// The mid buffer's row stride: max_lora_rank.
+    /// max_lora_rank: sizes the kernel's shared memory.
     max_rank: usize,
     graph: Option<GraphBuffers>,
+    /// `VLLM_LORA_NOOP=1` (a measurement knob): every launch sees no slots, so its blocks
+    /// return at once; what is left of the LoRA cost is the launches themselves.
+    noop: bool,
 }
 
 fn dtype_index(dtype: DType) -> Result<usize> {
@@ -140,15 +148,10 @@ impl DeviceLora {
         Ok(DeviceLora {
             device: device.clone(),
             dtype,
-            shrink: [
-                load("lora_shrink_f32")?,
-                load("lora_shrink_bf16")?,
-                load("lora_shrink_f16")?,
-            ],
-            expand: [
-                load("lora_expand_f32")?,
-                load("lora_expand_bf16")?,
-                load("lora_expand_f16")?,
+            kernels: [
+                load("lora_apply_f32")?,
+                load("lora_apply_bf16")?,
+                load("lora_apply_f16")?,
             ],
             stream,
             _module: module,
@@ -157,6 +160,7 @@ impl DeviceLora {
             table: Tensor::zeros(num_layers * TARGETS * num_slots * 6, DType::U32, device)?,
             max_rank: max_rank.max(1),
             graph: None,
+            noop: std::env::var_os("VLLM_LORA_NOOP").is_some(),
         })
     }
 
@@ -197,14 +201,18 @@ impl DeviceLora {
                 let Some(pair) = adapter.pair(layer, target) else {
                     continue;
                 };
+                let rank = device_rank(pair.rank);
+                // [pair.rank, cols] padded with zero rows to [rank, cols].
                 let to_device = |v: &[f32], cols: usize| -> Result<Tensor> {
-                    Ok(Tensor::from_slice(v, (pair.rank, cols), &self.device)?
+                    let mut padded = v.to_vec();
+                    padded.resize(rank * cols, 0.0);
+                    Ok(Tensor::from_vec(padded, (rank, cols), &self.device)?
                         .to_dtype(self.dtype)?
                         .contiguous()?)
                 };
                 let a = to_device(&pair.a, pair.in_features)?;
                 let bt = to_device(&pair.b_t, pair.out_features)?;
-                entries[layer * TARGETS + t] = [device_ptr(&a)?, device_ptr(&bt)?, pair.rank as u64];
+                entries[layer * TARGETS + t] = [device_ptr(&a)?, device_ptr(&bt)?, rank as u64];
                 max_rank = max_rank.max(pair.rank);
                 tensors.push(a);
                 tensors.push(bt);
@@ -286,8 +294,7 @@ impl DeviceLora {
     pub fn reserve_graph_buffers(&mut self, max_rows: usize) -> Result<()> {
         let max_rows = max_rows.max(1);
         let rows = Tensor::from_vec(vec![u32::MAX; max_rows], max_rows, &self.device)?;
-        let mid = Tensor::zeros(3 * max_rows * self.max_rank, DType::F32, &self.device)?;
-        self.graph = Some(GraphBuffers { rows, mid, max_rows });
+        self.graph = Some(GraphBuffers { rows, max_rows });
         Ok(())
     }
 
@@ -331,17 +338,7 @@ impl DeviceLora {
         if b > g.max_rows {
             return Err(EngineError::internal("LoRA graph: batch larger than reserved"));
         }
-        self.launch(
-            device_ptr(&g.rows)?,
-            device_ptr(&g.mid)?,
-            layer,
-            parts,
-            x,
-            y,
-            b,
-            in_features,
-            y_width,
-        )
+        self.launch(device_ptr(&g.rows)?, layer, parts, x, y, b, in_features, y_width)
     }
 
     /// Adds the deltas of `parts` of layer `layer` onto the rows of `y` [rows, width] whose
@@ -361,11 +358,8 @@ impl DeviceLora {
                 "LoRA apply: activations are not in the adapters' dtype",
             ));
         }
-        // SAFETY: the shrink writes every mid entry the expand reads (j < rank of that row's pair).
-        let mid = unsafe { Tensor::empty(parts.len() * rows * self.max_rank, DType::F32, &self.device)? };
         self.launch(
             device_ptr(row_slots)?,
-            device_ptr(&mid)?,
             layer,
             parts,
             device_ptr(x)?,
@@ -376,11 +370,11 @@ impl DeviceLora {
         )
     }
 
+    /// One lora_apply launch: grid (rows, parts), the max rank's floats of shared memory.
     #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
         slots_p: u64,
-        mid_p: u64,
         layer: usize,
         parts: &[Part],
         x_p: u64,
@@ -393,7 +387,6 @@ impl DeviceLora {
             return Err(EngineError::internal("LoRA launch: bad parts or layer"));
         }
         let mut p = LoraParts::default();
-        let mut widest = 0;
         for (i, &(target, offset, out_features)) in parts.iter().enumerate() {
             if offset + out_features > y_width {
                 return Err(EngineError::internal("LoRA launch: a part lies outside the output"));
@@ -401,52 +394,31 @@ impl DeviceLora {
             p.target[i] = target as i32;
             p.offset[i] = offset as i32;
             p.out_features[i] = out_features as i32;
-            widest = widest.max(out_features);
         }
         let d = dtype_index(self.dtype)?;
         let table_p = device_ptr(&self.table)?;
-        let (num_slots, layer) = (self.slots.len() as i32, layer as i32);
-        let (rows_i, in_i, width_i, rank_i) = (rows as i32, in_features as i32, y_width as i32, self.max_rank as i32);
-        let n_parts = parts.len() as u32;
-
-        let mut b = self.stream.launch_builder(&self.shrink[d]);
-        b.arg(&mid_p)
+        let num_slots = if self.noop { 0 } else { self.slots.len() as i32 };
+        let layer = layer as i32;
+        let (in_i, width_i) = (in_features as i32, y_width as i32);
+        let mut b = self.stream.launch_builder(&self.kernels[d]);
+        b.arg(&y_p)
             .arg(&x_p)
             .arg(&slots_p)
             .arg(&table_p)
             .arg(&num_slots)
             .arg(&layer)
             .arg(&p)
-            .arg(&rows_i)
             .arg(&in_i)
-            .arg(&rank_i);
+            .arg(&width_i);
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, n_parts, 1),
-            block_dim: (SHRINK_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            grid_dim: (rows as u32, parts.len() as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: (self.max_rank.div_ceil(RANK_TILE) * RANK_TILE * 4) as u32,
         };
-        // SAFETY: the arguments match lora_shrink's signature; every address is a live
-        // device buffer of the sizes the kernel indexes (mid: parts × rows × max_rank).
-        unsafe { b.launch(cfg) }.map_err(|e| launch_err("lora_shrink", e))?;
-
-        let mut b = self.stream.launch_builder(&self.expand[d]);
-        b.arg(&y_p)
-            .arg(&mid_p)
-            .arg(&slots_p)
-            .arg(&table_p)
-            .arg(&num_slots)
-            .arg(&layer)
-            .arg(&p)
-            .arg(&rows_i)
-            .arg(&width_i)
-            .arg(&rank_i);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, widest.div_ceil(EXPAND_THREADS as usize) as u32, n_parts),
-            block_dim: (EXPAND_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: as above, for lora_expand.
-        unsafe { b.launch(cfg) }.map_err(|e| launch_err("lora_expand", e))?;
+        // SAFETY: the arguments match lora_apply's signature; x, y and the slots are live
+        // device buffers of `rows` rows (x [rows, in], y [rows, y_width]); the table holds
+        // live adapter copies of rank <= max_rank, which the shared memory covers.
+        unsafe { b.launch(cfg) }.map_err(|e| launch_err("lora_apply", e))?;
         Ok(())
     }
 }
