@@ -593,6 +593,7 @@ __device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
 #define GEMV_STORE 0
 #define GEMV_ADD 1
 #define GEMV_SILU 2
+#define GEMV_STORE_F32 3
 
 __device__ __forceinline__ uint4 load16_stream(const void* p) {
     uint4 v;
@@ -645,7 +646,9 @@ __device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const 
 //   GEMV_STORE: y[r, o] = sum;
 //   GEMV_ADD:   y[r, o] = round(y[r, o] + round(sum)) (the residual add, as torch rounds);
 //   GEMV_SILU:  w is the fused [2 * out, inner] gate/up matrix; y[r, o] = silu(gate) * up
-//               with HF's roundings.
+//               with HF's roundings;
+//   GEMV_STORE_F32: y is float32 [n, out], y[r, o] = sum unrounded (the logits: bf16 rounding
+//               alone moves a logprob by up to ~0.1).
 // Needs inner % (16 / sizeof(T)) == 0, 16-byte aligned w, x and norm_w, and dynamic shared
 // memory n * inner * sizeof(T) + items * NR * 4 bytes (the launcher checks).
 template <typename T, int NR>
@@ -740,7 +743,9 @@ __device__ void gemv_fused(T* y, const T* x, const T* w, const T* norm_w, int n,
         for (int half = 0; half < halves; half++)
             for (int pass = 0; pass < passes; pass++) s[half] += part[((local * halves + half) * passes + pass) * NR + r];
         T* dst = y + (long long)r * out + o;
-        if (mode == GEMV_STORE) {
+        if (mode == GEMV_STORE_F32) {
+            reinterpret_cast<float*>(y)[(long long)r * out + o] = s[0];
+        } else if (mode == GEMV_STORE) {
             *dst = from_f<T>(s[0]);
         } else if (mode == GEMV_ADD) {
             *dst = from_f<T>(to_f(*dst) + round_t<T>(s[0]));
