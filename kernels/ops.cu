@@ -3,9 +3,8 @@
 // block tables (prefill and decode alike, split along the sequence for long contexts), and
 // SiLU*mul. Storage in float32, bfloat16 or float16; arithmetic and accumulation in float32.
 //
-// In bf16/f16 a value is rounded only where it is stored (activations, the KV cache, the
-// residual stream); inside a kernel the arithmetic stays in float32. (Rounding every
-// intermediate as torch does kept SmolLM2's bf16 logprobs further from float32.)
+// Rounding follows HF transformers in low precision (each op's result rounded to the
+// storage type where torch rounds it), so bf16 runs track the reference closely.
 //
 // Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]; position p of a
 // sequence lives in slot block_tables[seq * max_blocks + p / block_size] * block_size + p % block_size.
@@ -50,7 +49,7 @@ __device__ void gather_rows(T* out, const T* src, const uint32_t* rows, int widt
 }
 
 // residual += delta (when delta is given, rounded to T as torch adds), then
-// out = weight * residual * rsqrt(mean(residual^2) + eps). One block per row.
+// out = weight * round(residual * rsqrt(mean(residual^2) + eps)). One block per row.
 template <typename T>
 __device__ void add_rms_norm(T* residual, const T* delta, const T* weight, T* out, int hidden, float eps) {
     __shared__ float red[33];
@@ -68,7 +67,7 @@ __device__ void add_rms_norm(T* residual, const T* delta, const T* weight, T* ou
     const float inv = rsqrtf(block_sum(sum_sq, red) / hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         const float v = to_f(residual[base + i]);
-        out[base + i] = from_f<T>(to_f(weight[i]) * (v * inv));
+        out[base + i] = from_f<T>(to_f(weight[i]) * round_t<T>(v * inv));
     }
 }
 
@@ -79,7 +78,7 @@ __device__ void silu_mul(T* out, const T* gate_up, int inter, long long total) {
         const long long r = i / inter, c = i % inter;
         const float g = to_f(gate_up[r * 2 * inter + c]);
         const float u = to_f(gate_up[r * 2 * inter + inter + c]);
-        out[i] = from_f<T>(g / (1.f + expf(-g)) * u);
+        out[i] = from_f<T>(round_t<T>(g / (1.f + expf(-g))) * u);
     }
 }
 
@@ -97,7 +96,7 @@ __device__ void qkv_prepare(const T* qkv, const T* bias, const T* q_norm, const 
     const int width = (num_heads + 2 * num_kv_heads) * head_dim;
     for (int i = threadIdx.x; i < width; i += blockDim.x) {
         float v = to_f(qkv[t * width + i]);
-        if (bias) v += to_f(bias[i]);
+        if (bias) v = round_t<T>(v + to_f(bias[i]));
         row[i] = v;
     }
     __syncthreads();
@@ -109,7 +108,7 @@ __device__ void qkv_prepare(const T* qkv, const T* bias, const T* q_norm, const 
             for (int j = lane; j < head_dim; j += 32) ss += x[j] * x[j];
             const float inv = rsqrtf(warp_sum(ss) / head_dim + eps);
             const T* w = h < num_heads ? q_norm : k_norm;
-            for (int j = lane; j < head_dim; j += 32) x[j] = to_f(w[j]) * (x[j] * inv);
+            for (int j = lane; j < head_dim; j += 32) x[j] = round_t<T>(to_f(w[j]) * round_t<T>(x[j] * inv));
         }
         __syncthreads();
     }
@@ -119,11 +118,11 @@ __device__ void qkv_prepare(const T* qkv, const T* bias, const T* q_norm, const 
     const long long kv_base = slot * num_kv_heads * head_dim;
     for (int i = threadIdx.x; i < (num_heads + num_kv_heads) * half; i += blockDim.x) {
         const int h = i / half, j = i % half;
-        const float c = cos_table[(long long)pos * half + j];
-        const float s = sin_table[(long long)pos * half + j];
+        const float c = round_t<T>(cos_table[(long long)pos * half + j]);
+        const float s = round_t<T>(sin_table[(long long)pos * half + j]);
         const float a = row[h * head_dim + j], b = row[h * head_dim + j + half];
-        const T ra = from_f<T>(a * c - b * s);
-        const T rb = from_f<T>(b * c + a * s);
+        const T ra = from_f<T>(round_t<T>(a * c) - round_t<T>(b * s));
+        const T rb = from_f<T>(round_t<T>(b * c) + round_t<T>(a * s));
         if (h < num_heads) {
             T* q = q_out + (t * num_heads + h) * head_dim;
             q[j] = ra;
@@ -604,6 +603,20 @@ __device__ __forceinline__ uint4 load16_stream(const void* p) {
     return v;
 }
 
+// A skinny product for decode steps: y = epilogue(x' · wᵀ) for n <= NR rows of x, where
+// x' = x, or RMSNorm(x) * norm_w when norm_w is given (the norm fused in: x is then the
+// residual stream, [n, inner] with inner the hidden size). Weights stream through with
+// 16-byte loads, GEMV_LOADS per lane in flight before the first use; x' sits in shared
+// memory (each block builds its own copy, the inputs are tiny). A block computes
+// `rows_per_block` outputs; a weight row is cut into `passes` of GEMV_PASS_CHUNKS chunks
+// and every (row, half, pass) item goes to one warp; the items' sums meet in shared
+// memory in a fixed order (deterministic). Epilogues (mode):
+//   GEMV_STORE: y[r, o] = sum;
+//   GEMV_ADD:   y[r, o] = round(y[r, o] + round(sum)) (the residual add, as torch rounds);
+//   GEMV_SILU:  w is the fused [2 * out, inner] gate/up matrix; y[r, o] = silu(gate) * up
+//               with HF's roundings.
+// Needs inner % (16 / sizeof(T)) == 0, 16-byte aligned w, x and norm_w, and dynamic shared
+// memory n * inner * sizeof(T) + items * NR * 4 bytes (the launcher checks).
 // Issues the GEMV_LOADS 16-byte weight loads of one (row, half, pass) item of gemv_fused.
 template <typename T>
 __device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const T* w, int item, int passes, int halves,
@@ -631,10 +644,9 @@ __device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const 
 // (row, half, pass) item goes to one warp; the items' sums meet in shared memory in a
 // fixed order (deterministic). Epilogues (mode):
 //   GEMV_STORE: y[r, o] = sum;
-//   GEMV_ADD:   y[r, o] += round(sum) (the residual add; the sum rounded as the unfused
-//               path stores it);
+//   GEMV_ADD:   y[r, o] = round(y[r, o] + round(sum)) (the residual add, as torch rounds);
 //   GEMV_SILU:  w is the fused [2 * out, inner] gate/up matrix; y[r, o] = silu(gate) * up
-//               (gate and up rounded as the unfused path stores them);
+//               with HF's roundings;
 //   GEMV_STORE_F32: y is float32 [n, out], y[r, o] = sum unrounded (the logits: bf16 rounding
 //               alone moves a logprob by up to ~0.1).
 // Needs inner % (16 / sizeof(T)) == 0, 16-byte aligned w, x and norm_w, and dynamic shared
@@ -674,7 +686,7 @@ __device__ void gemv_fused(T* y, const T* x, const T* w, const T* norm_w, int n,
                 uint4 o;
                 T* ov = reinterpret_cast<T*>(&o);
 #pragma unroll
-                for (int e = 0; e < VEC; e++) ov[e] = from_f<T>(to_f(nw[e]) * (to_f(hv[e]) * inv));
+                for (int e = 0; e < VEC; e++) ov[e] = from_f<T>(to_f(nw[e]) * round_t<T>(to_f(hv[e]) * inv));
                 *reinterpret_cast<uint4*>(xs + (long long)r * inner + c * VEC) = o;
             }
         }
@@ -739,7 +751,7 @@ __device__ void gemv_fused(T* y, const T* x, const T* w, const T* norm_w, int n,
             *dst = from_f<T>(to_f(*dst) + round_t<T>(s[0]));
         } else {
             const float g = round_t<T>(s[0]), u = round_t<T>(s[1]);
-            *dst = from_f<T>(g / (1.f + expf(-g)) * u);
+            *dst = from_f<T>(round_t<T>(g / (1.f + expf(-g))) * u);
         }
     }
 }
