@@ -212,7 +212,8 @@ impl DecodeGraphs {
         let buffers = Buffers {
             meta: zeros(max_batch * (2 + max_blocks), DType::U32)?,
             token_seq: Tensor::from_vec(token_seq, max_batch, device)?,
-            h: zeros(max_batch * model.hidden, dt)?,
+            // The residual stream, float32 whatever the model's dtype (kernels/ops.cu).
+            h: zeros(max_batch * model.hidden, DType::F32)?,
             x: zeros(max_batch * model.hidden, dt)?,
             qkv: zeros(max_batch * model.qkv_width(), dt)?,
             q: zeros(max_batch * model.q_width(), dt)?,

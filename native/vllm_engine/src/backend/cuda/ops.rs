@@ -75,7 +75,7 @@ fn empty(shape: (usize, usize), dtype: DType, like: &Tensor) -> Result<Tensor> {
 pub fn embedding(k: &Kernels, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (_, hidden) = table.dims2()?;
     let n = ids.elem_count();
-    let out = empty((n, hidden), table.dtype(), table)?;
+    let out = empty((n, hidden), DType::F32, table)?;
     if n == 0 {
         return Ok(out);
     }
@@ -91,7 +91,8 @@ pub fn embedding(k: &Kernels, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
-/// `embedding` on raw device addresses: rows `ids[..n]` of `table` into `out`.
+/// `embedding` on raw device addresses: rows `ids[..n]` of `table` (in `dtype`) into `out`,
+/// the float32 residual stream.
 pub fn launch_embedding(
     k: &Kernels,
     dtype: DType,
@@ -134,12 +135,16 @@ pub fn add_rms_norm(
     eps: f32,
 ) -> Result<Tensor> {
     let (n, hidden) = residual.dims2()?;
+    let dtype = weight.dtype();
+    if residual.dtype() != DType::F32 {
+        return Err(EngineError::internal("add_rms_norm: the residual stream is float32"));
+    }
     if let Some(d) = delta {
-        if d.dims2()? != (n, hidden) || d.dtype() != residual.dtype() {
+        if d.dims2()? != (n, hidden) || d.dtype() != dtype {
             return Err(EngineError::internal("add_rms_norm: delta does not match the residual"));
         }
     }
-    let out = empty((n, hidden), residual.dtype(), residual)?;
+    let out = empty((n, hidden), dtype, residual)?;
     if n == 0 {
         return Ok(out);
     }
@@ -149,11 +154,12 @@ pub fn add_rms_norm(
         weight: device_ptr(weight)?,
         out: device_ptr(&out)?,
     };
-    launch_add_rms_norm(k, residual.dtype(), &rows, n, hidden, eps)?;
+    launch_add_rms_norm(k, dtype, &rows, n, hidden, eps)?;
     Ok(out)
 }
 
-/// Operands of `add_rms_norm` as device addresses (`delta` 0: none).
+/// Operands of `add_rms_norm` as device addresses (`delta` 0: none); `residual` is float32,
+/// the others in the model's dtype.
 pub struct RowsPtrs {
     pub residual: u64,
     pub delta: u64,
@@ -553,7 +559,8 @@ const GEMV_MAX_ITEMS: usize = 64;
 pub enum GemvEpilogue {
     /// y = x · wᵀ
     Store = 0,
-    /// y += x · wᵀ (the residual add, rounded as torch rounds)
+    /// y (the float32 residual stream) += x · wᵀ (the sum rounded to the weights' type first,
+    /// as the unfused path stores it)
     AddTo = 1,
     /// w is the fused [2 * out, inner] gate/up matrix: y = silu(gate) * up
     SiluMul = 2,
