@@ -3,10 +3,11 @@
 // block tables (prefill and decode alike, split along the sequence for long contexts), and
 // SiLU*mul. Storage in float32, bfloat16 or float16; arithmetic and accumulation in float32.
 //
-// Rounding follows HF transformers in low precision (each op's result rounded to the
-// storage type where torch rounds it), except for the residual stream between layers,
-// which stays float32 whatever T is: rounding it to bf16 after every add was the largest
-// single source of bf16's logprob error on SmolLM2.
+// In bf16/f16 a value is rounded only where it is stored in T (activations between
+// kernels, the KV cache); inside a kernel the arithmetic stays float32 (norms, rotary, bias,
+// SiLU), and the residual stream between layers stays float32 whatever T is. Rounding the
+// residual after every add, as torch does, was the largest single source of bf16's
+// logprob error on SmolLM2.
 //
 // Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]; position p of a
 // sequence lives in slot block_tables[seq * max_blocks + p / block_size] * block_size + p % block_size.
@@ -51,7 +52,7 @@ __device__ void gather_rows(T* out, const T* src, const uint32_t* rows, int widt
 }
 
 // residual (float32) += delta (when given), then
-// out = weight * round(residual * rsqrt(mean(residual^2) + eps)). One block per row.
+// out = weight * residual * rsqrt(mean(residual^2) + eps). One block per row.
 template <typename T>
 __device__ void add_rms_norm(float* residual, const T* delta, const T* weight, T* out, int hidden, float eps) {
     __shared__ float red[33];
@@ -68,7 +69,7 @@ __device__ void add_rms_norm(float* residual, const T* delta, const T* weight, T
     const float inv = rsqrtf(block_sum(sum_sq, red) / hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         const float v = residual[base + i];
-        out[base + i] = from_f<T>(to_f(weight[i]) * round_t<T>(v * inv));
+        out[base + i] = from_f<T>(to_f(weight[i]) * (v * inv));
     }
 }
 
@@ -79,7 +80,7 @@ __device__ void silu_mul(T* out, const T* gate_up, int inter, long long total) {
         const long long r = i / inter, c = i % inter;
         const float g = to_f(gate_up[r * 2 * inter + c]);
         const float u = to_f(gate_up[r * 2 * inter + inter + c]);
-        out[i] = from_f<T>(round_t<T>(g / (1.f + expf(-g))) * u);
+        out[i] = from_f<T>(g / (1.f + expf(-g)) * u);
     }
 }
 
@@ -97,7 +98,7 @@ __device__ void qkv_prepare(const T* qkv, const T* bias, const T* q_norm, const 
     const int width = (num_heads + 2 * num_kv_heads) * head_dim;
     for (int i = threadIdx.x; i < width; i += blockDim.x) {
         float v = to_f(qkv[t * width + i]);
-        if (bias) v = round_t<T>(v + to_f(bias[i]));
+        if (bias) v += to_f(bias[i]);
         row[i] = v;
     }
     __syncthreads();
@@ -109,7 +110,7 @@ __device__ void qkv_prepare(const T* qkv, const T* bias, const T* q_norm, const 
             for (int j = lane; j < head_dim; j += 32) ss += x[j] * x[j];
             const float inv = rsqrtf(warp_sum(ss) / head_dim + eps);
             const T* w = h < num_heads ? q_norm : k_norm;
-            for (int j = lane; j < head_dim; j += 32) x[j] = round_t<T>(to_f(w[j]) * round_t<T>(x[j] * inv));
+            for (int j = lane; j < head_dim; j += 32) x[j] = to_f(w[j]) * (x[j] * inv);
         }
         __syncthreads();
     }
@@ -119,11 +120,11 @@ __device__ void qkv_prepare(const T* qkv, const T* bias, const T* q_norm, const 
     const long long kv_base = slot * num_kv_heads * head_dim;
     for (int i = threadIdx.x; i < (num_heads + num_kv_heads) * half; i += blockDim.x) {
         const int h = i / half, j = i % half;
-        const float c = round_t<T>(cos_table[(long long)pos * half + j]);
-        const float s = round_t<T>(sin_table[(long long)pos * half + j]);
+        const float c = cos_table[(long long)pos * half + j];
+        const float s = sin_table[(long long)pos * half + j];
         const float a = row[h * head_dim + j], b = row[h * head_dim + j + half];
-        const T ra = from_f<T>(round_t<T>(a * c) - round_t<T>(b * s));
-        const T rb = from_f<T>(round_t<T>(b * c) + round_t<T>(a * s));
+        const T ra = from_f<T>(a * c - b * s);
+        const T rb = from_f<T>(b * c + a * s);
         if (h < num_heads) {
             T* q = q_out + (t * num_heads + h) * head_dim;
             q[j] = ra;
@@ -633,7 +634,7 @@ __device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const 
 //   GEMV_STORE: y[r, o] = sum;
 //   GEMV_ADD:   y is the float32 residual stream [n, out]: y[r, o] += round(sum);
 //   GEMV_SILU:  w is the fused [2 * out, inner] gate/up matrix; y[r, o] = silu(gate) * up
-//               with HF's roundings;
+//               (gate and up rounded as the unfused path stores them);
 //   GEMV_STORE_F32: y is float32 [n, out], y[r, o] = sum unrounded (the logits: bf16 rounding
 //               alone moves a logprob by up to ~0.1).
 // Needs inner % (16 / sizeof(T)) == 0, 16-byte aligned w, x and norm_w, and dynamic shared
@@ -669,7 +670,7 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
                 uint4 o;
                 T* ov = reinterpret_cast<T*>(&o);
 #pragma unroll
-                for (int e = 0; e < VEC; e++) ov[e] = from_f<T>(to_f(nw[e]) * round_t<T>(hr[c * VEC + e] * inv));
+                for (int e = 0; e < VEC; e++) ov[e] = from_f<T>(to_f(nw[e]) * (hr[c * VEC + e] * inv));
                 *reinterpret_cast<uint4*>(xs + (long long)r * inner + c * VEC) = o;
             }
         }
@@ -735,7 +736,7 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
             static_cast<float*>(y)[at] += round_t<T>(s[0]);
         } else {
             const float g = round_t<T>(s[0]), u = round_t<T>(s[1]);
-            *dst = from_f<T>(round_t<T>(g / (1.f + expf(-g))) * u);
+            *dst = from_f<T>(g / (1.f + expf(-g)) * u);
         }
     }
 }
