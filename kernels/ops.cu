@@ -3,8 +3,11 @@
 // block tables (prefill and decode alike, split along the sequence for long contexts), and
 // SiLU*mul. Storage in float32, bfloat16 or float16; arithmetic and accumulation in float32.
 //
-// Rounding follows HF transformers in low precision (each op's result rounded to the
-// storage type where torch rounds it), so bf16 runs track the reference closely.
+// In bf16/f16 a value is rounded only where it is stored in T (activations between
+// kernels, the KV cache); inside a kernel the arithmetic stays float32 (norms, rotary, bias,
+// SiLU), and the residual stream between layers stays float32 whatever T is. Rounding the
+// residual after every add, as torch does, was the largest single source of bf16's
+// logprob error on SmolLM2.
 //
 // Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]; position p of a
 // sequence lives in slot block_tables[seq * max_blocks + p / block_size] * block_size + p % block_size.
@@ -34,10 +37,10 @@ __device__ __forceinline__ long long cache_slot(const uint32_t* block_tables, in
 
 // out[t] = table[ids[t]]; one block per token.
 template <typename T>
-__device__ void embedding(T* out, const T* table, const uint32_t* ids, int hidden) {
+__device__ void embedding(float* out, const T* table, const uint32_t* ids, int hidden) {
     const long long t = blockIdx.x;
     const T* row = table + (long long)ids[t] * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[t * hidden + i] = row[i];
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[t * hidden + i] = to_f(row[i]);
 }
 
 // out[r] = src[rows[r]]; one block per output row.
@@ -48,26 +51,25 @@ __device__ void gather_rows(T* out, const T* src, const uint32_t* rows, int widt
     for (int i = threadIdx.x; i < width; i += blockDim.x) out[r * width + i] = row[i];
 }
 
-// residual += delta (when delta is given, rounded to T as torch adds), then
-// out = weight * round(residual * rsqrt(mean(residual^2) + eps)). One block per row.
+// residual (float32) += delta (when given), then
+// out = weight * residual * rsqrt(mean(residual^2) + eps). One block per row.
 template <typename T>
-__device__ void add_rms_norm(T* residual, const T* delta, const T* weight, T* out, int hidden, float eps) {
+__device__ void add_rms_norm(float* residual, const T* delta, const T* weight, T* out, int hidden, float eps) {
     __shared__ float red[33];
     const long long base = (long long)blockIdx.x * hidden;
     float sum_sq = 0.f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float v = to_f(residual[base + i]);
+        float v = residual[base + i];
         if (delta) {
-            T s = from_f<T>(v + to_f(delta[base + i]));
-            residual[base + i] = s;
-            v = to_f(s);
+            v += to_f(delta[base + i]);
+            residual[base + i] = v;
         }
         sum_sq += v * v;
     }
     const float inv = rsqrtf(block_sum(sum_sq, red) / hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        const float v = to_f(residual[base + i]);
-        out[base + i] = from_f<T>(to_f(weight[i]) * round_t<T>(v * inv));
+        const float v = residual[base + i];
+        out[base + i] = from_f<T>(to_f(weight[i]) * (v * inv));
     }
 }
 
@@ -78,7 +80,7 @@ __device__ void silu_mul(T* out, const T* gate_up, int inter, long long total) {
         const long long r = i / inter, c = i % inter;
         const float g = to_f(gate_up[r * 2 * inter + c]);
         const float u = to_f(gate_up[r * 2 * inter + inter + c]);
-        out[i] = from_f<T>(round_t<T>(g / (1.f + expf(-g))) * u);
+        out[i] = from_f<T>(g / (1.f + expf(-g)) * u);
     }
 }
 
@@ -96,7 +98,7 @@ __device__ void qkv_prepare(const T* qkv, const T* bias, const T* q_norm, const 
     const int width = (num_heads + 2 * num_kv_heads) * head_dim;
     for (int i = threadIdx.x; i < width; i += blockDim.x) {
         float v = to_f(qkv[t * width + i]);
-        if (bias) v = round_t<T>(v + to_f(bias[i]));
+        if (bias) v += to_f(bias[i]);
         row[i] = v;
     }
     __syncthreads();
@@ -108,7 +110,7 @@ __device__ void qkv_prepare(const T* qkv, const T* bias, const T* q_norm, const 
             for (int j = lane; j < head_dim; j += 32) ss += x[j] * x[j];
             const float inv = rsqrtf(warp_sum(ss) / head_dim + eps);
             const T* w = h < num_heads ? q_norm : k_norm;
-            for (int j = lane; j < head_dim; j += 32) x[j] = round_t<T>(to_f(w[j]) * round_t<T>(x[j] * inv));
+            for (int j = lane; j < head_dim; j += 32) x[j] = to_f(w[j]) * (x[j] * inv);
         }
         __syncthreads();
     }
@@ -118,11 +120,11 @@ __device__ void qkv_prepare(const T* qkv, const T* bias, const T* q_norm, const 
     const long long kv_base = slot * num_kv_heads * head_dim;
     for (int i = threadIdx.x; i < (num_heads + num_kv_heads) * half; i += blockDim.x) {
         const int h = i / half, j = i % half;
-        const float c = round_t<T>(cos_table[(long long)pos * half + j]);
-        const float s = round_t<T>(sin_table[(long long)pos * half + j]);
+        const float c = cos_table[(long long)pos * half + j];
+        const float s = sin_table[(long long)pos * half + j];
         const float a = row[h * head_dim + j], b = row[h * head_dim + j + half];
-        const T ra = from_f<T>(round_t<T>(a * c) - round_t<T>(b * s));
-        const T rb = from_f<T>(round_t<T>(b * c) + round_t<T>(a * s));
+        const T ra = from_f<T>(a * c - b * s);
+        const T rb = from_f<T>(b * c + a * s);
         if (h < num_heads) {
             T* q = q_out + (t * num_heads + h) * head_dim;
             q[j] = ra;
@@ -593,6 +595,7 @@ __device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
 #define GEMV_STORE 0
 #define GEMV_ADD 1
 #define GEMV_SILU 2
+#define GEMV_STORE_F32 3
 
 __device__ __forceinline__ uint4 load16_stream(const void* p) {
     uint4 v;
@@ -602,20 +605,6 @@ __device__ __forceinline__ uint4 load16_stream(const void* p) {
     return v;
 }
 
-// A skinny product for decode steps: y = epilogue(x' · wᵀ) for n <= NR rows of x, where
-// x' = x, or RMSNorm(x) * norm_w when norm_w is given (the norm fused in: x is then the
-// residual stream, [n, inner] with inner the hidden size). Weights stream through with
-// 16-byte loads, GEMV_LOADS per lane in flight before the first use; x' sits in shared
-// memory (each block builds its own copy, the inputs are tiny). A block computes
-// `rows_per_block` outputs; a weight row is cut into `passes` of GEMV_PASS_CHUNKS chunks
-// and every (row, half, pass) item goes to one warp; the items' sums meet in shared
-// memory in a fixed order (deterministic). Epilogues (mode):
-//   GEMV_STORE: y[r, o] = sum;
-//   GEMV_ADD:   y[r, o] = round(y[r, o] + round(sum)) (the residual add, as torch rounds);
-//   GEMV_SILU:  w is the fused [2 * out, inner] gate/up matrix; y[r, o] = silu(gate) * up
-//               with HF's roundings.
-// Needs inner % (16 / sizeof(T)) == 0, 16-byte aligned w, x and norm_w, and dynamic shared
-// memory n * inner * sizeof(T) + items * NR * 4 bytes (the launcher checks).
 // Issues the GEMV_LOADS 16-byte weight loads of one (row, half, pass) item of gemv_fused.
 template <typename T>
 __device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const T* w, int item, int passes, int halves,
@@ -634,8 +623,8 @@ __device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const 
 }
 
 // A skinny product for decode steps: y = epilogue(x' · wᵀ) for n <= NR rows of x, where
-// x' = x, or RMSNorm(x) * norm_w when norm_w is given (the norm fused in: x is then the
-// residual stream, [n, inner] with inner the hidden size). Weights stream through with
+// x' = x (T), or RMSNorm(x) * norm_w when norm_w is given (the norm fused in: x is then the
+// float32 residual stream, [n, inner] with inner the hidden size). Weights stream through with
 // 16-byte loads, GEMV_LOADS per lane in flight; a warp's first weights are requested before
 // the block builds x' in shared memory (so the prologue hides under their latency), and
 // each next item's while the current one is summed. A block computes `rows_per_block`
@@ -643,13 +632,15 @@ __device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const 
 // (row, half, pass) item goes to one warp; the items' sums meet in shared memory in a
 // fixed order (deterministic). Epilogues (mode):
 //   GEMV_STORE: y[r, o] = sum;
-//   GEMV_ADD:   y[r, o] = round(y[r, o] + round(sum)) (the residual add, as torch rounds);
+//   GEMV_ADD:   y is the float32 residual stream [n, out]: y[r, o] += round(sum);
 //   GEMV_SILU:  w is the fused [2 * out, inner] gate/up matrix; y[r, o] = silu(gate) * up
-//               with HF's roundings.
+//               (gate and up rounded as the unfused path stores them);
+//   GEMV_STORE_F32: y is float32 [n, out], y[r, o] = sum unrounded (the logits: bf16 rounding
+//               alone moves a logprob by up to ~0.1).
 // Needs inner % (16 / sizeof(T)) == 0, 16-byte aligned w, x and norm_w, and dynamic shared
 // memory n * inner * sizeof(T) + items * NR * 4 bytes (the launcher checks).
 template <typename T, int NR>
-__device__ void gemv_fused(T* y, const T* x, const T* w, const T* norm_w, int n, int out, int inner,
+__device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, int n, int out, int inner,
                            int rows_per_block, int passes, int mode, float eps) {
     extern __shared__ uint4 gemv_smem[];
     constexpr int VEC = 16 / sizeof(T);
@@ -666,30 +657,26 @@ __device__ void gemv_fused(T* y, const T* x, const T* w, const T* norm_w, int n,
 
     if (norm_w) {
         for (int r = warp; r < n; r += GEMV_WARPS) {
-            const T* hr = x + (long long)r * inner;
+            const float* hr = static_cast<const float*>(x) + (long long)r * inner;
             float ss = 0.f;
-            for (int c = lane; c < chunks; c += 32) {
-                const uint4 raw = *reinterpret_cast<const uint4*>(hr + c * VEC);
-                const T* hv = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-                for (int e = 0; e < VEC; e++) ss += to_f(hv[e]) * to_f(hv[e]);
+            for (int c = lane; c < inner / 4; c += 32) {
+                const float4 v = reinterpret_cast<const float4*>(hr)[c];
+                ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
             }
             const float inv = rsqrtf(warp_sum(ss) / inner + eps);
             for (int c = lane; c < chunks; c += 32) {
-                const uint4 raw = *reinterpret_cast<const uint4*>(hr + c * VEC);
                 const uint4 wraw = *reinterpret_cast<const uint4*>(norm_w + c * VEC);
-                const T* hv = reinterpret_cast<const T*>(&raw);
                 const T* nw = reinterpret_cast<const T*>(&wraw);
                 uint4 o;
                 T* ov = reinterpret_cast<T*>(&o);
 #pragma unroll
-                for (int e = 0; e < VEC; e++) ov[e] = from_f<T>(to_f(nw[e]) * round_t<T>(to_f(hv[e]) * inv));
+                for (int e = 0; e < VEC; e++) ov[e] = from_f<T>(to_f(nw[e]) * (hr[c * VEC + e] * inv));
                 *reinterpret_cast<uint4*>(xs + (long long)r * inner + c * VEC) = o;
             }
         }
     } else {
         for (int i = threadIdx.x; i < n * chunks; i += blockDim.x)
-            reinterpret_cast<uint4*>(xs)[i] = reinterpret_cast<const uint4*>(x)[i];
+            reinterpret_cast<uint4*>(xs)[i] = static_cast<const uint4*>(x)[i];
     }
     __syncthreads();
 
@@ -739,14 +726,17 @@ __device__ void gemv_fused(T* y, const T* x, const T* w, const T* norm_w, int n,
         float s[2] = {0.f, 0.f};
         for (int half = 0; half < halves; half++)
             for (int pass = 0; pass < passes; pass++) s[half] += part[((local * halves + half) * passes + pass) * NR + r];
-        T* dst = y + (long long)r * out + o;
-        if (mode == GEMV_STORE) {
+        const long long at = (long long)r * out + o;
+        T* dst = static_cast<T*>(y) + at;
+        if (mode == GEMV_STORE_F32) {
+            static_cast<float*>(y)[at] = s[0];
+        } else if (mode == GEMV_STORE) {
             *dst = from_f<T>(s[0]);
         } else if (mode == GEMV_ADD) {
-            *dst = from_f<T>(to_f(*dst) + round_t<T>(s[0]));
+            static_cast<float*>(y)[at] += round_t<T>(s[0]);
         } else {
             const float g = round_t<T>(s[0]), u = round_t<T>(s[1]);
-            *dst = from_f<T>(round_t<T>(g / (1.f + expf(-g))) * u);
+            *dst = from_f<T>(g / (1.f + expf(-g)) * u);
         }
     }
 }
@@ -807,14 +797,14 @@ extern "C" __global__ void argmax_split_reduce(uint32_t* out, const uint32_t* pa
 }
 
 #define INSTANTIATE(SUFFIX, T)                                                                                          \
-    extern "C" __global__ void embedding_##SUFFIX(T* out, const T* table, const uint32_t* ids, int hidden) {           \
+    extern "C" __global__ void embedding_##SUFFIX(float* out, const T* table, const uint32_t* ids, int hidden) {           \
         embedding<T>(out, table, ids, hidden);                                                                          \
     }                                                                                                                   \
     extern "C" __global__ void gather_rows_##SUFFIX(T* out, const T* src, const uint32_t* rows, int width) {           \
         gather_rows<T>(out, src, rows, width);                                                                          \
     }                                                                                                                   \
-    extern "C" __global__ void add_rms_norm_##SUFFIX(T* residual, const T* delta, const T* weight, T* out, int hidden, \
-                                                     float eps) {                                                       \
+    extern "C" __global__ void add_rms_norm_##SUFFIX(float* residual, const T* delta, const T* weight, T* out,         \
+                                                     int hidden, float eps) {                                           \
         add_rms_norm<T>(residual, delta, weight, out, hidden, eps);                                                     \
     }                                                                                                                   \
     extern "C" __global__ void silu_mul_##SUFFIX(T* out, const T* gate_up, int inter, long long total) {               \
@@ -866,7 +856,7 @@ INSTANTIATE(f16, __half)
 // gemv_fused for batches of at most NR rows (1, 2, 4, 8).
 #define INSTANTIATE_GEMV(SUFFIX, T, NR)                                                                                 \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_fused_r##NR##_##SUFFIX(                            \
-        T* y, const T* x, const T* w, const T* norm_w, int n, int out, int inner, int rows_per_block, int passes,      \
+        void* y, const void* x, const T* w, const T* norm_w, int n, int out, int inner, int rows_per_block, int passes,\
         int mode, float eps) {                                                                                          \
         gemv_fused<T, NR>(y, x, w, norm_w, n, out, inner, rows_per_block, passes, mode, eps);                          \
     }

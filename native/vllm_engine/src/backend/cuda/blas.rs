@@ -43,12 +43,25 @@ impl Blas {
     /// y[n, out] = x[n, inner] · w[out, inner]ᵀ, all row-major in `dtype`.
     #[allow(clippy::too_many_arguments)]
     pub fn linear(&self, dtype: DType, y: u64, x: u64, w: u64, n: usize, out: usize, inner: usize) -> Result<()> {
-        let data_type = match dtype {
-            DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
-            DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
-            DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
-            other => return Err(EngineError::internal(format!("no cuBLAS product for {other:?}"))),
-        };
+        self.linear_to(dtype, dtype, y, x, w, n, out, inner)
+    }
+
+    /// `linear` with y in `y_dtype` (float32 logits from bf16 weights: the sums are float32
+    /// anyway, so this only skips the rounding).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_to(
+        &self,
+        dtype: DType,
+        y_dtype: DType,
+        y: u64,
+        x: u64,
+        w: u64,
+        n: usize,
+        out: usize,
+        inner: usize,
+    ) -> Result<()> {
+        let data_type = cuda_type(dtype)?;
+        let y_type = cuda_type(y_dtype)?;
         let compute = if dtype == DType::F32 && candle_core::cuda_backend::gemm_reduced_precision_f32() {
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
         } else {
@@ -77,7 +90,7 @@ impl Blas {
                 (n * inner) as i64,
                 (&beta) as *const f32 as *const c_void,
                 y as *mut c_void,
-                data_type,
+                y_type,
                 m,
                 (n * out) as i64,
                 1,
@@ -86,5 +99,14 @@ impl Blas {
             )
         }
         .map_err(|e| EngineError::internal(format!("cuBLAS GemmEx ({n}x{inner} by {out}x{inner}): {e}")))
+    }
+}
+
+fn cuda_type(dtype: DType) -> Result<sys::cudaDataType_t> {
+    match dtype {
+        DType::F32 => Ok(sys::cudaDataType_t::CUDA_R_32F),
+        DType::BF16 => Ok(sys::cudaDataType_t::CUDA_R_16BF),
+        DType::F16 => Ok(sys::cudaDataType_t::CUDA_R_16F),
+        other => Err(EngineError::internal(format!("no cuBLAS product for {other:?}"))),
     }
 }

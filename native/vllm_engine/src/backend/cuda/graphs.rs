@@ -212,7 +212,8 @@ impl DecodeGraphs {
         let buffers = Buffers {
             meta: zeros(max_batch * (2 + max_blocks), DType::U32)?,
             token_seq: Tensor::from_vec(token_seq, max_batch, device)?,
-            h: zeros(max_batch * model.hidden, dt)?,
+            // The residual stream, float32 whatever the model's dtype (kernels/ops.cu).
+            h: zeros(max_batch * model.hidden, DType::F32)?,
             x: zeros(max_batch * model.hidden, dt)?,
             qkv: zeros(max_batch * model.qkv_width(), dt)?,
             q: zeros(max_batch * model.q_width(), dt)?,
@@ -221,7 +222,7 @@ impl DecodeGraphs {
             gate_up: zeros(max_batch * 2 * model.intermediate, dt)?,
             act: zeros(max_batch * model.intermediate, dt)?,
             delta: zeros(max_batch * model.hidden, dt)?,
-            logits: zeros(max_batch * model.vocab, dt)?,
+            logits: zeros(max_batch * model.vocab, DType::F32)?,
             part_acc: zeros(acc_len, DType::F32)?,
             part_ml: zeros(ml_len, DType::F32)?,
             done_counts: zeros(max_batch * model.dims.num_kv_heads, DType::U32)?,
@@ -455,7 +456,7 @@ impl DecodeGraphs {
                 b,
                 m.vocab,
                 hidden,
-                GemvEpilogue::Store,
+                GemvEpilogue::StoreF32,
             )?;
         } else {
             let norm_final = RowsPtrs {
@@ -465,9 +466,10 @@ impl DecodeGraphs {
                 out: x,
             };
             ops::launch_add_rms_norm(k, dt, &norm_final, b, hidden, m.eps)?;
-            self.linear(k, dt, logits, x, m.lm_head, b, m.vocab, hidden)?;
+            ops::launch_logits(k, &self.blas, dt, logits, x, m.lm_head, b, m.vocab, hidden)?;
         }
-        ops::launch_argmax_split(k, dt, p(&buf.argmax)?, p(&buf.argmax_part)?, logits, b, m.vocab)
+        let (argmax, part) = (p(&buf.argmax)?, p(&buf.argmax_part)?);
+        ops::launch_argmax_split(k, DType::F32, argmax, part, logits, b, m.vocab)
     }
 
     /// y[b, out] = x[b, inner] · w[out, inner]ᵀ: `ops::linear`'s choice on raw buffers.
@@ -614,7 +616,8 @@ impl DecodeGraphs {
             .logits
             .narrow(0, 0, n * self.vocab)?
             .reshape((n, self.vocab))?;
-        Ok(rows.to_dtype(DType::F32)?)
+        // A copy: the buffer is the next replay's output.
+        Ok(rows.copy()?)
     }
 }
 

@@ -4,6 +4,7 @@
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::{DType, Tensor};
 
+use super::blas::Blas;
 use super::{attention_batch, device_ptr, optional_ptr, Kernels};
 use crate::error::{EngineError, Result};
 
@@ -74,7 +75,7 @@ fn empty(shape: (usize, usize), dtype: DType, like: &Tensor) -> Result<Tensor> {
 pub fn embedding(k: &Kernels, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (_, hidden) = table.dims2()?;
     let n = ids.elem_count();
-    let out = empty((n, hidden), table.dtype(), table)?;
+    let out = empty((n, hidden), DType::F32, table)?;
     if n == 0 {
         return Ok(out);
     }
@@ -90,7 +91,8 @@ pub fn embedding(k: &Kernels, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
-/// `embedding` on raw device addresses: rows `ids[..n]` of `table` into `out`.
+/// `embedding` on raw device addresses: rows `ids[..n]` of `table` (in `dtype`) into `out`,
+/// the float32 residual stream.
 pub fn launch_embedding(
     k: &Kernels,
     dtype: DType,
@@ -133,12 +135,16 @@ pub fn add_rms_norm(
     eps: f32,
 ) -> Result<Tensor> {
     let (n, hidden) = residual.dims2()?;
+    let dtype = weight.dtype();
+    if residual.dtype() != DType::F32 {
+        return Err(EngineError::internal("add_rms_norm: the residual stream is float32"));
+    }
     if let Some(d) = delta {
-        if d.dims2()? != (n, hidden) || d.dtype() != residual.dtype() {
+        if d.dims2()? != (n, hidden) || d.dtype() != dtype {
             return Err(EngineError::internal("add_rms_norm: delta does not match the residual"));
         }
     }
-    let out = empty((n, hidden), residual.dtype(), residual)?;
+    let out = empty((n, hidden), dtype, residual)?;
     if n == 0 {
         return Ok(out);
     }
@@ -148,11 +154,12 @@ pub fn add_rms_norm(
         weight: device_ptr(weight)?,
         out: device_ptr(&out)?,
     };
-    launch_add_rms_norm(k, residual.dtype(), &rows, n, hidden, eps)?;
+    launch_add_rms_norm(k, dtype, &rows, n, hidden, eps)?;
     Ok(out)
 }
 
-/// Operands of `add_rms_norm` as device addresses (`delta` 0: none).
+/// Operands of `add_rms_norm` as device addresses (`delta` 0: none); `residual` is float32,
+/// the others in the model's dtype.
 pub struct RowsPtrs {
     pub residual: u64,
     pub delta: u64,
@@ -563,10 +570,13 @@ const GEMV_MAX_ITEMS: usize = 64;
 pub enum GemvEpilogue {
     /// y = x · wᵀ
     Store = 0,
-    /// y += x · wᵀ (the residual add, rounded as torch rounds)
+    /// y (the float32 residual stream) += x · wᵀ (the sum rounded to the weights' type first,
+    /// as the unfused path stores it)
     AddTo = 1,
     /// w is the fused [2 * out, inner] gate/up matrix: y = silu(gate) * up
     SiluMul = 2,
+    /// y (float32, whatever the weights' type) = x · wᵀ, unrounded: the logits
+    StoreF32 = 3,
 }
 
 /// The launch geometry of `gemv_fused`: (rows per block, passes, blocks, shared bytes).
@@ -687,6 +697,48 @@ pub fn linear(k: &Kernels, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         out,
         inner,
     )?;
+    Ok(y)
+}
+
+/// The logits y = x [n, inner] · w [vocab, inner]ᵀ as float32 whatever the weights' type
+/// (rounding them to bf16 alone moves a logprob by up to ~0.1): our GEMV for decode-sized
+/// batches, cuBLAS otherwise, on raw addresses (x and w 16-byte aligned).
+#[allow(clippy::too_many_arguments)]
+pub fn launch_logits(
+    k: &Kernels,
+    blas: &Blas,
+    dtype: DType,
+    y: u64,
+    x: u64,
+    w: u64,
+    n: usize,
+    vocab: usize,
+    inner: usize,
+) -> Result<()> {
+    if gemv_fits(k, dtype, n, inner) {
+        launch_gemv_fused(k, dtype, y, x, w, 0, 0.0, n, vocab, inner, GemvEpilogue::StoreF32)
+    } else {
+        blas.linear_to(dtype, DType::F32, y, x, w, n, vocab, inner)
+    }
+}
+
+/// `launch_logits` on tensors: float32 [n, vocab].
+pub fn logits(k: &Kernels, blas: &Blas, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, inner) = x.dims2()?;
+    let (vocab, w_inner) = w.dims2()?;
+    if w_inner != inner || w.dtype() != x.dtype() {
+        return Err(EngineError::internal("logits: the hidden states do not fit the lm_head"));
+    }
+    let x = x.contiguous()?;
+    let y = empty((n, vocab), DType::F32, &x)?;
+    if n > 0 {
+        let (xp, wp) = (device_ptr(&x)?, device_ptr(w)?);
+        if xp % 16 != 0 || wp % 16 != 0 {
+            blas.linear_to(x.dtype(), DType::F32, device_ptr(&y)?, xp, wp, n, vocab, inner)?;
+        } else {
+            launch_logits(k, blas, x.dtype(), device_ptr(&y)?, xp, wp, n, vocab, inner)?;
+        }
+    }
     Ok(y)
 }
 
