@@ -3,6 +3,7 @@
 //! Matrix products stay candle's (cuBLAS).
 
 pub mod blas;
+pub mod decode_small;
 pub mod graphs;
 pub mod kv_cache;
 pub mod lora;
@@ -53,6 +54,8 @@ pub fn memory_info(device: &Device) -> Result<(usize, usize)> {
 pub struct Kernels {
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
+    /// kernels/decode_small.cu (small-batch decode attention), when it loads.
+    _small_module: Option<Arc<CudaModule>>,
     functions: HashMap<String, CudaFunction>,
     /// `VLLM_ATTENTION_V1=1`: the first attention kernel (thread per key), to compare.
     pub attention_v1: bool,
@@ -61,6 +64,9 @@ pub struct Kernels {
     /// 1 by default (measured faster than cuBLAS only there), `VLLM_GEMV_ROWS=n` (up to
     /// 8) to compare, `VLLM_GEMV=0` for cuBLAS everywhere.
     pub gemv_max_rows: usize,
+    /// Captured decode steps of up to decode_small::MAX_ROWS rows fuse qkv_prepare into
+    /// one attention block per (sequence, KV head); `VLLM_DECODE_SMALL=0` turns it off.
+    pub decode_small: bool,
 }
 
 const KERNEL_NAMES: [&str; 19] = [
@@ -129,12 +135,15 @@ impl Kernels {
                 .map_err(|e| EngineError::internal(format!("kernel {name} is missing: {e}")))?;
             functions.insert(name.to_string(), f);
         }
+        let small_module = decode_small::load_into(&context, &mut functions);
         let v2_loaded = ["f32", "bf16", "f16"]
             .iter()
             .all(|s| functions.contains_key(&format!("paged_attention_v2_{s}")));
         Ok(Kernels {
             stream,
             _module: module,
+            decode_small: small_module.is_some() && std::env::var_os("VLLM_DECODE_SMALL").is_none_or(|v| v != "0"),
+            _small_module: small_module,
             functions,
             attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
             gemv_max_rows: gemv_max_rows_from_env(),
