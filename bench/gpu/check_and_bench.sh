@@ -88,6 +88,9 @@ modes=("graphs")
 [ "${V1:-0}" = 1 ] && modes+=("v1")
 # FP16=1: also with graphs in float16 (dtype "float16").
 [ "${FP16:-0}" = 1 ] && modes+=("fp16")
+# NOSMALL=1: also with graphs and the small-batch decode attention off (VLLM_DECODE_SMALL=0:
+# qkv_prepare + paged_attention_v2 as before kernels/decode_small.cu).
+[ "${NOSMALL:-0}" = 1 ] && modes+=("nosmall")
 # CUBLAS=1: also with graphs and cuBLAS for every product (VLLM_GEMV=0; the default puts
 # 1-row batches through our fused GEMV).
 [ "${CUBLAS:-0}" = 1 ] && modes+=("cublas")
@@ -104,7 +107,8 @@ for w in $workloads; do
   att_v1=0; [ "$mode" = v1 ] && att_v1=1
   gemv=${VLLM_GEMV:-}; [ "$mode" = cublas ] && gemv=0
   dtype=bfloat16; [ "$mode" = fp16 ] && dtype=float16
-  VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
+  small=${VLLM_DECODE_SMALL:-}; [ "$mode" = nosmall ] && small=0
+  VLLM_DECODE_SMALL=$small VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
     --dtype "$dtype" --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$tag.json" "${extra[@]}" \
     2>&1 | tee "$out/$tag.txt"
   summary+=("$(grep -E "^$w median" "$out/$tag.txt" | sed "s/^$w/$tag/" || echo "$tag: FAILED (see $tag.txt)")")
@@ -125,6 +129,21 @@ for w in ${OP_TIMING:-}; do
     2>&1 | tee "$out/$w-op-timing.txt"
   while read -r l; do summary+=("$w $l"); done < <(grep -E "^op timing" "$out/$w-op-timing.txt")
 done
+
+# NCU=1: W3 once more under ncu (--clock-control none --cache-control none), timing
+# NCU_COUNT (130, about one decode step) kernels after skipping NCU_SKIP (20000, past
+# start-up and capture), summed per kernel and grid by ncu_summary.py. NCU_ENV: extra
+# environment for that run (e.g. VLLM_DECODE_SMALL=0).
+if [ "${NCU:-0}" = 1 ]; then
+  echo "== ncu: W3 kernels, one decode step ${NCU_ENV:-}"
+  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  env ${NCU_ENV:-} VLLM_STEP_TIMING= timeout 300 "$ncu_bin" --clock-control none --cache-control none \
+    --launch-skip "${NCU_SKIP:-20000}" --launch-count "${NCU_COUNT:-130}" --metrics gpu__time_duration.sum --csv \
+    "$bin/vllm-bench" --workload w3 "$(config_of w3)" --load-format dummy --device cuda --dtype bfloat16 \
+    --tokenizer "$gpu/tokenizer.json" --runs 1 --max-model-len 1024 > "$out/ncu-w3.csv" 2> "$out/ncu-w3.err"
+  python3 "$here/ncu_summary.py" "$out/ncu-w3.csv" 2>&1 | tee "$out/ncu-w3.txt" || tail -20 "$out/ncu-w3.err"
+  while read -r l; do summary+=("$l"); done < <(head -14 "$out/ncu-w3.txt")
+fi
 
 if [ "${HF_W3:-0}" = 1 ]; then
   echo "== HF transformers W3 (128 in, 128 out, bf16, same card)"
