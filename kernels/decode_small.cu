@@ -16,6 +16,7 @@
 // softmax and sums in float32, the output rounded to T).
 
 #include "common.cuh"
+#include "pdl.cuh"
 
 #define DS_THREADS 256
 #define DS_WARPS (DS_THREADS / 32)
@@ -74,6 +75,10 @@ __device__ void decode_attention_small(T* out, const T* qkv, const T* bias, cons
         }
     };
     request(first);
+    // The cache rows above were written by earlier steps; the qkv row is the previous
+    // kernel's output (programmatic dependent launch, pdl.cuh).
+    pdl_launch_dependents();
+    pdl_wait();
 
     // Prologue: this KV head's slice of the qkv row (bias added as torch adds it).
     const int width = (num_heads + 2 * num_kv_heads) * hd;

@@ -103,6 +103,22 @@ pub fn launch(
     let caches = [p.k_cache, p.v_cache];
     let ints = [dims.num_heads as i32, dims.num_kv_heads as i32, dims.head_dim as i32];
     let window = dims.window as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, dims.num_kv_heads as u32, 1),
+        block_dim: (DS_THREADS, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    if k.pdl {
+        let arg = super::pdl::arg;
+        let mut params: Vec<_> = ptrs.iter().map(arg).collect();
+        params.extend([arg(&max_blocks), arg(&block_size)]);
+        params.extend(caches.iter().map(arg));
+        params.extend(ints.iter().map(arg));
+        params.extend([arg(&dims.scale), arg(&window), arg(&eps)]);
+        // SAFETY: the parameters are decode_attention_small's, in order; before its
+        // pdl_wait it reads only step metadata and cache rows of earlier steps.
+        return unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "decode_attention_small") };
+    }
     let mut b = k.stream().launch_builder(f);
     for ptr in &ptrs {
         b.arg(ptr);
@@ -115,11 +131,6 @@ pub fn launch(
         b.arg(i);
     }
     b.arg(&dims.scale).arg(&window).arg(&eps);
-    let cfg = LaunchConfig {
-        grid_dim: (n as u32, dims.num_kv_heads as u32, 1),
-        block_dim: (DS_THREADS, 1, 1),
-        shared_mem_bytes: shared as u32,
-    };
     unsafe { b.launch(cfg) }
         .map_err(|e| EngineError::internal(format!("CUDA kernel decode_attention_small failed to launch: {e}")))?;
     Ok(())

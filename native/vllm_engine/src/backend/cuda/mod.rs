@@ -10,6 +10,7 @@ pub mod lora;
 pub mod nccl;
 pub mod op_timing;
 pub mod ops;
+pub mod pdl;
 pub mod sampling;
 
 use std::collections::HashMap;
@@ -67,6 +68,13 @@ pub struct Kernels {
     /// Captured decode steps of up to decode_small::MAX_ROWS rows fuse qkv_prepare into
     /// one attention block per (sequence, KV head); `VLLM_DECODE_SMALL=0` turns it off.
     pub decode_small: bool,
+    /// gemv_fused and decode_attention_small launch with programmatic stream
+    /// serialization (pdl.rs): each may start while the previous kernel finishes.
+    /// `VLLM_PDL=0` launches them normally.
+    pub pdl: bool,
+    /// Weight items each GEMV warp keeps in flight (1 to ops::GEMV_DEPTH, default the
+    /// most; `VLLM_GEMV_DEPTH=n` to compare).
+    pub gemv_depth: usize,
 }
 
 const KERNEL_NAMES: [&str; 19] = [
@@ -144,6 +152,11 @@ impl Kernels {
             _module: module,
             decode_small: small_module.is_some() && std::env::var_os("VLLM_DECODE_SMALL").is_none_or(|v| v != "0"),
             _small_module: small_module,
+            pdl: std::env::var_os("VLLM_PDL").is_none_or(|v| v != "0"),
+            gemv_depth: std::env::var("VLLM_GEMV_DEPTH")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(ops::GEMV_DEPTH, |d| d.clamp(1, ops::GEMV_DEPTH)),
             functions,
             attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
             gemv_max_rows: gemv_max_rows_from_env(),

@@ -532,6 +532,8 @@ pub fn launch_paged_attention(
     Ok(())
 }
 
+/// Items each warp of `gemv_fused` keeps in flight at most (GEMV_DEPTH in ops.cu).
+pub const GEMV_DEPTH: usize = 4;
 /// Rows a `gemv_fused` launch takes at most (its largest instantiation).
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Must match GEMV_THREADS and GEMV_PASS_CHUNKS in ops.cu.
@@ -640,13 +642,25 @@ pub fn launch_gemv_fused(
         passes as i32,
         epilogue as i32,
     ];
+    let depth = k.gemv_depth as i32;
+    let cfg = grid(blocks, GEMV_THREADS, shared);
+    if k.pdl {
+        let mut params = [super::pdl::arg(&y), super::pdl::arg(&x), super::pdl::arg(&w), super::pdl::arg(&norm)]
+            .into_iter()
+            .chain(ints.iter().map(super::pdl::arg))
+            .chain([super::pdl::arg(&eps), super::pdl::arg(&depth)])
+            .collect::<Vec<_>>();
+        // SAFETY: the parameters are gemv_fused's, in order; it waits (pdl_wait) before
+        // reading x or writing y.
+        return unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "gemv_fused") };
+    }
     let mut b = k.stream().launch_builder(f);
     b.arg(&y).arg(&x).arg(&w).arg(&norm);
     for i in &ints {
         b.arg(i);
     }
-    b.arg(&eps);
-    unsafe { b.launch(grid(blocks, GEMV_THREADS, shared)) }.map_err(|e| launch_err("gemv_fused", e))?;
+    b.arg(&eps).arg(&depth);
+    unsafe { b.launch(cfg) }.map_err(|e| launch_err("gemv_fused", e))?;
     Ok(())
 }
 
