@@ -109,7 +109,7 @@ pub fn launch(
         shared_mem_bytes: shared as u32,
     };
     if k.pdl {
-        let arg = super::pdl::arg;
+        use super::pdl::arg;
         let mut params: Vec<_> = ptrs.iter().map(arg).collect();
         params.extend([arg(&max_blocks), arg(&block_size)]);
         params.extend(caches.iter().map(arg));
