@@ -91,6 +91,10 @@ modes=("graphs")
 # NOSMALL=1: also with graphs and the small-batch decode attention off (VLLM_DECODE_SMALL=0:
 # qkv_prepare + paged_attention_v2 as before kernels/decode_small.cu).
 [ "${NOSMALL:-0}" = 1 ] && modes+=("nosmall")
+# ENV_MODES="tag:VAR=value[,VAR=value] ...": also with graphs and those variables set
+# (e.g. "nopdl:VLLM_PDL=0 depth2:VLLM_GEMV_DEPTH=2").
+declare -A mode_env=()
+for m in ${ENV_MODES:-}; do modes+=("${m%%:*}"); mode_env[${m%%:*}]=${m#*:}; done
 # CUBLAS=1: also with graphs and cuBLAS for every product (VLLM_GEMV=0; the default puts
 # 1-row batches through our fused GEMV).
 [ "${CUBLAS:-0}" = 1 ] && modes+=("cublas")
@@ -108,7 +112,8 @@ for w in $workloads; do
   gemv=${VLLM_GEMV:-}; [ "$mode" = cublas ] && gemv=0
   dtype=bfloat16; [ "$mode" = fp16 ] && dtype=float16
   small=${VLLM_DECODE_SMALL:-}; [ "$mode" = nosmall ] && small=0
-  VLLM_DECODE_SMALL=$small VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
+  extra_env=${mode_env[$mode]:-}
+  env ${extra_env//,/ } VLLM_DECODE_SMALL=$small VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
     --dtype "$dtype" --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$tag.json" "${extra[@]}" \
     2>&1 | tee "$out/$tag.txt"
   summary+=("$(grep -E "^$w median" "$out/$tag.txt" | sed "s/^$w/$tag/" || echo "$tag: FAILED (see $tag.txt)")")

@@ -4,7 +4,7 @@ import csv
 import sys
 from collections import defaultdict
 
-scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}
 rows = defaultdict(list)
 with open(sys.argv[1], newline="") as f:
     lines = [l for l in f if l.startswith('"')]
