@@ -59,8 +59,9 @@ static void gemv(bf* y, const bf* x, const bf* w, const bf* norm_w, int n, int o
     int chunks = inner / VEC;
     int passes = (chunks + GEMV_PASS_CHUNKS - 1) / GEMV_PASS_CHUNKS;
     int halves = mode == GEMV_SILU ? 2 : 1;
-    int rpb = std::max(1, GEMV_WARPS / (halves * passes));
-    while ((out + rpb - 1) / rpb > 396 && 2 * rpb * halves * passes <= 64) rpb *= 2;
+    int least = std::max(1, GEMV_WARPS / (halves * passes));
+    int most = std::max(least, 1024 / (halves * passes));
+    int rpb = std::min(std::max((out + 263) / 264, least), most);
     int nr = pick_nr(n);
     int items = rpb * halves * passes;
     size_t smem = (size_t)n * inner * 2 + (size_t)items * nr * 4;

@@ -1,6 +1,6 @@
-//! Launcher of kernels/decode_small.cu: decode attention for small batches, one block per
-//! (sequence, KV head), with qkv_prepare (bias, q/k norm, rotary, the KV-cache write)
-//! fused in. Only for steps where every sequence has exactly one query token (the captured
+//! Launcher of kernels/decode_small.cu: decode attention for small batches, one cluster of
+//! DS_CLUSTER blocks per (sequence, KV head), with qkv_prepare (bias, q/k norm, rotary, the
+//! KV-cache write) fused in. Only for steps where every sequence has exactly one query token (the captured
 //! decode graphs): a second token of a sequence would need a key another block writes.
 
 use std::collections::HashMap;
@@ -16,9 +16,10 @@ use crate::error::{EngineError, Result};
 
 /// Rows (sequences) a captured decode step may have to take this path.
 pub const MAX_ROWS: usize = 8;
-/// Must match DS_THREADS and DS_WARPS in decode_small.cu.
+/// Must match DS_THREADS, DS_WARPS and DS_CLUSTER in decode_small.cu.
 const DS_THREADS: u32 = 256;
 const DS_WARPS: usize = 8;
+const DS_CLUSTER: u32 = 8;
 /// Query heads per KV head the kernel is instantiated for.
 const GROUPS: [usize; 5] = [1, 2, 4, 7, 8];
 /// Dynamic shared memory without opting in.
@@ -60,7 +61,8 @@ fn shared_bytes(dtype: DType, dims: &AttentionDims) -> Option<usize> {
         return None;
     }
     let scratch = ((group + 2) * hd).max(DS_WARPS * group * (hd + 2));
-    let bytes = 4 * group * hd + 2 * hd * size + 4 * scratch;
+    // Queries, this token's key and value, the block's merged output and statistics, scratch.
+    let bytes = 4 * group * hd + 2 * hd * size + 4 * (group * hd + 2 * group) + 4 * scratch;
     (bytes <= MAX_SHARED).then_some(bytes)
 }
 
@@ -104,7 +106,7 @@ pub fn launch(
     let ints = [dims.num_heads as i32, dims.num_kv_heads as i32, dims.head_dim as i32];
     let window = dims.window as i32;
     let cfg = LaunchConfig {
-        grid_dim: (n as u32, dims.num_kv_heads as u32, 1),
+        grid_dim: (n as u32, dims.num_kv_heads as u32, DS_CLUSTER),
         block_dim: (DS_THREADS, 1, 1),
         shared_mem_bytes: shared as u32,
     };

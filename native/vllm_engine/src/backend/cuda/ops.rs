@@ -542,12 +542,13 @@ const GEMV_WARPS: usize = GEMV_THREADS as usize / 32;
 const GEMV_PASS_CHUNKS: usize = 128;
 /// Dynamic shared memory a GEMV launch may use without opting in.
 const GEMV_MAX_SHARED: usize = 48 * 1024;
-/// A GEMV launch of more blocks than this doubles its rows per block (while a block's
-/// items stay within GEMV_MAX_ITEMS): about three blocks per SM of an H100/H200, all
-/// resident at once, so each block's prologue is paid once and its warps stream several
-/// items with the next one's loads in flight.
-const GEMV_MAX_BLOCKS: usize = 396;
-const GEMV_MAX_ITEMS: usize = 64;
+/// A GEMV launch takes more rows per block until it has at most this many blocks: two
+/// per SM of an H100/H200 (gemv_fused's registers allow two 256-thread blocks per SM), so
+/// the whole launch is one wave of resident blocks, each paying its norm prologue once
+/// while its warps stream items GEMV_DEPTH deep. Items per block stay within
+/// GEMV_MAX_ITEMS (the lm_head: 576 rows per block).
+const GEMV_MAX_BLOCKS: usize = 264;
+const GEMV_MAX_ITEMS: usize = 1024;
 
 /// What `gemv_fused` does with a product before storing it (GEMV_* in ops.cu).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -571,10 +572,9 @@ fn gemv_geometry(
     let chunks = inner / (16 / dtype.size_in_bytes());
     let passes = chunks.div_ceil(GEMV_PASS_CHUNKS).max(1);
     let halves = if epilogue == GemvEpilogue::SiluMul { 2 } else { 1 };
-    let mut rows_per_block = (GEMV_WARPS / (halves * passes)).max(1);
-    while out.div_ceil(rows_per_block) > GEMV_MAX_BLOCKS && 2 * rows_per_block * halves * passes <= GEMV_MAX_ITEMS {
-        rows_per_block *= 2;
-    }
+    let least = (GEMV_WARPS / (halves * passes)).max(1);
+    let most = (GEMV_MAX_ITEMS / (halves * passes)).max(least);
+    let rows_per_block = out.div_ceil(GEMV_MAX_BLOCKS).clamp(least, most);
     let nr = gemv_instance(n);
     let items = rows_per_block * halves * passes;
     let shared = n * inner * dtype.size_in_bytes() + items * nr * 4;
@@ -808,12 +808,13 @@ mod tests {
             }
         }
         // W3: qkv keeps 8 rows per block (144 blocks); gate_up (4,864 SiLU rows) grows to
-        // 16 rows, 304 blocks; down (five passes per row) to 4 rows, 224 blocks; the
-        // lm_head stops at 64 items per block.
+        // 19 rows, 257 blocks; down (five passes per row) to 4 rows, 224 blocks; the
+        // lm_head to 576 rows, 264 blocks: every launch one wave of two blocks per SM.
         assert_eq!(gemv_geometry(DType::BF16, 1, 1152, 896, GemvEpilogue::Store).0, 8);
-        assert_eq!(gemv_geometry(DType::BF16, 1, 4864, 896, GemvEpilogue::SiluMul).0, 16);
+        assert_eq!(gemv_geometry(DType::BF16, 1, 4864, 896, GemvEpilogue::SiluMul).2, 257);
         assert_eq!(gemv_geometry(DType::BF16, 1, 896, 4864, GemvEpilogue::AddTo).0, 4);
-        assert_eq!(gemv_geometry(DType::BF16, 1, 151_936, 896, GemvEpilogue::Store).0, 64);
+        assert_eq!(gemv_geometry(DType::BF16, 1, 151_936, 896, GemvEpilogue::Store).0, 576);
+        assert!(gemv_geometry(DType::BF16, 8, 151_936, 1024, GemvEpilogue::Store).3 <= GEMV_MAX_SHARED);
         assert_eq!(gemv_instance(3), 4);
         assert_eq!(gemv_instance(8), 8);
     }
