@@ -75,6 +75,8 @@ pub struct Kernels {
     /// Weight items each GEMV warp keeps in flight (1 to ops::GEMV_DEPTH, default the
     /// most; `VLLM_GEMV_DEPTH=n` to compare).
     pub gemv_depth: usize,
+    /// The GEMV launch geometry's limits (ops::GemvLimits; env overrides to compare).
+    pub gemv_limits: ops::GemvLimits,
 }
 
 const KERNEL_NAMES: [&str; 19] = [
@@ -157,6 +159,7 @@ impl Kernels {
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(ops::GEMV_DEPTH, |d| d.clamp(1, ops::GEMV_DEPTH)),
+            gemv_limits: ops::GemvLimits::from_env(),
             functions,
             attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
             gemv_max_rows: gemv_max_rows_from_env(),
