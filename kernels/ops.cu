@@ -681,27 +681,47 @@ __device__ void gemv_fused(T* y, const T* x, const T* w, const T* norm_w, int n,
     pdl_wait();
 
     if (norm_w) {
-        for (int r = warp; r < n; r += GEMV_WARPS) {
-            const T* hr = x + (long long)r * inner;
-            float ss = 0.f;
-            for (int c = lane; c < chunks; c += 32) {
-                const uint4 raw = *reinterpret_cast<const uint4*>(hr + c * VEC);
-                const T* hv = reinterpret_cast<const T*>(&raw);
+        // The whole block builds x': every thread's chunks are requested at once (one DRAM
+        // round trip for the sums of squares, not one per 32 chunks of a warp's loop), the
+        // per-row sums meet in a fixed order (deterministic).
+        __shared__ float red[GEMV_WARPS * NR];
+        const int total = n * chunks;
+        float ss[NR];
 #pragma unroll
-                for (int e = 0; e < VEC; e++) ss += to_f(hv[e]) * to_f(hv[e]);
-            }
-            const float inv = rsqrtf(warp_sum(ss) / inner + eps);
-            for (int c = lane; c < chunks; c += 32) {
-                const uint4 raw = *reinterpret_cast<const uint4*>(hr + c * VEC);
-                const uint4 wraw = *reinterpret_cast<const uint4*>(norm_w + c * VEC);
-                const T* hv = reinterpret_cast<const T*>(&raw);
-                const T* nw = reinterpret_cast<const T*>(&wraw);
-                uint4 o;
-                T* ov = reinterpret_cast<T*>(&o);
+        for (int r = 0; r < NR; r++) ss[r] = 0.f;
+#pragma unroll 4
+        for (int i = threadIdx.x; i < total; i += blockDim.x) {
+            const int row = i / chunks;
+            const uint4 raw = *reinterpret_cast<const uint4*>(x + (long long)row * inner + (i - row * chunks) * VEC);
+            const T* hv = reinterpret_cast<const T*>(&raw);
+            float sq = 0.f;
 #pragma unroll
-                for (int e = 0; e < VEC; e++) ov[e] = from_f<T>(to_f(nw[e]) * round_t<T>(to_f(hv[e]) * inv));
-                *reinterpret_cast<uint4*>(xs + (long long)r * inner + c * VEC) = o;
-            }
+            for (int e = 0; e < VEC; e++) sq += to_f(hv[e]) * to_f(hv[e]);
+#pragma unroll
+            for (int r = 0; r < NR; r++)
+                if (r == row) ss[r] += sq;
+        }
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            const float v = warp_sum(ss[r]);
+            if (lane == 0) red[warp * NR + r] = v;
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int i = threadIdx.x; i < total; i += blockDim.x) {
+            const int row = i / chunks, c = i - row * chunks;
+            float sum = 0.f;
+            for (int w2 = 0; w2 < GEMV_WARPS; w2++) sum += red[w2 * NR + row];
+            const float inv = rsqrtf(sum / inner + eps);
+            const uint4 raw = *reinterpret_cast<const uint4*>(x + (long long)row * inner + c * VEC);
+            const uint4 wraw = *reinterpret_cast<const uint4*>(norm_w + c * VEC);
+            const T* hv = reinterpret_cast<const T*>(&raw);
+            const T* nw = reinterpret_cast<const T*>(&wraw);
+            uint4 o;
+            T* ov = reinterpret_cast<T*>(&o);
+#pragma unroll
+            for (int e = 0; e < VEC; e++) ov[e] = from_f<T>(to_f(nw[e]) * round_t<T>(to_f(hv[e]) * inv));
+            *reinterpret_cast<uint4*>(xs + (long long)row * inner + c * VEC) = o;
         }
     } else {
         for (int i = threadIdx.x; i < n * chunks; i += blockDim.x)
