@@ -13,6 +13,7 @@
 // sequence lives in slot block_tables[seq * max_blocks + p / block_size] * block_size + p % block_size.
 
 #include "common.cuh"
+#include "pdl.cuh"
 
 // Sum over the whole block; every thread gets the result. `red` holds 33 floats.
 __device__ float block_sum(float v, float* red) {
@@ -591,6 +592,8 @@ __device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
 // 32 * GEMV_LOADS chunks of a weight row.
 #define GEMV_LOADS 4
 #define GEMV_PASS_CHUNKS (32 * GEMV_LOADS)
+// Items (GEMV_LOADS loads each) a warp of gemv_fused keeps in flight.
+#define GEMV_DEPTH 4
 // Epilogues of gemv_fused.
 #define GEMV_STORE 0
 #define GEMV_ADD 1
@@ -625,9 +628,11 @@ __device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const 
 // A skinny product for decode steps: y = epilogue(x' · wᵀ) for n <= NR rows of x, where
 // x' = x (T), or RMSNorm(x) * norm_w when norm_w is given (the norm fused in: x is then the
 // float32 residual stream, [n, inner] with inner the hidden size). Weights stream through with
-// 16-byte loads, GEMV_LOADS per lane in flight; a warp's first weights are requested before
-// the block builds x' in shared memory (so the prologue hides under their latency), and
-// each next item's while the current one is summed. A block computes `rows_per_block`
+// 16-byte loads, GEMV_LOADS per lane and item, `depth` items per warp in flight; a warp's
+// first items are requested before the block builds x' in shared memory (so the prologue
+// hides under their latency), each refilled as soon as it is summed; with programmatic
+// dependent launch (pdl.cuh) those first requests also overlap the previous kernel's end.
+// A block computes `rows_per_block`
 // outputs; a weight row is cut into `passes` of GEMV_PASS_CHUNKS chunks and every
 // (row, half, pass) item goes to one warp; the items' sums meet in shared memory in a
 // fixed order (deterministic). Epilogues (mode):
@@ -641,7 +646,7 @@ __device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const 
 // memory n * inner * sizeof(T) + items * NR * 4 bytes (the launcher checks).
 template <typename T, int NR>
 __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, int n, int out, int inner,
-                           int rows_per_block, int passes, int mode, float eps) {
+                           int rows_per_block, int passes, int mode, float eps, int depth) {
     extern __shared__ uint4 gemv_smem[];
     constexpr int VEC = 16 / sizeof(T);
     T* xs = reinterpret_cast<T*>(gemv_smem);
@@ -652,27 +657,64 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
     const int items = rows_per_block * halves * passes;
     const int row0 = blockIdx.x * rows_per_block;
 
-    uint4 cur[GEMV_LOADS];
-    if (warp < items) gemv_load_item<T>(cur, w, warp, passes, halves, row0, out, inner, lane);
+    // `depth` (<= GEMV_DEPTH) items per warp in flight: a warp's first `depth` items are
+    // requested before the prologue, and each item's slot is refilled with the item
+    // `depth` ahead as soon as it has been summed.
+    uint4 wbuf[GEMV_DEPTH][GEMV_LOADS];
+#pragma unroll
+    for (int b = 0; b < GEMV_DEPTH; b++) {
+        const int item = warp + b * GEMV_WARPS;
+        if (b >= depth) break;
+        if (item < items) gemv_load_item<T>(wbuf[b], w, item, passes, halves, row0, out, inner, lane);
+    }
+    // The weights do not depend on the previous kernel; x (and y, for the residual add) do.
+    pdl_launch_dependents();
+    pdl_wait();
 
     if (norm_w) {
-        for (int r = warp; r < n; r += GEMV_WARPS) {
-            const float* hr = static_cast<const float*>(x) + (long long)r * inner;
-            float ss = 0.f;
-            for (int c = lane; c < inner / 4; c += 32) {
-                const float4 v = reinterpret_cast<const float4*>(hr)[c];
-                ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-            }
-            const float inv = rsqrtf(warp_sum(ss) / inner + eps);
-            for (int c = lane; c < chunks; c += 32) {
-                const uint4 wraw = *reinterpret_cast<const uint4*>(norm_w + c * VEC);
-                const T* nw = reinterpret_cast<const T*>(&wraw);
-                uint4 o;
-                T* ov = reinterpret_cast<T*>(&o);
+        // The whole block builds x': every thread's chunks are requested at once (one DRAM
+        // round trip for the sums of squares, not one per 32 chunks of a warp's loop), the
+        // per-row sums meet in a fixed order (deterministic).
+        __shared__ float red[GEMV_WARPS * NR];
+        const float* res = static_cast<const float*>(x);
+        const int total = n * chunks;
+        float ss[NR];
 #pragma unroll
-                for (int e = 0; e < VEC; e++) ov[e] = from_f<T>(to_f(nw[e]) * (hr[c * VEC + e] * inv));
-                *reinterpret_cast<uint4*>(xs + (long long)r * inner + c * VEC) = o;
+        for (int r = 0; r < NR; r++) ss[r] = 0.f;
+#pragma unroll 4
+        for (int i = threadIdx.x; i < total; i += blockDim.x) {
+            const int row = i / chunks;
+            const float4* hp = reinterpret_cast<const float4*>(res + (long long)row * inner + (i - row * chunks) * VEC);
+            float sq = 0.f;
+#pragma unroll
+            for (int q = 0; q < VEC / 4; q++) {
+                const float4 v = hp[q];
+                sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
             }
+#pragma unroll
+            for (int r = 0; r < NR; r++)
+                if (r == row) ss[r] += sq;
+        }
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            const float v = warp_sum(ss[r]);
+            if (lane == 0) red[warp * NR + r] = v;
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int i = threadIdx.x; i < total; i += blockDim.x) {
+            const int row = i / chunks, c = i - row * chunks;
+            float sum = 0.f;
+            for (int w2 = 0; w2 < GEMV_WARPS; w2++) sum += red[w2 * NR + row];
+            const float inv = rsqrtf(sum / inner + eps);
+            const float* hv = res + (long long)row * inner + c * VEC;
+            const uint4 wraw = *reinterpret_cast<const uint4*>(norm_w + c * VEC);
+            const T* nw = reinterpret_cast<const T*>(&wraw);
+            uint4 o;
+            T* ov = reinterpret_cast<T*>(&o);
+#pragma unroll
+            for (int e = 0; e < VEC; e++) ov[e] = from_f<T>(to_f(nw[e]) * (hv[e] * inv));
+            *reinterpret_cast<uint4*>(xs + (long long)row * inner + c * VEC) = o;
         }
     } else {
         for (int i = threadIdx.x; i < n * chunks; i += blockDim.x)
@@ -680,10 +722,12 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
     }
     __syncthreads();
 
-    for (int item = warp; item < items; item += GEMV_WARPS) {
-        uint4 next[GEMV_LOADS];
-        const bool more = item + GEMV_WARPS < items;
-        if (more) gemv_load_item<T>(next, w, item + GEMV_WARPS, passes, halves, row0, out, inner, lane);
+    for (int item0 = warp; item0 < items; item0 += depth * GEMV_WARPS) {
+#pragma unroll
+      for (int b = 0; b < GEMV_DEPTH; b++) {
+        const int item = item0 + b * GEMV_WARPS;
+        if (b >= depth || item >= items) break;  // uniform over the warp
+        uint4 (&cur)[GEMV_LOADS] = wbuf[b];
         const int c0 = (item % passes) * GEMV_PASS_CHUNKS + lane;
         float acc[NR];
 #pragma unroll
@@ -714,10 +758,9 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
                 if (lane == 0) part[item * NR + r] = v;
             }
         }
-        if (more) {
-#pragma unroll
-            for (int j = 0; j < GEMV_LOADS; j++) cur[j] = next[j];
-        }
+        const int ahead = item + depth * GEMV_WARPS;
+        if (ahead < items) gemv_load_item<T>(cur, w, ahead, passes, halves, row0, out, inner, lane);
+      }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < rows_per_block * n; i += blockDim.x) {
@@ -857,8 +900,8 @@ INSTANTIATE(f16, __half)
 #define INSTANTIATE_GEMV(SUFFIX, T, NR)                                                                                 \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_fused_r##NR##_##SUFFIX(                            \
         void* y, const void* x, const T* w, const T* norm_w, int n, int out, int inner, int rows_per_block, int passes,\
-        int mode, float eps) {                                                                                          \
-        gemv_fused<T, NR>(y, x, w, norm_w, n, out, inner, rows_per_block, passes, mode, eps);                          \
+        int mode, float eps, int depth) {                                                                               \
+        gemv_fused<T, NR>(y, x, w, norm_w, n, out, inner, rows_per_block, passes, mode, eps, depth);                   \
     }
 #define INSTANTIATE_GEMVS(SUFFIX, T)                                                                                    \
     INSTANTIATE_GEMV(SUFFIX, T, 1)                                                                                      \

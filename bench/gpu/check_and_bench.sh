@@ -97,6 +97,13 @@ modes=("graphs")
 [ "${V1:-0}" = 1 ] && modes+=("v1")
 # FP16=1: also with graphs in float16 (dtype "float16").
 [ "${FP16:-0}" = 1 ] && modes+=("fp16")
+# NOSMALL=1: also with graphs and the small-batch decode attention off (VLLM_DECODE_SMALL=0:
+# qkv_prepare + paged_attention_v2 as before kernels/decode_small.cu).
+[ "${NOSMALL:-0}" = 1 ] && modes+=("nosmall")
+# ENV_MODES="tag:VAR=value[,VAR=value] ...": also with graphs and those variables set
+# (e.g. "nopdl:VLLM_PDL=0 depth2:VLLM_GEMV_DEPTH=2").
+declare -A mode_env=()
+for m in ${ENV_MODES:-}; do modes+=("${m%%:*}"); mode_env[${m%%:*}]=${m#*:}; done
 # CUBLAS=1: also with graphs and cuBLAS for every product (VLLM_GEMV=0; the default puts
 # 1-row batches through our fused GEMV).
 [ "${CUBLAS:-0}" = 1 ] && modes+=("cublas")
@@ -126,7 +133,10 @@ for w in $workloads; do
   dtype=bfloat16; [ "$mode" = fp16 ] && dtype=float16
   att_batch=${VLLM_ATT_BATCH:-}; [ "$mode" = att0 ] && att_batch=0
   partition=${VLLM_ATT_PARTITION:-}; [[ "$mode" == p[0-9]* ]] && partition=${mode#p}
-  VLLM_ATT_BATCH=$att_batch VLLM_ATT_PARTITION=$partition VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
+  small=${VLLM_DECODE_SMALL:-}; [ "$mode" = nosmall ] && small=0
+  extra_env=${mode_env[$mode]:-}
+  env ${extra_env//,/ } VLLM_ATT_BATCH=$att_batch VLLM_ATT_PARTITION=$partition VLLM_DECODE_SMALL=$small \
+    VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
     --dtype "$dtype" --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$tag.json" "${extra[@]}" \
     2>&1 | tee "$out/$tag.txt"
   summary+=("$(grep -E "^$w median" "$out/$tag.txt" | sed "s/^$w/$tag/" || echo "$tag: FAILED (see $tag.txt)")")
@@ -147,6 +157,21 @@ for w in ${OP_TIMING:-}; do
     2>&1 | tee "$out/$w-op-timing.txt"
   while read -r l; do summary+=("$w $l"); done < <(grep -E "^op timing" "$out/$w-op-timing.txt")
 done
+
+# NCU=1: W3 once more under ncu (--clock-control none --cache-control none), timing
+# NCU_COUNT (130, about one decode step) kernels after skipping NCU_SKIP (20000, past
+# start-up and capture), summed per kernel and grid by ncu_summary.py. NCU_ENV: extra
+# environment for that run (e.g. VLLM_DECODE_SMALL=0).
+if [ "${NCU:-0}" = 1 ]; then
+  echo "== ncu: W3 kernels, one decode step ${NCU_ENV:-}"
+  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  env ${NCU_ENV:-} VLLM_STEP_TIMING= timeout 300 "$ncu_bin" --clock-control none --cache-control none \
+    --launch-skip "${NCU_SKIP:-20000}" --launch-count "${NCU_COUNT:-130}" --metrics gpu__time_duration.sum --csv \
+    "$bin/vllm-bench" --workload w3 "$(config_of w3)" --load-format dummy --device cuda --dtype bfloat16 \
+    --tokenizer "$gpu/tokenizer.json" --runs 1 --max-model-len 1024 > "$out/ncu-w3.csv" 2> "$out/ncu-w3.err"
+  python3 "$here/ncu_summary.py" "$out/ncu-w3.csv" 2>&1 | tee "$out/ncu-w3.txt" || tail -20 "$out/ncu-w3.err"
+  while read -r l; do summary+=("$l"); done < <(head -14 "$out/ncu-w3.txt")
+fi
 
 if [ "${HF_W3:-0}" = 1 ]; then
   echo "== HF transformers W3 (128 in, 128 out, bf16, same card)"

@@ -59,18 +59,19 @@ static void gemv(bf* y, const bf* x, const bf* w, const bf* norm_w, int n, int o
     int chunks = inner / VEC;
     int passes = (chunks + GEMV_PASS_CHUNKS - 1) / GEMV_PASS_CHUNKS;
     int halves = mode == GEMV_SILU ? 2 : 1;
-    int rpb = std::max(1, GEMV_WARPS / (halves * passes));
-    while ((out + rpb - 1) / rpb > 396 && 2 * rpb * halves * passes <= 64) rpb *= 2;
+    int least = std::max(1, GEMV_WARPS / (halves * passes));
+    int most = std::max(least, 1024 / (halves * passes));
+    int rpb = std::min(std::max((out + 263) / 264, least), most);
     int nr = pick_nr(n);
     int items = rpb * halves * passes;
     size_t smem = (size_t)n * inner * 2 + (size_t)items * nr * 4;
     int blocks = (out + rpb - 1) / rpb;
     float eps = 1e-6f;
     switch (nr) {
-    case 1: gemv_fused_r1_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps); break;
-    case 2: gemv_fused_r2_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps); break;
-    case 4: gemv_fused_r4_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps); break;
-    default: gemv_fused_r8_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps); break;
+    case 1: gemv_fused_r1_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps, GEMV_DEPTH); break;
+    case 2: gemv_fused_r2_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps, GEMV_DEPTH); break;
+    case 4: gemv_fused_r4_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps, GEMV_DEPTH); break;
+    default: gemv_fused_r8_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps, GEMV_DEPTH); break;
     }
     CK(cudaGetLastError());
 }

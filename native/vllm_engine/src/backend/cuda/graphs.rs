@@ -14,6 +14,7 @@ use candle_core::cuda_backend::cudarc::driver::{result as driver, sys, CudaGraph
 use candle_core::{DType, Device, Tensor};
 
 use super::blas::Blas;
+use super::decode_small;
 use super::lora::{DeviceLora, FusedParts};
 use super::ops::{self, AttentionDims, AttentionPtrs, GemvEpilogue, MetaPtrs, QkvPtrs, RowsPtrs};
 use super::{device_ptr, Kernels};
@@ -342,6 +343,9 @@ impl DecodeGraphs {
             && [hidden, inter, m.q_width()]
                 .iter()
                 .all(|&inner| ops::gemv_fits(k, dt, b, inner));
+        // Up to decode_small::MAX_ROWS rows (each a sequence's one decode token): qkv
+        // preparation and attention in one launch per layer.
+        let small_attention = decode_small::serves(k, dt, b, &m.dims);
         for (i, layer) in m.layers.iter().enumerate() {
             if fused {
                 ops::launch_gemv_fused(
@@ -381,17 +385,21 @@ impl DecodeGraphs {
                 k_cache: layer.k_cache,
                 v_cache: layer.v_cache,
             };
-            ops::launch_qkv_prepare(k, dt, &qkv_ptrs, &meta, b, &m.dims, m.eps)?;
-            let att = AttentionPtrs {
-                out: attn,
-                part_acc,
-                part_ml,
-                done_counts,
-                q,
-                k_cache: layer.k_cache,
-                v_cache: layer.v_cache,
-            };
-            ops::launch_paged_attention(k, dt, &att, &meta, b, &m.dims, splits, partition)?;
+            if small_attention {
+                decode_small::launch(k, dt, &qkv_ptrs, attn, &meta, b, &m.dims, m.eps)?;
+            } else {
+                ops::launch_qkv_prepare(k, dt, &qkv_ptrs, &meta, b, &m.dims, m.eps)?;
+                let att = AttentionPtrs {
+                    out: attn,
+                    part_acc,
+                    part_ml,
+                    done_counts,
+                    q,
+                    k_cache: layer.k_cache,
+                    v_cache: layer.v_cache,
+                };
+                ops::launch_paged_attention(k, dt, &att, &meta, b, &m.dims, splits, partition)?;
+            }
             if fused {
                 ops::launch_gemv_fused(
                     k,

@@ -4,12 +4,14 @@
 
 pub mod attention_batch;
 pub mod blas;
+pub mod decode_small;
 pub mod graphs;
 pub mod kv_cache;
 pub mod lora;
 pub mod nccl;
 pub mod op_timing;
 pub mod ops;
+pub mod pdl;
 pub mod sampling;
 
 use std::collections::HashMap;
@@ -56,6 +58,8 @@ pub struct Kernels {
     _module: Arc<CudaModule>,
     /// kernels/attention_batch.cu (its own module; functions in `functions` too).
     _batch_module: Arc<CudaModule>,
+    /// kernels/decode_small.cu (small-batch decode attention), when it loads.
+    _small_module: Option<Arc<CudaModule>>,
     functions: HashMap<String, CudaFunction>,
     /// `VLLM_ATTENTION_V1=1`: the first attention kernel (thread per key), to compare.
     pub attention_v1: bool,
@@ -64,6 +68,18 @@ pub struct Kernels {
     /// 1 by default (measured faster than cuBLAS only there), `VLLM_GEMV_ROWS=n` (up to
     /// 8) to compare, `VLLM_GEMV=0` for cuBLAS everywhere.
     pub gemv_max_rows: usize,
+    /// Captured decode steps of up to decode_small::MAX_ROWS rows fuse qkv_prepare into
+    /// one attention block per (sequence, KV head); `VLLM_DECODE_SMALL=0` turns it off.
+    pub decode_small: bool,
+    /// gemv_fused and decode_attention_small launch with programmatic stream
+    /// serialization (pdl.rs): each may start while the previous kernel finishes.
+    /// `VLLM_PDL=0` launches them normally.
+    pub pdl: bool,
+    /// Weight items each GEMV warp keeps in flight (1 to ops::GEMV_DEPTH, default the
+    /// most; `VLLM_GEMV_DEPTH=n` to compare).
+    pub gemv_depth: usize,
+    /// The GEMV launch geometry's limits (ops::GemvLimits; env overrides to compare).
+    pub gemv_limits: ops::GemvLimits,
 }
 
 const KERNEL_NAMES: [&str; 19] = [
@@ -148,6 +164,7 @@ impl Kernels {
                 functions.insert(full, f);
             }
         }
+        let small_module = decode_small::load_into(&context, &mut functions);
         let v2_loaded = ["f32", "bf16", "f16"]
             .iter()
             .all(|s| functions.contains_key(&format!("paged_attention_v2_{s}")));
@@ -155,6 +172,14 @@ impl Kernels {
             stream,
             _module: module,
             _batch_module: batch_module,
+            decode_small: small_module.is_some() && std::env::var_os("VLLM_DECODE_SMALL").is_none_or(|v| v != "0"),
+            _small_module: small_module,
+            pdl: std::env::var_os("VLLM_PDL").is_none_or(|v| v != "0"),
+            gemv_depth: std::env::var("VLLM_GEMV_DEPTH")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(ops::GEMV_DEPTH, |d| d.clamp(1, ops::GEMV_DEPTH)),
+            gemv_limits: ops::GemvLimits::from_env(),
             functions,
             attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
             gemv_max_rows: gemv_max_rows_from_env(),

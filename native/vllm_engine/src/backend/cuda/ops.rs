@@ -550,20 +550,54 @@ pub fn launch_paged_attention(
     Ok(())
 }
 
+/// Items each warp of `gemv_fused` keeps in flight at most (GEMV_DEPTH in ops.cu).
+pub const GEMV_DEPTH: usize = 4;
 /// Rows a `gemv_fused` launch takes at most (its largest instantiation).
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Must match GEMV_THREADS and GEMV_PASS_CHUNKS in ops.cu.
 const GEMV_THREADS: u32 = 256;
 const GEMV_WARPS: usize = GEMV_THREADS as usize / 32;
 const GEMV_PASS_CHUNKS: usize = 128;
-/// Dynamic shared memory a GEMV launch may use without opting in.
-const GEMV_MAX_SHARED: usize = 48 * 1024;
-/// A GEMV launch of more blocks than this doubles its rows per block (while a block's
-/// items stay within GEMV_MAX_ITEMS): about three blocks per SM of an H100/H200, all
-/// resident at once, so each block's prologue is paid once and its warps stream several
-/// items with the next one's loads in flight.
-const GEMV_MAX_BLOCKS: usize = 396;
-const GEMV_MAX_ITEMS: usize = 64;
+/// Dynamic shared memory a GEMV launch may use without opting in (48 KB, less the
+/// kernel's static red[] for the norm prologue).
+const GEMV_MAX_SHARED: usize = 47 * 1024;
+/// The GEMV launch geometry: a launch takes more rows per block until it has at most
+/// `max_blocks` blocks (default two per SM of an H100/H200: gemv_fused's registers allow
+/// two 256-thread blocks per SM, so the launch is one wave of resident blocks, each paying
+/// its norm prologue once while its warps stream items GEMV_DEPTH deep), with at most
+/// `max_items` items per block (the lm_head: 576 rows per block by default).
+/// `VLLM_GEMV_MAX_BLOCKS` / `VLLM_GEMV_MAX_ITEMS` override them to compare geometries.
+#[derive(Debug, Clone, Copy)]
+pub struct GemvLimits {
+    pub max_blocks: usize,
+    pub max_items: usize,
+}
+
+impl Default for GemvLimits {
+    fn default() -> Self {
+        GemvLimits {
+            max_blocks: 264,
+            max_items: 1024,
+        }
+    }
+}
+
+impl GemvLimits {
+    pub fn from_env() -> Self {
+        let read = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&v| v > 0)
+                .unwrap_or(default)
+        };
+        let d = GemvLimits::default();
+        GemvLimits {
+            max_blocks: read("VLLM_GEMV_MAX_BLOCKS", d.max_blocks),
+            max_items: read("VLLM_GEMV_MAX_ITEMS", d.max_items),
+        }
+    }
+}
 
 /// What `gemv_fused` does with a product before storing it (GEMV_* in ops.cu).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -586,15 +620,17 @@ fn gemv_geometry(
     out: usize,
     inner: usize,
     epilogue: GemvEpilogue,
+    limits: GemvLimits,
 ) -> (usize, usize, usize, usize) {
     let chunks = inner / (16 / dtype.size_in_bytes());
     let passes = chunks.div_ceil(GEMV_PASS_CHUNKS).max(1);
     let halves = if epilogue == GemvEpilogue::SiluMul { 2 } else { 1 };
-    let mut rows_per_block = (GEMV_WARPS / (halves * passes)).max(1);
-    while out.div_ceil(rows_per_block) > GEMV_MAX_BLOCKS && 2 * rows_per_block * halves * passes <= GEMV_MAX_ITEMS {
-        rows_per_block *= 2;
-    }
     let nr = gemv_instance(n);
+    // Items per block also within what the partial sums leave of the shared memory.
+    let items_fit = GEMV_MAX_SHARED.saturating_sub(n * inner * dtype.size_in_bytes()) / (nr * 4);
+    let least = (GEMV_WARPS / (halves * passes)).max(1);
+    let most = (limits.max_items.min(items_fit) / (halves * passes)).max(least);
+    let rows_per_block = out.div_ceil(limits.max_blocks.max(1)).clamp(least, most);
     let items = rows_per_block * halves * passes;
     let shared = n * inner * dtype.size_in_bytes() + items * nr * 4;
     (rows_per_block, passes, out.div_ceil(rows_per_block), shared)
@@ -611,7 +647,7 @@ pub fn gemv_fits(k: &Kernels, dtype: DType, n: usize, inner: usize) -> bool {
     n >= 1
         && n <= k.gemv_max_rows.min(GEMV_MAX_ROWS)
         && inner.is_multiple_of(16 / dtype.size_in_bytes())
-        && gemv_geometry(dtype, n, 1, inner, GemvEpilogue::SiluMul).3 <= GEMV_MAX_SHARED
+        && gemv_geometry(dtype, n, 1, inner, GemvEpilogue::SiluMul, k.gemv_limits).3 <= GEMV_MAX_SHARED
 }
 
 /// y[n, out] = x[n, inner] · w[out, inner]ᵀ for small n (`gemv_fits`), raw addresses.
@@ -648,7 +684,7 @@ pub fn launch_gemv_fused(
     if n == 0 || n > GEMV_MAX_ROWS {
         return Err(EngineError::internal(format!("gemv: {n} rows (1 to {GEMV_MAX_ROWS})")));
     }
-    let (rows_per_block, passes, blocks, shared) = gemv_geometry(dtype, n, out, inner, epilogue);
+    let (rows_per_block, passes, blocks, shared) = gemv_geometry(dtype, n, out, inner, epilogue, k.gemv_limits);
     if shared > GEMV_MAX_SHARED {
         return Err(EngineError::internal("gemv: the inputs do not fit shared memory"));
     }
@@ -661,13 +697,25 @@ pub fn launch_gemv_fused(
         passes as i32,
         epilogue as i32,
     ];
+    let depth = k.gemv_depth as i32;
+    let cfg = grid(blocks, GEMV_THREADS, shared);
+    if k.pdl {
+        let mut params = [super::pdl::arg(&y), super::pdl::arg(&x), super::pdl::arg(&w), super::pdl::arg(&norm)]
+            .into_iter()
+            .chain(ints.iter().map(super::pdl::arg))
+            .chain([super::pdl::arg(&eps), super::pdl::arg(&depth)])
+            .collect::<Vec<_>>();
+        // SAFETY: the parameters are gemv_fused's, in order; it waits (pdl_wait) before
+        // reading x or writing y.
+        return unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "gemv_fused") };
+    }
     let mut b = k.stream().launch_builder(f);
     b.arg(&y).arg(&x).arg(&w).arg(&norm);
     for i in &ints {
         b.arg(i);
     }
-    b.arg(&eps);
-    unsafe { b.launch(grid(blocks, GEMV_THREADS, shared)) }.map_err(|e| launch_err("gemv_fused", e))?;
+    b.arg(&eps).arg(&depth);
+    unsafe { b.launch(cfg) }.map_err(|e| launch_err("gemv_fused", e))?;
     Ok(())
 }
 
@@ -850,19 +898,20 @@ mod tests {
         ];
         for (out, inner, e) in shapes {
             for n in [1, 3, 8] {
-                let (rows, passes, blocks, shared) = gemv_geometry(DType::BF16, n, out, inner, e);
+                let (rows, passes, blocks, shared) = gemv_geometry(DType::BF16, n, out, inner, e, GemvLimits::default());
                 assert!(blocks * rows >= out && (blocks - 1) * rows < out, "{out} {inner}");
                 assert!(passes * GEMV_PASS_CHUNKS * 8 >= inner && (passes - 1) * GEMV_PASS_CHUNKS * 8 < inner);
                 assert!(shared >= n * inner * 2, "{out} {inner}");
             }
         }
         // W3: qkv keeps 8 rows per block (144 blocks); gate_up (4,864 SiLU rows) grows to
-        // 16 rows, 304 blocks; down (five passes per row) to 4 rows, 224 blocks; the
-        // lm_head stops at 64 items per block.
-        assert_eq!(gemv_geometry(DType::BF16, 1, 1152, 896, GemvEpilogue::Store).0, 8);
-        assert_eq!(gemv_geometry(DType::BF16, 1, 4864, 896, GemvEpilogue::SiluMul).0, 16);
-        assert_eq!(gemv_geometry(DType::BF16, 1, 896, 4864, GemvEpilogue::AddTo).0, 4);
-        assert_eq!(gemv_geometry(DType::BF16, 1, 151_936, 896, GemvEpilogue::Store).0, 64);
+        // 19 rows, 256 blocks; down (five passes per row) to 4 rows, 224 blocks; the
+        // lm_head to 576 rows, 264 blocks: every launch one wave of two blocks per SM.
+        assert_eq!(gemv_geometry(DType::BF16, 1, 1152, 896, GemvEpilogue::Store, GemvLimits::default()).0, 8);
+        assert_eq!(gemv_geometry(DType::BF16, 1, 4864, 896, GemvEpilogue::SiluMul, GemvLimits::default()).2, 256);
+        assert_eq!(gemv_geometry(DType::BF16, 1, 896, 4864, GemvEpilogue::AddTo, GemvLimits::default()).0, 4);
+        assert_eq!(gemv_geometry(DType::BF16, 1, 151_936, 896, GemvEpilogue::Store, GemvLimits::default()).0, 576);
+        assert!(gemv_geometry(DType::BF16, 8, 151_936, 1024, GemvEpilogue::Store, GemvLimits::default()).3 <= GEMV_MAX_SHARED);
         assert_eq!(gemv_instance(3), 4);
         assert_eq!(gemv_instance(8), 8);
     }
