@@ -100,7 +100,7 @@ __device__ void decode_attention_small(T* out, const T* qkv, const T* bias, cons
     pdl_launch_dependents();
     pdl_wait();
 
-    // Prologue: this KV head's slice of the qkv row (bias added as torch adds it).
+    // Prologue: this KV head's slice of the qkv row (bias added in float32).
     const int width = (num_heads + 2 * num_kv_heads) * hd;
     const T* src = qkv + (long long)t * width;
     for (int i = threadIdx.x; i < (G + 2) * hd; i += blockDim.x) {

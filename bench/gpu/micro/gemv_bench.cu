@@ -34,11 +34,12 @@
 
 typedef __nv_bfloat16 bf;
 
-__global__ void fill(bf* p, long long n, unsigned seed, float scale) {
+template <typename E>
+__global__ void fill(E* p, long long n, unsigned seed, float scale) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         unsigned h = (unsigned)i * 2654435761u ^ seed;
         h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-        p[i] = __float2bfloat16(((h & 0xffffff) / 16777216.f - 0.5f) * 2.f * scale);
+        p[i] = (E)(((h & 0xffffff) / 16777216.f - 0.5f) * 2.f * scale);
     }
 }
 
@@ -54,7 +55,8 @@ static void gemm(bf* y, const bf* x, const bf* w, int n, int out, int inner) {
 static int pick_nr(int n) { return n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : 8; }
 
 // Mirrors ops.rs's launch_gemv_fused choice of geometry.
-static void gemv(bf* y, const bf* x, const bf* w, const bf* norm_w, int n, int out, int inner, int mode) {
+// y and x are bf16, or the float32 residual stream (x with norm_w; y with GEMV_ADD).
+static void gemv(void* y, const void* x, const bf* w, const bf* norm_w, int n, int out, int inner, int mode) {
     const int VEC = 8;
     int chunks = inner / VEC;
     int passes = (chunks + GEMV_PASS_CHUNKS - 1) / GEMV_PASS_CHUNKS;
@@ -76,15 +78,15 @@ static void gemv(bf* y, const bf* x, const bf* w, const bf* norm_w, int n, int o
     CK(cudaGetLastError());
 }
 
-static std::vector<float> host(const bf* d, size_t n) {
-    std::vector<bf> h(n);
-    CK(cudaMemcpy(h.data(), d, n * 2, cudaMemcpyDeviceToHost));
+template <typename E> static std::vector<float> host(const E* d, size_t n) {
+    std::vector<E> h(n);
+    CK(cudaMemcpy(h.data(), d, n * sizeof(E), cudaMemcpyDeviceToHost));
     std::vector<float> f(n);
-    for (size_t i = 0; i < n; i++) f[i] = __bfloat162float(h[i]);
+    for (size_t i = 0; i < n; i++) f[i] = (float)h[i];
     return f;
 }
 
-static double rel(const bf* a, const bf* b, size_t n) {
+template <typename E> static double rel(const E* a, const E* b, size_t n) {
     auto x = host(a, n), y = host(b, n);
     double num = 0, den = 0;
     for (size_t i = 0; i < n; i++) {
@@ -150,12 +152,13 @@ int main() {
         };
         bf* lm = wts + per_layer * L;
         const int maxw = std::max({s.qkv, s.q, 2 * s.inter, s.vocab});
-        bf *x, *y, *y2, *h, *h2, *nw, *tmp;
+        bf *x, *y, *y2, *nw, *tmp;
+        float *h, *h2;  // the residual stream, float32 as in the engine
         CK(cudaMalloc(&x, 8 * maxw * 2));
         CK(cudaMalloc(&y, 8ull * maxw * 2));
         CK(cudaMalloc(&y2, 8ull * maxw * 2));
-        CK(cudaMalloc(&h, 8 * s.hidden * 2));
-        CK(cudaMalloc(&h2, 8 * s.hidden * 2));
+        CK(cudaMalloc(&h, 8 * s.hidden * 4));
+        CK(cudaMalloc(&h2, 8 * s.hidden * 4));
         CK(cudaMalloc(&nw, s.hidden * 2));
         CK(cudaMalloc(&tmp, 8ull * maxw * 2));
         fill<<<64, 256, 0, st>>>(x, 8 * maxw, 11, 1.f);
@@ -191,7 +194,7 @@ int main() {
             // Residual add (down): h += act · downᵀ.
             double e3 = -1;
             if ((size_t)n * s.inter * 2 + 64 * 4 <= 48 * 1024) {
-                CK(cudaMemcpyAsync(h2, h, (size_t)n * s.hidden * 2, cudaMemcpyDeviceToDevice, st));
+                CK(cudaMemcpyAsync(h2, h, (size_t)n * s.hidden * 4, cudaMemcpyDeviceToDevice, st));
                 gemm(tmp, x, W(0, 3), n, s.hidden, s.inter);
                 add_rms_norm_bf16<<<n, 256, 0, st>>>(h2, tmp, nw, y2, s.hidden, 1e-6f);
                 gemv(h, x, W(0, 3), nullptr, n, s.hidden, s.inter, GEMV_ADD);
@@ -247,7 +250,8 @@ int main() {
             }
         }
         CK(cudaFree(wts));
-        for (bf* p : {x, y, y2, h, h2, nw, tmp}) CK(cudaFree(p));
+        for (bf* p : {x, y, y2, nw, tmp}) CK(cudaFree(p));
+        for (float* p : {h, h2}) CK(cudaFree(p));
     }
     CK(cudaDeviceSynchronize());
     printf("gemv_bench: %s\n", ok ? "all checks PASS" : "some check FAILED");
