@@ -9,7 +9,6 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
 
 use super::simd::{exp, max, run_vectorized, sum, Kernel};
 
@@ -94,10 +93,13 @@ impl AttentionShape {
                 .enumerate()
                 .for_each(task);
         } else {
-            out.par_chunks_mut(group_width)
-                .zip(q.par_chunks(group_width))
-                .enumerate()
-                .for_each(task);
+            let out_ptr = GroupsPtr(out.as_mut_ptr());
+            super::team::for_each(tasks, |i| {
+                // SAFETY: task i writes only its own group, `out[i * group_width ..][.. group_width]`.
+                let out_group =
+                    unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(i * group_width), group_width) };
+                task((i, (out_group, &q[i * group_width..(i + 1) * group_width])));
+            });
         }
     }
 
@@ -288,6 +290,20 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// `out` of `paged_attention`, shared by tasks that write disjoint groups.
+#[derive(Clone, Copy)]
+struct GroupsPtr(*mut f32);
+// SAFETY: tasks write disjoint elements through it.
+unsafe impl Send for GroupsPtr {}
+unsafe impl Sync for GroupsPtr {}
+
+impl GroupsPtr {
+    /// A method, so closures capture the whole Sync wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,3 +414,4 @@ mod tests {
         );
     }
 }
+
