@@ -9,7 +9,6 @@
 
 use std::cell::RefCell;
 
-
 use super::simd::{exp, max, run_vectorized, sum, Kernel};
 
 use crate::kv_cache::paged_cache::LayerKv;
@@ -414,4 +413,3 @@ mod tests {
         );
     }
 }
-

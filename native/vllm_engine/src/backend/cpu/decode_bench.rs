@@ -11,7 +11,12 @@ use candle_core::quantized::GgmlDType;
 use super::matmul::{PackedMatrix, WeightFormat};
 use super::qmatmul_vnni::VnniMatrix;
 
-const SHAPES: [(&str, usize, usize); 4] = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536)];
+const SHAPES: [(&str, usize, usize); 4] = [
+    ("qkv", 960, 576),
+    ("o", 576, 576),
+    ("gate_up", 3072, 576),
+    ("down", 576, 1536),
+];
 const LAYERS: usize = 30;
 const LM_HEAD: (usize, usize) = (49152, 576);
 
@@ -68,7 +73,13 @@ fn sweep(name: &str, mats: &[(usize, &M)], reps: usize) {
                 for (kind, m) in mats {
                     let cols = match m {
                         M::F32(w) => w.cols(),
-                        M::Q(_) => if *kind == 3 { 1536 } else { 576 },
+                        M::Q(_) => {
+                            if *kind == 3 {
+                                1536
+                            } else {
+                                576
+                            }
+                        }
                     };
                     let t = Instant::now();
                     m.run(&x[..cols], out);
@@ -90,13 +101,21 @@ fn sweep(name: &str, mats: &[(usize, &M)], reps: usize) {
         }
         totals.sort_by(f64::total_cmp);
         let names: Vec<&str> = SHAPES.iter().map(|s| s.0).chain(["lm_head"]).collect();
-        let parts: Vec<String> = names.iter().zip(&best).map(|(n, b)| format!("{n} {:.2}", b * 1e3)).collect();
+        let parts: Vec<String> = names
+            .iter()
+            .zip(&best)
+            .map(|(n, b)| format!("{n} {:.2}", b * 1e3))
+            .collect();
         println!(
             "{name} {label}: step min {:.2} ms, median {:.2} ms; per kind (min, ms): {}; load {}",
             totals[0] * 1e3,
             totals[totals.len() / 2] * 1e3,
             parts.join(", "),
-            std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').next().unwrap_or("?")
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .split(' ')
+                .next()
+                .unwrap_or("?")
         );
     }
 }
@@ -107,11 +126,33 @@ fn decode_sweep_f32() {
     let mut mats = Vec::new();
     for l in 0..LAYERS {
         for (kind, &(_, r, c)) in SHAPES.iter().enumerate() {
-            mats.push((kind, M::F32(PackedMatrix::pack(&noise(r * c, (l * 4 + kind) as u32), r, c, WeightFormat::F32))));
+            mats.push((
+                kind,
+                M::F32(PackedMatrix::pack(
+                    &noise(r * c, (l * 4 + kind) as u32),
+                    r,
+                    c,
+                    WeightFormat::F32,
+                )),
+            ));
         }
     }
-    mats.push((4, M::F32(PackedMatrix::pack(&noise(LM_HEAD.0 * LM_HEAD.1, 999), LM_HEAD.0, LM_HEAD.1, WeightFormat::F32))));
-    println!("f32 weights: {:.0} MB", mats.iter().map(|(_, m)| if let M::F32(w) = m { w.bytes() } else { 0 }).sum::<usize>() as f64 / 1e6);
+    mats.push((
+        4,
+        M::F32(PackedMatrix::pack(
+            &noise(LM_HEAD.0 * LM_HEAD.1, 999),
+            LM_HEAD.0,
+            LM_HEAD.1,
+            WeightFormat::F32,
+        )),
+    ));
+    println!(
+        "f32 weights: {:.0} MB",
+        mats.iter()
+            .map(|(_, m)| if let M::F32(w) = m { w.bytes() } else { 0 })
+            .sum::<usize>() as f64
+            / 1e6
+    );
     let all: Vec<(usize, &M)> = mats.iter().map(|(k, m)| (*k, m)).collect();
     sweep("f32", &all, 12);
 }
@@ -130,7 +171,13 @@ fn decode_sweep_q4_1() {
         }
     }
     mats.push((4, M::Q(pack(LM_HEAD.0, LM_HEAD.1, 999))));
-    println!("Q4_1 weights: {:.0} MB", mats.iter().map(|(_, m)| if let M::Q(w) = m { w.bytes() } else { 0 }).sum::<usize>() as f64 / 1e6);
+    println!(
+        "Q4_1 weights: {:.0} MB",
+        mats.iter()
+            .map(|(_, m)| if let M::Q(w) = m { w.bytes() } else { 0 })
+            .sum::<usize>() as f64
+            / 1e6
+    );
     let all: Vec<(usize, &M)> = mats.iter().map(|(k, m)| (*k, m)).collect();
     sweep("Q4_1", &all, 20);
     // One layer's matrices (~3.6 MB, cache-resident) 30 times: the kernel's compute speed.
@@ -165,11 +212,16 @@ fn decode_sweep_read_probe() {
             let t = Instant::now();
             let s: f32 = pool.install(|| {
                 use rayon::prelude::*;
-                buf.par_chunks(buf.len() / threads).map(|c| super::simd::run_vectorized(Sum(c))).sum()
+                buf.par_chunks(buf.len() / threads)
+                    .map(|c| super::simd::run_vectorized(Sum(c)))
+                    .sum()
             });
             best = best.min(t.elapsed().as_secs_f64());
             std::hint::black_box(s);
         }
-        println!("read probe, {threads} thread(s): {:.1} GB/s (best of 8)", buf.len() as f64 * 4.0 / best / 1e9);
+        println!(
+            "read probe, {threads} thread(s): {:.1} GB/s (best of 8)",
+            buf.len() as f64 * 4.0 / best / 1e9
+        );
     }
 }

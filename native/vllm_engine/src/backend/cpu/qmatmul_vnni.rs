@@ -90,7 +90,11 @@ impl VnniMatrix {
         let blocks = cols / 32;
         // 4-bit kinds: an even number of pairs, so the kernel loads two pairs (64 bytes of
         // nibbles) at a time; the padding blocks have zero input scale and contribute 0.
-        let pairs = if kind == Kind::Q8_0 { blocks.div_ceil(2) } else { blocks.div_ceil(4) * 2 };
+        let pairs = if kind == Kind::Q8_0 {
+            blocks.div_ceil(2)
+        } else {
+            blocks.div_ceil(4) * 2
+        };
         let pair_bytes = if kind == Kind::Q8_0 { 64 } else { 32 };
         let mut levels = vec![0u8; rows * pairs * pair_bytes];
         let mut scale = vec![0.0f32; rows * pairs * 2];
@@ -174,7 +178,12 @@ impl VnniMatrix {
             for i in 0..m {
                 let xq_row = &mut xq[2 * i * self.pairs * 64..2 * (i + 1) * self.pairs * 64];
                 let y_row = &mut y[i * nb..(i + 1) * nb];
-                self.quantize_row(&x[i * self.cols..(i + 1) * self.cols], xq_row, &mut dx[i * nb..(i + 1) * nb], y_row);
+                self.quantize_row(
+                    &x[i * self.cols..(i + 1) * self.cols],
+                    xq_row,
+                    &mut dx[i * nb..(i + 1) * nb],
+                    y_row,
+                );
                 if self.kind != Kind::Q8_0 {
                     to_couple_layout(xq_row, y_row);
                 }
@@ -315,7 +324,11 @@ impl VnniMatrix {
             // The weights of rows PREFETCH_ROWS ahead: a decode streams them from memory, and
             // the hardware prefetcher alone keeps too few lines in flight for one thread.
             let ahead = r + PREFETCH_ROWS;
-            prefetch_lines(self.levels.as_ptr() as *const i8, ahead * self.pairs * 32, 4 * self.pairs * 32);
+            prefetch_lines(
+                self.levels.as_ptr() as *const i8,
+                ahead * self.pairs * 32,
+                4 * self.pairs * 32,
+            );
             prefetch_lines(self.scale.as_ptr() as *const i8, ahead * nb * 4, 4 * nb * 4);
             prefetch_lines(self.aux.as_ptr() as *const i8, ahead * nb * 4, 4 * nb * 4);
             for i in 0..m {

@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 
 /// How long an idle helper keeps spinning before it sleeps: longer than the gaps between
-/// the loops of one step (norms, rotary, sampling), short enough not to take a core from
-/// other work between requests.
-const SPIN: Duration = Duration::from_micros(300);
-/// Spins of a caller waiting for a helper's last task before it starts yielding its core
-/// (a task is 5–50 µs; a spin is a few ns).
-const WAIT_SPINS: u32 = 20_000;
+/// the loops of one forward pass (norms, rotary), shorter than most gaps between steps.
+/// Short on purpose: on a loaded machine a thread that sleeps gets its core back promptly
+/// when woken, while one that spins competes for it with everything else.
+const SPIN: Duration = Duration::from_micros(100);
+/// Spins (a few ns each) of a caller waiting for a helper's last task before it sleeps.
+const WAIT_SPINS: u32 = 4_000;
 
 /// A published loop: the task count and a pointer to the caller's `&dyn Fn(usize)`.
 /// Two slots, picked by epoch parity, so a helper that reads a slot late reads either the
@@ -47,6 +47,9 @@ struct Team {
     sleeping: AtomicUsize,
     sleep_lock: Mutex<()>,
     wake: Condvar,
+    /// The caller sleeps on `finished` once it has waited WAIT_SPINS for a helper.
+    caller_waiting: AtomicBool,
+    finished: Condvar,
     started: AtomicBool,
 }
 
@@ -59,10 +62,14 @@ fn team() -> &'static Team {
         state: AtomicU64::new(0),
         slots: Default::default(),
         done: AtomicUsize::new(0),
-        helpers: std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_sub(1),
+        helpers: std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .saturating_sub(1),
         sleeping: AtomicUsize::new(0),
         sleep_lock: Mutex::new(()),
         wake: Condvar::new(),
+        caller_waiting: AtomicBool::new(false),
+        finished: Condvar::new(),
         started: AtomicBool::new(false),
     });
     if !t.started.swap(true, SeqCst) {
@@ -87,6 +94,10 @@ pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync) {
         (0..tasks).for_each(f);
         return;
     }
+    if !enabled() {
+        (0..tasks).into_par_iter().for_each(|i| f(i));
+        return;
+    }
     let t = team();
     let Ok(_owner) = t.owner.try_lock() else {
         (0..tasks).into_par_iter().for_each(|i| f(i));
@@ -106,6 +117,12 @@ pub(crate) fn hold() -> std::sync::MutexGuard<'static, ()> {
     team().owner.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// `VLLM_CPU_TEAM=0` sends every loop to rayon (for comparisons).
+fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("VLLM_CPU_TEAM").map_or(true, |v| v != "0"))
+}
+
 impl Team {
     fn run(&self, tasks: usize, width: usize, func: &TaskFn) {
         let epoch = (self.state.load(SeqCst) >> 32) + 1;
@@ -123,13 +140,21 @@ impl Team {
         let mut spins = 0u32;
         while self.done.load(SeqCst) + mine < tasks {
             spins += 1;
-            if spins > WAIT_SPINS {
-                // The helper is off its core (a loaded machine): let it back on rather
-                // than burn the time slice it needs.
-                std::thread::yield_now();
-            } else {
+            if spins < WAIT_SPINS {
                 std::hint::spin_loop();
+                continue;
             }
+            // The helper is off its core (a loaded machine): sleep until it finishes rather
+            // than burn the time slice it needs.
+            let g = self.sleep_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.caller_waiting.store(true, SeqCst);
+            let g = if self.done.load(SeqCst) + mine < tasks {
+                self.finished.wait(g).unwrap_or_else(|p| p.into_inner())
+            } else {
+                g
+            };
+            self.caller_waiting.store(false, SeqCst);
+            drop(g);
         }
     }
 
@@ -179,11 +204,7 @@ impl Team {
             };
             seen = epoch;
             let slot = &self.slots[(epoch & 1) as usize];
-            let (func, tasks, width) = (
-                slot.func.load(SeqCst),
-                slot.tasks.load(SeqCst),
-                slot.width.load(SeqCst),
-            );
+            let (func, tasks, width) = (slot.func.load(SeqCst), slot.tasks.load(SeqCst), slot.width.load(SeqCst));
             if id + 1 >= width {
                 continue;
             }
@@ -202,6 +223,10 @@ impl Team {
                         let f = unsafe { *(func as *const TaskFn) };
                         f((cur & 0xFFFF_FFFF) as usize);
                         self.done.fetch_add(1, SeqCst);
+                        if self.caller_waiting.load(SeqCst) {
+                            let _g = self.sleep_lock.lock().unwrap_or_else(|p| p.into_inner());
+                            self.finished.notify_all();
+                        }
                         cur += 1;
                     }
                     Err(now) => cur = now,
