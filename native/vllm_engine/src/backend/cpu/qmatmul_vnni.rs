@@ -12,10 +12,9 @@
 //!
 //! A row's value is Σ_b scale_b·dx_b·(Σ u·qx)_b + Σ_b aux_b·y_b.
 //!
-//! Blocks are packed in pairs: position p (0..64) of a pair holds block (p / 4) % 2, so a
-//! 4-byte lane holds one block. For 4-bit types the 64 positions are 32 bytes of nibbles
-//! (byte j: position j low, j + 32 high). The kernel takes two pairs per step (see
-//! `nibble_rows`); rows are padded to an even pair count.
+//! Two blocks share one 64-byte register. Their levels are laid out so that 4-byte lane L
+//! holds block L % 2: the pair's two scales then broadcast as one 64-bit pattern. For
+//! 4-bit types the 64 levels are 32 bytes of nibbles (byte j: level j low, j + 32 high).
 
 #![cfg(target_arch = "x86_64")]
 
@@ -27,6 +26,8 @@ use rayon::prelude::*;
 
 use super::simd::vectorized;
 
+/// Input rows that share one pass over the weight row.
+const ROW_GROUP: usize = 8;
 /// Weight rows per parallel task.
 const TASK_ROWS: usize = 32;
 /// Below this many multiply-adds a call stays on the calling thread.
@@ -87,9 +88,13 @@ impl VnniMatrix {
             return None;
         }
         let blocks = cols / 32;
-        // An even number of pairs, so the kernel takes two pairs (four blocks) per step; the
-        // padding blocks have zero scales and zero input scale and contribute 0.
-        let pairs = blocks.div_ceil(4) * 2;
+        // 4-bit kinds: an even number of pairs, so the kernel loads two pairs (64 bytes of
+        // nibbles) at a time; the padding blocks have zero input scale and contribute 0.
+        let pairs = if kind == Kind::Q8_0 {
+            blocks.div_ceil(2)
+        } else {
+            blocks.div_ceil(4) * 2
+        };
         let pair_bytes = if kind == Kind::Q8_0 { 64 } else { 32 };
         let mut levels = vec![0u8; rows * pairs * pair_bytes];
         let mut scale = vec![0.0f32; rows * pairs * 2];
@@ -127,10 +132,6 @@ impl VnniMatrix {
                         }
                     }
                 }
-                if kind == Kind::Q8_0 {
-                    // Byte levels take the inputs' couple layout directly (see `nibble_rows`).
-                    swap_middle_quarters(lv);
-                }
                 for b in 0..blocks {
                     let blk = &row[b * block_bytes..(b + 1) * block_bytes];
                     sc[b] = f16_at(blk, 0);
@@ -150,15 +151,6 @@ impl VnniMatrix {
 
     pub fn rows(&self) -> usize {
         self.rows
-    }
-
-    /// Bytes of levels per pair of blocks: nibbles for the 4-bit kinds, bytes for Q8_0.
-    fn pair_bytes(&self) -> usize {
-        if self.kind == Kind::Q8_0 {
-            64
-        } else {
-            32
-        }
     }
 
     pub fn bytes(&self) -> usize {
@@ -192,7 +184,9 @@ impl VnniMatrix {
                     &mut dx[i * nb..(i + 1) * nb],
                     y_row,
                 );
-                to_couple_layout(xq_row, y_row);
+                if self.kind != Kind::Q8_0 {
+                    to_couple_layout(xq_row, y_row);
+                }
             }
             self.multiply(xq, dx, y, m, out);
         }
@@ -201,8 +195,16 @@ impl VnniMatrix {
     fn multiply(&self, xq: &[i8], dx: &[f32], y: &[f32], m: usize, out: &mut [f32]) {
         let out_ptr = OutPtr(out.as_mut_ptr());
         let run = |r0: usize, r1: usize| {
-            // SAFETY: `available()` was checked by the caller; tasks own disjoint rows.
-            unsafe { self.rows_nibbles(r0, r1, m, xq, dx, y, out_ptr) }
+            if self.kind != Kind::Q8_0 {
+                // SAFETY: as below.
+                unsafe { self.rows_nibbles(r0, r1, m, xq, dx, y, out_ptr) };
+                return;
+            }
+            for g0 in (0..m).step_by(ROW_GROUP) {
+                let g = ROW_GROUP.min(m - g0);
+                // SAFETY: `available()` was checked by the caller; tasks own disjoint rows r.
+                unsafe { self.rows_group(r0, r1, g0, g, xq, dx, y, out_ptr) };
+            }
         };
         if m * self.rows * self.cols <= SERIAL_MAX_MACS || rayon::current_num_threads() <= 1 {
             run(0, self.rows);
@@ -245,7 +247,7 @@ impl VnniMatrix {
                 }
             }
             dx[b] = d;
-            // Spread over the 8 lanes of the block in the pair layout (`to_couple_layout` doubles it).
+            // Spread over the 8 lanes of the block that each add it (see rows_group).
             y[b] = sum / 8.0
                 * match self.kind {
                     Kind::Q4_1 => 1.0,
@@ -254,10 +256,62 @@ impl VnniMatrix {
                 };
         }
     }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn rows_group(
+        &self,
+        r0: usize,
+        r1: usize,
+        g0: usize,
+        g: usize,
+        xq: &[i8],
+        dx: &[f32],
+        y: &[f32],
+        out: OutPtr,
+    ) {
+        let nb = self.pairs * 2;
+        let pair_bytes = if self.kind == Kind::Q8_0 { 64 } else { 32 };
+        let low4 = _mm512_set1_epi8(0x0F);
+        let shifts = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+        let lo_weight = _mm512_set1_ps(1.0 / 254.0);
+        for r in r0..r1 {
+            let lv = self.levels.as_ptr().add(r * self.pairs * pair_bytes);
+            let sc = self.scale.as_ptr().add(r * nb);
+            let ax = self.aux.as_ptr().add(r * nb);
+            let mut acc = [_mm512_setzero_ps(); ROW_GROUP];
+            for t in 0..self.pairs {
+                let w = if pair_bytes == 64 {
+                    _mm512_loadu_si512(lv.add(t * 64) as *const _)
+                } else {
+                    let half = _mm256_loadu_si256(lv.add(t * 32) as *const __m256i);
+                    let both = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
+                    _mm512_and_si512(_mm512_srlv_epi64(both, shifts), low4)
+                };
+                let pair = |p: *const f32| _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(p as *const f64)));
+                let sw = pair(sc.add(2 * t));
+                let aw = pair(ax.add(2 * t));
+                for (i, a) in acc.iter_mut().enumerate().take(g) {
+                    let row = g0 + i;
+                    let x_hi = xq.as_ptr().add((2 * row * self.pairs + t) * 64);
+                    let x_lo = x_hi.add(self.pairs * 64);
+                    let hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x_hi as *const _));
+                    let lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x_lo as *const _));
+                    let dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), lo_weight, _mm512_cvtepi32_ps(hi));
+                    let sx = pair(dx.as_ptr().add(row * nb + 2 * t));
+                    let offset = _mm512_mul_ps(aw, pair(y.as_ptr().add(row * nb + 2 * t)));
+                    *a = _mm512_fmadd_ps(dot, _mm512_mul_ps(sw, sx), _mm512_add_ps(*a, offset));
+                }
+            }
+            for (i, a) in acc.iter().enumerate().take(g) {
+                *out.0.add((g0 + i) * self.rows + r) = _mm512_reduce_add_ps(*a);
+            }
+        }
+    }
 }
 
 impl VnniMatrix {
-    /// Rows r0..r1 for every input row: two pairs (four blocks, 128 levels)
+    /// Rows r0..r1 for every input row, 4-bit kinds: two pairs (four blocks, 128 levels)
     /// per step, 4 weight rows at a time so the input's registers serve all four. Each
     /// output is the same sequence of operations whatever `m` is, so results do not depend
     /// on the batch.
@@ -265,51 +319,39 @@ impl VnniMatrix {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn rows_nibbles(&self, r0: usize, r1: usize, m: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
         let nb = self.pairs * 2;
-        let row_bytes = self.pairs * self.pair_bytes();
         let mut r = r0;
         while r + 4 <= r1 {
             // The weights of rows PREFETCH_ROWS ahead: a decode streams them from memory, and
             // the hardware prefetcher alone keeps too few lines in flight for one thread.
             let ahead = r + PREFETCH_ROWS;
-            prefetch_lines(self.levels.as_ptr() as *const i8, ahead * row_bytes, 4 * row_bytes);
+            prefetch_lines(
+                self.levels.as_ptr() as *const i8,
+                ahead * self.pairs * 32,
+                4 * self.pairs * 32,
+            );
             prefetch_lines(self.scale.as_ptr() as *const i8, ahead * nb * 4, 4 * nb * 4);
             prefetch_lines(self.aux.as_ptr() as *const i8, ahead * nb * 4, 4 * nb * 4);
             for i in 0..m {
-                match self.kind {
-                    Kind::Q8_0 => self.nibble_rows::<4, true>(r, i, xq, dx, y, out),
-                    _ => self.nibble_rows::<4, false>(r, i, xq, dx, y, out),
-                }
+                self.nibble_rows::<4>(r, i, xq, dx, y, out);
             }
             r += 4;
         }
         while r < r1 {
             for i in 0..m {
-                match self.kind {
-                    Kind::Q8_0 => self.nibble_rows::<1, true>(r, i, xq, dx, y, out),
-                    _ => self.nibble_rows::<1, false>(r, i, xq, dx, y, out),
-                }
+                self.nibble_rows::<1>(r, i, xq, dx, y, out);
             }
             r += 1;
         }
     }
 
-    /// out[i, r .. r + R], inputs in the couple layout (`to_couple_layout`). 4-bit kinds: a
-    /// 64-byte load holds the nibbles of pairs 2c and 2c + 1; its low nibbles are positions
-    /// 0..32 of both pairs, its high nibbles positions 32..64. Q8_0 (`BYTES`): the levels
-    /// were stored in that order at load, two 64-byte loads. Either way 4-byte lane L
-    /// belongs to block 4c + 2·(L / 8) + L % 2 in both registers.
+    /// out[i, r .. r + R] for 4-bit kinds, inputs in the couple layout (`to_couple_layout`).
+    /// A 64-byte load holds the nibbles of pairs 2c and 2c + 1; its low nibbles are
+    /// positions 0..32 of both pairs, its high nibbles positions 32..64, so 4-byte lane L
+    /// belongs to block 4c + 2·(L / 8) + L % 2 in both halves.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn nibble_rows<const R: usize, const BYTES: bool>(
-        &self,
-        r: usize,
-        i: usize,
-        xq: &[i8],
-        dx: &[f32],
-        y: &[f32],
-        out: OutPtr,
-    ) {
+    unsafe fn nibble_rows<const R: usize>(&self, r: usize, i: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
         let nb = self.pairs * 2;
         let couples = self.pairs / 2;
         let low4 = _mm512_set1_epi8(0x0F);
@@ -329,19 +371,9 @@ impl VnniMatrix {
             let sy = four(yr.add(4 * c));
             for (k, a) in acc.iter_mut().enumerate() {
                 let row = r + k;
-                let (w0, w1) = if BYTES {
-                    let lv = self.levels.as_ptr().add(row * self.pairs * 64 + c * 128);
-                    (
-                        _mm512_loadu_si512(lv as *const _),
-                        _mm512_loadu_si512(lv.add(64) as *const _),
-                    )
-                } else {
-                    let v = _mm512_loadu_si512(self.levels.as_ptr().add(row * self.pairs * 32 + c * 64) as *const _);
-                    (
-                        _mm512_and_si512(v, low4),
-                        _mm512_and_si512(_mm512_srli_epi16(v, 4), low4),
-                    )
-                };
+                let v = _mm512_loadu_si512(self.levels.as_ptr().add(row * self.pairs * 32 + c * 64) as *const _);
+                let w0 = _mm512_and_si512(v, low4);
+                let w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
                 let hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, xh0), w1, xh1);
                 let lo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, xl0), w1, xl1);
                 let dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), lo_weight, _mm512_cvtepi32_ps(hi));
@@ -375,16 +407,11 @@ unsafe fn prefetch_lines(base: *const i8, at: usize, len: usize) {
 /// come first and positions 32..64 of both second; a block now spans 4 lanes of a register,
 /// not 8, so its share of Σx doubles.
 fn to_couple_layout(xq: &mut [i8], y: &mut [f32]) {
-    swap_middle_quarters(xq);
-    y.iter_mut().for_each(|v| *v *= 2.0);
-}
-
-/// In every 128 bytes, swaps bytes 32..64 with 64..96.
-fn swap_middle_quarters<T>(buf: &mut [T]) {
-    for couple in buf.chunks_exact_mut(128) {
+    for couple in xq.chunks_exact_mut(128) {
         let (a, b) = couple.split_at_mut(64);
         a[32..].swap_with_slice(&mut b[..32]);
     }
+    y.iter_mut().for_each(|v| *v *= 2.0);
 }
 
 /// The quantized input of a call, kept per thread so steps allocate nothing.
