@@ -93,7 +93,7 @@ impl AttentionShape {
                 .for_each(task);
         } else {
             let out_ptr = GroupsPtr(out.as_mut_ptr());
-            super::team::for_each(tasks, |i| {
+            super::team::for_each_rows(tokens.len(), tasks, |i| {
                 // SAFETY: task i writes only its own group, `out[i * group_width ..][.. group_width]`.
                 let out_group =
                     unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(i * group_width), group_width) };

@@ -1,4 +1,5 @@
-//! Timing report (`cargo test --release -p vllm_engine decode_sweep -- --ignored --nocapture`):
+//! Timing report (`VLLM_CPU_TEAM=1 cargo test --release -p vllm_engine decode_sweep -- --ignored
+//! --nocapture`; without the variable the "team" rows run on rayon too):
 //! the matmuls of one SmolLM2-135M batch-1 decode step (30 layers of qkv, o, gate_up, down,
 //! then the LM head) on random weights, float32 and Q4_1, run three ways: on the team, on
 //! rayon from a thread outside its pool (the engine thread's case before the team), and on

@@ -7,7 +7,8 @@
 //! itself and the helpers spin on an atomic for a short while after each loop before they
 //! sleep, so the loops of one step meet no kernel wake-up at all.
 //!
-//! One team per process with `available_parallelism - 1` helpers. A loop uses as many
+//! Opt-in (`VLLM_CPU_TEAM=1`, see `enabled`). One team per process with
+//! `available_parallelism - 1` helpers. A loop uses as many
 //! threads as `rayon::current_num_threads()` allows (an engine started with `num_threads`
 //! keeps its limit); while another caller holds the team, a loop falls back to rayon.
 
@@ -86,6 +87,20 @@ fn team() -> &'static Team {
     t
 }
 
+/// Loops of at most this many input rows (decode steps) go to the team; longer ones
+/// (prompts: few loops of milliseconds each) to rayon, whose sleeping workers hold up
+/// better when other processes want the cores.
+pub const MAX_ROWS: usize = 32;
+
+/// `for_each` for a loop over `rows` input rows: the team for short loops, rayon else.
+pub fn for_each_rows(rows: usize, tasks: usize, f: impl Fn(usize) + Sync) {
+    if rows <= MAX_ROWS {
+        for_each(tasks, f);
+    } else {
+        (0..tasks).into_par_iter().for_each(|i| f(i));
+    }
+}
+
 /// Runs `f(0) .. f(tasks - 1)`, each exactly once, spread over the team (or rayon's pool
 /// when the team is busy); returns when all have finished.
 pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync) {
@@ -96,6 +111,16 @@ pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync) {
     }
     if !enabled() {
         (0..tasks).into_par_iter().for_each(|i| f(i));
+        return;
+    }
+    on_team(tasks, f);
+}
+
+/// `for_each` on the team whatever `VLLM_CPU_TEAM` says.
+fn on_team(tasks: usize, f: impl Fn(usize) + Sync) {
+    let width = rayon::current_num_threads();
+    if tasks <= 1 || width <= 1 {
+        (0..tasks).for_each(f);
         return;
     }
     let t = team();
@@ -117,10 +142,12 @@ pub(crate) fn hold() -> std::sync::MutexGuard<'static, ()> {
     team().owner.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// `VLLM_CPU_TEAM=0` sends every loop to rayon (for comparisons).
+/// Off unless `VLLM_CPU_TEAM=1`: measured on a 2-core VM, the team is faster than rayon
+/// while the cores are free (load ≤ 3) and slower as soon as another process competes
+/// for them (bench/RESULTS.md, C2 session 4), so rayon stays the default.
 fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("VLLM_CPU_TEAM").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| std::env::var("VLLM_CPU_TEAM").is_ok_and(|v| v == "1"))
 }
 
 impl Team {
@@ -249,7 +276,7 @@ mod tests {
                     for round in 0..2000usize {
                         let tasks = 1 + (round * 7 + c) % 37;
                         let hits: Vec<AtomicU32> = (0..tasks).map(|_| AtomicU32::new(0)).collect();
-                        for_each(tasks, |i| {
+                        on_team(tasks, |i| {
                             hits[i].fetch_add(1, SeqCst);
                         });
                         assert!(hits.iter().all(|h| h.load(SeqCst) == 1), "round {round}");
