@@ -62,7 +62,7 @@ impl Weight {
                 }
                 w.matmul(x, m, out);
             }
-            Weight::Quantized(q) => out.copy_from_slice(&q.forward(x, m)?),
+            Weight::Quantized(q) => q.forward_into(x, m, out)?,
         }
         Ok(())
     }

@@ -9,8 +9,6 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use super::simd::{exp, max, run_vectorized, sum, Kernel};
 
 use crate::kv_cache::paged_cache::LayerKv;
@@ -94,10 +92,13 @@ impl AttentionShape {
                 .enumerate()
                 .for_each(task);
         } else {
-            out.par_chunks_mut(group_width)
-                .zip(q.par_chunks(group_width))
-                .enumerate()
-                .for_each(task);
+            let out_ptr = GroupsPtr(out.as_mut_ptr());
+            super::team::for_each_rows(tokens.len(), tasks, |i| {
+                // SAFETY: task i writes only its own group, `out[i * group_width ..][.. group_width]`.
+                let out_group =
+                    unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(i * group_width), group_width) };
+                task((i, (out_group, &q[i * group_width..(i + 1) * group_width])));
+            });
         }
     }
 
@@ -286,6 +287,20 @@ const SERIAL_MAX_KEYS: usize = 2048;
 thread_local! {
     /// Per-thread score rows, grown to the longest context seen and reused.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out` of `paged_attention`, shared by tasks that write disjoint groups.
+#[derive(Clone, Copy)]
+struct GroupsPtr(*mut f32);
+// SAFETY: tasks write disjoint elements through it.
+unsafe impl Send for GroupsPtr {}
+unsafe impl Sync for GroupsPtr {}
+
+impl GroupsPtr {
+    /// A method, so closures capture the whole Sync wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
 }
 
 #[cfg(test)]

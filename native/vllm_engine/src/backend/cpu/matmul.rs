@@ -193,9 +193,7 @@ impl PackedMatrix {
         }
         // A few tasks per thread so a thread delayed by the OS does not hold up the rest.
         let tasks = (threads * 4).min(panels);
-        (0..tasks)
-            .into_par_iter()
-            .for_each(|t| run(t * panels / tasks, (t + 1) * panels / tasks));
+        super::team::for_each_rows(m, tasks, |t| run(t * panels / tasks, (t + 1) * panels / tasks));
     }
 
     /// Computes panels p0..p1 for all m rows. Each panel stays in cache while every row

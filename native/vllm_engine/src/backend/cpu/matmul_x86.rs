@@ -10,6 +10,21 @@ use std::arch::x86_64::*;
 
 use super::matmul::PANEL;
 
+/// How far ahead of its loads a few-row kernel asks for weights: one or two rows stream
+/// weights from memory faster than the hardware prefetcher alone brings them.
+pub(crate) const PREFETCH_BYTES: usize = 4096;
+
+/// Prefetches the `len` bytes (one or two cache lines) `PREFETCH_BYTES` past `at`. Past the
+/// end of a panel this is the next panel (contiguous), past the matrix a harmless no-op.
+#[inline(always)]
+unsafe fn prefetch_ahead(base: *const i8, at: usize, len: usize) {
+    let p = base.wrapping_add(at + PREFETCH_BYTES);
+    _mm_prefetch::<_MM_HINT_T0>(p);
+    if len > 64 {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+    }
+}
+
 /// An AVX-512 kernel over panels of `$elem` (up to 12 rows), and its dispatcher `$dispatch`.
 /// `|$panel, $kk| $load` yields the two 16-lane float vectors of depth `$kk`.
 macro_rules! avx512_kernel {
@@ -53,7 +68,11 @@ macro_rules! avx512_kernel {
         ) {
             let mut lo = [_mm512_setzero_ps(); R];
             let mut hi = [_mm512_setzero_ps(); R];
+            let depth_bytes = PANEL * std::mem::size_of::<$elem>();
             for kk in 0..k {
+                if R <= 2 {
+                    prefetch_ahead(panel as *const i8, kk * depth_bytes, depth_bytes);
+                }
                 let (w0, w1) = {
                     let ($panel, $kk) = (panel, kk);
                     $load

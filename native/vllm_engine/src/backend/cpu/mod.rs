@@ -1,6 +1,8 @@
 //! CPU implementations of the hot ops.
 
 pub mod attention;
+#[cfg(test)]
+mod decode_bench;
 pub mod encoder_attention;
 pub mod matmul;
 pub mod matmul_x86;
@@ -9,3 +11,4 @@ pub mod qmatmul;
 pub mod qmatmul_avx2;
 pub mod qmatmul_vnni;
 pub mod simd;
+pub mod team;

@@ -104,6 +104,39 @@ impl QuantMatrix {
 
     /// x: [m, cols] row-major. Returns x W^T as [m, rows].
     pub fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; m * self.rows];
+        self.forward_into(x, m, &mut out)?;
+        Ok(out)
+    }
+
+    /// `forward` into `out` ([m, rows]); the int8 decode path allocates nothing.
+    pub fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        if out.len() != m * self.rows {
+            return Err(EngineError::internal(format!(
+                "quantized matmul: output of {} values is not [{m}, {}]",
+                out.len(),
+                self.rows
+            )));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(v) = &self.vnni {
+            if m < PANEL_PATH_MIN_ROWS || !has_row_decoder(self.q.dtype()) {
+                if x.len() != m * self.cols {
+                    return Err(EngineError::internal(format!(
+                        "quantized matmul: input of {} values is not [{m}, {}]",
+                        x.len(),
+                        self.cols
+                    )));
+                }
+                v.forward(x, m, out);
+                return Ok(());
+            }
+        }
+        out.copy_from_slice(&self.forward_alloc(x, m)?);
+        Ok(())
+    }
+
+    fn forward_alloc(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         if x.len() != m * self.cols {
             return Err(EngineError::internal(format!(
                 "quantized matmul: input of {} values is not [{m}, {}]",
