@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::DType;
 
-use super::ops::{AttentionDims, AttentionPtrs, MetaPtrs};
+use super::ops::{AttentionArgs, AttentionDims, AttentionPtrs, MetaPtrs};
 use super::Kernels;
 use crate::error::{EngineError, Result};
 
@@ -86,36 +86,9 @@ pub fn launch(
     let warps = dims.num_kv_heads.min(MAX_WARPS);
     // The split's block-table entries (an unaligned start adds one).
     let shared = (partition.div_ceil(meta.block_size) + 2) * 4;
-    let ptrs = [
-        p.out,
-        p.part_acc,
-        p.part_ml,
-        p.q,
-        p.k_cache,
-        p.v_cache,
-        meta.positions,
-        meta.token_seq,
-        meta.block_tables,
-    ];
-    let ints = [
-        meta.max_blocks as i32,
-        meta.block_size as i32,
-        dims.num_heads as i32,
-        dims.num_kv_heads as i32,
-        dims.head_dim as i32,
-    ];
-    let tail = [dims.window as i32, partition as i32, splits as i32];
+    let args = AttentionArgs::new(p, meta, dims, partition, splits);
     let mut b = k.stream().launch_builder(f);
-    for ptr in &ptrs {
-        b.arg(ptr);
-    }
-    for i in &ints {
-        b.arg(i);
-    }
-    b.arg(&dims.scale);
-    for i in &tail {
-        b.arg(i);
-    }
+    args.push(&mut b);
     b.arg(&p.done_counts);
     let cfg = LaunchConfig {
         grid_dim: (n as u32, dims.num_kv_heads.div_ceil(warps) as u32, splits as u32),

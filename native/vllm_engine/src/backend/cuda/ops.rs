@@ -1,7 +1,7 @@
 //! Launchers of the kernels in kernels/ops.cu. Each checks what it can about its operands,
 //! allocates its output on the stream's pool and launches on candle's stream.
 
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 use candle_core::{DType, Tensor};
 
 use super::blas::Blas;
@@ -435,6 +435,57 @@ pub struct AttentionPtrs {
     pub v_cache: u64,
 }
 
+/// The arguments every paged attention kernel takes first, in this order (ops.cu's
+/// paged_attention and paged_attention_v2, attention_batch.cu): buffers and step metadata,
+/// the geometry, the scale, then window, partition and splits.
+pub struct AttentionArgs {
+    ptrs: [u64; 9],
+    ints: [i32; 5],
+    scale: f32,
+    tail: [i32; 3],
+}
+
+impl AttentionArgs {
+    pub fn new(p: &AttentionPtrs, meta: &MetaPtrs, dims: &AttentionDims, partition: usize, splits: usize) -> Self {
+        AttentionArgs {
+            ptrs: [
+                p.out,
+                p.part_acc,
+                p.part_ml,
+                p.q,
+                p.k_cache,
+                p.v_cache,
+                meta.positions,
+                meta.token_seq,
+                meta.block_tables,
+            ],
+            ints: [
+                meta.max_blocks as i32,
+                meta.block_size as i32,
+                dims.num_heads as i32,
+                dims.num_kv_heads as i32,
+                dims.head_dim as i32,
+            ],
+            scale: dims.scale,
+            tail: [dims.window as i32, partition as i32, splits as i32],
+        }
+    }
+
+    /// Pushes them onto a launch (which borrows them until it is launched).
+    pub fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        for ptr in &self.ptrs {
+            b.arg(ptr);
+        }
+        for i in &self.ints {
+            b.arg(i);
+        }
+        b.arg(&self.scale);
+        for i in &self.tail {
+            b.arg(i);
+        }
+    }
+}
+
 /// `paged_attention` (and, when split, its reduce) on raw device addresses. Splits past
 /// a token's context are empty and the reduce skips them, so a fixed split (a captured
 /// graph's) serves every context up to splits * partition.
@@ -482,36 +533,9 @@ pub fn launch_paged_attention(
         (true, None) => k.function("paged_attention_v2", dtype)?,
         (false, _) => k.function("paged_attention", dtype)?,
     };
-    let ptrs = [
-        p.out,
-        p.part_acc,
-        p.part_ml,
-        p.q,
-        p.k_cache,
-        p.v_cache,
-        meta.positions,
-        meta.token_seq,
-        meta.block_tables,
-    ];
-    let ints = [
-        meta.max_blocks as i32,
-        meta.block_size as i32,
-        dims.num_heads as i32,
-        dims.num_kv_heads as i32,
-        dims.head_dim as i32,
-    ];
-    let tail = [dims.window as i32, partition as i32, splits as i32];
+    let args = AttentionArgs::new(p, meta, dims, partition, splits);
     let mut b = k.stream().launch_builder(f);
-    for ptr in &ptrs {
-        b.arg(ptr);
-    }
-    for i in &ints {
-        b.arg(i);
-    }
-    b.arg(&dims.scale);
-    for i in &tail {
-        b.arg(i);
-    }
+    args.push(&mut b);
     let reduce_inside = use_v2 && p.done_counts != 0 && splits <= ATT_MAX_REDUCE_SPLITS;
     let no_counts = 0u64;
     if use_v2 {
