@@ -724,11 +724,16 @@ pub fn launch_gemv_fused(
     let depth = k.gemv_depth as i32;
     let cfg = grid(blocks, GEMV_THREADS, shared);
     if k.pdl {
-        let mut params = [super::pdl::arg(&y), super::pdl::arg(&x), super::pdl::arg(&w), super::pdl::arg(&norm)]
-            .into_iter()
-            .chain(ints.iter().map(super::pdl::arg))
-            .chain([super::pdl::arg(&eps), super::pdl::arg(&depth)])
-            .collect::<Vec<_>>();
+        let mut params = [
+            super::pdl::arg(&y),
+            super::pdl::arg(&x),
+            super::pdl::arg(&w),
+            super::pdl::arg(&norm),
+        ]
+        .into_iter()
+        .chain(ints.iter().map(super::pdl::arg))
+        .chain([super::pdl::arg(&eps), super::pdl::arg(&depth)])
+        .collect::<Vec<_>>();
         // SAFETY: the parameters are gemv_fused's, in order; it waits (pdl_wait) before
         // reading x or writing y.
         return unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "gemv_fused") };
@@ -799,7 +804,9 @@ pub fn logits(k: &Kernels, blas: &Blas, x: &Tensor, w: &Tensor) -> Result<Tensor
     let (n, inner) = x.dims2()?;
     let (vocab, w_inner) = w.dims2()?;
     if w_inner != inner || w.dtype() != x.dtype() {
-        return Err(EngineError::internal("logits: the hidden states do not fit the lm_head"));
+        return Err(EngineError::internal(
+            "logits: the hidden states do not fit the lm_head",
+        ));
     }
     let x = x.contiguous()?;
     let y = empty((n, vocab), DType::F32, &x)?;
@@ -922,7 +929,8 @@ mod tests {
         ];
         for (out, inner, e) in shapes {
             for n in [1, 3, 8] {
-                let (rows, passes, blocks, shared) = gemv_geometry(DType::BF16, n, out, inner, e, GemvLimits::default());
+                let (rows, passes, blocks, shared) =
+                    gemv_geometry(DType::BF16, n, out, inner, e, GemvLimits::default());
                 assert!(blocks * rows >= out && (blocks - 1) * rows < out, "{out} {inner}");
                 assert!(passes * GEMV_PASS_CHUNKS * 8 >= inner && (passes - 1) * GEMV_PASS_CHUNKS * 8 < inner);
                 assert!(shared >= n * inner * 2, "{out} {inner}");
@@ -931,11 +939,33 @@ mod tests {
         // W3: qkv keeps 8 rows per block (144 blocks); gate_up (4,864 SiLU rows) grows to
         // 19 rows, 256 blocks; down (five passes per row) to 4 rows, 224 blocks; the
         // lm_head to 576 rows, 264 blocks: every launch one wave of two blocks per SM.
-        assert_eq!(gemv_geometry(DType::BF16, 1, 1152, 896, GemvEpilogue::Store, GemvLimits::default()).0, 8);
-        assert_eq!(gemv_geometry(DType::BF16, 1, 4864, 896, GemvEpilogue::SiluMul, GemvLimits::default()).2, 256);
-        assert_eq!(gemv_geometry(DType::BF16, 1, 896, 4864, GemvEpilogue::AddTo, GemvLimits::default()).0, 4);
-        assert_eq!(gemv_geometry(DType::BF16, 1, 151_936, 896, GemvEpilogue::Store, GemvLimits::default()).0, 576);
-        assert!(gemv_geometry(DType::BF16, 8, 151_936, 1024, GemvEpilogue::Store, GemvLimits::default()).3 <= GEMV_MAX_SHARED);
+        assert_eq!(
+            gemv_geometry(DType::BF16, 1, 1152, 896, GemvEpilogue::Store, GemvLimits::default()).0,
+            8
+        );
+        assert_eq!(
+            gemv_geometry(DType::BF16, 1, 4864, 896, GemvEpilogue::SiluMul, GemvLimits::default()).2,
+            256
+        );
+        assert_eq!(
+            gemv_geometry(DType::BF16, 1, 896, 4864, GemvEpilogue::AddTo, GemvLimits::default()).0,
+            4
+        );
+        assert_eq!(
+            gemv_geometry(DType::BF16, 1, 151_936, 896, GemvEpilogue::Store, GemvLimits::default()).0,
+            576
+        );
+        assert!(
+            gemv_geometry(
+                DType::BF16,
+                8,
+                151_936,
+                1024,
+                GemvEpilogue::Store,
+                GemvLimits::default()
+            )
+            .3 <= GEMV_MAX_SHARED
+        );
         assert_eq!(gemv_instance(3), 4);
         assert_eq!(gemv_instance(8), 8);
     }
