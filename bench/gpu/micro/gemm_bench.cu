@@ -27,9 +27,9 @@
     } while (0)
 #define CB(x)                                                                \
     do {                                                                     \
-        int s = (int)(x);                                                    \
-        if (s != 0) {                                                        \
-            fprintf(stderr, "%s:%d %s: status %d\n", __FILE__, __LINE__, #x, s); \
+        int st_ = (int)(x);                                                  \
+        if (st_ != 0) {                                                      \
+            fprintf(stderr, "%s:%d %s: status %d\n", __FILE__, __LINE__, #x, st_); \
             exit(1);                                                         \
         }                                                                    \
     } while (0)
