@@ -7,7 +7,6 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::backend::cuda::attention_prefill;
 use crate::backend::cuda::blas::Blas;
 use crate::backend::cuda::graphs::{self, DecodeGraphs, GraphLimits, LayerPtrs, ModelPtrs, ModelShape};
 use crate::backend::cuda::lora::{DeviceLora, FusedParts};
@@ -493,9 +492,7 @@ impl CudaDecoderLM {
         let num_rows = rows.len();
         // Steps with prefill chunks: attention_prefill's tiles, when it serves the model.
         let tiles = match self.kernels.prefill_tile_tokens(&self.dims, self.dtype) {
-            Some(per_tile) if batch.seqs.iter().any(|s| s.query_len > 1) => {
-                attention_prefill::tiles(batch.seqs.iter().map(|s| (s.query_start, s.query_len)), per_tile)
-            }
+            Some(per_tile) if batch.seqs.iter().any(|s| s.query_len > 1) => batch.query_tiles(per_tile),
             _ => Vec::new(),
         };
         let mut host = Vec::with_capacity(3 * n + num_rows + tables.len() + tiles.len());

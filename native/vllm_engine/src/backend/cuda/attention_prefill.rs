@@ -1,7 +1,8 @@
 //! Launcher of kernels/attention_prefill.cu: flash-style paged attention on the tensor
 //! cores for steps with prefill chunks (bf16 / f16, head_dim 64 or 128), a block per
 //! (tile of query tokens of one sequence, KV head). The host lists the tiles with the
-//! step's metadata (`tiles`); decode rows of a mixed step are tiles of one token.
+//! step's metadata (`ForwardBatch::query_tiles`); decode rows of a mixed step are tiles of
+//! one token.
 //!
 //! `VLLM_ATT_PREFILL=0` sends those steps through attention_batch / paged_attention_v2 as
 //! before (a query token at a time over its whole context), to compare.
@@ -61,24 +62,8 @@ pub fn tokens_per_tile(loaded: bool, dims: &AttentionDims, dtype: DType) -> Opti
     fits.then_some(WARPS * (ROWS_PER_WARP / group))
 }
 
-/// The tiles of a step, u32 pairs (first token, token count): each sequence's query
-/// tokens `(start, len)` cut into runs of at most `per_tile`.
-pub fn tiles(seqs: impl Iterator<Item = (usize, usize)>, per_tile: usize) -> Vec<u32> {
-    let mut out = Vec::new();
-    for (start, len) in seqs {
-        let mut first = 0;
-        while first < len {
-            let count = per_tile.min(len - first);
-            out.push((start + first) as u32);
-            out.push(count as u32);
-            first += count;
-        }
-    }
-    out
-}
-
 /// attention_prefill on raw device addresses: `out`, `q` [tokens, num_heads * head_dim],
-/// `tiles` `num_tiles` pairs from `tiles`.
+/// `tiles` `num_tiles` pairs from `ForwardBatch::query_tiles`.
 #[allow(clippy::too_many_arguments)]
 pub fn launch(
     k: &Kernels,
@@ -120,16 +105,4 @@ pub fn launch(
     unsafe { b.launch(cfg) }
         .map_err(|e| EngineError::internal(format!("CUDA kernel attention_prefill failed to launch: {e}")))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tiles_cut_each_sequence_into_runs_of_at_most_per_tile() {
-        // A decode row, a 70-token chunk, a 32-token chunk.
-        let t = tiles([(0, 1), (1, 70), (71, 32)].into_iter(), 32);
-        assert_eq!(t, vec![0, 1, 1, 32, 33, 32, 65, 6, 71, 32]);
-    }
 }
