@@ -3,7 +3,7 @@
 # root, after check_and_bench.sh's checks (same $GPU_DIR). Builds one micro with the
 # machine's nvcc; writes under $OUT; prints a short summary last.
 # 1. micro/gemm_bench.cu: W1's four decode products at 8..256 rows, the engine's cuBLAS
-#    GemmEx call against every algorithm cuBLASLt's heuristic offers.
+#    GemmEx call against every algorithm cuBLASLt's heuristic offers (GEMM_W2=1: W2's too).
 # 2. ncu (--clock-control none --cache-control none): every kernel of ~2 W1 decode steps
 #    mid-run (NCU_SKIP kernels skipped, NCU_COUNT timed), summed per kernel and grid.
 set -uo pipefail
@@ -19,6 +19,11 @@ if "$nvcc_bin" -O3 -arch=sm_90 -std=c++17 -I"$inc" "$here/micro/gemm_bench.cu" -
     -l:libcublasLt.so.13 -l:libcublas.so.13 -o /tmp/gemm_bench 2> "$out/gemm_build.txt"; then
   timeout 200 /tmp/gemm_bench 2>&1 | tee "$out/gemm_bench.txt"
   while read -r l; do lines+=("$l"); done < "$out/gemm_bench.txt"
+  # GEMM_W2=1: Llama-3.1-8B's products too (W2's decode steps are their products).
+  if [ "${GEMM_W2:-0}" = 1 ]; then
+    timeout 300 /tmp/gemm_bench w2 2>&1 | tee "$out/gemm_bench_w2.txt"
+    while read -r l; do lines+=("$l"); done < <(grep -E "rows 256|^gemm step" "$out/gemm_bench_w2.txt")
+  fi
 else
   lines+=("gemm_bench: build failed: $(tail -3 "$out/gemm_build.txt")")
 fi

@@ -1,12 +1,13 @@
-// W1's decode products (Qwen3-0.6B, bf16) at the batch sizes of its run: the engine's
+// W1's decode products (Qwen3-0.6B, bf16; `gemm_bench w2`: Llama-3.1-8B's, for W2) at the
+// batch sizes of its run: the engine's
 // cuBLAS call (GemmEx, y = x·Wᵀ, float32 sums, default tensor-op algorithm) against every
 // algorithm cuBLASLt's heuristic offers for the same product (up to 16, split-K ones
 // included), each timed over graph replays of 28 launches that rotate through 28 weight
 // copies (one per layer, so L2 holds none), median of 15 replays.
 // Build (development machine): nvcc -O3 -arch=sm_90 -std=c++17 gemm_bench.cu -lcublasLt -lcublas -o gemm_bench
 // Prints per (product, rows): GemmEx µs, heuristic #0 µs, best µs (its index, split-K
-// count), the weights' read time at 4 TB/s; then per rows the sum over one step's 112
-// products (28 layers × qkv, o, gate_up, down) for GemmEx and for the best algorithms.
+// count), the weights' read time at 4 TB/s; then per rows the sum over one step's products
+// (layers × qkv, o, gate_up, down) for GemmEx and for the best algorithms.
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -15,6 +16,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #define CK(x)                                                                                 \
@@ -78,11 +80,16 @@ static float time_graph(cudaStream_t s, F launch) {
     return ts[ts.size() / 2] * 1e3f / LAYERS;
 }
 
-int main() {
+int main(int argc, char** argv) {
     struct Shape {
         const char* name;
         int inner, out;
-    } shapes[] = {{"qkv", 1024, 4096}, {"o", 2048, 1024}, {"gate_up", 1024, 6144}, {"down", 3072, 1024}};
+    };
+    const bool w2 = argc > 1 && std::string(argv[1]) == "w2";
+    const Shape w1_shapes[] = {{"qkv", 1024, 4096}, {"o", 2048, 1024}, {"gate_up", 1024, 6144}, {"down", 3072, 1024}};
+    const Shape w2_shapes[] = {{"qkv", 4096, 6144}, {"o", 4096, 4096}, {"gate_up", 4096, 28672}, {"down", 14336, 4096}};
+    const Shape* shapes = w2 ? w2_shapes : w1_shapes;
+    const int model_layers = w2 ? 32 : 28;
     const int rows_list[] = {8, 16, 32, 64, 96, 128, 192, 256};
     cudaStream_t s;
     CK(cudaStreamCreate(&s));
@@ -99,7 +106,8 @@ int main() {
     printf("%s, %d SMs; cuBLAS %d\n", prop.name, prop.multiProcessorCount, (int)cublasLtGetVersion());
     const int NR = sizeof(rows_list) / sizeof(rows_list[0]);
     std::vector<float> step_ex(NR, 0.f), step_best(NR, 0.f);
-    for (auto& sh : shapes) {
+    for (int si = 0; si < 4; si++) {
+        const Shape& sh = shapes[si];
         const long long wn = (long long)sh.inner * sh.out;
         std::vector<bf*> w(LAYERS);
         for (int l = 0; l < LAYERS; l++) {
@@ -159,8 +167,8 @@ int main() {
             const float floor_us = (float)(wn * 2) / 4e12f * 1e6f;
             printf("%-8s rows %3d: GemmEx %7.2f us, Lt #0 %7.2f us, best of %2d %7.2f us (#%d, split-K %d); weights at 4 TB/s %5.2f us\n",
                    sh.name, n, t_ex, t0, nres, best, best_i, best_split, floor_us);
-            step_ex[ri] += t_ex * LAYERS;
-            step_best[ri] += std::min(best, t_ex) * LAYERS;
+            step_ex[ri] += t_ex * model_layers;
+            step_best[ri] += std::min(best, t_ex) * model_layers;
             cublasLtMatmulPreferenceDestroy(pref);
             cublasLtMatrixLayoutDestroy(la);
             cublasLtMatrixLayoutDestroy(lb);
@@ -172,7 +180,7 @@ int main() {
         CK(cudaFree(y));
     }
     for (int ri = 0; ri < NR; ri++)
-        printf("gemm step rows %3d: 112 products GemmEx %7.1f us, best algorithms %7.1f us\n", rows_list[ri],
-               step_ex[ri], step_best[ri]);
+        printf("gemm step rows %3d (%s): %d products GemmEx %7.1f us, best algorithms %7.1f us\n", rows_list[ri],
+               w2 ? "w2" : "w1", 4 * model_layers, step_ex[ri], step_best[ri]);
     return 0;
 }
