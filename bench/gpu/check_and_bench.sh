@@ -89,6 +89,8 @@ while read -r l; do summary+=("$l"); done < "$work/hf_lines"
 fi
 
 config_of() { case $1 in w1) echo "$here/configs/qwen3-0.6b.json" ;; w2) echo "$here/configs/llama-3.1-8b.json" ;; w3) echo "$here/configs/qwen2.5-0.5b.json" ;; esac; }
+# KV-cache bytes per context token over all layers (K and V, bf16).
+kv_bytes_of() { case $1 in w1) echo $((28 * 8 * 128 * 4)) ;; w2) echo $((32 * 8 * 128 * 4)) ;; w3) echo $((24 * 2 * 64 * 4)) ;; esac; }
 ceiling_of() { case $1 in w1) echo "$w1_ceiling" ;; w3) echo "$w3_ceiling" ;; *) echo "" ;; esac; }
 # EAGER=1: each workload also with --enforce-eager true (no CUDA graphs), same machine.
 modes=("graphs")
@@ -117,6 +119,7 @@ for p in ${PARTS:-}; do modes+=("p$p"); done
 if [ "${MICRO_ATT:-0}" = 1 ] && [ -e "$bin/attention_bench" ]; then
   echo "== attention microbenchmark"
   timeout 120 "$bin/attention_bench" 2>&1 | tee "$out/attention_bench.txt"
+  while read -r l; do summary+=("$l"); done < <(grep -E "^prefill" "$out/attention_bench.txt")
 fi
 for w in $workloads; do
  for mode in "${modes[@]}"; do
@@ -135,13 +138,19 @@ for w in $workloads; do
   partition=${VLLM_ATT_PARTITION:-}; [[ "$mode" == p[0-9]* ]] && partition=${mode#p}
   small=${VLLM_DECODE_SMALL:-}; [ "$mode" = nosmall ] && small=0
   extra_env=${mode_env[$mode]:-}
-  env ${extra_env//,/ } VLLM_ATT_BATCH=$att_batch VLLM_ATT_PARTITION=$partition VLLM_DECODE_SMALL=$small \
+  # One line per step (runner.rs), summarised below: prompt steps apart, decode by rows.
+  env ${extra_env//,/ } VLLM_STEP_LOG="$out/$tag-steps.log" VLLM_ATT_BATCH=$att_batch VLLM_ATT_PARTITION=$partition VLLM_DECODE_SMALL=$small \
     VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
     --dtype "$dtype" --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$tag.json" "${extra[@]}" \
     2>&1 | tee "$out/$tag.txt"
   summary+=("$(grep -E "^$w median" "$out/$tag.txt" | sed "s/^$w/$tag/" || echo "$tag: FAILED (see $tag.txt)")")
   summary+=("  $(grep -E "^step timing" "$out/$tag.txt" | tail -1)")
   summary+=("  $(grep -E "^decode graphs|graph capture failed" "$out/$tag.txt" | tail -1)")
+  if [ -e "$out/$tag-steps.log" ]; then
+    python3 "$here/step_log_summary.py" "$out/$tag-steps.log" "$(kv_bytes_of "$w")" > "$out/$tag-steps.txt" 2>&1
+    while read -r l; do summary+=("  $l"); done < "$out/$tag-steps.txt"
+    rm -f "$out/$tag-steps.log"
+  fi
  done
 done
 

@@ -9,6 +9,7 @@
 // rel. L2 / max abs difference of its output to paged_attention_v2's.
 #include "../../../kernels/ops.cu"
 #include "../../../kernels/attention_batch.cu"
+#include "../../../kernels/attention_prefill.cu"
 
 #include <cuda_runtime.h>
 
@@ -228,6 +229,175 @@ static void run_case(int lo, int hi, unsigned seed) {
     CK(cudaFree(s.tables));
 }
 
+
+// A prefill step like W1's first chunks: `nseq` sequences, each with `qlen[i]` new tokens at
+// the end of a context of `ctx[i]` positions (qlen 1: a decode row mixed in); the whole
+// batch's attention by attention_prefill against attention_batch without splits (the
+// reference) and with W1's partition 128 (what the engine ran before).
+static void run_prefill_case(const char* label, const std::vector<int>& ctx, const std::vector<int>& qlen, int window,
+                             unsigned seed) {
+    std::mt19937 rng(seed);
+    const int nseq = (int)ctx.size();
+    const int G = NH / KVH, tpb = AP_WARPS * (16 / G);
+    const int max_blocks = MAX_LEN / BS;
+    int total_blocks = 0, n = 0;
+    for (int i = 0; i < nseq; i++) {
+        total_blocks += (ctx[i] + BS - 1) / BS;
+        n += qlen[i];
+    }
+    std::vector<uint32_t> perm(total_blocks);
+    std::iota(perm.begin(), perm.end(), 0u);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<uint32_t> tables((size_t)nseq * max_blocks, 0), pos, seq, tiles;
+    int next = 0;
+    double pairs = 0;
+    for (int i = 0; i < nseq; i++) {
+        for (int b = 0; b < (ctx[i] + BS - 1) / BS; b++) tables[(size_t)i * max_blocks + b] = perm[next++];
+        const int first_tok = (int)pos.size();
+        for (int j = 0; j < qlen[i]; j++) {
+            const int p = ctx[i] - qlen[i] + j;
+            pos.push_back(p);
+            seq.push_back(i);
+            pairs += window > 0 ? std::min(p + 1, window) : p + 1;
+        }
+        for (int j = 0; j < qlen[i]; j += tpb) {
+            tiles.push_back(first_tok + j);
+            tiles.push_back(std::min(tpb, qlen[i] - j));
+        }
+    }
+    const int ntiles = (int)tiles.size() / 2;
+    const long long cache = (long long)total_blocks * BS * KVH * HD;
+    uint32_t *d_pos, *d_seq, *d_tables, *d_tiles;
+    CK(cudaMalloc(&d_pos, n * 4));
+    CK(cudaMalloc(&d_seq, n * 4));
+    CK(cudaMalloc(&d_tables, tables.size() * 4));
+    CK(cudaMalloc(&d_tiles, tiles.size() * 4));
+    CK(cudaMemcpy(d_pos, pos.data(), n * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_seq, seq.data(), n * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_tables, tables.data(), tables.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_tiles, tiles.data(), tiles.size() * 4, cudaMemcpyHostToDevice));
+    bf *q, *k, *v, *out;
+    CK(cudaMalloc(&q, (size_t)n * NH * HD * sizeof(bf)));
+    CK(cudaMalloc(&k, cache * sizeof(bf)));
+    CK(cudaMalloc(&v, cache * sizeof(bf)));
+    CK(cudaMalloc(&out, (size_t)n * NH * HD * sizeof(bf)));
+    fill<<<1024, 256>>>(q, (long long)n * NH * HD, seed * 7 + 1, 1.f);
+    fill<<<4096, 256>>>(k, cache, seed * 13, 2.f);
+    fill<<<4096, 256>>>(v, cache, seed * 17, 1.f);
+    const int P = 128, splits = MAX_LEN / P;
+    float *acc, *ml;
+    unsigned int* counts;
+    CK(cudaMalloc(&acc, (size_t)n * NH * splits * HD * 4));
+    CK(cudaMalloc(&ml, (size_t)n * NH * splits * 2 * 4));
+    CK(cudaMalloc(&counts, (size_t)n * KVH * 4));
+    CK(cudaMemset(counts, 0, (size_t)n * KVH * 4));
+    const float scale = 1.f / sqrtf((float)HD);
+    const int warps = std::min(KVH, AB_MAX_WARPS);
+    auto batch = [&](int part) {
+        const int sp = (MAX_LEN + part - 1) / part;
+        attention_batch_g2_bf16<<<dim3(n, (KVH + warps - 1) / warps, sp), warps * 32, (part / BS + 2) * 4>>>(
+            out, acc, ml, q, k, v, d_pos, d_seq, d_tables, max_blocks, BS, NH, KVH, HD, scale, window, part, sp, counts);
+    };
+    auto prefill = [&]() {
+        attention_prefill_d128_bf16<<<dim3(ntiles, KVH), AP_WARPS * 32>>>(out, q, k, v, d_pos, d_seq, d_tables,
+                                                                         max_blocks, BS, NH, KVH, scale, window,
+                                                                         d_tiles);
+    };
+    std::vector<bf> ref((size_t)n * NH * HD), got(ref.size());
+    batch(MAX_LEN);
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(ref.data(), out, ref.size() * sizeof(bf), cudaMemcpyDeviceToHost));
+    CK(cudaMemset(out, 0xff, ref.size() * sizeof(bf)));  // NaN: every element must be written
+    prefill();
+    CK(cudaGetLastError());
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(got.data(), out, got.size() * sizeof(bf), cudaMemcpyDeviceToHost));
+    double max_abs = 0;
+    const double err = rel_l2(got, ref, &max_abs);
+    auto time = [&](auto&& f) {
+        cudaEvent_t a, b;
+        CK(cudaEventCreate(&a));
+        CK(cudaEventCreate(&b));
+        std::vector<float> ts;
+        for (int it = 0; it < 11; it++) {
+            CK(cudaEventRecord(a));
+            f();
+            CK(cudaEventRecord(b));
+            CK(cudaEventSynchronize(b));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, a, b));
+            ts.push_back(ms);
+        }
+        CK(cudaGetLastError());
+        std::sort(ts.begin(), ts.end());
+        return ts[ts.size() / 2] * 1e3f;
+    };
+    const float t_batch = time([&] { batch(P); });
+    const float t_prefill = time(prefill);
+    const double flops = pairs * NH * HD * 4.0;
+    printf("prefill %-34s %5d tokens %4d tiles window %4d: attention_batch P%d %8.1f us, attention_prefill %7.1f us "
+           "(%.0f TFLOP/s)  rel.L2 %.2e  max|d| %.2e %s\n",
+           label, n, ntiles, window, P, t_batch, t_prefill, flops / (t_prefill * 1e-6) / 1e12, err, max_abs,
+           err < 2e-2 && err == err ? "OK" : "FAIL");
+    CK(cudaFree(acc));
+    CK(cudaFree(ml));
+    CK(cudaFree(counts));
+    CK(cudaFree(q));
+    CK(cudaFree(k));
+    CK(cudaFree(v));
+    CK(cudaFree(out));
+    CK(cudaFree(d_pos));
+    CK(cudaFree(d_seq));
+    CK(cudaFree(d_tables));
+    CK(cudaFree(d_tiles));
+}
+
+static void prefill_cases() {
+    std::mt19937 rng(5);
+    // W1's first chunk: whole prompts of 100..1024 tokens up to 8,192 tokens.
+    std::vector<int> ctx, qlen;
+    int n = 0;
+    while (n < 8192) {
+        int c = 100 + (int)(rng() % 925u);
+        c = std::min(c, 8192 - n);
+        ctx.push_back(c);
+        qlen.push_back(c);
+        n += c;
+    }
+    run_prefill_case("whole prompts (W1 chunk)", ctx, qlen, 0, 11);
+    // A later chunk: 128 decode rows of contexts 100..1100, one prompt's tail (its first
+    // 300 positions cached by an earlier chunk), then whole prompts.
+    ctx.clear();
+    qlen.clear();
+    n = 0;
+    for (int i = 0; i < 128; i++) {
+        ctx.push_back(100 + (int)(rng() % 1000u));
+        qlen.push_back(1);
+        n++;
+    }
+    ctx.push_back(900);
+    qlen.push_back(600);
+    n += 600;
+    while (n < 8192) {
+        int c = 100 + (int)(rng() % 925u);
+        c = std::min(c, 8192 - n);
+        ctx.push_back(c);
+        qlen.push_back(c);
+        n += c;
+    }
+    run_prefill_case("mixed: 128 decode rows + chunks", ctx, qlen, 0, 12);
+    run_prefill_case("mixed, sliding window 300", ctx, qlen, 300, 13);
+    // Short odd tiles: prompts of 1..40 tokens.
+    ctx.clear();
+    qlen.clear();
+    for (int i = 0; i < 64; i++) {
+        const int c = 1 + (int)(rng() % 40u);
+        ctx.push_back(c + 7);
+        qlen.push_back(c);
+    }
+    run_prefill_case("short chunks 1..40 after 7 cached", ctx, qlen, 0, 14);
+}
+
 int main() {
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
@@ -269,6 +439,8 @@ int main() {
         CK(cudaFree(a));
         CK(cudaFree(b));
     }
+    prefill_cases();
+    if (getenv("PREFILL_ONLY")) return 0;
     run_case(100, 1100, 1);  // W1's mid-run mix (mean ~600, ~590 MB per layer)
     run_case(100, 2048, 2);  // longer contexts
     run_case(100, 300, 3);   // short

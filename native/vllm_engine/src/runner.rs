@@ -43,6 +43,10 @@ struct StepTiming {
     /// Between one step's end and the next one's start: scheduling, sampling, outputs.
     outside_s: f64,
     last_end: Option<std::time::Instant>,
+    /// `VLLM_STEP_LOG=path` (with VLLM_STEP_TIMING): one line per step, written to `path`
+    /// when the runner drops: tokens, sequences, decode rows (one query token), longest
+    /// context, sum of contexts, forward ms (issue + device wait), ms outside the runner.
+    log: Option<(std::path::PathBuf, Vec<String>)>,
 }
 
 impl Drop for ModelRunner {
@@ -57,6 +61,15 @@ impl Drop for ModelRunner {
                 per(t.fetch_s),
                 per(t.outside_s)
             );
+            if let Some((path, lines)) = &t.log {
+                let text = format!(
+                    "# tokens seqs decode_rows max_ctx sum_ctx forward_ms outside_ms\n{}\n",
+                    lines.join("\n")
+                );
+                if let Err(e) = std::fs::write(path, text) {
+                    eprintln!("VLLM_STEP_LOG: cannot write {}: {e}", path.display());
+                }
+            }
         }
     }
 }
@@ -91,7 +104,10 @@ impl ModelRunner {
     /// Allocates the model's KV cache (on its device) of `num_blocks` blocks.
     pub fn new(model: Box<dyn CausalLM>, num_blocks: usize, block_size: usize) -> Result<Self> {
         let kv = model.new_kv_cache(num_blocks, block_size)?;
-        let timing = std::env::var_os("VLLM_STEP_TIMING").map(|_| StepTiming::default());
+        let timing = std::env::var_os("VLLM_STEP_TIMING").map(|_| StepTiming {
+            log: std::env::var_os("VLLM_STEP_LOG").map(|p| (p.into(), Vec::new())),
+            ..StepTiming::default()
+        });
         Ok(ModelRunner {
             model,
             kv,
@@ -309,10 +325,21 @@ impl ModelRunner {
             t.tokens += batch.token_ids.len() as u64;
             t.forward_s += (issued - started).as_secs_f64();
             t.fetch_s += (end - issued).as_secs_f64();
-            if let Some(last) = t.last_end {
-                t.outside_s += (started - last).as_secs_f64();
-            }
+            let outside = t.last_end.map_or(0.0, |last| (started - last).as_secs_f64());
+            t.outside_s += outside;
             t.last_end = Some(end);
+            if let Some((_, lines)) = &mut t.log {
+                let decode_rows = batch.seqs.iter().filter(|s| s.query_len == 1).count();
+                let max_ctx = batch.seqs.iter().map(|s| s.context_len).max().unwrap_or(0);
+                let sum_ctx: usize = batch.seqs.iter().map(|s| s.context_len).sum();
+                lines.push(format!(
+                    "{} {} {decode_rows} {max_ctx} {sum_ctx} {:.4} {:.4}",
+                    batch.token_ids.len(),
+                    batch.seqs.len(),
+                    (end - started).as_secs_f64() * 1e3,
+                    outside * 1e3
+                ));
+            }
         }
         result
     }

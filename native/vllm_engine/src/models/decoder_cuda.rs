@@ -490,12 +490,18 @@ impl CudaDecoderLM {
             return Err(EngineError::internal("forward batch: a token belongs to no seq"));
         }
         let num_rows = rows.len();
-        let mut host = Vec::with_capacity(3 * n + num_rows + tables.len());
+        // Steps with prefill chunks: attention_prefill's tiles, when it serves the model.
+        let tiles = match self.kernels.prefill_tile_tokens(&self.dims, self.dtype) {
+            Some(per_tile) if batch.seqs.iter().any(|s| s.query_len > 1) => batch.query_tiles(per_tile),
+            _ => Vec::new(),
+        };
+        let mut host = Vec::with_capacity(3 * n + num_rows + tables.len() + tiles.len());
         host.extend_from_slice(&batch.token_ids);
         host.extend(batch.positions.iter().map(|&p| p as u32));
         host.extend_from_slice(&token_seq);
         host.extend_from_slice(&rows);
         host.extend_from_slice(&tables);
+        host.extend_from_slice(&tiles);
         let len = host.len();
         let all = Tensor::from_vec(host, len, &self.device)?;
         let ids = all.narrow(0, 0, n)?;
@@ -508,6 +514,11 @@ impl CudaDecoderLM {
             max_blocks,
             block_size: kv.block_size,
             max_context,
+            prefill_tiles: if tiles.is_empty() {
+                None
+            } else {
+                Some((all.narrow(0, len - tiles.len(), tiles.len())?, tiles.len() / 2))
+            },
         };
         Ok((ids, rows, meta, num_rows))
     }

@@ -58,6 +58,26 @@ pub struct ForwardBatch {
     pub seqs: Vec<SeqSlice>,
 }
 
+impl ForwardBatch {
+    /// Each sequence's new tokens cut into runs of at most `per_tile` (the CUDA prefill
+    /// attention's tiles: a tile never spans two sequences), as u32 pairs (first token,
+    /// token count).
+    pub fn query_tiles(&self, per_tile: usize) -> Vec<u32> {
+        let per_tile = per_tile.max(1);
+        let mut out = Vec::new();
+        for seq in &self.seqs {
+            let mut first = 0;
+            while first < seq.query_len {
+                let count = per_tile.min(seq.query_len - first);
+                out.push((seq.query_start + first) as u32);
+                out.push(count as u32);
+                first += count;
+            }
+        }
+        out
+    }
+}
+
 /// What a model needs to capture its decode steps (CUDA graphs) at start-up.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DecodeCaptureLimits {
@@ -162,3 +182,32 @@ pub use bert::BertModel;
 pub use decoder::DecoderLM;
 pub use encoder::{EncoderBatch, EncoderConfig, EncoderModel, PoolingType, Runner};
 pub use opt::OptLM;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(query_start: usize, query_len: usize) -> SeqSlice {
+        SeqSlice {
+            query_start,
+            query_len,
+            context_len: query_len,
+            ..SeqSlice::default()
+        }
+    }
+
+    #[test]
+    fn query_tiles_cut_each_sequence_into_runs_of_at_most_per_tile() {
+        // A decode row, a 70-token chunk, a 32-token chunk, a sequence with no new token.
+        let batch = ForwardBatch {
+            seqs: vec![seq(0, 1), seq(1, 70), seq(71, 32), seq(103, 0)],
+            ..ForwardBatch::default()
+        };
+        assert_eq!(batch.query_tiles(32), vec![0, 1, 1, 32, 33, 32, 65, 6, 71, 32]);
+        // Every token in exactly one tile, in order.
+        let tiles = batch.query_tiles(7);
+        let covered: Vec<u32> = tiles.chunks(2).flat_map(|t| t[0]..t[0] + t[1]).collect();
+        assert_eq!(covered, (0..103).collect::<Vec<u32>>());
+        assert!(tiles.chunks(2).all(|t| t[1] >= 1 && t[1] <= 7));
+    }
+}

@@ -3,6 +3,7 @@
 //! Matrix products stay candle's (cuBLAS).
 
 pub mod attention_batch;
+pub mod attention_prefill;
 pub mod blas;
 pub mod decode_small;
 pub mod graphs;
@@ -60,6 +61,8 @@ pub struct Kernels {
     _batch_module: Arc<CudaModule>,
     /// kernels/decode_small.cu (small-batch decode attention), when it loads.
     _small_module: Option<Arc<CudaModule>>,
+    /// kernels/attention_prefill.cu (prefill chunks on the tensor cores), when it loads.
+    prefill_module: Option<Arc<CudaModule>>,
     functions: HashMap<String, CudaFunction>,
     /// `VLLM_ATTENTION_V1=1`: the first attention kernel (thread per key), to compare.
     pub attention_v1: bool,
@@ -165,6 +168,7 @@ impl Kernels {
             }
         }
         let small_module = decode_small::load_into(&context, &mut functions);
+        let prefill_module = attention_prefill::load_into(&context, &mut functions);
         let v2_loaded = ["f32", "bf16", "f16"]
             .iter()
             .all(|s| functions.contains_key(&format!("paged_attention_v2_{s}")));
@@ -174,6 +178,7 @@ impl Kernels {
             _batch_module: batch_module,
             decode_small: small_module.is_some() && std::env::var_os("VLLM_DECODE_SMALL").is_none_or(|v| v != "0"),
             _small_module: small_module,
+            prefill_module,
             pdl: std::env::var_os("VLLM_PDL").is_none_or(|v| v != "0"),
             gemv_depth: std::env::var("VLLM_GEMV_DEPTH")
                 .ok()
@@ -208,6 +213,12 @@ impl Kernels {
     /// `function` when that kernel is loaded (optional kernels may be absent).
     fn try_function(&self, name: &str, dtype: DType) -> Option<&CudaFunction> {
         self.function(name, dtype).ok()
+    }
+
+    /// Query tokens per attention_prefill tile for this geometry; None when steps with
+    /// prefill chunks keep the per-token kernels (see attention_prefill::tokens_per_tile).
+    pub fn prefill_tile_tokens(&self, dims: &ops::AttentionDims, dtype: DType) -> Option<usize> {
+        attention_prefill::tokens_per_tile(self.prefill_module.is_some(), dims, dtype)
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {

@@ -5,7 +5,7 @@ use candle_core::cuda_backend::cudarc::driver::{LaunchArgs, LaunchConfig, PushKe
 use candle_core::{DType, Tensor};
 
 use super::blas::Blas;
-use super::{attention_batch, device_ptr, optional_ptr, Kernels};
+use super::{attention_batch, attention_prefill, device_ptr, optional_ptr, Kernels};
 use crate::error::{EngineError, Result};
 
 /// Threads per block of the row-wise kernels.
@@ -40,6 +40,9 @@ pub struct StepMeta {
     pub block_size: usize,
     /// The longest context any token attends over (for splitting).
     pub max_context: usize,
+    /// Steps with prefill chunks, when attention_prefill serves the model: its tiles (u32
+    /// pairs: first token, token count) and how many.
+    pub prefill_tiles: Option<(Tensor, usize)>,
 }
 
 /// The attention geometry of a model.
@@ -378,6 +381,21 @@ pub fn paged_attention(
     let n = meta.num_tokens;
     let out = empty((n, dims.num_heads * dims.head_dim), q.dtype(), q)?;
     if n == 0 {
+        return Ok(out);
+    }
+    if let Some((tiles, num_tiles)) = &meta.prefill_tiles {
+        attention_prefill::launch(
+            k,
+            q.dtype(),
+            device_ptr(&out)?,
+            device_ptr(q)?,
+            device_ptr(k_cache)?,
+            device_ptr(v_cache)?,
+            &meta.ptrs()?,
+            device_ptr(tiles)?,
+            *num_tiles,
+            dims,
+        )?;
         return Ok(out);
     }
     let (splits, partition) = match attention_batch::partition_for(n, dims, q.dtype()) {
