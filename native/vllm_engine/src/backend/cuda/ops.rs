@@ -1,7 +1,7 @@
 //! Launchers of the kernels in kernels/ops.cu. Each checks what it can about its operands,
 //! allocates its output on the stream's pool and launches on candle's stream.
 
-use candle_core::cuda_backend::cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 use candle_core::{DType, Tensor};
 
 use super::blas::Blas;
@@ -689,6 +689,90 @@ pub fn launch_gemv(
     launch_gemv_fused(k, dtype, y, x, w, 0, 0.0, n, out, inner, GemvEpilogue::Store)
 }
 
+/// Byte ranges one gemv_fused launch asks the L2 to fetch for later kernels (GemvPrefetch
+/// in ops.cu: same layout).
+pub const GEMV_PF_REGIONS: usize = 3;
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GemvPrefetch {
+    ptr: [u64; GEMV_PF_REGIONS],
+    bytes: [u64; GEMV_PF_REGIONS],
+    /// GEMV_PF_NONE (0), GEMV_PF_BEFORE (1: before pdl_wait), GEMV_PF_AFTER (2)
+    when: i32,
+    /// 0: bulk prefetches of 4 KB; 1: one prefetch per 128-byte line
+    lines: i32,
+}
+
+// SAFETY: plain integers, laid out as ops.cu's GemvPrefetch (passed by value).
+unsafe impl DeviceRepr for GemvPrefetch {}
+
+impl GemvPrefetch {
+    /// No prefetch.
+    pub const NONE: GemvPrefetch = GemvPrefetch {
+        ptr: [0; GEMV_PF_REGIONS],
+        bytes: [0; GEMV_PF_REGIONS],
+        when: 0,
+        lines: 0,
+    };
+
+    /// `regions` (address, bytes; at most GEMV_PF_REGIONS, empty ones skipped) issued the
+    /// way `plan` says; NONE for `L2Prefetch::Off`.
+    pub fn new(plan: L2Prefetch, regions: &[(u64, usize)]) -> Result<Self> {
+        let regions: Vec<_> = regions.iter().filter(|r| r.0 != 0 && r.1 >= 16).collect();
+        if plan == L2Prefetch::Off || regions.is_empty() {
+            return Ok(Self::NONE);
+        }
+        if regions.len() > GEMV_PF_REGIONS {
+            return Err(EngineError::internal(format!(
+                "gemv: {} prefetch regions (at most {GEMV_PF_REGIONS})",
+                regions.len()
+            )));
+        }
+        let mut pf = GemvPrefetch {
+            when: if plan == L2Prefetch::Before { 1 } else { 2 },
+            lines: i32::from(plan == L2Prefetch::Lines),
+            ..Self::NONE
+        };
+        for (i, &&(ptr, bytes)) in regions.iter().enumerate() {
+            pf.ptr[i] = ptr;
+            // The bulk prefetch takes multiples of 16 bytes.
+            pf.bytes[i] = (bytes as u64) & !15;
+        }
+        Ok(pf)
+    }
+}
+
+/// Where the captured 1-row decode asks the L2 for weights ahead of their products
+/// (`VLLM_L2_PREFETCH`; issue 7): the DRAM is otherwise idle during the attention and
+/// each product's latency-bound start and end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L2Prefetch {
+    /// `off` / `0`: no prefetch.
+    Off,
+    /// `after` (default): the qkv product, once its input is ready (after pdl_wait), asks for
+    /// the layer's o_proj, gate_up and down weights; gate_up asks for the next layer's qkv.
+    After,
+    /// `before`: as After, issued before pdl_wait (overlapping the previous kernel).
+    Before,
+    /// `lines`: as After, one prefetch.global.L2 per 128-byte line instead of bulk copies.
+    Lines,
+    /// `split`: the qkv product asks for o_proj and gate_up, o_proj for down (less in the L2
+    /// at once), gate_up for the next layer's qkv.
+    Split,
+}
+
+impl L2Prefetch {
+    pub fn from_env() -> Self {
+        match std::env::var("VLLM_L2_PREFETCH").as_deref() {
+            Ok("0") | Ok("off") => L2Prefetch::Off,
+            Ok("before") => L2Prefetch::Before,
+            Ok("lines") => L2Prefetch::Lines,
+            Ok("split") => L2Prefetch::Split,
+            _ => L2Prefetch::After,
+        }
+    }
+}
+
 /// `gemv_fused` on raw addresses: y = epilogue(x' · wᵀ), x' = RMSNorm(x) * norm (eps)
 /// when `norm` is not 0, else x. For SiluMul, `out` is the width of y (half of w's rows).
 #[allow(clippy::too_many_arguments)]
@@ -704,6 +788,27 @@ pub fn launch_gemv_fused(
     out: usize,
     inner: usize,
     epilogue: GemvEpilogue,
+) -> Result<()> {
+    let none = GemvPrefetch::NONE;
+    launch_gemv_prefetching(k, dtype, y, x, w, norm, eps, n, out, inner, epilogue, &none)
+}
+
+/// `launch_gemv_fused` that also asks the L2 for `pf`'s ranges (a hint: results do not
+/// change).
+#[allow(clippy::too_many_arguments)]
+pub fn launch_gemv_prefetching(
+    k: &Kernels,
+    dtype: DType,
+    y: u64,
+    x: u64,
+    w: u64,
+    norm: u64,
+    eps: f32,
+    n: usize,
+    out: usize,
+    inner: usize,
+    epilogue: GemvEpilogue,
+    pf: &GemvPrefetch,
 ) -> Result<()> {
     if n == 0 || n > GEMV_MAX_ROWS {
         return Err(EngineError::internal(format!("gemv: {n} rows (1 to {GEMV_MAX_ROWS})")));
@@ -732,7 +837,7 @@ pub fn launch_gemv_fused(
         ]
         .into_iter()
         .chain(ints.iter().map(super::pdl::arg))
-        .chain([super::pdl::arg(&eps), super::pdl::arg(&depth)])
+        .chain([super::pdl::arg(&eps), super::pdl::arg(&depth), super::pdl::arg(pf)])
         .collect::<Vec<_>>();
         // SAFETY: the parameters are gemv_fused's, in order; it waits (pdl_wait) before
         // reading x or writing y.
@@ -743,7 +848,7 @@ pub fn launch_gemv_fused(
     for i in &ints {
         b.arg(i);
     }
-    b.arg(&eps).arg(&depth);
+    b.arg(&eps).arg(&depth).arg(pf);
     unsafe { b.launch(cfg) }.map_err(|e| launch_err("gemv_fused", e))?;
     Ok(())
 }
