@@ -593,7 +593,7 @@ __device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
 #define GEMV_LOADS 4
 #define GEMV_PASS_CHUNKS (32 * GEMV_LOADS)
 // Items (GEMV_LOADS loads each) a warp of gemv_fused keeps in flight.
-#define GEMV_DEPTH 4
+#define GEMV_DEPTH 5
 // Epilogues of gemv_fused.
 #define GEMV_STORE 0
 #define GEMV_ADD 1

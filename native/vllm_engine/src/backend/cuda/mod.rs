@@ -71,6 +71,9 @@ pub struct Kernels {
     /// Captured decode steps of up to decode_small::MAX_ROWS rows fuse qkv_prepare into
     /// one attention block per (sequence, KV head); `VLLM_DECODE_SMALL=0` turns it off.
     pub decode_small: bool,
+    /// decode_attention_small requests the qkv bias and the rotary rows before pdl_wait
+    /// (`VLLM_DS_EARLY=0`: after it, to compare).
+    pub ds_early: bool,
     /// gemv_fused and decode_attention_small launch with programmatic stream
     /// serialization (pdl.rs): each may start while the previous kernel finishes.
     /// `VLLM_PDL=0` launches them normally.
@@ -178,6 +181,7 @@ impl Kernels {
             decode_small: small_module.is_some() && std::env::var_os("VLLM_DECODE_SMALL").is_none_or(|v| v != "0"),
             _small_module: small_module,
             pdl: std::env::var_os("VLLM_PDL").is_none_or(|v| v != "0"),
+            ds_early: std::env::var_os("VLLM_DS_EARLY").is_none_or(|v| v != "0"),
             gemv_depth: std::env::var("VLLM_GEMV_DEPTH")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())

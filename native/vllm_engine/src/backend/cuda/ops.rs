@@ -575,7 +575,7 @@ pub fn launch_paged_attention(
 }
 
 /// Items each warp of `gemv_fused` keeps in flight at most (GEMV_DEPTH in ops.cu).
-pub const GEMV_DEPTH: usize = 4;
+pub const GEMV_DEPTH: usize = 5;
 /// Rows a `gemv_fused` launch takes at most (its largest instantiation).
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Must match GEMV_THREADS and GEMV_PASS_CHUNKS in ops.cu.
@@ -747,9 +747,9 @@ impl GemvPrefetch {
 /// each product's latency-bound start and end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum L2Prefetch {
-    /// `off` / `0`: no prefetch.
+    /// `off` / `0` (default): no prefetch.
     Off,
-    /// `after` (default): the qkv product, once its input is ready (after pdl_wait), asks for
+    /// `after`: the qkv product, once its input is ready (after pdl_wait), asks for
     /// the layer's o_proj, gate_up and down weights; gate_up asks for the next layer's qkv.
     After,
     /// `before`: as After, issued before pdl_wait (overlapping the previous kernel).
@@ -768,7 +768,9 @@ impl L2Prefetch {
             Ok("before") => L2Prefetch::Before,
             Ok("lines") => L2Prefetch::Lines,
             Ok("split") => L2Prefetch::Split,
-            _ => L2Prefetch::After,
+            Ok("after") => L2Prefetch::After,
+            // Off by default: every form measured slower (RESULTS.md, session 5 change 1).
+            _ => L2Prefetch::Off,
         }
     }
 }
