@@ -1075,6 +1075,35 @@ mod tests {
         );
         assert_eq!(gemv_instance(3), 4);
         assert_eq!(gemv_instance(8), 8);
+        // Depth 5: every item of W3's gate_up block (19 rows × gate, up) is requested
+        // before the prologue.
+        let (rows, passes, _, _) =
+            gemv_geometry(DType::BF16, 1, 4864, 896, GemvEpilogue::SiluMul, GemvLimits::default());
+        assert!(rows * 2 * passes <= GEMV_WARPS * GEMV_DEPTH);
+    }
+
+    #[test]
+    fn gemv_prefetch_packs_regions_in_order_and_rounds_to_16_bytes() {
+        let regions = [(0x1000, 4096), (0, 64), (0x9000, 1000), (0x20000, 8)];
+        assert_eq!(
+            GemvPrefetch::new(L2Prefetch::Off, &regions).unwrap(),
+            GemvPrefetch::NONE
+        );
+        assert_eq!(GemvPrefetch::new(L2Prefetch::After, &[]).unwrap(), GemvPrefetch::NONE);
+        // Null and sub-16-byte ranges are skipped; the rest keep their order.
+        let pf = GemvPrefetch::new(L2Prefetch::After, &regions).unwrap();
+        assert_eq!(pf.ptr, [0x1000, 0x9000, 0]);
+        assert_eq!(pf.bytes, [4096, 992, 0]);
+        assert_eq!((pf.when, pf.lines), (2, 0));
+        let before = GemvPrefetch::new(L2Prefetch::Before, &regions).unwrap();
+        assert_eq!((before.when, before.lines), (1, 0));
+        let lines = GemvPrefetch::new(L2Prefetch::Lines, &regions).unwrap();
+        assert_eq!((lines.when, lines.lines), (2, 1));
+        // The kernel takes GEMV_PF_REGIONS ranges at most.
+        let many = [(0x1000, 16), (0x2000, 16), (0x3000, 16), (0x4000, 16)];
+        assert!(GemvPrefetch::new(L2Prefetch::After, &many).is_err());
+        // Laid out as ops.cu's struct: 3 pointers, 3 sizes, 2 ints.
+        assert_eq!(std::mem::size_of::<GemvPrefetch>(), 56);
     }
 
     #[test]
