@@ -31,6 +31,10 @@
 #define DS_CLUSTER 8
 // Key and value rows each thread requests before using the first.
 #define DS_PREFETCH 4
+// Bias values and rotary (cos, sin) pairs each thread requests before pdl_wait (they do not
+// depend on the previous kernel); the rest, if any, are read after it.
+#define DS_EARLY_BIAS 3
+#define DS_EARLY_ROT 2
 
 namespace cg = cooperative_groups;
 
@@ -49,7 +53,7 @@ __device__ void decode_attention_small(T* out, const T* qkv, const T* bias, cons
                                        const float* cos_table, const float* sin_table, const uint32_t* positions,
                                        const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,
                                        int block_size, T* k_cache, T* v_cache, int num_heads, int num_kv_heads,
-                                       int head_dim, float scale, int window, float eps) {
+                                       int head_dim, float scale, int window, float eps, int early) {
     constexpr int VEC = 16 / sizeof(T);
     constexpr float LOG2E = 1.4426950408889634f;
     extern __shared__ uint4 ds_smem[];
@@ -94,20 +98,53 @@ __device__ void decode_attention_small(T* out, const T* qkv, const T* bias, cons
             }
         }
     };
+    // This KV head's columns of the qkv row: G query heads, its key, its value.
+    const int pro = (G + 2) * hd;
+    auto column = [&](int i) {
+        const int part = i / hd, d = i % hd;
+        return part < G ? (kv_head * G + part) * hd + d
+                        : (part == G ? (num_heads + kv_head) * hd + d : (num_heads + num_kv_heads + kv_head) * hd + d);
+    };
+    const int half = hd / 2;
+    const int rot = (G + 1) * half;
+    // The bias and this position's rotary rows: requested before pdl_wait when `early`
+    // (so their latency hides under the previous kernel), after it otherwise (to compare).
+    float bias_early[DS_EARLY_BIAS], cos_early[DS_EARLY_ROT], sin_early[DS_EARLY_ROT];
+    auto fetch_early = [&]() {
+#pragma unroll
+        for (int k = 0; k < DS_EARLY_BIAS; k++) {
+            const int i = threadIdx.x + k * DS_THREADS;
+            bias_early[k] = (bias && i < pro) ? to_f(bias[column(i)]) : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < DS_EARLY_ROT; k++) {
+            const int i = threadIdx.x + k * DS_THREADS;
+            const long long at = (long long)pos * half + i % half;
+            cos_early[k] = i < rot ? cos_table[at] : 0.f;
+            sin_early[k] = i < rot ? sin_table[at] : 0.f;
+        }
+    };
+    if (early) fetch_early();
     request(first);
     // The cache rows above were written by earlier steps; the qkv row is the previous
     // kernel's output (programmatic dependent launch, pdl.cuh).
     pdl_launch_dependents();
     pdl_wait();
+    if (!early) fetch_early();
 
-    // Prologue: this KV head's slice of the qkv row (bias added in float32).
+    // Prologue: the qkv slice (bias added in float32).
     const int width = (num_heads + 2 * num_kv_heads) * hd;
     const T* src = qkv + (long long)t * width;
-    for (int i = threadIdx.x; i < (G + 2) * hd; i += blockDim.x) {
-        const int part = i / hd, d = i % hd;
-        const int col = part < G ? (kv_head * G + part) * hd + d
-                                 : (part == G ? (num_heads + kv_head) * hd + d
-                                              : (num_heads + num_kv_heads + kv_head) * hd + d);
+#pragma unroll
+    for (int k = 0; k < DS_EARLY_BIAS; k++) {
+        const int i = threadIdx.x + k * DS_THREADS;
+        if (i < pro) {
+            const float v = to_f(src[column(i)]);
+            scratch[i] = bias ? v + bias_early[k] : v;
+        }
+    }
+    for (int i = threadIdx.x + DS_EARLY_BIAS * DS_THREADS; i < pro; i += DS_THREADS) {
+        const int col = column(i);
         float v = to_f(src[col]);
         if (bias) v += to_f(bias[col]);
         scratch[i] = v;
@@ -126,12 +163,9 @@ __device__ void decode_attention_small(T* out, const T* qkv, const T* bias, cons
     }
     const bool writer = rank == 0;
     const long long kv_base = ds_slot(block_tables, seq, max_blocks, block_size, pos) * kv_stride + (long long)kv_head * hd;
-    const int half = hd / 2;
     const float qscale = scale * LOG2E;
-    for (int i = threadIdx.x; i < (G + 1) * half; i += blockDim.x) {
+    auto rotate = [&](int i, float c, float s) {
         const int h = i / half, j = i % half;
-        const float c = cos_table[(long long)pos * half + j];
-        const float s = sin_table[(long long)pos * half + j];
         const float a = scratch[h * hd + j], b = scratch[h * hd + j + half];
         const T ra = from_f<T>(a * c - b * s);
         const T rb = from_f<T>(b * c + a * s);
@@ -146,6 +180,15 @@ __device__ void decode_attention_small(T* out, const T* qkv, const T* bias, cons
                 k_cache[kv_base + j + half] = rb;
             }
         }
+    };
+#pragma unroll
+    for (int k = 0; k < DS_EARLY_ROT; k++) {
+        const int i = threadIdx.x + k * DS_THREADS;
+        if (i < rot) rotate(i, cos_early[k], sin_early[k]);
+    }
+    for (int i = threadIdx.x + DS_EARLY_ROT * DS_THREADS; i < rot; i += DS_THREADS) {
+        const long long at = (long long)pos * half + i % half;
+        rotate(i, cos_table[at], sin_table[at]);
     }
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         const T v = from_f<T>(scratch[(G + 1) * hd + d]);
@@ -322,10 +365,10 @@ __device__ void decode_attention_small(T* out, const T* qkv, const T* bias, cons
             T* out, const T* qkv, const T* bias, const T* q_norm, const T* k_norm, const float* cos_table,             \
             const float* sin_table, const uint32_t* positions, const uint32_t* token_seq,                              \
             const uint32_t* block_tables, int max_blocks, int block_size, T* k_cache, T* v_cache, int num_heads,       \
-            int num_kv_heads, int head_dim, float scale, int window, float eps) {                                       \
+            int num_kv_heads, int head_dim, float scale, int window, float eps, int early) {                            \
         decode_attention_small<T, G>(out, qkv, bias, q_norm, k_norm, cos_table, sin_table, positions, token_seq,       \
                                      block_tables, max_blocks, block_size, k_cache, v_cache, num_heads, num_kv_heads,  \
-                                     head_dim, scale, window, eps);                                                     \
+                                     head_dim, scale, window, eps, early);                                              \
     }
 #define INSTANTIATE_DS_GROUPS(SUFFIX, T)                                                                                \
     INSTANTIATE_DS(SUFFIX, T, 1)                                                                                        \

@@ -105,6 +105,7 @@ pub fn launch(
     let caches = [p.k_cache, p.v_cache];
     let ints = [dims.num_heads as i32, dims.num_kv_heads as i32, dims.head_dim as i32];
     let window = dims.window as i32;
+    let early = i32::from(k.ds_early);
     let cfg = LaunchConfig {
         grid_dim: (n as u32, dims.num_kv_heads as u32, DS_CLUSTER),
         block_dim: (DS_THREADS, 1, 1),
@@ -116,9 +117,10 @@ pub fn launch(
         params.extend([arg(&max_blocks), arg(&block_size)]);
         params.extend(caches.iter().map(arg));
         params.extend(ints.iter().map(arg));
-        params.extend([arg(&dims.scale), arg(&window), arg(&eps)]);
+        params.extend([arg(&dims.scale), arg(&window), arg(&eps), arg(&early)]);
         // SAFETY: the parameters are decode_attention_small's, in order; before its
-        // pdl_wait it reads only step metadata and cache rows of earlier steps.
+        // pdl_wait it reads only step metadata, cache rows of earlier steps and weights
+        // (bias, rotary tables).
         return unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "decode_attention_small") };
     }
     let mut b = k.stream().launch_builder(f);
@@ -132,7 +134,7 @@ pub fn launch(
     for i in &ints {
         b.arg(i);
     }
-    b.arg(&dims.scale).arg(&window).arg(&eps);
+    b.arg(&dims.scale).arg(&window).arg(&eps).arg(&early);
     unsafe { b.launch(cfg) }
         .map_err(|e| EngineError::internal(format!("CUDA kernel decode_attention_small failed to launch: {e}")))?;
     Ok(())

@@ -74,6 +74,9 @@ pub struct Kernels {
     /// Captured decode steps of up to decode_small::MAX_ROWS rows fuse qkv_prepare into
     /// one attention block per (sequence, KV head); `VLLM_DECODE_SMALL=0` turns it off.
     pub decode_small: bool,
+    /// decode_attention_small requests the qkv bias and the rotary rows before pdl_wait
+    /// (`VLLM_DS_EARLY=0`: after it, to compare).
+    pub ds_early: bool,
     /// gemv_fused and decode_attention_small launch with programmatic stream
     /// serialization (pdl.rs): each may start while the previous kernel finishes.
     /// `VLLM_PDL=0` launches them normally.
@@ -83,6 +86,9 @@ pub struct Kernels {
     pub gemv_depth: usize,
     /// The GEMV launch geometry's limits (ops::GemvLimits; env overrides to compare).
     pub gemv_limits: ops::GemvLimits,
+    /// Where the captured fused decode prefetches weights into the L2
+    /// (ops::L2Prefetch, `VLLM_L2_PREFETCH`).
+    pub l2_prefetch: ops::L2Prefetch,
 }
 
 const KERNEL_NAMES: [&str; 19] = [
@@ -180,11 +186,13 @@ impl Kernels {
             _small_module: small_module,
             prefill_module,
             pdl: std::env::var_os("VLLM_PDL").is_none_or(|v| v != "0"),
+            ds_early: std::env::var_os("VLLM_DS_EARLY").is_none_or(|v| v != "0"),
             gemv_depth: std::env::var("VLLM_GEMV_DEPTH")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(ops::GEMV_DEPTH, |d| d.clamp(1, ops::GEMV_DEPTH)),
             gemv_limits: ops::GemvLimits::from_env(),
+            l2_prefetch: ops::L2Prefetch::from_env(),
             functions,
             attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
             gemv_max_rows: gemv_max_rows_from_env(),
