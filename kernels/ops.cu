@@ -608,50 +608,6 @@ __device__ __forceinline__ uint4 load16_stream(const void* p) {
     return v;
 }
 
-// L2 prefetch (issue 7, W3): a gemv_fused launch can ask the L2 to fetch up to
-// GEMV_PF_REGIONS byte ranges that later kernels read (the next products' weights), so the
-// DRAM streams them while the latency-bound kernels in between (this product's tail, the
-// attention) leave it idle. `when`: GEMV_PF_NONE, GEMV_PF_BEFORE (issued before pdl_wait,
-// right after the block's own first weight loads) or GEMV_PF_AFTER (right after pdl_wait);
-// `lines`: 0 = cp.async.bulk.prefetch.L2 of GEMV_PF_CHUNK bytes each, 1 = one
-// prefetch.global.L2 per 128-byte line. A hint only: nothing waits for it, results do not
-// change. Must match ops.rs's GemvPrefetch (repr(C)).
-#define GEMV_PF_REGIONS 3
-#define GEMV_PF_NONE 0
-#define GEMV_PF_BEFORE 1
-#define GEMV_PF_AFTER 2
-#define GEMV_PF_CHUNK 4096u
-struct GemvPrefetch {
-    const char* ptr[GEMV_PF_REGIONS];
-    unsigned long long bytes[GEMV_PF_REGIONS];  // multiples of 16
-    int when;
-    int lines;
-};
-
-// Chunk c of a region goes to thread c / gridDim.x of block c % gridDim.x: every block (so
-// every SM's copy engine) issues a share, a few instructions per thread.
-__device__ __forceinline__ void gemv_l2_prefetch(const GemvPrefetch& pf) {
-    const unsigned int step = pf.lines ? 128u : GEMV_PF_CHUNK;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    const long long me = (long long)threadIdx.x * gridDim.x + blockIdx.x;
-#pragma unroll
-    for (int r = 0; r < GEMV_PF_REGIONS; r++) {
-        const unsigned long long bytes = pf.bytes[r];
-        const long long n = (long long)((bytes + step - 1) / step);
-        for (long long c = me; c < n; c += stride) {
-            const char* p = pf.ptr[r] + c * step;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-            if (!pf.lines) {
-                const unsigned int len = (unsigned int)min((unsigned long long)step, bytes - (unsigned long long)c * step);
-                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(len) : "memory");
-                continue;
-            }
-#endif
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-        }
-    }
-}
-
 // Issues the GEMV_LOADS 16-byte weight loads of one (row, half, pass) item of gemv_fused.
 template <typename T>
 __device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const T* w, int item, int passes, int halves,
@@ -690,8 +646,7 @@ __device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const 
 // memory n * inner * sizeof(T) + items * NR * 4 bytes (the launcher checks).
 template <typename T, int NR>
 __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, int n, int out, int inner,
-                           int rows_per_block, int passes, int mode, float eps, int depth,
-                           const GemvPrefetch& pf) {
+                           int rows_per_block, int passes, int mode, float eps, int depth) {
     extern __shared__ uint4 gemv_smem[];
     constexpr int VEC = 16 / sizeof(T);
     T* xs = reinterpret_cast<T*>(gemv_smem);
@@ -712,11 +667,9 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
         if (b >= depth) break;
         if (item < items) gemv_load_item<T>(wbuf[b], w, item, passes, halves, row0, out, inner, lane);
     }
-    if (pf.when == GEMV_PF_BEFORE) gemv_l2_prefetch(pf);
     // The weights do not depend on the previous kernel; x (and y, for the residual add) do.
     pdl_launch_dependents();
     pdl_wait();
-    if (pf.when == GEMV_PF_AFTER) gemv_l2_prefetch(pf);
 
     if (norm_w) {
         // The whole block builds x': every thread's chunks are requested at once (one DRAM
@@ -947,8 +900,8 @@ INSTANTIATE(f16, __half)
 #define INSTANTIATE_GEMV(SUFFIX, T, NR)                                                                                 \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_fused_r##NR##_##SUFFIX(                            \
         void* y, const void* x, const T* w, const T* norm_w, int n, int out, int inner, int rows_per_block, int passes,\
-        int mode, float eps, int depth, GemvPrefetch pf) {                                                              \
-        gemv_fused<T, NR>(y, x, w, norm_w, n, out, inner, rows_per_block, passes, mode, eps, depth, pf);               \
+        int mode, float eps, int depth) {                                                                               \
+        gemv_fused<T, NR>(y, x, w, norm_w, n, out, inner, rows_per_block, passes, mode, eps, depth);                   \
     }
 #define INSTANTIATE_GEMVS(SUFFIX, T)                                                                                    \
     INSTANTIATE_GEMV(SUFFIX, T, 1)                                                                                      \

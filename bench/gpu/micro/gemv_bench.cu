@@ -70,10 +70,10 @@ static void gemv(void* y, const void* x, const bf* w, const bf* norm_w, int n, i
     int blocks = (out + rpb - 1) / rpb;
     float eps = 1e-6f;
     switch (nr) {
-    case 1: gemv_fused_r1_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps, GEMV_DEPTH, GemvPrefetch{}); break;
-    case 2: gemv_fused_r2_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps, GEMV_DEPTH, GemvPrefetch{}); break;
-    case 4: gemv_fused_r4_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps, GEMV_DEPTH, GemvPrefetch{}); break;
-    default: gemv_fused_r8_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps, GEMV_DEPTH, GemvPrefetch{}); break;
+    case 1: gemv_fused_r1_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps, GEMV_DEPTH); break;
+    case 2: gemv_fused_r2_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps, GEMV_DEPTH); break;
+    case 4: gemv_fused_r4_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps, GEMV_DEPTH); break;
+    default: gemv_fused_r8_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps, GEMV_DEPTH); break;
     }
     CK(cudaGetLastError());
 }

@@ -16,9 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use super::blas::Blas;
 use super::decode_small;
 use super::lora::{DeviceLora, FusedParts};
-use super::ops::{
-    self, AttentionDims, AttentionPtrs, GemvEpilogue, GemvPrefetch, L2Prefetch, MetaPtrs, QkvPtrs, RowsPtrs,
-};
+use super::ops::{self, AttentionDims, AttentionPtrs, GemvEpilogue, MetaPtrs, QkvPtrs, RowsPtrs};
 use super::{device_ptr, Kernels};
 use crate::error::{EngineError, Result};
 use crate::models::ForwardBatch;
@@ -70,31 +68,6 @@ impl ModelPtrs {
     }
     fn qkv_width(&self) -> usize {
         (self.dims.num_heads + 2 * self.dims.num_kv_heads) * self.dims.head_dim
-    }
-
-    /// What layer `i`'s fused qkv, o_proj and gate_up products ask the L2 to fetch under
-    /// `plan` (ops::L2Prefetch): the weights of the products after them, while the DRAM
-    /// would otherwise idle through the attention and each launch's start and end.
-    fn layer_prefetches(&self, plan: L2Prefetch, i: usize) -> Result<[GemvPrefetch; 3]> {
-        let size = self.dtype.size_in_bytes();
-        let layer = &self.layers[i];
-        let o = (layer.o_proj, self.hidden * self.q_width() * size);
-        let gate_up = (layer.gate_up, 2 * self.intermediate * self.hidden * size);
-        let down = (layer.down, self.hidden * self.intermediate * size);
-        let next_qkv = self
-            .layers
-            .get(i + 1)
-            .map_or((0, 0), |l| (l.qkv, self.qkv_width() * self.hidden * size));
-        let (at_qkv, at_o) = if plan == L2Prefetch::Split {
-            (vec![o, gate_up], vec![down])
-        } else {
-            (vec![o, gate_up, down], vec![])
-        };
-        Ok([
-            GemvPrefetch::new(plan, &at_qkv)?,
-            GemvPrefetch::new(plan, &at_o)?,
-            GemvPrefetch::new(plan, &[next_qkv])?,
-        ])
     }
 }
 
@@ -374,13 +347,8 @@ impl DecodeGraphs {
         // preparation and attention in one launch per layer.
         let small_attention = decode_small::serves(k, dt, b, &m.dims);
         for (i, layer) in m.layers.iter().enumerate() {
-            let [pf_qkv, pf_o, pf_gate_up] = if fused {
-                m.layer_prefetches(k.l2_prefetch, i)?
-            } else {
-                [GemvPrefetch::NONE; 3]
-            };
             if fused {
-                ops::launch_gemv_prefetching(
+                ops::launch_gemv_fused(
                     k,
                     dt,
                     qkv,
@@ -392,7 +360,6 @@ impl DecodeGraphs {
                     m.qkv_width(),
                     hidden,
                     GemvEpilogue::Store,
-                    &pf_qkv,
                 )?;
             } else {
                 let norm_in = RowsPtrs {
@@ -434,7 +401,7 @@ impl DecodeGraphs {
                 ops::launch_paged_attention(k, dt, &att, &meta, b, &m.dims, splits, partition)?;
             }
             if fused {
-                ops::launch_gemv_prefetching(
+                ops::launch_gemv_fused(
                     k,
                     dt,
                     h,
@@ -446,9 +413,8 @@ impl DecodeGraphs {
                     hidden,
                     m.q_width(),
                     GemvEpilogue::AddTo,
-                    &pf_o,
                 )?;
-                ops::launch_gemv_prefetching(
+                ops::launch_gemv_fused(
                     k,
                     dt,
                     act,
@@ -460,7 +426,6 @@ impl DecodeGraphs {
                     inter,
                     hidden,
                     GemvEpilogue::SiluMul,
-                    &pf_gate_up,
                 )?;
                 ops::launch_gemv_fused(k, dt, h, act, layer.down, 0, 0.0, b, hidden, inter, GemvEpilogue::AddTo)?;
                 continue;

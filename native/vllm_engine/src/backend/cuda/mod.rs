@@ -86,9 +86,6 @@ pub struct Kernels {
     pub gemv_depth: usize,
     /// The GEMV launch geometry's limits (ops::GemvLimits; env overrides to compare).
     pub gemv_limits: ops::GemvLimits,
-    /// Where the captured fused decode prefetches weights into the L2
-    /// (ops::L2Prefetch, `VLLM_L2_PREFETCH`).
-    pub l2_prefetch: ops::L2Prefetch,
 }
 
 const KERNEL_NAMES: [&str; 19] = [
@@ -192,7 +189,6 @@ impl Kernels {
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(ops::GEMV_DEPTH, |d| d.clamp(1, ops::GEMV_DEPTH)),
             gemv_limits: ops::GemvLimits::from_env(),
-            l2_prefetch: ops::L2Prefetch::from_env(),
             functions,
             attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
             gemv_max_rows: gemv_max_rows_from_env(),

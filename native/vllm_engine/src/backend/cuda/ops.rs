@@ -1,7 +1,7 @@
 //! Launchers of the kernels in kernels/ops.cu. Each checks what it can about its operands,
 //! allocates its output on the stream's pool and launches on candle's stream.
 
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 use candle_core::{DType, Tensor};
 
 use super::blas::Blas;
@@ -707,92 +707,6 @@ pub fn launch_gemv(
     launch_gemv_fused(k, dtype, y, x, w, 0, 0.0, n, out, inner, GemvEpilogue::Store)
 }
 
-/// Byte ranges one gemv_fused launch asks the L2 to fetch for later kernels (GemvPrefetch
-/// in ops.cu: same layout).
-pub const GEMV_PF_REGIONS: usize = 3;
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct GemvPrefetch {
-    ptr: [u64; GEMV_PF_REGIONS],
-    bytes: [u64; GEMV_PF_REGIONS],
-    /// GEMV_PF_NONE (0), GEMV_PF_BEFORE (1: before pdl_wait), GEMV_PF_AFTER (2)
-    when: i32,
-    /// 0: bulk prefetches of 4 KB; 1: one prefetch per 128-byte line
-    lines: i32,
-}
-
-// SAFETY: plain integers, laid out as ops.cu's GemvPrefetch (passed by value).
-unsafe impl DeviceRepr for GemvPrefetch {}
-
-impl GemvPrefetch {
-    /// No prefetch.
-    pub const NONE: GemvPrefetch = GemvPrefetch {
-        ptr: [0; GEMV_PF_REGIONS],
-        bytes: [0; GEMV_PF_REGIONS],
-        when: 0,
-        lines: 0,
-    };
-
-    /// `regions` (address, bytes; at most GEMV_PF_REGIONS, empty ones skipped) issued the
-    /// way `plan` says; NONE for `L2Prefetch::Off`.
-    pub fn new(plan: L2Prefetch, regions: &[(u64, usize)]) -> Result<Self> {
-        let regions: Vec<_> = regions.iter().filter(|r| r.0 != 0 && r.1 >= 16).collect();
-        if plan == L2Prefetch::Off || regions.is_empty() {
-            return Ok(Self::NONE);
-        }
-        if regions.len() > GEMV_PF_REGIONS {
-            return Err(EngineError::internal(format!(
-                "gemv: {} prefetch regions (at most {GEMV_PF_REGIONS})",
-                regions.len()
-            )));
-        }
-        let mut pf = GemvPrefetch {
-            when: if plan == L2Prefetch::Before { 1 } else { 2 },
-            lines: i32::from(plan == L2Prefetch::Lines),
-            ..Self::NONE
-        };
-        for (i, &&(ptr, bytes)) in regions.iter().enumerate() {
-            pf.ptr[i] = ptr;
-            // The bulk prefetch takes multiples of 16 bytes.
-            pf.bytes[i] = (bytes as u64) & !15;
-        }
-        Ok(pf)
-    }
-}
-
-/// Where the captured 1-row decode asks the L2 for weights ahead of their products
-/// (`VLLM_L2_PREFETCH`; issue 7): the DRAM is otherwise idle during the attention and
-/// each product's latency-bound start and end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum L2Prefetch {
-    /// `off` / `0` (default): no prefetch.
-    Off,
-    /// `after`: the qkv product, once its input is ready (after pdl_wait), asks for
-    /// the layer's o_proj, gate_up and down weights; gate_up asks for the next layer's qkv.
-    After,
-    /// `before`: as After, issued before pdl_wait (overlapping the previous kernel).
-    Before,
-    /// `lines`: as After, one prefetch.global.L2 per 128-byte line instead of bulk copies.
-    Lines,
-    /// `split`: the qkv product asks for o_proj and gate_up, o_proj for down (less in the L2
-    /// at once), gate_up for the next layer's qkv.
-    Split,
-}
-
-impl L2Prefetch {
-    pub fn from_env() -> Self {
-        match std::env::var("VLLM_L2_PREFETCH").as_deref() {
-            Ok("0") | Ok("off") => L2Prefetch::Off,
-            Ok("before") => L2Prefetch::Before,
-            Ok("lines") => L2Prefetch::Lines,
-            Ok("split") => L2Prefetch::Split,
-            Ok("after") => L2Prefetch::After,
-            // Off by default: every form measured slower (RESULTS.md, session 5 change 1).
-            _ => L2Prefetch::Off,
-        }
-    }
-}
-
 /// `gemv_fused` on raw addresses: y = epilogue(x' · wᵀ), x' = RMSNorm(x) * norm (eps)
 /// when `norm` is not 0, else x. For SiluMul, `out` is the width of y (half of w's rows).
 #[allow(clippy::too_many_arguments)]
@@ -808,27 +722,6 @@ pub fn launch_gemv_fused(
     out: usize,
     inner: usize,
     epilogue: GemvEpilogue,
-) -> Result<()> {
-    let none = GemvPrefetch::NONE;
-    launch_gemv_prefetching(k, dtype, y, x, w, norm, eps, n, out, inner, epilogue, &none)
-}
-
-/// `launch_gemv_fused` that also asks the L2 for `pf`'s ranges (a hint: results do not
-/// change).
-#[allow(clippy::too_many_arguments)]
-pub fn launch_gemv_prefetching(
-    k: &Kernels,
-    dtype: DType,
-    y: u64,
-    x: u64,
-    w: u64,
-    norm: u64,
-    eps: f32,
-    n: usize,
-    out: usize,
-    inner: usize,
-    epilogue: GemvEpilogue,
-    pf: &GemvPrefetch,
 ) -> Result<()> {
     if n == 0 || n > GEMV_MAX_ROWS {
         return Err(EngineError::internal(format!("gemv: {n} rows (1 to {GEMV_MAX_ROWS})")));
@@ -857,7 +750,7 @@ pub fn launch_gemv_prefetching(
         ]
         .into_iter()
         .chain(ints.iter().map(super::pdl::arg))
-        .chain([super::pdl::arg(&eps), super::pdl::arg(&depth), super::pdl::arg(pf)])
+        .chain([super::pdl::arg(&eps), super::pdl::arg(&depth)])
         .collect::<Vec<_>>();
         // SAFETY: the parameters are gemv_fused's, in order; it waits (pdl_wait) before
         // reading x or writing y.
@@ -868,7 +761,7 @@ pub fn launch_gemv_prefetching(
     for i in &ints {
         b.arg(i);
     }
-    b.arg(&eps).arg(&depth).arg(pf);
+    b.arg(&eps).arg(&depth);
     unsafe { b.launch(cfg) }.map_err(|e| launch_err("gemv_fused", e))?;
     Ok(())
 }
@@ -1098,30 +991,6 @@ mod tests {
         let (rows, passes, _, _) =
             gemv_geometry(DType::BF16, 1, 4864, 896, GemvEpilogue::SiluMul, GemvLimits::default());
         assert!(rows * 2 * passes <= GEMV_WARPS * GEMV_DEPTH);
-    }
-
-    #[test]
-    fn gemv_prefetch_packs_regions_in_order_and_rounds_to_16_bytes() {
-        let regions = [(0x1000, 4096), (0, 64), (0x9000, 1000), (0x20000, 8)];
-        assert_eq!(
-            GemvPrefetch::new(L2Prefetch::Off, &regions).unwrap(),
-            GemvPrefetch::NONE
-        );
-        assert_eq!(GemvPrefetch::new(L2Prefetch::After, &[]).unwrap(), GemvPrefetch::NONE);
-        // Null and sub-16-byte ranges are skipped; the rest keep their order.
-        let pf = GemvPrefetch::new(L2Prefetch::After, &regions).unwrap();
-        assert_eq!(pf.ptr, [0x1000, 0x9000, 0]);
-        assert_eq!(pf.bytes, [4096, 992, 0]);
-        assert_eq!((pf.when, pf.lines), (2, 0));
-        let before = GemvPrefetch::new(L2Prefetch::Before, &regions).unwrap();
-        assert_eq!((before.when, before.lines), (1, 0));
-        let lines = GemvPrefetch::new(L2Prefetch::Lines, &regions).unwrap();
-        assert_eq!((lines.when, lines.lines), (2, 1));
-        // The kernel takes GEMV_PF_REGIONS ranges at most.
-        let many = [(0x1000, 16), (0x2000, 16), (0x3000, 16), (0x4000, 16)];
-        assert!(GemvPrefetch::new(L2Prefetch::After, &many).is_err());
-        // Laid out as ops.cu's struct: 3 pointers, 3 sizes, 2 ints.
-        assert_eq!(std::mem::size_of::<GemvPrefetch>(), 56);
     }
 
     #[test]
