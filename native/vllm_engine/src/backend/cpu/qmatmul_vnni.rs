@@ -28,8 +28,10 @@ use super::simd::vectorized;
 
 /// Input rows that share one pass over the weight row.
 const ROW_GROUP: usize = 8;
-/// Weight rows per parallel task.
-const TASK_ROWS: usize = 32;
+/// Parallel tasks per thread of a matmul (more only balance load; each costs a cold start).
+const TASKS_PER_THREAD: usize = 4;
+/// Fewest weight rows per parallel task.
+const MIN_TASK_ROWS: usize = 32;
 /// Below this many multiply-adds a call stays on the calling thread.
 const SERIAL_MAX_MACS: usize = 1 << 16;
 
@@ -206,11 +208,15 @@ impl VnniMatrix {
                 unsafe { self.rows_group(r0, r1, g0, g, xq, dx, y, out_ptr) };
             }
         };
-        if m * self.rows * self.cols <= SERIAL_MAX_MACS || rayon::current_num_threads() <= 1 {
+        let threads = rayon::current_num_threads();
+        if m * self.rows * self.cols <= SERIAL_MAX_MACS || threads <= 1 {
             run(0, self.rows);
         } else {
-            let tasks = self.rows.div_ceil(TASK_ROWS);
-            super::team::for_each(tasks, |t| run(t * TASK_ROWS, ((t + 1) * TASK_ROWS).min(self.rows)));
+            // Long runs of rows per task: each task restarts the weight stream (and its
+            // prefetch), so a few tasks per thread balance load without many cold starts.
+            let task_rows = self.rows.div_ceil(TASKS_PER_THREAD * threads).next_multiple_of(4).max(MIN_TASK_ROWS);
+            let tasks = self.rows.div_ceil(task_rows);
+            super::team::for_each(tasks, |t| run(t * task_rows, ((t + 1) * task_rows).min(self.rows)));
         }
     }
 
@@ -275,8 +281,20 @@ impl VnniMatrix {
         let low4 = _mm512_set1_epi8(0x0F);
         let shifts = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
         let lo_weight = _mm512_set1_ps(1.0 / 254.0);
+        let row_bytes = self.pairs * pair_bytes;
+        if g0 == 0 {
+            let head = Q8_PREFETCH_ROWS.min(r1 - r0);
+            prefetch_lines(self.levels.as_ptr() as *const i8, r0 * row_bytes, head * row_bytes);
+        }
         for r in r0..r1 {
-            let lv = self.levels.as_ptr().add(r * self.pairs * pair_bytes);
+            // Streams from memory like `rows_nibbles` (the LM head is the largest matrix).
+            if g0 == 0 {
+                let ahead = r + Q8_PREFETCH_ROWS;
+                prefetch_lines(self.levels.as_ptr() as *const i8, ahead * row_bytes, row_bytes);
+                prefetch_lines(self.scale.as_ptr() as *const i8, ahead * nb * 4, nb * 4);
+                prefetch_lines(self.aux.as_ptr() as *const i8, ahead * nb * 4, nb * 4);
+            }
+            let lv = self.levels.as_ptr().add(r * row_bytes);
             let sc = self.scale.as_ptr().add(r * nb);
             let ax = self.aux.as_ptr().add(r * nb);
             let mut acc = [_mm512_setzero_ps(); ROW_GROUP];
@@ -319,6 +337,11 @@ impl VnniMatrix {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn rows_nibbles(&self, r0: usize, r1: usize, m: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
         let nb = self.pairs * 2;
+        // The task's first rows, which the prefetch inside the loop does not cover.
+        let head = PREFETCH_ROWS.min(r1 - r0);
+        prefetch_lines(self.levels.as_ptr() as *const i8, r0 * self.pairs * 32, head * self.pairs * 32);
+        prefetch_lines(self.scale.as_ptr() as *const i8, r0 * nb * 4, head * nb * 4);
+        prefetch_lines(self.aux.as_ptr() as *const i8, r0 * nb * 4, head * nb * 4);
         let mut r = r0;
         while r + 4 <= r1 {
             // The weights of rows PREFETCH_ROWS ahead: a decode streams them from memory, and
@@ -390,6 +413,8 @@ impl VnniMatrix {
 
 /// Weight rows ahead of the kernel whose lines `rows_nibbles` prefetches.
 const PREFETCH_ROWS: usize = 16;
+/// The same for `rows_group` (Q8_0 rows of 576 columns: ~5 KB ahead).
+const Q8_PREFETCH_ROWS: usize = 8;
 
 /// Asks for the cache lines of `base[at .. at + len]` (addresses past the allocation are
 /// never dereferenced: a prefetch does not fault).
