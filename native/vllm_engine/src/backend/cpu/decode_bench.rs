@@ -186,7 +186,10 @@ fn decode_sweep_q4_1() {
         }
     }
     let (r, c) = LM_HEAD;
-    mats.push((4, M::Q(VnniMatrix::pack(GgmlDType::Q8_0, &q8_0_bytes(r, c, 999), r, c).unwrap())));
+    mats.push((
+        4,
+        M::Q(VnniMatrix::pack(GgmlDType::Q8_0, &q8_0_bytes(r, c, 999), r, c).unwrap()),
+    ));
     println!(
         "Q4_1 weights: {:.0} MB",
         mats.iter()

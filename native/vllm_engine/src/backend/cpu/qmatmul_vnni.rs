@@ -24,6 +24,7 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
 
+use super::qmatmul_nibbles::Tiles;
 use super::simd::vectorized;
 
 /// Input rows that share one pass over the weight row.
@@ -39,6 +40,8 @@ pub fn available() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vnni")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -90,13 +93,8 @@ impl VnniMatrix {
             return None;
         }
         let blocks = cols / 32;
-        // 4-bit kinds: an even number of pairs, so the kernel loads two pairs (64 bytes of
-        // nibbles) at a time; the padding blocks have zero input scale and contribute 0.
-        let pairs = if kind == Kind::Q8_0 {
-            blocks.div_ceil(2)
-        } else {
-            blocks.div_ceil(4) * 2
-        };
+        // An odd block count gets a zero block (zero input scale: it contributes 0).
+        let pairs = blocks.div_ceil(2);
         let pair_bytes = if kind == Kind::Q8_0 { 64 } else { 32 };
         let mut levels = vec![0u8; rows * pairs * pair_bytes];
         let mut scale = vec![0.0f32; rows * pairs * 2];
@@ -140,6 +138,12 @@ impl VnniMatrix {
                     ax[b] = if kind == Kind::Q4_1 { f16_at(blk, 2) } else { sc[b] };
                 }
             });
+        if kind != Kind::Q8_0 {
+            // 4-bit kinds: one stream of 4-row tiles with f16 scales (qmatmul_nibbles.rs).
+            levels = Tiles { pairs, rows }.pack(&levels, &scale, &aux);
+            scale = Vec::new();
+            aux = Vec::new();
+        }
         Some(VnniMatrix {
             kind,
             rows,
@@ -186,8 +190,13 @@ impl VnniMatrix {
                     &mut dx[i * nb..(i + 1) * nb],
                     y_row,
                 );
-                if self.kind != Kind::Q8_0 {
-                    to_couple_layout(xq_row, y_row);
+                if self.kind == Kind::Q8_0 {
+                    // Spread over the 8 lanes of the block that each add it (see rows_group).
+                    y_row.iter_mut().for_each(|v| *v /= 8.0);
+                } else {
+                    let (hi, lo) = xq_row.split_at_mut(self.pairs * 64);
+                    to_couple_layout(hi);
+                    to_couple_layout(lo);
                 }
             }
             self.multiply(xq, dx, y, m, out);
@@ -198,8 +207,12 @@ impl VnniMatrix {
         let out_ptr = OutPtr(out.as_mut_ptr());
         let run = |r0: usize, r1: usize| {
             if self.kind != Kind::Q8_0 {
-                // SAFETY: as below.
-                unsafe { self.rows_nibbles(r0, r1, m, xq, dx, y, out_ptr) };
+                let tiles = Tiles {
+                    pairs: self.pairs,
+                    rows: self.rows,
+                };
+                // SAFETY: as below; r0 is a multiple of 4, so tasks own disjoint tiles.
+                unsafe { tiles.multiply(&self.levels, r0 / 4, r1.div_ceil(4), m, xq, dx, y, out_ptr) };
                 return;
             }
             for g0 in (0..m).step_by(ROW_GROUP) {
@@ -214,7 +227,11 @@ impl VnniMatrix {
         } else {
             // Long runs of rows per task: each task restarts the weight stream (and its
             // prefetch), so a few tasks per thread balance load without many cold starts.
-            let task_rows = self.rows.div_ceil(TASKS_PER_THREAD * threads).next_multiple_of(4).max(MIN_TASK_ROWS);
+            let task_rows = self
+                .rows
+                .div_ceil(TASKS_PER_THREAD * threads)
+                .next_multiple_of(4)
+                .max(MIN_TASK_ROWS);
             let tasks = self.rows.div_ceil(task_rows);
             super::team::for_each(tasks, |t| run(t * task_rows, ((t + 1) * task_rows).min(self.rows)));
         }
@@ -253,8 +270,7 @@ impl VnniMatrix {
                 }
             }
             dx[b] = d;
-            // Spread over the 8 lanes of the block that each add it (see rows_group).
-            y[b] = sum / 8.0
+            y[b] = sum
                 * match self.kind {
                     Kind::Q4_1 => 1.0,
                     Kind::Q4_0 => -8.0,
@@ -328,92 +344,8 @@ impl VnniMatrix {
     }
 }
 
-impl VnniMatrix {
-    /// Rows r0..r1 for every input row, 4-bit kinds: two pairs (four blocks, 128 levels)
-    /// per step, 4 weight rows at a time so the input's registers serve all four. Each
-    /// output is the same sequence of operations whatever `m` is, so results do not depend
-    /// on the batch.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn rows_nibbles(&self, r0: usize, r1: usize, m: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
-        let nb = self.pairs * 2;
-        // The task's first rows, which the prefetch inside the loop does not cover.
-        let head = PREFETCH_ROWS.min(r1 - r0);
-        prefetch_lines(self.levels.as_ptr() as *const i8, r0 * self.pairs * 32, head * self.pairs * 32);
-        prefetch_lines(self.scale.as_ptr() as *const i8, r0 * nb * 4, head * nb * 4);
-        prefetch_lines(self.aux.as_ptr() as *const i8, r0 * nb * 4, head * nb * 4);
-        let mut r = r0;
-        while r + 4 <= r1 {
-            // The weights of rows PREFETCH_ROWS ahead: a decode streams them from memory, and
-            // the hardware prefetcher alone keeps too few lines in flight for one thread.
-            let ahead = r + PREFETCH_ROWS;
-            prefetch_lines(
-                self.levels.as_ptr() as *const i8,
-                ahead * self.pairs * 32,
-                4 * self.pairs * 32,
-            );
-            prefetch_lines(self.scale.as_ptr() as *const i8, ahead * nb * 4, 4 * nb * 4);
-            prefetch_lines(self.aux.as_ptr() as *const i8, ahead * nb * 4, 4 * nb * 4);
-            for i in 0..m {
-                self.nibble_rows::<4>(r, i, xq, dx, y, out);
-            }
-            r += 4;
-        }
-        while r < r1 {
-            for i in 0..m {
-                self.nibble_rows::<1>(r, i, xq, dx, y, out);
-            }
-            r += 1;
-        }
-    }
-
-    /// out[i, r .. r + R] for 4-bit kinds, inputs in the couple layout (`to_couple_layout`).
-    /// A 64-byte load holds the nibbles of pairs 2c and 2c + 1; its low nibbles are
-    /// positions 0..32 of both pairs, its high nibbles positions 32..64, so 4-byte lane L
-    /// belongs to block 4c + 2·(L / 8) + L % 2 in both halves.
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn nibble_rows<const R: usize>(&self, r: usize, i: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
-        let nb = self.pairs * 2;
-        let couples = self.pairs / 2;
-        let low4 = _mm512_set1_epi8(0x0F);
-        let lo_weight = _mm512_set1_ps(1.0 / 254.0);
-        let lanes = _mm512_set_epi32(3, 2, 3, 2, 3, 2, 3, 2, 1, 0, 1, 0, 1, 0, 1, 0);
-        let four = |p: *const f32| _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(p)));
-        let x_hi = xq.as_ptr().add(2 * i * self.pairs * 64);
-        let x_lo = x_hi.add(self.pairs * 64);
-        let (dxr, yr) = (dx.as_ptr().add(i * nb), y.as_ptr().add(i * nb));
-        let mut acc = [_mm512_setzero_ps(); R];
-        for c in 0..couples {
-            let xh0 = _mm512_loadu_si512(x_hi.add(c * 128) as *const _);
-            let xh1 = _mm512_loadu_si512(x_hi.add(c * 128 + 64) as *const _);
-            let xl0 = _mm512_loadu_si512(x_lo.add(c * 128) as *const _);
-            let xl1 = _mm512_loadu_si512(x_lo.add(c * 128 + 64) as *const _);
-            let sx = four(dxr.add(4 * c));
-            let sy = four(yr.add(4 * c));
-            for (k, a) in acc.iter_mut().enumerate() {
-                let row = r + k;
-                let v = _mm512_loadu_si512(self.levels.as_ptr().add(row * self.pairs * 32 + c * 64) as *const _);
-                let w0 = _mm512_and_si512(v, low4);
-                let w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-                let hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, xh0), w1, xh1);
-                let lo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, xl0), w1, xl1);
-                let dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), lo_weight, _mm512_cvtepi32_ps(hi));
-                let sw = four(self.scale.as_ptr().add(row * nb + 4 * c));
-                let aw = four(self.aux.as_ptr().add(row * nb + 4 * c));
-                *a = _mm512_fmadd_ps(dot, _mm512_mul_ps(sw, sx), _mm512_fmadd_ps(aw, sy, *a));
-            }
-        }
-        for (k, a) in acc.iter().enumerate() {
-            *out.0.add(i * self.rows + r + k) = _mm512_reduce_add_ps(*a);
-        }
-    }
-}
-
-/// Weight rows ahead of the kernel whose lines `rows_nibbles` prefetches.
-const PREFETCH_ROWS: usize = 16;
-/// The same for `rows_group` (Q8_0 rows of 576 columns: ~5 KB ahead).
+/// Weight rows ahead of the row in work whose lines `rows_group` prefetches (Q8_0 rows of
+/// 576 columns: ~5 KB ahead).
 const Q8_PREFETCH_ROWS: usize = 8;
 
 /// Asks for the cache lines of `base[at .. at + len]` (addresses past the allocation are
@@ -427,16 +359,14 @@ unsafe fn prefetch_lines(base: *const i8, at: usize, len: usize) {
     }
 }
 
-/// From the pair layout `quantize_row` writes to the one `nibble_rows` reads: in each
+/// From the pair layout `quantize_row` writes to the one the 4-bit kernel reads: in each
 /// 128 bytes (two pairs) the middle 32-byte quarters swap, so positions 0..32 of both pairs
-/// come first and positions 32..64 of both second; a block now spans 4 lanes of a register,
-/// not 8, so its share of Σx doubles.
-fn to_couple_layout(xq: &mut [i8], y: &mut [f32]) {
+/// come first and positions 32..64 of both second (a lone last pair stays as it is).
+fn to_couple_layout(xq: &mut [i8]) {
     for couple in xq.chunks_exact_mut(128) {
         let (a, b) = couple.split_at_mut(64);
         a[32..].swap_with_slice(&mut b[..32]);
     }
-    y.iter_mut().for_each(|v| *v *= 2.0);
 }
 
 /// The quantized input of a call, kept per thread so steps allocate nothing.
@@ -451,7 +381,15 @@ thread_local! {
     static INPUT: std::cell::RefCell<Input> = std::cell::RefCell::new(Input::default());
 }
 
+/// The output of a matmul, shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements through it.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    pub(super) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
