@@ -12,6 +12,9 @@
 //!
 //! A row's value is Σ_b scale_b·dx_b·(Σ u·qx)_b + Σ_b aux_b·y_b.
 //!
+//! The pair layout below is the repacking's first stage: 4-bit rows then go into 4-row tiles
+//! (qmatmul_nibbles.rs), Q8_0 rows into one record each with f16 scales (`q8_records`).
+//!
 //! Two blocks share one 64-byte register. Their levels are laid out so that 4-byte lane L
 //! holds block L % 2: the pair's two scales then broadcast as one 64-bit pattern. For
 //! 4-bit types the 64 levels are 32 bytes of nibbles (byte j: level j low, j + 32 high).
@@ -57,11 +60,9 @@ pub struct VnniMatrix {
     cols: usize,
     /// Block pairs per row (an odd block count gets a zero block).
     pairs: usize,
-    /// Levels, row after row: 32 bytes per pair for 4-bit types, 64 for Q8_0.
+    /// The weights with their block scales: 4-row tiles for 4-bit types
+    /// (qmatmul_nibbles.rs), one record per row for Q8_0 (`q8_records`).
     levels: Vec<u8>,
-    /// [rows, 2 · pairs] block scales and offsets (see the module comment).
-    scale: Vec<f32>,
-    aux: Vec<f32>,
 }
 
 /// Position p (0..64) of a pair's register holds block (p / 4) % 2, level (p / 8)·4 + p % 4.
@@ -138,20 +139,18 @@ impl VnniMatrix {
                     ax[b] = if kind == Kind::Q4_1 { f16_at(blk, 2) } else { sc[b] };
                 }
             });
-        if kind != Kind::Q8_0 {
+        let levels = if kind == Kind::Q8_0 {
+            q8_records(&levels, &scale, rows, pairs)
+        } else {
             // 4-bit kinds: one stream of 4-row tiles with f16 scales (qmatmul_nibbles.rs).
-            levels = Tiles { pairs, rows }.pack(&levels, &scale, &aux);
-            scale = Vec::new();
-            aux = Vec::new();
-        }
+            Tiles { pairs, rows }.pack(&levels, &scale, &aux)
+        };
         Some(VnniMatrix {
             kind,
             rows,
             cols,
             pairs,
             levels,
-            scale,
-            aux,
         })
     }
 
@@ -160,7 +159,7 @@ impl VnniMatrix {
     }
 
     pub fn bytes(&self) -> usize {
-        self.levels.len() + (self.scale.len() + self.aux.len()) * 4
+        self.levels.len()
     }
 
     /// out ([m, rows]) = x ([m, cols]) Wᵀ. Requires `available()`.
@@ -279,8 +278,11 @@ impl VnniMatrix {
         }
     }
 
+    /// Q8_0 rows r0..r1 for input rows g0..g0 + g. A row is one record (see `q8_records`):
+    /// its pairs of levels, then its block scales as f16. The offset term uses the weight
+    /// scale too (w = d·(u − 128)): sw·(dot·sx + y), y = −128·Σx / 8 per lane.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,f16c")]
     unsafe fn rows_group(
         &self,
         r0: usize,
@@ -293,38 +295,26 @@ impl VnniMatrix {
         out: OutPtr,
     ) {
         let nb = self.pairs * 2;
-        let pair_bytes = if self.kind == Kind::Q8_0 { 64 } else { 32 };
-        let low4 = _mm512_set1_epi8(0x0F);
-        let shifts = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
         let lo_weight = _mm512_set1_ps(1.0 / 254.0);
-        let row_bytes = self.pairs * pair_bytes;
+        let record = self.pairs * Q8_RECORD_PAIR;
+        let base = self.levels.as_ptr();
         if g0 == 0 {
             let head = Q8_PREFETCH_ROWS.min(r1 - r0);
-            prefetch_lines(self.levels.as_ptr() as *const i8, r0 * row_bytes, head * row_bytes);
+            prefetch_lines(base as *const i8, r0 * record, head * record);
         }
+        // Two block values as one 64-bit pattern: 4-byte lane L belongs to block L % 2.
+        let pair = |p: *const f32| _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(p as *const f64)));
         for r in r0..r1 {
-            // Streams from memory like `rows_nibbles` (the LM head is the largest matrix).
             if g0 == 0 {
-                let ahead = r + Q8_PREFETCH_ROWS;
-                prefetch_lines(self.levels.as_ptr() as *const i8, ahead * row_bytes, row_bytes);
-                prefetch_lines(self.scale.as_ptr() as *const i8, ahead * nb * 4, nb * 4);
-                prefetch_lines(self.aux.as_ptr() as *const i8, ahead * nb * 4, nb * 4);
+                prefetch_lines(base as *const i8, (r + Q8_PREFETCH_ROWS) * record, record);
             }
-            let lv = self.levels.as_ptr().add(r * row_bytes);
-            let sc = self.scale.as_ptr().add(r * nb);
-            let ax = self.aux.as_ptr().add(r * nb);
+            let lv = base.add(r * record);
+            let sc = lv.add(self.pairs * 64);
             let mut acc = [_mm512_setzero_ps(); ROW_GROUP];
             for t in 0..self.pairs {
-                let w = if pair_bytes == 64 {
-                    _mm512_loadu_si512(lv.add(t * 64) as *const _)
-                } else {
-                    let half = _mm256_loadu_si256(lv.add(t * 32) as *const __m256i);
-                    let both = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
-                    _mm512_and_si512(_mm512_srlv_epi64(both, shifts), low4)
-                };
-                let pair = |p: *const f32| _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(p as *const f64)));
-                let sw = pair(sc.add(2 * t));
-                let aw = pair(ax.add(2 * t));
+                let w = _mm512_loadu_si512(lv.add(t * 64) as *const _);
+                let sw = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(sc.add(4 * t) as *const i32)));
+                let sw = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(sw)));
                 for (i, a) in acc.iter_mut().enumerate().take(g) {
                     let row = g0 + i;
                     let x_hi = xq.as_ptr().add((2 * row * self.pairs + t) * 64);
@@ -333,8 +323,8 @@ impl VnniMatrix {
                     let lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x_lo as *const _));
                     let dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), lo_weight, _mm512_cvtepi32_ps(hi));
                     let sx = pair(dx.as_ptr().add(row * nb + 2 * t));
-                    let offset = _mm512_mul_ps(aw, pair(y.as_ptr().add(row * nb + 2 * t)));
-                    *a = _mm512_fmadd_ps(dot, _mm512_mul_ps(sw, sx), _mm512_add_ps(*a, offset));
+                    let sy = pair(y.as_ptr().add(row * nb + 2 * t));
+                    *a = _mm512_fmadd_ps(sw, _mm512_fmadd_ps(dot, sx, sy), *a);
                 }
             }
             for (i, a) in acc.iter().enumerate().take(g) {
@@ -342,6 +332,23 @@ impl VnniMatrix {
             }
         }
     }
+}
+
+/// Bytes per pair of a Q8_0 record: 64 levels and two f16 scales.
+const Q8_RECORD_PAIR: usize = 68;
+
+/// Q8_0 rows as records of `pairs` × 64 levels followed by the 2·pairs block scales as f16
+/// (GGUF's values, exact), so the kernel reads one stream; the offsets equal the scales
+/// and are not stored.
+fn q8_records(levels: &[u8], scale: &[f32], rows: usize, pairs: usize) -> Vec<u8> {
+    let mut out = vec![0u8; rows * pairs * Q8_RECORD_PAIR];
+    for (r, rec) in out.chunks_exact_mut(pairs * Q8_RECORD_PAIR).enumerate() {
+        rec[..pairs * 64].copy_from_slice(&levels[r * pairs * 64..(r + 1) * pairs * 64]);
+        for (b, dst) in rec[pairs * 64..].chunks_exact_mut(2).enumerate() {
+            dst.copy_from_slice(&f16::from_f32(scale[r * 2 * pairs + b]).to_le_bytes());
+        }
+    }
+    out
 }
 
 /// Weight rows ahead of the row in work whose lines `rows_group` prefetches (Q8_0 rows of
