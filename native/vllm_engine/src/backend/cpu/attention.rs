@@ -137,6 +137,15 @@ impl AttentionShape {
                 })
             })
         };
+        // At decode the cache was evicted by the weight stream since the last step: ask for
+        // all of this head's keys and values now, so the reads overlap the scoring.
+        let width = self.num_kv_heads * hd;
+        for (block, lo, hi, _) in spans() {
+            prefetch_l2(&layer.k[self.key_block_offset(block, kv_head)..][..hd * bs]);
+            for slot in block * bs + lo..block * bs + hi {
+                prefetch_l2(&layer.v[slot * width + kv_head * hd..][..hd]);
+            }
+        }
         for (block, lo, hi, j) in spans() {
             let keys = &layer.k[self.key_block_offset(block, kv_head)..][..hd * bs];
             for g in 0..group {
@@ -154,7 +163,6 @@ impl AttentionShape {
             inv_sums[g.min(MAX_GROUP - 1)] = 1.0 / sum(row);
         }
         out.fill(0.0);
-        let width = self.num_kv_heads * hd;
         for (block, lo, hi, j) in spans() {
             let values = &layer.v[(block * bs + lo) * width..(block * bs + hi) * width];
             for g in 0..group {
@@ -277,6 +285,20 @@ fn weigh_values(weights: &[f32], values: &[f32], width: usize, at: usize, out: &
             c = out.len();
         }
     }
+}
+
+/// Asks for the cache lines of `data` into L2 (no effect on results; a no-op off x86-64).
+#[inline(always)]
+fn prefetch_l2(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(16) {
+        // SAFETY: a prefetch never faults; the address is inside `data`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr() as *const i8)
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// Query heads per kv head whose softmax sums stay on the stack.
