@@ -62,6 +62,6 @@ print(f"{'':24} {'decode tok/s':>12} {'TTFT ms / pp tok/s':>19} {'load':>10}  ru
 for name, rs in rows.items():
     loads = [float(l) for _, _, l in rs if l]
     print(f"{name:24} {med(d for d, _, _ in rs):>12} {med(s for _, s, _ in rs):>19} "
-          f"{min(loads):>4.2f}-{max(loads):<4.2f}  {', '.join(d or '-' for d, _, _ in rs)}")
+          f"{min(loads):>4.2f}-{max(loads):<4.2f}  {', '.join(f'{float(d):.1f}' if d else '-' for d, _, _ in rs)}")
 EOF
 rm -f "$log"
