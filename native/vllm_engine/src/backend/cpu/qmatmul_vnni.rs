@@ -71,16 +71,6 @@ const fn slot(p: usize) -> (usize, usize) {
     ((p / 4) % 2, (p / 8) * 4 + p % 4)
 }
 
-const SLOTS: [(usize, usize); 64] = {
-    let mut t = [(0, 0); 64];
-    let mut p = 0;
-    while p < 64 {
-        t[p] = slot(p);
-        p += 1;
-    }
-    t
-};
-
 impl VnniMatrix {
     /// Repacks GGML blocks ([rows, cols], `data` as GGML stores them); None for other types.
     pub fn pack(dtype: GgmlDType, data: &[u8], rows: usize, cols: usize) -> Option<VnniMatrix> {
@@ -261,12 +251,12 @@ impl VnniMatrix {
                 }
                 (d, xb.iter().sum::<f32>())
             });
-            // Into the pair's register layout: this block's levels at its 4-byte lanes.
-            for (p, &(w, i)) in SLOTS.iter().enumerate() {
-                if w == which {
-                    xq[t * 64 + p] = hi[i];
-                    xq[lo_at + t * 64 + p] = lo[i];
-                }
+            // Into the pair's register layout: levels 4q..4q + 4 of this block go to the
+            // 4-byte lane 2q + which (see `slot`).
+            for q in 0..8 {
+                let at = t * 64 + 8 * q + 4 * which;
+                xq[at..at + 4].copy_from_slice(&hi[4 * q..4 * q + 4]);
+                xq[lo_at + at..lo_at + at + 4].copy_from_slice(&lo[4 * q..4 * q + 4]);
             }
             dx[b] = d;
             y[b] = sum
