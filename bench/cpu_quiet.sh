@@ -42,6 +42,7 @@ for _ in $(seq "$rounds"); do
   ours "ours Q4_1" "$V" 0 "--quantization gguf"
   ours "ours Q4_1 team" "$V" 1 "--quantization gguf"
   for o in ${V_OTHER:-}; do
+    ours "$(basename "$o") f32" "$o" 0 ""
     ours "$(basename "$o") f32 team" "$o" 1 ""
     ours "$(basename "$o") Q4_1" "$o" 0 "--quantization gguf"
     ours "$(basename "$o") Q4_1 team" "$o" 1 "--quantization gguf"
