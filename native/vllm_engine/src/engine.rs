@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{unbounded, Sender};
 
-use crate::config::{EngineArgs, ModelConfig};
+use crate::config::{Device, EngineArgs, ModelConfig};
 use crate::control::{ControlCommand, ControlOp, ControlReply, MemoryUsage};
 use crate::engine_core::{CoreCommand, CoreShared, EngineCore, NewRequest};
 use crate::error::{EngineError, Result};
@@ -214,7 +214,7 @@ impl Engine {
         let output = OutputProcessor::new(tokenizer.clone(), out_rx, core_tx.clone(), live.clone(), shared.clone());
 
         let spawn_err = |e: std::io::Error| EngineError::internal(format!("cannot start engine thread: {e}"));
-        let pool = compute_pool(args.num_threads)?;
+        let pool = compute_pool(args.num_threads, &args.device)?;
         let core_thread = std::thread::Builder::new()
             .name("vllm-engine-core".into())
             .spawn(move || match pool {
@@ -291,7 +291,7 @@ impl Engine {
             rx,
             shared.clone(),
         );
-        let pool = compute_pool(args.num_threads)?;
+        let pool = compute_pool(args.num_threads, &args.device)?;
         let thread = std::thread::Builder::new()
             .name("vllm-pooling-core".into())
             .spawn(move || match pool {
@@ -946,18 +946,21 @@ fn available_memory_bytes() -> Option<usize> {
     kib.checked_mul(1024)
 }
 
-/// With `num_threads`, the model's parallel loops (rayon, gemm) run in a pool of that size;
-/// None: the global pool (all cores).
-fn compute_pool(num_threads: Option<usize>) -> Result<Option<rayon::ThreadPool>> {
-    num_threads
-        .map(|n| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .thread_name(|i| format!("vllm-cpu-{i}"))
-                .build()
-                .map_err(|e| EngineError::internal(format!("cannot start {n} compute threads: {e}")))
-        })
-        .transpose()
+/// The pool whose worker runs the engine core, so the model's parallel loops (rayon, gemm)
+/// are forked from inside it: `num_threads` threads, or on the CPU device by default as
+/// many as rayon picks (RAYON_NUM_THREADS, else all cores). A loop started from a thread
+/// outside a pool is injected and its caller blocks on a latch, which cost ~20% of a
+/// batch-1 decode step (bench/RESULTS.md, C2 session 5). None: the global pool.
+fn compute_pool(num_threads: Option<usize>, device: &Device) -> Result<Option<rayon::ThreadPool>> {
+    if num_threads.is_none() && !matches!(device, Device::Cpu) {
+        return Ok(None);
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(num_threads.unwrap_or(0))
+        .thread_name(|i| format!("vllm-cpu-{i}"))
+        .build()
+        .map(Some)
+        .map_err(|e| EngineError::internal(format!("cannot start the compute threads ({num_threads:?}): {e}")))
 }
 
 #[cfg(test)]

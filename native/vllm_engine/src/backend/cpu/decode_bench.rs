@@ -1,7 +1,7 @@
 //! Timing report (`VLLM_CPU_TEAM=1 cargo test --release -p vllm_engine decode_sweep -- --ignored
 //! --nocapture`; without the variable the "team" rows run on rayon too):
 //! the matmuls of one SmolLM2-135M batch-1 decode step (30 layers of qkv, o, gate_up, down,
-//! then the LM head) on random weights, float32 and Q4_1, run three ways: on the team, on
+//! then the LM head) on random weights, float32 and Q4_1 (with a Q8_0 LM head, as the GGUF), run three ways: on the team, on
 //! rayon from a thread outside its pool (the engine thread's case before the team), and on
 //! one thread. Minimum over repetitions, so a loaded machine shows its best case.
 
@@ -42,6 +42,20 @@ fn q4_1_bytes(rows: usize, cols: usize, seed: u32) -> Vec<u8> {
         out.extend_from_slice(&half::f16::from_f32(-0.08 * v[b * 18 + 1].abs()).to_le_bytes());
         for i in 0..16 {
             out.push(((v[b * 18 + 2 + i % 16] + 1.0) * 127.0) as u8);
+        }
+    }
+    out
+}
+
+/// Q8_0 blocks (the LM head of the SmolLM2 Q4_1 GGUF): an f16 scale and 32 signed levels.
+fn q8_0_bytes(rows: usize, cols: usize, seed: u32) -> Vec<u8> {
+    let blocks = rows * cols / 32;
+    let v = noise(blocks * 33, seed);
+    let mut out = Vec::with_capacity(blocks * 34);
+    for b in 0..blocks {
+        out.extend_from_slice(&half::f16::from_f32(0.01 + v[b * 33].abs() * 0.01).to_le_bytes());
+        for i in 0..32 {
+            out.push((v[b * 33 + 1 + i] * 127.0) as i8 as u8);
         }
     }
     out
@@ -171,7 +185,11 @@ fn decode_sweep_q4_1() {
             mats.push((kind, M::Q(pack(r, c, (l * 4 + kind) as u32))));
         }
     }
-    mats.push((4, M::Q(pack(LM_HEAD.0, LM_HEAD.1, 999))));
+    let (r, c) = LM_HEAD;
+    mats.push((
+        4,
+        M::Q(VnniMatrix::pack(GgmlDType::Q8_0, &q8_0_bytes(r, c, 999), r, c).unwrap()),
+    ));
     println!(
         "Q4_1 weights: {:.0} MB",
         mats.iter()

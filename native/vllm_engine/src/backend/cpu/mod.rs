@@ -9,6 +9,7 @@ pub mod matmul_x86;
 pub mod phase_timer;
 pub mod qmatmul;
 pub mod qmatmul_avx2;
+mod qmatmul_nibbles;
 pub mod qmatmul_vnni;
 pub mod simd;
 pub mod team;

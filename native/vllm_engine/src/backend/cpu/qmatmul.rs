@@ -449,7 +449,7 @@ mod int8_tests {
             return;
         }
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            for (rows, cols) in [(40, 64), (70, 96), (33, 576)] {
+            for (rows, cols) in [(40, 64), (70, 96), (33, 576), (9, 1536)] {
                 let w: Vec<f32> = (0..rows * cols)
                     .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
                     .collect();

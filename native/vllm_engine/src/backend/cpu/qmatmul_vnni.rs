@@ -12,6 +12,9 @@
 //!
 //! A row's value is Σ_b scale_b·dx_b·(Σ u·qx)_b + Σ_b aux_b·y_b.
 //!
+//! The pair layout below is the repacking's first stage: 4-bit rows then go into 4-row tiles
+//! (qmatmul_nibbles.rs), Q8_0 rows into one record each with f16 scales (`q8_records`).
+//!
 //! Two blocks share one 64-byte register. Their levels are laid out so that 4-byte lane L
 //! holds block L % 2: the pair's two scales then broadcast as one 64-bit pattern. For
 //! 4-bit types the 64 levels are 32 bytes of nibbles (byte j: level j low, j + 32 high).
@@ -24,12 +27,15 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
 
+use super::qmatmul_nibbles::Tiles;
 use super::simd::vectorized;
 
 /// Input rows that share one pass over the weight row.
 const ROW_GROUP: usize = 8;
-/// Weight rows per parallel task.
-const TASK_ROWS: usize = 32;
+/// Parallel tasks per thread of a matmul (more only balance load; each costs a cold start).
+const TASKS_PER_THREAD: usize = 4;
+/// Fewest weight rows per parallel task.
+const MIN_TASK_ROWS: usize = 32;
 /// Below this many multiply-adds a call stays on the calling thread.
 const SERIAL_MAX_MACS: usize = 1 << 16;
 
@@ -37,6 +43,8 @@ pub fn available() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vnni")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -52,11 +60,9 @@ pub struct VnniMatrix {
     cols: usize,
     /// Block pairs per row (an odd block count gets a zero block).
     pairs: usize,
-    /// Levels, row after row: 32 bytes per pair for 4-bit types, 64 for Q8_0.
+    /// The weights with their block scales: 4-row tiles for 4-bit types
+    /// (qmatmul_nibbles.rs), one record per row for Q8_0 (`q8_records`).
     levels: Vec<u8>,
-    /// [rows, 2 · pairs] block scales and offsets (see the module comment).
-    scale: Vec<f32>,
-    aux: Vec<f32>,
 }
 
 /// Position p (0..64) of a pair's register holds block (p / 4) % 2, level (p / 8)·4 + p % 4.
@@ -64,16 +70,6 @@ pub struct VnniMatrix {
 const fn slot(p: usize) -> (usize, usize) {
     ((p / 4) % 2, (p / 8) * 4 + p % 4)
 }
-
-const SLOTS: [(usize, usize); 64] = {
-    let mut t = [(0, 0); 64];
-    let mut p = 0;
-    while p < 64 {
-        t[p] = slot(p);
-        p += 1;
-    }
-    t
-};
 
 impl VnniMatrix {
     /// Repacks GGML blocks ([rows, cols], `data` as GGML stores them); None for other types.
@@ -88,13 +84,8 @@ impl VnniMatrix {
             return None;
         }
         let blocks = cols / 32;
-        // 4-bit kinds: an even number of pairs, so the kernel loads two pairs (64 bytes of
-        // nibbles) at a time; the padding blocks have zero input scale and contribute 0.
-        let pairs = if kind == Kind::Q8_0 {
-            blocks.div_ceil(2)
-        } else {
-            blocks.div_ceil(4) * 2
-        };
+        // An odd block count gets a zero block (zero input scale: it contributes 0).
+        let pairs = blocks.div_ceil(2);
         let pair_bytes = if kind == Kind::Q8_0 { 64 } else { 32 };
         let mut levels = vec![0u8; rows * pairs * pair_bytes];
         let mut scale = vec![0.0f32; rows * pairs * 2];
@@ -138,14 +129,18 @@ impl VnniMatrix {
                     ax[b] = if kind == Kind::Q4_1 { f16_at(blk, 2) } else { sc[b] };
                 }
             });
+        let levels = if kind == Kind::Q8_0 {
+            q8_records(&levels, &scale, rows, pairs)
+        } else {
+            // 4-bit kinds: one stream of 4-row tiles with f16 scales (qmatmul_nibbles.rs).
+            Tiles { pairs, rows }.pack(&levels, &scale, &aux)
+        };
         Some(VnniMatrix {
             kind,
             rows,
             cols,
             pairs,
             levels,
-            scale,
-            aux,
         })
     }
 
@@ -154,7 +149,7 @@ impl VnniMatrix {
     }
 
     pub fn bytes(&self) -> usize {
-        self.levels.len() + (self.scale.len() + self.aux.len()) * 4
+        self.levels.len()
     }
 
     /// out ([m, rows]) = x ([m, cols]) Wᵀ. Requires `available()`.
@@ -184,8 +179,13 @@ impl VnniMatrix {
                     &mut dx[i * nb..(i + 1) * nb],
                     y_row,
                 );
-                if self.kind != Kind::Q8_0 {
-                    to_couple_layout(xq_row, y_row);
+                if self.kind == Kind::Q8_0 {
+                    // Spread over the 8 lanes of the block that each add it (see rows_group).
+                    y_row.iter_mut().for_each(|v| *v /= 8.0);
+                } else {
+                    let (hi, lo) = xq_row.split_at_mut(self.pairs * 64);
+                    to_couple_layout(hi);
+                    to_couple_layout(lo);
                 }
             }
             self.multiply(xq, dx, y, m, out);
@@ -196,8 +196,12 @@ impl VnniMatrix {
         let out_ptr = OutPtr(out.as_mut_ptr());
         let run = |r0: usize, r1: usize| {
             if self.kind != Kind::Q8_0 {
-                // SAFETY: as below.
-                unsafe { self.rows_nibbles(r0, r1, m, xq, dx, y, out_ptr) };
+                let tiles = Tiles {
+                    pairs: self.pairs,
+                    rows: self.rows,
+                };
+                // SAFETY: as below; r0 is a multiple of 4, so tasks own disjoint tiles.
+                unsafe { tiles.multiply(&self.levels, r0 / 4, r1.div_ceil(4), m, xq, dx, y, out_ptr) };
                 return;
             }
             for g0 in (0..m).step_by(ROW_GROUP) {
@@ -206,11 +210,19 @@ impl VnniMatrix {
                 unsafe { self.rows_group(r0, r1, g0, g, xq, dx, y, out_ptr) };
             }
         };
-        if m * self.rows * self.cols <= SERIAL_MAX_MACS || rayon::current_num_threads() <= 1 {
+        let threads = rayon::current_num_threads();
+        if m * self.rows * self.cols <= SERIAL_MAX_MACS || threads <= 1 {
             run(0, self.rows);
         } else {
-            let tasks = self.rows.div_ceil(TASK_ROWS);
-            super::team::for_each(tasks, |t| run(t * TASK_ROWS, ((t + 1) * TASK_ROWS).min(self.rows)));
+            // Long runs of rows per task: each task restarts the weight stream (and its
+            // prefetch), so a few tasks per thread balance load without many cold starts.
+            let task_rows = self
+                .rows
+                .div_ceil(TASKS_PER_THREAD * threads)
+                .next_multiple_of(4)
+                .max(MIN_TASK_ROWS);
+            let tasks = self.rows.div_ceil(task_rows);
+            super::team::for_each(tasks, |t| run(t * task_rows, ((t + 1) * task_rows).min(self.rows)));
         }
     }
 
@@ -239,16 +251,15 @@ impl VnniMatrix {
                 }
                 (d, xb.iter().sum::<f32>())
             });
-            // Into the pair's register layout: this block's levels at its 4-byte lanes.
-            for (p, &(w, i)) in SLOTS.iter().enumerate() {
-                if w == which {
-                    xq[t * 64 + p] = hi[i];
-                    xq[lo_at + t * 64 + p] = lo[i];
-                }
+            // Into the pair's register layout: levels 4q..4q + 4 of this block go to the
+            // 4-byte lane 2q + which (see `slot`).
+            for q in 0..8 {
+                let at = t * 64 + 8 * q + 4 * which;
+                xq[at..at + 4].copy_from_slice(&hi[4 * q..4 * q + 4]);
+                xq[lo_at + at..lo_at + at + 4].copy_from_slice(&lo[4 * q..4 * q + 4]);
             }
             dx[b] = d;
-            // Spread over the 8 lanes of the block that each add it (see rows_group).
-            y[b] = sum / 8.0
+            y[b] = sum
                 * match self.kind {
                     Kind::Q4_1 => 1.0,
                     Kind::Q4_0 => -8.0,
@@ -257,8 +268,11 @@ impl VnniMatrix {
         }
     }
 
+    /// Q8_0 rows r0..r1 for input rows g0..g0 + g. A row is one record (see `q8_records`):
+    /// its pairs of levels, then its block scales as f16. The offset term uses the weight
+    /// scale too (w = d·(u − 128)): sw·(dot·sx + y), y = −128·Σx / 8 per lane.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,f16c")]
     unsafe fn rows_group(
         &self,
         r0: usize,
@@ -271,26 +285,26 @@ impl VnniMatrix {
         out: OutPtr,
     ) {
         let nb = self.pairs * 2;
-        let pair_bytes = if self.kind == Kind::Q8_0 { 64 } else { 32 };
-        let low4 = _mm512_set1_epi8(0x0F);
-        let shifts = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
         let lo_weight = _mm512_set1_ps(1.0 / 254.0);
+        let record = self.pairs * Q8_RECORD_PAIR;
+        let base = self.levels.as_ptr();
+        if g0 == 0 {
+            let head = Q8_PREFETCH_ROWS.min(r1 - r0);
+            prefetch_lines(base as *const i8, r0 * record, head * record);
+        }
+        // Two block values as one 64-bit pattern: 4-byte lane L belongs to block L % 2.
+        let pair = |p: *const f32| _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(p as *const f64)));
         for r in r0..r1 {
-            let lv = self.levels.as_ptr().add(r * self.pairs * pair_bytes);
-            let sc = self.scale.as_ptr().add(r * nb);
-            let ax = self.aux.as_ptr().add(r * nb);
+            if g0 == 0 {
+                prefetch_lines(base as *const i8, (r + Q8_PREFETCH_ROWS) * record, record);
+            }
+            let lv = base.add(r * record);
+            let sc = lv.add(self.pairs * 64);
             let mut acc = [_mm512_setzero_ps(); ROW_GROUP];
             for t in 0..self.pairs {
-                let w = if pair_bytes == 64 {
-                    _mm512_loadu_si512(lv.add(t * 64) as *const _)
-                } else {
-                    let half = _mm256_loadu_si256(lv.add(t * 32) as *const __m256i);
-                    let both = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
-                    _mm512_and_si512(_mm512_srlv_epi64(both, shifts), low4)
-                };
-                let pair = |p: *const f32| _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(p as *const f64)));
-                let sw = pair(sc.add(2 * t));
-                let aw = pair(ax.add(2 * t));
+                let w = _mm512_loadu_si512(lv.add(t * 64) as *const _);
+                let sw = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(sc.add(4 * t) as *const i32)));
+                let sw = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(sw)));
                 for (i, a) in acc.iter_mut().enumerate().take(g) {
                     let row = g0 + i;
                     let x_hi = xq.as_ptr().add((2 * row * self.pairs + t) * 64);
@@ -299,8 +313,8 @@ impl VnniMatrix {
                     let lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x_lo as *const _));
                     let dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), lo_weight, _mm512_cvtepi32_ps(hi));
                     let sx = pair(dx.as_ptr().add(row * nb + 2 * t));
-                    let offset = _mm512_mul_ps(aw, pair(y.as_ptr().add(row * nb + 2 * t)));
-                    *a = _mm512_fmadd_ps(dot, _mm512_mul_ps(sw, sx), _mm512_add_ps(*a, offset));
+                    let sy = pair(y.as_ptr().add(row * nb + 2 * t));
+                    *a = _mm512_fmadd_ps(sw, _mm512_fmadd_ps(dot, sx, sy), *a);
                 }
             }
             for (i, a) in acc.iter().enumerate().take(g) {
@@ -310,86 +324,26 @@ impl VnniMatrix {
     }
 }
 
-impl VnniMatrix {
-    /// Rows r0..r1 for every input row, 4-bit kinds: two pairs (four blocks, 128 levels)
-    /// per step, 4 weight rows at a time so the input's registers serve all four. Each
-    /// output is the same sequence of operations whatever `m` is, so results do not depend
-    /// on the batch.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn rows_nibbles(&self, r0: usize, r1: usize, m: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
-        let nb = self.pairs * 2;
-        let mut r = r0;
-        while r + 4 <= r1 {
-            // The weights of rows PREFETCH_ROWS ahead: a decode streams them from memory, and
-            // the hardware prefetcher alone keeps too few lines in flight for one thread.
-            let ahead = r + PREFETCH_ROWS;
-            prefetch_lines(
-                self.levels.as_ptr() as *const i8,
-                ahead * self.pairs * 32,
-                4 * self.pairs * 32,
-            );
-            prefetch_lines(self.scale.as_ptr() as *const i8, ahead * nb * 4, 4 * nb * 4);
-            prefetch_lines(self.aux.as_ptr() as *const i8, ahead * nb * 4, 4 * nb * 4);
-            for i in 0..m {
-                self.nibble_rows::<4>(r, i, xq, dx, y, out);
-            }
-            r += 4;
-        }
-        while r < r1 {
-            for i in 0..m {
-                self.nibble_rows::<1>(r, i, xq, dx, y, out);
-            }
-            r += 1;
-        }
-    }
+/// Bytes per pair of a Q8_0 record: 64 levels and two f16 scales.
+const Q8_RECORD_PAIR: usize = 68;
 
-    /// out[i, r .. r + R] for 4-bit kinds, inputs in the couple layout (`to_couple_layout`).
-    /// A 64-byte load holds the nibbles of pairs 2c and 2c + 1; its low nibbles are
-    /// positions 0..32 of both pairs, its high nibbles positions 32..64, so 4-byte lane L
-    /// belongs to block 4c + 2·(L / 8) + L % 2 in both halves.
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn nibble_rows<const R: usize>(&self, r: usize, i: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
-        let nb = self.pairs * 2;
-        let couples = self.pairs / 2;
-        let low4 = _mm512_set1_epi8(0x0F);
-        let lo_weight = _mm512_set1_ps(1.0 / 254.0);
-        let lanes = _mm512_set_epi32(3, 2, 3, 2, 3, 2, 3, 2, 1, 0, 1, 0, 1, 0, 1, 0);
-        let four = |p: *const f32| _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(p)));
-        let x_hi = xq.as_ptr().add(2 * i * self.pairs * 64);
-        let x_lo = x_hi.add(self.pairs * 64);
-        let (dxr, yr) = (dx.as_ptr().add(i * nb), y.as_ptr().add(i * nb));
-        let mut acc = [_mm512_setzero_ps(); R];
-        for c in 0..couples {
-            let xh0 = _mm512_loadu_si512(x_hi.add(c * 128) as *const _);
-            let xh1 = _mm512_loadu_si512(x_hi.add(c * 128 + 64) as *const _);
-            let xl0 = _mm512_loadu_si512(x_lo.add(c * 128) as *const _);
-            let xl1 = _mm512_loadu_si512(x_lo.add(c * 128 + 64) as *const _);
-            let sx = four(dxr.add(4 * c));
-            let sy = four(yr.add(4 * c));
-            for (k, a) in acc.iter_mut().enumerate() {
-                let row = r + k;
-                let v = _mm512_loadu_si512(self.levels.as_ptr().add(row * self.pairs * 32 + c * 64) as *const _);
-                let w0 = _mm512_and_si512(v, low4);
-                let w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-                let hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, xh0), w1, xh1);
-                let lo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, xl0), w1, xl1);
-                let dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), lo_weight, _mm512_cvtepi32_ps(hi));
-                let sw = four(self.scale.as_ptr().add(row * nb + 4 * c));
-                let aw = four(self.aux.as_ptr().add(row * nb + 4 * c));
-                *a = _mm512_fmadd_ps(dot, _mm512_mul_ps(sw, sx), _mm512_fmadd_ps(aw, sy, *a));
-            }
-        }
-        for (k, a) in acc.iter().enumerate() {
-            *out.0.add(i * self.rows + r + k) = _mm512_reduce_add_ps(*a);
+/// Q8_0 rows as records of `pairs` × 64 levels followed by the 2·pairs block scales as f16
+/// (GGUF's values, exact), so the kernel reads one stream; the offsets equal the scales
+/// and are not stored.
+fn q8_records(levels: &[u8], scale: &[f32], rows: usize, pairs: usize) -> Vec<u8> {
+    let mut out = vec![0u8; rows * pairs * Q8_RECORD_PAIR];
+    for (r, rec) in out.chunks_exact_mut(pairs * Q8_RECORD_PAIR).enumerate() {
+        rec[..pairs * 64].copy_from_slice(&levels[r * pairs * 64..(r + 1) * pairs * 64]);
+        for (b, dst) in rec[pairs * 64..].chunks_exact_mut(2).enumerate() {
+            dst.copy_from_slice(&f16::from_f32(scale[r * 2 * pairs + b]).to_le_bytes());
         }
     }
+    out
 }
 
-/// Weight rows ahead of the kernel whose lines `rows_nibbles` prefetches.
-const PREFETCH_ROWS: usize = 16;
+/// Weight rows ahead of the row in work whose lines `rows_group` prefetches (Q8_0 rows of
+/// 576 columns: ~5 KB ahead).
+const Q8_PREFETCH_ROWS: usize = 8;
 
 /// Asks for the cache lines of `base[at .. at + len]` (addresses past the allocation are
 /// never dereferenced: a prefetch does not fault).
@@ -402,16 +356,14 @@ unsafe fn prefetch_lines(base: *const i8, at: usize, len: usize) {
     }
 }
 
-/// From the pair layout `quantize_row` writes to the one `nibble_rows` reads: in each
+/// From the pair layout `quantize_row` writes to the one the 4-bit kernel reads: in each
 /// 128 bytes (two pairs) the middle 32-byte quarters swap, so positions 0..32 of both pairs
-/// come first and positions 32..64 of both second; a block now spans 4 lanes of a register,
-/// not 8, so its share of Σx doubles.
-fn to_couple_layout(xq: &mut [i8], y: &mut [f32]) {
+/// come first and positions 32..64 of both second (a lone last pair stays as it is).
+fn to_couple_layout(xq: &mut [i8]) {
     for couple in xq.chunks_exact_mut(128) {
         let (a, b) = couple.split_at_mut(64);
         a[32..].swap_with_slice(&mut b[..32]);
     }
-    y.iter_mut().for_each(|v| *v *= 2.0);
 }
 
 /// The quantized input of a call, kept per thread so steps allocate nothing.
@@ -426,7 +378,15 @@ thread_local! {
     static INPUT: std::cell::RefCell<Input> = std::cell::RefCell::new(Input::default());
 }
 
+/// The output of a matmul, shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements through it.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    pub(super) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
