@@ -327,6 +327,16 @@ impl GroupsPtr {
 mod tests {
     use super::*;
 
+    /// SmolLM2-135M's geometry (3 query heads per kv head, head_dim 64), 16-slot blocks.
+    const SMOLLM2: AttentionShape = AttentionShape {
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        block_size: 16,
+        sliding_window: None,
+        scale: 0.125,
+    };
+
     /// Naive softmax attention over a contiguous copy, for comparison.
     fn reference(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f32> {
         let scores: Vec<f32> = keys
@@ -410,14 +420,7 @@ mod tests {
     /// invariance of the parallel path), and matches the naive softmax.
     #[test]
     fn lone_decode_token_matches_itself_in_a_batch_and_naive_attention() {
-        let shape = AttentionShape {
-            num_heads: 9,
-            num_kv_heads: 3,
-            head_dim: 64,
-            block_size: 16,
-            sliding_window: None,
-            scale: 0.125,
-        };
+        let shape = SMOLLM2;
         // Long enough that both calls run in parallel (not the serial small-call path).
         let n = SERIAL_MAX_KEYS + 5;
         let (layer, table) = filled_layer(shape, n);
@@ -466,14 +469,7 @@ mod tests {
     /// 16-key scoring path, partial first (window) and last blocks.
     #[test]
     fn matches_naive_attention_with_16_key_blocks() {
-        let shape = AttentionShape {
-            num_heads: 9,
-            num_kv_heads: 3,
-            head_dim: 64,
-            block_size: 16,
-            sliding_window: None,
-            scale: 0.125,
-        };
+        let shape = SMOLLM2;
         check_against_naive(shape, 70);
         check_against_naive(
             AttentionShape {
