@@ -16,7 +16,8 @@ for lib in libtinfo.so.6 libz.so.1; do
 done
 export PATH=/usr/lib/erlang/bin:/usr/lib/elixir/bin:$PATH
 app=$(mktemp -d) && tar -C "$app" -xzf "$gpu/erl/app.tar.gz" || exit 1
-tok=$(mktemp) && gunzip -c "$gpu/tokenizer.json.gz" > "$tok"
+# setup.sh has unpacked the pack's .gz files in place.
+tok=$gpu/tokenizer.json
 config=$here/configs/qwen3-0.6b.json
 requests=$(mktemp)
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
