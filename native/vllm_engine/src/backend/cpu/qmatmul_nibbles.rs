@@ -14,7 +14,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::qmatmul_vnni::OutPtr;
+use super::qmatmul_vnni::{prefetch_lines, OutPtr};
 
 /// Bytes of one couple of a tile, and of a lone tail pair.
 const COUPLE_BYTES: usize = 320;
@@ -104,9 +104,9 @@ impl Tiles {
     ) {
         let tb = self.tile_bytes();
         let ahead = PREFETCH_BYTES.div_ceil(tb).max(1);
-        prefetch(data.as_ptr(), t0 * tb, (ahead.min(t1 - t0)) * tb);
+        prefetch_lines(data.as_ptr(), t0 * tb, (ahead.min(t1 - t0)) * tb);
         for t in t0..t1 {
-            prefetch(data.as_ptr(), (t + ahead) * tb, tb);
+            prefetch_lines(data.as_ptr(), (t + ahead) * tb, tb);
             let tile = data.as_ptr().add(t * tb);
             for i in 0..m {
                 self.tile_row(tile, 4 * t, i, xq, dx, y, out);
@@ -190,16 +190,5 @@ impl Tiles {
                 *out.get().add(i * self.rows + r + k) = _mm512_reduce_add_ps(*a) + o + tail_offsets[k];
             }
         }
-    }
-}
-
-/// Asks for the cache lines of `base[at .. at + len]` (a prefetch past the allocation is
-/// never dereferenced and does not fault).
-#[inline(always)]
-unsafe fn prefetch(base: *const u8, at: usize, len: usize) {
-    let mut off = 0;
-    while off < len {
-        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(at + off) as *const i8);
-        off += 64;
     }
 }

@@ -290,13 +290,13 @@ impl VnniMatrix {
         let base = self.levels.as_ptr();
         if g0 == 0 {
             let head = Q8_PREFETCH_ROWS.min(r1 - r0);
-            prefetch_lines(base as *const i8, r0 * record, head * record);
+            prefetch_lines(base, r0 * record, head * record);
         }
         // Two block values as one 64-bit pattern: 4-byte lane L belongs to block L % 2.
         let pair = |p: *const f32| _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(p as *const f64)));
         for r in r0..r1 {
             if g0 == 0 {
-                prefetch_lines(base as *const i8, (r + Q8_PREFETCH_ROWS) * record, record);
+                prefetch_lines(base, (r + Q8_PREFETCH_ROWS) * record, record);
             }
             let lv = base.add(r * record);
             let sc = lv.add(self.pairs * 64);
@@ -346,12 +346,12 @@ fn q8_records(levels: &[u8], scale: &[f32], rows: usize, pairs: usize) -> Vec<u8
 const Q8_PREFETCH_ROWS: usize = 8;
 
 /// Asks for the cache lines of `base[at .. at + len]` (addresses past the allocation are
-/// never dereferenced: a prefetch does not fault).
+/// never dereferenced: a prefetch does not fault). Shared by the 4-bit kernel.
 #[inline(always)]
-unsafe fn prefetch_lines(base: *const i8, at: usize, len: usize) {
+pub(super) unsafe fn prefetch_lines(base: *const u8, at: usize, len: usize) {
     let mut off = 0;
     while off < len {
-        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(at + off));
+        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(at + off) as *const i8);
         off += 64;
     }
 }
