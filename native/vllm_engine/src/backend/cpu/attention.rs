@@ -355,8 +355,7 @@ mod tests {
         out
     }
 
-    /// Writes `n` positions through `write_kv` into shuffled blocks, attends every position
-    /// and compares each head with the naive softmax over a contiguous copy.
+    /// Element j of position p's key (salt 0.1) or value (salt 0.7) row in the test caches.
     fn value(p: usize, j: usize, salt: f32) -> f32 {
         ((p * 31 + j * 7) as f32 * 0.173 + salt).sin()
     }
@@ -385,6 +384,8 @@ mod tests {
         (layer, table)
     }
 
+    /// Writes `n` positions through `write_kv` into shuffled blocks, attends every position
+    /// and compares each head with the naive softmax over a contiguous copy.
     fn check_against_naive(shape: AttentionShape, n: usize) {
         let hd = shape.head_dim;
         let (layer, table) = filled_layer(shape, n);
