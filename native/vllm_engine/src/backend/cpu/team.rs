@@ -104,16 +104,13 @@ pub fn for_each_rows(rows: usize, tasks: usize, f: impl Fn(usize) + Sync) {
 /// Runs `f(0) .. f(tasks - 1)`, each exactly once, spread over the team (or rayon's pool
 /// when the team is busy); returns when all have finished.
 pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync) {
-    let width = rayon::current_num_threads();
-    if tasks <= 1 || width <= 1 {
+    if enabled() {
+        on_team(tasks, f);
+    } else if tasks <= 1 || rayon::current_num_threads() <= 1 {
         (0..tasks).for_each(f);
-        return;
-    }
-    if !enabled() {
+    } else {
         (0..tasks).into_par_iter().for_each(|i| f(i));
-        return;
     }
-    on_team(tasks, f);
 }
 
 /// `for_each` on the team whatever `VLLM_CPU_TEAM` says.
