@@ -114,6 +114,11 @@ for m in ${ENV_MODES:-}; do modes+=("${m%%:*}"); mode_env[${m%%:*}]=${m#*:}; don
 # positions per attention_batch split (VLLM_ATT_PARTITION).
 [ "${ATT0:-0}" = 1 ] && modes+=("att0")
 for p in ${PARTS:-}; do modes+=("p$p"); done
+# NARROW=1: also with 256 sequences and 8,192 tokens a step (our limits before the
+# device-wide defaults of src/batch_size.rs; W1 runs at 8,192 tokens either way).
+[ "${NARROW:-0}" = 1 ] && modes+=("narrow")
+# WIDE=1: also with the H100/H200 defaults set explicitly (1,024 sequences, 16,384 tokens).
+[ "${WIDE:-0}" = 1 ] && modes+=("wide")
 # MICRO_ATT=1: bench/gpu/micro/attention_bench (built on the development machine, carried
 # in bin/): one layer of W1's decode attention, v2 against attention_batch, checked.
 if [ "${MICRO_ATT:-0}" = 1 ] && [ -e "$bin/attention_bench" ]; then
@@ -128,7 +133,10 @@ for w in $workloads; do
   extra=()
   [ -n "$c" ] && extra+=(--ceiling "$c")
   [ "$w" = w3 ] && extra+=(--max-model-len 1024)
-  [ "$w" != w3 ] && extra+=(--max-model-len 2048 --max-num-batched-tokens 8192)
+  [ "$w" != w3 ] && extra+=(--max-model-len 2048)
+  [ "$w" = w1 ] && extra+=(--max-num-batched-tokens 8192)
+  [ "$mode" = narrow ] && extra+=(--max-num-seqs 256 --max-num-batched-tokens 8192)
+  [ "$mode" = wide ] && extra+=(--max-num-seqs 1024 --max-num-batched-tokens 16384)
   [ "$mode" = eager ] && extra+=(--enforce-eager true)
   tag=$w; [ "$mode" != graphs ] && tag=$w-$mode
   att_v1=0; [ "$mode" = v1 ] && att_v1=1

@@ -115,7 +115,7 @@ defmodule Vllm.AsyncLLMEngine.Server do
        native: native,
        profiler_dir: opts[:profiler_dir],
        log_mark: log_mark(cores),
-       max_queued: max_queued(opts)
+       max_queued: max_queued(opts, cores)
      }}
   end
 
@@ -434,10 +434,18 @@ defmodule Vllm.AsyncLLMEngine.Server do
   ## Internals
 
   # Requests that may wait here while paused or asleep (nil: no limit).
-  defp max_queued(opts) do
+  defp max_queued(opts, cores) do
     case opts[:max_waiting_requests] do
       nil -> nil
-      waiting -> waiting + (opts[:max_num_seqs] || 256)
+      waiting -> waiting + running_limit(cores)
+    end
+  end
+
+  # The engine's max_num_seqs as it resolved it (the default depends on the device).
+  defp running_limit(cores) do
+    case Native.engine_info(cores[0]) do
+      {:ok, %{max_num_seqs: n}} -> n
+      _ -> 0
     end
   end
 

@@ -127,8 +127,9 @@ pub struct EngineArgs {
     pub seed: u64,
     /// None: the model's max_position_embeddings.
     pub max_model_len: Option<usize>,
-    pub max_num_seqs: usize,
-    /// None: max(2048, max_model_len) as vLLM with chunked prefill.
+    /// None: the device's default (`BatchDefaults::for_device`).
+    pub max_num_seqs: Option<usize>,
+    /// None: the device's default with chunked prefill; without it, at least max_model_len.
     pub max_num_batched_tokens: Option<usize>,
     pub block_size: usize,
     /// Bytes for the KV cache; None: sized from `gpu_memory_utilization`.
@@ -176,7 +177,7 @@ impl EngineArgs {
             dtype: DType::Auto,
             seed: 0,
             max_model_len: None,
-            max_num_seqs: 256,
+            max_num_seqs: None,
             max_num_batched_tokens: None,
             block_size: 16,
             kv_cache_memory_bytes: None,
@@ -216,7 +217,7 @@ impl EngineArgs {
                 }
             }
         }
-        if self.max_num_seqs == 0 {
+        if self.max_num_seqs == Some(0) {
             return Err(EngineError::validation("max_num_seqs must be at least 1"));
         }
         if self.block_size == 0 || self.block_size > 256 {

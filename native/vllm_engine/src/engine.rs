@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{unbounded, Sender};
 
+use crate::batch_size::BatchSize;
 use crate::config::{Device, EngineArgs, ModelConfig};
 use crate::control::{ControlCommand, ControlOp, ControlReply, MemoryUsage};
 use crate::engine_core::{CoreCommand, CoreShared, EngineCore, NewRequest};
@@ -233,6 +234,7 @@ impl Engine {
                 return Err(spawn_err(e));
             }
         };
+        let max_live_requests = args.max_waiting_requests.map(|w| w.saturating_add(limits.max_num_seqs));
         Ok(Engine {
             core_tx,
             out_tx,
@@ -253,7 +255,7 @@ impl Engine {
             max_loras: args.max_loras,
             pooling: None,
             last_logged: Mutex::new(None),
-            max_live_requests: args.max_waiting_requests.map(|w| w.saturating_add(args.max_num_seqs)),
+            max_live_requests,
         })
     }
 
@@ -273,7 +275,7 @@ impl Engine {
         tokenizer.set_truncation(Some(max_model_len))?;
         let limits = EngineLimits {
             max_model_len,
-            max_num_seqs: args.max_num_seqs,
+            max_num_seqs: args.max_num_seqs.unwrap_or(BatchSize::DEFAULT.max_num_seqs),
             max_num_batched_tokens: args.max_num_batched_tokens.unwrap_or(max_model_len.max(8192)),
             block_size: args.block_size,
             num_blocks: 0,
@@ -308,6 +310,7 @@ impl Engine {
             config.architecture,
             config.supported_tasks().join(", ")
         );
+        let max_live_requests = args.max_waiting_requests.map(|w| w.saturating_add(limits.max_num_seqs));
         Ok(Engine {
             core_tx,
             out_tx,
@@ -324,7 +327,7 @@ impl Engine {
             max_loras: 0,
             pooling: Some(PoolingSide { tx, config }),
             last_logged: Mutex::new(None),
-            max_live_requests: args.max_waiting_requests.map(|w| w.saturating_add(args.max_num_seqs)),
+            max_live_requests,
         })
     }
 
@@ -880,10 +883,12 @@ fn resolve_limits(
             config.max_position_embeddings
         )));
     }
+    let defaults = model.batch_defaults()?;
+    let max_num_seqs = args.max_num_seqs.unwrap_or(defaults.max_num_seqs);
     let max_num_batched_tokens = match args.max_num_batched_tokens {
         Some(n) => n,
-        None if args.enable_chunked_prefill => 2048,
-        None => max_model_len.max(2048),
+        None if args.enable_chunked_prefill => defaults.max_num_batched_tokens,
+        None => max_model_len.max(defaults.max_num_batched_tokens),
     };
     if !args.enable_chunked_prefill && max_num_batched_tokens < max_model_len {
         return Err(EngineError::validation(format!(
@@ -896,12 +901,18 @@ fn resolve_limits(
     let kv_bytes = match args.kv_cache_memory_bytes {
         Some(bytes) => bytes,
         // A GPU model sizes its cache from gpu_memory_utilization and the card's memory.
-        None => match model.kv_cache_budget(args, max_num_batched_tokens)? {
+        None => match model.kv_cache_budget(
+            args,
+            BatchSize {
+                max_num_seqs,
+                max_num_batched_tokens,
+            },
+        )? {
             Some(bytes) => bytes,
             None => {
                 // The CPU's gpu_memory_utilization: a share of the memory left after the
                 // weights, no more than max_num_seqs full-length requests need, and at most 1 GiB.
-                let wanted = (args.max_num_seqs * max_model_len)
+                let wanted = (max_num_seqs * max_model_len)
                     .div_ceil(block_size)
                     .saturating_mul(per_block);
                 let available = available_memory_bytes()
@@ -929,7 +940,7 @@ fn resolve_limits(
     }
     Ok(EngineLimits {
         max_model_len,
-        max_num_seqs: args.max_num_seqs,
+        max_num_seqs,
         max_num_batched_tokens,
         block_size,
         num_blocks,

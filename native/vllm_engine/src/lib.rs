@@ -2,6 +2,7 @@
 //! Plain Rust; knows nothing of the BEAM. See ../../../README.md and shared/DESIGN.md.
 
 pub mod backend;
+pub mod batch_size;
 pub mod config;
 pub mod control;
 pub mod device_sampling;

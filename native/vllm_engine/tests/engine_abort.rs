@@ -66,7 +66,7 @@ fn abort_mid_decode_frees_every_block() {
 #[test]
 fn aborting_a_queued_request_and_an_unknown_id_is_fine() {
     let mut a = args();
-    a.max_num_seqs = 1;
+    a.max_num_seqs = Some(1);
     let h = engine_with(
         a,
         FakeBehaviour {

@@ -106,7 +106,7 @@ fn preemption_under_a_tiny_cache_completes_every_request_unchanged() {
 #[test]
 fn max_num_seqs_limits_the_batch_but_everyone_finishes() {
     let mut few = args();
-    few.max_num_seqs = 2;
+    few.max_num_seqs = Some(2);
     let h = engine_with(few, FakeBehaviour::default());
     let receivers: Vec<_> = (0..6)
         .map(|i| {
@@ -131,7 +131,7 @@ fn max_num_seqs_limits_the_batch_but_everyone_finishes() {
 #[test]
 fn waiting_requests_are_admitted_by_priority_then_arrival() {
     let mut one_at_a_time = args();
-    one_at_a_time.max_num_seqs = 1;
+    one_at_a_time.max_num_seqs = Some(1);
     one_at_a_time.scheduling_policy = vllm_engine::config::SchedulingPolicy::Priority;
     let h = engine_with(
         one_at_a_time,

@@ -228,7 +228,7 @@ fn engine_embedding_throughput() {
         .ok()
         .and_then(|v| v.parse().ok())
     {
-        args.max_num_seqs = n;
+        args.max_num_seqs = Some(n);
     }
     let engine = Engine::new(args).expect("MiniLM pooling engine");
     let words = engine

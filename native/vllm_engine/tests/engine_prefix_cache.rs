@@ -16,7 +16,7 @@ fn case(name: &str) -> SmolLm2Case {
 fn engine(prefix_caching: bool, max_num_batched_tokens: Option<usize>) -> Engine {
     let mut args = EngineArgs::new(smollm2_gguf());
     args.max_model_len = Some(512);
-    args.max_num_seqs = 16;
+    args.max_num_seqs = Some(16);
     args.enable_prefix_caching = prefix_caching;
     args.max_num_batched_tokens = max_num_batched_tokens;
     Engine::new(args).unwrap_or_else(|e| panic!("cannot start the engine on SmolLM2: {e}"))

@@ -1,6 +1,7 @@
 //! Admission limits and engine death: max_waiting_requests refuses with ResourceExhausted
 //! (and frees its slot when a request ends); a fault injected into the core thread fails
-//! every request with EngineDead and tells the death listeners, once.
+//! every request with EngineDead and tells the death listeners, once; step limits left
+//! unset take the device's defaults.
 
 mod engine_common;
 
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use crossbeam_channel::unbounded;
 use engine_common::*;
+use vllm_engine::batch_size::BatchSize;
 use vllm_engine::{EngineRequest, ErrorCategory, SamplingParams};
 
 fn slow() -> FakeBehaviour {
@@ -27,7 +29,7 @@ fn long() -> SamplingParams {
 #[test]
 fn max_waiting_requests_bounds_the_requests_in_flight() {
     let mut a = args();
-    a.max_num_seqs = 2;
+    a.max_num_seqs = Some(2);
     a.max_waiting_requests = Some(1);
     let h = engine_with(a, slow());
     let rxs: Vec<_> = (0..3)
@@ -103,4 +105,26 @@ fn an_injected_fault_kills_the_engine_and_tells_every_caller_and_listener() {
         .recv_timeout(Duration::from_secs(1))
         .is_ok_and(|w| w.starts_with("late")));
     assert!(died_rx.try_recv().is_err());
+}
+
+#[test]
+fn unset_step_limits_take_the_devices_defaults_and_set_ones_win() {
+    let limits = |h: &Harness| (h.engine.limits().max_num_seqs, h.engine.limits().max_num_batched_tokens);
+    let mut a = args();
+    a.max_num_seqs = None;
+    a.max_num_batched_tokens = None;
+    let cpu = engine_with(a.clone(), FakeBehaviour::default());
+    assert_eq!(limits(&cpu), (256, 2048));
+
+    let large_gpu = || FakeBehaviour {
+        batch_defaults: Some(BatchSize::LARGE_GPU),
+        ..Default::default()
+    };
+    let wide = engine_with(a.clone(), large_gpu());
+    assert_eq!(limits(&wide), (1024, 16384));
+
+    a.max_num_seqs = Some(8);
+    a.max_num_batched_tokens = Some(100);
+    let set = engine_with(a, large_gpu());
+    assert_eq!(limits(&set), (8, 100));
 }

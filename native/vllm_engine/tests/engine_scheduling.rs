@@ -24,7 +24,7 @@ fn sixty_four_requests_finish_unchanged_in_a_cache_too_small_for_them() {
     let cases: Vec<(Vec<u32>, usize)> = (0..64).map(|i| (prompt(300 + i, 20 + i as usize), 24)).collect();
     let run = |num_blocks: usize| {
         let mut a = args();
-        a.max_num_seqs = 64;
+        a.max_num_seqs = Some(64);
         a.max_num_batched_tokens = Some(256);
         a.kv_cache_memory_bytes = Some(num_blocks * PagedKvCache::bytes_per_block(1, 4, 1, 1));
         let h = engine_with(a, slow());
@@ -52,7 +52,7 @@ fn sixty_four_requests_finish_unchanged_in_a_cache_too_small_for_them() {
 fn a_high_priority_request_submitted_last_finishes_before_earlier_low_priority_ones() {
     let mut a = args();
     a.scheduling_policy = SchedulingPolicy::Priority;
-    a.max_num_seqs = 4;
+    a.max_num_seqs = Some(4);
     let h = engine_with(a, slow());
     let low: Vec<_> = (0..12)
         .map(|i| {
@@ -92,7 +92,7 @@ fn a_high_priority_request_submitted_last_finishes_before_earlier_low_priority_o
 #[test]
 fn fcfs_ignores_priority() {
     let mut a = args();
-    a.max_num_seqs = 1;
+    a.max_num_seqs = Some(1);
     let h = engine_with(
         a,
         FakeBehaviour {

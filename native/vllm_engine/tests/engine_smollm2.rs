@@ -10,7 +10,7 @@ use vllm_engine::{Engine, EngineArgs, FinishReason, OutputKind, SamplingParams, 
 fn engine() -> Engine {
     let mut args = EngineArgs::new(smollm2_gguf());
     args.max_model_len = Some(512);
-    args.max_num_seqs = 16;
+    args.max_num_seqs = Some(16);
     // A small budget so the prompts are prefilled in chunks beside other requests' decodes.
     args.max_num_batched_tokens = Some(24);
     Engine::new(args).unwrap_or_else(|e| panic!("cannot start the engine on SmolLM2: {e}"))

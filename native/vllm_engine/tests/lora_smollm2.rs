@@ -63,7 +63,7 @@ fn engine_with(max_loras: usize, max_cpu_loras: Option<usize>) -> Engine {
         args.dtype = dtype;
     }
     args.max_model_len = Some(256);
-    args.max_num_seqs = 16;
+    args.max_num_seqs = Some(16);
     args.block_size = 4;
     args.max_num_batched_tokens = Some(32);
     args.enable_lora = true;
@@ -399,7 +399,7 @@ fn measure_lora_throughput() {
         args.dtype = dtype;
     }
     args.max_model_len = Some(256);
-    args.max_num_seqs = REQUESTS;
+    args.max_num_seqs = Some(REQUESTS);
     args.max_num_batched_tokens = Some(2048);
     // Every run recomputes its prompts: no run reuses another's blocks.
     args.enable_prefix_caching = false;
@@ -720,7 +720,7 @@ fn tiny_lora_engine_agrees_with_graphs_eager_and_on_the_cpu() {
         args.device = device;
         args.dtype = DType::F32;
         args.tokenizer = Some(engine_common::tokenizer_path());
-        args.max_num_seqs = 8;
+        args.max_num_seqs = Some(8);
         args.block_size = 4;
         args.enforce_eager = enforce_eager;
         args.enable_lora = true;

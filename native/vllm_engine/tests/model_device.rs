@@ -129,7 +129,7 @@ fn engine_greedy_matches_reference(name: &str) {
     for enforce_eager in [false, true] {
         let mut a = args(dir.clone());
         a.tokenizer = Some(engine_common::tokenizer_path());
-        a.max_num_seqs = 8;
+        a.max_num_seqs = Some(8);
         a.block_size = BLOCK_SIZE;
         a.enforce_eager = enforce_eager;
         let engine = vllm_engine::Engine::new(a).unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -11,7 +11,7 @@ use vllm_engine::{Engine, FinishReason, OutputKind, RequestOutput, SamplingParam
 
 fn engine32() -> Harness {
     let mut a = args();
-    a.max_num_seqs = 32;
+    a.max_num_seqs = Some(32);
     engine_with(a, FakeBehaviour::default())
 }
 
@@ -177,7 +177,7 @@ fn children_stop_at_different_times_by_stop_string_or_stop_token() {
 #[test]
 fn abort_ends_every_child() {
     let mut a = args();
-    a.max_num_seqs = 32;
+    a.max_num_seqs = Some(32);
     let h = engine_with(
         a,
         FakeBehaviour {

@@ -13,7 +13,7 @@ use vllm_engine::{Engine, EngineArgs, SamplingParams};
 fn args() -> EngineArgs {
     let mut args = EngineArgs::new(smollm2_gguf());
     args.max_model_len = Some(512);
-    args.max_num_seqs = 16;
+    args.max_num_seqs = Some(16);
     // Small: prompts are prefilled in several chunks, each giving its prompt logprobs.
     args.max_num_batched_tokens = Some(24);
     args.enable_chunked_prefill = true;

@@ -24,7 +24,7 @@ const SEEDS: u64 = 50;
 fn engine() -> Engine {
     let mut args = EngineArgs::new(smollm2_gguf());
     args.max_model_len = Some(512);
-    args.max_num_seqs = 64;
+    args.max_num_seqs = Some(64);
     Engine::new(args).unwrap_or_else(|e| panic!("cannot start the engine on SmolLM2: {e}"))
 }
 

@@ -133,7 +133,7 @@ pub fn engine_args(opts: Term) -> Result<EngineArgs> {
     }
     args.max_model_len = count_field(opts, WHAT, "max_model_len")?;
     if let Some(n) = count_field(opts, WHAT, "max_num_seqs")? {
-        args.max_num_seqs = n;
+        args.max_num_seqs = Some(n);
     }
     if let Some(n) = count_field(opts, WHAT, "tensor_parallel_size")? {
         args.tensor_parallel_size = n;

@@ -162,7 +162,7 @@ fn prefix_cache_ttft(o: &Options, caching: bool) -> Result<(), String> {
     let mut args = EngineArgs::new(&o.model);
     args.max_model_len = o.max_model_len;
     args.num_threads = o.threads;
-    args.max_num_seqs = o.batch.max(1);
+    args.max_num_seqs = Some(o.batch.max(1));
     args.enable_prefix_caching = caching;
     let engine = Engine::new(args).map_err(|e| format!("cannot start the engine: {e}"))?;
     let system = prompt(&engine, o.input_len, 0).map_err(|e| e.to_string())?;
@@ -216,7 +216,7 @@ fn run(o: Options) -> Result<(), String> {
     let mut args = EngineArgs::new(&o.model);
     args.max_model_len = o.max_model_len;
     args.num_threads = o.threads;
-    args.max_num_seqs = o.batch.max(1);
+    args.max_num_seqs = Some(o.batch.max(1));
     o.engine.apply(&mut args)?;
     let t0 = Instant::now();
     let engine = Engine::new(args).map_err(|e| format!("cannot start the engine: {e}"))?;

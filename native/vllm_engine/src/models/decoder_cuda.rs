@@ -14,7 +14,8 @@ use crate::backend::cuda::op_timing::{OpClock, OpTiming};
 use crate::backend::cuda::ops::{
     self, AttentionDims, QkvExtras, StepMeta, ATT_MAX_GROUP, ATT_MAX_GROUP_WIDTH, ATT_MAX_HEAD_DIM,
 };
-use crate::backend::cuda::{device_ptr, memory_info, optional_ptr, DeviceKvCache, Kernels};
+use crate::backend::cuda::{device_name, device_ptr, memory_info, optional_ptr, DeviceKvCache, Kernels};
+use crate::batch_size::BatchSize;
 use crate::config::{Architecture, EngineArgs, ModelConfig};
 use crate::error::{EngineError, ErrorCategory, Result};
 use crate::kv_cache::PagedKvCache;
@@ -695,12 +696,12 @@ impl CausalLM for CudaDecoderLM {
 
     /// vLLM's rule: the engine may take `gpu_memory_utilization` of the card; the KV cache
     /// gets what the weights (already resident) and the activations leave of it.
-    fn kv_cache_budget(&self, args: &EngineArgs, max_num_batched_tokens: usize) -> Result<Option<usize>> {
+    fn kv_cache_budget(&self, args: &EngineArgs, batch: BatchSize) -> Result<Option<usize>> {
         let (free, total) = memory_info(&self.device)?;
         let allowed = (total as f64 * args.gpu_memory_utilization) as usize;
         let used = total.saturating_sub(free);
         let graph_limits = GraphLimits {
-            max_num_seqs: args.max_num_seqs,
+            max_num_seqs: batch.max_num_seqs,
             max_model_len: args
                 .max_model_len
                 .unwrap_or(self.config.max_position_embeddings)
@@ -720,7 +721,7 @@ impl CausalLM for CudaDecoderLM {
         } else {
             0
         };
-        let reserve = self.activation_bytes(max_num_batched_tokens, args.max_num_seqs)
+        let reserve = self.activation_bytes(batch.max_num_batched_tokens, batch.max_num_seqs)
             + graph_bytes
             + lora_bytes
             + DEVICE_SLACK_BYTES;
@@ -739,5 +740,10 @@ impl CausalLM for CudaDecoderLM {
             ));
         }
         Ok(Some(budget))
+    }
+
+    fn batch_defaults(&self) -> Result<BatchSize> {
+        let (_, total) = memory_info(&self.device)?;
+        Ok(BatchSize::for_gpu(total, &device_name(&self.device)?))
     }
 }

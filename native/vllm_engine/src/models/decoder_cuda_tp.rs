@@ -15,6 +15,7 @@ use candle_core::cuda_backend::cudarc::driver::CudaContext;
 use candle_core::{DType, Device, Tensor};
 
 use crate::backend::cuda::nccl;
+use crate::batch_size::BatchSize;
 use crate::config::{EngineArgs, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::PagedKvCache;
@@ -202,17 +203,22 @@ impl CausalLM for TpDecoderLM {
     }
 
     /// The smallest of the ranks' budgets: every GPU holds the same number of blocks.
-    fn kv_cache_budget(&self, args: &EngineArgs, max_num_batched_tokens: usize) -> Result<Option<usize>> {
+    fn kv_cache_budget(&self, args: &EngineArgs, batch: BatchSize) -> Result<Option<usize>> {
         let mut eager = args.clone();
         eager.enforce_eager = true;
         let mut budget: Option<usize> = None;
         for (rank, device) in self.ranks.iter().zip(&self.devices) {
             bind(device)?;
-            if let Some(b) = rank.kv_cache_budget(&eager, max_num_batched_tokens)? {
+            if let Some(b) = rank.kv_cache_budget(&eager, batch)? {
                 budget = Some(budget.map_or(b, |m| m.min(b)));
             }
         }
         bind(&self.devices[0])?;
         Ok(budget)
+    }
+
+    /// The ranks' cards are alike: the first answers.
+    fn batch_defaults(&self) -> Result<BatchSize> {
+        self.ranks[0].batch_defaults()
     }
 }

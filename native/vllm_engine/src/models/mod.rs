@@ -3,6 +3,7 @@
 
 use candle_core::Tensor;
 
+use crate::batch_size::BatchSize;
 use crate::config::{EngineArgs, ModelConfig};
 use crate::error::Result;
 use crate::kv_cache::PagedKvCache;
@@ -120,10 +121,16 @@ pub trait CausalLM: Send {
             c.head_dim,
         ))
     }
-    /// KV cache bytes when `kv_cache_memory_bytes` is not given: a GPU model answers from
-    /// gpu_memory_utilization and what its device has left; None: the engine's CPU default.
-    fn kv_cache_budget(&self, _args: &EngineArgs, _max_num_batched_tokens: usize) -> Result<Option<usize>> {
+    /// KV cache bytes when `kv_cache_memory_bytes` is not given, for steps of at most
+    /// `batch`: a GPU model answers from gpu_memory_utilization and what its device has
+    /// left; None: the engine's CPU default.
+    fn kv_cache_budget(&self, _args: &EngineArgs, _batch: BatchSize) -> Result<Option<usize>> {
         Ok(None)
+    }
+    /// The step width the engine takes when the args set none (a GPU model answers for
+    /// its card).
+    fn batch_defaults(&self) -> Result<BatchSize> {
+        Ok(BatchSize::DEFAULT)
     }
     /// Puts `adapter` into LoRA slot `slot` (None empties it); sequences name the slot in
     /// `SeqSlice::lora_slot`. Models without LoRA support answer `:unsupported`.

@@ -20,7 +20,7 @@ fn tiny(name: &str) -> (std::path::PathBuf, Vec<u32>, Vec<u32>) {
 fn engine(dir: std::path::PathBuf, f: impl FnOnce(&mut vllm_engine::EngineArgs)) -> Engine {
     let mut a = crate::args(dir, DType::F32);
     a.tokenizer = Some(tokenizer_path());
-    a.max_num_seqs = 8;
+    a.max_num_seqs = Some(8);
     a.block_size = 4;
     f(&mut a);
     Engine::new(a).unwrap_or_else(|e| panic!("engine: {e}"))

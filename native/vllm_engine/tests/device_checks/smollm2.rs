@@ -18,7 +18,7 @@ const BLOCK_SIZE: usize = 16;
 #[test]
 fn smollm2_f32_greedy_ids_of_every_case_batched() {
     let mut a = crate::args(smollm2_gguf(), DType::F32);
-    a.max_num_seqs = 16;
+    a.max_num_seqs = Some(16);
     let engine = Engine::new(a).unwrap_or_else(|e| panic!("SmolLM2: {e}"));
     let cases = smollm2_cases();
     let receivers: Vec<_> = cases

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use crossbeam_channel::{unbounded, Receiver, Sender};
+use vllm_engine::batch_size::BatchSize;
 use vllm_engine::config::Architecture;
 use vllm_engine::kv_cache::PagedKvCache;
 use vllm_engine::models::{CausalLM, ForwardBatch};
@@ -93,6 +94,8 @@ pub struct FakeBehaviour {
     pub panic_at_context_len: Option<usize>,
     /// Sleep this long in every forward pass (to abort mid-prefill or mid-decode).
     pub step_delay: Option<Duration>,
+    /// The step width this model's device would default to (None: the trait's default).
+    pub batch_defaults: Option<BatchSize>,
 }
 
 pub struct FakeModel {
@@ -186,12 +189,16 @@ impl CausalLM for FakeModel {
     fn config(&self) -> &ModelConfig {
         &self.config
     }
+
+    fn batch_defaults(&self) -> vllm_engine::Result<BatchSize> {
+        Ok(self.behaviour.batch_defaults.unwrap_or(BatchSize::DEFAULT))
+    }
 }
 
 pub fn args() -> EngineArgs {
     let mut a = EngineArgs::new("fake-model");
     a.max_model_len = Some(512);
-    a.max_num_seqs = 16;
+    a.max_num_seqs = Some(16);
     a.block_size = 4;
     a
 }

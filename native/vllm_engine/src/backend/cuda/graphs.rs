@@ -144,6 +144,18 @@ impl Drop for DecodeGraphs {
 // one thread at a time (CUDA requires serialized access, not a fixed thread).
 unsafe impl Send for DecodeGraphs {}
 
+/// Decode batches of more rows run eagerly (vLLM's largest captured size too): such a
+/// step is long enough that launching its kernels one by one costs little, and every
+/// captured row holds its own buffers.
+pub const MAX_CAPTURED_BATCH: usize = 512;
+
+impl GraphLimits {
+    /// The largest batch captured.
+    pub fn captured_batch(&self) -> usize {
+        self.max_num_seqs.clamp(1, MAX_CAPTURED_BATCH)
+    }
+}
+
 /// The batch sizes to capture: 1, 2, 4, 8, then every multiple of 16, up to `max`.
 pub fn capture_sizes(max: usize) -> Vec<usize> {
     let mut sizes: Vec<usize> = [1, 2, 4, 8].into_iter().filter(|&s| s < max).collect();
@@ -154,9 +166,9 @@ pub fn capture_sizes(max: usize) -> Vec<usize> {
 
 /// Bytes the fixed buffers take for these limits (reserved before sizing the KV cache).
 pub fn buffer_bytes(m: &ModelShape, limits: &GraphLimits) -> usize {
-    let b = limits.max_num_seqs;
+    let b = limits.captured_batch();
     let elems = b * (4 * m.hidden + m.qkv_width + 2 * m.q_width + 3 * m.intermediate + m.vocab);
-    let (acc, ml) = partials_for(&capture_sizes(b.max(1)), &m.dims, m.dtype, limits.max_model_len);
+    let (acc, ml) = partials_for(&capture_sizes(b), &m.dims, m.dtype, limits.max_model_len);
     let meta =
         b * (3 + limits.max_model_len.div_ceil(limits.block_size) + 2 + 2 * ops::ARGMAX_SPLITS + m.dims.num_kv_heads);
     elems * m.dtype.size_in_bytes() + 4 * (acc + ml + meta) + (32 << 20)
@@ -203,7 +215,7 @@ impl DecodeGraphs {
         lora: Option<&DeviceLora>,
     ) -> Result<Self> {
         let stream = kernels.stream().clone();
-        let max_batch = limits.max_num_seqs.max(1);
+        let max_batch = limits.captured_batch();
         let max_blocks = limits.max_model_len.div_ceil(limits.block_size).max(1);
         let sizes = capture_sizes(max_batch);
         let (acc_len, ml_len) = partials_for(&sizes, &model.dims, model.dtype, limits.max_model_len);

@@ -53,6 +53,15 @@ pub fn memory_info(device: &Device) -> Result<(usize, usize)> {
         .map_err(|e| EngineError::internal(format!("cuMemGetInfo: {e}")))
 }
 
+/// The card's name, as the driver reports it ("NVIDIA H200").
+pub fn device_name(device: &Device) -> Result<String> {
+    let stream = device.as_cuda_device()?.cuda_stream();
+    stream
+        .context()
+        .name()
+        .map_err(|e| EngineError::internal(format!("cuDeviceGetName: {e}")))
+}
+
 /// Our kernels loaded on one device, functions looked up once by name.
 pub struct Kernels {
     stream: Arc<CudaStream>,

@@ -163,7 +163,7 @@ impl EngineOptions {
             args.tokenizer = Some(t.into());
         }
         if let Some(n) = self.max_num_seqs {
-            args.max_num_seqs = n;
+            args.max_num_seqs = Some(n);
         }
         if self.max_num_batched_tokens.is_some() {
             args.max_num_batched_tokens = self.max_num_batched_tokens;
@@ -298,9 +298,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(workload: &str, model: &str, max_model_len: Option<usize>, o: &EngineOptions) -> Result<(), String> {
     let mut args = EngineArgs::new(model);
     args.max_model_len = max_model_len;
-    if workload != "w3" {
-        args.max_num_seqs = 256;
-    }
     o.apply(&mut args)?;
     let t0 = Instant::now();
     let engines = data_parallel::start_engines(&args, o.data_parallel)?;
