@@ -14,8 +14,7 @@
 //   3. scores one row per thread (keys read from shared memory, swizzled so a warp's rows
 //      hit distinct banks), block max, exponentials, then values: each thread one 16-byte
 //      column chunk over a strided set of rows; a context longer than the chunk goes
-//      chunk by chunk with the softmax rescaled between them (its rows beyond the first
-//      chunk are asked of the L2 before pdl_wait).
+//      chunk by chunk with the softmax rescaled between them.
 // No cluster, no counter, no partial buffers: the keys are read by each of the group's
 // query heads (from the L2 after the first), the arithmetic per block is 1/G of a KV head's.
 // Rounding as qkv_prepare + paged_attention_v2 (q and k rounded to T after rotary, scores,
@@ -121,23 +120,6 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
     }
     const long long kv_base = ((long long)table[pos / block_size] * block_size + pos % block_size) * kv_stride + head_off;
     stage(first);
-    // Rows beyond the first chunk (contexts longer than it): asked of the L2 now, so the
-    // later chunks' copies after pdl_wait come from there.
-    {
-        constexpr int LINE = 128;
-        const int row_bytes = hd * (int)sizeof(T);
-        const int lines = row_bytes < LINE ? 1 : row_bytes / LINE;
-        const int step = row_bytes < LINE ? row_bytes : LINE;
-        const int far = first + cap;
-        const int n = (pos - far) * lines;  // rows far .. pos - 1
-        for (int k = tid; k < n; k += DH_THREADS) {
-            const int q = far + k / lines;
-            const long long slot = (long long)table[q / block_size] * block_size + q % block_size;
-            const long long off = slot * kv_stride + head_off + (long long)(k % lines) * step / (int)sizeof(T);
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(k_cache + off));
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(v_cache + off));
-        }
-    }
     // The cache rows above were written by earlier steps; the qkv row is the previous
     // kernel's output (programmatic dependent launch, pdl.cuh).
     pdl_launch_dependents();
