@@ -2,6 +2,8 @@
 //! DS_CLUSTER blocks per (sequence, KV head), with qkv_prepare (bias, q/k norm, rotary, the
 //! KV-cache write) fused in. Only for steps where every sequence has exactly one query token (the captured
 //! decode graphs): a second token of a sequence would need a key another block writes.
+//! Where decode_heads::serves (by default groups of at least 4 query heads per KV head, e.g.
+//! Qwen2.5's 7), `launch` hands the step to decode_heads.rs's one-block-per-head kernel.
 
 use std::collections::HashMap;
 use std::sync::Arc;
