@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaModule, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::DType;
 
@@ -78,7 +80,13 @@ pub(super) fn load_into(
 /// 16-byte chunks of at most a warp, or larger than the block). `max_context`: the most
 /// positions a sequence can have (block-table width times block size); `max_rows`: the
 /// VLLM_DS_ROWS cap, if any.
-fn plan(dtype: DType, dims: &AttentionDims, max_context: usize, block_size: usize, max_rows: Option<usize>) -> Option<(usize, usize)> {
+fn plan(
+    dtype: DType,
+    dims: &AttentionDims,
+    max_context: usize,
+    block_size: usize,
+    max_rows: Option<usize>,
+) -> Option<(usize, usize)> {
     let size = dtype.size_in_bytes();
     let vec = 16 / size;
     let hd = dims.head_dim;
@@ -109,7 +117,7 @@ fn plan(dtype: DType, dims: &AttentionDims, max_context: usize, block_size: usiz
 /// Whether this kernel takes a captured decode step's attention (decode_small::serves
 /// already holds: the batch is small and every row a sequence's one decode token).
 pub fn serves(k: &Kernels, dtype: DType, dims: &AttentionDims) -> bool {
-    let group = if dims.num_kv_heads == 0 { 0 } else { dims.num_heads / dims.num_kv_heads };
+    let group = dims.num_heads.checked_div(dims.num_kv_heads).unwrap_or(0);
     let wanted = match k.ds_kind {
         Kind::Heads => true,
         Kind::Cluster => false,
