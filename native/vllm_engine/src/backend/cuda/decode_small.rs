@@ -2,6 +2,8 @@
 //! DS_CLUSTER blocks per (sequence, KV head), with qkv_prepare (bias, q/k norm, rotary, the
 //! KV-cache write) fused in. Only for steps where every sequence has exactly one query token (the captured
 //! decode graphs): a second token of a sequence would need a key another block writes.
+//! Where decode_heads::serves (by default groups of at least 4 query heads per KV head, e.g.
+//! Qwen2.5's 7), `launch` hands the step to decode_heads.rs's one-block-per-head kernel.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaFunction, CudaM
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::DType;
 
+use super::decode_heads;
 use super::ops::{AttentionDims, MetaPtrs, QkvPtrs};
 use super::{embedded, Kernels};
 use crate::error::{EngineError, Result};
@@ -66,9 +69,12 @@ fn shared_bytes(dtype: DType, dims: &AttentionDims) -> Option<usize> {
     (bytes <= MAX_SHARED).then_some(bytes)
 }
 
-/// Whether a captured decode step of `rows` sequences takes this path.
+/// Whether a captured decode step of `rows` sequences takes this path (this module's
+/// cluster kernel or decode_heads', see decode_heads::serves).
 pub fn serves(k: &Kernels, dtype: DType, rows: usize, dims: &AttentionDims) -> bool {
-    k.decode_small && (1..=MAX_ROWS).contains(&rows) && shared_bytes(dtype, dims).is_some()
+    k.decode_small
+        && (1..=MAX_ROWS).contains(&rows)
+        && (decode_heads::serves(k, dtype, dims) || shared_bytes(dtype, dims).is_some())
 }
 
 /// qkv_prepare + paged_attention for `n` decode tokens, one per sequence: queries from the
@@ -85,6 +91,9 @@ pub fn launch(
     dims: &AttentionDims,
     eps: f32,
 ) -> Result<()> {
+    if decode_heads::serves(k, dtype, dims) {
+        return decode_heads::launch(k, dtype, p, out, meta, n, dims, eps);
+    }
     let shared = shared_bytes(dtype, dims)
         .ok_or_else(|| EngineError::internal("decode_attention_small: unsupported attention geometry"))?;
     let group = dims.num_heads / dims.num_kv_heads;

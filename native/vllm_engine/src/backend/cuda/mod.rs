@@ -5,6 +5,7 @@
 pub mod attention_batch;
 pub mod attention_prefill;
 pub mod blas;
+pub mod decode_heads;
 pub mod decode_small;
 pub mod graphs;
 pub mod kv_cache;
@@ -83,6 +84,14 @@ pub struct Kernels {
     /// Captured decode steps of up to decode_small::MAX_ROWS rows fuse qkv_prepare into
     /// one attention block per (sequence, KV head); `VLLM_DECODE_SMALL=0` turns it off.
     pub decode_small: bool,
+    /// kernels/decode_heads.cu (one block per query head), when it loads.
+    _heads_module: Option<Arc<CudaModule>>,
+    pub ds_heads_loaded: bool,
+    /// Which small-batch decode attention serves a geometry (`VLLM_DS_KIND`, decode_heads).
+    pub ds_kind: decode_heads::Kind,
+    /// `VLLM_DS_ROWS=n`: decode_attention_heads stages at most n context rows at a time
+    /// (to compare, and to test its chunked path).
+    pub ds_rows: Option<usize>,
     /// decode_attention_small requests the qkv bias and the rotary rows before pdl_wait
     /// (`VLLM_DS_EARLY=0`: after it, to compare).
     pub ds_early: bool,
@@ -181,6 +190,7 @@ impl Kernels {
         }
         let small_module = decode_small::load_into(&context, &mut functions);
         let prefill_module = attention_prefill::load_into(&context, &mut functions);
+        let heads_module = decode_heads::load_into(&context, &mut functions);
         let v2_loaded = ["f32", "bf16", "f16"]
             .iter()
             .all(|s| functions.contains_key(&format!("paged_attention_v2_{s}")));
@@ -191,6 +201,10 @@ impl Kernels {
             decode_small: small_module.is_some() && std::env::var_os("VLLM_DECODE_SMALL").is_none_or(|v| v != "0"),
             _small_module: small_module,
             prefill_module,
+            ds_heads_loaded: heads_module.is_some(),
+            _heads_module: heads_module,
+            ds_kind: decode_heads::Kind::from_env(),
+            ds_rows: std::env::var("VLLM_DS_ROWS").ok().and_then(|v| v.parse::<usize>().ok()),
             pdl: std::env::var_os("VLLM_PDL").is_none_or(|v| v != "0"),
             ds_early: std::env::var_os("VLLM_DS_EARLY").is_none_or(|v| v != "0"),
             gemv_depth: std::env::var("VLLM_GEMV_DEPTH")

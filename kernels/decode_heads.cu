@@ -1,0 +1,313 @@
+// Decode attention for small batches, one block per (sequence, query head) (issue 7, W3;
+// backend/cuda/decode_heads.rs). The cluster kernel of decode_small.cu spreads a KV head's
+// rows over 8 blocks and merges them through two cluster barriers; at batch 1 its blocks
+// also take a whole SM's registers, so they only start once the qkv GEMV before them has
+// left the SMs, and the cache rows' chain (position, block table, rows) starts then. Here:
+//   1. before pdl_wait (nothing below depends on the previous kernel): the position, the
+//      block-table entries of the first chunk of rows (into shared memory), then the
+//      chunk's key and value rows, copied global -> shared with cp.async (no registers
+//      held), the bias and this position's rotary values; the block is small enough
+//      (<= 128 registers a thread) to sit beside a GEMV block while it waits;
+//   2. after it: the head's query and the KV head's key / value from the qkv row (bias,
+//      Qwen3 q/k RMSNorm, rotary), the token's key / value into the chunk and (by the
+//      group's first head) into the cache;
+//   3. scores one row per thread (keys read from shared memory, swizzled so a warp's rows
+//      hit distinct banks), block max, exponentials, then values: each thread one 16-byte
+//      column chunk over a strided set of rows; a context longer than the chunk goes
+//      chunk by chunk with the softmax rescaled between them.
+// No cluster, no counter, no partial buffers: the keys are read by each of the group's
+// query heads (from the L2 after the first), the arithmetic per block is 1/G of a KV head's.
+// Rounding as qkv_prepare + paged_attention_v2 (q and k rounded to T after rotary, scores,
+// softmax and sums in float32, output rounded to T); exponentials in base 2.
+
+#include "common.cuh"
+#include "pdl.cuh"
+
+#define DH_THREADS 256
+#define DH_WARPS (DH_THREADS / 32)
+// Rows a thread scores per chunk: a chunk holds at most DH_THREADS * DH_ROWS_PT rows.
+#define DH_ROWS_PT 4
+
+__device__ __forceinline__ void dh_cp_async16(void* dst, const void* src) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void dh_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void dh_cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Shared memory (launcher: decode_heads.rs, shared_bytes): kbuf, vbuf [cap, hd] T (16-byte
+// chunk c of row r at chunk c ^ (r & sw)); qs [hd] (query times scale and log2(e));
+// xs [3 * hd] (the qkv slice plus bias); p [cap] (a chunk's exponentials); part
+// [max(DH_WARPS * VEC, hd)] (value sums per warp); red [20]; cur [2 * hd] T (this token's
+// key, value); tbl [cap / block_size + 2] (block-table entries of the chunk).
+template <typename T>
+__device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, const T* q_norm, const T* k_norm,
+                                       const float* cos_table, const float* sin_table, const uint32_t* positions,
+                                       const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,
+                                       int block_size, T* k_cache, T* v_cache, int num_heads, int num_kv_heads,
+                                       int head_dim, float scale, int window, float eps, int cap) {
+    constexpr int VEC = 16 / sizeof(T);
+    constexpr float LOG2E = 1.4426950408889634f;
+    extern __shared__ uint4 dh_smem[];
+    const int t = blockIdx.x, head = blockIdx.y;
+    const int hd = head_dim, half = hd / 2;
+    const int chunks = hd / VEC;  // a power of two <= 32
+    const int sw = chunks < 8 ? chunks - 1 : 7;
+    const int group = num_heads / num_kv_heads;
+    const int kv_head = head / group;
+    const bool writer = head % group == 0;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+    T* kbuf = reinterpret_cast<T*>(dh_smem);
+    T* vbuf = kbuf + (long long)cap * hd;
+    float* qs = reinterpret_cast<float*>(vbuf + (long long)cap * hd);
+    float* xs = qs + hd;
+    float* p = xs + 3 * hd;
+    float* part = p + cap;
+    const int part_len = max(DH_WARPS * VEC, hd);
+    float* red = part + part_len;
+    T* cur = reinterpret_cast<T*>(red + 20);
+    int* tbl = reinterpret_cast<int*>(cur + 2 * hd);
+
+    const int pos = positions[t];
+    const int seq = token_seq[t];
+    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    const long long kv_stride = (long long)num_kv_heads * hd;
+    const long long head_off = (long long)kv_head * hd;
+    const uint32_t* table = block_tables + (long long)seq * max_blocks;
+
+    // Rows [c0, c0 + cap) of the context that are in the cache (below pos): block-table
+    // entries into tbl, then every 16-byte chunk of their keys and values by cp.async.
+    auto stage = [&](int c0) {
+        const int end = min(c0 + cap, pos);  // exclusive; pos itself comes from qkv
+        if (end <= c0) return;
+        const int b0 = c0 / block_size;
+        const int nent = (end - 1) / block_size - b0 + 1;
+        for (int i = tid; i < nent; i += DH_THREADS) tbl[i] = (int)table[b0 + i];
+        __syncthreads();
+        const int n = (end - c0) * chunks;
+        for (int k = tid; k < n; k += DH_THREADS) {
+            const int r = k / chunks, c = k % chunks;
+            const int q = c0 + r;
+            const long long slot = (long long)tbl[q / block_size - b0] * block_size + q % block_size;
+            const long long src = slot * kv_stride + head_off + c * VEC;
+            const int dst = r * hd + (c ^ (r & sw)) * VEC;
+            dh_cp_async16(kbuf + dst, k_cache + src);
+            dh_cp_async16(vbuf + dst, v_cache + src);
+        }
+        dh_cp_commit();
+    };
+
+    // This block's columns of the qkv row: its query head, its KV head's key and value.
+    auto column = [&](int i) {
+        const int part_i = i / hd, d = i % hd;
+        return part_i == 0 ? head * hd + d
+                           : (part_i == 1 ? (num_heads + kv_head) * hd + d : (num_heads + num_kv_heads + kv_head) * hd + d);
+    };
+    // Independent of the previous kernel: bias and rotary values (3 * hd <= 3 * DH_THREADS,
+    // hd <= DH_THREADS: the launcher checks).
+    float bias_v[3];
+#pragma unroll
+    for (int k = 0; k < 3; k++) {
+        const int i = tid + k * DH_THREADS;
+        bias_v[k] = (bias && i < 3 * hd) ? to_f(bias[column(i)]) : 0.f;
+    }
+    float cs = 0.f, sn = 0.f;
+    if (tid < hd) {
+        const long long at = (long long)pos * half + tid % half;
+        cs = cos_table[at];
+        sn = sin_table[at];
+    }
+    const long long kv_base = ((long long)table[pos / block_size] * block_size + pos % block_size) * kv_stride + head_off;
+    stage(first);
+    // The cache rows above were written by earlier steps; the qkv row is the previous
+    // kernel's output (programmatic dependent launch, pdl.cuh).
+    pdl_launch_dependents();
+    pdl_wait();
+
+    const int width = (num_heads + 2 * num_kv_heads) * hd;
+    const T* src = qkv + (long long)t * width;
+#pragma unroll
+    for (int k = 0; k < 3; k++) {
+        const int i = tid + k * DH_THREADS;
+        if (i < 3 * hd) xs[i] = to_f(src[column(i)]) + bias_v[k];
+    }
+    __syncthreads();
+    if (q_norm) {
+        // Warp 0 the query's RMS, warp 1 the key's.
+        if (warp < 2) {
+            const float* x = xs + warp * hd;
+            float ss = 0.f;
+            for (int j = lane; j < hd; j += 32) ss += x[j] * x[j];
+            ss = warp_sum(ss);
+            if (lane == 0) red[16 + warp] = rsqrtf(ss / hd + eps);
+        }
+        __syncthreads();
+    }
+    const float qscale = scale * LOG2E;
+    // The token's own row: written straight into the first chunk when it is there (the
+    // usual case), else kept in cur and copied when its chunk comes.
+    const int own_row = pos - first;
+    const bool own_first = own_row < cap;
+    auto swizzled = [&](int d) { return ((d / VEC) ^ (own_row & sw)) * VEC + d % VEC; };
+    if (tid < hd) {
+        // Thread tid: the query's (tid < half) or the key's rotary pair j, j + half.
+        const int which = tid / half, j = tid % half;
+        float a = xs[which * hd + j], b = xs[which * hd + j + half];
+        if (q_norm) {
+            const T* w = which == 0 ? q_norm : k_norm;
+            const float inv = red[16 + which];
+            a = to_f(w[j]) * (a * inv);
+            b = to_f(w[j + half]) * (b * inv);
+        }
+        const T ra = from_f<T>(a * cs - b * sn);
+        const T rb = from_f<T>(b * cs + a * sn);
+        if (which == 0) {
+            qs[j] = to_f(ra) * qscale;
+            qs[j + half] = to_f(rb) * qscale;
+        } else {
+            cur[j] = ra;
+            cur[j + half] = rb;
+            if (own_first) {
+                kbuf[own_row * hd + swizzled(j)] = ra;
+                kbuf[own_row * hd + swizzled(j + half)] = rb;
+            }
+            if (writer) {
+                k_cache[kv_base + j] = ra;
+                k_cache[kv_base + j + half] = rb;
+            }
+        }
+    }
+    for (int d = tid; d < hd; d += DH_THREADS) {
+        const T v = from_f<T>(xs[2 * hd + d]);
+        cur[hd + d] = v;
+        if (own_first) vbuf[own_row * hd + swizzled(d)] = v;
+        if (writer) v_cache[kv_base + d] = v;
+    }
+
+    // Value phase geometry: thread tid sums column chunk pc over rows pg, pg + groups, ...
+    const int groups = DH_THREADS / chunks;
+    const int pc = tid / groups, pg = tid % groups;
+    float M = -INFINITY, L = 0.f;
+    float acc[VEC];
+#pragma unroll
+    for (int x = 0; x < VEC; x++) acc[x] = 0.f;
+    for (int c0 = first; c0 <= pos; c0 += cap) {
+        const int nrows = min(cap, pos + 1 - c0);
+        if (c0 != first) {
+            __syncthreads();  // every thread is done with the previous chunk's rows
+            stage(c0);
+            if (pos - c0 < cap && tid < 2 * chunks) {
+                const int r = pos - c0, c = tid % chunks;
+                T* buf = tid < chunks ? kbuf : vbuf;
+                reinterpret_cast<uint4*>(buf + r * hd)[c ^ (r & sw)] =
+                    reinterpret_cast<const uint4*>(cur + (tid < chunks ? 0 : hd))[c];
+            }
+        }
+        dh_cp_wait_all();
+        __syncthreads();  // the chunk's rows (copies and the token's own row) are in place
+
+        // Scores, one row per thread per pass.
+        float s[DH_ROWS_PT];
+#pragma unroll
+        for (int i = 0; i < DH_ROWS_PT; i++) s[i] = 0.f;
+        for (int c = 0; c < chunks; c++) {
+            float qv[VEC];
+#pragma unroll
+            for (int e4 = 0; e4 < VEC / 4; e4++) {
+                const float4 q4 = reinterpret_cast<const float4*>(qs + c * VEC)[e4];
+                qv[4 * e4] = q4.x;
+                qv[4 * e4 + 1] = q4.y;
+                qv[4 * e4 + 2] = q4.z;
+                qv[4 * e4 + 3] = q4.w;
+            }
+#pragma unroll
+            for (int i = 0; i < DH_ROWS_PT; i++) {
+                const int r = tid + i * DH_THREADS;
+                if (r < nrows) {
+                    const uint4 raw = reinterpret_cast<const uint4*>(kbuf + r * hd)[c ^ (r & sw)];
+                    const T* kv = reinterpret_cast<const T*>(&raw);
+                    float d = 0.f;
+#pragma unroll
+                    for (int e = 0; e < VEC; e++) d += qv[e] * to_f(kv[e]);
+                    s[i] += d;
+                }
+            }
+        }
+        float mloc = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < DH_ROWS_PT; i++)
+            if (tid + i * DH_THREADS < nrows) mloc = fmaxf(mloc, s[i]);
+        for (int o = 16; o > 0; o >>= 1) mloc = fmaxf(mloc, __shfl_xor_sync(0xffffffffu, mloc, o));
+        if (lane == 0) red[warp] = mloc;
+        __syncthreads();
+        float mc = red[0];
+#pragma unroll
+        for (int w = 1; w < DH_WARPS; w++) mc = fmaxf(mc, red[w]);
+        const float mn = fmaxf(M, mc);  // finite: every chunk has a row
+        const float alpha = M == -INFINITY ? 0.f : exp2f(M - mn);
+        float lsum = 0.f;
+#pragma unroll
+        for (int i = 0; i < DH_ROWS_PT; i++) {
+            const int r = tid + i * DH_THREADS;
+            if (r < nrows) {
+                const float e = exp2f(s[i] - mn);
+                p[r] = e;
+                lsum += e;
+            }
+        }
+        lsum = warp_sum(lsum);
+        if (lane == 0) red[8 + warp] = lsum;
+        __syncthreads();
+        float lc = 0.f;
+#pragma unroll
+        for (int w = 0; w < DH_WARPS; w++) lc += red[8 + w];
+        L = L * alpha + lc;
+        M = mn;
+#pragma unroll
+        for (int x = 0; x < VEC; x++) acc[x] *= alpha;
+        for (int r = pg; r < nrows; r += groups) {
+            const float e = p[r];
+            const uint4 raw = reinterpret_cast<const uint4*>(vbuf + r * hd)[pc ^ (r & sw)];
+            const T* vv = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+            for (int x = 0; x < VEC; x++) acc[x] += e * to_f(vv[x]);
+        }
+    }
+
+    // Sum the value chunks over the row groups: lanes of one chunk are neighbours.
+    const int span = groups < 32 ? groups : 32;
+    for (int o = 1; o < span; o <<= 1) {
+#pragma unroll
+        for (int x = 0; x < VEC; x++) acc[x] += __shfl_xor_sync(0xffffffffu, acc[x], o);
+    }
+    const int per_chunk = groups / span;  // partial sums per column chunk
+    if (pg % span == 0) {
+#pragma unroll
+        for (int x = 0; x < VEC; x++) part[(pc * per_chunk + pg / span) * VEC + x] = acc[x];
+    }
+    __syncthreads();
+    const float inv_l = L > 0.f ? 1.f / L : 0.f;
+    T* dst = out + ((long long)t * num_heads + head) * hd;
+    for (int o = tid; o < hd; o += DH_THREADS) {
+        const int c = o / VEC, x = o % VEC;
+        float a = 0.f;
+        for (int k = 0; k < per_chunk; k++) a += part[(c * per_chunk + k) * VEC + x];
+        dst[o] = from_f<T>(a * inv_l);
+    }
+}
+
+#define INSTANTIATE_DH(SUFFIX, T)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(DH_THREADS, 2) decode_attention_heads_##SUFFIX(                        \
+        T* out, const T* qkv, const T* bias, const T* q_norm, const T* k_norm, const float* cos_table,                 \
+        const float* sin_table, const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables,    \
+        int max_blocks, int block_size, T* k_cache, T* v_cache, int num_heads, int num_kv_heads, int head_dim,         \
+        float scale, int window, float eps, int cap) {                                                                  \
+        decode_attention_heads<T>(out, qkv, bias, q_norm, k_norm, cos_table, sin_table, positions, token_seq,          \
+                                  block_tables, max_blocks, block_size, k_cache, v_cache, num_heads, num_kv_heads,     \
+                                  head_dim, scale, window, eps, cap);                                                   \
+    }
+
+INSTANTIATE_DH(f32, float)
+INSTANTIATE_DH(bf16, __nv_bfloat16)
+INSTANTIATE_DH(f16, __half)

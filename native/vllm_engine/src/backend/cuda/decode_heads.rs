@@ -1,0 +1,233 @@
+//! Launcher of kernels/decode_heads.cu: decode attention for small batches, one block per
+//! (sequence, query head), qkv_prepare fused in, the context's key and value rows staged in
+//! shared memory by cp.async before pdl_wait. decode_small::launch hands over to it where
+//! `Kernels::ds_heads` says so (VLLM_DS_KIND: `heads` everywhere, `cluster` never, default
+//! for groups of at least MIN_GROUP query heads per KV head, where the cluster kernel's
+//! per-SM arithmetic is largest).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaModule, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::DType;
+
+use super::ops::{AttentionDims, MetaPtrs, QkvPtrs};
+use super::{embedded, Kernels};
+use crate::error::{EngineError, Result};
+
+/// Must match DH_THREADS, DH_WARPS and DH_ROWS_PT in decode_heads.cu.
+const DH_THREADS: usize = 256;
+const DH_WARPS: usize = 8;
+const DH_ROWS_PT: usize = 4;
+/// Dynamic shared memory the kernels are opted in to (Hopper allows 227 KB a block).
+const SHARED_LIMIT: usize = 200 * 1024;
+/// Default: query heads per KV head from which the heads kernel replaces the cluster one.
+const MIN_GROUP: usize = 4;
+
+/// Which small-batch decode attention kernel serves a geometry (VLLM_DS_KIND).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Per geometry: heads for groups of at least MIN_GROUP.
+    Auto,
+    Heads,
+    Cluster,
+}
+
+impl Kind {
+    pub fn from_env() -> Self {
+        match std::env::var("VLLM_DS_KIND").as_deref() {
+            Ok("heads") => Kind::Heads,
+            Ok("cluster") => Kind::Cluster,
+            _ => Kind::Auto,
+        }
+    }
+}
+
+/// Loads the module, opts its functions in to SHARED_LIMIT bytes of dynamic shared memory
+/// and adds them to `functions`; None (the cluster kernel stays) when any step fails.
+pub(super) fn load_into(
+    context: &Arc<CudaContext>,
+    functions: &mut HashMap<String, CudaFunction>,
+) -> Option<Arc<CudaModule>> {
+    let module = context
+        .load_module(Ptx::from_binary(embedded::DECODE_HEADS_CUBIN.to_vec()))
+        .or_else(|_| context.load_module(Ptx::from_src(embedded::DECODE_HEADS_PTX)))
+        .ok()?;
+    for suffix in ["f32", "bf16", "f16"] {
+        let name = format!("decode_attention_heads_{suffix}");
+        let f = module.load_function(&name).ok()?;
+        // SAFETY: a valid function of a loaded module; the attribute is a plain integer.
+        let r = unsafe {
+            sys::cuFuncSetAttribute(
+                f.cu_function(),
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                SHARED_LIMIT as i32,
+            )
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return None;
+        }
+        functions.insert(name, f);
+    }
+    Some(module)
+}
+
+/// Rows of context one chunk of shared memory holds for this launch, and its bytes; None
+/// when the kernel does not serve the geometry (head_dim not a power-of-two count of
+/// 16-byte chunks of at most a warp, or larger than the block). `max_context`: the most
+/// positions a sequence can have (block-table width times block size); `max_rows`: the
+/// VLLM_DS_ROWS cap, if any.
+fn plan(
+    dtype: DType,
+    dims: &AttentionDims,
+    max_context: usize,
+    block_size: usize,
+    max_rows: Option<usize>,
+) -> Option<(usize, usize)> {
+    let size = dtype.size_in_bytes();
+    let vec = 16 / size;
+    let hd = dims.head_dim;
+    if dims.num_kv_heads == 0 || !dims.num_heads.is_multiple_of(dims.num_kv_heads) || hd == 0 || block_size == 0 {
+        return None;
+    }
+    let chunks = hd / vec;
+    if !hd.is_multiple_of(vec) || !chunks.is_power_of_two() || chunks > 32 || hd > DH_THREADS || hd % 2 != 0 {
+        return None;
+    }
+    let bytes_for = |cap: usize| {
+        let buffers = 2 * cap * hd * size;
+        let floats = hd + 3 * hd + cap + (DH_WARPS * vec).max(hd) + 20;
+        buffers + 4 * floats + 2 * hd * size + 4 * (cap / block_size + 2)
+    };
+    let mut cap = max_context.clamp(1, DH_THREADS * DH_ROWS_PT);
+    if let Some(m) = max_rows {
+        cap = cap.min(m.max(4));
+    }
+    cap = cap.div_ceil(4) * 4;
+    while cap > 4 && bytes_for(cap) > SHARED_LIMIT {
+        cap -= 4;
+    }
+    let bytes = bytes_for(cap);
+    (bytes <= SHARED_LIMIT).then_some((cap, bytes))
+}
+
+/// Whether this kernel takes a captured decode step's attention (decode_small::serves
+/// already holds: the batch is small and every row a sequence's one decode token).
+pub fn serves(k: &Kernels, dtype: DType, dims: &AttentionDims) -> bool {
+    let group = dims.num_heads.checked_div(dims.num_kv_heads).unwrap_or(0);
+    let wanted = match k.ds_kind {
+        Kind::Heads => true,
+        Kind::Cluster => false,
+        Kind::Auto => group >= MIN_GROUP,
+    };
+    // A block-size-1 plan stands in for the real one: serving depends on head_dim only.
+    k.ds_heads_loaded && wanted && plan(dtype, dims, 1, 1, None).is_some()
+}
+
+/// As decode_small::launch: `n` decode tokens, one per sequence; queries from the fused
+/// qkv rows at `p.qkv`, keys and values into the cache, output [n, heads * head_dim].
+#[allow(clippy::too_many_arguments)]
+pub fn launch(
+    k: &Kernels,
+    dtype: DType,
+    p: &QkvPtrs,
+    out: u64,
+    meta: &MetaPtrs,
+    n: usize,
+    dims: &AttentionDims,
+    eps: f32,
+) -> Result<()> {
+    let max_context = meta.max_blocks * meta.block_size;
+    let (cap, shared) = plan(dtype, dims, max_context, meta.block_size, k.ds_rows)
+        .ok_or_else(|| EngineError::internal("decode_attention_heads: unsupported attention geometry"))?;
+    let f = k.function("decode_attention_heads", dtype)?;
+    let ptrs = [
+        out,
+        p.qkv,
+        p.bias,
+        p.q_norm,
+        p.k_norm,
+        p.cos,
+        p.sin,
+        meta.positions,
+        meta.token_seq,
+        meta.block_tables,
+    ];
+    let (max_blocks, block_size) = (meta.max_blocks as i32, meta.block_size as i32);
+    let caches = [p.k_cache, p.v_cache];
+    let ints = [dims.num_heads as i32, dims.num_kv_heads as i32, dims.head_dim as i32];
+    let window = dims.window as i32;
+    let cap = cap as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, dims.num_heads as u32, 1),
+        block_dim: (DH_THREADS as u32, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    if k.pdl {
+        use super::pdl::arg;
+        let mut params: Vec<_> = ptrs.iter().map(arg).collect();
+        params.extend([arg(&max_blocks), arg(&block_size)]);
+        params.extend(caches.iter().map(arg));
+        params.extend(ints.iter().map(arg));
+        params.extend([arg(&dims.scale), arg(&window), arg(&eps), arg(&cap)]);
+        // SAFETY: the parameters are decode_attention_heads', in order; before its
+        // pdl_wait it reads only step metadata, cache rows of earlier steps and weights
+        // (bias, rotary tables).
+        return unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "decode_attention_heads") };
+    }
+    let mut b = k.stream().launch_builder(f);
+    for ptr in &ptrs {
+        b.arg(ptr);
+    }
+    b.arg(&max_blocks).arg(&block_size);
+    for ptr in &caches {
+        b.arg(ptr);
+    }
+    for i in &ints {
+        b.arg(i);
+    }
+    b.arg(&dims.scale).arg(&window).arg(&eps).arg(&cap);
+    unsafe { b.launch(cfg) }
+        .map_err(|e| EngineError::internal(format!("CUDA kernel decode_attention_heads failed to launch: {e}")))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(heads: usize, kv: usize, hd: usize) -> AttentionDims {
+        AttentionDims {
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim: hd,
+            scale: 1.0,
+            window: 0,
+        }
+    }
+
+    #[test]
+    fn a_chunk_holds_w3s_whole_context_within_the_shared_memory_limit() {
+        // Qwen2.5-0.5B in bf16 with W3's 1024-position limit: 256 bytes a row, so 200 KB
+        // holds ~780 rows; W3's contexts end at 640.
+        let (cap, bytes) = plan(DType::BF16, &dims(14, 2, 64), 1024, 16, None).unwrap();
+        assert!((640..1024).contains(&cap), "cap {cap}");
+        assert!(bytes <= SHARED_LIMIT);
+        // A short limit keeps the chunk to the context; VLLM_DS_ROWS caps it (multiple of 4).
+        assert_eq!(plan(DType::BF16, &dims(14, 2, 64), 96, 16, None).unwrap().0, 96);
+        assert_eq!(plan(DType::F32, &dims(4, 2, 16), 1024, 16, Some(30)).unwrap().0, 32);
+        // Qwen3-0.6B (head_dim 128) fits too, with fewer rows.
+        assert!(plan(DType::BF16, &dims(16, 8, 128), 4096, 16, None).is_some());
+    }
+
+    #[test]
+    fn refuses_head_dims_the_kernel_cannot_split() {
+        // 80 is 10 chunks of 8 bf16; f32 head_dim 256 is 64 chunks.
+        assert!(plan(DType::BF16, &dims(4, 4, 80), 1024, 16, None).is_none());
+        assert!(plan(DType::F32, &dims(64, 8, 256), 1024, 16, None).is_none());
+        assert!(plan(DType::BF16, &dims(4, 0, 64), 1024, 16, None).is_none());
+    }
+}
