@@ -625,52 +625,16 @@ __device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const 
     }
 }
 
-// A skinny product for decode steps: y = epilogue(x' · wᵀ) for n <= NR rows of x, where
-// x' = x (T), or RMSNorm(x) * norm_w when norm_w is given (the norm fused in: x is then the
-// float32 residual stream, [n, inner] with inner the hidden size). Weights stream through with
-// 16-byte loads, GEMV_LOADS per lane and item, `depth` items per warp in flight; a warp's
-// first items are requested before the block builds x' in shared memory (so the prologue
-// hides under their latency), each refilled as soon as it is summed; with programmatic
-// dependent launch (pdl.cuh) those first requests also overlap the previous kernel's end.
-// A block computes `rows_per_block`
-// outputs; a weight row is cut into `passes` of GEMV_PASS_CHUNKS chunks and every
-// (row, half, pass) item goes to one warp; the items' sums meet in shared memory in a
-// fixed order (deterministic). Epilogues (mode):
-//   GEMV_STORE: y[r, o] = sum;
-//   GEMV_ADD:   y is the float32 residual stream [n, out]: y[r, o] += round(sum);
-//   GEMV_SILU:  w is the fused [2 * out, inner] gate/up matrix; y[r, o] = silu(gate) * up
-//               (gate and up rounded as the unfused path stores them);
-//   GEMV_STORE_F32: y is float32 [n, out], y[r, o] = sum unrounded (the logits: bf16 rounding
-//               alone moves a logprob by up to ~0.1).
-// Needs inner % (16 / sizeof(T)) == 0, 16-byte aligned w, x and norm_w, and dynamic shared
-// memory n * inner * sizeof(T) + items * NR * 4 bytes (the launcher checks).
+// x' for gemv_fused / gemv_stream in shared memory: RMSNorm(x) * norm_w over the float32
+// residual stream when norm_w is given, else a copy of x (T). The whole block builds x':
+// every thread's chunks are requested at once (one DRAM round trip for the sums of
+// squares, not one per 32 chunks of a warp's loop), the per-row sums meet in a fixed
+// order (deterministic). The caller synchronizes before reading xs.
 template <typename T, int NR>
-__device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, int n, int out, int inner,
-                           int rows_per_block, int passes, int mode, float eps, int depth) {
-    extern __shared__ uint4 gemv_smem[];
+__device__ __forceinline__ void gemv_input(T* xs, const void* x, const T* norm_w, int n, int inner, float eps) {
     constexpr int VEC = 16 / sizeof(T);
-    T* xs = reinterpret_cast<T*>(gemv_smem);
-    float* part = reinterpret_cast<float*>(xs + (long long)n * inner);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int chunks = inner / VEC;
-    const int halves = mode == GEMV_SILU ? 2 : 1;
-    const int items = rows_per_block * halves * passes;
-    const int row0 = blockIdx.x * rows_per_block;
-
-    // `depth` (<= GEMV_DEPTH) items per warp in flight: a warp's first `depth` items are
-    // requested before the prologue, and each item's slot is refilled with the item
-    // `depth` ahead as soon as it has been summed.
-    uint4 wbuf[GEMV_DEPTH][GEMV_LOADS];
-#pragma unroll
-    for (int b = 0; b < GEMV_DEPTH; b++) {
-        const int item = warp + b * GEMV_WARPS;
-        if (b >= depth) break;
-        if (item < items) gemv_load_item<T>(wbuf[b], w, item, passes, halves, row0, out, inner, lane);
-    }
-    // The weights do not depend on the previous kernel; x (and y, for the residual add) do.
-    pdl_launch_dependents();
-    pdl_wait();
-
     if (norm_w) {
         // The whole block builds x': every thread's chunks are requested at once (one DRAM
         // round trip for the sums of squares, not one per 32 chunks of a warp's loop), the
@@ -720,6 +684,55 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
         for (int i = threadIdx.x; i < n * chunks; i += blockDim.x)
             reinterpret_cast<uint4*>(xs)[i] = static_cast<const uint4*>(x)[i];
     }
+}
+
+// A skinny product for decode steps: y = epilogue(x' · wᵀ) for n <= NR rows of x, where
+// x' = x (T), or RMSNorm(x) * norm_w when norm_w is given (the norm fused in: x is then the
+// float32 residual stream, [n, inner] with inner the hidden size). Weights stream through with
+// 16-byte loads, GEMV_LOADS per lane and item, `depth` items per warp in flight; a warp's
+// first items are requested before the block builds x' in shared memory (so the prologue
+// hides under their latency), each refilled as soon as it is summed; with programmatic
+// dependent launch (pdl.cuh) those first requests also overlap the previous kernel's end.
+// A block computes `rows_per_block`
+// outputs; a weight row is cut into `passes` of GEMV_PASS_CHUNKS chunks and every
+// (row, half, pass) item goes to one warp; the items' sums meet in shared memory in a
+// fixed order (deterministic). Epilogues (mode):
+//   GEMV_STORE: y[r, o] = sum;
+//   GEMV_ADD:   y is the float32 residual stream [n, out]: y[r, o] += round(sum);
+//   GEMV_SILU:  w is the fused [2 * out, inner] gate/up matrix; y[r, o] = silu(gate) * up
+//               (gate and up rounded as the unfused path stores them);
+//   GEMV_STORE_F32: y is float32 [n, out], y[r, o] = sum unrounded (the logits: bf16 rounding
+//               alone moves a logprob by up to ~0.1).
+// Needs inner % (16 / sizeof(T)) == 0, 16-byte aligned w, x and norm_w, and dynamic shared
+// memory n * inner * sizeof(T) + items * NR * 4 bytes (the launcher checks).
+template <typename T, int NR>
+__device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, int n, int out, int inner,
+                           int rows_per_block, int passes, int mode, float eps, int depth) {
+    extern __shared__ uint4 gemv_smem[];
+    constexpr int VEC = 16 / sizeof(T);
+    T* xs = reinterpret_cast<T*>(gemv_smem);
+    float* part = reinterpret_cast<float*>(xs + (long long)n * inner);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int chunks = inner / VEC;
+    const int halves = mode == GEMV_SILU ? 2 : 1;
+    const int items = rows_per_block * halves * passes;
+    const int row0 = blockIdx.x * rows_per_block;
+
+    // `depth` (<= GEMV_DEPTH) items per warp in flight: a warp's first `depth` items are
+    // requested before the prologue, and each item's slot is refilled with the item
+    // `depth` ahead as soon as it has been summed.
+    uint4 wbuf[GEMV_DEPTH][GEMV_LOADS];
+#pragma unroll
+    for (int b = 0; b < GEMV_DEPTH; b++) {
+        const int item = warp + b * GEMV_WARPS;
+        if (b >= depth) break;
+        if (item < items) gemv_load_item<T>(wbuf[b], w, item, passes, halves, row0, out, inner, lane);
+    }
+    // The weights do not depend on the previous kernel; x (and y, for the residual add) do.
+    pdl_launch_dependents();
+    pdl_wait();
+
+    gemv_input<T, NR>(xs, x, norm_w, n, inner, eps);
     __syncthreads();
 
     for (int item0 = warp; item0 < items; item0 += depth * GEMV_WARPS) {
@@ -781,6 +794,220 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
             const float g = round_t<T>(s[0]), u = round_t<T>(s[1]);
             *dst = from_f<T>(g / (1.f + expf(-g)) * u);
         }
+    }
+}
+
+// --- gemv_stream: the 1-row products with the weights moved by the copy engine ---------
+// gemv_fused's weights come through 16-byte loads of the warps; measured (session 5) each
+// product then streams at ~2.3 TB/s whether the weights come from DRAM or the L2: the
+// loads an SM keeps in flight cap it, not the memory. Here each block's weight rows come
+// into shared memory through cp.async.bulk (the SM's copy engine, no registers, no load
+// slots), `stages` tiles of `stage_rows` rows deep, each tile completing on its own
+// mbarrier; the warps read the tile from shared memory and the block's thread 0 refills
+// the tile's stage once every warp is past it.
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+// Makes the barriers' initialization visible to the copy engine (the async proxy).
+__device__ __forceinline__ void mbar_init_fence() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
+// Orders this thread's earlier shared-memory accesses before the copy engine's next writes.
+__device__ __forceinline__ void async_proxy_fence() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
+// Arrives on `bar` (count 1) and expects `bytes` more of transactions this phase.
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#endif
+}
+
+// bytes (a multiple of 16, both addresses 16-byte aligned) from global to shared memory,
+// completing on `bar`.
+__device__ __forceinline__ void bulk_to_shared(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     smem_addr(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_addr(bar))
+                 : "memory");
+#endif
+}
+
+// Waits until `bar` completes the phase of this parity.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n"
+        "}\n" ::"r"(smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+#endif
+}
+
+#define GSTREAM_MAX_STAGES 8
+// Shared-memory bytes before the stages: the stages' barriers.
+#define GSTREAM_HEAD 128
+
+// y = epilogue(x' · wᵀ) for one row x (x' as in gemv_fused; modes GEMV_*). Block b takes
+// output rows [b * rows_per_block, ...) (for GEMV_SILU the same rows of the gate and the
+// up half). A tile is `stage_rows` of those rows (of both halves): GSTREAM_HEAD bytes of
+// barriers, then `stages` tiles, then x' (inner T), then the partial sums (rows_per_block *
+// halves * passes floats) in dynamic shared memory. Items are (row, half, pass of
+// GEMV_PASS_CHUNKS chunks) as in gemv_fused, so a long row (down's 4,864) spreads over
+// several warps, and the partials meet in the same fixed order.
+// With `argmax` (GEMV_STORE_F32 only): every block also writes its (lowest index of the
+// largest value, value bits) to argmax[4 + 2 * block], and the last block to finish
+// (counted in argmax[0], reset to 0 after) writes the row's (id, value bits) to
+// argmax_out[0..2], argmax_rows' layout for one row.
+template <typename T>
+__device__ void gemv_stream(void* y, const void* x, const T* w, const T* norm_w, int out, int inner,
+                            int rows_per_block, int stage_rows, int stages, int mode, float eps, uint32_t* argmax,
+                            uint32_t* argmax_out) {
+    extern __shared__ __align__(128) unsigned char gs_smem[];
+    constexpr int VEC = 16 / sizeof(T);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int chunks = inner / VEC;
+    const int passes = (chunks + GEMV_PASS_CHUNKS - 1) / GEMV_PASS_CHUNKS;
+    const int halves = mode == GEMV_SILU ? 2 : 1;
+    const int row0 = blockIdx.x * rows_per_block;
+    const int rows = min(rows_per_block, out - row0);
+    const int tiles = (rows + stage_rows - 1) / stage_rows;
+    const long long row_bytes = (long long)inner * sizeof(T);
+    const long long stage_bytes = (long long)stage_rows * halves * row_bytes;
+    uint64_t* bars = reinterpret_cast<uint64_t*>(gs_smem);
+    unsigned char* stage0 = gs_smem + GSTREAM_HEAD;
+    T* xs = reinterpret_cast<T*>(stage0 + stages * stage_bytes);
+    float* part = reinterpret_cast<float*>(xs + inner);
+
+    // Tile t of this block into stage t % stages (thread 0 only).
+    auto issue = [&](int t) {
+        const int s = t % stages;
+        const int r = t * stage_rows, nrows = min(stage_rows, rows - r);
+        const uint32_t bytes = (uint32_t)(nrows * row_bytes);
+        mbar_expect_tx(&bars[s], bytes * halves);
+        for (int h = 0; h < halves; h++)
+            bulk_to_shared(stage0 + s * stage_bytes + h * stage_rows * row_bytes,
+                           w + ((long long)h * out + row0 + r) * inner, bytes, &bars[s]);
+    };
+    // The weights do not depend on the previous kernel: the first tiles are requested
+    // before pdl_wait.
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; s++) mbar_init(&bars[s], 1);
+        mbar_init_fence();
+        for (int t = 0; t < min(stages, tiles); t++) issue(t);
+    }
+    pdl_launch_dependents();
+    pdl_wait();
+    gemv_input<T, 1>(xs, x, norm_w, 1, inner, eps);
+    __syncthreads();  // x' and the barriers' initialization, for every warp
+
+    for (int t = 0; t < tiles; t++) {
+        const int s = t % stages;
+        mbar_wait(&bars[s], (uint32_t)(t / stages) & 1u);
+        const int nrows = min(stage_rows, rows - t * stage_rows);
+        const T* tile = reinterpret_cast<const T*>(stage0 + s * stage_bytes);
+        const int items = nrows * halves * passes;
+        for (int item = warp; item < items; item += GEMV_WARPS) {
+            const int pass = item % passes, q = item / passes;
+            const int half = q % halves, lr = q / halves;
+            const T* wr = tile + (long long)(half * stage_rows + lr) * inner;
+            float acc = 0.f;
+#pragma unroll
+            for (int j = 0; j < GEMV_LOADS; j++) {
+                const int c = pass * GEMV_PASS_CHUNKS + lane + 32 * j;
+                if (c < chunks) {
+                    const uint4 wraw = *reinterpret_cast<const uint4*>(wr + c * VEC);
+                    const uint4 xraw = *reinterpret_cast<const uint4*>(xs + c * VEC);
+                    const T* wv = reinterpret_cast<const T*>(&wraw);
+                    const T* xv = reinterpret_cast<const T*>(&xraw);
+#pragma unroll
+                    for (int e = 0; e < VEC; e++) acc += to_f(wv[e]) * to_f(xv[e]);
+                }
+            }
+            acc = warp_sum(acc);
+            if (lane == 0) part[((t * stage_rows + lr) * halves + half) * passes + pass] = acc;
+        }
+        if (t + stages < tiles) {
+            async_proxy_fence();
+            __syncthreads();  // every warp is past stage s
+            if (threadIdx.x == 0) issue(t + stages);
+        }
+    }
+    __syncthreads();
+
+    float best_v = -INFINITY;
+    int best_i = 0x7fffffff;
+    for (int local = threadIdx.x; local < rows; local += blockDim.x) {
+        const int o = row0 + local;
+        // Sums of the first half's passes, then the second's (same order as gemv_fused).
+        float s0 = 0.f, s1 = 0.f;
+        const float* ps = part + local * halves * passes;
+        for (int pass = 0; pass < passes; pass++) s0 += ps[pass];
+        if (halves == 2)
+            for (int pass = 0; pass < passes; pass++) s1 += ps[passes + pass];
+        if (mode == GEMV_STORE_F32) {
+            static_cast<float*>(y)[o] = s0;
+            argmax_merge(best_v, best_i, s0, o);
+        } else if (mode == GEMV_STORE) {
+            static_cast<T*>(y)[o] = from_f<T>(s0);
+        } else if (mode == GEMV_ADD) {
+            static_cast<float*>(y)[o] += round_t<T>(s0);
+        } else {
+            const float g = round_t<T>(s0), u = round_t<T>(s1);
+            static_cast<T*>(y)[o] = from_f<T>(g / (1.f + expf(-g)) * u);
+        }
+    }
+    if (argmax == nullptr) return;
+    __shared__ float red_v[GEMV_WARPS];
+    __shared__ int red_i[GEMV_WARPS];
+    warp_argmax(best_v, best_i);
+    if (lane == 0) {
+        red_v[warp] = best_v;
+        red_i[warp] = best_i;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    best_v = lane < GEMV_WARPS ? red_v[lane] : -INFINITY;
+    best_i = lane < GEMV_WARPS ? red_i[lane] : 0x7fffffff;
+    warp_argmax(best_v, best_i);
+    unsigned int ticket = 0;
+    if (lane == 0) {
+        argmax[4 + 2 * blockIdx.x] = (uint32_t)best_i;
+        argmax[4 + 2 * blockIdx.x + 1] = __float_as_uint(best_v);
+        __threadfence();
+        ticket = atomicAdd(argmax, 1u);
+    }
+    ticket = __shfl_sync(0xffffffffu, ticket, 0);
+    if (ticket != gridDim.x - 1) return;
+    // The last block: every other block's partial is written and fenced.
+    __threadfence();
+    best_v = -INFINITY;
+    best_i = 0x7fffffff;
+    for (int b = lane; b < (int)gridDim.x; b += 32) {
+        const uint32_t i = __ldcg(argmax + 4 + 2 * b), v = __ldcg(argmax + 4 + 2 * b + 1);
+        argmax_merge(best_v, best_i, __uint_as_float(v), (int)i);
+    }
+    warp_argmax(best_v, best_i);
+    if (lane == 0) {
+        argmax_out[0] = best_i == 0x7fffffff ? 0u : (uint32_t)best_i;
+        argmax_out[1] = __float_as_uint(best_v);
+        argmax[0] = 0;  // for the next launch
     }
 }
 
@@ -908,6 +1135,17 @@ INSTANTIATE(f16, __half)
     INSTANTIATE_GEMV(SUFFIX, T, 2)                                                                                      \
     INSTANTIATE_GEMV(SUFFIX, T, 4)                                                                                      \
     INSTANTIATE_GEMV(SUFFIX, T, 8)
+
+// gemv_stream (one row, weights through the copy engine).
+#define INSTANTIATE_GSTREAM(SUFFIX, T)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_stream_##SUFFIX(                                    \
+        void* y, const void* x, const T* w, const T* norm_w, int out, int inner, int rows_per_block, int stage_rows,   \
+        int stages, int mode, float eps, uint32_t* argmax, uint32_t* argmax_out) {                                     \
+        gemv_stream<T>(y, x, w, norm_w, out, inner, rows_per_block, stage_rows, stages, mode, eps, argmax, argmax_out);\
+    }
+INSTANTIATE_GSTREAM(f32, float)
+INSTANTIATE_GSTREAM(bf16, __nv_bfloat16)
+INSTANTIATE_GSTREAM(f16, __half)
 
 INSTANTIATE_GEMVS(f32, float)
 INSTANTIATE_GEMVS(bf16, __nv_bfloat16)

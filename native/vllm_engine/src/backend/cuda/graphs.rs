@@ -95,6 +95,9 @@ struct Buffers {
     argmax: Tensor,
     /// u32 [max_batch, ARGMAX_SPLITS, 2]: the split argmax's partials.
     argmax_part: Tensor,
+    /// u32 [gemv_stream::ARGMAX_SCRATCH]: the lm_head's fused argmax (counter, partials;
+    /// zero between steps), for one-row steps.
+    argmax_stream: Tensor,
 }
 
 /// Steps replayed through any decode graph in this process (tests check that a path
@@ -229,6 +232,7 @@ impl DecodeGraphs {
             done_counts: zeros(max_batch * model.dims.num_kv_heads, DType::U32)?,
             argmax: zeros(2 * max_batch, DType::U32)?,
             argmax_part: zeros(2 * max_batch * ops::ARGMAX_SPLITS, DType::U32)?,
+            argmax_stream: zeros(super::gemv_stream::ARGMAX_SCRATCH, DType::U32)?,
         };
         let mut graphs = DecodeGraphs {
             blas: Blas::new(&stream)?,
@@ -452,6 +456,27 @@ impl DecodeGraphs {
             }
         }
         let logits = p(&buf.logits)?;
+        let (argmax, part) = (p(&buf.argmax)?, p(&buf.argmax_part)?);
+        // One row: the lm_head takes the argmax into its epilogue (no split argmax after).
+        if fused
+            && k.gemv_stream.argmax
+            && super::gemv_stream::serves(k, dt, b, m.vocab, hidden, GemvEpilogue::StoreF32)
+        {
+            let scratch = p(&buf.argmax_stream)?;
+            return super::gemv_stream::launch(
+                k,
+                dt,
+                logits,
+                h,
+                m.lm_head,
+                m.final_norm,
+                m.eps,
+                m.vocab,
+                hidden,
+                GemvEpilogue::StoreF32,
+                Some((scratch, argmax)),
+            );
+        }
         if fused {
             ops::launch_gemv_fused(
                 k,
@@ -476,7 +501,6 @@ impl DecodeGraphs {
             ops::launch_add_rms_norm(k, dt, &norm_final, b, hidden, m.eps)?;
             ops::launch_logits(k, &self.blas, dt, logits, x, m.lm_head, b, m.vocab, hidden)?;
         }
-        let (argmax, part) = (p(&buf.argmax)?, p(&buf.argmax_part)?);
         ops::launch_argmax_split(k, DType::F32, argmax, part, logits, b, m.vocab)
     }
 

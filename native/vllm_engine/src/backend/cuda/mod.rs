@@ -12,6 +12,7 @@ pub mod lora;
 pub mod nccl;
 pub mod op_timing;
 pub mod ops;
+pub mod gemv_stream;
 pub mod pdl;
 pub mod sampling;
 
@@ -86,9 +87,11 @@ pub struct Kernels {
     pub gemv_depth: usize,
     /// The GEMV launch geometry's limits (ops::GemvLimits; env overrides to compare).
     pub gemv_limits: ops::GemvLimits,
+    /// One-row products through gemv_stream (gemv_stream.rs) and its settings.
+    pub gemv_stream: gemv_stream::StreamConfig,
 }
 
-const KERNEL_NAMES: [&str; 19] = [
+const KERNEL_NAMES: [&str; 20] = [
     "embedding",
     "gather_rows",
     "add_rms_norm",
@@ -106,6 +109,7 @@ const KERNEL_NAMES: [&str; 19] = [
     "gemv_fused_r2",
     "gemv_fused_r4",
     "gemv_fused_r8",
+    "gemv_stream",
     "argmax_rows",
     "argmax_split",
 ];
@@ -172,6 +176,8 @@ impl Kernels {
         }
         let small_module = decode_small::load_into(&context, &mut functions);
         let prefill_module = attention_prefill::load_into(&context, &mut functions);
+        let mut stream_config = gemv_stream::StreamConfig::from_env();
+        stream_config.on &= gemv_stream::prepare(&functions);
         let v2_loaded = ["f32", "bf16", "f16"]
             .iter()
             .all(|s| functions.contains_key(&format!("paged_attention_v2_{s}")));
@@ -189,6 +195,7 @@ impl Kernels {
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(ops::GEMV_DEPTH, |d| d.clamp(1, ops::GEMV_DEPTH)),
             gemv_limits: ops::GemvLimits::from_env(),
+            gemv_stream: stream_config,
             functions,
             attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
             gemv_max_rows: gemv_max_rows_from_env(),

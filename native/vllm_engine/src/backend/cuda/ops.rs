@@ -56,11 +56,11 @@ pub struct AttentionDims {
     pub window: usize,
 }
 
-fn launch_err(name: &str, e: impl std::fmt::Display) -> EngineError {
+pub(super) fn launch_err(name: &str, e: impl std::fmt::Display) -> EngineError {
     EngineError::internal(format!("CUDA kernel {name} failed to launch: {e}"))
 }
 
-fn grid(blocks: usize, threads: u32, shared: usize) -> LaunchConfig {
+pub(super) fn grid(blocks: usize, threads: u32, shared: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (threads, 1, 1),
@@ -725,6 +725,9 @@ pub fn launch_gemv_fused(
 ) -> Result<()> {
     if n == 0 || n > GEMV_MAX_ROWS {
         return Err(EngineError::internal(format!("gemv: {n} rows (1 to {GEMV_MAX_ROWS})")));
+    }
+    if super::gemv_stream::serves(k, dtype, n, out, inner, epilogue) {
+        return super::gemv_stream::launch(k, dtype, y, x, w, norm, eps, out, inner, epilogue, None);
     }
     let (rows_per_block, passes, blocks, shared) = gemv_geometry(dtype, n, out, inner, epilogue, k.gemv_limits);
     if shared > GEMV_MAX_SHARED {
