@@ -6,6 +6,7 @@
 //! argmax after it.
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::DType;
 
 use super::ops::{launch_err, GemvEpilogue};
@@ -14,6 +15,7 @@ use crate::error::Result;
 
 /// Must match GEMV_THREADS, GEMV_PASS_CHUNKS, GSTREAM_HEAD and GSTREAM_MAX_STAGES in ops.cu.
 const THREADS: u32 = 256;
+const WARPS: usize = THREADS as usize / 32;
 const PASS_CHUNKS: usize = 128;
 const HEAD: usize = 128;
 const MAX_STAGES: usize = 8;
@@ -103,7 +105,13 @@ fn geometry(
     let row_bytes = inner * size;
     let passes = (inner / (16 / size)).div_ceil(PASS_CHUNKS);
     let rows_per_block = out.div_ceil(cfg.blocks.max(1));
-    let stage_rows = (cfg.stage_bytes / (halves * row_bytes)).clamp(1, rows_per_block);
+    let mut stage_rows = (cfg.stage_bytes / (halves * row_bytes)).clamp(1, rows_per_block);
+    // A tile's items (row, half, pass) in whole rounds of the block's 8 warps where it
+    // has more than one round: the warps then finish a tile together.
+    let per_row = halves * passes;
+    if stage_rows * per_row > WARPS && stage_rows < rows_per_block {
+        stage_rows = (stage_rows * per_row / WARPS * WARPS / per_row).max(1);
+    }
     let stages = cfg.stages.clamp(1, MAX_STAGES).min(rows_per_block.div_ceil(stage_rows));
     let shared = HEAD + stages * stage_rows * halves * row_bytes + row_bytes + rows_per_block * halves * passes * 4;
     let blocks = out.div_ceil(rows_per_block);
@@ -185,13 +193,16 @@ mod tests {
         // Qwen2.5-0.5B: gate/up 2 x 4,864 rows of 896, down 896 rows of 4,864, lm_head.
         let (rpb, stage_rows, stages, blocks, shared) =
             geometry(DType::BF16, 4864, 896, GemvEpilogue::SiluMul, cfg).unwrap();
-        assert_eq!((rpb, stage_rows, blocks), (19, 4, 257));
+        assert_eq!((rpb, stage_rows, blocks), (19, 4, 256));
         assert_eq!(stages, 4);
         assert!(shared <= MAX_SHARED);
         let (rpb, stage_rows, stages, blocks, _) = geometry(DType::BF16, 896, 4864, GemvEpilogue::AddTo, cfg).unwrap();
         assert_eq!((rpb, stage_rows, stages, blocks), (4, 1, 4, 224));
-        let (rpb, _, _, blocks, shared) = geometry(DType::BF16, 151_936, 896, GemvEpilogue::StoreF32, cfg).unwrap();
-        assert_eq!(rpb * blocks >= 151_936, true);
+        let (rpb, stage_rows, _, blocks, shared) =
+            geometry(DType::BF16, 151_936, 896, GemvEpilogue::StoreF32, cfg).unwrap();
+        // 16 KB holds 9 rows of 1,792 bytes; 8 make one round of the warps.
+        assert_eq!((rpb, stage_rows), (576, 8));
+        assert!(rpb * blocks >= 151_936);
         assert!(blocks <= cfg.blocks && shared <= MAX_SHARED);
     }
 
