@@ -799,12 +799,14 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
 
 // --- gemv_stream: the 1-row products with the weights moved by the copy engine ---------
 // gemv_fused's weights come through 16-byte loads of the warps; measured (session 5) each
-// product then streams at ~2.3 TB/s whether the weights come from DRAM or the L2: the
-// loads an SM keeps in flight cap it, not the memory. Here each block's weight rows come
+// product then streams at ~2.3 TB/s whether the weights come from DRAM or the L2, which
+// suggested that the loads an SM keeps in flight cap it. Here each block's weight rows come
 // into shared memory through cp.async.bulk (the SM's copy engine, no registers, no load
 // slots), `stages` tiles of `stage_rows` rows deep, each tile completing on its own
 // mbarrier; the warps read the tile from shared memory and the block's thread 0 refills
-// the tile's stage once every warp is past it.
+// the tile's stage once every warp is past it. Measured (session 6): per product no faster
+// than gemv_fused (the cap is not the warps' loads), so the launcher keeps it off by
+// default (backend/cuda/gemv_stream.rs, VLLM_GEMV_STREAM=1).
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 

@@ -1,9 +1,10 @@
 //! Launcher of `gemv_stream` (kernels/ops.cu): the one-row products of a decode step with
 //! the weights brought into shared memory by the SM's copy engine (cp.async.bulk) instead
-//! of the warps' 16-byte loads, which capped `gemv_fused` at ~2.3 TB/s (bench/RESULTS.md,
-//! issue 7, session 5). Its lm_head form also takes the greedy argmax into its epilogue
-//! (per-block partials, the last block merges them), so a decode graph needs no split
-//! argmax after it.
+//! of the warps' 16-byte loads, which were thought to cap `gemv_fused` at ~2.3 TB/s
+//! (bench/RESULTS.md, issue 7, session 5); measured in session 6, it streams no faster, so
+//! it is off unless `VLLM_GEMV_STREAM=1`. Its lm_head form also takes the greedy argmax
+//! into its epilogue (per-block partials, the last block merges them), so a decode graph
+//! needs no split argmax after it.
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
@@ -26,7 +27,9 @@ pub const MAX_BLOCKS: usize = 1024;
 /// u32 words of the fused argmax's scratch: a counter, padding, two words per block.
 pub const ARGMAX_SCRATCH: usize = 4 + 2 * MAX_BLOCKS;
 
-/// How one-row products launch. `VLLM_GEMV_STREAM=0` keeps gemv_fused for them;
+/// How one-row products launch. Off by default: measured (bench/RESULTS.md, issue 7,
+/// session 6, h7c) no faster per product than gemv_fused under ncu, and not yet timed in
+/// the graph; `VLLM_GEMV_STREAM=1` turns it on (with the argmax in the lm_head),
 /// `VLLM_GS_BLOCKS`, `VLLM_GS_STAGE_KB`, `VLLM_GS_STAGES` change the geometry and
 /// `VLLM_GS_ARGMAX=0` keeps the split argmax after the lm_head, to compare.
 #[derive(Debug, Clone, Copy)]
@@ -44,7 +47,7 @@ pub struct StreamConfig {
 impl Default for StreamConfig {
     fn default() -> Self {
         StreamConfig {
-            on: true,
+            on: false,
             blocks: 264,
             stage_bytes: 16 * 1024,
             stages: 4,
@@ -65,7 +68,7 @@ impl StreamConfig {
         let off = |name: &str| std::env::var_os(name).is_some_and(|v| v == "0");
         let d = StreamConfig::default();
         StreamConfig {
-            on: !off("VLLM_GEMV_STREAM"),
+            on: std::env::var_os("VLLM_GEMV_STREAM").is_some_and(|v| v == "1"),
             blocks: read("VLLM_GS_BLOCKS", d.blocks).min(MAX_BLOCKS),
             stage_bytes: read("VLLM_GS_STAGE_KB", d.stage_bytes / 1024) * 1024,
             stages: read("VLLM_GS_STAGES", d.stages).min(MAX_STAGES),
