@@ -6,13 +6,13 @@ pub mod attention_batch;
 pub mod attention_prefill;
 pub mod blas;
 pub mod decode_small;
+pub mod gemv_stream;
 pub mod graphs;
 pub mod kv_cache;
 pub mod lora;
 pub mod nccl;
 pub mod op_timing;
 pub mod ops;
-pub mod gemv_stream;
 pub mod pdl;
 pub mod sampling;
 
