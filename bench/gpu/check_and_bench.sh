@@ -11,7 +11,7 @@
 #   WORKLOADS="w3 w1" RUNS=3 HF_W3=1 HF_W1=1 FP16=1 CHECKS="tests tiny hf" bench/gpu/check_and_bench.sh
 # CHECKS: tests = model_device and device_checks (SmolLM2 cases only when the GGUF is under
 # $VLLM_MODELS_DIR); smollm2 = only device_checks' SmolLM2 tests; tiny; hf (HF_DTYPES,
-# default "bfloat16 float16"). FP16=1: each workload also in float16.
+# default "bfloat16 float16"); unset: all three, CHECKS="" none. FP16=1: each workload also in float16.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/setup.sh"
@@ -35,7 +35,7 @@ echo "card: $card; commit $commit"
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/nvidia-smi.txt"
 
 summary=()
-checks=${CHECKS:-tests tiny hf}
+checks=${CHECKS-tests tiny hf}
 if [[ " $checks " == *" tests "* && -e "$bin/model_device" ]]; then
   echo "== engine tests on the GPU (tests/model_device.rs, float32)"
   if VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$gpu "$bin/model_device" --test-threads 1 2>&1 | tee "$out/tests.txt"; then
