@@ -482,17 +482,23 @@ impl EngineCore {
     }
 
     /// Tells the scheduler which adapters are pinned, and the client the slot counters.
+    /// Before a pin's reply: `Engine::lora_swaps` then already counts its load.
     fn sync_lora_state(&mut self) {
         if let Some(slots) = self.runner.lora_slots() {
             self.scheduler.set_pinned_loras(slots.pinned().clone());
         }
+        self.publish_lora_counters();
     }
 
-    fn publish_stats(&self) {
+    fn publish_lora_counters(&self) {
         if let Some(slots) = self.runner.lora_slots() {
             self.shared.lora_loads.store(slots.loads, Ordering::Relaxed);
             self.shared.lora_evictions.store(slots.evictions, Ordering::Relaxed);
         }
+    }
+
+    fn publish_stats(&self) {
+        self.publish_lora_counters();
         let kv = self.scheduler.kv();
         let prefix = kv.prefix_cache_stats();
         let num_preemptions = self.scheduler.num_preemptions();
