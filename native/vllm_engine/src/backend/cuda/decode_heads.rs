@@ -8,14 +8,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaContext, CudaFunction, CudaModule, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, LaunchConfig};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::DType;
 
 use super::ops::{AttentionDims, MetaPtrs, QkvPtrs};
-use super::{embedded, Kernels};
+use super::{decode_small, embedded, Kernels};
 use crate::error::{EngineError, Result};
 
 /// Must match DH_THREADS, DH_WARPS and DH_ROWS_PT in decode_heads.cu.
@@ -144,55 +142,12 @@ pub fn launch(
     let (cap, shared) = plan(dtype, dims, max_context, meta.block_size, k.ds_rows)
         .ok_or_else(|| EngineError::internal("decode_attention_heads: unsupported attention geometry"))?;
     let f = k.function("decode_attention_heads", dtype)?;
-    let ptrs = [
-        out,
-        p.qkv,
-        p.bias,
-        p.q_norm,
-        p.k_norm,
-        p.cos,
-        p.sin,
-        meta.positions,
-        meta.token_seq,
-        meta.block_tables,
-    ];
-    let (max_blocks, block_size) = (meta.max_blocks as i32, meta.block_size as i32);
-    let caches = [p.k_cache, p.v_cache];
-    let ints = [dims.num_heads as i32, dims.num_kv_heads as i32, dims.head_dim as i32];
-    let window = dims.window as i32;
-    let cap = cap as i32;
     let cfg = LaunchConfig {
         grid_dim: (n as u32, dims.num_heads as u32, 1),
         block_dim: (DH_THREADS as u32, 1, 1),
         shared_mem_bytes: shared as u32,
     };
-    if k.pdl {
-        use super::pdl::arg;
-        let mut params: Vec<_> = ptrs.iter().map(arg).collect();
-        params.extend([arg(&max_blocks), arg(&block_size)]);
-        params.extend(caches.iter().map(arg));
-        params.extend(ints.iter().map(arg));
-        params.extend([arg(&dims.scale), arg(&window), arg(&eps), arg(&cap)]);
-        // SAFETY: the parameters are decode_attention_heads', in order; before its
-        // pdl_wait it reads only step metadata, cache rows of earlier steps and weights
-        // (bias, rotary tables).
-        return unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "decode_attention_heads") };
-    }
-    let mut b = k.stream().launch_builder(f);
-    for ptr in &ptrs {
-        b.arg(ptr);
-    }
-    b.arg(&max_blocks).arg(&block_size);
-    for ptr in &caches {
-        b.arg(ptr);
-    }
-    for i in &ints {
-        b.arg(i);
-    }
-    b.arg(&dims.scale).arg(&window).arg(&eps).arg(&cap);
-    unsafe { b.launch(cfg) }
-        .map_err(|e| EngineError::internal(format!("CUDA kernel decode_attention_heads failed to launch: {e}")))?;
-    Ok(())
+    decode_small::launch_fused(k, f, "decode_attention_heads", cfg, p, out, meta, dims, eps, cap as i32)
 }
 
 #[cfg(test)]

@@ -98,6 +98,41 @@ pub fn launch(
         .ok_or_else(|| EngineError::internal("decode_attention_small: unsupported attention geometry"))?;
     let group = dims.num_heads / dims.num_kv_heads;
     let f = k.function(&format!("decode_attention_small_g{group}"), dtype)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, dims.num_kv_heads as u32, DS_CLUSTER),
+        block_dim: (DS_THREADS, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    launch_fused(
+        k,
+        f,
+        "decode_attention_small",
+        cfg,
+        p,
+        out,
+        meta,
+        dims,
+        eps,
+        i32::from(k.ds_early),
+    )
+}
+
+/// Launches a decode attention kernel with qkv_prepare fused in: decode_attention_small_g*
+/// and decode_attention_heads take the same parameters up to the last, `last` (the
+/// early-loads flag, the rows per chunk).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn launch_fused(
+    k: &Kernels,
+    f: &CudaFunction,
+    name: &str,
+    cfg: LaunchConfig,
+    p: &QkvPtrs,
+    out: u64,
+    meta: &MetaPtrs,
+    dims: &AttentionDims,
+    eps: f32,
+    last: i32,
+) -> Result<()> {
     let ptrs = [
         out,
         p.qkv,
@@ -114,23 +149,16 @@ pub fn launch(
     let caches = [p.k_cache, p.v_cache];
     let ints = [dims.num_heads as i32, dims.num_kv_heads as i32, dims.head_dim as i32];
     let window = dims.window as i32;
-    let early = i32::from(k.ds_early);
-    let cfg = LaunchConfig {
-        grid_dim: (n as u32, dims.num_kv_heads as u32, DS_CLUSTER),
-        block_dim: (DS_THREADS, 1, 1),
-        shared_mem_bytes: shared as u32,
-    };
     if k.pdl {
         use super::pdl::arg;
         let mut params: Vec<_> = ptrs.iter().map(arg).collect();
         params.extend([arg(&max_blocks), arg(&block_size)]);
         params.extend(caches.iter().map(arg));
         params.extend(ints.iter().map(arg));
-        params.extend([arg(&dims.scale), arg(&window), arg(&eps), arg(&early)]);
-        // SAFETY: the parameters are decode_attention_small's, in order; before its
-        // pdl_wait it reads only step metadata, cache rows of earlier steps and weights
-        // (bias, rotary tables).
-        return unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "decode_attention_small") };
+        params.extend([arg(&dims.scale), arg(&window), arg(&eps), arg(&last)]);
+        // SAFETY: the parameters are the kernel's, in order; before its pdl_wait it reads
+        // only step metadata, cache rows of earlier steps and weights (bias, rotary tables).
+        return unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, name) };
     }
     let mut b = k.stream().launch_builder(f);
     for ptr in &ptrs {
@@ -143,9 +171,8 @@ pub fn launch(
     for i in &ints {
         b.arg(i);
     }
-    b.arg(&dims.scale).arg(&window).arg(&eps).arg(&early);
-    unsafe { b.launch(cfg) }
-        .map_err(|e| EngineError::internal(format!("CUDA kernel decode_attention_small failed to launch: {e}")))?;
+    b.arg(&dims.scale).arg(&window).arg(&eps).arg(&last);
+    unsafe { b.launch(cfg) }.map_err(|e| EngineError::internal(format!("CUDA kernel {name} failed to launch: {e}")))?;
     Ok(())
 }
 
