@@ -16,11 +16,12 @@ log=$(mktemp)
 load() { cut -d' ' -f1 /proc/loadavg; }
 # One result line: "<name>\t<decode tok/s>\t<TTFT ms or pp tok/s>\t<load before>".
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" | tee -a "$log"; }
-ours() { # name, binary, team (0|1), extra args
-  local l out
+ours() { # name, binary, team ("" = the binary's default, 0 = rayon, 1 = team), extra args
+  local l out team=(-u VLLM_CPU_TEAM)
+  [ -n "$3" ] && team=("VLLM_CPU_TEAM=$3")
   l=$(load)
   # shellcheck disable=SC2086
-  out=$(VLLM_CPU_TEAM=$3 "$2" "$Q" --batch 1 --input-len 128 --output-len 128 $4 2>&1)
+  out=$(env "${team[@]}" "$2" "$Q" --batch 1 --input-len 128 --output-len 128 $4 2>&1)
   record "$1" "$(sed -n 's/^batch 1 decode: \([0-9.]*\) tok\/s.*/\1/p' <<<"$out")" \
     "$(sed -n 's/.*TTFT \([0-9.]*\) ms.*/\1/p' <<<"$out" | head -1)" "$l"
 }
@@ -36,15 +37,15 @@ llama() { # name, gguf
 echo "name	decode tok/s	TTFT ms (ours) / pp tok/s (llama.cpp)	load"
 for _ in $(seq "$rounds"); do
   llama "llama.cpp f32" "$F"
-  ours "ours f32" "$V" 0 ""
+  ours "ours f32" "$V" "" ""
   ours "ours f32 team" "$V" 1 ""
   llama "llama.cpp Q4_1" "$Q"
-  ours "ours Q4_1" "$V" 0 "--quantization gguf"
+  ours "ours Q4_1" "$V" "" "--quantization gguf"
   ours "ours Q4_1 team" "$V" 1 "--quantization gguf"
   for o in ${V_OTHER:-}; do
-    ours "$(basename "$o") f32" "$o" 0 ""
+    ours "$(basename "$o") f32" "$o" "" ""
     ours "$(basename "$o") f32 team" "$o" 1 ""
-    ours "$(basename "$o") Q4_1" "$o" 0 "--quantization gguf"
+    ours "$(basename "$o") Q4_1" "$o" "" "--quantization gguf"
     ours "$(basename "$o") Q4_1 team" "$o" 1 "--quantization gguf"
   done
 done

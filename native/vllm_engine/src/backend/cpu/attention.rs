@@ -302,7 +302,9 @@ fn prefetch_l2(data: &[f32]) {
 /// Query heads per kv head whose softmax sums stay on the stack.
 const MAX_GROUP: usize = 16;
 /// Below this many (task × key) pairs a layer's attention runs on the calling thread.
-const SERIAL_MAX_KEYS: usize = 2048;
+/// Small: a batch-1 decode at position ~190 (3 tasks, ~40 µs of mostly memory waits) is
+/// worth a fork-join on the team or a pool worker (it was 2,048 when a loop cost ~45 µs).
+const SERIAL_MAX_KEYS: usize = 256;
 
 thread_local! {
     /// Per-thread score rows, grown to the longest context seen and reused.

@@ -1,6 +1,7 @@
 //! CPU implementations of the hot ops.
 
 pub mod attention;
+mod contention;
 #[cfg(test)]
 mod decode_bench;
 pub mod encoder_attention;

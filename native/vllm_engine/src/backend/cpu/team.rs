@@ -7,7 +7,8 @@
 //! itself and the helpers spin on an atomic for a short while after each loop before they
 //! sleep, so the loops of one step meet no kernel wake-up at all.
 //!
-//! Opt-in (`VLLM_CPU_TEAM=1`, see `enabled`). One team per process with
+//! On by default while the calling thread gets its core (contention.rs; `VLLM_CPU_TEAM=0`
+//! always rayon, `=1` always the team, see `mode`). One team per process with
 //! `available_parallelism - 1` helpers. A loop uses as many
 //! threads as `rayon::current_num_threads()` allows (an engine started with `num_threads`
 //! keeps its limit); while another caller holds the team, a loop falls back to rayon.
@@ -104,7 +105,12 @@ pub fn for_each_rows(rows: usize, tasks: usize, f: impl Fn(usize) + Sync) {
 /// Runs `f(0) .. f(tasks - 1)`, each exactly once, spread over the team (or rayon's pool
 /// when the team is busy); returns when all have finished.
 pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync) {
-    if enabled() {
+    let team = match mode() {
+        Mode::Rayon => false,
+        Mode::Team => true,
+        Mode::Auto => tasks > 1 && super::contention::team_allowed(),
+    };
+    if team {
         on_team(tasks, f);
     } else if tasks <= 1 || rayon::current_num_threads() <= 1 {
         (0..tasks).for_each(f);
@@ -139,12 +145,25 @@ pub(crate) fn hold() -> std::sync::MutexGuard<'static, ()> {
     team().owner.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Off unless `VLLM_CPU_TEAM=1`: measured on a 2-core VM, the team is faster than rayon
-/// while the cores are free (load ≤ 3) and slower as soon as another process competes
-/// for them (bench/RESULTS.md, C2 session 4), so rayon stays the default.
-fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("VLLM_CPU_TEAM").is_ok_and(|v| v == "1"))
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The team while the calling thread gets its core, rayon while another process
+    /// competes for it (contention.rs). The default.
+    Auto,
+    /// `VLLM_CPU_TEAM=1`: always the team (faster on free cores, 25–40% slower than rayon at
+    /// load 4–5 on a 2-core VM; bench/RESULTS.md, C2 session 4).
+    Team,
+    /// `VLLM_CPU_TEAM=0`: always rayon.
+    Rayon,
+}
+
+fn mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("VLLM_CPU_TEAM").as_deref() {
+        Ok("1") => Mode::Team,
+        Ok("0") => Mode::Rayon,
+        _ => Mode::Auto,
+    })
 }
 
 impl Team {
