@@ -38,7 +38,12 @@ pub(crate) struct Gauge {
 
 impl Gauge {
     pub(crate) fn new() -> Self {
-        Gauge { window: None, rayon_until: None, backoff: MIN_BACKOFF, blind: false }
+        Gauge {
+            window: None,
+            rayon_until: None,
+            backoff: MIN_BACKOFF,
+            blind: false,
+        }
     }
 
     fn on_team(&self, now: Instant) -> bool {
