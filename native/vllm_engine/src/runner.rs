@@ -503,7 +503,7 @@ fn build_batch(
             block_table: scheduler.kv().block_table(s.seq_id).to_vec(),
             want_logits,
             logits_for_all_tokens,
-            lora_slot: seq.extra_keys.lora_int_id.and_then(|id| lora_slot_of(id)),
+            lora_slot: seq.extra_keys.lora_int_id.and_then(&lora_slot_of),
         });
         batch.token_ids.extend_from_slice(&seq.token_ids[start..end]);
         batch.positions.extend(start..end);

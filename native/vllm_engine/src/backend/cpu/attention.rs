@@ -215,7 +215,7 @@ impl Kernel for AttendGroup<'_> {
 #[inline(always)]
 fn score_block(q: &[f32], keys: &[f32], bs: usize, lo: usize, row: &mut [f32]) {
     let hi = lo + row.len();
-    if bs % LANES != 0 {
+    if !bs.is_multiple_of(LANES) {
         for (s, slot) in row.iter_mut().zip(lo..hi) {
             *s = q.iter().enumerate().map(|(d, &x)| x * keys[d * bs + slot]).sum();
         }

@@ -98,7 +98,7 @@ pub fn for_each_rows(rows: usize, tasks: usize, f: impl Fn(usize) + Sync) {
     if rows <= MAX_ROWS {
         for_each(tasks, f);
     } else {
-        (0..tasks).into_par_iter().for_each(|i| f(i));
+        (0..tasks).into_par_iter().for_each(&f);
     }
 }
 
@@ -115,7 +115,7 @@ pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync) {
     } else if tasks <= 1 || rayon::current_num_threads() <= 1 {
         (0..tasks).for_each(f);
     } else {
-        (0..tasks).into_par_iter().for_each(|i| f(i));
+        (0..tasks).into_par_iter().for_each(&f);
     }
 }
 
@@ -128,7 +128,7 @@ fn on_team(tasks: usize, f: impl Fn(usize) + Sync) {
     }
     let t = team();
     let Ok(_owner) = t.owner.try_lock() else {
-        (0..tasks).into_par_iter().for_each(|i| f(i));
+        (0..tasks).into_par_iter().for_each(&f);
         return;
     };
     if t.helpers == 0 {
