@@ -19,22 +19,7 @@
 #include <string>
 #include <vector>
 
-#define CK(x)                                                                                 \
-    do {                                                                                      \
-        cudaError_t e = (x);                                                                  \
-        if (e != cudaSuccess) {                                                               \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-            exit(1);                                                                          \
-        }                                                                                     \
-    } while (0)
-#define CB(x)                                                                \
-    do {                                                                     \
-        int st_ = (int)(x);                                                  \
-        if (st_ != 0) {                                                      \
-            fprintf(stderr, "%s:%d %s: status %d\n", __FILE__, __LINE__, #x, st_); \
-            exit(1);                                                         \
-        }                                                                    \
-    } while (0)
+#include "check.cuh"
 
 typedef __nv_bfloat16 bf;
 const int LAYERS = 28;

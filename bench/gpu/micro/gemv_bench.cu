@@ -15,22 +15,7 @@
 #include <cstdlib>
 #include <vector>
 
-#define CK(x)                                                                                  \
-    do {                                                                                       \
-        cudaError_t e = (x);                                                                   \
-        if (e != cudaSuccess) {                                                                \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e));  \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
-#define CB(x)                                                                                  \
-    do {                                                                                       \
-        cublasStatus_t s = (x);                                                                \
-        if (s != CUBLAS_STATUS_SUCCESS) {                                                      \
-            fprintf(stderr, "%s:%d cublas %d\n", __FILE__, __LINE__, (int)s);                  \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
+#include "check.cuh"
 
 typedef __nv_bfloat16 bf;
 
