@@ -154,35 +154,35 @@ pub fn launch(
 mod tests {
     use super::*;
 
-    fn dims(heads: usize, kv: usize, hd: usize) -> AttentionDims {
-        AttentionDims {
-            num_heads: heads,
-            num_kv_heads: kv,
-            head_dim: hd,
-            scale: 1.0,
-            window: 0,
-        }
-    }
-
     #[test]
     fn a_chunk_holds_w3s_whole_context_within_the_shared_memory_limit() {
         // Qwen2.5-0.5B in bf16 with W3's 1024-position limit: 256 bytes a row, so 200 KB
         // holds ~780 rows; W3's contexts end at 640.
-        let (cap, bytes) = plan(DType::BF16, &dims(14, 2, 64), 1024, 16, None).unwrap();
+        let (cap, bytes) = plan(DType::BF16, &AttentionDims::unscaled(14, 2, 64), 1024, 16, None).unwrap();
         assert!((640..1024).contains(&cap), "cap {cap}");
         assert!(bytes <= SHARED_LIMIT);
         // A short limit keeps the chunk to the context; VLLM_DS_ROWS caps it (multiple of 4).
-        assert_eq!(plan(DType::BF16, &dims(14, 2, 64), 96, 16, None).unwrap().0, 96);
-        assert_eq!(plan(DType::F32, &dims(4, 2, 16), 1024, 16, Some(30)).unwrap().0, 32);
+        assert_eq!(
+            plan(DType::BF16, &AttentionDims::unscaled(14, 2, 64), 96, 16, None)
+                .unwrap()
+                .0,
+            96
+        );
+        assert_eq!(
+            plan(DType::F32, &AttentionDims::unscaled(4, 2, 16), 1024, 16, Some(30))
+                .unwrap()
+                .0,
+            32
+        );
         // Qwen3-0.6B (head_dim 128) fits too, with fewer rows.
-        assert!(plan(DType::BF16, &dims(16, 8, 128), 4096, 16, None).is_some());
+        assert!(plan(DType::BF16, &AttentionDims::unscaled(16, 8, 128), 4096, 16, None).is_some());
     }
 
     #[test]
     fn refuses_head_dims_the_kernel_cannot_split() {
         // 80 is 10 chunks of 8 bf16; f32 head_dim 256 is 64 chunks.
-        assert!(plan(DType::BF16, &dims(4, 4, 80), 1024, 16, None).is_none());
-        assert!(plan(DType::F32, &dims(64, 8, 256), 1024, 16, None).is_none());
-        assert!(plan(DType::BF16, &dims(4, 0, 64), 1024, 16, None).is_none());
+        assert!(plan(DType::BF16, &AttentionDims::unscaled(4, 4, 80), 1024, 16, None).is_none());
+        assert!(plan(DType::F32, &AttentionDims::unscaled(64, 8, 256), 1024, 16, None).is_none());
+        assert!(plan(DType::BF16, &AttentionDims::unscaled(4, 0, 64), 1024, 16, None).is_none());
     }
 }

@@ -180,25 +180,15 @@ pub(super) fn launch_fused(
 mod tests {
     use super::*;
 
-    fn dims(heads: usize, kv: usize, hd: usize) -> AttentionDims {
-        AttentionDims {
-            num_heads: heads,
-            num_kv_heads: kv,
-            head_dim: hd,
-            scale: 1.0,
-            window: 0,
-        }
-    }
-
     #[test]
     fn serves_the_benchmark_shapes_and_refuses_the_rest() {
         // Qwen2.5-0.5B (W3) and Qwen3-0.6B (W1) in bf16, the tiny fixtures in f32.
-        assert!(shared_bytes(DType::BF16, &dims(14, 2, 64)).is_some());
-        assert!(shared_bytes(DType::BF16, &dims(16, 8, 128)).is_some());
-        assert!(shared_bytes(DType::F32, &dims(4, 2, 16)).is_some());
+        assert!(shared_bytes(DType::BF16, &AttentionDims::unscaled(14, 2, 64)).is_some());
+        assert!(shared_bytes(DType::BF16, &AttentionDims::unscaled(16, 8, 128)).is_some());
+        assert!(shared_bytes(DType::F32, &AttentionDims::unscaled(4, 2, 16)).is_some());
         // Group 3 is not instantiated; head_dim 80 is 10 chunks, f32 head_dim 256 is 64.
-        assert!(shared_bytes(DType::BF16, &dims(6, 2, 64)).is_none());
-        assert!(shared_bytes(DType::BF16, &dims(4, 4, 80)).is_none());
-        assert!(shared_bytes(DType::F32, &dims(64, 8, 256)).is_none());
+        assert!(shared_bytes(DType::BF16, &AttentionDims::unscaled(6, 2, 64)).is_none());
+        assert!(shared_bytes(DType::BF16, &AttentionDims::unscaled(4, 4, 80)).is_none());
+        assert!(shared_bytes(DType::F32, &AttentionDims::unscaled(64, 8, 256)).is_none());
     }
 }

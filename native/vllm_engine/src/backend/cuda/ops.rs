@@ -56,6 +56,20 @@ pub struct AttentionDims {
     pub window: usize,
 }
 
+#[cfg(test)]
+impl AttentionDims {
+    /// A geometry with scale 1 and no window, for the launchers' unit tests.
+    pub fn unscaled(num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+        AttentionDims {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            scale: 1.0,
+            window: 0,
+        }
+    }
+}
+
 fn launch_err(name: &str, e: impl std::fmt::Display) -> EngineError {
     EngineError::internal(format!("CUDA kernel {name} failed to launch: {e}"))
 }
@@ -923,13 +937,7 @@ mod tests {
     use super::*;
 
     fn dims(kv: usize) -> AttentionDims {
-        AttentionDims {
-            num_heads: 8,
-            num_kv_heads: kv,
-            head_dim: 64,
-            scale: 1.0,
-            window: 0,
-        }
+        AttentionDims::unscaled(8, kv, 64)
     }
 
     #[test]
