@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::DType;
 
 use super::ops::{AttentionDims, MetaPtrs};
@@ -35,10 +34,12 @@ pub(super) fn load_into(
     context: &Arc<CudaContext>,
     functions: &mut HashMap<String, CudaFunction>,
 ) -> Option<Arc<CudaModule>> {
-    let module = context
-        .load_module(Ptx::from_binary(embedded::ATTENTION_PREFILL_CUBIN.to_vec()))
-        .or_else(|_| context.load_module(Ptx::from_src(embedded::ATTENTION_PREFILL_PTX)))
-        .ok()?;
+    let module = super::load_embedded(
+        context,
+        embedded::ATTENTION_PREFILL_CUBIN,
+        embedded::ATTENTION_PREFILL_PTX,
+    )
+    .ok()?;
     for d in HEAD_DIMS {
         for suffix in ["bf16", "f16"] {
             let name = format!("attention_prefill_d{d}_{suffix}");

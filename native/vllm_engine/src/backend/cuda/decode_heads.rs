@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, LaunchConfig};
-use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::DType;
 
 use super::ops::{AttentionDims, MetaPtrs, QkvPtrs};
@@ -50,10 +49,7 @@ pub(super) fn load_into(
     context: &Arc<CudaContext>,
     functions: &mut HashMap<String, CudaFunction>,
 ) -> Option<Arc<CudaModule>> {
-    let module = context
-        .load_module(Ptx::from_binary(embedded::DECODE_HEADS_CUBIN.to_vec()))
-        .or_else(|_| context.load_module(Ptx::from_src(embedded::DECODE_HEADS_PTX)))
-        .ok()?;
+    let module = super::load_embedded(context, embedded::DECODE_HEADS_CUBIN, embedded::DECODE_HEADS_PTX).ok()?;
     for suffix in ["f32", "bf16", "f16"] {
         let name = format!("decode_attention_heads_{suffix}");
         let f = module.load_function(&name).ok()?;

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::DType;
 
 use super::decode_heads;
@@ -34,10 +33,7 @@ pub(super) fn load_into(
     context: &Arc<CudaContext>,
     functions: &mut HashMap<String, CudaFunction>,
 ) -> Option<Arc<CudaModule>> {
-    let module = context
-        .load_module(Ptx::from_binary(embedded::DECODE_SMALL_CUBIN.to_vec()))
-        .or_else(|_| context.load_module(Ptx::from_src(embedded::DECODE_SMALL_PTX)))
-        .ok()?;
+    let module = super::load_embedded(context, embedded::DECODE_SMALL_CUBIN, embedded::DECODE_SMALL_PTX).ok()?;
     for g in GROUPS {
         for suffix in ["f32", "bf16", "f16"] {
             let name = format!("decode_attention_small_g{g}_{suffix}");

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use candle_core::cuda_backend::cudarc::driver::{
     result as driver, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::{DType, Device, Tensor};
 
 use super::device_ptr;
@@ -133,12 +132,8 @@ impl DeviceLora {
         dtype_index(dtype)?;
         let stream = device.as_cuda_device()?.cuda_stream();
         let context = stream.context().clone();
-        let module = match context.load_module(Ptx::from_binary(super::embedded::LORA_CUBIN.to_vec())) {
-            Ok(m) => m,
-            Err(_) => context
-                .load_module(Ptx::from_src(super::embedded::LORA_PTX))
-                .map_err(|e| EngineError::internal(format!("cannot load the LoRA kernels: {e}")))?,
-        };
+        let module = super::load_embedded(&context, super::embedded::LORA_CUBIN, super::embedded::LORA_PTX)
+            .map_err(|e| EngineError::internal(format!("cannot load the LoRA kernels: {e}")))?;
         let load = |name: &str| {
             module
                 .load_function(name)

@@ -19,7 +19,9 @@ pub mod sampling;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtr};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DriverError,
+};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::{DType, Device, Storage, Tensor};
 
@@ -29,6 +31,18 @@ pub use kv_cache::DeviceKvCache;
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Loads one of our kernel modules: its cubin (built for sm_90), or where that does not
+/// load (any other GPU) its PTX, which the driver JIT-compiles.
+fn load_embedded(
+    context: &Arc<CudaContext>,
+    cubin: &[u8],
+    ptx: &str,
+) -> std::result::Result<Arc<CudaModule>, DriverError> {
+    context
+        .load_module(Ptx::from_binary(cubin.to_vec()))
+        .or_else(|_| context.load_module(Ptx::from_src(ptx)))
 }
 
 /// Opens CUDA device `ordinal` for candle, on a stream of its own: the legacy default
@@ -145,13 +159,8 @@ impl Kernels {
     pub fn load(device: &Device) -> Result<Self> {
         let stream = device.as_cuda_device()?.cuda_stream();
         let context = stream.context().clone();
-        // The cubin is for sm_90; any other GPU JIT-compiles the PTX.
-        let module = match context.load_module(Ptx::from_binary(embedded::OPS_CUBIN.to_vec())) {
-            Ok(m) => m,
-            Err(_) => context
-                .load_module(Ptx::from_src(embedded::OPS_PTX))
-                .map_err(|e| EngineError::internal(format!("cannot load the CUDA kernels: {e}")))?,
-        };
+        let module = load_embedded(&context, embedded::OPS_CUBIN, embedded::OPS_PTX)
+            .map_err(|e| EngineError::internal(format!("cannot load the CUDA kernels: {e}")))?;
         let mut functions = HashMap::new();
         for name in KERNEL_NAMES {
             for suffix in ["f32", "bf16", "f16"] {
@@ -172,13 +181,8 @@ impl Kernels {
                 .map_err(|e| EngineError::internal(format!("kernel {name} is missing: {e}")))?;
             functions.insert(name.to_string(), f);
         }
-        // The cubin is for sm_90; any other GPU JIT-compiles the PTX.
-        let batch_module = match context.load_module(Ptx::from_binary(embedded::ATTENTION_BATCH_CUBIN.to_vec())) {
-            Ok(m) => m,
-            Err(_) => context
-                .load_module(Ptx::from_src(embedded::ATTENTION_BATCH_PTX))
-                .map_err(|e| EngineError::internal(format!("cannot load the CUDA kernels: {e}")))?,
-        };
+        let batch_module = load_embedded(&context, embedded::ATTENTION_BATCH_CUBIN, embedded::ATTENTION_BATCH_PTX)
+            .map_err(|e| EngineError::internal(format!("cannot load the CUDA kernels: {e}")))?;
         for name in attention_batch::KERNEL_NAMES {
             for suffix in ["f32", "bf16", "f16"] {
                 let full = format!("{name}_{suffix}");

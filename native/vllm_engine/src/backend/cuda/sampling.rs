@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::{DType, Device, Tensor};
 
 use super::{device_ptr, embedded};
@@ -27,13 +26,8 @@ impl DeviceSampler {
     pub fn load(device: &Device) -> Result<Self> {
         let stream = device.as_cuda_device()?.cuda_stream();
         let context = stream.context().clone();
-        // The cubin is for sm_90; any other GPU JIT-compiles the PTX.
-        let module = match context.load_module(Ptx::from_binary(embedded::SAMPLING_CUBIN.to_vec())) {
-            Ok(m) => m,
-            Err(_) => context
-                .load_module(Ptx::from_src(embedded::SAMPLING_PTX))
-                .map_err(|e| EngineError::internal(format!("cannot load the sampling kernels: {e}")))?,
-        };
+        let module = super::load_embedded(&context, embedded::SAMPLING_CUBIN, embedded::SAMPLING_PTX)
+            .map_err(|e| EngineError::internal(format!("cannot load the sampling kernels: {e}")))?;
         let get = |name: &str| {
             module
                 .load_function(name)
