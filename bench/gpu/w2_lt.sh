@@ -7,8 +7,8 @@
 #  1. W2 (RUNS_W2, default 2) with the tuned products; the engine logs every tuned key
 #     (GemmEx vs each cuBLASLt candidate, µs) at start-up;
 #  2. W2 once with VLLM_GEMM_LT=0 (the old path);
-#  3. W1 once (must stay >= 21,000 output tok/s);
-#  4. checks: model_device + device_checks, bf16/f16 vs HF transformers;
+#  3. checks: model_device + device_checks, bf16/f16 vs HF transformers;
+#  4. W1 once (must stay >= 21,000 output tok/s);
 #  5. micro/gemm_bench.cu w2 (built here with the machine's nvcc);
 #  6. W2 op timing (eager, per-op device time of a decode step), tuned products.
 set -uo pipefail
@@ -26,8 +26,8 @@ stage() { # $1: name; the rest: environment for check_and_bench.sh
 }
 stage w2_lt CHECKS="" WORKLOADS=w2 RUNS=${RUNS_W2:-2}
 stage w2_old CHECKS="" WORKLOADS=w2 RUNS=1 VLLM_GEMM_LT=0
-stage w1_lt CHECKS="" WORKLOADS=w1 RUNS=1
 stage checks CHECKS="tests hf" WORKLOADS=""
+stage w1_lt CHECKS="" WORKLOADS=w1 RUNS=1
 echo "=== stage gemm_bench ($(date +%T))"
 . "$here/setup.sh" > /dev/null 2>&1
 out=$final
