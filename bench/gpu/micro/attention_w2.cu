@@ -1,13 +1,14 @@
 // W2's decode attention (Llama-3.1-8B: 32 query heads over 8 KV heads, group 4, head_dim
-// 128, bf16, block size 16) through attention_batch_g4 as the engine runs it (U = 2 rows
-// per pass, no register cap, 128 positions per split), against variants: more rows per
+// 128, bf16, block size 16) through attention_batch_g4 as session 6 ran it
+// (attention_batch_g4_u2 now: U = 2 rows per pass, no register cap, 128 positions per
+// split), against the engine's form since (U = 4 capped at 128 registers) and variants: more rows per
 // pass, register caps, the pipelined form, other partitions. Decode rows of W2's contexts
 // (uniform 129..256, mean ~193) over a paged cache with shuffled block tables; 1,000 rows
 // (the eager steps) and 256 rows (the captured ones).
 // Build (development machine, no GPU needed):
 //   nvcc -O3 -arch=sm_90 -std=c++17 attention_w2.cu -o attention_w2
 // Prints per variant: median µs of one layer (two cache copies alternating so L2 holds
-// neither), KV bytes read per second, and the rel. L2 difference to the engine's form
+// neither), KV bytes read per second, and the rel. L2 difference to the session-6 form
 // (itself checked against a float64 CPU reference on 16 rows).
 #include "../../../kernels/attention_batch.cu"
 
@@ -35,7 +36,7 @@ typedef __nv_bfloat16 bf;
                                         block_tables, max_blocks, block_size, num_heads, num_kv_heads, head_dim,      \
                                         scale, window, partition, num_splits, done_counts);                           \
     }
-// Registers decide the blocks per SM (128 threads each): the engine's form takes 135 (3
+// Registers decide the blocks per SM (128 threads each): the session-6 form takes 135 (3
 // blocks); MINB 4 caps at 128 (4 blocks), MINB 5 at 102.
 G4_VARIANT(g4_u2_min4, 2, 4, false)
 G4_VARIANT(g4_u2_min5, 2, 5, false)
@@ -207,9 +208,10 @@ int main() {
         int partition;
     };
     const Variant variants[] = {
-        {"engine g4 u2 (p128)", attention_batch_g4_bf16, 128},
-        {"engine g4 u2 p256 (1 split)", attention_batch_g4_bf16, 256},
-        {"engine g4 u2 p64", attention_batch_g4_bf16, 64},
+        {"s6 g4 u2 (p128)", attention_batch_g4_u2_bf16, 128},
+        {"s6 g4 u2 p256 (1 split)", attention_batch_g4_u2_bf16, 256},
+        {"s6 g4 u2 p64", attention_batch_g4_u2_bf16, 64},
+        {"engine g4 (u4 min4)", attention_batch_g4_bf16, 128},
         {"g4 u2 min4", g4_u2_min4, 128},
         {"g4 u2 min5", g4_u2_min5, 128},
         {"g4 u4", g4_u4, 128},
@@ -222,10 +224,10 @@ int main() {
     };
     for (int n : {1000, 256}) {
         Setup s = make(n);
-        launch(s, attention_batch_g4_bf16, 128, 0);
+        launch(s, attention_batch_g4_u2_bf16, 128, 0);
         CK(cudaDeviceSynchronize());
         const std::vector<bf> ref = fetch(s);
-        printf("rows %d, contexts %d..%d (KV %.0f MB per layer); engine form vs float64 CPU on 16 rows: rel.L2 %.2e\n", n,
+        printf("rows %d, contexts %d..%d (KV %.0f MB per layer); s6 form vs float64 CPU on 16 rows: rel.L2 %.2e\n", n,
                CTX_LO, CTX_HI, s.kv_bytes / 1e6, check_cpu(s, ref, 16));
         for (const Variant& v : variants) {
             cudaFuncAttributes attr;
@@ -234,7 +236,7 @@ int main() {
             CK(cudaDeviceSynchronize());
             const double err = rel_l2(fetch(s), ref);
             const float us = time_us(s, v.kernel, v.partition);
-            printf("rows %4d  %-28s %3d regs %8.1f us  %5.2f TB/s  rel.L2 vs engine %.1e\n", n, v.name, attr.numRegs, us,
+            printf("rows %4d  %-28s %3d regs %8.1f us  %5.2f TB/s  rel.L2 vs s6 %.1e\n", n, v.name, attr.numRegs, us,
                    s.kv_bytes / (us * 1e-6) / 1e12, err);
         }
     }
