@@ -188,6 +188,19 @@ impl LtGemm {
         gemm_tuning::buckets_up_to(max_rows).last().copied().unwrap_or(0)
     }
 
+    /// Whether every bucket up to `max_rows` of this product is tuned already.
+    pub fn tuned(&self, dtype: DType, out: usize, inner: usize, max_rows: usize) -> Result<bool> {
+        let choices = self.choices.lock().map_err(|_| poisoned())?;
+        Ok(gemm_tuning::buckets_up_to(max_rows).into_iter().all(|bucket| {
+            choices.contains_key(&Key {
+                dtype,
+                out,
+                inner,
+                bucket,
+            })
+        }))
+    }
+
     /// Whether `dtype` products go through here.
     pub fn serves(dtype: DType) -> bool {
         lt_type(dtype).is_some()
@@ -222,7 +235,17 @@ impl LtGemm {
     /// Tunes every bucket up to `max_rows` for a product of `out` x `inner` whose weights
     /// (one per layer, timed in turn so the L2 holds none) are `weights`; `x` and `y` are
     /// scratch buffers of at least `tune_rows(max_rows)` * inner and * out elements.
-    pub fn tune(&self, dtype: DType, out: usize, inner: usize, weights: &[u64], max_rows: usize, x: u64, y: u64) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn tune(
+        &self,
+        dtype: DType,
+        out: usize,
+        inner: usize,
+        weights: &[u64],
+        max_rows: usize,
+        x: u64,
+        y: u64,
+    ) -> Result<()> {
         for bucket in gemm_tuning::buckets_up_to(max_rows) {
             let key = Key {
                 dtype,

@@ -6,8 +6,8 @@ use candle_core::{DType, Tensor};
 
 use super::blas::Blas;
 use super::gemm_lt::{LtGemm, Operands};
-use crate::backend::gemm_tuning;
 use super::{attention_batch, attention_prefill, device_ptr, optional_ptr, Kernels};
+use crate::backend::gemm_tuning;
 use crate::error::{EngineError, Result};
 
 /// Threads per block of the row-wise kernels.
@@ -790,7 +790,10 @@ pub fn linear(k: &Kernels, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let aligned = |t: &Tensor| t.is_contiguous() && device_ptr(t).is_ok_and(|p| p % 16 == 0);
     let same = w_inner == inner && w.dtype() == x.dtype() && aligned(x) && aligned(w);
     if n == 0 || !gemv_fits(k, x.dtype(), n, inner) || !same {
-        if let Some(lt) = k.lt.as_ref().filter(|_| same && n >= gemm_tuning::MIN_ROWS && LtGemm::serves(x.dtype())) {
+        if let Some(lt) =
+            k.lt.as_ref()
+                .filter(|_| same && n >= gemm_tuning::MIN_ROWS && LtGemm::serves(x.dtype()))
+        {
             let y = empty((n, out), x.dtype(), x)?;
             lt.linear(
                 x.dtype(),
