@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 7, session 7 (h7b): W2 with the eager products through cuBLASLt, the algorithm tuned
 # per (shape, rows bucket) (backend/cuda/gemm_lt.rs), and the group-4 decode attention with
-# 4 rows per pass, against the session-6 path, plus the checks, in one call. On the GPU machine, from the repository root, with $GPU_DIR packed by pack.sh.
+# 4 rows per pass, against the session-6 path, plus the checks, in one call. On the GPU
+# machine, from the repository root, with $GPU_DIR packed by pack.sh.
 # Stages, most needed first (each writes its log to $OUT/<stage>.log as it runs, appends to
 # $OUT/summary.txt and refreshes $OUT/logs.tgz, so a call cut by its limit returns what ran;
 # the session-7 call lost its checks' output before this):
