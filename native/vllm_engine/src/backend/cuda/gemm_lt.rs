@@ -2,14 +2,16 @@
 //! cuBLASLt, with the algorithm measured once per (dtype, shape, rows bucket): GemmEx (the
 //! call candle makes, cuBLAS's own pick) against every algorithm cuBLASLt's heuristic lists
 //! for the bucket's top row count, each timed on the engine's stream; the choice
-//! (backend/gemm_tuning.rs) is cached and every later product of that key takes it. The
+//! (backend/gemm_tuning.rs) is cached for the process (per device), so every later product
+//! of that key takes it, in every engine of the process (data-parallel ranks, tests that
+//! compare two engines). The
 //! model tunes its shapes up to the step's token limit at start-up (`tune`), so no timed
 //! step pays for it; a key first met later is tuned then, outside any graph capture (only
 //! the eager forward calls this). `VLLM_GEMM_LT=0` keeps GemmEx everywhere.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t;
 use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
@@ -30,6 +32,8 @@ const TIMED_LAUNCHES: usize = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
+    /// The device's ordinal: an algorithm is measured on, and kept for, one card.
+    device: usize,
     dtype: DType,
     out: usize,
     inner: usize,
@@ -59,14 +63,20 @@ pub struct LtGemm {
     stream: Arc<CudaStream>,
     /// GemmEx, timed against the candidates on the same stream.
     blas: Blas,
-    choices: Mutex<HashMap<Key, Choice>>,
+    device: usize,
     /// One line per tuned key on stderr (VLLM_STEP_TIMING or VLLM_GEMM_LT_LOG set).
     log: bool,
 }
 
+/// The choices of the process, shared by its engines (one tuning per device and key).
+fn choices() -> &'static Mutex<HashMap<Key, Choice>> {
+    static CHOICES: OnceLock<Mutex<HashMap<Key, Choice>>> = OnceLock::new();
+    CHOICES.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
 // SAFETY: the handle and the workspace are used on the engine's one stream, by the thread
-// that owns the model at the time (the model is behind the engine's lock); the cache has
-// its own lock.
+// that owns the model at the time (the model is behind the engine's lock); the choices
+// have their own lock.
 unsafe impl Send for LtGemm {}
 unsafe impl Sync for LtGemm {}
 
@@ -178,7 +188,7 @@ impl LtGemm {
             workspace,
             stream: stream.clone(),
             blas,
-            choices: Mutex::new(HashMap::new()),
+            device: stream.context().ordinal(),
             log: std::env::var_os("VLLM_STEP_TIMING").is_some() || std::env::var_os("VLLM_GEMM_LT_LOG").is_some(),
         })
     }
@@ -190,9 +200,10 @@ impl LtGemm {
 
     /// Whether every bucket up to `max_rows` of this product is tuned already.
     pub fn tuned(&self, dtype: DType, out: usize, inner: usize, max_rows: usize) -> Result<bool> {
-        let choices = self.choices.lock().map_err(|_| poisoned())?;
+        let choices = choices().lock().map_err(|_| poisoned())?;
         Ok(gemm_tuning::buckets_up_to(max_rows).into_iter().all(|bucket| {
             choices.contains_key(&Key {
+                device: self.device,
                 dtype,
                 out,
                 inner,
@@ -210,12 +221,13 @@ impl LtGemm {
     /// never while the stream is being captured).
     pub fn linear(&self, dtype: DType, p: Operands) -> Result<()> {
         let key = Key {
+            device: self.device,
             dtype,
             out: p.out,
             inner: p.inner,
             bucket: rows_bucket(p.n),
         };
-        let known = self.choices.lock().map_err(|_| poisoned())?.get(&key).copied();
+        let known = choices().lock().map_err(|_| poisoned())?.get(&key).copied();
         let choice = match known {
             Some(c) => c,
             // Timed at this batch's own rows: its buffers hold no more.
@@ -248,12 +260,13 @@ impl LtGemm {
     ) -> Result<()> {
         for bucket in gemm_tuning::buckets_up_to(max_rows) {
             let key = Key {
+                device: self.device,
                 dtype,
                 out,
                 inner,
                 bucket,
             };
-            if !self.choices.lock().map_err(|_| poisoned())?.contains_key(&key) {
+            if !choices().lock().map_err(|_| poisoned())?.contains_key(&key) {
                 self.tune_key(key, bucket, weights, y, x)?;
             }
         }
@@ -406,8 +419,8 @@ impl LtGemm {
                 list.join(" ")
             );
         }
-        self.choices.lock().map_err(|_| poisoned())?.insert(key, choice);
-        Ok(choice)
+        // Another engine may have tuned the key meanwhile: the first choice stays.
+        Ok(*choices().lock().map_err(|_| poisoned())?.entry(key).or_insert(choice))
     }
 }
 
