@@ -246,9 +246,12 @@ __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* 
 // Per storage type and group size G (query heads per KV head): U rows per pass and MINB
 // resident blocks per SM. Groups 1 and 2 are capped at 80 registers (6 blocks per SM; no
 // spills): measured 4-10% faster per layer than 96 registers (5 blocks). Group 4 holds
-// twice the queries and sums: 2 rows per pass, no cap.
-#define AB_INSTANTIATE(SUFFIX, T, G, U, MINB)                                                                           \
-    extern "C" __global__ void __launch_bounds__(AB_MAX_WARPS * 32, MINB) attention_batch_g##G##_##SUFFIX(             \
+// twice the queries and sums: in bf16/f16, 4 rows per pass capped at 128 registers (4
+// blocks, no spill) read W2's decode cache at 1.84 TB/s where 2 rows uncapped (135
+// registers, 3 blocks) read 1.33 (micro/attention_w2.cu, bench/RESULTS.md); that form stays
+// as attention_batch_g4_u2 (VLLM_ATT_G4=u2) to compare. f32 keeps 2 rows uncapped.
+#define AB_INSTANTIATE(NAME, SUFFIX, T, G, U, MINB)                                                                     \
+    extern "C" __global__ void __launch_bounds__(AB_MAX_WARPS * 32, MINB) NAME##_##SUFFIX(                             \
         T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache, const T* v_cache,                       \
         const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,            \
         int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,         \
@@ -257,11 +260,12 @@ __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* 
                                         block_tables, max_blocks, block_size, num_heads, num_kv_heads, head_dim,       \
                                         scale, window, partition, num_splits, done_counts);                             \
     }
-#define AB_INSTANTIATE_GROUPS(SUFFIX, T) \
-    AB_INSTANTIATE(SUFFIX, T, 1, 4, 6)   \
-    AB_INSTANTIATE(SUFFIX, T, 2, 4, 6)   \
-    AB_INSTANTIATE(SUFFIX, T, 4, 2, 1)
+#define AB_INSTANTIATE_GROUPS(SUFFIX, T, G4_U, G4_MINB)                 \
+    AB_INSTANTIATE(attention_batch_g1, SUFFIX, T, 1, 4, 6)              \
+    AB_INSTANTIATE(attention_batch_g2, SUFFIX, T, 2, 4, 6)              \
+    AB_INSTANTIATE(attention_batch_g4, SUFFIX, T, 4, G4_U, G4_MINB)     \
+    AB_INSTANTIATE(attention_batch_g4_u2, SUFFIX, T, 4, 2, 1)
 
-AB_INSTANTIATE_GROUPS(f32, float)
-AB_INSTANTIATE_GROUPS(bf16, __nv_bfloat16)
-AB_INSTANTIATE_GROUPS(f16, __half)
+AB_INSTANTIATE_GROUPS(f32, float, 2, 1)
+AB_INSTANTIATE_GROUPS(bf16, __nv_bfloat16, 4, 4)
+AB_INSTANTIATE_GROUPS(f16, __half, 4, 4)

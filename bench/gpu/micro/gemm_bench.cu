@@ -1,9 +1,10 @@
-// W1's decode products (Qwen3-0.6B, bf16; `gemm_bench w2`: Llama-3.1-8B's, for W2) at the
-// batch sizes of its run: the engine's
+// W1's decode products (Qwen3-0.6B, bf16; `gemm_bench w2`: Llama-3.1-8B's, for W2, at W2's
+// decode widths 600..1024 rows and a 16,384-row prompt chunk) at the batch sizes of its run: the engine's
 // cuBLAS call (GemmEx, y = x·Wᵀ, float32 sums, default tensor-op algorithm) against every
 // algorithm cuBLASLt's heuristic offers for the same product (up to 16, split-K ones
-// included), each timed over graph replays of 28 launches that rotate through 28 weight
-// copies (one per layer, so L2 holds none), median of 15 replays.
+// included), each timed over graph replays of launches that rotate through weight copies
+// (one per layer, so L2 holds none: 28 below 512 rows, 8 from 512, 3 from 4,096, where
+// the weights dwarf the L2 anyway), median of 15 replays (9 from 512 rows, 5 from 4,096).
 // Build (development machine): nvcc -O3 -arch=sm_90 -std=c++17 gemm_bench.cu -lcublasLt -lcublas -o gemm_bench
 // Prints per (product, rows): GemmEx µs, heuristic #0 µs, best µs (its index, split-K
 // count), the weights' read time at 4 TB/s; then per rows the sum over one step's products
@@ -35,13 +36,14 @@ __global__ void fill(bf* p, long long n, unsigned seed) {
     }
 }
 
-// Median µs per product of `launch(layer)` captured 28 times (one per layer) in a graph.
+// Median µs per product of `launch(layer)` captured `layers` times (one per weight copy) in
+// a graph, over `replays` replays.
 template <typename F>
-static float time_graph(cudaStream_t s, F launch) {
+static float time_graph(cudaStream_t s, int layers, int replays, F launch) {
     cudaGraph_t g;
     cudaGraphExec_t ge;
     CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-    for (int l = 0; l < LAYERS; l++) launch(l);
+    for (int l = 0; l < layers; l++) launch(l);
     CK(cudaStreamEndCapture(s, &g));
     CK(cudaGraphInstantiate(&ge, g, 0));
     CK(cudaGraphLaunch(ge, s));
@@ -50,7 +52,7 @@ static float time_graph(cudaStream_t s, F launch) {
     CK(cudaEventCreate(&a));
     CK(cudaEventCreate(&b));
     std::vector<float> ts;
-    for (int i = 0; i < 15; i++) {
+    for (int i = 0; i < replays; i++) {
         CK(cudaEventRecord(a, s));
         CK(cudaGraphLaunch(ge, s));
         CK(cudaEventRecord(b, s));
@@ -62,7 +64,7 @@ static float time_graph(cudaStream_t s, F launch) {
     CK(cudaGraphExecDestroy(ge));
     CK(cudaGraphDestroy(g));
     std::sort(ts.begin(), ts.end());
-    return ts[ts.size() / 2] * 1e3f / LAYERS;
+    return ts[ts.size() / 2] * 1e3f / layers;
 }
 
 int main(int argc, char** argv) {
@@ -75,7 +77,9 @@ int main(int argc, char** argv) {
     const Shape w2_shapes[] = {{"qkv", 4096, 6144}, {"o", 4096, 4096}, {"gate_up", 4096, 28672}, {"down", 14336, 4096}};
     const Shape* shapes = w2 ? w2_shapes : w1_shapes;
     const int model_layers = w2 ? 32 : 28;
-    const int rows_list[] = {8, 16, 32, 64, 96, 128, 192, 256};
+    const std::vector<int> rows_list = w2 ? std::vector<int>{600, 800, 1000, 1024, 16384}
+                                          : std::vector<int>{8, 16, 32, 64, 96, 128, 192, 256};
+    const int max_rows = *std::max_element(rows_list.begin(), rows_list.end());
     cudaStream_t s;
     CK(cudaStreamCreate(&s));
     cublasHandle_t blas;
@@ -89,7 +93,7 @@ int main(int argc, char** argv) {
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("%s, %d SMs; cuBLAS %d\n", prop.name, prop.multiProcessorCount, (int)cublasLtGetVersion());
-    const int NR = sizeof(rows_list) / sizeof(rows_list[0]);
+    const int NR = (int)rows_list.size();
     std::vector<float> step_ex(NR, 0.f), step_best(NR, 0.f);
     for (int si = 0; si < 4; si++) {
         const Shape& sh = shapes[si];
@@ -100,16 +104,18 @@ int main(int argc, char** argv) {
             fill<<<2048, 256>>>(w[l], wn, 17 + l);
         }
         bf *x, *y;
-        CK(cudaMalloc(&x, (size_t)256 * sh.inner * sizeof(bf)));
-        CK(cudaMalloc(&y, (size_t)256 * sh.out * sizeof(bf)));
-        fill<<<256, 256>>>(x, 256LL * sh.inner, 5);
+        CK(cudaMalloc(&x, (size_t)max_rows * sh.inner * sizeof(bf)));
+        CK(cudaMalloc(&y, (size_t)max_rows * sh.out * sizeof(bf)));
+        fill<<<256, 256>>>(x, (long long)max_rows * sh.inner, 5);
         CK(cudaDeviceSynchronize());
         for (int ri = 0; ri < NR; ri++) {
             const int n = rows_list[ri];
             const int m = sh.out, k = sh.inner;
             const float alpha = 1.f, beta = 0.f;
+            const int layers = n >= 4096 ? 3 : n >= 512 ? 8 : LAYERS;
+            const int replays = n >= 4096 ? 5 : n >= 512 ? 9 : 15;
             // The engine's call (blas.rs): column-major yᵀ[out, n] = W[out, inner] · xᵀ.
-            const float t_ex = time_graph(s, [&](int l) {
+            const float t_ex = time_graph(s, layers, replays, [&](int l) {
                 CB(cublasGemmStridedBatchedEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, w[l], CUDA_R_16BF, k,
                                               wn, x, CUDA_R_16BF, k, (long long)n * k, &beta, y, CUDA_R_16BF, m,
                                               (long long)n * m, 1, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT_TENSOR_OP));
@@ -131,27 +137,44 @@ int main(int argc, char** argv) {
             int nres = 0;
             CB(cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, pref, 16, res, &nres));
             float t0 = -1, best = 1e30f;
-            int best_i = -1, best_split = 0;
+            int best_i = -1, best_split = 0, best_id = -1, best_tile = -1;
+            std::string all;
             for (int i = 0; i < nres; i++) {
                 if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
-                const float t = time_graph(s, [&](int l) {
+                // One plain call first: an algorithm that refuses is skipped, not fatal.
+                if (cublasLtMatmul(lt, op, &alpha, w[0], la, x, lb, &beta, y, lc, y, lc, &res[i].algo, ws, WS, s) != 0) {
+                    all += " x";
+                    continue;
+                }
+                const float t = time_graph(s, layers, replays, [&](int l) {
                     CB(cublasLtMatmul(lt, op, &alpha, w[l], la, x, lb, &beta, y, lc, y, lc, &res[i].algo, ws, WS, s));
                 });
                 if (i == 0) t0 = t;
+                char buf[32];
+                snprintf(buf, sizeof buf, " %.1f", t);
+                all += buf;
                 if (t < best) {
                     best = t;
                     best_i = i;
-                    int split = 0;
+                    int split = 0, id = 0, tile = 0;
                     size_t got = 0;
                     cublasLtMatmulAlgoConfigGetAttribute(&res[i].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split,
                                                          sizeof(split), &got);
+                    cublasLtMatmulAlgoConfigGetAttribute(&res[i].algo, CUBLASLT_ALGO_CONFIG_ID, &id, sizeof(id), &got);
+                    cublasLtMatmulAlgoConfigGetAttribute(&res[i].algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile,
+                                                         sizeof(tile), &got);
                     best_split = split;
+                    best_id = id;
+                    best_tile = tile;
                 }
             }
             CK(cudaGetLastError());
             const float floor_us = (float)(wn * 2) / 4e12f * 1e6f;
-            printf("%-8s rows %3d: GemmEx %7.2f us, Lt #0 %7.2f us, best of %2d %7.2f us (#%d, split-K %d); weights at 4 TB/s %5.2f us\n",
-                   sh.name, n, t_ex, t0, nres, best, best_i, best_split, floor_us);
+            const double flop = 2.0 * n * (double)wn;
+            printf("%-8s rows %5d: GemmEx %8.2f us (%3.0f TFLOP/s), Lt #0 %8.2f us, best of %2d %8.2f us (%3.0f TFLOP/s; #%d, algo %d, tile %d, split-K %d); weights at 4 TB/s %5.2f us\n",
+                   sh.name, n, t_ex, flop / t_ex * 1e-6, t0, nres, best, flop / best * 1e-6, best_i, best_id, best_tile,
+                   best_split, floor_us);
+            printf("  all (us):%s\n", all.c_str());
             step_ex[ri] += t_ex * model_layers;
             step_best[ri] += std::min(best, t_ex) * model_layers;
             cublasLtMatmulPreferenceDestroy(pref);
@@ -165,7 +188,7 @@ int main(int argc, char** argv) {
         CK(cudaFree(y));
     }
     for (int ri = 0; ri < NR; ri++)
-        printf("gemm step rows %3d (%s): %d products GemmEx %7.1f us, best algorithms %7.1f us\n", rows_list[ri],
+        printf("gemm step rows %5d (%s): %d products GemmEx %9.1f us, best algorithms %9.1f us\n", rows_list[ri],
                w2 ? "w2" : "w1", 4 * model_layers, step_ex[ri], step_best[ri]);
     return 0;
 }

@@ -6,7 +6,8 @@
 //! Knobs (read once): `VLLM_ATT_BATCH=0` turns this kernel off (every batch through
 //! paged_attention_v2, to compare); `VLLM_ATT_BATCH_ROWS=n` uses it from n rows on (default
 //! 9; tests set 1 to run the batched graph tests through it); `VLLM_ATT_PARTITION=n`
-//! positions per split (default 128).
+//! positions per split (default 128); `VLLM_ATT_G4=u2` runs groups of 4 through the
+//! session-6 form (2 rows per pass, 135 registers) instead of 4 rows capped at 128.
 
 use std::sync::OnceLock;
 
@@ -21,8 +22,14 @@ use crate::error::{EngineError, Result};
 const MAX_WARPS: usize = 4;
 /// Group sizes (query heads per KV head) instantiated in attention_batch.cu.
 pub const GROUPS: [usize; 3] = [1, 2, 4];
-/// Kernel names to load, one per group size (each with the dtype suffixes).
-pub const KERNEL_NAMES: [&str; 3] = ["attention_batch_g1", "attention_batch_g2", "attention_batch_g4"];
+/// Kernel names to load, one per group size (each with the dtype suffixes), and the
+/// session-6 form of group 4 (`VLLM_ATT_G4=u2`, to compare).
+pub const KERNEL_NAMES: [&str; 4] = [
+    "attention_batch_g1",
+    "attention_batch_g2",
+    "attention_batch_g4",
+    "attention_batch_g4_u2",
+];
 
 /// Positions per split: measured best of 64..2048 on an H200 (bench/RESULTS.md, change 8).
 const DEFAULT_PARTITION: usize = 128;
@@ -31,6 +38,7 @@ struct Config {
     enabled: bool,
     min_rows: usize,
     partition: usize,
+    g4_u2: bool,
 }
 
 fn config() -> &'static Config {
@@ -41,6 +49,7 @@ fn config() -> &'static Config {
             enabled: std::env::var_os("VLLM_ATT_BATCH").is_none_or(|v| v != "0"),
             min_rows: num("VLLM_ATT_BATCH_ROWS").unwrap_or(9).max(1),
             partition: num("VLLM_ATT_PARTITION").unwrap_or(DEFAULT_PARTITION).max(16),
+            g4_u2: std::env::var_os("VLLM_ATT_G4").is_some_and(|v| v == "u2"),
         }
     })
 }
@@ -82,7 +91,8 @@ pub fn launch(
     partition: usize,
 ) -> Result<()> {
     let group = dims.num_heads / dims.num_kv_heads;
-    let f = k.function(&format!("attention_batch_g{group}"), dtype)?;
+    let form = if group == 4 && config().g4_u2 { "_u2" } else { "" };
+    let f = k.function(&format!("attention_batch_g{group}{form}"), dtype)?;
     let warps = dims.num_kv_heads.min(MAX_WARPS);
     // The split's block-table entries (an unaligned start adds one).
     let shared = (partition.div_ceil(meta.block_size) + 2) * 4;

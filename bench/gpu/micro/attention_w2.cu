@@ -1,0 +1,244 @@
+// W2's decode attention (Llama-3.1-8B: 32 query heads over 8 KV heads, group 4, head_dim
+// 128, bf16, block size 16) through attention_batch_g4 as session 6 ran it
+// (attention_batch_g4_u2 now: U = 2 rows per pass, no register cap, 128 positions per
+// split), against the engine's form since (U = 4 capped at 128 registers) and variants: more rows per
+// pass, register caps, the pipelined form, other partitions. Decode rows of W2's contexts
+// (uniform 129..256, mean ~193) over a paged cache with shuffled block tables; 1,000 rows
+// (the eager steps) and 256 rows (the captured ones).
+// Build (development machine, no GPU needed):
+//   nvcc -O3 -arch=sm_90 -std=c++17 attention_w2.cu -o attention_w2
+// Prints per variant: median µs of one layer (two cache copies alternating so L2 holds
+// neither), KV bytes read per second, and the rel. L2 difference to the session-6 form
+// (itself checked against a float64 CPU reference on 16 rows).
+#include "../../../kernels/attention_batch.cu"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "check.cuh"
+
+typedef __nv_bfloat16 bf;
+
+#define G4_VARIANT(NAME, U, MINB, PIPE)                                                                                \
+    __global__ void __launch_bounds__(AB_MAX_WARPS * 32, MINB) NAME(                                                   \
+        bf* out, float* part_acc, float* part_ml, const bf* q, const bf* k_cache, const bf* v_cache,                  \
+        const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,           \
+        int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,        \
+        int num_splits, unsigned int* done_counts) {                                                                   \
+        attention_batch<bf, 4, U, PIPE>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq,           \
+                                        block_tables, max_blocks, block_size, num_heads, num_kv_heads, head_dim,      \
+                                        scale, window, partition, num_splits, done_counts);                           \
+    }
+// Registers decide the blocks per SM (128 threads each): the session-6 form takes 135 (3
+// blocks); MINB 4 caps at 128 (4 blocks), MINB 5 at 102.
+G4_VARIANT(g4_u2_min4, 2, 4, false)
+G4_VARIANT(g4_u2_min5, 2, 5, false)
+G4_VARIANT(g4_u4, 4, 1, false)
+G4_VARIANT(g4_u4_min4, 4, 4, false)
+G4_VARIANT(g4_u8, 8, 1, false)
+G4_VARIANT(g4_pipe_u2, 2, 1, true)
+G4_VARIANT(g4_pipe_u4, 4, 1, true)
+
+typedef void (*AttnKernel)(bf*, float*, float*, const bf*, const bf*, const bf*, const uint32_t*, const uint32_t*,
+                           const uint32_t*, int, int, int, int, int, float, int, int, int, unsigned int*);
+
+const int NH = 32, KVH = 8, HD = 128, BS = 16, CTX_LO = 129, CTX_HI = 256, LAYERS = 2;
+
+__global__ void fill(bf* p, long long n, unsigned seed) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        unsigned h = (unsigned)i * 2654435761u ^ seed;
+        h ^= h >> 13;
+        h *= 0x5bd1e995u;
+        h ^= h >> 15;
+        p[i] = __float2bfloat16(((h & 0xffffff) / 16777216.f - 0.5f) * 2.f);
+    }
+}
+
+struct Setup {
+    int n, max_blocks, max_ctx, num_blocks;
+    uint32_t *pos, *seq, *tables;
+    bf *q, *k[LAYERS], *v[LAYERS], *out;
+    float *acc, *ml;
+    unsigned int* counts;
+    double kv_bytes;
+    std::vector<int> ctx;
+    std::vector<uint32_t> htables;
+};
+
+static Setup make(int n) {
+    Setup s;
+    s.n = n;
+    std::mt19937 rng(7 + n);
+    std::uniform_int_distribution<int> len(CTX_LO, CTX_HI);
+    s.ctx.resize(n);
+    long long positions = 0;
+    for (int& c : s.ctx) positions += (c = len(rng));
+    s.max_ctx = *std::max_element(s.ctx.begin(), s.ctx.end());
+    s.max_blocks = (s.max_ctx + BS - 1) / BS;
+    s.num_blocks = n * s.max_blocks;
+    std::vector<uint32_t> ids(s.num_blocks);
+    std::iota(ids.begin(), ids.end(), 0u);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    s.htables = ids;  // row t: ids[t * max_blocks ..]
+    std::vector<uint32_t> pos(n), seq(n);
+    for (int t = 0; t < n; t++) pos[t] = s.ctx[t] - 1, seq[t] = t;
+    s.kv_bytes = 2.0 * positions * KVH * HD * sizeof(bf);
+    const size_t cache = (size_t)s.num_blocks * BS * KVH * HD;
+    CK(cudaMalloc(&s.pos, n * 4));
+    CK(cudaMalloc(&s.seq, n * 4));
+    CK(cudaMalloc(&s.tables, (size_t)s.num_blocks * 4));
+    CK(cudaMemcpy(s.pos, pos.data(), n * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(s.seq, seq.data(), n * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(s.tables, ids.data(), (size_t)s.num_blocks * 4, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&s.q, (size_t)n * NH * HD * sizeof(bf)));
+    fill<<<1024, 256>>>(s.q, (long long)n * NH * HD, 3);
+    for (int l = 0; l < LAYERS; l++) {
+        CK(cudaMalloc(&s.k[l], cache * sizeof(bf)));
+        CK(cudaMalloc(&s.v[l], cache * sizeof(bf)));
+        fill<<<4096, 256>>>(s.k[l], cache, 11 + l);
+        fill<<<4096, 256>>>(s.v[l], cache, 23 + l);
+    }
+    CK(cudaMalloc(&s.out, (size_t)n * NH * HD * sizeof(bf)));
+    const int max_splits = (s.max_ctx + 31) / 32;
+    CK(cudaMalloc(&s.acc, (size_t)n * NH * max_splits * HD * 4));
+    CK(cudaMalloc(&s.ml, (size_t)n * NH * max_splits * 2 * 4));
+    CK(cudaMalloc(&s.counts, (size_t)n * KVH * 4));
+    CK(cudaMemset(s.counts, 0, (size_t)n * KVH * 4));
+    CK(cudaDeviceSynchronize());
+    return s;
+}
+
+static void launch(const Setup& s, AttnKernel kernel, int partition, int layer) {
+    const int splits = (s.max_ctx + partition - 1) / partition;
+    const int warps = std::min(KVH, AB_MAX_WARPS);
+    const int shared = (partition / BS + 2) * 4;
+    kernel<<<dim3(s.n, (KVH + warps - 1) / warps, splits), warps * 32, shared>>>(
+        s.out, s.acc, s.ml, s.q, s.k[layer], s.v[layer], s.pos, s.seq, s.tables, s.max_blocks, BS, NH, KVH, HD,
+        1.f / sqrtf((float)HD), 0, partition, splits, s.counts);
+}
+
+static std::vector<bf> fetch(const Setup& s) {
+    std::vector<bf> h((size_t)s.n * NH * HD);
+    CK(cudaMemcpy(h.data(), s.out, h.size() * sizeof(bf), cudaMemcpyDeviceToHost));
+    return h;
+}
+
+static double rel_l2(const std::vector<bf>& a, const std::vector<bf>& b) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size(); i++) {
+        const double x = __bfloat162float(a[i]), y = __bfloat162float(b[i]);
+        num += (x - y) * (x - y);
+        den += y * y;
+    }
+    return std::sqrt(num / std::max(den, 1e-30));
+}
+
+// Float64 attention of rows 0..rows-1 (all heads) from layer 0's cache, against `got`.
+static double check_cpu(const Setup& s, const std::vector<bf>& got, int rows) {
+    const size_t cache = (size_t)s.num_blocks * BS * KVH * HD;
+    std::vector<bf> k(cache), v(cache), q((size_t)s.n * NH * HD);
+    CK(cudaMemcpy(k.data(), s.k[0], cache * sizeof(bf), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(v.data(), s.v[0], cache * sizeof(bf), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(q.data(), s.q, q.size() * sizeof(bf), cudaMemcpyDeviceToHost));
+    double num = 0, den = 0;
+    for (int t = 0; t < rows; t++)
+        for (int h = 0; h < NH; h++) {
+            const int kvh = h / (NH / KVH);
+            std::vector<double> sc(s.ctx[t]);
+            double mx = -1e300;
+            for (int p = 0; p < s.ctx[t]; p++) {
+                const size_t slot = (size_t)s.htables[(size_t)t * s.max_blocks + p / BS] * BS + p % BS;
+                double d = 0;
+                for (int e = 0; e < HD; e++)
+                    d += (double)__bfloat162float(q[((size_t)t * NH + h) * HD + e]) *
+                         __bfloat162float(k[(slot * KVH + kvh) * HD + e]);
+                sc[p] = d / std::sqrt((double)HD);
+                mx = std::max(mx, sc[p]);
+            }
+            double z = 0;
+            for (double& x : sc) z += (x = std::exp(x - mx));
+            for (int e = 0; e < HD; e++) {
+                double o = 0;
+                for (int p = 0; p < s.ctx[t]; p++) {
+                    const size_t slot = (size_t)s.htables[(size_t)t * s.max_blocks + p / BS] * BS + p % BS;
+                    o += sc[p] * __bfloat162float(v[(slot * KVH + kvh) * HD + e]);
+                }
+                o /= z;
+                const double g = __bfloat162float(got[((size_t)t * NH + h) * HD + e]);
+                num += (g - o) * (g - o);
+                den += o * o;
+            }
+        }
+    return std::sqrt(num / std::max(den, 1e-30));
+}
+
+static float time_us(const Setup& s, AttnKernel kernel, int partition) {
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    std::vector<float> ts;
+    for (int it = 0; it < 21; it++) {
+        CK(cudaEventRecord(a));
+        launch(s, kernel, partition, it % LAYERS);
+        CK(cudaEventRecord(b));
+        CK(cudaEventSynchronize(b));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, a, b));
+        ts.push_back(ms);
+    }
+    CK(cudaGetLastError());
+    std::sort(ts.begin(), ts.end());
+    return ts[ts.size() / 2] * 1e3f;
+}
+
+int main() {
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    printf("%s, %d SMs\n", prop.name, prop.multiProcessorCount);
+    struct Variant {
+        const char* name;
+        AttnKernel kernel;
+        int partition;
+    };
+    const Variant variants[] = {
+        {"s6 g4 u2 (p128)", attention_batch_g4_u2_bf16, 128},
+        {"s6 g4 u2 p256 (1 split)", attention_batch_g4_u2_bf16, 256},
+        {"s6 g4 u2 p64", attention_batch_g4_u2_bf16, 64},
+        {"engine g4 (u4 min4)", attention_batch_g4_bf16, 128},
+        {"g4 u2 min4", g4_u2_min4, 128},
+        {"g4 u2 min5", g4_u2_min5, 128},
+        {"g4 u4", g4_u4, 128},
+        {"g4 u4 p256", g4_u4, 256},
+        {"g4 u4 min4", g4_u4_min4, 128},
+        {"g4 u8", g4_u8, 128},
+        {"g4 u8 p256", g4_u8, 256},
+        {"g4 pipe u2", g4_pipe_u2, 128},
+        {"g4 pipe u4", g4_pipe_u4, 128},
+    };
+    for (int n : {1000, 256}) {
+        Setup s = make(n);
+        launch(s, attention_batch_g4_u2_bf16, 128, 0);
+        CK(cudaDeviceSynchronize());
+        const std::vector<bf> ref = fetch(s);
+        printf("rows %d, contexts %d..%d (KV %.0f MB per layer); s6 form vs float64 CPU on 16 rows: rel.L2 %.2e\n", n,
+               CTX_LO, CTX_HI, s.kv_bytes / 1e6, check_cpu(s, ref, 16));
+        for (const Variant& v : variants) {
+            cudaFuncAttributes attr;
+            CK(cudaFuncGetAttributes(&attr, v.kernel));
+            launch(s, v.kernel, v.partition, 0);
+            CK(cudaDeviceSynchronize());
+            const double err = rel_l2(fetch(s), ref);
+            const float us = time_us(s, v.kernel, v.partition);
+            printf("rows %4d  %-28s %3d regs %8.1f us  %5.2f TB/s  rel.L2 vs s6 %.1e\n", n, v.name, attr.numRegs, us,
+                   s.kv_bytes / (us * 1e-6) / 1e12, err);
+        }
+    }
+    return 0;
+}
