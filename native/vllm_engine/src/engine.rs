@@ -182,7 +182,6 @@ impl Engine {
         let mut runner = ModelRunner::new(model, limits.num_blocks, limits.block_size)?;
         runner.prepare_decode_graphs(&crate::models::DecodeCaptureLimits {
             max_num_seqs: limits.max_num_seqs,
-            max_num_batched_tokens: limits.max_num_batched_tokens,
             max_model_len: limits.max_model_len,
             block_size: limits.block_size,
             num_blocks: limits.num_blocks,

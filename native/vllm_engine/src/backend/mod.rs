@@ -3,4 +3,3 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod gemm_tuning;

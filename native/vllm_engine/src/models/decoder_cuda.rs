@@ -8,7 +8,6 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor};
 
 use crate::backend::cuda::blas::Blas;
-use crate::backend::cuda::gemm_lt::LtGemm;
 use crate::backend::cuda::graphs::{self, DecodeGraphs, GraphLimits, LayerPtrs, ModelPtrs, ModelShape};
 use crate::backend::cuda::lora::{DeviceLora, FusedParts};
 use crate::backend::cuda::op_timing::{OpClock, OpTiming};
@@ -404,60 +403,6 @@ impl CudaDecoderLM {
         Ok(Some(logits))
     }
 
-    /// Picks the eager products' cuBLASLt algorithms (backend/cuda/gemm_lt.rs) for every
-    /// rows bucket a step of up to `max_rows` tokens can fall in, so that no timed step
-    /// pays for it: random activations, each layer's weights in turn. Keys tuned before
-    /// (a second capture) are skipped.
-    fn tune_products(&self, max_rows: usize) -> Result<()> {
-        let Some(lt) = self.kernels.lt.as_ref() else {
-            return Ok(());
-        };
-        let rows = LtGemm::tune_rows(max_rows);
-        if !LtGemm::serves(self.dtype) || self.layers.is_empty() || rows == 0 {
-            return Ok(());
-        }
-        let products: [fn(&CudaLayer) -> &Tensor; 4] = [|l| &l.qkv, |l| &l.o_proj, |l| &l.gate_up, |l| &l.down];
-        let mut shapes = Vec::with_capacity(products.len());
-        for weight in products {
-            let (out, inner) = weight(&self.layers[0]).dims2()?;
-            let ptrs = self
-                .layers
-                .iter()
-                .map(|l| device_ptr(weight(l)))
-                .collect::<Result<Vec<u64>>>()?;
-            shapes.push((out, inner, ptrs));
-        }
-        // A second capture (sleep / wake-up) finds them all: no scratch buffers then.
-        let mut all_tuned = true;
-        for (out, inner, _) in &shapes {
-            all_tuned &= lt.tuned(self.dtype, *out, *inner, max_rows)?;
-        }
-        if all_tuned {
-            return Ok(());
-        }
-        let max_inner = shapes.iter().map(|s| s.1).max().unwrap_or(0);
-        let max_out = shapes.iter().map(|s| s.0).max().unwrap_or(0);
-        let started = std::time::Instant::now();
-        let x = Tensor::randn(0f32, 1.0, (rows, max_inner), &self.device)?.to_dtype(self.dtype)?;
-        // SAFETY: every tuned product writes the rows it reads back; nothing else reads y.
-        let y = unsafe { Tensor::empty((rows, max_out), self.dtype, &self.device)? };
-        let (xp, yp) = (device_ptr(&x)?, device_ptr(&y)?);
-        for (out, inner, ptrs) in &shapes {
-            lt.tune(self.dtype, *out, *inner, ptrs, max_rows, xp, yp)?;
-        }
-        self.kernels
-            .stream()
-            .synchronize()
-            .map_err(|e| EngineError::internal(format!("synchronize: {e}")))?;
-        if std::env::var_os("VLLM_STEP_TIMING").is_some() {
-            eprintln!(
-                "gemm_lt: products tuned up to {rows} rows in {:.0} ms",
-                started.elapsed().as_secs_f64() * 1e3
-            );
-        }
-        Ok(())
-    }
-
     /// Where each LoRA target's columns sit in the fused projections' outputs.
     fn lora_parts(&self) -> FusedParts {
         let c = &self.config;
@@ -645,7 +590,6 @@ impl CausalLM for CudaDecoderLM {
             .get_mut()
             .map_err(|_| EngineError::internal("the CUDA graph state was poisoned by a panic"))?;
         *slot = None;
-        self.tune_products(limits.max_num_batched_tokens)?;
         // LoRA enabled: the slots on the device, and their graph buffers unless eager.
         if limits.max_loras > 0 {
             let mut lora = DeviceLora::new(

@@ -83,8 +83,6 @@ impl ForwardBatch {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DecodeCaptureLimits {
     pub max_num_seqs: usize,
-    /// Tokens one step may hold (the eager products' widest batch, tuned at start-up).
-    pub max_num_batched_tokens: usize,
     pub max_model_len: usize,
     pub block_size: usize,
     /// KV blocks the scheduler manages.

@@ -7,7 +7,6 @@ pub mod attention_prefill;
 pub mod blas;
 pub mod decode_heads;
 pub mod decode_small;
-pub mod gemm_lt;
 pub mod graphs;
 pub mod kv_cache;
 pub mod lora;
@@ -119,9 +118,6 @@ pub struct Kernels {
     pub gemv_depth: usize,
     /// The GEMV launch geometry's limits (ops::GemvLimits; env overrides to compare).
     pub gemv_limits: ops::GemvLimits,
-    /// The eager path's bf16/f16 products through cuBLASLt with a tuned algorithm
-    /// (gemm_lt.rs); None with `VLLM_GEMM_LT=0` or where cuBLASLt did not start.
-    pub lt: Option<gemm_lt::LtGemm>,
 }
 
 const KERNEL_NAMES: [&str; 19] = [
@@ -202,7 +198,6 @@ impl Kernels {
         let v2_loaded = ["f32", "bf16", "f16"]
             .iter()
             .all(|s| functions.contains_key(&format!("paged_attention_v2_{s}")));
-        let lt = lt_from_env(&stream);
         Ok(Kernels {
             stream,
             _module: module,
@@ -224,7 +219,6 @@ impl Kernels {
             functions,
             attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
             gemv_max_rows: gemv_max_rows_from_env(),
-            lt,
         })
     }
 
@@ -261,17 +255,6 @@ impl Kernels {
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
-}
-
-/// cuBLASLt unless `VLLM_GEMM_LT=0`; a failed start leaves the products on GemmEx.
-fn lt_from_env(stream: &Arc<CudaStream>) -> Option<gemm_lt::LtGemm> {
-    let var = std::env::var("VLLM_GEMM_LT").ok();
-    if !crate::backend::gemm_tuning::enabled(var.as_deref()) {
-        return None;
-    }
-    gemm_lt::LtGemm::new(stream)
-        .map_err(|e| tracing::warn!("cuBLASLt unavailable, products stay on GemmEx: {e}"))
-        .ok()
 }
 
 /// `VLLM_GEMV=0`: no GEMV kernel; `VLLM_GEMV_ROWS=n`: batches of up to n rows (at most

@@ -5,9 +5,7 @@ use candle_core::cuda_backend::cudarc::driver::{LaunchArgs, LaunchConfig, PushKe
 use candle_core::{DType, Tensor};
 
 use super::blas::Blas;
-use super::gemm_lt::{LtGemm, Operands};
 use super::{attention_batch, attention_prefill, device_ptr, optional_ptr, Kernels};
-use crate::backend::gemm_tuning;
 use crate::error::{EngineError, Result};
 
 /// Threads per block of the row-wise kernels.
@@ -788,26 +786,13 @@ pub fn linear(k: &Kernels, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (n, inner) = x.dims2()?;
     let (out, w_inner) = w.dims2()?;
     let aligned = |t: &Tensor| t.is_contiguous() && device_ptr(t).is_ok_and(|p| p % 16 == 0);
-    let same = w_inner == inner && w.dtype() == x.dtype() && aligned(x) && aligned(w);
-    if n == 0 || !gemv_fits(k, x.dtype(), n, inner) || !same {
-        if let Some(lt) =
-            k.lt.as_ref()
-                .filter(|_| same && n >= gemm_tuning::MIN_ROWS && LtGemm::serves(x.dtype()))
-        {
-            let y = empty((n, out), x.dtype(), x)?;
-            lt.linear(
-                x.dtype(),
-                Operands {
-                    y: device_ptr(&y)?,
-                    x: device_ptr(x)?,
-                    w: device_ptr(w)?,
-                    n,
-                    out,
-                    inner,
-                },
-            )?;
-            return Ok(y);
-        }
+    if n == 0
+        || !gemv_fits(k, x.dtype(), n, inner)
+        || w_inner != inner
+        || w.dtype() != x.dtype()
+        || !aligned(x)
+        || !aligned(w)
+    {
         return Ok(x.matmul(&w.t()?)?);
     }
     let y = empty((n, out), x.dtype(), x)?;
