@@ -234,7 +234,7 @@ impl Engine {
                 return Err(spawn_err(e));
             }
         };
-        let max_live_requests = args.max_waiting_requests.map(|w| w.saturating_add(limits.max_num_seqs));
+        let max_live_requests = max_live_requests(&args, &limits);
         Ok(Engine {
             core_tx,
             out_tx,
@@ -310,7 +310,7 @@ impl Engine {
             config.architecture,
             config.supported_tasks().join(", ")
         );
-        let max_live_requests = args.max_waiting_requests.map(|w| w.saturating_add(limits.max_num_seqs));
+        let max_live_requests = max_live_requests(&args, &limits);
         Ok(Engine {
             core_tx,
             out_tx,
@@ -972,6 +972,12 @@ fn compute_pool(num_threads: Option<usize>, device: &Device) -> Result<Option<ra
         .build()
         .map(Some)
         .map_err(|e| EngineError::internal(format!("cannot start the compute threads ({num_threads:?}): {e}")))
+}
+
+/// Requests an engine admits at once: the waiting queue's limit on top of the running
+/// batch (None: unlimited).
+fn max_live_requests(args: &EngineArgs, limits: &EngineLimits) -> Option<usize> {
+    args.max_waiting_requests.map(|w| w.saturating_add(limits.max_num_seqs))
 }
 
 #[cfg(test)]

@@ -165,13 +165,16 @@ mod tests {
     }
 
     #[test]
-    fn this_kernel_reports_a_run_queue_delay() {
-        // The default (team when the cores are free) depends on it; on Linux it must parse.
-        if cfg!(target_os = "linux") {
-            assert!(
-                run_queue_delay_ns().is_some(),
-                "no /proc/thread-self/schedstat: the CPU team stays off (rayon), correct but slower"
-            );
+    fn this_kernels_schedstat_parses_when_it_has_one() {
+        // The default (team when the cores are free) depends on it. A kernel built without
+        // schedstats has no such file: the team then stays off (rayon), correct but slower.
+        let path = "/proc/thread-self/schedstat";
+        match std::fs::read_to_string(path) {
+            Ok(text) => assert!(run_queue_delay_ns().is_some(), "{path} did not parse: {text:?}"),
+            Err(e) => {
+                eprintln!("{path}: {e}; the CPU team stays off on this machine");
+                assert_eq!(run_queue_delay_ns(), None);
+            }
         }
     }
 }
