@@ -22,38 +22,17 @@
 #include <vector>
 
 #include "check.cuh"
+#include "fill.cuh"
 
 typedef __nv_bfloat16 bf;
+#include "ab_variant.cuh"
 
 // Variants of attention_batch beyond the engine's default (g2, U = 4, 6 blocks per SM).
-#define AB_VARIANT(NAME, U, MINB, PIPE)                                                                                \
-    __global__ void __launch_bounds__(AB_MAX_WARPS * 32, MINB) NAME(                                                   \
-        bf* out, float* part_acc, float* part_ml, const bf* q, const bf* k_cache, const bf* v_cache,                  \
-        const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,           \
-        int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,        \
-        int num_splits, unsigned int* done_counts) {                                                                   \
-        attention_batch<bf, 2, U, PIPE>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq,           \
-                                        block_tables, max_blocks, block_size, num_heads, num_kv_heads, head_dim,      \
-                                        scale, window, partition, num_splits, done_counts);                           \
-    }
-AB_VARIANT(ab_u2, 2, 1, false)
-AB_VARIANT(ab_u4_min5, 4, 1, false)
-AB_VARIANT(ab_pipe_u2, 2, 1, true)
-AB_VARIANT(ab_pipe_u4, 4, 1, true)
-AB_VARIANT(ab_pipe_u2_min6, 2, 6, true)
-
-__global__ void fill(bf* p, long long n, unsigned seed, float scale) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        unsigned h = (unsigned)i * 2654435761u ^ seed;
-        h ^= h >> 13;
-        h *= 0x5bd1e995u;
-        h ^= h >> 15;
-        p[i] = __float2bfloat16(((h & 0xffffff) / 16777216.f - 0.5f) * 2.f * scale);
-    }
-}
-
-typedef void (*AttnKernel)(bf*, float*, float*, const bf*, const bf*, const bf*, const uint32_t*, const uint32_t*,
-                           const uint32_t*, int, int, int, int, int, float, int, int, int, unsigned int*);
+AB_VARIANT(ab_u2, 2, 2, 1, false)
+AB_VARIANT(ab_u4_min5, 2, 4, 1, false)
+AB_VARIANT(ab_pipe_u2, 2, 2, 1, true)
+AB_VARIANT(ab_pipe_u4, 2, 4, 1, true)
+AB_VARIANT(ab_pipe_u2_min6, 2, 2, 6, true)
 
 const int NS = 256, NH = 16, KVH = 8, HD = 128, BS = 16, MAX_LEN = 2048, LAYERS = 2;
 

@@ -23,43 +23,22 @@
 #include <vector>
 
 #include "check.cuh"
+#include "fill.cuh"
 
 typedef __nv_bfloat16 bf;
+#include "ab_variant.cuh"
 
-#define G4_VARIANT(NAME, U, MINB, PIPE)                                                                                \
-    __global__ void __launch_bounds__(AB_MAX_WARPS * 32, MINB) NAME(                                                   \
-        bf* out, float* part_acc, float* part_ml, const bf* q, const bf* k_cache, const bf* v_cache,                  \
-        const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,           \
-        int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,        \
-        int num_splits, unsigned int* done_counts) {                                                                   \
-        attention_batch<bf, 4, U, PIPE>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq,           \
-                                        block_tables, max_blocks, block_size, num_heads, num_kv_heads, head_dim,      \
-                                        scale, window, partition, num_splits, done_counts);                           \
-    }
 // Registers decide the blocks per SM (128 threads each): the session-6 form takes 135 (3
 // blocks); MINB 4 caps at 128 (4 blocks), MINB 5 at 102.
-G4_VARIANT(g4_u2_min4, 2, 4, false)
-G4_VARIANT(g4_u2_min5, 2, 5, false)
-G4_VARIANT(g4_u4, 4, 1, false)
-G4_VARIANT(g4_u4_min4, 4, 4, false)
-G4_VARIANT(g4_u8, 8, 1, false)
-G4_VARIANT(g4_pipe_u2, 2, 1, true)
-G4_VARIANT(g4_pipe_u4, 4, 1, true)
-
-typedef void (*AttnKernel)(bf*, float*, float*, const bf*, const bf*, const bf*, const uint32_t*, const uint32_t*,
-                           const uint32_t*, int, int, int, int, int, float, int, int, int, unsigned int*);
+AB_VARIANT(g4_u2_min4, 4, 2, 4, false)
+AB_VARIANT(g4_u2_min5, 4, 2, 5, false)
+AB_VARIANT(g4_u4, 4, 4, 1, false)
+AB_VARIANT(g4_u4_min4, 4, 4, 4, false)
+AB_VARIANT(g4_u8, 4, 8, 1, false)
+AB_VARIANT(g4_pipe_u2, 4, 2, 1, true)
+AB_VARIANT(g4_pipe_u4, 4, 4, 1, true)
 
 const int NH = 32, KVH = 8, HD = 128, BS = 16, CTX_LO = 129, CTX_HI = 256, LAYERS = 2;
-
-__global__ void fill(bf* p, long long n, unsigned seed) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        unsigned h = (unsigned)i * 2654435761u ^ seed;
-        h ^= h >> 13;
-        h *= 0x5bd1e995u;
-        h ^= h >> 15;
-        p[i] = __float2bfloat16(((h & 0xffffff) / 16777216.f - 0.5f) * 2.f);
-    }
-}
 
 struct Setup {
     int n, max_blocks, max_ctx, num_blocks;
@@ -98,12 +77,12 @@ static Setup make(int n) {
     CK(cudaMemcpy(s.seq, seq.data(), n * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(s.tables, ids.data(), (size_t)s.num_blocks * 4, cudaMemcpyHostToDevice));
     CK(cudaMalloc(&s.q, (size_t)n * NH * HD * sizeof(bf)));
-    fill<<<1024, 256>>>(s.q, (long long)n * NH * HD, 3);
+    fill<<<1024, 256>>>(s.q, (long long)n * NH * HD, 3, 1.f);
     for (int l = 0; l < LAYERS; l++) {
         CK(cudaMalloc(&s.k[l], cache * sizeof(bf)));
         CK(cudaMalloc(&s.v[l], cache * sizeof(bf)));
-        fill<<<4096, 256>>>(s.k[l], cache, 11 + l);
-        fill<<<4096, 256>>>(s.v[l], cache, 23 + l);
+        fill<<<4096, 256>>>(s.k[l], cache, 11 + l, 1.f);
+        fill<<<4096, 256>>>(s.v[l], cache, 23 + l, 1.f);
     }
     CK(cudaMalloc(&s.out, (size_t)n * NH * HD * sizeof(bf)));
     const int max_splits = (s.max_ctx + 31) / 32;

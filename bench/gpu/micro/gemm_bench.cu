@@ -21,20 +21,11 @@
 #include <vector>
 
 #include "check.cuh"
+#include "fill.cuh"
 
 typedef __nv_bfloat16 bf;
 const int LAYERS = 28;
 const size_t WS = 32 << 20;
-
-__global__ void fill(bf* p, long long n, unsigned seed) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        unsigned h = (unsigned)i * 2654435761u ^ seed;
-        h ^= h >> 13;
-        h *= 0x5bd1e995u;
-        h ^= h >> 15;
-        p[i] = __float2bfloat16(((h & 0xffffff) / 16777216.f - 0.5f) * 0.1f);
-    }
-}
 
 // Median µs per product of `launch(layer)` captured `layers` times (one per weight copy) in
 // a graph, over `replays` replays.
@@ -101,12 +92,12 @@ int main(int argc, char** argv) {
         std::vector<bf*> w(LAYERS);
         for (int l = 0; l < LAYERS; l++) {
             CK(cudaMalloc(&w[l], wn * sizeof(bf)));
-            fill<<<2048, 256>>>(w[l], wn, 17 + l);
+            fill<<<2048, 256>>>(w[l], wn, 17 + l, 0.05f);
         }
         bf *x, *y;
         CK(cudaMalloc(&x, (size_t)max_rows * sh.inner * sizeof(bf)));
         CK(cudaMalloc(&y, (size_t)max_rows * sh.out * sizeof(bf)));
-        fill<<<256, 256>>>(x, (long long)max_rows * sh.inner, 5);
+        fill<<<256, 256>>>(x, (long long)max_rows * sh.inner, 5, 0.05f);
         CK(cudaDeviceSynchronize());
         for (int ri = 0; ri < NR; ri++) {
             const int n = rows_list[ri];
