@@ -86,11 +86,19 @@ impl AttentionShape {
         let mut t0 = 0;
         while t0 < tokens.len() {
             let (mut t1, mut tasks) = (t0, 0);
-            while t1 < tokens.len() && (t1 == t0 || tasks + self.chunks(tokens[t1]).len() * self.num_kv_heads <= MAX_PIECE_TASKS) {
+            while t1 < tokens.len()
+                && (t1 == t0 || tasks + self.chunks(tokens[t1]).len() * self.num_kv_heads <= MAX_PIECE_TASKS)
+            {
                 tasks += self.chunks(tokens[t1]).len() * self.num_kv_heads;
                 t1 += 1;
             }
-            self.attend_piece(plan, &q[t0 * width..t1 * width], &tokens[t0..t1], layer, &mut out[t0 * width..t1 * width]);
+            self.attend_piece(
+                plan,
+                &q[t0 * width..t1 * width],
+                &tokens[t0..t1],
+                layer,
+                &mut out[t0 * width..t1 * width],
+            );
             t0 = t1;
         }
     }
@@ -105,7 +113,7 @@ impl AttentionShape {
         (first, last)
     }
 
-    /// The token's visible positions cut at multiples of `KEY_CHUNK`: (first, last) each.
+    /// Indices of the `KEY_CHUNK`-position chunks that hold the token's visible positions.
     fn chunks(&self, token: QueryToken) -> std::ops::Range<usize> {
         let (first, last) = self.visible(token);
         first / KEY_CHUNK..last / KEY_CHUNK + 1
@@ -126,7 +134,12 @@ impl AttentionShape {
                 for c in self.chunks(token) {
                     let lo = first.max(c * KEY_CHUNK);
                     let hi = last.min((c + 1) * KEY_CHUNK - 1);
-                    plan.tasks.push(ChunkTask { token: i, kv_head, first: lo, last: hi });
+                    plan.tasks.push(ChunkTask {
+                        token: i,
+                        kv_head,
+                        first: lo,
+                        last: hi,
+                    });
                 }
             }
         }
@@ -135,7 +148,12 @@ impl AttentionShape {
         plan.partials.resize(n_tasks * part, 0.0);
         let chunk_tasks = &plan.tasks;
         let task = |t: usize, partial: &mut [f32]| {
-            let ChunkTask { token: i, kv_head, first, last } = chunk_tasks[t];
+            let ChunkTask {
+                token: i,
+                kv_head,
+                first,
+                last,
+            } = chunk_tasks[t];
             let at = (i * self.num_kv_heads + kv_head) * group_width;
             let (o, stats) = partial.split_at_mut(group_width);
             SCORES.with(|scores| {
