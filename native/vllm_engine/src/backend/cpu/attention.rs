@@ -64,63 +64,149 @@ impl AttentionShape {
     }
 
     /// Causal attention of every query token over its sequence's cached positions 0..=p.
-    /// `q` is [tokens, num_heads, head_dim]; `out` gets the same shape. One task per
-    /// (token, kv head) serves the query heads that share the kv head, so each key and
-    /// value is read once for all of them.
+    /// `q` is [tokens, num_heads, head_dim]; `out` gets the same shape. A task serves the
+    /// query heads of one kv head over one chunk of `KEY_CHUNK` absolute positions, so each
+    /// key and value is read once for all of them and a lone decode token still fills both
+    /// cores; the chunks' partial softmaxes are then merged in chunk order. The chunks of a
+    /// token depend only on its own position, so results do not depend on the batch.
     pub fn paged_attention(&self, q: &[f32], tokens: &[QueryToken], layer: &LayerKv, out: &mut [f32]) {
-        let group_width = self.num_heads / self.num_kv_heads * self.head_dim;
-        let task = |(i, (out_group, q_group)): (usize, (&mut [f32], &[f32]))| {
-            let token = tokens[i / self.num_kv_heads];
-            let kv_head = i % self.num_kv_heads;
-            SCORES.with(|scores| {
-                let mut scores = scores.borrow_mut();
-                run_vectorized(AttendGroup {
-                    shape: self,
-                    q: q_group,
-                    token,
-                    kv_head,
-                    layer,
-                    scores: &mut scores,
-                    out: out_group,
-                })
-            });
-        };
-        let tasks = out.len() / group_width;
-        if tasks * (tokens.iter().map(|t| t.position).max().unwrap_or(0) + 1) < SERIAL_MAX_KEYS {
-            out.chunks_mut(group_width)
-                .zip(q.chunks(group_width))
-                .enumerate()
-                .for_each(task);
-        } else {
-            let out_ptr = GroupsPtr(out.as_mut_ptr());
-            super::team::for_each_rows(tokens.len(), tasks, |i| {
-                // SAFETY: task i writes only its own group, `out[i * group_width ..][.. group_width]`.
-                let out_group =
-                    unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(i * group_width), group_width) };
-                task((i, (out_group, &q[i * group_width..(i + 1) * group_width])));
-            });
+        // A rayon worker waiting inside the parallel loop may run another model's forward
+        // on this thread: that nested call gets buffers of its own.
+        PLAN.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut plan) => self.attend_in_pieces(&mut plan, q, tokens, layer, out),
+            Err(_) => self.attend_in_pieces(&mut Plan::default(), q, tokens, layer, out),
+        });
+    }
+
+    /// Runs `paged_attention` over runs of tokens of at most ~`MAX_PIECE_TASKS` chunk tasks,
+    /// so the partial results stay small for long prompts (a token's result does not depend
+    /// on the run it is in).
+    fn attend_in_pieces(&self, plan: &mut Plan, q: &[f32], tokens: &[QueryToken], layer: &LayerKv, out: &mut [f32]) {
+        let width = self.num_heads * self.head_dim;
+        let mut t0 = 0;
+        while t0 < tokens.len() {
+            let (mut t1, mut tasks) = (t0, 0);
+            while t1 < tokens.len()
+                && (t1 == t0 || tasks + self.chunks(tokens[t1]).len() * self.num_kv_heads <= MAX_PIECE_TASKS)
+            {
+                tasks += self.chunks(tokens[t1]).len() * self.num_kv_heads;
+                t1 += 1;
+            }
+            self.attend_piece(
+                plan,
+                &q[t0 * width..t1 * width],
+                &tokens[t0..t1],
+                layer,
+                &mut out[t0 * width..t1 * width],
+            );
+            t0 = t1;
         }
     }
 
-    /// Softmax attention of the query heads of one kv head: scores of every visible key
-    /// for each head, then the exact softmax (max, exp, sum), then the weighted values.
-    #[inline(always)]
-    fn attend_group(
-        &self,
-        q: &[f32],
-        token: QueryToken,
-        kv_head: usize,
-        layer: &LayerKv,
-        scores: &mut Vec<f32>,
-        out: &mut [f32],
-    ) {
-        let (hd, bs) = (self.head_dim, self.block_size);
-        let group = q.len() / hd;
+    /// The visible positions of a token: first..=last.
+    fn visible(&self, token: QueryToken) -> (usize, usize) {
         let last = token.position;
         let first = match self.sliding_window {
             Some(w) => (last + 1).saturating_sub(w),
             None => 0,
         };
+        (first, last)
+    }
+
+    /// Indices of the `KEY_CHUNK`-position chunks that hold the token's visible positions.
+    fn chunks(&self, token: QueryToken) -> std::ops::Range<usize> {
+        let (first, last) = self.visible(token);
+        first / KEY_CHUNK..last / KEY_CHUNK + 1
+    }
+
+    fn attend_piece(&self, plan: &mut Plan, q: &[f32], tokens: &[QueryToken], layer: &LayerKv, out: &mut [f32]) {
+        let hd = self.head_dim;
+        let group = self.num_heads / self.num_kv_heads;
+        let group_width = group * hd;
+        // Per chunk task: its heads' unnormalised outputs, then their maxima, then their sums.
+        let part = group * (hd + 2);
+        plan.tasks.clear();
+        plan.starts.clear();
+        for (i, &token) in tokens.iter().enumerate() {
+            let (first, last) = self.visible(token);
+            for kv_head in 0..self.num_kv_heads {
+                plan.starts.push(plan.tasks.len());
+                for c in self.chunks(token) {
+                    let lo = first.max(c * KEY_CHUNK);
+                    let hi = last.min((c + 1) * KEY_CHUNK - 1);
+                    plan.tasks.push(ChunkTask {
+                        token: i,
+                        kv_head,
+                        first: lo,
+                        last: hi,
+                    });
+                }
+            }
+        }
+        plan.starts.push(plan.tasks.len());
+        let n_tasks = plan.tasks.len();
+        plan.partials.resize(n_tasks * part, 0.0);
+        let chunk_tasks = &plan.tasks;
+        let task = |t: usize, partial: &mut [f32]| {
+            let ChunkTask {
+                token: i,
+                kv_head,
+                first,
+                last,
+            } = chunk_tasks[t];
+            let at = (i * self.num_kv_heads + kv_head) * group_width;
+            let (o, stats) = partial.split_at_mut(group_width);
+            SCORES.with(|scores| {
+                let mut scores = scores.borrow_mut();
+                run_vectorized(AttendGroup {
+                    shape: self,
+                    q: &q[at..at + group_width],
+                    token: tokens[i],
+                    kv_head,
+                    first,
+                    last,
+                    layer,
+                    scores: &mut scores,
+                    out: o,
+                    stats,
+                })
+            });
+        };
+        let keys: usize = chunk_tasks.iter().map(|t| t.last + 1 - t.first).sum();
+        if keys < SERIAL_MAX_KEYS {
+            plan.partials.chunks_mut(part).enumerate().for_each(|(t, p)| task(t, p));
+        } else {
+            let parts = GroupsPtr(plan.partials.as_mut_ptr());
+            super::team::for_each_rows(tokens.len(), n_tasks, |t| {
+                // SAFETY: task t writes only its own partial, `partials[t * part ..][.. part]`.
+                let p = unsafe { std::slice::from_raw_parts_mut(parts.get().add(t * part), part) };
+                task(t, p);
+            });
+        }
+        for (gi, out_group) in out.chunks_mut(group_width).enumerate() {
+            let parts = &plan.partials[plan.starts[gi] * part..plan.starts[gi + 1] * part];
+            merge_chunks(parts, group, hd, out_group);
+        }
+    }
+
+    /// Softmax attention of the query heads of one kv head over positions first..=last:
+    /// scores of those keys for each head, then per head the max m and Σ exp(s − m) into
+    /// `stats` ([maxima.., sums..]) and Σ exp(s − m)·v (unnormalised) into `out`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn attend_group(
+        &self,
+        q: &[f32],
+        token: QueryToken,
+        kv_head: usize,
+        (first, last): (usize, usize),
+        layer: &LayerKv,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+        stats: &mut [f32],
+    ) {
+        let (hd, bs) = (self.head_dim, self.block_size);
+        let group = q.len() / hd;
         let n = last + 1 - first;
         scores.resize(group * n, 0.0);
         // Visible positions, block by block: (block id, first slot, end slot, index of the
@@ -138,7 +224,7 @@ impl AttentionShape {
             })
         };
         // At decode the cache was evicted by the weight stream since the last step: ask for
-        // all of this head's keys and values now, so the reads overlap the scoring.
+        // all of this chunk's keys and values now, so the reads overlap the scoring.
         let width = self.num_kv_heads * hd;
         for (block, lo, hi, _) in spans() {
             prefetch_l2(&layer.k[self.key_block_offset(block, kv_head)..][..hd * bs]);
@@ -153,14 +239,15 @@ impl AttentionShape {
                 score_block(&q[g * hd..(g + 1) * hd], keys, bs, lo, row);
             }
         }
-        let mut inv_sums = [0.0f32; MAX_GROUP];
+        let (maxima, sums) = stats.split_at_mut(group);
         for g in 0..group {
             let row = &mut scores[g * n..(g + 1) * n];
             let m = max(row) * self.scale;
             for s in row.iter_mut() {
                 *s = exp(*s * self.scale - m);
             }
-            inv_sums[g.min(MAX_GROUP - 1)] = 1.0 / sum(row);
+            maxima[g] = m;
+            sums[g] = sum(row);
         }
         out.fill(0.0);
         for (block, lo, hi, j) in spans() {
@@ -170,15 +257,51 @@ impl AttentionShape {
                 weigh_values(weights, values, width, kv_head * hd, &mut out[g * hd..(g + 1) * hd]);
             }
         }
-        for (g, o) in out.chunks_mut(hd).enumerate() {
-            let inv = if group <= MAX_GROUP {
-                inv_sums[g]
-            } else {
-                1.0 / sum(&scores[g * n..(g + 1) * n])
-            };
-            o.iter_mut().for_each(|x| *x *= inv);
-        }
     }
+}
+
+/// One group's output from its chunks' partials (`parts`: per chunk, `group` × `hd`
+/// unnormalised outputs, then the maxima, then the sums), in chunk order. Each chunk is
+/// weighted by exp(m_c − M); a lone chunk gets weight exactly 1, so its result is o·(1/s).
+fn merge_chunks(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) {
+    let part = group * (hd + 2);
+    for g in 0..group {
+        let stat = |c: usize, which: usize| parts[c * part + group * hd + which * group + g];
+        let chunks = parts.len() / part;
+        let top = (0..chunks).map(|c| stat(c, 0)).fold(f32::NEG_INFINITY, f32::max);
+        let o = &mut out[g * hd..(g + 1) * hd];
+        let mut total = 0.0f32;
+        for c in 0..chunks {
+            let w = (stat(c, 0) - top).exp();
+            total += stat(c, 1) * w;
+            let src = &parts[c * part + g * hd..c * part + (g + 1) * hd];
+            if c == 0 {
+                o.iter_mut().zip(src).for_each(|(x, &v)| *x = v * w);
+            } else {
+                o.iter_mut().zip(src).for_each(|(x, &v)| *x += v * w);
+            }
+        }
+        let inv = 1.0 / total;
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// One chunk task of `paged_attention`: a token's kv head over positions first..=last.
+#[derive(Clone, Copy)]
+struct ChunkTask {
+    token: usize,
+    kv_head: usize,
+    first: usize,
+    last: usize,
+}
+
+/// The caller's per-call lists, kept per thread so steps allocate nothing.
+#[derive(Default)]
+struct Plan {
+    tasks: Vec<ChunkTask>,
+    /// Index of each (token, kv head)'s first task, and the task count at the end.
+    starts: Vec<usize>,
+    partials: Vec<f32>,
 }
 
 /// One (token, kv head) task of `paged_attention`, compiled per vector unit.
@@ -187,9 +310,12 @@ struct AttendGroup<'a> {
     q: &'a [f32],
     token: QueryToken<'a>,
     kv_head: usize,
+    first: usize,
+    last: usize,
     layer: &'a LayerKv,
     scores: &'a mut Vec<f32>,
     out: &'a mut [f32],
+    stats: &'a mut [f32],
 }
 
 impl Kernel for AttendGroup<'_> {
@@ -201,11 +327,14 @@ impl Kernel for AttendGroup<'_> {
             q,
             token,
             kv_head,
+            first,
+            last,
             layer,
             scores,
             out,
+            stats,
         } = self;
-        shape.attend_group(q, token, kv_head, layer, scores, out)
+        shape.attend_group(q, token, kv_head, (first, last), layer, scores, out, stats)
     }
 }
 
@@ -299,8 +428,11 @@ fn prefetch_l2(data: &[f32]) {
     let _ = data;
 }
 
-/// Query heads per kv head whose softmax sums stay on the stack.
-const MAX_GROUP: usize = 16;
+/// Positions per chunk task (chunks start at multiples of it, whatever the batch).
+const KEY_CHUNK: usize = 64;
+/// Chunk tasks per parallel loop of a long prompt (bounds the partials: ~0.8 MB for
+/// SmolLM2's 3 heads of 64 per kv head).
+const MAX_PIECE_TASKS: usize = 1024;
 /// Below this many (task × key) pairs a layer's attention runs on the calling thread.
 /// Small: a batch-1 decode at position ~190 (3 tasks, ~40 µs of mostly memory waits) is
 /// worth a fork-join on the team or a pool worker (it was 2,048 when a loop cost ~45 µs).
@@ -309,6 +441,8 @@ const SERIAL_MAX_KEYS: usize = 256;
 thread_local! {
     /// Per-thread score rows, grown to the longest context seen and reused.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The caller's chunk tasks and their partial results.
+    static PLAN: RefCell<Plan> = RefCell::new(Plan::default());
 }
 
 /// `out` of `paged_attention`, shared by tasks that write disjoint groups.
@@ -483,5 +617,46 @@ mod tests {
             },
             75,
         );
+    }
+
+    /// A prompt long enough that its chunk tasks run in several pieces (`MAX_PIECE_TASKS`),
+    /// each token over up to 5 chunks: every head still matches the naive softmax.
+    #[test]
+    fn a_long_prompt_in_pieces_matches_naive_attention() {
+        let n = 300;
+        let chunk_tasks: usize = (0..n).map(|p| (p / KEY_CHUNK + 1) * SMOLLM2.num_kv_heads).sum();
+        assert!(chunk_tasks > 2 * MAX_PIECE_TASKS, "the test must cover several pieces");
+        check_against_naive(SMOLLM2, n);
+    }
+
+    /// Merging chunks equals one softmax over their union: two chunks with known maxima,
+    /// sums and outputs against the directly computed weighted mean.
+    #[test]
+    fn merged_chunks_equal_the_softmax_over_their_union() {
+        let (group, hd) = (1, 2);
+        // Scores 1, 3 in chunk 0 and 2 in chunk 1; values [1, 0], [0, 1], [2, 2].
+        let scores = [1.0f32, 3.0, 2.0];
+        let values = [[1.0f32, 0.0], [0.0, 1.0], [2.0, 2.0]];
+        let chunk = |idx: &[usize]| -> Vec<f32> {
+            let m = idx.iter().map(|&i| scores[i]).fold(f32::NEG_INFINITY, f32::max);
+            let mut o = vec![0.0; hd];
+            let mut s = 0.0;
+            for &i in idx {
+                let e = (scores[i] - m).exp();
+                s += e;
+                o[0] += e * values[i][0];
+                o[1] += e * values[i][1];
+            }
+            o.extend([m, s]);
+            o
+        };
+        let parts: Vec<f32> = [chunk(&[0, 1]), chunk(&[2])].concat();
+        let mut out = vec![0.0; group * hd];
+        merge_chunks(&parts, group, hd, &mut out);
+        let total: f32 = scores.iter().map(|s| s.exp()).sum();
+        for d in 0..hd {
+            let expected: f32 = (0..3).map(|i| scores[i].exp() / total * values[i][d]).sum();
+            assert!((out[d] - expected).abs() < 1e-6, "dim {d}: {} vs {expected}", out[d]);
+        }
     }
 }
