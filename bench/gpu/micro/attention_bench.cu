@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "check.cuh"
+#include "compare.cuh"
 #include "fill.cuh"
 
 typedef __nv_bfloat16 bf;
@@ -44,18 +45,6 @@ struct Setup {
     int max_blocks, max_ctx;
     double kv_bytes;
 };
-
-static double rel_l2(const std::vector<bf>& a, const std::vector<bf>& b, double* max_abs) {
-    double num = 0, den = 0;
-    *max_abs = 0;
-    for (size_t i = 0; i < a.size(); i++) {
-        const double x = __bfloat162float(a[i]), y = __bfloat162float(b[i]);
-        num += (x - y) * (x - y);
-        den += y * y;
-        *max_abs = std::max(*max_abs, std::fabs(x - y));
-    }
-    return std::sqrt(num / std::max(den, 1e-30));
-}
 
 static float time_it(const char* name, const Setup& s, bf* out, const std::vector<bf>& ref, int lo, int hi,
                      void (*launch)(const Setup&, bf*, int layer, void* arg), void* arg) {

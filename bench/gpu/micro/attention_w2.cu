@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "check.cuh"
+#include "compare.cuh"
 #include "fill.cuh"
 
 typedef __nv_bfloat16 bf;
@@ -107,16 +108,6 @@ static std::vector<bf> fetch(const Setup& s) {
     std::vector<bf> h((size_t)s.n * NH * HD);
     CK(cudaMemcpy(h.data(), s.out, h.size() * sizeof(bf), cudaMemcpyDeviceToHost));
     return h;
-}
-
-static double rel_l2(const std::vector<bf>& a, const std::vector<bf>& b) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < a.size(); i++) {
-        const double x = __bfloat162float(a[i]), y = __bfloat162float(b[i]);
-        num += (x - y) * (x - y);
-        den += y * y;
-    }
-    return std::sqrt(num / std::max(den, 1e-30));
 }
 
 // Float64 attention of rows 0..rows-1 (all heads) from layer 0's cache, against `got`.
