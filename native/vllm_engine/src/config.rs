@@ -127,7 +127,7 @@ pub struct EngineArgs {
     pub seed: u64,
     /// None: the model's max_position_embeddings.
     pub max_model_len: Option<usize>,
-    /// None: the device's default (`BatchDefaults::for_device`).
+    /// None: the device's default (`CausalLM::batch_defaults`).
     pub max_num_seqs: Option<usize>,
     /// None: the device's default with chunked prefill; without it, at least max_model_len.
     pub max_num_batched_tokens: Option<usize>,

@@ -132,9 +132,7 @@ pub fn engine_args(opts: Term) -> Result<EngineArgs> {
         args.seed = seed;
     }
     args.max_model_len = count_field(opts, WHAT, "max_model_len")?;
-    if let Some(n) = count_field(opts, WHAT, "max_num_seqs")? {
-        args.max_num_seqs = Some(n);
-    }
+    args.max_num_seqs = count_field(opts, WHAT, "max_num_seqs")?;
     if let Some(n) = count_field(opts, WHAT, "tensor_parallel_size")? {
         args.tensor_parallel_size = n;
     }

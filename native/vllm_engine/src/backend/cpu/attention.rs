@@ -86,10 +86,12 @@ impl AttentionShape {
         let mut t0 = 0;
         while t0 < tokens.len() {
             let (mut t1, mut tasks) = (t0, 0);
-            while t1 < tokens.len()
-                && (t1 == t0 || tasks + self.chunks(tokens[t1]).len() * self.num_kv_heads <= MAX_PIECE_TASKS)
-            {
-                tasks += self.chunks(tokens[t1]).len() * self.num_kv_heads;
+            while t1 < tokens.len() {
+                let more = self.chunks(tokens[t1]).len() * self.num_kv_heads;
+                if t1 > t0 && tasks + more > MAX_PIECE_TASKS {
+                    break;
+                }
+                tasks += more;
                 t1 += 1;
             }
             self.attend_piece(

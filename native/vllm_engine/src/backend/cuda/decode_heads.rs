@@ -88,7 +88,7 @@ fn plan(
         return None;
     }
     let chunks = hd / vec;
-    if !hd.is_multiple_of(vec) || !chunks.is_power_of_two() || chunks > 32 || hd > DH_THREADS || !hd.is_multiple_of(2) {
+    if !hd.is_multiple_of(vec) || !chunks.is_power_of_two() || chunks > 32 || hd > DH_THREADS {
         return None;
     }
     let bytes_for = |cap: usize| {

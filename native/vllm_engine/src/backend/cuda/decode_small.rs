@@ -56,12 +56,7 @@ fn shared_bytes(dtype: DType, dims: &AttentionDims) -> Option<usize> {
     }
     let group = dims.num_heads / dims.num_kv_heads;
     let chunks = hd / vec;
-    if !GROUPS.contains(&group)
-        || !hd.is_multiple_of(vec)
-        || !chunks.is_power_of_two()
-        || chunks > 32
-        || !hd.is_multiple_of(2)
-    {
+    if !GROUPS.contains(&group) || !hd.is_multiple_of(vec) || !chunks.is_power_of_two() || chunks > 32 {
         return None;
     }
     let scratch = ((group + 2) * hd).max(DS_WARPS * group * (hd + 2));
