@@ -13,6 +13,7 @@
 // sequence lives in slot block_tables[seq * max_blocks + p / block_size] * block_size + p % block_size.
 
 #include "common.cuh"
+#include "l2_prefetch.cuh"
 #include "pdl.cuh"
 
 // Sum over the whole block; every thread gets the result. `red` holds 33 floats.
@@ -611,11 +612,11 @@ __device__ __forceinline__ uint4 load16_stream(const void* p) {
 // Issues the GEMV_LOADS 16-byte weight loads of one (row, half, pass) item of gemv_fused.
 template <typename T>
 __device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const T* w, int item, int passes, int halves,
-                                               int row0, int out, int inner, int lane) {
+                                               int row0, int row_step, int out, int inner, int lane) {
     constexpr int VEC = 16 / sizeof(T);
     const int chunks = inner / VEC;
     const int pass = item % passes, rh = item / passes;
-    const int o = row0 + rh / halves, half = rh % halves;
+    const int o = row0 + rh / halves * row_step, half = rh % halves;
     const T* wr = w + ((long long)o + (long long)half * out) * inner;
     const int c0 = pass * GEMV_PASS_CHUNKS + lane;
 #pragma unroll
@@ -646,7 +647,8 @@ __device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const 
 // memory n * inner * sizeof(T) + items * NR * 4 bytes (the launcher checks).
 template <typename T, int NR>
 __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, int n, int out, int inner,
-                           int rows_per_block, int passes, int mode, float eps, int depth) {
+                           int rows_per_block, int passes, int mode, float eps, int depth, int interleave,
+                           const L2Prefetch& pf) {
     extern __shared__ uint4 gemv_smem[];
     constexpr int VEC = 16 / sizeof(T);
     T* xs = reinterpret_cast<T*>(gemv_smem);
@@ -655,7 +657,10 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
     const int chunks = inner / VEC;
     const int halves = mode == GEMV_SILU ? 2 : 1;
     const int items = rows_per_block * halves * passes;
-    const int row0 = blockIdx.x * rows_per_block;
+    // A block's rows: contiguous, or (interleave) every gridDim.x-th from blockIdx.x, so the
+    // grid streams one window of the matrix at a time instead of a region per block.
+    const int row0 = interleave ? blockIdx.x : blockIdx.x * rows_per_block;
+    const int row_step = interleave ? gridDim.x : 1;
 
     // `depth` (<= GEMV_DEPTH) items per warp in flight: a warp's first `depth` items are
     // requested before the prologue, and each item's slot is refilled with the item
@@ -665,7 +670,7 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
     for (int b = 0; b < GEMV_DEPTH; b++) {
         const int item = warp + b * GEMV_WARPS;
         if (b >= depth) break;
-        if (item < items) gemv_load_item<T>(wbuf[b], w, item, passes, halves, row0, out, inner, lane);
+        if (item < items) gemv_load_item<T>(wbuf[b], w, item, passes, halves, row0, row_step, out, inner, lane);
     }
     // The weights do not depend on the previous kernel; x (and y, for the residual add) do.
     pdl_launch_dependents();
@@ -759,12 +764,12 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
             }
         }
         const int ahead = item + depth * GEMV_WARPS;
-        if (ahead < items) gemv_load_item<T>(cur, w, ahead, passes, halves, row0, out, inner, lane);
+        if (ahead < items) gemv_load_item<T>(cur, w, ahead, passes, halves, row0, row_step, out, inner, lane);
       }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < rows_per_block * n; i += blockDim.x) {
-        const int local = i / n, r = i % n, o = row0 + local;
+        const int local = i / n, r = i % n, o = row0 + local * row_step;
         if (o >= out) continue;
         float s[2] = {0.f, 0.f};
         for (int half = 0; half < halves; half++)
@@ -782,6 +787,8 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
             *dst = from_f<T>(g / (1.f + expf(-g)) * u);
         }
     }
+    // Last, so issuing the requests delays none of this kernel's own loads or sums.
+    l2_prefetch(pf);
 }
 
 // Split argmax for decode (one block per row was one SM reading the whole vocabulary):
@@ -900,8 +907,8 @@ INSTANTIATE(f16, __half)
 #define INSTANTIATE_GEMV(SUFFIX, T, NR)                                                                                 \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_fused_r##NR##_##SUFFIX(                            \
         void* y, const void* x, const T* w, const T* norm_w, int n, int out, int inner, int rows_per_block, int passes,\
-        int mode, float eps, int depth) {                                                                               \
-        gemv_fused<T, NR>(y, x, w, norm_w, n, out, inner, rows_per_block, passes, mode, eps, depth);                   \
+        int mode, float eps, int depth, int interleave, L2Prefetch pf) {                                                \
+        gemv_fused<T, NR>(y, x, w, norm_w, n, out, inner, rows_per_block, passes, mode, eps, depth, interleave, pf);   \
     }
 #define INSTANTIATE_GEMVS(SUFFIX, T)                                                                                    \
     INSTANTIATE_GEMV(SUFFIX, T, 1)                                                                                      \

@@ -116,6 +116,9 @@ modes=("graphs")
 # (e.g. "nopdl:VLLM_PDL=0 depth2:VLLM_GEMV_DEPTH=2").
 declare -A mode_env=()
 for m in ${ENV_MODES:-}; do modes+=("${m%%:*}"); mode_env[${m%%:*}]=${m#*:}; done
+# BASE=1: also the baseline binary bin/vllm-bench-base (an earlier commit's, stripped and
+# gzipped into the pack by hand), so a change is timed against its base on the same card.
+[ "${BASE:-0}" = 1 ] && [ -e "$bin/vllm-bench-base" ] && modes+=("base")
 # CUBLAS=1: also with graphs and cuBLAS for every product (VLLM_GEMV=0; the default puts
 # 1-row batches through our fused GEMV).
 [ "${CUBLAS:-0}" = 1 ] && modes+=("cublas")
@@ -156,9 +159,10 @@ for w in $workloads; do
   partition=${VLLM_ATT_PARTITION:-}; [[ "$mode" == p[0-9]* ]] && partition=${mode#p}
   small=${VLLM_DECODE_SMALL:-}; [ "$mode" = nosmall ] && small=0
   extra_env=${mode_env[$mode]:-}
+  bench=$bin/vllm-bench; [ "$mode" = base ] && bench=$bin/vllm-bench-base
   # One line per step (runner.rs), summarised below: prompt steps apart, decode by rows.
   env ${extra_env//,/ } VLLM_STEP_LOG="$out/$tag-steps.log" VLLM_ATT_BATCH=$att_batch VLLM_ATT_PARTITION=$partition VLLM_DECODE_SMALL=$small \
-    VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bin/vllm-bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
+    VLLM_ATTENTION_V1=$att_v1 VLLM_GEMV=$gemv timeout 400 "$bench" --workload "$w" "$(config_of "$w")" --load-format dummy --device cuda \
     --dtype "$dtype" --tokenizer "$gpu/tokenizer.json" --runs "$runs" --json "$out/$tag.json" "${extra[@]}" \
     2>&1 | tee "$out/$tag.txt"
   summary+=("$(grep -E "^$w median" "$out/$tag.txt" | sed "s/^$w/$tag/" || echo "$tag: FAILED (see $tag.txt)")")

@@ -18,6 +18,7 @@ use super::decode_small;
 use super::lora::{DeviceLora, FusedParts};
 use super::ops::{self, AttentionDims, AttentionPtrs, GemvEpilogue, MetaPtrs, QkvPtrs, RowsPtrs};
 use super::{device_ptr, Kernels};
+use crate::backend::l2_prefetch::WeightStream;
 use crate::error::{EngineError, Result};
 use crate::models::ForwardBatch;
 
@@ -68,6 +69,28 @@ impl ModelPtrs {
     }
     fn qkv_width(&self) -> usize {
         (self.dims.num_heads + 2 * self.dims.num_kv_heads) * self.dims.head_dim
+    }
+
+    /// The fused decode's weight matrices in the order its products read them: per layer
+    /// qkv, o_proj, gate_up, down; then the lm_head.
+    fn weight_stream(&self, ahead: u64) -> WeightStream {
+        let size = self.dtype.size_in_bytes() as u64;
+        let (hidden, inter) = (self.hidden as u64, self.intermediate as u64);
+        let (q, qkv) = (self.q_width() as u64, self.qkv_width() as u64);
+        let mut matrices: Vec<(u64, u64)> = self
+            .layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    (l.qkv, qkv * hidden * size),
+                    (l.o_proj, hidden * q * size),
+                    (l.gate_up, 2 * inter * hidden * size),
+                    (l.down, hidden * inter * size),
+                ]
+            })
+            .collect();
+        matrices.push((self.lm_head, self.vocab as u64 * hidden * size));
+        WeightStream::new(matrices, ahead)
     }
 }
 
@@ -358,6 +381,13 @@ impl DecodeGraphs {
         // Up to decode_small::MAX_ROWS rows (each a sequence's one decode token): qkv
         // preparation and attention in one launch per layer.
         let small_attention = decode_small::serves(k, dt, b, &m.dims);
+        // The fused products ask the L2 for the weights after theirs (l2_prefetch.rs).
+        let mut stream = m.weight_stream(if fused { k.l2_ahead } else { 0 });
+        let mut product = 0;
+        let mut next = || {
+            product += 1;
+            stream.before(product - 1)
+        };
         for (i, layer) in m.layers.iter().enumerate() {
             if fused {
                 ops::launch_gemv_fused(
@@ -372,6 +402,7 @@ impl DecodeGraphs {
                     m.qkv_width(),
                     hidden,
                     GemvEpilogue::Store,
+                    &next(),
                 )?;
             } else {
                 let norm_in = RowsPtrs {
@@ -425,6 +456,7 @@ impl DecodeGraphs {
                     hidden,
                     m.q_width(),
                     GemvEpilogue::AddTo,
+                    &next(),
                 )?;
                 ops::launch_gemv_fused(
                     k,
@@ -438,8 +470,23 @@ impl DecodeGraphs {
                     inter,
                     hidden,
                     GemvEpilogue::SiluMul,
+                    &next(),
                 )?;
-                ops::launch_gemv_fused(k, dt, h, act, layer.down, 0, 0.0, b, hidden, inter, GemvEpilogue::AddTo)?;
+                let pf = next();
+                ops::launch_gemv_fused(
+                    k,
+                    dt,
+                    h,
+                    act,
+                    layer.down,
+                    0,
+                    0.0,
+                    b,
+                    hidden,
+                    inter,
+                    GemvEpilogue::AddTo,
+                    &pf,
+                )?;
                 continue;
             }
             self.linear(k, dt, o, attn, layer.o_proj, b, hidden, m.q_width())?;
@@ -477,6 +524,7 @@ impl DecodeGraphs {
                 m.vocab,
                 hidden,
                 GemvEpilogue::StoreF32,
+                &next(),
             )?;
         } else {
             let norm_final = RowsPtrs {

@@ -118,7 +118,13 @@ pub struct Kernels {
     pub gemv_depth: usize,
     /// The GEMV launch geometry's limits (ops::GemvLimits; env overrides to compare).
     pub gemv_limits: ops::GemvLimits,
+    /// Bytes past its own weights each fused decode product asks the L2 for
+    /// (backend/l2_prefetch.rs; `VLLM_L2_AHEAD_MB`, 0 turns it off).
+    pub l2_ahead: u64,
 }
+
+/// The fused decode's default L2 lookahead in MB (`Kernels::l2_ahead`).
+const L2_AHEAD_MB: u64 = 32;
 
 const KERNEL_NAMES: [&str; 19] = [
     "embedding",
@@ -216,6 +222,7 @@ impl Kernels {
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(ops::GEMV_DEPTH, |d| d.clamp(1, ops::GEMV_DEPTH)),
             gemv_limits: ops::GemvLimits::from_env(),
+            l2_ahead: crate::backend::l2_prefetch::ahead_from_env(L2_AHEAD_MB),
             functions,
             attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
             gemv_max_rows: gemv_max_rows_from_env(),

@@ -1,11 +1,12 @@
 //! Launchers of the kernels in kernels/ops.cu. Each checks what it can about its operands,
 //! allocates its output on the stream's pool and launches on candle's stream.
 
-use candle_core::cuda_backend::cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 use candle_core::{DType, Tensor};
 
 use super::blas::Blas;
 use super::{attention_batch, attention_prefill, device_ptr, optional_ptr, Kernels};
+use crate::backend::l2_prefetch::L2Prefetch;
 use crate::error::{EngineError, Result};
 
 /// Threads per block of the row-wise kernels.
@@ -627,6 +628,9 @@ const GEMV_MAX_SHARED: usize = 47 * 1024;
 pub struct GemvLimits {
     pub max_blocks: usize,
     pub max_items: usize,
+    /// A block takes every `blocks`-th row instead of a contiguous run
+    /// (`VLLM_GEMV_INTERLEAVE=1`, to compare).
+    pub interleave: bool,
 }
 
 impl Default for GemvLimits {
@@ -634,6 +638,7 @@ impl Default for GemvLimits {
         GemvLimits {
             max_blocks: 264,
             max_items: 1024,
+            interleave: false,
         }
     }
 }
@@ -651,6 +656,7 @@ impl GemvLimits {
         GemvLimits {
             max_blocks: read("VLLM_GEMV_MAX_BLOCKS", d.max_blocks),
             max_items: read("VLLM_GEMV_MAX_ITEMS", d.max_items),
+            interleave: std::env::var_os("VLLM_GEMV_INTERLEAVE").map_or(d.interleave, |v| v == "1"),
         }
     }
 }
@@ -718,11 +724,28 @@ pub fn launch_gemv(
     out: usize,
     inner: usize,
 ) -> Result<()> {
-    launch_gemv_fused(k, dtype, y, x, w, 0, 0.0, n, out, inner, GemvEpilogue::Store)
+    launch_gemv_fused(
+        k,
+        dtype,
+        y,
+        x,
+        w,
+        0,
+        0.0,
+        n,
+        out,
+        inner,
+        GemvEpilogue::Store,
+        &L2Prefetch::NONE,
+    )
 }
+
+// SAFETY: plain old data in the C layout of the kernel parameter L2Prefetch (eight u64).
+unsafe impl DeviceRepr for L2Prefetch {}
 
 /// `gemv_fused` on raw addresses: y = epilogue(x' · wᵀ), x' = RMSNorm(x) * norm (eps)
 /// when `norm` is not 0, else x. For SiluMul, `out` is the width of y (half of w's rows).
+/// The launch also asks the L2 for `prefetch` (the next products' weights).
 #[allow(clippy::too_many_arguments)]
 pub fn launch_gemv_fused(
     k: &Kernels,
@@ -736,6 +759,7 @@ pub fn launch_gemv_fused(
     out: usize,
     inner: usize,
     epilogue: GemvEpilogue,
+    prefetch: &L2Prefetch,
 ) -> Result<()> {
     if n == 0 || n > GEMV_MAX_ROWS {
         return Err(EngineError::internal(format!("gemv: {n} rows (1 to {GEMV_MAX_ROWS})")));
@@ -754,6 +778,7 @@ pub fn launch_gemv_fused(
         epilogue as i32,
     ];
     let depth = k.gemv_depth as i32;
+    let interleave = i32::from(k.gemv_limits.interleave);
     let cfg = grid(blocks, GEMV_THREADS, shared);
     if k.pdl {
         let mut params = [
@@ -764,7 +789,12 @@ pub fn launch_gemv_fused(
         ]
         .into_iter()
         .chain(ints.iter().map(super::pdl::arg))
-        .chain([super::pdl::arg(&eps), super::pdl::arg(&depth)])
+        .chain([
+            super::pdl::arg(&eps),
+            super::pdl::arg(&depth),
+            super::pdl::arg(&interleave),
+            super::pdl::arg(prefetch),
+        ])
         .collect::<Vec<_>>();
         // SAFETY: the parameters are gemv_fused's, in order; it waits (pdl_wait) before
         // reading x or writing y.
@@ -775,7 +805,7 @@ pub fn launch_gemv_fused(
     for i in &ints {
         b.arg(i);
     }
-    b.arg(&eps).arg(&depth);
+    b.arg(&eps).arg(&depth).arg(&interleave).arg(prefetch);
     unsafe { b.launch(cfg) }.map_err(|e| launch_err("gemv_fused", e))?;
     Ok(())
 }
@@ -825,7 +855,20 @@ pub fn launch_logits(
     inner: usize,
 ) -> Result<()> {
     if gemv_fits(k, dtype, n, inner) {
-        launch_gemv_fused(k, dtype, y, x, w, 0, 0.0, n, vocab, inner, GemvEpilogue::StoreF32)
+        launch_gemv_fused(
+            k,
+            dtype,
+            y,
+            x,
+            w,
+            0,
+            0.0,
+            n,
+            vocab,
+            inner,
+            GemvEpilogue::StoreF32,
+            &L2Prefetch::NONE,
+        )
     } else {
         blas.linear_to(dtype, DType::F32, y, x, w, n, vocab, inner)
     }
