@@ -644,7 +644,9 @@ __device__ __forceinline__ void gemv_load_item(uint4 (&wraw)[GEMV_LOADS], const 
 //               alone moves a logprob by up to ~0.1).
 // Needs inner % (16 / sizeof(T)) == 0, 16-byte aligned w, x and norm_w, and dynamic shared
 // memory n * inner * sizeof(T) + items * NR * 4 bytes (the launcher checks).
-template <typename T, int NR>
+// TRIGGER: release the next kernel (pdl_launch_dependents) once the weights are requested;
+// decode_mlp releases it itself, later.
+template <typename T, int NR, bool TRIGGER = true>
 __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, int n, int out, int inner,
                            int rows_per_block, int passes, int mode, float eps, int depth) {
     extern __shared__ uint4 gemv_smem[];
@@ -668,7 +670,7 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
         if (item < items) gemv_load_item<T>(wbuf[b], w, item, passes, halves, row0, out, inner, lane);
     }
     // The weights do not depend on the previous kernel; x (and y, for the residual add) do.
-    pdl_launch_dependents();
+    if (TRIGGER) pdl_launch_dependents();
     pdl_wait();
 
     if (norm_w) {
@@ -781,6 +783,117 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
             const float g = round_t<T>(s[0]), u = round_t<T>(s[1]);
             *dst = from_f<T>(g / (1.f + expf(-g)) * u);
         }
+    }
+}
+
+// A grid-wide barrier for grids whose blocks are all resident at once. state[0] counts
+// arrivals, state[1] is the generation the last arrival advances (both start at 0 and the
+// counter is back at 0 after every use, so one state serves every launch in turn).
+__device__ __forceinline__ void grid_barrier(unsigned* state) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        volatile unsigned* generation = state + 1;
+        const unsigned mine = *generation;
+        __threadfence();  // the block's writes (ordered by the barrier above) before arriving
+        if (atomicAdd(state, 1u) == gridDim.x - 1) {
+            atomicExch(state, 0u);
+            __threadfence();
+            atomicAdd(state + 1, 1u);
+        } else {
+            while (*generation == mine) __nanosleep(32);
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ void mlp_cp_async16(void* dst, const void* src) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+
+// Rows of `down` one decode_mlp block holds at most (its sums stay in registers).
+#define MLP_MAX_DOWN_ROWS 8
+
+// One decoder layer's MLP for n <= NR rows in one launch: act = silu(gate) * up of
+// RMSNorm(h) * norm_w (gemv_fused's GEMV_SILU epilogue, into the scratch `act` [n, inter]),
+// a grid-wide barrier, then h[r, o] += round(act[r] · down[o]) for this block's
+// `down_rows` rows of `down` [hidden, inter]. Those rows go global → shared by cp.async
+// first thing, so they stream in while gate_up runs and the second product needs no
+// launch, no DRAM round trip and no ramp. Every block must be resident at once (the
+// launcher sizes the grid by occupancy), and the next kernel is released only after the
+// barrier, so it cannot take a slot a block still waiting to start needs. Dynamic shared
+// memory: gemv_fused's (n * hidden * sizeof(T) + items * NR * 4), then at `down_offset`
+// (16-byte aligned) down_rows * inter * sizeof(T).
+template <typename T, int NR>
+__device__ void decode_mlp(float* h, const T* norm_w, const T* gate_up, const T* down, T* act, int n, int hidden,
+                           int inter, int gu_rows, int gu_passes, float eps, int depth, int down_rows,
+                           int down_offset, unsigned* barrier) {
+    extern __shared__ uint4 gemv_smem[];
+    constexpr int VEC = 16 / sizeof(T);
+    const T* tile = reinterpret_cast<const T*>(reinterpret_cast<const char*>(gemv_smem) + down_offset);
+    const int chunks = inter / VEC;
+    const int row0 = blockIdx.x * down_rows;
+    const int rows = max(0, min(down_rows, hidden - row0));
+    for (int i = threadIdx.x; i < rows * chunks; i += blockDim.x)
+        mlp_cp_async16((void*)(tile + (long long)i * VEC), down + (long long)row0 * inter + (long long)i * VEC);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+
+    gemv_fused<T, NR, false>(act, h, gate_up, norm_w, n, inter, hidden, gu_rows, gu_passes, GEMV_SILU, eps, depth);
+    grid_barrier(barrier);
+    pdl_launch_dependents();
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+
+    // Thread t sums chunks t, t + blockDim.x, ... of every row it holds, for every x row.
+    float acc[MLP_MAX_DOWN_ROWS][NR];
+#pragma unroll
+    for (int o = 0; o < MLP_MAX_DOWN_ROWS; o++)
+#pragma unroll
+        for (int r = 0; r < NR; r++) acc[o][r] = 0.f;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        float a[NR][VEC];
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            if (r < n) {
+                // act was written by other blocks before the barrier: read it from the L2.
+                const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(act + (long long)r * inter) + c);
+                const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+                for (int e = 0; e < VEC; e++) a[r][e] = to_f(v[e]);
+            }
+        }
+#pragma unroll
+        for (int o = 0; o < MLP_MAX_DOWN_ROWS; o++) {
+            if (o < rows) {
+                const uint4 raw = reinterpret_cast<const uint4*>(tile + (long long)o * inter)[c];
+                const T* wv = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+                for (int e = 0; e < VEC; e++) {
+                    const float wf = to_f(wv[e]);
+#pragma unroll
+                    for (int r = 0; r < NR; r++)
+                        if (r < n) acc[o][r] += wf * a[r][e];
+                }
+            }
+        }
+    }
+    // Warp sums, then the warps' sums in a fixed order (deterministic).
+    __shared__ float red[GEMV_WARPS][MLP_MAX_DOWN_ROWS][NR];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 0; o < MLP_MAX_DOWN_ROWS; o++)
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            const float v = warp_sum(acc[o][r]);
+            if (lane == 0) red[warp][o][r] = v;
+        }
+    __syncthreads();
+    for (int i = threadIdx.x; i < rows * n; i += blockDim.x) {
+        const int o = i / n, r = i % n;
+        float sum = 0.f;
+        for (int w2 = 0; w2 < GEMV_WARPS; w2++) sum += red[w2][o][r];
+        h[(long long)r * hidden + row0 + o] += round_t<T>(sum);
     }
 }
 
@@ -908,6 +1021,24 @@ INSTANTIATE(f16, __half)
     INSTANTIATE_GEMV(SUFFIX, T, 2)                                                                                      \
     INSTANTIATE_GEMV(SUFFIX, T, 4)                                                                                      \
     INSTANTIATE_GEMV(SUFFIX, T, 8)
+
+// decode_mlp for batches of at most NR rows (1, 2, 4, 8).
+#define INSTANTIATE_MLP(SUFFIX, T, NR)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) decode_mlp_r##NR##_##SUFFIX(                            \
+        float* h, const T* norm_w, const T* gate_up, const T* down, T* act, int n, int hidden, int inter, int gu_rows,  \
+        int gu_passes, float eps, int depth, int down_rows, int down_offset, unsigned* barrier) {                       \
+        decode_mlp<T, NR>(h, norm_w, gate_up, down, act, n, hidden, inter, gu_rows, gu_passes, eps, depth, down_rows,   \
+                          down_offset, barrier);                                                                        \
+    }
+#define INSTANTIATE_MLPS(SUFFIX, T)                                                                                     \
+    INSTANTIATE_MLP(SUFFIX, T, 1)                                                                                       \
+    INSTANTIATE_MLP(SUFFIX, T, 2)                                                                                       \
+    INSTANTIATE_MLP(SUFFIX, T, 4)                                                                                       \
+    INSTANTIATE_MLP(SUFFIX, T, 8)
+
+INSTANTIATE_MLPS(f32, float)
+INSTANTIATE_MLPS(bf16, __nv_bfloat16)
+INSTANTIATE_MLPS(f16, __half)
 
 INSTANTIATE_GEMVS(f32, float)
 INSTANTIATE_GEMVS(bf16, __nv_bfloat16)

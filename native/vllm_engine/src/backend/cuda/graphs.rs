@@ -14,6 +14,7 @@ use candle_core::cuda_backend::cudarc::driver::{result as driver, sys, CudaGraph
 use candle_core::{DType, Device, Tensor};
 
 use super::blas::Blas;
+use super::decode_mlp::{self, MlpPtrs};
 use super::decode_small;
 use super::lora::{DeviceLora, FusedParts};
 use super::ops::{self, AttentionDims, AttentionPtrs, GemvEpilogue, MetaPtrs, QkvPtrs, RowsPtrs};
@@ -91,6 +92,8 @@ struct Buffers {
     part_ml: Tensor,
     /// u32 [max_batch * num_kv_heads]: attention's split counters (zero between steps).
     done_counts: Tensor,
+    /// u32 [2]: decode_mlp's grid barrier (zero between launches).
+    mlp_barrier: Tensor,
     /// u32 [2 * max_batch]: argmax ids then max values' bits.
     argmax: Tensor,
     /// u32 [max_batch, ARGMAX_SPLITS, 2]: the split argmax's partials.
@@ -239,6 +242,7 @@ impl DecodeGraphs {
             part_acc: zeros(acc_len, DType::F32)?,
             part_ml: zeros(ml_len, DType::F32)?,
             done_counts: zeros(max_batch * model.dims.num_kv_heads, DType::U32)?,
+            mlp_barrier: zeros(2, DType::U32)?,
             argmax: zeros(2 * max_batch, DType::U32)?,
             argmax_part: zeros(2 * max_batch * ops::ARGMAX_SPLITS, DType::U32)?,
         };
@@ -358,6 +362,12 @@ impl DecodeGraphs {
         // Up to decode_small::MAX_ROWS rows (each a sequence's one decode token): qkv
         // preparation and attention in one launch per layer.
         let small_attention = decode_small::serves(k, dt, b, &m.dims);
+        // Fused steps: each layer's MLP in one launch where the device can hold its grid.
+        let mlp = if fused {
+            decode_mlp::plan_on_device(k, dt, b, hidden, inter)?
+        } else {
+            None
+        };
         for (i, layer) in m.layers.iter().enumerate() {
             if fused {
                 ops::launch_gemv_fused(
@@ -426,6 +436,18 @@ impl DecodeGraphs {
                     m.q_width(),
                     GemvEpilogue::AddTo,
                 )?;
+                if let Some(plan) = &mlp {
+                    let ptrs = MlpPtrs {
+                        h,
+                        post_norm: layer.post_norm,
+                        gate_up: layer.gate_up,
+                        down: layer.down,
+                        act,
+                        barrier: p(&buf.mlp_barrier)?,
+                    };
+                    decode_mlp::launch(k, dt, &ptrs, plan, b, hidden, inter, m.eps)?;
+                    continue;
+                }
                 ops::launch_gemv_fused(
                     k,
                     dt,

@@ -6,6 +6,7 @@ pub mod attention_batch;
 pub mod attention_prefill;
 pub mod blas;
 pub mod decode_heads;
+pub mod decode_mlp;
 pub mod decode_small;
 pub mod graphs;
 pub mod kv_cache;
@@ -118,9 +119,12 @@ pub struct Kernels {
     pub gemv_depth: usize,
     /// The GEMV launch geometry's limits (ops::GemvLimits; env overrides to compare).
     pub gemv_limits: ops::GemvLimits,
+    /// Fused decode layers run their MLP as one decode_mlp launch (decode_mlp.rs);
+    /// `VLLM_DECODE_MLP=0` keeps the two GEMVs.
+    pub decode_mlp: bool,
 }
 
-const KERNEL_NAMES: [&str; 19] = [
+const KERNEL_NAMES: [&str; 23] = [
     "embedding",
     "gather_rows",
     "add_rms_norm",
@@ -138,6 +142,10 @@ const KERNEL_NAMES: [&str; 19] = [
     "gemv_fused_r2",
     "gemv_fused_r4",
     "gemv_fused_r8",
+    "decode_mlp_r1",
+    "decode_mlp_r2",
+    "decode_mlp_r4",
+    "decode_mlp_r8",
     "argmax_rows",
     "argmax_split",
 ];
@@ -216,6 +224,7 @@ impl Kernels {
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(ops::GEMV_DEPTH, |d| d.clamp(1, ops::GEMV_DEPTH)),
             gemv_limits: ops::GemvLimits::from_env(),
+            decode_mlp: std::env::var_os("VLLM_DECODE_MLP").is_none_or(|v| v != "0") && decode_mlp::opt_in(&functions),
             functions,
             attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
             gemv_max_rows: gemv_max_rows_from_env(),

@@ -74,7 +74,7 @@ fn launch_err(name: &str, e: impl std::fmt::Display) -> EngineError {
     EngineError::internal(format!("CUDA kernel {name} failed to launch: {e}"))
 }
 
-fn grid(blocks: usize, threads: u32, shared: usize) -> LaunchConfig {
+pub(super) fn grid(blocks: usize, threads: u32, shared: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (threads, 1, 1),
@@ -678,8 +678,7 @@ fn gemv_geometry(
     epilogue: GemvEpilogue,
     limits: GemvLimits,
 ) -> (usize, usize, usize, usize) {
-    let chunks = inner / (16 / dtype.size_in_bytes());
-    let passes = chunks.div_ceil(GEMV_PASS_CHUNKS).max(1);
+    let passes = gemv_passes(dtype, inner);
     let halves = if epilogue == GemvEpilogue::SiluMul { 2 } else { 1 };
     let nr = gemv_instance(n);
     // Items per block also within what the partial sums leave of the shared memory.
@@ -687,9 +686,26 @@ fn gemv_geometry(
     let least = (GEMV_WARPS / (halves * passes)).max(1);
     let most = (limits.max_items.min(items_fit) / (halves * passes)).max(least);
     let rows_per_block = out.div_ceil(limits.max_blocks.max(1)).clamp(least, most);
-    let items = rows_per_block * halves * passes;
-    let shared = n * inner * dtype.size_in_bytes() + items * nr * 4;
+    let shared = gemv_block_shared(dtype, n, inner, epilogue, rows_per_block);
     (rows_per_block, passes, out.div_ceil(rows_per_block), shared)
+}
+
+/// Passes over `inner` of a `gemv_fused` block computing `rows_per_block` outputs.
+pub(super) fn gemv_passes(dtype: DType, inner: usize) -> usize {
+    (inner / (16 / dtype.size_in_bytes())).div_ceil(GEMV_PASS_CHUNKS).max(1)
+}
+
+/// Dynamic shared memory of such a block: x' for n rows, then every item's partial sums.
+pub(super) fn gemv_block_shared(
+    dtype: DType,
+    n: usize,
+    inner: usize,
+    epilogue: GemvEpilogue,
+    rows_per_block: usize,
+) -> usize {
+    let halves = if epilogue == GemvEpilogue::SiluMul { 2 } else { 1 };
+    let items = rows_per_block * halves * gemv_passes(dtype, inner);
+    n * inner * dtype.size_in_bytes() + items * gemv_instance(n) * 4
 }
 
 /// The `gemv_fused_rN` instantiation for n rows.
