@@ -170,8 +170,10 @@ mod tests {
 
     #[test]
     fn pack_puts_row_words_first_then_entries_with_offsets() {
-        let mut p = SamplingParams::default();
-        p.repetition_penalty = 1.5;
+        let p = SamplingParams {
+            repetition_penalty: 1.5,
+            ..Default::default()
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let a = row_for(&seq(p.clone(), &[6]), &mut rng);
         let b = row_for(&seq(SamplingParams::default(), &[]), &mut rng);
@@ -186,8 +188,10 @@ mod tests {
 
     #[test]
     fn a_seeded_draw_depends_only_on_seed_and_position() {
-        let mut p = SamplingParams::default();
-        p.seed = Some(7);
+        let p = SamplingParams {
+            seed: Some(7),
+            ..Default::default()
+        };
         let mut one = ChaCha8Rng::seed_from_u64(1);
         let mut two = ChaCha8Rng::seed_from_u64(2);
         let a = row_for(&seq(p.clone(), &[1]), &mut one).uniform;
@@ -206,14 +210,18 @@ mod tests {
     #[test]
     fn rows_needing_host_processing_do_not_qualify() {
         assert!(qualifies(&seq(SamplingParams::default(), &[])));
-        let mut p = SamplingParams::default();
-        p.logprobs = Some(1);
+        let p = SamplingParams {
+            logprobs: Some(1),
+            ..Default::default()
+        };
         assert!(!qualifies(&seq(p, &[])));
         let mut p = SamplingParams::default();
         p.logit_bias.insert(3, 1.0);
         assert!(!qualifies(&seq(p, &[])));
-        let mut p = SamplingParams::default();
-        p.min_tokens = 4;
+        let p = SamplingParams {
+            min_tokens: 4,
+            ..Default::default()
+        };
         assert!(!qualifies(&seq(p, &[])), "EOS is suppressed before min_tokens");
     }
 }

@@ -3,9 +3,9 @@
 //! the cache lives where the model does: batch invariance over interleaved prefill chunks
 //! and decodes against the HF references of the tiny fixtures, and `load_format: dummy`.
 
-mod common;
-#[allow(dead_code)]
 mod engine_common;
+
+use engine_common::model_files as common;
 
 use common::{read_json, step, u32s, BlockAllocator, TestSeq};
 use vllm_engine::config::{DType, Device, LoadFormat};

@@ -10,6 +10,8 @@ use vllm_engine::{EngineError, OutputSink, RequestOutput};
 use crate::flow::Flow;
 use crate::{atoms, encode, error};
 
+// Outputs are nearly every message: boxing them would add an allocation to each.
+#[allow(clippy::large_enum_variant)]
 enum Message {
     Output(RequestOutput),
     Failure(EngineError),

@@ -4,12 +4,10 @@
 //! caching, and the SmolLM2 references in float32 and bfloat16 (the GGUF under
 //! $VLLM_MODELS_DIR). On the CPU the same invariants check the host sampler.
 
-#[allow(dead_code)]
-#[path = "../common/mod.rs"]
-mod common;
-#[allow(dead_code)]
 #[path = "../engine_common/mod.rs"]
 mod engine_common;
+
+use engine_common::model_files as common;
 
 mod engine;
 mod sampling;

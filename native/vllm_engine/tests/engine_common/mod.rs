@@ -23,7 +23,7 @@ use vllm_engine::{
 
 // The model-file locators of the model tests, shared rather than copied.
 #[path = "../common/mod.rs"]
-mod model_files;
+pub mod model_files;
 #[allow(unused_imports)] // not every engine test loads the real model
 pub use model_files::{smollm2_cases, smollm2_gguf, SmolLm2Case};
 
@@ -220,6 +220,8 @@ pub fn engine() -> Harness {
     engine_with(args(), FakeBehaviour::default())
 }
 
+// Few events per test: an unboxed output keeps the matches plain.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Event {
     Output(RequestOutput),

@@ -316,6 +316,7 @@ impl DeviceLora {
 
     /// Records the deltas of `parts` on the fixed buffers for a captured step of `b` rows:
     /// `x`, `y` are device addresses of [b, in] and [b, width] activations.
+    #[allow(clippy::too_many_arguments)] // the same operands as `launch`
     pub fn record(
         &self,
         layer: usize,

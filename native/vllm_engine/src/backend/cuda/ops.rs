@@ -545,11 +545,9 @@ pub fn launch_paged_attention(
     // 16-byte chunks of at most a warp; it adds the row groups' partial outputs.
     let vec = 16 / dtype.size_in_bytes();
     let chunks = dims.head_dim / vec;
-    let v2_extra = if chunks > 0 {
-        (ATT_THREADS as usize / chunks) * group * dims.head_dim * 4
-    } else {
-        0
-    };
+    let v2_extra = (ATT_THREADS as usize)
+        .checked_div(chunks)
+        .map_or(0, |row_groups| row_groups * group * dims.head_dim * 4);
     let use_v2 = !k.attention_v1
         && dims.head_dim.is_multiple_of(vec)
         && chunks.is_power_of_two()
