@@ -152,6 +152,94 @@ __device__ void qkv_prepare(const T* qkv, const T* bias, const T* q_norm, const 
 // Splits the in-kernel reduce of paged_attention_v2 combines at most.
 #define ATT_MAX_REDUCE_SPLITS 16
 
+// What paged_attention and paged_attention_v2 share: the shared-memory prefix, the token's
+// span of positions for this split, the online-softmax step over a tile of scores and the
+// split's statistics for attention_reduce.
+struct AttentionSmem {
+    float* qs;        // [group, head_dim], pre-scaled
+    float* scores;    // [group, ATT_TILE]
+    float* run_max;   // [group]
+    float* run_sum;   // [group]
+    float* rescale;   // [group]
+    long long* slots; // [ATT_TILE], 8-byte aligned
+};
+
+__device__ __forceinline__ AttentionSmem attention_smem(float* smem, int group, int head_dim) {
+    AttentionSmem a;
+    a.qs = smem;
+    a.scores = a.qs + group * head_dim;
+    a.run_max = a.scores + group * ATT_TILE;
+    a.run_sum = a.run_max + group;
+    a.rescale = a.run_sum + group;
+    a.slots = (long long*)(a.rescale + group + (group & 1) + 2);
+    return a;
+}
+
+struct AttentionSpan {
+    int pos, seq, first, start, end;
+};
+
+// Positions [start, end) of the token's context that split `split` covers (its window's
+// `first` position included, for the combining step).
+__device__ __forceinline__ AttentionSpan attention_span(const uint32_t* positions, const uint32_t* token_seq, int t,
+                                                        int window, int split, int partition) {
+    AttentionSpan s;
+    s.pos = positions[t];
+    s.seq = token_seq[t];
+    s.first = window > 0 ? max(0, s.pos + 1 - window) : 0;
+    s.start = s.first + split * partition;
+    s.end = min(s.pos + 1, s.start + partition);
+    return s;
+}
+
+// The block's query heads into shared memory, pre-scaled, and the running statistics reset.
+template <typename T>
+__device__ __forceinline__ void attention_begin(const AttentionSmem& a, const T* q, long long q_base, int group,
+                                                int head_dim, float scale) {
+    for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) a.qs[i] = to_f(q[q_base + i]) * scale;
+    if (threadIdx.x < group) {
+        a.run_max[threadIdx.x] = -INFINITY;
+        a.run_sum[threadIdx.x] = 0.f;
+    }
+}
+
+// Online softmax per query head over a tile's n scores: new max, the scores replaced by
+// their weights, and the factor that rescales what was summed before.
+__device__ __forceinline__ void attention_softmax_tile(const AttentionSmem& a, int group, int n) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+    for (int g = warp; g < group; g += num_warps) {
+        float* scores = a.scores + g * ATT_TILE;
+        float m = -INFINITY;
+        for (int p = lane; p < n; p += 32) m = fmaxf(m, scores[p]);
+        m = warp_max(m);
+        const float m_old = a.run_max[g];
+        const float m_new = fmaxf(m_old, m);
+        float s = 0.f;
+        for (int p = lane; p < n; p += 32) {
+            const float e = expf(scores[p] - m_new);
+            scores[p] = e;
+            s += e;
+        }
+        s = warp_sum(s);
+        if (lane == 0) {
+            const float alpha = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
+            a.run_sum[g] = a.run_sum[g] * alpha + s;
+            a.run_max[g] = m_new;
+            a.rescale[g] = alpha;
+        }
+    }
+}
+
+// A split's (max, sum) per query head, for attention_reduce or the last split.
+__device__ __forceinline__ void attention_store_stats(const AttentionSmem& a, float* part_ml, int t, int num_heads,
+                                                      int kv_head, int group, int split, int num_splits) {
+    if (threadIdx.x < group) {
+        const long long head = (long long)t * num_heads + (long long)kv_head * group + threadIdx.x;
+        part_ml[(head * num_splits + split) * 2] = a.run_max[threadIdx.x];
+        part_ml[(head * num_splits + split) * 2 + 1] = a.run_sum[threadIdx.x];
+    }
+}
+
 // One block per (query token, KV head, split): the G = num_heads / num_kv_heads query heads
 // that share the KV head attend over positions [start, end) of the token's causal context
 // (sliding window included), with an online softmax over tiles of ATT_TILE positions.
@@ -166,33 +254,23 @@ __device__ void paged_attention(T* out, float* part_acc, float* part_ml, const T
     const int t = blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z;
     const int group = num_heads / num_kv_heads;
     const int group_width = group * head_dim;
-    float* qs = smem;                              // [group, head_dim], pre-scaled
-    float* scores = qs + group_width;              // [group, ATT_TILE]
-    float* run_max = scores + group * ATT_TILE;    // [group]
-    float* run_sum = run_max + group;              // [group]
-    float* rescale = run_sum + group;              // [group]
-    long long* slots = (long long*)(rescale + group + (group & 1) + 2);  // [ATT_TILE], 8-byte aligned
+    const AttentionSmem sm = attention_smem(smem, group, head_dim);
+    const float *qs = sm.qs, *run_sum = sm.run_sum, *rescale = sm.rescale;
+    float* scores = sm.scores;
+    long long* slots = sm.slots;
 
-    const int pos = positions[t];
-    const int seq = token_seq[t];
-    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
-    const int start = first + split * partition;
-    const int end = min(pos + 1, start + partition);
+    const AttentionSpan span = attention_span(positions, token_seq, t, window, split, partition);
+    const int seq = span.seq, start = span.start, end = span.end;
     // A split past this token's context (a captured graph covers the longest context):
     // nothing to do, and attention_reduce does not read it.
     if (num_splits > 1 && start >= end) return;
     const long long q_base = ((long long)t * num_heads + (long long)kv_head * group) * head_dim;
-    for (int i = threadIdx.x; i < group_width; i += blockDim.x) qs[i] = to_f(q[q_base + i]) * scale;
-    if (threadIdx.x < group) {
-        run_max[threadIdx.x] = -INFINITY;
-        run_sum[threadIdx.x] = 0.f;
-    }
+    attention_begin(sm, q, q_base, group, head_dim, scale);
     float acc[ATT_MAX_OUT];
 #pragma unroll
     for (int c = 0; c < ATT_MAX_OUT; c++) acc[c] = 0.f;
     __syncthreads();
 
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
     const long long kv_stride = (long long)num_kv_heads * head_dim;
     for (int tile = start; tile < end; tile += ATT_TILE) {
         const int n = min(ATT_TILE, end - tile);
@@ -231,27 +309,7 @@ __device__ void paged_attention(T* out, float* part_acc, float* part_ml, const T
                 if (g < group) scores[g * ATT_TILE + p] = d[g];
         }
         __syncthreads();
-        // Online softmax per query head: new max, weights, rescale of what was summed.
-        for (int g = warp; g < group; g += num_warps) {
-            float m = -INFINITY;
-            for (int p = lane; p < n; p += 32) m = fmaxf(m, scores[g * ATT_TILE + p]);
-            m = warp_max(m);
-            const float m_old = run_max[g];
-            const float m_new = fmaxf(m_old, m);
-            float s = 0.f;
-            for (int p = lane; p < n; p += 32) {
-                const float e = expf(scores[g * ATT_TILE + p] - m_new);
-                scores[g * ATT_TILE + p] = e;
-                s += e;
-            }
-            s = warp_sum(s);
-            if (lane == 0) {
-                const float alpha = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
-                run_sum[g] = run_sum[g] * alpha + s;
-                run_max[g] = m_new;
-                rescale[g] = alpha;
-            }
-        }
+        attention_softmax_tile(sm, group, n);
         __syncthreads();
         // Weighted values: thread owns outputs o = threadIdx.x + c * ATT_THREADS of [group, head_dim].
 #pragma unroll
@@ -289,11 +347,7 @@ __device__ void paged_attention(T* out, float* part_acc, float* part_ml, const T
                 part_acc[(head * num_splits + split) * head_dim + d] = acc[c];
             }
         }
-        if (threadIdx.x < group) {
-            const long long head = (long long)t * num_heads + (long long)kv_head * group + threadIdx.x;
-            part_ml[(head * num_splits + split) * 2] = run_max[threadIdx.x];
-            part_ml[(head * num_splits + split) * 2 + 1] = run_sum[threadIdx.x];
-        }
+        attention_store_stats(sm, part_ml, t, num_heads, kv_head, group, split, num_splits);
     }
 }
 
@@ -317,26 +371,17 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
     const int chunks = head_dim / VEC;
     const int rows_per_pass = blockDim.x / chunks;
     const int sub = threadIdx.x % chunks, row = threadIdx.x / chunks;
-    float* qs = smem;
-    float* scores = qs + group_width;
-    float* run_max = scores + group * ATT_TILE;
-    float* run_sum = run_max + group;
-    float* rescale = run_sum + group;
-    long long* slots = (long long*)(rescale + group + (group & 1) + 2);
+    const AttentionSmem sm = attention_smem(smem, group, head_dim);
+    const float *qs = sm.qs, *run_sum = sm.run_sum, *rescale = sm.rescale;
+    float* scores = sm.scores;
+    long long* slots = sm.slots;
     float* red = (float*)(slots + ATT_TILE);  // [rows_per_pass, group, head_dim]
 
-    const int pos = positions[t];
-    const int seq = token_seq[t];
-    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
-    const int start = first + split * partition;
-    const int end = min(pos + 1, start + partition);
+    const AttentionSpan span = attention_span(positions, token_seq, t, window, split, partition);
+    const int pos = span.pos, seq = span.seq, first = span.first, start = span.start, end = span.end;
     if (num_splits > 1 && start >= end) return;
     const long long q_base = ((long long)t * num_heads + (long long)kv_head * group) * head_dim;
-    for (int i = threadIdx.x; i < group_width; i += blockDim.x) qs[i] = to_f(q[q_base + i]) * scale;
-    if (threadIdx.x < group) {
-        run_max[threadIdx.x] = -INFINITY;
-        run_sum[threadIdx.x] = 0.f;
-    }
+    attention_begin(sm, q, q_base, group, head_dim, scale);
     float acc[MAXG][VEC];
 #pragma unroll
     for (int g = 0; g < MAXG; g++)
@@ -344,7 +389,6 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
         for (int e = 0; e < VEC; e++) acc[g][e] = 0.f;
     __syncthreads();
 
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
     const long long kv_stride = (long long)num_kv_heads * head_dim;
     const long long head_off = (long long)kv_head * head_dim + sub * VEC;
     for (int tile = start; tile < end; tile += ATT_TILE) {
@@ -391,26 +435,7 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
             }
         }
         __syncthreads();
-        for (int g = warp; g < group; g += num_warps) {
-            float m = -INFINITY;
-            for (int p = lane; p < n; p += 32) m = fmaxf(m, scores[g * ATT_TILE + p]);
-            m = warp_max(m);
-            const float m_old = run_max[g];
-            const float m_new = fmaxf(m_old, m);
-            float s = 0.f;
-            for (int p = lane; p < n; p += 32) {
-                const float e = expf(scores[g * ATT_TILE + p] - m_new);
-                scores[g * ATT_TILE + p] = e;
-                s += e;
-            }
-            s = warp_sum(s);
-            if (lane == 0) {
-                const float alpha = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
-                run_sum[g] = run_sum[g] * alpha + s;
-                run_max[g] = m_new;
-                rescale[g] = alpha;
-            }
-        }
+        attention_softmax_tile(sm, group, n);
         __syncthreads();
 #pragma unroll
         for (int g = 0; g < MAXG; g++) {
@@ -471,11 +496,7 @@ __device__ void paged_attention_v2(T* out, float* part_acc, float* part_ml, cons
             part_acc[(head * num_splits + split) * head_dim + dim] = a;
         }
     }
-    if (num_splits > 1 && threadIdx.x < group) {
-        const long long head = (long long)t * num_heads + (long long)kv_head * group + threadIdx.x;
-        part_ml[(head * num_splits + split) * 2] = run_max[threadIdx.x];
-        part_ml[(head * num_splits + split) * 2 + 1] = run_sum[threadIdx.x];
-    }
+    if (num_splits > 1) attention_store_stats(sm, part_ml, t, num_heads, kv_head, group, split, num_splits);
     if (num_splits > 1 && done_counts) {
         // The last split of this (token, KV head) to finish combines all of them (no
         // attention_reduce launch): the classic fence + counter, reset for the next use.
