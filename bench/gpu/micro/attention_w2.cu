@@ -5,8 +5,9 @@
 // pass, register caps, the pipelined form, other partitions. Decode rows of W2's contexts
 // (uniform 129..256, mean ~193) over a paged cache with shuffled block tables; 1,000 rows
 // (the eager steps) and 256 rows (the captured ones).
-// Session 8: the staged form (engine default since; cp.async rings in shared memory) in
-// several geometries, each also checked against the float64 reference.
+// Session 8: the staged form (cp.async rings in shared memory; measured, not taken) and the
+// tensor-core form (VLLM_ATT_G4=tc) in several geometries, each also checked against the
+// float64 reference.
 // Build (development machine, no GPU needed):
 //   nvcc -O3 -arch=sm_90 -std=c++17 attention_w2.cu -o attention_w2
 // Prints per variant: median µs of one layer (two cache copies alternating so L2 holds
@@ -35,15 +36,15 @@ typedef __nv_bfloat16 bf;
 // blocks); MINB 4 caps at 128 (4 blocks), MINB 5 at 102.
 // Session 8: the staged form (rows copied into shared memory by cp.async, S - 1 chunks in
 // flight while one is used), U rows per pass, S stages, MINB blocks per SM.
-AB_VARIANT_STAGED(st_u2_s5_min5, 4, 2, 5, 5)
-AB_VARIANT_STAGED(st_u2_s5_min4, 4, 2, 5, 4)
+// The tensor-core form: TC_STAGES 2 at 12 blocks (168 registers), capped at 16 / 20
+// blocks (128 / 102), 3 and 4 stages.
+AB_VARIANT_TC(tc_s2_min16, 2, 16)
+AB_VARIANT_TC(tc_s3_min12, 3, 12)
+AB_VARIANT_TC(tc_s3_min16, 3, 16)
+AB_VARIANT_TC(tc_s4_min12, 4, 12)
+AB_VARIANT_TC(tc_s2_min20, 2, 20)
 AB_VARIANT_STAGED(st_u2_s4_min5, 4, 2, 4, 5)
-AB_VARIANT_STAGED(st_u2_s3_min6, 4, 2, 3, 6)
-AB_VARIANT_STAGED(st_u2_s6_min4, 4, 2, 6, 4)
-AB_VARIANT_STAGED(st_u4_s2_min4, 4, 4, 2, 4)
 AB_VARIANT_STAGED(st_u4_s3_min4, 4, 4, 3, 4)
-AB_VARIANT_STAGED(st_u1_s8_min5, 4, 1, 8, 5)
-AB_VARIANT_STAGED(st_u1_s6_min6, 4, 1, 6, 6)
 
 const int NH = 32, KVH = 8, HD = 128, BS = 16, CTX_LO = 129, CTX_HI = 256, LAYERS = 2;
 
@@ -102,10 +103,11 @@ static Setup make(int n) {
     return s;
 }
 
-// stage_kib: the staged forms' rings (AB_MAX_WARPS * S * U KiB), 0 for the others.
-static void launch(const Setup& s, AttnKernel kernel, int partition, int layer, int stage_kib = 0) {
+// stage_kib: the staged forms' rings (AB_MAX_WARPS * S * U KiB) or the tensor-core forms'
+// stages (8 KiB a stage; those run one warp per block: tc), 0 for the others.
+static void launch(const Setup& s, AttnKernel kernel, int partition, int layer, int stage_kib = 0, bool tc = false) {
     const int splits = (s.max_ctx + partition - 1) / partition;
-    const int warps = std::min(KVH, AB_MAX_WARPS);
+    const int warps = tc ? 1 : std::min(KVH, AB_MAX_WARPS);
     const int shared = stage_kib * 1024 + (partition / BS + 2) * 4;
     kernel<<<dim3(s.n, (KVH + warps - 1) / warps, splits), warps * 32, shared>>>(
         s.out, s.acc, s.ml, s.q, s.k[layer], s.v[layer], s.pos, s.seq, s.tables, s.max_blocks, BS, NH, KVH, HD,
@@ -160,14 +162,14 @@ static double check_cpu(Setup& s, const std::vector<bf>& got, int rows) {
     return std::sqrt(num / std::max(den, 1e-30));
 }
 
-static float time_us(const Setup& s, AttnKernel kernel, int partition, int stage_kib) {
+static float time_us(const Setup& s, AttnKernel kernel, int partition, int stage_kib, bool tc) {
     cudaEvent_t a, b;
     CK(cudaEventCreate(&a));
     CK(cudaEventCreate(&b));
     std::vector<float> ts;
     for (int it = 0; it < 21; it++) {
         CK(cudaEventRecord(a));
-        launch(s, kernel, partition, it % LAYERS, stage_kib);
+        launch(s, kernel, partition, it % LAYERS, stage_kib, tc);
         CK(cudaEventRecord(b));
         CK(cudaEventSynchronize(b));
         float ms;
@@ -187,23 +189,22 @@ int main() {
         const char* name;
         AttnKernel kernel;
         int partition, stage_kib;
+        bool tc;
     };
     const Variant variants[] = {
         {"s6 g4 u2 (p128)", attention_batch_g4_u2_bf16, 128, 0},
-        {"s7 g4 u4 min4 (VLLM_ATT_G4=u4)", attention_batch_g4_u4_bf16, 128, 0},
-        {"engine g4 (staged u2 s5 min5)", attention_batch_g4_bf16, 128, 4 * AB_G4_S * AB_G4_U},
-        {"engine g4 p256", attention_batch_g4_bf16, 256, 4 * AB_G4_S * AB_G4_U},
-        {"st u2 s5 min5", st_u2_s5_min5, 128, 4 * 5 * 2},
-        {"st u2 s5 min4", st_u2_s5_min4, 128, 4 * 5 * 2},
+        {"engine g4 (s7 u4 min4)", attention_batch_g4_bf16, 128, 0},
+        {"engine tc (s2, 12 blk)", attention_batch_g4_tc_d128_bf16, 128, 2 * 8, true},
+        {"engine tc p256", attention_batch_g4_tc_d128_bf16, 256, 2 * 8, true},
+        {"engine tc p64", attention_batch_g4_tc_d128_bf16, 64, 2 * 8, true},
+        {"tc s2 min16", tc_s2_min16, 128, 2 * 8, true},
+        {"tc s2 min20", tc_s2_min20, 128, 2 * 8, true},
+        {"tc s3 min12", tc_s3_min12, 128, 3 * 8, true},
+        {"tc s3 min16", tc_s3_min16, 128, 3 * 8, true},
+        {"tc s3 min12 p256", tc_s3_min12, 256, 3 * 8, true},
+        {"tc s4 min12", tc_s4_min12, 128, 4 * 8, true},
         {"st u2 s4 min5", st_u2_s4_min5, 128, 4 * 4 * 2},
-        {"st u2 s3 min6", st_u2_s3_min6, 128, 4 * 3 * 2},
-        {"st u2 s6 min4", st_u2_s6_min4, 128, 4 * 6 * 2},
-        {"st u4 s2 min4", st_u4_s2_min4, 128, 4 * 2 * 4},
-        {"st u4 s3 min4", st_u4_s3_min4, 128, 4 * 3 * 4},
         {"st u4 s3 min4 p256", st_u4_s3_min4, 256, 4 * 3 * 4},
-        {"st u1 s8 min5", st_u1_s8_min5, 128, 4 * 8 * 1},
-        {"st u1 s6 min6", st_u1_s6_min6, 128, 4 * 6 * 1},
-        {"st u2 s5 min4 p64", st_u2_s5_min4, 64, 4 * 5 * 2},
     };
     for (const Variant& v : variants)
         CK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
@@ -218,13 +219,13 @@ int main() {
             cudaFuncAttributes attr;
             CK(cudaFuncGetAttributes(&attr, v.kernel));
             int blocks = 0;
-            CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, v.kernel, AB_MAX_WARPS * 32,
+            CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, v.kernel, v.tc ? 32 : AB_MAX_WARPS * 32,
                                                              v.stage_kib * 1024 + (v.partition / BS + 2) * 4));
-            launch(s, v.kernel, v.partition, 0, v.stage_kib);
+            launch(s, v.kernel, v.partition, 0, v.stage_kib, v.tc);
             CK(cudaDeviceSynchronize());
             const std::vector<bf> got = fetch(s);
             const double err = rel_l2(got, ref);
-            const float us = time_us(s, v.kernel, v.partition, v.stage_kib);
+            const float us = time_us(s, v.kernel, v.partition, v.stage_kib, v.tc);
             // Every form once against float64 too (16 rows), not only against the s6 form.
             printf("rows %4d  %-32s %3d regs %d blk/SM %8.1f us  %5.2f TB/s  rel.L2 vs s6 %.1e  vs f64 %.2e\n", n,
                    v.name, attr.numRegs, blocks, us, s.kv_bytes / (us * 1e-6) / 1e12, err, check_cpu(s, got, 16));

@@ -6,10 +6,10 @@
 //! Knobs (read once): `VLLM_ATT_BATCH=0` turns this kernel off (every batch through
 //! paged_attention_v2, to compare); `VLLM_ATT_BATCH_ROWS=n` uses it from n rows on (default
 //! 9; tests set 1 to run the batched graph tests through it); `VLLM_ATT_PARTITION=n`
-//! positions per split (default 128). Groups of 4 (Llama-3 8B, W2) take the staged form by
-//! default (rows copied into shared memory by cp.async, several passes in flight; session
-//! 8); `VLLM_ATT_G4=u4` gives the session-7 form (4 rows per pass in registers, capped at
-//! 128), `VLLM_ATT_G4=u2` the session-6 form (2 rows per pass, 135 registers), to compare.
+//! positions per split (default 128); `VLLM_ATT_G4=u2` runs groups of 4 through the
+//! session-6 form (2 rows per pass, 135 registers) instead of 4 rows capped at 128;
+//! `VLLM_ATT_G4=tc` through the tensor-core form (bf16 / f16, head_dim 64 or 128; a warp
+//! per block, the group's heads as rows of mma tiles; session 8).
 
 use std::sync::OnceLock;
 
@@ -25,20 +25,18 @@ const MAX_WARPS: usize = 4;
 /// Group sizes (query heads per KV head) instantiated in attention_batch.cu.
 pub const GROUPS: [usize; 3] = [1, 2, 4];
 /// Kernel names to load, one per group size (each with the dtype suffixes), and the
-/// session-7 and session-6 forms of group 4 (`VLLM_ATT_G4=u4` / `u2`, to compare).
-pub const KERNEL_NAMES: [&str; 5] = [
+/// session-6 form of group 4 (`VLLM_ATT_G4=u2`, to compare).
+pub const KERNEL_NAMES: [&str; 4] = [
     "attention_batch_g1",
     "attention_batch_g2",
     "attention_batch_g4",
-    "attention_batch_g4_u4",
     "attention_batch_g4_u2",
 ];
 
-/// Shared memory of the staged group-4 form per warp: AB_G4_S stages of AB_G4_U key and
-/// value rows of a 16-byte slot per lane (S * U KiB; attention_batch.cu, S 5, U 2).
-const G4_STAGED_BYTES_PER_WARP: usize = 5 * 2 * 1024;
-/// Dynamic shared memory a launch may take without the function opting in to more.
-const SHARED_DEFAULT_LIMIT: usize = 48 * 1024;
+/// The tensor-core form of group 4, per head_dim (bf16 and f16 only: no f32 mma).
+pub const TC_KERNEL_NAMES: [&str; 2] = ["attention_batch_g4_tc_d64", "attention_batch_g4_tc_d128"];
+/// Its slices in flight (TC_STAGES in attention_batch.cu), each 16 positions of keys and values.
+const TC_STAGES: usize = 2;
 
 /// Positions per split: measured best of 64..2048 on an H200 (bench/RESULTS.md, change 8).
 const DEFAULT_PARTITION: usize = 128;
@@ -47,8 +45,8 @@ struct Config {
     enabled: bool,
     min_rows: usize,
     partition: usize,
-    /// Group 4's form: "" (staged, the default), "_u4" or "_u2".
-    g4_form: &'static str,
+    g4_u2: bool,
+    g4_tc: bool,
 }
 
 fn config() -> &'static Config {
@@ -59,11 +57,8 @@ fn config() -> &'static Config {
             enabled: std::env::var_os("VLLM_ATT_BATCH").is_none_or(|v| v != "0"),
             min_rows: num("VLLM_ATT_BATCH_ROWS").unwrap_or(9).max(1),
             partition: num("VLLM_ATT_PARTITION").unwrap_or(DEFAULT_PARTITION).max(16),
-            g4_form: match std::env::var("VLLM_ATT_G4").as_deref() {
-                Ok("u4") => "_u4",
-                Ok("u2") => "_u2",
-                _ => "",
-            },
+            g4_u2: std::env::var_os("VLLM_ATT_G4").is_some_and(|v| v == "u2"),
+            g4_tc: std::env::var_os("VLLM_ATT_G4").is_some_and(|v| v == "tc"),
         }
     })
 }
@@ -105,19 +100,15 @@ pub fn launch(
     partition: usize,
 ) -> Result<()> {
     let group = dims.num_heads / dims.num_kv_heads;
-    let warps = dims.num_kv_heads.min(MAX_WARPS);
-    // The split's block-table entries (an unaligned start adds one); the staged form's
-    // rings come before them. A launch takes at most 48 KiB without opting in: a table
-    // too large beside the rings (a partition of thousands of blocks) takes the u4 form.
-    let table = (partition.div_ceil(meta.block_size) + 2) * 4;
-    let staged_bytes = warps * G4_STAGED_BYTES_PER_WARP + table;
-    let form = match config().g4_form {
-        "" if group == 4 && staged_bytes > SHARED_DEFAULT_LIMIT => "_u4",
-        f if group == 4 => f,
-        _ => "",
-    };
+    let tc = group == 4 && config().g4_tc && dtype != DType::F32 && matches!(dims.head_dim, 64 | 128);
+    if tc {
+        return launch_tc(k, dtype, p, meta, n, dims, splits, partition);
+    }
+    let form = if group == 4 && config().g4_u2 { "_u2" } else { "" };
     let f = k.function(&format!("attention_batch_g{group}{form}"), dtype)?;
-    let shared = if group == 4 && form.is_empty() { staged_bytes } else { table };
+    let warps = dims.num_kv_heads.min(MAX_WARPS);
+    // The split's block-table entries (an unaligned start adds one).
+    let shared = (partition.div_ceil(meta.block_size) + 2) * 4;
     let args = AttentionArgs::new(p, meta, dims, partition, splits);
     let mut b = k.stream().launch_builder(f);
     args.push(&mut b);
@@ -132,16 +123,32 @@ pub fn launch(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_staged_group_4_form_fits_the_default_shared_memory_at_the_default_partition() {
-        // 4 warps' rings and the table of a 128-position split of 16-position blocks.
-        let table = (DEFAULT_PARTITION.div_ceil(16) + 2) * 4;
-        assert!(MAX_WARPS * G4_STAGED_BYTES_PER_WARP + table <= SHARED_DEFAULT_LIMIT);
-        // Even with one-position blocks a 128-position split fits.
-        assert!(MAX_WARPS * G4_STAGED_BYTES_PER_WARP + (DEFAULT_PARTITION + 2) * 4 <= SHARED_DEFAULT_LIMIT);
-    }
+/// The tensor-core form: a warp per (token, KV head, split).
+#[allow(clippy::too_many_arguments)]
+fn launch_tc(
+    k: &Kernels,
+    dtype: DType,
+    p: &AttentionPtrs,
+    meta: &MetaPtrs,
+    n: usize,
+    dims: &AttentionDims,
+    splits: usize,
+    partition: usize,
+) -> Result<()> {
+    let f = k.function(&format!("attention_batch_g4_tc_d{}", dims.head_dim), dtype)?;
+    // TC_STAGES slices of 16 key and 16 value rows (2-byte elements), then the table.
+    let stages = TC_STAGES * 2 * 16 * dims.head_dim * 2;
+    let shared = stages + (partition.div_ceil(meta.block_size) + 2) * 4;
+    let args = AttentionArgs::new(p, meta, dims, partition, splits);
+    let mut b = k.stream().launch_builder(f);
+    args.push(&mut b);
+    b.arg(&p.done_counts);
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, dims.num_kv_heads as u32, splits as u32),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    unsafe { b.launch(cfg) }
+        .map_err(|e| EngineError::internal(format!("CUDA kernel attention_batch_g4_tc failed to launch: {e}")))?;
+    Ok(())
 }
