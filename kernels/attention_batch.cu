@@ -320,7 +320,7 @@ __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* 
 }
 
 // Tensor-core form for groups of 4 in bf16 / f16 (session 8; `attention_batch_g4_tc`, one
-// warp per block): the same (token, KV head, split) work and the same partials and
+// warp per block; W2's decode cache at 3.3 TB/s where the form above reads 1.83): the same (token, KV head, split) work and the same partials and
 // combine as above, but the G query heads are the first G rows of an m16n8k16 tile (the
 // other rows zero), so scores Q·Kᵀ and sums P·V come from mma (32 per 16 positions)
 // instead of per-lane dot products, 16-lane shuffle trees and per-element sums. The rows
@@ -560,8 +560,9 @@ AB_INSTANTIATE_GROUPS(f32, float, 2, 1)
 AB_INSTANTIATE_GROUPS(bf16, __nv_bfloat16, 4, 4)
 AB_INSTANTIATE_GROUPS(f16, __half, 4, 4)
 
-// The tensor-core form of group 4 (bf16 / f16, head_dim 64 or 128; VLLM_ATT_G4=tc): one warp
-// per block, TC_STAGES slices in flight. Shared memory (backend/cuda/attention_batch.rs,
+// The tensor-core form of group 4 (bf16 / f16, head_dim 64 or 128; the engine's default for
+// them since session 8, VLLM_ATT_G4=u4 for the form above): one warp per block, TC_STAGES
+// slices in flight (2 measured best of 2-4, 168 registers best of 96-168: micro/attention_w2.cu). Shared memory (backend/cuda/attention_batch.rs,
 // TC_STAGE_BYTES): TC_STAGES * 2 * 16 * head_dim * 2 bytes, then the table.
 #define TC_STAGES 2
 #define TC_INSTANTIATE(SUFFIX, T, D)                                                                                   \

@@ -5,9 +5,9 @@
 // pass, register caps, the pipelined form, other partitions. Decode rows of W2's contexts
 // (uniform 129..256, mean ~193) over a paged cache with shuffled block tables; 1,000 rows
 // (the eager steps) and 256 rows (the captured ones).
-// Session 8: the staged form (cp.async rings in shared memory; measured, not taken) and the
-// tensor-core form (VLLM_ATT_G4=tc) in several geometries, each also checked against the
-// float64 reference.
+// Session 8: the staged form (cp.async rings in shared memory; measured, not taken) and
+// the tensor-core form (the engine's default since) in several geometries, each also
+// checked against the float64 reference.
 // Build (development machine, no GPU needed):
 //   nvcc -O3 -arch=sm_90 -std=c++17 attention_w2.cu -o attention_w2
 // Prints per variant: median µs of one layer (two cache copies alternating so L2 holds
