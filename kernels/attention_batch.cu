@@ -15,9 +15,17 @@
 // in ops.cu (same layout, max in natural-log units, so attention_reduce can combine them
 // too), and the last split of a (token, KV head) to finish combines them (fence + counter).
 //
+// Staged form (S > 0; session 8, measured in bench/gpu/micro/attention_w2.cu and not taken
+// into the engine: 4-5% per layer, nothing on W2): the
+// rows of a pass are not loaded into registers but copied into the lane's own slots of a
+// per-warp ring of S stages in shared memory (cp.async), S - 1 passes ahead of the one in
+// use: a warp keeps (S - 1) * U KiB in flight through its arithmetic instead of issuing a
+// pass, waiting a DRAM round trip, and computing with nothing in flight.
+//
 // Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim] (see ops.cu).
 
 #include "common.cuh"
+#include "mma.cuh"
 
 // Warps (KV heads) per block at most.
 #define AB_MAX_WARPS 4
@@ -45,14 +53,84 @@ __device__ __forceinline__ void load_rows(KvRows<U>& r, const T* k_cache, const 
     }
 }
 
-template <typename T, int G, int U, bool PIPE>
+// The staged form's copy engine: 16 bytes global -> shared without registers (cp.async).
+__device__ __forceinline__ void ab_cp_async16(void* dst, const void* src) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void ab_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void ab_cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// Staged form: the rows load_rows would read, copied into this lane's own slots of stage
+// `stage` of the warp's ring (each lane later reads back exactly what it copied, so no
+// barrier is needed, only the lane's own cp.async groups).
+template <typename T, int U>
+__device__ __forceinline__ void stage_rows(uint4* ring, const T* k_cache, const T* v_cache, const uint32_t* table,
+                                          int table_first, int block_size, long long kv_stride, long long head_off,
+                                          int c0, int end, int rows, int kg, int lane) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int p0 = c0 + u * rows + kg;
+        const int p = p0 < end ? p0 : c0;
+        const long long slot = (long long)table[p / block_size - table_first] * block_size + p % block_size;
+        const long long off = slot * kv_stride + head_off;
+        ab_cp_async16(ring + (2 * u) * 32 + lane, k_cache + off);
+        ab_cp_async16(ring + (2 * u + 1) * 32 + lane, v_cache + off);
+    }
+}
+
+// The last split of a (token, KV head) to finish: combines every split's partials of the
+// G query heads into `out`. Each lane combines VEC dims of one query head: G * lanes pieces
+// over 32 lanes.
+template <typename T, int G>
+__device__ __forceinline__ void combine_splits(T* out, const float* part_acc, const float* part_ml, long long head0,
+                                               int num_splits, int active, int head_dim, int lane) {
+    constexpr int VEC = 16 / sizeof(T);
+    const int lanes = head_dim / VEC;
+    for (int piece = lane; piece < G * lanes; piece += 32) {
+        const int g = piece / lanes, sb = piece % lanes;
+        const long long head = head0 + g;
+        const float* ml = part_ml + head * num_splits * 2;
+        float mx = -INFINITY;
+        for (int sp = 0; sp < active; sp++) mx = fmaxf(mx, __ldcg(ml + 2 * sp));
+        float den = 0.f, sum[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; e++) sum[e] = 0.f;
+        for (int sp = 0; sp < active; sp++) {
+            const float f = __expf(__ldcg(ml + 2 * sp) - mx);
+            den += __ldcg(ml + 2 * sp + 1) * f;
+            const float* pa = part_acc + (head * num_splits + sp) * head_dim + sb * VEC;
+#pragma unroll
+            for (int e = 0; e < VEC; e += 4) {
+                const float4 a = __ldcg(reinterpret_cast<const float4*>(pa + e));
+                sum[e] += a.x * f;
+                sum[e + 1] += a.y * f;
+                sum[e + 2] += a.z * f;
+                sum[e + 3] += a.w * f;
+            }
+        }
+        const float inv = den > 0.f ? 1.f / den : 0.f;
+        uint4 raw;
+        T* ov = reinterpret_cast<T*>(&raw);
+#pragma unroll
+        for (int e = 0; e < VEC; e++) ov[e] = from_f<T>(sum[e] * inv);
+        *reinterpret_cast<uint4*>(out + head * head_dim + sb * VEC) = raw;
+    }
+}
+
+template <typename T, int G, int U, bool PIPE, int S = 0>
 __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache,
                                                 const T* v_cache, const uint32_t* positions, const uint32_t* token_seq,
                                                 const uint32_t* block_tables, int max_blocks, int block_size,
                                                 int num_heads, int num_kv_heads, int head_dim, float scale, int window,
                                                 int partition, int num_splits, unsigned int* done_counts) {
     constexpr int VEC = 16 / sizeof(T);
-    extern __shared__ uint32_t table[];  // the split's block-table entries
+    // Shared memory: S > 0: the warps' rings of S stages (U key and U value rows of 16-byte
+    // lane slots each: S * U KiB a warp), then the split's block-table entries.
+    extern __shared__ uint4 ab_smem[];
+    uint4* rings = ab_smem;
+    uint32_t* table = reinterpret_cast<uint32_t*>(ab_smem + (S > 0 ? (blockDim.x >> 5) * S * U * 64 : 0));
     const int t = blockIdx.x, split = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int kv_head = blockIdx.y * (blockDim.x >> 5) + warp;
@@ -77,6 +155,19 @@ __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* 
     const int chunk = rows * U;
     const long long kv_stride = (long long)num_kv_heads * head_dim;
     const long long head_off = (long long)kv_head * head_dim + sub * VEC;
+    const int chunks = (end - start + chunk - 1) / chunk;
+    uint4* ring = rings + warp * (S > 0 ? S * U * 64 : 0);
+    if constexpr (S > 0) {
+        // The first S - 1 chunks requested before anything else (a group per chunk, empty
+        // past the split's end, so that group i is always chunk i).
+#pragma unroll
+        for (int i = 0; i < S - 1; i++) {
+            if (i < chunks)
+                stage_rows<T, U>(ring + i * U * 64, k_cache, v_cache, table, table_first, block_size, kv_stride,
+                                 head_off, start + i * chunk, end, rows, kg, lane);
+            ab_cp_commit();
+        }
+    }
 
     // Queries pre-scaled into log2 units: softmax through exp2f.
     const float qscale = scale * 1.4426950408889634f;
@@ -102,10 +193,23 @@ __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* 
     // registers for the rows; measured no faster, kept for bench/gpu/micro/attention_bench).
     KvRows<U> next;
     if (PIPE) load_rows<T, U>(next, k_cache, v_cache, table, table_first, block_size, kv_stride, head_off, start, end, rows, kg);
-    for (int c0 = start; c0 < end; c0 += chunk) {
+    for (int c0 = start, i = 0; c0 < end; c0 += chunk, i++) {
         // Every key and value row of the chunk requested before the first is used.
         KvRows<U> r;
-        if (PIPE) {
+        const uint4* st = ring + (i % (S > 0 ? S : 1)) * U * 64;  // S > 0: this chunk's stage
+        if constexpr (S > 0) {
+            // Chunk i + S - 1 into the stage chunk i - 1 left (this lane read it last pass),
+            // then wait for chunk i only: S - 1 chunks stay in flight while this one is used.
+            const int j = i + S - 1;
+            if (j < chunks)
+                stage_rows<T, U>(ring + (j % S) * U * 64, k_cache, v_cache, table, table_first, block_size, kv_stride,
+                                 head_off, start + j * chunk, end, rows, kg, lane);
+            ab_cp_commit();
+            ab_cp_wait<S - 1>();
+            // Keys now, values only when they are used (fewer registers).
+#pragma unroll
+            for (int u = 0; u < U; u++) r.k[u] = st[(2 * u) * 32 + lane];
+        } else if (PIPE) {
             r = next;
             if (c0 + chunk < end)
                 load_rows<T, U>(next, k_cache, v_cache, table, table_first, block_size, kv_stride, head_off, c0 + chunk,
@@ -145,6 +249,7 @@ __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* 
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
+            if constexpr (S > 0) r.v[u] = st[(2 * u + 1) * 32 + lane];
             const T* vv = reinterpret_cast<const T*>(&r.v[u]);
             float vf[VEC];
 #pragma unroll
@@ -211,36 +316,221 @@ __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* 
     last = __shfl_sync(0xffffffffu, last, 0);
     if (!last) return;
     __threadfence();
-    // Each lane combines VEC dims of one query head: G * lanes pieces over 32 lanes.
-    for (int piece = lane; piece < G * lanes; piece += 32) {
-        const int g = piece / lanes, sb = piece % lanes;
-        const long long head = head0 + g;
-        const float* ml = part_ml + head * num_splits * 2;
-        float mx = -INFINITY;
-        for (int sp = 0; sp < active; sp++) mx = fmaxf(mx, __ldcg(ml + 2 * sp));
-        float den = 0.f, sum[VEC];
+    combine_splits<T, G>(out, part_acc, part_ml, head0, num_splits, active, head_dim, lane);
+}
+
+// Tensor-core form for groups of 4 in bf16 / f16 (session 8; `attention_batch_g4_tc`, one
+// warp per block; W2's decode cache at 3.3 TB/s where the form above reads 1.83): the same (token, KV head, split) work and the same partials and
+// combine as above, but the G query heads are the first G rows of an m16n8k16 tile (the
+// other rows zero), so scores Q·Kᵀ and sums P·V come from mma (32 per 16 positions)
+// instead of per-lane dot products, 16-lane shuffle trees and per-element sums. The rows
+// stream through shared memory 16 positions at a time, TC_STAGES slices in flight
+// (cp.async, chunks swizzled so ldmatrix hits distinct banks); the online softmax runs in
+// float32, log2 units, on the C fragments (4 lanes share a row).
+#define TC_SLICE 16
+
+// Slice [c0, c0 + 16) of one KV head's keys and values into stage `dst` (keys, then values;
+// rows at or past `end` zero-filled). Chunk c of row r sits at chunk c ^ (r & 7).
+template <typename T, int D>
+__device__ __forceinline__ void tc_stage(T* dst, const T* k_cache, const T* v_cache, const uint32_t* table,
+                                         int table_first, int block_size, long long kv_stride, long long head_off,
+                                         int c0, int end, int lane) {
+    constexpr int CHUNKS = D / 8;
+    constexpr int PER_LANE = TC_SLICE * CHUNKS / 32;
 #pragma unroll
-        for (int e = 0; e < VEC; e++) sum[e] = 0.f;
-        for (int sp = 0; sp < active; sp++) {
-            const float f = __expf(__ldcg(ml + 2 * sp) - mx);
-            den += __ldcg(ml + 2 * sp + 1) * f;
-            const float* pa = part_acc + (head * num_splits + sp) * head_dim + sb * VEC;
+    for (int i = 0; i < PER_LANE; i++) {
+        const int c = lane + 32 * i;
+        const int row = c / CHUNKS, col = c % CHUNKS;
+        const int p = c0 + row;
+        const bool ok = p < end;
+        const int pp = ok ? p : c0;
+        const long long slot = (long long)table[pp / block_size - table_first] * block_size + pp % block_size;
+        const long long off = slot * kv_stride + head_off + col * 8;
+        const int at = row * D + ((col ^ (row & 7)) * 8);
+        const unsigned dk = (unsigned)__cvta_generic_to_shared(dst + at);
+        const unsigned dv = (unsigned)__cvta_generic_to_shared(dst + TC_SLICE * D + at);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dk), "l"(k_cache + off), "r"(ok ? 16 : 0)
+                     : "memory");
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dv), "l"(v_cache + off), "r"(ok ? 16 : 0)
+                     : "memory");
+    }
+}
+
+template <typename T, int D, int G, int STAGES>
+__device__ __forceinline__ void attention_batch_tc(T* out, float* part_acc, float* part_ml, const T* q,
+                                                   const T* k_cache, const T* v_cache, const uint32_t* positions,
+                                                   const uint32_t* token_seq, const uint32_t* block_tables,
+                                                   int max_blocks, int block_size, int num_heads, int num_kv_heads,
+                                                   float scale, int window, int partition, int num_splits,
+                                                   unsigned int* done_counts) {
+    static_assert(G <= 8, "the group's heads are rows 0..7 of the tile");
+    constexpr int KD = D / 16;  // k-steps of Q·Kᵀ
+    constexpr int NC = D / 8;   // 8-column chunks of the output
+    constexpr int VEC = 16 / sizeof(T);
+    // Shared memory: STAGES slices of keys and values (16 * D each), then the table.
+    extern __shared__ uint4 ab_smem[];
+    T* stages = reinterpret_cast<T*>(ab_smem);
+    uint32_t* table = reinterpret_cast<uint32_t*>(stages + STAGES * 2 * TC_SLICE * D);
+    const int t = blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z;
+    const int lane = threadIdx.x & 31, g4 = lane >> 2, t4 = lane & 3;
+
+    const int pos = positions[t];
+    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    const int start = first + split * partition;
+    const int end = min(pos + 1, start + partition);
+    if (start >= end) return;
+    const int active = (pos + 1 - first + partition - 1) / partition;
+    const int table_first = start / block_size;
+    const int entries = (end - 1) / block_size - table_first + 1;
+    const uint32_t* row_table = block_tables + (long long)token_seq[t] * max_blocks + table_first;
+    for (int i = lane; i < entries; i += 32) table[i] = row_table[i];
+    __syncwarp();
+
+    const long long kv_stride = (long long)num_kv_heads * D;
+    const long long head_off = (long long)kv_head * D;
+    const int slices = (end - start + TC_SLICE - 1) / TC_SLICE;
 #pragma unroll
-            for (int e = 0; e < VEC; e += 4) {
-                const float4 a = __ldcg(reinterpret_cast<const float4*>(pa + e));
-                sum[e] += a.x * f;
-                sum[e + 1] += a.y * f;
-                sum[e + 2] += a.z * f;
-                sum[e + 3] += a.w * f;
+    for (int i = 0; i < STAGES - 1; i++) {
+        if (i < slices)
+            tc_stage<T, D>(stages + i * 2 * TC_SLICE * D, k_cache, v_cache, table, table_first, block_size, kv_stride,
+                           head_off, start + i * TC_SLICE, end, lane);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+
+    // Query fragments: row g4 (a query head of the group, or zero past G), columns 2·t4
+    // (+8) of each k-step; rows 8..15 are zero.
+    const long long head0 = (long long)t * num_heads + (long long)kv_head * G;
+    uint32_t qa[KD][2];
+#pragma unroll
+    for (int kk = 0; kk < KD; kk++) {
+        const T* row = q + (head0 + g4) * D + kk * 16 + 2 * t4;
+        qa[kk][0] = g4 < G ? *reinterpret_cast<const uint32_t*>(row) : 0u;
+        qa[kk][1] = g4 < G ? *reinterpret_cast<const uint32_t*>(row + 8) : 0u;
+    }
+    const float sl2 = scale * 1.4426950408889634f;
+    float o[NC][4];
+#pragma unroll
+    for (int j = 0; j < NC; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m = -INFINITY, l = 0.f;  // row g4's
+
+    for (int i = 0; i < slices; i++) {
+        const int j_next = i + STAGES - 1;
+        if (j_next < slices)
+            tc_stage<T, D>(stages + (j_next % STAGES) * 2 * TC_SLICE * D, k_cache, v_cache, table, table_first,
+                           block_size, kv_stride, head_off, start + j_next * TC_SLICE, end, lane);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1) : "memory");
+        __syncwarp();  // every lane's copies of slice i landed
+        const T* ks = stages + (i % STAGES) * 2 * TC_SLICE * D;
+        const T* vs = ks + TC_SLICE * D;
+        const int c0 = start + i * TC_SLICE;
+
+        // Scores of the slice's 16 positions: n-tile j = positions 8j..8j+7.
+        float s[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+            const int r = 8 * j + (lane & 7);
+#pragma unroll
+            for (int kk = 0; kk < KD; kk += 2) {
+                // Four 8x8 matrices: chunks 2kk .. 2kk + 3 of rows r (keys as the B operand).
+                const int chunk = 2 * kk + (lane >> 3);
+                const unsigned addr = (unsigned)__cvta_generic_to_shared(ks + r * D + ((chunk ^ (r & 7)) * 8));
+                uint32_t b[4];
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                             : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                             : "r"(addr));
+                const uint32_t a0[4] = {qa[kk][0], 0u, qa[kk][1], 0u};
+                const uint32_t a1[4] = {qa[kk + 1][0], 0u, qa[kk + 1][1], 0u};
+                mma_16816<T>(s[j], a0, b[0], b[1]);
+                mma_16816<T>(s[j], a1, b[2], b[3]);
             }
         }
-        const float inv = den > 0.f ? 1.f / den : 0.f;
-        uint4 raw;
-        T* ov = reinterpret_cast<T*>(&raw);
+        // Row g4's scores (elements 0, 1 of each n-tile), masked past the split's end.
+        float mx = -INFINITY;
 #pragma unroll
-        for (int e = 0; e < VEC; e++) ov[e] = from_f<T>(sum[e] * inv);
-        *reinterpret_cast<uint4*>(out + head * head_dim + sb * VEC) = raw;
+        for (int j = 0; j < 2; j++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int kp = c0 + 8 * j + 2 * t4 + e;
+                s[j][e] = kp < end ? s[j][e] * sl2 : -INFINITY;
+                mx = fmaxf(mx, s[j][e]);
+            }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // mx is finite: the slice's first position is inside the split.
+        const float m_new = fmaxf(m, mx);
+        const float alpha = exp2f(m - m_new);  // 0 while m is -inf
+        m = m_new;
+        l *= alpha;
+#pragma unroll
+        for (int j = 0; j < NC; j++) {
+            o[j][0] *= alpha;
+            o[j][1] *= alpha;
+        }
+        float pr[2][2];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                pr[j][e] = exp2f(s[j][e] - m);
+                l += pr[j][e];
+            }
+        }
+        // P as the A operand (row g4; rows 8..15 zero) over the slice's 16 positions.
+        const uint32_t pa[4] = {pack2<T>(pr[0][0], pr[0][1]), 0u, pack2<T>(pr[1][0], pr[1][1]), 0u};
+        const int vr = lane & 15;
+#pragma unroll
+        for (int jj = 0; jj < NC / 2; jj++) {
+            const int chunk = 2 * jj + (lane >> 4);
+            const unsigned addr = (unsigned)__cvta_generic_to_shared(vs + vr * D + ((chunk ^ (vr & 7)) * 8));
+            uint32_t b[4];
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                         : "r"(addr));
+            mma_16816<T>(o[2 * jj], pa, b[0], b[1]);
+            mma_16816<T>(o[2 * jj + 1], pa, b[2], b[3]);
+        }
+        __syncwarp();  // every lane is done with this stage before it is refilled
     }
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+
+    // Row g4 holds dims 8j + 2·t4 (+1) of query head g4.
+    if (active == 1) {
+        if (g4 < G) {
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            T* row = out + (head0 + g4) * D + 2 * t4;
+#pragma unroll
+            for (int j = 0; j < NC; j++)
+                *reinterpret_cast<uint32_t*>(row + 8 * j) = pack2<T>(o[j][0] * inv, o[j][1] * inv);
+        }
+        return;
+    }
+    constexpr float LN2 = 0.6931471805599453f;
+    if (g4 < G) {
+        float* pa_out = part_acc + ((head0 + g4) * num_splits + split) * D + 2 * t4;
+#pragma unroll
+        for (int j = 0; j < NC; j++) *reinterpret_cast<float2*>(pa_out + 8 * j) = make_float2(o[j][0], o[j][1]);
+        if (t4 == 0) {
+            part_ml[((head0 + g4) * num_splits + split) * 2] = m * LN2;
+            part_ml[((head0 + g4) * num_splits + split) * 2 + 1] = l;
+        }
+    }
+    __threadfence();
+    __syncwarp();
+    unsigned int last = 0;
+    if (lane == 0) {
+        unsigned int* count = done_counts + (long long)t * num_kv_heads + kv_head;
+        last = atomicAdd(count, 1u) == (unsigned int)(active - 1);
+        if (last) *count = 0u;
+    }
+    last = __shfl_sync(0xffffffffu, last, 0);
+    if (!last) return;
+    __threadfence();
+    (void)VEC;
+    combine_splits<T, G>(out, part_acc, part_ml, head0, num_splits, active, D, lane);
 }
 
 // Per storage type and group size G (query heads per KV head): U rows per pass and MINB
@@ -269,3 +559,24 @@ __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* 
 AB_INSTANTIATE_GROUPS(f32, float, 2, 1)
 AB_INSTANTIATE_GROUPS(bf16, __nv_bfloat16, 4, 4)
 AB_INSTANTIATE_GROUPS(f16, __half, 4, 4)
+
+// The tensor-core form of group 4 (bf16 / f16, head_dim 64 or 128; the engine's default for
+// them since session 8, VLLM_ATT_G4=u4 for the form above): one warp per block, TC_STAGES
+// slices in flight (2 measured best of 2-4, 168 registers best of 96-168: micro/attention_w2.cu). Shared memory (backend/cuda/attention_batch.rs,
+// TC_STAGE_BYTES): TC_STAGES * 2 * 16 * head_dim * 2 bytes, then the table.
+#define TC_STAGES 2
+#define TC_INSTANTIATE(SUFFIX, T, D)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(32, 12) attention_batch_g4_tc_d##D##_##SUFFIX(                        \
+        T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache, const T* v_cache,                       \
+        const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,            \
+        int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,         \
+        int num_splits, unsigned int* done_counts) {                                                                    \
+        (void)head_dim;                                                                                                 \
+        attention_batch_tc<T, D, 4, TC_STAGES>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq,     \
+                                               block_tables, max_blocks, block_size, num_heads, num_kv_heads, scale,  \
+                                               window, partition, num_splits, done_counts);                           \
+    }
+TC_INSTANTIATE(bf16, __nv_bfloat16, 64)
+TC_INSTANTIATE(bf16, __nv_bfloat16, 128)
+TC_INSTANTIATE(f16, __half, 64)
+TC_INSTANTIATE(f16, __half, 128)

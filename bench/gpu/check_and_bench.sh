@@ -11,7 +11,8 @@
 #   WORKLOADS="w3 w1" RUNS=3 HF_W3=1 HF_W1=1 FP16=1 CHECKS="tests tiny hf" bench/gpu/check_and_bench.sh
 # CHECKS: tests = model_device and device_checks (SmolLM2 cases only when the GGUF is under
 # $VLLM_MODELS_DIR); smollm2 = only device_checks' SmolLM2 tests; tiny; hf (HF_DTYPES,
-# default "bfloat16 float16"); unset: all three, CHECKS="" none. FP16=1: each workload also in float16.
+# default "bfloat16 float16"; the Qwen2.5, Qwen3 and Llama group-4 shapes, HF_SHAPES="name ..."
+# for some of them); unset: all three, CHECKS="" none. FP16=1: each workload also in float16.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/setup.sh"
@@ -89,7 +90,7 @@ fi
 fi
 if [[ " $checks " == *" hf "* ]]; then
 echo "== correctness: random-weight models vs HF transformers, ${HF_DTYPES:-bfloat16 float16}"
-if DTYPES=${HF_DTYPES:-bfloat16 float16} python3 "$here/check_hf.py" "$bin" "$work" 2>&1 | tee "$out/check_hf.txt"; then
+if SHAPES=${HF_SHAPES:-} DTYPES=${HF_DTYPES:-bfloat16 float16} python3 "$here/check_hf.py" "$bin" "$work" 2>&1 | tee "$out/check_hf.txt"; then
   summary+=("HF comparison ${HF_DTYPES:-bfloat16 float16}: PASS")
 else
   summary+=("HF comparison ${HF_DTYPES:-bfloat16 float16}: FAIL")
@@ -138,6 +139,13 @@ if [ "${MICRO_ATT:-0}" = 1 ] && [ -e "$bin/attention_bench" ]; then
   echo "== attention microbenchmark"
   timeout 120 "$bin/attention_bench" 2>&1 | tee "$out/attention_bench.txt"
   while read -r l; do summary+=("$l"); done < <(grep -E "^prefill" "$out/attention_bench.txt")
+fi
+# MICRO_W2=1: bench/gpu/micro/attention_w2 (built on the development machine with nvcc,
+# carried in bin/): one layer of W2's decode attention, every group-4 form, checked.
+if [ "${MICRO_W2:-0}" = 1 ] && [ -e "$bin/attention_w2" ]; then
+  echo "== W2 decode attention microbenchmark"
+  timeout 120 "$bin/attention_w2" 2>&1 | tee "$out/attention_w2.txt"
+  while read -r l; do summary+=("$l"); done < <(grep -E "^rows" "$out/attention_w2.txt")
 fi
 for w in $workloads; do
  for mode in "${modes[@]}"; do

@@ -5,6 +5,9 @@
 // pass, register caps, the pipelined form, other partitions. Decode rows of W2's contexts
 // (uniform 129..256, mean ~193) over a paged cache with shuffled block tables; 1,000 rows
 // (the eager steps) and 256 rows (the captured ones).
+// Session 8: the staged form (cp.async rings in shared memory; measured, not taken) and
+// the tensor-core form (the engine's default since) in several geometries, each also
+// checked against the float64 reference.
 // Build (development machine, no GPU needed):
 //   nvcc -O3 -arch=sm_90 -std=c++17 attention_w2.cu -o attention_w2
 // Prints per variant: median µs of one layer (two cache copies alternating so L2 holds
@@ -31,13 +34,17 @@ typedef __nv_bfloat16 bf;
 
 // Registers decide the blocks per SM (128 threads each): the session-6 form takes 135 (3
 // blocks); MINB 4 caps at 128 (4 blocks), MINB 5 at 102.
-AB_VARIANT(g4_u2_min4, 4, 2, 4, false)
-AB_VARIANT(g4_u2_min5, 4, 2, 5, false)
-AB_VARIANT(g4_u4, 4, 4, 1, false)
-AB_VARIANT(g4_u4_min4, 4, 4, 4, false)
-AB_VARIANT(g4_u8, 4, 8, 1, false)
-AB_VARIANT(g4_pipe_u2, 4, 2, 1, true)
-AB_VARIANT(g4_pipe_u4, 4, 4, 1, true)
+// Session 8: the staged form (rows copied into shared memory by cp.async, S - 1 chunks in
+// flight while one is used), U rows per pass, S stages, MINB blocks per SM.
+// The tensor-core form: TC_STAGES 2 at 12 blocks (168 registers), capped at 16 / 20
+// blocks (128 / 102), 3 and 4 stages.
+AB_VARIANT_TC(tc_s2_min16, 2, 16)
+AB_VARIANT_TC(tc_s3_min12, 3, 12)
+AB_VARIANT_TC(tc_s3_min16, 3, 16)
+AB_VARIANT_TC(tc_s4_min12, 4, 12)
+AB_VARIANT_TC(tc_s2_min20, 2, 20)
+AB_VARIANT_STAGED(st_u2_s4_min5, 4, 2, 4, 5)
+AB_VARIANT_STAGED(st_u4_s3_min4, 4, 4, 3, 4)
 
 const int NH = 32, KVH = 8, HD = 128, BS = 16, CTX_LO = 129, CTX_HI = 256, LAYERS = 2;
 
@@ -50,6 +57,7 @@ struct Setup {
     double kv_bytes;
     std::vector<int> ctx;
     std::vector<uint32_t> htables;
+    std::vector<bf> hk, hv, hq;  // layer 0's cache and the queries on the host, once
 };
 
 static Setup make(int n) {
@@ -95,10 +103,12 @@ static Setup make(int n) {
     return s;
 }
 
-static void launch(const Setup& s, AttnKernel kernel, int partition, int layer) {
+// stage_kib: the staged forms' rings (AB_MAX_WARPS * S * U KiB) or the tensor-core forms'
+// stages (8 KiB a stage; those run one warp per block: tc), 0 for the others.
+static void launch(const Setup& s, AttnKernel kernel, int partition, int layer, int stage_kib = 0, bool tc = false) {
     const int splits = (s.max_ctx + partition - 1) / partition;
-    const int warps = std::min(KVH, AB_MAX_WARPS);
-    const int shared = (partition / BS + 2) * 4;
+    const int warps = tc ? 1 : std::min(KVH, AB_MAX_WARPS);
+    const int shared = stage_kib * 1024 + (partition / BS + 2) * 4;
     kernel<<<dim3(s.n, (KVH + warps - 1) / warps, splits), warps * 32, shared>>>(
         s.out, s.acc, s.ml, s.q, s.k[layer], s.v[layer], s.pos, s.seq, s.tables, s.max_blocks, BS, NH, KVH, HD,
         1.f / sqrtf((float)HD), 0, partition, splits, s.counts);
@@ -111,12 +121,15 @@ static std::vector<bf> fetch(const Setup& s) {
 }
 
 // Float64 attention of rows 0..rows-1 (all heads) from layer 0's cache, against `got`.
-static double check_cpu(const Setup& s, const std::vector<bf>& got, int rows) {
+static double check_cpu(Setup& s, const std::vector<bf>& got, int rows) {
     const size_t cache = (size_t)s.num_blocks * BS * KVH * HD;
-    std::vector<bf> k(cache), v(cache), q((size_t)s.n * NH * HD);
-    CK(cudaMemcpy(k.data(), s.k[0], cache * sizeof(bf), cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(v.data(), s.v[0], cache * sizeof(bf), cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(q.data(), s.q, q.size() * sizeof(bf), cudaMemcpyDeviceToHost));
+    if (s.hk.empty()) {
+        s.hk.resize(cache), s.hv.resize(cache), s.hq.resize((size_t)s.n * NH * HD);
+        CK(cudaMemcpy(s.hk.data(), s.k[0], cache * sizeof(bf), cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(s.hv.data(), s.v[0], cache * sizeof(bf), cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(s.hq.data(), s.q, s.hq.size() * sizeof(bf), cudaMemcpyDeviceToHost));
+    }
+    const std::vector<bf>&k = s.hk, &v = s.hv, &q = s.hq;
     double num = 0, den = 0;
     for (int t = 0; t < rows; t++)
         for (int h = 0; h < NH; h++) {
@@ -149,14 +162,14 @@ static double check_cpu(const Setup& s, const std::vector<bf>& got, int rows) {
     return std::sqrt(num / std::max(den, 1e-30));
 }
 
-static float time_us(const Setup& s, AttnKernel kernel, int partition) {
+static float time_us(const Setup& s, AttnKernel kernel, int partition, int stage_kib, bool tc) {
     cudaEvent_t a, b;
     CK(cudaEventCreate(&a));
     CK(cudaEventCreate(&b));
     std::vector<float> ts;
     for (int it = 0; it < 21; it++) {
         CK(cudaEventRecord(a));
-        launch(s, kernel, partition, it % LAYERS);
+        launch(s, kernel, partition, it % LAYERS, stage_kib, tc);
         CK(cudaEventRecord(b));
         CK(cudaEventSynchronize(b));
         float ms;
@@ -175,23 +188,26 @@ int main() {
     struct Variant {
         const char* name;
         AttnKernel kernel;
-        int partition;
+        int partition, stage_kib;
+        bool tc;
     };
     const Variant variants[] = {
-        {"s6 g4 u2 (p128)", attention_batch_g4_u2_bf16, 128},
-        {"s6 g4 u2 p256 (1 split)", attention_batch_g4_u2_bf16, 256},
-        {"s6 g4 u2 p64", attention_batch_g4_u2_bf16, 64},
-        {"engine g4 (u4 min4)", attention_batch_g4_bf16, 128},
-        {"g4 u2 min4", g4_u2_min4, 128},
-        {"g4 u2 min5", g4_u2_min5, 128},
-        {"g4 u4", g4_u4, 128},
-        {"g4 u4 p256", g4_u4, 256},
-        {"g4 u4 min4", g4_u4_min4, 128},
-        {"g4 u8", g4_u8, 128},
-        {"g4 u8 p256", g4_u8, 256},
-        {"g4 pipe u2", g4_pipe_u2, 128},
-        {"g4 pipe u4", g4_pipe_u4, 128},
+        {"s6 g4 u2 (p128)", attention_batch_g4_u2_bf16, 128, 0},
+        {"engine g4 (s7 u4 min4)", attention_batch_g4_bf16, 128, 0},
+        {"engine tc (s2, 12 blk)", attention_batch_g4_tc_d128_bf16, 128, 2 * 8, true},
+        {"engine tc p256", attention_batch_g4_tc_d128_bf16, 256, 2 * 8, true},
+        {"engine tc p64", attention_batch_g4_tc_d128_bf16, 64, 2 * 8, true},
+        {"tc s2 min16", tc_s2_min16, 128, 2 * 8, true},
+        {"tc s2 min20", tc_s2_min20, 128, 2 * 8, true},
+        {"tc s3 min12", tc_s3_min12, 128, 3 * 8, true},
+        {"tc s3 min16", tc_s3_min16, 128, 3 * 8, true},
+        {"tc s3 min12 p256", tc_s3_min12, 256, 3 * 8, true},
+        {"tc s4 min12", tc_s4_min12, 128, 4 * 8, true},
+        {"st u2 s4 min5", st_u2_s4_min5, 128, 4 * 4 * 2},
+        {"st u4 s3 min4 p256", st_u4_s3_min4, 256, 4 * 3 * 4},
     };
+    for (const Variant& v : variants)
+        CK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
     for (int n : {1000, 256}) {
         Setup s = make(n);
         launch(s, attention_batch_g4_u2_bf16, 128, 0);
@@ -202,12 +218,17 @@ int main() {
         for (const Variant& v : variants) {
             cudaFuncAttributes attr;
             CK(cudaFuncGetAttributes(&attr, v.kernel));
-            launch(s, v.kernel, v.partition, 0);
+            int blocks = 0;
+            CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, v.kernel, v.tc ? 32 : AB_MAX_WARPS * 32,
+                                                             v.stage_kib * 1024 + (v.partition / BS + 2) * 4));
+            launch(s, v.kernel, v.partition, 0, v.stage_kib, v.tc);
             CK(cudaDeviceSynchronize());
-            const double err = rel_l2(fetch(s), ref);
-            const float us = time_us(s, v.kernel, v.partition);
-            printf("rows %4d  %-28s %3d regs %8.1f us  %5.2f TB/s  rel.L2 vs s6 %.1e\n", n, v.name, attr.numRegs, us,
-                   s.kv_bytes / (us * 1e-6) / 1e12, err);
+            const std::vector<bf> got = fetch(s);
+            const double err = rel_l2(got, ref);
+            const float us = time_us(s, v.kernel, v.partition, v.stage_kib, v.tc);
+            // Every form once against float64 too (16 rows), not only against the s6 form.
+            printf("rows %4d  %-32s %3d regs %d blk/SM %8.1f us  %5.2f TB/s  rel.L2 vs s6 %.1e  vs f64 %.2e\n", n,
+                   v.name, attr.numRegs, blocks, us, s.kv_bytes / (us * 1e-6) / 1e12, err, check_cpu(s, got, 16));
         }
     }
     return 0;

@@ -6,8 +6,11 @@
 //! Knobs (read once): `VLLM_ATT_BATCH=0` turns this kernel off (every batch through
 //! paged_attention_v2, to compare); `VLLM_ATT_BATCH_ROWS=n` uses it from n rows on (default
 //! 9; tests set 1 to run the batched graph tests through it); `VLLM_ATT_PARTITION=n`
-//! positions per split (default 128); `VLLM_ATT_G4=u2` runs groups of 4 through the
-//! session-6 form (2 rows per pass, 135 registers) instead of 4 rows capped at 128.
+//! positions per split (default 128). Groups of 4 (Llama-3 8B, Mistral 7B: W2) in bf16 /
+//! f16 with head_dim 64 or 128 take the tensor-core form (a warp per block, the group's
+//! heads as rows of mma tiles; session 8: 1.83 → 3.3 TB/s on W2's decode cache);
+//! `VLLM_ATT_G4=u4` gives the session-7 form (4 rows per pass, capped at 128 registers,
+//! still f32's), `VLLM_ATT_G4=u2` the session-6 form (2 rows per pass, 135 registers).
 
 use std::sync::OnceLock;
 
@@ -31,6 +34,12 @@ pub const KERNEL_NAMES: [&str; 4] = [
     "attention_batch_g4_u2",
 ];
 
+/// The tensor-core form of group 4, per head_dim (bf16 and f16 only: no f32 mma; see
+/// `tc_serves`).
+pub const TC_KERNEL_NAMES: [&str; 2] = ["attention_batch_g4_tc_d64", "attention_batch_g4_tc_d128"];
+/// Its slices in flight (TC_STAGES in attention_batch.cu), each 16 positions of keys and values.
+const TC_STAGES: usize = 2;
+
 /// Positions per split: measured best of 64..2048 on an H200 (bench/RESULTS.md, change 8).
 const DEFAULT_PARTITION: usize = 128;
 
@@ -38,7 +47,18 @@ struct Config {
     enabled: bool,
     min_rows: usize,
     partition: usize,
-    g4_u2: bool,
+    g4_form: G4Form,
+}
+
+/// Which kernel runs groups of 4.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum G4Form {
+    /// attention_batch_g4_tc_d{64,128} where `tc_serves`, else U4.
+    TensorCores,
+    /// attention_batch_g4: 4 rows per pass in registers (session 7).
+    U4,
+    /// attention_batch_g4_u2: 2 rows per pass (session 6).
+    U2,
 }
 
 fn config() -> &'static Config {
@@ -49,7 +69,11 @@ fn config() -> &'static Config {
             enabled: std::env::var_os("VLLM_ATT_BATCH").is_none_or(|v| v != "0"),
             min_rows: num("VLLM_ATT_BATCH_ROWS").unwrap_or(9).max(1),
             partition: num("VLLM_ATT_PARTITION").unwrap_or(DEFAULT_PARTITION).max(16),
-            g4_u2: std::env::var_os("VLLM_ATT_G4").is_some_and(|v| v == "u2"),
+            g4_form: match std::env::var("VLLM_ATT_G4").as_deref() {
+                Ok("u4") => G4Form::U4,
+                Ok("u2") => G4Form::U2,
+                _ => G4Form::TensorCores,
+            },
         }
     })
 }
@@ -91,7 +115,11 @@ pub fn launch(
     partition: usize,
 ) -> Result<()> {
     let group = dims.num_heads / dims.num_kv_heads;
-    let form = if group == 4 && config().g4_u2 { "_u2" } else { "" };
+    let form = config().g4_form;
+    if group == 4 && form == G4Form::TensorCores && tc_serves(dtype, dims.head_dim) {
+        return launch_tc(k, dtype, p, meta, n, dims, splits, partition);
+    }
+    let form = if group == 4 && form == G4Form::U2 { "_u2" } else { "" };
     let f = k.function(&format!("attention_batch_g{group}{form}"), dtype)?;
     let warps = dims.num_kv_heads.min(MAX_WARPS);
     // The split's block-table entries (an unaligned start adds one).
@@ -108,4 +136,62 @@ pub fn launch(
     unsafe { b.launch(cfg) }
         .map_err(|e| EngineError::internal(format!("CUDA kernel attention_batch failed to launch: {e}")))?;
     Ok(())
+}
+
+/// Whether the tensor-core form has an instantiation for this storage type and head size.
+fn tc_serves(dtype: DType, head_dim: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && matches!(head_dim, 64 | 128)
+}
+
+/// The tensor-core form: a warp per (token, KV head, split).
+#[allow(clippy::too_many_arguments)]
+fn launch_tc(
+    k: &Kernels,
+    dtype: DType,
+    p: &AttentionPtrs,
+    meta: &MetaPtrs,
+    n: usize,
+    dims: &AttentionDims,
+    splits: usize,
+    partition: usize,
+) -> Result<()> {
+    let f = k.function(&format!("attention_batch_g4_tc_d{}", dims.head_dim), dtype)?;
+    // TC_STAGES slices of 16 key and 16 value rows (2-byte elements), then the table.
+    let stages = TC_STAGES * 2 * 16 * dims.head_dim * 2;
+    let shared = stages + (partition.div_ceil(meta.block_size) + 2) * 4;
+    let args = AttentionArgs::new(p, meta, dims, partition, splits);
+    let mut b = k.stream().launch_builder(f);
+    args.push(&mut b);
+    b.arg(&p.done_counts);
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, dims.num_kv_heads as u32, splits as u32),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    unsafe { b.launch(cfg) }
+        .map_err(|e| EngineError::internal(format!("CUDA kernel attention_batch_g4_tc failed to launch: {e}")))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tensor_core_form_serves_bf16_and_f16_at_head_dim_64_and_128_only() {
+        for dtype in [DType::BF16, DType::F16] {
+            assert!(tc_serves(dtype, 128));
+            assert!(tc_serves(dtype, 64));
+            assert!(!tc_serves(dtype, 96));
+            assert!(!tc_serves(dtype, 256));
+        }
+        assert!(!tc_serves(DType::F32, 128));
+    }
+
+    #[test]
+    fn its_stages_and_a_default_split_table_fit_the_default_shared_memory() {
+        // Launches take at most 48 KiB of dynamic shared memory without opting in.
+        let table = (DEFAULT_PARTITION + 2) * 4; // one-position blocks: the largest table
+        assert!(TC_STAGES * 2 * 16 * 128 * 2 + table <= 48 * 1024);
+    }
 }

@@ -192,6 +192,15 @@ impl Kernels {
                 functions.insert(full, f);
             }
         }
+        for name in attention_batch::TC_KERNEL_NAMES {
+            for suffix in ["bf16", "f16"] {
+                let full = format!("{name}_{suffix}");
+                let f = batch_module
+                    .load_function(&full)
+                    .map_err(|e| EngineError::internal(format!("kernel {full} is missing: {e}")))?;
+                functions.insert(full, f);
+            }
+        }
         let small_module = decode_small::load_into(&context, &mut functions);
         let prefill_module = attention_prefill::load_into(&context, &mut functions);
         let heads_module = decode_heads::load_into(&context, &mut functions);
