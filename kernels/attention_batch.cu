@@ -15,13 +15,6 @@
 // in ops.cu (same layout, max in natural-log units, so attention_reduce can combine them
 // too), and the last split of a (token, KV head) to finish combines them (fence + counter).
 //
-// Staged form (S > 0; session 8, measured in bench/gpu/micro/attention_w2.cu and not taken
-// into the engine: 4-5% per layer, nothing on W2): the
-// rows of a pass are not loaded into registers but copied into the lane's own slots of a
-// per-warp ring of S stages in shared memory (cp.async), S - 1 passes ahead of the one in
-// use: a warp keeps (S - 1) * U KiB in flight through its arithmetic instead of issuing a
-// pass, waiting a DRAM round trip, and computing with nothing in flight.
-//
 // Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim] (see ops.cu).
 
 #include "common.cuh"
@@ -50,33 +43,6 @@ __device__ __forceinline__ void load_rows(KvRows<U>& r, const T* k_cache, const 
         const long long off = slot * kv_stride + head_off;
         r.k[u] = *reinterpret_cast<const uint4*>(k_cache + off);
         r.v[u] = *reinterpret_cast<const uint4*>(v_cache + off);
-    }
-}
-
-// The staged form's copy engine: 16 bytes global -> shared without registers (cp.async).
-__device__ __forceinline__ void ab_cp_async16(void* dst, const void* src) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void ab_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void ab_cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
-// Staged form: the rows load_rows would read, copied into this lane's own slots of stage
-// `stage` of the warp's ring (each lane later reads back exactly what it copied, so no
-// barrier is needed, only the lane's own cp.async groups).
-template <typename T, int U>
-__device__ __forceinline__ void stage_rows(uint4* ring, const T* k_cache, const T* v_cache, const uint32_t* table,
-                                          int table_first, int block_size, long long kv_stride, long long head_off,
-                                          int c0, int end, int rows, int kg, int lane) {
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        const int p0 = c0 + u * rows + kg;
-        const int p = p0 < end ? p0 : c0;
-        const long long slot = (long long)table[p / block_size - table_first] * block_size + p % block_size;
-        const long long off = slot * kv_stride + head_off;
-        ab_cp_async16(ring + (2 * u) * 32 + lane, k_cache + off);
-        ab_cp_async16(ring + (2 * u + 1) * 32 + lane, v_cache + off);
     }
 }
 
@@ -119,18 +85,14 @@ __device__ __forceinline__ void combine_splits(T* out, const float* part_acc, co
     }
 }
 
-template <typename T, int G, int U, bool PIPE, int S = 0>
+template <typename T, int G, int U, bool PIPE>
 __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache,
                                                 const T* v_cache, const uint32_t* positions, const uint32_t* token_seq,
                                                 const uint32_t* block_tables, int max_blocks, int block_size,
                                                 int num_heads, int num_kv_heads, int head_dim, float scale, int window,
                                                 int partition, int num_splits, unsigned int* done_counts) {
     constexpr int VEC = 16 / sizeof(T);
-    // Shared memory: S > 0: the warps' rings of S stages (U key and U value rows of 16-byte
-    // lane slots each: S * U KiB a warp), then the split's block-table entries.
-    extern __shared__ uint4 ab_smem[];
-    uint4* rings = ab_smem;
-    uint32_t* table = reinterpret_cast<uint32_t*>(ab_smem + (S > 0 ? (blockDim.x >> 5) * S * U * 64 : 0));
+    extern __shared__ uint32_t table[];  // the split's block-table entries
     const int t = blockIdx.x, split = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int kv_head = blockIdx.y * (blockDim.x >> 5) + warp;
@@ -155,19 +117,6 @@ __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* 
     const int chunk = rows * U;
     const long long kv_stride = (long long)num_kv_heads * head_dim;
     const long long head_off = (long long)kv_head * head_dim + sub * VEC;
-    const int chunks = (end - start + chunk - 1) / chunk;
-    uint4* ring = rings + warp * (S > 0 ? S * U * 64 : 0);
-    if constexpr (S > 0) {
-        // The first S - 1 chunks requested before anything else (a group per chunk, empty
-        // past the split's end, so that group i is always chunk i).
-#pragma unroll
-        for (int i = 0; i < S - 1; i++) {
-            if (i < chunks)
-                stage_rows<T, U>(ring + i * U * 64, k_cache, v_cache, table, table_first, block_size, kv_stride,
-                                 head_off, start + i * chunk, end, rows, kg, lane);
-            ab_cp_commit();
-        }
-    }
 
     // Queries pre-scaled into log2 units: softmax through exp2f.
     const float qscale = scale * 1.4426950408889634f;
@@ -193,23 +142,10 @@ __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* 
     // registers for the rows; measured no faster, kept for bench/gpu/micro/attention_bench).
     KvRows<U> next;
     if (PIPE) load_rows<T, U>(next, k_cache, v_cache, table, table_first, block_size, kv_stride, head_off, start, end, rows, kg);
-    for (int c0 = start, i = 0; c0 < end; c0 += chunk, i++) {
+    for (int c0 = start; c0 < end; c0 += chunk) {
         // Every key and value row of the chunk requested before the first is used.
         KvRows<U> r;
-        const uint4* st = ring + (i % (S > 0 ? S : 1)) * U * 64;  // S > 0: this chunk's stage
-        if constexpr (S > 0) {
-            // Chunk i + S - 1 into the stage chunk i - 1 left (this lane read it last pass),
-            // then wait for chunk i only: S - 1 chunks stay in flight while this one is used.
-            const int j = i + S - 1;
-            if (j < chunks)
-                stage_rows<T, U>(ring + (j % S) * U * 64, k_cache, v_cache, table, table_first, block_size, kv_stride,
-                                 head_off, start + j * chunk, end, rows, kg, lane);
-            ab_cp_commit();
-            ab_cp_wait<S - 1>();
-            // Keys now, values only when they are used (fewer registers).
-#pragma unroll
-            for (int u = 0; u < U; u++) r.k[u] = st[(2 * u) * 32 + lane];
-        } else if (PIPE) {
+        if (PIPE) {
             r = next;
             if (c0 + chunk < end)
                 load_rows<T, U>(next, k_cache, v_cache, table, table_first, block_size, kv_stride, head_off, c0 + chunk,
@@ -249,7 +185,6 @@ __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* 
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            if constexpr (S > 0) r.v[u] = st[(2 * u + 1) * 32 + lane];
             const T* vv = reinterpret_cast<const T*>(&r.v[u]);
             float vf[VEC];
 #pragma unroll

@@ -14,19 +14,6 @@
                                         scale, window, partition, num_splits, done_counts);                           \
     }
 
-// The staged form (kernels/attention_batch.cu, S > 0): S stages of U rows per pass through
-// shared memory by cp.async; the launch adds AB_MAX_WARPS * S * U KiB of shared memory.
-#define AB_VARIANT_STAGED(NAME, G, U, S, MINB)                                                                         \
-    __global__ void __launch_bounds__(AB_MAX_WARPS * 32, MINB) NAME(                                                   \
-        bf* out, float* part_acc, float* part_ml, const bf* q, const bf* k_cache, const bf* v_cache,                  \
-        const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,           \
-        int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int window, int partition,        \
-        int num_splits, unsigned int* done_counts) {                                                                   \
-        attention_batch<bf, G, U, false, S>(out, part_acc, part_ml, q, k_cache, v_cache, positions, token_seq,       \
-                                            block_tables, max_blocks, block_size, num_heads, num_kv_heads, head_dim,  \
-                                            scale, window, partition, num_splits, done_counts);                       \
-    }
-
 // The tensor-core form (attention_batch_tc, one warp per block) with STAGES slices in
 // flight and at least MINB blocks per SM; the launch adds STAGES * 2 * 16 * 128 * 2 bytes.
 #define AB_VARIANT_TC(NAME, STAGES, MINB)                                                                              \
