@@ -1,0 +1,813 @@
+// Issue 7, session 8: does a persistent decode kernel beat W3's chain of ~100 dependent
+// launches? W3's 24 layers of one-row bf16 products (Qwen2.5-0.5B shapes: RMS norm + qkv
+// 1152×896, an attention stand-in, o_proj 896×896 + residual, RMS norm + gate_up 2×4864×896 +
+// SiLU·mul, down 896×4864 + residual; optionally the lm_head 151936×896 + final norm), random
+// weights (715 MB a token, far above the 60 MB L2), in two forms:
+//  (a) the engine's gemv_fused (kernels/ops.cu, included) plus a stand-in kernel, 5 launches a
+//      layer with programmatic dependent launch, captured in a CUDA graph (as the runner does);
+//  (b) chain_persistent: one cooperative launch for the token. Every block owns fixed output
+//      rows of every product; its producer warp streams the block's weights for all coming
+//      products into a shared-memory ring (cp.async.bulk, a full/empty mbarrier pair a slot),
+//      never waiting on activations; its 8 consumer warps wait only for the activation vector
+//      of a phase, published through global memory: per-block flags (fence.acq_rel + store, one
+//      warp polls them all) or one arrival counter per phase (fence + red).
+// The attention stand-in adds the qkv bias to q per head (14 heads of 64): it keeps the
+// dependency (and (b)'s extra sync hop) but none of the real attention's work.
+// Build (development machine): nvcc -O3 -arch=sm_90 -std=c++17 persistent_chain.cu -o persistent_chain
+// Prints: checks ((b) against (a) per layer, both against a CPU float reference for layer 0),
+// then ms per token (median of event-timed tokens), the weight stream's TB/s, and for (b) where
+// a block's time goes (clock64: waiting on the activation flags, on the weight ring, producer
+// waiting for a free slot).
+#include "../../../kernels/ops.cu"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "check.cuh"
+#include "fill.cuh"
+
+typedef __nv_bfloat16 bf;
+
+constexpr int HID = 896, QKV = 1152, INTER = 4864, VOCAB = 151936, LAYERS = 24, HEADS = 14, HEAD_DIM = 64;
+constexpr float EPS = 1e-6f;
+constexpr long long OFF_O = (long long)QKV * HID, OFF_GU = OFF_O + (long long)HID * HID,
+                    OFF_D = OFF_GU + 2LL * INTER * HID, PER_LAYER = OFF_D + (long long)HID * INTER;
+
+// (b)'s geometry. A phase per product and one for the attention stand-in.
+constexpr int PH = 5;
+constexpr int CW = 8;                    // consumer warps
+constexpr int THREADS = (CW + 1) * 32;   // + one producer warp
+constexpr int SLOT = 2 * INTER * 2;      // a ring slot: 2 rows of down (19,456 B)
+constexpr int MAXNS = 11;                // 11 slots + statics fit the 227 KB of one block
+constexpr int ROWS896 = 8;               // rows of a 896-wide piece (a warp each)
+constexpr int PAIRS = 4;                 // gate/up pairs of a gate_up piece (8 rows)
+constexpr int ROWSD = 2;                 // rows of a down piece (4 warps each)
+constexpr int SEGS = 4, SEGC = INTER / 8 / SEGS;  // 152 16-byte chunks a down segment
+constexpr int MAXGU = 64, MAXROW = 16;   // a block's gate_up pairs and down rows at most
+constexpr int SKIP_WAIT = 1, SKIP_WEIGHTS = 2;
+constexpr int CNT_BASE = 1024;           // counters after the flags in the sync buffer
+
+struct Chain {
+    const bf* w;  // [LAYERS][PER_LAYER]
+    const bf* lm;
+    const bf *ln1, *ln2, *fnorm, *bias;  // [L][HID], [L][HID], [HID], [L][QKV]
+    float* h;       // [L + 1][HID], h[0] the input
+    float* hm;      // [L][HID] after o_proj
+    bf *qkv, *att, *act;  // [L][QKV], [L][HID], [L][INTER]
+    float* logits;
+    unsigned* sync;     // flags [G], then counters [PH * L + 1] at CNT_BASE
+    long long* instr;   // [G][4] clock64 sums when instrumented
+    int layers, with_lm, ns, mode, skip;  // mode 0 flags, 1 counters
+    unsigned epoch;
+};
+
+__device__ __forceinline__ uint32_t saddr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(saddr(b)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(saddr(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(saddr(b)) : "memory");
+}
+__device__ __forceinline__ bool mbar_try(uint64_t* b, unsigned parity) {
+    unsigned ok;
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(ok)
+        : "r"(saddr(b)), "r"(parity)
+        : "memory");
+    return ok;
+}
+__device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     saddr(dst)),
+                 "l"(src), "r"(bytes), "r"(saddr(bar))
+                 : "memory");
+}
+// The consumer warps only (the producer warp never joins a block barrier after the split).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(CW * 32) : "memory"); }
+__device__ __forceinline__ unsigned ld_relaxed(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void st_relaxed(unsigned* p, unsigned v) {
+    asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void red_relaxed_add(unsigned* p, unsigned v) {
+    asm volatile("red.relaxed.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+// Release / acquire at GPU scope by fence, as CUTLASS's grid barrier does (cheaper than the
+// sequentially consistent fence of __threadfence).
+__device__ __forceinline__ void fence_acq_rel() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
+// A spin that never ends would hold the device until the call's time limit: trap instead.
+__device__ __forceinline__ void spin_guard(unsigned& n) {
+    if (++n > (1u << 22)) __trap();
+}
+
+__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
+    const __nv_bfloat162* a = reinterpret_cast<const __nv_bfloat162*>(&w);
+    const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&x);
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const float2 fa = __bfloat1622float2(a[k]), fb = __bfloat1622float2(b[k]);
+        s = fmaf(fa.x, fb.x, s);
+        s = fmaf(fa.y, fb.y, s);
+    }
+    return s;
+}
+__device__ __forceinline__ float bfround(float x) { return __bfloat162float(__float2bfloat16(x)); }
+__device__ __forceinline__ int part_lo(int rows, int b, int G) { return (int)((long long)rows * b / G); }
+
+// A warp's x' = RMSNorm(h) * nw, rounded to bf16 as gemv_fused stores it, for its chunks
+// lane + 32 j (j < 4, chunk < 112) of a 896-wide row. No block barrier: every warp sums the
+// squares itself (896 floats from the L2).
+__device__ __forceinline__ void load_norm(uint4 (&xr)[5], const float* h, const bf* nw, int lane) {
+    const float4* h4 = reinterpret_cast<const float4*>(h);
+    float4 a[7], v[4][2];
+    uint4 wn[4];
+#pragma unroll
+    for (int k = 0; k < 7; k++) a[k] = __ldcg(h4 + lane + 32 * k);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int c = lane + 32 * j;
+        if (c < HID / 8) {
+            v[j][0] = __ldcg(h4 + 2 * c);
+            v[j][1] = __ldcg(h4 + 2 * c + 1);
+            wn[j] = *reinterpret_cast<const uint4*>(nw + c * 8);
+        }
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < 7; k++) ss += a[k].x * a[k].x + a[k].y * a[k].y + a[k].z * a[k].z + a[k].w * a[k].w;
+    const float inv = rsqrtf(warp_sum(ss) / HID + EPS);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int c = lane + 32 * j;
+        if (c < HID / 8) {
+            const float hv[8] = {v[j][0].x, v[j][0].y, v[j][0].z, v[j][0].w, v[j][1].x, v[j][1].y, v[j][1].z, v[j][1].w};
+            const bf* n = reinterpret_cast<const bf*>(&wn[j]);
+            bf o[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) o[e] = __float2bfloat16(__bfloat162float(n[e]) * (hv[e] * inv));
+            xr[j] = *reinterpret_cast<const uint4*>(o);
+        }
+    }
+}
+
+__device__ __forceinline__ float dot896(const unsigned char* row, const uint4 (&xr)[5], int lane) {
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int c = lane + 32 * j;
+        if (c < HID / 8) s += dot8(*reinterpret_cast<const uint4*>(row + c * 16), xr[j]);
+    }
+    return warp_sum(s);
+}
+
+struct Ring {
+    unsigned char* base;
+    uint64_t* full;
+    uint64_t* empty;
+    int ns;
+};
+
+// The producer (one lane): every piece of every product this block owns, in the order the
+// consumers take them, as far ahead as the ring allows.
+template <bool INSTR>
+__device__ void produce(const Chain& c, const Ring& r, int b, int G, long long& t_empty) {
+    unsigned i = 0;
+    auto issue = [&](const bf* src1, const bf* src2, unsigned bytes) {
+        const int s = i % r.ns;
+        const unsigned k = i / r.ns;
+        long long t0 = INSTR ? clock64() : 0;
+        unsigned n = 0;
+        if (k > 0)
+            while (!mbar_try(&r.empty[s], (k - 1) & 1)) spin_guard(n);
+        if (INSTR) t_empty += clock64() - t0;
+        unsigned char* dst = r.base + (size_t)s * SLOT;
+        mbar_expect_tx(&r.full[s], src2 ? 2 * bytes : bytes);
+        bulk_g2s(dst, src1, bytes, &r.full[s]);
+        if (src2) bulk_g2s(dst + bytes, src2, bytes, &r.full[s]);
+        i++;
+    };
+    for (int l = 0; l < c.layers; l++) {
+        const bf* wl = c.w + (long long)l * PER_LAYER;
+        for (int p = 0, lo = part_lo(QKV, b, G), hi = part_lo(QKV, b + 1, G); lo + p < hi; p += ROWS896)
+            issue(wl + (long long)(lo + p) * HID, nullptr, min(ROWS896, hi - lo - p) * HID * 2);
+        for (int p = 0, lo = part_lo(HID, b, G), hi = part_lo(HID, b + 1, G); lo + p < hi; p += ROWS896)
+            issue(wl + OFF_O + (long long)(lo + p) * HID, nullptr, min(ROWS896, hi - lo - p) * HID * 2);
+        for (int p = 0, lo = part_lo(INTER, b, G), hi = part_lo(INTER, b + 1, G); lo + p < hi; p += PAIRS)
+            issue(wl + OFF_GU + (long long)(lo + p) * HID, wl + OFF_GU + (long long)(INTER + lo + p) * HID,
+                  min(PAIRS, hi - lo - p) * HID * 2);
+        for (int p = 0, lo = part_lo(HID, b, G), hi = part_lo(HID, b + 1, G); lo + p < hi; p += ROWSD)
+            issue(wl + OFF_D + (long long)(lo + p) * INTER, nullptr, min(ROWSD, hi - lo - p) * INTER * 2);
+    }
+    if (c.with_lm)
+        for (int p = 0, lo = part_lo(VOCAB, b, G), hi = part_lo(VOCAB, b + 1, G); lo + p < hi; p += ROWS896)
+            issue(c.lm + (long long)(lo + p) * HID, nullptr, min(ROWS896, hi - lo - p) * HID * 2);
+}
+
+struct Consumer {
+    const Chain& c;
+    const Ring& r;
+    int b, G, warp, lane;
+    unsigned i;     // pieces taken
+    unsigned base;  // this token's first sequence number
+    long long t_sync, t_full;
+
+    __device__ const unsigned char* take() {
+        if (c.skip & SKIP_WEIGHTS) return nullptr;
+        const int s = i % r.ns;
+        long long t0 = clock64();
+        unsigned n = 0;
+        while (!mbar_try(&r.full[s], (i / r.ns) & 1)) spin_guard(n);
+        t_full += clock64() - t0;
+        return r.base + (size_t)s * SLOT;
+    }
+    __device__ void give() {
+        if (!(c.skip & SKIP_WEIGHTS)) {
+            __syncwarp();
+            if (lane == 0) mbar_arrive(&r.empty[i % r.ns]);
+        }
+        i++;
+    }
+    // Phase `idx` (layer * PH + p) of this token published by blocks [0, producers).
+    __device__ void wait(int idx, int producers) {
+        long long t0 = clock64();
+        if (warp == 0 && !(c.skip & SKIP_WAIT)) {
+            if (c.mode == 0) {
+                const unsigned seq = base + idx + 1;
+                unsigned n = 0;
+                for (;;) {
+                    spin_guard(n);
+                    bool ok = true;
+                    for (int j = lane; j < producers; j += 32) ok &= ld_relaxed(c.sync + j) >= seq;
+                    if (__all_sync(0xffffffffu, ok)) break;
+                }
+            } else {
+                const unsigned target = (c.epoch + 1) * producers;
+                unsigned n = 0;
+                if (lane == 0)
+                    while (ld_relaxed(c.sync + CNT_BASE + idx) < target) spin_guard(n);
+                __syncwarp();
+            }
+            fence_acq_rel();
+        }
+        consumers_sync();
+        t_sync += clock64() - t0;
+    }
+    __device__ void publish(int idx) {
+        consumers_sync();
+        if (warp == 0 && lane == 0) {
+            fence_acq_rel();
+            if (c.mode == 0)
+                st_relaxed(c.sync + b, base + idx + 1);
+            else
+                red_relaxed_add(c.sync + CNT_BASE + idx, 1u);
+        }
+    }
+};
+
+template <bool INSTR>
+__device__ void consume(Consumer& k) {
+    const Chain& c = k.c;
+    const int warp = k.warp, lane = k.lane, b = k.b, G = k.G;
+    __shared__ float gu_part[MAXGU][2];
+    __shared__ float dn_part[MAXROW][SEGS];
+    uint4 xr[5];
+    for (int l = 0; l < c.layers; l++) {
+        const int idx = l * PH;
+        // qkv = RMSNorm(h) · Wqkvᵀ
+        if (l > 0) k.wait(idx - 1, G);
+        load_norm(xr, c.h + (long long)l * HID, c.ln1 + (long long)l * HID, lane);
+        for (int p = 0, lo = part_lo(QKV, b, G), hi = part_lo(QKV, b + 1, G); lo + p < hi; p += ROWS896) {
+            const unsigned char* s = k.take();
+            if (warp < min(ROWS896, hi - lo - p)) {
+                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
+                if (lane == 0) c.qkv[(long long)l * QKV + lo + p + warp] = __float2bfloat16(v);
+            }
+            k.give();
+        }
+        k.publish(idx);
+        // The attention stand-in: head `b` of q plus the bias.
+        if (b < HEADS) {
+            k.wait(idx, G);
+            if (warp < 2) {
+                const int e = b * HEAD_DIM + warp * 32 + lane;
+                c.att[(long long)l * HID + e] = __float2bfloat16(__bfloat162float(__ldcg(c.qkv + (long long)l * QKV + e)) +
+                                                                 __bfloat162float(c.bias[(long long)l * QKV + e]));
+            }
+            k.publish(idx + 1);
+        }
+        // o_proj + residual: hm = h + round(att · Woᵀ)
+        k.wait(idx + 1, HEADS);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int ch = lane + 32 * j;
+            if (ch < HID / 8) xr[j] = __ldcg(reinterpret_cast<const uint4*>(c.att + (long long)l * HID) + ch);
+        }
+        for (int p = 0, lo = part_lo(HID, b, G), hi = part_lo(HID, b + 1, G); lo + p < hi; p += ROWS896) {
+            const unsigned char* s = k.take();
+            if (warp < min(ROWS896, hi - lo - p)) {
+                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
+                const long long o = (long long)l * HID + lo + p + warp;
+                if (lane == 0) c.hm[o] = __ldcg(c.h + o) + bfround(v);
+            }
+            k.give();
+        }
+        k.publish(idx + 2);
+        // gate_up: act = silu(g) * u of RMSNorm(hm) · [Wg; Wu]ᵀ
+        k.wait(idx + 2, G);
+        load_norm(xr, c.hm + (long long)l * HID, c.ln2 + (long long)l * HID, lane);
+        const int glo = part_lo(INTER, b, G), ghi = part_lo(INTER, b + 1, G);
+        for (int p = 0; glo + p < ghi; p += PAIRS) {
+            const unsigned char* s = k.take();
+            const int m = min(PAIRS, ghi - glo - p);
+            if (warp < 2 * m) {
+                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
+                const int half = warp >= m, pair = half ? warp - m : warp;
+                if (lane == 0) gu_part[p + pair][half] = v;
+            }
+            k.give();
+        }
+        consumers_sync();
+        for (int t = warp * 32 + lane; t < ghi - glo; t += CW * 32) {
+            const float g = bfround(gu_part[t][0]), u = bfround(gu_part[t][1]);
+            c.act[(long long)l * INTER + glo + t] = __float2bfloat16(g / (1.f + expf(-g)) * u);
+        }
+        k.publish(idx + 3);
+        // down + residual: h' = hm + round(act · Wdᵀ); warp = (row of the piece, segment)
+        k.wait(idx + 3, G);
+        const int seg = warp % SEGS, drow = warp / SEGS;
+#pragma unroll
+        for (int j = 0; j < 5; j++) {
+            const int ch = lane + 32 * j;
+            if (ch < SEGC)
+                xr[j] = __ldcg(reinterpret_cast<const uint4*>(c.act + (long long)l * INTER) + seg * SEGC + ch);
+        }
+        const int dlo = part_lo(HID, b, G), dhi = part_lo(HID, b + 1, G);
+        for (int p = 0; dlo + p < dhi; p += ROWSD) {
+            const unsigned char* s = k.take();
+            if (drow < min(ROWSD, dhi - dlo - p)) {
+                float v = 0.f;
+                if (s) {
+                    const unsigned char* row = s + drow * INTER * 2 + seg * SEGC * 16;
+#pragma unroll
+                    for (int j = 0; j < 5; j++) {
+                        const int ch = lane + 32 * j;
+                        if (ch < SEGC) v += dot8(*reinterpret_cast<const uint4*>(row + ch * 16), xr[j]);
+                    }
+                    v = warp_sum(v);
+                }
+                if (lane == 0) dn_part[p + drow][seg] = v;
+            }
+            k.give();
+        }
+        consumers_sync();
+        for (int t = warp * 32 + lane; t < dhi - dlo; t += CW * 32) {
+            const float v = ((dn_part[t][0] + dn_part[t][1]) + dn_part[t][2]) + dn_part[t][3];
+            const long long o = (long long)l * HID + dlo + t;
+            c.h[o + HID] = c.hm[o] + bfround(v);
+        }
+        k.publish(idx + 4);
+    }
+    if (c.with_lm) {
+        k.wait(c.layers * PH - 1, G);
+        load_norm(xr, c.h + (long long)c.layers * HID, c.fnorm, lane);
+        for (int p = 0, lo = part_lo(VOCAB, b, G), hi = part_lo(VOCAB, b + 1, G); lo + p < hi; p += ROWS896) {
+            const unsigned char* s = k.take();
+            if (warp < min(ROWS896, hi - lo - p)) {
+                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
+                if (lane == 0) c.logits[lo + p + warp] = v;
+            }
+            k.give();
+        }
+    }
+}
+
+template <bool INSTR>
+__global__ void __launch_bounds__(THREADS, 2) chain_persistent(const __grid_constant__ Chain c) {
+    extern __shared__ __align__(128) unsigned char ring[];
+    __shared__ __align__(8) uint64_t full[MAXNS], empty[MAXNS];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, b = blockIdx.x, G = gridDim.x;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < c.ns; s++) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], CW);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    const Ring r{ring, full, empty, c.ns};
+    const long long t0 = clock64();
+    if (warp == CW) {
+        long long t_empty = 0;
+        if (lane == 0 && !(c.skip & SKIP_WEIGHTS)) produce<INSTR>(c, r, b, G, t_empty);
+        if (INSTR && lane == 0) c.instr[b * 4 + 2] = t_empty;
+        return;
+    }
+    Consumer k{c, r, b, G, warp, lane, 0u, c.epoch * (unsigned)(PH * c.layers + 1), 0, 0};
+    consume<INSTR>(k);
+    if (INSTR && threadIdx.x == 0) {
+        c.instr[b * 4 + 0] = k.t_sync;
+        c.instr[b * 4 + 1] = k.t_full;
+        c.instr[b * 4 + 3] = clock64() - t0;
+    }
+}
+
+// (a)'s attention stand-in: one block of 64 per head, launched with PDL like the rest.
+__global__ void attn_standin(bf* att, const bf* qkv, const bf* bias) {
+    const int e = blockIdx.x * HEAD_DIM + threadIdx.x;
+    const float bv = __bfloat162float(bias[e]);
+    pdl_launch_dependents();
+    pdl_wait();
+    att[e] = __float2bfloat16(__bfloat162float(qkv[e]) + bv);
+}
+
+static cudaStream_t st;
+
+template <typename... Exp, typename... Act>
+static void launch_pdl(void (*k)(Exp...), int grid, int block, size_t smem, Act... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(block);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    CK(cudaLaunchKernelEx(&cfg, k, ((Exp)args)...));
+}
+
+// gemv_fused at one row, the geometry of ops.rs's launch_gemv_fused (as gemv_bench.cu).
+static void gemv(void* y, const void* x, const bf* w, const bf* norm_w, int out, int inner, int mode) {
+    const int chunks = inner / 8;
+    const int passes = (chunks + GEMV_PASS_CHUNKS - 1) / GEMV_PASS_CHUNKS;
+    const int halves = mode == GEMV_SILU ? 2 : 1;
+    const int least = std::max(1, GEMV_WARPS / (halves * passes));
+    const int most = std::max(least, 1024 / (halves * passes));
+    const int rpb = std::min(std::max((out + 263) / 264, least), most);
+    const int items = rpb * halves * passes;
+    const size_t smem = (size_t)inner * 2 + (size_t)items * 4;
+    const int blocks = (out + rpb - 1) / rpb;
+    launch_pdl(gemv_fused_r1_bf16, blocks, GEMV_THREADS, smem, y, x, w, norm_w, 1, out, inner, rpb, passes, mode, EPS,
+               GEMV_DEPTH);
+}
+
+struct Bufs {
+    bf *w, *lm, *ln1, *ln2, *fnorm, *bias;
+    float* h0;
+    // (a)
+    float *ha, *logits_a;
+    bf *qkv_a, *att_a, *act_a;
+    // (b)
+    float *hb, *hm, *logits_b;
+    bf *qkv_b, *att_b, *act_b;
+    unsigned* sync;
+    long long* instr;
+};
+
+// (a): one token, optionally copying h after each layer into snap [L + 1][HID].
+static void token_a(const Bufs& B, bool lm, float* snap) {
+    for (int l = 0; l < LAYERS; l++) {
+        const bf* wl = B.w + (long long)l * PER_LAYER;
+        gemv(B.qkv_a, B.ha, wl, B.ln1 + l * HID, QKV, HID, GEMV_STORE);
+        launch_pdl(attn_standin, HEADS, HEAD_DIM, 0, B.att_a, B.qkv_a, B.bias + l * QKV);
+        gemv(B.ha, B.att_a, wl + OFF_O, nullptr, HID, HID, GEMV_ADD);
+        gemv(B.act_a, B.ha, wl + OFF_GU, B.ln2 + l * HID, INTER, HID, GEMV_SILU);
+        gemv(B.ha, B.act_a, wl + OFF_D, nullptr, HID, INTER, GEMV_ADD);
+        if (snap) CK(cudaMemcpyAsync(snap + (l + 1) * HID, B.ha, HID * 4, cudaMemcpyDeviceToDevice, st));
+    }
+    if (lm) gemv(B.logits_a, B.ha, B.lm, B.fnorm, VOCAB, HID, GEMV_STORE_F32);
+}
+
+struct Config {
+    int bpsm, ns, mode, skip, lm;
+};
+
+static Chain chain_of(const Bufs& B, const Config& cf, unsigned epoch) {
+    Chain c;
+    c.w = B.w;
+    c.lm = B.lm;
+    c.ln1 = B.ln1;
+    c.ln2 = B.ln2;
+    c.fnorm = B.fnorm;
+    c.bias = B.bias;
+    c.h = B.hb;
+    c.hm = B.hm;
+    c.qkv = B.qkv_b;
+    c.att = B.att_b;
+    c.act = B.act_b;
+    c.logits = B.logits_b;
+    c.sync = B.sync;
+    c.instr = B.instr;
+    c.layers = LAYERS;
+    c.with_lm = cf.lm;
+    c.ns = cf.ns;
+    c.mode = cf.mode;
+    c.skip = cf.skip;
+    c.epoch = epoch;
+    return c;
+}
+
+static int num_sms;
+
+static void launch_b(const Chain& c, int G, bool instr) {
+    void* args[] = {(void*)&c};
+    const size_t smem = (size_t)c.ns * SLOT;
+    if (instr)
+        CK(cudaLaunchCooperativeKernel((void*)chain_persistent<true>, G, THREADS, args, smem, st));
+    else
+        CK(cudaLaunchCooperativeKernel((void*)chain_persistent<false>, G, THREADS, args, smem, st));
+}
+
+static std::vector<float> d2h(const float* d, size_t n) {
+    std::vector<float> h(n);
+    CK(cudaMemcpy(h.data(), d, n * 4, cudaMemcpyDeviceToHost));
+    return h;
+}
+static std::vector<float> d2h_bf(const bf* d, size_t n) {
+    std::vector<bf> h(n);
+    CK(cudaMemcpy(h.data(), d, n * 2, cudaMemcpyDeviceToHost));
+    std::vector<float> f(n);
+    for (size_t i = 0; i < n; i++) f[i] = __bfloat162float(h[i]);
+    return f;
+}
+static double rel(const float* a, const float* b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!std::isfinite(a[i])) return INFINITY;
+        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        den += (double)b[i] * b[i];
+    }
+    return std::sqrt(num / std::max(den, 1e-30));
+}
+static float bfr(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+// Layer 0 on the CPU, float with double sums, rounded where the kernels store bf16.
+static void cpu_layer0(const Bufs& B, std::vector<float>& h1, std::vector<float>& act) {
+    auto w = d2h_bf(B.w, PER_LAYER);
+    auto ln1 = d2h_bf(B.ln1, HID), ln2 = d2h_bf(B.ln2, HID), bias = d2h_bf(B.bias, QKV);
+    auto h = d2h(B.h0, HID);
+    auto norm = [&](const std::vector<float>& v, const std::vector<float>& nw) {
+        double ss = 0;
+        for (float x : v) ss += (double)x * x;
+        const float inv = 1.f / std::sqrt((float)(ss / HID) + EPS);
+        std::vector<float> o(HID);
+        for (int i = 0; i < HID; i++) o[i] = bfr(nw[i] * (v[i] * inv));
+        return o;
+    };
+    auto dot = [&](const float* row, const std::vector<float>& x) {
+        double s = 0;
+        for (size_t i = 0; i < x.size(); i++) s += (double)row[i] * x[i];
+        return (float)s;
+    };
+    auto x = norm(h, ln1);
+    std::vector<float> att(HID);
+    for (int r = 0; r < HID; r++) att[r] = bfr(bfr(dot(&w[(size_t)r * HID], x)) + bias[r]);
+    std::vector<float> hm(HID);
+    for (int r = 0; r < HID; r++) hm[r] = h[r] + bfr(dot(&w[OFF_O + (size_t)r * HID], att));
+    auto x2 = norm(hm, ln2);
+    act.assign(INTER, 0.f);
+    for (int r = 0; r < INTER; r++) {
+        const float g = bfr(dot(&w[OFF_GU + (size_t)r * HID], x2)), u = bfr(dot(&w[OFF_GU + (size_t)(INTER + r) * HID], x2));
+        act[r] = bfr(g / (1.f + std::exp(-g)) * u);
+    }
+    h1.assign(HID, 0.f);
+    for (int r = 0; r < HID; r++) h1[r] = hm[r] + bfr(dot(&w[OFF_D + (size_t)r * INTER], act));
+}
+
+static float median(std::vector<float> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+
+int main(int argc, char** argv) {
+    const int tokens = argc > 1 ? atoi(argv[1]) : 31;
+    setvbuf(stdout, nullptr, _IOLBF, 0);
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    num_sms = prop.multiProcessorCount;
+    printf("device %s, %d SMs, L2 %d MB\n", prop.name, num_sms, prop.l2CacheSize >> 20);
+    const double layer_bytes = (double)PER_LAYER * 2 * LAYERS, lm_bytes = (double)VOCAB * HID * 2;
+    printf("weights: %.1f MB for the %d layers, %.1f MB lm_head\n", layer_bytes / 1e6, LAYERS, lm_bytes / 1e6);
+
+    Bufs B;
+    CK(cudaMalloc(&B.w, (size_t)PER_LAYER * LAYERS * 2));
+    CK(cudaMalloc(&B.lm, (size_t)VOCAB * HID * 2));
+    CK(cudaMalloc(&B.ln1, LAYERS * HID * 2));
+    CK(cudaMalloc(&B.ln2, LAYERS * HID * 2));
+    CK(cudaMalloc(&B.fnorm, HID * 2));
+    CK(cudaMalloc(&B.bias, LAYERS * QKV * 2));
+    CK(cudaMalloc(&B.h0, HID * 4));
+    CK(cudaMalloc(&B.ha, HID * 4));
+    CK(cudaMalloc(&B.logits_a, VOCAB * 4));
+    CK(cudaMalloc(&B.qkv_a, QKV * 2));
+    CK(cudaMalloc(&B.att_a, HID * 2));
+    CK(cudaMalloc(&B.act_a, INTER * 2));
+    CK(cudaMalloc(&B.hb, (LAYERS + 1) * HID * 4));
+    CK(cudaMalloc(&B.hm, LAYERS * HID * 4));
+    CK(cudaMalloc(&B.logits_b, VOCAB * 4));
+    CK(cudaMalloc(&B.qkv_b, LAYERS * QKV * 2));
+    CK(cudaMalloc(&B.att_b, LAYERS * HID * 2));
+    CK(cudaMalloc(&B.act_b, LAYERS * INTER * 2));
+    CK(cudaMalloc(&B.sync, (CNT_BASE + PH * LAYERS + 1) * 4));
+    CK(cudaMalloc(&B.instr, 2 * 132 * 4 * 8 * 4));
+    for (int l = 0; l < LAYERS; l++) {
+        bf* wl = B.w + (long long)l * PER_LAYER;
+        fill<<<1024, 256, 0, st>>>(wl, OFF_GU, 100 + l, 0.05f);
+        fill<<<1024, 256, 0, st>>>(wl + OFF_GU, OFF_D - OFF_GU, 200 + l, 0.05f);
+        fill<<<1024, 256, 0, st>>>(wl + OFF_D, PER_LAYER - OFF_D, 300 + l, 0.02f);
+    }
+    fill<<<4096, 256, 0, st>>>(B.lm, (long long)VOCAB * HID, 7, 0.05f);
+    fill<<<64, 256, 0, st>>>(B.ln1, LAYERS * HID, 11, 1.f);
+    fill<<<64, 256, 0, st>>>(B.ln2, LAYERS * HID, 12, 1.f);
+    fill<<<64, 256, 0, st>>>(B.fnorm, HID, 13, 1.f);
+    fill<<<64, 256, 0, st>>>(B.bias, LAYERS * QKV, 14, 0.1f);
+    fill<<<64, 256, 0, st>>>(B.h0, HID, 15, 1.f);
+    CK(cudaMemcpyAsync(B.hb, B.h0, HID * 4, cudaMemcpyDeviceToDevice, st));
+    for (int inst = 0; inst < 2; inst++) {
+        void* f = inst ? (void*)chain_persistent<true> : (void*)chain_persistent<false>;
+        CK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, MAXNS * SLOT));
+    }
+    CK(cudaStreamSynchronize(st));
+
+    // ---- Checks: (a) eagerly with a snapshot per layer, the CPU's layer 0, (b) per layer.
+    float* snap;
+    CK(cudaMalloc(&snap, (LAYERS + 1) * HID * 4));
+    CK(cudaMemcpyAsync(B.ha, B.h0, HID * 4, cudaMemcpyDeviceToDevice, st));
+    CK(cudaMemcpyAsync(snap, B.h0, HID * 4, cudaMemcpyDeviceToDevice, st));
+    token_a(B, true, snap);
+    CK(cudaStreamSynchronize(st));
+    const auto ha = d2h(snap, (LAYERS + 1) * HID);
+    const auto la = d2h(B.logits_a, VOCAB);
+    std::vector<float> h1_ref, act_ref;
+    cpu_layer0(B, h1_ref, act_ref);
+    const double e_a0 = rel(&ha[HID], h1_ref.data(), HID);
+    printf("check (a) layer 0 vs CPU: h rel L2 %.2e\n", e_a0);
+    bool ok = e_a0 < 1e-2;
+
+    auto check_b = [&](const Config& cf, bool verbose) {
+        const auto hb = d2h(B.hb, (LAYERS + 1) * HID);
+        double worst = 0;
+        for (int l = 1; l <= LAYERS; l++) worst = std::max(worst, rel(&hb[l * HID], &ha[l * HID], HID));
+        const double fin = rel(&hb[LAYERS * HID], &ha[LAYERS * HID], HID);
+        double elog = -1;
+        if (cf.lm) {
+            const auto lb = d2h(B.logits_b, VOCAB);
+            elog = rel(lb.data(), la.data(), VOCAB);
+        }
+        if (verbose) {
+            const auto actb = d2h_bf(B.act_b, INTER);
+            printf("check (b) layer 0 vs CPU: h rel L2 %.2e, act %.2e\n", rel(&hb[HID], h1_ref.data(), HID),
+                   rel(actb.data(), act_ref.data(), INTER));
+            printf("check (b) vs (a), h per layer:");
+            for (int l = 1; l <= LAYERS; l++) printf(" %.1e", rel(&hb[l * HID], &ha[l * HID], HID));
+            printf("\n");
+        }
+        return std::make_tuple(worst, fin, elog);
+    };
+
+    // ---- (a) timed: one graph a token, each replay between two events.
+    auto time_a = [&](bool lm) {
+        cudaGraph_t g;
+        cudaGraphExec_t ge;
+        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        token_a(B, lm, nullptr);
+        CK(cudaStreamEndCapture(st, &g));
+        CK(cudaGraphInstantiate(&ge, g, 0));
+        for (int i = 0; i < 3; i++) CK(cudaGraphLaunch(ge, st));
+        cudaEvent_t e0, e1;
+        CK(cudaEventCreate(&e0));
+        CK(cudaEventCreate(&e1));
+        std::vector<float> ts;
+        for (int i = 0; i < tokens; i++) {
+            CK(cudaEventRecord(e0, st));
+            CK(cudaGraphLaunch(ge, st));
+            CK(cudaEventRecord(e1, st));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            ts.push_back(ms);
+        }
+        // Back to back: tokens replays between one pair of events.
+        CK(cudaEventRecord(e0, st));
+        for (int i = 0; i < tokens; i++) CK(cudaGraphLaunch(ge, st));
+        CK(cudaEventRecord(e1, st));
+        CK(cudaEventSynchronize(e1));
+        float all;
+        CK(cudaEventElapsedTime(&all, e0, e1));
+        CK(cudaGraphExecDestroy(ge));
+        CK(cudaGraphDestroy(g));
+        const float m = median(ts);
+        const double bytes = layer_bytes + (lm ? lm_bytes : 0);
+        printf("(a) graph, %d launches%s: %.4f ms per token (median of %d; back to back %.4f), %.2f TB/s\n",
+               LAYERS * 5 + (lm ? 1 : 0), lm ? " + lm_head" : "", m, tokens, all / tokens, bytes / (m * 1e-3) / 1e12);
+        return m;
+    };
+
+    // ---- (b) timed per configuration, checked against (a), then one instrumented pass.
+    unsigned epoch = 0;
+    auto run_b = [&](const Config& cf, bool verbose) {
+        const int G = cf.bpsm * num_sms;
+        int occ = 0;
+        CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, chain_persistent<false>, THREADS, (size_t)cf.ns * SLOT));
+        if (occ < cf.bpsm || (INTER + G - 1) / G > MAXGU || (HID + G - 1) / G > MAXROW) {
+            printf("(b) bpsm %d ns %d: does not fit (occupancy %d)\n", cf.bpsm, cf.ns, occ);
+            return -1.f;
+        }
+        CK(cudaMemsetAsync(B.sync, 0, (CNT_BASE + PH * LAYERS + 1) * 4, st));
+        CK(cudaMemsetAsync(B.hb + HID, 0, LAYERS * HID * 4, st));
+        epoch = 0;
+        for (int i = 0; i < 3; i++) launch_b(chain_of(B, cf, epoch++), G, false);
+        CK(cudaStreamSynchronize(st));
+        cudaEvent_t e0, e1;
+        CK(cudaEventCreate(&e0));
+        CK(cudaEventCreate(&e1));
+        std::vector<float> ts;
+        for (int i = 0; i < tokens; i++) {
+            const Chain c = chain_of(B, cf, epoch++);
+            CK(cudaEventRecord(e0, st));
+            launch_b(c, G, false);
+            CK(cudaEventRecord(e1, st));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            ts.push_back(ms);
+        }
+        CK(cudaEventRecord(e0, st));
+        for (int i = 0; i < tokens; i++) launch_b(chain_of(B, cf, epoch++), G, false);
+        CK(cudaEventRecord(e1, st));
+        CK(cudaEventSynchronize(e1));
+        float all;
+        CK(cudaEventElapsedTime(&all, e0, e1));
+        const float m = median(ts);
+        auto [worst, fin, elog] = check_b(cf, verbose);
+        const bool good = cf.skip ? true : (worst < 1e-2 && (!cf.lm || elog < 1e-2));
+        if (!cf.skip) ok &= good;
+        // Instrumented tokens: where a block's time goes.
+        double sums[4] = {0, 0, 0, 0};
+        float ims = 0;
+        const int reps = 5;
+        for (int i = 0; i < reps; i++) {
+            const Chain c = chain_of(B, cf, epoch++);
+            CK(cudaEventRecord(e0, st));
+            launch_b(c, G, true);
+            CK(cudaEventRecord(e1, st));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            ims += ms / reps;
+            std::vector<long long> in(G * 4);
+            CK(cudaMemcpy(in.data(), B.instr, G * 4 * 8, cudaMemcpyDeviceToHost));
+            for (int bb = 0; bb < G; bb++)
+                for (int q = 0; q < 4; q++) sums[q] += (double)in[bb * 4 + q] / G / reps;
+        }
+        int khz = 0;
+        CK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
+        const double clk_ghz = khz / 1e6;  // the nominal (boost) clock: the µs split is approximate
+        const double bytes = layer_bytes + (cf.lm ? lm_bytes : 0);
+        printf("(b) %d/SM ns %2d %s%s%s: %.4f ms per token (back to back %.4f), %.2f TB/s | check: worst layer %.1e, "
+               "final %.1e%s%s | instrumented %.4f ms: per block total %.1f us, flag wait %.1f, ring wait (warp 0) %.1f, "
+               "producer slot wait %.1f\n",
+               cf.bpsm, cf.ns, cf.mode ? "counters" : "flags", cf.skip & SKIP_WAIT ? " NO-WAIT" : "",
+               cf.skip & SKIP_WEIGHTS ? " NO-WEIGHTS" : "", m, all / tokens, bytes / (m * 1e-3) / 1e12, worst, fin,
+               cf.lm ? ", logits " : "", cf.lm ? (std::to_string(elog).c_str()) : "", ims,
+               sums[3] / clk_ghz / 1e3, sums[0] / clk_ghz / 1e3, sums[1] / clk_ghz / 1e3, sums[2] / clk_ghz / 1e3);
+        fflush(stdout);
+        return m;
+    };
+
+    run_b({1, MAXNS, 0, 0, 0}, true);
+    const float ta = time_a(false);
+    const float tal = time_a(true);
+    const Config cfgs[] = {
+        {1, 11, 0, 0, 0}, {1, 8, 0, 0, 0}, {1, 6, 0, 0, 0}, {1, 4, 0, 0, 0}, {1, 2, 0, 0, 0},
+        {1, 11, 1, 0, 0}, {2, 5, 0, 0, 0}, {2, 3, 0, 0, 0}, {2, 2, 0, 0, 0},  {2, 5, 1, 0, 0},
+        {1, 11, 0, SKIP_WAIT, 0}, {1, 11, 0, SKIP_WEIGHTS, 0}, {2, 5, 0, SKIP_WAIT, 0}, {2, 5, 0, SKIP_WEIGHTS, 0},
+        {1, 11, 0, 0, 1}, {2, 5, 0, 0, 1}, {1, 11, 1, 0, 1}};
+    float best = 1e9;
+    for (auto& cf : cfgs) {
+        const float t = run_b(cf, false);
+        if (t > 0 && !cf.skip && !cf.lm) best = std::min(best, t);
+    }
+    printf("summary: 24 layers (a) %.4f ms, best (b) %.4f ms (%.2fx); with lm_head (a) %.4f ms\n", ta, best, ta / best, tal);
+    printf("persistent_chain: %s\n", ok ? "all checks PASS" : "some check FAILED");
+    return ok ? 0 : 1;
+}
