@@ -52,8 +52,17 @@ constexpr int PAIRS = 4;                 // gate/up pairs of a gate_up piece (8 
 constexpr int ROWSD = 2;                 // rows of a down piece (4 warps each)
 constexpr int SEGS = 4, SEGC = INTER / 8 / SEGS;  // 152 16-byte chunks a down segment
 constexpr int MAXGU = 64, MAXROW = 16;   // a block's gate_up pairs and down rows at most
-constexpr int SKIP_WAIT = 1, SKIP_WEIGHTS = 2;
+// Bounds, not answers: SKIP_WAIT reads vectors without waiting (the stream and the compute
+// alone), SKIP_WEIGHTS streams nothing (the sync chain alone), SKIP_COMPUTE takes every piece
+// from the ring without summing it (the stream alone, with SKIP_WAIT).
+constexpr int SKIP_WAIT = 1, SKIP_WEIGHTS = 2, SKIP_COMPUTE = 4;
 constexpr int CNT_BASE = 1024;           // counters after the flags in the sync buffer
+// Mode 2 (NCCL's LL idea): every published word is (sequence number << 32 | payload), one
+// 8-byte store; a reader spins on the words it needs until their tags match, so the data is
+// its own flag: no fence, no flag, one L2 round trip when the data is there. Payload: a
+// float32, or a pair of bf16. Per layer: q/k/v pairs, att pairs, hm floats, act pairs, h'.
+constexpr int LL_Q = 0, LL_ATT = QKV / 2, LL_HM = LL_ATT + HID / 2, LL_ACT = LL_HM + HID, LL_H = LL_ACT + INTER / 2,
+              LL_LAYER = LL_H + HID;
 
 struct Chain {
     const bf* w;  // [LAYERS][PER_LAYER]
@@ -64,8 +73,9 @@ struct Chain {
     bf *qkv, *att, *act;  // [L][QKV], [L][HID], [L][INTER]
     float* logits;
     unsigned* sync;     // flags [G], then counters [PH * L + 1] at CNT_BASE
-    long long* instr;   // [G][4] clock64 sums when instrumented
-    int layers, with_lm, ns, mode, skip;  // mode 0 flags, 1 counters
+    uint64_t* ll;       // mode 2: tagged vectors, LL_LAYER words a layer
+    long long* instr;   // [G][8] clock64 sums when instrumented
+    int layers, with_lm, ns, mode, skip;  // mode 0 flags, 1 counters, 2 tagged values
     unsigned epoch;
 };
 
@@ -129,7 +139,9 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
     return s;
 }
 __device__ __forceinline__ float bfround(float x) { return __bfloat162float(__float2bfloat16(x)); }
-__device__ __forceinline__ int part_lo(int rows, int b, int G) { return (int)((long long)rows * b / G); }
+// A block's first output row: rows split evenly in pairs (a pair of bf16 outputs is one
+// tagged word in mode 2, so it never straddles two blocks).
+__device__ __forceinline__ int part_lo(int rows, int b, int G) { return 2 * (int)((long long)(rows / 2) * b / G); }
 
 // A warp's x' = RMSNorm(h) * nw, rounded to bf16 as gemv_fused stores it, for its chunks
 // lane + 32 j (j < 4, chunk < 112) of a 896-wide row. No block barrier: every warp sums the
@@ -227,6 +239,7 @@ struct Consumer {
     unsigned i;     // pieces taken
     unsigned base;  // this token's first sequence number
     long long t_sync, t_full;
+    long long t_ph[4];  // mode 2: the sync part of the qkv, o, gate_up, down phases
 
     __device__ const unsigned char* take() {
         if (c.skip & SKIP_WEIGHTS) return nullptr;
@@ -235,7 +248,7 @@ struct Consumer {
         unsigned n = 0;
         while (!mbar_try(&r.full[s], (i / r.ns) & 1)) spin_guard(n);
         t_full += clock64() - t0;
-        return r.base + (size_t)s * SLOT;
+        return (c.skip & SKIP_COMPUTE) ? nullptr : r.base + (size_t)s * SLOT;
     }
     __device__ void give() {
         if (!(c.skip & SKIP_WEIGHTS)) {
@@ -253,8 +266,12 @@ struct Consumer {
                 unsigned n = 0;
                 for (;;) {
                     spin_guard(n);
+                    unsigned v[9];  // all of a lane's flags requested at once (<= 288 blocks)
+#pragma unroll
+                    for (int q = 0; q < 9; q++) v[q] = lane + 32 * q < producers ? ld_relaxed(c.sync + lane + 32 * q) : seq;
                     bool ok = true;
-                    for (int j = lane; j < producers; j += 32) ok &= ld_relaxed(c.sync + j) >= seq;
+#pragma unroll
+                    for (int q = 0; q < 9; q++) ok &= v[q] >= seq;
                     if (__all_sync(0xffffffffu, ok)) break;
                 }
             } else {
@@ -398,8 +415,237 @@ __device__ void consume(Consumer& k) {
     }
 }
 
+__device__ __forceinline__ void st_tagged(uint64_t* p, unsigned seq, uint32_t payload) {
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(((uint64_t)seq << 32) | payload) : "memory");
+}
+__device__ __forceinline__ ulonglong2 ld_tagged2(const uint64_t* p) {
+    ulonglong2 v;
+    asm volatile("ld.volatile.global.v2.u64 {%0, %1}, [%2];" : "=l"(v.x), "=l"(v.y) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ uint32_t pack_bf2(float a, float b) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// The consumer warps read `words` tagged words (even) into dst: every request first, then
+// each pair re-read until both tags are `seq` (with skip, whatever is there).
+template <int MAXV>
+__device__ __forceinline__ void ll_read(const uint64_t* src, int words, unsigned seq, uint32_t* dst, bool skip) {
+    const int tid = threadIdx.x, units = words / 2;
+    ulonglong2 v[MAXV];
+#pragma unroll
+    for (int k = 0; k < MAXV; k++)
+        if (tid + k * CW * 32 < units) v[k] = ld_tagged2(src + 2 * (tid + k * CW * 32));
+#pragma unroll
+    for (int k = 0; k < MAXV; k++) {
+        const int u = tid + k * CW * 32;
+        if (u < units) {
+            unsigned n = 0;
+            while (!skip && ((unsigned)(v[k].x >> 32) != seq || (unsigned)(v[k].y >> 32) != seq)) {
+                spin_guard(n);
+                v[k] = ld_tagged2(src + 2 * u);
+            }
+            dst[2 * u] = (uint32_t)v[k].x;
+            dst[2 * u + 1] = (uint32_t)v[k].y;
+        }
+    }
+}
+
+// A warp's x' = RMSNorm(hs) * nw from a float vector in shared memory (see load_norm).
+__device__ __forceinline__ void norm_from_smem(uint4 (&xr)[5], const float* hs, const uint4 (&wn)[4], int lane) {
+    float ss = 0.f;
+    for (int i = lane; i < HID; i += 32) ss += hs[i] * hs[i];
+    const float inv = rsqrtf(warp_sum(ss) / HID + EPS);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int c = lane + 32 * j;
+        if (c < HID / 8) {
+            const bf* n = reinterpret_cast<const bf*>(&wn[j]);
+            bf o[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) o[e] = __float2bfloat16(__bfloat162float(n[e]) * (hs[c * 8 + e] * inv));
+            xr[j] = *reinterpret_cast<const uint4*>(o);
+        }
+    }
+}
+__device__ __forceinline__ void load_nw(uint4 (&wn)[4], const bf* nw, int lane) {
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        if (lane + 32 * j < HID / 8) wn[j] = *reinterpret_cast<const uint4*>(nw + (lane + 32 * j) * 8);
+}
+
+// Mode 2: as consume, every vector passed as tagged words; a block keeps its own rows of
+// the residual stream (h, hm) in shared memory; the attention stand-in of head h waits only
+// for the 64 q values it reads.
 template <bool INSTR>
-__global__ void __launch_bounds__(THREADS, 2) chain_persistent(const __grid_constant__ Chain c) {
+__device__ void consume_ll(Consumer& k) {
+    const Chain& c = k.c;
+    const int warp = k.warp, lane = k.lane, b = k.b, G = k.G, tid = threadIdx.x;
+    const bool skip = c.skip & SKIP_WAIT;
+    __shared__ float gu_part[MAXGU][2];
+    __shared__ float dn_part[MAXROW][SEGS];
+    __shared__ float out_s[MAXROW], h_own[MAXROW], hm_own[MAXROW];
+    __shared__ __align__(16) uint32_t vec[INTER / 2];  // the phase's input vector
+    const float* vf = reinterpret_cast<const float*>(vec);
+    uint4 xr[5], wn[4];
+    const int dlo = part_lo(HID, b, G), dhi = part_lo(HID, b + 1, G);
+    for (int t = tid; t < dhi - dlo; t += CW * 32) h_own[t] = c.h[dlo + t];
+    for (int l = 0; l < c.layers; l++) {
+        const int idx = l * PH;
+        const unsigned seq = k.base + idx + 1;  // phase p of this layer publishes seq + p
+        uint64_t* ll = c.ll + (long long)l * LL_LAYER;
+        // qkv
+        load_nw(wn, c.ln1 + (long long)l * HID, lane);
+        long long t0 = clock64();
+        if (l == 0)
+            for (int i = tid; i < HID; i += CW * 32) vec[i] = __float_as_uint(c.h[i]);
+        else
+            ll_read<2>(ll - LL_LAYER + LL_H, HID, seq - 1, vec, skip);
+        consumers_sync();
+        { const long long d = clock64() - t0; k.t_sync += d; k.t_ph[0] += d; }
+        norm_from_smem(xr, vf, wn, lane);
+        const int qlo = part_lo(QKV, b, G), qhi = part_lo(QKV, b + 1, G);
+        for (int p = 0; qlo + p < qhi; p += ROWS896) {
+            const unsigned char* s = k.take();
+            if (warp < min(ROWS896, qhi - qlo - p)) {
+                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
+                if (lane == 0) {
+                    out_s[p + warp] = v;
+                    c.qkv[(long long)l * QKV + qlo + p + warp] = __float2bfloat16(v);
+                }
+            }
+            k.give();
+        }
+        consumers_sync();
+        for (int t = tid; t < (qhi - qlo) / 2; t += CW * 32)
+            st_tagged(ll + LL_Q + qlo / 2 + t, seq, pack_bf2(out_s[2 * t], out_s[2 * t + 1]));
+        // The attention stand-in: head b's 32 pairs of q, plus the bias.
+        if (b < HEADS && warp == 0) {
+            const int pr = b * HEAD_DIM / 2 + lane;
+            const float b0 = __bfloat162float(c.bias[(long long)l * QKV + 2 * pr]),
+                        b1 = __bfloat162float(c.bias[(long long)l * QKV + 2 * pr + 1]);
+            uint64_t w;
+            unsigned n = 0;
+            for (;;) {
+                asm volatile("ld.volatile.global.u64 %0, [%1];" : "=l"(w) : "l"(ll + LL_Q + pr) : "memory");
+                if (skip || (unsigned)(w >> 32) == seq) break;
+                spin_guard(n);
+            }
+            const __nv_bfloat162 q = *reinterpret_cast<const __nv_bfloat162*>(&w);
+            const float a0 = __bfloat162float(__float2bfloat16(__low2float(q) + b0)),
+                        a1 = __bfloat162float(__float2bfloat16(__high2float(q) + b1));
+            c.att[(long long)l * HID + 2 * pr] = __float2bfloat16(a0);
+            c.att[(long long)l * HID + 2 * pr + 1] = __float2bfloat16(a1);
+            st_tagged(ll + LL_ATT + pr, seq + 1, pack_bf2(a0, a1));
+        }
+        // o_proj + residual
+        t0 = clock64();
+        ll_read<1>(ll + LL_ATT, HID / 2, seq + 1, vec, skip);
+        consumers_sync();
+        { const long long d = clock64() - t0; k.t_sync += d; k.t_ph[1] += d; }
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            if (lane + 32 * j < HID / 8) xr[j] = reinterpret_cast<const uint4*>(vec)[lane + 32 * j];
+        for (int p = 0; dlo + p < dhi; p += ROWS896) {
+            const unsigned char* s = k.take();
+            if (warp < min(ROWS896, dhi - dlo - p)) {
+                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
+                if (lane == 0) {
+                    const float hmv = h_own[p + warp] + bfround(v);
+                    hm_own[p + warp] = hmv;
+                    c.hm[(long long)l * HID + dlo + p + warp] = hmv;
+                }
+            }
+            k.give();
+        }
+        consumers_sync();
+        for (int t = tid; t < dhi - dlo; t += CW * 32) st_tagged(ll + LL_HM + dlo + t, seq + 2, __float_as_uint(hm_own[t]));
+        // gate_up
+        load_nw(wn, c.ln2 + (long long)l * HID, lane);
+        t0 = clock64();
+        ll_read<2>(ll + LL_HM, HID, seq + 2, vec, skip);
+        consumers_sync();
+        { const long long d = clock64() - t0; k.t_sync += d; k.t_ph[2] += d; }
+        norm_from_smem(xr, vf, wn, lane);
+        const int glo = part_lo(INTER, b, G), ghi = part_lo(INTER, b + 1, G);
+        for (int p = 0; glo + p < ghi; p += PAIRS) {
+            const unsigned char* s = k.take();
+            const int m = min(PAIRS, ghi - glo - p);
+            if (warp < 2 * m) {
+                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
+                const int half = warp >= m, pair = half ? warp - m : warp;
+                if (lane == 0) gu_part[p + pair][half] = v;
+            }
+            k.give();
+        }
+        consumers_sync();
+        for (int t = tid; t < (ghi - glo) / 2; t += CW * 32) {
+            float a[2];
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const float g = bfround(gu_part[2 * t + e][0]), u = bfround(gu_part[2 * t + e][1]);
+                a[e] = bfround(g / (1.f + expf(-g)) * u);
+                c.act[(long long)l * INTER + glo + 2 * t + e] = __float2bfloat16(a[e]);
+            }
+            st_tagged(ll + LL_ACT + glo / 2 + t, seq + 3, pack_bf2(a[0], a[1]));
+        }
+        // down + residual
+        t0 = clock64();
+        ll_read<5>(ll + LL_ACT, INTER / 2, seq + 3, vec, skip);
+        consumers_sync();
+        { const long long d = clock64() - t0; k.t_sync += d; k.t_ph[3] += d; }
+        const int seg = warp % SEGS, drow = warp / SEGS;
+#pragma unroll
+        for (int j = 0; j < 5; j++)
+            if (lane + 32 * j < SEGC) xr[j] = reinterpret_cast<const uint4*>(vec)[seg * SEGC + lane + 32 * j];
+        for (int p = 0; dlo + p < dhi; p += ROWSD) {
+            const unsigned char* s = k.take();
+            if (drow < min(ROWSD, dhi - dlo - p)) {
+                float v = 0.f;
+                if (s) {
+                    const unsigned char* row = s + drow * INTER * 2 + seg * SEGC * 16;
+#pragma unroll
+                    for (int j = 0; j < 5; j++) {
+                        const int ch = lane + 32 * j;
+                        if (ch < SEGC) v += dot8(*reinterpret_cast<const uint4*>(row + ch * 16), xr[j]);
+                    }
+                    v = warp_sum(v);
+                }
+                if (lane == 0) dn_part[p + drow][seg] = v;
+            }
+            k.give();
+        }
+        consumers_sync();
+        for (int t = tid; t < dhi - dlo; t += CW * 32) {
+            const float v = ((dn_part[t][0] + dn_part[t][1]) + dn_part[t][2]) + dn_part[t][3];
+            const float hv = hm_own[t] + bfround(v);
+            h_own[t] = hv;
+            c.h[(long long)(l + 1) * HID + dlo + t] = hv;
+            st_tagged(ll + LL_H + dlo + t, seq + 4, __float_as_uint(hv));
+        }
+    }
+    if (c.with_lm) {
+        load_nw(wn, c.fnorm, lane);
+        const long long t0 = clock64();
+        ll_read<2>(c.ll + (long long)(c.layers - 1) * LL_LAYER + LL_H, HID, k.base + c.layers * PH, vec, skip);
+        consumers_sync();
+        k.t_sync += clock64() - t0;
+        norm_from_smem(xr, vf, wn, lane);
+        for (int p = 0, lo = part_lo(VOCAB, b, G), hi = part_lo(VOCAB, b + 1, G); lo + p < hi; p += ROWS896) {
+            const unsigned char* s = k.take();
+            if (warp < min(ROWS896, hi - lo - p)) {
+                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
+                if (lane == 0) c.logits[lo + p + warp] = v;
+            }
+            k.give();
+        }
+    }
+}
+
+// MINB: blocks per SM the registers must allow (1: up to 224 a thread, 2: 112).
+template <bool INSTR, int MINB>
+__global__ void __launch_bounds__(THREADS, MINB) chain_persistent(const __grid_constant__ Chain c) {
     extern __shared__ __align__(128) unsigned char ring[];
     __shared__ __align__(8) uint64_t full[MAXNS], empty[MAXNS];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, b = blockIdx.x, G = gridDim.x;
@@ -416,15 +662,19 @@ __global__ void __launch_bounds__(THREADS, 2) chain_persistent(const __grid_cons
     if (warp == CW) {
         long long t_empty = 0;
         if (lane == 0 && !(c.skip & SKIP_WEIGHTS)) produce<INSTR>(c, r, b, G, t_empty);
-        if (INSTR && lane == 0) c.instr[b * 4 + 2] = t_empty;
+        if (INSTR && lane == 0) c.instr[b * 8 + 2] = t_empty;
         return;
     }
-    Consumer k{c, r, b, G, warp, lane, 0u, c.epoch * (unsigned)(PH * c.layers + 1), 0, 0};
-    consume<INSTR>(k);
+    Consumer k{c, r, b, G, warp, lane, 0u, c.epoch * (unsigned)(PH * c.layers + 1), 0, 0, {0, 0, 0, 0}};
+    if (c.mode == 2)
+        consume_ll<INSTR>(k);
+    else
+        consume<INSTR>(k);
     if (INSTR && threadIdx.x == 0) {
-        c.instr[b * 4 + 0] = k.t_sync;
-        c.instr[b * 4 + 1] = k.t_full;
-        c.instr[b * 4 + 3] = clock64() - t0;
+        c.instr[b * 8 + 0] = k.t_sync;
+        c.instr[b * 8 + 1] = k.t_full;
+        c.instr[b * 8 + 3] = clock64() - t0;
+        for (int q = 0; q < 4; q++) c.instr[b * 8 + 4 + q] = k.t_ph[q];
     }
 }
 
@@ -480,6 +730,7 @@ struct Bufs {
     bf *qkv_b, *att_b, *act_b;
     unsigned* sync;
     long long* instr;
+    uint64_t* ll;
 };
 
 // (a): one token, optionally copying h after each layer into snap [L + 1][HID].
@@ -516,6 +767,7 @@ static Chain chain_of(const Bufs& B, const Config& cf, unsigned epoch) {
     c.logits = B.logits_b;
     c.sync = B.sync;
     c.instr = B.instr;
+    c.ll = B.ll;
     c.layers = LAYERS;
     c.with_lm = cf.lm;
     c.ns = cf.ns;
@@ -527,13 +779,15 @@ static Chain chain_of(const Bufs& B, const Config& cf, unsigned epoch) {
 
 static int num_sms;
 
+static void* kernel_of(bool instr, int bpsm) {
+    if (bpsm == 1) return instr ? (void*)chain_persistent<true, 1> : (void*)chain_persistent<false, 1>;
+    return instr ? (void*)chain_persistent<true, 2> : (void*)chain_persistent<false, 2>;
+}
+
 static void launch_b(const Chain& c, int G, bool instr) {
     void* args[] = {(void*)&c};
     const size_t smem = (size_t)c.ns * SLOT;
-    if (instr)
-        CK(cudaLaunchCooperativeKernel((void*)chain_persistent<true>, G, THREADS, args, smem, st));
-    else
-        CK(cudaLaunchCooperativeKernel((void*)chain_persistent<false>, G, THREADS, args, smem, st));
+    CK(cudaLaunchCooperativeKernel(kernel_of(instr, G > num_sms ? 2 : 1), G, THREADS, args, smem, st));
 }
 
 static std::vector<float> d2h(const float* d, size_t n) {
@@ -629,6 +883,7 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&B.act_b, LAYERS * INTER * 2));
     CK(cudaMalloc(&B.sync, (CNT_BASE + PH * LAYERS + 1) * 4));
     CK(cudaMalloc(&B.instr, 2 * 132 * 4 * 8 * 4));
+    CK(cudaMalloc(&B.ll, (size_t)LL_LAYER * LAYERS * 8));
     for (int l = 0; l < LAYERS; l++) {
         bf* wl = B.w + (long long)l * PER_LAYER;
         fill<<<1024, 256, 0, st>>>(wl, OFF_GU, 100 + l, 0.05f);
@@ -642,10 +897,8 @@ int main(int argc, char** argv) {
     fill<<<64, 256, 0, st>>>(B.bias, LAYERS * QKV, 14, 0.1f);
     fill<<<64, 256, 0, st>>>(B.h0, HID, 15, 1.f);
     CK(cudaMemcpyAsync(B.hb, B.h0, HID * 4, cudaMemcpyDeviceToDevice, st));
-    for (int inst = 0; inst < 2; inst++) {
-        void* f = inst ? (void*)chain_persistent<true> : (void*)chain_persistent<false>;
-        CK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, MAXNS * SLOT));
-    }
+    for (int inst = 0; inst < 4; inst++)
+        CK(cudaFuncSetAttribute(kernel_of(inst & 1, 1 + inst / 2), cudaFuncAttributeMaxDynamicSharedMemorySize, MAXNS * SLOT));
     CK(cudaStreamSynchronize(st));
 
     // ---- Checks: (a) eagerly with a snapshot per layer, the CPU's layer 0, (b) per layer.
@@ -727,13 +980,14 @@ int main(int argc, char** argv) {
     auto run_b = [&](const Config& cf, bool verbose) {
         const int G = cf.bpsm * num_sms;
         int occ = 0;
-        CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, chain_persistent<false>, THREADS, (size_t)cf.ns * SLOT));
+        CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel_of(false, cf.bpsm), THREADS, (size_t)cf.ns * SLOT));
         if (occ < cf.bpsm || (INTER + G - 1) / G > MAXGU || (HID + G - 1) / G > MAXROW) {
             printf("(b) bpsm %d ns %d: does not fit (occupancy %d)\n", cf.bpsm, cf.ns, occ);
             return -1.f;
         }
         CK(cudaMemsetAsync(B.sync, 0, (CNT_BASE + PH * LAYERS + 1) * 4, st));
         CK(cudaMemsetAsync(B.hb + HID, 0, LAYERS * HID * 4, st));
+        CK(cudaMemsetAsync(B.ll, 0, (size_t)LL_LAYER * LAYERS * 8, st));  // no stale tag may match
         epoch = 0;
         for (int i = 0; i < 3; i++) launch_b(chain_of(B, cf, epoch++), G, false);
         CK(cudaStreamSynchronize(st));
@@ -762,7 +1016,7 @@ int main(int argc, char** argv) {
         const bool good = cf.skip ? true : (worst < 1e-2 && (!cf.lm || elog < 1e-2));
         if (!cf.skip) ok &= good;
         // Instrumented tokens: where a block's time goes.
-        double sums[4] = {0, 0, 0, 0};
+        double sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         float ims = 0;
         const int reps = 5;
         for (int i = 0; i < reps; i++) {
@@ -774,10 +1028,10 @@ int main(int argc, char** argv) {
             float ms;
             CK(cudaEventElapsedTime(&ms, e0, e1));
             ims += ms / reps;
-            std::vector<long long> in(G * 4);
-            CK(cudaMemcpy(in.data(), B.instr, G * 4 * 8, cudaMemcpyDeviceToHost));
+            std::vector<long long> in(G * 8);
+            CK(cudaMemcpy(in.data(), B.instr, G * 8 * 8, cudaMemcpyDeviceToHost));
             for (int bb = 0; bb < G; bb++)
-                for (int q = 0; q < 4; q++) sums[q] += (double)in[bb * 4 + q] / G / reps;
+                for (int q = 0; q < 8; q++) sums[q] += (double)in[bb * 8 + q] / G / reps;
         }
         int khz = 0;
         CK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
@@ -786,22 +1040,36 @@ int main(int argc, char** argv) {
         printf("(b) %d/SM ns %2d %s%s%s: %.4f ms per token (back to back %.4f), %.2f TB/s | check: worst layer %.1e, "
                "final %.1e%s%s | instrumented %.4f ms: per block total %.1f us, flag wait %.1f, ring wait (warp 0) %.1f, "
                "producer slot wait %.1f\n",
-               cf.bpsm, cf.ns, cf.mode ? "counters" : "flags", cf.skip & SKIP_WAIT ? " NO-WAIT" : "",
-               cf.skip & SKIP_WEIGHTS ? " NO-WEIGHTS" : "", m, all / tokens, bytes / (m * 1e-3) / 1e12, worst, fin,
+               cf.bpsm, cf.ns, cf.mode == 2 ? "tagged" : cf.mode ? "counters" : "flags", cf.skip & SKIP_WAIT ? " NO-WAIT" : "",
+               cf.skip & SKIP_WEIGHTS ? " NO-WEIGHTS" : cf.skip & SKIP_COMPUTE ? " NO-COMPUTE" : "", m, all / tokens, bytes / (m * 1e-3) / 1e12, worst, fin,
                cf.lm ? ", logits " : "", cf.lm ? (std::to_string(elog).c_str()) : "", ims,
                sums[3] / clk_ghz / 1e3, sums[0] / clk_ghz / 1e3, sums[1] / clk_ghz / 1e3, sums[2] / clk_ghz / 1e3);
+        if (cf.mode == 2)
+            printf("    tagged reads (us per token, mean block): qkv %.1f, o %.1f, gate_up %.1f, down %.1f; clock %.2f GHz "
+                   "(block cycles / instrumented ms)\n",
+                   sums[4] / clk_ghz / 1e3, sums[5] / clk_ghz / 1e3, sums[6] / clk_ghz / 1e3, sums[7] / clk_ghz / 1e3,
+                   sums[3] / (ims * 1e6));
         fflush(stdout);
         return m;
     };
 
-    run_b({1, MAXNS, 0, 0, 0}, true);
+    // argv[2]: "tagged" (mode 2, the default), "barrier" (modes 0 and 1), or "all".
+    const char* set = argc > 2 ? argv[2] : "tagged";
+    const bool tagged = strcmp(set, "barrier") != 0, barrier = strcmp(set, "tagged") != 0;
+    run_b({1, MAXNS, tagged ? 2 : 0, 0, 0}, true);
     const float ta = time_a(false);
     const float tal = time_a(true);
-    const Config cfgs[] = {
-        {1, 11, 0, 0, 0}, {1, 8, 0, 0, 0}, {1, 6, 0, 0, 0}, {1, 4, 0, 0, 0}, {1, 2, 0, 0, 0},
-        {1, 11, 1, 0, 0}, {2, 5, 0, 0, 0}, {2, 3, 0, 0, 0}, {2, 2, 0, 0, 0},  {2, 5, 1, 0, 0},
-        {1, 11, 0, SKIP_WAIT, 0}, {1, 11, 0, SKIP_WEIGHTS, 0}, {2, 5, 0, SKIP_WAIT, 0}, {2, 5, 0, SKIP_WEIGHTS, 0},
-        {1, 11, 0, 0, 1}, {2, 5, 0, 0, 1}, {1, 11, 1, 0, 1}};
+    std::vector<Config> cfgs;
+    if (tagged)
+        cfgs.insert(cfgs.end(), {{1, 11, 2, 0, 0}, {1, 8, 2, 0, 0}, {1, 6, 2, 0, 0}, {1, 4, 2, 0, 0}, {1, 2, 2, 0, 0},
+                                 {2, 5, 2, 0, 0}, {2, 3, 2, 0, 0}, {1, 11, 2, SKIP_WAIT, 0}, {1, 11, 2, SKIP_WEIGHTS, 0},
+                                 {2, 5, 2, SKIP_WAIT, 0}, {2, 5, 2, SKIP_WEIGHTS, 0}, {1, 11, 2, 0, 1}, {2, 5, 2, 0, 1},
+                                 {1, 11, 2, SKIP_WAIT | SKIP_COMPUTE, 0}, {2, 5, 2, SKIP_WAIT | SKIP_COMPUTE, 0},
+                                 {1, 11, 2, SKIP_WAIT | SKIP_COMPUTE, 1}, {1, 11, 2, 0, 0}});
+    if (barrier)
+        cfgs.insert(cfgs.end(), {{1, 11, 0, 0, 0}, {1, 4, 0, 0, 0}, {1, 11, 1, 0, 0}, {2, 5, 0, 0, 0}, {2, 5, 1, 0, 0},
+                                 {1, 11, 0, SKIP_WAIT, 0}, {1, 11, 0, SKIP_WEIGHTS, 0}, {1, 11, 1, SKIP_WEIGHTS, 0},
+                                 {1, 11, 0, 0, 1}});
     float best = 1e9;
     for (auto& cf : cfgs) {
         const float t = run_b(cf, false);
