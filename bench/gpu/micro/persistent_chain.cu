@@ -76,6 +76,11 @@ struct Chain {
     uint64_t* ll;       // mode 2: tagged vectors, LL_LAYER words a layer
     long long* instr;   // [G][8] clock64 sums when instrumented
     int layers, with_lm, ns, mode, skip;  // mode 0 flags, 1 counters, 2 tagged values
+    // Form (c) only: o_proj per head [L][HEADS][HID][HEAD_DIM], down transposed [L][INTER][HID],
+    // its tagged words (L3_LAYER a layer), the gate_up pairs of a head block (-1: even split).
+    const bf *wo3, *wd3;
+    uint64_t* ll3;
+    int hp;
     unsigned epoch;
 };
 
@@ -678,6 +683,391 @@ __global__ void __launch_bounds__(THREADS, MINB) chain_persistent(const __grid_c
     }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Form (c): three dependent hops between SMs a layer (session 8, h7a2). Clusters of CL blocks
+// (1 block/SM). Per layer:
+//  hop 1: every block reads its RR rows of the NC cluster partials of down (tagged floats), sums
+//         them in cluster order + hm (the residual), shares its rows with its cluster through
+//         DSMEM, norms h, computes its qkv rows and publishes them (tagged bf16 pairs);
+//  hop 2: head blocks (ranks 0-6 of clusters 0 and 1) wait for their head's 32 q pairs, add the
+//         bias (the stand-in attention) and compute the head's o_proj partial over all 896 rows
+//         from the per-head 896×64 slice; each of the two clusters sums its 7 partials through
+//         DSMEM and publishes one o partial;
+//  hop 3: every block reads the 2 o partials, hm = h + round(o0 + o1), norms hm, computes its
+//         gate_up rows + SiLU, then its down partial over all 896 outputs from its contiguous rows
+//         of the transposed down; the cluster sums its CL partials through DSMEM and publishes
+//         one down partial (rank r: rows [RR r, RR r + RR)).
+// Cluster barriers are flags in shared memory written by remote release stores (consumer warps
+// only: the producer warp is inside its stream and cannot join barrier.cluster).
+constexpr int CL = 8, MAXNC = 16, RR = HID / CL;      // cluster size, clusters at most, rows a rank
+constexpr int OROWS = SLOT / (HEAD_DIM * 2);           // 152 rows of a head's o slice a piece
+constexpr int OPIECES = (HID + OROWS - 1) / OROWS;     // 6
+constexpr int ROWSD3 = 10;                             // rows of transposed down a piece
+constexpr int MAXNS3 = 10;                             // ring slots (the statics take the rest)
+constexpr int L3_Q = 0, L3_O = QKV / 2, L3_D = L3_O + 2 * HID, L3_LAYER = L3_D + MAXNC * HID;
+constexpr int HOPS3 = 3;
+
+__device__ __forceinline__ uint32_t map_rank(const void* p, unsigned rank) {
+    uint32_t r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(saddr(p)), "r"(rank));
+    return r;
+}
+__device__ __forceinline__ float ld_dsmem(uint32_t a) {
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(a) : "memory");
+    return v;
+}
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned cluster_id() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned cluster_count() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ bool is_head3(int b) { return b < 7 || (b >= CL && b < CL + 7); }
+__device__ __forceinline__ int head_of3(int b) { return b < CL ? b : b - 1; }
+__device__ __forceinline__ int heads_before3(int b) { return min(b, 7) + (b > CL ? min(b - CL, 7) : 0); }
+// First intermediate index of block b: head blocks get hp pairs, the others share the rest.
+__device__ __forceinline__ int inter_lo3(int b, int G, int hp) {
+    if (hp < 0) return part_lo(INTER, b, G);
+    const int hb = heads_before3(b), nb = b - hb;
+    const int rest = INTER / 2 - HEADS * hp;
+    return 2 * (hp * hb + (int)((long long)rest * nb / (G - HEADS)));
+}
+
+__device__ void produce3(const Chain& c, const Ring& r, int b, int G, long long& t_empty) {
+    unsigned i = 0;
+    auto issue = [&](const bf* src1, const bf* src2, unsigned bytes) {
+        const int s = i % r.ns;
+        const unsigned k = i / r.ns;
+        long long t0 = clock64();
+        unsigned n = 0;
+        if (k > 0)
+            while (!mbar_try(&r.empty[s], (k - 1) & 1)) spin_guard(n);
+        t_empty += clock64() - t0;
+        unsigned char* dst = r.base + (size_t)s * SLOT;
+        mbar_expect_tx(&r.full[s], src2 ? 2 * bytes : bytes);
+        bulk_g2s(dst, src1, bytes, &r.full[s]);
+        if (src2) bulk_g2s(dst + bytes, src2, bytes, &r.full[s]);
+        i++;
+    };
+    const int ilo = inter_lo3(b, G, c.hp), ihi = inter_lo3(b + 1, G, c.hp);
+    for (int l = 0; l < c.layers; l++) {
+        const bf* wl = c.w + (long long)l * PER_LAYER;
+        for (int p = 0, lo = part_lo(QKV, b, G), hi = part_lo(QKV, b + 1, G); lo + p < hi; p += ROWS896)
+            issue(wl + (long long)(lo + p) * HID, nullptr, min(ROWS896, hi - lo - p) * HID * 2);
+        if (is_head3(b)) {
+            const bf* wo = c.wo3 + ((long long)l * HEADS + head_of3(b)) * HID * HEAD_DIM;
+            for (int p = 0; p < HID; p += OROWS)
+                issue(wo + (long long)p * HEAD_DIM, nullptr, min(OROWS, HID - p) * HEAD_DIM * 2);
+        }
+        for (int p = 0; ilo + p < ihi; p += PAIRS)
+            issue(wl + OFF_GU + (long long)(ilo + p) * HID, wl + OFF_GU + (long long)(INTER + ilo + p) * HID,
+                  min(PAIRS, ihi - ilo - p) * HID * 2);
+        const bf* wd = c.wd3 + (long long)l * INTER * HID;
+        for (int p = 0; ilo + p < ihi; p += ROWSD3)
+            issue(wd + (long long)(ilo + p) * HID, nullptr, min(ROWSD3, ihi - ilo - p) * HID * 2);
+    }
+    if (c.with_lm)
+        for (int p = 0, lo = part_lo(VOCAB, b, G), hi = part_lo(VOCAB, b + 1, G); lo + p < hi; p += ROWS896)
+            issue(c.lm + (long long)(lo + p) * HID, nullptr, min(ROWS896, hi - lo - p) * HID * 2);
+}
+
+// The consumer threads read `units` pairs of tagged words (unit u at addr(u)) into dst[2u],
+// dst[2u + 1]: every request first, then each pair re-read until both tags are seq.
+template <int MAXV, class Addr>
+__device__ __forceinline__ void ll_gather(int units, unsigned seq, bool skip, Addr addr, uint32_t* dst) {
+    const int tid = threadIdx.x;
+    ulonglong2 v[MAXV];
+#pragma unroll
+    for (int k = 0; k < MAXV; k++)
+        if (tid + k * CW * 32 < units) v[k] = ld_tagged2(addr(tid + k * CW * 32));
+#pragma unroll
+    for (int k = 0; k < MAXV; k++) {
+        const int u = tid + k * CW * 32;
+        if (u < units) {
+            unsigned n = 0;
+            while (!skip && ((unsigned)(v[k].x >> 32) != seq || (unsigned)(v[k].y >> 32) != seq)) {
+                spin_guard(n);
+                v[k] = ld_tagged2(addr(u));
+            }
+            dst[2 * u] = (uint32_t)v[k].x;
+            dst[2 * u + 1] = (uint32_t)v[k].y;
+        }
+    }
+}
+
+struct Cluster3 {
+    unsigned* flags;  // [CL] in shared memory: the last round each rank reached
+    unsigned rank, round;
+    // Consumer warps of every block of the cluster: every write before it (shared or global) is
+    // visible to the cluster after it. Lane q of warp 0 tells rank q and waits for rank q.
+    __device__ void sync(int warp, int lane, long long& t) {
+        const long long t0 = clock64();
+        round++;
+        consumers_sync();
+        if (warp == 0) {
+            if (lane < CL) {
+                asm volatile("fence.acq_rel.cluster;" ::: "memory");
+                asm volatile("st.relaxed.cluster.shared::cluster.u32 [%0], %1;" ::"r"(map_rank(&flags[rank], lane)),
+                             "r"(round)
+                             : "memory");
+                const uint32_t mine = map_rank(&flags[lane], rank);
+                unsigned v, n = 0;
+                for (;;) {
+                    asm volatile("ld.relaxed.cluster.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(mine) : "memory");
+                    if (v >= round) break;
+                    spin_guard(n);
+                }
+                asm volatile("fence.acq_rel.cluster;" ::: "memory");
+            }
+            __syncwarp();
+        }
+        consumers_sync();
+        t += clock64() - t0;
+    }
+};
+
+__device__ void consume3(Consumer& k, Cluster3& cl, unsigned cid, unsigned nc, long long* tw) {
+    const Chain& c = k.c;
+    const int warp = k.warp, lane = k.lane, b = k.b, G = k.G, tid = threadIdx.x;
+    const unsigned rank = cl.rank;
+    const bool skip = c.skip & SKIP_WAIT;
+    __shared__ float h_s[HID], hm_s[HID], hpart[RR], opart[HID], dpart[HID], dsum[2][HID];
+    __shared__ __align__(16) uint32_t rd[MAXNC * RR > 2 * HID ? MAXNC * RR : 2 * HID];
+    __shared__ float out_s[MAXROW], gu_part[MAXGU][2], act_own[MAXGU];
+    __shared__ __align__(16) bf att_s[HEAD_DIM];
+    const float* rdf = reinterpret_cast<const float*>(rd);
+    uint4 xr[5], wn[4];
+    const int qlo = part_lo(QKV, b, G), qhi = part_lo(QKV, b + 1, G);
+    const int ilo = inter_lo3(b, G, c.hp), ihi = inter_lo3(b + 1, G, c.hp);
+    const bool head = is_head3(b);
+    // Hop 1's first half: h = hm + round(sum of the down partials of layer l - 1), this rank's rows
+    // (written to c.h by cluster 0), then the whole h from the cluster. Layer 0 reads the input.
+    auto hop1 = [&](int l) {
+        if (l == 0) {
+            for (int i = tid; i < HID; i += CW * 32) h_s[i] = c.h[i];
+            consumers_sync();
+            return;
+        }
+        const unsigned seq = k.base + HOPS3 * (l - 1) + 3;
+        const uint64_t* d = c.ll3 + (long long)(l - 1) * L3_LAYER + L3_D + RR * rank;
+        long long t0 = clock64();
+        ll_gather<4>((int)nc * (RR / 2), seq, skip, [&](int u) { return d + (u / (RR / 2)) * HID + 2 * (u % (RR / 2)); }, rd);
+        consumers_sync();
+        tw[0] += clock64() - t0;
+        for (int t = tid; t < RR; t += CW * 32) {
+            float s = 0.f;
+            for (unsigned q = 0; q < nc; q++) s += rdf[q * RR + t];
+            const float hv = hm_s[RR * rank + t] + bfround(s);
+            hpart[t] = hv;
+            if (cid == 0) c.h[(long long)l * HID + RR * rank + t] = hv;
+        }
+        cl.sync(warp, lane, tw[3]);
+        for (int i = tid; i < HID; i += CW * 32) h_s[i] = ld_dsmem(map_rank(&hpart[i % RR], i / RR));
+        consumers_sync();
+    };
+    for (int l = 0; l < c.layers; l++) {
+        const unsigned seq = k.base + HOPS3 * l + 1;  // q: seq, o: seq + 1, down: seq + 2
+        uint64_t* ll = c.ll3 + (long long)l * L3_LAYER;
+        // ---- hop 1: h, its norm, this block's qkv rows.
+        load_nw(wn, c.ln1 + (long long)l * HID, lane);
+        hop1(l);
+        norm_from_smem(xr, h_s, wn, lane);
+        for (int p = 0; qlo + p < qhi; p += ROWS896) {
+            const unsigned char* s = k.take();
+            if (warp < min(ROWS896, qhi - qlo - p)) {
+                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
+                if (lane == 0) out_s[p + warp] = v;
+            }
+            k.give();
+        }
+        consumers_sync();
+        for (int t = tid; t < (qhi - qlo) / 2; t += CW * 32)
+            st_tagged(ll + L3_Q + qlo / 2 + t, seq, pack_bf2(out_s[2 * t], out_s[2 * t + 1]));
+        // ---- hop 2: head blocks: the head's q + bias, then its o_proj partial over all rows.
+        if (head) {
+            const int hd = head_of3(b);
+            long long t0 = clock64();
+            ll_gather<1>(HEAD_DIM / 4, seq, skip, [&](int u) { return ll + L3_Q + hd * (HEAD_DIM / 2) + 2 * u; }, rd);
+            consumers_sync();
+            tw[1] += clock64() - t0;
+            if (tid < HEAD_DIM) {
+                const float q = __bfloat162float(reinterpret_cast<const bf*>(rd)[tid]);
+                const float bv = __bfloat162float(c.bias[(long long)l * QKV + hd * HEAD_DIM + tid]);
+                att_s[tid] = __float2bfloat16(bfround(q) + bv);
+            }
+            consumers_sync();
+            const int ch = tid & 7, rsub = tid >> 3;
+            const uint4 xa = reinterpret_cast<const uint4*>(att_s)[ch];
+            for (int p = 0; p < OPIECES; p++) {
+                const unsigned char* s = k.take();
+                const int rows = min(OROWS, HID - p * OROWS);
+#pragma unroll
+                for (int it = 0; it < (OROWS + 31) / 32; it++) {
+                    const int rr = rsub + 32 * it;
+                    float v = (s && rr < rows) ? dot8(*reinterpret_cast<const uint4*>(s + rr * HEAD_DIM * 2 + ch * 16), xa) : 0.f;
+                    v += __shfl_xor_sync(0xffffffffu, v, 1);
+                    v += __shfl_xor_sync(0xffffffffu, v, 2);
+                    v += __shfl_xor_sync(0xffffffffu, v, 4);
+                    if (rr < rows && ch == 0) opart[p * OROWS + rr] = v;
+                }
+                k.give();
+            }
+        }
+        if (cid < 2) {
+            cl.sync(warp, lane, tw[3]);
+            for (int t = tid; t < RR; t += CW * 32) {
+                float s = 0.f;
+#pragma unroll
+                for (int q = 0; q < 7; q++) s += ld_dsmem(map_rank(&opart[RR * rank + t], q));
+                st_tagged(ll + L3_O + cid * HID + RR * rank + t, seq + 1, __float_as_uint(s));
+            }
+        }
+        // ---- hop 3: hm = h + round(o), its norm, gate_up rows + SiLU, the down partial.
+        load_nw(wn, c.ln2 + (long long)l * HID, lane);
+        {
+            long long t0 = clock64();
+            ll_gather<4>(HID, seq + 1, skip, [&](int u) { return ll + L3_O + 2 * u; }, rd);
+            consumers_sync();
+            tw[2] += clock64() - t0;
+        }
+        for (int i = tid; i < HID; i += CW * 32) hm_s[i] = h_s[i] + bfround(rdf[i] + rdf[HID + i]);
+        consumers_sync();
+        norm_from_smem(xr, hm_s, wn, lane);
+        for (int p = 0; ilo + p < ihi; p += PAIRS) {
+            const unsigned char* s = k.take();
+            const int m = min(PAIRS, ihi - ilo - p);
+            if (warp < 2 * m) {
+                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
+                const int half = warp >= m, pair = half ? warp - m : warp;
+                if (lane == 0) gu_part[p + pair][half] = v;
+            }
+            k.give();
+        }
+        consumers_sync();
+        for (int t = tid; t < ihi - ilo; t += CW * 32) {
+            const float g = bfround(gu_part[t][0]), u = bfround(gu_part[t][1]);
+            const float a = bfround(g / (1.f + expf(-g)) * u);
+            act_own[t] = a;
+            c.act[(long long)l * INTER + ilo + t] = __float2bfloat16(a);
+        }
+        consumers_sync();
+        // down partial: thread = (16-byte chunk of the 896 outputs, parity of the row)
+        const int dch = tid % (HID / 8), dhalf = tid / (HID / 8);
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int p = 0; ilo + p < ihi; p += ROWSD3) {
+            const unsigned char* s = k.take();
+            const int rows = min(ROWSD3, ihi - ilo - p);
+            if (s && dhalf < 2)
+                for (int rr = dhalf; rr < rows; rr += 2) {
+                    const uint4 w = *reinterpret_cast<const uint4*>(s + rr * HID * 2 + dch * 16);
+                    const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&w);
+                    const float a = act_own[p + rr];
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const float2 f = __bfloat1622float2(w2[e]);
+                        acc[2 * e] = fmaf(f.x, a, acc[2 * e]);
+                        acc[2 * e + 1] = fmaf(f.y, a, acc[2 * e + 1]);
+                    }
+                }
+            k.give();
+        }
+        if (dhalf < 2)
+#pragma unroll
+            for (int e = 0; e < 8; e++) dsum[dhalf][dch * 8 + e] = acc[e];
+        consumers_sync();
+        for (int i = tid; i < HID; i += CW * 32) dpart[i] = dsum[0][i] + dsum[1][i];
+        cl.sync(warp, lane, tw[3]);
+        for (int t = tid; t < RR; t += CW * 32) {
+            float s = 0.f;
+#pragma unroll
+            for (int q = 0; q < CL; q++) s += ld_dsmem(map_rank(&dpart[RR * rank + t], q));
+            st_tagged(ll + L3_D + cid * HID + RR * rank + t, seq + 2, __float_as_uint(s));
+        }
+    }
+    // The last layer's h (and the logits).
+    hop1(c.layers);
+    if (c.with_lm) {
+        load_nw(wn, c.fnorm, lane);
+        norm_from_smem(xr, h_s, wn, lane);
+        for (int p = 0, lo = part_lo(VOCAB, b, G), hi = part_lo(VOCAB, b + 1, G); lo + p < hi; p += ROWS896) {
+            const unsigned char* s = k.take();
+            if (warp < min(ROWS896, hi - lo - p)) {
+                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
+                if (lane == 0) c.logits[lo + p + warp] = v;
+            }
+            k.give();
+        }
+    }
+    // No block may leave while another may still read its shared memory.
+    cl.sync(warp, lane, tw[3]);
+}
+
+// instr per block: [0..2] waiting in the tagged reads of hops 1, 2, 3, [3] cluster barriers,
+// [4] waiting for a ring slot to fill (thread 0), [5] the producer waiting for a free slot,
+// [6] the block's total.
+__global__ void __launch_bounds__(THREADS, 1) chain3(const __grid_constant__ Chain c) {
+    extern __shared__ __align__(128) unsigned char ring[];
+    __shared__ __align__(8) uint64_t full[MAXNS3], empty[MAXNS3];
+    __shared__ unsigned cflags[CL];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, b = blockIdx.x, G = gridDim.x;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < c.ns; s++) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], CW);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    if (threadIdx.x < CL) cflags[threadIdx.x] = 0;
+    __syncthreads();
+    // Every block's flags are zero before any rank can write them.
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    const Ring r{ring, full, empty, c.ns};
+    const long long t0 = clock64();
+    if (warp == CW) {
+        long long t_empty = 0;
+        if (lane == 0 && !(c.skip & SKIP_WEIGHTS)) produce3(c, r, b, G, t_empty);
+        if (lane == 0) c.instr[b * 8 + 5] = t_empty;
+        return;
+    }
+    Consumer k{c, r, b, G, warp, lane, 0u, c.epoch * (unsigned)(HOPS3 * c.layers + 1), 0, 0, {0, 0, 0, 0}};
+    Cluster3 cl{cflags, cluster_rank(), 0u};
+    long long tw[4] = {0, 0, 0, 0};
+    consume3(k, cl, cluster_id(), cluster_count(), tw);
+    if (threadIdx.x == 0) {
+        for (int q = 0; q < 4; q++) c.instr[b * 8 + q] = tw[q];
+        c.instr[b * 8 + 4] = k.t_full;
+        c.instr[b * 8 + 6] = clock64() - t0;
+    }
+}
+
+// (c)'s weights from (a)'s: o_proj as per-head slices, down transposed (the engine would
+// store them so at load time).
+__global__ void repack3(bf* wo3, bf* wd3, const bf* w) {
+    const long long n_o = (long long)LAYERS * HID * HID, n_d = (long long)LAYERS * INTER * HID;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n_o + n_d; i += (long long)gridDim.x * blockDim.x) {
+        if (i < n_o) {
+            const long long l = i / (HID * HID), rem = i % (HID * HID);
+            const long long hd = rem / (HID * HEAD_DIM), r = (rem / HEAD_DIM) % HID, e = rem % HEAD_DIM;
+            wo3[i] = w[l * PER_LAYER + OFF_O + r * HID + hd * HEAD_DIM + e];
+        } else {
+            const long long j = i - n_o, l = j / ((long long)INTER * HID), rem = j % ((long long)INTER * HID);
+            const long long kk = rem / HID, r = rem % HID;
+            wd3[j] = w[l * PER_LAYER + OFF_D + r * INTER + kk];
+        }
+    }
+}
+
 // (a)'s attention stand-in: one block of 64 per head, launched with PDL like the rest.
 __global__ void attn_standin(bf* att, const bf* qkv, const bf* bias) {
     const int e = blockIdx.x * HEAD_DIM + threadIdx.x;
@@ -731,6 +1121,9 @@ struct Bufs {
     unsigned* sync;
     long long* instr;
     uint64_t* ll;
+    // (c)
+    bf *wo3, *wd3;
+    uint64_t* ll3;
 };
 
 // (a): one token, optionally copying h after each layer into snap [L + 1][HID].
@@ -768,6 +1161,10 @@ static Chain chain_of(const Bufs& B, const Config& cf, unsigned epoch) {
     c.sync = B.sync;
     c.instr = B.instr;
     c.ll = B.ll;
+    c.wo3 = B.wo3;
+    c.wd3 = B.wd3;
+    c.ll3 = B.ll3;
+    c.hp = -1;
     c.layers = LAYERS;
     c.with_lm = cf.lm;
     c.ns = cf.ns;
@@ -884,6 +1281,9 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&B.sync, (CNT_BASE + PH * LAYERS + 1) * 4));
     CK(cudaMalloc(&B.instr, 2 * 132 * 4 * 8 * 4));
     CK(cudaMalloc(&B.ll, (size_t)LL_LAYER * LAYERS * 8));
+    CK(cudaMalloc(&B.wo3, (size_t)LAYERS * HID * HID * 2));
+    CK(cudaMalloc(&B.wd3, (size_t)LAYERS * INTER * HID * 2));
+    CK(cudaMalloc(&B.ll3, (size_t)L3_LAYER * LAYERS * 8));
     for (int l = 0; l < LAYERS; l++) {
         bf* wl = B.w + (long long)l * PER_LAYER;
         fill<<<1024, 256, 0, st>>>(wl, OFF_GU, 100 + l, 0.05f);
@@ -899,6 +1299,8 @@ int main(int argc, char** argv) {
     CK(cudaMemcpyAsync(B.hb, B.h0, HID * 4, cudaMemcpyDeviceToDevice, st));
     for (int inst = 0; inst < 4; inst++)
         CK(cudaFuncSetAttribute(kernel_of(inst & 1, 1 + inst / 2), cudaFuncAttributeMaxDynamicSharedMemorySize, MAXNS * SLOT));
+    repack3<<<4096, 256, 0, st>>>(B.wo3, B.wd3, B.w);
+    CK(cudaFuncSetAttribute(chain3, cudaFuncAttributeMaxDynamicSharedMemorySize, MAXNS3 * SLOT));
     CK(cudaStreamSynchronize(st));
 
     // ---- Checks: (a) eagerly with a snapshot per layer, the CPU's layer 0, (b) per layer.
@@ -1055,6 +1457,103 @@ int main(int argc, char** argv) {
 
     // argv[2]: "tagged" (mode 2, the default), "barrier" (modes 0 and 1), or "all".
     const char* set = argc > 2 ? argv[2] : "tagged";
+
+    // ---- (c): three hops a layer, clusters of CL, timed and checked like (b).
+    auto run_c = [&](int ns, int hp, int skip, int lm, bool verbose) {
+        cudaLaunchConfig_t cfg = {};
+        cudaLaunchAttribute at[1];
+        at[0].id = cudaLaunchAttributeClusterDimension;
+        at[0].val.clusterDim.x = CL;
+        at[0].val.clusterDim.y = 1;
+        at[0].val.clusterDim.z = 1;
+        cfg.blockDim = dim3(THREADS);
+        cfg.dynamicSmemBytes = (size_t)ns * SLOT;
+        cfg.stream = st;
+        cfg.attrs = at;
+        cfg.numAttrs = 1;
+        cfg.gridDim = dim3(MAXNC * CL);
+        int ncl = 0;
+        CK(cudaOccupancyMaxActiveClusters(&ncl, chain3, &cfg));
+        const int nc = std::min(ncl, MAXNC), G = nc * CL;
+        if (nc < 2) {
+            printf("(c): %d clusters of %d fit, need 2\n", ncl, CL);
+            return -1.f;
+        }
+        cfg.gridDim = dim3(G);
+        Config cf{1, ns, 3, skip, lm};
+        auto launch = [&](unsigned ep) {
+            Chain c = chain_of(B, cf, ep);
+            c.hp = hp;
+            CK(cudaLaunchKernelEx(&cfg, chain3, c));
+        };
+        CK(cudaMemsetAsync(B.hb + HID, 0, LAYERS * HID * 4, st));
+        CK(cudaMemsetAsync(B.ll3, 0, (size_t)L3_LAYER * LAYERS * 8, st));
+        unsigned ep = 0;
+        for (int i = 0; i < 3; i++) launch(ep++);
+        CK(cudaStreamSynchronize(st));
+        cudaEvent_t e0, e1;
+        CK(cudaEventCreate(&e0));
+        CK(cudaEventCreate(&e1));
+        std::vector<float> ts;
+        for (int i = 0; i < tokens; i++) {
+            CK(cudaEventRecord(e0, st));
+            launch(ep++);
+            CK(cudaEventRecord(e1, st));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            ts.push_back(ms);
+        }
+        CK(cudaEventRecord(e0, st));
+        for (int i = 0; i < tokens; i++) launch(ep++);
+        CK(cudaEventRecord(e1, st));
+        CK(cudaEventSynchronize(e1));
+        float all;
+        CK(cudaEventElapsedTime(&all, e0, e1));
+        const float m = median(ts);
+        auto [worst, fin, elog] = check_b(cf, verbose);
+        const bool good = skip ? true : (worst < 1e-2 && (!lm || elog < 1e-2));
+        if (!skip) ok &= good;
+        std::vector<long long> in(G * 8);
+        CK(cudaMemcpy(in.data(), B.instr, G * 8 * 8, cudaMemcpyDeviceToHost));
+        double sums[8] = {0, 0, 0, 0, 0, 0, 0, 0}, head_hop2 = 0;
+        for (int bb = 0; bb < G; bb++) {
+            for (int q = 0; q < 8; q++) sums[q] += (double)in[bb * 8 + q] / G;
+            if (bb < 7 || (bb >= CL && bb < CL + 7)) head_hop2 += (double)in[bb * 8 + 1] / HEADS;
+        }
+        const double cyc_us = sums[6] / (m * 1e3);  // cycles per µs, from the last token's total
+        const double bytes = layer_bytes + (lm ? lm_bytes : 0);
+        printf("(c) %d clusters of %d, ns %2d, head pairs %d%s%s%s: %.4f ms per token (back to back %.4f), %.2f TB/s | "
+               "check: worst layer %.1e, final %.1e%s%s%s\n",
+               nc, CL, ns, hp, skip & SKIP_WAIT ? " NO-WAIT" : "",
+               skip & SKIP_WEIGHTS ? " NO-WEIGHTS" : skip & SKIP_COMPUTE ? " NO-COMPUTE" : "", lm ? " + lm_head" : "", m,
+               all / tokens, bytes / (m * 1e-3) / 1e12, worst, fin, lm ? ", logits " : "",
+               lm ? std::to_string(elog).c_str() : "", good ? "" : "  FAILED");
+        printf("    last token, mean block (us): tagged reads hop1 %.1f, hop2 (head blocks) %.1f, hop3 %.1f; cluster barriers %.1f; "
+               "ring fill wait %.1f; producer slot wait %.1f; total %.1f (%.0f cycles/us)\n",
+               sums[0] / cyc_us, head_hop2 / cyc_us, sums[2] / cyc_us, sums[3] / cyc_us, sums[4] / cyc_us, sums[5] / cyc_us,
+               sums[6] / cyc_us, cyc_us);
+        fflush(stdout);
+        return m;
+    };
+    if (strcmp(set, "c") == 0) {
+        const float nw = run_c(MAXNS3, 10, SKIP_WEIGHTS, 0, false);
+        const float tc = run_c(MAXNS3, 10, 0, 0, true);
+        const float ta = time_a(false);
+        const float tal = time_a(true);
+        run_c(MAXNS3, -1, 0, 0, false);
+        run_c(6, 10, 0, 0, false);
+        run_c(MAXNS3, 10, SKIP_WAIT, 0, false);
+        run_c(MAXNS3, 10, SKIP_WAIT | SKIP_COMPUTE, 0, false);
+        const float tcl = run_c(MAXNS3, 10, 0, 1, false);
+        run_b({1, 4, 2, 0, 0}, false);
+        run_b({1, 11, 2, SKIP_WEIGHTS, 0}, false);
+        const float tc2 = run_c(MAXNS3, 10, 0, 0, false);
+        printf("summary: 24 layers (a) %.4f ms, (c) %.4f / %.4f ms, (c) NO-WEIGHTS %.4f ms; with lm_head (a) %.4f, (c) %.4f ms\n",
+               ta, tc, tc2, nw, tal, tcl);
+        printf("persistent_chain: %s\n", ok ? "all checks PASS" : "some check FAILED");
+        return ok ? 0 : 1;
+    }
     const bool tagged = strcmp(set, "barrier") != 0, barrier = strcmp(set, "tagged") != 0;
     run_b({1, MAXNS, tagged ? 2 : 0, 0, 0}, true);
     const float ta = time_a(false);
