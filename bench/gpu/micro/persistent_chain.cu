@@ -713,10 +713,14 @@ __device__ __forceinline__ uint32_t map_rank(const void* p, unsigned rank) {
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(saddr(p)), "r"(rank));
     return r;
 }
-__device__ __forceinline__ float ld_dsmem(uint32_t a) {
-    float v;
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(a) : "memory");
-    return v;
+// A generic pointer to the same shared variable in block `rank` of the cluster: plain loads
+// through it, so that independent ones are issued together (an asm volatile load per value
+// would serialize them).
+template <class T>
+__device__ __forceinline__ const T* dsmem(const T* p, unsigned rank) {
+    uint64_t r;
+    asm("mapa.u64 %0, %1, %2;" : "=l"(r) : "l"(p), "r"(rank));
+    return reinterpret_cast<const T*>(r);
 }
 __device__ __forceinline__ unsigned cluster_rank() {
     unsigned r;
@@ -811,16 +815,18 @@ struct Cluster3 {
     unsigned rank, round;
     // Consumer warps of every block of the cluster: every write before it (shared or global) is
     // visible to the cluster after it. Lane q of warp 0 tells rank q and waits for rank q.
-    __device__ void sync(int warp, int lane, long long& t) {
+    __device__ void sync(int warp, int lane, long long& t, long long& t_rel) {
         const long long t0 = clock64();
         round++;
         consumers_sync();
         if (warp == 0) {
             if (lane < CL) {
+                const long long t1 = clock64();
                 asm volatile("fence.acq_rel.cluster;" ::: "memory");
                 asm volatile("st.relaxed.cluster.shared::cluster.u32 [%0], %1;" ::"r"(map_rank(&flags[rank], lane)),
                              "r"(round)
                              : "memory");
+                if (lane == 0) t_rel += clock64() - t1;
                 const uint32_t mine = map_rank(&flags[lane], rank);
                 unsigned v, n = 0;
                 for (;;) {
@@ -870,11 +876,12 @@ __device__ void consume3(Consumer& k, Cluster3& cl, unsigned cid, unsigned nc, l
             for (unsigned q = 0; q < nc; q++) s += rdf[q * RR + t];
             const float hv = hm_s[RR * rank + t] + bfround(s);
             hpart[t] = hv;
-            if (cid == 0) c.h[(long long)l * HID + RR * rank + t] = hv;
         }
-        cl.sync(warp, lane, tw[3]);
-        for (int i = tid; i < HID; i += CW * 32) h_s[i] = ld_dsmem(map_rank(&hpart[i % RR], i / RR));
+        cl.sync(warp, lane, tw[3], tw[4]);
+        for (int i = tid; i < HID; i += CW * 32) h_s[i] = *dsmem(&hpart[i % RR], i / RR);
         consumers_sync();
+        if (cid == 0)
+            for (int t = tid; t < RR; t += CW * 32) c.h[(long long)l * HID + RR * rank + t] = hpart[t];
     };
     for (int l = 0; l < c.layers; l++) {
         const unsigned seq = k.base + HOPS3 * l + 1;  // q: seq, o: seq + 1, down: seq + 2
@@ -925,11 +932,11 @@ __device__ void consume3(Consumer& k, Cluster3& cl, unsigned cid, unsigned nc, l
             }
         }
         if (cid < 2) {
-            cl.sync(warp, lane, tw[3]);
+            cl.sync(warp, lane, tw[3], tw[4]);
             for (int t = tid; t < RR; t += CW * 32) {
                 float s = 0.f;
 #pragma unroll
-                for (int q = 0; q < 7; q++) s += ld_dsmem(map_rank(&opart[RR * rank + t], q));
+                for (int q = 0; q < 7; q++) s += *dsmem(&opart[RR * rank + t], q);
                 st_tagged(ll + L3_O + cid * HID + RR * rank + t, seq + 1, __float_as_uint(s));
             }
         }
@@ -959,7 +966,6 @@ __device__ void consume3(Consumer& k, Cluster3& cl, unsigned cid, unsigned nc, l
             const float g = bfround(gu_part[t][0]), u = bfround(gu_part[t][1]);
             const float a = bfround(g / (1.f + expf(-g)) * u);
             act_own[t] = a;
-            c.act[(long long)l * INTER + ilo + t] = __float2bfloat16(a);
         }
         consumers_sync();
         // down partial: thread = (16-byte chunk of the 896 outputs, parity of the row)
@@ -987,13 +993,14 @@ __device__ void consume3(Consumer& k, Cluster3& cl, unsigned cid, unsigned nc, l
             for (int e = 0; e < 8; e++) dsum[dhalf][dch * 8 + e] = acc[e];
         consumers_sync();
         for (int i = tid; i < HID; i += CW * 32) dpart[i] = dsum[0][i] + dsum[1][i];
-        cl.sync(warp, lane, tw[3]);
+        cl.sync(warp, lane, tw[3], tw[4]);
         for (int t = tid; t < RR; t += CW * 32) {
             float s = 0.f;
 #pragma unroll
-            for (int q = 0; q < CL; q++) s += ld_dsmem(map_rank(&dpart[RR * rank + t], q));
+            for (int q = 0; q < CL; q++) s += *dsmem(&dpart[RR * rank + t], q);
             st_tagged(ll + L3_D + cid * HID + RR * rank + t, seq + 2, __float_as_uint(s));
         }
+        for (int t = tid; t < ihi - ilo; t += CW * 32) c.act[(long long)l * INTER + ilo + t] = __float2bfloat16(act_own[t]);
     }
     // The last layer's h (and the logits).
     hop1(c.layers);
@@ -1010,12 +1017,12 @@ __device__ void consume3(Consumer& k, Cluster3& cl, unsigned cid, unsigned nc, l
         }
     }
     // No block may leave while another may still read its shared memory.
-    cl.sync(warp, lane, tw[3]);
+    cl.sync(warp, lane, tw[3], tw[4]);
 }
 
 // instr per block: [0..2] waiting in the tagged reads of hops 1, 2, 3, [3] cluster barriers,
 // [4] waiting for a ring slot to fill (thread 0), [5] the producer waiting for a free slot,
-// [6] the block's total.
+// [6] the block's total, [7] the barriers' release part (fence + flag stores).
 __global__ void __launch_bounds__(THREADS, 1) chain3(const __grid_constant__ Chain c) {
     extern __shared__ __align__(128) unsigned char ring[];
     __shared__ __align__(8) uint64_t full[MAXNS3], empty[MAXNS3];
@@ -1042,12 +1049,13 @@ __global__ void __launch_bounds__(THREADS, 1) chain3(const __grid_constant__ Cha
     }
     Consumer k{c, r, b, G, warp, lane, 0u, c.epoch * (unsigned)(HOPS3 * c.layers + 1), 0, 0, {0, 0, 0, 0}};
     Cluster3 cl{cflags, cluster_rank(), 0u};
-    long long tw[4] = {0, 0, 0, 0};
+    long long tw[5] = {0, 0, 0, 0, 0};
     consume3(k, cl, cluster_id(), cluster_count(), tw);
     if (threadIdx.x == 0) {
         for (int q = 0; q < 4; q++) c.instr[b * 8 + q] = tw[q];
         c.instr[b * 8 + 4] = k.t_full;
         c.instr[b * 8 + 6] = clock64() - t0;
+        c.instr[b * 8 + 7] = tw[4];
     }
 }
 
@@ -1210,11 +1218,12 @@ static double rel(const float* a, const float* b, size_t n) {
 }
 static float bfr(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
-// Layer 0 on the CPU, float with double sums, rounded where the kernels store bf16.
-static void cpu_layer0(const Bufs& B, std::vector<float>& h1, std::vector<float>& act) {
-    auto w = d2h_bf(B.w, PER_LAYER);
-    auto ln1 = d2h_bf(B.ln1, HID), ln2 = d2h_bf(B.ln2, HID), bias = d2h_bf(B.bias, QKV);
-    auto h = d2h(B.h0, HID);
+// Layer l on the CPU from a given h, float with double sums, rounded where the kernels store bf16.
+static void cpu_layer(const Bufs& B, int l, const std::vector<float>& h, std::vector<float>& h1, std::vector<float>& act) {
+    static std::vector<std::vector<float>> ws(LAYERS);
+    if (ws[l].empty()) ws[l] = d2h_bf(B.w + (long long)l * PER_LAYER, PER_LAYER);
+    const auto& w = ws[l];
+    auto ln1 = d2h_bf(B.ln1 + l * HID, HID), ln2 = d2h_bf(B.ln2 + l * HID, HID), bias = d2h_bf(B.bias + l * QKV, QKV);
     auto norm = [&](const std::vector<float>& v, const std::vector<float>& nw) {
         double ss = 0;
         for (float x : v) ss += (double)x * x;
@@ -1241,6 +1250,21 @@ static void cpu_layer0(const Bufs& B, std::vector<float>& h1, std::vector<float>
     }
     h1.assign(HID, 0.f);
     for (int r = 0; r < HID; r++) h1[r] = hm[r] + bfr(dot(&w[OFF_D + (size_t)r * INTER], act));
+}
+
+static void cpu_layer0(const Bufs& B, std::vector<float>& h1, std::vector<float>& act) {
+    cpu_layer(B, 0, d2h(B.h0, HID), h1, act);
+}
+// Each layer's error alone: the kernel's h after layer l against the CPU's layer l from the
+// kernel's own h before it (hk: [L + 1][HID]).
+static void print_local(const Bufs& B, const char* name, const std::vector<float>& hk) {
+    printf("%s, each layer from its own input vs CPU, h rel L2:", name);
+    for (int l = 0; l < LAYERS; l++) {
+        std::vector<float> hin(hk.begin() + l * HID, hk.begin() + (l + 1) * HID), h1, act;
+        cpu_layer(B, l, hin, h1, act);
+        printf(" %.1e", rel(&hk[(l + 1) * HID], h1.data(), HID));
+    }
+    printf("\n");
 }
 
 static float median(std::vector<float> v) {
@@ -1317,6 +1341,7 @@ int main(int argc, char** argv) {
     const double e_a0 = rel(&ha[HID], h1_ref.data(), HID);
     printf("check (a) layer 0 vs CPU: h rel L2 %.2e\n", e_a0);
     bool ok = e_a0 < 1e-2;
+    if (argc > 2 && strcmp(argv[2], "c") == 0) print_local(B, "check (a)", ha);
 
     auto check_b = [&](const Config& cf, bool verbose) {
         const auto hb = d2h(B.hb, (LAYERS + 1) * HID);
@@ -1332,6 +1357,7 @@ int main(int argc, char** argv) {
             const auto actb = d2h_bf(B.act_b, INTER);
             printf("check (b) layer 0 vs CPU: h rel L2 %.2e, act %.2e\n", rel(&hb[HID], h1_ref.data(), HID),
                    rel(actb.data(), act_ref.data(), INTER));
+            print_local(B, "check (b/c)", hb);
             printf("check (b) vs (a), h per layer:");
             for (int l = 1; l <= LAYERS; l++) printf(" %.1e", rel(&hb[l * HID], &ha[l * HID], HID));
             printf("\n");
@@ -1530,8 +1556,8 @@ int main(int argc, char** argv) {
                all / tokens, bytes / (m * 1e-3) / 1e12, worst, fin, lm ? ", logits " : "",
                lm ? std::to_string(elog).c_str() : "", good ? "" : "  FAILED");
         printf("    last token, mean block (us): tagged reads hop1 %.1f, hop2 (head blocks) %.1f, hop3 %.1f; cluster barriers %.1f; "
-               "ring fill wait %.1f; producer slot wait %.1f; total %.1f (%.0f cycles/us)\n",
-               sums[0] / cyc_us, head_hop2 / cyc_us, sums[2] / cyc_us, sums[3] / cyc_us, sums[4] / cyc_us, sums[5] / cyc_us,
+               "(of which release fence + flag stores, warp 0: %.1f); ring fill wait %.1f; producer slot wait %.1f; total %.1f (%.0f cycles/us)\n",
+               sums[0] / cyc_us, head_hop2 / cyc_us, sums[2] / cyc_us, sums[3] / cyc_us, sums[7] / cyc_us, sums[4] / cyc_us, sums[5] / cyc_us,
                sums[6] / cyc_us, cyc_us);
         fflush(stdout);
         return m;
