@@ -6,7 +6,7 @@
 //! Knobs (read once): `VLLM_ATT_BATCH=0` turns this kernel off (every batch through
 //! paged_attention_v2, to compare); `VLLM_ATT_BATCH_ROWS=n` uses it from n rows on (default
 //! 9; tests set 1 to run the batched graph tests through it); `VLLM_ATT_PARTITION=n`
-//! positions per split (default 128). Groups of 4 (Llama-3 8B, Mistral 7B: W2) in bf16 /
+//! positions per split (default 128; 256 for the tensor-core form). Groups of 4 (Llama-3 8B, Mistral 7B: W2) in bf16 /
 //! f16 with head_dim 64 or 128 take the tensor-core form (a warp per block, the group's
 //! heads as rows of mma tiles; session 8: 1.83 → 3.3 TB/s on W2's decode cache);
 //! `VLLM_ATT_G4=u4` gives the session-7 form (4 rows per pass, capped at 128 registers,
@@ -42,11 +42,15 @@ const TC_STAGES: usize = 2;
 
 /// Positions per split: measured best of 64..2048 on an H200 (bench/RESULTS.md, change 8).
 const DEFAULT_PARTITION: usize = 128;
+/// The tensor-core form's: W2's contexts (129..256) in one split (session 8: +3.7% on W2
+/// against 128 in the same call).
+const TC_PARTITION: usize = 256;
 
 struct Config {
     enabled: bool,
     min_rows: usize,
-    partition: usize,
+    /// `VLLM_ATT_PARTITION`, else each form's default.
+    partition: Option<usize>,
     g4_form: G4Form,
 }
 
@@ -68,7 +72,7 @@ fn config() -> &'static Config {
         Config {
             enabled: std::env::var_os("VLLM_ATT_BATCH").is_none_or(|v| v != "0"),
             min_rows: num("VLLM_ATT_BATCH_ROWS").unwrap_or(9).max(1),
-            partition: num("VLLM_ATT_PARTITION").unwrap_or(DEFAULT_PARTITION).max(16),
+            partition: num("VLLM_ATT_PARTITION").map(|p| p.max(16)),
             g4_form: match std::env::var("VLLM_ATT_G4").as_deref() {
                 Ok("u4") => G4Form::U4,
                 Ok("u2") => G4Form::U2,
@@ -93,7 +97,12 @@ pub fn partition_for(n: usize, dims: &AttentionDims, dtype: DType) -> Option<usi
         && dims.head_dim.is_multiple_of(vec)
         && lanes.is_power_of_two()
         && lanes <= 32;
-    fits.then_some(c.partition)
+    let default = if takes_tc(group, dtype, dims.head_dim) {
+        TC_PARTITION
+    } else {
+        DEFAULT_PARTITION
+    };
+    fits.then_some(c.partition.unwrap_or(default))
 }
 
 /// (splits, partition) covering contexts up to `max_context`.
@@ -115,11 +124,14 @@ pub fn launch(
     partition: usize,
 ) -> Result<()> {
     let group = dims.num_heads / dims.num_kv_heads;
-    let form = config().g4_form;
-    if group == 4 && form == G4Form::TensorCores && tc_serves(dtype, dims.head_dim) {
+    if takes_tc(group, dtype, dims.head_dim) {
         return launch_tc(k, dtype, p, meta, n, dims, splits, partition);
     }
-    let form = if group == 4 && form == G4Form::U2 { "_u2" } else { "" };
+    let form = if group == 4 && config().g4_form == G4Form::U2 {
+        "_u2"
+    } else {
+        ""
+    };
     let f = k.function(&format!("attention_batch_g{group}{form}"), dtype)?;
     let warps = dims.num_kv_heads.min(MAX_WARPS);
     // The split's block-table entries (an unaligned start adds one).
@@ -136,6 +148,11 @@ pub fn launch(
     unsafe { b.launch(cfg) }
         .map_err(|e| EngineError::internal(format!("CUDA kernel attention_batch failed to launch: {e}")))?;
     Ok(())
+}
+
+/// Whether this group runs through the tensor-core form.
+fn takes_tc(group: usize, dtype: DType, head_dim: usize) -> bool {
+    group == 4 && config().g4_form == G4Form::TensorCores && tc_serves(dtype, head_dim)
 }
 
 /// Whether the tensor-core form has an instantiation for this storage type and head size.
@@ -191,7 +208,7 @@ mod tests {
     #[test]
     fn its_stages_and_a_default_split_table_fit_the_default_shared_memory() {
         // Launches take at most 48 KiB of dynamic shared memory without opting in.
-        let table = (DEFAULT_PARTITION + 2) * 4; // one-position blocks: the largest table
+        let table = (TC_PARTITION + 2) * 4; // one-position blocks: the largest table
         assert!(TC_STAGES * 2 * 16 * 128 * 2 + table <= 48 * 1024);
     }
 }
