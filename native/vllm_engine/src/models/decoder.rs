@@ -212,14 +212,14 @@ impl DecoderLM {
         let row_width = q_width + 2 * kv_width;
         let eps = c.rms_norm_eps as f32;
         q_out.resize(tokens.len() * q_width, 0.0);
-        for t in 0..tokens.len() {
+        for (t, token) in tokens.iter().enumerate() {
             let row = &mut qkv[t * row_width..(t + 1) * row_width];
             if let Some(bias) = &layer.qkv_bias {
                 layers::add_in_place(row, bias);
             }
             let (cos_t, sin_t) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
             let (q, kv) = row.split_at_mut(q_width);
-            let k = &mut kv[..kv_width];
+            let (k, v) = kv.split_at_mut(kv_width);
             for head in q.chunks_mut(hd) {
                 if let Some(w) = &layer.q_norm {
                     layers::rms_norm_in_place(head, w, eps);
@@ -232,9 +232,9 @@ impl DecoderLM {
                 }
                 layers::apply_rotary(head, cos_t, sin_t);
             }
+            shape.write_kv(cache, *token, k, v);
             q_out[t * q_width..(t + 1) * q_width].copy_from_slice(q);
         }
-        shape.write_kv_rows(cache, tokens, qkv, row_width, q_width);
     }
 }
 
