@@ -661,4 +661,60 @@ mod tests {
             assert!((out[d] - expected).abs() < 1e-6, "dim {d}: {} vs {expected}", out[d]);
         }
     }
+
+    /// The attention of one 32-sequence decode step: positions ~192, 30 layers whose f32
+    /// caches (377 MB) do not fit the L3, so the keys and values come from memory as in
+    /// the engine's batched decode steps.
+    #[test]
+    #[ignore = "timing report"]
+    fn decode_step_attention_speed() {
+        let shape = SMOLLM2;
+        let (seqs, pos, layers) = (32usize, 192usize, 30usize);
+        let width = shape.num_kv_heads * shape.head_dim;
+        let blocks_per_seq = 256 / shape.block_size;
+        let num_blocks = seqs * blocks_per_seq;
+        let caches: Vec<LayerKv> = (0..layers)
+            .map(|l| LayerKv {
+                k: (0..num_blocks * shape.block_size * width).map(|i| ((i * 7 + l) % 13) as f32 * 0.01).collect(),
+                v: (0..num_blocks * shape.block_size * width).map(|i| ((i * 5 + l) % 11) as f32 * 0.01).collect(),
+            })
+            .collect();
+        // VLLM_ATTN_BENCH_INTERLEAVED=1: sequence s owns every 32nd block from s (neighbours
+        // interleave in memory); else its blocks are consecutive, as a fresh engine hands out.
+        let interleaved = std::env::var_os("VLLM_ATTN_BENCH_INTERLEAVED").is_some();
+        let tables: Vec<Vec<u32>> = (0..seqs)
+            .map(|s| {
+                (0..blocks_per_seq)
+                    .map(|b| if interleaved { b * seqs + s } else { s * blocks_per_seq + b } as u32)
+                    .collect()
+            })
+            .collect();
+        let tokens: Vec<QueryToken> = tables
+            .iter()
+            .enumerate()
+            .map(|(s, t)| QueryToken {
+                position: pos + s % 8,
+                block_table: t,
+            })
+            .collect();
+        let q: Vec<f32> = (0..seqs * shape.num_heads * shape.head_dim).map(|i| (i % 17) as f32 * 0.05).collect();
+        let mut out = vec![0.0; q.len()];
+        let mut times = Vec::new();
+        for _ in 0..12 {
+            let t = std::time::Instant::now();
+            for layer in &caches {
+                shape.paged_attention(&q, &tokens, layer, &mut out);
+            }
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        let bytes = (seqs * (pos + 4) * 2 * width * 4 * layers) as f64;
+        println!(
+            "attention of a 32-row decode step: min {:.2} ms ({:.1} GB/s of keys and values), median {:.2} ms; load {}",
+            times[0],
+            bytes / times[0] / 1e6,
+            times[times.len() / 2],
+            std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').next().unwrap_or("?")
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! `VLLM_STEP_TIMING=1`: wall time per phase of the CPU forward pass, summed over steps and
 //! printed when the model is dropped, decode-only steps (one new token per sequence) apart
-//! from steps that carry prompt tokens. Off, a phase costs one branch on a cached flag.
+//! from steps that carry prompt tokens, and batched decode steps (≥ `BATCHED_SEQS`
+//! sequences) apart from small ones. Off, a phase costs one branch on a cached flag.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -43,11 +44,16 @@ struct Bucket {
     tokens: AtomicU64,
 }
 
+/// From this many sequences a decode-only step is counted as batched: its matmuls are
+/// compute-bound, a small step's are bandwidth-bound, so the two are reported apart.
+const BATCHED_SEQS: usize = 16;
+
 pub struct PhaseTimes {
     decode: Bucket,
+    batched_decode: Bucket,
     prefill: Bucket,
-    /// Whether the step in progress is decode-only.
-    decoding: std::sync::atomic::AtomicBool,
+    /// The bucket of the step in progress: 0 prompt tokens, 1 decode, 2 batched decode.
+    kind: std::sync::atomic::AtomicU8,
 }
 
 fn enabled() -> bool {
@@ -59,25 +65,30 @@ impl PhaseTimes {
     pub fn new() -> Option<PhaseTimes> {
         enabled().then(|| PhaseTimes {
             decode: Bucket::default(),
+            batched_decode: Bucket::default(),
             prefill: Bucket::default(),
-            decoding: Default::default(),
+            kind: Default::default(),
         })
     }
 
     /// Starts a step of `tokens` new tokens over `seqs` sequences.
     pub fn step(&self, tokens: usize, seqs: usize) {
-        let decoding = tokens == seqs;
-        self.decoding.store(decoding, Ordering::Relaxed);
+        let kind = match (tokens == seqs, seqs >= BATCHED_SEQS) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => 2,
+        };
+        self.kind.store(kind, Ordering::Relaxed);
         let b = self.bucket();
         b.steps.fetch_add(1, Ordering::Relaxed);
         b.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
     }
 
     fn bucket(&self) -> &Bucket {
-        if self.decoding.load(Ordering::Relaxed) {
-            &self.decode
-        } else {
-            &self.prefill
+        match self.kind.load(Ordering::Relaxed) {
+            0 => &self.prefill,
+            1 => &self.decode,
+            _ => &self.batched_decode,
         }
     }
 
@@ -87,8 +98,9 @@ impl PhaseTimes {
 
     pub fn report(&self) -> String {
         format!(
-            "{}\n{}",
-            Self::report_bucket("decode-only steps", &self.decode),
+            "{}\n{}\n{}",
+            Self::report_bucket(&format!("decode-only steps of < {BATCHED_SEQS} sequences"), &self.decode),
+            Self::report_bucket(&format!("decode-only steps of >= {BATCHED_SEQS} sequences"), &self.batched_decode),
             Self::report_bucket("steps with prompt tokens", &self.prefill)
         )
     }
