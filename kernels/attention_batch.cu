@@ -85,6 +85,25 @@ __device__ __forceinline__ void combine_splits(T* out, const float* part_acc, co
     }
 }
 
+// After a warp wrote its split's partials: the last split of the (token, KV head) to
+// finish (fence + counter, reset for the next use) combines all of them.
+template <typename T, int G>
+__device__ __forceinline__ void combine_if_last(T* out, const float* part_acc, const float* part_ml,
+                                                unsigned int* count, long long head0, int num_splits, int active,
+                                                int head_dim, int lane) {
+    __threadfence();
+    __syncwarp();
+    unsigned int last = 0;
+    if (lane == 0) {
+        last = atomicAdd(count, 1u) == (unsigned int)(active - 1);
+        if (last) *count = 0u;
+    }
+    last = __shfl_sync(0xffffffffu, last, 0);
+    if (!last) return;
+    __threadfence();
+    combine_splits<T, G>(out, part_acc, part_ml, head0, num_splits, active, head_dim, lane);
+}
+
 template <typename T, int G, int U, bool PIPE>
 __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* part_ml, const T* q, const T* k_cache,
                                                 const T* v_cache, const uint32_t* positions, const uint32_t* token_seq,
@@ -239,19 +258,8 @@ __device__ __forceinline__ void attention_batch(T* out, float* part_acc, float* 
             }
         }
     }
-    // The last split of this (token, KV head) to finish combines all of them.
-    __threadfence();
-    __syncwarp();
-    unsigned int last = 0;
-    if (lane == 0) {
-        unsigned int* count = done_counts + (long long)t * num_kv_heads + kv_head;
-        last = atomicAdd(count, 1u) == (unsigned int)(active - 1);
-        if (last) *count = 0u;
-    }
-    last = __shfl_sync(0xffffffffu, last, 0);
-    if (!last) return;
-    __threadfence();
-    combine_splits<T, G>(out, part_acc, part_ml, head0, num_splits, active, head_dim, lane);
+    combine_if_last<T, G>(out, part_acc, part_ml, done_counts + (long long)t * num_kv_heads + kv_head, head0,
+                          num_splits, active, head_dim, lane);
 }
 
 // Tensor-core form for groups of 4 in bf16 / f16 (session 8; `attention_batch_g4_tc`, one
@@ -301,7 +309,6 @@ __device__ __forceinline__ void attention_batch_tc(T* out, float* part_acc, floa
     static_assert(G <= 8, "the group's heads are rows 0..7 of the tile");
     constexpr int KD = D / 16;  // k-steps of Q·Kᵀ
     constexpr int NC = D / 8;   // 8-column chunks of the output
-    constexpr int VEC = 16 / sizeof(T);
     // Shared memory: STAGES slices of keys and values (16 * D each), then the table.
     extern __shared__ uint4 ab_smem[];
     T* stages = reinterpret_cast<T*>(ab_smem);
@@ -453,19 +460,8 @@ __device__ __forceinline__ void attention_batch_tc(T* out, float* part_acc, floa
             part_ml[((head0 + g4) * num_splits + split) * 2 + 1] = l;
         }
     }
-    __threadfence();
-    __syncwarp();
-    unsigned int last = 0;
-    if (lane == 0) {
-        unsigned int* count = done_counts + (long long)t * num_kv_heads + kv_head;
-        last = atomicAdd(count, 1u) == (unsigned int)(active - 1);
-        if (last) *count = 0u;
-    }
-    last = __shfl_sync(0xffffffffu, last, 0);
-    if (!last) return;
-    __threadfence();
-    (void)VEC;
-    combine_splits<T, G>(out, part_acc, part_ml, head0, num_splits, active, D, lane);
+    combine_if_last<T, G>(out, part_acc, part_ml, done_counts + (long long)t * num_kv_heads + kv_head, head0,
+                          num_splits, active, D, lane);
 }
 
 // Per storage type and group size G (query heads per KV head): U rows per pass and MINB

@@ -675,8 +675,12 @@ mod tests {
         let num_blocks = seqs * blocks_per_seq;
         let caches: Vec<LayerKv> = (0..layers)
             .map(|l| LayerKv {
-                k: (0..num_blocks * shape.block_size * width).map(|i| ((i * 7 + l) % 13) as f32 * 0.01).collect(),
-                v: (0..num_blocks * shape.block_size * width).map(|i| ((i * 5 + l) % 11) as f32 * 0.01).collect(),
+                k: (0..num_blocks * shape.block_size * width)
+                    .map(|i| ((i * 7 + l) % 13) as f32 * 0.01)
+                    .collect(),
+                v: (0..num_blocks * shape.block_size * width)
+                    .map(|i| ((i * 5 + l) % 11) as f32 * 0.01)
+                    .collect(),
             })
             .collect();
         // VLLM_ATTN_BENCH_INTERLEAVED=1: sequence s owns every 32nd block from s (neighbours
@@ -697,7 +701,9 @@ mod tests {
                 block_table: t,
             })
             .collect();
-        let q: Vec<f32> = (0..seqs * shape.num_heads * shape.head_dim).map(|i| (i % 17) as f32 * 0.05).collect();
+        let q: Vec<f32> = (0..seqs * shape.num_heads * shape.head_dim)
+            .map(|i| (i % 17) as f32 * 0.05)
+            .collect();
         let mut out = vec![0.0; q.len()];
         let mut times = Vec::new();
         for _ in 0..12 {
@@ -714,7 +720,11 @@ mod tests {
             times[0],
             bytes / times[0] / 1e6,
             times[times.len() / 2],
-            std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').next().unwrap_or("?")
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .split(' ')
+                .next()
+                .unwrap_or("?")
         );
     }
 }

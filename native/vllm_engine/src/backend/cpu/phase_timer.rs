@@ -99,8 +99,14 @@ impl PhaseTimes {
     pub fn report(&self) -> String {
         format!(
             "{}\n{}\n{}",
-            Self::report_bucket(&format!("decode-only steps of < {BATCHED_SEQS} sequences"), &self.decode),
-            Self::report_bucket(&format!("decode-only steps of >= {BATCHED_SEQS} sequences"), &self.batched_decode),
+            Self::report_bucket(
+                &format!("decode-only steps of < {BATCHED_SEQS} sequences"),
+                &self.decode
+            ),
+            Self::report_bucket(
+                &format!("decode-only steps of >= {BATCHED_SEQS} sequences"),
+                &self.batched_decode
+            ),
             Self::report_bucket("steps with prompt tokens", &self.prefill)
         )
     }

@@ -124,18 +124,26 @@ pub fn launch(
     partition: usize,
 ) -> Result<()> {
     let group = dims.num_heads / dims.num_kv_heads;
-    if takes_tc(group, dtype, dims.head_dim) {
-        return launch_tc(k, dtype, p, meta, n, dims, splits, partition);
-    }
-    let form = if group == 4 && config().g4_form == G4Form::U2 {
-        "_u2"
-    } else {
-        ""
-    };
-    let f = k.function(&format!("attention_batch_g{group}{form}"), dtype)?;
-    let warps = dims.num_kv_heads.min(MAX_WARPS);
     // The split's block-table entries (an unaligned start adds one).
-    let shared = (partition.div_ceil(meta.block_size) + 2) * 4;
+    let table = (partition.div_ceil(meta.block_size) + 2) * 4;
+    let (name, warps, shared) = if takes_tc(group, dtype, dims.head_dim) {
+        // A warp per (token, KV head, split); before the table, TC_STAGES slices of 16 key
+        // and 16 value rows (2-byte elements).
+        let stages = TC_STAGES * 2 * 16 * dims.head_dim * 2;
+        (format!("attention_batch_g4_tc_d{}", dims.head_dim), 1, stages + table)
+    } else {
+        let form = if group == 4 && config().g4_form == G4Form::U2 {
+            "_u2"
+        } else {
+            ""
+        };
+        (
+            format!("attention_batch_g{group}{form}"),
+            dims.num_kv_heads.min(MAX_WARPS),
+            table,
+        )
+    };
+    let f = k.function(&name, dtype)?;
     let args = AttentionArgs::new(p, meta, dims, partition, splits);
     let mut b = k.stream().launch_builder(f);
     args.push(&mut b);
@@ -145,8 +153,7 @@ pub fn launch(
         block_dim: (32 * warps as u32, 1, 1),
         shared_mem_bytes: shared as u32,
     };
-    unsafe { b.launch(cfg) }
-        .map_err(|e| EngineError::internal(format!("CUDA kernel attention_batch failed to launch: {e}")))?;
+    unsafe { b.launch(cfg) }.map_err(|e| EngineError::internal(format!("CUDA kernel {name} failed to launch: {e}")))?;
     Ok(())
 }
 
@@ -158,36 +165,6 @@ fn takes_tc(group: usize, dtype: DType, head_dim: usize) -> bool {
 /// Whether the tensor-core form has an instantiation for this storage type and head size.
 fn tc_serves(dtype: DType, head_dim: usize) -> bool {
     matches!(dtype, DType::BF16 | DType::F16) && matches!(head_dim, 64 | 128)
-}
-
-/// The tensor-core form: a warp per (token, KV head, split).
-#[allow(clippy::too_many_arguments)]
-fn launch_tc(
-    k: &Kernels,
-    dtype: DType,
-    p: &AttentionPtrs,
-    meta: &MetaPtrs,
-    n: usize,
-    dims: &AttentionDims,
-    splits: usize,
-    partition: usize,
-) -> Result<()> {
-    let f = k.function(&format!("attention_batch_g4_tc_d{}", dims.head_dim), dtype)?;
-    // TC_STAGES slices of 16 key and 16 value rows (2-byte elements), then the table.
-    let stages = TC_STAGES * 2 * 16 * dims.head_dim * 2;
-    let shared = stages + (partition.div_ceil(meta.block_size) + 2) * 4;
-    let args = AttentionArgs::new(p, meta, dims, partition, splits);
-    let mut b = k.stream().launch_builder(f);
-    args.push(&mut b);
-    b.arg(&p.done_counts);
-    let cfg = LaunchConfig {
-        grid_dim: (n as u32, dims.num_kv_heads as u32, splits as u32),
-        block_dim: (32, 1, 1),
-        shared_mem_bytes: shared as u32,
-    };
-    unsafe { b.launch(cfg) }
-        .map_err(|e| EngineError::internal(format!("CUDA kernel attention_batch_g4_tc failed to launch: {e}")))?;
-    Ok(())
 }
 
 #[cfg(test)]
