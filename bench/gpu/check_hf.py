@@ -6,11 +6,11 @@ then teacher-forced over prompt + continuation, and we compare the rows that pre
 continuation token: argmax agreement (asked: >= 90%) and relative L2 error of the logits
 (asked for Qwen3 and Llama: < 2e-2; reported for Qwen2.5).
 
-The Llama shape (group 4, head_dim 128, the attention of Llama-3 8B / W2) has a prompt longer
-than attention_batch's 128-position split, and runs twice on our side: as is, and with
-VLLM_ATT_BATCH_ROWS=1 so that its one-row decode steps go through attention_batch's group-4
-kernel (the one W2's wide decode steps take) over two splits. SHAPES="llama-gqa4" (names
-below, space separated) runs only those.
+The Llama shape (group 4, head_dim 128, the attention of Llama-3 8B / W2) runs three times on
+our side: as is, and with VLLM_ATT_BATCH_ROWS=1 so that its one-row decode steps go through
+attention_batch's group-4 kernel (the tensor-core form W2's wide decode steps take), once at
+its default split of 256 positions (one split for these contexts) and once at 64 (3-4 splits,
+combined by the last). SHAPES="llama-gqa4" (names below, space separated) runs only those.
 
 usage: check_hf.py BIN_DIR WORK_DIR  -> a line per model; exits 1 on failure
 """
@@ -44,11 +44,12 @@ SHAPES = {
         num_key_value_heads=2, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
         rms_norm_eps=1e-5, tie_word_embeddings=False)),
 }
-# Prompt lengths: the Llama shape's decode steps all see more than 128 positions (two splits).
+# Prompt lengths: the Llama shape's decode steps all see more than 128 positions.
 PROMPT_LENS = {"llama-gqa4": 150}
 CONT_LEN = 64
 # Our side's runs per shape: (label, extra environment).
-ENGINE_RUNS = {"llama-gqa4": [("", {}), ("att_batch", {"VLLM_ATT_BATCH_ROWS": "1"})]}
+ENGINE_RUNS = {"llama-gqa4": [("", {}), ("att_batch", {"VLLM_ATT_BATCH_ROWS": "1"}),
+                              ("att_batch p64", {"VLLM_ATT_BATCH_ROWS": "1", "VLLM_ATT_PARTITION": "64"})]}
 only = os.environ.get("SHAPES", "").split()
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 ok = True
