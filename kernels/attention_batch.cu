@@ -290,12 +290,8 @@ __device__ __forceinline__ void tc_stage(T* dst, const T* k_cache, const T* v_ca
         const long long slot = (long long)table[pp / block_size - table_first] * block_size + pp % block_size;
         const long long off = slot * kv_stride + head_off + col * 8;
         const int at = row * D + ((col ^ (row & 7)) * 8);
-        const unsigned dk = (unsigned)__cvta_generic_to_shared(dst + at);
-        const unsigned dv = (unsigned)__cvta_generic_to_shared(dst + TC_SLICE * D + at);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dk), "l"(k_cache + off), "r"(ok ? 16 : 0)
-                     : "memory");
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dv), "l"(v_cache + off), "r"(ok ? 16 : 0)
-                     : "memory");
+        cp_async16(dst + at, k_cache + off, ok ? 16 : 0);
+        cp_async16(dst + TC_SLICE * D + at, v_cache + off, ok ? 16 : 0);
     }
 }
 
@@ -336,7 +332,7 @@ __device__ __forceinline__ void attention_batch_tc(T* out, float* part_acc, floa
         if (i < slices)
             tc_stage<T, D>(stages + i * 2 * TC_SLICE * D, k_cache, v_cache, table, table_first, block_size, kv_stride,
                            head_off, start + i * TC_SLICE, end, lane);
-        asm volatile("cp.async.commit_group;" ::: "memory");
+        cp_async_commit();
     }
 
     // Query fragments: row g4 (a query head of the group, or zero past G), columns 2·t4
@@ -360,8 +356,8 @@ __device__ __forceinline__ void attention_batch_tc(T* out, float* part_acc, floa
         if (j_next < slices)
             tc_stage<T, D>(stages + (j_next % STAGES) * 2 * TC_SLICE * D, k_cache, v_cache, table, table_first,
                            block_size, kv_stride, head_off, start + j_next * TC_SLICE, end, lane);
-        asm volatile("cp.async.commit_group;" ::: "memory");
-        asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1) : "memory");
+        cp_async_commit();
+        cp_async_wait<STAGES - 1>();
         __syncwarp();  // every lane's copies of slice i landed
         const T* ks = stages + (i % STAGES) * 2 * TC_SLICE * D;
         const T* vs = ks + TC_SLICE * D;
@@ -377,11 +373,8 @@ __device__ __forceinline__ void attention_batch_tc(T* out, float* part_acc, floa
             for (int kk = 0; kk < KD; kk += 2) {
                 // Four 8x8 matrices: chunks 2kk .. 2kk + 3 of rows r (keys as the B operand).
                 const int chunk = 2 * kk + (lane >> 3);
-                const unsigned addr = (unsigned)__cvta_generic_to_shared(ks + r * D + ((chunk ^ (r & 7)) * 8));
                 uint32_t b[4];
-                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                             : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                             : "r"(addr));
+                ldmatrix_x4(b, ks + r * D + ((chunk ^ (r & 7)) * 8));
                 const uint32_t a0[4] = {qa[kk][0], 0u, qa[kk][1], 0u};
                 const uint32_t a1[4] = {qa[kk + 1][0], 0u, qa[kk + 1][1], 0u};
                 mma_16816<T>(s[j], a0, b[0], b[1]);
@@ -426,11 +419,8 @@ __device__ __forceinline__ void attention_batch_tc(T* out, float* part_acc, floa
 #pragma unroll
         for (int jj = 0; jj < NC / 2; jj++) {
             const int chunk = 2 * jj + (lane >> 4);
-            const unsigned addr = (unsigned)__cvta_generic_to_shared(vs + vr * D + ((chunk ^ (vr & 7)) * 8));
             uint32_t b[4];
-            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                         : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                         : "r"(addr));
+            ldmatrix_x4_trans(b, vs + vr * D + ((chunk ^ (vr & 7)) * 8));
             mma_16816<T>(o[2 * jj], pa, b[0], b[1]);
             mma_16816<T>(o[2 * jj + 1], pa, b[2], b[3]);
         }

@@ -24,15 +24,6 @@
 #define AP_WARPS 4
 #define AP_KEYS 64
 
-// 16 bytes global -> shared without registers; src_bytes 0 fills zeros.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most one committed group is still in flight.
-__device__ __forceinline__ void cp_async_wait_all_but_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
-
 // Rows k0..k0+63 of one KV head's cache into shared memory (rows at or past `end` zeroed).
 template <typename T, int D, int STRIDE>
 __device__ __forceinline__ void load_tile(T* dst, const T* cache, const uint32_t* table, int block_size,
@@ -141,7 +132,7 @@ __device__ __forceinline__ void attention_prefill(T* out, const T* q, const T* k
 
     for (int k0 = klo; k0 < khi; k0 += AP_KEYS) {
         const bool active = k0 < warp_hi && k0 + AP_KEYS > warp_lo;
-        cp_async_wait_all_but_one();  // this tile's keys
+        cp_async_wait<1>();  // this tile's keys
         __syncthreads();
         float s[8][4];
         if (active) {
@@ -213,7 +204,7 @@ __device__ __forceinline__ void attention_prefill(T* out, const T* q, const T* k
             }
         }
 
-        cp_async_wait_all_but_one();  // this tile's values
+        cp_async_wait<1>();  // this tile's values
         __syncthreads();
         if (active) {
 #pragma unroll
@@ -222,10 +213,7 @@ __device__ __forceinline__ void attention_prefill(T* out, const T* q, const T* k
 #pragma unroll
                 for (int jj = 0; jj < NC / 2; jj++) {
                     uint32_t b[4];
-                    const unsigned addr = (unsigned)__cvta_generic_to_shared(vrow + 16 * jj);
-                    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                                 : "r"(addr));
+                    ldmatrix_x4_trans(b, vrow + 16 * jj);
                     mma_16816<T>(o[2 * jj], pa[kk2], b[0], b[1]);
                     mma_16816<T>(o[2 * jj + 1], pa[kk2], b[2], b[3]);
                 }
