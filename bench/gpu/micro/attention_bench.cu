@@ -24,6 +24,7 @@
 #include "check.cuh"
 #include "compare.cuh"
 #include "fill.cuh"
+#include "timing.cuh"
 
 typedef __nv_bfloat16 bf;
 #include "ab_variant.cuh"
@@ -54,22 +55,7 @@ static float time_it(const char* name, const Setup& s, bf* out, const std::vecto
     CK(cudaMemcpy(got.data(), out, got.size() * sizeof(bf), cudaMemcpyDeviceToHost));
     double max_abs = 0;
     const double err = ref.empty() ? 0 : rel_l2(got, ref, &max_abs);
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    std::vector<float> ts;
-    for (int it = 0; it < 30; it++) {
-        CK(cudaEventRecord(a));
-        launch(s, out, it % LAYERS, arg);
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        ts.push_back(ms);
-    }
-    CK(cudaGetLastError());
-    std::sort(ts.begin(), ts.end());
-    const float med = ts[ts.size() / 2];
+    const float med = time_runs(0, 30, [&](int it) { launch(s, out, it % LAYERS, arg); }).median_ms;
     printf("ctx %4d..%4d  %-28s %8.1f us  %6.2f TB/s  rel.L2 %.2e  max|d| %.2e\n", lo, hi, name, med * 1e3,
            s.kv_bytes / (med * 1e-3) / 1e12, err, max_abs);
     return med;
@@ -275,24 +261,7 @@ static void run_prefill_case(const char* label, const std::vector<int>& ctx, con
     CK(cudaMemcpy(got.data(), out, got.size() * sizeof(bf), cudaMemcpyDeviceToHost));
     double max_abs = 0;
     const double err = rel_l2(got, ref, &max_abs);
-    auto time = [&](auto&& f) {
-        cudaEvent_t a, b;
-        CK(cudaEventCreate(&a));
-        CK(cudaEventCreate(&b));
-        std::vector<float> ts;
-        for (int it = 0; it < 11; it++) {
-            CK(cudaEventRecord(a));
-            f();
-            CK(cudaEventRecord(b));
-            CK(cudaEventSynchronize(b));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, a, b));
-            ts.push_back(ms);
-        }
-        CK(cudaGetLastError());
-        std::sort(ts.begin(), ts.end());
-        return ts[ts.size() / 2] * 1e3f;
-    };
+    auto time = [&](auto&& f) { return time_runs(0, 11, [&](int) { f(); }).median_ms * 1e3f; };
     const float t_batch = time([&] { batch(P); });
     const float t_prefill = time(prefill);
     const double flops = pairs * NH * HD * 4.0;

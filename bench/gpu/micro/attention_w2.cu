@@ -28,6 +28,7 @@
 #include "check.cuh"
 #include "compare.cuh"
 #include "fill.cuh"
+#include "timing.cuh"
 
 typedef __nv_bfloat16 bf;
 #include "ab_variant.cuh"
@@ -159,22 +160,7 @@ static double check_cpu(Setup& s, const std::vector<bf>& got, int rows) {
 }
 
 static float time_us(const Setup& s, AttnKernel kernel, int partition, int stage_kib, bool tc) {
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    std::vector<float> ts;
-    for (int it = 0; it < 21; it++) {
-        CK(cudaEventRecord(a));
-        launch(s, kernel, partition, it % LAYERS, stage_kib, tc);
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        ts.push_back(ms);
-    }
-    CK(cudaGetLastError());
-    std::sort(ts.begin(), ts.end());
-    return ts[ts.size() / 2] * 1e3f;
+    return time_runs(0, 21, [&](int it) { launch(s, kernel, partition, it % LAYERS, stage_kib, tc); }).median_ms * 1e3f;
 }
 
 int main() {

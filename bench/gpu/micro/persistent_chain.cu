@@ -33,6 +33,7 @@
 
 #include "check.cuh"
 #include "fill.cuh"
+#include "timing.cuh"
 
 typedef __nv_bfloat16 bf;
 
@@ -1267,11 +1268,6 @@ static void print_local(const Bufs& B, const char* name, const std::vector<float
     printf("\n");
 }
 
-static float median(std::vector<float> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-}
-
 int main(int argc, char** argv) {
     const int tokens = argc > 1 ? atoi(argv[1]) : 31;
     setvbuf(stdout, nullptr, _IOLBF, 0);
@@ -1374,29 +1370,11 @@ int main(int argc, char** argv) {
         CK(cudaStreamEndCapture(st, &g));
         CK(cudaGraphInstantiate(&ge, g, 0));
         for (int i = 0; i < 3; i++) CK(cudaGraphLaunch(ge, st));
-        cudaEvent_t e0, e1;
-        CK(cudaEventCreate(&e0));
-        CK(cudaEventCreate(&e1));
-        std::vector<float> ts;
-        for (int i = 0; i < tokens; i++) {
-            CK(cudaEventRecord(e0, st));
-            CK(cudaGraphLaunch(ge, st));
-            CK(cudaEventRecord(e1, st));
-            CK(cudaEventSynchronize(e1));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            ts.push_back(ms);
-        }
-        // Back to back: tokens replays between one pair of events.
-        CK(cudaEventRecord(e0, st));
-        for (int i = 0; i < tokens; i++) CK(cudaGraphLaunch(ge, st));
-        CK(cudaEventRecord(e1, st));
-        CK(cudaEventSynchronize(e1));
-        float all;
-        CK(cudaEventElapsedTime(&all, e0, e1));
+        // Then back to back: tokens replays between one pair of events.
+        const Timing tm = time_runs(st, tokens, [&](int) { CK(cudaGraphLaunch(ge, st)); }, true);
+        const float m = tm.median_ms, all = tm.back_to_back_ms;
         CK(cudaGraphExecDestroy(ge));
         CK(cudaGraphDestroy(g));
-        const float m = median(ts);
         const double bytes = layer_bytes + (lm ? lm_bytes : 0);
         printf("(a) graph, %d launches%s: %.4f ms per token (median of %d; back to back %.4f), %.2f TB/s\n",
                LAYERS * 5 + (lm ? 1 : 0), lm ? " + lm_head" : "", m, tokens, all / tokens, bytes / (m * 1e-3) / 1e12);
@@ -1419,33 +1397,17 @@ int main(int argc, char** argv) {
         epoch = 0;
         for (int i = 0; i < 3; i++) launch_b(chain_of(B, cf, epoch++), G, false);
         CK(cudaStreamSynchronize(st));
-        cudaEvent_t e0, e1;
-        CK(cudaEventCreate(&e0));
-        CK(cudaEventCreate(&e1));
-        std::vector<float> ts;
-        for (int i = 0; i < tokens; i++) {
-            const Chain c = chain_of(B, cf, epoch++);
-            CK(cudaEventRecord(e0, st));
-            launch_b(c, G, false);
-            CK(cudaEventRecord(e1, st));
-            CK(cudaEventSynchronize(e1));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            ts.push_back(ms);
-        }
-        CK(cudaEventRecord(e0, st));
-        for (int i = 0; i < tokens; i++) launch_b(chain_of(B, cf, epoch++), G, false);
-        CK(cudaEventRecord(e1, st));
-        CK(cudaEventSynchronize(e1));
-        float all;
-        CK(cudaEventElapsedTime(&all, e0, e1));
-        const float m = median(ts);
+        const Timing tm = time_runs(st, tokens, [&](int) { launch_b(chain_of(B, cf, epoch++), G, false); }, true);
+        const float m = tm.median_ms, all = tm.back_to_back_ms;
         auto [worst, fin, elog] = check_b(cf, verbose);
         const bool good = cf.skip ? true : (worst < 1e-2 && (!cf.lm || elog < 1e-2));
         if (!cf.skip) ok &= good;
-        // Instrumented tokens: where a block's time goes.
+        // Instrumented tokens: where a block's time goes (each token timed, its counters read after).
         double sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         float ims = 0;
+        cudaEvent_t e0, e1;
+        CK(cudaEventCreate(&e0));
+        CK(cudaEventCreate(&e1));
         const int reps = 5;
         for (int i = 0; i < reps; i++) {
             const Chain c = chain_of(B, cf, epoch++);
@@ -1517,26 +1479,8 @@ int main(int argc, char** argv) {
         unsigned ep = 0;
         for (int i = 0; i < 3; i++) launch(ep++);
         CK(cudaStreamSynchronize(st));
-        cudaEvent_t e0, e1;
-        CK(cudaEventCreate(&e0));
-        CK(cudaEventCreate(&e1));
-        std::vector<float> ts;
-        for (int i = 0; i < tokens; i++) {
-            CK(cudaEventRecord(e0, st));
-            launch(ep++);
-            CK(cudaEventRecord(e1, st));
-            CK(cudaEventSynchronize(e1));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            ts.push_back(ms);
-        }
-        CK(cudaEventRecord(e0, st));
-        for (int i = 0; i < tokens; i++) launch(ep++);
-        CK(cudaEventRecord(e1, st));
-        CK(cudaEventSynchronize(e1));
-        float all;
-        CK(cudaEventElapsedTime(&all, e0, e1));
-        const float m = median(ts);
+        const Timing tm = time_runs(st, tokens, [&](int) { launch(ep++); }, true);
+        const float m = tm.median_ms, all = tm.back_to_back_ms;
         auto [worst, fin, elog] = check_b(cf, verbose);
         const bool good = skip ? true : (worst < 1e-2 && (!lm || elog < 1e-2));
         if (!skip) ok &= good;
