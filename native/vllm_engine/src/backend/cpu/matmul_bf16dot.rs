@@ -62,8 +62,10 @@ thread_local! {
 pub(crate) fn with_rounded_input<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&[u32]) -> R) -> R {
     let kp = pairs(k);
     let mut buf = INPUT.with(Cell::take);
-    buf.clear();
-    buf.resize(m * kp * 2 + 1, 0);
+    // Grown, never cleared: every value read below is written first.
+    if buf.len() < m * kp * 2 + 1 {
+        buf.resize(m * kp * 2 + 1, 0);
+    }
     // Start at a 4-byte boundary so the pairs can be read as u32.
     let skip = (buf.as_ptr() as usize / 2) % 2;
     let rows = &mut buf[skip..skip + m * kp * 2];
@@ -72,7 +74,8 @@ pub(crate) fn with_rounded_input<R>(x: &[f32], m: usize, k: usize, f: impl FnOnc
             for (d, &v) in dst.iter_mut().zip(src) {
                 *d = to_bf16(v);
             }
-            // The odd k's partner stays the zero `resize` wrote.
+            // An odd k's zero partner.
+            dst[k..].fill(0);
         }
     });
     // SAFETY: `rows` starts 4-byte aligned and holds m · kp u32s' worth of u16s.
