@@ -104,6 +104,8 @@ impl PackedMatrix {
         Self::pack_with(w, rows, cols, format, detected_isa())
     }
 
+    /// `pack` for the kernels of `isa`, which the CPU must have (tests force a narrower one;
+    /// bf16 weights take the k-pair layout of matmul_bf16dot.rs only for `Avx512Bf16`).
     pub fn pack_with(w: &[f32], rows: usize, cols: usize, format: WeightFormat, isa: Isa) -> PackedMatrix {
         assert_eq!(w.len(), rows * cols, "packed matrix: data does not match its shape");
         let panels = rows.div_ceil(PANEL);
@@ -157,6 +159,12 @@ impl PackedMatrix {
             Storage::F32(_) => WeightFormat::F32,
             Storage::Bf16(_) | Storage::Bf16Pairs(_) => WeightFormat::Bf16,
         }
+    }
+
+    /// Whether the weights are in the k-pair layout of the bf16 dot product.
+    #[cfg(test)]
+    pub(crate) fn is_bf16_pairs(&self) -> bool {
+        matches!(self.storage, Storage::Bf16Pairs(_))
     }
 
     pub fn bytes(&self) -> usize {
@@ -248,8 +256,8 @@ impl PackedMatrix {
                         let panel = lines[p * k * 2..].as_ptr() as *const f32;
                         panel_block(self.isa, rows, xb, k, panel, ob, self.rows, width);
                     }
-                    // Only a matrix packed for another CPU than this one (tests) reaches
-                    // here; it is multiplied as its bfloat16 weights widened.
+                    // `matmul` sends pairs to the dot product on x86-64; elsewhere (a
+                    // forced ISA) they are multiplied as their bfloat16 weights widened.
                     Storage::Bf16Pairs(lines) => block_scalar(
                         rows,
                         xb,
@@ -391,7 +399,7 @@ unsafe fn block_scalar(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn naive(w: &[f32], x: &[f32], m: usize, rows: usize, cols: usize) -> Vec<f32> {
@@ -406,7 +414,7 @@ mod tests {
         out
     }
 
-    fn isas() -> Vec<Isa> {
+    pub(crate) fn isas() -> Vec<Isa> {
         let mut v = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
@@ -421,112 +429,6 @@ mod tests {
             }
         }
         v
-    }
-
-    /// Values that bfloat16 cannot hold exactly (so rounding the inputs shows).
-    fn irregular(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 7919 + seed * 104_729) % 10_007) as f32 / 5003.0 - 1.0 + 1e-4 * (i % 7) as f32)
-            .collect()
-    }
-
-    fn round_bf16(v: &[f32]) -> Vec<f32> {
-        v.iter().map(|&x| from_bf16(to_bf16(x))).collect()
-    }
-
-    /// The bf16 dot-product kernel (AVX512_BF16) against an f64 product of the
-    /// bf16-rounded inputs and weights, within the f32 summation's own rounding bound
-    /// (one rounding per addition: k · 2⁻²⁴ · Σ|x w|), over odd depths, panels narrower
-    /// than 32, every row block size (1..=12) and blocks of 12 plus a remainder; and every
-    /// row bit-identical to the same row multiplied alone.
-    #[test]
-    fn bf16_dot_kernel_matches_an_f64_product_of_the_rounded_operands_and_is_batch_invariant() {
-        if detected_isa() != Isa::Avx512Bf16 {
-            eprintln!("no AVX512_BF16 on this CPU: the dot-product kernel is not used here");
-            return;
-        }
-        for (rows, cols) in [(5, 3), (31, 7), (32, 64), (77, 129), (200, 576), (40, 1)] {
-            let w = irregular(rows * cols, 1);
-            let packed = PackedMatrix::pack_with(&w, rows, cols, WeightFormat::Bf16, Isa::Avx512Bf16);
-            assert!(matches!(packed.storage, Storage::Bf16Pairs(_)));
-            let wr = round_bf16(&w);
-            let max_m = 27;
-            let x = irregular(max_m * cols, 2);
-            let xr = round_bf16(&x);
-            let alone: Vec<Vec<f32>> = (0..max_m)
-                .map(|i| {
-                    let mut out = vec![f32::NAN; rows];
-                    packed.matmul(&x[i * cols..(i + 1) * cols], 1, &mut out);
-                    out
-                })
-                .collect();
-            for m in 1..=max_m {
-                let mut out = vec![f32::NAN; m * rows];
-                packed.matmul(&x[..m * cols], m, &mut out);
-                for i in 0..m {
-                    for r in 0..rows {
-                        let terms = (0..cols).map(|k| xr[i * cols + k] as f64 * wr[r * cols + k] as f64);
-                        let exact: f64 = terms.clone().sum();
-                        let bound = cols as f64 * f64::powi(2.0, -24) * terms.map(f64::abs).sum::<f64>();
-                        let got = out[i * rows + r];
-                        assert!(
-                            (got as f64 - exact).abs() <= bound,
-                            "[{rows},{cols}] m {m} row {i} col {r}: {got} vs {exact} (bound {bound:e})"
-                        );
-                    }
-                    assert_eq!(
-                        out[i * rows..(i + 1) * rows]
-                            .iter()
-                            .map(|v| v.to_bits())
-                            .collect::<Vec<_>>(),
-                        alone[i].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                        "[{rows},{cols}] m {m}: row {i} differs from the same row alone"
-                    );
-                }
-            }
-        }
-    }
-
-    /// A bf16 matrix packed for a CPU without AVX512_BF16 (the ISA forced) keeps the
-    /// widening kernel: float32 inputs against the rounded weights, no input rounding.
-    #[test]
-    fn bf16_weights_without_the_dot_product_widen_to_f32() {
-        let (rows, cols) = (70, 131);
-        let w = irregular(rows * cols, 3);
-        let wr = round_bf16(&w);
-        for isa in isas().into_iter().filter(|&i| i != Isa::Avx512Bf16) {
-            let packed = PackedMatrix::pack_with(&w, rows, cols, WeightFormat::Bf16, isa);
-            assert!(matches!(packed.storage, Storage::Bf16(_)), "{isa:?}");
-            for m in [1, 2, 13] {
-                let x = irregular(m * cols, 4);
-                let mut out = vec![f32::NAN; m * rows];
-                packed.matmul(&x, m, &mut out);
-                for i in 0..m {
-                    for r in 0..rows {
-                        let terms = (0..cols).map(|k| x[i * cols + k] as f64 * wr[r * cols + k] as f64);
-                        let exact: f64 = terms.clone().sum();
-                        let bound = cols as f64 * f64::powi(2.0, -24) * terms.map(f64::abs).sum::<f64>();
-                        let got = out[i * rows + r];
-                        assert!(
-                            (got as f64 - exact).abs() <= bound,
-                            "{isa:?} m {m} row {i} col {r}: {got} vs {exact}"
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// On a CPU that lists avx512_bf16, detection picks the dot-product kernel.
-    #[test]
-    fn detection_finds_avx512_bf16_when_the_cpu_lists_it() {
-        let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else {
-            return;
-        };
-        let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap_or("");
-        let listed = flags.split_whitespace().any(|f| f == "avx512_bf16");
-        let avx512 = flags.split_whitespace().any(|f| f == "avx512f");
-        assert_eq!(detected_isa() == Isa::Avx512Bf16, listed && avx512, "flags: {flags}");
     }
 
     #[test]
