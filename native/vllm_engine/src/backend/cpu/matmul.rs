@@ -5,7 +5,8 @@
 //! (one row) streams the weight exactly once and a batch reuses each loaded weight vector
 //! for every row of the block.
 //!
-//! Every output value is one chain of fused multiply-adds over k in order, whatever the
+//! Every output value is one chain of fused multiply-adds over k in order (for bfloat16
+//! weights on AVX512_BF16, of `vdpbf16ps` over k-pairs: matmul_bf16dot.rs), whatever the
 //! number of rows, the block it falls in or the thread that computes it: a sequence gets
 //! bit-identical results alone or batched.
 
