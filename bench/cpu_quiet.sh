@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Batch-1 decode (128-token prompt, 128 out) on the CPU: ours (f32 default, f32 with the
-# team, Q4_1 default, Q4_1 with the team) against llama.cpp's llama-bench (tg128/pp128, 2
+# team, bf16 (`--dtype bfloat16`: vdpbf16ps where the CPU has avx512_bf16), Q4_1 default,
+# Q4_1 with the team) against llama.cpp's llama-bench (tg128/pp128, 2
 # threads, f32 and Q4_1), ROUNDS rounds alternated, then a table of medians. Every run's
 # load average is printed beside it. Extra builds of ours to compare: V_OTHER="bin1 bin2".
 #   LLAMA_BIN=/work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin \
@@ -39,12 +40,14 @@ for _ in $(seq "$rounds"); do
   llama "llama.cpp f32" "$F"
   ours "ours f32" "$V" "" ""
   ours "ours f32 team" "$V" 1 ""
+  ours "ours bf16" "$V" "" "--dtype bfloat16"
   llama "llama.cpp Q4_1" "$Q"
   ours "ours Q4_1" "$V" "" "--quantization gguf"
   ours "ours Q4_1 team" "$V" 1 "--quantization gguf"
   for o in ${V_OTHER:-}; do
     ours "$(basename "$o") f32" "$o" "" ""
     ours "$(basename "$o") f32 team" "$o" 1 ""
+    ours "$(basename "$o") bf16" "$o" "" "--dtype bfloat16"
     ours "$(basename "$o") Q4_1" "$o" "" "--quantization gguf"
     ours "$(basename "$o") Q4_1 team" "$o" 1 "--quantization gguf"
   done

@@ -112,7 +112,8 @@ fn smollm2_batched_prompts_with_interleaved_decodes_match_each_alone() {
     }
 }
 
-/// `dtype: "bfloat16"` on the CPU rounds the weights to bf16 (compute stays float32): the
+/// `dtype: "bfloat16"` on the CPU rounds the weights to bf16 (and, with AVX512_BF16, the
+/// matmul inputs, multiplied by `vdpbf16ps` into float32 sums): the
 /// first step of every case must still pick the reference token, with its top-5 logprobs
 /// within the rounding's reach.
 #[test]
@@ -134,7 +135,19 @@ fn smollm2_bf16_weights_follow_the_reference() {
             &[],
             case.greedy.len(),
         );
-        assert_eq!(run.ids[0], case.greedy[0], "case {}: first greedy id", case.name);
+        // A reference whose top two are closer than bf16's reach (the fixtures' "digits":
+        // 0.006 apart) may legitimately pick its second.
+        let top = &case.top[0];
+        if top[0].1 - top[1].1 < 0.1 {
+            assert!(
+                run.ids[0] == top[0].0 || run.ids[0] == top[1].0,
+                "case {}: first greedy id {} is neither of the reference's two nearly tied ids",
+                case.name,
+                run.ids[0]
+            );
+        } else {
+            assert_eq!(run.ids[0], case.greedy[0], "case {}: first greedy id", case.name);
+        }
         agree += run.ids.iter().zip(&case.greedy).take_while(|(a, b)| a == b).count();
         total += case.greedy.len();
         let logprobs = log_softmax(&run.logits[0]);

@@ -149,6 +149,9 @@ impl AttentionShape {
         let n_tasks = plan.tasks.len();
         plan.partials.resize(n_tasks * part, 0.0);
         let chunk_tasks = &plan.tasks;
+        // A decode step's keys and values were evicted by the weights since the last step;
+        // a prompt's were written by this step and are still in cache.
+        let prefetch = tokens.len() <= super::team::MAX_ROWS;
         let task = |t: usize, partial: &mut [f32]| {
             let ChunkTask {
                 token: i,
@@ -168,6 +171,7 @@ impl AttentionShape {
                     first,
                     last,
                     layer,
+                    prefetch,
                     scores: &mut scores,
                     out: o,
                     stats,
@@ -203,6 +207,7 @@ impl AttentionShape {
         kv_head: usize,
         (first, last): (usize, usize),
         layer: &LayerKv,
+        prefetch: bool,
         scores: &mut Vec<f32>,
         out: &mut [f32],
         stats: &mut [f32],
@@ -228,7 +233,7 @@ impl AttentionShape {
         // At decode the cache was evicted by the weight stream since the last step: ask for
         // all of this chunk's keys and values now, so the reads overlap the scoring.
         let width = self.num_kv_heads * hd;
-        for (block, lo, hi, _) in spans() {
+        for (block, lo, hi, _) in spans().filter(|_| prefetch) {
             prefetch_l2(&layer.k[self.key_block_offset(block, kv_head)..][..hd * bs]);
             for slot in block * bs + lo..block * bs + hi {
                 prefetch_l2(&layer.v[slot * width + kv_head * hd..][..hd]);
@@ -315,6 +320,7 @@ struct AttendGroup<'a> {
     first: usize,
     last: usize,
     layer: &'a LayerKv,
+    prefetch: bool,
     scores: &'a mut Vec<f32>,
     out: &'a mut [f32],
     stats: &'a mut [f32],
@@ -332,11 +338,12 @@ impl Kernel for AttendGroup<'_> {
             first,
             last,
             layer,
+            prefetch,
             scores,
             out,
             stats,
         } = self;
-        shape.attend_group(q, token, kv_head, (first, last), layer, scores, out, stats)
+        shape.attend_group(q, token, kv_head, (first, last), layer, prefetch, scores, out, stats)
     }
 }
 

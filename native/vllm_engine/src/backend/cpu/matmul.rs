@@ -5,7 +5,8 @@
 //! (one row) streams the weight exactly once and a batch reuses each loaded weight vector
 //! for every row of the block.
 //!
-//! Every output value is one chain of fused multiply-adds over k in order, whatever the
+//! Every output value is one chain of fused multiply-adds over k in order (for bfloat16
+//! weights on AVX512_BF16, of `vdpbf16ps` over k-pairs: matmul_bf16dot.rs), whatever the
 //! number of rows, the block it falls in or the thread that computes it: a sequence gets
 //! bit-identical results alone or batched.
 
@@ -29,10 +30,11 @@ struct Line([f32; 16]);
 /// 32 bfloat16 values (one panel row) on one cache line.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct LineBf16([u16; 32]);
+pub(crate) struct LineBf16(pub(crate) [u16; 32]);
 
 /// How the weights are held: float32, or rounded to bfloat16 (half the bytes to stream;
-/// the kernels widen them to float32 and compute in float32).
+/// with AVX512_BF16 the inputs are rounded too and multiplied in pairs by `vdpbf16ps`,
+/// see matmul_bf16dot.rs; without it the kernels widen the weights and compute in float32).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum WeightFormat {
     F32,
@@ -44,10 +46,12 @@ enum Storage {
     F32(Vec<Line>),
     /// Panel p, index k: line p cols + k holds W[32p .. 32p + 32][k].
     Bf16(Vec<LineBf16>),
+    /// The k-pair panels of matmul_bf16dot.rs.
+    Bf16Pairs(Vec<LineBf16>),
 }
 
 /// float32 → bfloat16, rounding to nearest even (NaN stays NaN).
-fn to_bf16(v: f32) -> u16 {
+pub(crate) fn to_bf16(v: f32) -> u16 {
     if v.is_nan() {
         return 0x7FC0;
     }
@@ -55,13 +59,16 @@ fn to_bf16(v: f32) -> u16 {
     ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) as u16
 }
 
-fn from_bf16(b: u16) -> f32 {
+pub(crate) fn from_bf16(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
 /// The instruction set the kernels use, detected once.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Isa {
+    /// AVX-512 with the bfloat16 dot product (`vdpbf16ps`): bf16 weights take the
+    /// dot-product kernel, everything else runs as on `Avx512`.
+    Avx512Bf16,
     Avx512,
     Avx2,
     Scalar,
@@ -71,6 +78,9 @@ pub fn detected_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
+            if std::arch::is_x86_feature_detected!("avx512bf16") {
+                return Isa::Avx512Bf16;
+            }
             return Isa::Avx512;
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -95,6 +105,8 @@ impl PackedMatrix {
         Self::pack_with(w, rows, cols, format, detected_isa())
     }
 
+    /// `pack` for the kernels of `isa`, which the CPU must have (tests force a narrower one;
+    /// bf16 weights take the k-pair layout of matmul_bf16dot.rs only for `Avx512Bf16`).
     pub fn pack_with(w: &[f32], rows: usize, cols: usize, format: WeightFormat, isa: Isa) -> PackedMatrix {
         assert_eq!(w.len(), rows * cols, "packed matrix: data does not match its shape");
         let panels = rows.div_ceil(PANEL);
@@ -110,6 +122,9 @@ impl PackedMatrix {
                     }
                 });
                 Storage::F32(lines)
+            }
+            WeightFormat::Bf16 if isa == Isa::Avx512Bf16 => {
+                Storage::Bf16Pairs(super::matmul_bf16dot::pack(w, rows, cols))
             }
             WeightFormat::Bf16 => {
                 let mut lines = vec![LineBf16([0; 32]); panels * cols];
@@ -143,14 +158,20 @@ impl PackedMatrix {
     pub fn format(&self) -> WeightFormat {
         match self.storage {
             Storage::F32(_) => WeightFormat::F32,
-            Storage::Bf16(_) => WeightFormat::Bf16,
+            Storage::Bf16(_) | Storage::Bf16Pairs(_) => WeightFormat::Bf16,
         }
+    }
+
+    /// Whether the weights are in the k-pair layout of the bf16 dot product.
+    #[cfg(test)]
+    pub(crate) fn is_bf16_pairs(&self) -> bool {
+        matches!(self.storage, Storage::Bf16Pairs(_))
     }
 
     pub fn bytes(&self) -> usize {
         match &self.storage {
             Storage::F32(l) => l.len() * std::mem::size_of::<Line>(),
-            Storage::Bf16(l) => l.len() * std::mem::size_of::<LineBf16>(),
+            Storage::Bf16(l) | Storage::Bf16Pairs(l) => l.len() * std::mem::size_of::<LineBf16>(),
         }
     }
 
@@ -171,6 +192,11 @@ impl PackedMatrix {
                     *o = from_bf16(panel[kk].0[j]);
                 }
             }
+            Storage::Bf16Pairs(lines) => {
+                for (kk, o) in out.iter_mut().enumerate().take(k) {
+                    *o = super::matmul_bf16dot::weight(lines, k, r, kk);
+                }
+            }
         }
     }
 
@@ -180,12 +206,26 @@ impl PackedMatrix {
             x.len() >= m * self.cols && out.len() >= m * self.rows,
             "packed matmul: buffers too small"
         );
-        let panels = self.rows.div_ceil(PANEL);
         let out_ptr = SendPtr(out.as_mut_ptr());
-        let run = |p0: usize, p1: usize| {
+        match &self.storage {
+            #[cfg(target_arch = "x86_64")]
+            Storage::Bf16Pairs(lines) => super::matmul_bf16dot::with_rounded_input(x, m, self.cols, |pairs| {
+                // SAFETY: packed as pairs only when the CPU has AVX512_BF16 (`pack_with`'s
+                // isa); tasks get disjoint panel ranges, so they write disjoint columns.
+                self.for_panel_ranges(m, |p0, p1| unsafe {
+                    let out = out_ptr;
+                    super::matmul_bf16dot::panels(lines, self.rows, self.cols, pairs, m, p0, p1, out.0)
+                })
+            }),
             // SAFETY: tasks get disjoint panel ranges, so they write disjoint columns.
-            unsafe { self.panels(x, m, p0, p1, out_ptr) };
-        };
+            _ => self.for_panel_ranges(m, |p0, p1| unsafe { self.panels(x, m, p0, p1, out_ptr) }),
+        }
+    }
+
+    /// Runs `run(p0, p1)` over panel ranges that cover the matrix once: on the calling
+    /// thread for small products, else a few ranges per thread.
+    fn for_panel_ranges(&self, m: usize, run: impl Fn(usize, usize) + Sync) {
+        let panels = self.rows.div_ceil(PANEL);
         let threads = rayon::current_num_threads();
         if threads <= 1 || m * self.rows * self.cols <= SERIAL_MAX_MACS {
             run(0, panels);
@@ -201,7 +241,7 @@ impl PackedMatrix {
     unsafe fn panels(&self, x: &[f32], m: usize, p0: usize, p1: usize, out: SendPtr) {
         let k = self.cols;
         let max_rows = match self.isa {
-            Isa::Avx512 => MAX_ROWS_AVX512,
+            Isa::Avx512 | Isa::Avx512Bf16 => MAX_ROWS_AVX512,
             Isa::Avx2 => MAX_ROWS_AVX2,
             Isa::Scalar => 1,
         };
@@ -217,11 +257,22 @@ impl PackedMatrix {
                         let panel = lines[p * k * 2..].as_ptr() as *const f32;
                         panel_block(self.isa, rows, xb, k, panel, ob, self.rows, width);
                     }
+                    // `matmul` sends pairs to the dot product on x86-64; elsewhere (a
+                    // forced ISA) they are multiplied as their bfloat16 weights widened.
+                    Storage::Bf16Pairs(lines) => block_scalar(
+                        rows,
+                        xb,
+                        k,
+                        |kk, j| super::matmul_bf16dot::weight(lines, k, p * PANEL + j, kk),
+                        ob,
+                        self.rows,
+                        width,
+                    ),
                     Storage::Bf16(lines) => {
                         let panel = lines[p * k..].as_ptr() as *const u16;
                         match self.isa {
                             #[cfg(target_arch = "x86_64")]
-                            Isa::Avx512 => {
+                            Isa::Avx512 | Isa::Avx512Bf16 => {
                                 super::matmul_x86::block_avx512_bf16(rows, xb, k, panel, ob, self.rows, width)
                             }
                             #[cfg(target_arch = "x86_64")]
@@ -262,7 +313,7 @@ unsafe fn panel_block(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => super::matmul_x86::block_avx512(rows, x, k, panel, out, ldo, width),
+        Isa::Avx512 | Isa::Avx512Bf16 => super::matmul_x86::block_avx512(rows, x, k, panel, out, ldo, width),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => super::matmul_x86::block_avx2(rows, x, k, panel, out, ldo, width),
         _ => block_scalar(rows, x, k, |kk, j| *panel.add(kk * PANEL + j), out, ldo, width),
@@ -298,7 +349,7 @@ impl PanelBuffer {
     pub(crate) unsafe fn product(&self, x: *const f32, m: usize, out: *mut f32, ldo: usize, width: usize) {
         let isa = super::simd::isa();
         let max_rows = match isa {
-            Isa::Avx512 => MAX_ROWS_AVX512,
+            Isa::Avx512 | Isa::Avx512Bf16 => MAX_ROWS_AVX512,
             Isa::Avx2 => MAX_ROWS_AVX2,
             Isa::Scalar => 1,
         };
@@ -349,7 +400,7 @@ unsafe fn block_scalar(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn naive(w: &[f32], x: &[f32], m: usize, rows: usize, cols: usize) -> Vec<f32> {
@@ -364,7 +415,7 @@ mod tests {
         out
     }
 
-    fn isas() -> Vec<Isa> {
+    pub(crate) fn isas() -> Vec<Isa> {
         let mut v = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
@@ -373,6 +424,9 @@ mod tests {
             }
             if std::arch::is_x86_feature_detected!("avx512f") {
                 v.push(Isa::Avx512);
+            }
+            if detected_isa() == Isa::Avx512Bf16 {
+                v.push(Isa::Avx512Bf16);
             }
         }
         v
@@ -433,8 +487,14 @@ mod bench {
     fn packed_matmul_speed() {
         for (rows, cols) in [(3072, 576), (576, 1536), (49152, 576)] {
             let w: Vec<f32> = (0..rows * cols).map(|i| (i % 13) as f32 * 0.01).collect();
-            for format in [WeightFormat::F32, WeightFormat::Bf16] {
-                let packed = PackedMatrix::pack(&w, rows, cols, format);
+            // bf16 twice on a CPU with AVX512_BF16: the dot product, then widened to f32.
+            let widen = detected_isa() == Isa::Avx512Bf16;
+            for (format, isa) in [
+                (WeightFormat::F32, detected_isa()),
+                (WeightFormat::Bf16, detected_isa()),
+                (WeightFormat::Bf16, if widen { Isa::Avx512 } else { detected_isa() }),
+            ] {
+                let packed = PackedMatrix::pack_with(&w, rows, cols, format, isa);
                 for m in [1, 32, 128] {
                     let x: Vec<f32> = (0..m * cols).map(|i| (i % 7) as f32 * 0.1).collect();
                     let mut out = vec![0.0; m * rows];
@@ -446,7 +506,7 @@ mod bench {
                     }
                     let s = t.elapsed().as_secs_f64() / reps as f64;
                     println!(
-                        "{format:?} [{rows}, {cols}] m {m}: {:.3} ms, {:.1} GFLOP/s, {:.1} GB/s of weights",
+                        "{format:?} {isa:?} [{rows}, {cols}] m {m}: {:.3} ms, {:.1} GFLOP/s, {:.1} GB/s of weights",
                         s * 1e3,
                         2.0 * (m * rows * cols) as f64 / s / 1e9,
                         packed.bytes() as f64 / s / 1e9

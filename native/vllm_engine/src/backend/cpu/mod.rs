@@ -6,6 +6,7 @@ mod contention;
 mod decode_bench;
 pub mod encoder_attention;
 pub mod matmul;
+mod matmul_bf16dot;
 pub mod matmul_x86;
 pub mod phase_timer;
 pub mod qmatmul;

@@ -31,7 +31,7 @@ pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     match isa() {
         // SAFETY: the features were detected at run time.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { with_avx512(f) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { with_avx512(f) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { with_avx2(f) },
         _ => f(),
@@ -64,7 +64,7 @@ pub fn run_vectorized<K: Kernel>(k: K) -> K::Output {
     match isa() {
         // SAFETY: the features were detected at run time.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { kernel_avx512(k) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { kernel_avx512(k) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { kernel_avx2(k) },
         _ => k.run(),
