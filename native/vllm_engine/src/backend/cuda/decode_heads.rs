@@ -3,7 +3,8 @@
 //! shared memory by cp.async before pdl_wait. decode_small::launch hands over to it where
 //! `Kernels::ds_heads` says so (VLLM_DS_KIND: `heads` everywhere, `cluster` never, default
 //! for groups of at least MIN_GROUP query heads per KV head, where the cluster kernel's
-//! per-SM arithmetic is largest).
+//! per-SM arithmetic is largest). `VLLM_DS_SPLIT=n` (1, 2, 4, 8) cuts each head's context
+//! into n ranges, one block each in a cluster of n (SPLITS, kernels/decode_heads.cu).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,6 +32,9 @@ pub enum Kind {
     Auto,
     Heads,
     Cluster,
+    /// Measurement only: the attention replaced by a copy of the query (wrong tokens), to
+    /// time the step without it.
+    Stub,
 }
 
 impl Kind {
@@ -38,8 +42,33 @@ impl Kind {
         match std::env::var("VLLM_DS_KIND").as_deref() {
             Ok("heads") => Kind::Heads,
             Ok("cluster") => Kind::Cluster,
+            Ok("stub") => Kind::Stub,
             _ => Kind::Auto,
         }
+    }
+}
+
+/// Context ranges a head's attention is cut into, each one block of a cluster (the
+/// kernels' `decode_attention_heads_s{n}_*`; 1 is the plain kernel).
+const SPLITS: [usize; 4] = [1, 2, 4, 8];
+/// Default split (VLLM_DS_SPLIT overrides, one of SPLITS).
+const DEFAULT_SPLIT: usize = 1;
+
+fn split_from_env() -> usize {
+    static SPLIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SPLIT.get_or_init(|| {
+        std::env::var("VLLM_DS_SPLIT")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| SPLITS.contains(n))
+            .unwrap_or(DEFAULT_SPLIT)
+    })
+}
+
+fn kernel_name(split: usize) -> String {
+    match split {
+        1 => "decode_attention_heads".to_string(),
+        n => format!("decode_attention_heads_s{n}"),
     }
 }
 
@@ -51,20 +80,24 @@ pub(super) fn load_into(
 ) -> Option<Arc<CudaModule>> {
     let module = super::load_embedded(context, embedded::DECODE_HEADS_CUBIN, embedded::DECODE_HEADS_PTX).ok()?;
     for suffix in ["f32", "bf16", "f16"] {
-        let name = format!("decode_attention_heads_{suffix}");
-        let f = module.load_function(&name).ok()?;
-        // SAFETY: a valid function of a loaded module; the attribute is a plain integer.
-        let r = unsafe {
-            sys::cuFuncSetAttribute(
-                f.cu_function(),
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                SHARED_LIMIT as i32,
-            )
-        };
-        if r != sys::CUresult::CUDA_SUCCESS {
-            return None;
+        let stub = format!("decode_attention_stub_{suffix}");
+        functions.insert(stub.clone(), module.load_function(&stub).ok()?);
+        for split in SPLITS {
+            let name = format!("{}_{suffix}", kernel_name(split));
+            let f = module.load_function(&name).ok()?;
+            // SAFETY: a valid function of a loaded module; the attribute is a plain integer.
+            let r = unsafe {
+                sys::cuFuncSetAttribute(
+                    f.cu_function(),
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    SHARED_LIMIT as i32,
+                )
+            };
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return None;
+            }
+            functions.insert(name, f);
         }
-        functions.insert(name, f);
     }
     Some(module)
 }
@@ -113,7 +146,7 @@ fn plan(
 pub fn serves(k: &Kernels, dtype: DType, dims: &AttentionDims) -> bool {
     let group = dims.num_heads.checked_div(dims.num_kv_heads).unwrap_or(0);
     let wanted = match k.ds_kind {
-        Kind::Heads => true,
+        Kind::Heads | Kind::Stub => true,
         Kind::Cluster => false,
         Kind::Auto => group >= MIN_GROUP,
     };
@@ -134,16 +167,29 @@ pub fn launch(
     dims: &AttentionDims,
     eps: f32,
 ) -> Result<()> {
-    let max_context = meta.max_blocks * meta.block_size;
+    let split = split_from_env();
+    // Each block holds at most its range of the longest context.
+    let max_context = (meta.max_blocks * meta.block_size).div_ceil(split);
     let (cap, shared) = plan(dtype, dims, max_context, meta.block_size, k.ds_rows)
         .ok_or_else(|| EngineError::internal("decode_attention_heads: unsupported attention geometry"))?;
-    let f = k.function("decode_attention_heads", dtype)?;
+    if k.ds_kind == Kind::Stub {
+        let f = k.function("decode_attention_stub", dtype)?;
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, dims.num_heads as u32, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        return decode_small::launch_fused(k, f, "decode_attention_stub", cfg, p, out, meta, dims, eps, cap as i32);
+    }
+    let name = kernel_name(split);
+    let f = k.function(&name, dtype)?;
+    // Grid z: the context ranges, one cluster (the kernel's __cluster_dims__) per head.
     let cfg = LaunchConfig {
-        grid_dim: (n as u32, dims.num_heads as u32, 1),
+        grid_dim: (n as u32, dims.num_heads as u32, split as u32),
         block_dim: (DH_THREADS as u32, 1, 1),
         shared_mem_bytes: shared as u32,
     };
-    decode_small::launch_fused(k, f, "decode_attention_heads", cfg, p, out, meta, dims, eps, cap as i32)
+    decode_small::launch_fused(k, f, &name, cfg, p, out, meta, dims, eps, cap as i32)
 }
 
 #[cfg(test)]
