@@ -4,7 +4,7 @@
 //! turnaround: fetching the sampled ids, scheduling, preparing the next inputs, launching).
 //! Printed when the graphs drop.
 
-use candle_core::cuda_backend::cudarc::driver::sys;
+use candle_core::cuda_backend::cudarc::driver::{result as driver, sys};
 
 /// Idle gaps longer than this are a prompt step or the end of a run, not a decode turnaround.
 const MAX_TURNAROUND_MS: f32 = 0.2;
@@ -35,10 +35,8 @@ fn event() -> Option<sys::CUevent> {
 }
 
 fn elapsed(a: sys::CUevent, b: sys::CUevent) -> Option<f32> {
-    let mut ms = 0f32;
     // SAFETY: both events were recorded and have completed (the caller synchronized).
-    let r = unsafe { sys::cuEventElapsedTime(&mut ms, a, b) };
-    (r == sys::CUresult::CUDA_SUCCESS).then_some(ms)
+    unsafe { driver::event::elapsed(a, b) }.ok()
 }
 
 impl GraphEvents {
