@@ -22,6 +22,10 @@
 // stages and scores 1/SPLIT of the rows (one SM streams ~100 KB of W3's rows at ~20 B/ns,
 // the chain's longest part), and block 0 of the cluster merges the SPLIT (max, sum, values)
 // partials from the others' shared memory in rank order (deterministic, no atomics).
+// DH_WHOLE_TABLE in `cap` (VLLM_DS_TABLE, session 9; the launcher sets it when the table row
+// fits): row t is sequence t (the decode graphs' token_seq is the identity, graphs.rs), so
+// the whole block-table row goes to shared memory by cp.async in parallel with the
+// position load, instead of position -> entries -> rows (one dependent trip fewer).
 // Rounding as qkv_prepare + paged_attention_v2 (q and k rounded to T after rotary, scores,
 // softmax and sums in float32, output rounded to T); exponentials in base 2.
 
@@ -36,10 +40,16 @@ namespace cg = cooperative_groups;
 #define DH_WARPS (DH_THREADS / 32)
 // Rows a thread scores per chunk: a chunk holds at most DH_THREADS * DH_ROWS_PT rows.
 #define DH_ROWS_PT 4
+// Flag in the kernels' `cap` argument: the block-table row is staged whole (see above).
+#define DH_WHOLE_TABLE (1 << 30)
 
 __device__ __forceinline__ void dh_cp_async16(void* dst, const void* src) {
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void dh_cp_async4(void* dst, const void* src) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
 }
 __device__ __forceinline__ void dh_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void dh_cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
@@ -54,11 +64,13 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
                                        const float* cos_table, const float* sin_table, const uint32_t* positions,
                                        const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,
                                        int block_size, T* k_cache, T* v_cache, int num_heads, int num_kv_heads,
-                                       int head_dim, float scale, int window, float eps, int cap) {
+                                       int head_dim, float scale, int window, float eps, int cap_arg) {
     constexpr int VEC = 16 / sizeof(T);
     constexpr float LOG2E = 1.4426950408889634f;
     extern __shared__ uint4 dh_smem[];
     const int t = blockIdx.x, head = blockIdx.y;
+    const bool whole_table = (cap_arg & DH_WHOLE_TABLE) != 0;
+    const int cap = cap_arg & ~DH_WHOLE_TABLE;
     const int hd = head_dim, half = hd / 2;
     const int chunks = hd / VEC;  // a power of two <= 32
     const int sw = chunks < 8 ? chunks - 1 : 7;
@@ -78,8 +90,14 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
     T* cur = reinterpret_cast<T*>(red + 20);
     int* tbl = reinterpret_cast<int*>(cur + 2 * hd);
 
+    if (whole_table) {
+        // Independent of the position: issued before it is read.
+        const uint32_t* row = block_tables + (long long)t * max_blocks;
+        for (int i = threadIdx.x; i < max_blocks; i += DH_THREADS) dh_cp_async4(tbl + i, row + i);
+        dh_cp_commit();
+    }
     const int pos = positions[t];
-    const int seq = token_seq[t];
+    const int seq = whole_table ? t : token_seq[t];
     const int first = window > 0 ? max(0, pos + 1 - window) : 0;
     // This block's rows [lo, hi) of the context [first, pos]; empty for late splits of a
     // context shorter than SPLIT rows. The token's own row is in the last non-empty range.
@@ -95,10 +113,14 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
     // entries into tbl, then every 16-byte chunk of their keys and values by cp.async.
     auto stage = [&](int c0) {
         const int end = min(min(c0 + cap, hi), pos);  // exclusive; pos itself comes from qkv
+        if (whole_table) dh_cp_wait_all();  // the table row (the only group pending at the first chunk)
         if (end <= c0) return;
-        const int b0 = c0 / block_size;
-        const int nent = (end - 1) / block_size - b0 + 1;
-        for (int i = tid; i < nent; i += DH_THREADS) tbl[i] = (int)table[b0 + i];
+        int b0 = 0;
+        if (!whole_table) {
+            b0 = c0 / block_size;
+            const int nent = (end - 1) / block_size - b0 + 1;
+            for (int i = tid; i < nent; i += DH_THREADS) tbl[i] = (int)table[b0 + i];
+        }
         __syncthreads();
         const int n = (end - c0) * chunks;
         for (int k = tid; k < n; k += DH_THREADS) {
