@@ -17,20 +17,39 @@
 //      chunk by chunk with the softmax rescaled between them.
 // No cluster, no counter, no partial buffers: the keys are read by each of the group's
 // query heads (from the L2 after the first), the arithmetic per block is 1/G of a KV head's.
+// SPLIT > 1 (VLLM_DS_SPLIT, session 9): the context's rows are cut into SPLIT equal ranges,
+// one block each, a cluster of SPLIT blocks along z per (sequence, query head): each block
+// stages and scores 1/SPLIT of the rows (one SM streams ~100 KB of W3's rows at ~20 B/ns,
+// the chain's longest part), and block 0 of the cluster merges the SPLIT (max, sum, values)
+// partials from the others' shared memory in rank order (deterministic, no atomics).
+// DH_WHOLE_TABLE in `cap` (VLLM_DS_TABLE, session 9; the launcher sets it when the table row
+// fits): row t is sequence t (the decode graphs' token_seq is the identity, graphs.rs), so
+// the whole block-table row goes to shared memory by cp.async in parallel with the
+// position load, instead of position -> entries -> rows (one dependent trip fewer).
 // Rounding as qkv_prepare + paged_attention_v2 (q and k rounded to T after rotary, scores,
 // softmax and sums in float32, output rounded to T); exponentials in base 2.
 
+#include <cooperative_groups.h>
+
 #include "common.cuh"
 #include "pdl.cuh"
+
+namespace cg = cooperative_groups;
 
 #define DH_THREADS 256
 #define DH_WARPS (DH_THREADS / 32)
 // Rows a thread scores per chunk: a chunk holds at most DH_THREADS * DH_ROWS_PT rows.
 #define DH_ROWS_PT 4
+// Flag in the kernels' `cap` argument: the block-table row is staged whole (see above).
+#define DH_WHOLE_TABLE (1 << 30)
 
 __device__ __forceinline__ void dh_cp_async16(void* dst, const void* src) {
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void dh_cp_async4(void* dst, const void* src) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
 }
 __device__ __forceinline__ void dh_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void dh_cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
@@ -40,16 +59,18 @@ __device__ __forceinline__ void dh_cp_wait_all() { asm volatile("cp.async.wait_a
 // xs [3 * hd] (the qkv slice plus bias); p [cap] (a chunk's exponentials); part
 // [max(DH_WARPS * VEC, hd)] (value sums per warp); red [20]; cur [2 * hd] T (this token's
 // key, value); tbl [cap / block_size + 2] (block-table entries of the chunk).
-template <typename T>
+template <typename T, int SPLIT>
 __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, const T* q_norm, const T* k_norm,
                                        const float* cos_table, const float* sin_table, const uint32_t* positions,
                                        const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,
                                        int block_size, T* k_cache, T* v_cache, int num_heads, int num_kv_heads,
-                                       int head_dim, float scale, int window, float eps, int cap) {
+                                       int head_dim, float scale, int window, float eps, int cap_arg) {
     constexpr int VEC = 16 / sizeof(T);
     constexpr float LOG2E = 1.4426950408889634f;
     extern __shared__ uint4 dh_smem[];
     const int t = blockIdx.x, head = blockIdx.y;
+    const bool whole_table = (cap_arg & DH_WHOLE_TABLE) != 0;
+    const int cap = cap_arg & ~DH_WHOLE_TABLE;
     const int hd = head_dim, half = hd / 2;
     const int chunks = hd / VEC;  // a power of two <= 32
     const int sw = chunks < 8 ? chunks - 1 : 7;
@@ -69,9 +90,21 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
     T* cur = reinterpret_cast<T*>(red + 20);
     int* tbl = reinterpret_cast<int*>(cur + 2 * hd);
 
+    if (whole_table) {
+        // Independent of the position: issued before it is read.
+        const uint32_t* row = block_tables + (long long)t * max_blocks;
+        for (int i = threadIdx.x; i < max_blocks; i += DH_THREADS) dh_cp_async4(tbl + i, row + i);
+        dh_cp_commit();
+    }
     const int pos = positions[t];
-    const int seq = token_seq[t];
+    const int seq = whole_table ? t : token_seq[t];
     const int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    // This block's rows [lo, hi) of the context [first, pos]; empty for late splits of a
+    // context shorter than SPLIT rows. The token's own row is in the last non-empty range.
+    const int split = SPLIT > 1 ? (int)blockIdx.z : 0;
+    const int per_split = (pos + 1 - first + SPLIT - 1) / SPLIT;
+    const int lo = min(first + split * per_split, pos + 1);
+    const int hi = min(lo + per_split, pos + 1);
     const long long kv_stride = (long long)num_kv_heads * hd;
     const long long head_off = (long long)kv_head * hd;
     const uint32_t* table = block_tables + (long long)seq * max_blocks;
@@ -79,11 +112,15 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
     // Rows [c0, c0 + cap) of the context that are in the cache (below pos): block-table
     // entries into tbl, then every 16-byte chunk of their keys and values by cp.async.
     auto stage = [&](int c0) {
-        const int end = min(c0 + cap, pos);  // exclusive; pos itself comes from qkv
+        const int end = min(min(c0 + cap, hi), pos);  // exclusive; pos itself comes from qkv
+        if (whole_table) dh_cp_wait_all();  // the table row (the only group pending at the first chunk)
         if (end <= c0) return;
-        const int b0 = c0 / block_size;
-        const int nent = (end - 1) / block_size - b0 + 1;
-        for (int i = tid; i < nent; i += DH_THREADS) tbl[i] = (int)table[b0 + i];
+        int b0 = 0;
+        if (!whole_table) {
+            b0 = c0 / block_size;
+            const int nent = (end - 1) / block_size - b0 + 1;
+            for (int i = tid; i < nent; i += DH_THREADS) tbl[i] = (int)table[b0 + i];
+        }
         __syncthreads();
         const int n = (end - c0) * chunks;
         for (int k = tid; k < n; k += DH_THREADS) {
@@ -119,7 +156,7 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
         sn = sin_table[at];
     }
     const long long kv_base = ((long long)table[pos / block_size] * block_size + pos % block_size) * kv_stride + head_off;
-    stage(first);
+    stage(lo);
     // The cache rows above were written by earlier steps; the qkv row is the previous
     // kernel's output (programmatic dependent launch, pdl.cuh).
     pdl_launch_dependents();
@@ -147,8 +184,8 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
     const float qscale = scale * LOG2E;
     // The token's own row: written straight into the first chunk when it is there (the
     // usual case), else kept in cur and copied when its chunk comes.
-    const int own_row = pos - first;
-    const bool own_first = own_row < cap;
+    const int own_row = pos - lo;
+    const bool own_first = lo <= pos && hi == pos + 1 && own_row < cap;
     auto swizzled = [&](int d) { return ((d / VEC) ^ (own_row & sw)) * VEC + d % VEC; };
     if (tid < hd) {
         // Thread tid: the query's (tid < half) or the key's rotary pair j, j + half.
@@ -172,7 +209,7 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
                 kbuf[own_row * hd + swizzled(j)] = ra;
                 kbuf[own_row * hd + swizzled(j + half)] = rb;
             }
-            if (writer) {
+            if (writer && split == 0) {
                 k_cache[kv_base + j] = ra;
                 k_cache[kv_base + j + half] = rb;
             }
@@ -182,7 +219,7 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
         const T v = from_f<T>(xs[2 * hd + d]);
         cur[hd + d] = v;
         if (own_first) vbuf[own_row * hd + swizzled(d)] = v;
-        if (writer) v_cache[kv_base + d] = v;
+        if (writer && split == 0) v_cache[kv_base + d] = v;
     }
 
     // Value phase geometry: thread tid sums column chunk pc over rows pg, pg + groups, ...
@@ -192,12 +229,12 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
     float acc[VEC];
 #pragma unroll
     for (int x = 0; x < VEC; x++) acc[x] = 0.f;
-    for (int c0 = first; c0 <= pos; c0 += cap) {
-        const int nrows = min(cap, pos + 1 - c0);
-        if (c0 != first) {
+    for (int c0 = lo; c0 < hi; c0 += cap) {
+        const int nrows = min(cap, hi - c0);
+        if (c0 != lo) {
             __syncthreads();  // every thread is done with the previous chunk's rows
             stage(c0);
-            if (pos - c0 < cap && tid < 2 * chunks) {
+            if (hi == pos + 1 && pos - c0 < cap && tid < 2 * chunks) {
                 const int r = pos - c0, c = tid % chunks;
                 T* buf = tid < chunks ? kbuf : vbuf;
                 reinterpret_cast<uint4*>(buf + r * hd)[c ^ (r & sw)] =
@@ -287,25 +324,97 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
         for (int x = 0; x < VEC; x++) part[(pc * per_chunk + pg / span) * VEC + x] = acc[x];
     }
     __syncthreads();
-    const float inv_l = L > 0.f ? 1.f / L : 0.f;
     T* dst = out + ((long long)t * num_heads + head) * hd;
-    for (int o = tid; o < hd; o += DH_THREADS) {
-        const int c = o / VEC, x = o % VEC;
-        float a = 0.f;
-        for (int k = 0; k < per_chunk; k++) a += part[(c * per_chunk + k) * VEC + x];
-        dst[o] = from_f<T>(a * inv_l);
+    if constexpr (SPLIT == 1) {
+        const float inv_l = L > 0.f ? 1.f / L : 0.f;
+        for (int o = tid; o < hd; o += DH_THREADS) {
+            const int c = o / VEC, x = o % VEC;
+            float a = 0.f;
+            for (int k = 0; k < per_chunk; k++) a += part[(c * per_chunk + k) * VEC + x];
+            dst[o] = from_f<T>(a * inv_l);
+        }
+    } else {
+        // This block's unnormalised value sums into qs (free after the scores), its max and
+        // sum into red[18..19]; block 0 of the cluster merges them in rank order.
+        for (int o = tid; o < hd; o += DH_THREADS) {
+            const int c = o / VEC, x = o % VEC;
+            float a = 0.f;
+            for (int k = 0; k < per_chunk; k++) a += part[(c * per_chunk + k) * VEC + x];
+            qs[o] = a;
+        }
+        if (tid == 0) {
+            red[18] = M;
+            red[19] = L;
+        }
+        cg::cluster_group cluster = cg::this_cluster();
+        cluster.sync();
+        if (split == 0) {
+            float mg = -INFINITY;
+            float ms[SPLIT], ls[SPLIT];
+#pragma unroll
+            for (int r = 0; r < SPLIT; r++) {
+                const float* rr = cluster.map_shared_rank(red, r);
+                ms[r] = rr[18];
+                ls[r] = rr[19];
+                mg = fmaxf(mg, ms[r]);  // finite: the range holding pos has rows
+            }
+            float lg = 0.f;
+#pragma unroll
+            for (int r = 0; r < SPLIT; r++) {
+                ms[r] = ls[r] > 0.f ? exp2f(ms[r] - mg) : 0.f;
+                lg += ms[r] * ls[r];
+            }
+            const float inv_l = lg > 0.f ? 1.f / lg : 0.f;
+            for (int o = tid; o < hd; o += DH_THREADS) {
+                float a = 0.f;
+#pragma unroll
+                for (int r = 0; r < SPLIT; r++) a += ms[r] * cluster.map_shared_rank(qs, r)[o];
+                dst[o] = from_f<T>(a * inv_l);
+            }
+        }
+        cluster.sync();  // the others' shared memory stays until block 0 has read it
     }
 }
 
-#define INSTANTIATE_DH(SUFFIX, T)                                                                                       \
-    extern "C" __global__ void __launch_bounds__(DH_THREADS, 2) decode_attention_heads_##SUFFIX(                        \
-        T* out, const T* qkv, const T* bias, const T* q_norm, const T* k_norm, const float* cos_table,                 \
-        const float* sin_table, const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables,    \
-        int max_blocks, int block_size, T* k_cache, T* v_cache, int num_heads, int num_kv_heads, int head_dim,         \
-        float scale, int window, float eps, int cap) {                                                                  \
-        decode_attention_heads<T>(out, qkv, bias, q_norm, k_norm, cos_table, sin_table, positions, token_seq,          \
-                                  block_tables, max_blocks, block_size, k_cache, v_cache, num_heads, num_kv_heads,     \
-                                  head_dim, scale, window, eps, cap);                                                   \
+// Measurement only (VLLM_DS_KIND=stub): the attention replaced by a copy of the head's
+// query, as bench/gpu/micro/persistent_chain.cu's stand-in; no cache write. Wrong tokens.
+template <typename T>
+__device__ void decode_attention_stub(T* out, const T* qkv, int num_heads, int num_kv_heads, int head_dim) {
+    pdl_launch_dependents();
+    pdl_wait();
+    const int t = blockIdx.x, head = blockIdx.y;
+    const int width = (num_heads + 2 * num_kv_heads) * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x)
+        out[((long long)t * num_heads + head) * head_dim + d] = qkv[(long long)t * width + head * head_dim + d];
+}
+
+#define DH_PARAMS(T)                                                                                                \
+    T *out, const T *qkv, const T *bias, const T *q_norm, const T *k_norm, const float *cos_table,                      \
+        const float *sin_table, const uint32_t *positions, const uint32_t *token_seq, const uint32_t *block_tables,     \
+        int max_blocks, int block_size, T *k_cache, T *v_cache, int num_heads, int num_kv_heads, int head_dim,          \
+        float scale, int window, float eps, int cap
+#define DH_ARGS                                                                                                    \
+    out, qkv, bias, q_norm, k_norm, cos_table, sin_table, positions, token_seq, block_tables, max_blocks, block_size, \
+        k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, window, eps, cap
+
+#define INSTANTIATE_DH(SUFFIX, T)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(DH_THREADS, 2) decode_attention_heads_##SUFFIX(DH_PARAMS(T)) {        \
+        decode_attention_heads<T, 1>(DH_ARGS);                                                                      \
+    }                                                                                                               \
+    extern "C" __global__ void __cluster_dims__(1, 1, 2) __launch_bounds__(DH_THREADS, 2)                           \
+        decode_attention_heads_s2_##SUFFIX(DH_PARAMS(T)) {                                                             \
+        decode_attention_heads<T, 2>(DH_ARGS);                                                                      \
+    }                                                                                                               \
+    extern "C" __global__ void __cluster_dims__(1, 1, 4) __launch_bounds__(DH_THREADS, 2)                           \
+        decode_attention_heads_s4_##SUFFIX(DH_PARAMS(T)) {                                                             \
+        decode_attention_heads<T, 4>(DH_ARGS);                                                                      \
+    }                                                                                                               \
+    extern "C" __global__ void __cluster_dims__(1, 1, 8) __launch_bounds__(DH_THREADS, 2)                           \
+        decode_attention_heads_s8_##SUFFIX(DH_PARAMS(T)) {                                                             \
+        decode_attention_heads<T, 8>(DH_ARGS);                                                                      \
+    }                                                                                                               \
+    extern "C" __global__ void decode_attention_stub_##SUFFIX(DH_PARAMS(T)) {                                          \
+        decode_attention_stub<T>(out, qkv, num_heads, num_kv_heads, head_dim);                                      \
     }
 
 INSTANTIATE_DH(f32, float)

@@ -3,7 +3,10 @@
 //! shared memory by cp.async before pdl_wait. decode_small::launch hands over to it where
 //! `Kernels::ds_heads` says so (VLLM_DS_KIND: `heads` everywhere, `cluster` never, default
 //! for groups of at least MIN_GROUP query heads per KV head, where the cluster kernel's
-//! per-SM arithmetic is largest).
+//! per-SM arithmetic is largest). `VLLM_DS_SPLIT=n` (1, 2, 4, 8) cuts each head's context
+//! into n ranges, one block each in a cluster of n (SPLITS, kernels/decode_heads.cu);
+//! `VLLM_DS_TABLE=0` stages only a chunk's block-table entries, after the position, instead
+//! of the whole row beside it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,6 +34,9 @@ pub enum Kind {
     Auto,
     Heads,
     Cluster,
+    /// Measurement only: the attention replaced by a copy of the query (wrong tokens), to
+    /// time the step without it.
+    Stub,
 }
 
 impl Kind {
@@ -38,8 +44,43 @@ impl Kind {
         match std::env::var("VLLM_DS_KIND").as_deref() {
             Ok("heads") => Kind::Heads,
             Ok("cluster") => Kind::Cluster,
+            Ok("stub") => Kind::Stub,
             _ => Kind::Auto,
         }
+    }
+}
+
+/// Context ranges a head's attention is cut into, each one block of a cluster (the
+/// kernels' `decode_attention_heads_s{n}_*`; 1 is the plain kernel).
+const SPLITS: [usize; 4] = [1, 2, 4, 8];
+/// Default split (VLLM_DS_SPLIT overrides, one of SPLITS): measured on an H200 (W3 0.677 ->
+/// 0.637 ms with 4, 0.638 with 2, 0.671 with 8; bench/RESULTS.md, issue 7, session 9).
+const DEFAULT_SPLIT: usize = 4;
+/// Must match DH_WHOLE_TABLE in decode_heads.cu: a flag in the kernels' `cap` argument.
+const WHOLE_TABLE: i32 = 1 << 30;
+/// Longest block-table row staged whole (VLLM_DS_TABLE=0: never).
+const WHOLE_TABLE_MAX: usize = 1024;
+
+fn whole_table_from_env() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("VLLM_DS_TABLE").is_none_or(|v| v != "0"))
+}
+
+fn split_from_env() -> usize {
+    static SPLIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SPLIT.get_or_init(|| {
+        std::env::var("VLLM_DS_SPLIT")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| SPLITS.contains(n))
+            .unwrap_or(DEFAULT_SPLIT)
+    })
+}
+
+fn kernel_name(split: usize) -> String {
+    match split {
+        1 => "decode_attention_heads".to_string(),
+        n => format!("decode_attention_heads_s{n}"),
     }
 }
 
@@ -51,20 +92,24 @@ pub(super) fn load_into(
 ) -> Option<Arc<CudaModule>> {
     let module = super::load_embedded(context, embedded::DECODE_HEADS_CUBIN, embedded::DECODE_HEADS_PTX).ok()?;
     for suffix in ["f32", "bf16", "f16"] {
-        let name = format!("decode_attention_heads_{suffix}");
-        let f = module.load_function(&name).ok()?;
-        // SAFETY: a valid function of a loaded module; the attribute is a plain integer.
-        let r = unsafe {
-            sys::cuFuncSetAttribute(
-                f.cu_function(),
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                SHARED_LIMIT as i32,
-            )
-        };
-        if r != sys::CUresult::CUDA_SUCCESS {
-            return None;
+        let stub = format!("decode_attention_stub_{suffix}");
+        functions.insert(stub.clone(), module.load_function(&stub).ok()?);
+        for split in SPLITS {
+            let name = format!("{}_{suffix}", kernel_name(split));
+            let f = module.load_function(&name).ok()?;
+            // SAFETY: a valid function of a loaded module; the attribute is a plain integer.
+            let r = unsafe {
+                sys::cuFuncSetAttribute(
+                    f.cu_function(),
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    SHARED_LIMIT as i32,
+                )
+            };
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return None;
+            }
+            functions.insert(name, f);
         }
-        functions.insert(name, f);
     }
     Some(module)
 }
@@ -73,13 +118,15 @@ pub(super) fn load_into(
 /// when the kernel does not serve the geometry (head_dim not a power-of-two count of
 /// 16-byte chunks of at most a warp, or larger than the block). `max_context`: the most
 /// positions a sequence can have (block-table width times block size); `max_rows`: the
-/// VLLM_DS_ROWS cap, if any.
+/// VLLM_DS_ROWS cap, if any; `table_entries`: block-table entries staged whole (0: the
+/// chunk's only).
 fn plan(
     dtype: DType,
     dims: &AttentionDims,
     max_context: usize,
     block_size: usize,
     max_rows: Option<usize>,
+    table_entries: usize,
 ) -> Option<(usize, usize)> {
     let size = dtype.size_in_bytes();
     let vec = 16 / size;
@@ -94,7 +141,7 @@ fn plan(
     let bytes_for = |cap: usize| {
         let buffers = 2 * cap * hd * size;
         let floats = hd + 3 * hd + cap + (DH_WARPS * vec).max(hd) + 20;
-        buffers + 4 * floats + 2 * hd * size + 4 * (cap / block_size + 2)
+        buffers + 4 * floats + 2 * hd * size + 4 * (cap / block_size + 2).max(table_entries)
     };
     let mut cap = max_context.clamp(1, DH_THREADS * DH_ROWS_PT);
     if let Some(m) = max_rows {
@@ -113,12 +160,12 @@ fn plan(
 pub fn serves(k: &Kernels, dtype: DType, dims: &AttentionDims) -> bool {
     let group = dims.num_heads.checked_div(dims.num_kv_heads).unwrap_or(0);
     let wanted = match k.ds_kind {
-        Kind::Heads => true,
+        Kind::Heads | Kind::Stub => true,
         Kind::Cluster => false,
         Kind::Auto => group >= MIN_GROUP,
     };
     // A block-size-1 plan stands in for the real one: serving depends on head_dim only.
-    k.ds_heads_loaded && wanted && plan(dtype, dims, 1, 1, None).is_some()
+    k.ds_heads_loaded && wanted && plan(dtype, dims, 1, 1, None, 0).is_some()
 }
 
 /// As decode_small::launch: `n` decode tokens, one per sequence; queries from the fused
@@ -134,16 +181,33 @@ pub fn launch(
     dims: &AttentionDims,
     eps: f32,
 ) -> Result<()> {
-    let max_context = meta.max_blocks * meta.block_size;
-    let (cap, shared) = plan(dtype, dims, max_context, meta.block_size, k.ds_rows)
+    let split = split_from_env();
+    // Each block holds at most its range of the longest context.
+    let max_context = (meta.max_blocks * meta.block_size).div_ceil(split);
+    // graphs.rs (the only caller) maps row t to sequence t, as the whole-table form assumes.
+    let whole_table = whole_table_from_env() && meta.max_blocks <= WHOLE_TABLE_MAX;
+    let table_entries = if whole_table { meta.max_blocks } else { 0 };
+    let (cap, shared) = plan(dtype, dims, max_context, meta.block_size, k.ds_rows, table_entries)
         .ok_or_else(|| EngineError::internal("decode_attention_heads: unsupported attention geometry"))?;
-    let f = k.function("decode_attention_heads", dtype)?;
+    if k.ds_kind == Kind::Stub {
+        let f = k.function("decode_attention_stub", dtype)?;
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, dims.num_heads as u32, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        return decode_small::launch_fused(k, f, "decode_attention_stub", cfg, p, out, meta, dims, eps, cap as i32);
+    }
+    let name = kernel_name(split);
+    let f = k.function(&name, dtype)?;
+    // Grid z: the context ranges, one cluster (the kernel's __cluster_dims__) per head.
     let cfg = LaunchConfig {
-        grid_dim: (n as u32, dims.num_heads as u32, 1),
+        grid_dim: (n as u32, dims.num_heads as u32, split as u32),
         block_dim: (DH_THREADS as u32, 1, 1),
         shared_mem_bytes: shared as u32,
     };
-    decode_small::launch_fused(k, f, "decode_attention_heads", cfg, p, out, meta, dims, eps, cap as i32)
+    let cap_arg = cap as i32 | if whole_table { WHOLE_TABLE } else { 0 };
+    decode_small::launch_fused(k, f, &name, cfg, p, out, meta, dims, eps, cap_arg)
 }
 
 #[cfg(test)]
@@ -154,31 +218,41 @@ mod tests {
     fn a_chunk_holds_w3s_whole_context_within_the_shared_memory_limit() {
         // Qwen2.5-0.5B in bf16 with W3's 1024-position limit: 256 bytes a row, so 200 KB
         // holds ~780 rows; W3's contexts end at 640.
-        let (cap, bytes) = plan(DType::BF16, &AttentionDims::unscaled(14, 2, 64), 1024, 16, None).unwrap();
+        let (cap, bytes) = plan(DType::BF16, &AttentionDims::unscaled(14, 2, 64), 1024, 16, None, 0).unwrap();
         assert!((640..1024).contains(&cap), "cap {cap}");
         assert!(bytes <= SHARED_LIMIT);
         // A short limit keeps the chunk to the context; VLLM_DS_ROWS caps it (multiple of 4).
         assert_eq!(
-            plan(DType::BF16, &AttentionDims::unscaled(14, 2, 64), 96, 16, None)
+            plan(DType::BF16, &AttentionDims::unscaled(14, 2, 64), 96, 16, None, 0)
                 .unwrap()
                 .0,
             96
         );
         assert_eq!(
-            plan(DType::F32, &AttentionDims::unscaled(4, 2, 16), 1024, 16, Some(30))
+            plan(DType::F32, &AttentionDims::unscaled(4, 2, 16), 1024, 16, Some(30), 0)
                 .unwrap()
                 .0,
             32
         );
         // Qwen3-0.6B (head_dim 128) fits too, with fewer rows.
-        assert!(plan(DType::BF16, &AttentionDims::unscaled(16, 8, 128), 4096, 16, None).is_some());
+        assert!(plan(DType::BF16, &AttentionDims::unscaled(16, 8, 128), 4096, 16, None, 0).is_some());
+    }
+
+    #[test]
+    fn a_whole_table_row_takes_its_entries_of_shared_memory() {
+        let dims = AttentionDims::unscaled(14, 2, 64);
+        let (cap, chunk_only) = plan(DType::BF16, &dims, 256, 16, None, 0).unwrap();
+        let (cap_whole, whole) = plan(DType::BF16, &dims, 256, 16, None, 1024).unwrap();
+        assert_eq!(cap, cap_whole);
+        // The chunk's own entries (cap / 16 + 2) are replaced by the row's 1024.
+        assert_eq!(whole - chunk_only, 4 * (1024 - (cap / 16 + 2)));
     }
 
     #[test]
     fn refuses_head_dims_the_kernel_cannot_split() {
         // 80 is 10 chunks of 8 bf16; f32 head_dim 256 is 64 chunks.
-        assert!(plan(DType::BF16, &AttentionDims::unscaled(4, 4, 80), 1024, 16, None).is_none());
-        assert!(plan(DType::F32, &AttentionDims::unscaled(64, 8, 256), 1024, 16, None).is_none());
-        assert!(plan(DType::BF16, &AttentionDims::unscaled(4, 0, 64), 1024, 16, None).is_none());
+        assert!(plan(DType::BF16, &AttentionDims::unscaled(4, 4, 80), 1024, 16, None, 0).is_none());
+        assert!(plan(DType::F32, &AttentionDims::unscaled(64, 8, 256), 1024, 16, None, 0).is_none());
+        assert!(plan(DType::BF16, &AttentionDims::unscaled(4, 0, 64), 1024, 16, None, 0).is_none());
     }
 }

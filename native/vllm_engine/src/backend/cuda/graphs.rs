@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::blas::Blas;
 use super::decode_small;
+use super::graph_events::GraphEvents;
 use super::lora::{DeviceLora, FusedParts};
 use super::ops::{self, AttentionDims, AttentionPtrs, GemvEpilogue, MetaPtrs, QkvPtrs, RowsPtrs};
 use super::{device_ptr, Kernels};
@@ -130,6 +131,8 @@ pub struct DecodeGraphs {
     argmax_host: Vec<u32>,
     /// Steps run through a graph (reported with VLLM_STEP_TIMING).
     replays: u64,
+    /// VLLM_GRAPH_EVENTS: device times around each replay (measurement).
+    events: Option<GraphEvents>,
 }
 
 impl Drop for DecodeGraphs {
@@ -259,6 +262,7 @@ impl DecodeGraphs {
             meta_host: vec![0; max_batch * (2 + max_blocks)],
             argmax_host: vec![0; 2 * max_batch],
             replays: 0,
+            events: GraphEvents::from_env(),
         };
         // Every row a padding row (scratch block), so the warm-up writes no real cache.
         graphs.stage_padding(0, max_batch)?;
@@ -596,6 +600,10 @@ impl DecodeGraphs {
             self.meta_host[row..row + blocks].copy_from_slice(&seq.block_table[..blocks]);
         }
         self.stage_padding(n, b)?;
+        let raw_stream = self.stream.cu_stream();
+        if let Some(e) = self.events.as_mut() {
+            e.before_upload(raw_stream);
+        }
         self.upload(b)?;
         let index = self.sizes.iter().position(|&s| s == b).unwrap_or(0);
         let with_lora = match lora {
@@ -607,7 +615,13 @@ impl DecodeGraphs {
         } else {
             &self.graphs[index]
         };
+        if let Some(e) = self.events.as_mut() {
+            e.before_launch(raw_stream);
+        }
         graph.launch().map_err(|e| cuda_err("launch", e))?;
+        if let Some(e) = self.events.as_mut() {
+            e.after_launch(raw_stream);
+        }
         self.replays += 1;
         REPLAYS_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Some(b))
@@ -624,6 +638,9 @@ impl DecodeGraphs {
         unsafe { driver::memcpy_dtoh_async(&mut self.argmax_host[..2 * b], src, self.stream.cu_stream()) }
             .map_err(|e| cuda_err("argmax copy", e))?;
         self.stream.synchronize().map_err(|e| cuda_err("synchronize", e))?;
+        if let Some(e) = self.events.as_mut() {
+            e.collect();
+        }
         let ids = self.argmax_host[..n].to_vec();
         let values = self.argmax_host[b..b + n].iter().map(|&v| f32::from_bits(v)).collect();
         Ok((ids, values))

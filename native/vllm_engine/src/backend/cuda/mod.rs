@@ -7,6 +7,7 @@ pub mod attention_prefill;
 pub mod blas;
 pub mod decode_heads;
 pub mod decode_small;
+pub mod graph_events;
 pub mod graphs;
 pub mod kv_cache;
 pub mod lora;
