@@ -222,9 +222,25 @@ mod tests {
         v.iter().map(|&x| from_bf16(to_bf16(x))).collect()
     }
 
+    /// Every output within the f32 summation's own rounding bound (one rounding per
+    /// addition: k · 2⁻²⁴ · Σ|x w|) of the f64 product of `x` ([m, cols]) and `w`ᵀ.
+    fn assert_within_f32_rounding(out: &[f32], x: &[f32], w: &[f32], m: usize, rows: usize, cols: usize, what: &str) {
+        for i in 0..m {
+            for r in 0..rows {
+                let terms = (0..cols).map(|k| x[i * cols + k] as f64 * w[r * cols + k] as f64);
+                let exact: f64 = terms.clone().sum();
+                let bound = cols as f64 * f64::powi(2.0, -24) * terms.map(f64::abs).sum::<f64>();
+                let got = out[i * rows + r];
+                assert!(
+                    (got as f64 - exact).abs() <= bound,
+                    "{what} m {m} row {i} col {r}: {got} vs {exact} (bound {bound:e})"
+                );
+            }
+        }
+    }
+
     /// The bf16 dot-product kernel (AVX512_BF16) against an f64 product of the
-    /// bf16-rounded inputs and weights, within the f32 summation's own rounding bound
-    /// (one rounding per addition: k · 2⁻²⁴ · Σ|x w|), over odd depths, panels narrower
+    /// bf16-rounded inputs and weights, within the f32 summation's rounding bound, over odd depths, panels narrower
     /// than 32, every row block size (1..=12) and blocks of 12 plus a remainder; and every
     /// row bit-identical to the same row multiplied alone.
     #[test]
@@ -251,17 +267,8 @@ mod tests {
             for m in 1..=max_m {
                 let mut out = vec![f32::NAN; m * rows];
                 packed.matmul(&x[..m * cols], m, &mut out);
+                assert_within_f32_rounding(&out, &xr, &wr, m, rows, cols, &format!("[{rows},{cols}]"));
                 for i in 0..m {
-                    for r in 0..rows {
-                        let terms = (0..cols).map(|k| xr[i * cols + k] as f64 * wr[r * cols + k] as f64);
-                        let exact: f64 = terms.clone().sum();
-                        let bound = cols as f64 * f64::powi(2.0, -24) * terms.map(f64::abs).sum::<f64>();
-                        let got = out[i * rows + r];
-                        assert!(
-                            (got as f64 - exact).abs() <= bound,
-                            "[{rows},{cols}] m {m} row {i} col {r}: {got} vs {exact} (bound {bound:e})"
-                        );
-                    }
                     assert_eq!(
                         out[i * rows..(i + 1) * rows]
                             .iter()
@@ -289,18 +296,7 @@ mod tests {
                 let x = irregular(m * cols, 4);
                 let mut out = vec![f32::NAN; m * rows];
                 packed.matmul(&x, m, &mut out);
-                for i in 0..m {
-                    for r in 0..rows {
-                        let terms = (0..cols).map(|k| x[i * cols + k] as f64 * wr[r * cols + k] as f64);
-                        let exact: f64 = terms.clone().sum();
-                        let bound = cols as f64 * f64::powi(2.0, -24) * terms.map(f64::abs).sum::<f64>();
-                        let got = out[i * rows + r];
-                        assert!(
-                            (got as f64 - exact).abs() <= bound,
-                            "{isa:?} m {m} row {i} col {r}: {got} vs {exact}"
-                        );
-                    }
-                }
+                assert_within_f32_rounding(&out, &x, &wr, m, rows, cols, &format!("{isa:?}"));
             }
         }
     }
