@@ -129,11 +129,8 @@ mod x86 {
     #![allow(clippy::needless_range_loop)]
     use std::arch::x86_64::*;
 
+    use super::super::matmul_x86::{by_row_count, prefetch_ahead, store_panel_rows};
     use super::PANEL;
-
-    /// How far ahead one or two rows ask for weights (as the f32 kernel: a decode streams
-    /// the weights faster than the hardware prefetcher alone brings them).
-    const PREFETCH_BYTES: usize = super::super::matmul_x86::PREFETCH_BYTES;
 
     /// `rows` (1..=12) rows of input pairs times one packed panel.
     ///
@@ -149,21 +146,7 @@ mod x86 {
         ldo: usize,
         width: usize,
     ) {
-        match rows {
-            1 => kernel::<1>(x, kp, panel, out, ldo, width),
-            2 => kernel::<2>(x, kp, panel, out, ldo, width),
-            3 => kernel::<3>(x, kp, panel, out, ldo, width),
-            4 => kernel::<4>(x, kp, panel, out, ldo, width),
-            5 => kernel::<5>(x, kp, panel, out, ldo, width),
-            6 => kernel::<6>(x, kp, panel, out, ldo, width),
-            7 => kernel::<7>(x, kp, panel, out, ldo, width),
-            8 => kernel::<8>(x, kp, panel, out, ldo, width),
-            9 => kernel::<9>(x, kp, panel, out, ldo, width),
-            10 => kernel::<10>(x, kp, panel, out, ldo, width),
-            11 => kernel::<11>(x, kp, panel, out, ldo, width),
-            12 => kernel::<12>(x, kp, panel, out, ldo, width),
-            _ => unreachable!("row block of {rows}"),
-        }
+        by_row_count!(rows, kernel(x, kp, panel, out, ldo, width))
     }
 
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -180,9 +163,7 @@ mod x86 {
         let pair_bytes = 2 * PANEL * 2;
         for q in 0..kp {
             if R <= 2 {
-                let p = (panel as *const i8).wrapping_add(q * pair_bytes + PREFETCH_BYTES);
-                _mm_prefetch::<_MM_HINT_T0>(p);
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+                prefetch_ahead(panel as *const i8, q * pair_bytes, pair_bytes);
             }
             let w = panel.add(q * 2 * PANEL);
             let w0: __m512bh = std::mem::transmute(_mm512_load_si512(w as *const _));
@@ -193,16 +174,7 @@ mod x86 {
                 hi[i] = _mm512_dpbf16_ps(hi[i], xv, w1);
             }
         }
-        let mask = |from: usize| -> __mmask16 {
-            let n = width.saturating_sub(from).min(16);
-            ((1u32 << n) - 1) as __mmask16
-        };
-        let (m0, m1) = (mask(0), mask(16));
-        for i in 0..R {
-            let o = out.add(i * ldo);
-            _mm512_mask_storeu_ps(o, m0, lo[i]);
-            _mm512_mask_storeu_ps(o.add(16), m1, hi[i]);
-        }
+        store_panel_rows(&lo, &hi, out, ldo, width);
     }
 }
 

@@ -12,16 +12,62 @@ use super::matmul::PANEL;
 
 /// How far ahead of its loads a few-row kernel asks for weights: one or two rows stream
 /// weights from memory faster than the hardware prefetcher alone brings them.
-pub(crate) const PREFETCH_BYTES: usize = 4096;
+const PREFETCH_BYTES: usize = 4096;
 
 /// Prefetches the `len` bytes (one or two cache lines) `PREFETCH_BYTES` past `at`. Past the
 /// end of a panel this is the next panel (contiguous), past the matrix a harmless no-op.
 #[inline(always)]
-unsafe fn prefetch_ahead(base: *const i8, at: usize, len: usize) {
+pub(crate) unsafe fn prefetch_ahead(base: *const i8, at: usize, len: usize) {
     let p = base.wrapping_add(at + PREFETCH_BYTES);
     _mm_prefetch::<_MM_HINT_T0>(p);
     if len > 64 {
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+    }
+}
+
+/// `kernel::<R>(args)` for a run-time row count R in 1..=12: the AVX-512 kernels' const
+/// row blocks.
+macro_rules! by_row_count {
+    ($rows:expr, $kernel:ident($($arg:expr),*)) => {
+        match $rows {
+            1 => $kernel::<1>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            4 => $kernel::<4>($($arg),*),
+            5 => $kernel::<5>($($arg),*),
+            6 => $kernel::<6>($($arg),*),
+            7 => $kernel::<7>($($arg),*),
+            8 => $kernel::<8>($($arg),*),
+            9 => $kernel::<9>($($arg),*),
+            10 => $kernel::<10>($($arg),*),
+            11 => $kernel::<11>($($arg),*),
+            12 => $kernel::<12>($($arg),*),
+            rows => unreachable!("row block of {rows}"),
+        }
+    };
+}
+pub(crate) use by_row_count;
+
+/// Stores R rows of a panel's accumulators (columns 0..16 in `lo`, 16..32 in `hi`) at
+/// stride `ldo`, the columns from `width` on masked off.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn store_panel_rows<const R: usize>(
+    lo: &[__m512; R],
+    hi: &[__m512; R],
+    out: *mut f32,
+    ldo: usize,
+    width: usize,
+) {
+    let mask = |from: usize| -> __mmask16 {
+        let n = width.saturating_sub(from).min(16);
+        ((1u32 << n) - 1) as __mmask16
+    };
+    let (m0, m1) = (mask(0), mask(16));
+    for i in 0..R {
+        let o = out.add(i * ldo);
+        _mm512_mask_storeu_ps(o, m0, lo[i]);
+        _mm512_mask_storeu_ps(o.add(16), m1, hi[i]);
     }
 }
 
@@ -40,21 +86,7 @@ macro_rules! avx512_kernel {
             ldo: usize,
             width: usize,
         ) {
-            match rows {
-                1 => $kernel::<1>(x, k, panel, out, ldo, width),
-                2 => $kernel::<2>(x, k, panel, out, ldo, width),
-                3 => $kernel::<3>(x, k, panel, out, ldo, width),
-                4 => $kernel::<4>(x, k, panel, out, ldo, width),
-                5 => $kernel::<5>(x, k, panel, out, ldo, width),
-                6 => $kernel::<6>(x, k, panel, out, ldo, width),
-                7 => $kernel::<7>(x, k, panel, out, ldo, width),
-                8 => $kernel::<8>(x, k, panel, out, ldo, width),
-                9 => $kernel::<9>(x, k, panel, out, ldo, width),
-                10 => $kernel::<10>(x, k, panel, out, ldo, width),
-                11 => $kernel::<11>(x, k, panel, out, ldo, width),
-                12 => $kernel::<12>(x, k, panel, out, ldo, width),
-                _ => unreachable!("row block of {rows}"),
-            }
+            by_row_count!(rows, $kernel(x, k, panel, out, ldo, width))
         }
 
         #[target_feature(enable = $features)]
@@ -83,16 +115,7 @@ macro_rules! avx512_kernel {
                     hi[i] = _mm512_fmadd_ps(xv, w1, hi[i]);
                 }
             }
-            let mask = |from: usize| -> __mmask16 {
-                let n = width.saturating_sub(from).min(16);
-                ((1u32 << n) - 1) as __mmask16
-            };
-            let (m0, m1) = (mask(0), mask(16));
-            for i in 0..R {
-                let o = out.add(i * ldo);
-                _mm512_mask_storeu_ps(o, m0, lo[i]);
-                _mm512_mask_storeu_ps(o.add(16), m1, hi[i]);
-            }
+            store_panel_rows(&lo, &hi, out, ldo, width);
         }
     };
 }
