@@ -22,6 +22,7 @@
 
 #include "check.cuh"
 #include "fill.cuh"
+#include "timing.cuh"
 
 typedef __nv_bfloat16 bf;
 const int LAYERS = 28;
@@ -39,23 +40,10 @@ static float time_graph(cudaStream_t s, int layers, int replays, F launch) {
     CK(cudaGraphInstantiate(&ge, g, 0));
     CK(cudaGraphLaunch(ge, s));
     CK(cudaStreamSynchronize(s));
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    std::vector<float> ts;
-    for (int i = 0; i < replays; i++) {
-        CK(cudaEventRecord(a, s));
-        CK(cudaGraphLaunch(ge, s));
-        CK(cudaEventRecord(b, s));
-        CK(cudaEventSynchronize(b));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        ts.push_back(ms);
-    }
+    const float ms = time_runs(s, replays, [&](int) { CK(cudaGraphLaunch(ge, s)); }).median_ms;
     CK(cudaGraphExecDestroy(ge));
     CK(cudaGraphDestroy(g));
-    std::sort(ts.begin(), ts.end());
-    return ts[ts.size() / 2] * 1e3f / layers;
+    return ms * 1e3f / layers;
 }
 
 int main(int argc, char** argv) {

@@ -17,6 +17,7 @@
 
 #include "check.cuh"
 #include "fill.cuh"
+#include "timing.cuh"
 
 typedef __nv_bfloat16 bf;
 
@@ -82,23 +83,10 @@ template <typename F> static float time_graph(F body, int reps = 30) {
     CK(cudaStreamEndCapture(st, &g));
     CK(cudaGraphInstantiate(&ge, g, 0));
     for (int i = 0; i < 3; i++) CK(cudaGraphLaunch(ge, st));
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    std::vector<float> ts;
-    for (int i = 0; i < reps; i++) {
-        CK(cudaEventRecord(a, st));
-        CK(cudaGraphLaunch(ge, st));
-        CK(cudaEventRecord(b, st));
-        CK(cudaEventSynchronize(b));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        ts.push_back(ms);
-    }
-    std::sort(ts.begin(), ts.end());
+    const float ms = time_runs(st, reps, [&](int) { CK(cudaGraphLaunch(ge, st)); }).median_ms;
     CK(cudaGraphExecDestroy(ge));
     CK(cudaGraphDestroy(g));
-    return ts[ts.size() / 2];
+    return ms;
 }
 
 struct Shape {
