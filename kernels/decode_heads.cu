@@ -397,22 +397,20 @@ __device__ void decode_attention_stub(T* out, const T* qkv, int num_heads, int n
     out, qkv, bias, q_norm, k_norm, cos_table, sin_table, positions, token_seq, block_tables, max_blocks, block_size, \
         k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, window, eps, cap
 
+// The SPLIT > 1 kernels: clusters of N blocks along z.
+#define INSTANTIATE_DH_SPLIT(SUFFIX, T, N)                                                                          \
+    extern "C" __global__ void __cluster_dims__(1, 1, N) __launch_bounds__(DH_THREADS, 2)                           \
+        decode_attention_heads_s##N##_##SUFFIX(DH_PARAMS(T)) {                                                         \
+        decode_attention_heads<T, N>(DH_ARGS);                                                                      \
+    }
+
 #define INSTANTIATE_DH(SUFFIX, T)                                                                                   \
     extern "C" __global__ void __launch_bounds__(DH_THREADS, 2) decode_attention_heads_##SUFFIX(DH_PARAMS(T)) {        \
         decode_attention_heads<T, 1>(DH_ARGS);                                                                      \
     }                                                                                                               \
-    extern "C" __global__ void __cluster_dims__(1, 1, 2) __launch_bounds__(DH_THREADS, 2)                           \
-        decode_attention_heads_s2_##SUFFIX(DH_PARAMS(T)) {                                                             \
-        decode_attention_heads<T, 2>(DH_ARGS);                                                                      \
-    }                                                                                                               \
-    extern "C" __global__ void __cluster_dims__(1, 1, 4) __launch_bounds__(DH_THREADS, 2)                           \
-        decode_attention_heads_s4_##SUFFIX(DH_PARAMS(T)) {                                                             \
-        decode_attention_heads<T, 4>(DH_ARGS);                                                                      \
-    }                                                                                                               \
-    extern "C" __global__ void __cluster_dims__(1, 1, 8) __launch_bounds__(DH_THREADS, 2)                           \
-        decode_attention_heads_s8_##SUFFIX(DH_PARAMS(T)) {                                                             \
-        decode_attention_heads<T, 8>(DH_ARGS);                                                                      \
-    }                                                                                                               \
+    INSTANTIATE_DH_SPLIT(SUFFIX, T, 2)                                                                              \
+    INSTANTIATE_DH_SPLIT(SUFFIX, T, 4)                                                                              \
+    INSTANTIATE_DH_SPLIT(SUFFIX, T, 8)                                                                              \
     extern "C" __global__ void decode_attention_stub_##SUFFIX(DH_PARAMS(T)) {                                          \
         decode_attention_stub<T>(out, qkv, num_heads, num_kv_heads, head_dim);                                      \
     }
