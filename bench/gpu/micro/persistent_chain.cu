@@ -263,6 +263,20 @@ struct Consumer {
         }
         i++;
     }
+    // gate_up's n rows of this block, PAIRS (gate, up) row pairs a piece: warp w < m takes
+    // gate row w of the piece, warp m + w its up row; gu[row][0 gate / 1 up] gets the dot.
+    __device__ void gate_up_pieces(int n, const uint4 (&xr)[5], float (*gu)[2]) {
+        for (int p = 0; p < n; p += PAIRS) {
+            const unsigned char* s = take();
+            const int m = min(PAIRS, n - p);
+            if (warp < 2 * m) {
+                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
+                const int half = warp >= m, pair = half ? warp - m : warp;
+                if (lane == 0) gu[p + pair][half] = v;
+            }
+            give();
+        }
+    }
     // Phase `idx` (layer * PH + p) of this token published by blocks [0, producers).
     __device__ void wait(int idx, int producers) {
         long long t0 = clock64();
@@ -356,16 +370,7 @@ __device__ void consume(Consumer& k) {
         k.wait(idx + 2, G);
         load_norm(xr, c.hm + (long long)l * HID, c.ln2 + (long long)l * HID, lane);
         const int glo = part_lo(INTER, b, G), ghi = part_lo(INTER, b + 1, G);
-        for (int p = 0; glo + p < ghi; p += PAIRS) {
-            const unsigned char* s = k.take();
-            const int m = min(PAIRS, ghi - glo - p);
-            if (warp < 2 * m) {
-                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
-                const int half = warp >= m, pair = half ? warp - m : warp;
-                if (lane == 0) gu_part[p + pair][half] = v;
-            }
-            k.give();
-        }
+        k.gate_up_pieces(ghi - glo, xr, gu_part);
         consumers_sync();
         for (int t = warp * 32 + lane; t < ghi - glo; t += CW * 32) {
             const float g = bfround(gu_part[t][0]), u = bfround(gu_part[t][1]);
@@ -575,16 +580,7 @@ __device__ void consume_ll(Consumer& k) {
         { const long long d = clock64() - t0; k.t_sync += d; k.t_ph[2] += d; }
         norm_from_smem(xr, vf, wn, lane);
         const int glo = part_lo(INTER, b, G), ghi = part_lo(INTER, b + 1, G);
-        for (int p = 0; glo + p < ghi; p += PAIRS) {
-            const unsigned char* s = k.take();
-            const int m = min(PAIRS, ghi - glo - p);
-            if (warp < 2 * m) {
-                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
-                const int half = warp >= m, pair = half ? warp - m : warp;
-                if (lane == 0) gu_part[p + pair][half] = v;
-            }
-            k.give();
-        }
+        k.gate_up_pieces(ghi - glo, xr, gu_part);
         consumers_sync();
         for (int t = tid; t < (ghi - glo) / 2; t += CW * 32) {
             float a[2];
@@ -952,16 +948,7 @@ __device__ void consume3(Consumer& k, Cluster3& cl, unsigned cid, unsigned nc, l
         for (int i = tid; i < HID; i += CW * 32) hm_s[i] = h_s[i] + bfround(rdf[i] + rdf[HID + i]);
         consumers_sync();
         norm_from_smem(xr, hm_s, wn, lane);
-        for (int p = 0; ilo + p < ihi; p += PAIRS) {
-            const unsigned char* s = k.take();
-            const int m = min(PAIRS, ihi - ilo - p);
-            if (warp < 2 * m) {
-                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
-                const int half = warp >= m, pair = half ? warp - m : warp;
-                if (lane == 0) gu_part[p + pair][half] = v;
-            }
-            k.give();
-        }
+        k.gate_up_pieces(ihi - ilo, xr, gu_part);
         consumers_sync();
         for (int t = tid; t < ihi - ilo; t += CW * 32) {
             const float g = bfround(gu_part[t][0]), u = bfround(gu_part[t][1]);
