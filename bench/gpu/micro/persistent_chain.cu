@@ -263,6 +263,19 @@ struct Consumer {
         }
         i++;
     }
+    // The rows lo..hi of a product with 896 inputs, ROWS896 a piece, warp w taking row w of
+    // the piece: store(r, row, v) with r = row - lo, once per lane of each row's warp.
+    template <class Store>
+    __device__ void row_pieces(int lo, int hi, const uint4 (&xr)[5], Store store) {
+        for (int p = 0; lo + p < hi; p += ROWS896) {
+            const unsigned char* s = take();
+            if (warp < min(ROWS896, hi - lo - p)) {
+                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
+                store(p + warp, lo + p + warp, v);
+            }
+            give();
+        }
+    }
     // gate_up's n rows of this block, PAIRS (gate, up) row pairs a piece: warp w < m takes
     // gate row w of the piece, warp m + w its up row; gu[row][0 gate / 1 up] gets the dot.
     __device__ void gate_up_pieces(int n, const uint4 (&xr)[5], float (*gu)[2]) {
@@ -330,14 +343,9 @@ __device__ void consume(Consumer& k) {
         // qkv = RMSNorm(h) · Wqkvᵀ
         if (l > 0) k.wait(idx - 1, G);
         load_norm(xr, c.h + (long long)l * HID, c.ln1 + (long long)l * HID, lane);
-        for (int p = 0, lo = part_lo(QKV, b, G), hi = part_lo(QKV, b + 1, G); lo + p < hi; p += ROWS896) {
-            const unsigned char* s = k.take();
-            if (warp < min(ROWS896, hi - lo - p)) {
-                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
-                if (lane == 0) c.qkv[(long long)l * QKV + lo + p + warp] = __float2bfloat16(v);
-            }
-            k.give();
-        }
+        k.row_pieces(part_lo(QKV, b, G), part_lo(QKV, b + 1, G), xr, [&](int, int row, float v) {
+            if (lane == 0) c.qkv[(long long)l * QKV + row] = __float2bfloat16(v);
+        });
         k.publish(idx);
         // The attention stand-in: head `b` of q plus the bias.
         if (b < HEADS) {
@@ -356,15 +364,10 @@ __device__ void consume(Consumer& k) {
             const int ch = lane + 32 * j;
             if (ch < HID / 8) xr[j] = __ldcg(reinterpret_cast<const uint4*>(c.att + (long long)l * HID) + ch);
         }
-        for (int p = 0, lo = part_lo(HID, b, G), hi = part_lo(HID, b + 1, G); lo + p < hi; p += ROWS896) {
-            const unsigned char* s = k.take();
-            if (warp < min(ROWS896, hi - lo - p)) {
-                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
-                const long long o = (long long)l * HID + lo + p + warp;
-                if (lane == 0) c.hm[o] = __ldcg(c.h + o) + bfround(v);
-            }
-            k.give();
-        }
+        k.row_pieces(part_lo(HID, b, G), part_lo(HID, b + 1, G), xr, [&](int, int row, float v) {
+            const long long o = (long long)l * HID + row;
+            if (lane == 0) c.hm[o] = __ldcg(c.h + o) + bfround(v);
+        });
         k.publish(idx + 2);
         // gate_up: act = silu(g) * u of RMSNorm(hm) · [Wg; Wu]ᵀ
         k.wait(idx + 2, G);
@@ -415,14 +418,9 @@ __device__ void consume(Consumer& k) {
     if (c.with_lm) {
         k.wait(c.layers * PH - 1, G);
         load_norm(xr, c.h + (long long)c.layers * HID, c.fnorm, lane);
-        for (int p = 0, lo = part_lo(VOCAB, b, G), hi = part_lo(VOCAB, b + 1, G); lo + p < hi; p += ROWS896) {
-            const unsigned char* s = k.take();
-            if (warp < min(ROWS896, hi - lo - p)) {
-                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
-                if (lane == 0) c.logits[lo + p + warp] = v;
-            }
-            k.give();
-        }
+        k.row_pieces(part_lo(VOCAB, b, G), part_lo(VOCAB, b + 1, G), xr, [&](int, int row, float v) {
+            if (lane == 0) c.logits[row] = v;
+        });
     }
 }
 
@@ -517,17 +515,12 @@ __device__ void consume_ll(Consumer& k) {
         { const long long d = clock64() - t0; k.t_sync += d; k.t_ph[0] += d; }
         norm_from_smem(xr, vf, wn, lane);
         const int qlo = part_lo(QKV, b, G), qhi = part_lo(QKV, b + 1, G);
-        for (int p = 0; qlo + p < qhi; p += ROWS896) {
-            const unsigned char* s = k.take();
-            if (warp < min(ROWS896, qhi - qlo - p)) {
-                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
-                if (lane == 0) {
-                    out_s[p + warp] = v;
-                    c.qkv[(long long)l * QKV + qlo + p + warp] = __float2bfloat16(v);
-                }
+        k.row_pieces(qlo, qhi, xr, [&](int r, int row, float v) {
+            if (lane == 0) {
+                out_s[r] = v;
+                c.qkv[(long long)l * QKV + row] = __float2bfloat16(v);
             }
-            k.give();
-        }
+        });
         consumers_sync();
         for (int t = tid; t < (qhi - qlo) / 2; t += CW * 32)
             st_tagged(ll + LL_Q + qlo / 2 + t, seq, pack_bf2(out_s[2 * t], out_s[2 * t + 1]));
@@ -558,18 +551,13 @@ __device__ void consume_ll(Consumer& k) {
 #pragma unroll
         for (int j = 0; j < 4; j++)
             if (lane + 32 * j < HID / 8) xr[j] = reinterpret_cast<const uint4*>(vec)[lane + 32 * j];
-        for (int p = 0; dlo + p < dhi; p += ROWS896) {
-            const unsigned char* s = k.take();
-            if (warp < min(ROWS896, dhi - dlo - p)) {
-                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
-                if (lane == 0) {
-                    const float hmv = h_own[p + warp] + bfround(v);
-                    hm_own[p + warp] = hmv;
-                    c.hm[(long long)l * HID + dlo + p + warp] = hmv;
-                }
+        k.row_pieces(dlo, dhi, xr, [&](int r, int row, float v) {
+            if (lane == 0) {
+                const float hmv = h_own[r] + bfround(v);
+                hm_own[r] = hmv;
+                c.hm[(long long)l * HID + row] = hmv;
             }
-            k.give();
-        }
+        });
         consumers_sync();
         for (int t = tid; t < dhi - dlo; t += CW * 32) st_tagged(ll + LL_HM + dlo + t, seq + 2, __float_as_uint(hm_own[t]));
         // gate_up
@@ -634,14 +622,9 @@ __device__ void consume_ll(Consumer& k) {
         consumers_sync();
         k.t_sync += clock64() - t0;
         norm_from_smem(xr, vf, wn, lane);
-        for (int p = 0, lo = part_lo(VOCAB, b, G), hi = part_lo(VOCAB, b + 1, G); lo + p < hi; p += ROWS896) {
-            const unsigned char* s = k.take();
-            if (warp < min(ROWS896, hi - lo - p)) {
-                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
-                if (lane == 0) c.logits[lo + p + warp] = v;
-            }
-            k.give();
-        }
+        k.row_pieces(part_lo(VOCAB, b, G), part_lo(VOCAB, b + 1, G), xr, [&](int, int row, float v) {
+            if (lane == 0) c.logits[row] = v;
+        });
     }
 }
 
@@ -887,14 +870,9 @@ __device__ void consume3(Consumer& k, Cluster3& cl, unsigned cid, unsigned nc, l
         load_nw(wn, c.ln1 + (long long)l * HID, lane);
         hop1(l);
         norm_from_smem(xr, h_s, wn, lane);
-        for (int p = 0; qlo + p < qhi; p += ROWS896) {
-            const unsigned char* s = k.take();
-            if (warp < min(ROWS896, qhi - qlo - p)) {
-                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
-                if (lane == 0) out_s[p + warp] = v;
-            }
-            k.give();
-        }
+        k.row_pieces(qlo, qhi, xr, [&](int r, int, float v) {
+            if (lane == 0) out_s[r] = v;
+        });
         consumers_sync();
         for (int t = tid; t < (qhi - qlo) / 2; t += CW * 32)
             st_tagged(ll + L3_Q + qlo / 2 + t, seq, pack_bf2(out_s[2 * t], out_s[2 * t + 1]));
@@ -995,14 +973,9 @@ __device__ void consume3(Consumer& k, Cluster3& cl, unsigned cid, unsigned nc, l
     if (c.with_lm) {
         load_nw(wn, c.fnorm, lane);
         norm_from_smem(xr, h_s, wn, lane);
-        for (int p = 0, lo = part_lo(VOCAB, b, G), hi = part_lo(VOCAB, b + 1, G); lo + p < hi; p += ROWS896) {
-            const unsigned char* s = k.take();
-            if (warp < min(ROWS896, hi - lo - p)) {
-                const float v = s ? dot896(s + warp * HID * 2, xr, lane) : 0.f;
-                if (lane == 0) c.logits[lo + p + warp] = v;
-            }
-            k.give();
-        }
+        k.row_pieces(part_lo(VOCAB, b, G), part_lo(VOCAB, b + 1, G), xr, [&](int, int row, float v) {
+            if (lane == 0) c.logits[row] = v;
+        });
     }
     // No block may leave while another may still read its shared memory.
     cl.sync(warp, lane, tw[3], tw[4]);
