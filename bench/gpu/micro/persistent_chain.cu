@@ -437,15 +437,15 @@ __device__ __forceinline__ uint32_t pack_bf2(float a, float b) {
     return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// The consumer warps read `words` tagged words (even) into dst: every request first, then
-// each pair re-read until both tags are `seq` (with skip, whatever is there).
-template <int MAXV>
-__device__ __forceinline__ void ll_read(const uint64_t* src, int words, unsigned seq, uint32_t* dst, bool skip) {
-    const int tid = threadIdx.x, units = words / 2;
+// The consumer threads read `units` pairs of tagged words (unit u at addr(u)) into dst[2u],
+// dst[2u + 1]: every request first, then each pair re-read until both tags are seq.
+template <int MAXV, class Addr>
+__device__ __forceinline__ void ll_gather(int units, unsigned seq, bool skip, Addr addr, uint32_t* dst) {
+    const int tid = threadIdx.x;
     ulonglong2 v[MAXV];
 #pragma unroll
     for (int k = 0; k < MAXV; k++)
-        if (tid + k * CW * 32 < units) v[k] = ld_tagged2(src + 2 * (tid + k * CW * 32));
+        if (tid + k * CW * 32 < units) v[k] = ld_tagged2(addr(tid + k * CW * 32));
 #pragma unroll
     for (int k = 0; k < MAXV; k++) {
         const int u = tid + k * CW * 32;
@@ -453,12 +453,18 @@ __device__ __forceinline__ void ll_read(const uint64_t* src, int words, unsigned
             unsigned n = 0;
             while (!skip && ((unsigned)(v[k].x >> 32) != seq || (unsigned)(v[k].y >> 32) != seq)) {
                 spin_guard(n);
-                v[k] = ld_tagged2(src + 2 * u);
+                v[k] = ld_tagged2(addr(u));
             }
             dst[2 * u] = (uint32_t)v[k].x;
             dst[2 * u + 1] = (uint32_t)v[k].y;
         }
     }
+}
+
+// The consumer warps read `words` tagged words (even) into dst, contiguous from src.
+template <int MAXV>
+__device__ __forceinline__ void ll_read(const uint64_t* src, int words, unsigned seq, uint32_t* dst, bool skip) {
+    ll_gather<MAXV>(words / 2, seq, skip, [&](int u) { return src + 2 * u; }, dst);
 }
 
 // A warp's x' = RMSNorm(hs) * nw from a float vector in shared memory (see load_norm).
@@ -764,30 +770,6 @@ __device__ void produce3(const Chain& c, const Ring& r, int b, int G, long long&
     if (c.with_lm)
         for (int p = 0, lo = part_lo(VOCAB, b, G), hi = part_lo(VOCAB, b + 1, G); lo + p < hi; p += ROWS896)
             issue(c.lm + (long long)(lo + p) * HID, nullptr, min(ROWS896, hi - lo - p) * HID * 2);
-}
-
-// The consumer threads read `units` pairs of tagged words (unit u at addr(u)) into dst[2u],
-// dst[2u + 1]: every request first, then each pair re-read until both tags are seq.
-template <int MAXV, class Addr>
-__device__ __forceinline__ void ll_gather(int units, unsigned seq, bool skip, Addr addr, uint32_t* dst) {
-    const int tid = threadIdx.x;
-    ulonglong2 v[MAXV];
-#pragma unroll
-    for (int k = 0; k < MAXV; k++)
-        if (tid + k * CW * 32 < units) v[k] = ld_tagged2(addr(tid + k * CW * 32));
-#pragma unroll
-    for (int k = 0; k < MAXV; k++) {
-        const int u = tid + k * CW * 32;
-        if (u < units) {
-            unsigned n = 0;
-            while (!skip && ((unsigned)(v[k].x >> 32) != seq || (unsigned)(v[k].y >> 32) != seq)) {
-                spin_guard(n);
-                v[k] = ld_tagged2(addr(u));
-            }
-            dst[2 * u] = (uint32_t)v[k].x;
-            dst[2 * u + 1] = (uint32_t)v[k].y;
-        }
-    }
 }
 
 struct Cluster3 {
