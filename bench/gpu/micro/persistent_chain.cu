@@ -195,6 +195,15 @@ __device__ __forceinline__ float dot896(const unsigned char* row, const uint4 (&
     return warp_sum(s);
 }
 
+// Thread 0: a ring's ns full (one producer arrival) and empty (CW consumer warps) barriers.
+__device__ __forceinline__ void init_ring_barriers(uint64_t* full, uint64_t* empty, int ns) {
+    for (int s = 0; s < ns; s++) {
+        mbar_init(&full[s], 1);
+        mbar_init(&empty[s], CW);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
 struct Ring {
     unsigned char* base;
     uint64_t* full;
@@ -640,13 +649,7 @@ __global__ void __launch_bounds__(THREADS, MINB) chain_persistent(const __grid_c
     extern __shared__ __align__(128) unsigned char ring[];
     __shared__ __align__(8) uint64_t full[MAXNS], empty[MAXNS];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, b = blockIdx.x, G = gridDim.x;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < c.ns; s++) {
-            mbar_init(&full[s], 1);
-            mbar_init(&empty[s], CW);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
+    if (threadIdx.x == 0) init_ring_barriers(full, empty, c.ns);
     __syncthreads();
     const Ring r{ring, full, empty, c.ns};
     const long long t0 = clock64();
@@ -971,13 +974,7 @@ __global__ void __launch_bounds__(THREADS, 1) chain3(const __grid_constant__ Cha
     __shared__ __align__(8) uint64_t full[MAXNS3], empty[MAXNS3];
     __shared__ unsigned cflags[CL];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, b = blockIdx.x, G = gridDim.x;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < c.ns; s++) {
-            mbar_init(&full[s], 1);
-            mbar_init(&empty[s], CW);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
+    if (threadIdx.x == 0) init_ring_barriers(full, empty, c.ns);
     if (threadIdx.x < CL) cflags[threadIdx.x] = 0;
     __syncthreads();
     // Every block's flags are zero before any rank can write them.
