@@ -179,6 +179,10 @@ impl Engine {
             KvCacheManager::new(limits.num_blocks, limits.block_size).with_prefix_caching(args.enable_prefix_caching),
         );
         let mut scheduler = scheduler;
+        // Captured decode graphs launch each greedy step ahead (backend/cuda/graphs.rs).
+        if model.samples_on_device() && !args.enforce_eager {
+            scheduler.set_lookahead_slots(1);
+        }
         let mut runner = ModelRunner::new(model, limits.num_blocks, limits.block_size)?;
         runner.prepare_decode_graphs(&crate::models::DecodeCaptureLimits {
             max_num_seqs: limits.max_num_seqs,

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod batch_size;
 pub mod config;
 pub mod control;
+pub mod decode_lookahead;
 pub mod device_sampling;
 pub mod engine;
 pub mod engine_core;

@@ -511,6 +511,7 @@ fn build_batch(
             sampling.push(s.seq_id);
         }
     }
+    batch.lookahead = scheduler.num_waiting() == 0;
     Ok((batch, sampling))
 }
 

@@ -55,6 +55,10 @@ pub struct Scheduler {
     /// (the resident slots); None: LoRA off.
     max_loras: Option<usize>,
     pinned_loras: HashSet<u32>,
+    /// Decoding sequences also get room for this many tokens past the step when a block
+    /// is free for it (the CUDA decode lookahead launches the next step before this one's
+    /// tokens are known; its KV needs a slot). Never preempts for it.
+    lookahead_slots: usize,
 }
 
 impl Scheduler {
@@ -68,12 +72,17 @@ impl Scheduler {
             num_preemptions: 0,
             max_loras: None,
             pinned_loras: HashSet::new(),
+            lookahead_slots: 0,
         }
     }
 
     /// Limits running requests to `max_loras` distinct adapters, counting pinned ones.
     pub fn set_lora_limit(&mut self, max_loras: Option<usize>) {
         self.max_loras = max_loras;
+    }
+
+    pub fn set_lookahead_slots(&mut self, slots: usize) {
+        self.lookahead_slots = slots;
     }
 
     pub fn set_pinned_loras(&mut self, pinned: HashSet<u32>) {
@@ -158,6 +167,10 @@ impl Scheduler {
             }
             if !fits {
                 break;
+            }
+            if num_new == 1 && self.lookahead_slots > 0 {
+                // Room for the lookahead when a block is free; nothing if not.
+                self.kv.allocate_slots(id, computed, num_new + self.lookahead_slots);
             }
             out.scheduled.push(ScheduledSeq {
                 seq_id: id,

@@ -537,6 +537,7 @@ fn cuda_shrink_expand_match_the_cpu_deltas_on_every_target() {
             token_ids: vec![1; rows],
             positions: (0..rows).collect(),
             seqs: seqs.clone(),
+            lookahead: false,
         };
         let groups: [Vec<(LoraTarget, usize, usize)>; 4] = [
             vec![

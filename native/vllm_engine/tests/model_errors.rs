@@ -142,6 +142,7 @@ fn out_of_vocabulary_token_and_short_block_table_are_errors() {
         token_ids: vec![config.vocab_size as u32],
         positions: vec![0],
         seqs: vec![seq.clone()],
+        lookahead: false,
     };
     assert_eq!(
         model.forward(&batch, &mut kv).unwrap_err().category,
@@ -157,6 +158,7 @@ fn out_of_vocabulary_token_and_short_block_table_are_errors() {
         token_ids: vec![1; 6],
         positions: (0..6).collect(),
         seqs: vec![short],
+        lookahead: false,
     };
     assert!(model.forward(&batch, &mut kv).is_err());
 }

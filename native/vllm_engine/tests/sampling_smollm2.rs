@@ -194,6 +194,7 @@ fn prompt_logprobs_equal_log_softmax_of_a_direct_forward_run() {
             logits_for_all_tokens: true,
             lora_slot: None,
         }],
+        lookahead: false,
     };
     let rows: Vec<Vec<f32>> = model.forward(&batch, &mut kv).unwrap().to_vec2().unwrap();
     assert_eq!(rows.len(), prompt.len());

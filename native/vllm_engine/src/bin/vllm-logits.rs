@@ -106,6 +106,7 @@ fn run(o: Options) -> Result<(), String> {
                 want_logits,
                 ..Default::default()
             }],
+            lookahead: false,
         };
         let logits = model.forward(&batch, &mut kv).map_err(e)?;
         if !want_logits {

@@ -300,12 +300,13 @@ impl CudaDecoderLM {
         cache.layers.first().map_or(Ok(0), |(k, _)| device_ptr(k))
     }
 
-    /// Runs the batch through a captured graph when one covers it: Some(padded size).
-    fn try_replay(
+    /// Runs `replay` on the captured graphs with the current cache's key: None when there
+    /// are no graphs (eager) or `replay` finds the batch not covered.
+    fn with_graphs<T>(
         &self,
-        batch: &ForwardBatch,
         kv: &PagedKvCache,
-    ) -> Result<Option<(usize, std::sync::MutexGuard<'_, Option<DecodeGraphs>>)>> {
+        replay: impl FnOnce(&mut DecodeGraphs, u64) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
         let mut guard = self
             .graphs
             .lock()
@@ -313,11 +314,7 @@ impl CudaDecoderLM {
         let Some(graphs) = guard.as_mut() else {
             return Ok(None);
         };
-        let key = Self::kv_key(self.device_cache(kv)?)?;
-        match graphs.replay(batch, key, self.config.vocab_size, self.lora.as_ref())? {
-            Some(b) => Ok(Some((b, guard))),
-            None => Ok(None),
-        }
+        replay(graphs, Self::kv_key(self.device_cache(kv)?)?)
     }
 
     /// The eager forward pass up to the logits, float32 [rows, vocab].
@@ -531,10 +528,14 @@ impl CausalLM for CudaDecoderLM {
         if batch.token_ids.is_empty() {
             return Ok(Tensor::zeros((0, c.vocab_size), DType::F32, &Device::Cpu)?);
         }
-        if let Some((_, guard)) = self.try_replay(batch, kv)? {
-            if let Some(graphs) = guard.as_ref() {
-                return graphs.logits(batch.token_ids.len());
+        let replayed = self.with_graphs(kv, |graphs, key| {
+            match graphs.replay(batch, key, c.vocab_size, self.lora.as_ref())? {
+                Some(_) => graphs.logits(batch.token_ids.len()).map(Some),
+                None => Ok(None),
             }
+        })?;
+        if let Some(logits) = replayed {
+            return Ok(logits);
         }
         match self.forward_eager(batch, kv)? {
             Some(logits) => Ok(logits),
@@ -548,10 +549,11 @@ impl CausalLM for CudaDecoderLM {
         if batch.token_ids.is_empty() {
             return Ok(Some((Vec::new(), Vec::new())));
         }
-        if let Some((b, mut guard)) = self.try_replay(batch, kv)? {
-            if let Some(graphs) = guard.as_mut() {
-                return graphs.argmax(batch.token_ids.len(), b).map(Some);
-            }
+        let replayed = self.with_graphs(kv, |graphs, key| {
+            graphs.replay_greedy(batch, key, self.config.vocab_size, self.lora.as_ref())
+        })?;
+        if replayed.is_some() {
+            return Ok(replayed);
         }
         match self.forward_eager(batch, kv)? {
             Some(logits) => ops::argmax_rows(&self.kernels, &logits).map(Some),

@@ -57,6 +57,9 @@ pub struct ForwardBatch {
     /// Absolute position of each token in `token_ids`.
     pub positions: Vec<usize>,
     pub seqs: Vec<SeqSlice>,
+    /// Nothing waits to be scheduled, so the next step likely decodes these same rows: a
+    /// model may launch it ahead (the CUDA decode lookahead).
+    pub lookahead: bool,
 }
 
 impl ForwardBatch {

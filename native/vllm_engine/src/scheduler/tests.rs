@@ -313,3 +313,38 @@ proptest::proptest! {
         proptest::prop_assert_eq!(s.kv().num_free_blocks(), s.kv().num_blocks());
     }
 }
+
+#[test]
+fn lookahead_slots_give_decodes_their_next_block_early_but_never_preempt_for_it() {
+    // Block size 4: a prompt of 3 fills block 0 up to slot 2.
+    let mut s = scheduler(4, 64);
+    s.set_lookahead_slots(1);
+    s.add(seq(1, 3, 20));
+    let out = s.schedule();
+    complete(&mut s, &out);
+    assert_eq!(s.kv().block_table(1).len(), 1, "a prefill takes no lookahead");
+    // Decode of position 3 (the block's last slot): position 4's block comes with it.
+    let out = s.schedule();
+    assert_eq!(out.scheduled[0].num_new_tokens, 1);
+    assert_eq!(s.kv().block_table(1).len(), 2);
+    complete(&mut s, &out);
+    // Position 4 sits in that block; position 5 needs nothing new.
+    let out = s.schedule();
+    assert_eq!(s.kv().block_table(1).len(), 2);
+    complete(&mut s, &out);
+    // A second request (prompt of 2, one block) decodes beside it; at the first's position
+    // 7 its lookahead takes the last free block, so the second's (at its position 3) finds
+    // none: it goes without, and nobody is preempted.
+    s.add(seq(2, 2, 20));
+    for _ in 0..3 {
+        let out = s.schedule();
+        assert!(out.preempted.is_empty(), "{:?}", out.preempted);
+        complete(&mut s, &out);
+    }
+    assert_eq!(s.kv().num_free_blocks(), 0);
+    assert_eq!((s.kv().block_table(1).len(), s.kv().block_table(2).len()), (3, 1));
+    assert_eq!(s.num_preemptions(), 0);
+    s.remove(1);
+    s.remove(2);
+    assert_eq!(s.kv().num_free_blocks(), 4);
+}

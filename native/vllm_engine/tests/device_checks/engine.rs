@@ -113,6 +113,53 @@ fn decode_graphs_are_captured_again_after_sleep_and_wake_up() {
     }
 }
 
+/// The decode lookahead (on a GPU the captured graphs launch each greedy step before the
+/// host has the one before): requests that stop at different steps, one arriving while the
+/// others decode and a seeded sampled one between them give the ids each gives alone, and
+/// on the GPU the lookahead's steps were really used.
+#[test]
+fn requests_finishing_and_arriving_mid_decode_keep_their_ids() {
+    let (dir, prompt, expected) = tiny("tiny_qwen3");
+    let greedy = |n: usize| {
+        let mut p = SamplingParams::greedy(n);
+        p.ignore_eos = true;
+        p
+    };
+    let e = engine(dir, |_| {});
+    let seeded = sampled(Some(7), 6);
+    let seeded_alone = run(&e, &[("alone", prompt.clone(), seeded.clone())]).remove(0);
+    let used = crate::lookahead_steps_used();
+    // Lengths that end at different steps (rows drop out of the decode batch one by one).
+    let lens = [expected.len(), expected.len() - 3, 5, expected.len() - 1, 2];
+    let receivers: Vec<_> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| submit(&e, &format!("g{i}"), prompt.clone(), greedy(n)))
+        .collect();
+    // Once the first has a token, one more greedy request and the seeded one arrive.
+    wait_for_a_token(&receivers[0]);
+    let late = submit(&e, "late", prompt.clone(), greedy(expected.len() - 2));
+    let late_seeded = submit(&e, "seeded", prompt.clone(), seeded);
+    for (i, rx) in receivers.iter().enumerate() {
+        assert_eq!(final_tokens(&collect(rx)), expected[..lens[i]], "g{i}");
+    }
+    assert_eq!(final_tokens(&collect(&late)), expected[..expected.len() - 2], "late");
+    assert_eq!(final_tokens(&collect(&late_seeded)), seeded_alone, "seeded");
+    if let (Some(before), Some(after)) = (used, crate::lookahead_steps_used()) {
+        assert!(after > before, "no decode step came from a lookahead launch");
+    }
+    assert_all_blocks_free(&e);
+}
+
+/// Waits for a request's first output (cumulative outputs: `collect` still ends with all
+/// of its tokens).
+fn wait_for_a_token(rx: &crossbeam_channel::Receiver<crate::engine_common::Event>) {
+    match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+        Ok(crate::engine_common::Event::Output(o)) => assert!(!o.finished, "finished at its first token"),
+        _ => panic!("no first output"),
+    }
+}
+
 /// Requests sharing a prompt prefix take its blocks from the prefix cache and give the
 /// same ids as an engine without prefix caching.
 #[test]

@@ -40,3 +40,12 @@ pub fn graph_replays() -> Option<u64> {
     }
     None
 }
+
+/// Decode steps whose results a lookahead launch gave, so far (None on the CPU).
+pub fn lookahead_steps_used() -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if on_gpu() {
+        return Some(vllm_engine::backend::cuda::graphs::lookahead_used_total());
+    }
+    None
+}

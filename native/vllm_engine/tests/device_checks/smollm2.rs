@@ -53,6 +53,7 @@ fn teacher_forced(model: &dyn CausalLM, case: &SmolLm2Case) -> (Vec<f64>, Vec<bo
         }],
         token_ids: tokens.clone(),
         positions: (0..tokens.len()).collect(),
+        lookahead: false,
     };
     let rows = model
         .forward(&batch, &mut kv)

@@ -13,12 +13,14 @@ use std::sync::Arc;
 use candle_core::cuda_backend::cudarc::driver::{result as driver, sys, CudaGraph, CudaStream};
 use candle_core::{DType, Device, Tensor};
 
+use super::argmax_fetch::ArgmaxFetch;
 use super::blas::Blas;
 use super::decode_small;
 use super::graph_events::GraphEvents;
 use super::lora::{DeviceLora, FusedParts};
 use super::ops::{self, AttentionDims, AttentionPtrs, GemvEpilogue, MetaPtrs, QkvPtrs, RowsPtrs};
 use super::{device_ptr, Kernels};
+use crate::decode_lookahead::{copy_runs, DecodeInputs};
 use crate::error::{EngineError, Result};
 use crate::models::ForwardBatch;
 
@@ -98,12 +100,31 @@ struct Buffers {
     argmax_part: Tensor,
 }
 
+/// The lookahead's token copies a step at most (each is a call of a few µs): past this
+/// many, rows that finished break the step into too many runs, and it waits a step.
+const MAX_TOKEN_RUNS: usize = 8;
+
+/// A step the lookahead launched: its inputs (tokens filled in once the step before it is
+/// back), padded size and argmax copy.
+struct Lookahead {
+    inputs: DecodeInputs,
+    b: usize,
+    slot: usize,
+}
+
 /// Steps replayed through any decode graph in this process (tests check that a path
 /// really ran captured, e.g. after a wake-up re-captured the graphs).
 static REPLAYS_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 pub fn replays_total() -> u64 {
     REPLAYS_TOTAL.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Steps whose results came from a lookahead launch, in this process (tests).
+static LOOKAHEAD_USED_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn lookahead_used_total() -> u64 {
+    LOOKAHEAD_USED_TOTAL.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Captured decode graphs, one per padded batch size.
@@ -126,9 +147,15 @@ pub struct DecodeGraphs {
     vocab: usize,
     /// The KV cache the graphs were captured against (layer 0's keys).
     kv_key: u64,
-    /// Host staging of `meta` and of the argmax output.
+    /// Host staging of `meta`; the argmax output's copies to the host.
     meta_host: Vec<u32>,
-    argmax_host: Vec<u32>,
+    fetch: ArgmaxFetch,
+    /// The decode lookahead (on unless VLLM_LOOKAHEAD=0) and the step it launched ahead.
+    lookahead: bool,
+    pending: Option<Lookahead>,
+    /// Lookahead steps used and launched in vain (reported with VLLM_STEP_TIMING).
+    lookahead_used: u64,
+    lookahead_missed: u64,
     /// Steps run through a graph (reported with VLLM_STEP_TIMING).
     replays: u64,
     /// VLLM_GRAPH_EVENTS: device times around each replay (measurement).
@@ -137,8 +164,13 @@ pub struct DecodeGraphs {
 
 impl Drop for DecodeGraphs {
     fn drop(&mut self) {
+        // A lookahead step may still run on these buffers and graphs.
+        self.stream.synchronize().ok();
         if std::env::var_os("VLLM_STEP_TIMING").is_some() {
-            eprintln!("decode graphs: sizes {:?}, {} steps replayed", self.sizes, self.replays);
+            eprintln!(
+                "decode graphs: sizes {:?}, {} replays ({} lookahead steps used, {} in vain)",
+                self.sizes, self.replays, self.lookahead_used, self.lookahead_missed
+            );
         }
     }
 }
@@ -245,6 +277,7 @@ impl DecodeGraphs {
             argmax: zeros(2 * max_batch, DType::U32)?,
             argmax_part: zeros(2 * max_batch * ops::ARGMAX_SPLITS, DType::U32)?,
         };
+        let fetch = ArgmaxFetch::new(&stream, 2 * max_batch)?;
         let mut graphs = DecodeGraphs {
             blas: Blas::new(&stream)?,
             stream,
@@ -260,7 +293,11 @@ impl DecodeGraphs {
             vocab: model.vocab,
             kv_key: model.layers.first().map_or(0, |l| l.k_cache),
             meta_host: vec![0; max_batch * (2 + max_blocks)],
-            argmax_host: vec![0; 2 * max_batch],
+            fetch,
+            lookahead: std::env::var("VLLM_LOOKAHEAD").map_or(true, |v| v != "0"),
+            pending: None,
+            lookahead_used: 0,
+            lookahead_missed: 0,
             replays: 0,
             events: GraphEvents::from_env(),
         };
@@ -555,49 +592,54 @@ impl DecodeGraphs {
         self.sizes.iter().copied().find(|&b| b >= n)
     }
 
-    /// Runs `batch` through the captured graph of its padded size when it qualifies:
-    /// Some(rows) after the launch (the logits and argmax buffers then hold its results),
-    /// None when the caller must run the step eagerly.
-    pub fn replay(
-        &mut self,
-        batch: &ForwardBatch,
-        kv_key: u64,
-        vocab_size: usize,
-        lora: Option<&DeviceLora>,
-    ) -> Result<Option<usize>> {
+    /// The padded size and inputs of `batch` when a captured graph covers it.
+    fn covered(&self, batch: &ForwardBatch, kv_key: u64, vocab_size: usize) -> Result<Option<(usize, DecodeInputs)>> {
         let Some(b) = self.size_for(batch, kv_key) else {
             return Ok(None);
         };
-        let n = batch.token_ids.len();
-        let mb = self.max_batch;
-        for (r, seq) in batch.seqs.iter().enumerate() {
-            let token = batch.token_ids[r];
-            if token as usize >= vocab_size {
-                return Err(EngineError::validation(format!(
-                    "token id {token} is outside the vocabulary of {vocab_size}"
-                )));
-            }
-            let position = batch.positions[r];
-            let blocks = seq.context_len.div_ceil(self.block_size);
-            if position + 1 != seq.context_len || seq.block_table.len() < blocks {
-                return Err(EngineError::internal(format!(
-                    "forward batch: decode row {r} is inconsistent (position {position}, context {}, {} blocks)",
-                    seq.context_len,
-                    seq.block_table.len()
-                )));
-            }
-            if let Some(&bad) = seq.block_table[..blocks]
-                .iter()
-                .find(|&&x| x as usize >= self.num_blocks)
-            {
+        let inputs = DecodeInputs::from_batch(batch, self.block_size)?;
+        if let Some(&token) = inputs.tokens.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(EngineError::validation(format!(
+                "token id {token} is outside the vocabulary of {vocab_size}"
+            )));
+        }
+        for r in 0..inputs.rows() {
+            if let Some(&bad) = inputs.blocks(r).iter().find(|&&x| x as usize >= self.num_blocks) {
                 return Err(EngineError::internal(format!(
                     "forward batch: block {bad} is outside the cache"
                 )));
             }
-            self.meta_host[r] = token;
-            self.meta_host[mb + r] = position as u32;
+        }
+        Ok(Some((b, inputs)))
+    }
+
+    /// Whether the step's rows take the LoRA graphs (their slots uploaded when they do).
+    fn lora_rows(&self, batch: &ForwardBatch, b: usize, lora: Option<&DeviceLora>) -> Result<bool> {
+        match lora {
+            Some(l) if !self.lora_graphs.is_empty() => l.upload_graph_rows(batch, b),
+            _ => Ok(false),
+        }
+    }
+
+    /// Stages `inputs` padded to `b` rows, uploads them and launches the graph of size `b`.
+    /// With `tokens_from` (the lookahead: the host does not know them yet) row r's token is
+    /// the previous replay's argmax row `tokens_from[r]`, copied on the device after the
+    /// upload.
+    fn launch(
+        &mut self,
+        inputs: &DecodeInputs,
+        b: usize,
+        with_lora: bool,
+        tokens_from: Option<&[usize]>,
+    ) -> Result<()> {
+        let n = inputs.rows();
+        let mb = self.max_batch;
+        for r in 0..n {
+            let blocks = inputs.blocks(r);
+            self.meta_host[r] = inputs.tokens[r];
+            self.meta_host[mb + r] = inputs.positions[r];
             let row = 2 * mb + r * self.max_blocks;
-            self.meta_host[row..row + blocks].copy_from_slice(&seq.block_table[..blocks]);
+            self.meta_host[row..row + blocks.len()].copy_from_slice(blocks);
         }
         self.stage_padding(n, b)?;
         let raw_stream = self.stream.cu_stream();
@@ -605,11 +647,19 @@ impl DecodeGraphs {
             e.before_upload(raw_stream);
         }
         self.upload(b)?;
+        if let Some(at) = tokens_from {
+            let meta = device_ptr(&self.buffers.meta)?;
+            let argmax = device_ptr(&self.buffers.argmax)?;
+            for (dst, src, len) in copy_runs(at) {
+                // SAFETY: both buffers hold max_batch >= b u32 and every run lies below b;
+                // stream-ordered after the upload (placeholders there) and the last replay.
+                unsafe {
+                    driver::memcpy_dtod_async(meta + 4 * dst as u64, argmax + 4 * src as u64, 4 * len, raw_stream)
+                }
+                .map_err(|e| cuda_err("lookahead token copy", e))?;
+            }
+        }
         let index = self.sizes.iter().position(|&s| s == b).unwrap_or(0);
-        let with_lora = match lora {
-            Some(l) if !self.lora_graphs.is_empty() => l.upload_graph_rows(batch, b)?,
-            _ => false,
-        };
         let graph = if with_lora {
             &self.lora_graphs[index]
         } else {
@@ -624,26 +674,85 @@ impl DecodeGraphs {
         }
         self.replays += 1;
         REPLAYS_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Runs `batch` through the captured graph of its padded size when it qualifies:
+    /// Some(rows) after the launch (the logits and argmax buffers then hold its results),
+    /// None when the caller must run the step eagerly.
+    pub fn replay(
+        &mut self,
+        batch: &ForwardBatch,
+        kv_key: u64,
+        vocab_size: usize,
+        lora: Option<&DeviceLora>,
+    ) -> Result<Option<usize>> {
+        // A lookahead in flight is overtaken: its outputs are about to be overwritten.
+        self.pending = None;
+        let Some((b, inputs)) = self.covered(batch, kv_key, vocab_size)? else {
+            return Ok(None);
+        };
+        let with_lora = self.lora_rows(batch, b, lora)?;
+        self.launch(&inputs, b, with_lora, None)?;
         Ok(Some(b))
     }
 
-    /// After `replay` of `n` real rows padded to `b`: their argmax ids and largest logits.
-    pub fn argmax(&mut self, n: usize, b: usize) -> Result<(Vec<u32>, Vec<f32>)> {
-        let src = device_ptr(&self.buffers.argmax)?;
-        self.stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| cuda_err("bind", e))?;
-        // SAFETY: `argmax` holds 2 * max_batch >= 2 * b u32; synchronized before reading.
-        unsafe { driver::memcpy_dtoh_async(&mut self.argmax_host[..2 * b], src, self.stream.cu_stream()) }
-            .map_err(|e| cuda_err("argmax copy", e))?;
-        self.stream.synchronize().map_err(|e| cuda_err("synchronize", e))?;
+    /// A greedy decode step through its graph: the rows' argmax ids and largest logits,
+    /// or None when the caller must run the step eagerly. When the lookahead launched this
+    /// step already (or a step of these rows and others that have since finished), only its
+    /// result is waited for; either way the next step is launched behind it before waiting
+    /// (decode_lookahead.rs), unless `batch` says a step of other rows is likely next.
+    pub fn replay_greedy(
+        &mut self,
+        batch: &ForwardBatch,
+        kv_key: u64,
+        vocab_size: usize,
+        lora: Option<&DeviceLora>,
+    ) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
+        let pending = self.pending.take();
+        let Some((b, inputs)) = self.covered(batch, kv_key, vocab_size)? else {
+            return Ok(None);
+        };
+        let with_lora = self.lora_rows(batch, b, lora)?;
+        let argmax = device_ptr(&self.buffers.argmax)?;
+        let ahead = pending.and_then(|p| {
+            let at = inputs.rows_within(&p.inputs).filter(|_| !with_lora);
+            self.lookahead_missed += u64::from(at.is_none());
+            at.map(|at| (p, at))
+        });
+        // The launched step holding this one's results: its argmax slot and padded size,
+        // and where each of this step's rows is in it.
+        let (slot, launched_b, at) = match ahead {
+            Some((p, at)) => {
+                self.lookahead_used += 1;
+                LOOKAHEAD_USED_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                (p.slot, p.b, at)
+            }
+            None => {
+                self.launch(&inputs, b, with_lora, None)?;
+                let slot = self.fetch.start(&self.stream, argmax, 2 * b)?;
+                (slot, b, (0..inputs.rows()).collect())
+            }
+        };
+        let next = (self.lookahead && batch.lookahead && !with_lora && self.events.is_none())
+            .then(|| inputs.next(batch, self.block_size, self.max_model_len))
+            .flatten()
+            .filter(|_| copy_runs(&at).len() <= MAX_TOKEN_RUNS);
+        if let Some(next) = next {
+            self.launch(&next, b, false, Some(&at))?;
+            let slot = self.fetch.start(&self.stream, argmax, 2 * b)?;
+            self.pending = Some(Lookahead { inputs: next, b, slot });
+        }
+        let out = self.fetch.wait(slot, 2 * launched_b)?;
+        let ids: Vec<u32> = at.iter().map(|&j| out[j]).collect();
+        let values = at.iter().map(|&j| f32::from_bits(out[launched_b + j])).collect();
         if let Some(e) = self.events.as_mut() {
             e.collect();
         }
-        let ids = self.argmax_host[..n].to_vec();
-        let values = self.argmax_host[b..b + n].iter().map(|&v| f32::from_bits(v)).collect();
-        Ok((ids, values))
+        if let Some(p) = self.pending.as_mut() {
+            p.inputs.tokens.copy_from_slice(&ids);
+        }
+        Ok(Some((ids, values)))
     }
 
     /// After `replay` of `n` real rows: their logits as float32 [n, vocab] (a new tensor).

@@ -2,6 +2,7 @@
 //! sm_90 cubin plus PTX) launched through cudarc on candle's stream, over candle tensors.
 //! Matrix products stay candle's (cuBLAS).
 
+pub mod argmax_fetch;
 pub mod attention_batch;
 pub mod attention_prefill;
 pub mod blas;
