@@ -677,6 +677,11 @@ impl DecodeGraphs {
         Ok(())
     }
 
+    /// Forgets the step launched ahead (a step of other rows comes first), counting it.
+    fn drop_lookahead(&mut self) {
+        self.lookahead_missed += u64::from(self.pending.take().is_some());
+    }
+
     /// Runs `batch` through the captured graph of its padded size when it qualifies:
     /// Some(rows) after the launch (the logits and argmax buffers then hold its results),
     /// None when the caller must run the step eagerly.
@@ -688,7 +693,7 @@ impl DecodeGraphs {
         lora: Option<&DeviceLora>,
     ) -> Result<Option<usize>> {
         // A lookahead in flight is overtaken: its outputs are about to be overwritten.
-        self.pending = None;
+        self.drop_lookahead();
         let Some((b, inputs)) = self.covered(batch, kv_key, vocab_size)? else {
             return Ok(None);
         };
@@ -709,10 +714,11 @@ impl DecodeGraphs {
         vocab_size: usize,
         lora: Option<&DeviceLora>,
     ) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
-        let pending = self.pending.take();
         let Some((b, inputs)) = self.covered(batch, kv_key, vocab_size)? else {
+            self.drop_lookahead();
             return Ok(None);
         };
+        let pending = self.pending.take();
         let with_lora = self.lora_rows(batch, b, lora)?;
         let argmax = device_ptr(&self.buffers.argmax)?;
         let ahead = pending.and_then(|p| {
