@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 
+use super::attention_tile::{self, AttendTile, TILE};
 use super::simd::{exp, max, run_vectorized, sum, Kernel};
 
 use crate::kv_cache::paged_cache::LayerKv;
@@ -33,7 +34,7 @@ pub struct QueryToken<'a> {
 }
 
 /// Keys scored together: one 16-lane vector of scores per step over the head dimension.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 
 impl AttentionShape {
     /// Offset of the values of `position` (all kv heads) in a layer's value cache.
@@ -43,7 +44,7 @@ impl AttentionShape {
     }
 
     /// Offset of the transposed keys [head_dim, block_size] of one kv head in one block.
-    fn key_block_offset(&self, block: usize, kv_head: usize) -> usize {
+    pub(super) fn key_block_offset(&self, block: usize, kv_head: usize) -> usize {
         (block * self.num_kv_heads + kv_head) * self.head_dim * self.block_size
     }
 
@@ -63,12 +64,36 @@ impl AttentionShape {
         layer.v[start..start + v.len()].copy_from_slice(v);
     }
 
+    /// Positions first..=last of a sequence, block by block: (block id, first slot, end
+    /// slot, index of the first slot counted from `first`).
+    pub(super) fn spans<'t>(
+        &self,
+        block_table: &'t [u32],
+        first: usize,
+        last: usize,
+    ) -> impl Iterator<Item = (usize, usize, usize, usize)> + 't {
+        let bs = self.block_size;
+        let mut p = first;
+        std::iter::from_fn(move || {
+            (p <= last).then(|| {
+                let (lo, j) = (p % bs, p - first);
+                let hi = bs.min(lo + last + 1 - p);
+                let block = block_table[p / bs] as usize;
+                p += hi - lo;
+                (block, lo, hi, j)
+            })
+        })
+    }
+
     /// Causal attention of every query token over its sequence's cached positions 0..=p.
-    /// `q` is [tokens, num_heads, head_dim]; `out` gets the same shape. A task serves the
-    /// query heads of one kv head over one chunk of `KEY_CHUNK` absolute positions, so each
-    /// key and value is read once for all of them and a lone decode token still fills both
-    /// cores; the chunks' partial softmaxes are then merged in chunk order. The chunks of a
-    /// token depend only on its own position, so results do not depend on the batch.
+    /// `q` is [tokens, num_heads, head_dim]; `out` gets the same shape. A lone token (a
+    /// decode) is served by chunk tasks: the query heads of one kv head over one chunk of
+    /// `KEY_CHUNK` absolute positions, so each key and value is read once for all of them
+    /// and a lone decode token still fills both cores; the chunks' partial softmaxes are
+    /// then merged in chunk order. Runs of consecutive tokens of one sequence (a prompt)
+    /// are served by tile tasks (attention_tile.rs) that do the same per token but read
+    /// each key once for the whole tile. The chunks of a token depend only on its own
+    /// position, and both forms give the same bits, so results do not depend on the batch.
     pub fn paged_attention(&self, q: &[f32], tokens: &[QueryToken], layer: &LayerKv, out: &mut [f32]) {
         // A rayon worker waiting inside the parallel loop may run another model's forward
         // on this thread: that nested call gets buffers of its own.
@@ -78,8 +103,9 @@ impl AttentionShape {
         });
     }
 
-    /// Runs `paged_attention` over runs of tokens of at most ~`MAX_PIECE_TASKS` chunk tasks,
-    /// so the partial results stay small for long prompts (a token's result does not depend
+    /// Runs `paged_attention` over runs of tokens of at most ~`MAX_PIECE_TASKS` tasks (a
+    /// lone token's chunk tasks, one per kv head for a token that continues a tile), so
+    /// the partial results stay small for long prompts (a token's result does not depend
     /// on the run it is in).
     fn attend_in_pieces(&self, plan: &mut Plan, q: &[f32], tokens: &[QueryToken], layer: &LayerKv, out: &mut [f32]) {
         let width = self.num_heads * self.head_dim;
@@ -87,7 +113,8 @@ impl AttentionShape {
         while t0 < tokens.len() {
             let (mut t1, mut tasks) = (t0, 0);
             while t1 < tokens.len() {
-                let more = self.chunks(tokens[t1]).len() * self.num_kv_heads;
+                let continues = t1 > 0 && tiles_on() && continues_run(tokens[t1 - 1], tokens[t1]);
+                let more = if continues { 1 } else { self.chunks(tokens[t1]).len() } * self.num_kv_heads;
                 if t1 > t0 && tasks + more > MAX_PIECE_TASKS {
                     break;
                 }
@@ -106,7 +133,7 @@ impl AttentionShape {
     }
 
     /// The visible positions of a token: first..=last.
-    fn visible(&self, token: QueryToken) -> (usize, usize) {
+    pub(super) fn visible(&self, token: QueryToken) -> (usize, usize) {
         let last = token.position;
         let first = match self.sliding_window {
             Some(w) => (last + 1).saturating_sub(w),
@@ -116,9 +143,48 @@ impl AttentionShape {
     }
 
     /// Indices of the `KEY_CHUNK`-position chunks that hold the token's visible positions.
-    fn chunks(&self, token: QueryToken) -> std::ops::Range<usize> {
+    pub(super) fn chunks(&self, token: QueryToken) -> std::ops::Range<usize> {
         let (first, last) = self.visible(token);
         first / KEY_CHUNK..last / KEY_CHUNK + 1
+    }
+
+    /// Plans the piece's tasks: a tile task per (tile of up to `TILE` consecutive tokens of
+    /// one sequence, kv head), chunk tasks for the other tokens.
+    fn plan_piece(&self, plan: &mut Plan, tokens: &[QueryToken]) {
+        plan.tasks.clear();
+        plan.merges.clear();
+        let mut chunk_tasks = 0;
+        let mut i = 0;
+        while i < tokens.len() {
+            let mut len = 1;
+            while tiles_on()
+                && len < TILE
+                && i + len < tokens.len()
+                && continues_run(tokens[i + len - 1], tokens[i + len])
+            {
+                len += 1;
+            }
+            for kv_head in 0..self.num_kv_heads {
+                if len > 1 {
+                    plan.tasks.push(Task::Tile { token: i, len, kv_head });
+                    continue;
+                }
+                plan.merges.push((i * self.num_kv_heads + kv_head, chunk_tasks));
+                let (first, last) = self.visible(tokens[i]);
+                for c in self.chunks(tokens[i]) {
+                    plan.tasks.push(Task::Chunk {
+                        token: i,
+                        kv_head,
+                        first: first.max(c * KEY_CHUNK),
+                        last: last.min((c + 1) * KEY_CHUNK - 1),
+                        partial: chunk_tasks,
+                    });
+                    chunk_tasks += 1;
+                }
+            }
+            i += len;
+        }
+        plan.merges.push((usize::MAX, chunk_tasks));
     }
 
     fn attend_piece(&self, plan: &mut Plan, q: &[f32], tokens: &[QueryToken], layer: &LayerKv, out: &mut [f32]) {
@@ -127,71 +193,78 @@ impl AttentionShape {
         let group_width = group * hd;
         // Per chunk task: its heads' unnormalised outputs, then their maxima, then their sums.
         let part = group * (hd + 2);
-        plan.tasks.clear();
-        plan.starts.clear();
-        for (i, &token) in tokens.iter().enumerate() {
-            let (first, last) = self.visible(token);
-            for kv_head in 0..self.num_kv_heads {
-                plan.starts.push(plan.tasks.len());
-                for c in self.chunks(token) {
-                    let lo = first.max(c * KEY_CHUNK);
-                    let hi = last.min((c + 1) * KEY_CHUNK - 1);
-                    plan.tasks.push(ChunkTask {
-                        token: i,
-                        kv_head,
-                        first: lo,
-                        last: hi,
-                    });
-                }
-            }
-        }
-        plan.starts.push(plan.tasks.len());
-        let n_tasks = plan.tasks.len();
-        plan.partials.resize(n_tasks * part, 0.0);
-        let chunk_tasks = &plan.tasks;
+        self.plan_piece(plan, tokens);
+        let chunk_tasks = plan.merges.last().map_or(0, |m| m.1);
+        plan.partials.resize(chunk_tasks * part, 0.0);
+        let tasks = &plan.tasks;
         // A decode step's keys and values were evicted by the weights since the last step;
         // a prompt's were written by this step and are still in cache.
         let prefetch = tokens.len() <= super::team::MAX_ROWS;
-        let task = |t: usize, partial: &mut [f32]| {
-            let ChunkTask {
+        let (partials, outs) = (GroupsPtr(plan.partials.as_mut_ptr()), GroupsPtr(out.as_mut_ptr()));
+        let q_width = self.num_heads * hd;
+        let task = |t: usize| match tasks[t] {
+            Task::Chunk {
                 token: i,
                 kv_head,
                 first,
                 last,
-            } = chunk_tasks[t];
-            let at = (i * self.num_kv_heads + kv_head) * group_width;
-            let (o, stats) = partial.split_at_mut(group_width);
-            SCORES.with(|scores| {
-                let mut scores = scores.borrow_mut();
-                run_vectorized(AttendGroup {
+                partial,
+            } => {
+                // SAFETY: each chunk task writes only its own partial.
+                let p = unsafe { std::slice::from_raw_parts_mut(partials.get().add(partial * part), part) };
+                let at = (i * self.num_kv_heads + kv_head) * group_width;
+                let (o, stats) = p.split_at_mut(group_width);
+                SCORES.with(|scores| {
+                    let mut scores = scores.borrow_mut();
+                    run_vectorized(AttendGroup {
+                        shape: self,
+                        q: &q[at..at + group_width],
+                        token: tokens[i],
+                        kv_head,
+                        first,
+                        last,
+                        layer,
+                        prefetch,
+                        scores: &mut scores,
+                        out: o,
+                        stats,
+                    })
+                });
+            }
+            Task::Tile { token, len, kv_head } => TILE_SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let TileBuffers { result, kernel } = &mut *scratch;
+                result.resize(len * group_width, 0.0);
+                run_vectorized(AttendTile {
                     shape: self,
-                    q: &q[at..at + group_width],
-                    token: tokens[i],
+                    q: &q[token * q_width..(token + len) * q_width],
+                    tokens: &tokens[token..token + len],
                     kv_head,
-                    first,
-                    last,
                     layer,
-                    prefetch,
-                    scores: &mut scores,
-                    out: o,
-                    stats,
-                })
-            });
+                    scratch: kernel,
+                    out: result,
+                });
+                for (k, r) in result.chunks_exact(group_width).enumerate() {
+                    let at = ((token + k) * self.num_kv_heads + kv_head) * group_width;
+                    // SAFETY: each (token, kv head) group of `out` has one tile task.
+                    unsafe { std::slice::from_raw_parts_mut(outs.get().add(at), group_width) }.copy_from_slice(r);
+                }
+            }),
         };
-        let keys: usize = chunk_tasks.iter().map(|t| t.last + 1 - t.first).sum();
-        if keys < SERIAL_MAX_KEYS {
-            plan.partials.chunks_mut(part).enumerate().for_each(|(t, p)| task(t, p));
+        let keys: usize = tokens
+            .iter()
+            .map(|&t| self.visible(t))
+            .map(|(first, last)| last + 1 - first)
+            .sum();
+        if keys * self.num_kv_heads < SERIAL_MAX_KEYS {
+            (0..tasks.len()).for_each(task);
         } else {
-            let parts = GroupsPtr(plan.partials.as_mut_ptr());
-            super::team::for_each_rows(tokens.len(), n_tasks, |t| {
-                // SAFETY: task t writes only its own partial, `partials[t * part ..][.. part]`.
-                let p = unsafe { std::slice::from_raw_parts_mut(parts.get().add(t * part), part) };
-                task(t, p);
-            });
+            super::team::for_each_rows(tokens.len(), tasks.len(), task);
         }
-        for (gi, out_group) in out.chunks_mut(group_width).enumerate() {
-            let parts = &plan.partials[plan.starts[gi] * part..plan.starts[gi + 1] * part];
-            merge_chunks(parts, group, hd, out_group);
+        for m in plan.merges.windows(2) {
+            let ((gi, from), (_, to)) = (m[0], m[1]);
+            let parts = &plan.partials[from * part..to * part];
+            merge_chunks(parts, group, hd, &mut out[gi * group_width..][..group_width]);
         }
     }
 
@@ -216,20 +289,7 @@ impl AttentionShape {
         let group = q.len() / hd;
         let n = last + 1 - first;
         scores.resize(group * n, 0.0);
-        // Visible positions, block by block: (block id, first slot, end slot, index of the
-        // first slot's score).
-        let spans = || {
-            let mut p = first;
-            std::iter::from_fn(move || {
-                (p <= last).then(|| {
-                    let (lo, j) = (p % bs, p - first);
-                    let hi = bs.min(lo + last + 1 - p);
-                    let block = token.block_table[p / bs] as usize;
-                    p += hi - lo;
-                    (block, lo, hi, j)
-                })
-            })
-        };
+        let spans = || self.spans(token.block_table, first, last);
         // At decode the cache was evicted by the weight stream since the last step: ask for
         // all of this chunk's keys and values now, so the reads overlap the scoring.
         let width = self.num_kv_heads * hd;
@@ -270,7 +330,7 @@ impl AttentionShape {
 /// One group's output from its chunks' partials (`parts`: per chunk, `group` × `hd`
 /// unnormalised outputs, then the maxima, then the sums), in chunk order. Each chunk is
 /// weighted by exp(m_c − M); a lone chunk gets weight exactly 1, so its result is o·(1/s).
-fn merge_chunks(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) {
+pub(super) fn merge_chunks(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) {
     let part = group * (hd + 2);
     for g in 0..group {
         let stat = |c: usize, which: usize| parts[c * part + group * hd + which * group + g];
@@ -293,22 +353,48 @@ fn merge_chunks(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) {
     }
 }
 
-/// One chunk task of `paged_attention`: a token's kv head over positions first..=last.
+/// One task of `paged_attention`.
 #[derive(Clone, Copy)]
-struct ChunkTask {
-    token: usize,
-    kv_head: usize,
-    first: usize,
-    last: usize,
+enum Task {
+    /// A lone token's kv head over positions first..=last, into partial slot `partial`.
+    Chunk {
+        token: usize,
+        kv_head: usize,
+        first: usize,
+        last: usize,
+        partial: usize,
+    },
+    /// Tokens token..token + len (consecutive positions of one sequence) for one kv head.
+    Tile { token: usize, len: usize, kv_head: usize },
+}
+
+/// Tile tasks serve runs of tokens unless `VLLM_CPU_ATT_TILES=0` (every token by chunk
+/// tasks, as before the tiles: the same bits, for timing the two).
+fn tiles_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("VLLM_CPU_ATT_TILES").map_or(true, |v| v != "0"))
+}
+
+/// Whether `next` is the position right after `prev` in the same sequence.
+fn continues_run(prev: QueryToken, next: QueryToken) -> bool {
+    next.position == prev.position + 1 && std::ptr::eq(prev.block_table, next.block_table)
 }
 
 /// The caller's per-call lists, kept per thread so steps allocate nothing.
 #[derive(Default)]
 struct Plan {
-    tasks: Vec<ChunkTask>,
-    /// Index of each (token, kv head)'s first task, and the task count at the end.
-    starts: Vec<usize>,
+    tasks: Vec<Task>,
+    /// Per lone (token, kv head): its group's index in `out` and its first chunk task's
+    /// partial slot; a last entry holds the slot count.
+    merges: Vec<(usize, usize)>,
     partials: Vec<f32>,
+}
+
+/// A tile task's merged outputs and its kernel's buffers, per thread.
+#[derive(Default)]
+struct TileBuffers {
+    result: Vec<f32>,
+    kernel: attention_tile::TileScratch,
 }
 
 /// One (token, kv head) task of `paged_attention`, compiled per vector unit.
@@ -351,7 +437,7 @@ impl Kernel for AttendGroup<'_> {
 /// block_size]). With block_size a multiple of 16, 16 slots at a time: four
 /// accumulators over the head dimension, so the FMAs do not wait on each other.
 #[inline(always)]
-fn score_block(q: &[f32], keys: &[f32], bs: usize, lo: usize, row: &mut [f32]) {
+pub(super) fn score_block(q: &[f32], keys: &[f32], bs: usize, lo: usize, row: &mut [f32]) {
     let hi = lo + row.len();
     if !bs.is_multiple_of(LANES) {
         for (s, slot) in row.iter_mut().zip(lo..hi) {
@@ -438,7 +524,7 @@ fn prefetch_l2(data: &[f32]) {
 }
 
 /// Positions per chunk task (chunks start at multiples of it, whatever the batch).
-const KEY_CHUNK: usize = 64;
+pub(super) const KEY_CHUNK: usize = 64;
 /// Chunk tasks per parallel loop of a long prompt (bounds the partials: ~0.8 MB for
 /// SmolLM2's 3 heads of 64 per kv head).
 const MAX_PIECE_TASKS: usize = 1024;
@@ -452,6 +538,8 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The caller's chunk tasks and their partial results.
     static PLAN: RefCell<Plan> = RefCell::new(Plan::default());
+    /// A tile task's buffers.
+    static TILE_SCRATCH: RefCell<TileBuffers> = RefCell::new(TileBuffers::default());
 }
 
 /// `out` of `paged_attention`, shared by tasks that write disjoint groups.
@@ -482,22 +570,20 @@ mod tests {
         scale: 0.125,
     };
 
-    /// Naive softmax attention over a contiguous copy, for comparison.
+    /// Naive softmax attention over a contiguous copy, in f64, for comparison.
     fn reference(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f32> {
-        let scores: Vec<f32> = keys
-            .iter()
-            .map(|k| q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale)
-            .collect();
-        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
-        let sum: f32 = exps.iter().sum();
-        let mut out = vec![0.0; q.len()];
+        let dot = |k: &Vec<f32>| q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>();
+        let scores: Vec<f64> = keys.iter().map(|k| dot(k) * scale as f64).collect();
+        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let sum: f64 = exps.iter().sum();
+        let mut out = vec![0.0f64; q.len()];
         for (e, v) in exps.iter().zip(values) {
-            for (o, x) in out.iter_mut().zip(v) {
-                *o += e / sum * x;
+            for (o, &x) in out.iter_mut().zip(v) {
+                *o += e / sum * x as f64;
             }
         }
-        out
+        out.into_iter().map(|x| x as f32).collect()
     }
 
     /// Element j of position p's key (salt 0.1) or value (salt 0.7) row in the test caches.
@@ -638,6 +724,73 @@ mod tests {
         check_against_naive(SMOLLM2, n);
     }
 
+    /// Shapes for the tile tests: SmolLM2's (group 3, 64 columns), group 5 (a 4-row block
+    /// and a 1-row block) with 80 columns (64 + 16), group 2 with 12 columns (below one
+    /// vector) over 3-slot blocks (the scalar scoring path) and a sliding window.
+    fn tile_shapes() -> [AttentionShape; 3] {
+        [
+            SMOLLM2,
+            AttentionShape {
+                num_heads: 10,
+                num_kv_heads: 2,
+                head_dim: 80,
+                block_size: 32,
+                sliding_window: Some(70),
+                scale: 0.11,
+            },
+            AttentionShape {
+                num_heads: 4,
+                num_kv_heads: 2,
+                head_dim: 12,
+                block_size: 3,
+                sliding_window: None,
+                scale: 0.3,
+            },
+        ]
+    }
+
+    /// A step mixing two prompts' runs (one from position 0, one a later chunk of a
+    /// longer sequence, both crossing chunk and tile boundaries) with a lone decode token:
+    /// every token's output is bit-identical to attending it alone (a lone token's chunk
+    /// tasks), so tiles keep results independent of the batch.
+    #[test]
+    fn tiles_give_the_bits_of_each_token_alone() {
+        for shape in tile_shapes() {
+            let width = shape.num_heads * shape.head_dim;
+            let (layer, table) = filled_layer(shape, 200);
+            let seq = |p: usize| QueryToken {
+                position: p,
+                block_table: &table,
+            };
+            // Another sequence over the same cache, blocks in another order.
+            let table_b: Vec<u32> = table.iter().rev().cloned().collect();
+            let seq_b = |p: usize| QueryToken {
+                position: p,
+                block_table: &table_b,
+            };
+            let tokens: Vec<QueryToken> = (0..37).map(seq).chain((59..130).map(seq_b)).chain([seq(190)]).collect();
+            let q: Vec<f32> = (0..tokens.len() * width).map(|i| (i as f32 * 0.61).sin()).collect();
+            let mut out = vec![0.0; q.len()];
+            shape.paged_attention(&q, &tokens, &layer, &mut out);
+            for (t, &token) in tokens.iter().enumerate() {
+                let mut alone = vec![0.0; width];
+                shape.paged_attention(&q[t * width..][..width], &[token], &layer, &mut alone);
+                assert_eq!(alone[..], out[t * width..][..width], "{shape:?} token {t}");
+            }
+        }
+    }
+
+    /// Prompts whose tiles cross chunk, block and tile boundaries at odd lengths, every
+    /// head of every token against the f64 softmax.
+    #[test]
+    fn tiles_match_the_f64_softmax() {
+        for shape in tile_shapes() {
+            for n in [2, 17, 65, 131] {
+                check_against_naive(shape, n);
+            }
+        }
+    }
+
     /// Merging chunks equals one softmax over their union: two chunks with known maxima,
     /// sums and outputs against the directly computed weighted mean.
     #[test]
@@ -667,6 +820,40 @@ mod tests {
             let expected: f32 = (0..3).map(|i| scores[i].exp() / total * values[i][d]).sum();
             assert!((out[d] - expected).abs() < 1e-6, "dim {d}: {} vs {expected}", out[d]);
         }
+    }
+
+    /// The attention of one 128-token prompt step: 30 layers, each a cache of the prompt's
+    /// own keys and values (in cache, as the engine's prompt step wrote them just before).
+    #[test]
+    #[ignore = "timing report"]
+    fn prompt_step_attention_speed() {
+        let (shape, n, layers) = (SMOLLM2, 128usize, 30usize);
+        let caches: Vec<(LayerKv, Vec<u32>)> = (0..layers).map(|_| filled_layer(shape, n)).collect();
+        let q: Vec<f32> = (0..n * shape.num_heads * shape.head_dim)
+            .map(|i| (i as f32 * 0.37).cos())
+            .collect();
+        let mut out = vec![0.0; q.len()];
+        let mut times = Vec::new();
+        for _ in 0..25 {
+            let t = std::time::Instant::now();
+            for (layer, table) in &caches {
+                let tokens: Vec<QueryToken> = (0..n)
+                    .map(|p| QueryToken {
+                        position: p,
+                        block_table: table,
+                    })
+                    .collect();
+                shape.paged_attention(&q, &tokens, layer, &mut out);
+            }
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "attention of a 128-token prompt step (30 layers): min {:.2} ms, median {:.2} ms; load {}",
+            times[0],
+            times[times.len() / 2],
+            std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        );
     }
 
     /// The attention of one 32-sequence decode step: positions ~192, 30 layers whose f32
