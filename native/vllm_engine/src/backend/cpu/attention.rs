@@ -9,10 +9,11 @@
 
 use std::cell::RefCell;
 
+use super::attention_rows::{score_all_rows, weigh_all_rows};
 use super::attention_tile::{self, AttendTile, TILE};
 use super::simd::{exp, max, run_vectorized, sum, Kernel};
 
-use crate::kv_cache::paged_cache::LayerKv;
+use crate::kv_cache::paged_cache::{KvBuffers, KvElement, LayerKv};
 
 /// The geometry shared by the cache and the attention of one model.
 #[derive(Debug, Clone, Copy)]
@@ -51,17 +52,26 @@ impl AttentionShape {
     /// Stores one token's keys and values ([num_kv_heads * head_dim] each) at its slot.
     /// The caller has checked that the block table covers `position`.
     pub fn write_kv(&self, layer: &mut LayerKv, token: QueryToken, k: &[f32], v: &[f32]) {
+        match layer {
+            LayerKv::F32(b) => self.write_kv_as(b, token, k, v),
+            LayerKv::Bf16(b) => self.write_kv_as(b, token, k, v),
+        }
+    }
+
+    fn write_kv_as<T: KvElement>(&self, layer: &mut KvBuffers<T>, token: QueryToken, k: &[f32], v: &[f32]) {
         let (hd, bs) = (self.head_dim, self.block_size);
         let block = token.block_table[token.position / bs] as usize;
         let in_block = token.position % bs;
         for (kv_head, k_head) in k.chunks_exact(hd).enumerate() {
             let base = self.key_block_offset(block, kv_head) + in_block;
             for (d, &x) in k_head.iter().enumerate() {
-                layer.k[base + d * bs] = x;
+                layer.k[base + d * bs] = T::store(x);
             }
         }
         let start = self.value_offset(token.block_table, token.position);
-        layer.v[start..start + v.len()].copy_from_slice(v);
+        for (slot, &x) in layer.v[start..start + v.len()].iter_mut().zip(v) {
+            *slot = T::store(x);
+        }
     }
 
     /// Positions first..=last of a sequence, block by block: (block id, first slot, end
@@ -97,9 +107,14 @@ impl AttentionShape {
     pub fn paged_attention(&self, q: &[f32], tokens: &[QueryToken], layer: &LayerKv, out: &mut [f32]) {
         // A rayon worker waiting inside the parallel loop may run another model's forward
         // on this thread: that nested call gets buffers of its own.
-        PLAN.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut plan) => self.attend_in_pieces(&mut plan, q, tokens, layer, out),
-            Err(_) => self.attend_in_pieces(&mut Plan::default(), q, tokens, layer, out),
+        PLAN.with(|cell| {
+            let mut own = Plan::default();
+            let mut borrowed = cell.try_borrow_mut();
+            let plan = borrowed.as_deref_mut().unwrap_or(&mut own);
+            match layer {
+                LayerKv::F32(b) => self.attend_in_pieces(plan, q, tokens, b, out),
+                LayerKv::Bf16(b) => self.attend_in_pieces(plan, q, tokens, b, out),
+            }
         });
     }
 
@@ -107,7 +122,14 @@ impl AttentionShape {
     /// lone token's chunk tasks, one per kv head for a token that continues a tile), so
     /// the partial results stay small for long prompts (a token's result does not depend
     /// on the run it is in).
-    fn attend_in_pieces(&self, plan: &mut Plan, q: &[f32], tokens: &[QueryToken], layer: &LayerKv, out: &mut [f32]) {
+    fn attend_in_pieces<T: KvElement>(
+        &self,
+        plan: &mut Plan,
+        q: &[f32],
+        tokens: &[QueryToken],
+        layer: &KvBuffers<T>,
+        out: &mut [f32],
+    ) {
         let width = self.num_heads * self.head_dim;
         let mut t0 = 0;
         while t0 < tokens.len() {
@@ -187,7 +209,14 @@ impl AttentionShape {
         plan.merges.push((usize::MAX, chunk_tasks));
     }
 
-    fn attend_piece(&self, plan: &mut Plan, q: &[f32], tokens: &[QueryToken], layer: &LayerKv, out: &mut [f32]) {
+    fn attend_piece<T: KvElement>(
+        &self,
+        plan: &mut Plan,
+        q: &[f32],
+        tokens: &[QueryToken],
+        layer: &KvBuffers<T>,
+        out: &mut [f32],
+    ) {
         let hd = self.head_dim;
         let group = self.num_heads / self.num_kv_heads;
         let group_width = group * hd;
@@ -273,13 +302,13 @@ impl AttentionShape {
     /// `stats` ([maxima.., sums..]) and Σ exp(s − m)·v (unnormalised) into `out`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn attend_group(
+    fn attend_group<T: KvElement>(
         &self,
         q: &[f32],
         token: QueryToken,
         kv_head: usize,
         (first, last): (usize, usize),
-        layer: &LayerKv,
+        layer: &KvBuffers<T>,
         prefetch: bool,
         scores: &mut Vec<f32>,
         out: &mut [f32],
@@ -301,10 +330,7 @@ impl AttentionShape {
         }
         for (block, lo, hi, j) in spans() {
             let keys = &layer.k[self.key_block_offset(block, kv_head)..][..hd * bs];
-            for g in 0..group {
-                let row = &mut scores[g * n + j..g * n + j + hi - lo];
-                score_block(&q[g * hd..(g + 1) * hd], keys, bs, lo, row);
-            }
+            score_all_rows(q, group, |g| g * hd, keys, bs, lo, hi, scores, |g| g * n + j);
         }
         let (maxima, sums) = stats.split_at_mut(group);
         for g in 0..group {
@@ -319,10 +345,7 @@ impl AttentionShape {
         out.fill(0.0);
         for (block, lo, hi, j) in spans() {
             let values = &layer.v[(block * bs + lo) * width..(block * bs + hi) * width];
-            for g in 0..group {
-                let weights = &scores[g * n + j..g * n + j + hi - lo];
-                weigh_values(weights, values, width, kv_head * hd, &mut out[g * hd..(g + 1) * hd]);
-            }
+            weigh_all_rows(scores, group, |g| g * n + j, hi - lo, values, width, kv_head * hd, out);
         }
     }
 }
@@ -398,21 +421,21 @@ struct TileBuffers {
 }
 
 /// One (token, kv head) task of `paged_attention`, compiled per vector unit.
-struct AttendGroup<'a> {
+struct AttendGroup<'a, T> {
     shape: &'a AttentionShape,
     q: &'a [f32],
     token: QueryToken<'a>,
     kv_head: usize,
     first: usize,
     last: usize,
-    layer: &'a LayerKv,
+    layer: &'a KvBuffers<T>,
     prefetch: bool,
     scores: &'a mut Vec<f32>,
     out: &'a mut [f32],
     stats: &'a mut [f32],
 }
 
-impl Kernel for AttendGroup<'_> {
+impl<T: KvElement> Kernel for AttendGroup<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run(self) {
@@ -433,89 +456,11 @@ impl Kernel for AttendGroup<'_> {
     }
 }
 
-/// Unscaled scores q·k of the block's slots lo..lo + row.len() (`keys` is [head_dim,
-/// block_size]). With block_size a multiple of 16, 16 slots at a time: four
-/// accumulators over the head dimension, so the FMAs do not wait on each other.
-#[inline(always)]
-pub(super) fn score_block(q: &[f32], keys: &[f32], bs: usize, lo: usize, row: &mut [f32]) {
-    let hi = lo + row.len();
-    if !bs.is_multiple_of(LANES) {
-        for (s, slot) in row.iter_mut().zip(lo..hi) {
-            *s = q.iter().enumerate().map(|(d, &x)| x * keys[d * bs + slot]).sum();
-        }
-        return;
-    }
-    let hd4 = q.len() / 4 * 4;
-    for chunk in (lo / LANES)..hi.div_ceil(LANES) {
-        let base = chunk * LANES;
-        let mut acc = [[0.0f32; LANES]; 4];
-        for d in (0..hd4).step_by(4) {
-            for (a, acc) in acc.iter_mut().enumerate() {
-                let k: &[f32; LANES] = keys[(d + a) * bs + base..][..LANES].try_into().unwrap_or(&[0.0; LANES]);
-                let x = q[d + a];
-                for l in 0..LANES {
-                    acc[l] += x * k[l];
-                }
-            }
-        }
-        for d in hd4..q.len() {
-            let k = &keys[d * bs + base..][..LANES];
-            for l in 0..LANES {
-                acc[0][l] += q[d] * k[l];
-            }
-        }
-        let from = lo.max(base);
-        let to = hi.min(base + LANES);
-        for slot in from..to {
-            let l = slot - base;
-            row[slot - lo] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
-        }
-    }
-}
-
-/// out += Σ weights[i] · values[i * width + at ..][..out.len()], in registers 64 (then 16)
-/// columns at a time.
-#[inline(always)]
-fn weigh_values(weights: &[f32], values: &[f32], width: usize, at: usize, out: &mut [f32]) {
-    fn columns<const W: usize>(weights: &[f32], values: &[f32], width: usize, at: usize, out: &mut [f32; W]) {
-        let mut acc = *out;
-        for (i, &w) in weights.iter().enumerate() {
-            let v: &[f32; W] = values[i * width + at..][..W].try_into().unwrap_or(&[0.0; W]);
-            for c in 0..W {
-                acc[c] += w * v[c];
-            }
-        }
-        *out = acc;
-    }
-    let mut c = 0;
-    while c < out.len() {
-        let rest = out.len() - c;
-        if rest >= 64 {
-            if let Ok(o) = <&mut [f32; 64]>::try_from(&mut out[c..c + 64]) {
-                columns(weights, values, width, at + c, o);
-            }
-            c += 64;
-        } else if rest >= LANES {
-            if let Ok(o) = <&mut [f32; LANES]>::try_from(&mut out[c..c + LANES]) {
-                columns(weights, values, width, at + c, o);
-            }
-            c += LANES;
-        } else {
-            for (i, &w) in weights.iter().enumerate() {
-                for (o, &v) in out[c..].iter_mut().zip(&values[i * width + at + c..][..rest]) {
-                    *o += w * v;
-                }
-            }
-            c = out.len();
-        }
-    }
-}
-
 /// Asks for the cache lines of `data` into L2 (no effect on results; a no-op off x86-64).
 #[inline(always)]
-fn prefetch_l2(data: &[f32]) {
+fn prefetch_l2<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in data.chunks(16) {
+    for line in data.chunks(64 / std::mem::size_of::<T>()) {
         // SAFETY: a prefetch never faults; the address is inside `data`.
         unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr() as *const i8) };
     }
@@ -559,6 +504,7 @@ impl GroupsPtr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv_cache::paged_cache::{Bf16, KvDtype};
 
     /// SmolLM2-135M's geometry (3 query heads per kv head, head_dim 64), 16-slot blocks.
     const SMOLLM2: AttentionShape = AttentionShape {
@@ -591,16 +537,26 @@ mod tests {
         ((p * 31 + j * 7) as f32 * 0.173 + salt).sin()
     }
 
+    /// `x` as a cache of `dtype` gives it back.
+    fn stored(dtype: KvDtype, x: f32) -> f32 {
+        match dtype {
+            KvDtype::F32 => x,
+            KvDtype::Bf16 => Bf16::store(x).load(),
+        }
+    }
+
     /// A layer cache holding positions 0..n (keys salt 0.1, values 0.7) and its block table.
     fn filled_layer(shape: AttentionShape, n: usize) -> (LayerKv, Vec<u32>) {
+        filled_layer_as(shape, n, KvDtype::F32)
+    }
+
+    /// `filled_layer` with keys and values stored as `dtype`.
+    fn filled_layer_as(shape: AttentionShape, n: usize, dtype: KvDtype) -> (LayerKv, Vec<u32>) {
         let (hd, bs) = (shape.head_dim, shape.block_size);
         let width = shape.num_kv_heads * hd;
         let blocks = n.div_ceil(bs);
         let num_blocks = 2 * blocks + 1;
-        let mut layer = LayerKv {
-            k: vec![0.0; num_blocks * bs * width],
-            v: vec![0.0; num_blocks * bs * width],
-        };
+        let mut layer = LayerKv::zeroed(dtype, num_blocks * bs * width);
         // Distinct blocks in descending order, every other one.
         let table: Vec<u32> = (0..blocks).map(|b| (2 * (blocks - b)) as u32).collect();
         for p in 0..n {
@@ -618,8 +574,14 @@ mod tests {
     /// Writes `n` positions through `write_kv` into shuffled blocks, attends every position
     /// and compares each head with the naive softmax over a contiguous copy.
     fn check_against_naive(shape: AttentionShape, n: usize) {
+        check_against_naive_as(shape, n, KvDtype::F32)
+    }
+
+    /// `check_against_naive` over a cache of `dtype`, against the softmax of the stored
+    /// (for bf16: rounded) keys and values.
+    fn check_against_naive_as(shape: AttentionShape, n: usize, dtype: KvDtype) {
         let hd = shape.head_dim;
-        let (layer, table) = filled_layer(shape, n);
+        let (layer, table) = filled_layer_as(shape, n, dtype);
         let tokens: Vec<QueryToken> = (0..n)
             .map(|p| QueryToken {
                 position: p,
@@ -636,7 +598,7 @@ mod tests {
                 let first = shape.sliding_window.map_or(0, |w| (p + 1).saturating_sub(w));
                 let head = |salt| -> Vec<Vec<f32>> {
                     (first..=p)
-                        .map(|s| (0..hd).map(|j| value(s, kvh * hd + j, salt)).collect())
+                        .map(|s| (0..hd).map(|j| stored(dtype, value(s, kvh * hd + j, salt))).collect())
                         .collect()
                 };
                 let at = (p * shape.num_heads + h) * hd;
@@ -755,9 +717,12 @@ mod tests {
     /// tasks), so tiles keep results independent of the batch.
     #[test]
     fn tiles_give_the_bits_of_each_token_alone() {
-        for shape in tile_shapes() {
+        for (shape, dtype) in tile_shapes()
+            .into_iter()
+            .flat_map(|s| [(s, KvDtype::F32), (s, KvDtype::Bf16)])
+        {
             let width = shape.num_heads * shape.head_dim;
-            let (layer, table) = filled_layer(shape, 200);
+            let (layer, table) = filled_layer_as(shape, 200, dtype);
             let seq = |p: usize| QueryToken {
                 position: p,
                 block_table: &table,
@@ -775,7 +740,7 @@ mod tests {
             for (t, &token) in tokens.iter().enumerate() {
                 let mut alone = vec![0.0; width];
                 shape.paged_attention(&q[t * width..][..width], &[token], &layer, &mut alone);
-                assert_eq!(alone[..], out[t * width..][..width], "{shape:?} token {t}");
+                assert_eq!(alone[..], out[t * width..][..width], "{shape:?} {dtype:?} token {t}");
             }
         }
     }
@@ -787,6 +752,42 @@ mod tests {
         for shape in tile_shapes() {
             for n in [2, 17, 65, 131] {
                 check_against_naive(shape, n);
+            }
+        }
+    }
+
+    /// A bf16 cache: keys and values rounded once when written, widened exactly when read,
+    /// so lone tokens (chunk tasks, decode) and prompts (tiles) both match the f64 softmax
+    /// of the rounded keys and values, over several chunks and blocks.
+    #[test]
+    fn a_bf16_cache_matches_the_f64_softmax_of_its_rounded_entries() {
+        for shape in tile_shapes() {
+            check_against_naive_as(shape, 131, KvDtype::Bf16);
+            let (layer, table) = filled_layer_as(shape, 300, KvDtype::Bf16);
+            let hd = shape.head_dim;
+            let q: Vec<f32> = (0..shape.num_heads * hd).map(|i| (i as f32 * 0.37).cos()).collect();
+            let token = QueryToken {
+                position: 299,
+                block_table: &table,
+            };
+            let mut out = vec![0.0; q.len()];
+            shape.paged_attention(&q, &[token], &layer, &mut out);
+            let first = shape.sliding_window.map_or(0, |w| 300 - w);
+            for h in 0..shape.num_heads {
+                let kvh = h / (shape.num_heads / shape.num_kv_heads);
+                let head = |salt| -> Vec<Vec<f32>> {
+                    (first..300)
+                        .map(|s| {
+                            (0..hd)
+                                .map(|j| stored(KvDtype::Bf16, value(s, kvh * hd + j, salt)))
+                                .collect()
+                        })
+                        .collect()
+                };
+                let expected = reference(&q[h * hd..][..hd], &head(0.1), &head(0.7), shape.scale);
+                for (a, b) in out[h * hd..][..hd].iter().zip(&expected) {
+                    assert!((a - b).abs() < 1e-5, "{shape:?} h {h}: {a} vs {b}");
+                }
             }
         }
     }
@@ -867,14 +868,24 @@ mod tests {
         let width = shape.num_kv_heads * shape.head_dim;
         let blocks_per_seq = 256 / shape.block_size;
         let num_blocks = seqs * blocks_per_seq;
+        // VLLM_ATTN_BENCH_BF16=1: bf16 caches (half the bytes).
+        let bf16 = std::env::var_os("VLLM_ATTN_BENCH_BF16").is_some();
         let caches: Vec<LayerKv> = (0..layers)
-            .map(|l| LayerKv {
-                k: (0..num_blocks * shape.block_size * width)
-                    .map(|i| ((i * 7 + l) % 13) as f32 * 0.01)
-                    .collect(),
-                v: (0..num_blocks * shape.block_size * width)
-                    .map(|i| ((i * 5 + l) % 11) as f32 * 0.01)
-                    .collect(),
+            .map(|l| {
+                let len = num_blocks * shape.block_size * width;
+                let k = (0..len).map(|i| ((i * 7 + l) % 13) as f32 * 0.01);
+                let v = (0..len).map(|i| ((i * 5 + l) % 11) as f32 * 0.01);
+                if bf16 {
+                    LayerKv::Bf16(KvBuffers {
+                        k: k.map(Bf16::store).collect(),
+                        v: v.map(Bf16::store).collect(),
+                    })
+                } else {
+                    LayerKv::F32(KvBuffers {
+                        k: k.collect(),
+                        v: v.collect(),
+                    })
+                }
             })
             .collect();
         // VLLM_ATTN_BENCH_INTERLEAVED=1: sequence s owns every 32nd block from s (neighbours
@@ -908,7 +919,7 @@ mod tests {
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
         times.sort_by(f64::total_cmp);
-        let bytes = (seqs * (pos + 4) * 2 * width * 4 * layers) as f64;
+        let bytes = (seqs * (pos + 4) * 2 * width * if bf16 { 2 } else { 4 } * layers) as f64;
         println!(
             "attention of a 32-row decode step: min {:.2} ms ({:.1} GB/s of keys and values), median {:.2} ms; load {}",
             times[0],
