@@ -394,6 +394,10 @@ enum Task {
 /// Tile tasks serve runs of tokens unless `VLLM_CPU_ATT_TILES=0` (every token by chunk
 /// tasks, as before the tiles: the same bits, for timing the two).
 fn tiles_on() -> bool {
+    #[cfg(test)]
+    if tests::CHUNKS_ONLY.with(|c| c.get()) {
+        return false;
+    }
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("VLLM_CPU_ATT_TILES").map_or(true, |v| v != "0"))
 }
@@ -823,36 +827,61 @@ mod tests {
         }
     }
 
+    thread_local! {
+        /// Plans every token by chunk tasks on this thread (the timing test's baseline).
+        pub(super) static CHUNKS_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
     /// The attention of one 128-token prompt step: 30 layers, each a cache of the prompt's
     /// own keys and values (in cache, as the engine's prompt step wrote them just before).
+    /// Chunk tasks and tiles, float32 and bf16 caches, alternated in one process.
     #[test]
     #[ignore = "timing report"]
     fn prompt_step_attention_speed() {
         let (shape, n, layers) = (SMOLLM2, 128usize, 30usize);
-        let caches: Vec<(LayerKv, Vec<u32>)> = (0..layers).map(|_| filled_layer(shape, n)).collect();
         let q: Vec<f32> = (0..n * shape.num_heads * shape.head_dim)
             .map(|i| (i as f32 * 0.37).cos())
             .collect();
         let mut out = vec![0.0; q.len()];
-        let mut times = Vec::new();
-        for _ in 0..25 {
-            let t = std::time::Instant::now();
-            for (layer, table) in &caches {
-                let tokens: Vec<QueryToken> = (0..n)
-                    .map(|p| QueryToken {
-                        position: p,
-                        block_table: table,
-                    })
-                    .collect();
-                shape.paged_attention(&q, &tokens, layer, &mut out);
+        let variants = [
+            (false, KvDtype::F32),
+            (true, KvDtype::F32),
+            (false, KvDtype::Bf16),
+            (true, KvDtype::Bf16),
+        ];
+        let caches: Vec<Vec<(LayerKv, Vec<u32>)>> = variants
+            .iter()
+            .map(|&(_, dtype)| (0..layers).map(|_| filled_layer_as(shape, n, dtype)).collect())
+            .collect();
+        let mut times = vec![Vec::new(); variants.len()];
+        for _ in 0..15 {
+            for (v, &(tiles, _)) in variants.iter().enumerate() {
+                CHUNKS_ONLY.with(|c| c.set(!tiles));
+                let t = std::time::Instant::now();
+                for (layer, table) in &caches[v] {
+                    let tokens: Vec<QueryToken> = (0..n)
+                        .map(|p| QueryToken {
+                            position: p,
+                            block_table: table,
+                        })
+                        .collect();
+                    shape.paged_attention(&q, &tokens, layer, &mut out);
+                }
+                times[v].push(t.elapsed().as_secs_f64() * 1e3);
             }
-            times.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        times.sort_by(f64::total_cmp);
+        CHUNKS_ONLY.with(|c| c.set(false));
+        for ((tiles, dtype), t) in variants.iter().zip(&mut times) {
+            t.sort_by(f64::total_cmp);
+            let form = if *tiles { "tiles" } else { "chunk tasks" };
+            println!(
+                "attention of a 128-token prompt step (30 layers), {form}, {dtype:?} cache: min {:.2} ms, median {:.2} ms",
+                t[0],
+                t[t.len() / 2]
+            );
+        }
         println!(
-            "attention of a 128-token prompt step (30 layers): min {:.2} ms, median {:.2} ms; load {}",
-            times[0],
-            times[times.len() / 2],
+            "load {}",
             std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
         );
     }
@@ -868,26 +897,28 @@ mod tests {
         let width = shape.num_kv_heads * shape.head_dim;
         let blocks_per_seq = 256 / shape.block_size;
         let num_blocks = seqs * blocks_per_seq;
-        // VLLM_ATTN_BENCH_BF16=1: bf16 caches (half the bytes).
-        let bf16 = std::env::var_os("VLLM_ATTN_BENCH_BF16").is_some();
-        let caches: Vec<LayerKv> = (0..layers)
-            .map(|l| {
-                let len = num_blocks * shape.block_size * width;
-                let k = (0..len).map(|i| ((i * 7 + l) % 13) as f32 * 0.01);
-                let v = (0..len).map(|i| ((i * 5 + l) % 11) as f32 * 0.01);
-                if bf16 {
-                    LayerKv::Bf16(KvBuffers {
-                        k: k.map(Bf16::store).collect(),
-                        v: v.map(Bf16::store).collect(),
-                    })
-                } else {
-                    LayerKv::F32(KvBuffers {
-                        k: k.collect(),
-                        v: v.collect(),
-                    })
-                }
-            })
-            .collect();
+        // Float32 and bf16 caches (half the bytes), alternated.
+        let make = |bf16: bool| -> Vec<LayerKv> {
+            (0..layers)
+                .map(|l| {
+                    let len = num_blocks * shape.block_size * width;
+                    let k = (0..len).map(|i| ((i * 7 + l) % 13) as f32 * 0.01);
+                    let v = (0..len).map(|i| ((i * 5 + l) % 11) as f32 * 0.01);
+                    if bf16 {
+                        LayerKv::Bf16(KvBuffers {
+                            k: k.map(Bf16::store).collect(),
+                            v: v.map(Bf16::store).collect(),
+                        })
+                    } else {
+                        LayerKv::F32(KvBuffers {
+                            k: k.collect(),
+                            v: v.collect(),
+                        })
+                    }
+                })
+                .collect()
+        };
+        let caches = [make(false), make(true)];
         // VLLM_ATTN_BENCH_INTERLEAVED=1: sequence s owns every 32nd block from s (neighbours
         // interleave in memory); else its blocks are consecutive, as a fresh engine hands out.
         let interleaved = std::env::var_os("VLLM_ATTN_BENCH_INTERLEAVED").is_some();
@@ -910,26 +941,29 @@ mod tests {
             .map(|i| (i % 17) as f32 * 0.05)
             .collect();
         let mut out = vec![0.0; q.len()];
-        let mut times = Vec::new();
+        let mut times = [Vec::new(), Vec::new()];
         for _ in 0..12 {
-            let t = std::time::Instant::now();
-            for layer in &caches {
-                shape.paged_attention(&q, &tokens, layer, &mut out);
+            for (cache, times) in caches.iter().zip(&mut times) {
+                let t = std::time::Instant::now();
+                for layer in cache {
+                    shape.paged_attention(&q, &tokens, layer, &mut out);
+                }
+                times.push(t.elapsed().as_secs_f64() * 1e3);
             }
-            times.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        times.sort_by(f64::total_cmp);
-        let bytes = (seqs * (pos + 4) * 2 * width * if bf16 { 2 } else { 4 } * layers) as f64;
+        for (bytes_per, (name, times)) in [4, 2].into_iter().zip(["f32", "bf16"].into_iter().zip(&mut times)) {
+            times.sort_by(f64::total_cmp);
+            let bytes = (seqs * (pos + 4) * 2 * width * bytes_per * layers) as f64;
+            println!(
+                "attention of a 32-row decode step, {name} cache: min {:.2} ms ({:.1} GB/s of keys and values), median {:.2} ms",
+                times[0],
+                bytes / times[0] / 1e6,
+                times[times.len() / 2],
+            );
+        }
         println!(
-            "attention of a 32-row decode step: min {:.2} ms ({:.1} GB/s of keys and values), median {:.2} ms; load {}",
-            times[0],
-            bytes / times[0] / 1e6,
-            times[times.len() / 2],
-            std::fs::read_to_string("/proc/loadavg")
-                .unwrap_or_default()
-                .split(' ')
-                .next()
-                .unwrap_or("?")
+            "load {}",
+            std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
         );
     }
 }
