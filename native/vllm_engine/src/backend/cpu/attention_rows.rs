@@ -109,14 +109,20 @@ fn score_rows<T: KvElement, const R: usize>(
     }
     let qs: [&[f32]; R] = q_at.map(|at| &q[at..at + hd]);
     let hd4 = hd / 4 * 4;
+    // The loads below stay inside `keys` and each `qs[r]`: the hot loop skips their checks.
+    assert!(hi <= bs && keys.len() >= hd * bs);
     for chunk in (lo / LANES)..hi.div_ceil(LANES) {
         let base = chunk * LANES;
         let mut acc = [[[0.0f32; LANES]; 4]; R];
         for d in (0..hd4).step_by(4) {
             for a in 0..4 {
-                let k: [f32; LANES] = widen(&keys[(d + a) * bs + base..][..LANES]);
+                let at = (d + a) * bs + base;
+                // SAFETY: d + a < head_dim and base + LANES <= bs (bs is a multiple of
+                // LANES and base < hi <= bs), so at + LANES <= head_dim * bs <= keys.len().
+                let k: [f32; LANES] = widen(unsafe { keys.get_unchecked(at..at + LANES) });
                 for r in 0..R {
-                    let x = qs[r][d + a];
+                    // SAFETY: d + a < head_dim = qs[r].len().
+                    let x = unsafe { *qs[r].get_unchecked(d + a) };
                     for l in 0..LANES {
                         acc[r][a][l] += x * k[l];
                     }
@@ -172,10 +178,15 @@ fn weigh_rows<T: KvElement, const R: usize>(
             acc[r].copy_from_slice(&out[r * hd + c..][..W]);
         }
         let ws: [&[f32]; R] = w_at.map(|a| &weights[a..a + n]);
+        // The loads below stay inside `values`: the hot loop skips their checks.
+        assert!(n == 0 || (n - 1) * width + at + c + W <= values.len());
         for i in 0..n {
-            let v: [f32; W] = widen(&values[i * width + at + c..][..W]);
+            let from = i * width + at + c;
+            // SAFETY: i < n, so from + W <= (n - 1) * width + at + c + W <= values.len().
+            let v: [f32; W] = widen(unsafe { values.get_unchecked(from..from + W) });
             for r in 0..R {
-                let w = ws[r][i];
+                // SAFETY: i < n = ws[r].len().
+                let w = unsafe { *ws[r].get_unchecked(i) };
                 for l in 0..W {
                     acc[r][l] += w * v[l];
                 }
