@@ -85,7 +85,8 @@ fn widen<T: KvElement, const N: usize>(s: &[T]) -> [f32; N] {
 /// head dimension, so the FMAs do not wait on each other; a key vector is loaded once for
 /// all R rows.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+// `a` indexes the accumulators and the key rows alike.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 fn score_rows<T: KvElement, const R: usize>(
     q: &[f32],
     q_at: [usize; R],
