@@ -5,6 +5,7 @@
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::manager::SeqId;
+use crate::kv_cache::paged_cache::LayerKv;
 use crate::kv_cache::PagedKvCache;
 use crate::lora::{slots::SlotLoad, LoraAdapter, LoraSlots};
 use crate::models::{CausalLM, DecodeCaptureLimits, ForwardBatch, SeqSlice};
@@ -121,8 +122,7 @@ impl ModelRunner {
 
     /// Bytes of key and value memory the cache holds now (0 after `release_kv_cache`).
     pub fn kv_cache_bytes(&self) -> usize {
-        let floats: usize = self.kv.layers.iter().map(|l| l.k.capacity() + l.v.capacity()).sum();
-        floats * std::mem::size_of::<f32>()
+        self.kv.layers.iter().map(LayerKv::bytes).sum()
     }
 
     /// Lets the model capture its decode steps against this runner's KV cache (CUDA graphs).

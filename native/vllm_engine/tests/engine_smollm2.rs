@@ -91,3 +91,30 @@ fn a_stop_string_in_real_text_is_cut_and_never_streamed() {
     assert_eq!(fin.stop_reason, Some(StopReason::Text(" Nova".into())));
     assert_all_blocks_free(&engine);
 }
+
+/// As vLLM's `kv_cache_dtype: "auto"`: a bfloat16 model keeps bfloat16 keys and values, so
+/// the same KV memory holds twice the blocks the float32 cache of the default dtype does,
+/// and a request through it frees every block. (Its outputs are checked against float32
+/// in sampling_smollm2's bf16 test.)
+#[test]
+fn a_bf16_model_holds_twice_the_kv_blocks_in_the_same_memory() {
+    let budget = 64 << 20;
+    let start = |dtype| {
+        let mut args = EngineArgs::new(smollm2_gguf());
+        args.max_model_len = Some(512);
+        args.kv_cache_memory_bytes = Some(budget);
+        args.dtype = dtype;
+        Engine::new(args).unwrap_or_else(|e| panic!("cannot start SmolLM2 ({dtype:?}): {e}"))
+    };
+    let f32_blocks = start(vllm_engine::config::DType::Auto).limits().num_blocks;
+    let bf16 = start(vllm_engine::config::DType::BF16);
+    let bf16_blocks = bf16.limits().num_blocks;
+    // SmolLM2-135M: 30 layers, 3 kv heads of 64, blocks of 16 → 737,280 float32 bytes.
+    let f32_block = vllm_engine::kv_cache::PagedKvCache::bytes_per_block(30, bf16.limits().block_size, 3, 64);
+    assert_eq!(f32_blocks, budget / f32_block);
+    assert_eq!(bf16_blocks, 2 * budget / f32_block);
+    let case = &smollm2_cases()[0];
+    let outs = collect(&submit(&bf16, "bf16", case.prompt.clone(), SamplingParams::greedy(4)));
+    assert_eq!(final_tokens(&outs).len(), 4);
+    assert_all_blocks_free(&bf16);
+}

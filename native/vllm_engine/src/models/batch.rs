@@ -20,12 +20,7 @@ pub fn check_batch<'a>(batch: &'a ForwardBatch, kv: &PagedKvCache, c: &ModelConf
         )));
     }
     let layer_len = kv.num_blocks * kv.block_size * kv.num_kv_heads * kv.head_dim;
-    if kv.block_size == 0
-        || kv
-            .layers
-            .iter()
-            .any(|l| l.k.len() != layer_len || l.v.len() != layer_len)
-    {
+    if kv.block_size == 0 || kv.layers.iter().any(|l| l.lens() != (layer_len, layer_len)) {
         return Err(EngineError::internal(
             "KV cache buffers do not match its declared geometry",
         ));

@@ -13,6 +13,7 @@ use crate::backend::cpu::matmul::WeightFormat;
 use crate::backend::cpu::phase_timer::{timed, Phase, PhaseTimes};
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::kv_cache::paged_cache::KvDtype;
 use crate::kv_cache::PagedKvCache;
 use crate::loader::WeightSource;
 use crate::lora::{LoraAdapter, LoraTarget};
@@ -42,6 +43,9 @@ pub struct DecoderLM {
     final_norm: Vec<f32>,
     lm_head: Linear,
     rotary: Rotary,
+    /// What the KV cache stores: bfloat16 for bfloat16 weights (vLLM's `kv_cache_dtype:
+    /// "auto"`), float32 otherwise.
+    kv_dtype: KvDtype,
     /// Resident LoRA adapters by slot (see `CausalLM::set_lora_slot`).
     lora_slots: Vec<Option<Arc<LoraAdapter>>>,
     times: Option<PhaseTimes>,
@@ -172,6 +176,10 @@ impl DecoderLM {
             final_norm,
             lm_head,
             rotary,
+            kv_dtype: match format {
+                WeightFormat::Bf16 => KvDtype::Bf16,
+                WeightFormat::F32 => KvDtype::F32,
+            },
             lora_slots: Vec::new(),
             times: PhaseTimes::new(),
             scratch: Mutex::new(Scratch::default()),
@@ -352,6 +360,24 @@ impl CausalLM for DecoderLM {
 
     fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    fn kv_bytes_per_block(&self, block_size: usize) -> usize {
+        let c = &self.config;
+        self.kv_dtype
+            .block_bytes(c.num_hidden_layers, block_size, c.num_key_value_heads, c.head_dim)
+    }
+
+    fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<PagedKvCache> {
+        let c = &self.config;
+        Ok(PagedKvCache::with_dtype(
+            self.kv_dtype,
+            c.num_hidden_layers,
+            num_blocks,
+            block_size,
+            c.num_key_value_heads,
+            c.head_dim,
+        ))
     }
 
     fn weight_bytes(&self) -> usize {

@@ -143,12 +143,15 @@ impl CausalLM for FakeModel {
         if let Some(d) = self.behaviour.step_delay {
             std::thread::sleep(d);
         }
-        let bs = kv.block_size;
+        let (bs, num_blocks) = (kv.block_size, kv.num_blocks);
         let stride = kv.num_kv_heads * kv.head_dim;
         let slot = |table: &[u32], pos: usize| -> usize {
             let block = table[pos / bs] as usize;
-            assert!(block < kv.num_blocks, "block id {block} out of range");
+            assert!(block < num_blocks, "block id {block} out of range");
             (block * bs + pos % bs) * stride
+        };
+        let vllm_engine::kv_cache::paged_cache::LayerKv::F32(cache) = &mut kv.layers[0] else {
+            panic!("the fake model keeps its tokens in a float32 cache");
         };
         assert_eq!(batch.token_ids.len(), batch.positions.len());
         for seq in &batch.seqs {
@@ -158,13 +161,13 @@ impl CausalLM for FakeModel {
                 let pos = batch.positions[i];
                 assert_eq!(pos, seq.context_len - seq.query_len + j, "position mismatch");
                 let at = slot(&seq.block_table, pos);
-                kv.layers[0].k[at] = batch.token_ids[i] as f32;
+                cache.k[at] = batch.token_ids[i] as f32;
             }
         }
         let mut rows = Vec::new();
         for seq in batch.seqs.iter().filter(|s| s.want_logits) {
             let context: Vec<u32> = (0..seq.context_len)
-                .map(|pos| kv.layers[0].k[slot(&seq.block_table, pos)] as u32)
+                .map(|pos| cache.k[slot(&seq.block_table, pos)] as u32)
                 .collect();
             if self.behaviour.panic_at_context_len == Some(seq.context_len) {
                 panic!("fake model asked to panic");

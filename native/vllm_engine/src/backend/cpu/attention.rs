@@ -9,9 +9,11 @@
 
 use std::cell::RefCell;
 
+use super::attention_rows::{score_all_rows, weigh_all_rows};
+use super::attention_tile::{self, AttendTile, TILE};
 use super::simd::{exp, max, run_vectorized, sum, Kernel};
 
-use crate::kv_cache::paged_cache::LayerKv;
+use crate::kv_cache::paged_cache::{KvBuffers, KvElement, LayerKv};
 
 /// The geometry shared by the cache and the attention of one model.
 #[derive(Debug, Clone, Copy)]
@@ -33,7 +35,7 @@ pub struct QueryToken<'a> {
 }
 
 /// Keys scored together: one 16-lane vector of scores per step over the head dimension.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 
 impl AttentionShape {
     /// Offset of the values of `position` (all kv heads) in a layer's value cache.
@@ -43,51 +45,98 @@ impl AttentionShape {
     }
 
     /// Offset of the transposed keys [head_dim, block_size] of one kv head in one block.
-    fn key_block_offset(&self, block: usize, kv_head: usize) -> usize {
+    pub(super) fn key_block_offset(&self, block: usize, kv_head: usize) -> usize {
         (block * self.num_kv_heads + kv_head) * self.head_dim * self.block_size
     }
 
     /// Stores one token's keys and values ([num_kv_heads * head_dim] each) at its slot.
     /// The caller has checked that the block table covers `position`.
     pub fn write_kv(&self, layer: &mut LayerKv, token: QueryToken, k: &[f32], v: &[f32]) {
+        match layer {
+            LayerKv::F32(b) => self.write_kv_as(b, token, k, v),
+            LayerKv::Bf16(b) => self.write_kv_as(b, token, k, v),
+        }
+    }
+
+    fn write_kv_as<T: KvElement>(&self, layer: &mut KvBuffers<T>, token: QueryToken, k: &[f32], v: &[f32]) {
         let (hd, bs) = (self.head_dim, self.block_size);
         let block = token.block_table[token.position / bs] as usize;
         let in_block = token.position % bs;
         for (kv_head, k_head) in k.chunks_exact(hd).enumerate() {
             let base = self.key_block_offset(block, kv_head) + in_block;
             for (d, &x) in k_head.iter().enumerate() {
-                layer.k[base + d * bs] = x;
+                layer.k[base + d * bs] = T::store(x);
             }
         }
         let start = self.value_offset(token.block_table, token.position);
-        layer.v[start..start + v.len()].copy_from_slice(v);
+        for (slot, &x) in layer.v[start..start + v.len()].iter_mut().zip(v) {
+            *slot = T::store(x);
+        }
+    }
+
+    /// Positions first..=last of a sequence, block by block: (block id, first slot, end
+    /// slot, index of the first slot counted from `first`).
+    pub(super) fn spans<'t>(
+        &self,
+        block_table: &'t [u32],
+        first: usize,
+        last: usize,
+    ) -> impl Iterator<Item = (usize, usize, usize, usize)> + 't {
+        let bs = self.block_size;
+        let mut p = first;
+        std::iter::from_fn(move || {
+            (p <= last).then(|| {
+                let (lo, j) = (p % bs, p - first);
+                let hi = bs.min(lo + last + 1 - p);
+                let block = block_table[p / bs] as usize;
+                p += hi - lo;
+                (block, lo, hi, j)
+            })
+        })
     }
 
     /// Causal attention of every query token over its sequence's cached positions 0..=p.
-    /// `q` is [tokens, num_heads, head_dim]; `out` gets the same shape. A task serves the
-    /// query heads of one kv head over one chunk of `KEY_CHUNK` absolute positions, so each
-    /// key and value is read once for all of them and a lone decode token still fills both
-    /// cores; the chunks' partial softmaxes are then merged in chunk order. The chunks of a
-    /// token depend only on its own position, so results do not depend on the batch.
+    /// `q` is [tokens, num_heads, head_dim]; `out` gets the same shape. A lone token (a
+    /// decode) is served by chunk tasks: the query heads of one kv head over one chunk of
+    /// `KEY_CHUNK` absolute positions, so each key and value is read once for all of them
+    /// and a lone decode token still fills both cores; the chunks' partial softmaxes are
+    /// then merged in chunk order. Runs of consecutive tokens of one sequence (a prompt)
+    /// are served by tile tasks (attention_tile.rs) that do the same per token but read
+    /// each key once for the whole tile. The chunks of a token depend only on its own
+    /// position, and both forms give the same bits, so results do not depend on the batch.
     pub fn paged_attention(&self, q: &[f32], tokens: &[QueryToken], layer: &LayerKv, out: &mut [f32]) {
         // A rayon worker waiting inside the parallel loop may run another model's forward
         // on this thread: that nested call gets buffers of its own.
-        PLAN.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut plan) => self.attend_in_pieces(&mut plan, q, tokens, layer, out),
-            Err(_) => self.attend_in_pieces(&mut Plan::default(), q, tokens, layer, out),
+        PLAN.with(|cell| {
+            let mut own = Plan::default();
+            let mut borrowed = cell.try_borrow_mut();
+            let plan = borrowed.as_deref_mut().unwrap_or(&mut own);
+            match layer {
+                LayerKv::F32(b) => self.attend_in_pieces(plan, q, tokens, b, out),
+                LayerKv::Bf16(b) => self.attend_in_pieces(plan, q, tokens, b, out),
+            }
         });
     }
 
-    /// Runs `paged_attention` over runs of tokens of at most ~`MAX_PIECE_TASKS` chunk tasks,
-    /// so the partial results stay small for long prompts (a token's result does not depend
+    /// Runs `paged_attention` over runs of tokens of at most ~`MAX_PIECE_TASKS` tasks (a
+    /// lone token's chunk tasks, one per kv head for a token that continues a tile), so
+    /// the partial results stay small for long prompts (a token's result does not depend
     /// on the run it is in).
-    fn attend_in_pieces(&self, plan: &mut Plan, q: &[f32], tokens: &[QueryToken], layer: &LayerKv, out: &mut [f32]) {
+    fn attend_in_pieces<T: KvElement>(
+        &self,
+        plan: &mut Plan,
+        q: &[f32],
+        tokens: &[QueryToken],
+        layer: &KvBuffers<T>,
+        out: &mut [f32],
+    ) {
         let width = self.num_heads * self.head_dim;
         let mut t0 = 0;
         while t0 < tokens.len() {
             let (mut t1, mut tasks) = (t0, 0);
             while t1 < tokens.len() {
-                let more = self.chunks(tokens[t1]).len() * self.num_kv_heads;
+                let continues = t1 > 0 && tiles_on() && continues_run(tokens[t1 - 1], tokens[t1]);
+                let more = if continues { 1 } else { self.chunks(tokens[t1]).len() } * self.num_kv_heads;
                 if t1 > t0 && tasks + more > MAX_PIECE_TASKS {
                     break;
                 }
@@ -106,7 +155,7 @@ impl AttentionShape {
     }
 
     /// The visible positions of a token: first..=last.
-    fn visible(&self, token: QueryToken) -> (usize, usize) {
+    pub(super) fn visible(&self, token: QueryToken) -> (usize, usize) {
         let last = token.position;
         let first = match self.sliding_window {
             Some(w) => (last + 1).saturating_sub(w),
@@ -116,82 +165,135 @@ impl AttentionShape {
     }
 
     /// Indices of the `KEY_CHUNK`-position chunks that hold the token's visible positions.
-    fn chunks(&self, token: QueryToken) -> std::ops::Range<usize> {
+    pub(super) fn chunks(&self, token: QueryToken) -> std::ops::Range<usize> {
         let (first, last) = self.visible(token);
         first / KEY_CHUNK..last / KEY_CHUNK + 1
     }
 
-    fn attend_piece(&self, plan: &mut Plan, q: &[f32], tokens: &[QueryToken], layer: &LayerKv, out: &mut [f32]) {
+    /// Plans the piece's tasks: a tile task per (tile of up to `TILE` consecutive tokens of
+    /// one sequence, kv head), chunk tasks for the other tokens.
+    fn plan_piece(&self, plan: &mut Plan, tokens: &[QueryToken]) {
+        plan.tasks.clear();
+        plan.merges.clear();
+        let mut chunk_tasks = 0;
+        let mut i = 0;
+        while i < tokens.len() {
+            let mut len = 1;
+            while tiles_on()
+                && len < TILE
+                && i + len < tokens.len()
+                && continues_run(tokens[i + len - 1], tokens[i + len])
+            {
+                len += 1;
+            }
+            for kv_head in 0..self.num_kv_heads {
+                if len > 1 {
+                    plan.tasks.push(Task::Tile { token: i, len, kv_head });
+                    continue;
+                }
+                plan.merges.push((i * self.num_kv_heads + kv_head, chunk_tasks));
+                let (first, last) = self.visible(tokens[i]);
+                for c in self.chunks(tokens[i]) {
+                    plan.tasks.push(Task::Chunk {
+                        token: i,
+                        kv_head,
+                        first: first.max(c * KEY_CHUNK),
+                        last: last.min((c + 1) * KEY_CHUNK - 1),
+                        partial: chunk_tasks,
+                    });
+                    chunk_tasks += 1;
+                }
+            }
+            i += len;
+        }
+        plan.merges.push((usize::MAX, chunk_tasks));
+    }
+
+    fn attend_piece<T: KvElement>(
+        &self,
+        plan: &mut Plan,
+        q: &[f32],
+        tokens: &[QueryToken],
+        layer: &KvBuffers<T>,
+        out: &mut [f32],
+    ) {
         let hd = self.head_dim;
         let group = self.num_heads / self.num_kv_heads;
         let group_width = group * hd;
         // Per chunk task: its heads' unnormalised outputs, then their maxima, then their sums.
         let part = group * (hd + 2);
-        plan.tasks.clear();
-        plan.starts.clear();
-        for (i, &token) in tokens.iter().enumerate() {
-            let (first, last) = self.visible(token);
-            for kv_head in 0..self.num_kv_heads {
-                plan.starts.push(plan.tasks.len());
-                for c in self.chunks(token) {
-                    let lo = first.max(c * KEY_CHUNK);
-                    let hi = last.min((c + 1) * KEY_CHUNK - 1);
-                    plan.tasks.push(ChunkTask {
-                        token: i,
-                        kv_head,
-                        first: lo,
-                        last: hi,
-                    });
-                }
-            }
-        }
-        plan.starts.push(plan.tasks.len());
-        let n_tasks = plan.tasks.len();
-        plan.partials.resize(n_tasks * part, 0.0);
-        let chunk_tasks = &plan.tasks;
+        self.plan_piece(plan, tokens);
+        let chunk_tasks = plan.merges.last().map_or(0, |m| m.1);
+        plan.partials.resize(chunk_tasks * part, 0.0);
+        let tasks = &plan.tasks;
         // A decode step's keys and values were evicted by the weights since the last step;
         // a prompt's were written by this step and are still in cache.
         let prefetch = tokens.len() <= super::team::MAX_ROWS;
-        let task = |t: usize, partial: &mut [f32]| {
-            let ChunkTask {
+        let (partials, outs) = (GroupsPtr(plan.partials.as_mut_ptr()), GroupsPtr(out.as_mut_ptr()));
+        let q_width = self.num_heads * hd;
+        let task = |t: usize| match tasks[t] {
+            Task::Chunk {
                 token: i,
                 kv_head,
                 first,
                 last,
-            } = chunk_tasks[t];
-            let at = (i * self.num_kv_heads + kv_head) * group_width;
-            let (o, stats) = partial.split_at_mut(group_width);
-            SCORES.with(|scores| {
-                let mut scores = scores.borrow_mut();
-                run_vectorized(AttendGroup {
+                partial,
+            } => {
+                // SAFETY: each chunk task writes only its own partial.
+                let p = unsafe { std::slice::from_raw_parts_mut(partials.get().add(partial * part), part) };
+                let at = (i * self.num_kv_heads + kv_head) * group_width;
+                let (o, stats) = p.split_at_mut(group_width);
+                SCORES.with(|scores| {
+                    let mut scores = scores.borrow_mut();
+                    run_vectorized(AttendGroup {
+                        shape: self,
+                        q: &q[at..at + group_width],
+                        token: tokens[i],
+                        kv_head,
+                        first,
+                        last,
+                        layer,
+                        prefetch,
+                        scores: &mut scores,
+                        out: o,
+                        stats,
+                    })
+                });
+            }
+            Task::Tile { token, len, kv_head } => TILE_SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let TileBuffers { result, kernel } = &mut *scratch;
+                result.resize(len * group_width, 0.0);
+                run_vectorized(AttendTile {
                     shape: self,
-                    q: &q[at..at + group_width],
-                    token: tokens[i],
+                    q: &q[token * q_width..(token + len) * q_width],
+                    tokens: &tokens[token..token + len],
                     kv_head,
-                    first,
-                    last,
                     layer,
-                    prefetch,
-                    scores: &mut scores,
-                    out: o,
-                    stats,
-                })
-            });
+                    scratch: kernel,
+                    out: result,
+                });
+                for (k, r) in result.chunks_exact(group_width).enumerate() {
+                    let at = ((token + k) * self.num_kv_heads + kv_head) * group_width;
+                    // SAFETY: each (token, kv head) group of `out` has one tile task.
+                    unsafe { std::slice::from_raw_parts_mut(outs.get().add(at), group_width) }.copy_from_slice(r);
+                }
+            }),
         };
-        let keys: usize = chunk_tasks.iter().map(|t| t.last + 1 - t.first).sum();
-        if keys < SERIAL_MAX_KEYS {
-            plan.partials.chunks_mut(part).enumerate().for_each(|(t, p)| task(t, p));
+        let keys: usize = tokens
+            .iter()
+            .map(|&t| self.visible(t))
+            .map(|(first, last)| last + 1 - first)
+            .sum();
+        if keys * self.num_kv_heads < SERIAL_MAX_KEYS {
+            (0..tasks.len()).for_each(task);
         } else {
-            let parts = GroupsPtr(plan.partials.as_mut_ptr());
-            super::team::for_each_rows(tokens.len(), n_tasks, |t| {
-                // SAFETY: task t writes only its own partial, `partials[t * part ..][.. part]`.
-                let p = unsafe { std::slice::from_raw_parts_mut(parts.get().add(t * part), part) };
-                task(t, p);
-            });
+            super::team::for_each_rows(tokens.len(), tasks.len(), task);
         }
-        for (gi, out_group) in out.chunks_mut(group_width).enumerate() {
-            let parts = &plan.partials[plan.starts[gi] * part..plan.starts[gi + 1] * part];
-            merge_chunks(parts, group, hd, out_group);
+        for m in plan.merges.windows(2) {
+            let ((gi, from), (_, to)) = (m[0], m[1]);
+            let parts = &plan.partials[from * part..to * part];
+            merge_chunks(parts, group, hd, &mut out[gi * group_width..][..group_width]);
         }
     }
 
@@ -200,13 +302,13 @@ impl AttentionShape {
     /// `stats` ([maxima.., sums..]) and Σ exp(s − m)·v (unnormalised) into `out`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn attend_group(
+    fn attend_group<T: KvElement>(
         &self,
         q: &[f32],
         token: QueryToken,
         kv_head: usize,
         (first, last): (usize, usize),
-        layer: &LayerKv,
+        layer: &KvBuffers<T>,
         prefetch: bool,
         scores: &mut Vec<f32>,
         out: &mut [f32],
@@ -216,20 +318,7 @@ impl AttentionShape {
         let group = q.len() / hd;
         let n = last + 1 - first;
         scores.resize(group * n, 0.0);
-        // Visible positions, block by block: (block id, first slot, end slot, index of the
-        // first slot's score).
-        let spans = || {
-            let mut p = first;
-            std::iter::from_fn(move || {
-                (p <= last).then(|| {
-                    let (lo, j) = (p % bs, p - first);
-                    let hi = bs.min(lo + last + 1 - p);
-                    let block = token.block_table[p / bs] as usize;
-                    p += hi - lo;
-                    (block, lo, hi, j)
-                })
-            })
-        };
+        let spans = || self.spans(token.block_table, first, last);
         // At decode the cache was evicted by the weight stream since the last step: ask for
         // all of this chunk's keys and values now, so the reads overlap the scoring.
         let width = self.num_kv_heads * hd;
@@ -241,10 +330,7 @@ impl AttentionShape {
         }
         for (block, lo, hi, j) in spans() {
             let keys = &layer.k[self.key_block_offset(block, kv_head)..][..hd * bs];
-            for g in 0..group {
-                let row = &mut scores[g * n + j..g * n + j + hi - lo];
-                score_block(&q[g * hd..(g + 1) * hd], keys, bs, lo, row);
-            }
+            score_all_rows(q, group, |g| g * hd, keys, bs, lo, hi, scores, |g| g * n + j);
         }
         let (maxima, sums) = stats.split_at_mut(group);
         for g in 0..group {
@@ -259,10 +345,7 @@ impl AttentionShape {
         out.fill(0.0);
         for (block, lo, hi, j) in spans() {
             let values = &layer.v[(block * bs + lo) * width..(block * bs + hi) * width];
-            for g in 0..group {
-                let weights = &scores[g * n + j..g * n + j + hi - lo];
-                weigh_values(weights, values, width, kv_head * hd, &mut out[g * hd..(g + 1) * hd]);
-            }
+            weigh_all_rows(scores, group, |g| g * n + j, hi - lo, values, width, kv_head * hd, out);
         }
     }
 }
@@ -270,7 +353,7 @@ impl AttentionShape {
 /// One group's output from its chunks' partials (`parts`: per chunk, `group` × `hd`
 /// unnormalised outputs, then the maxima, then the sums), in chunk order. Each chunk is
 /// weighted by exp(m_c − M); a lone chunk gets weight exactly 1, so its result is o·(1/s).
-fn merge_chunks(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) {
+pub(super) fn merge_chunks(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) {
     let part = group * (hd + 2);
     for g in 0..group {
         let stat = |c: usize, which: usize| parts[c * part + group * hd + which * group + g];
@@ -293,40 +376,70 @@ fn merge_chunks(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) {
     }
 }
 
-/// One chunk task of `paged_attention`: a token's kv head over positions first..=last.
+/// One task of `paged_attention`.
 #[derive(Clone, Copy)]
-struct ChunkTask {
-    token: usize,
-    kv_head: usize,
-    first: usize,
-    last: usize,
+enum Task {
+    /// A lone token's kv head over positions first..=last, into partial slot `partial`.
+    Chunk {
+        token: usize,
+        kv_head: usize,
+        first: usize,
+        last: usize,
+        partial: usize,
+    },
+    /// Tokens token..token + len (consecutive positions of one sequence) for one kv head.
+    Tile { token: usize, len: usize, kv_head: usize },
+}
+
+/// Tile tasks serve runs of tokens unless `VLLM_CPU_ATT_TILES=0` (every token by chunk
+/// tasks, as before the tiles: the same bits, for timing the two).
+fn tiles_on() -> bool {
+    #[cfg(test)]
+    if tests::CHUNKS_ONLY.with(|c| c.get()) {
+        return false;
+    }
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("VLLM_CPU_ATT_TILES").map_or(true, |v| v != "0"))
+}
+
+/// Whether `next` is the position right after `prev` in the same sequence.
+fn continues_run(prev: QueryToken, next: QueryToken) -> bool {
+    next.position == prev.position + 1 && std::ptr::eq(prev.block_table, next.block_table)
 }
 
 /// The caller's per-call lists, kept per thread so steps allocate nothing.
 #[derive(Default)]
 struct Plan {
-    tasks: Vec<ChunkTask>,
-    /// Index of each (token, kv head)'s first task, and the task count at the end.
-    starts: Vec<usize>,
+    tasks: Vec<Task>,
+    /// Per lone (token, kv head): its group's index in `out` and its first chunk task's
+    /// partial slot; a last entry holds the slot count.
+    merges: Vec<(usize, usize)>,
     partials: Vec<f32>,
 }
 
+/// A tile task's merged outputs and its kernel's buffers, per thread.
+#[derive(Default)]
+struct TileBuffers {
+    result: Vec<f32>,
+    kernel: attention_tile::TileScratch,
+}
+
 /// One (token, kv head) task of `paged_attention`, compiled per vector unit.
-struct AttendGroup<'a> {
+struct AttendGroup<'a, T> {
     shape: &'a AttentionShape,
     q: &'a [f32],
     token: QueryToken<'a>,
     kv_head: usize,
     first: usize,
     last: usize,
-    layer: &'a LayerKv,
+    layer: &'a KvBuffers<T>,
     prefetch: bool,
     scores: &'a mut Vec<f32>,
     out: &'a mut [f32],
     stats: &'a mut [f32],
 }
 
-impl Kernel for AttendGroup<'_> {
+impl<T: KvElement> Kernel for AttendGroup<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run(self) {
@@ -347,89 +460,11 @@ impl Kernel for AttendGroup<'_> {
     }
 }
 
-/// Unscaled scores q·k of the block's slots lo..lo + row.len() (`keys` is [head_dim,
-/// block_size]). With block_size a multiple of 16, 16 slots at a time: four
-/// accumulators over the head dimension, so the FMAs do not wait on each other.
-#[inline(always)]
-fn score_block(q: &[f32], keys: &[f32], bs: usize, lo: usize, row: &mut [f32]) {
-    let hi = lo + row.len();
-    if !bs.is_multiple_of(LANES) {
-        for (s, slot) in row.iter_mut().zip(lo..hi) {
-            *s = q.iter().enumerate().map(|(d, &x)| x * keys[d * bs + slot]).sum();
-        }
-        return;
-    }
-    let hd4 = q.len() / 4 * 4;
-    for chunk in (lo / LANES)..hi.div_ceil(LANES) {
-        let base = chunk * LANES;
-        let mut acc = [[0.0f32; LANES]; 4];
-        for d in (0..hd4).step_by(4) {
-            for (a, acc) in acc.iter_mut().enumerate() {
-                let k: &[f32; LANES] = keys[(d + a) * bs + base..][..LANES].try_into().unwrap_or(&[0.0; LANES]);
-                let x = q[d + a];
-                for l in 0..LANES {
-                    acc[l] += x * k[l];
-                }
-            }
-        }
-        for d in hd4..q.len() {
-            let k = &keys[d * bs + base..][..LANES];
-            for l in 0..LANES {
-                acc[0][l] += q[d] * k[l];
-            }
-        }
-        let from = lo.max(base);
-        let to = hi.min(base + LANES);
-        for slot in from..to {
-            let l = slot - base;
-            row[slot - lo] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
-        }
-    }
-}
-
-/// out += Σ weights[i] · values[i * width + at ..][..out.len()], in registers 64 (then 16)
-/// columns at a time.
-#[inline(always)]
-fn weigh_values(weights: &[f32], values: &[f32], width: usize, at: usize, out: &mut [f32]) {
-    fn columns<const W: usize>(weights: &[f32], values: &[f32], width: usize, at: usize, out: &mut [f32; W]) {
-        let mut acc = *out;
-        for (i, &w) in weights.iter().enumerate() {
-            let v: &[f32; W] = values[i * width + at..][..W].try_into().unwrap_or(&[0.0; W]);
-            for c in 0..W {
-                acc[c] += w * v[c];
-            }
-        }
-        *out = acc;
-    }
-    let mut c = 0;
-    while c < out.len() {
-        let rest = out.len() - c;
-        if rest >= 64 {
-            if let Ok(o) = <&mut [f32; 64]>::try_from(&mut out[c..c + 64]) {
-                columns(weights, values, width, at + c, o);
-            }
-            c += 64;
-        } else if rest >= LANES {
-            if let Ok(o) = <&mut [f32; LANES]>::try_from(&mut out[c..c + LANES]) {
-                columns(weights, values, width, at + c, o);
-            }
-            c += LANES;
-        } else {
-            for (i, &w) in weights.iter().enumerate() {
-                for (o, &v) in out[c..].iter_mut().zip(&values[i * width + at + c..][..rest]) {
-                    *o += w * v;
-                }
-            }
-            c = out.len();
-        }
-    }
-}
-
 /// Asks for the cache lines of `data` into L2 (no effect on results; a no-op off x86-64).
 #[inline(always)]
-fn prefetch_l2(data: &[f32]) {
+fn prefetch_l2<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in data.chunks(16) {
+    for line in data.chunks(64 / std::mem::size_of::<T>()) {
         // SAFETY: a prefetch never faults; the address is inside `data`.
         unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr() as *const i8) };
     }
@@ -438,7 +473,7 @@ fn prefetch_l2(data: &[f32]) {
 }
 
 /// Positions per chunk task (chunks start at multiples of it, whatever the batch).
-const KEY_CHUNK: usize = 64;
+pub(super) const KEY_CHUNK: usize = 64;
 /// Chunk tasks per parallel loop of a long prompt (bounds the partials: ~0.8 MB for
 /// SmolLM2's 3 heads of 64 per kv head).
 const MAX_PIECE_TASKS: usize = 1024;
@@ -452,6 +487,8 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The caller's chunk tasks and their partial results.
     static PLAN: RefCell<Plan> = RefCell::new(Plan::default());
+    /// A tile task's buffers.
+    static TILE_SCRATCH: RefCell<TileBuffers> = RefCell::new(TileBuffers::default());
 }
 
 /// `out` of `paged_attention`, shared by tasks that write disjoint groups.
@@ -471,6 +508,7 @@ impl GroupsPtr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv_cache::paged_cache::{Bf16, KvDtype};
 
     /// SmolLM2-135M's geometry (3 query heads per kv head, head_dim 64), 16-slot blocks.
     const SMOLLM2: AttentionShape = AttentionShape {
@@ -482,22 +520,20 @@ mod tests {
         scale: 0.125,
     };
 
-    /// Naive softmax attention over a contiguous copy, for comparison.
+    /// Naive softmax attention over a contiguous copy, in f64, for comparison.
     fn reference(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f32> {
-        let scores: Vec<f32> = keys
-            .iter()
-            .map(|k| q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale)
-            .collect();
-        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
-        let sum: f32 = exps.iter().sum();
-        let mut out = vec![0.0; q.len()];
+        let dot = |k: &Vec<f32>| q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>();
+        let scores: Vec<f64> = keys.iter().map(|k| dot(k) * scale as f64).collect();
+        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let sum: f64 = exps.iter().sum();
+        let mut out = vec![0.0f64; q.len()];
         for (e, v) in exps.iter().zip(values) {
-            for (o, x) in out.iter_mut().zip(v) {
-                *o += e / sum * x;
+            for (o, &x) in out.iter_mut().zip(v) {
+                *o += e / sum * x as f64;
             }
         }
-        out
+        out.into_iter().map(|x| x as f32).collect()
     }
 
     /// Element j of position p's key (salt 0.1) or value (salt 0.7) row in the test caches.
@@ -505,16 +541,26 @@ mod tests {
         ((p * 31 + j * 7) as f32 * 0.173 + salt).sin()
     }
 
+    /// `x` as a cache of `dtype` gives it back.
+    fn stored(dtype: KvDtype, x: f32) -> f32 {
+        match dtype {
+            KvDtype::F32 => x,
+            KvDtype::Bf16 => Bf16::store(x).load(),
+        }
+    }
+
     /// A layer cache holding positions 0..n (keys salt 0.1, values 0.7) and its block table.
     fn filled_layer(shape: AttentionShape, n: usize) -> (LayerKv, Vec<u32>) {
+        filled_layer_as(shape, n, KvDtype::F32)
+    }
+
+    /// `filled_layer` with keys and values stored as `dtype`.
+    fn filled_layer_as(shape: AttentionShape, n: usize, dtype: KvDtype) -> (LayerKv, Vec<u32>) {
         let (hd, bs) = (shape.head_dim, shape.block_size);
         let width = shape.num_kv_heads * hd;
         let blocks = n.div_ceil(bs);
         let num_blocks = 2 * blocks + 1;
-        let mut layer = LayerKv {
-            k: vec![0.0; num_blocks * bs * width],
-            v: vec![0.0; num_blocks * bs * width],
-        };
+        let mut layer = LayerKv::zeroed(dtype, num_blocks * bs * width);
         // Distinct blocks in descending order, every other one.
         let table: Vec<u32> = (0..blocks).map(|b| (2 * (blocks - b)) as u32).collect();
         for p in 0..n {
@@ -532,8 +578,14 @@ mod tests {
     /// Writes `n` positions through `write_kv` into shuffled blocks, attends every position
     /// and compares each head with the naive softmax over a contiguous copy.
     fn check_against_naive(shape: AttentionShape, n: usize) {
+        check_against_naive_as(shape, n, KvDtype::F32)
+    }
+
+    /// `check_against_naive` over a cache of `dtype`, against the softmax of the stored
+    /// (for bf16: rounded) keys and values.
+    fn check_against_naive_as(shape: AttentionShape, n: usize, dtype: KvDtype) {
         let hd = shape.head_dim;
-        let (layer, table) = filled_layer(shape, n);
+        let (layer, table) = filled_layer_as(shape, n, dtype);
         let tokens: Vec<QueryToken> = (0..n)
             .map(|p| QueryToken {
                 position: p,
@@ -550,7 +602,7 @@ mod tests {
                 let first = shape.sliding_window.map_or(0, |w| (p + 1).saturating_sub(w));
                 let head = |salt| -> Vec<Vec<f32>> {
                     (first..=p)
-                        .map(|s| (0..hd).map(|j| value(s, kvh * hd + j, salt)).collect())
+                        .map(|s| (0..hd).map(|j| stored(dtype, value(s, kvh * hd + j, salt))).collect())
                         .collect()
                 };
                 let at = (p * shape.num_heads + h) * hd;
@@ -638,6 +690,112 @@ mod tests {
         check_against_naive(SMOLLM2, n);
     }
 
+    /// Shapes for the tile tests: SmolLM2's (group 3, 64 columns), group 5 (a 4-row block
+    /// and a 1-row block) with 80 columns (64 + 16), group 2 with 12 columns (below one
+    /// vector) over 3-slot blocks (the scalar scoring path) and a sliding window.
+    fn tile_shapes() -> [AttentionShape; 3] {
+        [
+            SMOLLM2,
+            AttentionShape {
+                num_heads: 10,
+                num_kv_heads: 2,
+                head_dim: 80,
+                block_size: 32,
+                sliding_window: Some(70),
+                scale: 0.11,
+            },
+            AttentionShape {
+                num_heads: 4,
+                num_kv_heads: 2,
+                head_dim: 12,
+                block_size: 3,
+                sliding_window: None,
+                scale: 0.3,
+            },
+        ]
+    }
+
+    /// A step mixing two prompts' runs (one from position 0, one a later chunk of a
+    /// longer sequence, both crossing chunk and tile boundaries) with a lone decode token:
+    /// every token's output is bit-identical to attending it alone (a lone token's chunk
+    /// tasks), so tiles keep results independent of the batch.
+    #[test]
+    fn tiles_give_the_bits_of_each_token_alone() {
+        for (shape, dtype) in tile_shapes()
+            .into_iter()
+            .flat_map(|s| [(s, KvDtype::F32), (s, KvDtype::Bf16)])
+        {
+            let width = shape.num_heads * shape.head_dim;
+            let (layer, table) = filled_layer_as(shape, 200, dtype);
+            let seq = |p: usize| QueryToken {
+                position: p,
+                block_table: &table,
+            };
+            // Another sequence over the same cache, blocks in another order.
+            let table_b: Vec<u32> = table.iter().rev().cloned().collect();
+            let seq_b = |p: usize| QueryToken {
+                position: p,
+                block_table: &table_b,
+            };
+            let tokens: Vec<QueryToken> = (0..37).map(seq).chain((59..130).map(seq_b)).chain([seq(190)]).collect();
+            let q: Vec<f32> = (0..tokens.len() * width).map(|i| (i as f32 * 0.61).sin()).collect();
+            let mut out = vec![0.0; q.len()];
+            shape.paged_attention(&q, &tokens, &layer, &mut out);
+            for (t, &token) in tokens.iter().enumerate() {
+                let mut alone = vec![0.0; width];
+                shape.paged_attention(&q[t * width..][..width], &[token], &layer, &mut alone);
+                assert_eq!(alone[..], out[t * width..][..width], "{shape:?} {dtype:?} token {t}");
+            }
+        }
+    }
+
+    /// Prompts whose tiles cross chunk, block and tile boundaries at odd lengths, every
+    /// head of every token against the f64 softmax.
+    #[test]
+    fn tiles_match_the_f64_softmax() {
+        for shape in tile_shapes() {
+            for n in [2, 17, 65, 131] {
+                check_against_naive(shape, n);
+            }
+        }
+    }
+
+    /// A bf16 cache: keys and values rounded once when written, widened exactly when read,
+    /// so lone tokens (chunk tasks, decode) and prompts (tiles) both match the f64 softmax
+    /// of the rounded keys and values, over several chunks and blocks.
+    #[test]
+    fn a_bf16_cache_matches_the_f64_softmax_of_its_rounded_entries() {
+        for shape in tile_shapes() {
+            check_against_naive_as(shape, 131, KvDtype::Bf16);
+            let (layer, table) = filled_layer_as(shape, 300, KvDtype::Bf16);
+            let hd = shape.head_dim;
+            let q: Vec<f32> = (0..shape.num_heads * hd).map(|i| (i as f32 * 0.37).cos()).collect();
+            let token = QueryToken {
+                position: 299,
+                block_table: &table,
+            };
+            let mut out = vec![0.0; q.len()];
+            shape.paged_attention(&q, &[token], &layer, &mut out);
+            let first = shape.sliding_window.map_or(0, |w| 300 - w);
+            for h in 0..shape.num_heads {
+                let kvh = h / (shape.num_heads / shape.num_kv_heads);
+                let head = |salt| -> Vec<Vec<f32>> {
+                    (first..300)
+                        .map(|s| {
+                            (0..hd)
+                                .map(|j| stored(KvDtype::Bf16, value(s, kvh * hd + j, salt)))
+                                .collect()
+                        })
+                        .collect()
+                };
+                let expected = reference(&q[h * hd..][..hd], &head(0.1), &head(0.7), shape.scale);
+                for (a, b) in out[h * hd..][..hd].iter().zip(&expected) {
+                    assert!((a - b).abs() < 1e-5, "{shape:?} h {h}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
     /// Merging chunks equals one softmax over their union: two chunks with known maxima,
     /// sums and outputs against the directly computed weighted mean.
     #[test]
@@ -669,6 +827,65 @@ mod tests {
         }
     }
 
+    thread_local! {
+        /// Plans every token by chunk tasks on this thread (the timing test's baseline).
+        pub(super) static CHUNKS_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// The attention of one 128-token prompt step: 30 layers, each a cache of the prompt's
+    /// own keys and values (in cache, as the engine's prompt step wrote them just before).
+    /// Chunk tasks and tiles, float32 and bf16 caches, alternated in one process.
+    #[test]
+    #[ignore = "timing report"]
+    fn prompt_step_attention_speed() {
+        let (shape, n, layers) = (SMOLLM2, 128usize, 30usize);
+        let q: Vec<f32> = (0..n * shape.num_heads * shape.head_dim)
+            .map(|i| (i as f32 * 0.37).cos())
+            .collect();
+        let mut out = vec![0.0; q.len()];
+        let variants = [
+            (false, KvDtype::F32),
+            (true, KvDtype::F32),
+            (false, KvDtype::Bf16),
+            (true, KvDtype::Bf16),
+        ];
+        let caches: Vec<Vec<(LayerKv, Vec<u32>)>> = variants
+            .iter()
+            .map(|&(_, dtype)| (0..layers).map(|_| filled_layer_as(shape, n, dtype)).collect())
+            .collect();
+        let mut times = vec![Vec::new(); variants.len()];
+        for _ in 0..15 {
+            for (v, &(tiles, _)) in variants.iter().enumerate() {
+                CHUNKS_ONLY.with(|c| c.set(!tiles));
+                let t = std::time::Instant::now();
+                for (layer, table) in &caches[v] {
+                    let tokens: Vec<QueryToken> = (0..n)
+                        .map(|p| QueryToken {
+                            position: p,
+                            block_table: table,
+                        })
+                        .collect();
+                    shape.paged_attention(&q, &tokens, layer, &mut out);
+                }
+                times[v].push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        CHUNKS_ONLY.with(|c| c.set(false));
+        for ((tiles, dtype), t) in variants.iter().zip(&mut times) {
+            t.sort_by(f64::total_cmp);
+            let form = if *tiles { "tiles" } else { "chunk tasks" };
+            println!(
+                "attention of a 128-token prompt step (30 layers), {form}, {dtype:?} cache: min {:.2} ms, median {:.2} ms",
+                t[0],
+                t[t.len() / 2]
+            );
+        }
+        println!(
+            "load {}",
+            std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        );
+    }
+
     /// The attention of one 32-sequence decode step: positions ~192, 30 layers whose f32
     /// caches (377 MB) do not fit the L3, so the keys and values come from memory as in
     /// the engine's batched decode steps.
@@ -680,16 +897,28 @@ mod tests {
         let width = shape.num_kv_heads * shape.head_dim;
         let blocks_per_seq = 256 / shape.block_size;
         let num_blocks = seqs * blocks_per_seq;
-        let caches: Vec<LayerKv> = (0..layers)
-            .map(|l| LayerKv {
-                k: (0..num_blocks * shape.block_size * width)
-                    .map(|i| ((i * 7 + l) % 13) as f32 * 0.01)
-                    .collect(),
-                v: (0..num_blocks * shape.block_size * width)
-                    .map(|i| ((i * 5 + l) % 11) as f32 * 0.01)
-                    .collect(),
-            })
-            .collect();
+        // Float32 and bf16 caches (half the bytes), alternated.
+        let make = |bf16: bool| -> Vec<LayerKv> {
+            (0..layers)
+                .map(|l| {
+                    let len = num_blocks * shape.block_size * width;
+                    let k = (0..len).map(|i| ((i * 7 + l) % 13) as f32 * 0.01);
+                    let v = (0..len).map(|i| ((i * 5 + l) % 11) as f32 * 0.01);
+                    if bf16 {
+                        LayerKv::Bf16(KvBuffers {
+                            k: k.map(Bf16::store).collect(),
+                            v: v.map(Bf16::store).collect(),
+                        })
+                    } else {
+                        LayerKv::F32(KvBuffers {
+                            k: k.collect(),
+                            v: v.collect(),
+                        })
+                    }
+                })
+                .collect()
+        };
+        let caches = [make(false), make(true)];
         // VLLM_ATTN_BENCH_INTERLEAVED=1: sequence s owns every 32nd block from s (neighbours
         // interleave in memory); else its blocks are consecutive, as a fresh engine hands out.
         let interleaved = std::env::var_os("VLLM_ATTN_BENCH_INTERLEAVED").is_some();
@@ -712,26 +941,29 @@ mod tests {
             .map(|i| (i % 17) as f32 * 0.05)
             .collect();
         let mut out = vec![0.0; q.len()];
-        let mut times = Vec::new();
+        let mut times = [Vec::new(), Vec::new()];
         for _ in 0..12 {
-            let t = std::time::Instant::now();
-            for layer in &caches {
-                shape.paged_attention(&q, &tokens, layer, &mut out);
+            for (cache, times) in caches.iter().zip(&mut times) {
+                let t = std::time::Instant::now();
+                for layer in cache {
+                    shape.paged_attention(&q, &tokens, layer, &mut out);
+                }
+                times.push(t.elapsed().as_secs_f64() * 1e3);
             }
-            times.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        times.sort_by(f64::total_cmp);
-        let bytes = (seqs * (pos + 4) * 2 * width * 4 * layers) as f64;
+        for (bytes_per, (name, times)) in [4, 2].into_iter().zip(["f32", "bf16"].into_iter().zip(&mut times)) {
+            times.sort_by(f64::total_cmp);
+            let bytes = (seqs * (pos + 4) * 2 * width * bytes_per * layers) as f64;
+            println!(
+                "attention of a 32-row decode step, {name} cache: min {:.2} ms ({:.1} GB/s of keys and values), median {:.2} ms",
+                times[0],
+                bytes / times[0] / 1e6,
+                times[times.len() / 2],
+            );
+        }
         println!(
-            "attention of a 32-row decode step: min {:.2} ms ({:.1} GB/s of keys and values), median {:.2} ms; load {}",
-            times[0],
-            bytes / times[0] / 1e6,
-            times[times.len() / 2],
-            std::fs::read_to_string("/proc/loadavg")
-                .unwrap_or_default()
-                .split(' ')
-                .next()
-                .unwrap_or("?")
+            "load {}",
+            std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
         );
     }
 }

@@ -1,6 +1,8 @@
 //! CPU implementations of the hot ops.
 
 pub mod attention;
+mod attention_rows;
+mod attention_tile;
 mod contention;
 #[cfg(test)]
 mod decode_bench;
