@@ -10,7 +10,7 @@ use std::time::Instant;
 use candle_core::quantized::GgmlDType;
 
 use super::matmul::{PackedMatrix, WeightFormat};
-use super::qmatmul_vnni::VnniMatrix;
+use super::qmatmul_int8::Int8Matrix;
 
 const SHAPES: [(&str, usize, usize); 4] = [
     ("qkv", 960, 576),
@@ -63,7 +63,7 @@ fn q8_0_bytes(rows: usize, cols: usize, seed: u32) -> Vec<u8> {
 
 enum M {
     F32(PackedMatrix),
-    Q(VnniMatrix),
+    Q(Int8Matrix),
 }
 
 impl M {
@@ -175,11 +175,11 @@ fn decode_sweep_f32() {
 #[test]
 #[ignore = "timing report"]
 fn decode_sweep_q4_1() {
-    if !super::qmatmul_vnni::available() {
+    let Some(isa) = super::int8_dot::DotIsa::detected() else {
         return;
-    }
+    };
     let mut mats = Vec::new();
-    let pack = |r, c, seed| VnniMatrix::pack(GgmlDType::Q4_1, &q4_1_bytes(r, c, seed), r, c).unwrap();
+    let pack = |r, c, seed| Int8Matrix::pack(isa, GgmlDType::Q4_1, &q4_1_bytes(r, c, seed), r, c).unwrap();
     for l in 0..LAYERS {
         for (kind, &(_, r, c)) in SHAPES.iter().enumerate() {
             mats.push((kind, M::Q(pack(r, c, (l * 4 + kind) as u32))));
@@ -188,7 +188,7 @@ fn decode_sweep_q4_1() {
     let (r, c) = LM_HEAD;
     mats.push((
         4,
-        M::Q(VnniMatrix::pack(GgmlDType::Q8_0, &q8_0_bytes(r, c, 999), r, c).unwrap()),
+        M::Q(Int8Matrix::pack(isa, GgmlDType::Q8_0, &q8_0_bytes(r, c, 999), r, c).unwrap()),
     ));
     println!(
         "Q4_1 weights: {:.0} MB",

@@ -7,13 +7,14 @@ mod contention;
 #[cfg(test)]
 mod decode_bench;
 pub mod encoder_attention;
+pub mod int8_dot;
 pub mod matmul;
 mod matmul_bf16dot;
 pub mod matmul_x86;
 pub mod phase_timer;
 pub mod qmatmul;
 pub mod qmatmul_avx2;
+pub mod qmatmul_int8;
 mod qmatmul_nibbles;
-pub mod qmatmul_vnni;
 pub mod simd;
 pub mod team;

@@ -13,6 +13,8 @@ use candle_core::{Device, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::int8_dot::DotIsa;
 use super::matmul::{PanelBuffer, PANEL};
 use crate::error::{EngineError, Result};
 
@@ -41,28 +43,47 @@ const DOT_CHUNK_ROWS: usize = 64;
 /// Smaller matrices run on the calling thread (a rayon fork costs more than the work).
 const SERIAL_MAX_ELEMS: usize = 1 << 16;
 
-/// A [rows, cols] matrix of GGML blocks: repacked for the int8 (VNNI) kernel where the
-/// CPU has one and the type allows, else kept as GGML stores it and decoded to f32.
+/// A [rows, cols] matrix of GGML blocks: repacked for the int8 kernel where the CPU has one
+/// and the type allows, else kept as GGML stores it and decoded to f32.
 pub struct QuantMatrix {
     q: Arc<QTensor>,
     rows: usize,
     cols: usize,
     row_bytes: usize,
     #[cfg(target_arch = "x86_64")]
-    vnni: Option<super::qmatmul_vnni::VnniMatrix>,
+    int8: Option<super::qmatmul_int8::Int8Matrix>,
 }
 
 impl QuantMatrix {
     pub fn new(q: Arc<QTensor>) -> Result<Self> {
-        #[cfg(target_arch = "x86_64")]
-        let allow_vnni = super::qmatmul_vnni::available();
-        #[cfg(not(target_arch = "x86_64"))]
-        let allow_vnni = false;
-        Self::with_kernel(q, allow_vnni)
+        Self::with_kernel(q, true)
     }
 
-    /// `int8`: use the VNNI kernel when it applies (the f32-decoding kernel otherwise).
+    /// `int8`: use the int8 kernel when the CPU has one and it applies (the f32-decoding
+    /// kernel otherwise).
     pub fn with_kernel(q: Arc<QTensor>, int8: bool) -> Result<Self> {
+        #[cfg(target_arch = "x86_64")]
+        return Self::with_isa(q, if int8 { DotIsa::detected() } else { None });
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = int8;
+            Self::checked(q)
+        }
+    }
+
+    /// The int8 kernel compiled for `isa` (one this CPU has), or none.
+    #[cfg(target_arch = "x86_64")]
+    pub fn with_isa(q: Arc<QTensor>, isa: Option<DotIsa>) -> Result<Self> {
+        let mut matrix = Self::checked(q)?;
+        if let Some(isa) = isa {
+            let q = &matrix.q;
+            matrix.int8 = super::qmatmul_int8::Int8Matrix::pack(isa, q.dtype(), &q.data()?, matrix.rows, matrix.cols);
+        }
+        Ok(matrix)
+    }
+
+    /// The blocks as they are, after checking that rows hold whole blocks.
+    fn checked(q: Arc<QTensor>) -> Result<Self> {
         let (rows, cols) = q.shape().dims2()?;
         let block = q.dtype().block_size();
         if rows == 0 || !cols.is_multiple_of(block) {
@@ -72,21 +93,13 @@ impl QuantMatrix {
             )));
         }
         let row_bytes = cols / block * q.dtype().type_size();
-        #[cfg(target_arch = "x86_64")]
-        let vnni = if int8 {
-            super::qmatmul_vnni::VnniMatrix::pack(q.dtype(), &q.data()?, rows, cols)
-        } else {
-            None
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = int8;
         Ok(QuantMatrix {
             q,
             rows,
             cols,
             row_bytes,
             #[cfg(target_arch = "x86_64")]
-            vnni,
+            int8: None,
         })
     }
 
@@ -96,7 +109,7 @@ impl QuantMatrix {
 
     pub fn bytes(&self) -> usize {
         #[cfg(target_arch = "x86_64")]
-        if let Some(v) = &self.vnni {
+        if let Some(v) = &self.int8 {
             return v.bytes();
         }
         self.q.storage_size_in_bytes()
@@ -119,7 +132,7 @@ impl QuantMatrix {
             )));
         }
         #[cfg(target_arch = "x86_64")]
-        if let Some(v) = &self.vnni {
+        if let Some(v) = &self.int8 {
             if m < PANEL_PATH_MIN_ROWS || !has_row_decoder(self.q.dtype()) {
                 if x.len() != m * self.cols {
                     return Err(EngineError::internal(format!(
@@ -148,7 +161,7 @@ impl QuantMatrix {
             return Ok(self.forward_panels(&self.q.data()?, x, m));
         }
         #[cfg(target_arch = "x86_64")]
-        if let Some(v) = &self.vnni {
+        if let Some(v) = &self.int8 {
             let mut out = vec![0.0f32; m * self.rows];
             v.forward(x, m, &mut out);
             return Ok(out);
@@ -444,11 +457,15 @@ mod int8_tests {
     /// amax/127/508 per value).
     #[test]
     fn int8_kernel_matches_dequantized_matmul_within_input_rounding() {
-        if !crate::backend::cpu::qmatmul_vnni::available() {
-            eprintln!("no AVX-512 VNNI here: int8 kernel not exercised");
+        let isas = DotIsa::runnable();
+        if isas.is_empty() {
+            eprintln!("no AVX-512BW here: int8 kernel not exercised");
             return;
         }
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for (isa, dtype) in isas
+            .iter()
+            .flat_map(|&isa| [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0].map(|d| (isa, d)))
+        {
             for (rows, cols) in [(40, 64), (70, 96), (33, 576), (9, 1536)] {
                 let w: Vec<f32> = (0..rows * cols)
                     .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
@@ -462,8 +479,8 @@ mod int8_tests {
                     .unwrap()
                     .to_vec1::<f32>()
                     .unwrap();
-                let matrix = QuantMatrix::with_kernel(Arc::new(q), true).unwrap();
-                assert!(matrix.vnni.is_some(), "{dtype:?} was not repacked");
+                let matrix = QuantMatrix::with_isa(Arc::new(q), Some(isa)).unwrap();
+                assert!(matrix.int8.is_some(), "{isa:?} {dtype:?} was not repacked");
                 for m in [1, 3, 9, 20] {
                     let x: Vec<f32> = (0..m * cols)
                         .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0 + (i % 5) as f32 * 0.013)
@@ -486,15 +503,34 @@ mod int8_tests {
                             let g = got[i * rows + r] as f64;
                             assert!(
                                 (g - exact).abs() <= bound * 1.01 + 1e-5 * (1.0 + exact.abs()),
-                                "{dtype:?} [{rows},{cols}] m {m} ({i},{r}): {g} vs {exact} (bound {bound})"
+                                "{isa:?} {dtype:?} [{rows},{cols}] m {m} ({i},{r}): {g} vs {exact} (bound {bound})"
                             );
                         }
                     }
                     // Batch invariance: row 0 alone gives the same bits.
                     let alone = matrix.forward(&x[..cols], 1).unwrap();
-                    assert_eq!(alone[..], got[..rows], "{dtype:?} m {m}: row 0 differs alone");
+                    assert_eq!(alone[..], got[..rows], "{isa:?} {dtype:?} m {m}: row 0 differs alone");
                 }
             }
+        }
+    }
+    /// Both forms of the dot products sum the same integers exactly, so the kernels agree
+    /// bit for bit (runs where the CPU has VNNI).
+    #[test]
+    fn avx512bw_kernel_gives_the_vnni_kernels_bits() {
+        if DotIsa::runnable().len() < 2 {
+            eprintln!("no AVX-512 VNNI here: nothing to compare the AVX-512BW kernel with");
+            return;
+        }
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (rows, cols) = (36, 672);
+            let wt = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+            let q = Arc::new(QTensor::quantize(&wt, dtype).unwrap());
+            let vnni = QuantMatrix::with_isa(q.clone(), Some(DotIsa::Vnni)).unwrap();
+            let bw = QuantMatrix::with_isa(q, Some(DotIsa::Avx512Bw)).unwrap();
+            let m = 5;
+            let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            assert_eq!(vnni.forward(&x, m).unwrap(), bw.forward(&x, m).unwrap(), "{dtype:?}");
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The 4-bit (Q4_0 / Q4_1) side of the int8 matmul: weights stored as one stream of tiles
-//! of 4 rows, and the kernel that reads them (see qmatmul_vnni.rs for the arithmetic).
+//! of 4 rows, and the kernel that reads them (see qmatmul_int8.rs for the arithmetic).
 //!
 //! A tile holds 4 weight rows. For each couple c (two pairs, blocks 4c..4c+4) it stores the
 //! 4 rows' 64 bytes of nibbles, then their 16 block scales and then their 16 offsets, as f16
@@ -14,7 +14,8 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::qmatmul_vnni::{prefetch_lines, OutPtr};
+use super::int8_dot::Dot;
+use super::qmatmul_int8::{prefetch_lines, OutPtr};
 
 /// Bytes of one couple of a tile, and of a lone tail pair.
 const COUPLE_BYTES: usize = 320;
@@ -88,10 +89,11 @@ impl Tiles {
     /// any m (batch invariance).
     ///
     /// # Safety
-    /// AVX-512 F/BW/VNNI present; `data` holds the tiles; tasks own disjoint rows of `out`.
+    /// Inlined into a caller compiled with D's features (and AVX-512 F/BW, F16C); `data`
+    /// holds the tiles; tasks own disjoint rows of `out`.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,f16c")]
-    pub unsafe fn multiply(
+    #[inline(always)]
+    pub unsafe fn multiply<D: Dot>(
         self,
         data: &[u8],
         t0: usize,
@@ -109,16 +111,24 @@ impl Tiles {
             prefetch_lines(data.as_ptr(), (t + ahead) * tb, tb);
             let tile = data.as_ptr().add(t * tb);
             for i in 0..m {
-                self.tile_row(tile, 4 * t, i, xq, dx, y, out);
+                self.tile_row::<D>(tile, 4 * t, i, xq, dx, y, out);
             }
         }
     }
 
     /// The 4 outputs of one tile (rows r..r+4) for input row i.
     #[allow(clippy::too_many_arguments)]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,f16c")]
-    unsafe fn tile_row(self, tile: *const u8, r: usize, i: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
+    #[inline(always)]
+    unsafe fn tile_row<D: Dot>(
+        self,
+        tile: *const u8,
+        r: usize,
+        i: usize,
+        xq: &[i8],
+        dx: &[f32],
+        y: &[f32],
+        out: OutPtr,
+    ) {
         let nb = 2 * self.pairs;
         let low4 = _mm512_set1_epi8(0x0F);
         let lo_weight = _mm512_set1_ps(1.0 / 254.0);
@@ -151,8 +161,8 @@ impl Tiles {
                 let v = _mm512_loadu_si512(base.add(k * 64) as *const _);
                 let w0 = _mm512_and_si512(v, low4);
                 let w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-                let hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, xh0), w1, xh1);
-                let lo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, xl0), w1, xl1);
+                let hi = D::nibbles2(w0, xh0, w1, xh1);
+                let lo = D::nibbles2(w0, xl0, w1, xl1);
                 let dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), lo_weight, _mm512_cvtepi32_ps(hi));
                 *a = _mm512_fmadd_ps(dot, _mm512_permutexvar_ps(idx[k], scales), *a);
             }
@@ -172,8 +182,8 @@ impl Tiles {
                 let half = _mm256_loadu_si256(base.add(k * 32) as *const __m256i);
                 let both = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
                 let w = _mm512_and_si512(_mm512_srlv_epi64(both, shifts), low4);
-                let hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xh);
-                let lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xl);
+                let hi = D::nibbles(w, xh);
+                let lo = D::nibbles(w, xl);
                 let dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), lo_weight, _mm512_cvtepi32_ps(hi));
                 let f16s =
                     |at: usize| _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(base.add(at) as *const i32)));

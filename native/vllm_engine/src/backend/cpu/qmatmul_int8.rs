@@ -1,8 +1,10 @@
-//! Q4_0 / Q4_1 / Q8_0 matmuls with integer dot products (AVX-512 VNNI): each 32-value
+//! Q4_0 / Q4_1 / Q8_0 matmuls with integer dot products (AVX-512 VNNI, or AVX-512BW's
+//! two-step form of the same sums: int8_dot.rs): each 32-value
 //! block of an input row is split into two int8 vectors with one scale, x ≈ dx·(hi + lo/254)
 //! (llama.cpp keeps only hi; the low part brings the input error from ~0.4% to ~2e-5 of
 //! the block's largest value, so greedy ids follow the dequantized float32 model), and a
-//! weight block's 32 levels meet each in one `vpdpbusd` (u8 × i8, summed in i32).
+//! weight block's 32 levels meet each in one `vpdpbusd` (u8 × i8, summed in i32) or its
+//! AVX-512BW equivalent.
 //!
 //! Weights are repacked once at load. Every block is stored as unsigned levels u with
 //! w = scale·u + offset·(what `offset` multiplies), so one kernel serves all three types:
@@ -27,6 +29,7 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
 
+use super::int8_dot::{Avx512Bw, Dot, DotIsa, Vnni};
 use super::qmatmul_nibbles::Tiles;
 use super::simd::vectorized;
 
@@ -39,14 +42,6 @@ const MIN_TASK_ROWS: usize = 32;
 /// Below this many multiply-adds a call stays on the calling thread.
 const SERIAL_MAX_MACS: usize = 1 << 16;
 
-pub fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vnni")
-        && std::arch::is_x86_feature_detected!("avx512vl")
-        && std::arch::is_x86_feature_detected!("f16c")
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     Q4_0,
@@ -54,7 +49,8 @@ enum Kind {
     Q8_0,
 }
 
-pub struct VnniMatrix {
+pub struct Int8Matrix {
+    isa: DotIsa,
     kind: Kind,
     rows: usize,
     cols: usize,
@@ -71,9 +67,10 @@ const fn slot(p: usize) -> (usize, usize) {
     ((p / 4) % 2, (p / 8) * 4 + p % 4)
 }
 
-impl VnniMatrix {
-    /// Repacks GGML blocks ([rows, cols], `data` as GGML stores them); None for other types.
-    pub fn pack(dtype: GgmlDType, data: &[u8], rows: usize, cols: usize) -> Option<VnniMatrix> {
+impl Int8Matrix {
+    /// Repacks GGML blocks ([rows, cols], `data` as GGML stores them) for kernels of `isa`
+    /// (one this CPU has); None for other types.
+    pub fn pack(isa: DotIsa, dtype: GgmlDType, data: &[u8], rows: usize, cols: usize) -> Option<Int8Matrix> {
         let (kind, block_bytes) = match dtype {
             GgmlDType::Q4_0 => (Kind::Q4_0, 18),
             GgmlDType::Q4_1 => (Kind::Q4_1, 20),
@@ -135,7 +132,8 @@ impl VnniMatrix {
             // 4-bit kinds: one stream of 4-row tiles with f16 scales (qmatmul_nibbles.rs).
             Tiles { pairs, rows }.pack(&levels, &scale, &aux)
         };
-        Some(VnniMatrix {
+        Some(Int8Matrix {
+            isa,
             kind,
             rows,
             cols,
@@ -152,7 +150,7 @@ impl VnniMatrix {
         self.levels.len()
     }
 
-    /// out ([m, rows]) = x ([m, cols]) Wᵀ. Requires `available()`.
+    /// out ([m, rows]) = x ([m, cols]) Wᵀ.
     pub fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
         // A rayon worker waiting inside `multiply` may run another model's forward on this
         // thread: that nested call gets buffers of its own.
@@ -194,20 +192,12 @@ impl VnniMatrix {
 
     fn multiply(&self, xq: &[i8], dx: &[f32], y: &[f32], m: usize, out: &mut [f32]) {
         let out_ptr = OutPtr(out.as_mut_ptr());
-        let run = |r0: usize, r1: usize| {
-            if self.kind != Kind::Q8_0 {
-                let tiles = Tiles {
-                    pairs: self.pairs,
-                    rows: self.rows,
-                };
-                // SAFETY: as below; r0 is a multiple of 4, so tasks own disjoint tiles.
-                unsafe { tiles.multiply(&self.levels, r0 / 4, r1.div_ceil(4), m, xq, dx, y, out_ptr) };
-                return;
-            }
-            for g0 in (0..m).step_by(ROW_GROUP) {
-                let g = ROW_GROUP.min(m - g0);
-                // SAFETY: `available()` was checked by the caller; tasks own disjoint rows r.
-                unsafe { self.rows_group(r0, r1, g0, g, xq, dx, y, out_ptr) };
+        // SAFETY: `pack` was given an isa this CPU has; tasks own disjoint rows (r0 is a
+        // multiple of 4, so whole tiles).
+        let run = |r0: usize, r1: usize| unsafe {
+            match self.isa {
+                DotIsa::Vnni => self.rows_vnni(r0, r1, m, xq, dx, y, out_ptr),
+                DotIsa::Avx512Bw => self.rows_bw(r0, r1, m, xq, dx, y, out_ptr),
             }
         };
         let threads = rayon::current_num_threads();
@@ -268,12 +258,42 @@ impl VnniMatrix {
         }
     }
 
+    /// Rows r0..r1 of `out` for all m input rows, compiled for VNNI.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,f16c")]
+    unsafe fn rows_vnni(&self, r0: usize, r1: usize, m: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
+        self.multiply_rows::<Vnni>(r0, r1, m, xq, dx, y, out)
+    }
+
+    /// Rows r0..r1 of `out` for all m input rows, compiled for AVX-512BW.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn rows_bw(&self, r0: usize, r1: usize, m: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
+        self.multiply_rows::<Avx512Bw>(r0, r1, m, xq, dx, y, out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn multiply_rows<D: Dot>(&self, r0: usize, r1: usize, m: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
+        if self.kind != Kind::Q8_0 {
+            let tiles = Tiles {
+                pairs: self.pairs,
+                rows: self.rows,
+            };
+            tiles.multiply::<D>(&self.levels, r0 / 4, r1.div_ceil(4), m, xq, dx, y, out);
+            return;
+        }
+        for g0 in (0..m).step_by(ROW_GROUP) {
+            self.rows_group::<D>(r0, r1, g0, ROW_GROUP.min(m - g0), xq, dx, y, out);
+        }
+    }
+
     /// Q8_0 rows r0..r1 for input rows g0..g0 + g. A row is one record (see `q8_records`):
     /// its pairs of levels, then its block scales as f16. The offset term uses the weight
     /// scale too (w = d·(u − 128)): sw·(dot·sx + y), y = −128·Σx / 8 per lane.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,f16c")]
-    unsafe fn rows_group(
+    #[inline(always)]
+    unsafe fn rows_group<D: Dot>(
         &self,
         r0: usize,
         r1: usize,
@@ -309,8 +329,8 @@ impl VnniMatrix {
                     let row = g0 + i;
                     let x_hi = xq.as_ptr().add((2 * row * self.pairs + t) * 64);
                     let x_lo = x_hi.add(self.pairs * 64);
-                    let hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x_hi as *const _));
-                    let lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x_lo as *const _));
+                    let hi = D::bytes(w, _mm512_loadu_si512(x_hi as *const _));
+                    let lo = D::bytes(w, _mm512_loadu_si512(x_lo as *const _));
                     let dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), lo_weight, _mm512_cvtepi32_ps(hi));
                     let sx = pair(dx.as_ptr().add(row * nb + 2 * t));
                     let sy = pair(y.as_ptr().add(row * nb + 2 * t));
