@@ -1,7 +1,8 @@
 //! The integer dot products under the int8 matmul kernels (qmatmul_int8.rs): sums of four
 //! u8 × i8 products per 32-bit lane. AVX-512 VNNI does one in `vpdpbusd`; CPUs with
 //! AVX-512BW but no VNNI (Skylake-SP and its server kin) get the same exact sums from
-//! `vpmaddubsw` (pairs into i16) and `vpmaddwd` (pairs of those into i32).
+//! `vpmaddubsw` (pairs into i16) and `vpmaddwd` (pairs of those into i32), and CPUs with
+//! only AVX2 (Zen 2/3, client cores) from the 256-bit forms (qmatmul_int8_avx2.rs).
 
 #![cfg(target_arch = "x86_64")]
 
@@ -12,29 +13,42 @@ use std::arch::x86_64::*;
 pub enum DotIsa {
     Vnni,
     Avx512Bw,
+    Avx2,
 }
 
 impl DotIsa {
-    /// The best this CPU has (checked at run time), if any.
-    pub fn detected() -> Option<DotIsa> {
-        let base = std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("f16c");
-        match (base, std::arch::is_x86_feature_detected!("avx512vnni")) {
-            (true, true) => Some(DotIsa::Vnni),
-            (true, false) => Some(DotIsa::Avx512Bw),
-            _ => None,
+    /// Fastest first.
+    const ALL: [DotIsa; 3] = [DotIsa::Vnni, DotIsa::Avx512Bw, DotIsa::Avx2];
+
+    /// Whether this CPU can run kernels of this kind (checked at run time).
+    fn runs_here(self) -> bool {
+        use std::arch::is_x86_feature_detected as has;
+        let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("f16c");
+        match self {
+            DotIsa::Vnni => avx512 && has!("avx512vnni"),
+            DotIsa::Avx512Bw => avx512,
+            DotIsa::Avx2 => has!("avx2") && has!("fma") && has!("f16c"),
         }
+    }
+
+    /// The fastest this CPU has, if any; `VLLM_CPU_INT8=avx2|avx512bw|off` picks a lesser
+    /// one (for comparisons; a kind the CPU lacks falls back to the fastest).
+    pub fn detected() -> Option<DotIsa> {
+        static CHOSEN: std::sync::OnceLock<Option<DotIsa>> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let fastest = DotIsa::ALL.into_iter().find(|isa| isa.runs_here());
+            match std::env::var("VLLM_CPU_INT8").as_deref() {
+                Ok("off") => None,
+                Ok("avx512bw") if DotIsa::Avx512Bw.runs_here() => Some(DotIsa::Avx512Bw),
+                Ok("avx2") if DotIsa::Avx2.runs_here() => Some(DotIsa::Avx2),
+                _ => fastest,
+            }
+        })
     }
 
     /// Every kind this CPU can run (tests run each).
     pub fn runnable() -> Vec<DotIsa> {
-        match DotIsa::detected() {
-            Some(DotIsa::Vnni) => vec![DotIsa::Vnni, DotIsa::Avx512Bw],
-            Some(DotIsa::Avx512Bw) => vec![DotIsa::Avx512Bw],
-            None => Vec::new(),
-        }
+        DotIsa::ALL.into_iter().filter(|isa| isa.runs_here()).collect()
     }
 }
 

@@ -15,6 +15,7 @@ pub mod phase_timer;
 pub mod qmatmul;
 pub mod qmatmul_avx2;
 pub mod qmatmul_int8;
+mod qmatmul_int8_avx2;
 mod qmatmul_nibbles;
 pub mod simd;
 pub mod team;

@@ -518,7 +518,7 @@ mod int8_tests {
     /// bit for bit (runs where the CPU has VNNI).
     #[test]
     fn avx512bw_kernel_gives_the_vnni_kernels_bits() {
-        if DotIsa::runnable().len() < 2 {
+        if !DotIsa::runnable().contains(&DotIsa::Vnni) {
             eprintln!("no AVX-512 VNNI here: nothing to compare the AVX-512BW kernel with");
             return;
         }

@@ -30,11 +30,12 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::int8_dot::{Avx512Bw, Dot, DotIsa, Vnni};
+use super::qmatmul_int8_avx2::Avx2;
 use super::qmatmul_nibbles::Tiles;
 use super::simd::vectorized;
 
 /// Input rows that share one pass over the weight row.
-const ROW_GROUP: usize = 8;
+pub(super) const ROW_GROUP: usize = 8;
 /// Parallel tasks per thread of a matmul (more only balance load; each costs a cold start).
 const TASKS_PER_THREAD: usize = 4;
 /// Fewest weight rows per parallel task.
@@ -178,7 +179,8 @@ impl Int8Matrix {
                     y_row,
                 );
                 if self.kind == Kind::Q8_0 {
-                    // Spread over the 8 lanes of the block that each add it (see rows_group).
+                    // Spread over the 8 lanes of the block that each add it in a 512-bit
+                    // vector (see `RowKernel::q8_row`).
                     y_row.iter_mut().for_each(|v| *v /= 8.0);
                 } else {
                     let (hi, lo) = xq_row.split_at_mut(self.pairs * 64);
@@ -198,6 +200,7 @@ impl Int8Matrix {
             match self.isa {
                 DotIsa::Vnni => self.rows_vnni(r0, r1, m, xq, dx, y, out_ptr),
                 DotIsa::Avx512Bw => self.rows_bw(r0, r1, m, xq, dx, y, out_ptr),
+                DotIsa::Avx2 => self.rows_avx2(r0, r1, m, xq, dx, y, out_ptr),
             }
         };
         let threads = rayon::current_num_threads();
@@ -272,28 +275,43 @@ impl Int8Matrix {
         self.multiply_rows::<Avx512Bw>(r0, r1, m, xq, dx, y, out)
     }
 
+    /// Rows r0..r1 of `out` for all m input rows, compiled for AVX2.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_avx2(&self, r0: usize, r1: usize, m: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
+        self.multiply_rows::<Avx2>(r0, r1, m, xq, dx, y, out)
+    }
+
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn multiply_rows<D: Dot>(&self, r0: usize, r1: usize, m: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
+    unsafe fn multiply_rows<K: RowKernel>(
+        &self,
+        r0: usize,
+        r1: usize,
+        m: usize,
+        xq: &[i8],
+        dx: &[f32],
+        y: &[f32],
+        out: OutPtr,
+    ) {
         if self.kind != Kind::Q8_0 {
             let tiles = Tiles {
                 pairs: self.pairs,
                 rows: self.rows,
             };
-            tiles.multiply::<D>(&self.levels, r0 / 4, r1.div_ceil(4), m, xq, dx, y, out);
+            tiles.multiply::<K>(&self.levels, r0 / 4, r1.div_ceil(4), m, xq, dx, y, out);
             return;
         }
         for g0 in (0..m).step_by(ROW_GROUP) {
-            self.rows_group::<D>(r0, r1, g0, ROW_GROUP.min(m - g0), xq, dx, y, out);
+            self.rows_group::<K>(r0, r1, g0, ROW_GROUP.min(m - g0), xq, dx, y, out);
         }
     }
 
     /// Q8_0 rows r0..r1 for input rows g0..g0 + g. A row is one record (see `q8_records`):
-    /// its pairs of levels, then its block scales as f16. The offset term uses the weight
-    /// scale too (w = d·(u − 128)): sw·(dot·sx + y), y = −128·Σx / 8 per lane.
+    /// its pairs of levels, then its block scales as f16.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn rows_group<D: Dot>(
+    unsafe fn rows_group<K: RowKernel>(
         &self,
         r0: usize,
         r1: usize,
@@ -304,42 +322,101 @@ impl Int8Matrix {
         y: &[f32],
         out: OutPtr,
     ) {
-        let nb = self.pairs * 2;
-        let lo_weight = _mm512_set1_ps(1.0 / 254.0);
         let record = self.pairs * Q8_RECORD_PAIR;
         let base = self.levels.as_ptr();
         if g0 == 0 {
             let head = Q8_PREFETCH_ROWS.min(r1 - r0);
             prefetch_lines(base, r0 * record, head * record);
         }
-        // Two block values as one 64-bit pattern: 4-byte lane L belongs to block L % 2.
-        let pair = |p: *const f32| _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(p as *const f64)));
         for r in r0..r1 {
             if g0 == 0 {
                 prefetch_lines(base, (r + Q8_PREFETCH_ROWS) * record, record);
             }
-            let lv = base.add(r * record);
-            let sc = lv.add(self.pairs * 64);
-            let mut acc = [_mm512_setzero_ps(); ROW_GROUP];
-            for t in 0..self.pairs {
-                let w = _mm512_loadu_si512(lv.add(t * 64) as *const _);
-                let sw = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(sc.add(4 * t) as *const i32)));
-                let sw = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(sw)));
-                for (i, a) in acc.iter_mut().enumerate().take(g) {
-                    let row = g0 + i;
-                    let x_hi = xq.as_ptr().add((2 * row * self.pairs + t) * 64);
-                    let x_lo = x_hi.add(self.pairs * 64);
-                    let hi = D::bytes(w, _mm512_loadu_si512(x_hi as *const _));
-                    let lo = D::bytes(w, _mm512_loadu_si512(x_lo as *const _));
-                    let dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), lo_weight, _mm512_cvtepi32_ps(hi));
-                    let sx = pair(dx.as_ptr().add(row * nb + 2 * t));
-                    let sy = pair(y.as_ptr().add(row * nb + 2 * t));
-                    *a = _mm512_fmadd_ps(sw, _mm512_fmadd_ps(dot, sx, sy), *a);
-                }
+            let q8 = Q8Row {
+                levels: base.add(r * record),
+                pairs: self.pairs,
+                out_at: out.get().add(r),
+                out_stride: self.rows,
+            };
+            K::q8_row(q8, g0, g, xq, dx, y);
+        }
+    }
+}
+
+/// One Q8_0 weight row as a kernel sees it: its record and where its outputs go (input
+/// row i's at `out_at + i·out_stride`).
+#[derive(Clone, Copy)]
+pub(super) struct Q8Row {
+    pub levels: *const u8,
+    pub pairs: usize,
+    pub out_at: *mut f32,
+    pub out_stride: usize,
+}
+
+/// The innermost work of the int8 kernels at one vector width; the loops, prefetches and
+/// tasks around it are shared.
+pub(super) trait RowKernel {
+    /// The 4 outputs of one 4-bit tile (weight rows r..r + 4) for input row i.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_row(
+        tiles: Tiles,
+        tile: *const u8,
+        r: usize,
+        i: usize,
+        xq: &[i8],
+        dx: &[f32],
+        y: &[f32],
+        out: OutPtr,
+    );
+    /// One Q8_0 weight row against input rows g0..g0 + g (g ≤ ROW_GROUP). The offset term
+    /// uses the weight scale too (w = d·(u − 128)): sw·(dot·sx + y), y = −128·Σx spread
+    /// over the lanes of its block.
+    unsafe fn q8_row(row: Q8Row, g0: usize, g: usize, xq: &[i8], dx: &[f32], y: &[f32]);
+}
+
+/// 512-bit vectors with either form of the dot products.
+impl<D: Dot> RowKernel for D {
+    #[inline(always)]
+    unsafe fn tile_row(
+        tiles: Tiles,
+        tile: *const u8,
+        r: usize,
+        i: usize,
+        xq: &[i8],
+        dx: &[f32],
+        y: &[f32],
+        out: OutPtr,
+    ) {
+        tiles.tile_row::<D>(tile, r, i, xq, dx, y, out)
+    }
+
+    #[inline(always)]
+    unsafe fn q8_row(row: Q8Row, g0: usize, g: usize, xq: &[i8], dx: &[f32], y: &[f32]) {
+        let pairs = row.pairs;
+        let nb = pairs * 2;
+        let lo_weight = _mm512_set1_ps(1.0 / 254.0);
+        // Two block values as one 64-bit pattern: 4-byte lane L belongs to block L % 2.
+        let pair = |p: *const f32| _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(p as *const f64)));
+        let sc = row.levels.add(pairs * 64);
+        let mut acc = [_mm512_setzero_ps(); ROW_GROUP];
+        for t in 0..pairs {
+            let w = _mm512_loadu_si512(row.levels.add(t * 64) as *const _);
+            let sw = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(sc.add(4 * t) as *const i32)));
+            let sw = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(sw)));
+            for (i, a) in acc.iter_mut().enumerate().take(g) {
+                let at = g0 + i;
+                let x_hi = xq.as_ptr().add((2 * at * pairs + t) * 64);
+                let x_lo = x_hi.add(pairs * 64);
+                let hi = D::bytes(w, _mm512_loadu_si512(x_hi as *const _));
+                let lo = D::bytes(w, _mm512_loadu_si512(x_lo as *const _));
+                let dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), lo_weight, _mm512_cvtepi32_ps(hi));
+                let sx = pair(dx.as_ptr().add(at * nb + 2 * t));
+                let sy = pair(y.as_ptr().add(at * nb + 2 * t));
+                *a = _mm512_fmadd_ps(sw, _mm512_fmadd_ps(dot, sx, sy), *a);
             }
-            for (i, a) in acc.iter().enumerate().take(g) {
-                *out.0.add((g0 + i) * self.rows + r) = _mm512_reduce_add_ps(*a);
-            }
+        }
+        for (i, a) in acc.iter().enumerate().take(g) {
+            *row.out_at.add((g0 + i) * row.out_stride) = _mm512_reduce_add_ps(*a);
         }
     }
 }

@@ -15,11 +15,11 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::int8_dot::Dot;
-use super::qmatmul_int8::{prefetch_lines, OutPtr};
+use super::qmatmul_int8::{prefetch_lines, OutPtr, RowKernel};
 
 /// Bytes of one couple of a tile, and of a lone tail pair.
-const COUPLE_BYTES: usize = 320;
-const TAIL_BYTES: usize = 160;
+pub(super) const COUPLE_BYTES: usize = 320;
+pub(super) const TAIL_BYTES: usize = 160;
 /// Bytes ahead of the row in work that the kernel asks the memory for.
 const PREFETCH_BYTES: usize = 6 * 1024;
 
@@ -31,11 +31,11 @@ pub(super) struct Tiles {
 }
 
 impl Tiles {
-    fn couples(self) -> usize {
+    pub fn couples(self) -> usize {
         self.pairs / 2
     }
 
-    fn has_tail(self) -> bool {
+    pub fn has_tail(self) -> bool {
         self.pairs % 2 == 1
     }
 
@@ -89,11 +89,11 @@ impl Tiles {
     /// any m (batch invariance).
     ///
     /// # Safety
-    /// Inlined into a caller compiled with D's features (and AVX-512 F/BW, F16C); `data`
-    /// holds the tiles; tasks own disjoint rows of `out`.
+    /// Inlined into a caller compiled with K's features; `data` holds the tiles; tasks own
+    /// disjoint rows of `out`.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub unsafe fn multiply<D: Dot>(
+    pub unsafe fn multiply<K: RowKernel>(
         self,
         data: &[u8],
         t0: usize,
@@ -111,7 +111,7 @@ impl Tiles {
             prefetch_lines(data.as_ptr(), (t + ahead) * tb, tb);
             let tile = data.as_ptr().add(t * tb);
             for i in 0..m {
-                self.tile_row::<D>(tile, 4 * t, i, xq, dx, y, out);
+                K::tile_row(self, tile, 4 * t, i, xq, dx, y, out);
             }
         }
     }
@@ -119,7 +119,7 @@ impl Tiles {
     /// The 4 outputs of one tile (rows r..r+4) for input row i.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn tile_row<D: Dot>(
+    pub unsafe fn tile_row<D: Dot>(
         self,
         tile: *const u8,
         r: usize,
