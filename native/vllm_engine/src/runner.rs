@@ -202,17 +202,6 @@ impl ModelRunner {
         std::mem::replace(&mut self.model, model)
     }
 
-    /// How many blocks `bytes` of KV memory hold for this model (at least one).
-    pub fn num_blocks_for_bytes(config: &ModelConfig, block_size: usize, bytes: usize) -> usize {
-        let per_block = PagedKvCache::bytes_per_block(
-            config.num_hidden_layers,
-            block_size,
-            config.num_key_value_heads,
-            config.head_dim,
-        );
-        (bytes / per_block.max(1)).max(1)
-    }
-
     /// Gives the model `max_loras` LoRA slots (`:unsupported` for models without LoRA).
     pub fn enable_lora(&mut self, max_loras: usize) -> Result<()> {
         if !self.model.supports_lora() {
