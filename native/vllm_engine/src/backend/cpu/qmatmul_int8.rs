@@ -1,10 +1,10 @@
-//! Q4_0 / Q4_1 / Q8_0 matmuls with integer dot products (AVX-512 VNNI, or AVX-512BW's
-//! two-step form of the same sums: int8_dot.rs): each 32-value
-//! block of an input row is split into two int8 vectors with one scale, x ≈ dx·(hi + lo/254)
-//! (llama.cpp keeps only hi; the low part brings the input error from ~0.4% to ~2e-5 of
-//! the block's largest value, so greedy ids follow the dequantized float32 model), and a
-//! weight block's 32 levels meet each in one `vpdpbusd` (u8 × i8, summed in i32) or its
-//! AVX-512BW equivalent.
+//! Q4_0 / Q4_1 / Q8_0 matmuls with integer dot products (AVX-512 VNNI; the same sums in
+//! two steps on AVX-512BW (int8_dot.rs) or in 256-bit vectors on AVX2
+//! (qmatmul_int8_avx2.rs)): each 32-value block of an input row is split into two int8
+//! vectors with one scale, x ≈ dx·(hi + lo/254) (llama.cpp keeps only hi; the low part
+//! brings the input error from ~0.4% to ~2e-5 of the block's largest value, so greedy ids
+//! follow the dequantized float32 model), and a weight block's 32 levels meet each in one
+//! `vpdpbusd` (u8 × i8, summed in i32) or its equivalent.
 //!
 //! Weights are repacked once at load. Every block is stored as unsigned levels u with
 //! w = scale·u + offset·(what `offset` multiplies), so one kernel serves all three types:

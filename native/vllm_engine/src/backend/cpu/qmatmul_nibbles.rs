@@ -116,7 +116,7 @@ impl Tiles {
         }
     }
 
-    /// The 4 outputs of one tile (rows r..r+4) for input row i.
+    /// The 4 outputs of one tile (rows r..r+4) for input row i, in 512-bit vectors.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub unsafe fn tile_row<D: Dot>(
