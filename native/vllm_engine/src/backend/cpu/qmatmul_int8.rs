@@ -188,19 +188,19 @@ impl Int8Matrix {
                     to_couple_layout(lo);
                 }
             }
-            self.multiply(xq, dx, y, m, out);
         }
+        self.multiply(input, m, out);
     }
 
-    fn multiply(&self, xq: &[i8], dx: &[f32], y: &[f32], m: usize, out: &mut [f32]) {
+    fn multiply(&self, x: &Input, m: usize, out: &mut [f32]) {
         let out_ptr = OutPtr(out.as_mut_ptr());
         // SAFETY: `pack` was given an isa this CPU has; tasks own disjoint rows (r0 is a
         // multiple of 4, so whole tiles).
         let run = |r0: usize, r1: usize| unsafe {
             match self.isa {
-                DotIsa::Vnni => self.rows_vnni(r0, r1, m, xq, dx, y, out_ptr),
-                DotIsa::Avx512Bw => self.rows_bw(r0, r1, m, xq, dx, y, out_ptr),
-                DotIsa::Avx2 => self.rows_avx2(r0, r1, m, xq, dx, y, out_ptr),
+                DotIsa::Vnni => self.rows_vnni(r0, r1, m, x, out_ptr),
+                DotIsa::Avx512Bw => self.rows_bw(r0, r1, m, x, out_ptr),
+                DotIsa::Avx2 => self.rows_avx2(r0, r1, m, x, out_ptr),
             }
         };
         let threads = rayon::current_num_threads();
@@ -262,66 +262,42 @@ impl Int8Matrix {
     }
 
     /// Rows r0..r1 of `out` for all m input rows, compiled for VNNI.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,f16c")]
-    unsafe fn rows_vnni(&self, r0: usize, r1: usize, m: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
-        self.multiply_rows::<Vnni>(r0, r1, m, xq, dx, y, out)
+    unsafe fn rows_vnni(&self, r0: usize, r1: usize, m: usize, x: &Input, out: OutPtr) {
+        self.multiply_rows::<Vnni>(r0, r1, m, x, out)
     }
 
     /// Rows r0..r1 of `out` for all m input rows, compiled for AVX-512BW.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn rows_bw(&self, r0: usize, r1: usize, m: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
-        self.multiply_rows::<Avx512Bw>(r0, r1, m, xq, dx, y, out)
+    unsafe fn rows_bw(&self, r0: usize, r1: usize, m: usize, x: &Input, out: OutPtr) {
+        self.multiply_rows::<Avx512Bw>(r0, r1, m, x, out)
     }
 
     /// Rows r0..r1 of `out` for all m input rows, compiled for AVX2.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows_avx2(&self, r0: usize, r1: usize, m: usize, xq: &[i8], dx: &[f32], y: &[f32], out: OutPtr) {
-        self.multiply_rows::<Avx2>(r0, r1, m, xq, dx, y, out)
+    unsafe fn rows_avx2(&self, r0: usize, r1: usize, m: usize, x: &Input, out: OutPtr) {
+        self.multiply_rows::<Avx2>(r0, r1, m, x, out)
     }
 
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn multiply_rows<K: RowKernel>(
-        &self,
-        r0: usize,
-        r1: usize,
-        m: usize,
-        xq: &[i8],
-        dx: &[f32],
-        y: &[f32],
-        out: OutPtr,
-    ) {
+    unsafe fn multiply_rows<K: RowKernel>(&self, r0: usize, r1: usize, m: usize, x: &Input, out: OutPtr) {
         if self.kind != Kind::Q8_0 {
             let tiles = Tiles {
                 pairs: self.pairs,
                 rows: self.rows,
             };
-            tiles.multiply::<K>(&self.levels, r0 / 4, r1.div_ceil(4), m, xq, dx, y, out);
+            tiles.multiply::<K>(&self.levels, r0 / 4, r1.div_ceil(4), m, x, out);
             return;
         }
         for g0 in (0..m).step_by(ROW_GROUP) {
-            self.rows_group::<K>(r0, r1, g0, ROW_GROUP.min(m - g0), xq, dx, y, out);
+            self.rows_group::<K>(r0, r1, g0, ROW_GROUP.min(m - g0), x, out);
         }
     }
 
     /// Q8_0 rows r0..r1 for input rows g0..g0 + g. A row is one record (see `q8_records`):
     /// its pairs of levels, then its block scales as f16.
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn rows_group<K: RowKernel>(
-        &self,
-        r0: usize,
-        r1: usize,
-        g0: usize,
-        g: usize,
-        xq: &[i8],
-        dx: &[f32],
-        y: &[f32],
-        out: OutPtr,
-    ) {
+    unsafe fn rows_group<K: RowKernel>(&self, r0: usize, r1: usize, g0: usize, g: usize, x: &Input, out: OutPtr) {
         let record = self.pairs * Q8_RECORD_PAIR;
         let base = self.levels.as_ptr();
         if g0 == 0 {
@@ -338,7 +314,7 @@ impl Int8Matrix {
                 out_at: out.get().add(r),
                 out_stride: self.rows,
             };
-            K::q8_row(q8, g0, g, xq, dx, y);
+            K::q8_row(q8, g0, g, x);
         }
     }
 }
@@ -357,41 +333,23 @@ pub(super) struct Q8Row {
 /// tasks around it are shared.
 pub(super) trait RowKernel {
     /// The 4 outputs of one 4-bit tile (weight rows r..r + 4) for input row i.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile_row(
-        tiles: Tiles,
-        tile: *const u8,
-        r: usize,
-        i: usize,
-        xq: &[i8],
-        dx: &[f32],
-        y: &[f32],
-        out: OutPtr,
-    );
+    unsafe fn tile_row(tiles: Tiles, tile: *const u8, r: usize, i: usize, x: &Input, out: OutPtr);
     /// One Q8_0 weight row against input rows g0..g0 + g (g ≤ ROW_GROUP). The offset term
     /// uses the weight scale too (w = d·(u − 128)): sw·(dot·sx + y), y = −128·Σx spread
     /// over the lanes of its block.
-    unsafe fn q8_row(row: Q8Row, g0: usize, g: usize, xq: &[i8], dx: &[f32], y: &[f32]);
+    unsafe fn q8_row(row: Q8Row, g0: usize, g: usize, x: &Input);
 }
 
 /// 512-bit vectors with either form of the dot products.
 impl<D: Dot> RowKernel for D {
     #[inline(always)]
-    unsafe fn tile_row(
-        tiles: Tiles,
-        tile: *const u8,
-        r: usize,
-        i: usize,
-        xq: &[i8],
-        dx: &[f32],
-        y: &[f32],
-        out: OutPtr,
-    ) {
-        tiles.tile_row::<D>(tile, r, i, xq, dx, y, out)
+    unsafe fn tile_row(tiles: Tiles, tile: *const u8, r: usize, i: usize, x: &Input, out: OutPtr) {
+        tiles.tile_row::<D>(tile, r, i, x, out)
     }
 
     #[inline(always)]
-    unsafe fn q8_row(row: Q8Row, g0: usize, g: usize, xq: &[i8], dx: &[f32], y: &[f32]) {
+    unsafe fn q8_row(row: Q8Row, g0: usize, g: usize, x: &Input) {
+        let Input { xq, dx, y } = x;
         let pairs = row.pairs;
         let nb = pairs * 2;
         let lo_weight = _mm512_set1_ps(1.0 / 254.0);
@@ -463,12 +421,14 @@ fn to_couple_layout(xq: &mut [i8]) {
     }
 }
 
-/// The quantized input of a call, kept per thread so steps allocate nothing.
+/// The quantized input rows of a call (`quantize_row`), kept per thread so steps allocate
+/// nothing. Per row: the high then the low int8 parts (2·pairs·64 bytes; couple layout for
+/// 4-bit kinds, pair layout for Q8_0), and 2·pairs block scales `dx` and offset factors `y`.
 #[derive(Default)]
-struct Input {
-    xq: Vec<i8>,
-    dx: Vec<f32>,
-    y: Vec<f32>,
+pub(super) struct Input {
+    pub xq: Vec<i8>,
+    pub dx: Vec<f32>,
+    pub y: Vec<f32>,
 }
 
 thread_local! {

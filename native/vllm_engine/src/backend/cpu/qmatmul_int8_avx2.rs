@@ -8,7 +8,7 @@
 
 use std::arch::x86_64::*;
 
-use super::qmatmul_int8::{OutPtr, Q8Row, RowKernel, ROW_GROUP};
+use super::qmatmul_int8::{Input, OutPtr, Q8Row, RowKernel, ROW_GROUP};
 use super::qmatmul_nibbles::{Tiles, COUPLE_BYTES};
 
 pub(super) struct Avx2;
@@ -69,16 +69,8 @@ impl RowKernel for Avx2 {
     /// (pair B: blocks 2, 3); in each, 4-byte lane L holds block L % 2 of its pair. Low
     /// nibbles meet the couple's first 64 input bytes, high nibbles the second 64.
     #[inline(always)]
-    unsafe fn tile_row(
-        tiles: Tiles,
-        tile: *const u8,
-        r: usize,
-        i: usize,
-        xq: &[i8],
-        dx: &[f32],
-        y: &[f32],
-        out: OutPtr,
-    ) {
+    unsafe fn tile_row(tiles: Tiles, tile: *const u8, r: usize, i: usize, x: &Input, out: OutPtr) {
+        let Input { xq, dx, y } = x;
         let nb = 2 * tiles.pairs;
         let low4 = _mm256_set1_epi8(0x0F);
         // Lanes of the scale vectors: rows 2j, 2j + 1 × blocks 0..4; row k's block pair
@@ -164,7 +156,8 @@ impl RowKernel for Avx2 {
     /// A pair's 64 level bytes as two halves, summed in i32: 4-byte lane L holds block
     /// L % 2, so a block has 4 lanes here (8 in 512 bits) and takes y twice.
     #[inline(always)]
-    unsafe fn q8_row(row: Q8Row, g0: usize, g: usize, xq: &[i8], dx: &[f32], y: &[f32]) {
+    unsafe fn q8_row(row: Q8Row, g0: usize, g: usize, x: &Input) {
+        let Input { xq, dx, y } = x;
         let pairs = row.pairs;
         let nb = pairs * 2;
         let sc = row.levels.add(pairs * 64);

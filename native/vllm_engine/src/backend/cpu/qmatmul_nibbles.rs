@@ -15,7 +15,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::int8_dot::Dot;
-use super::qmatmul_int8::{prefetch_lines, OutPtr, RowKernel};
+use super::qmatmul_int8::{prefetch_lines, Input, OutPtr, RowKernel};
 
 /// Bytes of one couple of a tile, and of a lone tail pair.
 pub(super) const COUPLE_BYTES: usize = 320;
@@ -82,28 +82,15 @@ impl Tiles {
         out
     }
 
-    /// out[i, r] for the rows of tiles t0..t1 and every input row i < m. Per input row: `xq`
-    /// holds 2·pairs·64 bytes (high parts, then low parts; couples in the couple layout, a
-    /// lone pair in pair layout), `dx` and `y` 2·pairs block values (y unspread: Σx of the
-    /// block times the type's factor). Each output is the same sequence of operations for
-    /// any m (batch invariance).
+    /// out[i, r] for the rows of tiles t0..t1 and every input row i < m of `x` (its `y`
+    /// unspread: Σx of the block times the type's factor). Each output is the same sequence
+    /// of operations for any m (batch invariance).
     ///
     /// # Safety
     /// Inlined into a caller compiled with K's features; `data` holds the tiles; tasks own
     /// disjoint rows of `out`.
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub unsafe fn multiply<K: RowKernel>(
-        self,
-        data: &[u8],
-        t0: usize,
-        t1: usize,
-        m: usize,
-        xq: &[i8],
-        dx: &[f32],
-        y: &[f32],
-        out: OutPtr,
-    ) {
+    pub unsafe fn multiply<K: RowKernel>(self, data: &[u8], t0: usize, t1: usize, m: usize, x: &Input, out: OutPtr) {
         let tb = self.tile_bytes();
         let ahead = PREFETCH_BYTES.div_ceil(tb).max(1);
         prefetch_lines(data.as_ptr(), t0 * tb, (ahead.min(t1 - t0)) * tb);
@@ -111,24 +98,15 @@ impl Tiles {
             prefetch_lines(data.as_ptr(), (t + ahead) * tb, tb);
             let tile = data.as_ptr().add(t * tb);
             for i in 0..m {
-                K::tile_row(self, tile, 4 * t, i, xq, dx, y, out);
+                K::tile_row(self, tile, 4 * t, i, x, out);
             }
         }
     }
 
     /// The 4 outputs of one tile (rows r..r+4) for input row i, in 512-bit vectors.
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub unsafe fn tile_row<D: Dot>(
-        self,
-        tile: *const u8,
-        r: usize,
-        i: usize,
-        xq: &[i8],
-        dx: &[f32],
-        y: &[f32],
-        out: OutPtr,
-    ) {
+    pub unsafe fn tile_row<D: Dot>(self, tile: *const u8, r: usize, i: usize, x: &Input, out: OutPtr) {
+        let Input { xq, dx, y } = x;
         let nb = 2 * self.pairs;
         let low4 = _mm512_set1_epi8(0x0F);
         let lo_weight = _mm512_set1_ps(1.0 / 254.0);
