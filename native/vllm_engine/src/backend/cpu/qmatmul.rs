@@ -459,7 +459,7 @@ mod int8_tests {
     fn int8_kernel_matches_dequantized_matmul_within_input_rounding() {
         let isas = DotIsa::runnable();
         if isas.is_empty() {
-            eprintln!("no AVX-512BW here: int8 kernel not exercised");
+            eprintln!("no AVX-512BW or AVX2 here: int8 kernel not exercised");
             return;
         }
         for (isa, dtype) in isas
@@ -514,6 +514,7 @@ mod int8_tests {
             }
         }
     }
+
     /// Both forms of the dot products sum the same integers exactly, so the kernels agree
     /// bit for bit (runs where the CPU has VNNI).
     #[test]

@@ -19,7 +19,7 @@ use super::qmatmul_int8::{prefetch_lines, Input, OutPtr, RowKernel};
 
 /// Bytes of one couple of a tile, and of a lone tail pair.
 pub(super) const COUPLE_BYTES: usize = 320;
-pub(super) const TAIL_BYTES: usize = 160;
+const TAIL_BYTES: usize = 160;
 /// Bytes ahead of the row in work that the kernel asks the memory for.
 const PREFETCH_BYTES: usize = 6 * 1024;
 
