@@ -622,15 +622,15 @@ impl DecodeGraphs {
     }
 
     /// Stages `inputs` padded to `b` rows, uploads them and launches the graph of size `b`.
-    /// With `tokens_from` (the lookahead: the host does not know them yet) row r's token is
-    /// the previous replay's argmax row `tokens_from[r]`, copied on the device after the
-    /// upload.
+    /// With `token_runs` (the lookahead: the host does not know the tokens yet) the rows'
+    /// tokens are the previous replay's argmax rows, copied on the device after the upload
+    /// in runs of (first row, first argmax row, rows) (`copy_runs`).
     fn launch(
         &mut self,
         inputs: &DecodeInputs,
         b: usize,
         with_lora: bool,
-        tokens_from: Option<&[usize]>,
+        token_runs: Option<&[(usize, usize, usize)]>,
     ) -> Result<()> {
         let n = inputs.rows();
         let mb = self.max_batch;
@@ -647,10 +647,10 @@ impl DecodeGraphs {
             e.before_upload(raw_stream);
         }
         self.upload(b)?;
-        if let Some(at) = tokens_from {
+        if let Some(runs) = token_runs {
             let meta = device_ptr(&self.buffers.meta)?;
             let argmax = device_ptr(&self.buffers.argmax)?;
-            for (dst, src, len) in copy_runs(at) {
+            for &(dst, src, len) in runs {
                 // SAFETY: both buffers hold max_batch >= b u32 and every run lies below b;
                 // stream-ordered after the upload (placeholders there) and the last replay.
                 unsafe {
@@ -740,12 +740,13 @@ impl DecodeGraphs {
                 (slot, b, (0..inputs.rows()).collect())
             }
         };
+        let runs = copy_runs(&at);
         let next = (self.lookahead && batch.lookahead && !with_lora && self.events.is_none())
             .then(|| inputs.next(batch, self.block_size, self.max_model_len))
             .flatten()
-            .filter(|_| copy_runs(&at).len() <= MAX_TOKEN_RUNS);
+            .filter(|_| runs.len() <= MAX_TOKEN_RUNS);
         if let Some(next) = next {
-            self.launch(&next, b, false, Some(&at))?;
+            self.launch(&next, b, false, Some(&runs))?;
             let slot = self.fetch.start(&self.stream, argmax, 2 * b)?;
             self.pending = Some(Lookahead { inputs: next, b, slot });
         }
