@@ -8,6 +8,7 @@ mod contention;
 mod decode_bench;
 pub mod encoder_attention;
 pub mod int8_dot;
+mod int8_quantize;
 pub mod matmul;
 mod matmul_bf16dot;
 pub mod matmul_x86;

@@ -30,9 +30,9 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::int8_dot::{Avx512Bw, Dot, DotIsa, Vnni};
+use super::int8_quantize::{quantize_blocks, QuantBlock};
 use super::qmatmul_int8_avx2::Avx2;
 use super::qmatmul_nibbles::Tiles;
-use super::simd::vectorized;
 
 /// Input rows that share one pass over the weight row.
 pub(super) const ROW_GROUP: usize = 8;
@@ -220,45 +220,29 @@ impl Int8Matrix {
     }
 
     fn quantize_row(&self, x: &[f32], xq: &mut [i8], dx: &mut [f32], y: &mut [f32]) {
-        let blocks = self.cols / 32;
         let lo_at = self.pairs * 64;
-        for b in 0..self.pairs * 2 {
+        let factor = match self.kind {
+            Kind::Q4_1 => 1.0,
+            Kind::Q4_0 => -8.0,
+            Kind::Q8_0 => -128.0,
+        };
+        // An odd block count's padding block: zero scale, so it contributes 0.
+        dx.fill(0.0);
+        y.fill(0.0);
+        let put = |b: usize, q: QuantBlock| {
             let (t, which) = (b / 2, b % 2);
-            if b >= blocks {
-                dx[b] = 0.0;
-                y[b] = 0.0;
-                continue;
-            }
-            let xb = &x[b * 32..(b + 1) * 32];
-            let (mut hi, mut lo) = ([0i8; 32], [0i8; 32]);
-            let (d, sum) = vectorized(|| {
-                let amax = xb.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
-                let d = amax / 127.0;
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                for ((h, l), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(xb) {
-                    let scaled = v * inv;
-                    let r = scaled.round();
-                    *h = r as i8;
-                    // The residual is within ±1/2 step: 254 steps of 1/254 cover it.
-                    *l = ((scaled - r) * 254.0).round().clamp(-127.0, 127.0) as i8;
-                }
-                (d, xb.iter().sum::<f32>())
-            });
             // Into the pair's register layout: levels 4q..4q + 4 of this block go to the
             // 4-byte lane 2q + which (see `slot`).
-            for q in 0..8 {
-                let at = t * 64 + 8 * q + 4 * which;
-                xq[at..at + 4].copy_from_slice(&hi[4 * q..4 * q + 4]);
-                xq[lo_at + at..lo_at + at + 4].copy_from_slice(&lo[4 * q..4 * q + 4]);
+            for k in 0..8 {
+                let at = t * 64 + 8 * k + 4 * which;
+                xq[at..at + 4].copy_from_slice(&q.hi[4 * k..4 * k + 4]);
+                xq[lo_at + at..lo_at + at + 4].copy_from_slice(&q.lo[4 * k..4 * k + 4]);
             }
-            dx[b] = d;
-            y[b] = sum
-                * match self.kind {
-                    Kind::Q4_1 => 1.0,
-                    Kind::Q4_0 => -8.0,
-                    Kind::Q8_0 => -128.0,
-                };
-        }
+            dx[b] = q.d;
+            y[b] = q.sum * factor;
+        };
+        // SAFETY: `pack` was given an isa this CPU has.
+        unsafe { quantize_blocks(self.isa, x, put) };
     }
 
     /// Rows r0..r1 of `out` for all m input rows, compiled for VNNI.
