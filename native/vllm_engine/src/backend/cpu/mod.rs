@@ -18,5 +18,6 @@ pub mod qmatmul_avx2;
 pub mod qmatmul_int8;
 mod qmatmul_int8_avx2;
 mod qmatmul_nibbles;
+mod qmatmul_panel_decode;
 pub mod simd;
 pub mod team;

@@ -214,27 +214,38 @@ impl QuantMatrix {
     /// Many input rows (prefill): each 32-row panel of weights decoded to float32 in the
     /// packed matmul's layout, then multiplied by every input row with its microkernel.
     fn forward_panels(&self, data: &[u8], x: &[f32], m: usize) -> Vec<f32> {
-        let (rows, cols, row_bytes) = (self.rows, self.cols, self.row_bytes);
-        let dtype = self.q.dtype();
+        let rows = self.rows;
         let mut out = vec![0.0f32; m * rows];
         let out_ptr = OutPtr(out.as_mut_ptr());
         (0..rows.div_ceil(PANEL)).into_par_iter().for_each_init(
-            || (PanelBuffer::new(cols), vec![0.0f32; cols]),
+            || (PanelBuffer::new(self.cols), vec![0.0f32; self.cols]),
             |(panel, row), p| {
                 let width = PANEL.min(rows - p * PANEL);
-                let f = panel.as_mut_f32();
-                for j in 0..width {
-                    let r = p * PANEL + j;
-                    decode_row(dtype, &data[r * row_bytes..(r + 1) * row_bytes], row);
-                    for (kk, &v) in row.iter().enumerate() {
-                        f[kk * PANEL + j] = v;
-                    }
-                }
+                self.decode_panel(data, p * PANEL, width, panel.as_mut_f32(), row);
                 // SAFETY: x is [m, cols]; each task writes columns p*32.. of its own panel.
                 unsafe { panel.product(x.as_ptr(), m, out_ptr.get().add(p * PANEL), rows, width) };
             },
         );
         out
+    }
+
+    /// Weight rows r0..r0 + width into a float32 panel ([cols, PANEL], depth-major);
+    /// `row` is scratch for one decoded row.
+    fn decode_panel(&self, data: &[u8], r0: usize, width: usize, panel: &mut [f32], row: &mut [f32]) {
+        let (dtype, row_bytes) = (self.q.dtype(), self.row_bytes);
+        #[cfg(target_arch = "x86_64")]
+        if super::qmatmul_panel_decode::available() {
+            let bytes = &data[r0 * row_bytes..(r0 + width) * row_bytes];
+            // SAFETY: the features were detected; `bytes` holds `width` rows of blocks.
+            unsafe { super::qmatmul_panel_decode::decode(dtype, bytes, row_bytes, width, self.cols, panel) };
+            return;
+        }
+        for j in 0..width {
+            decode_row(dtype, &data[(r0 + j) * row_bytes..(r0 + j + 1) * row_bytes], row);
+            for (kk, &v) in row.iter().enumerate() {
+                panel[kk * PANEL + j] = v;
+            }
+        }
     }
 
     fn forward_tiles(&self, data: &[u8], x: &[f32], m: usize) -> Result<Vec<f32>> {
@@ -380,7 +391,7 @@ fn unpack_q8_0(block: &[u8; 34], levels: &mut [f32; 32]) -> (f32, f32) {
 }
 
 /// Decodes one row of Q4_0 / Q4_1 / Q8_0 blocks exactly as ggml dequantizes them.
-fn decode_row(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
+pub(super) fn decode_row(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
     fn each<const B: usize>(unpack: fn(&[u8; B], &mut [f32; 32]) -> (f32, f32), bytes: &[u8], out: &mut [f32]) {
         for (block, o) in bytes.chunks_exact(B).zip(out.chunks_exact_mut(32)) {
             if let (Ok(block), Ok(o)) = (block.try_into(), <&mut [f32; 32]>::try_from(o)) {
@@ -577,6 +588,35 @@ mod bench {
                 (rows * cols) as f64 / s / 1e9,
                 f * 1e3
             );
+        }
+    }
+
+    /// A prompt step's products (128 input rows) on the float32-panel path, against the
+    /// same weights packed as float32 (`cargo test --release -p vllm_engine
+    /// prompt_matmul_speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "timing report"]
+    fn prompt_matmul_speed() {
+        use super::super::matmul::{PackedMatrix, WeightFormat};
+        let m = 128;
+        for (name, rows, cols) in [("gate_up", 3072, 576), ("down", 576, 1536)] {
+            let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+            let q = QuantMatrix::new(Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap())).unwrap();
+            let packed = PackedMatrix::pack(&w.flatten_all().unwrap().to_vec1().unwrap(), rows, cols, WeightFormat::F32);
+            let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.1).sin()).collect();
+            let mut out = vec![0.0f32; m * rows];
+            let best = |f: &mut dyn FnMut()| {
+                (0..10)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        f();
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .fold(f64::MAX, f64::min)
+            };
+            let quant = best(&mut || q.forward_into(&x, m, &mut out).unwrap());
+            let float = best(&mut || packed.matmul(&x, m, &mut out));
+            println!("{name} [{rows}, {cols}] x {m}: Q4_1 panels {quant:.3} ms, f32 packed {float:.3} ms");
         }
     }
 }
