@@ -72,7 +72,10 @@ unsafe fn of_avx512(x: *const f32) -> QuantBlock {
     let halves = [_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16))];
     let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(halves[0]), _mm512_abs_ps(halves[1])));
     let s = _mm512_add_ps(halves[0], halves[1]);
-    let s = _mm256_add_ps(_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    let s = _mm256_add_ps(
+        _mm512_castps512_ps256(s),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)),
+    );
     let (d, inv) = scale_of(amax);
     let mut q = QuantBlock::empty(d, sum8(s));
     let (inv, steps) = (_mm512_set1_ps(inv), _mm512_set1_ps(254.0));
@@ -92,7 +95,12 @@ unsafe fn of_avx512(x: *const f32) -> QuantBlock {
 
 #[inline(always)]
 unsafe fn of_avx2(p: *const f32) -> QuantBlock {
-    let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+    let v = [
+        _mm256_loadu_ps(p),
+        _mm256_loadu_ps(p.add(8)),
+        _mm256_loadu_ps(p.add(16)),
+        _mm256_loadu_ps(p.add(24)),
+    ];
     let abs = |v: __m256| _mm256_andnot_ps(_mm256_set1_ps(-0.0), v);
     let m = _mm256_max_ps(_mm256_max_ps(abs(v[0]), abs(v[2])), _mm256_max_ps(abs(v[1]), abs(v[3])));
     let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
@@ -110,7 +118,10 @@ unsafe fn of_avx2(p: *const f32) -> QuantBlock {
         let scaled = _mm256_mul_ps(v[k], inv);
         let r = _mm256_round_ps::<NEAREST>(scaled);
         hi[k] = ints(r);
-        lo[k] = ints(_mm256_round_ps::<NEAREST>(_mm256_mul_ps(_mm256_sub_ps(scaled, r), steps)));
+        lo[k] = ints(_mm256_round_ps::<NEAREST>(_mm256_mul_ps(
+            _mm256_sub_ps(scaled, r),
+            steps,
+        )));
     }
     _mm256_storeu_si256(q.hi.as_mut_ptr() as *mut __m256i, to_bytes(hi));
     _mm256_storeu_si256(q.lo.as_mut_ptr() as *mut __m256i, to_bytes(lo));

@@ -335,6 +335,12 @@ impl PanelBuffer {
         }
     }
 
+    /// Makes the panel k deep, keeping its allocation where it is large enough.
+    pub(crate) fn set_depth(&mut self, k: usize) {
+        self.lines.resize(2 * k, Line([0.0; 16]));
+        self.k = k;
+    }
+
     /// The panel as k × 32 floats: column j of depth kk at kk * 32 + j.
     pub(crate) fn as_mut_f32(&mut self) -> &mut [f32] {
         // SAFETY: `Line` is repr(C) [f32; 16]; 2k lines are 32k contiguous floats.

@@ -32,9 +32,18 @@ impl OutPtr {
     }
 }
 
+/// A thread's float32 panel and decoded-row scratch for `forward_panels`.
+type PanelScratch = (PanelBuffer, Vec<f32>);
+
+thread_local! {
+    static PANEL_SCRATCH: std::cell::RefCell<PanelScratch> =
+        std::cell::RefCell::new((PanelBuffer::new(0), Vec::new()));
+}
+
 /// Up to this many input rows use the fused decode-and-dot path.
 pub(crate) const DOT_PATH_MAX_ROWS: usize = 8;
-/// From this many input rows on (prefill), weights are decoded into float32 panels.
+/// From this many input rows on, weights are decoded into float32 panels where the CPU
+/// lacks the gathers of qmatmul_panel_decode.rs (decoding row by row costs ~7x more).
 const PANEL_PATH_MIN_ROWS: usize = 64;
 /// Weight rows decoded at once on the gemm path.
 const TILE_ROWS: usize = 512;
@@ -122,56 +131,54 @@ impl QuantMatrix {
         Ok(out)
     }
 
-    /// `forward` into `out` ([m, rows]); the int8 decode path allocates nothing.
+    /// `forward` into `out` ([m, rows]); the int8 and panel paths allocate nothing.
     pub fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
-        if out.len() != m * self.rows {
+        if out.len() != m * self.rows || x.len() != m * self.cols {
             return Err(EngineError::internal(format!(
-                "quantized matmul: output of {} values is not [{m}, {}]",
-                out.len(),
-                self.rows
-            )));
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let Some(v) = &self.int8 {
-            if m < PANEL_PATH_MIN_ROWS || !has_row_decoder(self.q.dtype()) {
-                if x.len() != m * self.cols {
-                    return Err(EngineError::internal(format!(
-                        "quantized matmul: input of {} values is not [{m}, {}]",
-                        x.len(),
-                        self.cols
-                    )));
-                }
-                v.forward(x, m, out);
-                return Ok(());
-            }
-        }
-        out.copy_from_slice(&self.forward_alloc(x, m)?);
-        Ok(())
-    }
-
-    fn forward_alloc(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        if x.len() != m * self.cols {
-            return Err(EngineError::internal(format!(
-                "quantized matmul: input of {} values is not [{m}, {}]",
+                "quantized matmul: input of {} and output of {} values for [{m}, {}] x [{}, {}]^T",
                 x.len(),
+                out.len(),
+                self.cols,
+                self.rows,
                 self.cols
             )));
         }
-        if m >= PANEL_PATH_MIN_ROWS && has_row_decoder(self.q.dtype()) {
-            return Ok(self.forward_panels(&self.q.data()?, x, m));
+        if m >= self.panel_path_min_rows() && has_row_decoder(self.q.dtype()) {
+            self.forward_panels(&self.q.data()?, x, m, out);
+            return Ok(());
         }
         #[cfg(target_arch = "x86_64")]
         if let Some(v) = &self.int8 {
-            let mut out = vec![0.0f32; m * self.rows];
-            v.forward(x, m, &mut out);
-            return Ok(out);
+            v.forward(x, m, out);
+            return Ok(());
         }
         let data = self.q.data()?;
-        if m <= DOT_PATH_MAX_ROWS && has_row_decoder(self.q.dtype()) {
-            Ok(self.forward_dot(&data, x, m))
+        let y = if m <= DOT_PATH_MAX_ROWS && has_row_decoder(self.q.dtype()) {
+            self.forward_dot(&data, x, m)
         } else {
-            self.forward_tiles(&data, x, m)
+            self.forward_tiles(&data, x, m)?
+        };
+        out.copy_from_slice(&y);
+        Ok(())
+    }
+
+    /// Input rows from which the float32 panels (decoded once for all rows) beat the
+    /// kernels whose work grows with every row: prompts, and decode steps of many
+    /// sequences. `rows_matmul_speed` with AVX-512 gathers, weights streamed from memory:
+    /// on a 2-core Zen 4 (VNNI) the panels overtake the int8 kernel between 12 and 16
+    /// rows for gate_up (32 rows: 0.66 against 0.88 ms) and tie for down; on a 2-core
+    /// Skylake-SP (AVX-512BW, about twice the int8 work a row) they overtook between 8
+    /// and 12 rows with hot weights. A row's result then depends on how many rows share
+    /// its step (int8 input rounding below, float32 at or above).
+    fn panel_path_min_rows(&self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if super::qmatmul_panel_decode::available() {
+            return match self.int8.as_ref().map(|v| v.isa()) {
+                Some(DotIsa::Vnni) => 16,
+                _ => 12,
+            };
         }
+        PANEL_PATH_MIN_ROWS
     }
 
     fn forward_dot(&self, data: &[u8], x: &[f32], m: usize) -> Vec<f32> {
@@ -213,20 +220,32 @@ impl QuantMatrix {
 
     /// Many input rows (prefill): each 32-row panel of weights decoded to float32 in the
     /// packed matmul's layout, then multiplied by every input row with its microkernel.
-    fn forward_panels(&self, data: &[u8], x: &[f32], m: usize) -> Vec<f32> {
-        let rows = self.rows;
-        let mut out = vec![0.0f32; m * rows];
+    /// `out` = x Wᵀ through float32 panels of 32 weight rows, a few panel ranges per
+    /// thread. Decode steps of many sequences come here too, so the loop goes to the team
+    /// like the other decode products (rayon's workers would contend with its spinning
+    /// helpers) and each thread keeps its panel between calls.
+    fn forward_panels(&self, data: &[u8], x: &[f32], m: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.rows, self.cols);
+        let panels = rows.div_ceil(PANEL);
+        let tasks = (rayon::current_num_threads() * 4).min(panels);
         let out_ptr = OutPtr(out.as_mut_ptr());
-        (0..rows.div_ceil(PANEL)).into_par_iter().for_each_init(
-            || (PanelBuffer::new(self.cols), vec![0.0f32; self.cols]),
-            |(panel, row), p| {
+        let run = |p0: usize, p1: usize, (panel, row): &mut PanelScratch| {
+            panel.set_depth(cols);
+            row.resize(cols, 0.0);
+            for p in p0..p1 {
                 let width = PANEL.min(rows - p * PANEL);
                 self.decode_panel(data, p * PANEL, width, panel.as_mut_f32(), row);
-                // SAFETY: x is [m, cols]; each task writes columns p*32.. of its own panel.
+                // SAFETY: x is [m, cols]; each task writes columns p*32.. of its own panels.
                 unsafe { panel.product(x.as_ptr(), m, out_ptr.get().add(p * PANEL), rows, width) };
-            },
-        );
-        out
+            }
+        };
+        super::team::for_each_rows(m, tasks, |t| {
+            let (p0, p1) = (t * panels / tasks, (t + 1) * panels / tasks);
+            PANEL_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut scratch) => run(p0, p1, &mut scratch),
+                Err(_) => run(p0, p1, &mut (PanelBuffer::new(cols), Vec::new())),
+            });
+        });
     }
 
     /// Weight rows r0..r0 + width into a float32 panel ([cols, PANEL], depth-major);
@@ -236,8 +255,10 @@ impl QuantMatrix {
         #[cfg(target_arch = "x86_64")]
         if super::qmatmul_panel_decode::available() {
             let bytes = &data[r0 * row_bytes..(r0 + width) * row_bytes];
+            let next =
+                &data[((r0 + width) * row_bytes).min(data.len())..((r0 + width + PANEL) * row_bytes).min(data.len())];
             // SAFETY: the features were detected; `bytes` holds `width` rows of blocks.
-            unsafe { super::qmatmul_panel_decode::decode(dtype, bytes, row_bytes, width, self.cols, panel) };
+            unsafe { super::qmatmul_panel_decode::decode(dtype, bytes, row_bytes, width, self.cols, panel, next) };
             return;
         }
         for j in 0..width {
@@ -491,12 +512,21 @@ mod int8_tests {
                     .to_vec1::<f32>()
                     .unwrap();
                 let matrix = QuantMatrix::with_isa(Arc::new(q), Some(isa)).unwrap();
-                assert!(matrix.int8.is_some(), "{isa:?} {dtype:?} was not repacked");
+                // The kernel itself, at any row count (QuantMatrix hands many rows to the
+                // float32 panels).
+                let Some(kernel) = &matrix.int8 else {
+                    panic!("{isa:?} {dtype:?} was not repacked")
+                };
+                let forward = |x: &[f32], m: usize| {
+                    let mut out = vec![0.0f32; m * rows];
+                    kernel.forward(x, m, &mut out);
+                    out
+                };
                 for m in [1, 3, 9, 20] {
                     let x: Vec<f32> = (0..m * cols)
                         .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0 + (i % 5) as f32 * 0.013)
                         .collect();
-                    let got = matrix.forward(&x, m).unwrap();
+                    let got = forward(&x, m);
                     for i in 0..m {
                         let xr = &x[i * cols..(i + 1) * cols];
                         for r in 0..rows {
@@ -519,7 +549,7 @@ mod int8_tests {
                         }
                     }
                     // Batch invariance: row 0 alone gives the same bits.
-                    let alone = matrix.forward(&x[..cols], 1).unwrap();
+                    let alone = forward(&x[..cols], 1);
                     assert_eq!(alone[..], got[..rows], "{isa:?} {dtype:?} m {m}: row 0 differs alone");
                 }
             }
@@ -591,32 +621,50 @@ mod bench {
         }
     }
 
-    /// A prompt step's products (128 input rows) on the float32-panel path, against the
-    /// same weights packed as float32 (`cargo test --release -p vllm_engine
-    /// prompt_matmul_speed -- --ignored --nocapture`).
+    /// The products of a step of m input rows on each Q4_1 path: the int8 kernel, the
+    /// float32 panels, and the same weights packed as float32 (`cargo test --release -p
+    /// vllm_engine rows_matmul_speed -- --ignored --nocapture`). Where the panels win sets
+    /// `panel_path_min_rows`. Each pass runs over copies of the matrix that together
+    /// exceed the caches, as a model's layers do: with one hot matrix the gathers of the
+    /// panels' decode looked twice as fast as they are in a model.
     #[test]
     #[ignore = "timing report"]
-    fn prompt_matmul_speed() {
+    fn rows_matmul_speed() {
         use super::super::matmul::{PackedMatrix, WeightFormat};
-        let m = 128;
+        const STREAMED_BYTES: usize = 96 << 20;
         for (name, rows, cols) in [("gate_up", 3072, 576), ("down", 576, 1536)] {
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
-            let q = QuantMatrix::new(Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap())).unwrap();
-            let packed = PackedMatrix::pack(&w.flatten_all().unwrap().to_vec1().unwrap(), rows, cols, WeightFormat::F32);
-            let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.1).sin()).collect();
-            let mut out = vec![0.0f32; m * rows];
-            let best = |f: &mut dyn FnMut()| {
-                (0..10)
-                    .map(|_| {
-                        let t = std::time::Instant::now();
-                        f();
-                        t.elapsed().as_secs_f64() * 1e3
-                    })
-                    .fold(f64::MAX, f64::min)
-            };
-            let quant = best(&mut || q.forward_into(&x, m, &mut out).unwrap());
-            let float = best(&mut || packed.matmul(&x, m, &mut out));
-            println!("{name} [{rows}, {cols}] x {m}: Q4_1 panels {quant:.3} ms, f32 packed {float:.3} ms");
+            let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+            let copies = STREAMED_BYTES.div_ceil(q.storage_size_in_bytes());
+            let quant: Vec<QuantMatrix> = (0..copies)
+                .map(|_| QuantMatrix::new(Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap())).unwrap())
+                .collect();
+            let w = w.flatten_all().unwrap().to_vec1().unwrap();
+            let float: Vec<PackedMatrix> = (0..STREAMED_BYTES.div_ceil(rows * cols * 4))
+                .map(|_| PackedMatrix::pack(&w, rows, cols, WeightFormat::F32))
+                .collect();
+            for m in [4, 8, 12, 16, 24, 32, 64, 128] {
+                let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.1).sin()).collect();
+                let mut out = vec![0.0f32; m * rows];
+                // Best of 5 passes, in ms per matrix.
+                let per_matrix = |n: usize, f: &mut dyn FnMut(usize)| {
+                    (0..5)
+                        .map(|_| {
+                            let t = std::time::Instant::now();
+                            (0..n).for_each(&mut *f);
+                            t.elapsed().as_secs_f64() * 1e3 / n as f64
+                        })
+                        .fold(f64::MAX, f64::min)
+                };
+                let int8 = per_matrix(quant.len(), &mut |i| {
+                    quant[i].int8.as_ref().unwrap().forward(&x, m, &mut out)
+                });
+                let panels = per_matrix(quant.len(), &mut |i| {
+                    quant[i].forward_panels(&quant[i].q.data().unwrap(), &x, m, &mut out)
+                });
+                let f32 = per_matrix(float.len(), &mut |i| float[i].matmul(&x, m, &mut out));
+                println!("{name} [{rows}, {cols}] x {m}: Q4_1 int8 {int8:.3} ms, panels {panels:.3} ms, f32 packed {f32:.3} ms");
+            }
         }
     }
 }

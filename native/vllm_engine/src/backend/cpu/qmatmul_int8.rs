@@ -147,6 +147,10 @@ impl Int8Matrix {
         self.rows
     }
 
+    pub fn isa(&self) -> DotIsa {
+        self.isa
+    }
+
     pub fn bytes(&self) -> usize {
         self.levels.len()
     }

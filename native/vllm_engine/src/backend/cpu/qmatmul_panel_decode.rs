@@ -1,10 +1,11 @@
-//! Decoding Q4_0 / Q4_1 / Q8_0 weight rows straight into a float32 panel (the prompt path
-//! of qmatmul.rs) with AVX-512 gathers. The panel wants depth-major order (value kk of
-//! row j at kk·32 + j), so decoding row by row and scattering cost ~6 cycles a value: a
-//! prompt step of a Q4_1 model spent as long decoding as multiplying. Here one gather takes
-//! the same 4 bytes of a block from 16 rows, so every level pulled out of it is already a
-//! 16-row column: shift, mask, convert, scale, store. The values are those of
-//! `decode_row` bit for bit (the same multiply, then add).
+//! Decoding Q4_0 / Q4_1 / Q8_0 weight rows straight into a float32 panel with AVX-512
+//! gathers: the many-rows path of qmatmul.rs (prompts, decode steps of many sequences).
+//! The panel wants depth-major order (value kk of row j at kk·32 + j), so decoding row by
+//! row and scattering cost ~6 cycles a value: a prompt step of a Q4_1 model spent as long
+//! decoding as multiplying. Here one gather takes the same 4 bytes of a block from 16
+//! rows, so every level pulled out of it is already a 16-row column: shift, mask, convert,
+//! scale, store. The values are those of `decode_row` bit for bit (the same multiply, then
+//! add).
 
 #![cfg(target_arch = "x86_64")]
 
@@ -23,16 +24,27 @@ pub(super) fn available() -> bool {
 
 /// Decodes weight rows 0..width (width ≤ PANEL, each `row_bytes` long from `rows`) into
 /// `panel` ([cols, PANEL], depth-major). Columns width..PANEL repeat the last row.
+/// `next` (the following panel's rows, or empty) is prefetched on the way: the gathers
+/// read 16 rows at once, a pattern the hardware prefetchers do not follow, and a model's
+/// weights come from memory, not the caches (`rows_matmul_speed`).
 ///
 /// # Safety
 /// `available()`; `rows` holds width·row_bytes bytes of `dtype` blocks for `cols` values
 /// (cols a multiple of 32); `panel` holds cols·PANEL floats.
-pub(super) unsafe fn decode(dtype: GgmlDType, rows: &[u8], row_bytes: usize, width: usize, cols: usize, panel: &mut [f32]) {
-    debug_assert!(width >= 1 && width <= PANEL && rows.len() >= width * row_bytes && panel.len() >= cols * PANEL);
+pub(super) unsafe fn decode(
+    dtype: GgmlDType,
+    rows: &[u8],
+    row_bytes: usize,
+    width: usize,
+    cols: usize,
+    panel: &mut [f32],
+    next: &[u8],
+) {
+    debug_assert!((1..=PANEL).contains(&width) && rows.len() >= width * row_bytes && panel.len() >= cols * PANEL);
     match dtype {
-        GgmlDType::Q4_0 => decode_avx512::<Q4_0>(rows, row_bytes, width, cols, panel),
-        GgmlDType::Q4_1 => decode_avx512::<Q4_1>(rows, row_bytes, width, cols, panel),
-        GgmlDType::Q8_0 => decode_avx512::<Q8_0>(rows, row_bytes, width, cols, panel),
+        GgmlDType::Q4_0 => decode_avx512::<Q4_0>(rows, row_bytes, width, cols, panel, next),
+        GgmlDType::Q4_1 => decode_avx512::<Q4_1>(rows, row_bytes, width, cols, panel, next),
+        GgmlDType::Q8_0 => decode_avx512::<Q8_0>(rows, row_bytes, width, cols, panel, next),
         _ => unreachable!("only the row-decoder types"),
     }
 }
@@ -67,7 +79,10 @@ unsafe fn nibbles(q: usize, g: __m512i, bias: i32, mut put: impl FnMut(usize, __
     for t in 0..4 {
         let shifted = _mm512_srlv_epi32(g, _mm512_set1_epi32(8 * t as i32));
         put(4 * q + t, _mm512_sub_epi32(_mm512_and_si512(shifted, mask), bias));
-        put(16 + 4 * q + t, _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(shifted, 4), mask), bias));
+        put(
+            16 + 4 * q + t,
+            _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(shifted, 4), mask), bias),
+        );
     }
 }
 
@@ -115,9 +130,20 @@ impl Block for Q8_0 {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,f16c")]
-unsafe fn decode_avx512<B: Block>(rows: &[u8], row_bytes: usize, width: usize, cols: usize, panel: &mut [f32]) {
+unsafe fn decode_avx512<B: Block>(
+    rows: &[u8],
+    row_bytes: usize,
+    width: usize,
+    cols: usize,
+    panel: &mut [f32],
+    next: &[u8],
+) {
     let base = rows.as_ptr();
     let out = panel.as_mut_ptr();
+    // `next`'s cache lines, spread evenly over the block steps of both halves.
+    let steps = (PANEL / 16) * (cols / 32);
+    let lines_per_step = next.len().div_ceil(64).div_ceil(steps);
+    let mut line = 0;
     for half in 0..PANEL / 16 {
         // Byte offsets of the 16 rows of this half (past `width`: the last row again).
         let mut at = [0i32; 16];
@@ -126,6 +152,12 @@ unsafe fn decode_avx512<B: Block>(rows: &[u8], row_bytes: usize, width: usize, c
         }
         let at = _mm512_loadu_si512(at.as_ptr() as *const _);
         for b in 0..cols / 32 {
+            for _ in 0..lines_per_step {
+                if line * 64 < next.len() {
+                    _mm_prefetch::<_MM_HINT_T0>(next.as_ptr().add(line * 64) as *const i8);
+                }
+                line += 1;
+            }
             let block = base.add(b * B::BYTES);
             let (d, m) = B::scales(_mm512_i32gather_epi32::<1>(at, block as *const _));
             for q in 0..(B::BYTES - B::LEVELS_AT) / 4 {
@@ -160,7 +192,11 @@ mod tests {
         for block in out.chunks_exact_mut(size) {
             for (i, b) in block.iter_mut().enumerate() {
                 // f16 scales within ±(2^-6 .. 2^2): a high byte of 0x20..0x43, either sign.
-                *b = if i < scale_bytes && i % 2 == 1 { 0x20 + byte() % 0x24 | (byte() & 0x80) } else { byte() };
+                *b = if i < scale_bytes && i % 2 == 1 {
+                    (0x20 + byte() % 0x24) | (byte() & 0x80)
+                } else {
+                    byte()
+                };
             }
         }
         out
@@ -178,7 +214,7 @@ mod tests {
                 let data = blocks(dtype, width, cols, 77 + width as u32);
                 let mut panel = vec![f32::NAN; cols * PANEL];
                 // SAFETY: available(); sizes as documented.
-                unsafe { decode(dtype, &data, row_bytes, width, cols, &mut panel) };
+                unsafe { decode(dtype, &data, row_bytes, width, cols, &mut panel, &[]) };
                 let mut row = vec![0.0f32; cols];
                 for j in 0..PANEL {
                     let source = j.min(width - 1);
