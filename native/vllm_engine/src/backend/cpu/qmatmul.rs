@@ -218,12 +218,12 @@ impl QuantMatrix {
         out
     }
 
-    /// Many input rows (prefill): each 32-row panel of weights decoded to float32 in the
-    /// packed matmul's layout, then multiplied by every input row with its microkernel.
-    /// `out` = x Wᵀ through float32 panels of 32 weight rows, a few panel ranges per
-    /// thread. Decode steps of many sequences come here too, so the loop goes to the team
-    /// like the other decode products (rayon's workers would contend with its spinning
-    /// helpers) and each thread keeps its panel between calls.
+    /// Many input rows: `out` = x Wᵀ, each 32-row panel of weights decoded to float32 in
+    /// the packed matmul's layout, then multiplied by every input row with its
+    /// microkernel; a few panel ranges per thread. Decode steps of many sequences come
+    /// here too, so the loop goes to the team like the other decode products (rayon's
+    /// workers would contend with its spinning helpers), and each thread keeps its panel
+    /// between calls.
     fn forward_panels(&self, data: &[u8], x: &[f32], m: usize, out: &mut [f32]) {
         let (rows, cols) = (self.rows, self.cols);
         let panels = rows.div_ceil(PANEL);
