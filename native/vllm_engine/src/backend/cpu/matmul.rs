@@ -222,18 +222,8 @@ impl PackedMatrix {
         }
     }
 
-    /// Runs `run(p0, p1)` over panel ranges that cover the matrix once: on the calling
-    /// thread for small products, else a few ranges per thread.
     fn for_panel_ranges(&self, m: usize, run: impl Fn(usize, usize) + Sync) {
-        let panels = self.rows.div_ceil(PANEL);
-        let threads = rayon::current_num_threads();
-        if threads <= 1 || m * self.rows * self.cols <= SERIAL_MAX_MACS {
-            run(0, panels);
-            return;
-        }
-        // A few tasks per thread so a thread delayed by the OS does not hold up the rest.
-        let tasks = (threads * 4).min(panels);
-        super::team::for_each_rows(m, tasks, |t| run(t * panels / tasks, (t + 1) * panels / tasks));
+        for_panel_ranges(self.rows, self.cols, m, run)
     }
 
     /// Computes panels p0..p1 for all m rows. Each panel stays in cache while every row
@@ -322,6 +312,21 @@ unsafe fn panel_block(
 
 /// A k × 32 float32 panel in the packed layout, filled at run time (weights decoded
 /// from another format just before use).
+/// Runs `run(p0, p1)` over ranges of the 32-row panels of a [rows, cols] matrix that
+/// cover it once, for a product of m input rows: on the calling thread for small
+/// products, else a few ranges per thread.
+pub(crate) fn for_panel_ranges(rows: usize, cols: usize, m: usize, run: impl Fn(usize, usize) + Sync) {
+    let panels = rows.div_ceil(PANEL);
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || m * rows * cols <= SERIAL_MAX_MACS {
+        run(0, panels);
+        return;
+    }
+    // A few tasks per thread so a thread delayed by the OS does not hold up the rest.
+    let tasks = (threads * 4).min(panels);
+    super::team::for_each_rows(m, tasks, |t| run(t * panels / tasks, (t + 1) * panels / tasks));
+}
+
 pub(crate) struct PanelBuffer {
     lines: Vec<Line>,
     k: usize,

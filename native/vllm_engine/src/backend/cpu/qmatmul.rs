@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::int8_dot::DotIsa;
-use super::matmul::{PanelBuffer, PANEL};
+use super::matmul::{for_panel_ranges, PanelBuffer, PANEL};
 use crate::error::{EngineError, Result};
 
 /// The output of a matmul shared by tasks that write disjoint columns.
@@ -220,14 +220,12 @@ impl QuantMatrix {
 
     /// Many input rows: `out` = x Wᵀ, each 32-row panel of weights decoded to float32 in
     /// the packed matmul's layout, then multiplied by every input row with its
-    /// microkernel; a few panel ranges per thread. Decode steps of many sequences come
+    /// microkernel, a few panel ranges per thread. Decode steps of many sequences come
     /// here too, so the loop goes to the team like the other decode products (rayon's
     /// workers would contend with its spinning helpers), and each thread keeps its panel
     /// between calls.
     fn forward_panels(&self, data: &[u8], x: &[f32], m: usize, out: &mut [f32]) {
         let (rows, cols) = (self.rows, self.cols);
-        let panels = rows.div_ceil(PANEL);
-        let tasks = (rayon::current_num_threads() * 4).min(panels);
         let out_ptr = OutPtr(out.as_mut_ptr());
         let run = |p0: usize, p1: usize, (panel, row): &mut PanelScratch| {
             panel.set_depth(cols);
@@ -235,12 +233,11 @@ impl QuantMatrix {
             for p in p0..p1 {
                 let width = PANEL.min(rows - p * PANEL);
                 self.decode_panel(data, p * PANEL, width, panel.as_mut_f32(), row);
-                // SAFETY: x is [m, cols]; each task writes columns p*32.. of its own panels.
+                // SAFETY: x is [m, cols]; each range writes columns p*32.. of its own panels.
                 unsafe { panel.product(x.as_ptr(), m, out_ptr.get().add(p * PANEL), rows, width) };
             }
         };
-        super::team::for_each_rows(m, tasks, |t| {
-            let (p0, p1) = (t * panels / tasks, (t + 1) * panels / tasks);
+        for_panel_ranges(rows, cols, m, |p0, p1| {
             PANEL_SCRATCH.with(|cell| match cell.try_borrow_mut() {
                 Ok(mut scratch) => run(p0, p1, &mut scratch),
                 Err(_) => run(p0, p1, &mut (PanelBuffer::new(cols), Vec::new())),
@@ -255,8 +252,8 @@ impl QuantMatrix {
         #[cfg(target_arch = "x86_64")]
         if super::qmatmul_panel_decode::available() {
             let bytes = &data[r0 * row_bytes..(r0 + width) * row_bytes];
-            let next =
-                &data[((r0 + width) * row_bytes).min(data.len())..((r0 + width + PANEL) * row_bytes).min(data.len())];
+            let end = (r0 + width) * row_bytes;
+            let next = &data[end..(end + PANEL * row_bytes).min(data.len())];
             // SAFETY: the features were detected; `bytes` holds `width` rows of blocks.
             unsafe { super::qmatmul_panel_decode::decode(dtype, bytes, row_bytes, width, self.cols, panel, next) };
             return;
