@@ -171,42 +171,64 @@ impl AttentionShape {
     }
 
     /// Plans the piece's tasks: a tile task per (tile of up to `TILE` consecutive tokens of
-    /// one sequence, kv head), chunk tasks for the other tokens.
+    /// one sequence, kv head), chunk tasks for the other tokens. A lone token's chunk task
+    /// covers every kv head when the piece has enough of them to keep the threads busy:
+    /// its keys and values then stream from contiguous memory (a block holds all kv heads
+    /// side by side); else one task per kv head, so a single decode still fills the cores.
     fn plan_piece(&self, plan: &mut Plan, tokens: &[QueryToken]) {
         plan.tasks.clear();
         plan.merges.clear();
-        let mut chunk_tasks = 0;
-        let mut i = 0;
-        while i < tokens.len() {
-            let mut len = 1;
-            while tiles_on()
-                && len < TILE
-                && i + len < tokens.len()
-                && continues_run(tokens[i + len - 1], tokens[i + len])
-            {
-                len += 1;
+        let nkv = self.num_kv_heads;
+        let runs = || {
+            let mut i = 0;
+            std::iter::from_fn(move || {
+                (i < tokens.len()).then(|| {
+                    let mut len = 1;
+                    while tiles_on()
+                        && len < TILE
+                        && i + len < tokens.len()
+                        && continues_run(tokens[i + len - 1], tokens[i + len])
+                    {
+                        len += 1;
+                    }
+                    i += len;
+                    (i - len, len)
+                })
+            })
+        };
+        let lone_chunks: usize = runs()
+            .filter(|&(_, len)| len == 1)
+            .map(|(i, _)| self.chunks(tokens[i]).len())
+            .sum();
+        let heads = if lone_chunks >= MIN_ALL_HEAD_TASKS { nkv } else { 1 };
+        let mut slots = 0;
+        for (i, len) in runs() {
+            if len > 1 {
+                plan.tasks
+                    .extend((0..nkv).map(|kv_head| Task::Tile { token: i, len, kv_head }));
+                continue;
             }
-            for kv_head in 0..self.num_kv_heads {
-                if len > 1 {
-                    plan.tasks.push(Task::Tile { token: i, len, kv_head });
-                    continue;
-                }
-                plan.merges.push((i * self.num_kv_heads + kv_head, chunk_tasks));
-                let (first, last) = self.visible(tokens[i]);
-                for c in self.chunks(tokens[i]) {
+            let (first, last) = self.visible(tokens[i]);
+            let chunks = self.chunks(tokens[i]);
+            let stride = chunks.len();
+            plan.merges
+                .extend((0..nkv).map(|kv_head| (i * nkv + kv_head, slots + kv_head * stride)));
+            for kv_head in (0..nkv).step_by(heads) {
+                for (k, c) in chunks.clone().enumerate() {
                     plan.tasks.push(Task::Chunk {
                         token: i,
                         kv_head,
+                        heads,
                         first: first.max(c * KEY_CHUNK),
                         last: last.min((c + 1) * KEY_CHUNK - 1),
-                        partial: chunk_tasks,
+                        partial: slots + kv_head * stride + k,
+                        stride,
                     });
-                    chunk_tasks += 1;
                 }
             }
-            i += len;
+            slots += nkv * stride;
         }
-        plan.merges.push((usize::MAX, chunk_tasks));
+        plan.merges.push((usize::MAX, slots));
     }
 
     fn attend_piece<T: KvElement>(
@@ -235,28 +257,31 @@ impl AttentionShape {
             Task::Chunk {
                 token: i,
                 kv_head,
+                heads,
                 first,
                 last,
                 partial,
+                stride,
             } => {
-                // SAFETY: each chunk task writes only its own partial.
-                let p = unsafe { std::slice::from_raw_parts_mut(partials.get().add(partial * part), part) };
-                let at = (i * self.num_kv_heads + kv_head) * group_width;
-                let (o, stats) = p.split_at_mut(group_width);
+                // SAFETY: each (kv head, chunk) partial has one task; the slots of heads
+                // kv_head..kv_head + heads are `stride` apart.
+                let part_of = |h: usize| unsafe {
+                    let slot = partial + (h - kv_head) * stride;
+                    std::slice::from_raw_parts_mut(partials.get().add(slot * part), part)
+                };
                 SCORES.with(|scores| {
                     let mut scores = scores.borrow_mut();
-                    run_vectorized(AttendGroup {
+                    run_vectorized(AttendHeads {
                         shape: self,
-                        q: &q[at..at + group_width],
+                        q: &q[i * q_width..(i + 1) * q_width],
                         token: tokens[i],
-                        kv_head,
+                        kv_heads: kv_head..kv_head + heads,
                         first,
                         last,
                         layer,
                         prefetch,
                         scores: &mut scores,
-                        out: o,
-                        stats,
+                        part_of,
                     })
                 });
             }
@@ -297,55 +322,83 @@ impl AttentionShape {
         }
     }
 
-    /// Softmax attention of the query heads of one kv head over positions first..=last:
-    /// scores of those keys for each head, then per head the max m and Σ exp(s − m) into
-    /// `stats` ([maxima.., sums..]) and Σ exp(s − m)·v (unnormalised) into `out`.
+    /// Softmax attention of the query heads of kv heads `kv_heads` over positions
+    /// first..=last (`q` is the token's [num_heads, head_dim]): the scores of those keys for
+    /// each query head, then per head the max m and Σ exp(s − m), then Σ exp(s − m)·v
+    /// (unnormalised). `part_of(h)` is kv head h's partial: its query heads' outputs, then
+    /// their maxima, then their sums. Block by block over all the kv heads, so a task of
+    /// several heads reads each block's keys, then its values, as one contiguous run.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn attend_group<T: KvElement>(
+    fn attend_heads<'p, T: KvElement>(
         &self,
         q: &[f32],
         token: QueryToken,
-        kv_head: usize,
+        kv_heads: std::ops::Range<usize>,
         (first, last): (usize, usize),
         layer: &KvBuffers<T>,
         prefetch: bool,
         scores: &mut Vec<f32>,
-        out: &mut [f32],
-        stats: &mut [f32],
+        part_of: impl Fn(usize) -> &'p mut [f32],
     ) {
         let (hd, bs) = (self.head_dim, self.block_size);
-        let group = q.len() / hd;
+        let group = self.num_heads / self.num_kv_heads;
+        let (h0, heads) = (kv_heads.start, kv_heads.len());
         let n = last + 1 - first;
-        scores.resize(group * n, 0.0);
+        scores.resize(heads * group * n, 0.0);
+        let row = |h: usize, g: usize| ((h - h0) * group + g) * n;
         let spans = || self.spans(token.block_table, first, last);
-        // At decode the cache was evicted by the weight stream since the last step: ask for
-        // all of this chunk's keys and values now, so the reads overlap the scoring.
         let width = self.num_kv_heads * hd;
-        for (block, lo, hi, _) in spans().filter(|_| prefetch) {
-            prefetch_l2(&layer.k[self.key_block_offset(block, kv_head)..][..hd * bs]);
-            for slot in block * bs + lo..block * bs + hi {
-                prefetch_l2(&layer.v[slot * width + kv_head * hd..][..hd]);
+        // At decode the cache was evicted by the weight stream since the last step: ask for
+        // the keys and values `PREFETCH_BLOCKS` blocks ahead of their use. A block's values
+        // are asked for from the first head's to the last head's: for a task of one head the
+        // other heads' values come along (their tasks run beside it).
+        let keys_of = |block: usize| &layer.k[self.key_block_offset(block, h0)..][..heads * hd * bs];
+        let values_of = |block: usize, lo: usize, hi: usize| {
+            let rows = &layer.v[(block * bs + lo) * width..(block * bs + hi) * width];
+            &rows[h0 * hd..rows.len() - (self.num_kv_heads - h0 - heads) * hd]
+        };
+        let ahead = if prefetch { PREFETCH_BLOCKS } else { 0 };
+        for (block, _, _, _) in spans().take(ahead) {
+            prefetch_l2(keys_of(block));
+        }
+        for ((block, lo, hi, j), next) in with_lookahead(spans(), spans(), ahead) {
+            if let Some((next, ..)) = next.filter(|_| prefetch) {
+                prefetch_l2(keys_of(next));
+            }
+            for h in kv_heads.clone() {
+                let keys = &layer.k[self.key_block_offset(block, h)..][..hd * bs];
+                let q = &q[h * group * hd..];
+                score_all_rows(q, group, |g| g * hd, keys, bs, lo, hi, scores, |g| row(h, g) + j);
             }
         }
-        for (block, lo, hi, j) in spans() {
-            let keys = &layer.k[self.key_block_offset(block, kv_head)..][..hd * bs];
-            score_all_rows(q, group, |g| g * hd, keys, bs, lo, hi, scores, |g| g * n + j);
-        }
-        let (maxima, sums) = stats.split_at_mut(group);
-        for g in 0..group {
-            let row = &mut scores[g * n..(g + 1) * n];
-            let m = max(row) * self.scale;
-            for s in row.iter_mut() {
-                *s = exp(*s * self.scale - m);
+        for h in kv_heads.clone() {
+            let part = part_of(h);
+            let (out, stats) = part.split_at_mut(group * hd);
+            let (maxima, sums) = stats.split_at_mut(group);
+            for g in 0..group {
+                let row = &mut scores[row(h, g)..][..n];
+                let m = max(row) * self.scale;
+                for s in row.iter_mut() {
+                    *s = exp(*s * self.scale - m);
+                }
+                maxima[g] = m;
+                sums[g] = sum(row);
             }
-            maxima[g] = m;
-            sums[g] = sum(row);
+            out.fill(0.0);
         }
-        out.fill(0.0);
-        for (block, lo, hi, j) in spans() {
+        for (block, lo, hi, _) in spans().take(ahead) {
+            prefetch_l2(values_of(block, lo, hi));
+        }
+        for ((block, lo, hi, j), next) in with_lookahead(spans(), spans(), ahead) {
+            if let Some((next, nlo, nhi, _)) = next.filter(|_| prefetch) {
+                prefetch_l2(values_of(next, nlo, nhi));
+            }
             let values = &layer.v[(block * bs + lo) * width..(block * bs + hi) * width];
-            weigh_all_rows(scores, group, |g| g * n + j, hi - lo, values, width, kv_head * hd, out);
+            for h in kv_heads.clone() {
+                let out = &mut part_of(h)[..group * hd];
+                weigh_all_rows(scores, group, |g| row(h, g) + j, hi - lo, values, width, h * hd, out);
+            }
         }
     }
 }
@@ -379,13 +432,16 @@ pub(super) fn merge_chunks(parts: &[f32], group: usize, hd: usize, out: &mut [f3
 /// One task of `paged_attention`.
 #[derive(Clone, Copy)]
 enum Task {
-    /// A lone token's kv head over positions first..=last, into partial slot `partial`.
+    /// A lone token's kv heads kv_head..kv_head + heads over positions first..=last, head
+    /// h into partial slot `partial + (h - kv_head) * stride`.
     Chunk {
         token: usize,
         kv_head: usize,
+        heads: usize,
         first: usize,
         last: usize,
         partial: usize,
+        stride: usize,
     },
     /// Tokens token..token + len (consecutive positions of one sequence) for one kv head.
     Tile { token: usize, len: usize, kv_head: usize },
@@ -424,40 +480,45 @@ struct TileBuffers {
     kernel: attention_tile::TileScratch,
 }
 
-/// One (token, kv head) task of `paged_attention`, compiled per vector unit.
-struct AttendGroup<'a, T> {
+/// One chunk task of `paged_attention` (a lone token's kv heads over one chunk), compiled
+/// per vector unit.
+struct AttendHeads<'a, T, P> {
     shape: &'a AttentionShape,
     q: &'a [f32],
     token: QueryToken<'a>,
-    kv_head: usize,
+    kv_heads: std::ops::Range<usize>,
     first: usize,
     last: usize,
     layer: &'a KvBuffers<T>,
     prefetch: bool,
     scores: &'a mut Vec<f32>,
-    out: &'a mut [f32],
-    stats: &'a mut [f32],
+    part_of: P,
 }
 
-impl<T: KvElement> Kernel for AttendGroup<'_, T> {
+impl<'a, 'p, T: KvElement, P: Fn(usize) -> &'p mut [f32]> Kernel for AttendHeads<'a, T, P> {
     type Output = ();
     #[inline(always)]
     fn run(self) {
-        let AttendGroup {
+        let AttendHeads {
             shape,
             q,
             token,
-            kv_head,
+            kv_heads,
             first,
             last,
             layer,
             prefetch,
             scores,
-            out,
-            stats,
+            part_of,
         } = self;
-        shape.attend_group(q, token, kv_head, (first, last), layer, prefetch, scores, out, stats)
+        shape.attend_heads(q, token, kv_heads, (first, last), layer, prefetch, scores, part_of)
     }
+}
+
+/// Each item of `items` with the item `ahead` places later in `again` (the same sequence),
+/// None past its end.
+fn with_lookahead<I: Iterator>(items: I, again: I, ahead: usize) -> impl Iterator<Item = (I::Item, Option<I::Item>)> {
+    items.zip(again.skip(ahead).map(Some).chain(std::iter::repeat_with(|| None)))
 }
 
 /// Asks for the cache lines of `data` into L2 (no effect on results; a no-op off x86-64).
@@ -472,8 +533,12 @@ fn prefetch_l2<T>(data: &[T]) {
     let _ = data;
 }
 
+/// Blocks ahead of their use whose keys (and values) a decode's chunk task asks for.
+const PREFETCH_BLOCKS: usize = 1;
 /// Positions per chunk task (chunks start at multiples of it, whatever the batch).
 pub(super) const KEY_CHUNK: usize = 64;
+/// Lone-token chunks of a piece from which one task covers all kv heads of a chunk.
+const MIN_ALL_HEAD_TASKS: usize = 16;
 /// Chunk tasks per parallel loop of a long prompt (bounds the partials: ~0.8 MB for
 /// SmolLM2's 3 heads of 64 per kv head).
 const MAX_PIECE_TASKS: usize = 1024;
@@ -922,6 +987,9 @@ mod tests {
         // VLLM_ATTN_BENCH_INTERLEAVED=1: sequence s owns every 32nd block from s (neighbours
         // interleave in memory); else its blocks are consecutive, as a fresh engine hands out.
         let interleaved = std::env::var_os("VLLM_ATTN_BENCH_INTERLEAVED").is_some();
+        // VLLM_ATTN_BENCH_HOT=1: every layer attends over layer 0's cache, which stays in the
+        // L3: the time of the arithmetic without the DRAM.
+        let hot = std::env::var_os("VLLM_ATTN_BENCH_HOT").is_some();
         let tables: Vec<Vec<u32>> = (0..seqs)
             .map(|s| {
                 (0..blocks_per_seq)
@@ -945,8 +1013,8 @@ mod tests {
         for _ in 0..12 {
             for (cache, times) in caches.iter().zip(&mut times) {
                 let t = std::time::Instant::now();
-                for layer in cache {
-                    shape.paged_attention(&q, &tokens, layer, &mut out);
+                for l in 0..cache.len() {
+                    shape.paged_attention(&q, &tokens, &cache[if hot { 0 } else { l }], &mut out);
                 }
                 times.push(t.elapsed().as_secs_f64() * 1e3);
             }

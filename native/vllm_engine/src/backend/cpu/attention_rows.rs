@@ -114,38 +114,60 @@ fn score_rows<T: KvElement, const R: usize>(
     assert!(hi <= bs && keys.len() >= hd * bs);
     for chunk in (lo / LANES)..hi.div_ceil(LANES) {
         let base = chunk * LANES;
-        let mut acc = [[[0.0f32; LANES]; 4]; R];
-        for d in (0..hd4).step_by(4) {
-            for a in 0..4 {
-                let at = (d + a) * bs + base;
-                // SAFETY: d + a < head_dim and base + LANES <= bs (bs is a multiple of
-                // LANES and base < hi <= bs), so at + LANES <= head_dim * bs <= keys.len().
-                let k: [f32; LANES] = widen(unsafe { keys.get_unchecked(at..at + LANES) });
-                for r in 0..R {
-                    // SAFETY: d + a < head_dim = qs[r].len().
-                    let x = unsafe { *qs[r].get_unchecked(d + a) };
-                    for l in 0..LANES {
-                        acc[r][a][l] += x * k[l];
-                    }
-                }
-            }
-        }
-        for d in hd4..hd {
-            let k: [f32; LANES] = widen(&keys[d * bs + base..][..LANES]);
-            for r in 0..R {
-                for l in 0..LANES {
-                    acc[r][0][l] += qs[r][d] * k[l];
-                }
-            }
-        }
+        let (from, to) = (lo.max(base), hi.min(base + LANES));
+        let s = score_16::<T, R>(qs, keys, bs, base, hd4);
         for r in 0..R {
-            let [a0, a1, a2, a3] = &acc[r];
-            for slot in lo.max(base)..hi.min(base + LANES) {
-                let l = slot - base;
-                scores[row_at[r] + slot - lo] = (a0[l] + a1[l]) + (a2[l] + a3[l]);
+            scores[row_at[r] + from - lo..][..to - from].copy_from_slice(&s[r][from - base..to - base]);
+        }
+    }
+}
+
+/// R query rows' unscaled scores against the 16 keys of slots base..base + 16: four
+/// accumulators a row over the head dimension, so the FMAs do not wait on each other; a
+/// key vector is loaded once for all R rows. Every index into the accumulators is a
+/// constant once unrolled, so they stay in registers.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn score_16<T: KvElement, const R: usize>(
+    qs: [&[f32]; R],
+    keys: &[T],
+    bs: usize,
+    base: usize,
+    hd4: usize,
+) -> [[f32; LANES]; R] {
+    let hd = qs[0].len();
+    let mut acc = [[[0.0f32; LANES]; 4]; R];
+    for d in (0..hd4).step_by(4) {
+        for a in 0..4 {
+            let at = (d + a) * bs + base;
+            // SAFETY: d + a < head_dim and base + LANES <= bs (the caller's checks), so
+            // at + LANES <= head_dim * bs <= keys.len().
+            let k: [f32; LANES] = widen(unsafe { keys.get_unchecked(at..at + LANES) });
+            for r in 0..R {
+                // SAFETY: d + a < head_dim = qs[r].len().
+                let x = unsafe { *qs[r].get_unchecked(d + a) };
+                for l in 0..LANES {
+                    acc[r][a][l] = x.mul_add(k[l], acc[r][a][l]);
+                }
             }
         }
     }
+    for d in hd4..hd {
+        let k: [f32; LANES] = widen(&keys[d * bs + base..][..LANES]);
+        for r in 0..R {
+            for l in 0..LANES {
+                acc[r][0][l] = qs[r][d].mul_add(k[l], acc[r][0][l]);
+            }
+        }
+    }
+    // Plain loops: `array::map` here compiled to a call per row.
+    let mut s = [[0.0f32; LANES]; R];
+    for r in 0..R {
+        for l in 0..LANES {
+            s[r][l] = (acc[r][0][l] + acc[r][1][l]) + (acc[r][2][l] + acc[r][3][l]);
+        }
+    }
+    s
 }
 
 /// out[r] += Σ_i w_r[i] · values[i * width + at ..][..head_dim] for R rows (`out` is [R,
@@ -189,7 +211,7 @@ fn weigh_rows<T: KvElement, const R: usize>(
                 // SAFETY: i < n = ws[r].len().
                 let w = unsafe { *ws[r].get_unchecked(i) };
                 for l in 0..W {
-                    acc[r][l] += w * v[l];
+                    acc[r][l] = w.mul_add(v[l], acc[r][l]);
                 }
             }
         }
