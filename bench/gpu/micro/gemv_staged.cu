@@ -31,6 +31,10 @@ typedef __nv_bfloat16 bf;
 #define STG_WARPS (STG_THREADS / 32)
 // Bytes of one bulk copy (a block's rows go in several, so they proceed in parallel).
 #define STG_PIECE (16u << 10)
+// 16-byte chunks of a weight row a lane loads before summing them.
+#ifndef STG_UNROLL
+#define STG_UNROLL 2
+#endif
 
 // Block 0 of each staged launch stamps the global timer (ns) at its start, after pdl_wait,
 // once its weights have landed, and at its end, in launch order (`stamp_next` counts).
@@ -115,15 +119,27 @@ __global__ void __launch_bounds__(STG_THREADS, 2)
         float acc[H][2];
 #pragma unroll
         for (int h = 0; h < H; h++) acc[h][0] = acc[h][1] = 0.f;
-        for (int c = lane; c < chunks; c += 32) {
-            const uint4 xr = reinterpret_cast<const uint4*>(xs)[c];
-            const bf* xv = reinterpret_cast<const bf*>(&xr);
+        // STG_UNROLL chunks a lane in flight (c, c + 32, ...), each into its own accumulator.
+        for (int c0 = lane; c0 < chunks; c0 += 32 * STG_UNROLL) {
+            uint4 xr[STG_UNROLL], wr[H][STG_UNROLL];
 #pragma unroll
-            for (int h = 0; h < H; h++) {
-                const uint4 wr = reinterpret_cast<const uint4*>(ws + ((size_t)h * rpb + r) * inner)[c];
-                const bf* wv = reinterpret_cast<const bf*>(&wr);
+            for (int u = 0; u < STG_UNROLL; u++) {
+                const int c = c0 + 32 * u;
+                const bool in = c < chunks;
+                xr[u] = in ? reinterpret_cast<const uint4*>(xs)[c] : make_uint4(0, 0, 0, 0);
 #pragma unroll
-                for (int e = 0; e < 8; e++) acc[h][e & 1] += to_f(wv[e]) * to_f(xv[e]);
+                for (int h = 0; h < H; h++)
+                    wr[h][u] = in ? reinterpret_cast<const uint4*>(ws + ((size_t)h * rpb + r) * inner)[c] : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < STG_UNROLL; u++) {
+                const bf* xv = reinterpret_cast<const bf*>(&xr[u]);
+#pragma unroll
+                for (int h = 0; h < H; h++) {
+                    const bf* wv = reinterpret_cast<const bf*>(&wr[h][u]);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[h][u & 1] += to_f(wv[e]) * to_f(xv[e]);
+                }
             }
         }
 #pragma unroll
