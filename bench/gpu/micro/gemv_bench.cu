@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "check.cuh"
+#include "device_compare.cuh"
 #include "fill.cuh"
 #include "timing.cuh"
 
@@ -54,39 +55,6 @@ static void gemv(void* y, const void* x, const bf* w, const bf* norm_w, int n, i
     default: gemv_fused_r8_bf16<<<blocks, GEMV_THREADS, smem, st>>>(y, x, w, norm_w, n, out, inner, rpb, passes, mode, eps, GEMV_DEPTH); break;
     }
     CK(cudaGetLastError());
-}
-
-template <typename E> static std::vector<float> host(const E* d, size_t n) {
-    std::vector<E> h(n);
-    CK(cudaMemcpy(h.data(), d, n * sizeof(E), cudaMemcpyDeviceToHost));
-    std::vector<float> f(n);
-    for (size_t i = 0; i < n; i++) f[i] = (float)h[i];
-    return f;
-}
-
-template <typename E> static double rel(const E* a, const E* b, size_t n) {
-    auto x = host(a, n), y = host(b, n);
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (!std::isfinite(x[i])) return INFINITY;
-        num += (x[i] - y[i]) * (x[i] - y[i]);
-        den += y[i] * y[i];
-    }
-    return std::sqrt(num / std::max(den, 1e-30));
-}
-
-template <typename F> static float time_graph(F body, int reps = 30) {
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-    body();
-    CK(cudaStreamEndCapture(st, &g));
-    CK(cudaGraphInstantiate(&ge, g, 0));
-    for (int i = 0; i < 3; i++) CK(cudaGraphLaunch(ge, st));
-    const float ms = time_runs(st, reps, [&](int) { CK(cudaGraphLaunch(ge, st)); }).median_ms;
-    CK(cudaGraphExecDestroy(ge));
-    CK(cudaGraphDestroy(g));
-    return ms;
 }
 
 struct Shape {
@@ -173,21 +141,21 @@ int main() {
             printf("time %s n=%d (us per product, median of 30 graph replays):\n", s.name, n);
             for (auto& op : ops) {
                 if (op.which == 4) continue;
-                float tb = time_graph([&] { for (int l = 0; l < L; l++) gemm(y, x, W(l, op.which), n, op.out, op.inner); }) * 1e3f / L;
+                float tb = time_graph(st, [&] { for (int l = 0; l < L; l++) gemm(y, x, W(l, op.which), n, op.out, op.inner); }) * 1e3f / L;
                 float tg = -1;
                 if ((size_t)n * op.inner * 2 + 64 * 4 <= 48 * 1024)
-                    tg = time_graph([&] { for (int l = 0; l < L; l++) gemv(y, x, W(l, op.which), nullptr, n, op.out, op.inner, GEMV_STORE); }) * 1e3f / L;
+                    tg = time_graph(st, [&] { for (int l = 0; l < L; l++) gemv(y, x, W(l, op.which), nullptr, n, op.out, op.inner, GEMV_STORE); }) * 1e3f / L;
                 double mb = (double)op.out * op.inner * 2 / 1e6;
                 printf("  %-8s %6.2f MB  cublas %7.2f  gemv %7.2f\n", op.name, mb, tb, tg);
             }
             {
-                float tb = time_graph([&] { gemm(y, x, lm, n, s.vocab, s.hidden); }) * 1e3f;
-                float tg = time_graph([&] { gemv(y, x, lm, nullptr, n, s.vocab, s.hidden, GEMV_STORE); }) * 1e3f;
+                float tb = time_graph(st, [&] { gemm(y, x, lm, n, s.vocab, s.hidden); }) * 1e3f;
+                float tg = time_graph(st, [&] { gemv(y, x, lm, nullptr, n, s.vocab, s.hidden, GEMV_STORE); }) * 1e3f;
                 printf("  lm_head  %6.1f MB  cublas %7.2f  gemv %7.2f\n", (double)s.vocab * s.hidden * 2 / 1e6, tb, tg);
             }
             // A whole step's products: cuBLAS + separate norm/silu vs the fused sequence.
             if ((size_t)n * s.inter * 2 + 64 * 4 <= 48 * 1024) {
-                float tb = time_graph([&] {
+                float tb = time_graph(st, [&] {
                     for (int l = 0; l < L; l++) {
                         add_rms_norm_bf16<<<n, 256, 0, st>>>(h, y2, nw, tmp, s.hidden, 1e-6f);
                         gemm(y, tmp, W(l, 0), n, s.qkv, s.hidden);
@@ -200,7 +168,7 @@ int main() {
                     add_rms_norm_bf16<<<n, 256, 0, st>>>(h, y2, nw, tmp, s.hidden, 1e-6f);
                     gemm(y, tmp, lm, n, s.vocab, s.hidden);
                 }) * 1e3f;
-                float tg = time_graph([&] {
+                float tg = time_graph(st, [&] {
                     for (int l = 0; l < L; l++) {
                         gemv(y, h, W(l, 0), nw, n, s.qkv, s.hidden, GEMV_STORE);
                         gemv(h, x, W(l, 1), nullptr, n, s.hidden, s.q, GEMV_ADD);

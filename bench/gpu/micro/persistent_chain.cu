@@ -31,9 +31,10 @@
 #include <tuple>
 #include <vector>
 
-#include "bulk_copy.cuh"
+#include "../../../kernels/bulk_copy.cuh"
 #include "check.cuh"
 #include "fill.cuh"
+#include "pdl_launch.cuh"
 #include "timing.cuh"
 
 typedef __nv_bfloat16 bf;
@@ -1001,36 +1002,9 @@ __global__ void attn_standin(bf* att, const bf* qkv, const bf* bias) {
     att[e] = __float2bfloat16(__bfloat162float(qkv[e]) + bv);
 }
 
-static cudaStream_t st;
-
-template <typename... Exp, typename... Act>
-static void launch_pdl(void (*k)(Exp...), int grid, int block, size_t smem, Act... args) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(block);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
-    CK(cudaLaunchKernelEx(&cfg, k, ((Exp)args)...));
-}
-
-// gemv_fused at one row, the geometry of ops.rs's launch_gemv_fused (as gemv_bench.cu).
+// gemv_fused at one row, the geometry of ops.rs's launch_gemv_fused.
 static void gemv(void* y, const void* x, const bf* w, const bf* norm_w, int out, int inner, int mode) {
-    const int chunks = inner / 8;
-    const int passes = (chunks + GEMV_PASS_CHUNKS - 1) / GEMV_PASS_CHUNKS;
-    const int halves = mode == GEMV_SILU ? 2 : 1;
-    const int least = std::max(1, GEMV_WARPS / (halves * passes));
-    const int most = std::max(least, 1024 / (halves * passes));
-    const int rpb = std::min(std::max((out + 263) / 264, least), most);
-    const int items = rpb * halves * passes;
-    const size_t smem = (size_t)inner * 2 + (size_t)items * 4;
-    const int blocks = (out + rpb - 1) / rpb;
-    launch_pdl(gemv_fused_r1_bf16, blocks, GEMV_THREADS, smem, y, x, w, norm_w, 1, out, inner, rpb, passes, mode, EPS,
-               GEMV_DEPTH);
+    gemv_one_row(y, x, w, norm_w, out, inner, mode, EPS);
 }
 
 struct Bufs {

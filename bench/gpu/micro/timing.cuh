@@ -44,3 +44,20 @@ Timing time_runs(cudaStream_t stream, int reps, F&& run, bool back_to_back = fal
     t.median_ms = ts[ts.size() / 2];
     return t;
 }
+
+// `body`'s launches on `stream` captured once into a CUDA graph, warmed up, then the median
+// of `reps` replays. Milliseconds.
+template <typename F>
+float time_graph(cudaStream_t stream, F body, int reps = 30) {
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    body();
+    CK(cudaStreamEndCapture(stream, &g));
+    CK(cudaGraphInstantiate(&ge, g, 0));
+    for (int i = 0; i < 3; i++) CK(cudaGraphLaunch(ge, stream));
+    const float ms = time_runs(stream, reps, [&](int) { CK(cudaGraphLaunch(ge, stream)); }).median_ms;
+    CK(cudaGraphExecDestroy(ge));
+    CK(cudaGraphDestroy(g));
+    return ms;
+}

@@ -235,7 +235,7 @@ fn weigh_rows<T: KvElement, const R: usize>(
                     let w = weights[w_at[r] + i];
                     let v = &values[i * width + at + c..][..rest];
                     for (o, &v) in out[r * hd + c..][..rest].iter_mut().zip(v) {
-                        *o += w * v.load();
+                        *o = w.mul_add(v.load(), *o);
                     }
                 }
             }

@@ -8,6 +8,7 @@ pub mod attention_prefill;
 pub mod blas;
 pub mod decode_heads;
 pub mod decode_small;
+pub mod gemv_staged;
 pub mod graph_events;
 pub mod graphs;
 pub mod kv_cache;
@@ -22,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DriverError,
+    sys, CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DriverError,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::{DType, Device, Storage, Tensor};
@@ -120,6 +121,13 @@ pub struct Kernels {
     pub gemv_depth: usize,
     /// The GEMV launch geometry's limits (ops::GemvLimits; env overrides to compare).
     pub gemv_limits: ops::GemvLimits,
+    /// kernels/gemv_staged.cu, when it loads.
+    _staged_module: Option<Arc<CudaModule>>,
+    /// One-row products through gemv_staged.rs where it serves them (`VLLM_GEMV_STAGED=0`:
+    /// gemv_fused for all).
+    pub gemv_staged: bool,
+    /// The device's SMs (a staged product launches a block on each).
+    pub sms: usize,
 }
 
 const KERNEL_NAMES: [&str; 19] = [
@@ -206,6 +214,10 @@ impl Kernels {
         let small_module = decode_small::load_into(&context, &mut functions);
         let prefill_module = attention_prefill::load_into(&context, &mut functions);
         let heads_module = decode_heads::load_into(&context, &mut functions);
+        let staged_module = gemv_staged::load_into(&context, &mut functions);
+        let sms = context
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_or(0, |n| n.max(0) as usize);
         let v2_loaded = ["f32", "bf16", "f16"]
             .iter()
             .all(|s| functions.contains_key(&format!("paged_attention_v2_{s}")));
@@ -230,6 +242,9 @@ impl Kernels {
             functions,
             attention_v1: !v2_loaded || std::env::var_os("VLLM_ATTENTION_V1").is_some_and(|v| v == "1"),
             gemv_max_rows: gemv_max_rows_from_env(),
+            gemv_staged: staged_module.is_some() && std::env::var_os("VLLM_GEMV_STAGED").is_none_or(|v| v != "0"),
+            _staged_module: staged_module,
+            sms,
         })
     }
 

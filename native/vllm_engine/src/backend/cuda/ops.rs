@@ -70,11 +70,11 @@ impl AttentionDims {
     }
 }
 
-fn launch_err(name: &str, e: impl std::fmt::Display) -> EngineError {
+pub(super) fn launch_err(name: &str, e: impl std::fmt::Display) -> EngineError {
     EngineError::internal(format!("CUDA kernel {name} failed to launch: {e}"))
 }
 
-fn grid(blocks: usize, threads: u32, shared: usize) -> LaunchConfig {
+pub(super) fn grid(blocks: usize, threads: u32, shared: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (threads, 1, 1),
@@ -721,6 +721,7 @@ pub fn launch_gemv(
 
 /// `gemv_fused` on raw addresses: y = epilogue(x' · wᵀ), x' = RMSNorm(x) * norm (eps)
 /// when `norm` is not 0, else x. For SiluMul, `out` is the width of y (half of w's rows).
+/// One-row products go to gemv_staged.rs where it serves them.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_gemv_fused(
     k: &Kernels,
@@ -737,6 +738,11 @@ pub fn launch_gemv_fused(
 ) -> Result<()> {
     if n == 0 || n > GEMV_MAX_ROWS {
         return Err(EngineError::internal(format!("gemv: {n} rows (1 to {GEMV_MAX_ROWS})")));
+    }
+    if n == 1 && k.gemv_staged {
+        if let Some(plan) = super::gemv_staged::plan(dtype, out, inner, epilogue, k.sms, norm != 0) {
+            return super::gemv_staged::launch(k, dtype, (y, x, w, norm), eps, out, inner, epilogue, plan);
+        }
     }
     let (rows_per_block, passes, blocks, shared) = gemv_geometry(dtype, n, out, inner, epilogue, k.gemv_limits);
     if shared > GEMV_MAX_SHARED {

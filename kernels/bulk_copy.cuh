@@ -1,5 +1,5 @@
 // Shared-memory mbarriers and bulk copies (cp.async.bulk) from global to shared memory, as
-// the micro-benchmarks use them (sm_90).
+// kernels/gemv_staged.cu and the micro-benchmarks use them (sm_90).
 #pragma once
 #include <cstdint>
 
