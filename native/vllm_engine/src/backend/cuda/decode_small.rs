@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig};
 use candle_core::DType;
 
 use super::decode_heads;
@@ -145,31 +145,15 @@ pub(super) fn launch_fused(
     let caches = [p.k_cache, p.v_cache];
     let ints = [dims.num_heads as i32, dims.num_kv_heads as i32, dims.head_dim as i32];
     let window = dims.window as i32;
-    if k.pdl {
-        use super::pdl::arg;
-        let mut params: Vec<_> = ptrs.iter().map(arg).collect();
-        params.extend([arg(&max_blocks), arg(&block_size)]);
-        params.extend(caches.iter().map(arg));
-        params.extend(ints.iter().map(arg));
-        params.extend([arg(&dims.scale), arg(&window), arg(&eps), arg(&last)]);
-        // SAFETY: the parameters are the kernel's, in order; before its pdl_wait it reads
-        // only step metadata, cache rows of earlier steps and weights (bias, rotary tables).
-        return unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, name) };
-    }
-    let mut b = k.stream().launch_builder(f);
-    for ptr in &ptrs {
-        b.arg(ptr);
-    }
-    b.arg(&max_blocks).arg(&block_size);
-    for ptr in &caches {
-        b.arg(ptr);
-    }
-    for i in &ints {
-        b.arg(i);
-    }
-    b.arg(&dims.scale).arg(&window).arg(&eps).arg(&last);
-    unsafe { b.launch(cfg) }.map_err(|e| EngineError::internal(format!("CUDA kernel {name} failed to launch: {e}")))?;
-    Ok(())
+    use super::pdl::arg;
+    let mut params: Vec<_> = ptrs.iter().map(arg).collect();
+    params.extend([arg(&max_blocks), arg(&block_size)]);
+    params.extend(caches.iter().map(arg));
+    params.extend(ints.iter().map(arg));
+    params.extend([arg(&dims.scale), arg(&window), arg(&eps), arg(&last)]);
+    // SAFETY: the parameters are the kernel's, in order; before its pdl_wait it reads only
+    // step metadata, cache rows of earlier steps and weights (bias, rotary tables).
+    unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, name, k.pdl) }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule};
 use candle_core::DType;
 
 use super::ops::GemvEpilogue;
@@ -103,28 +103,17 @@ pub fn launch(
     let f = k.function(kernel_name(epilogue).expect("plan checked the epilogue"), dtype)?;
     let ints = [out as i32, inner as i32, rows_per_block as i32];
     let cfg = super::ops::grid(blocks, STG_THREADS, shared);
-    if k.pdl {
-        let mut params = [
-            super::pdl::arg(&y),
-            super::pdl::arg(&x),
-            super::pdl::arg(&w),
-            super::pdl::arg(&norm),
-        ]
-        .into_iter()
-        .chain(ints.iter().map(super::pdl::arg))
-        .chain([super::pdl::arg(&eps)])
-        .collect::<Vec<_>>();
-        // SAFETY: the parameters are gemv_staged's, in order; it waits (pdl_wait) before
-        // reading x or writing y.
-        return unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "gemv_staged") };
-    }
-    let mut b = k.stream().launch_builder(f);
-    b.arg(&y).arg(&x).arg(&w).arg(&norm);
-    for i in &ints {
-        b.arg(i);
-    }
-    b.arg(&eps);
-    // SAFETY: the arguments are gemv_staged's, in order.
-    unsafe { b.launch(cfg) }.map_err(|e| super::ops::launch_err("gemv_staged", e))?;
-    Ok(())
+    let mut params = [
+        super::pdl::arg(&y),
+        super::pdl::arg(&x),
+        super::pdl::arg(&w),
+        super::pdl::arg(&norm),
+    ]
+    .into_iter()
+    .chain(ints.iter().map(super::pdl::arg))
+    .chain([super::pdl::arg(&eps)])
+    .collect::<Vec<_>>();
+    // SAFETY: the parameters are gemv_staged's, in order; it waits (pdl_wait) before reading
+    // x or writing y.
+    unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "gemv_staged", k.pdl) }
 }

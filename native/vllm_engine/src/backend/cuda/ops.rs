@@ -70,7 +70,7 @@ impl AttentionDims {
     }
 }
 
-pub(super) fn launch_err(name: &str, e: impl std::fmt::Display) -> EngineError {
+fn launch_err(name: &str, e: impl std::fmt::Display) -> EngineError {
     EngineError::internal(format!("CUDA kernel {name} failed to launch: {e}"))
 }
 
@@ -759,29 +759,19 @@ pub fn launch_gemv_fused(
     ];
     let depth = k.gemv_depth as i32;
     let cfg = grid(blocks, GEMV_THREADS, shared);
-    if k.pdl {
-        let mut params = [
-            super::pdl::arg(&y),
-            super::pdl::arg(&x),
-            super::pdl::arg(&w),
-            super::pdl::arg(&norm),
-        ]
-        .into_iter()
-        .chain(ints.iter().map(super::pdl::arg))
-        .chain([super::pdl::arg(&eps), super::pdl::arg(&depth)])
-        .collect::<Vec<_>>();
-        // SAFETY: the parameters are gemv_fused's, in order; it waits (pdl_wait) before
-        // reading x or writing y.
-        return unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "gemv_fused") };
-    }
-    let mut b = k.stream().launch_builder(f);
-    b.arg(&y).arg(&x).arg(&w).arg(&norm);
-    for i in &ints {
-        b.arg(i);
-    }
-    b.arg(&eps).arg(&depth);
-    unsafe { b.launch(cfg) }.map_err(|e| launch_err("gemv_fused", e))?;
-    Ok(())
+    let mut params = [
+        super::pdl::arg(&y),
+        super::pdl::arg(&x),
+        super::pdl::arg(&w),
+        super::pdl::arg(&norm),
+    ]
+    .into_iter()
+    .chain(ints.iter().map(super::pdl::arg))
+    .chain([super::pdl::arg(&eps), super::pdl::arg(&depth)])
+    .collect::<Vec<_>>();
+    // SAFETY: the parameters are gemv_fused's, in order; it waits (pdl_wait) before reading x
+    // or writing y.
+    unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "gemv_fused", k.pdl) }
 }
 
 /// x [n, inner] · w [out, inner]ᵀ: our GEMV kernel for decode-sized batches, cuBLAS

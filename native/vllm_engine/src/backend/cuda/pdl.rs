@@ -13,8 +13,9 @@ use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaStream, L
 
 use crate::error::{EngineError, Result};
 
-/// Launches `f` with `params` (pointers to each argument, in order) and programmatic
-/// stream serialization allowed.
+/// Launches `f` with `params` (pointers to each argument, in order), with programmatic
+/// stream serialization allowed when `programmatic` (`Kernels::pdl`), else as a plain
+/// launch.
 ///
 /// # Safety
 /// `params` must match the kernel's parameter list exactly (types and count), as with
@@ -25,6 +26,7 @@ pub unsafe fn launch(
     cfg: LaunchConfig,
     params: &mut [*mut c_void],
     name: &str,
+    programmatic: bool,
 ) -> Result<()> {
     let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
@@ -39,12 +41,12 @@ pub unsafe fn launch(
         sharedMemBytes: cfg.shared_mem_bytes,
         hStream: stream.cu_stream(),
         attrs: &mut attr,
-        numAttrs: 1,
+        numAttrs: u32::from(programmatic),
     };
     let r = sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut());
     if r != sys::CUresult::CUDA_SUCCESS {
         return Err(EngineError::internal(format!(
-            "CUDA kernel {name} failed to launch (programmatic): {r:?}"
+            "CUDA kernel {name} failed to launch (programmatic: {programmatic}): {r:?}"
         )));
     }
     Ok(())
