@@ -103,16 +103,8 @@ pub fn launch(
     let f = k.function(kernel_name(epilogue).expect("plan checked the epilogue"), dtype)?;
     let ints = [out as i32, inner as i32, rows_per_block as i32];
     let cfg = super::ops::grid(blocks, STG_THREADS, shared);
-    let mut params = [
-        super::pdl::arg(&y),
-        super::pdl::arg(&x),
-        super::pdl::arg(&w),
-        super::pdl::arg(&norm),
-    ]
-    .into_iter()
-    .chain(ints.iter().map(super::pdl::arg))
-    .chain([super::pdl::arg(&eps)])
-    .collect::<Vec<_>>();
+    let ptrs = [y, x, w, norm];
+    let mut params = super::ops::gemv_params(&ptrs, &ints, &eps, &[]);
     // SAFETY: the parameters are gemv_staged's, in order; it waits (pdl_wait) before reading
     // x or writing y.
     unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "gemv_staged", k.pdl) }

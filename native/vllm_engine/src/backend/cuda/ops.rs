@@ -759,19 +759,24 @@ pub fn launch_gemv_fused(
     ];
     let depth = k.gemv_depth as i32;
     let cfg = grid(blocks, GEMV_THREADS, shared);
-    let mut params = [
-        super::pdl::arg(&y),
-        super::pdl::arg(&x),
-        super::pdl::arg(&w),
-        super::pdl::arg(&norm),
-    ]
-    .into_iter()
-    .chain(ints.iter().map(super::pdl::arg))
-    .chain([super::pdl::arg(&eps), super::pdl::arg(&depth)])
-    .collect::<Vec<_>>();
+    let (ptrs, tail) = ([y, x, w, norm], [depth]);
+    let mut params = gemv_params(&ptrs, &ints, &eps, &tail);
     // SAFETY: the parameters are gemv_fused's, in order; it waits (pdl_wait) before reading x
     // or writing y.
     unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "gemv_fused", k.pdl) }
+}
+
+/// A GEMV kernel's parameters for pdl::launch: y, x, w and the norm weights, then `ints`,
+/// eps and `tail`. The pointers point into the arguments: pass locals that outlive the
+/// launch, not temporaries.
+pub(super) fn gemv_params(ptrs: &[u64; 4], ints: &[i32], eps: &f32, tail: &[i32]) -> Vec<*mut std::ffi::c_void> {
+    use super::pdl::arg;
+    ptrs.iter()
+        .map(arg)
+        .chain(ints.iter().map(arg))
+        .chain([arg(eps)])
+        .chain(tail.iter().map(arg))
+        .collect()
 }
 
 /// x [n, inner] · w [out, inner]ᵀ: our GEMV kernel for decode-sized batches, cuBLAS
