@@ -97,10 +97,11 @@ impl AttentionShape {
 
     /// Causal attention of every query token over its sequence's cached positions 0..=p.
     /// `q` is [tokens, num_heads, head_dim]; `out` gets the same shape. A lone token (a
-    /// decode) is served by chunk tasks: the query heads of one kv head over one chunk of
-    /// `KEY_CHUNK` absolute positions, so each key and value is read once for all of them
-    /// and a lone decode token still fills both cores; the chunks' partial softmaxes are
-    /// then merged in chunk order. Runs of consecutive tokens of one sequence (a prompt)
+    /// decode) is served by chunk tasks: the query heads of one kv head (of every kv head
+    /// when the step has many chunks, see `plan_piece`) over one chunk of `KEY_CHUNK`
+    /// absolute positions, so each key and value is read once for all of them and a lone
+    /// decode token still fills both cores; the chunks' partial softmaxes are then merged
+    /// in chunk order. Runs of consecutive tokens of one sequence (a prompt)
     /// are served by tile tasks (attention_tile.rs) that do the same per token but read
     /// each key once for the whole tile. The chunks of a token depend only on its own
     /// position, and both forms give the same bits, so results do not depend on the batch.
