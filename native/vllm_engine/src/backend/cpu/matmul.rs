@@ -212,18 +212,16 @@ impl PackedMatrix {
             Storage::Bf16Pairs(lines) => super::matmul_bf16dot::with_rounded_input(x, m, self.cols, |pairs| {
                 // SAFETY: packed as pairs only when the CPU has AVX512_BF16 (`pack_with`'s
                 // isa); tasks get disjoint panel ranges, so they write disjoint columns.
-                self.for_panel_ranges(m, |p0, p1| unsafe {
+                for_panel_ranges(self.rows, self.cols, m, |p0, p1| unsafe {
                     let out = out_ptr;
                     super::matmul_bf16dot::panels(lines, self.rows, self.cols, pairs, m, p0, p1, out.0)
                 })
             }),
             // SAFETY: tasks get disjoint panel ranges, so they write disjoint columns.
-            _ => self.for_panel_ranges(m, |p0, p1| unsafe { self.panels(x, m, p0, p1, out_ptr) }),
+            _ => for_panel_ranges(self.rows, self.cols, m, |p0, p1| unsafe {
+                self.panels(x, m, p0, p1, out_ptr)
+            }),
         }
-    }
-
-    fn for_panel_ranges(&self, m: usize, run: impl Fn(usize, usize) + Sync) {
-        for_panel_ranges(self.rows, self.cols, m, run)
     }
 
     /// Computes panels p0..p1 for all m rows. Each panel stays in cache while every row
@@ -310,8 +308,6 @@ unsafe fn panel_block(
     }
 }
 
-/// A k × 32 float32 panel in the packed layout, filled at run time (weights decoded
-/// from another format just before use).
 /// Runs `run(p0, p1)` over ranges of the 32-row panels of a [rows, cols] matrix that
 /// cover it once, for a product of m input rows: on the calling thread for small
 /// products, else a few ranges per thread.
@@ -327,6 +323,8 @@ pub(crate) fn for_panel_ranges(rows: usize, cols: usize, m: usize, run: impl Fn(
     super::team::for_each_rows(m, tasks, |t| run(t * panels / tasks, (t + 1) * panels / tasks));
 }
 
+/// A k × 32 float32 panel in the packed layout, filled at run time (weights decoded
+/// from another format just before use).
 pub(crate) struct PanelBuffer {
     lines: Vec<Line>,
     k: usize,
