@@ -13,31 +13,28 @@
 //      this one waits for its input;
 // then builds x' in shared memory (the norm: one float4 of the residual a thread), waits
 // for its copies and computes one weight row a warp, two 16-byte chunks a lane in flight.
-// Epilogues and roundings as gemv_fused's n = 1 (GEMV_* modes); the sums run in another
+// Epilogues and roundings as gemv_fused's n = 1 (gemv_epilogue.cuh); the sums run in another
 // order, so an output may differ from gemv_fused's in its last bit.
 #include "bulk_copy.cuh"
 #include "common.cuh"
+#include "gemv_epilogue.cuh"
 #include "pdl.cuh"
 
 #define STG_THREADS 512
 #define STG_WARPS (STG_THREADS / 32)
 // Bytes of one bulk copy (a block's rows go in several, so they proceed in parallel).
 #define STG_PIECE (16u << 10)
-// Epilogues, as ops.cu's GEMV_STORE / GEMV_ADD / GEMV_SILU.
-#define STG_STORE 0
-#define STG_ADD 1
-#define STG_SILU 2
 
 // y = epilogue(x' · wᵀ) for one input row; x' = RMSNorm(x) * norm_w (x the float32 residual
 // stream, inner <= 4 * STG_THREADS) when norm_w is given, else x. A block computes rows
-// row0..row0 + rpb of w (and, for STG_SILU, the same rows of the up half at + out). Dynamic
+// row0..row0 + rpb of w (and, for GEMV_SILU, the same rows of the up half at + out). Dynamic
 // shared memory: (halves * rpb + 1) * inner * sizeof(T) bytes (the launcher checks).
 template <typename T, int MODE>
 __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w, int out, int inner, int rpb, float eps) {
     extern __shared__ __align__(128) unsigned char stg_smem[];
     __shared__ __align__(8) uint64_t bar;
     __shared__ float red[STG_WARPS];
-    constexpr int H = MODE == STG_SILU ? 2 : 1;
+    constexpr int H = MODE == GEMV_SILU ? 2 : 1;
     constexpr int VEC = 16 / sizeof(T);
     const int row0 = blockIdx.x * rpb, rows = min(rpb, out - row0);
     T* ws = reinterpret_cast<T*>(stg_smem);  // [H][rpb][inner]
@@ -117,17 +114,7 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
         }
 #pragma unroll
         for (int h = 0; h < H; h++) acc[h][0] = warp_sum(acc[h][0] + acc[h][1]);
-        if (lane == 0) {
-            const int o = row0 + r;
-            if (MODE == STG_STORE) {
-                static_cast<T*>(y)[o] = from_f<T>(acc[0][0]);
-            } else if (MODE == STG_ADD) {
-                static_cast<float*>(y)[o] += round_t<T>(acc[0][0]);
-            } else {
-                const float g = round_t<T>(acc[0][0]), u = round_t<T>(acc[H - 1][0]);
-                static_cast<T*>(y)[o] = from_f<T>(g / (1.f + expf(-g)) * u);
-            }
-        }
+        if (lane == 0) gemv_epilogue<T>(y, row0 + r, MODE, acc[0][0], acc[H - 1][0]);
     }
 }
 
@@ -137,9 +124,9 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
         gemv_staged<T, MODE>(y, x, w, norm_w, out, inner, rpb, eps);                                                   \
     }
 #define INSTANTIATE_STAGED_MODES(SUFFIX, T)                                                                             \
-    INSTANTIATE_STAGED(SUFFIX, T, store, STG_STORE)                                                                     \
-    INSTANTIATE_STAGED(SUFFIX, T, add, STG_ADD)                                                                         \
-    INSTANTIATE_STAGED(SUFFIX, T, silu, STG_SILU)
+    INSTANTIATE_STAGED(SUFFIX, T, store, GEMV_STORE)                                                                    \
+    INSTANTIATE_STAGED(SUFFIX, T, add, GEMV_ADD)                                                                        \
+    INSTANTIATE_STAGED(SUFFIX, T, silu, GEMV_SILU)
 
 INSTANTIATE_STAGED_MODES(f32, float)
 INSTANTIATE_STAGED_MODES(bf16, __nv_bfloat16)

@@ -13,6 +13,7 @@
 // sequence lives in slot block_tables[seq * max_blocks + p / block_size] * block_size + p % block_size.
 
 #include "common.cuh"
+#include "gemv_epilogue.cuh"
 #include "pdl.cuh"
 
 // Sum over the whole block; every thread gets the result. `red` holds 33 floats.
@@ -615,11 +616,6 @@ __device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
 #define GEMV_PASS_CHUNKS (32 * GEMV_LOADS)
 // Items (GEMV_LOADS loads each) a warp of gemv_fused keeps in flight.
 #define GEMV_DEPTH 5
-// Epilogues of gemv_fused.
-#define GEMV_STORE 0
-#define GEMV_ADD 1
-#define GEMV_SILU 2
-#define GEMV_STORE_F32 3
 
 __device__ __forceinline__ uint4 load16_stream(const void* p) {
     uint4 v;
@@ -790,18 +786,7 @@ __device__ void gemv_fused(void* y, const void* x, const T* w, const T* norm_w, 
         float s[2] = {0.f, 0.f};
         for (int half = 0; half < halves; half++)
             for (int pass = 0; pass < passes; pass++) s[half] += part[((local * halves + half) * passes + pass) * NR + r];
-        const long long at = (long long)r * out + o;
-        T* dst = static_cast<T*>(y) + at;
-        if (mode == GEMV_STORE_F32) {
-            static_cast<float*>(y)[at] = s[0];
-        } else if (mode == GEMV_STORE) {
-            *dst = from_f<T>(s[0]);
-        } else if (mode == GEMV_ADD) {
-            static_cast<float*>(y)[at] += round_t<T>(s[0]);
-        } else {
-            const float g = round_t<T>(s[0]), u = round_t<T>(s[1]);
-            *dst = from_f<T>(g / (1.f + expf(-g)) * u);
-        }
+        gemv_epilogue<T>(y, (long long)r * out + o, mode, s[0], s[1]);
     }
 }
 

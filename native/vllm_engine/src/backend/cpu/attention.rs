@@ -119,8 +119,8 @@ impl AttentionShape {
         });
     }
 
-    /// Runs `paged_attention` over runs of tokens of at most ~`MAX_PIECE_TASKS` tasks (a
-    /// lone token's chunk tasks, one per kv head for a token that continues a tile), so
+    /// Runs `paged_attention` over runs of tokens of at most ~`MAX_PIECE_TASKS` tasks,
+    /// counted per kv head (a lone token's chunks, one for a token that continues a tile), so
     /// the partial results stay small for long prompts (a token's result does not depend
     /// on the run it is in).
     fn attend_in_pieces<T: KvElement>(
