@@ -1,18 +1,21 @@
-// One-row decode products whose blocks stage their weight rows whole in shared memory
-// (issue 7, W3; backend/cuda/gemv_staged.rs; bench/gpu/micro/gemv_staged.cu measured it).
+// One-row decode products whose blocks stage their weight rows in shared memory (issue 7,
+// W3; backend/cuda/gemv_staged.rs; bench/gpu/micro/gemv_staged.cu measured it).
 // gemv_fused (ops.cu) keeps its weights in registers, two 256-thread blocks filling an SM's
 // register file, so the next product's blocks cannot be resident, and cannot ask for their
 // weights, before this product's blocks retire: the weight stream stops at every hop.
 // Here a launch is one block of 512 threads an SM at 64 registers (two such blocks fit
 // beside each other, every launch asking for the largest shared-memory carveout), and each
 // block, before pdl_wait:
-//   1. copies its rows of the weight (and, for SiLU, the same rows of the up half) into
-//      shared memory with bulk copies on one mbarrier (no registers held), and the norm
-//      weights into registers;
+//   1. starts bulk copies of its rows of the weight (and, for SiLU, the same rows of the up
+//      half) into shared memory, no registers held, and reads the norm weights;
 //   2. calls pdl_launch_dependents, so the next product's blocks start their copies while
 //      this one waits for its input;
 // then builds x' in shared memory (the norm: one float4 of the residual a thread), waits
 // for its copies and computes one weight row a warp, two 16-byte chunks a lane in flight.
+// A block's rows go in chunks of stage_rows through a ring of `stages` buffers, each on its
+// own mbarrier, a buffer refilled once every warp is done with it. The products of a layer
+// fit whole (one chunk, one stage); the logits (lm_head, ~150k rows) stream through the
+// ring, its first stages copied before pdl_wait like the rest.
 // Epilogues and roundings as gemv_fused's n = 1 (gemv_epilogue.cuh); the sums run in another
 // order, so an output may differ from gemv_fused's in its last bit.
 #include "bulk_copy.cuh"
@@ -22,37 +25,58 @@
 
 #define STG_THREADS 512
 #define STG_WARPS (STG_THREADS / 32)
-// Bytes of one bulk copy (a block's rows go in several, so they proceed in parallel).
+#define STG_MAX_STAGES 16
+// Bytes of one bulk copy (a chunk goes in several, so they proceed in parallel).
 #define STG_PIECE (16u << 10)
+
+// Starts the copies of chunk c (rows c * stage_rows.. of this block, both halves for SiLU)
+// into its ring buffer.
+template <typename T, int H>
+__device__ void stage_chunk(T* ring, uint64_t* full, const T* w, int out, int inner, int row0, int rows, int stage_rows,
+                            int stages, int c) {
+    const int s = c % stages, first = c * stage_rows;
+    const unsigned bytes = (unsigned)min(stage_rows, rows - first) * inner * sizeof(T);
+    mbar_expect_tx(&full[s], H * bytes);
+    for (int h = 0; h < H; h++) {
+        const char* src = reinterpret_cast<const char*>(w + ((size_t)h * out + row0 + first) * inner);
+        char* dst = reinterpret_cast<char*>(ring + ((size_t)s * H + h) * stage_rows * inner);
+        for (unsigned o = 0; o < bytes; o += STG_PIECE) bulk_g2s(dst + o, src + o, min(STG_PIECE, bytes - o), &full[s]);
+    }
+}
 
 // y = epilogue(x' · wᵀ) for one input row; x' = RMSNorm(x) * norm_w (x the float32 residual
 // stream, inner <= 4 * STG_THREADS) when norm_w is given, else x. A block computes rows
 // row0..row0 + rpb of w (and, for GEMV_SILU, the same rows of the up half at + out). Dynamic
-// shared memory: (halves * rpb + 1) * inner * sizeof(T) bytes (the launcher checks).
+// shared memory: (stages * halves * stage_rows + 1) * inner * sizeof(T) bytes (the launcher
+// checks), stages <= STG_MAX_STAGES.
 template <typename T, int MODE>
-__device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w, int out, int inner, int rpb, float eps) {
+__device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w, int out, int inner, int rpb,
+                            int stage_rows, int stages, float eps) {
     extern __shared__ __align__(128) unsigned char stg_smem[];
-    __shared__ __align__(8) uint64_t bar;
+    __shared__ __align__(8) uint64_t full[STG_MAX_STAGES], empty[STG_MAX_STAGES];
     __shared__ float red[STG_WARPS];
     constexpr int H = MODE == GEMV_SILU ? 2 : 1;
     constexpr int VEC = 16 / sizeof(T);
+    // Only the logits stream; a layer's products take their rows whole, and compile without
+    // the ring's bookkeeping.
+    constexpr bool RING = MODE == GEMV_STORE_F32;
+    if (!RING) stage_rows = rpb, stages = 1;
     const int row0 = blockIdx.x * rpb, rows = min(rpb, out - row0);
-    T* ws = reinterpret_cast<T*>(stg_smem);  // [H][rpb][inner]
-    T* xs = ws + (size_t)H * rpb * inner;    // [inner]
-    const unsigned bytes = (unsigned)rows * inner * sizeof(T);
+    const int chunks = RING ? (rows + stage_rows - 1) / stage_rows : 1;
+    T* ring = reinterpret_cast<T*>(stg_smem);            // [stages][H][stage_rows][inner]
+    T* xs = ring + (size_t)stages * H * stage_rows * inner;  // [inner]
     if (threadIdx.x == 0) {
-        mbar_init(&bar, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        mbar_expect_tx(&bar, H * bytes);
-        for (int h = 0; h < H; h++) {
-            const char* src = reinterpret_cast<const char*>(w + ((size_t)h * out + row0) * inner);
-            char* dst = reinterpret_cast<char*>(ws + (size_t)h * rpb * inner);
-            for (unsigned o = 0; o < bytes; o += STG_PIECE) bulk_g2s(dst + o, src + o, min(STG_PIECE, bytes - o), &bar);
+        for (int s = 0; s < stages; s++) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], STG_WARPS - 1);
         }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        for (int c = 0; c < min(stages, chunks); c++)
+            stage_chunk<T, H>(ring, full, w, out, inner, row0, rows, stage_rows, stages, c);
     }
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int chunks = inner / VEC;
+    const int vecs = inner / VEC;
     if (norm_w) {
         // The norm weights do not depend on the previous kernel.
         const int i = threadIdx.x * 4;
@@ -78,55 +102,83 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
     } else {
         pdl_launch_dependents();
         pdl_wait();
-        for (int i = threadIdx.x; i < chunks; i += STG_THREADS)
+        for (int i = threadIdx.x; i < vecs; i += STG_THREADS)
             reinterpret_cast<uint4*>(xs)[i] = static_cast<const uint4*>(x)[i];
     }
     __syncthreads();
-    while (!mbar_try(&bar, 0)) {
-    }
 
-    for (int r = warp; r < rows; r += STG_WARPS) {
-        float acc[H][2];
-#pragma unroll
-        for (int h = 0; h < H; h++) acc[h][0] = acc[h][1] = 0.f;
-        // Two chunks a lane in flight (c and c + 32), each into its own accumulator.
-        for (int c0 = lane; c0 < chunks; c0 += 64) {
-            uint4 xr[2], wr[H][2];
-#pragma unroll
-            for (int u = 0; u < 2; u++) {
-                const int c = c0 + 32 * u;
-                const bool in = c < chunks;
-                xr[u] = in ? reinterpret_cast<const uint4*>(xs)[c] : make_uint4(0, 0, 0, 0);
-#pragma unroll
-                for (int h = 0; h < H; h++)
-                    wr[h][u] = in ? reinterpret_cast<const uint4*>(ws + ((size_t)h * rpb + r) * inner)[c] : make_uint4(0, 0, 0, 0);
+    // With more chunks than buffers, the last warp refills each buffer once the others are
+    // done with it (empty), and they go on to the next chunk without waiting for each other.
+    const bool ring_refills = RING && chunks > stages;
+    const int workers = ring_refills ? STG_WARPS - 1 : STG_WARPS;
+    if (ring_refills && warp == workers) {
+        if (lane == 0)
+            for (int c = stages; c < chunks; c++) {
+                const int s = c % stages;
+                while (!mbar_try(&empty[s], (c / stages - 1) & 1)) {
+                }
+                stage_chunk<T, H>(ring, full, w, out, inner, row0, rows, stage_rows, stages, c);
             }
+        return;
+    }
+    // A warp's rows are every workers-th row of the block, so each chunk's are shared out
+    // afresh whatever its size.
+    for (int c = 0, next = warp; c < chunks; c++) {
+        const int s = c % stages, first = c * stage_rows, end = first + min(stage_rows, rows - first);
+        while (!mbar_try(&full[s], (c / stages) & 1)) {
+        }
+        const T* ws = ring + (size_t)s * H * stage_rows * inner;
+        for (; next < end; next += workers) {
+            const int r = next - first;
+            float acc[H][2];
 #pragma unroll
-            for (int u = 0; u < 2; u++) {
-                const T* xv = reinterpret_cast<const T*>(&xr[u]);
+            for (int h = 0; h < H; h++) acc[h][0] = acc[h][1] = 0.f;
+            // Two chunks a lane in flight (v and v + 32), each into its own accumulator.
+            for (int v0 = lane; v0 < vecs; v0 += 64) {
+                uint4 xr[2], wr[H][2];
 #pragma unroll
-                for (int h = 0; h < H; h++) {
-                    const T* wv = reinterpret_cast<const T*>(&wr[h][u]);
+                for (int u = 0; u < 2; u++) {
+                    const int v = v0 + 32 * u;
+                    const bool in = v < vecs;
+                    xr[u] = in ? reinterpret_cast<const uint4*>(xs)[v] : make_uint4(0, 0, 0, 0);
 #pragma unroll
-                    for (int e = 0; e < VEC; e++) acc[h][u] += to_f(wv[e]) * to_f(xv[e]);
+                    for (int h = 0; h < H; h++)
+                        wr[h][u] = in ? reinterpret_cast<const uint4*>(ws + ((size_t)h * stage_rows + r) * inner)[v]
+                                      : make_uint4(0, 0, 0, 0);
+                }
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    const T* xv = reinterpret_cast<const T*>(&xr[u]);
+#pragma unroll
+                    for (int h = 0; h < H; h++) {
+                        const T* wv = reinterpret_cast<const T*>(&wr[h][u]);
+#pragma unroll
+                        for (int e = 0; e < VEC; e++) acc[h][u] += to_f(wv[e]) * to_f(xv[e]);
+                    }
                 }
             }
-        }
 #pragma unroll
-        for (int h = 0; h < H; h++) acc[h][0] = warp_sum(acc[h][0] + acc[h][1]);
-        if (lane == 0) gemv_epilogue<T>(y, row0 + r, MODE, acc[0][0], acc[H - 1][0]);
+            for (int h = 0; h < H; h++) acc[h][0] = warp_sum(acc[h][0] + acc[h][1]);
+            if (lane == 0) gemv_epilogue<T>(y, row0 + next, MODE, acc[0][0], acc[H - 1][0]);
+        }
+        if (ring_refills) {
+            __syncwarp();
+            if (lane == 0) mbar_arrive(&empty[s]);
+        }
     }
 }
 
 #define INSTANTIATE_STAGED(SUFFIX, T, NAME, MODE)                                                                       \
     extern "C" __global__ void __launch_bounds__(STG_THREADS, 2) gemv_staged_##NAME##_##SUFFIX(                        \
-        void* y, const void* x, const T* w, const T* norm_w, int out, int inner, int rpb, float eps) {                 \
-        gemv_staged<T, MODE>(y, x, w, norm_w, out, inner, rpb, eps);                                                   \
+        void* y, const void* x, const T* w, const T* norm_w, int out, int inner, int rpb, int stage_rows, int stages,   \
+        float eps) {                                                                                                    \
+        gemv_staged<T, MODE>(y, x, w, norm_w, out, inner, rpb, stage_rows, stages, eps);                                \
     }
 #define INSTANTIATE_STAGED_MODES(SUFFIX, T)                                                                             \
     INSTANTIATE_STAGED(SUFFIX, T, store, GEMV_STORE)                                                                    \
     INSTANTIATE_STAGED(SUFFIX, T, add, GEMV_ADD)                                                                        \
-    INSTANTIATE_STAGED(SUFFIX, T, silu, GEMV_SILU)
+    INSTANTIATE_STAGED(SUFFIX, T, silu, GEMV_SILU)                                                                      \
+    INSTANTIATE_STAGED(SUFFIX, T, logits, GEMV_STORE_F32)
 
 INSTANTIATE_STAGED_MODES(f32, float)
 INSTANTIATE_STAGED_MODES(bf16, __nv_bfloat16)

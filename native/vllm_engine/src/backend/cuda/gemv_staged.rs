@@ -1,7 +1,8 @@
 //! Launcher of kernels/gemv_staged.cu: one-row decode products whose blocks bulk-copy their
 //! weight rows into shared memory before pdl_wait, one 512-thread block an SM, so the next
 //! product's copies run under this one's hop and arithmetic (bench/RESULTS.md, issue 7,
-//! session 14). ops::launch_gemv_fused hands one-row products over to it when `plan` says
+//! session 14). The logits, too many rows to fit, stream through a ring of 16-row buffers
+//! (session 15). ops::launch_gemv_fused hands one-row products over to it when `plan` says
 //! they fit; `VLLM_GEMV_STAGED=0` keeps gemv_fused for them.
 
 use std::collections::HashMap;
@@ -16,19 +17,37 @@ use crate::error::Result;
 
 /// Must match STG_THREADS in gemv_staged.cu.
 const STG_THREADS: u32 = 512;
+/// Must match STG_MAX_STAGES in gemv_staged.cu.
+const MAX_STAGES: usize = 16;
 /// Dynamic shared memory the kernels are opted in to. Two blocks of neighbouring products
 /// must fit an SM's 228 KB for the next one's copies to start early (W3's gate_up takes
 /// 134 KB a block, down 78 KB).
 const SHARED_LIMIT: usize = 160 * 1024;
+/// The logits' ring: room beside the last layer's down block (78 KB for W3), so its first
+/// buffers fill before pdl_wait.
+const RING_LIMIT: usize = 144 * 1024;
+/// Rows of one ring buffer: fewer make a buffer's bookkeeping cost more than its bytes (the
+/// micro-benchmark: 8 rows 3.44 TB/s, 16 rows 4.12, 32 rows 4.01).
+const RING_ROWS: usize = 16;
 
-/// The kernel for an epilogue (StoreF32, the logits, stays with gemv_fused).
-fn kernel_name(epilogue: GemvEpilogue) -> Option<&'static str> {
+fn kernel_name(epilogue: GemvEpilogue) -> &'static str {
     match epilogue {
-        GemvEpilogue::Store => Some("gemv_staged_store"),
-        GemvEpilogue::AddTo => Some("gemv_staged_add"),
-        GemvEpilogue::SiluMul => Some("gemv_staged_silu"),
-        GemvEpilogue::StoreF32 => None,
+        GemvEpilogue::Store => "gemv_staged_store",
+        GemvEpilogue::AddTo => "gemv_staged_add",
+        GemvEpilogue::SiluMul => "gemv_staged_silu",
+        GemvEpilogue::StoreF32 => "gemv_staged_logits",
     }
+}
+
+/// A launch's geometry: a block an SM, its rows taken whole (one stage) or, for the
+/// logits, streamed `stage_rows` at a time through `stages` buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    rows_per_block: usize,
+    blocks: usize,
+    stage_rows: usize,
+    stages: usize,
+    shared: usize,
 }
 
 /// Loads the module, opts its functions in to SHARED_LIMIT bytes of dynamic shared memory
@@ -39,9 +58,14 @@ pub(super) fn load_into(
     functions: &mut HashMap<String, CudaFunction>,
 ) -> Option<Arc<CudaModule>> {
     let module = super::load_embedded(context, embedded::GEMV_STAGED_CUBIN, embedded::GEMV_STAGED_PTX).ok()?;
-    for epilogue in [GemvEpilogue::Store, GemvEpilogue::AddTo, GemvEpilogue::SiluMul] {
+    for epilogue in [
+        GemvEpilogue::Store,
+        GemvEpilogue::AddTo,
+        GemvEpilogue::SiluMul,
+        GemvEpilogue::StoreF32,
+    ] {
         for suffix in ["f32", "bf16", "f16"] {
-            let name = format!("{}_{suffix}", kernel_name(epilogue)?);
+            let name = format!("{}_{suffix}", kernel_name(epilogue));
             let f = module.load_function(&name).ok()?;
             for (attribute, value) in [
                 (
@@ -65,26 +89,38 @@ pub(super) fn load_into(
     Some(module)
 }
 
-/// The launch of a one-row product: (rows per block, blocks, shared bytes), a block an SM;
-/// None where gemv_fused serves it (the logits, rows too long for the norm prologue or too
-/// many for the shared memory).
-pub fn plan(
-    dtype: DType,
-    out: usize,
-    inner: usize,
-    epilogue: GemvEpilogue,
-    sms: usize,
-    norm: bool,
-) -> Option<(usize, usize, usize)> {
-    kernel_name(epilogue)?;
+/// The launch of a one-row product; None where gemv_fused serves it (rows too long for the
+/// norm prologue, or too many for the shared memory: all but the logits must fit whole).
+pub fn plan(dtype: DType, out: usize, inner: usize, epilogue: GemvEpilogue, sms: usize, norm: bool) -> Option<Plan> {
     let size = dtype.size_in_bytes();
-    if sms == 0 || !inner.is_multiple_of(16 / size) || (norm && inner > 4 * STG_THREADS as usize) {
+    if sms == 0 || out == 0 || !inner.is_multiple_of(16 / size) || (norm && inner > 4 * STG_THREADS as usize) {
         return None;
     }
     let halves = if epilogue == GemvEpilogue::SiluMul { 2 } else { 1 };
+    let row_bytes = inner * size;
     let rows_per_block = out.div_ceil(sms);
-    let shared = (halves * rows_per_block + 1) * inner * size;
-    (shared <= SHARED_LIMIT).then_some((rows_per_block, out.div_ceil(rows_per_block), shared))
+    let blocks = out.div_ceil(rows_per_block);
+    let whole = (halves * rows_per_block + 1) * row_bytes;
+    if whole <= SHARED_LIMIT {
+        return Some(Plan {
+            rows_per_block,
+            blocks,
+            stage_rows: rows_per_block,
+            stages: 1,
+            shared: whole,
+        });
+    }
+    if epilogue != GemvEpilogue::StoreF32 {
+        return None;
+    }
+    let stages = (RING_LIMIT.saturating_sub(row_bytes) / (RING_ROWS * row_bytes)).min(MAX_STAGES);
+    (stages >= 2).then_some(Plan {
+        rows_per_block,
+        blocks,
+        stage_rows: RING_ROWS,
+        stages,
+        shared: (stages * RING_ROWS + 1) * row_bytes,
+    })
 }
 
 /// y = epilogue(x' · wᵀ) for one input row (as ops::launch_gemv_fused), with `plan`'s
@@ -98,14 +134,66 @@ pub fn launch(
     out: usize,
     inner: usize,
     epilogue: GemvEpilogue,
-    (rows_per_block, blocks, shared): (usize, usize, usize),
+    plan: Plan,
 ) -> Result<()> {
-    let f = k.function(kernel_name(epilogue).expect("plan checked the epilogue"), dtype)?;
-    let ints = [out as i32, inner as i32, rows_per_block as i32];
-    let cfg = super::ops::grid(blocks, STG_THREADS, shared);
+    let f = k.function(kernel_name(epilogue), dtype)?;
+    let ints = [
+        out as i32,
+        inner as i32,
+        plan.rows_per_block as i32,
+        plan.stage_rows as i32,
+        plan.stages as i32,
+    ];
+    let cfg = super::ops::grid(plan.blocks, STG_THREADS, plan.shared);
     let ptrs = [y, x, w, norm];
     let mut params = super::ops::gemv_params(&ptrs, &ints, &eps, &[]);
     // SAFETY: the parameters are gemv_staged's, in order; it waits (pdl_wait) before reading
     // x or writing y.
     unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "gemv_staged", k.pdl) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMS: usize = 132;
+
+    #[test]
+    fn a_layers_products_are_taken_whole() {
+        // W3 (Qwen2.5-0.5B): gate_up 2 × 4864 rows of 896, down 896 rows of 4864.
+        let gate_up = plan(DType::BF16, 4864, 896, GemvEpilogue::SiluMul, SMS, true).unwrap();
+        assert_eq!((gate_up.rows_per_block, gate_up.blocks, gate_up.stages), (37, 132, 1));
+        assert_eq!(gate_up.shared, (2 * 37 + 1) * 896 * 2);
+        let down = plan(DType::BF16, 896, 4864, GemvEpilogue::AddTo, SMS, false).unwrap();
+        assert_eq!((down.rows_per_block, down.stage_rows, down.stages), (7, 7, 1));
+        // Too many rows for a block's shared memory: gemv_fused keeps them.
+        assert_eq!(plan(DType::BF16, 14336, 4096, GemvEpilogue::SiluMul, SMS, true), None);
+    }
+
+    #[test]
+    fn the_logits_stream_through_a_ring_beside_the_last_down_block() {
+        let logits = plan(DType::BF16, 151936, 896, GemvEpilogue::StoreF32, SMS, true).unwrap();
+        assert_eq!((logits.rows_per_block, logits.blocks), (1151, 132));
+        assert_eq!((logits.stage_rows, logits.stages), (RING_ROWS, 5));
+        let down = plan(DType::BF16, 896, 4864, GemvEpilogue::AddTo, SMS, false).unwrap();
+        assert!(logits.shared + down.shared + 2 * 1024 <= 228 * 1024);
+        // A float32 lm_head gets fewer buffers; rows of 8 KB get none worth having.
+        assert_eq!(
+            plan(DType::F32, 151936, 896, GemvEpilogue::StoreF32, SMS, true)
+                .unwrap()
+                .stages,
+            2
+        );
+        assert_eq!(
+            plan(DType::BF16, 128256, 4096, GemvEpilogue::StoreF32, SMS, false),
+            None
+        );
+    }
+
+    #[test]
+    fn rows_the_norm_prologue_cannot_hold_are_declined() {
+        assert_eq!(plan(DType::BF16, 1024, 4096, GemvEpilogue::Store, SMS, true), None);
+        assert!(plan(DType::BF16, 1024, 2048, GemvEpilogue::Store, SMS, true).is_some());
+        assert_eq!(plan(DType::BF16, 1024, 900, GemvEpilogue::Store, SMS, false), None);
+    }
 }
