@@ -3,7 +3,10 @@
 // one's hop and arithmetic) against gemv_fused (kernels/ops.cu), outside the engine.
 // Checks gemv_staged against gemv_fused on every mode, then times W3's 24 layers of products
 // (qkv with its norm, o_proj + residual, gate_up with its norm and SiLU, down + residual; no
-// attention) as PDL launches in one CUDA graph, each form alone and each product alone.
+// attention) as PDL launches in one CUDA graph, each form alone and each product alone; then
+// the logits (W3's lm_head, streamed through gemv_staged's ring since session 15) alone and
+// after the chain. STG_ROWS and STG_KB override the ring's rows a buffer (16) and its shared
+// bytes (144 KB) as gemv_staged.rs plans them.
 // Build (development machine): nvcc -O3 -arch=sm_90 -std=c++17 gemv_staged.cu -o gemv_staged
 #include "../../../kernels/gemv_staged.cu"
 #include "../../../kernels/ops.cu"
