@@ -10,8 +10,9 @@
 //      half) into shared memory, no registers held, and reads the norm weights;
 //   2. calls pdl_launch_dependents, so the next product's blocks start their copies while
 //      this one waits for its input;
-// then builds x' in shared memory (the norm: one float4 of the residual a thread), waits
-// for its copies and computes one weight row a warp, two 16-byte chunks a lane in flight.
+// then builds x' in shared memory (the norm: one float4 of the residual a thread; o_proj and
+// down read their residual rows here too), waits for its copies and computes one weight
+// row a warp, two 16-byte chunks a lane in flight.
 // A block's rows go in chunks of stage_rows through a ring of `stages` buffers, each on its
 // own mbarrier, a buffer refilled once every warp is done with it. The products of a layer
 // fit whole (one chunk, one stage); the logits (lm_head, ~150k rows) stream through the
@@ -44,6 +45,41 @@ __device__ void stage_chunk(T* ring, uint64_t* full, const T* w, int out, int in
     }
 }
 
+// The sums of one weight row (and, for SiLU, its up row `half` values further) with x' over
+// a warp, every lane ending with them: two 16-byte chunks a lane in flight (v and v + 32),
+// each into its own accumulator.
+template <typename T, int H>
+__device__ void row_sums(float (&sum)[H], const T* row, size_t half, const T* xs, int vecs, int lane) {
+    constexpr int VEC = 16 / sizeof(T);
+    float acc[H][2];
+#pragma unroll
+    for (int h = 0; h < H; h++) acc[h][0] = acc[h][1] = 0.f;
+    for (int v0 = lane; v0 < vecs; v0 += 64) {
+        uint4 xr[2], wr[H][2];
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int v = v0 + 32 * u;
+            const bool in = v < vecs;
+            xr[u] = in ? reinterpret_cast<const uint4*>(xs)[v] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int h = 0; h < H; h++)
+                wr[h][u] = in ? reinterpret_cast<const uint4*>(row + h * half)[v] : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const T* xv = reinterpret_cast<const T*>(&xr[u]);
+#pragma unroll
+            for (int h = 0; h < H; h++) {
+                const T* wv = reinterpret_cast<const T*>(&wr[h][u]);
+#pragma unroll
+                for (int e = 0; e < VEC; e++) acc[h][u] += to_f(wv[e]) * to_f(xv[e]);
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < H; h++) sum[h] = warp_sum(acc[h][0] + acc[h][1]);
+}
+
 // y = epilogue(x' · wᵀ) for one input row; x' = RMSNorm(x) * norm_w (x the float32 residual
 // stream, inner <= 4 * STG_THREADS) when norm_w is given, else x. A block computes rows
 // row0..row0 + rpb of w (and, for GEMV_SILU, the same rows of the up half at + out). Dynamic
@@ -56,14 +92,13 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
     __shared__ __align__(8) uint64_t full[STG_MAX_STAGES], empty[STG_MAX_STAGES];
     __shared__ float red[STG_WARPS];
     constexpr int H = MODE == GEMV_SILU ? 2 : 1;
-    constexpr int VEC = 16 / sizeof(T);
     // Only the logits stream; a layer's products take their rows whole, and compile without
     // the ring's bookkeeping.
     constexpr bool RING = MODE == GEMV_STORE_F32;
     if (!RING) stage_rows = rpb, stages = 1;
     const int row0 = blockIdx.x * rpb, rows = min(rpb, out - row0);
     const int chunks = RING ? (rows + stage_rows - 1) / stage_rows : 1;
-    T* ring = reinterpret_cast<T*>(stg_smem);            // [stages][H][stage_rows][inner]
+    T* ring = reinterpret_cast<T*>(stg_smem);                // [stages][H][stage_rows][inner]
     T* xs = ring + (size_t)stages * H * stage_rows * inner;  // [inner]
     if (threadIdx.x == 0) {
         for (int s = 0; s < stages; s++) {
@@ -76,7 +111,7 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
     }
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int vecs = inner / VEC;
+    const int vecs = inner * sizeof(T) / 16;
     float first_residual = 0.f;
     if (norm_w) {
         // The norm weights do not depend on the previous kernel.
@@ -134,39 +169,12 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
         const T* ws = ring + (size_t)s * H * stage_rows * inner;
         for (; next < end; next += workers) {
             const int r = next - first;
-            float acc[H][2];
-#pragma unroll
-            for (int h = 0; h < H; h++) acc[h][0] = acc[h][1] = 0.f;
-            // Two chunks a lane in flight (v and v + 32), each into its own accumulator.
-            for (int v0 = lane; v0 < vecs; v0 += 64) {
-                uint4 xr[2], wr[H][2];
-#pragma unroll
-                for (int u = 0; u < 2; u++) {
-                    const int v = v0 + 32 * u;
-                    const bool in = v < vecs;
-                    xr[u] = in ? reinterpret_cast<const uint4*>(xs)[v] : make_uint4(0, 0, 0, 0);
-#pragma unroll
-                    for (int h = 0; h < H; h++)
-                        wr[h][u] = in ? reinterpret_cast<const uint4*>(ws + ((size_t)h * stage_rows + r) * inner)[v]
-                                      : make_uint4(0, 0, 0, 0);
-                }
-#pragma unroll
-                for (int u = 0; u < 2; u++) {
-                    const T* xv = reinterpret_cast<const T*>(&xr[u]);
-#pragma unroll
-                    for (int h = 0; h < H; h++) {
-                        const T* wv = reinterpret_cast<const T*>(&wr[h][u]);
-#pragma unroll
-                        for (int e = 0; e < VEC; e++) acc[h][u] += to_f(wv[e]) * to_f(xv[e]);
-                    }
-                }
-            }
-#pragma unroll
-            for (int h = 0; h < H; h++) acc[h][0] = warp_sum(acc[h][0] + acc[h][1]);
+            float sum[H];
+            row_sums<T, H>(sum, ws + (size_t)r * inner, (size_t)stage_rows * inner, xs, vecs, lane);
             if (lane == 0 && MODE == GEMV_ADD && next == warp)
-                static_cast<float*>(y)[row0 + next] = first_residual + round_t<T>(acc[0][0]);
+                static_cast<float*>(y)[row0 + next] = first_residual + round_t<T>(sum[0]);
             else if (lane == 0)
-                gemv_epilogue<T>(y, row0 + next, MODE, acc[0][0], acc[H - 1][0]);
+                gemv_epilogue<T>(y, row0 + next, MODE, sum[0], sum[H - 1]);
         }
         if (ring_refills) {
             __syncwarp();
