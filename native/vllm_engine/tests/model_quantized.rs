@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use common::{greedy, read_json, step, u32s, BlockAllocator, TestSeq};
 use vllm_engine::config::ModelConfig;
-use vllm_engine::kv_cache::PagedKvCache;
 use vllm_engine::loader::load_causal_lm;
 use vllm_engine::models::CausalLM;
 use vllm_engine::EngineArgs;
@@ -18,16 +17,6 @@ fn load(quantized: bool) -> Model {
     let mut args = EngineArgs::new(common::smollm2_gguf());
     args.quantization = quantized.then(|| "gguf".to_string());
     load_causal_lm(&args).unwrap_or_else(|e| panic!("cannot load SmolLM2 (quantized {quantized}): {e}"))
-}
-
-fn new_cache(config: &ModelConfig, num_blocks: usize) -> PagedKvCache {
-    PagedKvCache::new(
-        config.num_hidden_layers,
-        num_blocks,
-        16,
-        config.num_key_value_heads,
-        config.head_dim,
-    )
 }
 
 fn prompts() -> Vec<(String, Vec<u32>)> {
@@ -41,7 +30,8 @@ fn prompts() -> Vec<(String, Vec<u32>)> {
 }
 
 fn run(model: &Model, prompt: &[u32], chunks: &[usize]) -> Vec<u32> {
-    let mut kv = new_cache(&model.1, 32);
+    // The model's own cache, as the engine makes it (bfloat16 for the quantized model).
+    let mut kv = model.0.new_kv_cache(32, 16).expect("kv cache");
     let mut alloc = BlockAllocator::new(32);
     greedy(model.0.as_ref(), &mut kv, &mut alloc, prompt, chunks, 32).ids
 }
@@ -60,6 +50,12 @@ fn smollm2_quantized_greedy_matches_dequantized_and_uses_less_memory() {
     assert!(
         f32_bytes > 0 && q_bytes * 10 <= f32_bytes * 4,
         "quantized weights must be <= 40% of f32"
+    );
+    // A quantized model's KV cache is bfloat16, as GGUF's half-precision compute in vLLM.
+    assert_eq!(
+        q_model.0.kv_bytes_per_block(16) * 2,
+        f32_model.0.kv_bytes_per_block(16),
+        "a quantized model caches keys and values in bfloat16"
     );
 
     for (name, prompt) in prompts() {
@@ -81,7 +77,7 @@ fn smollm2_quantized_vs_f32_decode_timing() {
         let t = Instant::now();
         let model = load(quantized);
         let load_ms = t.elapsed().as_secs_f64() * 1e3;
-        let mut kv = new_cache(&model.1, 64);
+        let mut kv = model.0.new_kv_cache(64, 16).expect("kv cache");
         let mut alloc = BlockAllocator::new(64);
         let mut seqs = [TestSeq::new(&prompt)];
         let t = Instant::now();

@@ -17,8 +17,9 @@ pub struct PagedKvCache {
 }
 
 /// The element keys and values are stored as on the host. As vLLM's `kv_cache_dtype:
-/// "auto"`, the model's dtype: a bfloat16 model gets a bfloat16 cache (half the bytes a
-/// token takes, so twice the blocks in the same memory), every other model float32.
+/// "auto"`, the model's dtype: a bfloat16 model, or one with GGML-quantized weights, gets a
+/// bfloat16 cache (half the bytes a token takes, so twice the blocks in the same memory),
+/// every other model float32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvDtype {
     F32,

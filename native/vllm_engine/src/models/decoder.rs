@@ -43,8 +43,9 @@ pub struct DecoderLM {
     final_norm: Vec<f32>,
     lm_head: Linear,
     rotary: Rotary,
-    /// What the KV cache stores: bfloat16 for bfloat16 weights (vLLM's `kv_cache_dtype:
-    /// "auto"`), float32 otherwise.
+    /// What the KV cache stores: bfloat16 for bfloat16 or GGML-quantized weights (vLLM's
+    /// `kv_cache_dtype: "auto"`, which for GGUF is the half-precision compute type; llama.cpp
+    /// keeps f16), float32 otherwise.
     kv_dtype: KvDtype,
     /// Resident LoRA adapters by slot (see `CausalLM::set_lora_slot`).
     lora_slots: Vec<Option<Arc<LoraAdapter>>>,
@@ -169,6 +170,11 @@ impl DecoderLM {
             _ => fused_projection(weights, &[("lm_head.weight".to_string(), [c.vocab_size, h])], format)?,
         };
         let rotary = Rotary::new(c.head_dim, c.rope_theta);
+        let kv_dtype = if format == WeightFormat::Bf16 || layers_out.iter().any(|l| l.qkv.is_quantized()) {
+            KvDtype::Bf16
+        } else {
+            KvDtype::F32
+        };
         Ok(DecoderLM {
             config,
             embed,
@@ -176,10 +182,7 @@ impl DecoderLM {
             final_norm,
             lm_head,
             rotary,
-            kv_dtype: match format {
-                WeightFormat::Bf16 => KvDtype::Bf16,
-                WeightFormat::F32 => KvDtype::F32,
-            },
+            kv_dtype,
             lora_slots: Vec::new(),
             times: PhaseTimes::new(),
             scratch: Mutex::new(Scratch::default()),

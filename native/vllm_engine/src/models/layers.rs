@@ -118,6 +118,11 @@ impl Linear {
         })
     }
 
+    /// Whether the weights are GGML-quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.parts.iter().any(|w| matches!(w, Weight::Quantized(_)))
+    }
+
     /// The packed float32 matrix, when this projection is one (a tied embedding reads it).
     pub fn packed_f32(&self) -> Option<Arc<PackedMatrix>> {
         match self.parts.as_slice() {
