@@ -173,7 +173,7 @@ mod tests {
     #[test]
     fn the_logits_stream_through_a_ring_beside_the_last_down_block() {
         let logits = plan(DType::BF16, 151936, 896, GemvEpilogue::StoreF32, SMS, true).unwrap();
-        assert_eq!((logits.rows_per_block, logits.blocks), (1151, 132));
+        assert_eq!((logits.rows_per_block, logits.blocks), (1152, 132));
         assert_eq!((logits.stage_rows, logits.stages), (RING_ROWS, 5));
         let down = plan(DType::BF16, 896, 4864, GemvEpilogue::AddTo, SMS, false).unwrap();
         assert!(logits.shared + down.shared + 2 * 1024 <= 228 * 1024);
