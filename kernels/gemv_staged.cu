@@ -10,9 +10,9 @@
 //      half) into shared memory, no registers held, and reads the norm weights;
 //   2. calls pdl_launch_dependents, so the next product's blocks start their copies while
 //      this one waits for its input;
-// then builds x' in shared memory (the norm: one float4 of the residual a thread; o_proj and
-// down read their residual rows here too), waits for its copies and computes one weight
-// row a warp, two 16-byte chunks a lane in flight.
+// then builds x' in shared memory (the norm: one float4 of the residual a thread), reads
+// the residual rows a residual-add epilogue will update, waits for its copies and computes
+// one weight row a warp, two 16-byte chunks a lane in flight.
 // A block's rows go in chunks of stage_rows through a ring of `stages` buffers, each on its
 // own mbarrier, a buffer refilled once every warp is done with it. The products of a layer
 // fit whole (one chunk, one stage); the logits (lm_head, ~150k rows) stream through the
@@ -103,7 +103,7 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
     if (threadIdx.x == 0) {
         for (int s = 0; s < stages; s++) {
             mbar_init(&full[s], 1);
-            mbar_init(&empty[s], STG_WARPS - 1);
+            if (RING) mbar_init(&empty[s], STG_WARPS - 1);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         for (int c = 0; c < min(stages, chunks); c++)
@@ -112,7 +112,6 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int vecs = inner * sizeof(T) / 16;
-    float first_residual = 0.f;
     if (norm_w) {
         // The norm weights do not depend on the previous kernel.
         const int i = threadIdx.x * 4;
@@ -138,12 +137,14 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
     } else {
         pdl_launch_dependents();
         pdl_wait();
-        // The residual of a warp's first row, read now rather than after its sums (an L2
-        // round trip less on the chain); the add below is the epilogue's, in its order.
-        if (MODE == GEMV_ADD && lane == 0 && warp < rows) first_residual = static_cast<const float*>(y)[row0 + warp];
         for (int i = threadIdx.x; i < vecs; i += STG_THREADS)
             reinterpret_cast<uint4*>(xs)[i] = static_cast<const uint4*>(x)[i];
     }
+    // Past pdl_wait either way: the residual of a warp's first row, read now rather than
+    // after its sums (an L2 round trip less on the chain); the add below is the epilogue's,
+    // in its order.
+    float first_residual = 0.f;
+    if (MODE == GEMV_ADD && lane == 0 && warp < rows) first_residual = static_cast<const float*>(y)[row0 + warp];
     __syncthreads();
 
     // With more chunks than buffers, the last warp refills each buffer once the others are
