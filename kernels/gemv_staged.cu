@@ -27,6 +27,11 @@
 #define STG_THREADS 512
 #define STG_WARPS (STG_THREADS / 32)
 #define STG_MAX_STAGES 16
+// Timeline stamps: a block's start (0), past pdl_wait (1), x' built (2), its weights in (3)
+// and its end (4). None in the engine; bench/gpu/micro/stamps.cuh defines them.
+#ifndef STG_STAMP
+#define STG_STAMP(point)
+#endif
 // Bytes of one bulk copy (a chunk goes in several, so they proceed in parallel).
 #define STG_PIECE (16u << 10)
 
@@ -95,6 +100,7 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
     // Only the logits stream; a layer's products take their rows whole, and compile without
     // the ring's bookkeeping.
     constexpr bool RING = MODE == GEMV_STORE_F32;
+    STG_STAMP(0);
     if (!RING) stage_rows = rpb, stages = 1;
     const int row0 = blockIdx.x * rpb, rows = min(rpb, out - row0);
     const int chunks = RING ? (rows + stage_rows - 1) / stage_rows : 1;
@@ -120,6 +126,7 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
             for (int e = 0; e < 4; e++) nw[e] = to_f(norm_w[i + e]);
         pdl_launch_dependents();
         pdl_wait();
+        STG_STAMP(1);
         float4 h = make_float4(0.f, 0.f, 0.f, 0.f);
         if (i < inner) h = *reinterpret_cast<const float4*>(static_cast<const float*>(x) + i);
         const float ss = warp_sum(h.x * h.x + h.y * h.y + h.z * h.z + h.w * h.w);
@@ -137,6 +144,7 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
     } else {
         pdl_launch_dependents();
         pdl_wait();
+        STG_STAMP(1);
         for (int i = threadIdx.x; i < vecs; i += STG_THREADS)
             reinterpret_cast<uint4*>(xs)[i] = static_cast<const uint4*>(x)[i];
     }
@@ -146,6 +154,7 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
     float first_residual = 0.f;
     if (MODE == GEMV_ADD && lane == 0 && warp < rows) first_residual = static_cast<const float*>(y)[row0 + warp];
     __syncthreads();
+    STG_STAMP(2);
 
     // With more chunks than buffers, the last warp refills each buffer once the others are
     // done with it (empty), and they go on to the next chunk without waiting for each other.
@@ -167,6 +176,7 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
         const int s = c % stages, first = c * stage_rows, end = first + min(stage_rows, rows - first);
         while (!mbar_try(&full[s], (c / stages) & 1)) {
         }
+        if (c == 0) STG_STAMP(3);
         const T* ws = ring + (size_t)s * H * stage_rows * inner;
         for (; next < end; next += workers) {
             const int r = next - first;
@@ -182,6 +192,7 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
             if (lane == 0) mbar_arrive(&empty[s]);
         }
     }
+    STG_STAMP(4);
 }
 
 #define INSTANTIATE_STAGED(SUFFIX, T, NAME, MODE)                                                                       \

@@ -8,6 +8,11 @@
 // after the chain. STG_ROWS and STG_KB override the ring's rows a buffer (16) and its shared
 // bytes (144 KB) as gemv_staged.rs plans them.
 // Build (development machine): nvcc -O3 -arch=sm_90 -std=c++17 gemv_staged.cu -o gemv_staged
+// With -DSTG_STAMPS, every block of layers 12 and 13's products stamps %globaltimer (see
+// STG_STAMP in the kernel), and the last chain's timeline is printed.
+#ifdef STG_STAMPS
+#include "stamps.cuh"
+#endif
 #include "../../../kernels/gemv_staged.cu"
 #include "../../../kernels/ops.cu"
 
@@ -74,6 +79,9 @@ int main() {
     bf* wts;
     CK(cudaMalloc(&wts, per_layer * L * 2));
     fill<<<4096, 256, 0, st>>>(wts, per_layer * L, 7, 0.05f);
+#ifdef STG_STAMPS
+    stamps_setup(wts + per_layer * 12, per_layer * 2);
+#endif
     auto W = [&](int l, int which) -> bf* {
         const size_t o[4] = {0, (size_t)QKV * HID, (size_t)QKV * HID + (size_t)HID * HID,
                              (size_t)QKV * HID + (size_t)HID * HID + 2ull * INTER * HID};
@@ -176,6 +184,9 @@ int main() {
                 printf("  chain of 24 layers (qkv, o, gate_up, down), %s: %.1f us = %.2f us a layer (%.2f TB/s)\n", names[f],
                        ms * 1e3f, ms * 1e3f / L, layer_mb * L / 1e6 / (ms * 1e-3));
         }
+#ifdef STG_STAMPS
+    stamps_print();
+#endif
     printf("gemv_staged: %s\n", ok ? "all checks PASS" : "some check FAILED");
     return ok ? 0 : 1;
 }
