@@ -30,5 +30,5 @@ export CUDA_ROOT=$CUDA_HOME CUDA_PATH=$CUDA_HOME
 . bench/gpu/link-stubs.sh
 echo "==> cargo build --features cuda (engine binaries, device test binaries, NIF)"
 cargo build --release --features cuda -p vllm_engine --bins
-cargo test --release --features cuda -p vllm_engine --test model_device --test device_checks --test model_tensor_parallel --no-run
+cargo test --release --features cuda -p vllm_engine --lib --test model_device --test device_checks --test model_tensor_parallel --no-run
 cargo build --release --features cuda -p vllm_nif

@@ -15,9 +15,11 @@ mkdir -p .gpu/bin
 for b in vllm-bench vllm-logits; do
   strip -o ".gpu/bin/$b" "$CARGO_TARGET_DIR/release/$b"
 done
-# The device-generic engine tests, run there with VLLM_TEST_DEVICE=cuda.
-for t in model_device device_checks model_tensor_parallel; do
-  test_bin=$(cargo test --release --features cuda -p vllm_engine --test "$t" --no-run 2>&1 \
+# The device-generic engine tests, run there with VLLM_TEST_DEVICE=cuda, and the crate's
+# unit tests (engine_unit; those of backend/cuda need the real driver libraries to load).
+for t in model_device device_checks model_tensor_parallel engine_unit; do
+  target=(--test "$t"); [ "$t" = engine_unit ] && target=(--lib)
+  test_bin=$(cargo test --release --features cuda -p vllm_engine "${target[@]}" --no-run 2>&1 \
     | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
   strip -o ".gpu/bin/$t" "$test_bin"
 done

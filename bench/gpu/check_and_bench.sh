@@ -9,8 +9,8 @@
 #    (Qwen3-0.6B, 256 requests, lengths uniform in 100..1024), optionally W2;
 # 3. a short table last. Full logs and JSON under $OUT (or ./gpu-results).
 #   WORKLOADS="w3 w1" RUNS=3 HF_W3=1 HF_W1=1 FP16=1 CHECKS="tests tiny hf" bench/gpu/check_and_bench.sh
-# CHECKS: tests = model_device and device_checks (SmolLM2 cases only when the GGUF is under
-# $VLLM_MODELS_DIR); smollm2 = only device_checks' SmolLM2 tests; tiny; hf (HF_DTYPES,
+# CHECKS: tests = model_device, device_checks (SmolLM2 cases only when the GGUF is under
+# $VLLM_MODELS_DIR) and engine_unit's backend::cuda unit tests; smollm2 = only device_checks' SmolLM2 tests; tiny; hf (HF_DTYPES,
 # default "bfloat16 float16"; the Qwen2.5, Qwen3 and Llama group-4 shapes, HF_SHAPES="name ..."
 # for some of them); unset: all three, CHECKS="" none. FP16=1: each workload also in float16.
 set -uo pipefail
@@ -75,6 +75,14 @@ device_checks() { # $1: log name; the rest: test filter arguments
   fi
   while read -r l; do summary+=("  $l"); done < <(grep -E "^SmolLM2 " "$out/$log.txt")
 }
+if [[ " $checks " == *" tests "* && -e "$bin/engine_unit" ]]; then
+  echo "== the CUDA backend's unit tests (engine_unit backend::cuda)"
+  if "$bin/engine_unit" backend::cuda 2>&1 | tee "$out/engine_unit.txt"; then
+    summary+=("$(grep -E "^test result" "$out/engine_unit.txt" | tail -1) (engine_unit backend::cuda)")
+  else
+    summary+=("engine_unit backend::cuda: FAIL (see engine_unit.txt)")
+  fi
+fi
 if [[ " $checks " == *" tests "* && -e "$bin/device_checks" ]]; then
   if [ -e "$smollm2_gguf" ]; then device_checks device_checks; else device_checks device_checks --skip smollm2; fi
 elif [[ " $checks " == *" smollm2 "* && -e "$bin/device_checks" ]]; then

@@ -13,6 +13,7 @@ gzip -c .gpu/bin/vllm-logits > "$dest/bin/vllm-logits.gz"
 gzip -c .gpu/bin/model_device > "$dest/bin/model_device.gz"
 gzip -c .gpu/bin/model_tensor_parallel > "$dest/bin/model_tensor_parallel.gz"
 gzip -c .gpu/bin/device_checks > "$dest/bin/device_checks.gz"
+gzip -c .gpu/bin/engine_unit > "$dest/bin/engine_unit.gz"
 rm -rf "$dest/tiny" && cp -r "$shared/fixtures/tiny" "$dest/tiny" && chmod -R u+w "$dest/tiny"
 # Gzipped (setup.sh unpacks them): a call carries at most 64 MiB.
 rm -f "$dest/tokenizer.json" "$dest/smollm2_tokenizer.json"

@@ -74,15 +74,14 @@ fn main() {
     // stubs (no GPU here), which `--as-needed` (rustc's default) would drop from NEEDED:
     // name them again after everything else with `--no-as-needed`. Executables must also
     // link although the stubs define no symbols; the real libraries resolve them at load
-    // time on the GPU machine. (Applies to this crate's binaries and tests; the NIF's
-    // build.rs does the same for its cdylib.)
-    for target in ["bins", "tests"] {
-        println!("cargo:rustc-link-arg-{target}=-Wl,--no-as-needed");
-        for lib in CUDA_LIBS {
-            println!("cargo:rustc-link-arg-{target}=-l{lib}");
-        }
-        println!("cargo:rustc-link-arg-{target}=-Wl,--unresolved-symbols=ignore-in-object-files");
+    // time on the GPU machine. (Applies to everything this crate links: its binaries, its
+    // integration tests and its own unit tests; the NIF's build.rs does the same for its
+    // cdylib.)
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+    for lib in CUDA_LIBS {
+        println!("cargo:rustc-link-arg=-l{lib}");
     }
+    println!("cargo:rustc-link-arg=-Wl,--unresolved-symbols=ignore-in-object-files");
 }
 
 /// The libraries cudarc (through candle, and NCCL for tensor parallel) calls into.

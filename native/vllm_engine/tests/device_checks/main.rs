@@ -10,8 +10,6 @@ mod engine_common;
 use engine_common::model_files as common;
 
 mod engine;
-#[cfg(feature = "cuda")]
-mod gemv_staged_plan;
 mod sampling;
 mod smollm2;
 
