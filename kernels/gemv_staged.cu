@@ -32,11 +32,9 @@
 #ifndef STG_STAMP
 #define STG_STAMP(point)
 #endif
-// Bytes of one bulk copy (a chunk goes in several, so they proceed in parallel).
-#define STG_PIECE (16u << 10)
-
 // Starts the copies of chunk c (rows c * stage_rows.. of this block, both halves for SiLU)
-// into its ring buffer.
+// into its ring buffer: one bulk copy a half. (Cut into 16 KB copies, W3's layer took 0.75 µs
+// more: bench/RESULTS.md, issue 7, session 16.)
 template <typename T, int H>
 __device__ void stage_chunk(T* ring, uint64_t* full, const T* w, int out, int inner, int row0, int rows, int stage_rows,
                             int stages, int c) {
@@ -46,7 +44,7 @@ __device__ void stage_chunk(T* ring, uint64_t* full, const T* w, int out, int in
     for (int h = 0; h < H; h++) {
         const char* src = reinterpret_cast<const char*>(w + ((size_t)h * out + row0 + first) * inner);
         char* dst = reinterpret_cast<char*>(ring + ((size_t)s * H + h) * stage_rows * inner);
-        for (unsigned o = 0; o < bytes; o += STG_PIECE) bulk_g2s(dst + o, src + o, min(STG_PIECE, bytes - o), &full[s]);
+        bulk_g2s(dst, src, bytes, &full[s]);
     }
 }
 
