@@ -33,7 +33,8 @@
 #define STG_STAMP(point)
 #endif
 // Starts the copies of chunk c (rows c * stage_rows.. of this block, both halves for SiLU)
-// into its ring buffer: one bulk copy a half. (Cut into 16 KB copies, W3's layer took 0.75 µs
+// into its ring buffer: one bulk copy a half, marked to leave the L2 first (the weights are
+// read once a step; the KV cache and the activations are read again). (Cut into 16 KB copies, W3's layer took 0.75 µs
 // more: bench/RESULTS.md, issue 7, session 16.)
 template <typename T, int H>
 __device__ void stage_chunk(T* ring, uint64_t* full, const T* w, int out, int inner, int row0, int rows, int stage_rows,
@@ -44,7 +45,7 @@ __device__ void stage_chunk(T* ring, uint64_t* full, const T* w, int out, int in
     for (int h = 0; h < H; h++) {
         const char* src = reinterpret_cast<const char*>(w + ((size_t)h * out + row0 + first) * inner);
         char* dst = reinterpret_cast<char*>(ring + ((size_t)s * H + h) * stage_rows * inner);
-        bulk_g2s(dst, src, bytes, &full[s]);
+        bulk_g2s_evict_first(dst, src, bytes, &full[s]);
     }
 }
 
