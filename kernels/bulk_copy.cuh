@@ -28,8 +28,7 @@ __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned by
                  "l"(src), "r"(bytes), "r"(saddr(bar))
                  : "memory");
 }
-
-// The same, with an L2 eviction-first hint: data read once (weights streamed each step).
+// bulk_g2s with an L2 evict-first hint, for data read once (weights streamed each step).
 __device__ __forceinline__ void bulk_g2s_evict_first(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
     uint64_t policy;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));

@@ -32,10 +32,11 @@
 #ifndef STG_STAMP
 #define STG_STAMP(point)
 #endif
+
 // Starts the copies of chunk c (rows c * stage_rows.. of this block, both halves for SiLU)
-// into its ring buffer: one bulk copy a half, marked to leave the L2 first (the weights are
-// read once a step; the KV cache and the activations are read again). (Cut into 16 KB copies, W3's layer took 0.75 µs
-// more: bench/RESULTS.md, issue 7, session 16.)
+// into its ring buffer. One bulk copy a half: cut into 16 KB copies, W3's layer took 0.75 µs
+// more. Marked to leave the L2 first: the weights are read once a step, while the KV cache
+// and the activations are read again (bench/RESULTS.md, issue 7, session 16).
 template <typename T, int H>
 __device__ void stage_chunk(T* ring, uint64_t* full, const T* w, int out, int inner, int row0, int rows, int stage_rows,
                             int stages, int c) {
