@@ -10,9 +10,9 @@
 # 3. a short table last. Full logs and JSON under $OUT (or ./gpu-results).
 #   WORKLOADS="w3 w1" RUNS=3 HF_W3=1 HF_W1=1 FP16=1 CHECKS="tests tiny hf" bench/gpu/check_and_bench.sh
 # CHECKS: tests = model_device, device_checks (SmolLM2 cases only when the GGUF is under
-# $VLLM_MODELS_DIR) and engine_unit's backend::cuda unit tests; smollm2 = only device_checks' SmolLM2 tests; tiny; hf (HF_DTYPES,
-# default "bfloat16 float16"; the Qwen2.5, Qwen3 and Llama group-4 shapes, HF_SHAPES="name ..."
-# for some of them); unset: all three, CHECKS="" none. FP16=1: each workload also in float16.
+# $VLLM_MODELS_DIR) and engine_unit's backend::cuda unit tests; smollm2 = only device_checks'
+# SmolLM2 tests; tiny; hf (HF_DTYPES, default "bfloat16 float16"; the Qwen2.5, Qwen3 and Llama
+# group-4 shapes, HF_SHAPES="name ..." for some of them); unset: all three, CHECKS="" none. FP16=1: each workload also in float16.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/setup.sh"
