@@ -44,12 +44,12 @@ fn kernel_name(epilogue: GemvEpilogue) -> &'static str {
 /// the plans of W3's shapes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
-    pub rows_per_block: usize,
-    pub blocks: usize,
-    pub stage_rows: usize,
-    pub stages: usize,
+    rows_per_block: usize,
+    blocks: usize,
+    stage_rows: usize,
+    stages: usize,
     /// Dynamic shared memory of a block, bytes.
-    pub shared: usize,
+    shared: usize,
 }
 
 /// Loads the module, opts its functions in to SHARED_LIMIT bytes of dynamic shared memory
@@ -163,7 +163,7 @@ mod tests {
     const SMS: usize = 132;
 
     #[test]
-    fn staged_plan_takes_a_layers_products_whole() {
+    fn a_layers_products_are_taken_whole() {
         // gate_up: 2 × 4864 rows of 896; down: 896 rows of 4864.
         let gate_up = plan(DType::BF16, 4864, 896, GemvEpilogue::SiluMul, SMS, true).unwrap();
         assert_eq!((gate_up.rows_per_block, gate_up.blocks, gate_up.stages), (37, 132, 1));
@@ -175,7 +175,7 @@ mod tests {
     }
 
     #[test]
-    fn staged_plan_streams_the_logits_beside_the_last_down_block() {
+    fn the_logits_stream_through_a_ring_beside_the_last_down_block() {
         let logits = plan(DType::BF16, 151936, 896, GemvEpilogue::StoreF32, SMS, true).unwrap();
         assert_eq!((logits.rows_per_block, logits.blocks), (1152, 132));
         assert_eq!((logits.stage_rows, logits.stages), (16, 5));
@@ -196,7 +196,7 @@ mod tests {
     }
 
     #[test]
-    fn staged_plan_declines_rows_the_norm_prologue_cannot_hold() {
+    fn rows_the_norm_prologue_cannot_hold_are_declined() {
         assert_eq!(plan(DType::BF16, 1024, 4096, GemvEpilogue::Store, SMS, true), None);
         assert!(plan(DType::BF16, 1024, 2048, GemvEpilogue::Store, SMS, true).is_some());
         // Not a whole number of 16-byte chunks.
