@@ -12,7 +12,8 @@
 //      this one waits for its input;
 // then builds x' in shared memory (the norm: one float4 of the residual a thread), reads
 // the residual rows a residual-add epilogue will update, waits for its copies and computes
-// one weight row a warp, two 16-byte chunks a lane in flight.
+// one weight row a warp, two 16-byte chunks a lane in flight (gate_up in 16-bit types: on the
+// tensor cores, tile_sums).
 // A block's rows go in chunks of stage_rows through a ring of `stages` buffers, each on its
 // own mbarrier, a buffer refilled once every warp is done with it. The products of a layer
 // fit whole (one chunk, one stage); the logits (lm_head, ~150k rows) stream through the
@@ -22,11 +23,17 @@
 #include "bulk_copy.cuh"
 #include "common.cuh"
 #include "gemv_epilogue.cuh"
+#include "mma.cuh"
 #include "pdl.cuh"
 
 #define STG_THREADS 512
 #define STG_WARPS (STG_THREADS / 32)
 #define STG_MAX_STAGES 16
+// gate_up's 16-bit weights summed on the tensor cores (tile_sums); 0 keeps the CUDA-core loop
+// for them (bench/gpu/micro/gemv_staged.cu builds both).
+#ifndef STG_TENSOR
+#define STG_TENSOR 1
+#endif
 // Timeline stamps: a block's start (0), past pdl_wait (1), x' built (2), its weights in (3)
 // and its end (4). None in the engine; bench/gpu/micro/stamps.cuh defines them.
 #ifndef STG_STAMP
@@ -85,11 +92,77 @@ __device__ void row_sums(float (&sum)[H], const T* row, size_t half, const T* xs
     for (int h = 0; h < H; h++) sum[h] = warp_sum(acc[h][0] + acc[h][1]);
 }
 
+// Tensor-core sums of gate_up (16-bit weights, rows whole, 32 | inner). The block's rows of
+// both halves ("virtual rows": the up half after the gate half) go in tiles of 16, each
+// tile's columns in chunks of 32, and every warp takes an equal run of the (tile, chunk)
+// units: the CUDA-core loop gave W3's 37 rows a block to 16 warps, five of them three rows,
+// and unpacked every bf16 to float by hand.
+// One mma.m16n8k16 takes the tile's weights as A and x' as B. A dot product may pair its
+// terms in any order, so lane (g, t) loads its 16 bytes of rows g and g + 8 and of x' at one
+// column, rotated by g (no bank conflicts although every row starts at the same bank), and
+// B's column g is x' in lane group g's rotation: D[g][g] and D[g + 8][g] are rows g's and
+// g + 8's sums. A warp leaves its sums of each tile it touched in part[warp].
+// The same form for o, down and qkv (7-9 rows a block) measured slower than their CUDA-core
+// loop (bench/RESULTS.md, issue 7, session 17).
+template <typename T, int H>
+__device__ void tile_sums(float* part, const T* ws, size_t half, const T* xs, int rows, int inner, int warp, int lane) {
+    const int vecs = inner * (int)sizeof(T) / 16;
+    const int vrows = H * rows, tiles = (vrows + 15) / 16, chunks = vecs / 4, units = tiles * chunks;
+    const int u0 = warp * units / STG_WARPS, u1 = (warp + 1) * units / STG_WARPS;
+    const int g = lane >> 2, t = lane & 3;
+    const uint4* x4 = reinterpret_cast<const uint4*>(xs);
+    // A tile's rows past the last read row 0: a row of A only reaches the same row of D,
+    // which nobody reads.
+    const auto row_vecs = [&](int vr) {
+        const size_t at = vr >= vrows ? 0 : vr < rows ? (size_t)vr * inner : half + (size_t)(vr - rows) * inner;
+        return reinterpret_cast<const uint4*>(ws + at);
+    };
+    int tile = u0 / chunks, c = u0 - tile * chunks;
+    for (int u = u0; u < u1; u += chunks - c, tile++, c = 0) {
+        const int n = min(chunks - c, u1 - u);
+        const uint4 *w0 = row_vecs(tile * 16 + g), *w1 = row_vecs(tile * 16 + g + 8);
+        float acc[2][4] = {};
+        int j = c + g;
+        while (j >= chunks) j -= chunks;
+        // Not unrolled: each unrolled copy made gate_up slower (code size, it seems).
+#pragma unroll 1
+        for (int k = 0; k < n; k++) {
+            const int v = 4 * j + t;
+            const uint4 xv = x4[v], a0 = w0[v], a1 = w1[v];
+            const uint32_t lo[4] = {a0.x, a1.x, a0.y, a1.y}, hi[4] = {a0.z, a1.z, a0.w, a1.w};
+            mma_16816<T>(acc[0], lo, xv.x, xv.y);
+            mma_16816<T>(acc[1], hi, xv.z, xv.w);
+            if (++j == chunks) j = 0;
+        }
+        // D[g][g] and D[g + 8][g] sit in lane (g, g / 2): elements g % 2 and 2 + g % 2
+        // (selects, not an index, so acc stays in registers).
+        if (t == g >> 1) {
+            const bool odd = g & 1;
+            float* p = part + (size_t)warp * tiles * 16 + tile * 16;
+            p[g] = odd ? acc[0][1] + acc[1][1] : acc[0][0] + acc[1][0];
+            p[g + 8] = odd ? acc[0][3] + acc[1][3] : acc[0][2] + acc[1][2];
+        }
+    }
+}
+
+// Virtual row vr's sum: its tile's partials from the warps whose units reached it, in warp
+// order (the same bits every run).
+__device__ float tile_total(const float* part, int vr, int tiles, int chunks) {
+    const int units = tiles * chunks, lo = vr / 16 * chunks, hi = lo + chunks;
+    float s = 0.f;
+    for (int w = 0; w < STG_WARPS; w++) {
+        const int u0 = w * units / STG_WARPS, u1 = (w + 1) * units / STG_WARPS;
+        if (u0 < u1 && u0 < hi && u1 > lo) s += part[(size_t)w * tiles * 16 + vr];
+    }
+    return s;
+}
+
 // y = epilogue(x' · wᵀ) for one input row; x' = RMSNorm(x) * norm_w (x the float32 residual
 // stream, inner <= 4 * STG_THREADS) when norm_w is given, else x. A block computes rows
 // row0..row0 + rpb of w (and, for GEMV_SILU, the same rows of the up half at + out). Dynamic
-// shared memory: (stages * halves * stage_rows + 1) * inner * sizeof(T) bytes (the launcher
-// checks), stages <= STG_MAX_STAGES.
+// shared memory: (stages * halves * stage_rows + 1) * inner * sizeof(T) bytes, and for
+// tile_sums STG_WARPS * 16 * ceil(2 * rpb / 16) floats more (the launcher checks), stages <=
+// STG_MAX_STAGES.
 template <typename T, int MODE>
 __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w, int out, int inner, int rpb,
                             int stage_rows, int stages, float eps) {
@@ -100,6 +173,7 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
     // Only the logits stream; a layer's products take their rows whole, and compile without
     // the ring's bookkeeping.
     constexpr bool RING = MODE == GEMV_STORE_F32;
+    constexpr bool TENSOR = STG_TENSOR && sizeof(T) == 2 && MODE == GEMV_SILU;
     STG_STAMP(0);
     if (!RING) stage_rows = rpb, stages = 1;
     const int row0 = blockIdx.x * rpb, rows = min(rpb, out - row0);
@@ -155,6 +229,21 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
     if (MODE == GEMV_ADD && lane == 0 && warp < rows) first_residual = static_cast<const float*>(y)[row0 + warp];
     __syncthreads();
     STG_STAMP(2);
+
+    if constexpr (TENSOR) {
+        float* part = reinterpret_cast<float*>(xs + inner);
+        while (!mbar_try(&full[0], 0)) {
+        }
+        STG_STAMP(3);
+        tile_sums<T, H>(part, ring, (size_t)stage_rows * inner, xs, rows, inner, warp, lane);
+        __syncthreads();
+        const int tiles = (H * rows + 15) / 16, chunks = vecs / 4;
+        for (int r = threadIdx.x; r < rows; r += STG_THREADS)
+            gemv_epilogue<T>(y, row0 + r, MODE, tile_total(part, r, tiles, chunks),
+                             tile_total(part, rows + r, tiles, chunks));
+        STG_STAMP(4);
+        return;
+    }
 
     // With more chunks than buffers, the last warp refills each buffer once the others are
     // done with it (empty), and they go on to the next chunk without waiting for each other.

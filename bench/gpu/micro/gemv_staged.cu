@@ -8,6 +8,7 @@
 // after the chain. STG_ROWS and STG_KB override the ring's rows a buffer (16) and its shared
 // bytes (144 KB) as gemv_staged.rs plans them.
 // Build (development machine): nvcc -O3 -arch=sm_90 -std=c++17 gemv_staged.cu -o gemv_staged
+// (-DSTG_TENSOR=0: gate_up's sums on the CUDA cores, as before session 17).
 // With -DSTG_STAMPS, every block of layers 12 and 13's products stamps %globaltimer (see
 // STG_STAMP in the kernel), and the last chain's timeline is printed.
 #ifdef STG_STAMPS
@@ -49,7 +50,9 @@ static void staged_launch(K kernel, bool* set, int halves, void* y, const void* 
         const unsigned limit = (kb ? atoi(kb) : 144) << 10;
         stages = std::min<int>(STG_MAX_STAGES, (limit - inner * 2) / (halves * stage_rows * inner * 2));
     }
-    const size_t smem = ((size_t)stages * halves * stage_rows + 1) * inner * 2;
+    size_t smem = ((size_t)stages * halves * stage_rows + 1) * inner * 2;
+    // tile_sums' partials (gate_up).
+    if (STG_TENSOR && halves == 2) smem += (size_t)STG_WARPS * 16 * ((halves * rpb + 15) / 16) * 4;
     if (!*set) {
         CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 220 << 10));
         // Kernels share an SM only under one L1 / shared-memory split: all take the largest.

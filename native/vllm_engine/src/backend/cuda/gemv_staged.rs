@@ -17,11 +17,13 @@ use crate::error::Result;
 
 /// Must match STG_THREADS in gemv_staged.cu.
 const STG_THREADS: u32 = 512;
+/// STG_THREADS / 32.
+const STG_WARPS: usize = STG_THREADS as usize / 32;
 /// Must match STG_MAX_STAGES in gemv_staged.cu.
 const MAX_STAGES: usize = 16;
 /// Dynamic shared memory the kernels are opted in to. Two blocks of neighbouring products
 /// must fit an SM's 228 KB for the next one's copies to start early (W3's gate_up takes
-/// 134 KB a block, down 78 KB).
+/// 139 KB a block, down 78 KB).
 const SHARED_LIMIT: usize = 160 * 1024;
 /// The logits' ring: room beside the last layer's down block (78 KB for W3), so its first
 /// buffers fill before pdl_wait.
@@ -92,7 +94,8 @@ pub(super) fn load_into(
 }
 
 /// The launch of a one-row product; None where gemv_fused serves it (rows too long for the
-/// norm prologue, or too many for the shared memory: all but the logits must fit whole).
+/// norm prologue, too many for the shared memory: all but the logits must fit whole, or a
+/// 16-bit gate_up's rows not in whole chunks of 32 columns).
 pub fn plan(dtype: DType, out: usize, inner: usize, epilogue: GemvEpilogue, sms: usize, norm: bool) -> Option<Plan> {
     let size = dtype.size_in_bytes();
     if sms == 0 || out == 0 || !inner.is_multiple_of(16 / size) || (norm && inner > 4 * STG_THREADS as usize) {
@@ -102,7 +105,18 @@ pub fn plan(dtype: DType, out: usize, inner: usize, epilogue: GemvEpilogue, sms:
     let row_bytes = inner * size;
     let rows_per_block = out.div_ceil(sms);
     let blocks = out.div_ceil(rows_per_block);
-    let whole = (halves * rows_per_block + 1) * row_bytes;
+    // gate_up in a 16-bit type is summed on the tensor cores (tile_sums in the kernel), in
+    // chunks of 32 columns, each warp leaving its sums of every 16-row tile in shared memory.
+    let tensor = size == 2 && epilogue == GemvEpilogue::SiluMul;
+    if tensor && !inner.is_multiple_of(32) {
+        return None;
+    }
+    let partials = if tensor {
+        STG_WARPS * 16 * (halves * rows_per_block).div_ceil(16) * 4
+    } else {
+        0
+    };
+    let whole = (halves * rows_per_block + 1) * row_bytes + partials;
     if whole <= SHARED_LIMIT {
         return Some(Plan {
             rows_per_block,
@@ -167,9 +181,14 @@ mod tests {
         // gate_up: 2 × 4864 rows of 896; down: 896 rows of 4864.
         let gate_up = plan(DType::BF16, 4864, 896, GemvEpilogue::SiluMul, SMS, true).unwrap();
         assert_eq!((gate_up.rows_per_block, gate_up.blocks, gate_up.stages), (37, 132, 1));
-        assert_eq!(gate_up.shared, (2 * 37 + 1) * 896 * 2);
+        // The rows, x' and the tensor-core partials of 5 tiles (74 rows) from 16 warps.
+        assert_eq!(gate_up.shared, (2 * 37 + 1) * 896 * 2 + 16 * 16 * 5 * 4);
         let down = plan(DType::BF16, 896, 4864, GemvEpilogue::AddTo, SMS, false).unwrap();
         assert_eq!((down.rows_per_block, down.stage_rows, down.stages), (7, 7, 1));
+        // tile_sums takes columns 32 at a time.
+        assert_eq!(plan(DType::BF16, 1024, 880, GemvEpilogue::SiluMul, SMS, true), None);
+        assert!(plan(DType::F32, 1024, 880, GemvEpilogue::SiluMul, SMS, true).is_some());
+        assert!(plan(DType::BF16, 1024, 880, GemvEpilogue::Store, SMS, true).is_some());
         // Too many rows for a block's shared memory: gemv_fused keeps them.
         assert_eq!(plan(DType::BF16, 14336, 4096, GemvEpilogue::SiluMul, SMS, true), None);
     }
