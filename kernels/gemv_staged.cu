@@ -124,7 +124,7 @@ __device__ void tile_sums(float* part, const T* ws, size_t half, const T* xs, in
         float acc[2][4] = {};
         int j = c + g;
         while (j >= chunks) j -= chunks;
-        // Not unrolled: each unrolled copy made gate_up slower (code size, it seems).
+        // Not unrolled: unrolled by 2, gate_up ran 0.15-0.2 µs slower.
 #pragma unroll 1
         for (int k = 0; k < n; k++) {
             const int v = 4 * j + t;
@@ -219,6 +219,9 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
         pdl_launch_dependents();
         pdl_wait();
         STG_STAMP(1);
+        // One or two rounds (W3's o and down): unrolled, the loop cost the chain 0.2 µs a
+        // layer (bench/RESULTS.md, issue 7, session 17).
+#pragma unroll 1
         for (int i = threadIdx.x; i < vecs; i += STG_THREADS)
             reinterpret_cast<uint4*>(xs)[i] = static_cast<const uint4*>(x)[i];
     }
