@@ -37,11 +37,16 @@ __device__ __forceinline__ long long cache_slot(const uint32_t* block_tables, in
     return (long long)block_tables[(long long)seq * max_blocks + pos / block_size] * block_size + pos % block_size;
 }
 
-// out[t] = table[ids[t]]; one block per token.
+// out[t] = table[ids[t]]; one block per token. An id with EMBED_AHEAD set (a decode graph
+// launched ahead, backend/cuda/graphs.rs) names the row of `ahead` (the step before's
+// argmax) that holds the token.
+#define EMBED_AHEAD 0x80000000u
 template <typename T>
-__device__ void embedding(float* out, const T* table, const uint32_t* ids, int hidden) {
+__device__ void embedding(float* out, const T* table, const uint32_t* ids, const uint32_t* ahead, int hidden) {
     const long long t = blockIdx.x;
-    const T* row = table + (long long)ids[t] * hidden;
+    uint32_t id = ids[t];
+    if (id & EMBED_AHEAD) id = ahead[id & ~EMBED_AHEAD];
+    const T* row = table + (long long)id * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[t * hidden + i] = to_f(row[i]);
 }
 
@@ -846,8 +851,9 @@ extern "C" __global__ void argmax_split_reduce(uint32_t* out, const uint32_t* pa
 }
 
 #define INSTANTIATE(SUFFIX, T)                                                                                          \
-    extern "C" __global__ void embedding_##SUFFIX(float* out, const T* table, const uint32_t* ids, int hidden) {           \
-        embedding<T>(out, table, ids, hidden);                                                                          \
+    extern "C" __global__ void embedding_##SUFFIX(float* out, const T* table, const uint32_t* ids,                       \
+                                                  const uint32_t* ahead, int hidden) {                                  \
+        embedding<T>(out, table, ids, ahead, hidden);                                                                   \
     }                                                                                                                   \
     extern "C" __global__ void gather_rows_##SUFFIX(T* out, const T* src, const uint32_t* rows, int width) {           \
         gather_rows<T>(out, src, rows, width);                                                                          \

@@ -104,19 +104,6 @@ impl DecodeInputs {
     }
 }
 
-/// Row r takes item `at[r]`: the (destination, source, length) runs of contiguous items
-/// that copy them, in order.
-pub fn copy_runs(at: &[usize]) -> Vec<(usize, usize, usize)> {
-    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
-    for (r, &src) in at.iter().enumerate() {
-        match runs.last_mut() {
-            Some((dst, from, len)) if *dst + *len == r && *from + *len == src => *len += 1,
-            _ => runs.push((r, src, 1)),
-        }
-    }
-    runs
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,21 +202,5 @@ mod tests {
         let moved = DecodeInputs::from_batch(&batch(&[(1, 4, &[3, 9]), (2, 1, &[4])]), 4).unwrap();
         assert_eq!(moved.rows_within(&launched), None);
         assert_eq!(DecodeInputs::default().rows_within(&launched), Some(vec![]));
-    }
-
-    #[test]
-    fn copy_runs_join_contiguous_rows() {
-        assert_eq!(copy_runs(&[0, 1, 2]), vec![(0, 0, 3)]);
-        assert_eq!(copy_runs(&[0, 2, 3, 7]), vec![(0, 0, 1), (1, 2, 2), (3, 7, 1)]);
-        assert_eq!(copy_runs(&[]), vec![]);
-        // Every row is covered exactly once, by its own source.
-        let at = [1, 2, 4, 5, 6, 9];
-        let mut covered = vec![usize::MAX; at.len()];
-        for (dst, src, len) in copy_runs(&at) {
-            for i in 0..len {
-                covered[dst + i] = src + i;
-            }
-        }
-        assert_eq!(covered, at);
     }
 }

@@ -20,7 +20,7 @@ use super::graph_events::GraphEvents;
 use super::lora::{DeviceLora, FusedParts};
 use super::ops::{self, AttentionDims, AttentionPtrs, GemvEpilogue, MetaPtrs, QkvPtrs, RowsPtrs};
 use super::{device_ptr, Kernels};
-use crate::decode_lookahead::{copy_runs, DecodeInputs};
+use crate::decode_lookahead::DecodeInputs;
 use crate::error::{EngineError, Result};
 use crate::models::ForwardBatch;
 
@@ -99,10 +99,6 @@ struct Buffers {
     /// u32 [max_batch, ARGMAX_SPLITS, 2]: the split argmax's partials.
     argmax_part: Tensor,
 }
-
-/// The lookahead's token copies a step at most (each is a call of a few µs): past this
-/// many, rows that finished break the step into too many runs, and it waits a step.
-const MAX_TOKEN_RUNS: usize = 8;
 
 /// A step the lookahead launched: its inputs (tokens filled in once the step before it is
 /// back), padded size and argmax copy.
@@ -387,7 +383,9 @@ impl DecodeGraphs {
         let kv_width = m.dims.num_kv_heads * m.dims.head_dim;
         let parts = FusedParts::new(hidden, m.q_width(), kv_width, inter);
 
-        ops::launch_embedding(k, dt, h, m.embed, meta_base, b, hidden)?;
+        // Tokens a lookahead launch does not know yet are rows of the last step's argmax.
+        let argmax = p(&buf.argmax)?;
+        ops::launch_embedding(k, dt, h, m.embed, (meta_base, argmax), b, hidden)?;
         // Small batches: every product through our GEMV with the norms, residual adds and
         // SiLU fused in (h is the residual stream, updated in place by o_proj and down).
         // LoRA graphs keep the plain products: the adapters' shrink needs the normed input
@@ -529,8 +527,7 @@ impl DecodeGraphs {
             ops::launch_add_rms_norm(k, dt, &norm_final, b, hidden, m.eps)?;
             ops::launch_logits(k, &self.blas, dt, logits, x, m.lm_head, b, m.vocab, hidden)?;
         }
-        let (argmax, part) = (p(&buf.argmax)?, p(&buf.argmax_part)?);
-        ops::launch_argmax_split(k, DType::F32, argmax, part, logits, b, m.vocab)
+        ops::launch_argmax_split(k, DType::F32, argmax, p(&buf.argmax_part)?, logits, b, m.vocab)
     }
 
     /// y[b, out] = x[b, inner] · w[out, inner]ᵀ: `ops::linear`'s choice on raw buffers.
@@ -622,21 +619,18 @@ impl DecodeGraphs {
     }
 
     /// Stages `inputs` padded to `b` rows, uploads them and launches the graph of size `b`.
-    /// With `token_runs` (the lookahead: the host does not know the tokens yet) the rows'
-    /// tokens are the previous replay's argmax rows, copied on the device after the upload
-    /// in runs of (first row, first argmax row, rows) (`copy_runs`).
-    fn launch(
-        &mut self,
-        inputs: &DecodeInputs,
-        b: usize,
-        with_lora: bool,
-        token_runs: Option<&[(usize, usize, usize)]>,
-    ) -> Result<()> {
+    /// With `ahead` (the lookahead: the host does not know the tokens yet) row r's token is
+    /// row `ahead[r]` of the previous replay's argmax, which the graph's embedding reads
+    /// there (ops::EMBED_AHEAD): no copy on the stream between the two replays.
+    fn launch(&mut self, inputs: &DecodeInputs, b: usize, with_lora: bool, ahead: Option<&[usize]>) -> Result<()> {
         let n = inputs.rows();
         let mb = self.max_batch;
         for r in 0..n {
             let blocks = inputs.blocks(r);
-            self.meta_host[r] = inputs.tokens[r];
+            self.meta_host[r] = match ahead {
+                Some(at) => ops::EMBED_AHEAD | at[r] as u32,
+                None => inputs.tokens[r],
+            };
             self.meta_host[mb + r] = inputs.positions[r];
             let row = 2 * mb + r * self.max_blocks;
             self.meta_host[row..row + blocks.len()].copy_from_slice(blocks);
@@ -647,18 +641,6 @@ impl DecodeGraphs {
             e.before_upload(raw_stream);
         }
         self.upload(b)?;
-        if let Some(runs) = token_runs {
-            let meta = device_ptr(&self.buffers.meta)?;
-            let argmax = device_ptr(&self.buffers.argmax)?;
-            for &(dst, src, len) in runs {
-                // SAFETY: both buffers hold max_batch >= b u32 and every run lies below b;
-                // stream-ordered after the upload (placeholders there) and the last replay.
-                unsafe {
-                    driver::memcpy_dtod_async(meta + 4 * dst as u64, argmax + 4 * src as u64, 4 * len, raw_stream)
-                }
-                .map_err(|e| cuda_err("lookahead token copy", e))?;
-            }
-        }
         let index = self.sizes.iter().position(|&s| s == b).unwrap_or(0);
         let graph = if with_lora {
             &self.lora_graphs[index]
@@ -740,13 +722,11 @@ impl DecodeGraphs {
                 (slot, b, (0..inputs.rows()).collect())
             }
         };
-        let runs = copy_runs(&at);
         let next = (self.lookahead && batch.lookahead && !with_lora && self.events.is_none())
             .then(|| inputs.next(batch, self.block_size, self.max_model_len))
-            .flatten()
-            .filter(|_| runs.len() <= MAX_TOKEN_RUNS);
+            .flatten();
         if let Some(next) = next {
-            self.launch(&next, b, false, Some(&runs))?;
+            self.launch(&next, b, false, Some(&at))?;
             let slot = self.fetch.start(&self.stream, argmax, 2 * b)?;
             self.pending = Some(Lookahead { inputs: next, b, slot });
         }

@@ -101,28 +101,32 @@ pub fn embedding(k: &Kernels, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         table.dtype(),
         device_ptr(&out)?,
         device_ptr(table)?,
-        device_ptr(ids)?,
+        (device_ptr(ids)?, 0),
         n,
         hidden,
     )?;
     Ok(out)
 }
 
+/// Marks an id of `launch_embedding` as a row of `ahead` (EMBED_AHEAD in kernels/ops.cu).
+pub const EMBED_AHEAD: u32 = 0x8000_0000;
+
 /// `embedding` on raw device addresses: rows `ids[..n]` of `table` (in `dtype`) into `out`,
-/// the float32 residual stream.
+/// the float32 residual stream; an id `EMBED_AHEAD | j` takes its token from `ahead[j]`
+/// (0 where no id is marked).
 pub fn launch_embedding(
     k: &Kernels,
     dtype: DType,
     out: u64,
     table: u64,
-    ids: u64,
+    (ids, ahead): (u64, u64),
     n: usize,
     hidden: usize,
 ) -> Result<()> {
     let f = k.function("embedding", dtype)?;
     let h = hidden as i32;
     let mut b = k.stream().launch_builder(f);
-    b.arg(&out).arg(&table).arg(&ids).arg(&h);
+    b.arg(&out).arg(&table).arg(&ids).arg(&ahead).arg(&h);
     unsafe { b.launch(grid(n, ROW_THREADS, 0)) }.map_err(|e| launch_err("embedding", e))?;
     Ok(())
 }
