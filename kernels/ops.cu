@@ -45,7 +45,7 @@ template <typename T>
 __device__ void embedding(float* out, const T* table, const uint32_t* ids, const uint32_t* ahead, int hidden) {
     const long long t = blockIdx.x;
     uint32_t id = ids[t];
-    if (id & EMBED_AHEAD) id = ahead[id & ~EMBED_AHEAD];
+    if ((id & EMBED_AHEAD) && ahead) id = ahead[id & ~EMBED_AHEAD];
     const T* row = table + (long long)id * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[t * hidden + i] = to_f(row[i]);
 }
