@@ -104,11 +104,19 @@ __device__ void row_sums(float (&sum)[H], const T* row, size_t half, const T* xs
 // g + 8's sums. A warp leaves its sums of each tile it touched in part[warp].
 // The same form for o, down and qkv (7-9 rows a block) measured slower than their CUDA-core
 // loop (bench/RESULTS.md, issue 7, session 17).
+// Warp w's run [u0, u1) of `units` (tile, chunk) units: tile_sums works it, tile_total
+// finds whose sums a tile holds.
+__device__ __forceinline__ void warp_units(int w, int units, int& u0, int& u1) {
+    u0 = w * units / STG_WARPS;
+    u1 = (w + 1) * units / STG_WARPS;
+}
+
 template <typename T, int H>
 __device__ void tile_sums(float* part, const T* ws, size_t half, const T* xs, int rows, int inner, int warp, int lane) {
     const int vecs = inner * (int)sizeof(T) / 16;
     const int vrows = H * rows, tiles = (vrows + 15) / 16, chunks = vecs / 4, units = tiles * chunks;
-    const int u0 = warp * units / STG_WARPS, u1 = (warp + 1) * units / STG_WARPS;
+    int u0, u1;
+    warp_units(warp, units, u0, u1);
     const int g = lane >> 2, t = lane & 3;
     const uint4* x4 = reinterpret_cast<const uint4*>(xs);
     // A tile's rows past the last read row 0: a row of A only reaches the same row of D,
@@ -151,7 +159,8 @@ __device__ float tile_total(const float* part, int vr, int tiles, int chunks) {
     const int units = tiles * chunks, lo = vr / 16 * chunks, hi = lo + chunks;
     float s = 0.f;
     for (int w = 0; w < STG_WARPS; w++) {
-        const int u0 = w * units / STG_WARPS, u1 = (w + 1) * units / STG_WARPS;
+        int u0, u1;
+        warp_units(w, units, u0, u1);
         if (u0 < u1 && u0 < hi && u1 > lo) s += part[(size_t)w * tiles * 16 + vr];
     }
     return s;
