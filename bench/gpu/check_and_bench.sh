@@ -12,7 +12,8 @@
 # CHECKS: tests = model_device, device_checks (SmolLM2 cases only when the GGUF is under
 # $VLLM_MODELS_DIR) and engine_unit's backend::cuda unit tests; smollm2 = only device_checks'
 # SmolLM2 tests; tiny; hf (HF_DTYPES, default "bfloat16 float16"; the Qwen2.5, Qwen3 and Llama
-# group-4 shapes, HF_SHAPES="name ..." for some of them); unset: all three, CHECKS="" none. FP16=1: each workload also in float16.
+# group-4 shapes, HF_SHAPES="name ..." for some of them); unset: all three, CHECKS="" none.
+# FP16=1: each workload also in float16.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/setup.sh"
