@@ -166,15 +166,58 @@ __device__ float tile_total(const float* part, int vr, int tiles, int chunks) {
     return s;
 }
 
+// The logits' argmax without a kernel of its own (two hops, ~2 µs each, at the end of a W3
+// step): every worker warp holds the best of its rows; the block's best goes to scratch
+// [2 * block] (index, value bits), and the last block to arrive (fence + counter at
+// scratch[2 * gridDim.x], reset for the next launch) writes argmax[0] = id, argmax[1] =
+// value bits, as argmax_split_reduce does for one row. (value, lowest index) is a total
+// order, so the result does not depend on which block is last.
+__device__ void logits_argmax(uint32_t* argmax, uint32_t* scratch, float v, int idx, int workers, int warp, int lane) {
+    __shared__ float best_v[STG_WARPS];
+    __shared__ int best_i[STG_WARPS];
+    __shared__ bool last;
+    if (lane == 0) {
+        best_v[warp] = v;
+        best_i[warp] = idx;
+    }
+    // The refill warp has left: a barrier of the workers alone.
+    asm volatile("bar.sync 1, %0;" ::"r"(workers * 32) : "memory");
+    if (warp != 0) return;
+    v = lane < workers ? best_v[lane] : -INFINITY;
+    idx = lane < workers ? best_i[lane] : 0x7fffffff;
+    warp_argmax(v, idx);
+    unsigned int* count = scratch + 2 * gridDim.x;
+    if (lane == 0) {
+        scratch[2 * blockIdx.x] = (uint32_t)idx;
+        scratch[2 * blockIdx.x + 1] = __float_as_uint(v);
+        __threadfence();
+        last = atomicAdd(count, 1u) == gridDim.x - 1;
+    }
+    __syncwarp();
+    if (!last) return;
+    __threadfence();
+    v = -INFINITY;
+    idx = 0x7fffffff;
+    for (int b = lane; b < (int)gridDim.x; b += 32)
+        argmax_merge(v, idx, __uint_as_float(__ldcg(scratch + 2 * b + 1)), (int)__ldcg(scratch + 2 * b));
+    warp_argmax(v, idx);
+    if (lane == 0) {
+        argmax[0] = idx == 0x7fffffff ? 0u : (uint32_t)idx;
+        argmax[1] = __float_as_uint(v);
+        *count = 0u;
+    }
+}
+
 // y = epilogue(x' · wᵀ) for one input row; x' = RMSNorm(x) * norm_w (x the float32 residual
 // stream, inner <= 4 * STG_THREADS) when norm_w is given, else x. A block computes rows
 // row0..row0 + rpb of w (and, for GEMV_SILU, the same rows of the up half at + out). Dynamic
 // shared memory: (stages * halves * stage_rows + 1) * inner * sizeof(T) bytes, and for
 // tile_sums STG_WARPS * 16 * ceil(2 * rpb / 16) floats more (the launcher checks), stages <=
 // STG_MAX_STAGES.
-template <typename T, int MODE>
+template <typename T, int MODE, bool ARGMAX = false>
 __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w, int out, int inner, int rpb,
-                            int stage_rows, int stages, float eps) {
+                            int stage_rows, int stages, float eps, uint32_t* argmax = nullptr,
+                            uint32_t* scratch = nullptr) {
     extern __shared__ __align__(128) unsigned char stg_smem[];
     __shared__ __align__(8) uint64_t full[STG_MAX_STAGES], empty[STG_MAX_STAGES];
     __shared__ float red[STG_WARPS];
@@ -273,6 +316,8 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
     }
     // A warp's rows are every workers-th row of the block, so each chunk's are shared out
     // afresh whatever its size.
+    float best_v = -INFINITY;
+    int best_i = 0x7fffffff;
     for (int c = 0, next = warp; c < chunks; c++) {
         const int s = c % stages, first = c * stage_rows, end = first + min(stage_rows, rows - first);
         while (!mbar_try(&full[s], (c / stages) & 1)) {
@@ -287,12 +332,14 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
                 static_cast<float*>(y)[row0 + next] = first_residual + round_t<T>(sum[0]);
             else if (lane == 0)
                 gemv_epilogue<T>(y, row0 + next, MODE, sum[0], sum[H - 1]);
+            if (ARGMAX) argmax_merge(best_v, best_i, sum[0], row0 + next);
         }
         if (ring_refills) {
             __syncwarp();
             if (lane == 0) mbar_arrive(&empty[s]);
         }
     }
+    if constexpr (ARGMAX) logits_argmax(argmax, scratch, best_v, best_i, workers, warp, lane);
     STG_STAMP(4);
 }
 
@@ -302,11 +349,19 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
         float eps) {                                                                                                    \
         gemv_staged<T, MODE>(y, x, w, norm_w, out, inner, rpb, stage_rows, stages, eps);                                \
     }
+#define INSTANTIATE_LOGITS_ARGMAX(SUFFIX, T)                                                                            \
+    extern "C" __global__ void __launch_bounds__(STG_THREADS, 2) gemv_staged_logits_argmax_##SUFFIX(                   \
+        void* y, const void* x, const T* w, const T* norm_w, int out, int inner, int rpb, int stage_rows, int stages,   \
+        float eps, uint32_t* argmax, uint32_t* scratch) {                                                               \
+        gemv_staged<T, GEMV_STORE_F32, true>(y, x, w, norm_w, out, inner, rpb, stage_rows, stages, eps, argmax,          \
+                                             scratch);                                                                  \
+    }
 #define INSTANTIATE_STAGED_MODES(SUFFIX, T)                                                                             \
     INSTANTIATE_STAGED(SUFFIX, T, store, GEMV_STORE)                                                                    \
     INSTANTIATE_STAGED(SUFFIX, T, add, GEMV_ADD)                                                                        \
     INSTANTIATE_STAGED(SUFFIX, T, silu, GEMV_SILU)                                                                      \
-    INSTANTIATE_STAGED(SUFFIX, T, logits, GEMV_STORE_F32)
+    INSTANTIATE_STAGED(SUFFIX, T, logits, GEMV_STORE_F32)                                                               \
+    INSTANTIATE_LOGITS_ARGMAX(SUFFIX, T)
 
 INSTANTIATE_STAGED_MODES(f32, float)
 INSTANTIATE_STAGED_MODES(bf16, __nv_bfloat16)

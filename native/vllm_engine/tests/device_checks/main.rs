@@ -10,6 +10,7 @@ mod engine_common;
 use engine_common::model_files as common;
 
 mod engine;
+mod logits_argmax;
 mod sampling;
 mod smollm2;
 

@@ -32,6 +32,9 @@ const RING_LIMIT: usize = 144 * 1024;
 /// micro-benchmark: 8 rows 3.44 TB/s, 16 rows 4.12, 32 rows 4.01).
 const RING_ROWS: usize = 16;
 
+/// The logits with their argmax fused in (`launch_logits_argmax`).
+const LOGITS_ARGMAX: &str = "gemv_staged_logits_argmax";
+
 fn kernel_name(epilogue: GemvEpilogue) -> &'static str {
     match epilogue {
         GemvEpilogue::Store => "gemv_staged_store",
@@ -54,6 +57,19 @@ pub struct Plan {
     shared: usize,
 }
 
+impl Plan {
+    /// The kernel's integer parameters, in order.
+    fn ints(&self, out: usize, inner: usize) -> [i32; 5] {
+        [
+            out as i32,
+            inner as i32,
+            self.rows_per_block as i32,
+            self.stage_rows as i32,
+            self.stages as i32,
+        ]
+    }
+}
+
 /// Loads the module, opts its functions in to SHARED_LIMIT bytes of dynamic shared memory
 /// and the largest shared-memory carveout (kernels share an SM only under one split), and
 /// adds them to `functions`; None (gemv_fused stays) when any step fails.
@@ -62,14 +78,15 @@ pub(super) fn load_into(
     functions: &mut HashMap<String, CudaFunction>,
 ) -> Option<Arc<CudaModule>> {
     let module = super::load_embedded(context, embedded::GEMV_STAGED_CUBIN, embedded::GEMV_STAGED_PTX).ok()?;
-    for epilogue in [
+    let epilogues = [
         GemvEpilogue::Store,
         GemvEpilogue::AddTo,
         GemvEpilogue::SiluMul,
         GemvEpilogue::StoreF32,
-    ] {
+    ];
+    for kernel in epilogues.map(kernel_name).iter().chain([&LOGITS_ARGMAX]) {
         for suffix in ["f32", "bf16", "f16"] {
-            let name = format!("{}_{suffix}", kernel_name(epilogue));
+            let name = format!("{kernel}_{suffix}");
             let f = module.load_function(&name).ok()?;
             for (attribute, value) in [
                 (
@@ -153,19 +170,50 @@ pub fn launch(
     plan: Plan,
 ) -> Result<()> {
     let f = k.function(kernel_name(epilogue), dtype)?;
-    let ints = [
-        out as i32,
-        inner as i32,
-        plan.rows_per_block as i32,
-        plan.stage_rows as i32,
-        plan.stages as i32,
-    ];
+    let ints = plan.ints(out, inner);
     let cfg = super::ops::grid(plan.blocks, STG_THREADS, plan.shared);
     let ptrs = [y, x, w, norm];
     let mut params = super::ops::gemv_params(&ptrs, &ints, &eps, &[]);
     // SAFETY: the parameters are gemv_staged's, in order; it waits (pdl_wait) before reading
     // x or writing y.
     unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "gemv_staged", k.pdl) }
+}
+
+/// u32 of scratch `launch_logits_argmax` needs on a GPU of `sms` SMs (zeroed once).
+pub fn argmax_scratch_len(sms: usize) -> usize {
+    2 * sms + 1
+}
+
+/// The one-row logits, float32 at `y` (x' = RMSNorm(x) * norm), and their argmax at
+/// `argmax` (u32: the id, then the value's bits, as ops::launch_argmax_split writes one
+/// row) in the same launch, the last block to finish reducing the blocks' bests in
+/// `scratch` (argmax_scratch_len, zeroed before the first launch; each launch leaves it
+/// ready for the next). Ok(false), launching nothing, where `plan` declines the shape.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_logits_argmax(
+    k: &Kernels,
+    dtype: DType,
+    (y, x, w, norm): (u64, u64, u64, u64),
+    eps: f32,
+    out: usize,
+    inner: usize,
+    (argmax, scratch): (u64, u64),
+) -> Result<bool> {
+    let Some(plan) =
+        plan(dtype, out, inner, GemvEpilogue::StoreF32, k.sms, norm != 0).filter(|_| k.gemv_staged && k.logits_argmax)
+    else {
+        return Ok(false);
+    };
+    let f = k.function(LOGITS_ARGMAX, dtype)?;
+    let ints = plan.ints(out, inner);
+    let cfg = super::ops::grid(plan.blocks, STG_THREADS, plan.shared);
+    let ptrs = [y, x, w, norm];
+    let mut params = super::ops::gemv_params(&ptrs, &ints, &eps, &[]);
+    params.extend([super::pdl::arg(&argmax), super::pdl::arg(&scratch)]);
+    // SAFETY: the parameters are gemv_staged_logits_argmax's, in order; it waits (pdl_wait)
+    // before reading x or writing y, and its blocks are at most argmax_scratch_len's sms.
+    unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "gemv_staged", k.pdl) }?;
+    Ok(true)
 }
 
 #[cfg(test)]

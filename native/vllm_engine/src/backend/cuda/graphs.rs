@@ -15,10 +15,10 @@ use candle_core::{DType, Device, Tensor};
 
 use super::argmax_fetch::ArgmaxFetch;
 use super::blas::Blas;
-use super::decode_small;
 use super::graph_events::GraphEvents;
 use super::lora::{DeviceLora, FusedParts};
 use super::ops::{self, AttentionDims, AttentionPtrs, GemvEpilogue, MetaPtrs, QkvPtrs, RowsPtrs};
+use super::{decode_small, gemv_staged};
 use super::{device_ptr, Kernels};
 use crate::decode_lookahead::DecodeInputs;
 use crate::error::{EngineError, Result};
@@ -96,7 +96,8 @@ struct Buffers {
     done_counts: Tensor,
     /// u32 [2 * max_batch]: argmax ids then max values' bits.
     argmax: Tensor,
-    /// u32 [max_batch, ARGMAX_SPLITS, 2]: the split argmax's partials.
+    /// u32 [max_batch, ARGMAX_SPLITS, 2]: the split argmax's partials; at least
+    /// gemv_staged::argmax_scratch_len for the one-row logits' fused argmax.
     argmax_part: Tensor,
 }
 
@@ -271,7 +272,10 @@ impl DecodeGraphs {
             part_ml: zeros(ml_len, DType::F32)?,
             done_counts: zeros(max_batch * model.dims.num_kv_heads, DType::U32)?,
             argmax: zeros(2 * max_batch, DType::U32)?,
-            argmax_part: zeros(2 * max_batch * ops::ARGMAX_SPLITS, DType::U32)?,
+            argmax_part: zeros(
+                (2 * max_batch * ops::ARGMAX_SPLITS).max(gemv_staged::argmax_scratch_len(kernels.sms)),
+                DType::U32,
+            )?,
         };
         let fetch = ArgmaxFetch::new(&stream, 2 * max_batch)?;
         let mut graphs = DecodeGraphs {
@@ -502,7 +506,15 @@ impl DecodeGraphs {
                 l.record(i, &parts.down, act, delta, b, inter, hidden)?;
             }
         }
-        let logits = p(&buf.logits)?;
+        let (logits, argmax_part) = (p(&buf.logits)?, p(&buf.argmax_part)?);
+        // One row: the argmax inside the logits' launch where gemv_staged serves them.
+        let head = (logits, h, m.lm_head, m.final_norm);
+        if fused
+            && b == 1
+            && gemv_staged::launch_logits_argmax(k, dt, head, m.eps, m.vocab, hidden, (argmax, argmax_part))?
+        {
+            return Ok(());
+        }
         if fused {
             ops::launch_gemv_fused(
                 k,
@@ -527,7 +539,7 @@ impl DecodeGraphs {
             ops::launch_add_rms_norm(k, dt, &norm_final, b, hidden, m.eps)?;
             ops::launch_logits(k, &self.blas, dt, logits, x, m.lm_head, b, m.vocab, hidden)?;
         }
-        ops::launch_argmax_split(k, DType::F32, argmax, p(&buf.argmax_part)?, logits, b, m.vocab)
+        ops::launch_argmax_split(k, DType::F32, argmax, argmax_part, logits, b, m.vocab)
     }
 
     /// y[b, out] = x[b, inner] · w[out, inner]ᵀ: `ops::linear`'s choice on raw buffers.

@@ -126,6 +126,9 @@ pub struct Kernels {
     /// One-row products through gemv_staged.rs where it serves them (`VLLM_GEMV_STAGED=0`:
     /// gemv_fused for all).
     pub gemv_staged: bool,
+    /// A one-row decode graph's argmax inside its staged logits launch
+    /// (gemv_staged::launch_logits_argmax; `VLLM_LOGITS_ARGMAX=0`: the split argmax after).
+    pub logits_argmax: bool,
     /// The device's SMs (a staged product launches a block on each).
     pub sms: usize,
 }
@@ -244,6 +247,7 @@ impl Kernels {
             gemv_max_rows: gemv_max_rows_from_env(),
             gemv_staged: staged_module.is_some() && std::env::var_os("VLLM_GEMV_STAGED").is_none_or(|v| v != "0"),
             _staged_module: staged_module,
+            logits_argmax: std::env::var_os("VLLM_LOGITS_ARGMAX").is_none_or(|v| v != "0"),
             sms,
         })
     }
