@@ -170,9 +170,10 @@ __device__ float tile_total(const float* part, int vr, int tiles, int chunks) {
 // step): every worker warp holds the best of its rows; the block's best goes to scratch
 // [2 * block] (index, value bits), and the last block to arrive (fence + counter at
 // scratch[2 * gridDim.x], reset for the next launch) writes argmax[0] = id, argmax[1] =
-// value bits, as argmax_split_reduce does for one row. (value, lowest index) is a total
+// value bits, as argmax_split_reduce does for one row, and the same to host_out when given. (value, lowest index) is a total
 // order, so the result does not depend on which block is last.
-__device__ void logits_argmax(uint32_t* argmax, uint32_t* scratch, float v, int idx, int workers, int warp, int lane) {
+__device__ void logits_argmax(uint32_t* argmax, uint32_t* scratch, uint32_t* host_out, float v, int idx, int workers,
+                              int warp, int lane) {
     __shared__ float best_v[STG_WARPS];
     __shared__ int best_i[STG_WARPS];
     __shared__ bool last;
@@ -202,8 +203,14 @@ __device__ void logits_argmax(uint32_t* argmax, uint32_t* scratch, float v, int 
         argmax_merge(v, idx, __uint_as_float(__ldcg(scratch + 2 * b + 1)), (int)__ldcg(scratch + 2 * b));
     warp_argmax(v, idx);
     if (lane == 0) {
-        argmax[0] = idx == 0x7fffffff ? 0u : (uint32_t)idx;
+        const uint32_t id = idx == 0x7fffffff ? 0u : (uint32_t)idx;
+        argmax[0] = id;
         argmax[1] = __float_as_uint(v);
+        if (host_out) {
+            host_out[0] = id;
+            host_out[1] = __float_as_uint(v);
+            __threadfence_system();
+        }
         *count = 0u;
     }
 }
@@ -217,7 +224,7 @@ __device__ void logits_argmax(uint32_t* argmax, uint32_t* scratch, float v, int 
 template <typename T, int MODE, bool ARGMAX = false>
 __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w, int out, int inner, int rpb,
                             int stage_rows, int stages, float eps, uint32_t* argmax = nullptr,
-                            uint32_t* scratch = nullptr) {
+                            uint32_t* scratch = nullptr, uint32_t* host_out = nullptr) {
     extern __shared__ __align__(128) unsigned char stg_smem[];
     __shared__ __align__(8) uint64_t full[STG_MAX_STAGES], empty[STG_MAX_STAGES];
     __shared__ float red[STG_WARPS];
@@ -339,7 +346,7 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
             if (lane == 0) mbar_arrive(&empty[s]);
         }
     }
-    if constexpr (ARGMAX) logits_argmax(argmax, scratch, best_v, best_i, workers, warp, lane);
+    if constexpr (ARGMAX) logits_argmax(argmax, scratch, host_out, best_v, best_i, workers, warp, lane);
     STG_STAMP(4);
 }
 
@@ -352,9 +359,9 @@ __device__ void gemv_staged(void* y, const void* x, const T* w, const T* norm_w,
 #define INSTANTIATE_LOGITS_ARGMAX(SUFFIX, T)                                                                            \
     extern "C" __global__ void __launch_bounds__(STG_THREADS, 2) gemv_staged_logits_argmax_##SUFFIX(                   \
         void* y, const void* x, const T* w, const T* norm_w, int out, int inner, int rpb, int stage_rows, int stages,   \
-        float eps, uint32_t* argmax, uint32_t* scratch) {                                                               \
+        float eps, uint32_t* argmax, uint32_t* scratch, uint32_t* host_out) {                                           \
         gemv_staged<T, GEMV_STORE_F32, true>(y, x, w, norm_w, out, inner, rpb, stage_rows, stages, eps, argmax,          \
-                                             scratch);                                                                  \
+                                             scratch, host_out);                                                        \
     }
 #define INSTANTIATE_STAGED_MODES(SUFFIX, T)                                                                             \
     INSTANTIATE_STAGED(SUFFIX, T, store, GEMV_STORE)                                                                    \

@@ -50,6 +50,37 @@ __device__ void embedding(float* out, const T* table, const uint32_t* ids, const
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[t * hidden + i] = to_f(row[i]);
 }
 
+// A decode graph's first kernel (backend/cuda/graphs.rs): the step's inputs from `staged`,
+// page-locked host memory the host wrote for this launch ([entries, 3 unused, then meta's
+// layout: ids [max_batch], positions [max_batch], block tables [max_batch, max_blocks]]),
+// into `meta` (rows 0..gridDim.x, each table row's first `entries`), and row t's embedding,
+// its id read from there. No copy on the stream before the graph (bench/RESULTS.md, issue 7,
+// session 18). It lets no later kernel start before it ends: they read meta before their
+// pdl_wait.
+template <typename T>
+__device__ void graph_embedding(float* out, const T* table, const uint32_t* staged, uint32_t* meta,
+                                const uint32_t* ahead, int hidden, int max_batch, int max_blocks) {
+    const int t = blockIdx.x;
+    const uint32_t* src = staged + 4;
+    const long long row = 2LL * max_batch + (long long)t * max_blocks;
+    // One trip over the bus for all of these: a thread's first table entry is read before
+    // knowing whether the row has that many.
+    const bool first = (int)threadIdx.x < max_blocks;
+    const uint32_t entry = first ? src[row + threadIdx.x] : 0u;
+    const int entries = (int)min(staged[0], (uint32_t)max_blocks);
+    uint32_t id = src[t];
+    const uint32_t position = src[max_batch + t];
+    if (threadIdx.x == 0) {
+        meta[t] = id;
+        meta[max_batch + t] = position;
+    }
+    if (first && (int)threadIdx.x < entries) meta[row + threadIdx.x] = entry;
+    for (int i = threadIdx.x + blockDim.x; i < entries; i += blockDim.x) meta[row + i] = src[row + i];
+    if ((id & EMBED_AHEAD) && ahead) id = ahead[id & ~EMBED_AHEAD];
+    const T* emb = table + (long long)id * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[(long long)t * hidden + i] = to_f(emb[i]);
+}
+
 // out[r] = src[rows[r]]; one block per output row.
 template <typename T>
 __device__ void gather_rows(T* out, const T* src, const uint32_t* rows, int width) {
@@ -838,15 +869,23 @@ __device__ void argmax_split(uint32_t* part, const T* logits, int vocab) {
 }
 
 // Stage 2 of the split argmax: one 32-thread block per row over its `splits` partials.
-extern "C" __global__ void argmax_split_reduce(uint32_t* out, const uint32_t* part, int splits) {
+// `host_out`, when given, gets the same values (a decode graph's result, written straight
+// to page-locked host memory).
+extern "C" __global__ void argmax_split_reduce(uint32_t* out, const uint32_t* part, int splits, uint32_t* host_out) {
     const uint32_t* p = part + (long long)blockIdx.x * splits * 2;
     float v = -INFINITY;
     int idx = 0x7fffffff;
     for (int s = threadIdx.x; s < splits; s += 32) argmax_merge(v, idx, __uint_as_float(p[2 * s + 1]), (int)p[2 * s]);
     warp_argmax(v, idx);
     if (threadIdx.x == 0) {
-        out[blockIdx.x] = idx == 0x7fffffff ? 0u : (uint32_t)idx;
+        const uint32_t id = idx == 0x7fffffff ? 0u : (uint32_t)idx;
+        out[blockIdx.x] = id;
         out[gridDim.x + blockIdx.x] = __float_as_uint(v);
+        if (host_out) {
+            host_out[blockIdx.x] = id;
+            host_out[gridDim.x + blockIdx.x] = __float_as_uint(v);
+            __threadfence_system();
+        }
     }
 }
 
@@ -854,6 +893,11 @@ extern "C" __global__ void argmax_split_reduce(uint32_t* out, const uint32_t* pa
     extern "C" __global__ void embedding_##SUFFIX(float* out, const T* table, const uint32_t* ids,                       \
                                                   const uint32_t* ahead, int hidden) {                                  \
         embedding<T>(out, table, ids, ahead, hidden);                                                                   \
+    }                                                                                                                   \
+    extern "C" __global__ void graph_embedding_##SUFFIX(float* out, const T* table, const uint32_t* staged,               \
+                                                        uint32_t* meta, const uint32_t* ahead, int hidden,               \
+                                                        int max_batch, int max_blocks) {                                 \
+        graph_embedding<T>(out, table, staged, meta, ahead, hidden, max_batch, max_blocks);                             \
     }                                                                                                                   \
     extern "C" __global__ void gather_rows_##SUFFIX(T* out, const T* src, const uint32_t* rows, int width) {           \
         gather_rows<T>(out, src, rows, width);                                                                          \

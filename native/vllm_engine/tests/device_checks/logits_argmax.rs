@@ -46,7 +46,7 @@ fn fused_argmax_is_the_lowest_id_of_the_largest_logit_launch_after_launch() {
                 1e-6,
                 out,
                 inner,
-                (ptr(&argmax), ptr(&scratch)),
+                (ptr(&argmax), ptr(&scratch), 0),
             );
             assert!(launched.unwrap(), "{out} rows: no staged plan");
             let got = argmax.to_vec1::<u32>().unwrap();

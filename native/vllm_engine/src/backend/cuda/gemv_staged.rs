@@ -186,9 +186,10 @@ pub fn argmax_scratch_len(sms: usize) -> usize {
 
 /// The one-row logits, float32 at `y` (x' = RMSNorm(x) * norm), and their argmax at
 /// `argmax` (u32: the id, then the value's bits, as ops::launch_argmax_split writes one
-/// row) in the same launch, the last block to finish reducing the blocks' bests in
-/// `scratch` (argmax_scratch_len, zeroed before the first launch; each launch leaves it
-/// ready for the next). Ok(false), launching nothing, where `plan` declines the shape.
+/// row; the same to `host_out` unless 0) in the same launch, the last block to finish
+/// reducing the blocks' bests in `scratch` (argmax_scratch_len, zeroed before the first
+/// launch; each launch leaves it ready for the next). Ok(false), launching nothing, where
+/// `plan` declines the shape.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_logits_argmax(
     k: &Kernels,
@@ -197,7 +198,7 @@ pub fn launch_logits_argmax(
     eps: f32,
     out: usize,
     inner: usize,
-    (argmax, scratch): (u64, u64),
+    (argmax, scratch, host_out): (u64, u64, u64),
 ) -> Result<bool> {
     let Some(plan) =
         plan(dtype, out, inner, GemvEpilogue::StoreF32, k.sms, norm != 0).filter(|_| k.gemv_staged && k.logits_argmax)
@@ -209,7 +210,7 @@ pub fn launch_logits_argmax(
     let cfg = super::ops::grid(plan.blocks, STG_THREADS, plan.shared);
     let ptrs = [y, x, w, norm];
     let mut params = super::ops::gemv_params(&ptrs, &ints, &eps, &[]);
-    params.extend([super::pdl::arg(&argmax), super::pdl::arg(&scratch)]);
+    params.extend([&argmax, &scratch, &host_out].map(super::pdl::arg));
     // SAFETY: the parameters are gemv_staged_logits_argmax's, in order; it waits (pdl_wait)
     // before reading x or writing y, and its blocks are at most argmax_scratch_len's sms.
     unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "gemv_staged", k.pdl) }?;

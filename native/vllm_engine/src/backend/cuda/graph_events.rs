@@ -1,6 +1,5 @@
 //! `VLLM_GRAPH_EVENTS=1` (measurement, issue 7): CUDA events around each decode graph
-//! replay, to split a step's wall time into the device's upload, the graph itself and the
-//! device's idle time between one replay's end and the next one's start (the host's
+//! replay, to split a step's wall time into the graph itself and the device's idle time between one replay's end and the next one's start (the host's
 //! turnaround: fetching the sampled ids, scheduling, preparing the next inputs, launching).
 //! Printed when the graphs drop.
 
@@ -10,16 +9,14 @@ use candle_core::cuda_backend::cudarc::driver::{result as driver, sys};
 const MAX_TURNAROUND_MS: f32 = 0.2;
 
 pub struct GraphEvents {
-    /// Before the input upload, before the graph launch, after it.
+    /// Before the graph launch, after it.
     start: sys::CUevent,
-    uploaded: sys::CUevent,
     end: sys::CUevent,
     /// The previous replay's end (swapped with `end` after each collect).
     prev_end: sys::CUevent,
     has_prev: bool,
     pending: bool,
     steps: u64,
-    upload_ms: f64,
     graph_ms: f64,
     turnarounds: u64,
     turnaround_ms: f64,
@@ -45,13 +42,11 @@ impl GraphEvents {
         std::env::var_os("VLLM_GRAPH_EVENTS")?;
         Some(GraphEvents {
             start: event()?,
-            uploaded: event()?,
             end: event()?,
             prev_end: event()?,
             has_prev: false,
             pending: false,
             steps: 0,
-            upload_ms: 0.0,
             graph_ms: 0.0,
             turnarounds: 0,
             turnaround_ms: 0.0,
@@ -64,12 +59,8 @@ impl GraphEvents {
         let _ = unsafe { sys::cuEventRecord(e, stream) };
     }
 
-    pub fn before_upload(&mut self, stream: sys::CUstream) {
-        Self::record(self.start, stream);
-    }
-
     pub fn before_launch(&mut self, stream: sys::CUstream) {
-        Self::record(self.uploaded, stream);
+        Self::record(self.start, stream);
     }
 
     pub fn after_launch(&mut self, stream: sys::CUstream) {
@@ -83,11 +74,10 @@ impl GraphEvents {
             return;
         }
         self.pending = false;
-        let (Some(up), Some(graph)) = (elapsed(self.start, self.uploaded), elapsed(self.uploaded, self.end)) else {
+        let Some(graph) = elapsed(self.start, self.end) else {
             return;
         };
         self.steps += 1;
-        self.upload_ms += up as f64;
         self.graph_ms += graph as f64;
         if self.has_prev {
             if let Some(gap) = elapsed(self.prev_end, self.start).filter(|&g| g < MAX_TURNAROUND_MS) {
@@ -107,15 +97,14 @@ impl Drop for GraphEvents {
         self.samples.sort_by(f32::total_cmp);
         let median = self.samples.get(self.samples.len() / 2).copied().unwrap_or(0.0) * 1e3;
         eprintln!(
-            "graph events: {} replays; per replay: upload {:.1} us, launch + graph {:.1} us; device idle between replays {:.1} us mean, {:.1} us median ({} gaps)",
+            "graph events: {} replays; per replay: launch + graph {:.1} us; device idle between replays {:.1} us mean, {:.1} us median ({} gaps)",
             self.steps,
-            per(self.upload_ms, self.steps),
             per(self.graph_ms, self.steps),
             per(self.turnaround_ms, self.turnarounds),
             median,
             self.turnarounds
         );
-        for e in [self.start, self.uploaded, self.end, self.prev_end] {
+        for e in [self.start, self.end, self.prev_end] {
             // SAFETY: events this struct created; nothing records them any more.
             let _ = unsafe { sys::cuEventDestroy_v2(e) };
         }

@@ -1,23 +1,24 @@
 //! CUDA graphs for decode steps. At start-up every buffer a decode step touches is
 //! allocated once (activations, step metadata, partial sums, logits, argmax output, the
 //! cuBLAS workspace), and the whole step (embedding, every layer, final norm, lm_head and
-//! the greedy argmax) is captured once per padded batch size. A step then costs one upload
-//! of its inputs (token ids, positions, block tables) into the fixed buffers, one graph
-//! launch and, for greedy sampling, one copy back of 2 × batch u32: ~250 launches become one.
+//! the greedy argmax) is captured per padded batch size, once for each of the two replay
+//! slots (replay_slots.rs). A step then costs its inputs (token ids, positions, block
+//! tables) written into a slot's page-locked memory, which the graph's first kernel reads,
+//! and one graph launch, whose argmax lands in the same slot: ~250 launches become one.
 //!
 //! Padding rows decode token 0 at position 0 into a scratch KV block (the cache holds one
 //! block more than the scheduler manages), so they never touch a real sequence's cache.
 
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{result as driver, sys, CudaGraph, CudaStream};
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph, CudaStream};
 use candle_core::{DType, Device, Tensor};
 
-use super::argmax_fetch::ArgmaxFetch;
 use super::blas::Blas;
 use super::graph_events::GraphEvents;
 use super::lora::{DeviceLora, FusedParts};
 use super::ops::{self, AttentionDims, AttentionPtrs, GemvEpilogue, MetaPtrs, QkvPtrs, RowsPtrs};
+use super::replay_slots::{ReplaySlots, INPUTS_HEADER};
 use super::{decode_small, gemv_staged};
 use super::{device_ptr, Kernels};
 use crate::decode_lookahead::DecodeInputs;
@@ -102,7 +103,7 @@ struct Buffers {
 }
 
 /// A step the lookahead launched: its inputs (tokens filled in once the step before it is
-/// back), padded size and argmax copy.
+/// back), padded size and replay slot.
 struct Lookahead {
     inputs: DecodeInputs,
     b: usize,
@@ -129,12 +130,12 @@ pub struct DecodeGraphs {
     stream: Arc<CudaStream>,
     blas: Blas,
     buffers: Buffers,
-    /// Ascending captured batch sizes and their graphs.
+    /// Ascending captured batch sizes and their graphs, one per replay slot.
     sizes: Vec<usize>,
-    graphs: Vec<CudaGraph>,
+    graphs: [Vec<CudaGraph>; 2],
     /// With LoRA enabled: the same sizes captured with the LoRA kernels after every
     /// projection (backend/cuda/lora.rs), replayed for decode steps with LoRA rows.
-    lora_graphs: Vec<CudaGraph>,
+    lora_graphs: [Vec<CudaGraph>; 2],
     max_batch: usize,
     /// Row stride of the block tables (blocks of max_model_len).
     max_blocks: usize,
@@ -144,9 +145,8 @@ pub struct DecodeGraphs {
     vocab: usize,
     /// The KV cache the graphs were captured against (layer 0's keys).
     kv_key: u64,
-    /// Host staging of `meta`; the argmax output's copies to the host.
-    meta_host: Vec<u32>,
-    fetch: ArgmaxFetch,
+    /// The page-locked inputs and argmax of the launches, two slots taken in turn.
+    slots: ReplaySlots,
     /// The decode lookahead (on unless VLLM_LOOKAHEAD=0) and the step it launched ahead.
     lookahead: bool,
     pending: Option<Lookahead>,
@@ -277,14 +277,15 @@ impl DecodeGraphs {
                 DType::U32,
             )?,
         };
-        let fetch = ArgmaxFetch::new(&stream, 2 * max_batch)?;
+        let meta_len = max_batch * (2 + max_blocks);
+        let slots = ReplaySlots::new(&stream, INPUTS_HEADER + meta_len, 2 * max_batch)?;
         let mut graphs = DecodeGraphs {
             blas: Blas::new(&stream)?,
             stream,
             buffers,
             sizes: Vec::new(),
-            graphs: Vec::new(),
-            lora_graphs: Vec::new(),
+            graphs: [Vec::new(), Vec::new()],
+            lora_graphs: [Vec::new(), Vec::new()],
             max_batch,
             max_blocks,
             block_size: limits.block_size,
@@ -292,8 +293,7 @@ impl DecodeGraphs {
             max_model_len: limits.max_model_len,
             vocab: model.vocab,
             kv_key: model.layers.first().map_or(0, |l| l.k_cache),
-            meta_host: vec![0; max_batch * (2 + max_blocks)],
-            fetch,
+            slots,
             lookahead: std::env::var("VLLM_LOOKAHEAD").map_or(true, |v| v != "0"),
             pending: None,
             lookahead_used: 0,
@@ -302,34 +302,38 @@ impl DecodeGraphs {
             events: GraphEvents::from_env(),
         };
         // Every row a padding row (scratch block), so the warm-up writes no real cache.
-        graphs.stage_padding(0, max_batch)?;
-        graphs.upload(max_batch)?;
+        let (warm_slot, staged) = graphs.slots.take()?;
+        stage_padding(staged, max_batch, max_blocks, limits.num_blocks, 0, max_batch)?;
+        staged[0] = 1;
         // LoRA graphs only when its fixed buffers exist (not with enforce_eager).
         let lora = lora.filter(|l| l.has_graph_buffers());
         for &b in &sizes {
-            graphs.record(kernels, model, b, limits.max_model_len, None)?;
+            graphs.record(kernels, model, b, limits.max_model_len, None, warm_slot)?;
             if lora.is_some() {
-                graphs.record(kernels, model, b, limits.max_model_len, lora)?;
+                graphs.record(kernels, model, b, limits.max_model_len, lora, warm_slot)?;
             }
         }
         graphs.stream.synchronize().map_err(|e| cuda_err("warm-up", e))?;
-        for &b in &sizes {
-            let graph = graphs.capture_one(kernels, model, b, limits.max_model_len, None)?;
-            graph.upload().map_err(|e| cuda_err("upload", e))?;
-            graphs.sizes.push(b);
-            graphs.graphs.push(graph);
-            if lora.is_some() {
-                let graph = graphs.capture_one(kernels, model, b, limits.max_model_len, lora)?;
+        graphs.sizes = sizes;
+        for slot in 0..2 {
+            for &b in &graphs.sizes {
+                let graph = graphs.capture_one(kernels, model, b, limits.max_model_len, None, slot)?;
                 graph.upload().map_err(|e| cuda_err("upload", e))?;
-                graphs.lora_graphs.push(graph);
+                graphs.graphs[slot].push(graph);
+                if lora.is_some() {
+                    let graph = graphs.capture_one(kernels, model, b, limits.max_model_len, lora, slot)?;
+                    graph.upload().map_err(|e| cuda_err("upload", e))?;
+                    graphs.lora_graphs[slot].push(graph);
+                }
             }
         }
         graphs.stream.synchronize().map_err(|e| cuda_err("capture", e))?;
         Ok(graphs)
     }
 
+    /// Graphs a replay can take (each is captured once a replay slot).
     pub fn num_graphs(&self) -> usize {
-        self.graphs.len() + self.lora_graphs.len()
+        self.graphs[0].len() + self.lora_graphs[0].len()
     }
 
     fn capture_one(
@@ -339,11 +343,12 @@ impl DecodeGraphs {
         b: usize,
         max_model_len: usize,
         lora: Option<&DeviceLora>,
+        slot: usize,
     ) -> Result<CudaGraph> {
         self.stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| cuda_err("begin capture", e))?;
-        let recorded = self.record(kernels, model, b, max_model_len, lora);
+        let recorded = self.record(kernels, model, b, max_model_len, lora, slot);
         // End the capture whatever happened, so the stream is usable again.
         let ended = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
         recorded?;
@@ -353,7 +358,9 @@ impl DecodeGraphs {
     }
 
     /// Issues one decode step of `b` rows on the fixed buffers (with `lora`: its deltas
-    /// after every projection).
+    /// after every projection), its inputs read from replay slot `slot` and its argmax
+    /// written there.
+    #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
         k: &Kernels,
@@ -361,6 +368,7 @@ impl DecodeGraphs {
         b: usize,
         max_model_len: usize,
         lora: Option<&DeviceLora>,
+        slot: usize,
     ) -> Result<()> {
         let buf = &self.buffers;
         let p = |t: &Tensor| device_ptr(t);
@@ -389,7 +397,9 @@ impl DecodeGraphs {
 
         // Tokens a lookahead launch does not know yet are rows of the last step's argmax.
         let argmax = p(&buf.argmax)?;
-        ops::launch_embedding(k, dt, h, m.embed, (meta_base, argmax), b, hidden)?;
+        let (staged, host_argmax) = self.slots.device_ptrs(slot);
+        let inputs = (staged, meta_base, argmax);
+        ops::launch_graph_embedding(k, dt, (h, m.embed), inputs, b, hidden, self.max_batch, self.max_blocks)?;
         // Small batches: every product through our GEMV with the norms, residual adds and
         // SiLU fused in (h is the residual stream, updated in place by o_proj and down).
         // LoRA graphs keep the plain products: the adapters' shrink needs the normed input
@@ -511,7 +521,15 @@ impl DecodeGraphs {
         let head = (logits, h, m.lm_head, m.final_norm);
         if fused
             && b == 1
-            && gemv_staged::launch_logits_argmax(k, dt, head, m.eps, m.vocab, hidden, (argmax, argmax_part))?
+            && gemv_staged::launch_logits_argmax(
+                k,
+                dt,
+                head,
+                m.eps,
+                m.vocab,
+                hidden,
+                (argmax, argmax_part, host_argmax),
+            )?
         {
             return Ok(());
         }
@@ -539,7 +557,7 @@ impl DecodeGraphs {
             ops::launch_add_rms_norm(k, dt, &norm_final, b, hidden, m.eps)?;
             ops::launch_logits(k, &self.blas, dt, logits, x, m.lm_head, b, m.vocab, hidden)?;
         }
-        ops::launch_argmax_split(k, DType::F32, argmax, argmax_part, logits, b, m.vocab)
+        ops::launch_argmax_split(k, DType::F32, (argmax, host_argmax), argmax_part, logits, b, m.vocab)
     }
 
     /// y[b, out] = x[b, inner] · w[out, inner]ᵀ: `ops::linear`'s choice on raw buffers.
@@ -550,34 +568,6 @@ impl DecodeGraphs {
         } else {
             self.blas.linear(dt, y, x, w, b, out, inner)
         }
-    }
-
-    /// Rows `from..to` of the staging buffer become padding rows.
-    fn stage_padding(&mut self, from: usize, to: usize) -> Result<()> {
-        let mb = self.max_batch;
-        let scratch = u32::try_from(self.num_blocks).map_err(|_| EngineError::internal("too many KV blocks"))?;
-        for r in from..to {
-            self.meta_host[r] = 0;
-            self.meta_host[mb + r] = 0;
-            let row = &mut self.meta_host[2 * mb + r * self.max_blocks..2 * mb + (r + 1) * self.max_blocks];
-            row.fill(0);
-            row[0] = scratch;
-        }
-        Ok(())
-    }
-
-    /// Copies the staged ids, positions and the first `rows` block-table rows to the device.
-    fn upload(&self, rows: usize) -> Result<()> {
-        let len = 2 * self.max_batch + rows * self.max_blocks;
-        let dst = device_ptr(&self.buffers.meta)?;
-        self.stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| cuda_err("bind", e))?;
-        // SAFETY: `meta` holds at least `len` u32; the host slice lives through the call
-        // (pageable memory: staged before the call returns).
-        unsafe { driver::memcpy_htod_async(dst, &self.meta_host[..len], self.stream.cu_stream()) }
-            .map_err(|e| cuda_err("upload of the step's inputs", e))
     }
 
     /// The captured size for a pure decode batch of `n` rows, or None when the batch is
@@ -625,40 +615,42 @@ impl DecodeGraphs {
     /// Whether the step's rows take the LoRA graphs (their slots uploaded when they do).
     fn lora_rows(&self, batch: &ForwardBatch, b: usize, lora: Option<&DeviceLora>) -> Result<bool> {
         match lora {
-            Some(l) if !self.lora_graphs.is_empty() => l.upload_graph_rows(batch, b),
+            Some(l) if !self.lora_graphs[0].is_empty() => l.upload_graph_rows(batch, b),
             _ => Ok(false),
         }
     }
 
-    /// Stages `inputs` padded to `b` rows, uploads them and launches the graph of size `b`.
-    /// With `ahead` (the lookahead: the host does not know the tokens yet) row r's token is
-    /// row `ahead[r]` of the previous replay's argmax, which the graph's embedding reads
-    /// there (ops::EMBED_AHEAD): no copy on the stream between the two replays.
-    fn launch(&mut self, inputs: &DecodeInputs, b: usize, with_lora: bool, ahead: Option<&[usize]>) -> Result<()> {
-        let n = inputs.rows();
-        let mb = self.max_batch;
-        for r in 0..n {
-            let blocks = inputs.blocks(r);
-            self.meta_host[r] = match ahead {
-                Some(at) => ops::EMBED_AHEAD | at[r] as u32,
-                None => inputs.tokens[r],
-            };
-            self.meta_host[mb + r] = inputs.positions[r];
-            let row = 2 * mb + r * self.max_blocks;
-            self.meta_host[row..row + blocks.len()].copy_from_slice(blocks);
+    /// Stages `inputs` padded to `b` rows in the next replay slot and launches the graph of
+    /// size `b` that reads them there: the slot. With `ahead` (the lookahead: the host does
+    /// not know the tokens yet) row r's token is row `ahead[r]` of the previous replay's
+    /// argmax, which the graph's embedding reads there (ops::EMBED_AHEAD).
+    fn launch(&mut self, inputs: &DecodeInputs, b: usize, with_lora: bool, ahead: Option<&[usize]>) -> Result<usize> {
+        let (mb, max_blocks) = (self.max_batch, self.max_blocks);
+        let (slot, staged) = self.slots.take()?;
+        // Padding rows need their first entry (the scratch block).
+        let mut entries = 1;
+        {
+            let meta = &mut staged[INPUTS_HEADER..];
+            for r in 0..inputs.rows() {
+                let blocks = inputs.blocks(r);
+                meta[r] = match ahead {
+                    Some(at) => ops::EMBED_AHEAD | at[r] as u32,
+                    None => inputs.tokens[r],
+                };
+                meta[mb + r] = inputs.positions[r];
+                meta[2 * mb + r * max_blocks..][..blocks.len()].copy_from_slice(blocks);
+                entries = entries.max(blocks.len());
+            }
         }
-        self.stage_padding(n, b)?;
-        let raw_stream = self.stream.cu_stream();
-        if let Some(e) = self.events.as_mut() {
-            e.before_upload(raw_stream);
-        }
-        self.upload(b)?;
+        stage_padding(staged, mb, max_blocks, self.num_blocks, inputs.rows(), b)?;
+        staged[0] = entries as u32;
         let index = self.sizes.iter().position(|&s| s == b).unwrap_or(0);
         let graph = if with_lora {
-            &self.lora_graphs[index]
+            &self.lora_graphs[slot][index]
         } else {
-            &self.graphs[index]
+            &self.graphs[slot][index]
         };
+        let raw_stream = self.stream.cu_stream();
         if let Some(e) = self.events.as_mut() {
             e.before_launch(raw_stream);
         }
@@ -666,9 +658,10 @@ impl DecodeGraphs {
         if let Some(e) = self.events.as_mut() {
             e.after_launch(raw_stream);
         }
+        self.slots.launched(&self.stream, slot)?;
         self.replays += 1;
         REPLAYS_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        Ok(slot)
     }
 
     /// Forgets the step launched ahead (a step of other rows comes first), counting it.
@@ -714,7 +707,6 @@ impl DecodeGraphs {
         };
         let pending = self.pending.take();
         let with_lora = self.lora_rows(batch, b, lora)?;
-        let argmax = device_ptr(&self.buffers.argmax)?;
         let ahead = pending.and_then(|p| {
             let at = inputs.rows_within(&p.inputs).filter(|_| !with_lora);
             self.lookahead_missed += u64::from(at.is_none());
@@ -729,8 +721,7 @@ impl DecodeGraphs {
                 (p.slot, p.b, at)
             }
             None => {
-                self.launch(&inputs, b, with_lora, None)?;
-                let slot = self.fetch.start(&self.stream, argmax, 2 * b)?;
+                let slot = self.launch(&inputs, b, with_lora, None)?;
                 (slot, b, (0..inputs.rows()).collect())
             }
         };
@@ -738,11 +729,10 @@ impl DecodeGraphs {
             .then(|| inputs.next(batch, self.block_size, self.max_model_len))
             .flatten();
         if let Some(next) = next {
-            self.launch(&next, b, false, Some(&at))?;
-            let slot = self.fetch.start(&self.stream, argmax, 2 * b)?;
+            let slot = self.launch(&next, b, false, Some(&at))?;
             self.pending = Some(Lookahead { inputs: next, b, slot });
         }
-        let out = self.fetch.wait(slot, 2 * launched_b)?;
+        let out = self.slots.wait(slot, 2 * launched_b)?;
         let ids: Vec<u32> = at.iter().map(|&j| out[j]).collect();
         let values = at.iter().map(|&j| f32::from_bits(out[launched_b + j])).collect();
         if let Some(e) = self.events.as_mut() {
@@ -764,6 +754,27 @@ impl DecodeGraphs {
         // A copy: the buffer is the next replay's output.
         Ok(rows.copy()?)
     }
+}
+
+/// Rows `from..to` of a replay slot's inputs (`staged`: INPUTS_HEADER, then the graph
+/// buffers' meta layout) become padding rows: token 0 at position 0 in the scratch block
+/// `num_blocks` (see GraphLimits).
+fn stage_padding(
+    staged: &mut [u32],
+    max_batch: usize,
+    max_blocks: usize,
+    num_blocks: usize,
+    from: usize,
+    to: usize,
+) -> Result<()> {
+    let scratch = u32::try_from(num_blocks).map_err(|_| EngineError::internal("too many KV blocks"))?;
+    let meta = &mut staged[INPUTS_HEADER..];
+    for r in from..to {
+        meta[r] = 0;
+        meta[max_batch + r] = 0;
+        meta[2 * max_batch + r * max_blocks] = scratch;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -2,7 +2,6 @@
 //! sm_90 cubin plus PTX) launched through cudarc on candle's stream, over candle tensors.
 //! Matrix products stay candle's (cuBLAS).
 
-pub mod argmax_fetch;
 pub mod attention_batch;
 pub mod attention_prefill;
 pub mod blas;
@@ -17,6 +16,7 @@ pub mod nccl;
 pub mod op_timing;
 pub mod ops;
 pub mod pdl;
+pub mod replay_slots;
 pub mod sampling;
 
 use std::collections::HashMap;
@@ -133,8 +133,9 @@ pub struct Kernels {
     pub sms: usize,
 }
 
-const KERNEL_NAMES: [&str; 19] = [
+const KERNEL_NAMES: [&str; 20] = [
     "embedding",
+    "graph_embedding",
     "gather_rows",
     "add_rms_norm",
     "silu_mul",

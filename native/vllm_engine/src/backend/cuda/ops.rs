@@ -131,6 +131,35 @@ pub fn launch_embedding(
     Ok(())
 }
 
+/// A decode graph's first kernel: the step's inputs from `staged` (page-locked host memory,
+/// replay_slots.rs's layout) into `meta` (the graph buffers' layout, rows 0..n), then
+/// `launch_embedding`'s rows with the ids read from there (`ahead` as there).
+#[allow(clippy::too_many_arguments)]
+pub fn launch_graph_embedding(
+    k: &Kernels,
+    dtype: DType,
+    (out, table): (u64, u64),
+    (staged, meta, ahead): (u64, u64, u64),
+    n: usize,
+    hidden: usize,
+    max_batch: usize,
+    max_blocks: usize,
+) -> Result<()> {
+    let f = k.function("graph_embedding", dtype)?;
+    let (h, mb, mbl) = (hidden as i32, max_batch as i32, max_blocks as i32);
+    let mut b = k.stream().launch_builder(f);
+    b.arg(&out)
+        .arg(&table)
+        .arg(&staged)
+        .arg(&meta)
+        .arg(&ahead)
+        .arg(&h)
+        .arg(&mb)
+        .arg(&mbl);
+    unsafe { b.launch(grid(n, ROW_THREADS, 0)) }.map_err(|e| launch_err("graph_embedding", e))?;
+    Ok(())
+}
+
 /// Rows `rows` (u32) of `src` [n, width].
 pub fn gather_rows(k: &Kernels, src: &Tensor, rows: &Tensor) -> Result<Tensor> {
     let (_, width) = src.dims2()?;
@@ -863,11 +892,12 @@ const ARGMAX_SPLIT_THREADS: u32 = 256;
 
 /// `launch_argmax_rows` spread over ARGMAX_SPLITS blocks per row (one block per row
 /// leaves a decode step's argmax to one SM): `scratch` holds 2 * ARGMAX_SPLITS u32 per row.
+/// `host_out`, when not 0, gets the same values as `out` (a decode graph's page-locked slot).
 #[allow(clippy::too_many_arguments)]
 pub fn launch_argmax_split(
     k: &Kernels,
     dtype: DType,
-    out: u64,
+    (out, host_out): (u64, u64),
     scratch: u64,
     logits: u64,
     n: usize,
@@ -886,7 +916,7 @@ pub fn launch_argmax_split(
     let f = k.plain_function("argmax_split_reduce")?;
     let splits = ARGMAX_SPLITS as i32;
     let mut b = k.stream().launch_builder(f);
-    b.arg(&out).arg(&scratch).arg(&splits);
+    b.arg(&out).arg(&scratch).arg(&splits).arg(&host_out);
     unsafe { b.launch(grid(n, 32, 0)) }.map_err(|e| launch_err("argmax_split_reduce", e))?;
     Ok(())
 }
@@ -918,7 +948,7 @@ pub fn argmax_rows(k: &Kernels, logits: &Tensor) -> Result<(Vec<u32>, Vec<f32>)>
     launch_argmax_split(
         k,
         logits.dtype(),
-        device_ptr(&out)?,
+        (device_ptr(&out)?, 0),
         device_ptr(&scratch)?,
         device_ptr(logits)?,
         n,
