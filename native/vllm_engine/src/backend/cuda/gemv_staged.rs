@@ -169,13 +169,38 @@ pub fn launch(
     epilogue: GemvEpilogue,
     plan: Plan,
 ) -> Result<()> {
-    let f = k.function(kernel_name(epilogue), dtype)?;
+    launch_kernel(
+        k,
+        kernel_name(epilogue),
+        dtype,
+        [y, x, w, norm],
+        eps,
+        (out, inner),
+        plan,
+        &[],
+    )
+}
+
+/// `name` with `plan`'s geometry: gemv_staged's parameters, then `extra` pointers.
+#[allow(clippy::too_many_arguments)]
+fn launch_kernel(
+    k: &Kernels,
+    name: &str,
+    dtype: DType,
+    ptrs: [u64; 4],
+    eps: f32,
+    (out, inner): (usize, usize),
+    plan: Plan,
+    extra: &[u64],
+) -> Result<()> {
+    let f = k.function(name, dtype)?;
     let ints = plan.ints(out, inner);
     let cfg = super::ops::grid(plan.blocks, STG_THREADS, plan.shared);
-    let ptrs = [y, x, w, norm];
     let mut params = super::ops::gemv_params(&ptrs, &ints, &eps, &[]);
-    // SAFETY: the parameters are gemv_staged's, in order; it waits (pdl_wait) before reading
-    // x or writing y.
+    params.extend(extra.iter().map(super::pdl::arg));
+    // SAFETY: the parameters are the kernel's, in order (gemv_staged's, and for
+    // LOGITS_ARGMAX its argmax, scratch and host pointers); it waits (pdl_wait) before
+    // reading x or writing y.
     unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "gemv_staged", k.pdl) }
 }
 
@@ -205,15 +230,18 @@ pub fn launch_logits_argmax(
     else {
         return Ok(false);
     };
-    let f = k.function(LOGITS_ARGMAX, dtype)?;
-    let ints = plan.ints(out, inner);
-    let cfg = super::ops::grid(plan.blocks, STG_THREADS, plan.shared);
+    // The blocks are at most `k.sms`, as argmax_scratch_len assumes.
     let ptrs = [y, x, w, norm];
-    let mut params = super::ops::gemv_params(&ptrs, &ints, &eps, &[]);
-    params.extend([&argmax, &scratch, &host_out].map(super::pdl::arg));
-    // SAFETY: the parameters are gemv_staged_logits_argmax's, in order; it waits (pdl_wait)
-    // before reading x or writing y, and its blocks are at most argmax_scratch_len's sms.
-    unsafe { super::pdl::launch(k.stream(), f, cfg, &mut params, "gemv_staged", k.pdl) }?;
+    launch_kernel(
+        k,
+        LOGITS_ARGMAX,
+        dtype,
+        ptrs,
+        eps,
+        (out, inner),
+        plan,
+        &[argmax, scratch, host_out],
+    )?;
     Ok(true)
 }
 
