@@ -170,8 +170,9 @@ __device__ float tile_total(const float* part, int vr, int tiles, int chunks) {
 // step): every worker warp holds the best of its rows; the block's best goes to scratch
 // [2 * block] (index, value bits), and the last block to arrive (fence + counter at
 // scratch[2 * gridDim.x], reset for the next launch) writes argmax[0] = id, argmax[1] =
-// value bits, as argmax_split_reduce does for one row, and the same to host_out when given. (value, lowest index) is a total
-// order, so the result does not depend on which block is last.
+// value bits, as argmax_split_reduce does for one row, and the same to host_out when
+// given. (value, lowest index) is a total order, so the result does not depend on which
+// block is last.
 __device__ void logits_argmax(uint32_t* argmax, uint32_t* scratch, uint32_t* host_out, float v, int idx, int workers,
                               int warp, int lane) {
     __shared__ float best_v[STG_WARPS];

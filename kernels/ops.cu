@@ -42,12 +42,16 @@ __device__ __forceinline__ long long cache_slot(const uint32_t* block_tables, in
 // argmax) that holds the token.
 #define EMBED_AHEAD 0x80000000u
 template <typename T>
-__device__ void embedding(float* out, const T* table, const uint32_t* ids, const uint32_t* ahead, int hidden) {
+__device__ __forceinline__ void embed_row(float* out, const T* table, uint32_t id, const uint32_t* ahead, int hidden) {
     const long long t = blockIdx.x;
-    uint32_t id = ids[t];
     if ((id & EMBED_AHEAD) && ahead) id = ahead[id & ~EMBED_AHEAD];
     const T* row = table + (long long)id * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[t * hidden + i] = to_f(row[i]);
+}
+
+template <typename T>
+__device__ void embedding(float* out, const T* table, const uint32_t* ids, const uint32_t* ahead, int hidden) {
+    embed_row<T>(out, table, ids[blockIdx.x], ahead, hidden);
 }
 
 // A decode graph's first kernel (backend/cuda/graphs.rs): the step's inputs from `staged`,
@@ -68,7 +72,7 @@ __device__ void graph_embedding(float* out, const T* table, const uint32_t* stag
     const bool first = (int)threadIdx.x < max_blocks;
     const uint32_t entry = first ? src[row + threadIdx.x] : 0u;
     const int entries = (int)min(staged[0], (uint32_t)max_blocks);
-    uint32_t id = src[t];
+    const uint32_t id = src[t];
     const uint32_t position = src[max_batch + t];
     if (threadIdx.x == 0) {
         meta[t] = id;
@@ -76,9 +80,7 @@ __device__ void graph_embedding(float* out, const T* table, const uint32_t* stag
     }
     if (first && (int)threadIdx.x < entries) meta[row + threadIdx.x] = entry;
     for (int i = threadIdx.x + blockDim.x; i < entries; i += blockDim.x) meta[row + i] = src[row + i];
-    if ((id & EMBED_AHEAD) && ahead) id = ahead[id & ~EMBED_AHEAD];
-    const T* emb = table + (long long)id * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[(long long)t * hidden + i] = to_f(emb[i]);
+    embed_row<T>(out, table, id, ahead, hidden);
 }
 
 // out[r] = src[rows[r]]; one block per output row.
