@@ -9,8 +9,10 @@ defmodule Vllm.PeerNode do
   @doc "Makes this VM a long-named distributed node, unless it is one already."
   def ensure_distributed! do
     unless Node.alive?() do
-      # A second epmd -daemon exits at once when one already runs.
+      # A second epmd -daemon exits at once when one already runs; a first one returns
+      # before it listens, so wait for it (else distribution fails with econnrefused).
       {_, 0} = System.cmd("epmd", ["-daemon"])
+      wait_for_epmd(50)
       name = :"vllm_main_#{System.unique_integer([:positive])}@127.0.0.1"
 
       case :net_kernel.start(name, %{name_domain: :longnames}) do
@@ -20,6 +22,19 @@ defmodule Vllm.PeerNode do
     end
 
     :ok
+  end
+
+  defp wait_for_epmd(0), do: raise("epmd did not start listening")
+
+  defp wait_for_epmd(tries) do
+    case :erl_epmd.names(@host) do
+      {:ok, _} ->
+        :ok
+
+      {:error, _} ->
+        Process.sleep(100)
+        wait_for_epmd(tries - 1)
+    end
   end
 
   @doc """
