@@ -37,28 +37,29 @@ __device__ __forceinline__ long long cache_slot(const uint32_t* block_tables, in
     return (long long)block_tables[(long long)seq * max_blocks + pos / block_size] * block_size + pos % block_size;
 }
 
-// out[t] = table[ids[t]]; one block per token. An id with EMBED_AHEAD set (a decode graph
-// launched ahead, backend/cuda/graphs.rs) names the row of `ahead` (the step before's
-// argmax) that holds the token.
-#define EMBED_AHEAD 0x80000000u
+// Row blockIdx.x of out = table[id] (float32, the residual stream).
 template <typename T>
-__device__ __forceinline__ void embed_row(float* out, const T* table, uint32_t id, const uint32_t* ahead, int hidden) {
+__device__ __forceinline__ void embed_row(float* out, const T* table, uint32_t id, int hidden) {
     const long long t = blockIdx.x;
-    if ((id & EMBED_AHEAD) && ahead) id = ahead[id & ~EMBED_AHEAD];
     const T* row = table + (long long)id * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[t * hidden + i] = to_f(row[i]);
 }
 
+// out[t] = table[ids[t]]; one block per token.
 template <typename T>
-__device__ void embedding(float* out, const T* table, const uint32_t* ids, const uint32_t* ahead, int hidden) {
-    embed_row<T>(out, table, ids[blockIdx.x], ahead, hidden);
+__device__ void embedding(float* out, const T* table, const uint32_t* ids, int hidden) {
+    embed_row<T>(out, table, ids[blockIdx.x], hidden);
 }
+
+// An id with EMBED_AHEAD set (a decode graph launched ahead, backend/cuda/graphs.rs) names
+// the row of `ahead` (the step before's argmax) that holds the token.
+#define EMBED_AHEAD 0x80000000u
 
 // A decode graph's first kernel (backend/cuda/graphs.rs): the step's inputs from `staged`,
 // page-locked host memory the host wrote for this launch ([entries, 3 unused, then meta's
 // layout: ids [max_batch], positions [max_batch], block tables [max_batch, max_blocks]]),
 // into `meta` (rows 0..gridDim.x, each table row's first `entries`), and row t's embedding,
-// its id read from there. No copy on the stream before the graph (bench/RESULTS.md, issue 7,
+// its id read from there (EMBED_AHEAD resolved). No copy on the stream before the graph (bench/RESULTS.md, issue 7,
 // session 18). It lets no later kernel start before it ends: they read meta before their
 // pdl_wait.
 template <typename T>
@@ -72,7 +73,7 @@ __device__ void graph_embedding(float* out, const T* table, const uint32_t* stag
     const bool first = (int)threadIdx.x < max_blocks;
     const uint32_t entry = first ? src[row + threadIdx.x] : 0u;
     const int entries = (int)min(staged[0], (uint32_t)max_blocks);
-    const uint32_t id = src[t];
+    uint32_t id = src[t];
     const uint32_t position = src[max_batch + t];
     if (threadIdx.x == 0) {
         meta[t] = id;
@@ -80,7 +81,8 @@ __device__ void graph_embedding(float* out, const T* table, const uint32_t* stag
     }
     if (first && (int)threadIdx.x < entries) meta[row + threadIdx.x] = entry;
     for (int i = threadIdx.x + blockDim.x; i < entries; i += blockDim.x) meta[row + i] = src[row + i];
-    embed_row<T>(out, table, id, ahead, hidden);
+    if ((id & EMBED_AHEAD) && ahead) id = ahead[id & ~EMBED_AHEAD];
+    embed_row<T>(out, table, id, hidden);
 }
 
 // out[r] = src[rows[r]]; one block per output row.
@@ -892,9 +894,8 @@ extern "C" __global__ void argmax_split_reduce(uint32_t* out, const uint32_t* pa
 }
 
 #define INSTANTIATE(SUFFIX, T)                                                                                          \
-    extern "C" __global__ void embedding_##SUFFIX(float* out, const T* table, const uint32_t* ids,                       \
-                                                  const uint32_t* ahead, int hidden) {                                  \
-        embedding<T>(out, table, ids, ahead, hidden);                                                                   \
+    extern "C" __global__ void embedding_##SUFFIX(float* out, const T* table, const uint32_t* ids, int hidden) {      \
+        embedding<T>(out, table, ids, hidden);                                                                          \
     }                                                                                                                   \
     extern "C" __global__ void graph_embedding_##SUFFIX(float* out, const T* table, const uint32_t* staged,               \
                                                         uint32_t* meta, const uint32_t* ahead, int hidden,               \

@@ -101,39 +101,39 @@ pub fn embedding(k: &Kernels, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         table.dtype(),
         device_ptr(&out)?,
         device_ptr(table)?,
-        (device_ptr(ids)?, 0),
+        device_ptr(ids)?,
         n,
         hidden,
     )?;
     Ok(out)
 }
 
-/// Marks an id of `launch_embedding` as a row of `ahead` (EMBED_AHEAD in kernels/ops.cu).
-pub const EMBED_AHEAD: u32 = 0x8000_0000;
-
 /// `embedding` on raw device addresses: rows `ids[..n]` of `table` (in `dtype`) into `out`,
-/// the float32 residual stream; an id `EMBED_AHEAD | j` takes its token from `ahead[j]`
-/// (0 where no id is marked).
+/// the float32 residual stream.
 pub fn launch_embedding(
     k: &Kernels,
     dtype: DType,
     out: u64,
     table: u64,
-    (ids, ahead): (u64, u64),
+    ids: u64,
     n: usize,
     hidden: usize,
 ) -> Result<()> {
     let f = k.function("embedding", dtype)?;
     let h = hidden as i32;
     let mut b = k.stream().launch_builder(f);
-    b.arg(&out).arg(&table).arg(&ids).arg(&ahead).arg(&h);
+    b.arg(&out).arg(&table).arg(&ids).arg(&h);
     unsafe { b.launch(grid(n, ROW_THREADS, 0)) }.map_err(|e| launch_err("embedding", e))?;
     Ok(())
 }
 
+/// Marks an id of `launch_graph_embedding` as a row of `ahead` (EMBED_AHEAD in kernels/ops.cu).
+pub const EMBED_AHEAD: u32 = 0x8000_0000;
+
 /// A decode graph's first kernel: the step's inputs from `staged` (page-locked host memory,
 /// replay_slots.rs's layout) into `meta` (the graph buffers' layout, rows 0..n), then
-/// `launch_embedding`'s rows with the ids read from there (`ahead` as there).
+/// `launch_embedding`'s rows with the ids read from there, an id `EMBED_AHEAD | j` taking
+/// its token from `ahead[j]`.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_graph_embedding(
     k: &Kernels,
