@@ -59,9 +59,9 @@ __device__ void embedding(float* out, const T* table, const uint32_t* ids, int h
 // page-locked host memory the host wrote for this launch ([entries, 3 unused, then meta's
 // layout: ids [max_batch], positions [max_batch], block tables [max_batch, max_blocks]]),
 // into `meta` (rows 0..gridDim.x, each table row's first `entries`), and row t's embedding,
-// its id read from there (EMBED_AHEAD resolved). No copy on the stream before the graph (bench/RESULTS.md, issue 7,
-// session 18). It lets no later kernel start before it ends: they read meta before their
-// pdl_wait.
+// its id read from there (EMBED_AHEAD resolved). No copy on the stream before the graph
+// (bench/RESULTS.md, issue 7, session 18). It lets no later kernel start before it ends:
+// they read meta before their pdl_wait.
 template <typename T>
 __device__ void graph_embedding(float* out, const T* table, const uint32_t* staged, uint32_t* meta,
                                 const uint32_t* ahead, int hidden, int max_batch, int max_blocks) {

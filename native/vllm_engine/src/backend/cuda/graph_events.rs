@@ -1,6 +1,7 @@
 //! `VLLM_GRAPH_EVENTS=1` (measurement, issue 7): CUDA events around each decode graph
-//! replay, to split a step's wall time into the graph itself and the device's idle time between one replay's end and the next one's start (the host's
-//! turnaround: fetching the sampled ids, scheduling, preparing the next inputs, launching).
+//! replay, to split a step's wall time into the graph itself and the device's idle time
+//! between one replay's end and the next one's start (the host's turnaround: fetching the
+//! sampled ids, scheduling, preparing the next inputs, launching).
 //! Printed when the graphs drop.
 
 use candle_core::cuda_backend::cudarc::driver::{result as driver, sys};

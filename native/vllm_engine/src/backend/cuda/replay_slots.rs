@@ -14,7 +14,8 @@ use candle_core::cuda_backend::cudarc::driver::{result as driver, sys, CudaConte
 use crate::error::{EngineError, Result};
 
 /// u32 of a slot's inputs ahead of the graph buffers' `meta` layout: [0] the block-table
-/// entries to copy a row (ops::launch_graph_embedding), the rest unused.
+/// entries to copy a row (ops::launch_graph_embedding), the rest unused. Must match the
+/// `staged + 4` of graph_embedding in kernels/ops.cu.
 pub const INPUTS_HEADER: usize = 4;
 
 /// Page-locked host memory the device reads and writes through its own address.
@@ -53,9 +54,8 @@ impl Drop for Mapped {
 struct Slot {
     inputs: Mapped,
     argmax: Mapped,
+    /// Recorded after the slot's last launch (an event never recorded is complete).
     done: sys::CUevent,
-    /// `done` was recorded (after a launch), so there is something to wait for.
-    launched: bool,
 }
 
 pub struct ReplaySlots {
@@ -78,12 +78,7 @@ impl ReplaySlots {
             let (inputs, argmax) = (Mapped::new(inputs_len)?, Mapped::new(argmax_len)?);
             let done =
                 driver::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| cuda_err("event", e))?;
-            slots.push(Slot {
-                inputs,
-                argmax,
-                done,
-                launched: false,
-            });
+            slots.push(Slot { inputs, argmax, done });
         }
         Ok(ReplaySlots {
             context: stream.context().clone(),
@@ -112,21 +107,14 @@ impl ReplaySlots {
     }
 
     /// `slot`'s launch was queued on `stream`: its end is what `wait` and `take` wait for.
-    pub fn launched(&mut self, stream: &CudaStream, slot: usize) -> Result<()> {
-        let s = &mut self.slots[slot];
+    pub fn launched(&self, stream: &CudaStream, slot: usize) -> Result<()> {
         // SAFETY: a live event of this context and a live stream.
-        unsafe { driver::event::record(s.done, stream.cu_stream()) }.map_err(|e| cuda_err("record", e))?;
-        s.launched = true;
-        Ok(())
+        unsafe { driver::event::record(self.slots[slot].done, stream.cu_stream()) }.map_err(|e| cuda_err("record", e))
     }
 
     fn wait_done(&self, slot: usize) -> Result<()> {
-        let s = &self.slots[slot];
-        if s.launched {
-            // SAFETY: a recorded event of this context.
-            unsafe { driver::event::synchronize(s.done) }.map_err(|e| cuda_err("wait", e))?;
-        }
-        Ok(())
+        // SAFETY: a live event of this context.
+        unsafe { driver::event::synchronize(self.slots[slot].done) }.map_err(|e| cuda_err("wait", e))
     }
 
     /// Waits for `slot`'s launch: the first `len` values of its argmax output.
@@ -138,16 +126,21 @@ impl ReplaySlots {
     }
 }
 
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // SAFETY: wait for a launch still using the slot (the context is bound: ReplaySlots'
+        // drop, or `new` on the caller's thread); then `Mapped` frees its memory.
+        unsafe {
+            driver::event::synchronize(self.done).ok();
+            driver::event::destroy(self.done).ok();
+        }
+    }
+}
+
 impl Drop for ReplaySlots {
     fn drop(&mut self) {
+        // The slots drop after this, on this context.
         self.context.bind_to_thread().ok();
-        for s in &self.slots {
-            // SAFETY: wait for a launch still using the slot; then `Mapped` frees its memory.
-            unsafe {
-                driver::event::synchronize(s.done).ok();
-                driver::event::destroy(s.done).ok();
-            }
-        }
     }
 }
 
