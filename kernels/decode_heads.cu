@@ -42,6 +42,13 @@ namespace cg = cooperative_groups;
 #define DH_ROWS_PT 4
 // Flag in the kernels' `cap` argument: the block-table row is staged whole (see above).
 #define DH_WHOLE_TABLE (1 << 30)
+// Timeline stamps: a block's start (0), its first chunk's copies issued (1), past pdl_wait
+// (2), the qkv row read (3), the first chunk in (4), its exponentials summed (5), its values
+// summed (6) and the block's end (7). None in the engine; bench/gpu/micro/layer_chain.cu
+// defines them.
+#ifndef DH_STAMP
+#define DH_STAMP(point)
+#endif
 
 __device__ __forceinline__ void dh_cp_async16(void* dst, const void* src) {
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
@@ -59,7 +66,9 @@ __device__ __forceinline__ void dh_cp_wait_all() { asm volatile("cp.async.wait_a
 // xs [3 * hd] (the qkv slice plus bias); p [cap] (a chunk's exponentials); part
 // [max(DH_WARPS * VEC, hd)] (value sums per warp); red [20]; cur [2 * hd] T (this token's
 // key, value); tbl [cap / block_size + 2] (block-table entries of the chunk).
-template <typename T, int SPLIT>
+// CHUNKS: the 16-byte chunks of a head's row (head_dim * sizeof(T) / 16) when the kernel is
+// built for one, so the score and value loops unroll (0: any, read from head_dim).
+template <typename T, int SPLIT, int CHUNKS>
 __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, const T* q_norm, const T* k_norm,
                                        const float* cos_table, const float* sin_table, const uint32_t* positions,
                                        const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks,
@@ -72,12 +81,13 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
     const bool whole_table = (cap_arg & DH_WHOLE_TABLE) != 0;
     const int cap = cap_arg & ~DH_WHOLE_TABLE;
     const int hd = head_dim, half = hd / 2;
-    const int chunks = hd / VEC;  // a power of two <= 32
+    const int chunks = CHUNKS > 0 ? CHUNKS : hd / VEC;  // a power of two <= 32
     const int sw = chunks < 8 ? chunks - 1 : 7;
     const int group = num_heads / num_kv_heads;
     const int kv_head = head / group;
     const bool writer = head % group == 0;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    DH_STAMP(0);
 
     T* kbuf = reinterpret_cast<T*>(dh_smem);
     T* vbuf = kbuf + (long long)cap * hd;
@@ -157,10 +167,12 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
     }
     const long long kv_base = ((long long)table[pos / block_size] * block_size + pos % block_size) * kv_stride + head_off;
     stage(lo);
+    DH_STAMP(1);
     // The cache rows above were written by earlier steps; the qkv row is the previous
     // kernel's output (programmatic dependent launch, pdl.cuh).
     pdl_launch_dependents();
     pdl_wait();
+    DH_STAMP(2);
 
     const int width = (num_heads + 2 * num_kv_heads) * hd;
     const T* src = qkv + (long long)t * width;
@@ -170,6 +182,7 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
         if (i < 3 * hd) xs[i] = to_f(src[column(i)]) + bias_v[k];
     }
     __syncthreads();
+    DH_STAMP(3);
     if (q_norm) {
         // Warp 0 the query's RMS, warp 1 the key's.
         if (warp < 2) {
@@ -243,32 +256,32 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
         }
         dh_cp_wait_all();
         __syncthreads();  // the chunk's rows (copies and the token's own row) are in place
+        if (c0 == lo) DH_STAMP(4);
 
-        // Scores, one row per thread per pass.
+        // Scores, one row per thread per pass, each row's chunks in turn (a thread skips the
+        // passes past the chunk's rows).
         float s[DH_ROWS_PT];
 #pragma unroll
-        for (int i = 0; i < DH_ROWS_PT; i++) s[i] = 0.f;
-        for (int c = 0; c < chunks; c++) {
-            float qv[VEC];
+        for (int i = 0; i < DH_ROWS_PT; i++) {
+            s[i] = 0.f;
+            const int r = tid + i * DH_THREADS;
+            if (r >= nrows) continue;
+            const uint4* krow = reinterpret_cast<const uint4*>(kbuf + r * hd);
+#pragma unroll(CHUNKS > 0 ? CHUNKS : 1)
+            for (int c = 0; c < chunks; c++) {
+                const uint4 raw = krow[c ^ (r & sw)];
+                const T* kv = reinterpret_cast<const T*>(&raw);
+                const float4* q4 = reinterpret_cast<const float4*>(qs + c * VEC);
+                float d = 0.f;
 #pragma unroll
-            for (int e4 = 0; e4 < VEC / 4; e4++) {
-                const float4 q4 = reinterpret_cast<const float4*>(qs + c * VEC)[e4];
-                qv[4 * e4] = q4.x;
-                qv[4 * e4 + 1] = q4.y;
-                qv[4 * e4 + 2] = q4.z;
-                qv[4 * e4 + 3] = q4.w;
-            }
-#pragma unroll
-            for (int i = 0; i < DH_ROWS_PT; i++) {
-                const int r = tid + i * DH_THREADS;
-                if (r < nrows) {
-                    const uint4 raw = reinterpret_cast<const uint4*>(kbuf + r * hd)[c ^ (r & sw)];
-                    const T* kv = reinterpret_cast<const T*>(&raw);
-                    float d = 0.f;
-#pragma unroll
-                    for (int e = 0; e < VEC; e++) d += qv[e] * to_f(kv[e]);
-                    s[i] += d;
+                for (int e4 = 0; e4 < VEC / 4; e4++) {
+                    const float4 q = q4[e4];
+                    d += q.x * to_f(kv[4 * e4]);
+                    d += q.y * to_f(kv[4 * e4 + 1]);
+                    d += q.z * to_f(kv[4 * e4 + 2]);
+                    d += q.w * to_f(kv[4 * e4 + 3]);
                 }
+                s[i] += d;
             }
         }
         float mloc = -INFINITY;
@@ -301,8 +314,10 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
         for (int w = 0; w < DH_WARPS; w++) lc += red[8 + w];
         L = L * alpha + lc;
         M = mn;
+        if (c0 == lo) DH_STAMP(5);
 #pragma unroll
         for (int x = 0; x < VEC; x++) acc[x] *= alpha;
+#pragma unroll(CHUNKS > 0 ? 4 : 1)
         for (int r = pg; r < nrows; r += groups) {
             const float e = p[r];
             const uint4 raw = reinterpret_cast<const uint4*>(vbuf + r * hd)[pc ^ (r & sw)];
@@ -324,6 +339,7 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
         for (int x = 0; x < VEC; x++) part[(pc * per_chunk + pg / span) * VEC + x] = acc[x];
     }
     __syncthreads();
+    DH_STAMP(6);
     T* dst = out + ((long long)t * num_heads + head) * hd;
     if constexpr (SPLIT == 1) {
         const float inv_l = L > 0.f ? 1.f / L : 0.f;
@@ -374,6 +390,7 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
         }
         cluster.sync();  // the others' shared memory stays until block 0 has read it
     }
+    DH_STAMP(7);
 }
 
 // Measurement only (VLLM_DS_KIND=stub): the attention replaced by a copy of the head's
@@ -397,21 +414,28 @@ __device__ void decode_attention_stub(T* out, const T* qkv, int num_heads, int n
     out, qkv, bias, q_norm, k_norm, cos_table, sin_table, positions, token_seq, block_tables, max_blocks, block_size, \
         k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, window, eps, cap
 
-// The SPLIT > 1 kernels: clusters of N blocks along z.
-#define INSTANTIATE_DH_SPLIT(SUFFIX, T, N)                                                                          \
+// The SPLIT > 1 kernels: clusters of N blocks along z. NAME carries the chunk count C when
+// the kernel is built for one.
+#define INSTANTIATE_DH_SPLIT(NAME, SUFFIX, T, N, C)                                                                 \
     extern "C" __global__ void __cluster_dims__(1, 1, N) __launch_bounds__(DH_THREADS, 2)                           \
-        decode_attention_heads_s##N##_##SUFFIX(DH_PARAMS(T)) {                                                         \
-        decode_attention_heads<T, N>(DH_ARGS);                                                                      \
+        decode_attention_heads_s##N##NAME##_##SUFFIX(DH_PARAMS(T)) {                                                   \
+        decode_attention_heads<T, N, C>(DH_ARGS);                                                                   \
     }
 
-#define INSTANTIATE_DH(SUFFIX, T)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(DH_THREADS, 2) decode_attention_heads_##SUFFIX(DH_PARAMS(T)) {        \
-        decode_attention_heads<T, 1>(DH_ARGS);                                                                      \
+#define INSTANTIATE_DH_CHUNKS(NAME, SUFFIX, T, C)                                                                   \
+    extern "C" __global__ void __launch_bounds__(DH_THREADS, 2) decode_attention_heads##NAME##_##SUFFIX(DH_PARAMS(T)) { \
+        decode_attention_heads<T, 1, C>(DH_ARGS);                                                                   \
     }                                                                                                               \
-    INSTANTIATE_DH_SPLIT(SUFFIX, T, 2)                                                                              \
-    INSTANTIATE_DH_SPLIT(SUFFIX, T, 4)                                                                              \
-    INSTANTIATE_DH_SPLIT(SUFFIX, T, 8)                                                                              \
-    extern "C" __global__ void decode_attention_stub_##SUFFIX(DH_PARAMS(T)) {                                          \
+    INSTANTIATE_DH_SPLIT(NAME, SUFFIX, T, 2, C)                                                                     \
+    INSTANTIATE_DH_SPLIT(NAME, SUFFIX, T, 4, C)                                                                     \
+    INSTANTIATE_DH_SPLIT(NAME, SUFFIX, T, 8, C)
+
+// Any head_dim, and rows of 8 and 16 chunks (bf16 / f16 head_dim 64 and 128, f32 32 and 64).
+#define INSTANTIATE_DH(SUFFIX, T)                                                                                   \
+    INSTANTIATE_DH_CHUNKS(, SUFFIX, T, 0)                                                                           \
+    INSTANTIATE_DH_CHUNKS(_c8, SUFFIX, T, 8)                                                                        \
+    INSTANTIATE_DH_CHUNKS(_c16, SUFFIX, T, 16)                                                                      \
+    extern "C" __global__ void decode_attention_stub_##SUFFIX(DH_PARAMS(T)) {                                       \
         decode_attention_stub<T>(out, qkv, num_heads, num_kv_heads, head_dim);                                      \
     }
 

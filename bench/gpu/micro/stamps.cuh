@@ -52,7 +52,24 @@ static void stamps_setup(const void* lo, size_t layer_bytes) {
     CK(cudaMemcpyToSymbol(g_stamp_layer, &layer_bytes, sizeof layer_bytes));
 }
 
-static void stamps_print() {
+// One timeline row: for each point k, the earliest, median and latest of blocks' stamps
+// at[b * points + k] (0: not stamped), µs after t0.
+static void stamps_row(const char* name, const unsigned long long* at, int blocks, int points, const char* const* labels,
+                       unsigned long long t0) {
+    printf("  %-11s", name);
+    for (int k = 0; k < points; k++) {
+        std::vector<double> v;
+        for (int b = 0; b < blocks; b++)
+            if (at[b * points + k]) v.push_back((at[b * points + k] - t0) / 1e3);
+        std::sort(v.begin(), v.end());
+        if (v.empty()) continue;
+        printf(" | %s %5.2f %5.2f %5.2f", labels[k], v.front(), v[v.size() / 2], v.back());
+    }
+    printf("\n");
+}
+
+// Prints the products' rows; returns the origin (layer 12's first qkv start) for others.
+static unsigned long long stamps_print() {
     static unsigned long long s[STAMP_PRODUCTS][STAMP_BLOCKS][5];
     CK(cudaDeviceSynchronize());
     CK(cudaMemcpyFromSymbol(s, g_stamps, sizeof s));
@@ -63,15 +80,9 @@ static void stamps_print() {
         if (s[0][b][0]) t0 = std::min(t0, s[0][b][0]);
     printf("timeline of the last chain, us after layer 12's first qkv start (earliest / median / latest block):\n");
     for (int p = 0; p < STAMP_PRODUCTS; p++) {
-        printf("  L%d %-8s", 12 + p / 4, names[p % 4]);
-        for (int k = 0; k < 5; k++) {
-            std::vector<double> v;
-            for (int b = 0; b < STAMP_BLOCKS; b++)
-                if (s[p][b][k]) v.push_back((s[p][b][k] - t0) / 1e3);
-            std::sort(v.begin(), v.end());
-            if (v.empty()) continue;
-            printf(" | %s %5.2f %5.2f %5.2f", points[k], v.front(), v[v.size() / 2], v.back());
-        }
-        printf("\n");
+        char name[32];
+        snprintf(name, sizeof name, "L%d %s", 12 + p / 4, names[p % 4]);
+        stamps_row(name, &s[p][0][0], STAMP_BLOCKS, 5, points, t0);
     }
+    return t0;
 }

@@ -6,7 +6,9 @@
 //! per-SM arithmetic is largest). `VLLM_DS_SPLIT=n` (1, 2, 4, 8) cuts each head's context
 //! into n ranges, one block each in a cluster of n (SPLITS, kernels/decode_heads.cu);
 //! `VLLM_DS_TABLE=0` stages only a chunk's block-table entries, after the position, instead
-//! of the whole row beside it.
+//! of the whole row beside it. Rows of 8 or 16 sixteen-byte chunks (bf16 head_dim 64 and 128)
+//! take kernels built for that count, whose loops unroll (`VLLM_DS_UNROLLED=0`: the kernels
+//! for any head_dim).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -56,6 +58,12 @@ const SPLITS: [usize; 4] = [1, 2, 4, 8];
 /// Default split (VLLM_DS_SPLIT overrides, one of SPLITS): measured on an H200 (W3 0.677 ->
 /// 0.637 ms with 4, 0.638 with 2, 0.671 with 8; bench/RESULTS.md, issue 7, session 9).
 const DEFAULT_SPLIT: usize = 4;
+/// The unrolled kernels take a context of at most this many positions whole, one block a
+/// head: without a cluster's merge, W3's chain was 0.5-1 µs a layer faster at positions 128
+/// and 383 and even at 640 (bench/RESULTS.md, issue 7, session 19).
+const ONE_RANGE_CONTEXT: usize = 1024;
+/// Chunks a row the kernels are also built for (`decode_attention_heads*_c{n}_*`).
+const UNROLLED_CHUNKS: [usize; 2] = [8, 16];
 /// Must match DH_WHOLE_TABLE in decode_heads.cu: a flag in the kernels' `cap` argument.
 const WHOLE_TABLE: i32 = 1 << 30;
 /// Longest block-table row staged whole (VLLM_DS_TABLE=0: never).
@@ -66,22 +74,44 @@ fn whole_table_from_env() -> bool {
     *ON.get_or_init(|| std::env::var_os("VLLM_DS_TABLE").is_none_or(|v| v != "0"))
 }
 
-fn split_from_env() -> usize {
-    static SPLIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SPLIT.get_or_init(|| {
+fn unrolled_from_env() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("VLLM_DS_UNROLLED").is_none_or(|v| v != "0"))
+}
+
+/// The split of a launch: VLLM_DS_SPLIT, else one range for a short context through the
+/// unrolled kernels, else DEFAULT_SPLIT.
+fn split_for(max_context: usize, unrolled: bool) -> usize {
+    static SPLIT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *SPLIT.get_or_init(|| {
         std::env::var("VLLM_DS_SPLIT")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|n| SPLITS.contains(n))
-            .unwrap_or(DEFAULT_SPLIT)
+    });
+    forced.unwrap_or(if unrolled && max_context <= ONE_RANGE_CONTEXT {
+        1
+    } else {
+        DEFAULT_SPLIT
     })
 }
 
-fn kernel_name(split: usize) -> String {
-    match split {
-        1 => "decode_attention_heads".to_string(),
-        n => format!("decode_attention_heads_s{n}"),
+/// The 16-byte chunks of a row of `dims` in `dtype` when the kernels are built for that
+/// count (and VLLM_DS_UNROLLED allows them), else None.
+fn unrolled_chunks(dtype: DType, dims: &AttentionDims) -> Option<usize> {
+    let bytes = dims.head_dim * dtype.size_in_bytes();
+    (unrolled_from_env() && bytes.is_multiple_of(16) && UNROLLED_CHUNKS.contains(&(bytes / 16))).then_some(bytes / 16)
+}
+
+fn kernel_name(split: usize, chunks: Option<usize>) -> String {
+    let mut name = "decode_attention_heads".to_string();
+    if split > 1 {
+        name += &format!("_s{split}");
     }
+    if let Some(c) = chunks {
+        name += &format!("_c{c}");
+    }
+    name
 }
 
 /// Loads the module, opts its functions in to SHARED_LIMIT bytes of dynamic shared memory
@@ -94,8 +124,13 @@ pub(super) fn load_into(
     for suffix in ["f32", "bf16", "f16"] {
         let stub = format!("decode_attention_stub_{suffix}");
         functions.insert(stub.clone(), module.load_function(&stub).ok()?);
-        for split in SPLITS {
-            let name = format!("{}_{suffix}", kernel_name(split));
+        let variants = SPLITS.iter().flat_map(|&split| {
+            std::iter::once(None)
+                .chain(UNROLLED_CHUNKS.map(Some))
+                .map(move |c| kernel_name(split, c))
+        });
+        for base in variants {
+            let name = format!("{base}_{suffix}");
             let f = module.load_function(&name).ok()?;
             // SAFETY: a valid function of a loaded module; the attribute is a plain integer.
             let r = unsafe {
@@ -181,7 +216,8 @@ pub fn launch(
     dims: &AttentionDims,
     eps: f32,
 ) -> Result<()> {
-    let split = split_from_env();
+    let chunks = unrolled_chunks(dtype, dims);
+    let split = split_for(meta.max_blocks * meta.block_size, chunks.is_some());
     // Each block holds at most its range of the longest context.
     let max_context = (meta.max_blocks * meta.block_size).div_ceil(split);
     // graphs.rs (the only caller) maps row t to sequence t, as the whole-table form assumes.
@@ -198,7 +234,7 @@ pub fn launch(
         };
         return decode_small::launch_fused(k, f, "decode_attention_stub", cfg, p, out, meta, dims, eps, cap as i32);
     }
-    let name = kernel_name(split);
+    let name = kernel_name(split, chunks);
     let f = k.function(&name, dtype)?;
     // Grid z: the context ranges, one cluster (the kernel's __cluster_dims__) per head.
     let cfg = LaunchConfig {
@@ -246,6 +282,31 @@ mod tests {
         assert_eq!(cap, cap_whole);
         // The chunk's own entries (cap / 16 + 2) are replaced by the row's 1024.
         assert_eq!(whole - chunk_only, 4 * (1024 - (cap / 16 + 2)));
+    }
+
+    #[test]
+    fn rows_of_8_or_16_chunks_take_the_unrolled_kernels() {
+        if std::env::var_os("VLLM_DS_UNROLLED").is_some() || std::env::var_os("VLLM_DS_SPLIT").is_some() {
+            return;
+        }
+        assert_eq!(
+            unrolled_chunks(DType::BF16, &AttentionDims::unscaled(14, 2, 64)),
+            Some(8)
+        );
+        assert_eq!(
+            unrolled_chunks(DType::BF16, &AttentionDims::unscaled(32, 8, 128)),
+            Some(16)
+        );
+        assert_eq!(unrolled_chunks(DType::F32, &AttentionDims::unscaled(4, 2, 32)), Some(8));
+        assert_eq!(unrolled_chunks(DType::F32, &AttentionDims::unscaled(4, 2, 16)), None);
+        assert_eq!(unrolled_chunks(DType::BF16, &AttentionDims::unscaled(4, 2, 68)), None);
+        assert_eq!(kernel_name(1, Some(8)), "decode_attention_heads_c8");
+        assert_eq!(kernel_name(4, Some(16)), "decode_attention_heads_s4_c16");
+        assert_eq!(kernel_name(2, None), "decode_attention_heads_s2");
+        // A short context goes whole through the unrolled kernels, a long one in ranges.
+        assert_eq!(split_for(1024, true), 1);
+        assert_eq!(split_for(1024, false), DEFAULT_SPLIT);
+        assert_eq!(split_for(4096, true), DEFAULT_SPLIT);
     }
 
     #[test]
