@@ -32,6 +32,7 @@
 #include <cooperative_groups.h>
 
 #include "common.cuh"
+#include "mma.cuh"
 #include "pdl.cuh"
 
 namespace cg = cooperative_groups;
@@ -67,7 +68,8 @@ __device__ __forceinline__ void dh_cp_wait_all() { asm volatile("cp.async.wait_a
 // [max(DH_WARPS * VEC, hd)] (value sums per warp); red [20]; cur [2 * hd] T (this token's
 // key, value); tbl [cap / block_size + 2] (block-table entries of the chunk).
 // CHUNKS: the 16-byte chunks of a head's row (head_dim * sizeof(T) / 16) when the kernel is
-// built for one, so the score and value loops unroll (0: any, read from head_dim).
+// built for one (16-bit types only): the scores go through the tensor cores and the value
+// loop unrolls (0: any, read from head_dim).
 template <typename T, int SPLIT, int CHUNKS>
 __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, const T* q_norm, const T* k_norm,
                                        const float* cos_table, const float* sin_table, const uint32_t* positions,
@@ -82,6 +84,10 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
     const int cap = cap_arg & ~DH_WHOLE_TABLE;
     const int hd = head_dim, half = hd / 2;
     const int chunks = CHUNKS > 0 ? CHUNKS : hd / VEC;  // a power of two <= 32
+    // Scores on the tensor cores where the row length is known (two chunks a step).
+    constexpr bool TENSOR = CHUNKS > 0;
+    static_assert(!TENSOR || sizeof(T) == 2, "tensor-core scores take 16-bit rows");
+    constexpr int KSTEPS = CHUNKS / 2;
     const int sw = chunks < 8 ? chunks - 1 : 7;
     const int group = num_heads / num_kv_heads;
     const int kv_head = head / group;
@@ -215,6 +221,11 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
         if (which == 0) {
             qs[j] = to_f(ra) * qscale;
             qs[j + half] = to_f(rb) * qscale;
+            if (TENSOR) {
+                // The query as the tensor-core scores take it (part is free until the end).
+                reinterpret_cast<T*>(part)[j] = ra;
+                reinterpret_cast<T*>(part)[j + half] = rb;
+            }
         } else {
             cur[j] = ra;
             cur[j + half] = rb;
@@ -258,30 +269,63 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
         __syncthreads();  // the chunk's rows (copies and the token's own row) are in place
         if (c0 == lo) DH_STAMP(4);
 
-        // Scores, one row per thread per pass, each row's chunks in turn (a thread skips the
-        // passes past the chunk's rows).
         float s[DH_ROWS_PT];
+        if constexpr (TENSOR) {
+            // 16 rows a tile, a warp's tiles every DH_WARPS-th: mma.m16n8k16 with A the
+            // tile's keys (ldmatrix of the swizzled rows) and every column of B the query,
+            // so D[g][*] is row g's sum; lane (g, 0) stores rows g and g + 8 into p.
+            const int g = lane >> 2, tq = lane & 3;
+            uint32_t qb[KSTEPS][2];
+            const uint32_t* qw = reinterpret_cast<const uint32_t*>(part);
 #pragma unroll
-        for (int i = 0; i < DH_ROWS_PT; i++) {
-            s[i] = 0.f;
-            const int r = tid + i * DH_THREADS;
-            if (r >= nrows) continue;
-            const uint4* krow = reinterpret_cast<const uint4*>(kbuf + r * hd);
-#pragma unroll(CHUNKS > 0 ? CHUNKS : 1)
-            for (int c = 0; c < chunks; c++) {
-                const uint4 raw = krow[c ^ (r & sw)];
-                const T* kv = reinterpret_cast<const T*>(&raw);
-                const float4* q4 = reinterpret_cast<const float4*>(qs + c * VEC);
-                float d = 0.f;
+            for (int ks = 0; ks < KSTEPS; ks++) {
+                qb[ks][0] = qw[ks * 8 + tq];
+                qb[ks][1] = qw[ks * 8 + tq + 4];
+            }
+            for (int tile = warp; tile * 16 < nrows; tile += DH_WARPS) {
+                const int row = tile * 16 + (lane & 15);
+                float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-                for (int e4 = 0; e4 < VEC / 4; e4++) {
-                    const float4 q = q4[e4];
-                    d += q.x * to_f(kv[4 * e4]);
-                    d += q.y * to_f(kv[4 * e4 + 1]);
-                    d += q.z * to_f(kv[4 * e4 + 2]);
-                    d += q.w * to_f(kv[4 * e4 + 3]);
+                for (int ks = 0; ks < KSTEPS; ks++) {
+                    uint32_t a[4];
+                    ldmatrix_x4(a, kbuf + row * hd + ((2 * ks + (lane >> 4)) ^ (row & sw)) * VEC);
+                    mma_16816<T>(acc, a, qb[ks][0], qb[ks][1]);
                 }
-                s[i] += d;
+                const int r0 = tile * 16 + g;
+                if (tq == 0 && r0 < nrows) p[r0] = acc[0] * qscale;
+                if (tq == 0 && r0 + 8 < nrows) p[r0 + 8] = acc[2] * qscale;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int i = 0; i < DH_ROWS_PT; i++) {
+                const int r = tid + i * DH_THREADS;
+                s[i] = r < nrows ? p[r] : 0.f;
+            }
+        } else {
+            // Scores, one row per thread per pass, each row's chunks in turn (a thread skips
+            // the passes past the chunk's rows).
+#pragma unroll
+            for (int i = 0; i < DH_ROWS_PT; i++) {
+                s[i] = 0.f;
+                const int r = tid + i * DH_THREADS;
+                if (r >= nrows) continue;
+                const uint4* krow = reinterpret_cast<const uint4*>(kbuf + r * hd);
+#pragma unroll 1
+                for (int c = 0; c < chunks; c++) {
+                    const uint4 raw = krow[c ^ (r & sw)];
+                    const T* kv = reinterpret_cast<const T*>(&raw);
+                    const float4* q4 = reinterpret_cast<const float4*>(qs + c * VEC);
+                    float d = 0.f;
+#pragma unroll
+                    for (int e4 = 0; e4 < VEC / 4; e4++) {
+                        const float4 q = q4[e4];
+                        d += q.x * to_f(kv[4 * e4]);
+                        d += q.y * to_f(kv[4 * e4 + 1]);
+                        d += q.z * to_f(kv[4 * e4 + 2]);
+                        d += q.w * to_f(kv[4 * e4 + 3]);
+                    }
+                    s[i] += d;
+                }
             }
         }
         float mloc = -INFINITY;
@@ -430,15 +474,18 @@ __device__ void decode_attention_stub(T* out, const T* qkv, int num_heads, int n
     INSTANTIATE_DH_SPLIT(NAME, SUFFIX, T, 4, C)                                                                     \
     INSTANTIATE_DH_SPLIT(NAME, SUFFIX, T, 8, C)
 
-// Any head_dim, and rows of 8 and 16 chunks (bf16 / f16 head_dim 64 and 128, f32 32 and 64).
+// Any head_dim; in 16-bit types also rows of 8 and 16 chunks (head_dim 64 and 128), whose
+// scores go through the tensor cores.
 #define INSTANTIATE_DH(SUFFIX, T)                                                                                   \
     INSTANTIATE_DH_CHUNKS(, SUFFIX, T, 0)                                                                           \
-    INSTANTIATE_DH_CHUNKS(_c8, SUFFIX, T, 8)                                                                        \
-    INSTANTIATE_DH_CHUNKS(_c16, SUFFIX, T, 16)                                                                      \
     extern "C" __global__ void decode_attention_stub_##SUFFIX(DH_PARAMS(T)) {                                       \
         decode_attention_stub<T>(out, qkv, num_heads, num_kv_heads, head_dim);                                      \
     }
+#define INSTANTIATE_DH_16BIT(SUFFIX, T)                                                                             \
+    INSTANTIATE_DH(SUFFIX, T)                                                                                       \
+    INSTANTIATE_DH_CHUNKS(_c8, SUFFIX, T, 8)                                                                        \
+    INSTANTIATE_DH_CHUNKS(_c16, SUFFIX, T, 16)
 
 INSTANTIATE_DH(f32, float)
-INSTANTIATE_DH(bf16, __nv_bfloat16)
-INSTANTIATE_DH(f16, __half)
+INSTANTIATE_DH_16BIT(bf16, __nv_bfloat16)
+INSTANTIATE_DH_16BIT(f16, __half)

@@ -6,9 +6,9 @@
 //! per-SM arithmetic is largest). `VLLM_DS_SPLIT=n` (1, 2, 4, 8) cuts each head's context
 //! into n ranges, one block each in a cluster of n (SPLITS, kernels/decode_heads.cu);
 //! `VLLM_DS_TABLE=0` stages only a chunk's block-table entries, after the position, instead
-//! of the whole row beside it. Rows of 8 or 16 sixteen-byte chunks (bf16 head_dim 64 and 128)
-//! take kernels built for that count, whose loops unroll (`VLLM_DS_UNROLLED=0`: the kernels
-//! for any head_dim).
+//! of the whole row beside it. In bf16 / f16, head_dim 64 and 128 (rows of 8 and 16
+//! sixteen-byte chunks) take kernels built for that row, which score on the tensor cores
+//! (`VLLM_DS_TENSOR=0`: the kernels for any head_dim).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,12 +58,12 @@ const SPLITS: [usize; 4] = [1, 2, 4, 8];
 /// Default split (VLLM_DS_SPLIT overrides, one of SPLITS): measured on an H200 (W3 0.677 ->
 /// 0.637 ms with 4, 0.638 with 2, 0.671 with 8; bench/RESULTS.md, issue 7, session 9).
 const DEFAULT_SPLIT: usize = 4;
-/// The unrolled kernels take a context of at most this many positions whole, one block a
-/// head: without a cluster's merge, W3's chain was 0.5-1 µs a layer faster at positions 128
-/// and 383 and even at 640 (bench/RESULTS.md, issue 7, session 19).
-const ONE_RANGE_CONTEXT: usize = 1024;
-/// Chunks a row the kernels are also built for (`decode_attention_heads*_c{n}_*`).
-const UNROLLED_CHUNKS: [usize; 2] = [8, 16];
+/// The tensor-core kernels take a context of at most this many positions in TENSOR_SPLIT
+/// ranges (bench/RESULTS.md, issue 7, session 19).
+const SHORT_CONTEXT: usize = 1024;
+const TENSOR_SPLIT: usize = 1;
+/// Chunks a row the 16-bit kernels are also built for (`decode_attention_heads*_c{n}_*`).
+const TENSOR_CHUNKS: [usize; 2] = [8, 16];
 /// Must match DH_WHOLE_TABLE in decode_heads.cu: a flag in the kernels' `cap` argument.
 const WHOLE_TABLE: i32 = 1 << 30;
 /// Longest block-table row staged whole (VLLM_DS_TABLE=0: never).
@@ -74,14 +74,14 @@ fn whole_table_from_env() -> bool {
     *ON.get_or_init(|| std::env::var_os("VLLM_DS_TABLE").is_none_or(|v| v != "0"))
 }
 
-fn unrolled_from_env() -> bool {
+fn tensor_from_env() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("VLLM_DS_UNROLLED").is_none_or(|v| v != "0"))
+    *ON.get_or_init(|| std::env::var_os("VLLM_DS_TENSOR").is_none_or(|v| v != "0"))
 }
 
-/// The split of a launch: VLLM_DS_SPLIT, else one range for a short context through the
-/// unrolled kernels, else DEFAULT_SPLIT.
-fn split_for(max_context: usize, unrolled: bool) -> usize {
+/// The split of a launch: VLLM_DS_SPLIT, else TENSOR_SPLIT for a short context through the
+/// tensor-core kernels, else DEFAULT_SPLIT.
+fn split_for(max_context: usize, tensor: bool) -> usize {
     static SPLIT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let forced = *SPLIT.get_or_init(|| {
         std::env::var("VLLM_DS_SPLIT")
@@ -89,18 +89,20 @@ fn split_for(max_context: usize, unrolled: bool) -> usize {
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|n| SPLITS.contains(n))
     });
-    forced.unwrap_or(if unrolled && max_context <= ONE_RANGE_CONTEXT {
-        1
+    forced.unwrap_or(if tensor && max_context <= SHORT_CONTEXT {
+        TENSOR_SPLIT
     } else {
         DEFAULT_SPLIT
     })
 }
 
-/// The 16-byte chunks of a row of `dims` in `dtype` when the kernels are built for that
-/// count (and VLLM_DS_UNROLLED allows them), else None.
-fn unrolled_chunks(dtype: DType, dims: &AttentionDims) -> Option<usize> {
+/// The 16-byte chunks of a row of `dims` in `dtype` when tensor-core kernels are built for
+/// that row (and VLLM_DS_TENSOR allows them), else None.
+fn tensor_chunks(dtype: DType, dims: &AttentionDims) -> Option<usize> {
     let bytes = dims.head_dim * dtype.size_in_bytes();
-    (unrolled_from_env() && bytes.is_multiple_of(16) && UNROLLED_CHUNKS.contains(&(bytes / 16))).then_some(bytes / 16)
+    let chunks = bytes / 16;
+    (tensor_from_env() && dtype.size_in_bytes() == 2 && bytes.is_multiple_of(16) && TENSOR_CHUNKS.contains(&chunks))
+        .then_some(chunks)
 }
 
 fn kernel_name(split: usize, chunks: Option<usize>) -> String {
@@ -124,9 +126,10 @@ pub(super) fn load_into(
     for suffix in ["f32", "bf16", "f16"] {
         let stub = format!("decode_attention_stub_{suffix}");
         functions.insert(stub.clone(), module.load_function(&stub).ok()?);
+        let chunks: &[usize] = if suffix == "f32" { &[] } else { &TENSOR_CHUNKS };
         let variants = SPLITS.iter().flat_map(|&split| {
             std::iter::once(None)
-                .chain(UNROLLED_CHUNKS.map(Some))
+                .chain(chunks.iter().map(|&c| Some(c)))
                 .map(move |c| kernel_name(split, c))
         });
         for base in variants {
@@ -216,7 +219,7 @@ pub fn launch(
     dims: &AttentionDims,
     eps: f32,
 ) -> Result<()> {
-    let chunks = unrolled_chunks(dtype, dims);
+    let chunks = tensor_chunks(dtype, dims);
     let split = split_for(meta.max_blocks * meta.block_size, chunks.is_some());
     // Each block holds at most its range of the longest context.
     let max_context = (meta.max_blocks * meta.block_size).div_ceil(split);
@@ -285,26 +288,26 @@ mod tests {
     }
 
     #[test]
-    fn rows_of_8_or_16_chunks_take_the_unrolled_kernels() {
-        if std::env::var_os("VLLM_DS_UNROLLED").is_some() || std::env::var_os("VLLM_DS_SPLIT").is_some() {
+    fn head_dims_64_and_128_in_16_bits_take_the_tensor_core_kernels() {
+        if std::env::var_os("VLLM_DS_TENSOR").is_some() || std::env::var_os("VLLM_DS_SPLIT").is_some() {
             return;
         }
+        assert_eq!(tensor_chunks(DType::BF16, &AttentionDims::unscaled(14, 2, 64)), Some(8));
         assert_eq!(
-            unrolled_chunks(DType::BF16, &AttentionDims::unscaled(14, 2, 64)),
-            Some(8)
-        );
-        assert_eq!(
-            unrolled_chunks(DType::BF16, &AttentionDims::unscaled(32, 8, 128)),
+            tensor_chunks(DType::F16, &AttentionDims::unscaled(32, 8, 128)),
             Some(16)
         );
-        assert_eq!(unrolled_chunks(DType::F32, &AttentionDims::unscaled(4, 2, 32)), Some(8));
-        assert_eq!(unrolled_chunks(DType::F32, &AttentionDims::unscaled(4, 2, 16)), None);
-        assert_eq!(unrolled_chunks(DType::BF16, &AttentionDims::unscaled(4, 2, 68)), None);
+        // float32 rows (the tiny fixtures' head_dim 32 is 8 chunks too) and other lengths keep
+        // the kernels for any head_dim.
+        assert_eq!(tensor_chunks(DType::F32, &AttentionDims::unscaled(4, 2, 32)), None);
+        assert_eq!(tensor_chunks(DType::BF16, &AttentionDims::unscaled(4, 2, 32)), None);
+        assert_eq!(tensor_chunks(DType::BF16, &AttentionDims::unscaled(4, 2, 68)), None);
         assert_eq!(kernel_name(1, Some(8)), "decode_attention_heads_c8");
         assert_eq!(kernel_name(4, Some(16)), "decode_attention_heads_s4_c16");
         assert_eq!(kernel_name(2, None), "decode_attention_heads_s2");
-        // A short context goes whole through the unrolled kernels, a long one in ranges.
-        assert_eq!(split_for(1024, true), 1);
+        // A short context through the tensor-core kernels takes their split, a long one the
+        // default.
+        assert_eq!(split_for(1024, true), TENSOR_SPLIT);
         assert_eq!(split_for(1024, false), DEFAULT_SPLIT);
         assert_eq!(split_for(4096, true), DEFAULT_SPLIT);
     }
