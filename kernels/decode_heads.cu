@@ -12,7 +12,8 @@
 //      Qwen3 q/k RMSNorm, rotary), the token's key / value into the chunk and (by the
 //      group's first head) into the cache;
 //   3. scores one row per thread (keys read from shared memory, swizzled so a warp's rows
-//      hit distinct banks), block max, exponentials, then values: each thread one 16-byte
+//      hit distinct banks; for 16-bit head_dim 64 and 128, 16-row tiles on the tensor
+//      cores, session 19), block max, exponentials, then values: each thread one 16-byte
 //      column chunk over a strided set of rows; a context longer than the chunk goes
 //      chunk by chunk with the softmax rescaled between them.
 // No cluster, no counter, no partial buffers: the keys are read by each of the group's
@@ -27,7 +28,8 @@
 // the whole block-table row goes to shared memory by cp.async in parallel with the
 // position load, instead of position -> entries -> rows (one dependent trip fewer).
 // Rounding as qkv_prepare + paged_attention_v2 (q and k rounded to T after rotary, scores,
-// softmax and sums in float32, output rounded to T); exponentials in base 2.
+// softmax and sums in float32, output rounded to T; the tensor-core scores scale the sum
+// rather than the query); exponentials in base 2.
 
 #include <cooperative_groups.h>
 

@@ -95,21 +95,10 @@ static void attention(const std::string& form, const Attention& a, size_t layer_
         CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SHARED_LIMIT));
         set[any][split] = true;
     }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(1, HEADS, split);
-    cfg.blockDim = dim3(stub ? 64 : DH_THREADS);
-    cfg.dynamicSmemBytes = stub ? 0 : bytes;
-    cfg.stream = st;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
-    CK(cudaLaunchKernelEx(&cfg, k, a.out, (const bf*)a.qkv, (const bf*)(a.bias + (size_t)l * QKV), (const bf*)nullptr,
-                          (const bf*)nullptr, (const float*)a.cos_t, (const float*)a.sin_t, (const uint32_t*)a.positions,
-                          (const uint32_t*)a.token_seq, (const uint32_t*)a.table, MAX_BLOCKS, BLOCK_SIZE,
-                          a.k_cache + layer_elems * l, a.v_cache + layer_elems * l, HEADS, KV_HEADS, HD, 0.125f, 0, 1e-6f,
-                          cap | WHOLE_TABLE));
+    launch_pdl(k, dim3(1, HEADS, split), stub ? 64 : DH_THREADS, stub ? 0 : bytes, a.out, a.qkv,
+               a.bias + (size_t)l * QKV, (const bf*)nullptr, (const bf*)nullptr, a.cos_t, a.sin_t, a.positions,
+               a.token_seq, a.table, MAX_BLOCKS, BLOCK_SIZE, a.k_cache + layer_elems * l, a.v_cache + layer_elems * l,
+               HEADS, KV_HEADS, HD, 0.125f, 0, 1e-6f, cap | WHOLE_TABLE);
 }
 
 int main(int argc, char** argv) {

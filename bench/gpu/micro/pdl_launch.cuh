@@ -11,9 +11,9 @@
 static cudaStream_t st;
 
 template <typename... Exp, typename... Act>
-static void launch_pdl(void (*k)(Exp...), int grid, int block, size_t smem, Act... args) {
+static void launch_pdl(void (*k)(Exp...), dim3 grid, int block, size_t smem, Act... args) {
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid);
+    cfg.gridDim = grid;
     cfg.blockDim = dim3(block);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = st;
