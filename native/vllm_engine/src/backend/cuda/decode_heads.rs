@@ -58,8 +58,9 @@ const SPLITS: [usize; 4] = [1, 2, 4, 8];
 /// Default split (VLLM_DS_SPLIT overrides, one of SPLITS): measured on an H200 (W3 0.677 ->
 /// 0.637 ms with 4, 0.638 with 2, 0.671 with 8; bench/RESULTS.md, issue 7, session 9).
 const DEFAULT_SPLIT: usize = 4;
-/// The tensor-core kernels take a context of at most this many positions in TENSOR_SPLIT
-/// ranges (bench/RESULTS.md, issue 7, session 19).
+/// Contexts of at most SHORT_CONTEXT positions through the tensor-core kernels go in
+/// TENSOR_SPLIT ranges: W3 (limit 1,024) measured 0.418 ms a token with 1, 0.425 with 2,
+/// 0.428 with 4 on an H200 (bench/RESULTS.md, issue 7, session 19).
 const SHORT_CONTEXT: usize = 1024;
 const TENSOR_SPLIT: usize = 1;
 /// Chunks a row the 16-bit kernels are also built for (`decode_attention_heads*_c{n}_*`).
