@@ -5,9 +5,10 @@
 // gemv_staged micro has no attention; the engine measures only whole steps.
 // Prints the chain's µs a layer for each attention form: none (o reads a stale output),
 // the stub (a copy of the query), and the heads kernel with its context cut in 1, 2, 4 or 8
-// ranges (g1 / g4: the kernels for any head_dim). With -DSTG_STAMPS, layers 12 and 13 of one chain stamp %globaltimer in every
-// block of every kernel (stamps.cuh; the attention's points are DH_STAMP's), for the form
-// LAYER_ATT names (default s4).
+// ranges (s1..s8: the tensor-core kernels the engine takes for head_dim 64; g1 / g4: the
+// kernels for any head_dim). With -DSTG_STAMPS, layers 12 and 13 of one chain stamp
+// %globaltimer in every block of every kernel (stamps.cuh; the attention's points are
+// DH_STAMP's), for the form LAYER_ATT names (default s4).
 // Build (development machine): nvcc -O3 -arch=sm_90 -std=c++17 layer_chain.cu -o layer_chain
 // Run: layer_chain [P] (default 383, W3's mean context).
 #ifdef STG_STAMPS
@@ -77,8 +78,8 @@ struct Attention {
 typedef void (*AttKernel)(bf*, const bf*, const bf*, const bf*, const bf*, const float*, const float*, const uint32_t*,
                           const uint32_t*, const uint32_t*, int, int, bf*, bf*, int, int, int, float, int, float, int);
 
-// form: "stub"; "s1", "s2", "s4", "s8" (context ranges a head; the kernels built for W3's
-// 8 chunks a row, as the engine takes them); "g1", "g4" (the kernels for any head_dim).
+// form: "stub"; "s1", "s2", "s4", "s8" (context ranges a head; the tensor-core kernels for
+// W3's 8 chunks a row, as the engine takes them); "g1", "g4" (the kernels for any head_dim).
 static void attention(const std::string& form, const Attention& a, size_t layer_elems, int l) {
     const bool stub = form == "stub", any = form[0] == 'g';
     const int split = stub ? 1 : atoi(form.c_str() + 1);

@@ -12,8 +12,8 @@
 static int sms;
 
 template <typename K>
-static void staged_launch(K kernel, bool* set, int halves, void* y, const void* x, const __nv_bfloat16* w, const __nv_bfloat16* norm_w, int out,
-                          int inner) {
+static void staged_launch(K kernel, bool* set, int halves, void* y, const void* x, const __nv_bfloat16* w,
+                          const __nv_bfloat16* norm_w, int out, int inner) {
     // backend/cuda/gemv_staged.rs's plan: a block's rows whole, else 16-row stages in 144 KB.
     int rpb = (out + sms - 1) / sms, stage_rows = rpb, stages = 1;
     if (((size_t)halves * rpb + 1) * inner * 2 > (160u << 10)) {
@@ -37,7 +37,8 @@ static void staged_launch(K kernel, bool* set, int halves, void* y, const void* 
 }
 
 // kernels/gemv_staged.cu with backend/cuda/gemv_staged.rs's geometry.
-static void staged(void* y, const void* x, const __nv_bfloat16* w, const __nv_bfloat16* norm_w, int out, int inner, int mode) {
+static void staged(void* y, const void* x, const __nv_bfloat16* w, const __nv_bfloat16* norm_w, int out, int inner,
+                   int mode) {
     static bool set[4];
     if (mode == GEMV_STORE) staged_launch(gemv_staged_store_bf16, &set[0], 1, y, x, w, norm_w, out, inner);
     else if (mode == GEMV_ADD) staged_launch(gemv_staged_add_bf16, &set[1], 1, y, x, w, norm_w, out, inner);

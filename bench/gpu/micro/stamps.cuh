@@ -54,8 +54,8 @@ static void stamps_setup(const void* lo, size_t layer_bytes) {
 
 // One timeline row: for each point k, the earliest, median and latest of blocks' stamps
 // at[b * points + k] (0: not stamped), µs after t0.
-static void stamps_row(const char* name, const unsigned long long* at, int blocks, int points, const char* const* labels,
-                       unsigned long long t0) {
+static void stamps_row(const char* name, const unsigned long long* at, int blocks, int points,
+                       const char* const* labels, unsigned long long t0) {
     printf("  %-11s", name);
     for (int k = 0; k < points; k++) {
         std::vector<double> v;
