@@ -42,3 +42,18 @@ __device__ __forceinline__ void warp_argmax(float& v, int& idx) {
     for (int o = 16; o > 0; o >>= 1)
         argmax_merge(v, idx, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, idx, o));
 }
+
+// Row `row` of `rows` as the argmax kernels leave it: out[row] the id (0 where no value
+// won), out[rows + row] the value's float32 bits; the same to `host_out` (page-locked host
+// memory the host reads after an event) when given.
+__device__ __forceinline__ void store_argmax(uint32_t* out, uint32_t* host_out, unsigned row, unsigned rows, float v,
+                                             int idx) {
+    const uint32_t id = idx == 0x7fffffff ? 0u : (uint32_t)idx;
+    out[row] = id;
+    out[rows + row] = __float_as_uint(v);
+    if (host_out) {
+        host_out[row] = id;
+        host_out[rows + row] = __float_as_uint(v);
+        __threadfence_system();
+    }
+}

@@ -204,14 +204,7 @@ __device__ void logits_argmax(uint32_t* argmax, uint32_t* scratch, uint32_t* hos
         argmax_merge(v, idx, __uint_as_float(__ldcg(scratch + 2 * b + 1)), (int)__ldcg(scratch + 2 * b));
     warp_argmax(v, idx);
     if (lane == 0) {
-        const uint32_t id = idx == 0x7fffffff ? 0u : (uint32_t)idx;
-        argmax[0] = id;
-        argmax[1] = __float_as_uint(v);
-        if (host_out) {
-            host_out[0] = id;
-            host_out[1] = __float_as_uint(v);
-            __threadfence_system();
-        }
+        store_argmax(argmax, host_out, 0, 1, v, idx);
         *count = 0u;
     }
 }

@@ -641,10 +641,7 @@ __device__ void argmax_rows(uint32_t* out, const T* logits, int vocab) {
         v = lane < num_warps ? best_v[lane] : -INFINITY;
         idx = lane < num_warps ? best_i[lane] : 0x7fffffff;
         warp_argmax(v, idx);
-        if (lane == 0) {
-            out[blockIdx.x] = idx == 0x7fffffff ? 0u : (uint32_t)idx;
-            out[gridDim.x + blockIdx.x] = __float_as_uint(v);
-        }
+        if (lane == 0) store_argmax(out, nullptr, blockIdx.x, gridDim.x, v, idx);
     }
 }
 
@@ -881,16 +878,7 @@ extern "C" __global__ void argmax_split_reduce(uint32_t* out, const uint32_t* pa
     int idx = 0x7fffffff;
     for (int s = threadIdx.x; s < splits; s += 32) argmax_merge(v, idx, __uint_as_float(p[2 * s + 1]), (int)p[2 * s]);
     warp_argmax(v, idx);
-    if (threadIdx.x == 0) {
-        const uint32_t id = idx == 0x7fffffff ? 0u : (uint32_t)idx;
-        out[blockIdx.x] = id;
-        out[gridDim.x + blockIdx.x] = __float_as_uint(v);
-        if (host_out) {
-            host_out[blockIdx.x] = id;
-            host_out[gridDim.x + blockIdx.x] = __float_as_uint(v);
-            __threadfence_system();
-        }
-    }
+    if (threadIdx.x == 0) store_argmax(out, host_out, blockIdx.x, gridDim.x, v, idx);
 }
 
 #define INSTANTIATE(SUFFIX, T)                                                                                          \
