@@ -21,8 +21,9 @@
 // SPLIT > 1 (VLLM_DS_SPLIT, session 9): the context's rows are cut into SPLIT equal ranges,
 // one block each, a cluster of SPLIT blocks along z per (sequence, query head): each block
 // stages and scores 1/SPLIT of the rows (one SM streams ~100 KB of W3's rows at ~20 B/ns,
-// the chain's longest part), and block 0 of the cluster merges the SPLIT (max, sum, values)
-// partials from the others' shared memory in rank order (deterministic, no atomics).
+// the chain's longest part); the others push their (max, sum, values) partials into block
+// 0's shared memory, which merges them in rank order (deterministic, no atomics; session 20:
+// pushed rather than read after two cluster barriers, W3 −7 µs with 2 ranges).
 // DH_WHOLE_TABLE in `cap` (VLLM_DS_TABLE, session 9; the launcher sets it when the table row
 // fits): row t is sequence t (the decode graphs' token_seq is the identity, graphs.rs), so
 // the whole block-table row goes to shared memory by cp.async in parallel with the
@@ -49,6 +50,8 @@ namespace cg = cooperative_groups;
 // (2), the qkv row read (3), the first chunk in (4), its exponentials summed (5), its values
 // summed (6) and the block's end (7). None in the engine; bench/gpu/micro/layer_chain.cu
 // defines them.
+// Floats of recv and its mbarrier (a multiple of 4, so cur stays 16-byte aligned).
+#define DH_RECV(SPLIT, hd) ((SPLIT) > 1 ? (((SPLIT) - 1) * ((hd) + 2) + 2 + 3) / 4 * 4 : 0)
 #ifndef DH_STAMP
 #define DH_STAMP(point)
 #endif
@@ -61,6 +64,31 @@ __device__ __forceinline__ void dh_cp_async4(void* dst, const void* src) {
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
 }
+// The merge of SPLIT > 1 (session 20): the other ranks push their partials into rank 0's
+// shared memory and arrive on its mbarrier; the one cluster barrier, which makes the
+// mbarrier's initialisation visible, is arrived at on entry and waited for only before the
+// push, so no block waits for another to reach it.
+__device__ __forceinline__ unsigned dh_saddr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void dh_cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ __forceinline__ void dh_cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+// Arrives on the mbarrier at `local` in the shared memory of cluster rank `rank`, releasing
+// this thread's earlier writes (and, after a block barrier, its block's) at cluster scope.
+__device__ __forceinline__ void dh_remote_arrive(const void* local, unsigned rank) {
+    unsigned remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(dh_saddr(local)), "r"(rank));
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
+__device__ __forceinline__ void dh_wait_cluster_parity0(const void* bar) {
+    unsigned ok = 0;
+    while (!ok)
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, "
+            "0, p;\n}"
+            : "=r"(ok)
+            : "r"(dh_saddr(bar))
+            : "memory");
+}
+
 __device__ __forceinline__ void dh_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void dh_cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
@@ -68,7 +96,9 @@ __device__ __forceinline__ void dh_cp_wait_all() { asm volatile("cp.async.wait_a
 // chunk c of row r at chunk c ^ (r & sw)); qs [hd] (query times scale and log2(e));
 // xs [3 * hd] (the qkv slice plus bias); p [cap] (a chunk's exponentials); part
 // [max(DH_WARPS * VEC, hd)] (value sums per warp); red [20]; cur [2 * hd] T (this token's
-// key, value); tbl [cap / block_size + 2] (block-table entries of the chunk).
+// key, value); tbl [cap / block_size + 2] (block-table entries of the chunk). SPLIT > 1 puts
+// recv [(SPLIT - 1) * (hd + 2)] (the other ranks' sums, max and sum) and its mbarrier
+// between red and cur, DH_RECV floats in all.
 // CHUNKS: the 16-byte chunks of a head's row (head_dim * sizeof(T) / 16) when the kernel is
 // built for one (16-bit types only): the scores go through the tensor cores and the value
 // loop unrolls (0: any, read from head_dim).
@@ -105,7 +135,16 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
     float* part = p + cap;
     const int part_len = max(DH_WARPS * VEC, hd);
     float* red = part + part_len;
-    T* cur = reinterpret_cast<T*>(red + 20);
+    float* recv = red + 20;
+    uint64_t* recv_bar = reinterpret_cast<uint64_t*>(recv + (SPLIT - 1) * (hd + 2));
+    T* cur = reinterpret_cast<T*>(recv + DH_RECV(SPLIT, hd));
+    if constexpr (SPLIT > 1) {
+        if (blockIdx.z % SPLIT == 0 && tid == 0) {
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(dh_saddr(recv_bar)), "r"(SPLIT - 1) : "memory");
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        }
+        dh_cluster_arrive();
+    }
     int* tbl = reinterpret_cast<int*>(cur + 2 * hd);
 
     if (whole_table) {
@@ -396,28 +435,35 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
             dst[o] = from_f<T>(a * inv_l);
         }
     } else {
-        // This block's unnormalised value sums into qs (free after the scores), its max and
-        // sum into red[18..19]; block 0 of the cluster merges them in rank order.
+        // This block's unnormalised value sums; the other ranks push theirs with their max
+        // and sum into rank 0's recv, which merges them in rank order.
         for (int o = tid; o < hd; o += DH_THREADS) {
             const int c = o / VEC, x = o % VEC;
             float a = 0.f;
             for (int k = 0; k < per_chunk; k++) a += part[(c * per_chunk + k) * VEC + x];
             qs[o] = a;
         }
-        if (tid == 0) {
-            red[18] = M;
-            red[19] = L;
-        }
-        cg::cluster_group cluster = cg::this_cluster();
-        cluster.sync();
-        if (split == 0) {
-            float mg = -INFINITY;
+        dh_cluster_wait();  // rank 0's mbarrier is initialised (arrived at on entry)
+        if (split != 0) {
+            cg::cluster_group cluster = cg::this_cluster();
+            float* slot = cluster.map_shared_rank(recv, 0) + (split - 1) * (hd + 2);
+            for (int o = tid; o < hd; o += DH_THREADS) slot[o] = qs[o];
+            if (tid == 0) {
+                slot[hd] = M;
+                slot[hd + 1] = L;
+            }
+            __syncthreads();
+            if (tid == 0) dh_remote_arrive(recv_bar, 0);
+        } else {
+            dh_wait_cluster_parity0(recv_bar);
             float ms[SPLIT], ls[SPLIT];
+            ms[0] = M;
+            ls[0] = L;
+            float mg = M;
 #pragma unroll
-            for (int r = 0; r < SPLIT; r++) {
-                const float* rr = cluster.map_shared_rank(red, r);
-                ms[r] = rr[18];
-                ls[r] = rr[19];
+            for (int r = 1; r < SPLIT; r++) {
+                ms[r] = recv[(r - 1) * (hd + 2) + hd];
+                ls[r] = recv[(r - 1) * (hd + 2) + hd + 1];
                 mg = fmaxf(mg, ms[r]);  // finite: the range holding pos has rows
             }
             float lg = 0.f;
@@ -428,13 +474,12 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
             }
             const float inv_l = lg > 0.f ? 1.f / lg : 0.f;
             for (int o = tid; o < hd; o += DH_THREADS) {
-                float a = 0.f;
+                float a = ms[0] * qs[o];
 #pragma unroll
-                for (int r = 0; r < SPLIT; r++) a += ms[r] * cluster.map_shared_rank(qs, r)[o];
+                for (int r = 1; r < SPLIT; r++) a += ms[r] * recv[(r - 1) * (hd + 2) + o];
                 dst[o] = from_f<T>(a * inv_l);
             }
         }
-        cluster.sync();  // the others' shared memory stays until block 0 has read it
     }
     DH_STAMP(7);
 }

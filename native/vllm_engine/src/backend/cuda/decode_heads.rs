@@ -59,10 +59,11 @@ const SPLITS: [usize; 4] = [1, 2, 4, 8];
 /// 0.637 ms with 4, 0.638 with 2, 0.671 with 8; bench/RESULTS.md, issue 7, session 9).
 const DEFAULT_SPLIT: usize = 4;
 /// Contexts of at most SHORT_CONTEXT positions through the tensor-core kernels go in
-/// TENSOR_SPLIT ranges: W3 (limit 1,024) measured 0.418 ms a token with 1, 0.425 with 2,
-/// 0.428 with 4 on an H200 (bench/RESULTS.md, issue 7, session 19).
+/// TENSOR_SPLIT ranges: W3 (limit 1,024) measured 0.421 ms a token with 2, 0.428 with 1,
+/// 0.430 with 4 on an H200 once the ranges' merge was pushed into rank 0 (bench/RESULTS.md,
+/// issue 7, session 20; with session 19's merge, 1 range had been best).
 const SHORT_CONTEXT: usize = 1024;
-const TENSOR_SPLIT: usize = 1;
+const TENSOR_SPLIT: usize = 2;
 /// Chunks a row the 16-bit kernels are also built for (`decode_attention_heads*_c{n}_*`).
 const TENSOR_CHUNKS: [usize; 2] = [8, 16];
 /// Must match DH_WHOLE_TABLE in decode_heads.cu: a flag in the kernels' `cap` argument.
@@ -153,6 +154,16 @@ pub(super) fn load_into(
     Some(module)
 }
 
+/// Must match DH_RECV in decode_heads.cu: shared floats where rank 0 of a split's cluster
+/// receives the other ranks' partials, with its mbarrier.
+fn recv_floats(split: usize, hd: usize) -> usize {
+    if split > 1 {
+        ((split - 1) * (hd + 2) + 2).div_ceil(4) * 4
+    } else {
+        0
+    }
+}
+
 /// Rows of context one chunk of shared memory holds for this launch, and its bytes; None
 /// when the kernel does not serve the geometry (head_dim not a power-of-two count of
 /// 16-byte chunks of at most a warp, or larger than the block). `max_context`: the most
@@ -162,6 +173,7 @@ pub(super) fn load_into(
 fn plan(
     dtype: DType,
     dims: &AttentionDims,
+    split: usize,
     max_context: usize,
     block_size: usize,
     max_rows: Option<usize>,
@@ -179,7 +191,7 @@ fn plan(
     }
     let bytes_for = |cap: usize| {
         let buffers = 2 * cap * hd * size;
-        let floats = hd + 3 * hd + cap + (DH_WARPS * vec).max(hd) + 20;
+        let floats = hd + 3 * hd + cap + (DH_WARPS * vec).max(hd) + 20 + recv_floats(split, hd);
         buffers + 4 * floats + 2 * hd * size + 4 * (cap / block_size + 2).max(table_entries)
     };
     let mut cap = max_context.clamp(1, DH_THREADS * DH_ROWS_PT);
@@ -204,7 +216,7 @@ pub fn serves(k: &Kernels, dtype: DType, dims: &AttentionDims) -> bool {
         Kind::Auto => group >= MIN_GROUP,
     };
     // A block-size-1 plan stands in for the real one: serving depends on head_dim only.
-    k.ds_heads_loaded && wanted && plan(dtype, dims, 1, 1, None, 0).is_some()
+    k.ds_heads_loaded && wanted && plan(dtype, dims, 1, 1, 1, None, 0).is_some()
 }
 
 /// As decode_small::launch: `n` decode tokens, one per sequence; queries from the fused
@@ -227,8 +239,16 @@ pub fn launch(
     // graphs.rs (the only caller) maps row t to sequence t, as the whole-table form assumes.
     let whole_table = whole_table_from_env() && meta.max_blocks <= WHOLE_TABLE_MAX;
     let table_entries = if whole_table { meta.max_blocks } else { 0 };
-    let (cap, shared) = plan(dtype, dims, max_context, meta.block_size, k.ds_rows, table_entries)
-        .ok_or_else(|| EngineError::internal("decode_attention_heads: unsupported attention geometry"))?;
+    let (cap, shared) = plan(
+        dtype,
+        dims,
+        split,
+        max_context,
+        meta.block_size,
+        k.ds_rows,
+        table_entries,
+    )
+    .ok_or_else(|| EngineError::internal("decode_attention_heads: unsupported attention geometry"))?;
     if k.ds_kind == Kind::Stub {
         let f = k.function("decode_attention_stub", dtype)?;
         let cfg = LaunchConfig {
@@ -258,31 +278,41 @@ mod tests {
     fn a_chunk_holds_w3s_whole_context_within_the_shared_memory_limit() {
         // Qwen2.5-0.5B in bf16 with W3's 1024-position limit: 256 bytes a row, so 200 KB
         // holds ~780 rows; W3's contexts end at 640.
-        let (cap, bytes) = plan(DType::BF16, &AttentionDims::unscaled(14, 2, 64), 1024, 16, None, 0).unwrap();
+        let (cap, bytes) = plan(DType::BF16, &AttentionDims::unscaled(14, 2, 64), 1, 1024, 16, None, 0).unwrap();
         assert!((640..1024).contains(&cap), "cap {cap}");
         assert!(bytes <= SHARED_LIMIT);
         // A short limit keeps the chunk to the context; VLLM_DS_ROWS caps it (multiple of 4).
         assert_eq!(
-            plan(DType::BF16, &AttentionDims::unscaled(14, 2, 64), 96, 16, None, 0)
+            plan(DType::BF16, &AttentionDims::unscaled(14, 2, 64), 1, 96, 16, None, 0)
                 .unwrap()
                 .0,
             96
         );
         assert_eq!(
-            plan(DType::F32, &AttentionDims::unscaled(4, 2, 16), 1024, 16, Some(30), 0)
+            plan(DType::F32, &AttentionDims::unscaled(4, 2, 16), 1, 1024, 16, Some(30), 0)
                 .unwrap()
                 .0,
             32
         );
         // Qwen3-0.6B (head_dim 128) fits too, with fewer rows.
-        assert!(plan(DType::BF16, &AttentionDims::unscaled(16, 8, 128), 4096, 16, None, 0).is_some());
+        assert!(plan(DType::BF16, &AttentionDims::unscaled(16, 8, 128), 1, 4096, 16, None, 0).is_some());
+    }
+
+    #[test]
+    fn rank_0_of_a_split_receives_the_other_ranks_partials() {
+        let dims = AttentionDims::unscaled(14, 2, 64);
+        let (cap, alone) = plan(DType::BF16, &dims, 1, 256, 16, None, 0).unwrap();
+        let (cap4, split4) = plan(DType::BF16, &dims, 4, 256, 16, None, 0).unwrap();
+        assert_eq!(cap, cap4);
+        // Three ranks' 64 sums, max and sum, then the mbarrier (8 bytes), to 16 bytes.
+        assert_eq!(split4 - alone, 4 * 200);
     }
 
     #[test]
     fn a_whole_table_row_takes_its_entries_of_shared_memory() {
         let dims = AttentionDims::unscaled(14, 2, 64);
-        let (cap, chunk_only) = plan(DType::BF16, &dims, 256, 16, None, 0).unwrap();
-        let (cap_whole, whole) = plan(DType::BF16, &dims, 256, 16, None, 1024).unwrap();
+        let (cap, chunk_only) = plan(DType::BF16, &dims, 1, 256, 16, None, 0).unwrap();
+        let (cap_whole, whole) = plan(DType::BF16, &dims, 1, 256, 16, None, 1024).unwrap();
         assert_eq!(cap, cap_whole);
         // The chunk's own entries (cap / 16 + 2) are replaced by the row's 1024.
         assert_eq!(whole - chunk_only, 4 * (1024 - (cap / 16 + 2)));
@@ -316,8 +346,8 @@ mod tests {
     #[test]
     fn refuses_head_dims_the_kernel_cannot_split() {
         // 80 is 10 chunks of 8 bf16; f32 head_dim 256 is 64 chunks.
-        assert!(plan(DType::BF16, &AttentionDims::unscaled(4, 4, 80), 1024, 16, None, 0).is_none());
-        assert!(plan(DType::F32, &AttentionDims::unscaled(64, 8, 256), 1024, 16, None, 0).is_none());
-        assert!(plan(DType::BF16, &AttentionDims::unscaled(4, 0, 64), 1024, 16, None, 0).is_none());
+        assert!(plan(DType::BF16, &AttentionDims::unscaled(4, 4, 80), 1, 1024, 16, None, 0).is_none());
+        assert!(plan(DType::F32, &AttentionDims::unscaled(64, 8, 256), 1, 1024, 16, None, 0).is_none());
+        assert!(plan(DType::BF16, &AttentionDims::unscaled(4, 0, 64), 1, 1024, 16, None, 0).is_none());
     }
 }
