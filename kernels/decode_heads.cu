@@ -93,9 +93,10 @@ __device__ __forceinline__ void dh_cp_commit() { asm volatile("cp.async.commit_g
 __device__ __forceinline__ void dh_cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 // Shared memory (launcher: decode_heads.rs, shared_bytes): kbuf, vbuf [cap, hd] T (16-byte
-// chunk c of row r at chunk c ^ (r & sw)); qs [hd] (query times scale and log2(e));
-// xs [3 * hd] (the qkv slice plus bias); p [cap] (a chunk's exponentials); part
-// [max(DH_WARPS * VEC, hd)] (value sums per warp); red [20]; cur [2 * hd] T (this token's
+// chunk c of row r at chunk c ^ (r & sw)); qs [hd] (the query times scale and log2(e) for
+// the CUDA-core scores; a split's value sums at the end); xs [3 * hd] (the qkv slice plus
+// bias); p [cap] (a chunk's exponentials); part [max(DH_WARPS * VEC, hd)] (value sums per
+// warp; the tensor-core scores' query until then); red [20]; cur [2 * hd] T (this token's
 // key, value); tbl [cap / block_size + 2] (block-table entries of the chunk). SPLIT > 1 puts
 // recv [(SPLIT - 1) * (hd + 2)] (the other ranks' sums, max and sum) and its mbarrier
 // between red and cur, DH_RECV floats in all.
@@ -260,12 +261,13 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
         const T ra = from_f<T>(a * cs - b * sn);
         const T rb = from_f<T>(b * cs + a * sn);
         if (which == 0) {
-            qs[j] = to_f(ra) * qscale;
-            qs[j + half] = to_f(rb) * qscale;
-            if (TENSOR) {
+            if constexpr (TENSOR) {
                 // The query as the tensor-core scores take it (part is free until the end).
                 reinterpret_cast<T*>(part)[j] = ra;
                 reinterpret_cast<T*>(part)[j + half] = rb;
+            } else {
+                qs[j] = to_f(ra) * qscale;
+                qs[j + half] = to_f(rb) * qscale;
             }
         } else {
             cur[j] = ra;
