@@ -299,23 +299,17 @@ mod tests {
     }
 
     #[test]
-    fn rank_0_of_a_split_receives_the_other_ranks_partials() {
+    fn the_whole_table_row_and_a_splits_partials_take_shared_memory_beside_the_rows() {
         let dims = AttentionDims::unscaled(14, 2, 64);
-        let (cap, alone) = plan(DType::BF16, &dims, 1, 256, 16, None, 0).unwrap();
-        let (cap4, split4) = plan(DType::BF16, &dims, 4, 256, 16, None, 0).unwrap();
-        assert_eq!(cap, cap4);
-        // Three ranks' 64 sums, max and sum, then the mbarrier (8 bytes), to 16 bytes.
-        assert_eq!(split4 - alone, 4 * 200);
-    }
-
-    #[test]
-    fn a_whole_table_row_takes_its_entries_of_shared_memory() {
-        let dims = AttentionDims::unscaled(14, 2, 64);
-        let (cap, chunk_only) = plan(DType::BF16, &dims, 1, 256, 16, None, 0).unwrap();
+        let (cap, plain) = plan(DType::BF16, &dims, 1, 256, 16, None, 0).unwrap();
         let (cap_whole, whole) = plan(DType::BF16, &dims, 1, 256, 16, None, 1024).unwrap();
-        assert_eq!(cap, cap_whole);
+        let (cap_split, split4) = plan(DType::BF16, &dims, 4, 256, 16, None, 0).unwrap();
+        assert_eq!((cap_whole, cap_split), (cap, cap));
         // The chunk's own entries (cap / 16 + 2) are replaced by the row's 1024.
-        assert_eq!(whole - chunk_only, 4 * (1024 - (cap / 16 + 2)));
+        assert_eq!(whole - plain, 4 * (1024 - (cap / 16 + 2)));
+        // Rank 0 receives three ranks' 64 sums, max and sum, then its mbarrier (8 bytes),
+        // to a multiple of 16 bytes.
+        assert_eq!(split4 - plain, 4 * 200);
     }
 
     #[test]
