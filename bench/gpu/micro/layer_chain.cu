@@ -60,8 +60,8 @@ static const int WHOLE_TABLE = 1 << 30, SHARED_LIMIT = 200 * 1024;
 // backend/cuda/decode_heads.rs's plan for bf16, the whole table staged: (cap, bytes).
 static void plan(int split, int& cap, int& bytes) {
     const int max_context = (MAX_BLOCKS * BLOCK_SIZE + split - 1) / split;
-    auto bytes_for = [](int c) {
-        return 2 * c * HD * 2 + 4 * (HD + 3 * HD + c + std::max(8 * 8, HD) + 20) + 2 * HD * 2 +
+    auto bytes_for = [split](int c) {
+        return 2 * c * HD * 2 + 4 * (HD + 3 * HD + c + std::max(8 * 8, HD) + 20 + DH_RECV(split, HD)) + 2 * HD * 2 +
                4 * std::max(c / BLOCK_SIZE + 2, MAX_BLOCKS);
     };
     cap = (std::min(max_context, 1024) + 3) / 4 * 4;
