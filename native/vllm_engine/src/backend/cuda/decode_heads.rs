@@ -166,10 +166,11 @@ fn recv_floats(split: usize, hd: usize) -> usize {
 
 /// Rows of context one chunk of shared memory holds for this launch, and its bytes; None
 /// when the kernel does not serve the geometry (head_dim not a power-of-two count of
-/// 16-byte chunks of at most a warp, or larger than the block). `max_context`: the most
-/// positions a sequence can have (block-table width times block size); `max_rows`: the
-/// VLLM_DS_ROWS cap, if any; `table_entries`: block-table entries staged whole (0: the
-/// chunk's only).
+/// 16-byte chunks of at most a warp, or larger than the block). `split`: the context
+/// ranges (rank 0 of more than one receives the others' partials); `max_context`: the most
+/// positions a block can hold (block-table width times block size, over the split);
+/// `max_rows`: the VLLM_DS_ROWS cap, if any; `table_entries`: block-table entries staged
+/// whole (0: the chunk's only).
 fn plan(
     dtype: DType,
     dims: &AttentionDims,
