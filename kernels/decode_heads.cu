@@ -48,8 +48,8 @@ namespace cg = cooperative_groups;
 #define DH_WHOLE_TABLE (1 << 30)
 // Timeline stamps: a block's start (0), its first chunk's copies issued (1), past pdl_wait
 // (2), the qkv row read (3), the first chunk in (4), its exponentials summed (5), its values
-// summed (6) and the block's end (7). None in the engine; bench/gpu/micro/layer_chain.cu
-// defines them.
+// summed (6), a split's partials pushed (ranks 1..) or in (rank 0) (7) and the block's end
+// (8). None in the engine; bench/gpu/micro/layer_chain.cu defines them.
 // Floats of recv and its mbarrier (a multiple of 4, so cur stays 16-byte aligned).
 #define DH_RECV(SPLIT, hd) ((SPLIT) > 1 ? (((SPLIT) - 1) * ((hd) + 2) + 2 + 3) / 4 * 4 : 0)
 #ifndef DH_STAMP
@@ -456,8 +456,10 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
             }
             __syncthreads();
             if (tid == 0) dh_remote_arrive(recv_bar, 0);
+            DH_STAMP(7);
         } else {
             dh_wait_cluster_parity0(recv_bar);
+            DH_STAMP(7);
             float ms[SPLIT], ls[SPLIT];
             ms[0] = M;
             ls[0] = L;
@@ -483,7 +485,7 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
             }
         }
     }
-    DH_STAMP(7);
+    DH_STAMP(8);
 }
 
 // Measurement only (VLLM_DS_KIND=stub): the attention replaced by a copy of the head's

@@ -14,7 +14,7 @@
 #ifdef STG_STAMPS
 #include "stamps.cuh"
 
-#define DH_POINTS 8
+#define DH_POINTS 9
 #define DH_BLOCKS 128
 __device__ unsigned long long g_att_stamps[2][DH_BLOCKS][DH_POINTS];
 __constant__ const char* g_att_lo;
@@ -25,6 +25,8 @@ __device__ __forceinline__ void att_stamp(const void* k_cache, int point) {
     __shared__ unsigned long long at[DH_POINTS];
     const char* p = static_cast<const char*>(k_cache);
     if (p < g_att_lo || p >= g_att_lo + 2 * g_att_layer || threadIdx.x != 0) return;
+    if (point == 0)
+        for (int k = 1; k < DH_POINTS; k++) at[k] = 0;  // points a form skips stay unset
     at[point] = stamp_now();
     if (point < DH_POINTS - 1) return;
     const int block = blockIdx.y * gridDim.z + blockIdx.z;
@@ -200,8 +202,21 @@ int main(int argc, char** argv) {
     const unsigned long long t0 = stamps_print();
     static unsigned long long s[2][DH_BLOCKS][DH_POINTS];
     CK(cudaMemcpyFromSymbol(s, g_att_stamps, sizeof s));
-    const char* points[DH_POINTS] = {"start", "issued", "wait", "qkv", "kv in", "exp", "values", "end"};
-    for (int l = 0; l < 2; l++) stamps_row(l ? "L13 attn" : "L12 attn", &s[l][0][0], DH_BLOCKS, DH_POINTS, points, t0);
+    const char* points[DH_POINTS] = {"start", "issued", "wait", "qkv", "kv in", "exp", "values", "merge", "end"};
+    // A split's rank 0 (it merges) apart from the others (they push): block y * split + z.
+    const int split = form[1] == 't' ? 1 : atoi(form + 1);
+    static unsigned long long rank[2][DH_BLOCKS][DH_POINTS];
+    for (int l = 0; l < 2; l++) {
+        int n[2] = {0, 0};
+        for (int b = 0; b < DH_BLOCKS; b++) {
+            const int r = split > 1 && b % split != 0;
+            memcpy(rank[r][n[r]++], s[l][b], sizeof s[l][b]);
+        }
+        const char* name = l ? "L13 attn" : "L12 attn";
+        if (split == 1) stamps_row(name, &rank[0][0][0], n[0], DH_POINTS, points, t0);
+        for (int r = 0; split > 1 && r < 2; r++)
+            stamps_row(r ? "  others" : name, &rank[r][0][0], n[r], DH_POINTS, points, t0);
+    }
 #endif
     printf("layer_chain: %s\n", ok ? "all checks PASS" : "some check FAILED");
     return ok ? 0 : 1;
