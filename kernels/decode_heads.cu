@@ -34,6 +34,7 @@
 
 #include <cooperative_groups.h>
 
+#include "bulk_copy.cuh"
 #include "common.cuh"
 #include "mma.cuh"
 #include "pdl.cuh"
@@ -68,14 +69,13 @@ __device__ __forceinline__ void dh_cp_async4(void* dst, const void* src) {
 // shared memory and arrive on its mbarrier; the one cluster barrier, which makes the
 // mbarrier's initialisation visible, is arrived at on entry and waited for only before the
 // push, so no block waits for another to reach it.
-__device__ __forceinline__ unsigned dh_saddr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void dh_cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
 __device__ __forceinline__ void dh_cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
 // Arrives on the mbarrier at `local` in the shared memory of cluster rank `rank`, releasing
 // this thread's earlier writes (and, after a block barrier, its block's) at cluster scope.
 __device__ __forceinline__ void dh_remote_arrive(const void* local, unsigned rank) {
     unsigned remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(dh_saddr(local)), "r"(rank));
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(saddr(local)), "r"(rank));
     asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
 }
 __device__ __forceinline__ void dh_wait_cluster_parity0(const void* bar) {
@@ -85,7 +85,7 @@ __device__ __forceinline__ void dh_wait_cluster_parity0(const void* bar) {
             "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, "
             "0, p;\n}"
             : "=r"(ok)
-            : "r"(dh_saddr(bar))
+            : "r"(saddr(bar))
             : "memory");
 }
 
@@ -141,7 +141,7 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
     T* cur = reinterpret_cast<T*>(recv + DH_RECV(SPLIT, hd));
     if constexpr (SPLIT > 1) {
         if (blockIdx.z % SPLIT == 0 && tid == 0) {
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(dh_saddr(recv_bar)), "r"(SPLIT - 1) : "memory");
+            mbar_init(recv_bar, SPLIT - 1);
             asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         }
         dh_cluster_arrive();
