@@ -32,14 +32,10 @@
 // softmax and sums in float32, output rounded to T; the tensor-core scores scale the sum
 // rather than the query); exponentials in base 2.
 
-#include <cooperative_groups.h>
-
 #include "bulk_copy.cuh"
 #include "common.cuh"
 #include "mma.cuh"
 #include "pdl.cuh"
-
-namespace cg = cooperative_groups;
 
 #define DH_THREADS 256
 #define DH_WARPS (DH_THREADS / 32)
@@ -65,18 +61,30 @@ __device__ __forceinline__ void dh_cp_async4(void* dst, const void* src) {
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
 }
-// The merge of SPLIT > 1 (session 20): the other ranks push their partials into rank 0's
-// shared memory and arrive on its mbarrier; the one cluster barrier, which makes the
+// The merge of SPLIT > 1 (sessions 20-21): the other ranks store their partials straight
+// into rank 0's shared memory with st.async, each store counting its bytes off rank 0's
+// mbarrier, so no sender fences or arrives. The one cluster barrier, which makes the
 // mbarrier's initialisation visible, is arrived at on entry and waited for only before the
 // push, so no block waits for another to reach it.
 __device__ __forceinline__ void dh_cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
 __device__ __forceinline__ void dh_cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
-// Arrives on the mbarrier at `local` in the shared memory of cluster rank `rank`, releasing
-// this thread's earlier writes (and, after a block barrier, its block's) at cluster scope.
-__device__ __forceinline__ void dh_remote_arrive(const void* local, unsigned rank) {
+// The address of this block's shared `local` in the shared memory of cluster rank 0.
+__device__ __forceinline__ unsigned dh_rank0(const void* local) {
     unsigned remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(saddr(local)), "r"(rank));
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+    asm volatile("mapa.shared::cluster.u32 %0, %1, 0;" : "=r"(remote) : "r"(saddr(local)));
+    return remote;
+}
+// Stores `n` (1 or 2) floats at the cluster address `dst`, completing 4 * n bytes of the
+// mbarrier at the cluster address `bar`.
+__device__ __forceinline__ void dh_push(unsigned dst, float v, unsigned bar) {
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(dst),
+                 "r"(__float_as_uint(v)), "r"(bar)
+                 : "memory");
+}
+__device__ __forceinline__ void dh_push2(unsigned dst, float a, float b, unsigned bar) {
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];" ::"r"(dst),
+                 "r"(__float_as_uint(a)), "r"(__float_as_uint(b)), "r"(bar)
+                 : "memory");
 }
 __device__ __forceinline__ void dh_wait_cluster_parity0(const void* bar) {
     unsigned ok = 0;
@@ -141,7 +149,8 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
     T* cur = reinterpret_cast<T*>(recv + DH_RECV(SPLIT, hd));
     if constexpr (SPLIT > 1) {
         if (blockIdx.z % SPLIT == 0 && tid == 0) {
-            mbar_init(recv_bar, SPLIT - 1);
+            mbar_init(recv_bar, 1);
+            mbar_expect_tx(recv_bar, (SPLIT - 1) * (hd + 2) * 4);  // the pushes' bytes
             asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         }
         dh_cluster_arrive();
@@ -428,36 +437,27 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
     __syncthreads();
     DH_STAMP(6);
     T* dst = out + ((long long)t * num_heads + head) * hd;
+    // Output column o's unnormalised value sum over the row groups' partials.
+    auto value_sum = [&](int o) {
+        const int c = o / VEC, x = o % VEC;
+        float a = 0.f;
+        for (int k = 0; k < per_chunk; k++) a += part[(c * per_chunk + k) * VEC + x];
+        return a;
+    };
     if constexpr (SPLIT == 1) {
         const float inv_l = L > 0.f ? 1.f / L : 0.f;
-        for (int o = tid; o < hd; o += DH_THREADS) {
-            const int c = o / VEC, x = o % VEC;
-            float a = 0.f;
-            for (int k = 0; k < per_chunk; k++) a += part[(c * per_chunk + k) * VEC + x];
-            dst[o] = from_f<T>(a * inv_l);
-        }
+        for (int o = tid; o < hd; o += DH_THREADS) dst[o] = from_f<T>(value_sum(o) * inv_l);
     } else {
         // This block's unnormalised value sums; the other ranks push theirs with their max
         // and sum into rank 0's recv, which merges them in rank order.
-        for (int o = tid; o < hd; o += DH_THREADS) {
-            const int c = o / VEC, x = o % VEC;
-            float a = 0.f;
-            for (int k = 0; k < per_chunk; k++) a += part[(c * per_chunk + k) * VEC + x];
-            qs[o] = a;
-        }
         dh_cluster_wait();  // rank 0's mbarrier is initialised (arrived at on entry)
         if (split != 0) {
-            cg::cluster_group cluster = cg::this_cluster();
-            float* slot = cluster.map_shared_rank(recv, 0) + (split - 1) * (hd + 2);
-            for (int o = tid; o < hd; o += DH_THREADS) slot[o] = qs[o];
-            if (tid == 0) {
-                slot[hd] = M;
-                slot[hd + 1] = L;
-            }
-            __syncthreads();
-            if (tid == 0) dh_remote_arrive(recv_bar, 0);
+            const unsigned slot = dh_rank0(recv + (split - 1) * (hd + 2)), bar = dh_rank0(recv_bar);
+            for (int o = tid; o < hd; o += DH_THREADS) dh_push(slot + 4 * o, value_sum(o), bar);
+            if (tid == 0) dh_push2(slot + 4 * hd, M, L, bar);
             DH_STAMP(7);
         } else {
+            for (int o = tid; o < hd; o += DH_THREADS) qs[o] = value_sum(o);
             dh_wait_cluster_parity0(recv_bar);
             DH_STAMP(7);
             float ms[SPLIT], ls[SPLIT];
