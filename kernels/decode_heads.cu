@@ -23,7 +23,8 @@
 // stages and scores 1/SPLIT of the rows (one SM streams ~100 KB of W3's rows at ~20 B/ns,
 // the chain's longest part); the others push their (max, sum, values) partials into block
 // 0's shared memory, which merges them in rank order (deterministic, no atomics; session 20:
-// pushed rather than read after two cluster barriers, W3 −7 µs with 2 ranges).
+// pushed rather than read after two cluster barriers, W3 −7 µs with 2 ranges; session 21:
+// pushed by st.async, −8 µs more, and 4 ranges the best again).
 // DH_WHOLE_TABLE in `cap` (VLLM_DS_TABLE, session 9; the launcher sets it when the table row
 // fits): row t is sequence t (the decode graphs' token_seq is the identity, graphs.rs), so
 // the whole block-table row goes to shared memory by cp.async in parallel with the

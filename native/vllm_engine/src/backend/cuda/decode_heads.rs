@@ -55,15 +55,10 @@ impl Kind {
 /// Context ranges a head's attention is cut into, each one block of a cluster (the
 /// kernels' `decode_attention_heads_s{n}_*`; 1 is the plain kernel).
 const SPLITS: [usize; 4] = [1, 2, 4, 8];
-/// Default split (VLLM_DS_SPLIT overrides, one of SPLITS): measured on an H200 (W3 0.677 ->
-/// 0.637 ms with 4, 0.638 with 2, 0.671 with 8; bench/RESULTS.md, issue 7, session 9).
+/// Default split (VLLM_DS_SPLIT overrides, one of SPLITS). On an H200: W3 0.677 -> 0.637 ms
+/// with 4 (session 9); with the merge pushed by st.async, 0.411 with 4 against 0.413 with 2,
+/// 0.425 with 1 and 0.433 with 8 (bench/RESULTS.md, issue 7, session 21).
 const DEFAULT_SPLIT: usize = 4;
-/// Contexts of at most SHORT_CONTEXT positions through the tensor-core kernels go in
-/// TENSOR_SPLIT ranges: W3 (limit 1,024) measured 0.421 ms a token with 2, 0.428 with 1,
-/// 0.430 with 4 on an H200 once the ranges' merge was pushed into rank 0 (bench/RESULTS.md,
-/// issue 7, session 20; with session 19's merge, 1 range had been best).
-const SHORT_CONTEXT: usize = 1024;
-const TENSOR_SPLIT: usize = 2;
 /// Chunks a row the 16-bit kernels are also built for (`decode_attention_heads*_c{n}_*`).
 const TENSOR_CHUNKS: [usize; 2] = [8, 16];
 /// Must match DH_WHOLE_TABLE in decode_heads.cu: a flag in the kernels' `cap` argument.
@@ -81,9 +76,8 @@ fn tensor_from_env() -> bool {
     *ON.get_or_init(|| std::env::var_os("VLLM_DS_TENSOR").is_none_or(|v| v != "0"))
 }
 
-/// The split of a launch: VLLM_DS_SPLIT, else TENSOR_SPLIT for a short context through the
-/// tensor-core kernels, else DEFAULT_SPLIT.
-fn split_for(max_context: usize, tensor: bool) -> usize {
+/// The split of every launch: VLLM_DS_SPLIT, else DEFAULT_SPLIT.
+fn split() -> usize {
     static SPLIT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let forced = *SPLIT.get_or_init(|| {
         std::env::var("VLLM_DS_SPLIT")
@@ -91,11 +85,7 @@ fn split_for(max_context: usize, tensor: bool) -> usize {
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|n| SPLITS.contains(n))
     });
-    forced.unwrap_or(if tensor && max_context <= SHORT_CONTEXT {
-        TENSOR_SPLIT
-    } else {
-        DEFAULT_SPLIT
-    })
+    forced.unwrap_or(DEFAULT_SPLIT)
 }
 
 /// The 16-byte chunks of a row of `dims` in `dtype` when tensor-core kernels are built for
@@ -234,7 +224,7 @@ pub fn launch(
     eps: f32,
 ) -> Result<()> {
     let chunks = tensor_chunks(dtype, dims);
-    let split = split_for(meta.max_blocks * meta.block_size, chunks.is_some());
+    let split = split();
     // Each block holds at most its range of the longest context.
     let max_context = (meta.max_blocks * meta.block_size).div_ceil(split);
     // graphs.rs (the only caller) maps row t to sequence t, as the whole-table form assumes.
@@ -331,11 +321,6 @@ mod tests {
         assert_eq!(kernel_name(1, Some(8)), "decode_attention_heads_c8");
         assert_eq!(kernel_name(4, Some(16)), "decode_attention_heads_s4_c16");
         assert_eq!(kernel_name(2, None), "decode_attention_heads_s2");
-        // A short context through the tensor-core kernels takes their split, a long one the
-        // default.
-        assert_eq!(split_for(1024, true), TENSOR_SPLIT);
-        assert_eq!(split_for(1024, false), DEFAULT_SPLIT);
-        assert_eq!(split_for(4096, true), DEFAULT_SPLIT);
     }
 
     #[test]
