@@ -67,7 +67,9 @@ __device__ __forceinline__ void dh_cp_async4(void* dst, const void* src) {
 // mbarrier, so no sender fences or arrives. The one cluster barrier, which makes the
 // mbarrier's initialisation visible, is arrived at on entry and waited for only before the
 // push, so no block waits for another to reach it.
-__device__ __forceinline__ void dh_cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+// Relaxed: the only write it publishes is the mbarrier's initialisation, which
+// fence.mbarrier_init orders (a release arrive costs every block a MEMBAR.GPU on entry).
+__device__ __forceinline__ void dh_cluster_arrive() { asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory"); }
 __device__ __forceinline__ void dh_cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
 // The address of this block's shared `local` in the shared memory of cluster rank 0.
 __device__ __forceinline__ unsigned dh_rank0(const void* local) {
@@ -87,17 +89,6 @@ __device__ __forceinline__ void dh_push2(unsigned dst, float a, float b, unsigne
                  "r"(__float_as_uint(a)), "r"(__float_as_uint(b)), "r"(bar)
                  : "memory");
 }
-__device__ __forceinline__ void dh_wait_cluster_parity0(const void* bar) {
-    unsigned ok = 0;
-    while (!ok)
-        asm volatile(
-            "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, "
-            "0, p;\n}"
-            : "=r"(ok)
-            : "r"(saddr(bar))
-            : "memory");
-}
-
 __device__ __forceinline__ void dh_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void dh_cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
@@ -459,7 +450,10 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
             DH_STAMP(7);
         } else {
             for (int o = tid; o < hd; o += DH_THREADS) qs[o] = value_sum(o);
-            dh_wait_cluster_parity0(recv_bar);
+            // CTA scope: the pushes land in this block's own shared memory, and a cluster-scope
+            // acquire would add an L1 invalidation.
+            while (!mbar_try(recv_bar, 0)) {
+            }
             DH_STAMP(7);
             float ms[SPLIT], ls[SPLIT];
             ms[0] = M;
