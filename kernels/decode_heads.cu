@@ -94,12 +94,12 @@ __device__ __forceinline__ void dh_cp_wait_all() { asm volatile("cp.async.wait_a
 
 // Shared memory (launcher: decode_heads.rs, shared_bytes): kbuf, vbuf [cap, hd] T (16-byte
 // chunk c of row r at chunk c ^ (r & sw)); qs [hd] (the query times scale and log2(e) for
-// the CUDA-core scores; a split's value sums at the end); xs [3 * hd] (the qkv slice plus
-// bias); p [cap] (a chunk's exponentials); part [max(DH_WARPS * VEC, hd)] (value sums per
-// warp; the tensor-core scores' query until then); red [20]; cur [2 * hd] T (this token's
-// key, value); tbl [cap / block_size + 2] (block-table entries of the chunk). SPLIT > 1 puts
-// recv [(SPLIT - 1) * (hd + 2)] (the other ranks' sums, max and sum) and its mbarrier
-// between red and cur, DH_RECV floats in all.
+// the CUDA-core scores); xs [3 * hd] (the qkv slice plus bias); p [cap] (a chunk's
+// exponentials); part [max(DH_WARPS * VEC, hd)] (value sums per warp; the tensor-core
+// scores' query until then); red [20]; cur [2 * hd] T (this token's key, value); tbl
+// [cap / block_size + 2] (block-table entries of the chunk). SPLIT > 1 puts recv
+// [(SPLIT - 1) * (hd + 2)] (the other ranks' sums, max and sum) and its mbarrier between red
+// and cur, DH_RECV floats in all.
 // CHUNKS: the 16-byte chunks of a head's row (head_dim * sizeof(T) / 16) when the kernel is
 // built for one (16-bit types only): the scores go through the tensor cores and the value
 // loop unrolls (0: any, read from head_dim).
@@ -428,28 +428,27 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
     }
     __syncthreads();
     DH_STAMP(6);
-    T* dst = out + ((long long)t * num_heads + head) * hd;
-    // Output column o's unnormalised value sum over the row groups' partials.
-    auto value_sum = [&](int o) {
-        const int c = o / VEC, x = o % VEC;
-        float a = 0.f;
-        for (int k = 0; k < per_chunk; k++) a += part[(c * per_chunk + k) * VEC + x];
-        return a;
-    };
+    // One output column a thread (hd <= DH_THREADS: the launcher checks): its unnormalised
+    // value sum over the row groups' partials.
+    T* dst = out + ((long long)t * num_heads + head) * hd + tid;
+    float own = 0.f;
+    if (tid < hd) {
+        const int c = tid / VEC, x = tid % VEC;
+        for (int k = 0; k < per_chunk; k++) own += part[(c * per_chunk + k) * VEC + x];
+    }
     if constexpr (SPLIT == 1) {
         const float inv_l = L > 0.f ? 1.f / L : 0.f;
-        for (int o = tid; o < hd; o += DH_THREADS) dst[o] = from_f<T>(value_sum(o) * inv_l);
+        if (tid < hd) *dst = from_f<T>(own * inv_l);
     } else {
-        // This block's unnormalised value sums; the other ranks push theirs with their max
-        // and sum into rank 0's recv, which merges them in rank order.
+        // The other ranks push their sums with their max and sum into rank 0's recv, which
+        // merges them in rank order.
         dh_cluster_wait();  // rank 0's mbarrier is initialised (arrived at on entry)
         if (split != 0) {
             const unsigned slot = dh_rank0(recv + (split - 1) * (hd + 2)), bar = dh_rank0(recv_bar);
-            for (int o = tid; o < hd; o += DH_THREADS) dh_push(slot + 4 * o, value_sum(o), bar);
+            if (tid < hd) dh_push(slot + 4 * tid, own, bar);
             if (tid == 0) dh_push2(slot + 4 * hd, M, L, bar);
             DH_STAMP(7);
         } else {
-            for (int o = tid; o < hd; o += DH_THREADS) qs[o] = value_sum(o);
             // CTA scope: the pushes land in this block's own shared memory, and a cluster-scope
             // acquire would add an L1 invalidation.
             while (!mbar_try(recv_bar, 0)) {
@@ -472,11 +471,11 @@ __device__ void decode_attention_heads(T* out, const T* qkv, const T* bias, cons
                 lg += ms[r] * ls[r];
             }
             const float inv_l = lg > 0.f ? 1.f / lg : 0.f;
-            for (int o = tid; o < hd; o += DH_THREADS) {
-                float a = ms[0] * qs[o];
+            if (tid < hd) {
+                float a = ms[0] * own;
 #pragma unroll
-                for (int r = 1; r < SPLIT; r++) a += ms[r] * recv[(r - 1) * (hd + 2) + o];
-                dst[o] = from_f<T>(a * inv_l);
+                for (int r = 1; r < SPLIT; r++) a += ms[r] * recv[(r - 1) * (hd + 2) + tid];
+                *dst = from_f<T>(a * inv_l);
             }
         }
     }
