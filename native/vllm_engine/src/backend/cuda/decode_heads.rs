@@ -56,8 +56,8 @@ impl Kind {
 /// kernels' `decode_attention_heads_s{n}_*`; 1 is the plain kernel).
 const SPLITS: [usize; 4] = [1, 2, 4, 8];
 /// Default split (VLLM_DS_SPLIT overrides, one of SPLITS). On an H200: W3 0.677 -> 0.637 ms
-/// with 4 (session 9); with the merge pushed by st.async, 0.411 with 4 against 0.413 with 2,
-/// 0.425 with 1 and 0.433 with 8 (bench/RESULTS.md, issue 7, session 21).
+/// with 4 (session 9); with the merge pushed by st.async and no fences, 0.404 with 4 against
+/// 0.406 with 2, ~0.43 with 1 or 8 (bench/RESULTS.md, issue 7, session 21).
 const DEFAULT_SPLIT: usize = 4;
 /// Chunks a row the 16-bit kernels are also built for (`decode_attention_heads*_c{n}_*`).
 const TENSOR_CHUNKS: [usize; 2] = [8, 16];
